@@ -1,0 +1,2 @@
+"""CPU kernels (Numba njit)."""
+ALGORITHMS = {}

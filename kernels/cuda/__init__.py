@@ -1,0 +1,2 @@
+"""CUDA kernels (Numba CUDA)."""
+ALGORITHMS = {}
