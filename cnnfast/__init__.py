@@ -1,2 +1,15 @@
-"""cnnfast: hand-written Numba convolution kernels for the CPU and NVIDIA GPUs."""
+"""cnnfast: hand-written Numba convolution kernels for the CPU and NVIDIA GPUs, with PyTorch's semantics.
+
+    y  = cnnfast.conv2d(x, w, b, stride=2, padding=1)        # NumPy -> CPU kernels, CuPy/Numba -> CUDA
+    dx = cnnfast.grad.conv2d_input(x.shape, w, dy, stride=2, padding=1)
+    print(cnnfast.explain("conv2d", (8, 64, 56, 56), (64, 64, 3, 3), padding=1))
+"""
 __version__ = "0.1.0"
+
+from cnnfast import grad  # noqa: E402
+from cnnfast.api import conv1d, conv2d, conv3d, conv_transpose1d, conv_transpose2d, conv_transpose3d, explain  # noqa: E402
+from cnnfast.check import MismatchError  # noqa: E402
+from cnnfast.spec import ConvSpec  # noqa: E402
+
+__all__ = ["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "grad",
+           "explain", "ConvSpec", "MismatchError", "__version__"]

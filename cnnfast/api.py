@@ -1,0 +1,229 @@
+"""Public convolution ops with PyTorch's functional semantics, and explain().
+
+Every op runs the same path: check the arrays (family, device, dtype) -> ConvSpec (normalise and
+validate) -> Plan (device, algorithm) -> working 5-D contiguous arrays -> launcher -> result in the
+caller's array family. All six ops are one canonical convolution x (X) * w (W) -> y (Y) seen from
+different sides; each op names the primitive it needs and the roles of its arrays:
+
+    op                      arrays (role)                       result   primitive
+    conv                    input (X), weight (W)               Y        forward (+ bias)
+    conv_input              weight (W), grad_output (Y)         X        backward_data
+    conv_weight             input (X), grad_output (Y)          W        backward_filter
+    conv_transpose          input (Y), weight (W)               X        backward_data (+ bias)
+    conv_transpose_input    weight (W), grad_output (X)         Y        forward
+    conv_transpose_weight   input (Y), grad_output (X)          W        backward_filter
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from cnnfast import arrays
+from cnnfast.plan import algorithms, make_plan
+from cnnfast.spec import ConvSpec, _shape_str
+
+# kind -> (primitive, {argument: role}, result role)
+_KINDS = {
+    "conv": ("forward", {"input": "X", "weight": "W"}, "Y"),
+    "conv_input": ("backward_data", {"weight": "W", "grad_output": "Y"}, "X"),
+    "conv_weight": ("backward_filter", {"input": "X", "grad_output": "Y"}, "W"),
+    "conv_transpose": ("backward_data", {"input": "Y", "weight": "W"}, "X"),
+    "conv_transpose_input": ("forward", {"weight": "W", "grad_output": "X"}, "Y"),
+    "conv_transpose_weight": ("backward_filter", {"input": "Y", "grad_output": "X"}, "W"),
+}
+
+
+def _size_arg(op, name, size):
+    if (isinstance(size, (tuple, list)) or type(size).__name__ == "Size") and all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in size):
+        return tuple(int(v) for v in size)
+    raise TypeError(f"{op}: expected {name} to be a sequence of non-negative ints, but got {size!r}")
+
+
+def _batched(op, nd, name, shape):
+    """True for (N, C, *L), False for unbatched (C, *L); ValueError for any other number of dimensions."""
+    if len(shape) == nd + 2:
+        return True
+    if len(shape) == nd + 1:
+        return False
+    raise ValueError(f"{op}: Expected {nd + 1}D (unbatched) or {nd + 2}D (batched) {name} to {op}, but got "
+                     f"{name} of size: {_shape_str(shape)}")
+
+
+def run(op, kind, nd, *, input=None, weight=None, grad_output=None, bias=None, size=None, algo="auto",
+        workspace_limit=None, stream=None, **options):
+    """The one implementation behind every public op (see the module docstring).
+
+    size: input_size (conv_input, conv_transpose_input) or weight_size (the weight gradients).
+    options: stride, padding, dilation, groups and padding_mode / output_padding, output_size for ConvSpec.
+    """
+    primitive, roles, result_role = _KINDS[kind]
+    given = {"input": input, "weight": weight, "grad_output": grad_output}
+    named = {name: given[name] for name in roles}
+    device, family, dtype = arrays.inspect(op, **named, bias=bias)
+    carrier = "grad_output" if "grad_output" in roles else "input"
+    batched = _batched(op, nd, carrier, arrays.shape_of(given[carrier]))
+    add_n = (lambda s: s) if batched else (lambda s: (1,) + s)
+
+    if kind in ("conv_input", "conv_transpose_input"):
+        size = _size_arg(op, "input_size", size)
+        _batched(op, nd, "input_size", size)
+        if len(size) != len(arrays.shape_of(grad_output)):
+            raise ValueError(f"{op}: expected input_size with {len(arrays.shape_of(grad_output))} entries to "
+                             f"match grad_output, but got input_size={list(size)}")
+        input_shape, weight_shape = add_n(size), arrays.shape_of(weight)
+    elif kind in ("conv_weight", "conv_transpose_weight"):
+        input_shape, weight_shape = add_n(arrays.shape_of(input)), _size_arg(op, "weight_size", size)
+    else:
+        input_shape, weight_shape = add_n(arrays.shape_of(input)), arrays.shape_of(weight)
+    spec = ConvSpec.create(op, input_shape, weight_shape,
+                           bias_shape=None if bias is None else arrays.shape_of(bias),
+                           transposed=kind.startswith("conv_transpose"), dtype=dtype, **options)
+    if grad_output is not None and add_n(arrays.shape_of(grad_output)) != spec.output_shape:
+        expected = spec.output_shape if batched else spec.output_shape[1:]
+        raise ValueError(f"{op}: expected grad_output of size {_shape_str(expected)} (the output of this "
+                         f"convolution), but got grad_output of size {_shape_str(arrays.shape_of(grad_output))}")
+    plan = make_plan(op, spec, primitive, device, algo, workspace_limit)
+    if any(isinstance(a, arrays.ShapeArray) for a in named.values()):
+        return plan
+
+    dev = arrays.device_for(device, family, stream)
+    out = _execute(dev, spec, plan, primitive, {roles[n]: a for n, a in named.items()}, result_role, bias,
+                   kind, workspace_limit)
+    if not batched and result_role != "W":
+        out = out.reshape(out.shape[1:])
+    return dev.result(out, like=given[carrier])
+
+
+def _execute(dev, spec, plan, primitive, ins, result_role, bias, kind, workspace_limit):
+    """Run plan on working arrays; return the result (batched, op-level shape) in the device's family."""
+    g = spec.geometry
+    dtype = np.dtype(spec.dtype)
+    shapes = {"X": spec.conv_x_shape, "W": spec.weight_shape, "Y": spec.conv_y_shape}
+    unit = (1,) * (3 - spec.nd)
+    five = {role: s[:2] + unit + s[2:] for role, s in shapes.items()}  # unpadded 5-D views
+    canon = {"X": g.x_shape, "W": g.w_shape, "Y": g.y_shape}            # what the kernels see
+    result_shape = shapes[result_role]
+    adds_bias = bias is not None and kind in ("conv", "conv_transpose")
+    if math.prod(result_shape) == 0:
+        return dev.empty(result_shape, dtype)
+    if any(math.prod(shapes[role]) == 0 for role in ins):
+        out = dev.zeros(result_shape, dtype)  # an empty sum: zero, plus the bias (PyTorch drops K here)
+        if adds_bias:
+            dev.add_bias(out, dev.working(bias))
+        return out
+
+    tables = [np.asarray(t, dtype=np.int64) for t in spec.pad_tables()] if spec.pre_padded else None
+    work = {}
+    for role, a in ins.items():
+        a = dev.working(a).reshape(five[role])
+        if role == "X" and tables is not None:
+            padded = dev.empty(canon["X"], dtype)
+            dev.pad(a, padded, tables)
+            a = padded
+        work[role] = a
+    out = dev.empty(canon[result_role], dtype)
+    work[result_role] = out
+    bias_w = dev.working(bias) if bias is not None else None
+    launch = algorithms(dev.name)[plan.algorithm].launcher(primitive)
+    opts = dict(workspace_limit=workspace_limit, **dev.launch_options())
+    if primitive == "forward":
+        launch(work["X"], work["W"], bias_w if kind == "conv" else None, work["Y"], g, **opts)
+    elif primitive == "backward_data":
+        launch(work["Y"], work["W"], work["X"], g, **opts)
+    else:
+        launch(work["X"], work["Y"], work["W"], g, **opts)
+    if result_role == "X" and tables is not None:
+        folded = dev.empty(five["X"], dtype)
+        dev.fold_pad(out, folded, tables)
+        out = folded
+    out = out.reshape(result_shape)
+    if adds_bias and kind == "conv_transpose":
+        dev.add_bias(out, bias_w)
+    return out
+
+
+# ---------------------------------------------------------------- public ops
+
+def _conv_op(nd):
+    def conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, padding_mode="zeros",
+             algo="auto", workspace_limit=None, stream=None):
+        return run(f"conv{nd}d", "conv", nd, input=input, weight=weight, bias=bias, stride=stride,
+                   padding=padding, dilation=dilation, groups=groups, padding_mode=padding_mode, algo=algo,
+                   workspace_limit=workspace_limit, stream=stream)
+
+    conv.__name__ = conv.__qualname__ = f"conv{nd}d"
+    conv.__doc__ = f"""{nd}-D convolution, as torch.nn.functional.conv{nd}d.
+
+    input (N, C, *L) or unbatched (C, *L) with {nd} spatial axes; weight (K, C/groups, *k); bias (K,) or None.
+    padding: int, per-axis ints, per-axis (low, high) pairs, 'valid' or 'same' (any stride, TensorFlow's rule).
+    padding_mode: 'zeros' | 'reflect' | 'replicate' | 'circular' (as torch.nn.Conv{nd}d's).
+    algo: 'auto' or an algorithm name (cnnfast.explain shows the choice); workspace_limit: scratch bytes cap;
+    stream: CUDA stream (Numba or CuPy; default: CuPy's current stream for CuPy arrays).
+    Returns (N, K, *out) in the input's array family and dtype.
+    """
+    return conv
+
+
+def _conv_transpose_op(nd):
+    def conv_transpose(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1,
+                       *, output_size=None, algo="auto", workspace_limit=None, stream=None):
+        return run(f"conv_transpose{nd}d", "conv_transpose", nd, input=input, weight=weight, bias=bias,
+                   stride=stride, padding=padding, output_padding=output_padding, output_size=output_size,
+                   groups=groups, dilation=dilation, algo=algo, workspace_limit=workspace_limit, stream=stream)
+
+    conv_transpose.__name__ = conv_transpose.__qualname__ = f"conv_transpose{nd}d"
+    conv_transpose.__doc__ = f"""{nd}-D transposed convolution, as torch.nn.functional.conv_transpose{nd}d.
+
+    input (N, C, *L) or unbatched; weight (C, K/groups, *k); bias (K,) or None. Output length per axis:
+    (L - 1)*stride - pad_lo - pad_hi + dilation*(k - 1) + output_padding + 1; output_size (the full or the
+    spatial shape) picks output_padding instead. padding: int, per-axis ints or (low, high) pairs.
+    """
+    return conv_transpose
+
+
+conv1d, conv2d, conv3d = (_conv_op(nd) for nd in (1, 2, 3))
+conv_transpose1d, conv_transpose2d, conv_transpose3d = (_conv_transpose_op(nd) for nd in (1, 2, 3))
+
+# ---------------------------------------------------------------- explain
+
+# op name -> (kind, nd, positions and keyword names of its array arguments)
+_OPS = {}
+for _nd in (1, 2, 3):
+    _OPS[f"conv{_nd}d"] = ("cnnfast.api", (0, 1, 2), ("input", "weight", "bias"))
+    _OPS[f"conv_transpose{_nd}d"] = ("cnnfast.api", (0, 1, 2), ("input", "weight", "bias"))
+    for _side, _pos, _names in (("input", (1, 2), ("weight", "grad_output")),
+                                ("weight", (0, 2), ("input", "grad_output"))):
+        _OPS[f"conv{_nd}d_{_side}"] = ("cnnfast.grad", _pos, _names)
+        _OPS[f"conv_transpose{_nd}d_{_side}"] = ("cnnfast.grad", _pos, _names)
+
+
+def explain(op, *args, device="cpu", dtype="float32", **kwargs):
+    """The Plan `op(*args, **kwargs)` would run: device, algorithm, kernels, workspace, determinism, why.
+
+    Array arguments may be arrays or plain shapes (then `device` and `dtype` say where and what they are):
+        cnnfast.explain("conv2d", (1, 3, 32, 32), (6, 3, 5, 5), stride=1)
+        cnnfast.explain("conv2d_weight", x, (64, 3, 7, 7), dy, stride=2, padding=3)
+    The plan's .spec is the ConvSpec (output shape, FLOPs, parameters, ...). Nothing is computed.
+    """
+    import importlib
+
+    if op not in _OPS:
+        raise ValueError(f"explain: unknown op {op!r}; expected one of {sorted(_OPS)}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"explain: expected device 'cpu' or 'cuda', but got {device!r}")
+    module, positions, names = _OPS[op]
+    fn = getattr(importlib.import_module(module), op)
+
+    def stand_in(a):
+        fam = None if a is None else arrays.family_of(a)
+        if a is None or isinstance(a, arrays.ShapeArray):
+            return a
+        if fam is None:
+            return arrays.ShapeArray(a, dtype, device)
+        return arrays.ShapeArray(arrays.shape_of(a), arrays.dtype_of(a), "cpu" if fam == "numpy" else "cuda")
+
+    args = [stand_in(a) if i in positions else a for i, a in enumerate(args)]
+    kwargs = {k: stand_in(v) if k in names else v for k, v in kwargs.items()}
+    return fn(*args, **kwargs)

@@ -1,0 +1,252 @@
+"""Array families and the two devices they map to.
+
+    numpy   numpy.ndarray                                   -> CPU kernels, NumPy result
+    cupy    cupy.ndarray                                    -> CUDA kernels, CuPy result (current stream)
+    numba   Numba device arrays (also the simulator's)      -> CUDA kernels, Numba device array result
+    cai     any other object with __cuda_array_interface__  -> CUDA kernels, result as CuPy (if importable) or
+            (torch.Tensor on a GPU, ...)                       Numba array; a torch tensor gets a torch tensor back
+
+A Device hides where arrays live from the public ops: allocation, contiguous working copies, the host
+round trip of the reference, and the layout kernels (explicit pad, its adjoint fold, bias sums).
+Numba's CUDA target is imported only when a CUDA array is actually seen.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype("float32"), np.dtype("float64"))
+_EXPECTED = ("a NumPy array or a CUDA array (CuPy, Numba device array, or any object with "
+             "__cuda_array_interface__)")
+
+
+def simulator_enabled() -> bool:
+    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+
+
+def _cupy():
+    """The cupy module when it can be used (importable, and Numba is not simulating CUDA), else None."""
+    if simulator_enabled():
+        return None
+    try:
+        import cupy
+    except ImportError:
+        return None
+    return cupy
+
+
+class ShapeArray:
+    """A shape and dtype standing in for an array in cnnfast.explain(): the op plans and returns the plan."""
+
+    def __init__(self, shape, dtype, device):
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        self.family = "numpy" if device == "cpu" else "numba"
+
+
+def family_of(a):
+    """'numpy' | 'cupy' | 'numba' | 'cai' | None (not an array cnnfast accepts)."""
+    if isinstance(a, ShapeArray):
+        return a.family
+    if isinstance(a, np.ndarray):
+        return "numpy"
+    module = type(a).__module__
+    if module.startswith("cupy"):
+        return "cupy"
+    if module.startswith("numba.cuda"):
+        return "numba"
+    if hasattr(a, "__cuda_array_interface__"):
+        return "cai"
+    return None
+
+
+def _type_name(a):
+    t = type(a)
+    return f"{t.__module__}.{t.__qualname__}" if t.__module__ != "builtins" else t.__qualname__
+
+
+def dtype_of(a) -> np.dtype:
+    if family_of(a) == "cai":
+        return np.dtype(a.__cuda_array_interface__["typestr"])
+    return np.dtype(a.dtype)
+
+
+def shape_of(a) -> tuple:
+    if family_of(a) == "cai":
+        return tuple(a.__cuda_array_interface__["shape"])
+    return tuple(a.shape)
+
+
+def inspect(op, **arrays):
+    """Check the named array arguments (None skipped); return (device name, family of the first, dtype name).
+
+    TypeError: not an array; dtype not float32/float64; dtypes differ; arrays on different devices.
+    """
+    families, dtypes = {}, {}
+    for name, a in arrays.items():
+        if a is None:
+            continue
+        fam = family_of(a)
+        if fam is None:
+            raise TypeError(f"{op}: expected {name} to be {_EXPECTED}, but got {_type_name(a)}")
+        dt = dtype_of(a)
+        if dt not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: expected {name} to have dtype float32 or float64, but got {dt}")
+        families[name], dtypes[name] = fam, dt
+    names = list(families)
+    devices = {n: "cpu" if families[n] == "numpy" else "cuda" for n in names}
+    first = names[0]
+    for n in names[1:]:
+        if devices[n] != devices[first]:
+            raise TypeError(f"{op}: expected all arrays to be on the same device, but got {first} on "
+                            f"{devices[first]} ({_type_name(arrays[first])}) and {n} on {devices[n]} "
+                            f"({_type_name(arrays[n])})")
+        if dtypes[n] != dtypes[first]:
+            raise TypeError(f"{op}: expected {n} to have the same dtype as {first} ({dtypes[first]}), "
+                            f"but got {dtypes[n]}")
+    return devices[first], families[first], dtypes[first].name
+
+
+# ---------------------------------------------------------------- devices
+
+
+class CPU:
+    """NumPy arrays, Numba CPU kernels."""
+
+    name = "cpu"
+
+    def __init__(self, stream=None):
+        self.stream = None
+
+    def working(self, a):
+        """C-contiguous NumPy array with the same values (no copy when already contiguous)."""
+        return np.ascontiguousarray(a)
+
+    def empty(self, shape, dtype):
+        return np.empty(shape, dtype)
+
+    def zeros(self, shape, dtype):
+        return np.zeros(shape, dtype)
+
+    def to_host(self, a):
+        return a
+
+    def set_from_host(self, dst, host):
+        dst[...] = host
+
+    def add_bias(self, y, bias):
+        """y (N, K, ...) += bias (K,) broadcast over the batch and space."""
+        y += bias.reshape((1, -1) + (1,) * (y.ndim - 2))
+
+    def kernels(self):
+        from cnnfast.kernels import cpu
+        return cpu
+
+    def pad(self, src, dst, tables):
+        self.kernels().pad_cpu(src, dst, *tables)
+
+    def fold_pad(self, src, dst, tables):
+        self.kernels().fold_pad_cpu(src, dst, *tables)
+
+    def bias_grad(self, dy, db):
+        self.kernels().bias_grad_cpu(dy, db)
+
+    def launch_options(self):
+        return {}
+
+    def result(self, out, like):
+        return out
+
+
+class CUDA:
+    """CUDA arrays: CuPy working arrays when CuPy is usable, else Numba device arrays (also in the simulator)."""
+
+    name = "cuda"
+
+    def __init__(self, stream=None, family="numba"):
+        from numba import cuda
+        self.cuda = cuda
+        self.cp = _cupy() if family in ("cupy", "cai") else None
+        self.stream = self._numba_stream(stream)
+
+    def _numba_stream(self, stream):
+        """A Numba stream for the launchers: the given one, CuPy's current stream for CuPy arrays, or 0."""
+        if stream is None:
+            if self.cp is None:
+                return 0
+            stream = self.cp.cuda.get_current_stream()
+        if isinstance(stream, int) or type(stream).__module__.startswith("numba.cuda"):
+            return stream
+        ptr = getattr(stream, "ptr", None)  # a CuPy stream
+        if ptr is None:
+            raise TypeError(f"stream: expected a Numba stream, a CuPy stream or 0, but got {_type_name(stream)}")
+        return self.cuda.external_stream(ptr) if ptr else 0
+
+    def kernels(self):
+        from cnnfast.kernels import cuda
+        return cuda
+
+    def working(self, a):
+        if self.cp is not None:
+            return self.cp.ascontiguousarray(self.cp.asarray(a))
+        if family_of(a) == "cai":
+            a = self.cuda.as_cuda_array(a)
+        if a.is_c_contiguous():
+            return a
+        out = self.empty(a.shape, a.dtype)
+        self.kernels().copy_cuda(a, out, stream=self.stream)
+        return out
+
+    def empty(self, shape, dtype):
+        if self.cp is not None:
+            return self.cp.empty(shape, dtype)
+        return self.cuda.device_array(shape, dtype, stream=self.stream)
+
+    def zeros(self, shape, dtype):
+        if self.cp is not None:
+            return self.cp.zeros(shape, dtype)
+        return self.cuda.to_device(np.zeros(shape, dtype), stream=self.stream)
+
+    def to_host(self, a):
+        if self.cp is not None:
+            return self.cp.asnumpy(a)
+        return a.copy_to_host(stream=self.stream)
+
+    def set_from_host(self, dst, host):
+        host = np.ascontiguousarray(host, dtype=dst.dtype)
+        if self.cp is not None:
+            dst.set(host)
+        else:
+            dst.copy_to_device(host, stream=self.stream)
+
+    def add_bias(self, y, bias):
+        if self.cp is not None:
+            y += bias.reshape((1, -1) + (1,) * (y.ndim - 2))
+        else:
+            self.kernels().add_bias_cuda(y, bias, stream=self.stream)
+
+    def pad(self, src, dst, tables):
+        self.kernels().pad_cuda(src, dst, *tables, stream=self.stream)
+
+    def fold_pad(self, src, dst, tables):
+        self.kernels().fold_pad_cuda(src, dst, *tables, stream=self.stream)
+
+    def bias_grad(self, dy, db):
+        self.kernels().bias_grad_cuda(dy, db, stream=self.stream)
+
+    def launch_options(self):
+        return {"stream": self.stream}
+
+    def result(self, out, like):
+        """The result in the caller's family: a torch tensor for a torch tensor, else the working array."""
+        if type(like).__module__.startswith("torch"):
+            import torch
+            return torch.as_tensor(out, device=like.device)
+        return out
+
+
+def device_for(name, family, stream=None):
+    if name == "cpu":
+        return CPU(stream)
+    return CUDA(stream, family)

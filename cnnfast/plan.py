@@ -1,0 +1,159 @@
+"""Choose the algorithm and kernels for one problem on one device, and say why.
+
+Registries: the CPU algorithms are `cnnfast.kernels.cpu.ALGORITHMS`, the CUDA ones
+`cnnfast.kernels.cuda.ALGORITHMS` (imported only when a CUDA array is seen); each kernel package also
+exports `choose(geometry, primitive) -> (name, reason)`, its documented cost model for algo="auto".
+Both devices also offer "reference": the float64 NumPy reference cast to the working dtype (on CUDA a
+host round trip), the ground truth and the fallback while a device has no kernels.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from cnnfast import reference
+from cnnfast.kernels.contract import Algorithm, ConvGeometry
+
+# ---------------------------------------------------------------- the reference as an algorithm
+
+
+def _host(a):
+    module = type(a).__module__
+    if module.startswith("cupy"):
+        return a.get()
+    if module.startswith("numba.cuda"):
+        return a.copy_to_host()
+    return np.asarray(a)
+
+
+def _store(dst, value, stream=0):
+    """dst[...] = value (float64 host values cast to dst's dtype), for any working array family."""
+    module = type(dst).__module__
+    value = np.ascontiguousarray(value, dtype=dst.dtype)
+    if module.startswith("cupy"):
+        dst.set(value)
+    elif module.startswith("numba.cuda"):
+        dst.copy_to_device(value, stream=stream)
+    else:
+        dst[...] = value
+
+
+def _reference_args(g: ConvGeometry):
+    """Reference keyword arguments for geometry g: the high padding that makes exactly (P, Q, U) outputs,
+    and the output extents the reference will produce with it (>= (P, Q, U) when x has unused rows)."""
+    axes = ((g.D, g.T, g.P, g.stride_d, g.dil_d, g.pad_d), (g.H, g.R, g.Q, g.stride_h, g.dil_h, g.pad_h),
+            (g.W, g.S, g.U, g.stride_w, g.dil_w, g.pad_w))
+    pads, full = [], []
+    for L, k, n_out, s, d, lo in axes:
+        hi = max(0, (n_out - 1) * s + d * (k - 1) + 1 - L - lo)
+        pads.append((lo, hi))
+        full.append((L + lo + hi - d * (k - 1) - 1) // s + 1)
+    kw = dict(stride=(g.stride_d, g.stride_h, g.stride_w), padding=tuple(pads),
+              dilation=(g.dil_d, g.dil_h, g.dil_w), groups=g.groups)
+    return kw, tuple(full)
+
+
+def _padded_dy(dy, g, full):
+    """dy (N, K, P, Q, U) zero-extended to the reference's output extents `full` (rows that do not exist)."""
+    if full == (g.P, g.Q, g.U):
+        return dy
+    out = np.zeros(dy.shape[:2] + full)
+    out[:, :, :g.P, :g.Q, :g.U] = dy
+    return out
+
+
+def _ref_forward(x, w, bias, y, g, stream=0, **_):
+    kw, _full = _reference_args(g)
+    b = None if bias is None else _host(bias)
+    out = reference.conv(_host(x), _host(w), b, **kw)[:, :, :g.P, :g.Q, :g.U]
+    _store(y, out, stream)
+
+
+def _ref_backward_data(dy, w, dx, g, stream=0, **_):
+    kw, full = _reference_args(g)
+    _store(dx, reference.conv_input(g.x_shape, _host(w), _padded_dy(_host(dy), g, full), **kw), stream)
+
+
+def _ref_backward_filter(x, dy, dw, g, stream=0, **_):
+    kw, full = _reference_args(g)
+    _store(dw, reference.conv_weight(_host(x), g.w_shape, _padded_dy(_host(dy), g, full), **kw), stream)
+
+
+REFERENCE = Algorithm(
+    name="reference", forward=_ref_forward, backward_data=_ref_backward_data,
+    backward_filter=_ref_backward_filter, workspace_bytes=lambda *a: 0,
+    kernels=lambda g, primitive, dtype: (f"cnnfast.reference.{_REF_NAMES[primitive]} (float64 NumPy)",),
+    doc="the float64 NumPy reference, cast to the working dtype (on CUDA: a host round trip)")
+_REF_NAMES = {"forward": "conv", "backward_data": "conv_input", "backward_filter": "conv_weight"}
+
+# ---------------------------------------------------------------- registries
+
+_PACKAGES = {"cpu": "cnnfast.kernels.cpu", "cuda": "cnnfast.kernels.cuda"}
+
+
+def kernel_package(device: str):
+    return importlib.import_module(_PACKAGES[device])
+
+
+def algorithms(device: str) -> dict:
+    """name -> Algorithm available on `device` (its kernel package's, then 'reference')."""
+    algos = dict(getattr(kernel_package(device), "ALGORITHMS", {}))
+    algos["reference"] = REFERENCE
+    return algos
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What would run (or ran) for one call: returned by cnnfast.explain()."""
+
+    op: str
+    device: str
+    algorithm: str
+    primitive: str
+    kernels: tuple
+    workspace_bytes: int
+    workspace_limit: object
+    deterministic: bool
+    reason: str
+    spec: object = None
+
+    def __str__(self):
+        limit = "default" if self.workspace_limit is None else f"{self.workspace_limit:,} bytes"
+        return "\n".join([
+            f"plan for {self.op} on {self.device}",
+            f"  algorithm        {self.algorithm} ({self.primitive} primitive)",
+            f"  kernels          {', '.join(self.kernels) if self.kernels else '-'}",
+            f"  workspace        {self.workspace_bytes:,} bytes (limit: {limit})",
+            f"  deterministic    {'yes' if self.deterministic else 'no'}",
+            f"  why              {self.reason}",
+        ])
+
+
+def make_plan(op, spec, primitive, device, algo="auto", workspace_limit=None) -> Plan:
+    """Pick the algorithm for (spec, primitive) on device; ValueError for an unknown or unsuitable algo."""
+    algos = algorithms(device)
+    g = spec.geometry
+    if algo == "auto":
+        choose = getattr(kernel_package(device), "choose", None)
+        if choose is None or len(algos) == 1:
+            name, reason = "reference", f"no {device} kernels are registered yet"
+        else:
+            name, reason = choose(g, primitive)
+    elif not isinstance(algo, str) or algo not in algos:
+        raise ValueError(f"{op}: unknown algo {algo!r} for device {device}; expected 'auto' or one of "
+                         f"{sorted(algos)}")
+    else:
+        name, reason = algo, "requested with algo=" + repr(algo)
+    chosen = algos[name]
+    why_not = chosen.supports(g, primitive)
+    if why_not is not None:
+        raise ValueError(f"{op}: algo={name!r} cannot run this problem on {device}: {why_not}")
+    if workspace_limit is not None and (not isinstance(workspace_limit, (int, np.integer)) or workspace_limit < 0):
+        raise ValueError(f"{op}: expected workspace_limit to be a non-negative int (bytes) or None, "
+                         f"but got {workspace_limit!r}")
+    kernels = tuple(chosen.kernels(g, primitive, spec.dtype)) if chosen.kernels else ()
+    workspace = int(chosen.workspace_bytes(g, primitive, spec.itemsize, workspace_limit))
+    return Plan(op, device, name, primitive, kernels, workspace, workspace_limit, chosen.deterministic,
+                reason, spec)

@@ -1,0 +1,50 @@
+"""Every registered (device, algorithm, primitive, dtype) through the public API against the float64 reference.
+
+The grid (cnnfast.validate.CASES, each run as all six op kinds) covers 1-D/2-D/3-D, stride, dilation, groups,
+depthwise with a channel multiplier, asymmetric and 'same' padding, every padding mode, output_padding, 1x1 and
+input-sized kernels. CUDA runs on the GPU when there is one, else in Numba's CUDA simulator (tests/conftest.py).
+"""
+import numpy as np
+import pytest
+
+import cnnfast
+from cnnfast import check
+from cnnfast.plan import algorithms
+from cnnfast.validate import CASES, KINDS, PRIMITIVE, case_spec, device_mover, problem, to_host
+
+DTYPES = ("float32", "float64")
+
+
+def _grid():
+    for device in ("cpu", "cuda"):
+        marks = [pytest.mark.cuda] if device == "cuda" else []
+        for name, algo in algorithms(device).items():
+            for kind in KINDS:
+                for case in CASES:
+                    g = case_spec(case, kind).geometry
+                    if algo.supports(g, PRIMITIVE[kind]) is not None:
+                        continue
+                    for dtype in DTYPES:
+                        yield pytest.param(device, name, kind, case, dtype, marks=marks,
+                                           id=f"{device}-{name}-{kind}-{case.name}-{dtype}")
+
+
+@pytest.mark.parametrize("device, algo, kind, case, dtype", list(_grid()))
+def test_matches_reference(device, algo, kind, case, dtype):
+    p = problem(case, kind, dtype, seed=hash((kind, case.name)) % 2**32, to_device=device_mover(device))
+    out = p.public(algo=algo)
+    array_in = p.inputs[1] if kind.endswith("_input") else p.inputs[0]
+    assert type(out) is type(array_in)  # the caller's array family comes back
+    host = to_host(out)
+    assert host.dtype == np.dtype(dtype)
+    check.assert_close(host, p.expected, dtype, f"{p.op} algo={algo} on {device}")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_auto_runs_the_algorithm_explain_names(device):
+    for kind in KINDS:
+        p = problem(CASES[3], kind, to_device=device_mover(device))
+        plan = cnnfast.explain(p.op, *p.inputs, **p.options)
+        assert plan.device == device and plan.primitive == PRIMITIVE[kind]
+        assert plan.algorithm in algorithms(device) and plan.reason
+        check.assert_close(to_host(p.public(algo="auto")), p.expected, "float32", f"{p.op} auto on {device}")

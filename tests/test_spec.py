@@ -1,0 +1,122 @@
+"""ConvSpec shape algebra and figures, checked against formulas and independent counts."""
+import math
+
+import numpy as np
+import pytest
+from cnnfast.kernels.contract import conv_output_size
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cnnfast import reference
+from cnnfast.spec import ConvSpec, same_padding, transposed_output_size
+
+
+def test_lenet_example_figures():
+    """32x32x3 input, six 5x5 filters with bias, no padding: 28x28x6 output, 456 vs 14,450,688 weights."""
+    spec = ConvSpec.create("conv2d", (1, 3, 32, 32), (6, 3, 5, 5), bias_shape=(6,))
+    assert spec.output_shape == (1, 6, 28, 28)
+    assert spec.params == 6 * 3 * 5 * 5 + 6 == 456
+    assert spec.dense_params == (3 * 32 * 32) * (6 * 28 * 28) == 14_450_688
+    assert spec.flops == 2 * 6 * 28 * 28 * 3 * 5 * 5
+    assert spec.connection_sparsity == pytest.approx(1 - 6 * 28 * 28 * 3 * 25 / 14_450_688)
+    text = spec.describe()
+    assert "456" in text and "14,450,688" in text and "[1, 6, 28, 28]" in text
+
+
+axis = st.tuples(st.integers(1, 40), st.integers(1, 6), st.integers(1, 4), st.integers(1, 3),
+                 st.integers(0, 4), st.integers(0, 4))
+
+
+@settings(max_examples=300, deadline=None)
+@given(axis)
+def test_output_size_is_the_largest_fitting_count(a):
+    """out windows fit inside the padded input and one more would not."""
+    L, k, s, d, lo, hi = a
+    out = conv_output_size(L, k, s, d, lo, hi)
+    extent = d * (k - 1) + 1
+    if L + lo + hi < extent:
+        assert out <= 0
+        return
+    assert (out - 1) * s + extent <= L + lo + hi < out * s + extent
+
+
+@settings(max_examples=300, deadline=None)
+@given(axis)
+def test_transposed_conv_round_trip(a):
+    """conv_transpose with output_padding = the conv's leftover rows restores the conv's input length."""
+    L, k, s, d, lo, hi = a
+    out = conv_output_size(L, k, s, d, lo, hi)
+    if out <= 0:
+        return
+    leftover = (L + lo + hi - d * (k - 1) - 1) % s
+    assert leftover < s
+    assert transposed_output_size(out, k, s, d, lo, hi, leftover) == L
+    spec = ConvSpec.create("conv_transpose1d", (1, 2, out), (2, 3, k), stride=s, dilation=d,
+                           padding=((lo, hi),), output_padding=leftover) if leftover < max(s, d) else None
+    if spec is not None and spec.output_shape[2] > 0:
+        assert spec.output_shape == (1, 3, L)
+        assert spec.geometry.P == out  # the kernels see the original conv
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 50), st.integers(1, 7), st.integers(1, 4), st.integers(1, 3))
+def test_same_padding_gives_ceil_l_over_s(L, k, s, d):
+    lo, hi = same_padding(L, k, s, d)
+    assert 0 <= hi - lo <= 1
+    assert conv_output_size(L, k, s, d, lo, hi) == math.ceil(L / s)
+    spec = ConvSpec.create("conv1d", (1, 1, L), (1, 1, k), stride=s, dilation=d, padding="same")
+    assert spec.output_shape[2] == math.ceil(L / s)
+
+
+@pytest.mark.parametrize("shape_x, shape_w, opts", [
+    ((2, 3, 9), (4, 3, 3), dict(padding=2, stride=2)),
+    ((1, 4, 7, 6), (6, 2, 3, 3), dict(padding=((2, 0), (1, 3)), groups=2, dilation=(1, 2))),
+    ((1, 2, 5, 4, 6), (2, 2, 3, 2, 3), dict(padding=(1, 1, 2), stride=(2, 1, 3))),
+])
+def test_macs_count_only_real_taps(shape_x, shape_w, opts):
+    """MACs == sum of conv(ones, ones) from the reference: each output sums its in-range taps."""
+    spec = ConvSpec.create("conv", shape_x, shape_w, **opts)
+    ones = reference.conv(np.ones(shape_x), np.ones(shape_w), stride=spec.stride, padding=spec.padding,
+                          dilation=spec.dilation, groups=spec.groups)
+    assert spec.macs == int(round(ones.sum()))
+    assert spec.output_shape == ones.shape
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+def test_connections_equal_nonzeros_of_the_dense_matrix(mode):
+    """Non-zeros of the explicit matrix (reference applied to basis vectors, all-ones weights)."""
+    spec = ConvSpec.create("conv2d", (1, 2, 5, 4), (4, 1, 3, 2), padding=(2, 1), groups=2, padding_mode=mode)
+    n_in = math.prod(spec.input_shape[1:])
+    columns = []
+    for j in range(n_in):
+        e = np.zeros(n_in)
+        e[j] = 1
+        columns.append(reference.conv(e.reshape(spec.input_shape), np.ones(spec.weight_shape),
+                                      padding=spec.padding, groups=spec.groups, padding_mode=mode).ravel())
+    dense = np.stack(columns, axis=1)
+    assert dense.size == spec.dense_params
+    assert np.count_nonzero(dense) == spec.connections
+    assert spec.connection_sparsity == pytest.approx(1 - np.count_nonzero(dense) / dense.size)
+
+
+def test_min_bytes_and_params():
+    spec = ConvSpec.create("conv2d", (8, 16, 10, 10), (32, 16, 3, 3), bias_shape=(32,), padding=1,
+                           dtype="float64")
+    x, w, y = 8 * 16 * 100, 32 * 16 * 9, 8 * 32 * 100
+    assert spec.min_bytes("forward") == 8 * (x + w + y + 32)
+    assert spec.min_bytes("backward_data") == 8 * (x + w + y)
+    assert spec.params == w + 32
+
+
+def test_transposed_spec_matches_pytorch_shapes():
+    """PyTorch's documented conv_transpose output length, including output_padding and output_size."""
+    spec = ConvSpec.create("conv_transpose2d", (2, 8, 5, 7), (8, 3, 4, 3), stride=(2, 3), padding=(1, 0),
+                           output_padding=(1, 2), dilation=(1, 2), groups=2)
+    H = (5 - 1) * 2 - 2 * 1 + 1 * (4 - 1) + 1 + 1
+    W = (7 - 1) * 3 - 0 + 2 * (3 - 1) + 2 + 1
+    assert spec.output_shape == (2, 6, H, W)
+    same = ConvSpec.create("conv_transpose2d", (2, 8, 5, 7), (8, 3, 4, 3), stride=(2, 3), padding=(1, 0),
+                           dilation=(1, 2), groups=2, output_size=(H, W))
+    assert same.output_padding == (1, 2)
+    g = spec.geometry
+    assert (g.P, g.Q) == (5, 7) and (g.D, g.H, g.W) == (1, H, W)
