@@ -63,16 +63,20 @@ def padding_pairs(op, padding, nd, spatial, kernel, stride, dilation, transposed
         if padding == "same":
             return tuple(same_padding(L, k, s, d) for L, k, s, d in zip(spatial, kernel, stride, dilation))
         raise ValueError(f"{op}: Invalid padding string {padding!r}, should be one of {{'valid', 'same'}}")
+    def pair(p):  # one axis: an int (both sides) or a (low, high) pair
+        if _is_int(p):
+            return int(p), int(p)
+        if isinstance(p, (tuple, list)) and len(p) == 2 and all(_is_int(v) for v in p):
+            return int(p[0]), int(p[1])
+        return None
+
     if _is_int(padding):
-        pairs = ((int(padding),) * 2,) * nd
-    elif isinstance(padding, (tuple, list)) and len(padding) == nd and all(_is_int(p) for p in padding):
-        pairs = tuple((int(p), int(p)) for p in padding)
-    elif (isinstance(padding, (tuple, list)) and len(padding) == nd
-          and all(isinstance(p, (tuple, list)) and len(p) == 2 and all(_is_int(v) for v in p) for p in padding)):
-        pairs = tuple((int(lo), int(hi)) for lo, hi in padding)
+        pairs = (pair(padding),) * nd
+    elif isinstance(padding, (tuple, list)) and len(padding) == nd and None not in map(pair, padding):
+        pairs = tuple(map(pair, padding))
     else:
-        raise TypeError(f"{op}: expected padding to be an int, a tuple of {nd} ints, a tuple of {nd} "
-                        f"(low, high) pairs, 'valid' or 'same', but got {padding!r}")
+        raise TypeError(f"{op}: expected padding to be an int, 'valid', 'same' or a tuple of {nd} entries, each "
+                        f"an int or a (low, high) pair, but got {padding!r}")
     if any(v < 0 for p in pairs for v in p):
         raise ValueError(f"{op}: negative padding is not supported, but got padding={padding!r}")
     return pairs
@@ -350,7 +354,7 @@ class ConvSpec:
             f"groups {self.groups}" + (f", output_padding {self.output_padding}" if self.transposed else ""),
             f"  FLOPs            {self.flops:,} (2 x {self.macs:,} real multiply-adds)",
             f"  minimum bytes    {self.min_bytes():,}",
-            f"  parameters       {self.params:,} (weights + bias)",
+            f"  parameters       {self.params:,} ({'weights + bias' if self.bias else 'weights, no bias'})",
             f"  dense layer      {self.dense_params:,} weights for the same input and output "
             f"({self.dense_params / max(self.params, 1):,.0f}x more)",
             f"  sparsity         {self.connection_sparsity:.4%} of the dense matrix is zero",

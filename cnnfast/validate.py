@@ -51,15 +51,14 @@ CASES = (
 
 
 def transposed_case(case: Case) -> Case:
-    """The transposed op of the same layer: weight (C, K/g, *k), input of the conv's output size,
+    """The transposed op of the same layer (the adjoint: same weight tensor), input of the conv's output size,
     zero padding only, output_padding chosen so the output has the conv's input size."""
     opts = dict(case.options)
     spec = ConvSpec.create("validate", case.input_shape, case.weight_shape, **opts)
     if spec.padding_mode != "zeros" or isinstance(opts.get("padding"), str):
         opts = {k: v for k, v in opts.items() if k != "padding_mode"}
         opts["padding"] = spec.padding
-    k, cg = case.weight_shape[:2]
-    w_t = (cg * spec.groups, k // spec.groups) + case.weight_shape[2:]
+    w_t = case.weight_shape  # conv_transpose's (in=K, out/groups=C/groups, *k): the conv's weight, as adjoint
     out = spec.output_shape
     smallest = ConvSpec.create("validate", out, w_t, transposed=True, **opts).output_shape
     extra = tuple(a - b for a, b in zip(case.input_shape[2:], smallest[2:]))

@@ -17,6 +17,11 @@ import pytest  # noqa: E402
 SIMULATOR = os.environ["NUMBA_ENABLE_CUDASIM"] not in ("", "0")
 
 
+def pytest_configure(config):
+    # here, not in pyproject.toml: naming a Numba warning class there imports Numba before the line above runs
+    config.addinivalue_line("filterwarnings", "ignore::numba.core.errors.NumbaPerformanceWarning")
+
+
 def pytest_report_header(config):
     return f"cnnfast CUDA tests: {'Numba CUDA simulator (no GPU)' if SIMULATOR else 'real GPU'}"
 

@@ -51,11 +51,11 @@ def test_transposed_conv_round_trip(a):
     leftover = (L + lo + hi - d * (k - 1) - 1) % s
     assert leftover < s
     assert transposed_output_size(out, k, s, d, lo, hi, leftover) == L
-    spec = ConvSpec.create("conv_transpose1d", (1, 2, out), (2, 3, k), stride=s, dilation=d,
+    spec = ConvSpec.create("conv_transpose1d", (1, 2, out), (2, 3, k), stride=s, dilation=d, transposed=True,
                            padding=((lo, hi),), output_padding=leftover) if leftover < max(s, d) else None
     if spec is not None and spec.output_shape[2] > 0:
         assert spec.output_shape == (1, 3, L)
-        assert spec.geometry.P == out  # the kernels see the original conv
+        assert spec.geometry.y_shape[-1] == out  # the kernels see the original conv
 
 
 @settings(max_examples=200, deadline=None)
@@ -111,12 +111,12 @@ def test_min_bytes_and_params():
 def test_transposed_spec_matches_pytorch_shapes():
     """PyTorch's documented conv_transpose output length, including output_padding and output_size."""
     spec = ConvSpec.create("conv_transpose2d", (2, 8, 5, 7), (8, 3, 4, 3), stride=(2, 3), padding=(1, 0),
-                           output_padding=(1, 2), dilation=(1, 2), groups=2)
+                           transposed=True, output_padding=(1, 2), dilation=(1, 2), groups=2)
     H = (5 - 1) * 2 - 2 * 1 + 1 * (4 - 1) + 1 + 1
     W = (7 - 1) * 3 - 0 + 2 * (3 - 1) + 2 + 1
     assert spec.output_shape == (2, 6, H, W)
     same = ConvSpec.create("conv_transpose2d", (2, 8, 5, 7), (8, 3, 4, 3), stride=(2, 3), padding=(1, 0),
-                           dilation=(1, 2), groups=2, output_size=(H, W))
+                           transposed=True, dilation=(1, 2), groups=2, output_size=(H, W))
     assert same.output_padding == (1, 2)
     g = spec.geometry
-    assert (g.P, g.Q) == (5, 7) and (g.D, g.H, g.W) == (1, H, W)
+    assert (g.P, g.Q, g.U) == (1, 5, 7) and (g.D, g.H, g.W) == (1, H, W)
