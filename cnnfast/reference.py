@@ -1,0 +1,210 @@
+"""Float64 NumPy reference of every convolution primitive (PyTorch functional semantics).
+
+Written for reading, not speed, and sharing NO code with `cnnfast.kernels` or the rest of cnnfast: it
+has its own argument normalisation and output-size formula, so the kernels are checked against an
+independent statement of the mathematics. The reference itself is checked against the explicit
+convolution matrix, the adjoint identity, finite differences and PyTorch (tests/test_reference.py).
+
+Shapes (batched only; 1, 2 or 3 spatial axes; any float dtype in, float64 out):
+    x  (N, C, *L)    w  (K, C/groups, *k)    b  (K,)    y, dy  (N, K, *O)
+per spatial axis, with padding (lo, hi), stride s, dilation d:
+    y[n, k, o] = b[k] + sum_{c in group(k), r} xp[n, c, o*s + r*d] * w[k, c, r]
+    xp = x padded by (lo, hi) with padding_mode, O = floor((L + lo + hi - d*(k-1) - 1) / s) + 1.
+Padding is an explicit linear map xp = P x (per axis, a 0/1 matrix P[j, src(j)] built from np.pad's
+rule for the mode), so every backward pass folds the padded gradient back with P.T.
+"""
+import numpy as np
+
+# padding_mode -> np.pad mode: reflect does not repeat the edge (torch 'reflect'), replicate repeats it
+# ('edge'), circular wraps ('wrap').
+_NP_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+_OUT, _TAP = "xyz", "uvw"  # einsum letters of the output and kernel-tap axes (up to 3 spatial axes)
+
+
+# ---------------------------------------------------------------- arguments and sizes
+
+def _per_axis(v, nd):
+    """int or per-axis sequence -> tuple of nd ints."""
+    if np.ndim(v) == 0:
+        return (int(v),) * nd
+    return tuple(int(a) for a in v)
+
+
+def _pad_pairs(padding, nd):
+    """int, per-axis ints, or per-axis (low, high) pairs -> tuple of nd (low, high) pairs."""
+    if np.ndim(padding) == 0:
+        return ((int(padding), int(padding)),) * nd
+    return tuple((int(p), int(p)) if np.ndim(p) == 0 else (int(p[0]), int(p[1])) for p in padding)
+
+
+def output_size(length, kernel, stride, dilation, pad_lo, pad_hi):
+    """floor((L + lo + hi - d*(k-1) - 1) / s) + 1: outputs of a convolution along one axis."""
+    return (length + pad_lo + pad_hi - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _f64(a):
+    return np.asarray(a, dtype=np.float64)
+
+
+# ---------------------------------------------------------------- padding as a matrix per axis
+
+def _pad_matrix(length, lo, hi, mode):
+    """(lo + length + hi, length) 0/1 matrix P with padded = P @ x along one axis.
+
+    Row j copies x[src(j)], src taken from np.pad applied to the indices themselves; in 'zeros' mode the
+    padded rows are zero rows."""
+    if mode == "zeros":
+        src = np.concatenate([np.full(lo, -1), np.arange(length), np.full(hi, -1)])
+    else:
+        src = np.pad(np.arange(length), (lo, hi), mode=_NP_MODES[mode])
+    return (src[:, None] == np.arange(length)[None, :]).astype(np.float64)
+
+
+def _apply_per_axis(a, matrices):
+    """Multiply spatial axis i of a (N, C, *S) by matrices[i] (J_i, S_i): a[.., j, ..] <- sum_s m[j, s] a[.., s, ..]."""
+    for i, m in enumerate(matrices):
+        a = np.moveaxis(np.tensordot(m, a, axes=([1], [2 + i])), 0, 2 + i)
+    return a
+
+
+def _pad(x, pads, mode):
+    """x (N, C, *L) -> xp (N, C, *(L + lo + hi)), exactly torch's F.pad(x, ..., mode)."""
+    return _apply_per_axis(x, [_pad_matrix(L, lo, hi, mode) for L, (lo, hi) in zip(x.shape[2:], pads)])
+
+
+def _unpad_adjoint(gp, spatial, pads, mode):
+    """Adjoint of _pad: gradient w.r.t. the padded input (N, C, *Lp) -> gradient w.r.t. x (N, C, *L);
+    every padded copy of an element adds its gradient to that element."""
+    return _apply_per_axis(gp, [_pad_matrix(L, lo, hi, mode).T for L, (lo, hi) in zip(spatial, pads)])
+
+
+# ---------------------------------------------------------------- the unpadded convolution and its adjoints
+
+def _windows(xp, ksize, stride, dilation, out):
+    """xp (N, C, *Lp) -> read-only view (N, C, *O, *k) with [n, c, o, r] = xp[n, c, o*s + r*d]."""
+    nd = len(ksize)
+    span = tuple(d * (k - 1) + 1 for k, d in zip(ksize, dilation))
+    v = np.lib.stride_tricks.sliding_window_view(xp, span, axis=tuple(range(2, 2 + nd)))
+    index = ((slice(None),) * 2 + tuple(slice(0, (o - 1) * s + 1, s) for o, s in zip(out, stride))
+             + tuple(slice(None, None, d) for d in dilation))
+    return v[index]
+
+
+def _grouped(a, groups):
+    """(N, C, ...) -> (N, groups, C/groups, ...)."""
+    return a.reshape(a.shape[0], groups, a.shape[1] // groups, *a.shape[2:])
+
+
+def _out_shape(spatial, ksize, stride, dilation, pads):
+    sizes = zip(spatial, ksize, stride, dilation, pads)
+    return tuple(output_size(L, k, s, d, lo, hi) for L, k, s, d, (lo, hi) in sizes)
+
+
+def _args(nd, stride, padding, dilation):
+    return _per_axis(stride, nd), _pad_pairs(padding, nd), _per_axis(dilation, nd)
+
+
+# ---------------------------------------------------------------- convolution and its gradients
+
+def conv(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"):
+    """y (N, K, *O) = bias + cross-correlation of x (N, C, *L) with w (K, C/groups, *k)."""
+    x, w = _f64(x), _f64(w)
+    nd = x.ndim - 2
+    stride, pads, dilation = _args(nd, stride, padding, dilation)
+    out = _out_shape(x.shape[2:], w.shape[2:], stride, dilation, pads)
+    xw = _grouped(_windows(_pad(x, pads, padding_mode), w.shape[2:], stride, dilation, out), groups)
+    wg = w.reshape(groups, w.shape[0] // groups, *w.shape[1:])  # (G, K/G, C/G, *k)
+    o, r = _OUT[:nd], _TAP[:nd]
+    y = np.einsum(f"ngc{o}{r},gkc{r}->ngk{o}", xw, wg, optimize=True)
+    y = y.reshape(x.shape[0], w.shape[0], *out)
+    if bias is not None:
+        y = y + _f64(bias).reshape((-1,) + (1,) * nd)
+    return y
+
+
+def conv_input(input_shape, w, dy, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"):
+    """dx (input_shape) = gradient of <conv(x, w), dy> w.r.t. x: the transpose of the convolution matrix."""
+    w, dy = _f64(w), _f64(dy)
+    nd = len(input_shape) - 2
+    stride, pads, dilation = _args(nd, stride, padding, dilation)
+    spatial = tuple(input_shape[2:])
+    n, c = input_shape[:2]
+    out = dy.shape[2:]
+    wg = w.reshape(groups, w.shape[0] // groups, *w.shape[1:])  # (G, K/G, C/G, *k)
+    dyg = _grouped(dy, groups)  # (N, G, K/G, *O)
+    o = _OUT[:nd]
+    dxp = np.zeros((n, groups, c // groups) + tuple(L + lo + hi for L, (lo, hi) in zip(spatial, pads)))
+    for r in np.ndindex(*w.shape[2:]):
+        # tap r reads xp[o*s + r*d]: scatter its contribution to exactly those positions
+        taps = (slice(rr * d, rr * d + (oo - 1) * s + 1, s) for rr, d, oo, s in zip(r, dilation, out, stride))
+        dxp[(Ellipsis,) + tuple(taps)] += np.einsum(f"ngk{o},gkc->ngc{o}", dyg, wg[(Ellipsis,) + r])
+    return _unpad_adjoint(dxp.reshape(n, c, *dxp.shape[3:]), spatial, pads, padding_mode)
+
+
+def conv_weight(x, weight_shape, dy, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"):
+    """dw (weight_shape) = gradient of <conv(x, w), dy> w.r.t. w."""
+    x, dy = _f64(x), _f64(dy)
+    nd = x.ndim - 2
+    stride, pads, dilation = _args(nd, stride, padding, dilation)
+    xw = _grouped(_windows(_pad(x, pads, padding_mode), weight_shape[2:], stride, dilation, dy.shape[2:]), groups)
+    o, r = _OUT[:nd], _TAP[:nd]
+    dw = np.einsum(f"ngc{o}{r},ngk{o}->gkc{r}", xw, _grouped(dy, groups), optimize=True)
+    return dw.reshape(weight_shape)
+
+
+def conv_bias(dy):
+    """db (K,) = dy summed over every axis but 1."""
+    dy = _f64(dy)
+    return dy.sum(axis=(0,) + tuple(range(2, dy.ndim)))
+
+
+# ---------------------------------------------------------------- transposed convolution and its gradients
+
+def _transposed_shapes(x_shape, w_shape, stride, pads, output_padding, groups, dilation):
+    """Output shape (N, C_out, *Lout) of conv_transpose, Lout = (L-1)*s - lo - hi + d*(k-1) + output_padding + 1,
+    and the shape (N, C_in, *O) of the matching conv's output on it (O >= L; O > L only when output_padding >= s)."""
+    nd = len(x_shape) - 2
+    opad = _per_axis(output_padding, nd)
+    lout = tuple((L - 1) * s - lo - hi + d * (k - 1) + op + 1
+                 for L, k, s, d, (lo, hi), op in zip(x_shape[2:], w_shape[2:], stride, dilation, pads, opad))
+    out_shape = (x_shape[0], w_shape[1] * groups) + lout
+    conv_out = (x_shape[0], x_shape[1]) + _out_shape(lout, w_shape[2:], stride, dilation, pads)
+    return out_shape, conv_out
+
+
+def _extend(a, shape):
+    """a zero-extended at the high end of each axis to shape (rows that receive no contribution)."""
+    if a.shape == tuple(shape):
+        return a
+    out = np.zeros(shape)
+    out[tuple(slice(0, m) for m in a.shape)] = a
+    return out
+
+
+def conv_transpose(x, w, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """y (N, C_out, *Lout) = transposed convolution of x (N, C_in, *L) with w (C_in, C_out/groups, *k):
+    conv_input of the conv whose weight is w (K = C_in), evaluated at x, with the output's shape as input_shape."""
+    x, w = _f64(x), _f64(w)
+    nd = x.ndim - 2
+    stride, pads, dilation = _args(nd, stride, padding, dilation)
+    out_shape, conv_out = _transposed_shapes(x.shape, w.shape, stride, pads, output_padding, groups, dilation)
+    y = conv_input(out_shape, w, _extend(x, conv_out), stride, pads, dilation, groups)
+    if bias is not None:
+        y = y + _f64(bias).reshape((-1,) + (1,) * nd)
+    return y
+
+
+def conv_transpose_input(input_shape, w, dy, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """dx (input_shape) = gradient of <conv_transpose(x, w), dy> w.r.t. x: the forward conv of dy."""
+    dx = conv(dy, w, None, stride, padding, dilation, groups)
+    return dx[(slice(None), slice(None)) + tuple(slice(0, L) for L in input_shape[2:])]
+
+
+def conv_transpose_weight(x, weight_shape, dy, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """dw (weight_shape) = gradient of <conv_transpose(x, w), dy> w.r.t. w: conv_weight with the roles of x
+    and dy swapped (dy is the conv's input, x its output gradient)."""
+    x, dy = _f64(x), _f64(dy)
+    nd = x.ndim - 2
+    stride, pads, dilation = _args(nd, stride, padding, dilation)
+    _, conv_out = _transposed_shapes(x.shape, weight_shape, stride, pads, output_padding, groups, dilation)
+    return conv_weight(dy, weight_shape, _extend(x, conv_out), stride, pads, dilation, groups)
