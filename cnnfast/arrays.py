@@ -224,7 +224,8 @@ class CUDA:
         if self.cp is not None:
             y += bias.reshape((1, -1) + (1,) * (y.ndim - 2))
         else:
-            self.kernels().add_bias_cuda(y, bias, stream=self.stream)
+            from cnnfast.kernels.cuda.bias import add_bias_cuda
+            add_bias_cuda(y, bias, stream=self.stream)
 
     def pad(self, src, dst, tables):
         self.kernels().pad_cuda(src, dst, *tables, stream=self.stream)
