@@ -1,2 +1,52 @@
-"""CPU kernels (Numba njit)."""
-ALGORITHMS = {}
+"""CPU kernels (Numba, parallel=True, cache=True): the algorithms, the auto cost model, the layout twins.
+
+choose(g, primitive), the cost model behind algo="auto" (thresholds measured on a 2-core AVX2 machine,
+bench/RESULTS.md):
+  1. depthwise layers (groups == C)                         -> depthwise (memory-bound; plane per task)
+  2. grouped layers with few channels per group (C/g < 8)   -> direct (per-group GEMMs are too thin for BLAS)
+  3. otherwise                                              -> im2col (BLAS GEMM; the column build costs
+     C*T*R*S*P*Q*U copies against 2*K*C*T*R*S*P*Q*U flops, so it pays whenever K/g >= 8)
+  4. tiny output channel counts (K/g < 8)                   -> direct
+"""
+from cnnfast.kernels.contract import Algorithm
+from cnnfast.kernels.cpu import depthwise, direct, im2col
+from cnnfast.kernels.cpu.layout import bias_grad_cpu, fold_pad_cpu, pad_cpu
+
+__all__ = ["ALGORITHMS", "choose", "pad_cpu", "fold_pad_cpu", "bias_grad_cpu"]
+
+_KERNELS = {
+    "direct": {"forward": "direct_forward_cpu", "backward_data": "direct_backward_data_cpu",
+               "backward_filter": "direct_backward_filter_cpu"},
+    "im2col": {"forward": "im2col_cpu + BLAS GEMM", "backward_data": "BLAS GEMM + col2im_cpu",
+               "backward_filter": "im2col_cpu + BLAS GEMM"},
+    "depthwise": {"forward": "depthwise_forward_cpu", "backward_data": "depthwise_backward_data_cpu",
+                  "backward_filter": "direct_backward_filter_cpu"},
+}
+
+
+def _kernels(name):
+    return lambda g, primitive, dtype: (f"{_KERNELS[name][primitive]} [{dtype}]",)
+
+
+ALGORITHMS = {
+    "direct": Algorithm("direct", direct.forward, direct.backward_data, direct.backward_filter,
+                        kernels=_kernels("direct"),
+                        doc="register/cache-blocked direct loops, vectorised over output rows"),
+    "im2col": Algorithm("im2col", im2col.forward, im2col.backward_data, im2col.backward_filter,
+                        workspace_bytes=im2col.workspace_bytes, kernels=_kernels("im2col"),
+                        doc="column matrix + BLAS GEMM, col2im as a gather; scratch capped by workspace_limit"),
+    "depthwise": Algorithm("depthwise", depthwise.forward, depthwise.backward_data, depthwise.backward_filter,
+                           supports=depthwise.supports, kernels=_kernels("depthwise"),
+                           doc="groups == channels: one plane per task"),
+}
+
+
+def choose(g, primitive):
+    """(algorithm name, reason) for algo="auto"; see the module docstring for the cost model."""
+    if g.is_depthwise:
+        return "depthwise", "depthwise layer (groups == in_channels): memory-bound, plane-per-task kernel"
+    cg, kg = g.C // g.groups, g.K // g.groups
+    if cg < 8 or kg < 8:
+        return "direct", f"{cg} input and {kg} output channels per group: too thin for a BLAS GEMM"
+    return "im2col", (f"GEMM of {kg} x {cg * g.T * g.R * g.S} x {g.P * g.Q * g.U} per sample and group: "
+                      f"BLAS beats direct loops")

@@ -1,0 +1,160 @@
+"""Direct convolution on the CPU, register/cache blocked (contract: kernels/contract.py).
+
+x (N, C, D, H, W) * w (K, C/g, T, R, S) -> y (N, K, P, Q, U); 1-D/2-D problems carry unit axes.
+
+forward:         one task per (n, group, block of KB output channels, output row (p, q)); the task keeps a
+                 KB x U accumulator and, for each input channel and tap, adds w * x-row into it. The
+                 innermost loop runs over the output row u, unit-stride in the accumulator (and in x for
+                 stride 1), so LLVM vectorises it; zero padding clips the u-range per tap (no branches).
+backward_data:   the same gather with the roles of x and y swapped: one task per (n, group, block of CB
+                 input channels, input row (i, j)); dx row += w * dy-row at l = u*s - pad + s_tap*dil.
+backward_filter: one task per (k, c): dw[k, c, :, :, :] sums dy-row . x-row over n, p, q in a fixed order.
+No task writes what another task writes, so results are deterministic (no atomics, fixed order).
+"""
+import numba
+import numpy as np
+
+KB = 8  # output channels per forward task (register/cache block)
+CB = 8  # input channels per backward-data task
+
+
+@numba.njit(inline="always")
+def out_range(pad, offset, stride, length, n_out):
+    """[lo, hi) of outputs o with 0 <= o*stride - pad + offset < length (offset = tap * dilation)."""
+    first = pad - offset
+    lo = 0 if first <= 0 else (first + stride - 1) // stride
+    last = length - 1 + pad - offset
+    hi = 0 if last < 0 else min(n_out, last // stride + 1)
+    return lo, max(lo, hi)
+
+
+@numba.njit(parallel=True, cache=True)
+def direct_forward_cpu(x, w, bias, has_bias, y, sd, sh, sw, dd, dh, dw_, pd, ph, pw, groups):
+    N, C, D, H, W = x.shape
+    K, Cg, T, R, S = w.shape
+    _, _, P, Q, U = y.shape
+    Kg = K // groups
+    nkb = (Kg + KB - 1) // KB
+    for task in numba.prange(N * groups * nkb * P * Q):
+        q = task % Q
+        p = (task // Q) % P
+        kb = (task // (P * Q)) % nkb
+        g = (task // (P * Q * nkb)) % groups
+        n = task // (P * Q * nkb * groups)
+        k0 = g * Kg + kb * KB
+        nk = min(KB, g * Kg + Kg - k0)
+        acc = np.zeros((KB, U), dtype=y.dtype)
+        for c in range(Cg):
+            ci = g * Cg + c
+            for t in range(T):
+                di = p * sd - pd + t * dd
+                if di < 0 or di >= D:
+                    continue
+                for r in range(R):
+                    hi = q * sh - ph + r * dh
+                    if hi < 0 or hi >= H:
+                        continue
+                    for s in range(S):
+                        u0, u1 = out_range(pw, s * dw_, sw, W, U)
+                        base = s * dw_ - pw
+                        for kk in range(nk):
+                            wv = w[k0 + kk, c, t, r, s]
+                            for u in range(u0, u1):
+                                acc[kk, u] += wv * x[n, ci, di, hi, u * sw + base]
+        for kk in range(nk):
+            b = bias[k0 + kk] if has_bias else 0.0
+            for u in range(U):
+                y[n, k0 + kk, p, q, u] = acc[kk, u] + b
+
+
+@numba.njit(parallel=True, cache=True)
+def direct_backward_data_cpu(dy, w, dx, sd, sh, sw, dd, dh, dw_, pd, ph, pw, groups):
+    N, C, D, H, W = dx.shape
+    K, Cg, T, R, S = w.shape
+    _, _, P, Q, U = dy.shape
+    Kg = K // groups
+    ncb = (Cg + CB - 1) // CB
+    for task in numba.prange(N * groups * ncb * D * H):
+        i_h = task % H
+        i_d = (task // H) % D
+        cb = (task // (D * H)) % ncb
+        g = (task // (D * H * ncb)) % groups
+        n = task // (D * H * ncb * groups)
+        c0 = cb * CB
+        nc = min(CB, Cg - c0)
+        acc = np.zeros((CB, W), dtype=dx.dtype)
+        for t in range(T):
+            num_p = i_d + pd - t * dd
+            if num_p < 0 or num_p % sd != 0 or num_p // sd >= P:
+                continue
+            p = num_p // sd
+            for r in range(R):
+                num_q = i_h + ph - r * dh
+                if num_q < 0 or num_q % sh != 0 or num_q // sh >= Q:
+                    continue
+                q = num_q // sh
+                for s in range(S):
+                    u0, u1 = out_range(pw, s * dw_, sw, W, U)
+                    base = s * dw_ - pw
+                    for kk in range(Kg):
+                        k = g * Kg + kk
+                        for cc in range(nc):
+                            wv = w[k, c0 + cc, t, r, s]
+                            for u in range(u0, u1):
+                                acc[cc, u * sw + base] += wv * dy[n, k, p, q, u]
+        for cc in range(nc):
+            for l in range(W):
+                dx[n, g * Cg + c0 + cc, i_d, i_h, l] = acc[cc, l]
+
+
+@numba.njit(parallel=True, cache=True)
+def direct_backward_filter_cpu(x, dy, dw, sd, sh, sw, dd, dh, dw_, pd, ph, pw, groups):
+    N, C, D, H, W = x.shape
+    K, Cg, T, R, S = dw.shape
+    _, _, P, Q, U = dy.shape
+    Kg = K // groups
+    for task in numba.prange(K * Cg):
+        c = task % Cg
+        k = task // Cg
+        ci = (k // Kg) * Cg + c
+        acc = np.zeros((T, R, S), dtype=dw.dtype)
+        for n in range(N):
+            for p in range(P):
+                for q in range(Q):
+                    for t in range(T):
+                        di = p * sd - pd + t * dd
+                        if di < 0 or di >= D:
+                            continue
+                        for r in range(R):
+                            hi = q * sh - ph + r * dh
+                            if hi < 0 or hi >= H:
+                                continue
+                            for s in range(S):
+                                u0, u1 = out_range(pw, s * dw_, sw, W, U)
+                                base = s * dw_ - pw
+                                total = acc[t, r, s]
+                                for u in range(u0, u1):
+                                    total += dy[n, k, p, q, u] * x[n, ci, di, hi, u * sw + base]
+                                acc[t, r, s] = total
+        for t in range(T):
+            for r in range(R):
+                for s in range(S):
+                    dw[k, c, t, r, s] = acc[t, r, s]
+
+
+def geometry_args(g):
+    """The scalar kernel arguments shared by every CPU kernel: strides, dilations, low pads, groups."""
+    return (g.stride_d, g.stride_h, g.stride_w, g.dil_d, g.dil_h, g.dil_w, g.pad_d, g.pad_h, g.pad_w, g.groups)
+
+
+def forward(x, w, bias, y, g, workspace_limit=None):
+    has_bias = bias is not None
+    direct_forward_cpu(x, w, bias if has_bias else np.zeros(1, x.dtype), has_bias, y, *geometry_args(g))
+
+
+def backward_data(dy, w, dx, g, workspace_limit=None):
+    direct_backward_data_cpu(dy, w, dx, *geometry_args(g))
+
+
+def backward_filter(x, dy, dw, g, workspace_limit=None):
+    direct_backward_filter_cpu(x, dy, dw, *geometry_args(g))
