@@ -1,2 +1,52 @@
-"""CUDA kernels (Numba CUDA)."""
-ALGORITHMS = {}
+"""CUDA kernels (numba-cuda): the algorithms, the auto heuristic, the layout twins.
+
+Importing this package applies kernels/_compat.py first (numpy >= 2.5 row_stack alias for numba-cuda 0.30.4).
+Launchers take C-contiguous 5-D device arrays (Numba device arrays, the simulator's, or CuPy), a ConvGeometry,
+workspace_limit= and stream=; they never synchronise.
+
+choose(g, primitive), the heuristic behind algo="auto" (to be tuned on a GPU, issue 5):
+  depthwise layers -> depthwise; everything else -> direct (implicit GEMM, no workspace except the
+  deterministic split-K partials of backward_filter); im2col is offered explicitly (algo="im2col").
+"""
+from cnnfast.kernels import _compat  # noqa: F401  (must precede numba.cuda's first compile)
+from cnnfast.kernels.contract import Algorithm
+from cnnfast.kernels.cuda import depthwise, direct, im2col
+from cnnfast.kernels.cuda.bias import add_bias_cuda
+from cnnfast.kernels.cuda.layout import bias_grad_cuda, copy_cuda, fold_pad_cuda, pad_cuda
+
+__all__ = ["ALGORITHMS", "choose", "pad_cuda", "fold_pad_cuda", "bias_grad_cuda", "copy_cuda", "add_bias_cuda"]
+
+_KERNELS = {
+    "direct": {"forward": ("tiled implicit-GEMM (fwd_* loaders)",),
+               "backward_data": ("tiled implicit-GEMM (bwd_* loaders)",),
+               "backward_filter": ("tiled implicit-GEMM (flt_* loaders), split-K", "reduce_splits_kernel")},
+    "im2col": {"forward": ("im2col_kernel", "tiled GEMM (f_* loaders)"),
+               "backward_data": ("tiled GEMM (d_* loaders)", "col2im_kernel"),
+               "backward_filter": ("im2col_kernel", "tiled GEMM (w_* loaders)")},
+    "depthwise": {"forward": ("depthwise forward_kernel",), "backward_data": ("depthwise backward_data_kernel",),
+                  "backward_filter": ("tiled implicit-GEMM (flt_* loaders), split-K", "reduce_splits_kernel")},
+}
+
+
+def _kernels(name):
+    return lambda g, primitive, dtype: tuple(f"{k} [{dtype}]" for k in _KERNELS[name][primitive])
+
+
+ALGORITHMS = {
+    "direct": Algorithm("direct", direct.forward, direct.backward_data, direct.backward_filter,
+                        workspace_bytes=direct.workspace_bytes, kernels=_kernels("direct"),
+                        doc="implicit GEMM: 32x64 block tile, 4x4 register tile per thread, shared-memory staging"),
+    "im2col": Algorithm("im2col", im2col.forward, im2col.backward_data, im2col.backward_filter,
+                        workspace_bytes=im2col.workspace_bytes, kernels=_kernels("im2col"),
+                        doc="explicit column matrix (batch-chunked under workspace_limit) + the tiled GEMM"),
+    "depthwise": Algorithm("depthwise", depthwise.forward, depthwise.backward_data, depthwise.backward_filter,
+                           supports=depthwise.supports, workspace_bytes=depthwise.workspace_bytes,
+                           kernels=_kernels("depthwise"), doc="groups == channels: thread per output element"),
+}
+
+
+def choose(g, primitive):
+    """(algorithm name, reason) for algo="auto"; see the module docstring."""
+    if g.is_depthwise and primitive != "backward_filter":
+        return "depthwise", "depthwise layer (groups == in_channels): memory-bound, one thread per output"
+    return "direct", "implicit GEMM: no column matrix, register-tiled (untuned heuristic, see issue 5)"

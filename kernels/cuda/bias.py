@@ -5,15 +5,14 @@ Thread i (grid-stride) owns element i of the flattened y; its channel is (i // L
 """
 from numba import cuda
 
+from cnnfast.kernels.cuda.compile import jit
+
 BLOCK = 256
 
 
-@cuda.jit
-def add_bias_kernel(y, bias, K, L):
-    """y: 1-D view of the contiguous (N, K, L) output; bias: (K,)."""
-    start = cuda.grid(1)
-    step = cuda.gridsize(1)
-    for i in range(start, y.shape[0], step):
+def add_bias_kernel(y, bias, K, L, size):
+    """y: 1-D view of the contiguous (N, K, L) output (size elements); bias: (K,)."""
+    for i in range(cuda.grid(1), size, cuda.gridsize(1)):
         y[i] += bias[(i // L) % K]
 
 
@@ -21,6 +20,5 @@ def add_bias_cuda(y, bias, stream=0):
     """y: C-contiguous device array (N, K, ...); bias: device array (K,) of y's dtype."""
     K = y.shape[1]
     L = y.size // (y.shape[0] * K) if y.size else 1
-    flat = y.reshape(y.size)
     blocks = max(1, min(-(-y.size // BLOCK), 1024))
-    add_bias_kernel[blocks, BLOCK, stream](flat, bias, K, L)
+    jit(add_bias_kernel)[blocks, BLOCK, stream](y.reshape(y.size), bias, K, L, y.size)

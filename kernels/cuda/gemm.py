@@ -1,0 +1,145 @@
+"""One shared-memory tiled, register-blocked GEMM kernel, specialised by its operand loaders.
+
+Every CUDA convolution here is a GEMM per group g:  out[m, col] = sum_j A[m, j] * B[j, col]
+where A and B are not stored matrices but gathers from the convolution's tensors (implicit GEMM), or dense
+column matrices (im2col). A kernel is built by `tiled_kernel(dtype, ops)` from four device functions:
+
+    dims(geo)                        -> (M, J, NCOL) per group
+    load_a(a, g, m, j, geo, n0)      -> A[m, j]      (only called with m < M, j < J)
+    load_b(b, g, j, col, geo, n0)    -> B[j, col]    (only called with j < J, col < NCOL; 0 for padding)
+    store(out, bias, g, m, col, v, geo, flag, split, n0)
+
+geo is the contract's ConvGeometry as a tuple of 22 ints; flag is the store's option (bias / accumulate);
+n0 a batch offset (im2col chunks). Arrays are 1-D (flat, C-contiguous).
+
+Block: BM x BN outputs of one group and one split of the reduction, THREADS = (BM/TM)*(BN/TN) threads,
+each holding a TM x TN register tile (rows m = ty*TM + a, columns col = tx + b*(BN/TN), so a warp's
+stores are coalesced). Per step, BJ reduction indices of A (BJ x BM) and B (BJ x BN) are staged in shared
+memory. Grid: (ceil(NCOL/BN), ceil(M/BM), groups * splits); split s reduces j in
+[s*jchunk, (s+1)*jchunk). No atomics: each output is written by exactly one thread.
+"""
+from functools import lru_cache
+
+from numba import cuda
+
+BM, BN, BJ = 32, 64, 8  # block tile: 32 rows x 64 columns, 8 reduction indices per shared-memory step
+TM, TN = 4, 4  # register tile per thread
+THREADS = (BM // TM) * (BN // TN)  # 128
+NGEO = 22  # len(ConvGeometry)
+
+
+@lru_cache(maxsize=None)
+def tiled_kernel(dtype, ops):
+    """The tiled GEMM kernel's Python function for a numba dtype and an ops tuple (dims, load_a, load_b, store)."""
+    dims, load_a, load_b, store = ops
+
+    def kernel(a, b, out, bias, geo, flag, splits, jchunk, n0):
+        shared_a = cuda.shared.array((BJ, BM), dtype)
+        shared_b = cuda.shared.array((BJ, BN), dtype)
+        acc = cuda.local.array((TM, TN), dtype)
+        reg_a = cuda.local.array(TM, dtype)
+        reg_b = cuda.local.array(TN, dtype)
+        M, J, NCOL = dims(geo)
+        tid = cuda.threadIdx.x
+        tx = tid % (BN // TN)
+        ty = tid // (BN // TN)
+        col0 = cuda.blockIdx.x * BN
+        m0 = cuda.blockIdx.y * BM
+        g = cuda.blockIdx.z // splits
+        split = cuda.blockIdx.z % splits
+        j_begin = split * jchunk
+        j_end = min(J, j_begin + jchunk)
+        for i in range(TM):
+            for k in range(TN):
+                acc[i, k] = 0
+        for j0 in range(j_begin, j_end, BJ):
+            for e in range(tid, BJ * BM, THREADS):
+                jj = e // BM
+                mm = e % BM
+                v = dtype(0)
+                if j0 + jj < j_end and m0 + mm < M:
+                    v = load_a(a, g, m0 + mm, j0 + jj, geo, n0)
+                shared_a[jj, mm] = v
+            for e in range(tid, BJ * BN, THREADS):
+                jj = e // BN
+                cc = e % BN
+                v = dtype(0)
+                if j0 + jj < j_end and col0 + cc < NCOL:
+                    v = load_b(b, g, j0 + jj, col0 + cc, geo, n0)
+                shared_b[jj, cc] = v
+            cuda.syncthreads()
+            for jj in range(BJ):
+                for i in range(TM):
+                    reg_a[i] = shared_a[jj, ty * TM + i]
+                for k in range(TN):
+                    reg_b[k] = shared_b[jj, tx + k * (BN // TN)]
+                for i in range(TM):
+                    for k in range(TN):
+                        acc[i, k] += reg_a[i] * reg_b[k]
+            cuda.syncthreads()
+        for i in range(TM):
+            m = m0 + ty * TM + i
+            if m < M:
+                for k in range(TN):
+                    col = col0 + tx + k * (BN // TN)
+                    if col < NCOL:
+                        store(out, bias, g, m, col, acc[i, k], geo, flag, split, n0)
+
+    return kernel
+
+
+def grid(M, NCOL, groups, splits):
+    return ((NCOL + BN - 1) // BN, (M + BM - 1) // BM, groups * splits)
+
+
+# ---------------------------------------------------------------- gathers shared by the conv loaders
+
+@cuda.jit(device=True, inline=True)
+def x_patch(x, g, tap, n, o, geo):
+    """x at input channel group g, reduction index tap = ((c*T + t)*R + r)*S + s, sample n, output o = (p*Q+q)*U+u;
+    0 where the window reads padding."""
+    C, D, H, W = geo[1], geo[2], geo[3], geo[4]
+    T, R, S, Q, U = geo[6], geo[7], geo[8], geo[10], geo[11]
+    Cg = C // geo[21]
+    s = tap % S
+    r = (tap // S) % R
+    t = (tap // (S * R)) % T
+    c = tap // (S * R * T)
+    u = o % U
+    q = (o // U) % Q
+    p = o // (U * Q)
+    di = p * geo[12] - geo[18] + t * geo[15]
+    hi = q * geo[13] - geo[19] + r * geo[16]
+    wi = u * geo[14] - geo[20] + s * geo[17]
+    if di < 0 or di >= D or hi < 0 or hi >= H or wi < 0 or wi >= W:
+        return x[0] * 0
+    return x[(((n * C + g * Cg + c) * D + di) * H + hi) * W + wi]
+
+
+@cuda.jit(device=True, inline=True)
+def dy_gather(dy, g, kk_tap, n, i, geo):
+    """dy[n, g*Kg + kk, p, q, u] for reduction index kk_tap = kk*TRS + tap and input position i = (d*H + h)*W + w,
+    where (p, q, u) is the output that tap reads i from; 0 when no output does (stride, borders)."""
+    D, H, W, K = geo[2], geo[3], geo[4], geo[5]
+    T, R, S, P, Q, U = geo[6], geo[7], geo[8], geo[9], geo[10], geo[11]
+    Kg = K // geo[21]
+    trs = T * R * S
+    kk = kk_tap // trs
+    tap = kk_tap % trs
+    s = tap % S
+    r = (tap // S) % R
+    t = tap // (S * R)
+    iw = i % W
+    ih = (i // W) % H
+    i_d = i // (W * H)
+    np_ = i_d + geo[18] - t * geo[15]
+    nq = ih + geo[19] - r * geo[16]
+    nu = iw + geo[20] - s * geo[17]
+    if np_ < 0 or nq < 0 or nu < 0 or np_ % geo[12] != 0 or nq % geo[13] != 0 or nu % geo[14] != 0:
+        return dy[0] * 0
+    p = np_ // geo[12]
+    q = nq // geo[13]
+    u = nu // geo[14]
+    if p >= P or q >= Q or u >= U:
+        return dy[0] * 0
+    return dy[(((n * K + g * Kg + kk) * P + p) * Q + q) * U + u]

@@ -1,0 +1,211 @@
+"""im2col + tiled GEMM on CUDA (the GEMM is gemm.py's kernel with dense loaders).
+
+x (N, C, D, H, W) * w (K, C/g, T, R, S) -> y (N, K, P, Q, U); O = P*Q*U, TRS = T*R*S. The batch is processed
+in chunks of nb samples so the column matrix cols (C*TRS, nb*O) stays under workspace_limit (default 256 MiB):
+
+    forward          cols = im2col(x chunk);   y[n0:n0+nb] (per group)  = W_g (K/g, C/g*TRS) @ cols_g
+    backward_data    dcols_g = W_g^T @ dy chunk;  dx chunk = col2im(dcols)   (a gather: no atomics)
+    backward_filter  cols = im2col(x chunk);   dW_g += dy_g chunk @ cols_g^T, chunks added in order
+
+Inside the GEMMs the geometry tuple carries N = nb (the chunk) and n0 is the chunk's first sample.
+im2col_kernel: thread (grid-stride) per element of cols; col2im_kernel: thread per element of the dx chunk.
+"""
+from numba import cuda
+
+from cnnfast.kernels.cuda import gemm
+from cnnfast.kernels.cuda.compile import jit, numba_dtype
+from cnnfast.kernels.cuda.direct import _bias_arg, launch_tiled
+
+DEFAULT_WORKSPACE_LIMIT = 256 << 20
+BLOCK = 256
+MAX_BLOCKS = 4096
+
+
+def im2col_kernel(x, cols, geo, n0, nb):
+    """cols[c*TRS + tap, j*O + o] = x-patch of sample n0 + j (0 in the padding); c over all C channels."""
+    C, T, R, S = geo[1], geo[6], geo[7], geo[8]
+    O = geo[9] * geo[10] * geo[11]
+    Cg = C // geo[21]
+    trs = T * R * S
+    ncol = nb * O
+    for e in range(cuda.grid(1), C * trs * ncol, cuda.gridsize(1)):
+        row = e // ncol
+        col = e % ncol
+        c = row // trs
+        cols[e] = gemm.x_patch(x, c // Cg, (c % Cg) * trs + row % trs, n0 + col // O, col % O, geo)
+
+
+def col2im_kernel(dcols, dx, geo, n0, nb):
+    """dx[n0 + j, c, i] = sum over taps of dcols[c*TRS + tap, j*O + o] for the outputs o that read i."""
+    C, D, H, W = geo[1], geo[2], geo[3], geo[4]
+    T, R, S, P, Q, U = geo[6], geo[7], geo[8], geo[9], geo[10], geo[11]
+    O = P * Q * U
+    DHW = D * H * W
+    trs = T * R * S
+    for e in range(cuda.grid(1), nb * C * DHW, cuda.gridsize(1)):
+        i = e % DHW
+        c = (e // DHW) % C
+        j = e // (DHW * C)
+        iw = i % W
+        ih = (i // W) % H
+        i_d = i // (W * H)
+        total = dcols[0] * 0
+        for tap in range(trs):
+            s = tap % S
+            r = (tap // S) % R
+            t = tap // (S * R)
+            np_ = i_d + geo[18] - t * geo[15]
+            nq = ih + geo[19] - r * geo[16]
+            nu = iw + geo[20] - s * geo[17]
+            if np_ >= 0 and nq >= 0 and nu >= 0 and np_ % geo[12] == 0 and nq % geo[13] == 0 \
+                    and nu % geo[14] == 0:
+                p = np_ // geo[12]
+                q = nq // geo[13]
+                u = nu // geo[14]
+                if p < P and q < Q and u < U:
+                    total += dcols[(c * trs + tap) * (nb * O) + j * O + (p * Q + q) * U + u]
+        dx[(n0 + j) * C * DHW + c * DHW + i] = total
+
+
+# ---------------------------------------------------------------- GEMM operand loaders (geo[0] = nb here)
+
+@cuda.jit(device=True, inline=True)
+def _sizes(geo):
+    """(Kg, Cg*TRS, O, nb*O)"""
+    O = geo[9] * geo[10] * geo[11]
+    return geo[5] // geo[21], geo[1] // geo[21] * geo[6] * geo[7] * geo[8], O, geo[0] * O
+
+
+@cuda.jit(device=True, inline=True)
+def f_dims(geo):
+    Kg, J, O, ncol = _sizes(geo)
+    return Kg, J, ncol
+
+
+@cuda.jit(device=True, inline=True)
+def f_load_w(w, g, m, j, geo, n0):
+    Kg, J, O, ncol = _sizes(geo)
+    return w[(g * Kg + m) * J + j]
+
+
+@cuda.jit(device=True, inline=True)
+def f_load_cols(cols, g, j, col, geo, n0):
+    Kg, J, O, ncol = _sizes(geo)
+    return cols[(g * J + j) * ncol + col]
+
+
+@cuda.jit(device=True, inline=True)
+def f_store(y, bias, g, m, col, v, geo, flag, split, n0):
+    Kg, J, O, ncol = _sizes(geo)
+    k = g * Kg + m
+    if flag:
+        v += bias[k]
+    y[((n0 + col // O) * geo[5] + k) * O + col % O] = v
+
+
+@cuda.jit(device=True, inline=True)
+def d_dims(geo):
+    Kg, J, O, ncol = _sizes(geo)
+    return J, Kg, ncol
+
+
+@cuda.jit(device=True, inline=True)
+def d_load_wt(w, g, m, j, geo, n0):
+    Kg, J, O, ncol = _sizes(geo)
+    return w[(g * Kg + j) * J + m]
+
+
+@cuda.jit(device=True, inline=True)
+def d_load_dy(dy, g, j, col, geo, n0):
+    Kg, J, O, ncol = _sizes(geo)
+    return dy[((n0 + col // O) * geo[5] + g * Kg + j) * O + col % O]
+
+
+@cuda.jit(device=True, inline=True)
+def d_store(dcols, bias, g, m, col, v, geo, flag, split, n0):
+    Kg, J, O, ncol = _sizes(geo)
+    dcols[(g * J + m) * ncol + col] = v
+
+
+@cuda.jit(device=True, inline=True)
+def w_dims(geo):
+    Kg, J, O, ncol = _sizes(geo)
+    return Kg, ncol, J
+
+
+@cuda.jit(device=True, inline=True)
+def w_load_dy(dy, g, m, j, geo, n0):
+    Kg, J, O, ncol = _sizes(geo)
+    return dy[((n0 + j // O) * geo[5] + g * Kg + m) * O + j % O]
+
+
+@cuda.jit(device=True, inline=True)
+def w_load_cols(cols, g, j, col, geo, n0):
+    Kg, J, O, ncol = _sizes(geo)
+    return cols[(g * J + col) * ncol + j]
+
+
+@cuda.jit(device=True, inline=True)
+def w_store(dw, bias, g, m, col, v, geo, flag, split, n0):
+    """dw (K, C/g*TRS); flag: add to what earlier chunks stored (fixed chunk order)."""
+    Kg, J, O, ncol = _sizes(geo)
+    i = (g * Kg + m) * J + col
+    dw[i] = dw[i] + v if flag else v
+
+
+OPS = {"forward": (f_dims, f_load_w, f_load_cols, f_store),
+       "backward_data": (d_dims, d_load_wt, d_load_dy, d_store),
+       "backward_filter": (w_dims, w_load_dy, w_load_cols, w_store)}
+
+
+def chunk(g, itemsize, workspace_limit):
+    """Samples per chunk: cols (C*TRS, nb*O) under the limit (at least one sample)."""
+    limit = DEFAULT_WORKSPACE_LIMIT if workspace_limit is None else workspace_limit
+    per_sample = g.C * g.T * g.R * g.S * g.P * g.Q * g.U * itemsize
+    return max(1, min(g.N, limit // max(per_sample, 1)))
+
+
+def workspace_bytes(g, primitive, itemsize, workspace_limit):
+    return chunk(g, itemsize, workspace_limit) * g.C * g.T * g.R * g.S * g.P * g.Q * g.U * itemsize
+
+
+def _run(primitive, g, a, b, out, bias, flag_first, workspace_limit, stream):
+    """Per chunk: im2col (forward, filter) / GEMM / col2im (data)."""
+    nb = chunk(g, out.dtype.itemsize, workspace_limit)
+    rows, O = g.C * g.T * g.R * g.S, g.P * g.Q * g.U
+    cols = cuda.device_array(rows * nb * O, out.dtype, stream=stream)
+    Kg, J = g.K // g.groups, rows // g.groups
+    for n0 in range(0, g.N, nb):
+        cur = min(nb, g.N - n0)
+        gc = g._replace(N=cur)
+        blocks = max(1, min(MAX_BLOCKS, -(-rows * cur * O // BLOCK)))
+        if primitive != "backward_data":
+            jit(im2col_kernel)[blocks, BLOCK, stream](b.reshape(b.size), cols, tuple(g), n0, cur)
+        shape = {"forward": (Kg, J, cur * O), "backward_data": (J, Kg, cur * O),
+                 "backward_filter": (Kg, cur * O, J)}[primitive]
+        source = cols if primitive != "backward_data" else b
+        target = cols if primitive == "backward_data" else out
+        flag = flag_first if (primitive != "backward_filter" or n0 == 0) else 1
+        launch_tiled(primitive, a, source, target, bias, gc, flag, 1, stream, ops=OPS[primitive], n0=n0,
+                     shape=shape)
+        if primitive == "backward_data":
+            blocks = max(1, min(MAX_BLOCKS, -(-cur * g.C * g.D * g.H * g.W // BLOCK)))
+            jit(col2im_kernel)[blocks, BLOCK, stream](cols, out.reshape(out.size), tuple(gc), n0, cur)
+
+
+def forward(x, w, bias, y, g, workspace_limit=None, stream=0):
+    bias, flag = _bias_arg(bias, y, stream)
+    _run("forward", g, w, x, y, bias, flag, workspace_limit, stream)
+
+
+def backward_data(dy, w, dx, g, workspace_limit=None, stream=0):
+    bias, _ = _bias_arg(None, dx, stream)
+    _run("backward_data", g, w, dy, dx, bias, 0, workspace_limit, stream)
+
+
+def backward_filter(x, dy, dw, g, workspace_limit=None, stream=0):
+    bias, _ = _bias_arg(None, dw, stream)
+    _run("backward_filter", g, dy, x, dw, bias, 0, workspace_limit, stream)
+
+
+__all__ = ["forward", "backward_data", "backward_filter", "workspace_bytes", "numba_dtype"]
