@@ -153,7 +153,13 @@ def make_plan(op, spec, primitive, device, algo="auto", workspace_limit=None) ->
     if workspace_limit is not None and (not isinstance(workspace_limit, (int, np.integer)) or workspace_limit < 0):
         raise ValueError(f"{op}: expected workspace_limit to be a non-negative int (bytes) or None, "
                          f"but got {workspace_limit!r}")
-    kernels = tuple(chosen.kernels(g, primitive, spec.dtype)) if chosen.kernels else ()
     workspace = int(chosen.workspace_bytes(g, primitive, spec.itemsize, workspace_limit))
+    if workspace_limit is not None and workspace > workspace_limit:
+        if algo != "auto":
+            raise ValueError(f"{op}: algo={name!r} needs at least {workspace:,} bytes of workspace, more than "
+                             f"workspace_limit={workspace_limit:,}; raise the limit or use algo='direct'")
+        name, chosen, workspace = "direct", algos["direct"], 0
+        reason += f"; its workspace exceeds workspace_limit={workspace_limit:,}, so direct (no workspace)"
+    kernels = tuple(chosen.kernels(g, primitive, spec.dtype)) if chosen.kernels else ()
     return Plan(op, device, name, primitive, kernels, workspace, workspace_limit, chosen.deterministic,
                 reason, spec)

@@ -9,7 +9,6 @@ Memory-bound (T*R*S multiply-adds per output), so each task streams whole planes
 """
 import numba
 import numpy as np
-
 from cnnfast.kernels.cpu.direct import direct_backward_filter_cpu, geometry_args, out_range
 
 

@@ -13,7 +13,6 @@ BLAS. im2col_cpu: one task per column-matrix row (c, t, r, s); col2im_cpu: one t
 """
 import numba
 import numpy as np
-
 from cnnfast.kernels.cpu.direct import geometry_args
 
 DEFAULT_WORKSPACE_LIMIT = 256 << 20

@@ -3,9 +3,8 @@
 Used by the public ops for conv_transpose's bias on Numba device arrays (CuPy arrays broadcast natively).
 Thread i (grid-stride) owns element i of the flattened y; its channel is (i // L) % K.
 """
-from numba import cuda
-
 from cnnfast.kernels.cuda.compile import jit
+from numba import cuda
 
 BLOCK = 256
 

@@ -35,7 +35,7 @@ def specialisations():
             iarr = types.int64[::1] if typing == "array" else types.CPointer(types.int64)
             kinds = {"A": arr, "I": iarr, "i": types.int64, "g": geo}
 
-            def add(name, pyfunc, template):
+            def add(name, pyfunc, template, dt=dt, typing=typing, kinds=kinds):
                 """template: one letter per argument: A float array, I int64 array, i int64, g geometry."""
                 out.append((f"{name}[{dt},{typing}]", pyfunc, tuple(kinds[c] for c in template), typing))
 

@@ -7,10 +7,9 @@ x (N, C, D, H, W) * w (K, 1, T, R, S) -> y (N, K, P, Q, U); output channel k rea
     backward_filter:      direct's split-reduction kernel (deterministic partial sums).
 Consecutive threads own consecutive o (or i), so x/dy/y accesses are coalesced along the row.
 """
-from numba import cuda
-
 from cnnfast.kernels.cuda import direct, gemm
 from cnnfast.kernels.cuda.compile import jit
+from numba import cuda
 
 BLOCK = 256
 MAX_BLOCKS = 8192

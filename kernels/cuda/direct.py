@@ -2,9 +2,9 @@
 
 x (N, C, D, H, W) * w (K, C/g, T, R, S) -> y (N, K, P, Q, U); O = P*Q*U, TRS = T*R*S, per group g:
 
-    forward          y[n, k, o]        = sum_{(c, tap)} w[k, c, tap] * x-patch      M = K/g,  J = C/g*TRS,  NCOL = N*O
-    backward_data    dx[n, c, i]       = sum_{(k, tap)} w[k, c, tap] * dy-gather    M = C/g,  J = K/g*TRS,  NCOL = N*D*H*W
-    backward_filter  dw[k, (c, tap)]   = sum_{(n, o)} dy[n, k, o] * x-patch         M = K/g,  J = N*O,      NCOL = C/g*TRS
+    forward          y[n, k, o]      = sum_{(c, tap)} w[k, c, tap] * x-patch     M = K/g, J = C/g*TRS, NCOL = N*O
+    backward_data    dx[n, c, i]     = sum_{(k, tap)} w[k, c, tap] * dy-gather   M = C/g, J = K/g*TRS, NCOL = N*DHW
+    backward_filter  dw[k, (c, tap)] = sum_{(n, o)} dy[n, k, o] * x-patch        M = K/g, J = N*O,     NCOL = C/g*TRS
 
 Each thread owns a 4x4 register tile of outputs (4 output channels x 4 pixels for forward); the weight and
 input tiles of each 8-deep reduction step are staged in shared memory (gemm.py). backward_filter splits its
@@ -12,10 +12,9 @@ long reduction (N*O) over `splits` blocks writing partial sums to scratch, then 
 split order: deterministic, no atomics.
 """
 import numpy as np
-from numba import cuda
-
 from cnnfast.kernels.cuda import gemm
 from cnnfast.kernels.cuda.compile import jit, numba_dtype
+from numba import cuda
 
 TARGET_BLOCKS = 264  # 2 blocks per SM on an H100 (132 SMs): enough splits to fill the GPU
 MIN_SPLIT = 256  # reduction indices per split at least

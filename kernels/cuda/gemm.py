@@ -120,7 +120,7 @@ def x_patch(x, g, tap, n, o, geo):
 def dy_gather(dy, g, kk_tap, n, i, geo):
     """dy[n, g*Kg + kk, p, q, u] for reduction index kk_tap = kk*TRS + tap and input position i = (d*H + h)*W + w,
     where (p, q, u) is the output that tap reads i from; 0 when no output does (stride, borders)."""
-    D, H, W, K = geo[2], geo[3], geo[4], geo[5]
+    H, W, K = geo[3], geo[4], geo[5]
     T, R, S, P, Q, U = geo[6], geo[7], geo[8], geo[9], geo[10], geo[11]
     Kg = K // geo[21]
     trs = T * R * S

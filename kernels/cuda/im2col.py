@@ -10,11 +10,10 @@ in chunks of nb samples so the column matrix cols (C*TRS, nb*O) stays under work
 Inside the GEMMs the geometry tuple carries N = nb (the chunk) and n0 is the chunk's first sample.
 im2col_kernel: thread (grid-stride) per element of cols; col2im_kernel: thread per element of the dx chunk.
 """
-from numba import cuda
-
 from cnnfast.kernels.cuda import gemm
 from cnnfast.kernels.cuda.compile import jit, numba_dtype
 from cnnfast.kernels.cuda.direct import _bias_arg, launch_tiled
+from numba import cuda
 
 DEFAULT_WORKSPACE_LIMIT = 256 << 20
 BLOCK = 256

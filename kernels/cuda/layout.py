@@ -9,9 +9,8 @@ bias_grad_cuda: dy (N, K, P, Q, U) -> db (K,): thread per k sums over n and spac
 Index tables are host int64 arrays from contract.pad_indices; they are uploaded once and cached.
 """
 import numpy as np
-from numba import cuda
-
 from cnnfast.kernels.cuda.compile import jit
+from numba import cuda
 
 BLOCK = 256
 MAX_BLOCKS = 8192

@@ -1,0 +1,1 @@
+"""pytest-benchmark suites (run explicitly: `pytest bench/`; never part of tests/)."""

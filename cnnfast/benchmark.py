@@ -1,0 +1,334 @@
+"""Validated benchmark: `cnnfast bench` (and the shape sets bench/ uses with pytest-benchmark).
+
+For each shape x primitive x provider (cnnfast algo=auto, each applicable cnnfast algorithm, PyTorch when
+installed, the NumPy reference where affordable): every cnnfast result is first checked against the float64
+reference (cnnfast.check tolerances) and only then timed; warm-up calls (compilation) are excluded; the
+figure is the median of --repeats timed calls (CPU: time.perf_counter; CUDA: events on the stream, one call
+per event pair). FLOPs = 2 x real multiply-adds (ConvSpec.flops), bytes = each tensor read or written once
+(ConvSpec.min_bytes). "vs torch" = torch's median / this median (> 1: faster than torch).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import NamedTuple
+
+import numpy as np
+
+from cnnfast import check, grad, reference
+from cnnfast.spec import ConvSpec
+
+PRIMITIVES = ("forward", "backward_data", "backward_filter")
+
+
+class Shape(NamedTuple):
+    name: str
+    kind: str  # "conv" | "conv_transpose"
+    x: tuple  # the op's input (N, C, *L)
+    w: tuple  # the op's weight
+    options: dict
+
+
+def _s(name, x, w, kind="conv", **options):
+    return Shape(name, kind, x, w, options)
+
+
+def resnet_like(batch, batch_1d, extra=()):
+    b = batch
+    return [
+        _s("resnet50-stem-7x7s2-3-64@224", (b, 3, 224, 224), (64, 3, 7, 7), stride=2, padding=3),
+        _s("3x3-64-64@56", (b, 64, 56, 56), (64, 64, 3, 3), padding=1),
+        _s("1x1-256-64@56", (b, 256, 56, 56), (64, 256, 1, 1)),
+        _s("3x3-128-128@28", (b, 128, 28, 28), (128, 128, 3, 3), padding=1),
+        _s("3x3-256-256@14", (b, 256, 14, 14), (256, 256, 3, 3), padding=1),
+        *extra,
+        _s("3x3-512-512@7", (b, 512, 7, 7), (512, 512, 3, 3), padding=1),
+        _s("depthwise-3x3-144@56", (b, 144, 56, 56), (144, 1, 3, 3), padding=1, groups=144),
+        _s("wavenet-1d-k3-d8-64@16000", (batch_1d, 64, 16000), (64, 64, 3), padding=8, dilation=8),
+        _s("dcgan-transposed-4x4s2-256-128@16", (b, 256, 16, 16), (256, 128, 4, 4), kind="conv_transpose",
+           stride=2, padding=1),
+    ]
+
+
+SHAPE_SETS = {
+    "cpu": resnet_like(4, 2),
+    "gpu": resnet_like(32, 16, extra=[_s("1x1-1024-256@14", (32, 1024, 14, 14), (256, 1024, 1, 1))]) + [
+        _s("mobilenetv2-depthwise-3x3-960@7", (32, 960, 7, 7), (960, 1, 3, 3), padding=1, groups=960),
+        _s("c3d-3x3x3-64-64@16x56x56", (8, 64, 16, 56, 56), (64, 64, 3, 3, 3), padding=1),
+    ],
+    "quick": [
+        _s("3x3-16-16@32", (2, 16, 32, 32), (16, 16, 3, 3), padding=1),
+        _s("1x1-64-32@16", (2, 64, 16, 16), (32, 64, 1, 1)),
+        _s("depthwise-3x3-32@32", (2, 32, 32, 32), (32, 1, 3, 3), padding=1, groups=32),
+        _s("1d-k3-d4-16@2000", (2, 16, 2000), (16, 16, 3), padding=4, dilation=4),
+        _s("transposed-4x4s2-32-16@8", (2, 32, 8, 8), (32, 16, 4, 4), kind="conv_transpose", stride=2, padding=1),
+    ],
+}
+REFERENCE_FLOP_LIMIT = 3e9  # time the NumPy reference only below this (it runs at ~1-2 GFLOP/s)
+
+
+# ---------------------------------------------------------------- calls
+
+def spec_of(shape, dtype):
+    return ConvSpec.create(shape.name, shape.x, shape.w, transposed=shape.kind == "conv_transpose",
+                           dtype=dtype, **shape.options)
+
+
+def inputs(shape, spec, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal(shape.x).astype(dtype), "w": rng.standard_normal(shape.w).astype(dtype),
+            "dy": rng.standard_normal(spec.output_shape).astype(dtype)}
+
+
+def cnnfast_call(shape, primitive, arrays, algo):
+    """A zero-argument callable running the public op of (shape, primitive) with algo on the given arrays."""
+    import cnnfast
+
+    nd = len(shape.x) - 2
+    x, w, dy, opts = arrays["x"], arrays["w"], arrays["dy"], shape.options
+    prefix = "conv_transpose" if shape.kind == "conv_transpose" else "conv"
+    if primitive == "forward":
+        fn = getattr(cnnfast, f"{prefix}{nd}d")
+        return lambda: fn(x, w, **opts, algo=algo)
+    if primitive == "backward_data":
+        fn = getattr(grad, f"{prefix}{nd}d_input")
+        return lambda: fn(shape.x, w, dy, **opts, algo=algo)
+    fn = getattr(grad, f"{prefix}{nd}d_weight")
+    return lambda: fn(x, shape.w, dy, **opts, algo=algo)
+
+
+def reference_result(shape, primitive, arrays):
+    x, w, dy = (arrays[k].astype(np.float64) for k in ("x", "w", "dy"))
+    kind = shape.kind
+    if primitive == "forward":
+        return getattr(reference, kind)(x, w, **shape.options)
+    if primitive == "backward_data":
+        return getattr(reference, f"{kind}_input")(shape.x, w, dy, **shape.options)
+    return getattr(reference, f"{kind}_weight")(x, shape.w, dy, **shape.options)
+
+
+def torch_call(shape, primitive, arrays, device):
+    """torch.nn.functional for forward, aten.convolution_backward for the gradients (None without torch)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    dev = "cuda" if device == "cuda" else "cpu"
+    x, w, dy = (torch.from_numpy(arrays[k]).to(dev) for k in ("x", "w", "dy"))
+    spec = arrays["spec"]
+    transposed = shape.kind == "conv_transpose"
+    if any(lo != hi for lo, hi in spec.padding):  # torch has symmetric padding only
+        return None
+    padding = [lo for lo, _ in spec.padding]
+    nd = spec.nd
+    if primitive == "forward":
+        fn = getattr(torch.nn.functional, f"conv_transpose{nd}d" if transposed else f"conv{nd}d")
+        kw = dict(stride=spec.stride, padding=padding, dilation=spec.dilation, groups=spec.groups)
+        if transposed:
+            kw["output_padding"] = spec.output_padding
+        return lambda: fn(x, w, **kw)
+    mask = [primitive == "backward_data", primitive == "backward_filter", False]
+    return lambda: torch.ops.aten.convolution_backward(
+        dy, x, w, None, list(spec.stride), padding, list(spec.dilation), transposed,
+        list(spec.output_padding) if transposed else [0] * nd, spec.groups, mask)
+
+
+# ---------------------------------------------------------------- timing
+
+def time_cpu(fn, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def time_cuda(fn, repeats, warmup=2):
+    """CUDA events around each call on the default stream (the hook for device timing)."""
+    from numba import cuda
+
+    for _ in range(warmup):
+        fn()
+    cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = cuda.event(), cuda.event()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(cuda.event_elapsed_time(start, end) / 1e3)
+    return statistics.median(times)
+
+
+def time_torch_cuda(fn, repeats, warmup=2):
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------- the run
+
+def detect_device():
+    from cnnfast.arrays import simulator_enabled
+
+    if simulator_enabled():
+        return "cpu"
+    try:
+        from numba import cuda
+        return "cuda" if cuda.is_available() else "cpu"
+    except Exception:
+        return "cpu"
+
+
+def to_device(a, device):
+    if device == "cpu":
+        return a
+    from cnnfast.validate import device_mover
+    return device_mover("cuda")(a)
+
+
+def run(shapes, device, primitives, algos, dtype, repeats, progress=None):
+    from cnnfast.plan import algorithms
+    from cnnfast.validate import to_host
+
+    rows = []
+    plan_algos = algorithms(device)
+    jobs = [(s, p) for s in shapes for p in primitives]
+    for i, (shape, primitive) in enumerate(jobs):
+        spec = spec_of(shape, dtype)
+        host = inputs(shape, spec, dtype)
+        dev = {k: to_device(v, device) for k, v in host.items()}
+        expected = reference_result(shape, primitive, host)
+        base = dict(shape=shape.name, primitive=primitive, device=device, dtype=dtype, flops=spec.flops,
+                    bytes=spec.min_bytes(primitive))
+        names = ["auto"] + [a for a in (algos or plan_algos) if a not in ("reference", "auto")]
+        for algo in names:
+            if progress:
+                progress(i, len(jobs), shape.name, primitive, algo)
+            row = dict(base, provider=f"cnnfast:{algo}")
+            try:
+                fn = cnnfast_call(shape, primitive, dev, algo)
+                row["error"] = check.assert_close(to_host(fn()), expected, dtype, f"{shape.name} {primitive}")
+            except ValueError as e:
+                if "cannot run this problem" in str(e):
+                    continue
+                row.update(status="ERROR", note=str(e))
+                rows.append(row)
+                continue
+            except check.MismatchError as e:
+                row.update(status="FAIL", note=str(e))
+                rows.append(row)
+                continue
+            row.update(status="ok", seconds=(time_cuda if device == "cuda" else time_cpu)(fn, repeats))
+            rows.append(row)
+        tfn = torch_call(shape, primitive, dict(host, spec=spec), device)
+        if tfn is not None:
+            if progress:
+                progress(i, len(jobs), shape.name, primitive, "torch")
+            timer = time_torch_cuda if device == "cuda" else time_cpu
+            rows.append(dict(base, provider="torch", status="ok", seconds=timer(tfn, repeats)))
+        if spec.flops <= REFERENCE_FLOP_LIMIT:
+            rows.append(dict(base, provider="reference", status="ok",
+                             seconds=time_cpu(lambda s=shape, p=primitive, h=host: reference_result(s, p, h), 1, warmup=0)))
+    for row in rows:
+        if "seconds" in row:
+            row["gflops"] = row["flops"] / row["seconds"] / 1e9
+            row["gbytes"] = row["bytes"] / row["seconds"] / 1e9
+            torch_row = next((r for r in rows if r["provider"] == "torch" and r["shape"] == row["shape"]
+                              and r["primitive"] == row["primitive"]), None)
+            if torch_row:
+                row["vs_torch"] = torch_row["seconds"] / row["seconds"]
+    return rows
+
+
+def table(rows):
+    lines = [f"{'shape':36s} {'primitive':15s} {'provider':18s} {'median ms':>10s} {'GFLOP/s':>9s} "
+             f"{'GB/s':>7s} {'vs torch':>8s}  status"]
+    for r in rows:
+        if "seconds" in r:
+            vs = f"{r['vs_torch']:.2f}x" if "vs_torch" in r else "-"
+            lines.append(f"{r['shape']:36s} {r['primitive']:15s} {r['provider']:18s} {r['seconds'] * 1e3:10.2f} "
+                         f"{r['gflops']:9.1f} {r['gbytes']:7.2f} {vs:>8s}  {r['status']}")
+        else:
+            lines.append(f"{r['shape']:36s} {r['primitive']:15s} {r['provider']:18s} {'-':>10s} {'-':>9s} "
+                         f"{'-':>7s} {'-':>8s}  {r['status']}: {r.get('note', '')[:120]}")
+    return "\n".join(lines)
+
+
+def geomean_vs_torch(rows, provider="cnnfast:auto"):
+    out = {}
+    for primitive in PRIMITIVES:
+        ratios = [r["vs_torch"] for r in rows if r["provider"] == provider and r["primitive"] == primitive
+                  and "vs_torch" in r]
+        if ratios:
+            out[primitive] = (float(np.exp(np.mean(np.log(ratios)))), min(ratios))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="cnnfast bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--shapes", default=None, choices=sorted(SHAPE_SETS),
+                        help="shape set (default: quick on cpu, gpu on cuda)")
+    parser.add_argument("--shape", action="append", help="only shapes whose name contains this (repeatable)")
+    parser.add_argument("--primitive", nargs="+", default=list(PRIMITIVES), choices=PRIMITIVES)
+    parser.add_argument("--algo", nargs="+", help="cnnfast algorithms besides auto (default: all registered)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    parser.add_argument("--json", default="bench-results.json", help="where to write the rows")
+    args = parser.parse_args(argv)
+    device = detect_device() if args.device == "auto" else args.device
+    if device == "cuda":
+        try:
+            import torch
+            torch.backends.cudnn.allow_tf32 = False  # cuDNN strict fp32 baseline
+            torch.backends.cuda.matmul.allow_tf32 = False
+        except ImportError:
+            pass
+    else:
+        try:
+            import torch
+            torch.set_num_threads(os.cpu_count())
+        except ImportError:
+            pass
+    shapes = SHAPE_SETS[args.shapes or ("gpu" if device == "cuda" else "quick")]
+    if args.shape:
+        shapes = [s for s in shapes if any(k in s.name for k in args.shape)]
+
+    def progress(i, n, name, primitive, provider):
+        sys.stderr.write(f"\r[{i + 1:3d}/{n}] {name[:34]:34s} {primitive:15s} {provider:10s}")
+        sys.stderr.flush()
+
+    t0 = time.perf_counter()
+    rows = run(shapes, device, args.primitive, args.algo, args.dtype, args.repeats, progress)
+    sys.stderr.write("\n")
+    print(f"cnnfast bench on {device} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs), "
+          f"{args.dtype}, median of {args.repeats}; validated against the float64 reference before timing")
+    print(table(rows))
+    for primitive, (geo, worst) in geomean_vs_torch(rows).items():
+        print(f"cnnfast:auto vs torch, {primitive}: geometric mean {geo:.2f}x, worst {worst:.2f}x")
+    with open(args.json, "w") as f:
+        json.dump({"device": device, "dtype": args.dtype, "repeats": args.repeats, "rows": rows,
+                   "seconds": time.perf_counter() - t0}, f, indent=1)
+    print(f"wrote {args.json} ({time.perf_counter() - t0:.0f} s)")
+    return 1 if any(r["status"] != "ok" for r in rows) else 0

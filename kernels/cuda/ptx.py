@@ -1,0 +1,82 @@
+"""Compile every CUDA specialisation to PTX for sm_90 and report registers and spills, with no GPU.
+
+    python -m cnnfast.kernels.cuda.ptx [--json]      (needs NUMBA_ENABLE_CUDASIM unset or 0)
+
+For each entry of compile.specialisations() (every kernel x dtype x typing the launchers can create):
+cuda.compile_ptx(..., cc=(9, 0)) gives the PTX (its .version and .target are reported: PTX 9.0 loads on
+driver 580), and cuda.compile(..., output="ltoir") linked by cuda.core's Linker with link-time
+optimisation and `ptxas -v` gives registers, spill stores and spill loads of the final sm_90 code.
+Exit status 1 if any entry fails to compile or spills.
+"""
+import argparse
+import json
+import re
+import sys
+
+ARCH = "sm_90"
+CC = (9, 0)
+
+
+def ptx_facts(ptx):
+    version = re.search(r"^\s*\.version\s+(\S+)", ptx, re.M)
+    target = re.search(r"^\s*\.target\s+(\S+)", ptx, re.M)
+    entry = re.search(r"\.entry\s+(\S+)\(", ptx)
+    return {"ptx_version": version and version.group(1), "target": target and target.group(1),
+            "entry": entry and entry.group(1)}
+
+
+def link_report(ltoir):
+    """Registers and spills of the LTO-linked cubin (ptxas -v info log)."""
+    from cuda.core import Linker, LinkerOptions, ObjectCode
+
+    linker = Linker(ObjectCode.from_ltoir(ltoir),
+                    options=LinkerOptions(arch=ARCH, link_time_optimization=True, ptxas_options="-v"))
+    linker.link("cubin")
+    log = linker.get_info_log()
+    regs = re.search(r"Used (\d+) registers", log)
+    stores = re.search(r"(\d+) bytes spill stores", log)
+    loads = re.search(r"(\d+) bytes spill loads", log)
+    return {"registers": int(regs.group(1)) if regs else None,
+            "spill_stores": int(stores.group(1)) if stores else None,
+            "spill_loads": int(loads.group(1)) if loads else None}
+
+
+def check_all():
+    from cnnfast.kernels.cuda.compile import specialisations
+    from numba import cuda
+
+    rows = []
+    for name, pyfunc, argtypes, typing in specialisations():
+        row = {"name": name, "typing": typing}
+        try:
+            ptx, _ = cuda.compile_ptx(pyfunc, argtypes, cc=CC)
+            row.update(ptx_facts(ptx))
+            ltoir, _ = cuda.compile(pyfunc, argtypes, device=False, abi="numba", output="ltoir", cc=CC)
+            row.update(link_report(ltoir))
+            row["ok"] = row["spill_stores"] == 0 and row["ptx_version"] == "9.0" and row["target"] == ARCH
+        except Exception as e:  # report every failure, keep going
+            row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:500]}")
+        rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m cnnfast.kernels.cuda.ptx", description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="print the table as JSON")
+    args = parser.parse_args(argv)
+    rows = check_all()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(f"{'kernel':58s} {'PTX':>4s} {'target':>7s} {'regs':>5s} {'spill st/ld':>12s}")
+        for r in rows:
+            if "error" in r:
+                print(f"{r['name']:58s} ERROR {r['error']}")
+            else:
+                print(f"{r['name']:58s} {r['ptx_version']:>4s} {r['target']:>7s} {r['registers']!s:>5s} "
+                      f"{r['spill_stores']!s:>6s}/{r['spill_loads']!s:<5s}")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

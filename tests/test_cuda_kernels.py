@@ -1,0 +1,143 @@
+"""CUDA-specific checks: PTX/spills for every specialisation, workspace chunking, split reductions,
+determinism, layout twins. Correctness of every algorithm over the grid is tests/test_ops.py.
+Runs on a GPU, or in Numba's CUDA simulator (tests/conftest.py) with small shapes."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from cnnfast.kernels.contract import pad_indices
+from cnnfast.kernels.cuda import direct, im2col, layout
+
+import cnnfast
+from cnnfast import check, grad, reference
+
+pytestmark = pytest.mark.cuda
+cuda = pytest.importorskip("numba.cuda")
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+# about 1-2 thousand threads per launch in the simulator; realistic sizes on a GPU
+N, C, K, HW = (2, 4, 6, 7) if SIM else (8, 64, 64, 28)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((N, C, HW, HW)).astype(np.float32)
+    w = rng.standard_normal((K, C, 3, 3)).astype(np.float32)
+    dy = rng.standard_normal((N, K, HW, HW)).astype(np.float32)
+    return x, w, dy
+
+
+def test_every_specialisation_compiles_to_ptx_9_for_sm90_without_spills():
+    """Runs in a subprocess with the simulator off: compile_ptx needs the NVVM wheels, not a GPU."""
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    done = subprocess.run([sys.executable, "-m", "cnnfast.kernels.cuda.ptx", "--json"], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    if done.returncode != 0 and ("NVVM" in done.stderr or "libnvvm" in done.stderr) and not done.stdout:
+        pytest.skip(f"CUDA NVVM wheels missing (pip install -e '.[cuda-toolchain]'): {done.stderr[-300:]}")
+    rows = json.loads(done.stdout)
+    names = {r["name"].split("[")[0] for r in rows}
+    assert {"direct_forward", "direct_backward_data", "direct_backward_filter", "im2col", "col2im",
+            "depthwise_forward", "pad", "fold_pad", "bias_grad"} <= names
+    assert {r["typing"] for r in rows} == {"array", "pointer"}
+    print("\n".join(f"{r['name']:55s} regs {r.get('registers')} spills {r.get('spill_stores')}" for r in rows))
+    bad = [r for r in rows if not r["ok"]]
+    assert not bad, bad
+    assert all(r["ptx_version"] == "9.0" and r["target"] == "sm_90" and r["spill_stores"] == 0 for r in rows)
+
+
+def test_im2col_workspace_chunks_over_the_batch(problem):
+    x, w, _ = problem
+    y_full = cnnfast.conv2d(cuda.to_device(x), cuda.to_device(w), padding=1, algo="im2col").copy_to_host()
+    per_sample = C * 9 * HW * HW * 4
+    limit = per_sample + 10  # one sample per chunk
+    plan = cnnfast.explain("conv2d", x, w, padding=1, algo="im2col", device="cuda", workspace_limit=limit)
+    assert plan.workspace_bytes == per_sample <= limit
+    assert im2col.chunk(plan.spec.geometry, 4, limit) == 1
+    y_chunked = cnnfast.conv2d(cuda.to_device(x), cuda.to_device(w), padding=1, algo="im2col",
+                               workspace_limit=limit).copy_to_host()
+    check.assert_close(y_chunked, reference.conv(x, w, padding=1), "float32")
+    np.testing.assert_array_equal(y_chunked, y_full)  # same arithmetic order per output
+
+
+def test_workspace_limit_below_one_sample_is_refused_or_avoided(problem):
+    x, w, _ = problem
+    with pytest.raises(ValueError, match="needs at least .* bytes of workspace"):
+        cnnfast.explain("conv2d", x, w, padding=1, algo="im2col", device="cuda", workspace_limit=100)
+    plan = cnnfast.explain("conv2d", x, w, padding=1, device="cuda", workspace_limit=0)
+    assert plan.workspace_bytes == 0
+
+
+def test_split_reduction_of_the_weight_gradient_is_deterministic(problem, monkeypatch):
+    """Force several splits (tiny MIN_SPLIT): partial sums reduced in order give the same bits every run."""
+    x, _, dy = problem
+    monkeypatch.setattr(direct, "MIN_SPLIT", 8)
+    g = cnnfast.explain("conv2d_weight", x, (K, C, 3, 3), dy, padding=1, device="cuda").spec.geometry
+    assert direct.filter_splits(g, 4, None) > 1
+    runs = [grad.conv2d_weight(cuda.to_device(x), (K, C, 3, 3), cuda.to_device(dy), padding=1,
+                               algo="direct").copy_to_host() for _ in range(2)]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    check.assert_close(runs[0], reference.conv_weight(x, (K, C, 3, 3), dy, padding=1), "float32")
+
+
+@pytest.mark.parametrize("algo", ["direct", "im2col"])
+def test_repeated_calls_are_bitwise_identical(problem, algo):
+    x, w, dy = problem
+    for op in (lambda: cnnfast.conv2d(cuda.to_device(x), cuda.to_device(w), padding=1, algo=algo),
+               lambda: grad.conv2d_input(x.shape, cuda.to_device(w), cuda.to_device(dy), padding=1, algo=algo)):
+        a, b = op().copy_to_host(), op().copy_to_host()
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular", "zeros"])
+def test_pad_and_fold_twins_match_numpy(mode):
+    rng = np.random.default_rng(3)
+    src = rng.standard_normal((2, 3, 1, 5, 4))
+    pads = [(0, 0), (2, 1), (1, 3)] if mode != "reflect" else [(0, 0), (2, 1), (1, 2)]
+    tables = [np.array(pad_indices(L, lo, hi, mode)) for L, (lo, hi) in zip(src.shape[2:], pads)]
+    dst = cuda.device_array((2, 3) + tuple(len(t) for t in tables))
+    layout.pad_cuda(cuda.to_device(src), dst, *tables)
+    np_mode = {"reflect": "reflect", "replicate": "edge", "circular": "wrap", "zeros": "constant"}[mode]
+    expected = np.pad(src, [(0, 0), (0, 0)] + pads, mode=np_mode)
+    np.testing.assert_array_equal(dst.copy_to_host(), expected)
+    # fold is the adjoint of pad: <pad(a), b> == <a, fold(b)>
+    b = rng.standard_normal(expected.shape)
+    folded = cuda.device_array(src.shape)
+    layout.fold_pad_cuda(cuda.to_device(b), folded, *tables)
+    assert np.isclose(np.vdot(expected, b), np.vdot(src, folded.copy_to_host()), rtol=1e-12)
+
+
+def test_bias_grad_twin():
+    dy = np.random.default_rng(4).standard_normal((3, 5, 2, 3, 4))
+    db = cuda.device_array(5)
+    layout.bias_grad_cuda(cuda.to_device(dy), db)
+    np.testing.assert_allclose(db.copy_to_host(), dy.sum(axis=(0, 2, 3, 4)), rtol=1e-12)
+    out = grad.conv_bias(cuda.to_device(dy.reshape(3, 5, 24)))
+    np.testing.assert_allclose(out.copy_to_host(), reference.conv_bias(dy.reshape(3, 5, 24)), rtol=1e-12)
+
+
+def test_non_contiguous_device_input():
+    x = np.random.default_rng(5).standard_normal((2, 6, 8, 8))
+    w = np.random.default_rng(6).standard_normal((3, 3, 3, 3))
+    x_dev = cuda.to_device(x)[:, ::2]
+    y = cnnfast.conv2d(x_dev, cuda.to_device(w), padding=1).copy_to_host()
+    check.assert_close(y, reference.conv(x[:, ::2], w, padding=1), "float64")
+
+
+def test_numpy_row_stack_shim_lets_kernels_compile_without_it():
+    """numba-cuda 0.30.4 needs numpy.row_stack, which numpy 2.5 removed: with the alias deleted (as on
+    numpy >= 2.5), importing cnnfast's CUDA kernels restores it and a kernel still compiles to PTX."""
+    code = ("import numpy as np\n"
+            "if hasattr(np, 'row_stack'): del np.row_stack\n"
+            "import cnnfast.kernels.cuda\n"
+            "from numba import cuda, types\n"
+            "from cnnfast.kernels.cuda.bias import add_bias_kernel\n"
+            "a = types.float32[::1]\n"
+            "ptx, _ = cuda.compile_ptx(add_bias_kernel, (a, a, types.int64, types.int64, types.int64), cc=(9, 0))\n"
+            "print(np.row_stack is np.vstack, '.version 9.0' in ptx)\n")
+    done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, NUMBA_ENABLE_CUDASIM="0"),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "True"]
