@@ -9,10 +9,10 @@ Memory-bound (T*R*S multiply-adds per output), so each task streams whole planes
 """
 import numba
 import numpy as np
-from cnnfast.kernels.cpu.direct import direct_backward_filter_cpu, geometry_args, out_range
+from cnnfast.kernels.cpu.direct import CONTRACT, direct_backward_filter_cpu, geometry_args, out_range
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, fastmath=CONTRACT)
 def depthwise_forward_cpu(x, w, bias, has_bias, y, sd, sh, sw, dd, dh, dw_, pd, ph, pw):
     N, C, D, H, W = x.shape
     K, _, T, R, S = w.shape
@@ -38,12 +38,18 @@ def depthwise_forward_cpu(x, w, bias, has_bias, y, sd, sh, sw, dd, dh, dw_, pd, 
                             u0, u1 = out_range(pw, s * dw_, sw, W, U)
                             base = s * dw_ - pw
                             wv = w[k, 0, t, r, s]
-                            for u in range(u0, u1):
-                                acc[u] += wv * x[n, c, di, hi, u * sw + base]
+                            if sw == 1:  # vectorised (see direct.py)
+                                xs = x[n, c, di, hi, u0 + base:u1 + base]
+                                a = acc[u0:u1]
+                                for i in range(xs.shape[0]):
+                                    a[i] += wv * xs[i]
+                            else:
+                                for u in range(u0, u1):
+                                    acc[u] += wv * x[n, c, di, hi, u * sw + base]
                 y[n, k, p, q, :] = acc
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, fastmath=CONTRACT)
 def depthwise_backward_data_cpu(dy, w, dx, sd, sh, sw, dd, dh, dw_, pd, ph, pw):
     N, C, D, H, W = dx.shape
     K, _, T, R, S = w.shape
@@ -69,8 +75,14 @@ def depthwise_backward_data_cpu(dy, w, dx, sd, sh, sw, dd, dh, dw_, pd, ph, pw):
                             for m in range(M):
                                 k = c * M + m
                                 wv = w[k, 0, t, r, s]
-                                for u in range(u0, u1):
-                                    acc[u * sw + base] += wv * dy[n, k, num_p // sd, num_q // sh, u]
+                                ds = dy[n, k, num_p // sd, num_q // sh, u0:u1]
+                                if sw == 1:
+                                    a = acc[u0 + base:u1 + base]
+                                    for i in range(ds.shape[0]):
+                                        a[i] += wv * ds[i]
+                                else:
+                                    for u in range(u0, u1):
+                                        acc[u * sw + base] += wv * ds[u - u0]
                 dx[n, c, i_d, ih, :] = acc
 
 

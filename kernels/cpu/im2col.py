@@ -13,7 +13,7 @@ BLAS. im2col_cpu: one task per column-matrix row (c, t, r, s); col2im_cpu: one t
 """
 import numba
 import numpy as np
-from cnnfast.kernels.cpu.direct import geometry_args
+from cnnfast.kernels.cpu.direct import geometry_args, out_range
 
 DEFAULT_WORKSPACE_LIMIT = 256 << 20
 
@@ -22,7 +22,7 @@ DEFAULT_WORKSPACE_LIMIT = 256 << 20
 def im2col_cpu(x, n, c0, cols, taps, o0, sd, sh, sw, dd, dh, dw_, pd, ph, pw, Q, U):
     """cols[row, j] for row = ((c*T + t)*R + r)*S + s and output position o = o0 + j = (p*Q + q)*U + u:
     x[n, c0 + c, p*sd - pd + t*dd, q*sh - ph + r*dh, u*sw - pw + s*dw], or 0 outside x.
-    taps = (T, R, S). One task per row."""
+    taps = (T, R, S). One task per row; each output-row segment is a zero / copy / zero run."""
     _, _, D, H, W = x.shape
     T, R, S = taps[0], taps[1], taps[2]
     rows, B = cols.shape
@@ -31,16 +31,32 @@ def im2col_cpu(x, n, c0, cols, taps, o0, sd, sh, sw, dd, dh, dw_, pd, ph, pw, Q,
         r = (row // S) % R
         t = (row // (S * R)) % T
         c = row // (S * R * T)
-        for j in range(B):
+        u_lo, u_hi = out_range(pw, s * dw_, sw, W, U)
+        base = s * dw_ - pw
+        j = 0
+        while j < B:
             o = o0 + j
-            u = o % U
+            u0 = o % U
             q = (o // U) % Q
             p = o // (U * Q)
+            seg = min(U - u0, B - j)
             di = p * sd - pd + t * dd
             hi = q * sh - ph + r * dh
-            wi = u * sw - pw + s * dw_
-            inside = 0 <= di < D and 0 <= hi < H and 0 <= wi < W
-            cols[row, j] = x[n, c0 + c, di, hi, wi] if inside else 0.0
+            if di < 0 or di >= D or hi < 0 or hi >= H:
+                cols[row, j:j + seg] = 0.0
+            else:
+                xrow = x[n, c0 + c, di, hi]
+                a = min(max(u_lo, u0), u0 + seg)
+                b = max(min(u_hi, u0 + seg), a)
+                cols[row, j:j + a - u0] = 0.0
+                if sw == 1:
+                    for u in range(a, b):
+                        cols[row, j + u - u0] = xrow[u + base]
+                else:
+                    for u in range(a, b):
+                        cols[row, j + u - u0] = xrow[u * sw + base]
+                cols[row, j + b - u0:j + seg] = 0.0
+            j += seg
 
 
 @numba.njit(parallel=True, cache=True)
