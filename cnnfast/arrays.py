@@ -108,6 +108,16 @@ def inspect(op, **arrays):
     return devices[first], families[first], dtypes[first].name
 
 
+def to_host(a):
+    """A NumPy array with a's values (a copy from the device for CuPy and Numba arrays)."""
+    module = type(a).__module__
+    if module.startswith("cupy"):
+        return a.get()
+    if module.startswith("numba.cuda"):
+        return a.copy_to_host()
+    return np.asarray(a)
+
+
 # ---------------------------------------------------------------- devices
 
 

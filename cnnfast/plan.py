@@ -14,18 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnfast import reference
+from cnnfast.arrays import to_host
 from cnnfast.kernels.contract import Algorithm, ConvGeometry
 
 # ---------------------------------------------------------------- the reference as an algorithm
-
-
-def _host(a):
-    module = type(a).__module__
-    if module.startswith("cupy"):
-        return a.get()
-    if module.startswith("numba.cuda"):
-        return a.copy_to_host()
-    return np.asarray(a)
 
 
 def _store(dst, value, stream=0):
@@ -66,19 +58,19 @@ def _padded_dy(dy, g, full):
 
 def _ref_forward(x, w, bias, y, g, stream=0, **_):
     kw, _full = _reference_args(g)
-    b = None if bias is None else _host(bias)
-    out = reference.conv(_host(x), _host(w), b, **kw)[:, :, :g.P, :g.Q, :g.U]
+    b = None if bias is None else to_host(bias)
+    out = reference.conv(to_host(x), to_host(w), b, **kw)[:, :, :g.P, :g.Q, :g.U]
     _store(y, out, stream)
 
 
 def _ref_backward_data(dy, w, dx, g, stream=0, **_):
     kw, full = _reference_args(g)
-    _store(dx, reference.conv_input(g.x_shape, _host(w), _padded_dy(_host(dy), g, full), **kw), stream)
+    _store(dx, reference.conv_input(g.x_shape, to_host(w), _padded_dy(to_host(dy), g, full), **kw), stream)
 
 
 def _ref_backward_filter(x, dy, dw, g, stream=0, **_):
     kw, full = _reference_args(g)
-    _store(dw, reference.conv_weight(_host(x), g.w_shape, _padded_dy(_host(dy), g, full), **kw), stream)
+    _store(dw, reference.conv_weight(to_host(x), g.w_shape, _padded_dy(to_host(dy), g, full), **kw), stream)
 
 
 REFERENCE = Algorithm(

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from cnnfast import api, check, grad, reference
+from cnnfast.arrays import to_host  # noqa: F401  (re-exported for tests and the benchmark)
 from cnnfast.spec import ConvSpec
 
 KINDS = ("conv", "conv_input", "conv_weight", "conv_transpose", "conv_transpose_input", "conv_transpose_weight")
@@ -116,15 +117,6 @@ def problem(case: Case, kind: str, dtype="float32", seed=0, to_device=None) -> P
         args = (move(x), w.shape, move(dy))
         expected = getattr(reference, kind)(x, w.shape, dy, **ref_opts)
     return Problem(name, lambda **kw: fn(*args, **opts, **kw), expected, args, opts)
-
-
-def to_host(a):
-    module = type(a).__module__
-    if module.startswith("cupy"):
-        return a.get()
-    if module.startswith("numba.cuda"):
-        return a.copy_to_host()
-    return np.asarray(a)
 
 
 def device_mover(device):

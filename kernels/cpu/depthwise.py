@@ -9,7 +9,7 @@ Memory-bound (T*R*S multiply-adds per output), so each task streams whole planes
 """
 import numba
 import numpy as np
-from cnnfast.kernels.cpu.direct import CONTRACT, direct_backward_filter_cpu, geometry_args, out_range
+from cnnfast.kernels.cpu.direct import CONTRACT, direct_backward_filter_cpu, geometry_args, out_range, tap_output
 
 
 @numba.njit(parallel=True, cache=True, fastmath=CONTRACT)
@@ -62,12 +62,12 @@ def depthwise_backward_data_cpu(dy, w, dx, sd, sh, sw, dd, dh, dw_, pd, ph, pw):
             for ih in range(H):
                 acc[:] = 0.0
                 for t in range(T):
-                    num_p = i_d + pd - t * dd
-                    if num_p < 0 or num_p % sd != 0 or num_p // sd >= P:
+                    p = tap_output(i_d, pd, t * dd, sd, P)
+                    if p < 0:
                         continue
                     for r in range(R):
-                        num_q = ih + ph - r * dh
-                        if num_q < 0 or num_q % sh != 0 or num_q // sh >= Q:
+                        q = tap_output(ih, ph, r * dh, sh, Q)
+                        if q < 0:
                             continue
                         for s in range(S):
                             u0, u1 = out_range(pw, s * dw_, sw, W, U)
@@ -75,7 +75,7 @@ def depthwise_backward_data_cpu(dy, w, dx, sd, sh, sw, dd, dh, dw_, pd, ph, pw):
                             for m in range(M):
                                 k = c * M + m
                                 wv = w[k, 0, t, r, s]
-                                ds = dy[n, k, num_p // sd, num_q // sh, u0:u1]
+                                ds = dy[n, k, p, q, u0:u1]
                                 if sw == 1:
                                     a = acc[u0 + base:u1 + base]
                                     for i in range(ds.shape[0]):

@@ -32,6 +32,15 @@ def out_range(pad, offset, stride, length, n_out):
     return lo, max(lo, hi)
 
 
+@numba.njit(inline="always")
+def tap_output(i, pad, offset, stride, n_out):
+    """The output o whose tap (offset = tap * dilation) reads input i, o*stride - pad + offset == i; -1 if none."""
+    num = i + pad - offset
+    if num < 0 or num % stride != 0 or num // stride >= n_out:
+        return -1
+    return num // stride
+
+
 @numba.njit(parallel=True, cache=True, fastmath=CONTRACT)
 def direct_forward_cpu(x, w, bias, has_bias, y, sd, sh, sw, dd, dh, dw_, pd, ph, pw, groups):
     N, C, D, H, W = x.shape
@@ -97,15 +106,13 @@ def direct_backward_data_cpu(dy, w, dx, sd, sh, sw, dd, dh, dw_, pd, ph, pw, gro
         nc = min(CB, Cg - c0)
         acc = np.zeros((CB, W), dtype=dx.dtype)
         for t in range(T):
-            num_p = i_d + pd - t * dd
-            if num_p < 0 or num_p % sd != 0 or num_p // sd >= P:
+            p = tap_output(i_d, pd, t * dd, sd, P)
+            if p < 0:
                 continue
-            p = num_p // sd
             for r in range(R):
-                num_q = i_h + ph - r * dh
-                if num_q < 0 or num_q % sh != 0 or num_q // sh >= Q:
+                q = tap_output(i_h, ph, r * dh, sh, Q)
+                if q < 0:
                     continue
-                q = num_q // sh
                 for s in range(S):
                     u0, u1 = out_range(pw, s * dw_, sw, W, U)
                     base = s * dw_ - pw

@@ -13,7 +13,7 @@ BLAS. im2col_cpu: one task per column-matrix row (c, t, r, s); col2im_cpu: one t
 """
 import numba
 import numpy as np
-from cnnfast.kernels.cpu.direct import geometry_args, out_range
+from cnnfast.kernels.cpu.direct import geometry_args, out_range, tap_output
 
 DEFAULT_WORKSPACE_LIMIT = 256 << 20
 
@@ -74,18 +74,18 @@ def col2im_cpu(dcols, dx, n, c0, taps, o0, sd, sh, sw, dd, dh, dw_, pd, ph, pw, 
         for l in range(W):
             total = dx[n, c0 + c, i_d, ih, l]
             for t in range(T):
-                num_p = i_d + pd - t * dd
-                if num_p < 0 or num_p % sd != 0 or num_p // sd >= P:
+                p = tap_output(i_d, pd, t * dd, sd, P)
+                if p < 0:
                     continue
                 for r in range(R):
-                    num_q = ih + ph - r * dh
-                    if num_q < 0 or num_q % sh != 0 or num_q // sh >= Q:
+                    q = tap_output(ih, ph, r * dh, sh, Q)
+                    if q < 0:
                         continue
                     for s in range(S):
-                        num_u = l + pw - s * dw_
-                        if num_u < 0 or num_u % sw != 0 or num_u // sw >= U:
+                        u = tap_output(l, pw, s * dw_, sw, U)
+                        if u < 0:
                             continue
-                        o = ((num_p // sd) * Q + num_q // sh) * U + num_u // sw
+                        o = (p * Q + q) * U + u
                         if o0 <= o < o1:
                             total += dcols[((c * T + t) * R + r) * S + s, o - o0]
             dx[n, c0 + c, i_d, ih, l] = total
