@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cnnfast import benchmark as harness
-from cnnfast import check
+from cnnfast import compare
 
 SHAPES = harness.SHAPE_SETS[os.environ.get("CNNFAST_BENCH_SHAPES", "quick")]
 
@@ -28,6 +28,6 @@ def test_cpu(benchmark, shape, primitive, provider):
             pytest.skip("torch has no asymmetric padding")
     else:
         fn = harness.cnnfast_call(shape, primitive, arrays, "auto")
-        check.assert_close(np.asarray(fn()), harness.reference_result(shape, primitive, arrays), "float32")
+        compare.assert_close(np.asarray(fn()), harness.reference_result(shape, primitive, arrays), "float32")
     benchmark.extra_info.update(flops=spec.flops, bytes=spec.min_bytes(primitive))
     benchmark(fn)

@@ -8,8 +8,17 @@ __version__ = "0.1.0"
 
 from cnnfast import grad  # noqa: E402
 from cnnfast.api import conv1d, conv2d, conv3d, conv_transpose1d, conv_transpose2d, conv_transpose3d, explain  # noqa: E402
-from cnnfast.check import MismatchError  # noqa: E402
+from cnnfast.compare import CheckResult, MismatchError, check, checking  # noqa: E402
 from cnnfast.spec import ConvSpec  # noqa: E402
 
+
+def __getattr__(name):
+    """cnnfast.torch (the PyTorch adapter) is imported on first use, so torch stays optional."""
+    if name == "torch":
+        import importlib
+        return importlib.import_module("cnnfast.torch")
+    raise AttributeError(f"module 'cnnfast' has no attribute {name!r}")
+
+
 __all__ = ["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "grad",
-           "explain", "ConvSpec", "MismatchError", "__version__"]
+           "explain", "ConvSpec", "MismatchError", "checking", "check", "CheckResult", "__version__"]

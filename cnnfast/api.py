@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from cnnfast import arrays
+from cnnfast import arrays, compare
 from cnnfast.plan import algorithms, make_plan
 from cnnfast.spec import ConvSpec, _shape_str
 
@@ -91,6 +91,12 @@ def run(op, kind, nd, *, input=None, weight=None, grad_output=None, bias=None, s
     dev = arrays.device_for(device, family, stream)
     out = _execute(dev, spec, plan, primitive, {roles[n]: a for n, a in named.items()}, result_role, bias,
                    kind, workspace_limit)
+    if compare.active():  # check mode: the float64 reference of the same call, on the host
+        host = {n: arrays.to_host(a) for n, a in named.items()}
+        host = {n: a if n == "weight" else a.reshape(add_n(a.shape)) for n, a in host.items()}
+        bias_host = None if bias is None else arrays.to_host(bias)
+        compare.verify(op, plan.algorithm, device, arrays.to_host(out),
+                       compare.expected_result(kind, spec, bias=bias_host, **host), spec.dtype)
     if not batched and result_role != "W":
         out = out.reshape(out.shape[1:])
     return dev.result(out, like=given[carrier])

@@ -115,6 +115,9 @@ def to_host(a):
         return a.get()
     if module.startswith("numba.cuda"):
         return a.copy_to_host()
+    if family_of(a) == "cai":  # torch CUDA tensors and other interface objects
+        from numba import cuda
+        return cuda.as_cuda_array(a).copy_to_host()
     return np.asarray(a)
 
 

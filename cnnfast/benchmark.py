@@ -2,7 +2,7 @@
 
 For each shape x primitive x provider (cnnfast algo=auto, each applicable cnnfast algorithm, PyTorch when
 installed, the NumPy reference where affordable): every cnnfast result is first checked against the float64
-reference (cnnfast.check tolerances) and only then timed; warm-up calls (compilation) are excluded; the
+reference (cnnfast.compare tolerances) and only then timed; warm-up calls (compilation) are excluded; the
 figure is the median of --repeats timed calls (CPU: time.perf_counter; CUDA: events on the stream, one call
 per event pair). FLOPs = 2 x real multiply-adds (ConvSpec.flops), bytes = each tensor read or written once
 (ConvSpec.min_bytes). "vs torch" = torch's median / this median (> 1: faster than torch).
@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cnnfast import check, grad, reference
+from cnnfast import compare, grad, reference
 from cnnfast.spec import ConvSpec
 
 PRIMITIVES = ("forward", "backward_data", "backward_filter")
@@ -228,14 +228,14 @@ def run(shapes, device, primitives, algos, dtype, repeats, progress=None):
             row = dict(base, provider=f"cnnfast:{algo}")
             try:
                 fn = cnnfast_call(shape, primitive, dev, algo)
-                row["error"] = check.assert_close(to_host(fn()), expected, dtype, f"{shape.name} {primitive}")
+                row["error"] = compare.assert_close(to_host(fn()), expected, dtype, f"{shape.name} {primitive}")
             except ValueError as e:
                 if "cannot run this problem" in str(e):
                     continue
                 row.update(status="ERROR", note=str(e))
                 rows.append(row)
                 continue
-            except check.MismatchError as e:
+            except compare.MismatchError as e:
                 row.update(status="FAIL", note=str(e))
                 rows.append(row)
                 continue

@@ -10,7 +10,7 @@ input); every argument is validated as in the forward op, and grad_output must h
 """
 from __future__ import annotations
 
-from cnnfast import arrays
+from cnnfast import arrays, compare, reference
 from cnnfast.api import run
 
 
@@ -87,4 +87,7 @@ def conv_bias(grad_output, *, stream=None):
         spatial *= s
     db = dev.empty(shape[1:2], dtype)
     dev.bias_grad(dy.reshape(shape[:2] + (1, 1, spatial)), db)
+    if compare.active():
+        compare.verify(op, "bias_grad", device, arrays.to_host(db), reference.conv_bias(arrays.to_host(grad_output)),
+                       dtype)
     return dev.result(db, like=grad_output)

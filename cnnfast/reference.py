@@ -46,36 +46,38 @@ def _f64(a):
     return np.asarray(a, dtype=np.float64)
 
 
-# ---------------------------------------------------------------- padding as a matrix per axis
+# ---------------------------------------------------------------- padding: a 0/1 matrix per axis, applied by index
 
-def _pad_matrix(length, lo, hi, mode):
-    """(lo + length + hi, length) 0/1 matrix P with padded = P @ x along one axis.
-
-    Row j copies x[src(j)], src taken from np.pad applied to the indices themselves; in 'zeros' mode the
-    padded rows are zero rows."""
+def _pad_source(length, lo, hi, mode):
+    """src (lo + length + hi,): padded row j copies x[src[j]] (-1: a zero row). This is the 0/1 matrix
+    P[j, src[j]] = 1 with padded = P @ x along one axis, taken from np.pad applied to the indices themselves;
+    it is applied by indexing, not multiplication, so a NaN or inf reaches only the rows that copy it."""
     if mode == "zeros":
-        src = np.concatenate([np.full(lo, -1), np.arange(length), np.full(hi, -1)])
-    else:
-        src = np.pad(np.arange(length), (lo, hi), mode=_NP_MODES[mode])
-    return (src[:, None] == np.arange(length)[None, :]).astype(np.float64)
-
-
-def _apply_per_axis(a, matrices):
-    """Multiply spatial axis i of a (N, C, *S) by matrices[i] (J_i, S_i): a[.., j, ..] <- sum_s m[j, s] a[.., s, ..]."""
-    for i, m in enumerate(matrices):
-        a = np.moveaxis(np.tensordot(m, a, axes=([1], [2 + i])), 0, 2 + i)
-    return a
+        return np.concatenate([np.full(lo, -1), np.arange(length), np.full(hi, -1)])
+    return np.pad(np.arange(length), (lo, hi), mode=_NP_MODES[mode])
 
 
 def _pad(x, pads, mode):
-    """x (N, C, *L) -> xp (N, C, *(L + lo + hi)), exactly torch's F.pad(x, ..., mode)."""
-    return _apply_per_axis(x, [_pad_matrix(L, lo, hi, mode) for L, (lo, hi) in zip(x.shape[2:], pads)])
+    """x (N, C, *L) -> xp (N, C, *(L + lo + hi)), exactly torch's F.pad(x, ..., mode): xp = P x per axis."""
+    for i, (L, (lo, hi)) in enumerate(zip(x.shape[2:], pads)):
+        src = _pad_source(L, lo, hi, mode)
+        rows = np.moveaxis(x, 2 + i, 0)
+        padded = rows[np.maximum(src, 0)] if L else np.zeros((len(src),) + rows.shape[1:])
+        padded[src < 0] = 0.0
+        x = np.moveaxis(padded, 0, 2 + i)
+    return x
 
 
 def _unpad_adjoint(gp, spatial, pads, mode):
-    """Adjoint of _pad: gradient w.r.t. the padded input (N, C, *Lp) -> gradient w.r.t. x (N, C, *L);
-    every padded copy of an element adds its gradient to that element."""
-    return _apply_per_axis(gp, [_pad_matrix(L, lo, hi, mode).T for L, (lo, hi) in zip(spatial, pads)])
+    """Adjoint of _pad (P.T per axis): gradient w.r.t. the padded input (N, C, *Lp) -> gradient w.r.t. x
+    (N, C, *L); every padded copy of an element adds its gradient to that element."""
+    for i, (L, (lo, hi)) in enumerate(zip(spatial, pads)):
+        src = _pad_source(L, lo, hi, mode)
+        g = np.moveaxis(gp, 2 + i, 0)
+        out = np.zeros((L,) + g.shape[1:])
+        np.add.at(out, src[src >= 0], g[src >= 0])
+        gp = np.moveaxis(out, 0, 2 + i)
+    return gp
 
 
 # ---------------------------------------------------------------- the unpadded convolution and its adjoints

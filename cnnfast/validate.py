@@ -2,7 +2,7 @@
 
 A Case is one problem of one op kind; `problem(case, dtype)` draws its random inputs and returns the
 public call and the matching reference call, so a test or the CLI runs both and compares them with
-cnnfast.check. The grid covers 1-D/2-D/3-D, stride, dilation, groups (and depthwise with a channel
+cnnfast.compare. The grid covers 1-D/2-D/3-D, stride, dilation, groups (and depthwise with a channel
 multiplier), asymmetric and 'same' padding, every padding mode, output_padding, 1x1 and input-sized kernels.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cnnfast import api, check, grad, reference
+from cnnfast import api, compare, grad
 from cnnfast.arrays import to_host  # noqa: F401  (re-exported for tests and the benchmark)
 from cnnfast.spec import ConvSpec
 
@@ -97,25 +97,18 @@ def problem(case: Case, kind: str, dtype="float32", seed=0, to_device=None) -> P
     dy = rng.standard_normal(spec.output_shape).astype(dtype)
     move = to_device or (lambda a: a)
     opts = dict(case.options)
-    ref_opts = dict(stride=spec.stride, padding=spec.padding, dilation=spec.dilation, groups=spec.groups)
-    if transposed:
-        ref_opts["output_padding"] = spec.output_padding
-    else:
-        ref_opts["padding_mode"] = spec.padding_mode
     prefix = "conv_transpose" if transposed else "conv"
     name = f"{prefix}{nd}d{kind[len(prefix):]}"  # conv_input -> conv2d_input, ...
     if kind in ("conv", "conv_transpose"):
         fn = getattr(api, name)
         args = (move(x), move(w), None if b is None else move(b))
-        expected = getattr(reference, kind)(x, w, b, **ref_opts)
     elif kind.endswith("_input"):
         fn = getattr(grad, name)
         args = (x.shape, move(w), move(dy))
-        expected = getattr(reference, kind)(x.shape, w, dy, **ref_opts)
     else:
         fn = getattr(grad, name)
         args = (move(x), w.shape, move(dy))
-        expected = getattr(reference, kind)(x, w.shape, dy, **ref_opts)
+    expected = compare.expected_result(kind, spec, input=x, weight=w, grad_output=dy, bias=b)
     return Problem(name, lambda **kw: fn(*args, **opts, **kw), expected, args, opts)
 
 
@@ -165,10 +158,10 @@ def validate(device="cpu", algos=None, dtypes=("float32", "float64"), kinds=KIND
                                               "n/a: " + str(e).split(": ", 2)[-1], 0.0))
                         continue
                     try:
-                        err, note = check.assert_close(to_host(out), p.expected, dtype, p.op), ""
+                        err, note = compare.assert_close(to_host(out), p.expected, dtype, p.op), ""
                         ok = True
-                    except check.MismatchError as e:
-                        err, note, ok = check.relative_error(to_host(out), p.expected)[0], str(e), False
+                    except compare.MismatchError as e:
+                        err, note, ok = compare.relative_error(to_host(out), p.expected)[0], str(e), False
                     results.append(Result(device, algo, kind, case.name, dtype, err, ok, note,
                                           time.perf_counter() - t0))
                     if progress:

@@ -12,7 +12,7 @@ from cnnfast.kernels.contract import pad_indices
 from cnnfast.kernels.cuda import direct, im2col, layout
 
 import cnnfast
-from cnnfast import check, grad, reference
+from cnnfast import compare, grad, reference
 
 pytestmark = pytest.mark.cuda
 cuda = pytest.importorskip("numba.cuda")
@@ -58,7 +58,7 @@ def test_im2col_workspace_chunks_over_the_batch(problem):
     assert im2col.chunk(plan.spec.geometry, 4, limit) == 1
     y_chunked = cnnfast.conv2d(cuda.to_device(x), cuda.to_device(w), padding=1, algo="im2col",
                                workspace_limit=limit).copy_to_host()
-    check.assert_close(y_chunked, reference.conv(x, w, padding=1), "float32")
+    compare.assert_close(y_chunked, reference.conv(x, w, padding=1), "float32")
     np.testing.assert_array_equal(y_chunked, y_full)  # same arithmetic order per output
 
 
@@ -79,7 +79,7 @@ def test_split_reduction_of_the_weight_gradient_is_deterministic(problem, monkey
     runs = [grad.conv2d_weight(cuda.to_device(x), (K, C, 3, 3), cuda.to_device(dy), padding=1,
                                algo="direct").copy_to_host() for _ in range(2)]
     np.testing.assert_array_equal(runs[0], runs[1])
-    check.assert_close(runs[0], reference.conv_weight(x, (K, C, 3, 3), dy, padding=1), "float32")
+    compare.assert_close(runs[0], reference.conv_weight(x, (K, C, 3, 3), dy, padding=1), "float32")
 
 
 @pytest.mark.parametrize("algo", ["direct", "im2col"])
@@ -123,7 +123,7 @@ def test_non_contiguous_device_input():
     w = np.random.default_rng(6).standard_normal((3, 3, 3, 3))
     x_dev = cuda.to_device(x)[:, ::2]
     y = cnnfast.conv2d(x_dev, cuda.to_device(w), padding=1).copy_to_host()
-    check.assert_close(y, reference.conv(x[:, ::2], w, padding=1), "float64")
+    compare.assert_close(y, reference.conv(x[:, ::2], w, padding=1), "float64")
 
 
 def test_numpy_row_stack_shim_lets_kernels_compile_without_it():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import cnnfast
-from cnnfast import check
+from cnnfast import compare
 from cnnfast.plan import algorithms
 from cnnfast.validate import CASES, KINDS, PRIMITIVE, case_spec, device_mover, problem, to_host
 
@@ -37,7 +37,7 @@ def test_matches_reference(device, algo, kind, case, dtype):
     assert type(out) is type(array_in)  # the caller's array family comes back
     host = to_host(out)
     assert host.dtype == np.dtype(dtype)
-    check.assert_close(host, p.expected, dtype, f"{p.op} algo={algo} on {device}")
+    compare.assert_close(host, p.expected, dtype, f"{p.op} algo={algo} on {device}")
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
@@ -47,4 +47,4 @@ def test_auto_runs_the_algorithm_explain_names(device):
         plan = cnnfast.explain(p.op, *p.inputs, **p.options)
         assert plan.device == device and plan.primitive == PRIMITIVE[kind]
         assert plan.algorithm in algorithms(device) and plan.reason
-        check.assert_close(to_host(p.public(algo="auto")), p.expected, "float32", f"{p.op} auto on {device}")
+        compare.assert_close(to_host(p.public(algo="auto")), p.expected, "float32", f"{p.op} auto on {device}")

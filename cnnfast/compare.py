@@ -1,0 +1,175 @@
+"""Compare results with the float64 reference: one dtype-keyed tolerance table, check mode, cnnfast.check.
+
+The error measure is max|result - expected| / max|expected| (relative to the largest reference value, so
+cancellation near zero does not produce false alarms); a comparison fails above TOLERANCE[dtype].
+
+Check mode (a debugging and CI aid, costly by design: every op also runs the float64 reference):
+
+    with cnnfast.checking():            # or CNNFAST_CHECK=1 in the environment
+        y = cnnfast.conv2d(x, w)        # MismatchError names op, algorithm, device, worst index, values, tolerance
+    figures = cnnfast.check("conv2d", x, w, padding=1)   # one call; returns the figures instead of raising
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+from cnnfast import reference
+
+# float32: sums of up to ~10^4 products accumulate ~sqrt(n) * 6e-8 relative error; 1e-4 leaves headroom for
+# reordered sums (GEMM blocking, split reductions) while catching any wrong tap (errors of order 1).
+TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
+
+
+class MismatchError(AssertionError):
+    """A result differs from the reference by more than the dtype's tolerance.
+
+    Attributes (None when not known): error, tolerance, dtype, index (of the worst element), actual, expected.
+    """
+
+    def __init__(self, message, *, error=None, tolerance=None, dtype=None, index=None, actual=None,
+                 expected=None):
+        super().__init__(message)
+        self.error, self.tolerance, self.dtype = error, tolerance, dtype
+        self.index, self.actual, self.expected = index, actual, expected
+
+
+def relative_error(result, expected) -> tuple:
+    """(max|r - e| / max|e|, index of the worst element). Non-finite values must match exactly (NaN where the
+    reference has NaN, inf of the same sign), else the error is inf at the first differing element."""
+    r = np.asarray(result, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    if r.shape != e.shape:
+        raise MismatchError(f"shape {r.shape} differs from the reference's {e.shape}")
+    if r.size == 0:
+        return 0.0, None
+    special = ~np.isfinite(r) | ~np.isfinite(e)
+    if special.any():
+        differs = special & ~((r == e) | (np.isnan(r) & np.isnan(e)))
+        if differs.any():
+            return float("inf"), tuple(int(i) for i in np.unravel_index(int(np.argmax(differs)), r.shape))
+    with np.errstate(invalid="ignore"):  # inf - inf at the special elements, masked out
+        diff = np.where(special, 0.0, np.abs(r - e))
+    worst = np.unravel_index(int(np.argmax(diff)), r.shape)
+    scale = float(np.max(np.where(special, 0.0, np.abs(e)))) or 1.0
+    return float(diff[worst]) / scale, tuple(int(i) for i in worst)
+
+
+def compare(result, expected, dtype) -> dict:
+    """The figures of result against expected: error, tolerance, dtype, index, actual, expected."""
+    dtype = np.dtype(dtype).name
+    err, worst = relative_error(result, expected)
+    values = (None, None) if worst is None else (np.asarray(result)[worst].item(), np.asarray(expected)[worst].item())
+    return dict(error=err, tolerance=TOLERANCE[dtype], dtype=dtype, index=worst, actual=values[0],
+                expected=values[1])
+
+
+def assert_close(result, expected, dtype, what="result"):
+    """Raise MismatchError naming the worst element when the relative error exceeds TOLERANCE[dtype]."""
+    f = compare(result, expected, dtype)
+    if not f["error"] <= f["tolerance"]:
+        _mismatch(what, f)
+    return f["error"]
+
+
+def _mismatch(what, f):
+    raise MismatchError(f"{what}: relative error {f['error']:.3e} > {f['tolerance']:.0e} ({f['dtype']}); "
+                        f"worst at index {f['index']}: got {f['actual']!r}, reference {f['expected']!r}", **f)
+
+
+def expected_result(kind, spec, input=None, weight=None, grad_output=None, bias=None):
+    """The float64 reference result of op `kind` (see api._KINDS) for spec, from batched host arrays."""
+    opts = dict(stride=spec.stride, padding=spec.padding, dilation=spec.dilation, groups=spec.groups)
+    if spec.transposed:
+        opts["output_padding"] = spec.output_padding
+    else:
+        opts["padding_mode"] = spec.padding_mode
+    fn = getattr(reference, kind)
+    if kind in ("conv", "conv_transpose"):
+        return fn(input, weight, bias, **opts)
+    if kind.endswith("_input"):
+        return fn(spec.input_shape, weight, grad_output, **opts)
+    return fn(input, spec.weight_shape, grad_output, **opts)
+
+
+# ---------------------------------------------------------------- check mode
+
+class CheckResult(NamedTuple):
+    """What cnnfast.check returns: the figures of one op's result against the float64 reference."""
+
+    op: str
+    algorithm: str
+    device: str
+    dtype: str
+    error: float        # max relative error (see relative_error)
+    tolerance: float    # TOLERANCE[dtype]
+    index: tuple        # of the worst element (None for an empty result)
+    actual: float       # the result's value there
+    expected: float     # the reference's value there
+    ok: bool            # error <= tolerance
+    result: object      # the op's result, in the caller's array family
+
+
+# None: follow CNNFAST_CHECK; True/False: checking() said so; a list: cnnfast.check collects figures into it
+_MODE = contextvars.ContextVar("cnnfast_check_mode", default=None)
+
+
+def _mode():
+    mode = _MODE.get()
+    if mode is None:
+        return os.environ.get("CNNFAST_CHECK", "0") not in ("", "0")
+    return mode
+
+
+def active() -> bool:
+    """Whether ops compare their results with the reference now (checking(), cnnfast.check or CNNFAST_CHECK)."""
+    mode = _mode()
+    return mode is not False
+
+
+@contextlib.contextmanager
+def checking(enabled=True):
+    """Within the block (this thread / task), every op checks its result against the float64 reference and
+    raises MismatchError on a mismatch; checking(False) switches it off, whatever CNNFAST_CHECK says."""
+    token = _MODE.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _MODE.reset(token)
+
+
+def verify(op, algorithm, device, result, expected, dtype):
+    """Check mode's comparison of one op's host result with its float64 reference (the ops call this when
+    active()): raise MismatchError naming op, algorithm and device, or, under cnnfast.check, record the figures."""
+    f = compare(result, expected, dtype)
+    mode = _mode()
+    if isinstance(mode, list):
+        mode.append(dict(op=op, algorithm=algorithm, device=device, **f))
+    elif not f["error"] <= f["tolerance"]:
+        _mismatch(f"{op} (algorithm {algorithm!r} on {device})", f)
+
+
+def check(op, *args, **kwargs) -> CheckResult:
+    """Run one op (a name such as "conv2d" / "conv2d_weight", or the function) and return its figures against
+    the float64 reference; never raises MismatchError (see CheckResult.ok)."""
+    if isinstance(op, str):
+        from cnnfast.api import _OPS
+        if op not in _OPS:
+            raise ValueError(f"check: unknown op {op!r}; expected one of {sorted(_OPS)}")
+        op = getattr(importlib.import_module(_OPS[op][0]), op)
+    collected = []
+    token = _MODE.set(collected)
+    try:
+        result = op(*args, **kwargs)
+    finally:
+        _MODE.reset(token)
+    if len(collected) != 1:
+        raise ValueError(f"check: expected a cnnfast op, but {getattr(op, '__name__', op)!r} ran "
+                         f"{len(collected)} ops")
+    f = collected[0]
+    return CheckResult(result=result, ok=bool(f["error"] <= f["tolerance"]), **f)

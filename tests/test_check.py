@@ -1,0 +1,97 @@
+"""Check mode: cnnfast.checking(), CNNFAST_CHECK=1 and cnnfast.check() compare every op with the float64
+reference; a deliberately broken kernel must be caught and named, a correct one must pass silently."""
+import dataclasses
+
+import cnnfast.kernels.cpu as cpu_kernels  # noqa: I001
+import numpy as np
+import pytest
+
+import cnnfast
+from cnnfast.compare import TOLERANCE, relative_error
+
+
+@pytest.fixture
+def broken_direct(monkeypatch):
+    """The CPU direct forward kernel with one output element off by one."""
+    good = cpu_kernels.ALGORITHMS["direct"]
+
+    def forward(x, w, bias, y, g, **kw):
+        good.forward(x, w, bias, y, g, **kw)
+        y[0, 1, 0, 2, 3] += 1.0
+
+    monkeypatch.setitem(cpu_kernels.ALGORITHMS, "direct", dataclasses.replace(good, forward=forward))
+
+
+def _layer(dtype="float32"):
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((2, 3, 6, 6)).astype(dtype), rng.standard_normal((4, 3, 3, 3)).astype(dtype),
+            rng.standard_normal(4).astype(dtype))
+
+
+def test_checking_raises_a_named_mismatch(broken_direct):
+    x, w, b = _layer()
+    cnnfast.conv2d(x, w, b, padding=1, algo="direct")  # check mode off: the wrong result goes unnoticed
+    with cnnfast.checking(), pytest.raises(cnnfast.MismatchError) as info:
+        cnnfast.conv2d(x, w, b, padding=1, algo="direct")
+    e = info.value
+    assert e.index == (0, 1, 2, 3) and e.tolerance == TOLERANCE["float32"] and e.error > 0.01
+    assert e.actual == pytest.approx(e.expected + 1.0, rel=1e-5)
+    for part in ("conv2d", "'direct'", "cpu", "(0, 1, 2, 3)", "float32", "1e-04"):
+        assert part in str(e)
+
+
+def test_environment_variable_and_override(broken_direct, monkeypatch):
+    x, w, b = _layer()
+    monkeypatch.setenv("CNNFAST_CHECK", "1")
+    with pytest.raises(cnnfast.MismatchError):
+        cnnfast.conv2d(x, w, b, padding=1, algo="direct")
+    with cnnfast.checking(False):
+        cnnfast.conv2d(x, w, b, padding=1, algo="direct")
+    monkeypatch.setenv("CNNFAST_CHECK", "0")
+    cnnfast.conv2d(x, w, b, padding=1, algo="direct")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_every_op_passes_in_check_mode(dtype):
+    """All 18 ops plus conv_bias, batched and unbatched, run clean with checking on (they compare themselves)."""
+    x, w, b = _layer(dtype)
+    with cnnfast.checking():
+        y = cnnfast.conv2d(x, w, b, stride=2, padding="same", padding_mode="reflect")
+        cnnfast.grad.conv2d_input(x.shape, w, y, stride=2, padding="same", padding_mode="reflect")
+        cnnfast.grad.conv2d_weight(x, w.shape, y, stride=2, padding="same", padding_mode="reflect")
+        cnnfast.grad.conv_bias(y)
+        t = cnnfast.conv_transpose2d(y, w, b[:3], stride=2, output_padding=1)
+        cnnfast.grad.conv_transpose2d_input(y.shape, w, t, stride=2, output_padding=1)
+        cnnfast.grad.conv_transpose2d_weight(y, w.shape, t, stride=2, output_padding=1)
+        cnnfast.conv1d(x[0, :, 0], w[:, :, 0], b)  # unbatched (C, L)
+        cnnfast.conv3d(x[:, :, None], w[:, :, None], b, padding=(0, 1, 1))
+
+
+def test_check_returns_the_figures(broken_direct):
+    x, w, b = _layer("float64")
+    good = cnnfast.check("conv2d", x, w, b, padding=1, algo="im2col")
+    assert good.ok and good.op == "conv2d" and good.algorithm == "im2col" and good.device == "cpu"
+    assert good.error <= TOLERANCE["float64"] and good.result.shape == (2, 4, 6, 6)
+    bad = cnnfast.check(cnnfast.conv2d, x, w, b, padding=1, algo="direct")  # never raises: figures instead
+    assert not bad.ok and bad.index == (0, 1, 2, 3) and bad.error > 0.01 and bad.dtype == "float64"
+    assert bad.actual - bad.expected == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="check: unknown op 'conv4d'"):
+        cnnfast.check("conv4d", x, w)
+
+
+def test_nan_and_inf_propagate_without_false_alarms():
+    """NaN/Inf in the data propagate as in PyTorch (no error) and check mode agrees with the reference on them."""
+    x, w, b = _layer()
+    x[0, 0, 2, 2] = np.nan
+    x[1, 1, 0, 0] = np.inf
+    with cnnfast.checking():
+        y = cnnfast.conv2d(x, w, b, padding=1)
+    assert np.isnan(y[0, :, 1:4, 1:4]).all() and np.isfinite(y[0, :, 5, 5]).all()
+    assert not np.isfinite(y[1, :, 0, 0]).any()
+
+
+def test_relative_error_treats_special_values_exactly():
+    e = np.array([1.0, np.nan, np.inf, 2.0])
+    assert relative_error(e.copy(), e) == (0.0, (0,))
+    assert relative_error(np.array([1.0, 0.0, np.inf, 2.0]), e)[0] == np.inf
+    assert relative_error(np.array([1.0, np.nan, -np.inf, 2.0]), e) == (np.inf, (2,))

@@ -1,0 +1,304 @@
+"""CPU-specific checks: im2col workspace chunking, bitwise determinism, the auto cost model (choose) against
+its docstring, the layout twins against NumPy, and every CPU algorithm agreeing with the others on the grid.
+Correctness of every algorithm against the reference over the grid is tests/test_ops.py. Small shapes: the
+kernels compile once per process."""
+import numpy as np
+import pytest
+from cnnfast.kernels.cpu import ALGORITHMS, bias_grad_cpu, choose, fold_pad_cpu, im2col, pad_cpu
+
+import cnnfast
+from cnnfast import grad, reference
+from cnnfast.compare import assert_close, relative_error
+from cnnfast.validate import CASES, case_spec, problem
+
+CPU_ALGOS = tuple(ALGORITHMS)  # direct, im2col, depthwise: the kernels, not the float64 reference
+OPS = {"forward": "conv2d", "backward_data": "conv2d_input", "backward_filter": "conv2d_weight"}
+
+
+class Layer:
+    """A 2-D layer with random float64 inputs, runnable as each primitive through the public ops."""
+
+    def __init__(self, x_shape, w_shape, seed=0, dtype="float64", **opts):
+        rng = np.random.default_rng(seed)
+        self.opts = opts
+        self.x = rng.standard_normal(x_shape).astype(dtype)
+        self.w = rng.standard_normal(w_shape).astype(dtype)
+        self.b = rng.standard_normal(w_shape[0]).astype(dtype)
+        y_shape = reference.conv(self.x, self.w, **opts).shape
+        self.dy = rng.standard_normal(y_shape).astype(dtype)
+
+    def args(self, primitive):
+        return {"forward": (self.x, self.w, self.b), "backward_data": (self.x.shape, self.w, self.dy),
+                "backward_filter": (self.x, self.w.shape, self.dy)}[primitive]
+
+    def run(self, primitive, **kw):
+        fn = {"forward": cnnfast.conv2d, "backward_data": grad.conv2d_input,
+              "backward_filter": grad.conv2d_weight}[primitive]
+        return fn(*self.args(primitive), **self.opts, **kw)
+
+    def explain(self, primitive, **kw):
+        return cnnfast.explain(OPS[primitive], *self.args(primitive), **self.opts, **kw)
+
+    def expected(self, primitive):
+        if primitive == "forward":
+            return reference.conv(self.x, self.w, self.b, **self.opts)
+        if primitive == "backward_data":
+            return reference.conv_input(self.x.shape, self.w, self.dy, **self.opts)
+        return reference.conv_weight(self.x, self.w.shape, self.dy, **self.opts)
+
+
+# ---------------------------------------------------------------- 1. im2col workspace chunking
+
+CHUNK_LAYERS = {
+    "2d-pad1": dict(x_shape=(2, 8, 6, 7), w_shape=(8, 8, 3, 3), padding=1),
+    "2d-s2-dil-groups2-asym": dict(x_shape=(2, 8, 9, 7), w_shape=(8, 4, 3, 2), stride=(2, 1),
+                                   padding=((1, 2), (0, 1)), dilation=(1, 2), groups=2),
+}
+
+
+def _layer(name):
+    spec = dict(CHUNK_LAYERS[name])
+    return Layer(spec.pop("x_shape"), spec.pop("w_shape"), **spec)
+
+
+def _smallest_accepted_limit(layer, primitive):
+    """The smallest workspace_limit explain accepts for algo="im2col" (bisection over the public API)."""
+    full = layer.explain(primitive, algo="im2col").workspace_bytes
+    lo, hi = 0, full  # hi is accepted (the unlimited plan's scratch); find the smallest accepted value
+    while lo < hi:
+        mid = (lo + hi) // 2
+        try:
+            layer.explain(primitive, algo="im2col", workspace_limit=mid)
+            hi = mid
+        except ValueError:
+            lo = mid + 1
+    return lo, full
+
+
+def _spy_blocks(monkeypatch, primitive):
+    """Record (n, channel offset, first output position, block width) of every column block built."""
+    calls = []
+    if primitive == "backward_data":
+        real = im2col.col2im_cpu
+
+        def spy(dcols, dx, n, c0, taps, o0, *rest):
+            calls.append((n, c0, o0, dcols.shape[1], dcols.shape[0]))
+            return real(dcols, dx, n, c0, taps, o0, *rest)
+        monkeypatch.setattr(im2col, "col2im_cpu", spy)
+    else:
+        real = im2col.im2col_cpu
+
+        def spy(x, n, c0, cols, taps, o0, *rest):
+            calls.append((n, c0, o0, cols.shape[1], cols.shape[0]))
+            return real(x, n, c0, cols, taps, o0, *rest)
+        monkeypatch.setattr(im2col, "im2col_cpu", spy)
+    return calls
+
+
+@pytest.mark.parametrize("which", ["smallest", "third"])
+@pytest.mark.parametrize("primitive", list(OPS))
+@pytest.mark.parametrize("layer_name", list(CHUNK_LAYERS))
+def test_im2col_under_a_small_workspace_limit_builds_column_blocks_and_matches(layer_name, primitive, which,
+                                                                               monkeypatch):
+    layer = _layer(layer_name)
+    smallest, full = _smallest_accepted_limit(layer, primitive)
+    limit = smallest if which == "smallest" else smallest + (full - smallest) // 3
+    assert limit < full  # the unlimited plan does not fit: the columns must be chunked
+
+    plan = layer.explain(primitive, algo="im2col", workspace_limit=limit)
+    assert plan.algorithm == "im2col" and plan.workspace_limit == limit
+    assert 0 < plan.workspace_bytes <= limit
+
+    unlimited = layer.run(primitive, algo="im2col")
+    calls = _spy_blocks(monkeypatch, primitive)
+    chunked = layer.run(primitive, algo="im2col", workspace_limit=limit)
+
+    # the column blocks tile every (sample, group)'s output positions [0, O) in order, in several blocks
+    O = int(np.prod(layer.dy.shape[2:]))
+    per_task = {}
+    for n, c0, o0, B, rows in calls:
+        per_task.setdefault((n, c0), []).append((o0, B))
+        assert rows * B * layer.x.itemsize <= limit  # the column block alone fits the limit
+    groups = layer.opts.get("groups", 1)
+    assert len(per_task) == layer.x.shape[0] * groups
+    for blocks in per_task.values():
+        assert len(blocks) > 1
+        assert [o0 for o0, _ in blocks] == list(np.cumsum([0] + [B for _, B in blocks[:-1]]))
+        assert sum(B for _, B in blocks) == O
+
+    assert_close(chunked, layer.expected(primitive), "float64", f"{OPS[primitive]} im2col limit={limit}")
+    assert_close(chunked, unlimited, "float64", f"{OPS[primitive]} chunked vs unlimited")
+
+
+@pytest.mark.parametrize("primitive", list(OPS))
+def test_workspace_limit_below_the_minimum_is_refused_by_im2col_and_avoided_by_auto(primitive):
+    layer = _layer("2d-pad1")
+    smallest, _ = _smallest_accepted_limit(layer, primitive)
+    assert smallest > 0
+    too_small = smallest - 1
+    with pytest.raises(ValueError, match="workspace_limit"):
+        layer.explain(primitive, algo="im2col", workspace_limit=too_small)
+    with pytest.raises(ValueError, match="workspace_limit"):
+        layer.run(primitive, algo="im2col", workspace_limit=too_small)
+
+    assert layer.explain(primitive).algorithm == "im2col"  # auto picks im2col here without a limit...
+    plan = layer.explain(primitive, workspace_limit=too_small)
+    assert plan.algorithm == "direct"  # ...and falls back to direct (no workspace) under a too-small one
+    assert plan.workspace_bytes == 0 and "workspace_limit" in plan.reason and "direct" in plan.reason
+    out = layer.run(primitive, workspace_limit=too_small)
+    assert_close(out, layer.expected(primitive), "float64", f"{OPS[primitive]} auto, limit={too_small}")
+
+
+# ---------------------------------------------------------------- 2. bitwise determinism
+
+DENSE = dict(x_shape=(3, 16, 12, 12), w_shape=(16, 16, 3, 3), padding=1)
+DEPTHWISE = dict(x_shape=(3, 16, 12, 12), w_shape=(32, 1, 3, 3), padding=1, groups=16)
+
+
+def _determinism_grid():
+    for layer_name, spec in (("dense", DENSE), ("depthwise", DEPTHWISE)):
+        for algo in CPU_ALGOS:
+            if algo == "depthwise" and layer_name == "dense":
+                continue
+            for primitive in OPS:
+                for dtype in ("float32", "float64"):
+                    yield pytest.param(spec, algo, primitive, dtype, id=f"{layer_name}-{algo}-{primitive}-{dtype}")
+
+
+@pytest.mark.parametrize("spec, algo, primitive, dtype", list(_determinism_grid()))
+def test_repeated_calls_are_bitwise_identical(spec, algo, primitive, dtype):
+    spec = dict(spec)
+    layer = Layer(spec.pop("x_shape"), spec.pop("w_shape"), seed=5, dtype=dtype, **spec)
+    assert layer.explain(primitive, algo=algo).deterministic
+    first = layer.run(primitive, algo=algo)
+    for _ in range(2):
+        again = layer.run(primitive, algo=algo)
+        assert again.dtype == np.dtype(dtype)
+        assert np.array_equal(first, again), f"{algo} {primitive} {dtype}: results differ between calls"
+    assert_close(first, layer.expected(primitive), dtype, f"{algo} {primitive}")
+
+
+# ---------------------------------------------------------------- 3. choose() follows its docstring
+
+# (id, primitive, input shape, weight shape, options, expected algorithm)
+CHOOSE_RULES = [
+    # 1. depthwise layers (groups == C), channel multiplier 1 and 2, whatever the primitive
+    *[(f"depthwise-{p}", p, (2, 16, 40, 40), (32, 1, 3, 3), dict(padding=1, groups=16), "depthwise") for p in OPS],
+    ("depthwise-m1-forward", "forward", (1, 8, 6, 6), (8, 1, 3, 3), dict(groups=8), "depthwise"),
+    # 2. fewer than 8 output channels per group -> direct (even where rule 4 would pick im2col)
+    *[(f"7-out-channels-{p}", p, (1, 16, 8, 8), (7, 16, 3, 3), {}, "direct") for p in OPS],
+    ("6-out-channels-per-group-forward", "forward", (1, 16, 8, 8), (12, 8, 3, 3), dict(groups=2), "direct"),
+    ("8-out-channels-forward", "forward", (1, 16, 8, 8), (8, 16, 3, 3), {}, "im2col"),
+    # 3a. backward_data with >= 1024 input positions per channel -> direct; 1023 -> im2col
+    ("bwd-data-32x32-inputs", "backward_data", (1, 16, 32, 32), (16, 16, 3, 3), dict(padding=1), "direct"),
+    ("bwd-data-3d-4x16x16-inputs", "backward_data", (1, 8, 4, 16, 16), (8, 8, 1, 3, 3), dict(padding=(0, 1, 1)),
+     "direct"),
+    ("bwd-data-31x33-inputs", "backward_data", (1, 16, 31, 33), (16, 16, 3, 3), dict(padding=1), "im2col"),
+    ("forward-32x32-inputs", "forward", (1, 16, 32, 32), (16, 16, 3, 3), dict(padding=1), "im2col"),
+    ("bwd-filter-32x32-inputs", "backward_filter", (1, 16, 32, 32), (16, 16, 3, 3), dict(padding=1), "im2col"),
+    # 3b. backward_filter with < 8 input channels per group (an RGB stem) -> direct; 8 -> im2col
+    ("bwd-filter-rgb-stem", "backward_filter", (2, 3, 16, 16), (64, 3, 7, 7), dict(stride=2, padding=3), "direct"),
+    ("bwd-filter-7-in-per-group", "backward_filter", (1, 14, 8, 8), (16, 7, 3, 3), dict(groups=2), "direct"),
+    ("bwd-filter-8-in-channels", "backward_filter", (1, 8, 8, 8), (16, 8, 3, 3), {}, "im2col"),
+    ("forward-rgb-stem", "forward", (2, 3, 16, 16), (64, 3, 7, 7), dict(stride=2, padding=3), "im2col"),
+    ("bwd-data-rgb-stem", "backward_data", (2, 3, 16, 16), (64, 3, 7, 7), dict(stride=2, padding=3), "im2col"),
+    # 4. otherwise -> im2col (1-D and 3-D too)
+    *[(f"plain-{p}", p, (2, 16, 10, 10), (32, 16, 3, 3), dict(padding=1), "im2col") for p in OPS],
+    ("plain-1d-forward", "forward", (2, 16, 20), (16, 16, 3), {}, "im2col"),
+    ("plain-3d-backward_filter", "backward_filter", (1, 8, 4, 6, 6), (8, 8, 3, 3, 3), {}, "im2col"),
+]
+
+
+@pytest.mark.parametrize("primitive, x_shape, w_shape, opts, expected",
+                         [pytest.param(*r[1:], id=r[0]) for r in CHOOSE_RULES])
+def test_choose_follows_its_documented_cost_model(primitive, x_shape, w_shape, opts, expected):
+    op_base = f"conv{len(x_shape) - 2}d"
+    spec = cnnfast.ConvSpec.create(op_base, x_shape, w_shape, **opts)
+    name, reason = choose(spec.geometry, primitive)
+    assert name == expected, reason
+    assert reason
+
+    args = {"forward": (x_shape, w_shape), "backward_data": (x_shape, w_shape, spec.output_shape),
+            "backward_filter": (x_shape, w_shape, spec.output_shape)}[primitive]
+    op = op_base + {"forward": "", "backward_data": "_input", "backward_filter": "_weight"}[primitive]
+    plan = cnnfast.explain(op, *args, **opts)
+    assert plan.algorithm == expected and plan.primitive == primitive
+    assert isinstance(plan.reason, str) and plan.reason.strip()
+
+
+# ---------------------------------------------------------------- 4. layout twins vs NumPy
+
+PAD_SHAPE = (2, 3, 4, 5, 6)
+PADS = ((1, 2), (3, 1), (2, 4))  # asymmetric per axis, each < the axis length (reflect needs that)
+NP_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap", "zeros": "constant"}
+
+
+def _pad_tables(mode):
+    """The tables as api._execute gets them: spec.pad_tables() of a ConvSpec with this padding_mode."""
+    spec = cnnfast.ConvSpec.create("conv3d", PAD_SHAPE, (2, 3, 1, 1, 1), padding=PADS, padding_mode=mode)
+    tables = [np.asarray(t, dtype=np.int64) for t in spec.pad_tables()]
+    assert [len(t) for t in tables] == [L + lo + hi for L, (lo, hi) in zip(PAD_SHAPE[2:], PADS)]
+    return tables
+
+
+@pytest.mark.parametrize("mode", list(NP_MODES))
+def test_pad_cpu_matches_numpy_pad(mode):
+    x = np.random.default_rng(11).standard_normal(PAD_SHAPE)
+    tables = _pad_tables(mode)
+    out = np.full(PAD_SHAPE[:2] + tuple(len(t) for t in tables), np.nan)
+    pad_cpu(x, out, *tables)
+    np.testing.assert_array_equal(out, np.pad(x, ((0, 0), (0, 0)) + PADS, mode=NP_MODES[mode]))
+
+
+@pytest.mark.parametrize("mode", list(NP_MODES))
+def test_fold_pad_cpu_is_the_adjoint_of_pad_cpu(mode):
+    rng = np.random.default_rng(12)
+    tables = _pad_tables(mode)
+    padded_shape = PAD_SHAPE[:2] + tuple(len(t) for t in tables)
+    x = rng.standard_normal(PAD_SHAPE)
+    y = rng.standard_normal(padded_shape)
+    px = np.empty(padded_shape)
+    pad_cpu(x, px, *tables)
+    fy = np.full(PAD_SHAPE, np.nan)  # fold must overwrite its output, not accumulate into it
+    fold_pad_cpu(y, fy, *tables)
+    lhs, rhs = float(np.vdot(px, y)), float(np.vdot(x, fy))
+    assert abs(lhs - rhs) <= 1e-12 * max(abs(lhs), abs(rhs), 1.0), (lhs, rhs)
+    # and against NumPy's pad: <np.pad(x), y> too, per (n, c) plane, so no plane is dropped or swapped
+    npx = np.pad(x, ((0, 0), (0, 0)) + PADS, mode=NP_MODES[mode])
+    np.testing.assert_allclose((fy * x).sum(axis=(2, 3, 4)), (npx * y).sum(axis=(2, 3, 4)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 4, 5, 6), (1, 1, 1, 1, 9), (4, 33, 1, 2, 3)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_bias_grad_cpu_matches_numpy_sum(shape):
+    dy = np.random.default_rng(13).standard_normal(shape)
+    db = np.full(shape[1], np.nan)
+    bias_grad_cpu(dy, db)
+    np.testing.assert_allclose(db, dy.sum(axis=(0, 2, 3, 4)), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- 5. the algorithms agree with each other
+
+AGREE_KINDS = ("conv", "conv_input", "conv_weight")
+
+
+@pytest.mark.parametrize("kind", AGREE_KINDS)
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_cpu_algorithms_agree_on_the_grid(case, kind):
+    p = problem(case, kind, "float64", seed=21)
+    results = {}
+    for name in CPU_ALGOS:
+        try:
+            results[name] = np.asarray(p.public(algo=name))
+        except ValueError as e:
+            if "cannot run this problem" not in str(e):
+                raise
+    assert {"direct", "im2col"} <= set(results)  # both handle every problem
+    assert ("depthwise" in results) == case_spec(case, kind).geometry.is_depthwise, sorted(results)
+    names = sorted(results)
+    for a in names:
+        assert results[a].shape == p.expected.shape
+        for b in names:
+            if a < b:
+                err = relative_error(results[a], results[b])[0]
+                assert err <= 1e-10, f"{p.op} {case.name}: {a} vs {b} differ by {err:.3e} (relative)"

@@ -1,0 +1,285 @@
+"""The PyTorch adapter (cnnfast.torch): autograd against torch's own convolutions and gradcheck, the modules'
+state_dict, replace_convs on a ResNet-style model, and LeNet-5 trained twice (torch.nn convs vs cnnfast).
+
+CUDA tensors are tested when torch sees a GPU (the simulator cannot take torch CUDA tensors).
+"""
+import copy
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import cnnfast  # noqa: E402
+import cnnfast.torch as cf  # noqa: E402
+from cnnfast.plan import algorithms  # noqa: E402
+
+pytestmark = pytest.mark.torch
+F = torch.nn.functional
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# (name, nd, transposed, input shape, weight shape, options): every option the functional ops take
+CASES = [
+    ("1d-s2-d2-g2", 1, False, (2, 4, 11), (4, 2, 3), dict(stride=2, dilation=2, groups=2, padding=2)),
+    ("2d", 2, False, (2, 3, 6, 5), (4, 3, 3, 2), dict(padding=1)),
+    ("2d-same-s2", 2, False, (1, 2, 7, 6), (3, 2, 3, 3), dict(stride=2, padding="same")),
+    ("2d-reflect", 2, False, (1, 2, 5, 6), (3, 2, 3, 3), dict(padding=(2, 1), padding_mode="reflect")),
+    ("2d-replicate", 2, False, (2, 2, 5, 4), (2, 2, 2, 3), dict(padding=1, padding_mode="replicate")),
+    ("2d-circular", 2, False, (1, 3, 4, 5), (2, 3, 3, 3), dict(stride=2, padding=(1, 2), padding_mode="circular")),
+    ("2d-depthwise-x2", 2, False, (2, 3, 5, 5), (6, 1, 3, 3), dict(padding=1, groups=3)),
+    ("2d-unbatched", 2, False, (3, 5, 5), (2, 3, 3, 3), dict(padding=1)),
+    ("3d", 3, False, (1, 2, 4, 4, 3), (2, 2, 2, 3, 2), dict(stride=(1, 2, 1), padding=(1, 1, 0))),
+    ("t1d-op", 1, True, (2, 4, 5), (4, 3, 3), dict(stride=2, padding=1, output_padding=1)),
+    ("t2d-g2-d2", 2, True, (1, 4, 4, 3), (4, 1, 3, 2), dict(stride=(2, 1), padding=1, groups=2, dilation=2)),
+    ("t2d-size", 2, True, (2, 3, 3, 3), (3, 2, 4, 4), dict(stride=2, padding=1, output_size=(7, 6))),
+    ("t2d-unbatched", 2, True, (3, 3, 3), (3, 2, 3, 3), dict(stride=2)),
+    ("t3d", 3, True, (1, 2, 3, 2, 3), (2, 2, 2, 2, 2), dict(stride=2, padding=(0, 1, 0))),
+]
+
+
+def _torch_op(nd, transposed, options):
+    """The same call on torch's own convolutions (padding modes as nn.Conv does them: F.pad, then conv)."""
+    options = dict(options)
+    mode = options.pop("padding_mode", "zeros")
+    if transposed:
+        size = options.pop("output_size", None)
+        fn = getattr(F, f"conv_transpose{nd}d")
+        if size is not None:
+            def call(x, w, b):
+                m = getattr(torch.nn, f"ConvTranspose{nd}d")(w.shape[0], w.shape[1] * options.get("groups", 1),
+                                                             w.shape[2:], **options)
+                pad = m._output_padding(x, size, m.stride, m.padding, m.kernel_size, nd, m.dilation)
+                return fn(x, w, b, output_padding=pad, **options)
+            return call
+        return lambda x, w, b: fn(x, w, b, **options)
+    fn = getattr(F, f"conv{nd}d")
+
+    def call(x, w, b):  # pad explicitly (torch has no strided 'same'), then a valid convolution
+        pad = options.get("padding", 0)
+        stride = options.get("stride", 1)
+        dil = options.get("dilation", 1)
+        pairs = []
+        for axis in range(nd):
+            L, k = x.shape[x.dim() - nd + axis], w.shape[2 + axis]
+            s, d = [v if isinstance(v, int) else v[axis] for v in (stride, dil)]
+            if pad == "same":  # TensorFlow's rule: out = ceil(L / s), the odd pixel on the high side
+                total = max((-(-L // s) - 1) * s + d * (k - 1) + 1 - L, 0)
+                pairs.append((total // 2, total - total // 2))
+            else:
+                p = pad if isinstance(pad, int) else pad[axis]
+                pairs.append((p, p) if isinstance(p, int) else tuple(p))
+        flat = [v for pair in reversed(pairs) for v in pair]
+        xp = F.pad(x, flat, mode="constant" if mode == "zeros" else mode)
+        return fn(xp, w, b, **{k: v for k, v in options.items() if k != "padding"})
+    return call
+
+
+def _bias_len(w_shape, transposed, options):
+    return w_shape[1] * options.get("groups", 1) if transposed else w_shape[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name, nd, transposed, in_shape, w_shape, options", CASES, ids=[c[0] for c in CASES])
+def test_forward_and_gradients_match_torch(name, nd, transposed, in_shape, w_shape, options, device):
+    """y, dx, dw and db from cnnfast's kernels equal torch's autograd through its own convolutions (float32)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(in_shape, generator=g, device="cpu").to(device)
+    w = torch.randn(w_shape, generator=g).to(device)
+    b = torch.randn(_bias_len(w_shape, transposed, options), generator=g).to(device)
+    ours = getattr(cf, f"conv_transpose{nd}d" if transposed else f"conv{nd}d")
+    results = []
+    for fn in (lambda x, w, b: ours(x, w, b, **options), _torch_op(nd, transposed, options)):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = fn(*leaves)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device)
+        y.backward(dy)
+        results.append([y.detach()] + [t.grad for t in leaves])
+    for what, a, e in zip(("output", "grad input", "grad weight", "grad bias"), *results):
+        assert a.shape == e.shape and a.dtype == e.dtype and a.device == e.device, what
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()), msg=f"{name}: {what}")
+
+
+@pytest.mark.parametrize("name, nd, transposed, in_shape, w_shape, options", CASES, ids=[c[0] for c in CASES])
+def test_gradcheck(name, nd, transposed, in_shape, w_shape, options):
+    """torch.autograd.gradcheck (float64): cnnfast's backward kernels are the derivative of its forward."""
+    g = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(s, generator=g, dtype=torch.float64).requires_grad_()
+              for s in (in_shape, w_shape, (_bias_len(w_shape, transposed, options),))]
+    op = getattr(cf, f"conv_transpose{nd}d" if transposed else f"conv{nd}d")
+    assert torch.autograd.gradcheck(lambda x, w, b: op(x, w, b, **options), leaves)
+
+
+@pytest.mark.parametrize("algo", [a for a in algorithms("cpu") if a != "reference"])
+def test_gradcheck_each_cpu_algorithm(algo):
+    depthwise = algo == "depthwise"
+    x = torch.randn(2, 4, 6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8 if depthwise else 5, 1 if depthwise else 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    groups = 4 if depthwise else 1
+    assert torch.autograd.gradcheck(lambda x, w: cf.conv2d(x, w, stride=2, padding=1, groups=groups, algo=algo),
+                                    (x, w))
+
+
+def test_only_needed_gradients_are_computed(monkeypatch):
+    calls = []
+    for name in ("conv2d_input", "conv2d_weight", "conv_bias"):
+        fn = getattr(cnnfast.grad, name)
+        monkeypatch.setattr(cnnfast.grad, name, lambda *a, _n=name, _f=fn, **k: calls.append(_n) or _f(*a, **k))
+    x = torch.randn(1, 2, 5, 5)  # an image: no gradient wanted
+    w = torch.randn(3, 2, 3, 3, requires_grad=True)
+    cf.conv2d(x, w, torch.zeros(3), padding=1).sum().backward()
+    assert calls == ["conv2d_weight"] and w.grad is not None
+
+
+def test_errors_name_the_op():
+    with pytest.raises(TypeError, match=r"conv2d: expected input to have dtype float32 or float64, but got "
+                                        r"torch\.int64"):
+        cf.conv2d(torch.ones(1, 1, 3, 3, dtype=torch.int64), torch.ones(1, 1, 2, 2))
+    with pytest.raises(ValueError, match=r"conv2d: .*channels"):
+        cf.conv2d(torch.ones(1, 2, 3, 3), torch.ones(1, 3, 2, 2))
+
+
+# ---------------------------------------------------------------- modules
+
+MODULES = [
+    ("Conv1d", dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1, groups=2), (2, 4, 9)),
+    ("Conv2d", dict(in_channels=3, out_channels=4, kernel_size=(3, 2), padding="same", padding_mode="circular"),
+     (2, 3, 6, 7)),
+    ("Conv2d", dict(in_channels=3, out_channels=4, kernel_size=3, padding=1, bias=False, padding_mode="reflect"),
+     (1, 3, 5, 5)),
+    ("Conv3d", dict(in_channels=2, out_channels=3, kernel_size=2, dilation=(1, 2, 1)), (1, 2, 4, 5, 4)),
+    ("ConvTranspose1d", dict(in_channels=4, out_channels=2, kernel_size=4, stride=2, padding=1), (2, 4, 5)),
+    ("ConvTranspose2d", dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, output_padding=1, groups=2),
+     (1, 4, 3, 4)),
+    ("ConvTranspose3d", dict(in_channels=2, out_channels=2, kernel_size=2, stride=2), (1, 2, 2, 3, 2)),
+]
+
+
+@pytest.mark.parametrize("cls, kwargs, in_shape", MODULES, ids=[f"{m[0]}-{i}" for i, m in enumerate(MODULES)])
+def test_module_state_dict_round_trip(cls, kwargs, in_shape):
+    """Same constructor and state_dict as torch.nn's: weights load both ways and the outputs agree."""
+    torch.manual_seed(0)
+    theirs = getattr(torch.nn, cls)(**kwargs)
+    ours = getattr(cf, cls)(**kwargs)
+    assert isinstance(ours, getattr(torch.nn, cls)) and repr(ours) == repr(theirs)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(in_shape)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
+    again = getattr(torch.nn, cls)(**kwargs)
+    again.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(again(x), theirs(x), rtol=0, atol=0)
+
+
+def test_conv_transpose_module_output_size():
+    torch.manual_seed(0)
+    theirs = torch.nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1)
+    ours = cf.replace_convs(copy.deepcopy(theirs))
+    x = torch.randn(1, 3, 4, 4)
+    for size in ([7, 7], [8, 8], [1, 2, 8, 7]):
+        torch.testing.assert_close(ours(x, output_size=size), theirs(x, output_size=size), rtol=1e-4, atol=1e-5)
+
+
+class _BasicBlock(torch.nn.Module):
+    """torchvision's ResNet BasicBlock, written out: two 3x3 convs with batch norm, a 1x1 stride-2 downsample."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(cout)
+        self.conv2 = torch.nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(cout)
+        self.downsample = None if stride == 1 and cin == cout else torch.nn.Sequential(
+            torch.nn.Conv2d(cin, cout, 1, stride, bias=False), torch.nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + identity)
+
+
+def _resnet_ish():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 7, 2, 3, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.MaxPool2d(3, 2, 1), _BasicBlock(8, 8, 1), _BasicBlock(8, 16, 2),
+        torch.nn.ConvTranspose2d(16, 4, 4, stride=2, padding=1),  # a decoder head, to cover the transposed twin
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 5))
+
+
+def test_replace_convs_on_a_resnet_style_model():
+    torch.manual_seed(0)
+    theirs = _resnet_ish()
+    ours = cf.replace_convs(copy.deepcopy(theirs))
+    convs = [m for m in ours.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert len(convs) == 7 and all(type(m).__module__ == "cnnfast.torch" for m in convs)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    x = torch.randn(2, 3, 32, 32)
+    outs = []
+    for model in (ours, theirs):
+        model.zero_grad()
+        y = model(x)
+        y.square().sum().backward()
+        outs.append((y.detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-4)
+    for (name, _), a, e in zip(theirs.named_parameters(), outs[0][1], outs[1][1]):
+        torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-3 * float(e.abs().max()), msg=name)
+
+
+def test_replace_convs_keeps_the_parameter_objects():
+    conv = torch.nn.Conv2d(2, 3, 3)
+    model = torch.nn.Sequential(conv, torch.nn.ReLU())
+    weight = conv.weight
+    cf.replace_convs(model, algo="im2col")
+    assert isinstance(model[0], cf.Conv2d) and model[0].weight is weight and model[0].algo == "im2col"
+    assert type(cf.replace_convs(torch.nn.Conv1d(1, 1, 1))) is cf.Conv1d
+
+
+# ---------------------------------------------------------------- end to end: LeNet-5 trains on cnnfast
+
+def _bars(n, rng):
+    """28x28 images of a noisy bar: horizontal, vertical, diagonal or anti-diagonal (the label), random offset."""
+    labels = rng.integers(0, 4, n)
+    images = 0.3 * rng.standard_normal((n, 1, 28, 28)).astype(np.float32)
+    i = np.arange(28)
+    for k, (label, off) in enumerate(zip(labels, rng.integers(-8, 9, n))):
+        c = np.clip(14 + off, 2, 25)
+        mask = [np.add.outer(np.abs(i - c) <= 1, 0 * i), np.add.outer(0 * i, np.abs(i - c) <= 1),
+                np.abs(np.subtract.outer(i, i) - off) <= 1, np.abs(np.add.outer(i, i) - 27 - off) <= 1][label]
+        images[k, 0][mask.astype(bool)] += 1.0
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def _lenet():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 6, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(6, 16, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(16 * 4 * 4, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+
+
+def _train(model, images, labels, steps, batch):
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    losses = []
+    for step in range(steps):
+        sl = slice((step * batch) % len(images), (step * batch) % len(images) + batch)
+        loss = F.cross_entropy(model(images[sl]), labels[sl])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return np.array(losses)
+
+
+def test_lenet_trains_the_same_on_cnnfast():
+    """300 SGD steps from the same weights and data order: torch.nn convs vs replace_convs. The loss curves
+    agree and fall far below chance (ln 4)."""
+    images, labels = _bars(2048, np.random.default_rng(0))
+    torch.manual_seed(0)
+    reference_model = _lenet()
+    ours = cf.replace_convs(copy.deepcopy(reference_model))
+    assert sum(isinstance(m, cf.Conv2d) for m in ours.modules()) == 2
+    theirs_losses = _train(reference_model, images, labels, steps=300, batch=32)
+    our_losses = _train(ours, images, labels, steps=300, batch=32)
+    chance = math.log(4)
+    assert our_losses[:10].mean() > 0.8 * chance
+    assert our_losses[-20:].mean() < 0.15 * chance
+    np.testing.assert_allclose(our_losses, theirs_losses, rtol=2e-3, atol=2e-3)
