@@ -21,7 +21,7 @@ import numpy as np
 
 from cnnfast import arrays, compare
 from cnnfast.plan import algorithms, make_plan
-from cnnfast.spec import ConvSpec, _shape_str
+from cnnfast.spec import ConvSpec, _shape_str, check_bytes
 
 # kind -> (primitive, {argument: role}, result role)
 _KINDS = {
@@ -34,10 +34,13 @@ _KINDS = {
 }
 
 
-def _size_arg(op, name, size):
+def _size_arg(op, name, size, dtype):
+    """input_size / weight_size: a sequence of non-negative ints whose array (of dtype) a process could hold."""
     if (isinstance(size, (tuple, list)) or type(size).__name__ == "Size") and all(
             isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in size):
-        return tuple(int(v) for v in size)
+        size = tuple(int(v) for v in size)
+        check_bytes(op, name, size, dtype)
+        return size
     raise TypeError(f"{op}: expected {name} to be a sequence of non-negative ints, but got {size!r}")
 
 
@@ -67,14 +70,14 @@ def run(op, kind, nd, *, input=None, weight=None, grad_output=None, bias=None, s
     add_n = (lambda s: s) if batched else (lambda s: (1,) + s)
 
     if kind in ("conv_input", "conv_transpose_input"):
-        size = _size_arg(op, "input_size", size)
+        size = _size_arg(op, "input_size", size, dtype)
         _batched(op, nd, "input_size", size)
         if len(size) != len(arrays.shape_of(grad_output)):
             raise ValueError(f"{op}: expected input_size with {len(arrays.shape_of(grad_output))} entries to "
                              f"match grad_output, but got input_size={list(size)}")
         input_shape, weight_shape = add_n(size), arrays.shape_of(weight)
     elif kind in ("conv_weight", "conv_transpose_weight"):
-        input_shape, weight_shape = add_n(arrays.shape_of(input)), _size_arg(op, "weight_size", size)
+        input_shape, weight_shape = add_n(arrays.shape_of(input)), _size_arg(op, "weight_size", size, dtype)
     else:
         input_shape, weight_shape = add_n(arrays.shape_of(input)), arrays.shape_of(weight)
     spec = ConvSpec.create(op, input_shape, weight_shape,
@@ -88,7 +91,7 @@ def run(op, kind, nd, *, input=None, weight=None, grad_output=None, bias=None, s
     if any(isinstance(a, arrays.ShapeArray) for a in named.values()):
         return plan
 
-    dev = arrays.device_for(device, family, stream)
+    dev = arrays.device_for(device, family, stream, op)
     out = _execute(dev, spec, plan, primitive, {roles[n]: a for n, a in named.items()}, result_role, bias,
                    kind, workspace_limit)
     if compare.active():  # check mode: the float64 reference of the same call, on the host
@@ -222,14 +225,23 @@ def explain(op, *args, device="cpu", dtype="float32", **kwargs):
     module, positions, names = _OPS[op]
     fn = getattr(importlib.import_module(module), op)
 
-    def stand_in(a):
+    try:
+        np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{op}: expected dtype 'float32' or 'float64', but got {dtype!r}") from None
+
+    def stand_in(name, a):
         fam = None if a is None else arrays.family_of(a)
         if a is None or isinstance(a, arrays.ShapeArray):
             return a
         if fam is None:
+            if not (isinstance(a, (tuple, list)) and all(
+                    isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in a)):
+                raise TypeError(f"{op}: expected {name} to be an array or a shape (a sequence of non-negative "
+                                f"ints), but got {a!r}")
             return arrays.ShapeArray(a, dtype, device)
         return arrays.ShapeArray(arrays.shape_of(a), arrays.dtype_of(a), "cpu" if fam == "numpy" else "cuda")
 
-    args = [stand_in(a) if i in positions else a for i, a in enumerate(args)]
-    kwargs = {k: stand_in(v) if k in names else v for k, v in kwargs.items()}
+    args = [stand_in(names[positions.index(i)], a) if i in positions else a for i, a in enumerate(args)]
+    kwargs = {k: stand_in(k, v) if k in names else v for k, v in kwargs.items()}
     return fn(*args, **kwargs)

@@ -177,13 +177,13 @@ class CUDA:
 
     name = "cuda"
 
-    def __init__(self, stream=None, family="numba"):
+    def __init__(self, stream=None, family="numba", op="cnnfast"):
         from numba import cuda
         self.cuda = cuda
         self.cp = _cupy() if family in ("cupy", "cai") else None
-        self.stream = self._numba_stream(stream)
+        self.stream = self._numba_stream(stream, op)
 
-    def _numba_stream(self, stream):
+    def _numba_stream(self, stream, op):
         """A Numba stream for the launchers: the given one, CuPy's current stream for CuPy arrays, or 0."""
         if stream is None:
             if self.cp is None:
@@ -193,7 +193,8 @@ class CUDA:
             return stream
         ptr = getattr(stream, "ptr", None)  # a CuPy stream
         if ptr is None:
-            raise TypeError(f"stream: expected a Numba stream, a CuPy stream or 0, but got {_type_name(stream)}")
+            raise TypeError(f"{op}: expected stream to be a Numba stream, a CuPy stream or 0, but got "
+                            f"{_type_name(stream)}")
         return self.cuda.external_stream(ptr) if ptr else 0
 
     def kernels(self):
@@ -260,7 +261,7 @@ class CUDA:
         return out
 
 
-def device_for(name, family, stream=None):
+def device_for(name, family, stream=None, op="cnnfast"):
     if name == "cpu":
         return CPU(stream)
-    return CUDA(stream, family)
+    return CUDA(stream, family, op)

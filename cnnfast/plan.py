@@ -142,7 +142,8 @@ def make_plan(op, spec, primitive, device, algo="auto", workspace_limit=None) ->
     why_not = chosen.supports(g, primitive)
     if why_not is not None:
         raise ValueError(f"{op}: algo={name!r} cannot run this problem on {device}: {why_not}")
-    if workspace_limit is not None and (not isinstance(workspace_limit, (int, np.integer)) or workspace_limit < 0):
+    if workspace_limit is not None and (not isinstance(workspace_limit, (int, np.integer))
+                                        or isinstance(workspace_limit, bool) or workspace_limit < 0):
         raise ValueError(f"{op}: expected workspace_limit to be a non-negative int (bytes) or None, "
                          f"but got {workspace_limit!r}")
     workspace = int(chosen.workspace_bytes(g, primitive, spec.itemsize, workspace_limit))

@@ -37,6 +37,17 @@ def _shape_str(shape):
     return "[" + ", ".join(str(s) for s in shape) + "]"
 
 
+MAX_BYTES = 2**63 - 1  # the most bytes an array can span (NumPy, CuPy and the kernels index with int64)
+
+
+def check_bytes(op, name, shape, dtype):
+    """ValueError when an array of this shape and dtype could not exist (its byte count overflows int64)."""
+    nbytes = math.prod(shape) * (8 if str(dtype) == "float64" else 4)
+    if nbytes > MAX_BYTES:
+        raise ValueError(f"{op}: {name} of size {_shape_str(shape)} would span {nbytes:.3e} bytes, more than an "
+                         f"array can address (2**63 - 1)")
+
+
 # ---------------------------------------------------------------- argument normalisation
 
 def _is_int(v):
@@ -161,6 +172,8 @@ class ConvSpec:
         spec = cls(input_shape, weight_shape, stride, pairs, dilation, groups, bool(transposed),
                    output_padding, padding_mode, dtype, bias_shape is not None)
         spec._check_sizes(op)
+        for name, shape in (("input", input_shape), ("weight", weight_shape), ("output", spec.output_shape)):
+            check_bytes(op, name, shape, dtype)
         return spec
 
     @staticmethod
@@ -183,6 +196,12 @@ class ConvSpec:
         if any(p < 0 for p in output_padding):
             raise ValueError(f"{op}: negative output_padding is not supported, but got {output_padding}")
         if output_size is not None:
+            if not isinstance(output_size, (tuple, list)):
+                raise TypeError(f"{op}: expected output_size to be a tuple of {nd} ints (or {nd + 2} with the batch "
+                                f"and channel sizes), but got {output_size!r}")
+            if len(output_size) not in (nd, nd + 1, nd + 2):
+                raise ValueError(f"{op}: expected output_size to have {nd} entries (or {nd + 2} with the batch and "
+                                 f"channel sizes), but got output_size={output_size!r}")
             size = int_tuple(op, "output_size", tuple(output_size)[-nd:], nd)
             smallest = [transposed_output_size(L, k, s, d, lo, hi, 0)
                         for L, k, s, d, (lo, hi) in zip(input_shape[2:], kernel, stride, dilation, pairs)]

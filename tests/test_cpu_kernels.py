@@ -76,22 +76,18 @@ def _smallest_accepted_limit(layer, primitive):
 
 
 def _spy_blocks(monkeypatch, primitive):
-    """Record (n, channel offset, first output position, block width) of every column block built."""
+    """Record (samples, channel offset, first output position, block width, rows) of every column block built."""
     calls = []
-    if primitive == "backward_data":
-        real = im2col.col2im_cpu
+    name = "col2im_cpu" if primitive == "backward_data" else "im2col_cpu"
+    real = getattr(im2col, name)
 
-        def spy(dcols, dx, n, c0, taps, o0, *rest):
-            calls.append((n, c0, o0, dcols.shape[1], dcols.shape[0]))
-            return real(dcols, dx, n, c0, taps, o0, *rest)
-        monkeypatch.setattr(im2col, "col2im_cpu", spy)
-    else:
-        real = im2col.im2col_cpu
-
-        def spy(x, n, c0, cols, taps, o0, *rest):
-            calls.append((n, c0, o0, cols.shape[1], cols.shape[0]))
-            return real(x, n, c0, cols, taps, o0, *rest)
-        monkeypatch.setattr(im2col, "im2col_cpu", spy)
+    def spy(*args):
+        # im2col_cpu(x, n0, c0, cols, taps, o0, ...) / col2im_cpu(dcols, dx, n0, c0, taps, o0, ...)
+        cols, n0, c0, o0 = (args[0], *args[2:4], args[5]) if name == "col2im_cpu" else (args[3], *args[1:3], args[5])
+        rows, nb, B = cols.shape
+        calls.append((tuple(range(n0, n0 + nb)), c0, o0, B, rows))
+        return real(*args)
+    monkeypatch.setattr(im2col, name, spy)
     return calls
 
 
@@ -116,13 +112,14 @@ def test_im2col_under_a_small_workspace_limit_builds_column_blocks_and_matches(l
     # the column blocks tile every (sample, group)'s output positions [0, O) in order, in several blocks
     O = int(np.prod(layer.dy.shape[2:]))
     per_task = {}
-    for n, c0, o0, B, rows in calls:
-        per_task.setdefault((n, c0), []).append((o0, B))
-        assert rows * B * layer.x.itemsize <= limit  # the column block alone fits the limit
+    for samples, c0, o0, B, rows in calls:
+        for n in samples:
+            per_task.setdefault((n, c0), []).append((o0, B))
+        assert rows * len(samples) * B * layer.x.itemsize <= limit  # the column block alone fits the limit
     groups = layer.opts.get("groups", 1)
     assert len(per_task) == layer.x.shape[0] * groups
+    assert len(calls) > groups  # chunked: more than one block per group
     for blocks in per_task.values():
-        assert len(blocks) > 1
         assert [o0 for o0, _ in blocks] == list(np.cumsum([0] + [B for _, B in blocks[:-1]]))
         assert sum(B for _, B in blocks) == O
 

@@ -9,6 +9,9 @@ from numba import cuda, types
 
 _DISPATCHERS = {}
 DTYPES = (types.float32, types.float64)
+# The kernels' typed zero: a float32 constant, which Numba unifies with float32 and float64 values (so a float32
+# kernel stays in float32). Not `x[0] * 0`: that is NaN when x[0] is NaN or inf.
+ZERO = np.float32(0.0)
 
 
 def jit(pyfunc):

@@ -8,7 +8,7 @@ x (N, C, D, H, W) * w (K, 1, T, R, S) -> y (N, K, P, Q, U); output channel k rea
 Consecutive threads own consecutive o (or i), so x/dy/y accesses are coalesced along the row.
 """
 from cnnfast.kernels.cuda import direct, gemm
-from cnnfast.kernels.cuda.compile import jit
+from cnnfast.kernels.cuda.compile import ZERO, jit
 from numba import cuda
 
 BLOCK = 256
@@ -24,7 +24,7 @@ def forward_kernel(x, w, bias, y, geo, has_bias):
         o = e % O
         k = (e // O) % K
         n = e // (O * K)
-        total = bias[k] if has_bias else bias[0] * 0
+        total = bias[k] if has_bias else ZERO
         for tap in range(trs):
             total += w[k * trs + tap] * gemm.x_patch(x, k // M, tap, n, o, geo)
         y[e] = total
@@ -39,7 +39,7 @@ def backward_data_kernel(dy, w, dx, geo):
         i = e % DHW
         c = (e // DHW) % C
         n = e // (DHW * C)
-        total = dy[0] * 0
+        total = ZERO
         for m in range(M):
             for tap in range(trs):
                 # group c holds filters c*M .. c*M + M - 1; dy_gather's reduction index is (m, tap)

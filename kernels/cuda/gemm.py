@@ -20,6 +20,7 @@ memory. Grid: (ceil(NCOL/BN), ceil(M/BM), groups * splits); split s reduces j in
 """
 from functools import lru_cache
 
+from cnnfast.kernels.cuda.compile import ZERO
 from numba import cuda
 
 BM, BN, BJ = 32, 64, 8  # block tile: 32 rows x 64 columns, 8 reduction indices per shared-memory step
@@ -112,7 +113,7 @@ def x_patch(x, g, tap, n, o, geo):
     hi = q * geo[13] - geo[19] + r * geo[16]
     wi = u * geo[14] - geo[20] + s * geo[17]
     if di < 0 or di >= D or hi < 0 or hi >= H or wi < 0 or wi >= W:
-        return x[0] * 0
+        return ZERO
     return x[(((n * C + g * Cg + c) * D + di) * H + hi) * W + wi]
 
 
@@ -136,10 +137,10 @@ def dy_gather(dy, g, kk_tap, n, i, geo):
     nq = ih + geo[19] - r * geo[16]
     nu = iw + geo[20] - s * geo[17]
     if np_ < 0 or nq < 0 or nu < 0 or np_ % geo[12] != 0 or nq % geo[13] != 0 or nu % geo[14] != 0:
-        return dy[0] * 0
+        return ZERO
     p = np_ // geo[12]
     q = nq // geo[13]
     u = nu // geo[14]
     if p >= P or q >= Q or u >= U:
-        return dy[0] * 0
+        return ZERO
     return dy[(((n * K + g * Kg + kk) * P + p) * Q + q) * U + u]

@@ -11,7 +11,7 @@ Inside the GEMMs the geometry tuple carries N = nb (the chunk) and n0 is the chu
 im2col_kernel: thread (grid-stride) per element of cols; col2im_kernel: thread per element of the dx chunk.
 """
 from cnnfast.kernels.cuda import gemm
-from cnnfast.kernels.cuda.compile import jit, numba_dtype
+from cnnfast.kernels.cuda.compile import ZERO, jit, numba_dtype
 from cnnfast.kernels.cuda.direct import _bias_arg, launch_tiled
 from numba import cuda
 
@@ -48,7 +48,7 @@ def col2im_kernel(dcols, dx, geo, n0, nb):
         iw = i % W
         ih = (i // W) % H
         i_d = i // (W * H)
-        total = dcols[0] * 0
+        total = ZERO
         for tap in range(trs):
             s = tap % S
             r = (tap // S) % R

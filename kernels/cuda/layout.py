@@ -9,7 +9,7 @@ bias_grad_cuda: dy (N, K, P, Q, U) -> db (K,): thread per k sums over n and spac
 Index tables are host int64 arrays from contract.pad_indices; they are uploaded once and cached.
 """
 import numpy as np
-from cnnfast.kernels.cuda.compile import jit
+from cnnfast.kernels.cuda.compile import ZERO, jit
 from numba import cuda
 
 BLOCK = 256
@@ -36,7 +36,7 @@ def fold_pad_kernel(src, dst, start_d, items_d, start_h, items_h, start_w, items
         j = (e // W) % H
         i = (e // (W * H)) % D
         nc = e // (W * H * D)
-        total = src[0] * 0
+        total = ZERO
         for ia in range(start_d[i], start_d[i + 1]):
             for ib in range(start_h[j], start_h[j + 1]):
                 for ie in range(start_w[l], start_w[l + 1]):
@@ -46,7 +46,7 @@ def fold_pad_kernel(src, dst, start_d, items_d, start_h, items_h, start_w, items
 
 def bias_grad_kernel(dy, db, N, K, L):
     for k in range(cuda.grid(1), K, cuda.gridsize(1)):
-        total = dy[0] * 0
+        total = ZERO
         for n in range(N):
             for l in range(L):
                 total += dy[(n * K + k) * L + l]
