@@ -40,7 +40,7 @@ class ShapeArray:
     """A shape and dtype standing in for an array in cnnfast.explain(): the op plans and returns the plan."""
 
     def __init__(self, shape, dtype, device):
-        self.shape = tuple(shape)
+        self.shape = tuple(int(v) for v in shape)  # NumPy ints would wrap in the size arithmetic
         self.dtype = np.dtype(dtype)
         self.family = "numpy" if device == "cpu" else "numba"
 

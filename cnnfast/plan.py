@@ -15,7 +15,7 @@ import numpy as np
 
 from cnnfast import reference
 from cnnfast.arrays import to_host
-from cnnfast.kernels.contract import Algorithm, ConvGeometry
+from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT, Algorithm, ConvGeometry
 
 # ---------------------------------------------------------------- the reference as an algorithm
 
@@ -147,12 +147,15 @@ def make_plan(op, spec, primitive, device, algo="auto", workspace_limit=None) ->
         raise ValueError(f"{op}: expected workspace_limit to be a non-negative int (bytes) or None, "
                          f"but got {workspace_limit!r}")
     workspace = int(chosen.workspace_bytes(g, primitive, spec.itemsize, workspace_limit))
-    if workspace_limit is not None and workspace > workspace_limit:
+    limit = DEFAULT_WORKSPACE_LIMIT if workspace_limit is None else workspace_limit
+    if workspace > limit:  # an algorithm that cannot split its scratch finer than this problem needs
+        shown = f"workspace_limit={limit:,}" + (" (the default)" if workspace_limit is None else "")
         if algo != "auto":
             raise ValueError(f"{op}: algo={name!r} needs at least {workspace:,} bytes of workspace, more than "
-                             f"workspace_limit={workspace_limit:,}; raise the limit or use algo='direct'")
-        name, chosen, workspace = "direct", algos["direct"], 0
-        reason += f"; its workspace exceeds workspace_limit={workspace_limit:,}, so direct (no workspace)"
+                             f"{shown}; raise the limit or use algo='direct'")
+        name, chosen = "direct", algos["direct"]
+        workspace = int(chosen.workspace_bytes(g, primitive, spec.itemsize, workspace_limit))
+        reason += f"; its workspace exceeds {shown}, so direct"
     kernels = tuple(chosen.kernels(g, primitive, spec.dtype)) if chosen.kernels else ()
     return Plan(op, device, name, primitive, kernels, workspace, workspace_limit, chosen.deterministic,
                 reason, spec)

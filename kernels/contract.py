@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
 PRIMITIVES = ("forward", "backward_data", "backward_filter")
+DEFAULT_WORKSPACE_LIMIT = 256 << 20  # scratch bytes an algorithm may use when the caller gives no workspace_limit
 
 
 class ConvGeometry(NamedTuple):

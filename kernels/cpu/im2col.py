@@ -16,9 +16,8 @@ per (sample, c, input row).
 """
 import numba
 import numpy as np
+from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cpu.direct import geometry_args, out_range, tap_output
-
-DEFAULT_WORKSPACE_LIMIT = 256 << 20
 
 
 @numba.njit(parallel=True, cache=True)

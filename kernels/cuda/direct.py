@@ -12,13 +12,13 @@ long reduction (N*O) over `splits` blocks writing partial sums to scratch, then 
 split order: deterministic, no atomics.
 """
 import numpy as np
+from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cuda import gemm
 from cnnfast.kernels.cuda.compile import jit, numba_dtype
 from numba import cuda
 
 TARGET_BLOCKS = 264  # 2 blocks per SM on an H100 (132 SMs): enough splits to fill the GPU
 MIN_SPLIT = 256  # reduction indices per split at least
-DEFAULT_WORKSPACE_LIMIT = 256 << 20
 
 
 # ---------------------------------------------------------------- forward

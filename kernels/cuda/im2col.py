@@ -1,7 +1,8 @@
 """im2col + tiled GEMM on CUDA (the GEMM is gemm.py's kernel with dense loaders).
 
 x (N, C, D, H, W) * w (K, C/g, T, R, S) -> y (N, K, P, Q, U); O = P*Q*U, TRS = T*R*S. The batch is processed
-in chunks of nb samples so the column matrix cols (C*TRS, nb*O) stays under workspace_limit (default 256 MiB):
+in chunks of nb samples so the column matrix cols (C*TRS, nb*O) stays under workspace_limit (default 256 MiB;
+a single sample needing more is refused by the planner, and algo='auto' falls back to direct):
 
     forward          cols = im2col(x chunk);   y[n0:n0+nb] (per group)  = W_g (K/g, C/g*TRS) @ cols_g
     backward_data    dcols_g = W_g^T @ dy chunk;  dx chunk = col2im(dcols)   (a gather: no atomics)
@@ -10,12 +11,12 @@ in chunks of nb samples so the column matrix cols (C*TRS, nb*O) stays under work
 Inside the GEMMs the geometry tuple carries N = nb (the chunk) and n0 is the chunk's first sample.
 im2col_kernel: thread (grid-stride) per element of cols; col2im_kernel: thread per element of the dx chunk.
 """
+from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cuda import gemm
 from cnnfast.kernels.cuda.compile import ZERO, jit, numba_dtype
 from cnnfast.kernels.cuda.direct import _bias_arg, launch_tiled
 from numba import cuda
 
-DEFAULT_WORKSPACE_LIMIT = 256 << 20
 BLOCK = 256
 MAX_BLOCKS = 4096
 

@@ -1,0 +1,468 @@
+"""Reliability: bitwise determinism of every default kernel, thread safety, host memory (workspace_limit and
+no growth over many calls), index arithmetic of huge problems (shape-only: nothing of that size is allocated),
+and bench/sanitize.py's prerequisite check. CUDA parts run on a GPU or in Numba's CUDA simulator (conftest.py)."""
+import concurrent.futures
+import inspect
+import math
+import os
+import subprocess
+import sys
+import time
+import tracemalloc
+import types
+
+import numpy as np
+import pytest
+from cnnfast.kernels.cpu import im2col as cpu_im2col
+from cnnfast.kernels.cpu.direct import geometry_args
+
+import cnnfast
+from cnnfast import grad, reference
+from cnnfast.arrays import simulator_enabled, to_host
+from cnnfast.compare import assert_close
+from cnnfast.plan import algorithms
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIM = simulator_enabled()
+OPS = {"forward": cnnfast.conv2d, "backward_data": grad.conv2d_input, "backward_filter": grad.conv2d_weight}
+OP_NAMES = {"forward": "conv2d", "backward_data": "conv2d_input", "backward_filter": "conv2d_weight"}
+MiB = 1 << 20
+
+
+class Layer:
+    """A 2-D layer with random inputs of one dtype, runnable as each primitive through the public ops."""
+
+    def __init__(self, x_shape, w_shape, seed=0, dtype="float32", bias=True, **opts):
+        rng = np.random.default_rng(seed)
+        self.opts = opts
+        self.x = rng.standard_normal(x_shape).astype(dtype)
+        self.w = rng.standard_normal(w_shape).astype(dtype)
+        self.b = rng.standard_normal(w_shape[0]).astype(dtype) if bias else None
+        self.dy = rng.standard_normal(reference.conv(self.x, self.w, **opts).shape).astype(dtype)
+        self.dtype = dtype
+
+    def args(self, primitive, move=lambda a: a):
+        if primitive == "forward":
+            return move(self.x), move(self.w), None if self.b is None else move(self.b)
+        if primitive == "backward_data":
+            return self.x.shape, move(self.w), move(self.dy)
+        return move(self.x), self.w.shape, move(self.dy)
+
+    def run(self, primitive, args=None, **kw):
+        return OPS[primitive](*(args or self.args(primitive)), **self.opts, **kw)
+
+    def expected(self, primitive):
+        if primitive == "forward":
+            return reference.conv(self.x, self.w, self.b, **self.opts)
+        if primitive == "backward_data":
+            return reference.conv_input(self.x.shape, self.w, self.dy, **self.opts)
+        return reference.conv_weight(self.x, self.w.shape, self.dy, **self.opts)
+
+
+def _kernel_algos(device):
+    """The device's kernel algorithms (direct, im2col, depthwise): not the float64 reference."""
+    return [a for a in algorithms(device) if a != "reference"]
+
+
+# ---------------------------------------------------------------- 1. determinism
+
+CPU_REPEATS = 100
+# The simulator runs a kernel's threads one after another in a fixed order, so its results cannot vary between
+# calls the way a GPU's scheduling could: more repeats prove nothing more there (and each costs seconds).
+CUDA_REPEATS = 5 if SIM else 100
+
+# dense: 2 samples over 2 cores (prange tasks interleave differently per call); groups to cover per-group blocks
+CPU_LAYERS = {
+    "dense": dict(x_shape=(2, 8, 12, 12), w_shape=(16, 4, 3, 3), padding=1, stride=(1, 2), groups=2),
+    "depthwise": dict(x_shape=(2, 8, 12, 12), w_shape=(16, 1, 3, 3), padding=1, groups=8),
+}
+# simulator: one 128-thread block per launch (the simulator runs every thread as a Python thread, seconds per
+# launch beyond that); the split-K reduction's determinism at larger sizes is tests/test_cuda_kernels.py's
+CUDA_LAYERS = {
+    "dense": dict(x_shape=(1, 2, 5, 5), w_shape=(3, 2, 3, 3), padding=1) if SIM else
+    dict(x_shape=(8, 64, 28, 28), w_shape=(64, 64, 3, 3), padding=1),
+    "depthwise": dict(x_shape=(1, 2, 6, 6), w_shape=(4, 1, 3, 3), padding=1, groups=2) if SIM else
+    dict(x_shape=(8, 64, 28, 28), w_shape=(128, 1, 3, 3), padding=1, groups=64),
+}
+
+
+def _layer(spec, **kw):
+    spec = dict(spec)
+    return Layer(spec.pop("x_shape"), spec.pop("w_shape"), **kw, **spec)
+
+
+def _determinism_params(device, layers):
+    for algo in _kernel_algos(device):
+        layer = "depthwise" if algo == "depthwise" else "dense"
+        for primitive in OPS:
+            yield pytest.param(device, algo, layers[layer], primitive, id=f"{device}-{algo}-{primitive}",
+                               marks=[pytest.mark.cuda] if device == "cuda" else [])
+
+
+@pytest.mark.parametrize("device, algo, spec, primitive", [*_determinism_params("cpu", CPU_LAYERS),
+                                                           *_determinism_params("cuda", CUDA_LAYERS)])
+def test_repeated_calls_are_bitwise_identical(device, algo, spec, primitive):
+    layer = _layer(spec, seed=11)
+    move = lambda a: a  # noqa: E731
+    repeats = CPU_REPEATS
+    if device == "cuda":
+        from numba import cuda
+        move, repeats = cuda.to_device, CUDA_REPEATS
+    args = layer.args(primitive, move)
+    plan = cnnfast.explain(OP_NAMES[primitive], *args, **layer.opts, algo=algo)
+    assert plan.algorithm == algo and plan.device == device and plan.deterministic
+    first = to_host(layer.run(primitive, args, algo=algo))
+    assert_close(first, layer.expected(primitive), layer.dtype, f"{device} {algo} {primitive}")
+    for i in range(1, repeats):
+        again = to_host(layer.run(primitive, args, algo=algo))
+        assert np.array_equal(first, again), f"{device} {algo} {primitive}: call {i} differs from call 0"
+
+
+# ---------------------------------------------------------------- 2. concurrency
+
+# 8 different problems (shapes, stride, dilation, groups, padding modes, algorithms), one per thread
+CPU_THREAD_PROBLEMS = [
+    ("direct", dict(x_shape=(2, 4, 9, 8), w_shape=(6, 4, 3, 3), padding=1)),
+    ("im2col", dict(x_shape=(1, 8, 10, 10), w_shape=(16, 8, 3, 3), stride=2, padding=1)),
+    ("im2col", dict(x_shape=(2, 8, 7, 9), w_shape=(8, 4, 3, 2), groups=2, dilation=(2, 1), padding=((1, 2), (0, 1)))),
+    ("depthwise", dict(x_shape=(2, 6, 8, 8), w_shape=(12, 1, 3, 3), groups=6, padding=1)),
+    ("auto", dict(x_shape=(1, 3, 11, 11), w_shape=(8, 3, 5, 5), stride=2, padding=2)),
+    ("direct", dict(x_shape=(1, 4, 8, 9), w_shape=(4, 4, 3, 3), padding=1, padding_mode="reflect")),
+    ("im2col", dict(x_shape=(3, 8, 6, 6), w_shape=(8, 8, 1, 1))),
+    ("auto", dict(x_shape=(1, 4, 7, 7), w_shape=(8, 4, 3, 3), padding=1, padding_mode="circular")),
+]
+
+
+def _thread_work(layer, algo, iterations, stream=None, move=lambda a: a):
+    """Run forward and both gradients `iterations` times; return every result (host arrays)."""
+    extra = {} if stream is None else {"stream": stream}
+    args = {p: layer.args(p, move) for p in OPS}
+    out = []
+    for _ in range(iterations):
+        for primitive in OPS:
+            out.append((primitive, to_host(layer.run(primitive, args[primitive], algo=algo, **extra))))
+        if stream is not None:
+            stream.synchronize()
+    return out
+
+
+def _check_thread_results(layers, results, algos, device):
+    for (layer, algo), res in zip(zip(layers, algos), results):
+        single = {}
+        for primitive, r in res:
+            assert_close(r, layer.expected(primitive), layer.dtype, f"{device} {algo} {primitive} (threaded)")
+            # the same problem gives the same bits whichever thread ran it, and however they interleaved
+            single.setdefault(primitive, r)
+            assert np.array_equal(r, single[primitive]), f"{device} {algo} {primitive}: threaded results differ"
+
+
+def test_cpu_ops_are_thread_safe():
+    layers = [_layer(spec, seed=i) for i, (_, spec) in enumerate(CPU_THREAD_PROBLEMS)]
+    algos = [algo for algo, _ in CPU_THREAD_PROBLEMS]
+    for layer, algo in zip(layers, algos):  # compile / load every kernel before the threads start
+        _thread_work(layer, algo, 1)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(layers)) as pool:
+        futures = [pool.submit(_thread_work, layer, algo, 10) for layer, algo in zip(layers, algos)]
+        results = [f.result() for f in futures]
+    _check_thread_results(layers, results, algos, "cpu")
+
+
+def _simulator_supports_concurrent_launches():
+    from numba.cuda.simulator import kernel
+    return "concurrent simulated kernel not supported" not in inspect.getsource(kernel)
+
+
+@pytest.mark.cuda
+def test_cuda_ops_are_thread_safe_with_a_stream_per_thread():
+    from numba import cuda
+    if SIM and not _simulator_supports_concurrent_launches():
+        pytest.skip("Numba's CUDA simulator does not support concurrent kernel launches from several host "
+                    "threads: numba/cuda/simulator/kernel.py keeps ONE global kernel context "
+                    "(`assert _kernel_context is None, 'concurrent simulated kernel not supported'`); "
+                    "this test runs on a real GPU")
+    if SIM:
+        problems = [("direct", dict(x_shape=(1, 2, 5, 5), w_shape=(3, 2, 3, 3), padding=1)),
+                    ("depthwise", dict(x_shape=(1, 2, 5, 5), w_shape=(4, 1, 3, 3), padding=1, groups=2))]
+        iterations = 2
+    else:
+        problems = CPU_THREAD_PROBLEMS + [("im2col", dict(x_shape=(4, 32, 28, 28), w_shape=(64, 32, 3, 3),
+                                                           padding=1))]
+        problems = problems[:8]
+        iterations = 10
+    layers = [_layer(spec, seed=i) for i, (_, spec) in enumerate(problems)]
+    algos = [algo for algo, _ in problems]
+    streams = [None if SIM else cuda.stream() for _ in layers]
+    for layer, algo, s in zip(layers, algos, streams):  # compile every kernel first
+        _thread_work(layer, algo, 1, s, cuda.to_device)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(layers)) as pool:
+        futures = [pool.submit(_thread_work, layer, algo, iterations, s, cuda.to_device)
+                   for layer, algo, s in zip(layers, algos, streams)]
+        results = [f.result() for f in futures]
+    _check_thread_results(layers, results, algos, "cuda")
+
+
+# ---------------------------------------------------------------- 3. host memory
+
+# 1.2 MB of columns unchunked (144 rows x 2 x 1024 positions); the limit forces ~100-position column blocks
+MEM_LAYER = dict(x_shape=(2, 16, 32, 32), w_shape=(16, 16, 3, 3), padding=1)
+MEM_LIMIT = 256 << 10
+SLACK = 48 << 10  # NumPy's ufunc buffer (8192 elements: 32 KiB for the bias add), index tables, plan objects
+
+
+def _peak_extra_bytes(fn):
+    """(peak bytes allocated by fn() above what was allocated before it, the result) under tracemalloc."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        result = fn()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return peak - before, result
+
+
+@pytest.mark.parametrize("primitive", list(OPS))
+def test_cpu_im2col_scratch_stays_under_workspace_limit(primitive):
+    layer = _layer(MEM_LAYER, seed=3)
+    args = layer.args(primitive)
+    plan = cnnfast.explain(OP_NAMES[primitive], *args, **layer.opts, algo="im2col", workspace_limit=MEM_LIMIT)
+    unlimited = cnnfast.explain(OP_NAMES[primitive], *args, **layer.opts, algo="im2col")
+    assert plan.algorithm == "im2col" and 0 < plan.workspace_bytes <= MEM_LIMIT < unlimited.workspace_bytes
+
+    run = lambda: layer.run(primitive, args, algo="im2col", workspace_limit=MEM_LIMIT)  # noqa: E731
+    run()  # warm: kernels loaded, dispatcher caches filled
+    peak, out = _peak_extra_bytes(run)
+    out_bytes = out.nbytes
+    scratch = peak - out_bytes
+    assert peak <= MEM_LIMIT + out_bytes + SLACK, (
+        f"{primitive}: peak extra {peak:,} B > limit {MEM_LIMIT:,} + output {out_bytes:,} + slack {SLACK:,}")
+    # what explain() promised is what the call used (to within the slack)
+    assert abs(scratch - plan.workspace_bytes) <= SLACK, (
+        f"{primitive}: measured scratch {scratch:,} B vs explain's {plan.workspace_bytes:,} B")
+    assert_close(out, layer.expected(primitive), layer.dtype, f"im2col {primitive} limit={MEM_LIMIT}")
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc/self/statm")
+def test_ten_thousand_calls_leave_host_memory_flat():
+    """10,000 tiny calls cycling through every CPU algorithm and primitive: RSS (native leaks: Numba's NRT, BLAS)
+    and Python's traced allocations (caches that grow per call) stay flat after a warm-up."""
+    tiny = Layer((1, 2, 5, 5), (8, 2, 3, 3), seed=1, padding=1)
+    dw = Layer((1, 2, 5, 5), (4, 1, 3, 3), seed=2, padding=1, groups=2)
+    calls = [(tiny, p, a) for a in ("direct", "im2col") for p in OPS] + [(dw, p, "depthwise") for p in OPS]
+    calls = [(layer.args(p), layer, p, a) for layer, p, a in calls]
+
+    def loop(n):
+        for i in range(n):
+            args, layer, p, a = calls[i % len(calls)]
+            layer.run(p, args, algo=a)
+
+    loop(200)
+    rss0 = _rss_bytes()
+    t0 = time.perf_counter()
+    loop(8_000)
+    tracemalloc.start()
+    try:
+        traced0 = tracemalloc.get_traced_memory()[0]
+        loop(2_000)
+        traced = tracemalloc.get_traced_memory()[0] - traced0
+    finally:
+        tracemalloc.stop()
+    seconds = time.perf_counter() - t0
+    grew = _rss_bytes() - rss0
+    assert grew < 4 * MiB, f"RSS grew by {grew / MiB:.1f} MiB over 10,000 calls ({seconds:.1f} s)"
+    assert traced < 256 << 10, f"traced Python allocations grew by {traced:,} B over 2,000 calls"
+
+
+# ---------------------------------------------------------------- 4. huge problems (shape-only)
+
+INT32_MAX, GRID_YZ_MAX = 2**31 - 1, 65535
+# (id, op input shape, weight shape, options): every tensor named here has > 2**31 elements somewhere
+HUGE = [
+    ("image-8192x8192", (1, 64, 8192, 8192), (64, 64, 3, 3), dict(padding=1)),            # x, y: 4.3e9
+    ("batch-65536", (65536, 64, 32, 32), (64, 64, 3, 3), dict(padding=1)),                  # x, y: 4.3e9
+    ("volume-512^3", (1, 32, 512, 512, 512), (32, 32, 3, 3, 3), dict(padding=1)),           # x, y: 4.3e9
+    ("strided-16384^2", (1, 32, 16384, 16384), (64, 32, 7, 7), dict(stride=2, padding=3)),  # x: 8.6e9
+    ("depthwise-8192^2", (1, 256, 8192, 8192), (256, 1, 3, 3), dict(padding=1, groups=256)),  # x, y: 1.7e10
+    ("1d-2^32", (1, 2, 2**31), (2, 2, 5), dict(padding=2)),                                 # x, y: 4.3e9
+]
+
+
+def _conv_name(x_shape):
+    return f"conv{len(x_shape) - 2}d"
+
+
+def _explain(primitive, x_shape, w_shape, opts, device, **kw):
+    name = _conv_name(x_shape)
+    spec = cnnfast.ConvSpec.create(name, x_shape, w_shape, **opts)
+    y_shape = spec.output_shape
+    if primitive == "forward":
+        return cnnfast.explain(name, x_shape, w_shape, device=device, **opts, **kw)
+    if primitive == "backward_data":
+        return cnnfast.explain(f"{name}_input", list(x_shape), w_shape, y_shape, device=device, **opts, **kw)
+    return cnnfast.explain(f"{name}_weight", x_shape, list(w_shape), y_shape, device=device, **opts, **kw)
+
+
+def _huge_params():
+    for name, x, w, opts in HUGE:
+        for primitive in OPS:
+            yield pytest.param(x, w, opts, primitive, id=f"{name}-{primitive}")
+
+
+@pytest.mark.parametrize("x_shape, w_shape, opts, primitive", list(_huge_params()))
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_huge_problems_plan_within_the_workspace_limit(device, x_shape, w_shape, opts, primitive):
+    assert math.prod(x_shape) > 2**31
+    for limit in (None, 64 * MiB):
+        plan = _explain(primitive, x_shape, w_shape, opts, device, workspace_limit=limit)
+        assert plan.device == device and plan.kernels
+        assert plan.workspace_bytes <= (256 * MiB if limit is None else limit), str(plan)
+        g = plan.spec.geometry
+        assert all(type(v) is int for v in g), f"geometry fields are not all Python ints: {g!r}"
+
+
+@pytest.mark.parametrize("x_shape, w_shape, opts, primitive", list(_huge_params()))
+def test_cpu_im2col_blocks_of_huge_problems_fit_and_cover_every_position_once(x_shape, w_shape, opts, primitive,
+                                                                              monkeypatch):
+    g = cnnfast.ConvSpec.create(_conv_name(x_shape), x_shape, w_shape, **opts).geometry
+    plan = _explain(primitive, x_shape, w_shape, opts, "cpu", algo="im2col")
+    assert plan.workspace_bytes <= cpu_im2col.DEFAULT_WORKSPACE_LIMIT
+    # _blocks would np.empty its scratch buffer: record the size instead of allocating it
+    wanted = []
+    fake_np = types.SimpleNamespace(uint8=np.uint8, empty=lambda n, dtype: wanted.append(n) or None)
+    monkeypatch.setattr(cpu_im2col, "np", fake_np)
+    blocks, rows, _ = cpu_im2col._blocks(g, primitive, 4, None)
+    nb, B = cpu_im2col._block(g, primitive, 4, None)
+    assert wanted == [plan.workspace_bytes] and wanted[0] <= cpu_im2col.DEFAULT_WORKSPACE_LIMIT
+    assert rows == g.C // g.groups * g.T * g.R * g.S
+    O = g.P * g.Q * g.U
+    assert all(type(v) is int for blk in blocks for v in blk) and type(nb) is int and type(B) is int
+    # every block's scratch fits; blocks tile samples x positions exactly once, in order
+    assert max(cpu_im2col._scratch(g, primitive, 4, bn, bB) for _, bn, _, bB in blocks) <= wanted[0]
+    assert sum(bn * bB for _, bn, _, bB in blocks) == g.N * O
+    sample_starts = sorted({n0 for n0, *_ in blocks})
+    assert sample_starts == list(range(0, g.N, nb))
+    widths = {}
+    for n0, bn, o0, bB in blocks:
+        assert 1 <= bn <= nb and 1 <= bB <= B and n0 + bn <= g.N and o0 + bB <= O
+        widths.setdefault((n0, bn), []).append((o0, bB))
+    for spans in widths.values():
+        assert [o0 for o0, _ in spans] == [sum(b for _, b in spans[:i]) for i in range(len(spans))]
+        assert sum(b for _, b in spans) == O
+    assert sum(bn for n0, bn in widths) == g.N
+
+
+def _cuda_launches(g, primitive, algo, limit=None):
+    """[(kernel, grid, block)] the CUDA launchers would issue for (g, primitive, algo), computed as they do."""
+    from cnnfast.kernels.cuda import depthwise, direct, gemm
+    from cnnfast.kernels.cuda import im2col as cuda_im2col
+    if algo == "depthwise" and primitive != "backward_filter":
+        n = g.N * g.K * g.P * g.Q * g.U if primitive == "forward" else g.N * g.C * g.D * g.H * g.W
+        return [(f"depthwise {primitive}", (depthwise._blocks(n), 1, 1), depthwise.BLOCK)]
+    if algo in ("direct", "depthwise"):
+        M, J, NCOL = direct.dims(g, primitive)
+        splits = direct.filter_splits(g, 4, limit) if primitive == "backward_filter" else 1
+        out = [("tiled", gemm.grid(M, NCOL, g.groups, splits), gemm.THREADS)]
+        if splits > 1:
+            size = g.K * NCOL
+            out.append(("reduce_splits", (max(1, min(-(-size // 256), 1024)), 1, 1), 256))
+        return out
+    nb = cuda_im2col.chunk(g, 4, limit)
+    rows, O = g.C * g.T * g.R * g.S, g.P * g.Q * g.U
+    Kg, J = g.K // g.groups, rows // g.groups
+    shape = {"forward": (Kg, J, nb * O), "backward_data": (J, Kg, nb * O), "backward_filter": (Kg, nb * O, J)}
+    M, _, NCOL = shape[primitive]
+    blocks = max(1, min(cuda_im2col.MAX_BLOCKS, -(-rows * nb * O // cuda_im2col.BLOCK)))
+    return [("im2col/col2im", (blocks, 1, 1), cuda_im2col.BLOCK),
+            ("tiled", gemm.grid(M, NCOL, g.groups, 1), gemm.THREADS)]
+
+
+@pytest.mark.parametrize("x_shape, w_shape, opts, primitive", list(_huge_params()))
+def test_cuda_launch_grids_of_huge_problems_stay_within_cuda_limits(x_shape, w_shape, opts, primitive):
+    from cnnfast.kernels.cuda import direct
+    plan = _explain(primitive, x_shape, w_shape, opts, "cuda")
+    g = plan.spec.geometry
+    algos = {plan.algorithm, "direct"} | ({"depthwise"} if g.is_depthwise else set())
+    for algo in sorted(algos):
+        for kernel, grid, block in _cuda_launches(g, primitive, algo):
+            assert all(type(v) is int for v in grid), f"{algo} {kernel}: grid {grid!r} is not Python ints"
+            assert 1 <= grid[0] <= INT32_MAX and 1 <= grid[1] <= GRID_YZ_MAX and 1 <= grid[2] <= GRID_YZ_MAX, (
+                f"{algo} {primitive} {kernel}: grid {grid} exceeds CUDA's limits for x {x_shape} w {w_shape}")
+            assert block <= 1024
+    assert direct.workspace_bytes(g, primitive, 4, None) <= direct.DEFAULT_WORKSPACE_LIMIT
+
+
+def test_geometry_reaching_kernels_is_python_ints():
+    """Shapes of arrays and Python-int shapes / NumPy-integer options give a geometry of Python ints (int64 in
+    Numba), and the huge products are exact (no wrap-around)."""
+    plan = cnnfast.explain("conv2d", (1, 64, 8192, 8192), (64, 64, 3, 3), stride=np.int32(1), padding=np.int32(1),
+                           dilation=np.int16(1), groups=np.int8(1))
+    g = plan.spec.geometry
+    assert all(type(v) is int for v in g), g
+    assert all(type(v) is int for v in geometry_args(g))
+    assert g.N * g.K * g.P * g.Q * g.U == 2**32
+    grads = cnnfast.explain("conv2d_input", tuple(np.int64(v) for v in (1, 64, 8192, 8192)), (64, 64, 3, 3),
+                            (1, 64, 8192, 8192), padding=1)  # input_size goes through _size_arg: int()
+    assert all(type(v) is int for v in grads.spec.geometry)
+
+
+def test_explain_with_numpy_int32_shapes_matches_python_ints():
+    i32 = np.int32
+    x, w = (1, 64, 8192, 8192), (64, 64, 3, 3)
+    ref = cnnfast.explain("conv2d", x, w, padding=1)
+    with np.errstate(over="ignore"):
+        plan = cnnfast.explain("conv2d", tuple(i32(v) for v in x), tuple(i32(v) for v in w), padding=1)
+    assert all(type(v) is int for v in plan.spec.geometry), plan.spec.geometry
+    assert plan.spec.flops == ref.spec.flops and plan.workspace_bytes == ref.workspace_bytes
+
+
+def test_cpu_kernels_receive_python_int_scalars(monkeypatch):
+    """Spy on the im2col kernels' scalar arguments (block offsets, geometry) in a chunked call."""
+    seen = []
+    for name in ("im2col_cpu", "col2im_cpu"):
+        real = getattr(cpu_im2col, name)
+
+        def spy(*args, real=real):
+            seen.append([a for a in args if not isinstance(a, np.ndarray)])
+            return real(*args)
+        monkeypatch.setattr(cpu_im2col, name, spy)
+    layer = _layer(MEM_LAYER, seed=4)
+    for primitive in OPS:
+        layer.run(primitive, algo="im2col", workspace_limit=MEM_LIMIT)
+    assert len(seen) > 3
+    assert all(type(v) is int for args in seen for v in args), {type(v) for args in seen for v in args}
+
+
+def test_cuda_im2col_default_workspace_limit_holds_for_huge_images():
+    """cuda im2col chunks only over the batch; when one sample's columns exceed the default 256 MiB limit
+    (9 * 4.3e9 * 4 B = 144 GiB for a (1, 64, 8192, 8192) image, 3x3 kernel) an explicit algo='im2col' is
+    refused before any allocation and auto plans direct, whose workspace stays under the limit."""
+    with pytest.raises(ValueError, match=r"conv2d: algo='im2col' needs at least .* workspace_limit=268,435,456 "
+                                         r"\(the default\)"):
+        cnnfast.explain("conv2d", (1, 64, 8192, 8192), (64, 64, 3, 3), padding=1, device="cuda", algo="im2col")
+    for primitive in OPS:
+        plan = _explain(primitive, (1, 64, 8192, 8192), (64, 64, 3, 3), {"padding": 1}, "cuda")
+        assert plan.workspace_bytes <= 256 * MiB, str(plan)
+
+
+# ---------------------------------------------------------------- 5. bench/sanitize.py
+
+
+def test_sanitize_script_reports_missing_prerequisites_with_exit_2():
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}  # let the script probe itself
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "sanitize.py"), "--check"], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    text = done.stdout + done.stderr
+    assert "Traceback" not in text, text
+    if SIM:  # no GPU on this machine (conftest.py switched to the simulator)
+        assert done.returncode == 2, text
+        assert "no CUDA GPU" in text or "no usable CUDA GPU" in text, text
+        assert "cannot run compute-sanitizer" in text
+    else:
+        assert done.returncode in (0, 2), text
+        assert ("prerequisites OK" in text) == (done.returncode == 0), text
