@@ -4,7 +4,15 @@
     dx = cnnfast.grad.conv2d_input(x.shape, w, dy, stride=2, padding=1)
     print(cnnfast.explain("conv2d", (8, 64, 56, 56), (64, 64, 3, 3), padding=1))
 """
+import os
+
 __version__ = "0.1.0"
+
+# NumPy's OpenBLAS keeps its worker threads spinning for ~0.1 s after every GEMM (its thread timeout, 2**28
+# cycles), taking the cores from the Numba kernels that run next (im2col's column build, col2im): 1.5-2x slower
+# on the 2-core box (bench/RESULTS.md). OpenBLAS reads the timeout once, when NumPy loads it, so this helps when
+# cnnfast is imported before NumPy; a value the user set wins (README, "CPU threads").
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from cnnfast import grad  # noqa: E402
 from cnnfast.api import conv1d, conv2d, conv3d, conv_transpose1d, conv_transpose2d, conv_transpose3d, explain  # noqa: E402

@@ -4,7 +4,8 @@ For each shape x primitive x provider (cnnfast algo=auto, each applicable cnnfas
 installed, the NumPy reference where affordable): every cnnfast result is first checked against the float64
 reference (cnnfast.compare tolerances) and only then timed; warm-up calls (compilation) are excluded; the
 figure is the median of --repeats timed calls (CPU: time.perf_counter; CUDA: events on the stream, one call
-per event pair). FLOPs = 2 x real multiply-adds (ConvSpec.flops), bytes = each tensor read or written once
+per event pair), the providers of one row timed round-robin so that drift in the machine's speed falls on
+all of them alike. FLOPs = 2 x real multiply-adds (ConvSpec.flops), bytes = each tensor read or written once
 (ConvSpec.min_bytes). "vs torch" = torch's median / this median (> 1: faster than torch).
 """
 from __future__ import annotations
@@ -140,50 +141,46 @@ def torch_call(shape, primitive, arrays, device):
 
 # ---------------------------------------------------------------- timing
 
-def time_cpu(fn, repeats, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def time_cpu(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
-def time_cuda(fn, repeats, warmup=2):
-    """CUDA events around each call on the default stream (the hook for device timing)."""
+def time_cuda(fn):
+    """CUDA events around one call on the default stream."""
     from numba import cuda
 
-    for _ in range(warmup):
-        fn()
-    cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = cuda.event(), cuda.event()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(cuda.event_elapsed_time(start, end) / 1e3)
-    return statistics.median(times)
+    start, end = cuda.event(), cuda.event()
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return cuda.event_elapsed_time(start, end) / 1e3
 
 
-def time_torch_cuda(fn, repeats, warmup=2):
+def time_torch_cuda(fn):
     import torch
 
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def time_interleaved(calls, repeats, warmup=2):
+    """Median seconds of each (fn, timer) in calls, timed round-robin (one call of each per round) so that
+    drift in the machine's speed (shared or throttled cores, other processes) falls on every provider alike."""
+    for fn, _ in calls:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in calls]
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+        for got, (fn, timer) in zip(times, calls):
+            got.append(timer(fn))
+    return [statistics.median(t) for t in times]
 
 
 # ---------------------------------------------------------------- the run
@@ -222,6 +219,7 @@ def run(shapes, device, primitives, algos, dtype, repeats, progress=None):
         base = dict(shape=shape.name, primitive=primitive, device=device, dtype=dtype, flops=spec.flops,
                     bytes=spec.min_bytes(primitive))
         names = ["auto"] + [a for a in (algos or plan_algos) if a not in ("reference", "auto")]
+        timed = []  # (row, fn, timer): validated calls, timed together below
         for algo in names:
             if progress:
                 progress(i, len(jobs), shape.name, primitive, algo)
@@ -239,17 +237,20 @@ def run(shapes, device, primitives, algos, dtype, repeats, progress=None):
                 row.update(status="FAIL", note=str(e))
                 rows.append(row)
                 continue
-            row.update(status="ok", seconds=(time_cuda if device == "cuda" else time_cpu)(fn, repeats))
-            rows.append(row)
+            row["status"] = "ok"
+            timed.append((row, fn, time_cuda if device == "cuda" else time_cpu))
         tfn = torch_call(shape, primitive, dict(host, spec=spec), device)
         if tfn is not None:
-            if progress:
-                progress(i, len(jobs), shape.name, primitive, "torch")
-            timer = time_torch_cuda if device == "cuda" else time_cpu
-            rows.append(dict(base, provider="torch", status="ok", seconds=timer(tfn, repeats)))
+            timed.append((dict(base, provider="torch", status="ok"), tfn,
+                          time_torch_cuda if device == "cuda" else time_cpu))
+        if progress:
+            progress(i, len(jobs), shape.name, primitive, "timing")
+        seconds = time_interleaved([(fn, timer) for _, fn, timer in timed], repeats)
+        for (row, _, _), sec in zip(timed, seconds):
+            rows.append(dict(row, seconds=sec))
         if spec.flops <= REFERENCE_FLOP_LIMIT:
             ref = lambda s=shape, p=primitive, h=host: reference_result(s, p, h)  # noqa: E731
-            rows.append(dict(base, provider="reference", status="ok", seconds=time_cpu(ref, 1, warmup=0)))
+            rows.append(dict(base, provider="reference", status="ok", seconds=time_cpu(ref)))
     for row in rows:
         if "seconds" in row:
             row["gflops"] = row["flops"] / row["seconds"] / 1e9
@@ -293,7 +294,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", action="append", help="only shapes whose name contains this (repeatable)")
     parser.add_argument("--primitive", nargs="+", default=list(PRIMITIVES), choices=PRIMITIVES)
     parser.add_argument("--algo", nargs="+", help="cnnfast algorithms besides auto (default: all registered)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per provider (default: 9 on "
+                        "cpu, 30 on cuda)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--json", default="bench-results.json", help="where to write the rows")
     args = parser.parse_args(argv)
@@ -311,6 +313,7 @@ def main(argv=None) -> int:
             torch.set_num_threads(os.cpu_count())
         except ImportError:
             pass
+    args.repeats = args.repeats or (30 if device == "cuda" else 9)
     shapes = SHAPE_SETS[args.shapes or ("gpu" if device == "cuda" else "quick")]
     if args.shape:
         shapes = [s for s in shapes if any(k in s.name for k in args.shape)]

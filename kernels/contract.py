@@ -71,9 +71,11 @@ class ConvGeometry(NamedTuple):
 
     @property
     def is_pointwise(self) -> bool:
-        """1x1x1 kernel, unit stride, no padding: the convolution is a plain (batched) GEMM."""
-        return (self.T, self.R, self.S) == (1, 1, 1) and (self.stride_d, self.stride_h, self.stride_w) == (1, 1, 1) \
-            and (self.pad_d, self.pad_h, self.pad_w) == (0, 0, 0)
+        """1x1x1 kernel, unit stride, no padding, output positions == input positions (no extra rows from a
+        transposed convolution's output_padding): per sample and group, the convolution is a plain GEMM."""
+        return ((self.T, self.R, self.S) == (1, 1, 1) and (self.stride_d, self.stride_h, self.stride_w) == (1, 1, 1)
+                and (self.pad_d, self.pad_h, self.pad_w) == (0, 0, 0)
+                and (self.P, self.Q, self.U) == (self.D, self.H, self.W))
 
 
 @dataclass(frozen=True)

@@ -186,20 +186,13 @@ CHOOSE_RULES = [
     *[(f"7-out-channels-{p}", p, (1, 16, 8, 8), (7, 16, 3, 3), {}, "direct") for p in OPS],
     ("6-out-channels-per-group-forward", "forward", (1, 16, 8, 8), (12, 8, 3, 3), dict(groups=2), "direct"),
     ("8-out-channels-forward", "forward", (1, 16, 8, 8), (8, 16, 3, 3), {}, "im2col"),
-    # 3a. backward_data with >= 1024 input positions per channel -> direct; 1023 -> im2col
-    ("bwd-data-32x32-inputs", "backward_data", (1, 16, 32, 32), (16, 16, 3, 3), dict(padding=1), "direct"),
+    # 3. otherwise -> im2col, whatever the spatial size or the input channels (an RGB stem, a LeNet input)
+    *[(f"32x32-inputs-{p}", p, (1, 16, 32, 32), (16, 16, 3, 3), dict(padding=1), "im2col") for p in OPS],
     ("bwd-data-3d-4x16x16-inputs", "backward_data", (1, 8, 4, 16, 16), (8, 8, 1, 3, 3), dict(padding=(0, 1, 1)),
-     "direct"),
-    ("bwd-data-31x33-inputs", "backward_data", (1, 16, 31, 33), (16, 16, 3, 3), dict(padding=1), "im2col"),
-    ("forward-32x32-inputs", "forward", (1, 16, 32, 32), (16, 16, 3, 3), dict(padding=1), "im2col"),
-    ("bwd-filter-32x32-inputs", "backward_filter", (1, 16, 32, 32), (16, 16, 3, 3), dict(padding=1), "im2col"),
-    # 3b. backward_filter with < 8 input channels per group (an RGB stem) -> direct; 8 -> im2col
-    ("bwd-filter-rgb-stem", "backward_filter", (2, 3, 16, 16), (64, 3, 7, 7), dict(stride=2, padding=3), "direct"),
-    ("bwd-filter-7-in-per-group", "backward_filter", (1, 14, 8, 8), (16, 7, 3, 3), dict(groups=2), "direct"),
-    ("bwd-filter-8-in-channels", "backward_filter", (1, 8, 8, 8), (16, 8, 3, 3), {}, "im2col"),
-    ("forward-rgb-stem", "forward", (2, 3, 16, 16), (64, 3, 7, 7), dict(stride=2, padding=3), "im2col"),
-    ("bwd-data-rgb-stem", "backward_data", (2, 3, 16, 16), (64, 3, 7, 7), dict(stride=2, padding=3), "im2col"),
-    # 4. otherwise -> im2col (1-D and 3-D too)
+     "im2col"),
+    *[(f"rgb-stem-{p}", p, (2, 3, 16, 16), (64, 3, 7, 7), dict(stride=2, padding=3), "im2col") for p in OPS],
+    ("bwd-filter-2-in-channels", "backward_filter", (4, 2, 28, 28), (8, 2, 5, 5), {}, "im2col"),
+    # ... in 1-D and 3-D too
     *[(f"plain-{p}", p, (2, 16, 10, 10), (32, 16, 3, 3), dict(padding=1), "im2col") for p in OPS],
     ("plain-1d-forward", "forward", (2, 16, 20), (16, 16, 3), {}, "im2col"),
     ("plain-3d-backward_filter", "backward_filter", (1, 8, 4, 6, 6), (8, 8, 3, 3, 3), {}, "im2col"),
@@ -299,3 +292,73 @@ def test_cpu_algorithms_agree_on_the_grid(case, kind):
             if a < b:
                 err = relative_error(results[a], results[b])[0]
                 assert err <= 1e-10, f"{p.op} {case.name}: {a} vs {b} differ by {err:.3e} (relative)"
+
+
+# ---------------------------------------------------------------- 6. thread-pool settings (README, "CPU threads")
+
+THREAD_PROBE = """
+import os
+import cnnfast, numpy
+from cnnfast.kernels import cpu
+from numba.np.ufunc import parallel
+print(os.environ.get("OPENBLAS_THREAD_TIMEOUT"), os.environ.get("OMP_WAIT_POLICY"), parallel._is_initialized)
+"""
+
+
+@pytest.mark.parametrize("user_env, expected", [
+    ({}, "4 None True"),  # cnnfast's defaults; OMP_WAIT_POLICY was set only while Numba's pool started
+    ({"OPENBLAS_THREAD_TIMEOUT": "12", "OMP_WAIT_POLICY": "ACTIVE"}, "12 ACTIVE False"),  # the user's win
+])
+def test_thread_settings_apply_once_and_user_values_win(user_env, expected):
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY")}
+    done = subprocess.run([sys.executable, "-c", THREAD_PROBE], env={**env, **user_env}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[-2] == expected
+
+
+# ---------------------------------------------------------------- 7. im2col's pointwise path (no columns)
+
+POINTWISE = [  # (id, input shape, weight shape, options): 1x1 kernel, unit stride, no padding
+    ("2d", (2, 8, 5, 6), (6, 8, 1, 1), {}),
+    ("2d-groups", (2, 8, 5, 6), (6, 4, 1, 1), dict(groups=2)),
+    ("2d-batch-0", (0, 8, 5, 6), (6, 8, 1, 1), {}),
+    ("1d-dilated", (3, 8, 7), (4, 8, 1), dict(dilation=3)),  # dilation does not matter for a 1x1 kernel
+    ("3d", (1, 4, 3, 3, 3), (8, 4, 1, 1, 1), {}),
+]
+
+
+@pytest.mark.parametrize("primitive", OPS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("x_shape, w_shape, opts", [pytest.param(*c[1:], id=c[0]) for c in POINTWISE])
+def test_pointwise_im2col_is_a_plain_gemm_without_workspace(x_shape, w_shape, opts, dtype, primitive):
+    nd = len(x_shape) - 2
+    spec = cnnfast.ConvSpec.create(f"conv{nd}d", x_shape, w_shape, **opts)
+    assert spec.geometry.is_pointwise
+    rng = np.random.default_rng(3)
+    x, w, b = (rng.standard_normal(s) for s in (x_shape, w_shape, w_shape[:1]))
+    dy = rng.standard_normal(spec.output_shape)
+    op = f"conv{nd}d" + {"forward": "", "backward_data": "_input", "backward_filter": "_weight"}[primitive]
+    args, expected = {
+        "forward": ((x, w, b), reference.conv(x, w, b, **opts)),
+        "backward_data": ((x_shape, w, dy), reference.conv_input(x_shape, w, dy, **opts)),
+        "backward_filter": ((x, w_shape, dy), reference.conv_weight(x, w_shape, dy, **opts)),
+    }[primitive]
+    args = tuple(a.astype(dtype) if isinstance(a, np.ndarray) else a for a in args)
+    plan = cnnfast.explain(op, *args, **opts, algo="im2col")
+    assert plan.workspace_bytes == (0 if primitive != "backward_filter" else
+                                    w_shape[0] // spec.groups * x_shape[1] // spec.groups * np.dtype(dtype).itemsize)
+    fn = getattr(cnnfast, op, None) or getattr(grad, op)
+    assert_close(fn(*args, **opts, algo="im2col"), expected, dtype, f"{op} pointwise")
+
+
+def test_transposed_output_padding_is_not_pointwise():
+    """stride 1, dilation 2 allows output_padding 1: dx then has a row no output reads (the general path)."""
+    x, w = np.random.default_rng(4).standard_normal((2, 4, 5, 5)), np.ones((4, 3, 1, 1))
+    plan = cnnfast.explain("conv_transpose2d", x, w, dilation=2, output_padding=1, algo="im2col")
+    assert not plan.spec.geometry.is_pointwise
+    y = cnnfast.conv_transpose2d(x, w, dilation=2, output_padding=1, algo="im2col")
+    assert_close(y, reference.conv_transpose(x, w, dilation=2, output_padding=1), "float64", "conv_transpose2d")

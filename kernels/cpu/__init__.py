@@ -1,18 +1,19 @@
 """CPU kernels (Numba, parallel=True, cache=True): the algorithms, the auto cost model, the layout twins.
 
-choose(g, primitive), the cost model behind algo="auto" (thresholds from `cnnfast bench --shapes cpu` on a
-2-core AVX2 machine, bench/RESULTS.md):
+choose(g, primitive), the cost model behind algo="auto" (from `cnnfast bench --shapes cpu` and thin-layer
+measurements on a 2-core AVX2 machine, bench/RESULTS.md), the same for all three primitives:
   1. depthwise layers (groups == C)                   -> depthwise (memory-bound; a plane per task)
-  2. fewer than 8 output channels per group           -> direct (a GEMM that thin does not pay for its columns)
-  3. backward_data with >= 1024 input positions per
-     channel, or backward_filter with < 8 input
-     channels per group (e.g. an RGB stem)            -> direct (col2im / thin column GEMMs cost more there)
-  4. otherwise                                        -> im2col (BLAS GEMM; building the columns costs
-     C*T*R*S*P*Q*U copies against 2*K*C*T*R*S*P*Q*U flops)
+  2. fewer than 8 output channels per group           -> direct (a GEMM that thin does not pay for its columns:
+                                                         2-8x faster than im2col at 1-4 channels)
+  3. otherwise                                        -> im2col (BLAS GEMM; building the columns costs
+     C*T*R*S*P*Q*U copies against 2*K*C*T*R*S*P*Q*U flops; 1.2-15x faster than direct on every dense
+     benchmark shape, backward passes included)
 """
 from cnnfast.kernels.contract import Algorithm
-from cnnfast.kernels.cpu import depthwise, direct, im2col
+from cnnfast.kernels.cpu import depthwise, direct, im2col, threads
 from cnnfast.kernels.cpu.layout import bias_grad_cpu, fold_pad_cpu, pad_cpu
+
+threads.start()
 
 __all__ = ["ALGORITHMS", "choose", "pad_cpu", "fold_pad_cpu", "bias_grad_cpu"]
 
@@ -50,9 +51,5 @@ def choose(g, primitive):
     cg, kg = g.C // g.groups, g.K // g.groups
     if kg < 8:
         return "direct", f"{kg} output channels per group: too thin for a BLAS GEMM"
-    if primitive == "backward_data" and g.D * g.H * g.W >= 1024:
-        return "direct", f"{g.D * g.H * g.W} input positions per channel: the direct gather beats col2im"
-    if primitive == "backward_filter" and cg < 8:
-        return "direct", f"{cg} input channels per group: the column GEMM is too thin"
     return "im2col", (f"GEMM of {kg} x {cg * g.T * g.R * g.S} x {g.P * g.Q * g.U} per sample and group: "
                       f"BLAS beats direct loops")

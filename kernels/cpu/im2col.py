@@ -8,6 +8,9 @@ a column block cols (CTRS = C/g*T*R*S, nb, B) holding B output positions [o0, o0
                       dx = col2im(dcols) as a gather (no races)
     backward_filter:  dW_g (K/g, CTRS) += dy block (K/g, nb*B) @ cols^T, blocks in a fixed order (deterministic)
 
+A pointwise problem (1x1 kernel, unit stride, no padding: g.is_pointwise) needs no columns, its column matrix
+is x itself: per sample and group y = W_g @ x, dx = W_g^T @ dy, dW_g += dy @ x^T (samples in order).
+
 One GEMM per block keeps BLAS's threads busy on a large product instead of switching between Numba's and
 BLAS's thread pools per sample. Blocks hold whole samples when one fits, else B < O positions of one
 sample; the scratch (cols, staging of the other GEMM operand or result) stays under workspace_limit
@@ -66,37 +69,38 @@ def im2col_cpu(x, n0, c0, cols, taps, o0, sd, sh, sw, dd, dh, dw_, pd, ph, pw, Q
 @numba.njit(parallel=True, cache=True)
 def col2im_cpu(dcols, dx, n0, c0, taps, o0, sd, sh, sw, dd, dh, dw_, pd, ph, pw, P, Q, U):
     """dx[n0 + i, c0 + c, i_d, ih, l] += sum over taps (t, r, s) that read (i_d, ih, l) from an output
-    o = (p*Q + q)*U + u in this block [o0, o0 + B) of dcols[((c*T + t)*R + r)*S + s, i, o - o0]: a gather,
-    one task per (sample i, c, input row)."""
+    o = (p*Q + q)*U + u in this block [o0, o0 + B) of dcols[((c*T + t)*R + r)*S + s, i, o - o0]. A gather, one
+    task per dx row (sample i, c, i_d, ih): each tap's run of outputs is added along the row (unit stride when
+    sw == 1), taps in (t, r, s) order, so every element sums its terms in one fixed order (no races)."""
     _, _, D, H, W = dx.shape
     T, R, S = taps[0], taps[1], taps[2]
     rows, nb, B = dcols.shape
     Cg = rows // (T * R * S)
-    o1 = o0 + B
     for task in numba.prange(nb * Cg * D * H):
         ih = task % H
         i_d = (task // H) % D
         c = (task // (H * D)) % Cg
         i = task // (H * D * Cg)
-        n = n0 + i
-        for l in range(W):
-            total = dx[n, c0 + c, i_d, ih, l]
-            for t in range(T):
-                p = tap_output(i_d, pd, t * dd, sd, P)
-                if p < 0:
+        dxrow = dx[n0 + i, c0 + c, i_d, ih]
+        for t in range(T):
+            p = tap_output(i_d, pd, t * dd, sd, P)
+            if p < 0:
+                continue
+            for r in range(R):
+                q = tap_output(ih, ph, r * dh, sh, Q)
+                if q < 0:
                     continue
-                for r in range(R):
-                    q = tap_output(ih, ph, r * dh, sh, Q)
-                    if q < 0:
+                first = (p * Q + q) * U - o0  # this output row's u = 0 in the block's columns
+                for s in range(S):
+                    u_lo, u_hi = out_range(pw, s * dw_, sw, W, U)
+                    u_lo, u_hi = max(u_lo, -first), min(u_hi, B - first)
+                    if u_lo >= u_hi:
                         continue
-                    for s in range(S):
-                        u = tap_output(l, pw, s * dw_, sw, U)
-                        if u < 0:
-                            continue
-                        o = (p * Q + q) * U + u
-                        if o0 <= o < o1:
-                            total += dcols[((c * T + t) * R + r) * S + s, i, o - o0]
-            dx[n, c0 + c, i_d, ih, l] = total
+                    src = dcols[((c * T + t) * R + r) * S + s, i, first + u_lo:first + u_hi]
+                    at = u_lo * sw + s * dw_ - pw
+                    dst = dxrow[at:at + (u_hi - u_lo - 1) * sw + 1:sw]
+                    for j in range(u_hi - u_lo):
+                        dst[j] += src[j]
 
 
 def _scratch(g, primitive, itemsize, nb, B):
@@ -121,6 +125,8 @@ def _block(g, primitive, itemsize, workspace_limit):
 
 
 def workspace_bytes(g, primitive, itemsize, workspace_limit):
+    if g.is_pointwise:
+        return (g.K // g.groups) * (g.C // g.groups) * itemsize if primitive == "backward_filter" else 0
     return _scratch(g, primitive, itemsize, *_block(g, primitive, itemsize, workspace_limit))
 
 
@@ -142,22 +148,31 @@ def _views(buf, dtype, *shapes):
     return out
 
 
+def _pointwise(a, g):
+    """a (N, C or K, ...) as (N, groups, channels per group, positions)."""
+    return a.reshape(g.N, g.groups, -1, g.P * g.Q * g.U)
+
+
 def forward(x, w, bias, y, g, workspace_limit=None):
     Kg, Cg, O = g.K // g.groups, g.C // g.groups, g.P * g.Q * g.U
-    blocks, rows, buf = _blocks(g, "forward", x.itemsize, workspace_limit)
-    taps = np.array([g.T, g.R, g.S], np.int64)
-    w2 = w.reshape(g.groups, Kg, rows)
-    y2 = y.reshape(g.N, g.groups, Kg, O)
-    args = geometry_args(g)[:9]
-    for grp in range(g.groups):
-        for n0, nb, o0, B in blocks:
-            cols, stage = _views(buf, x.dtype, (rows, nb, B), (Kg, nb, B))
-            im2col_cpu(x, n0, grp * Cg, cols, taps, o0, *args, g.Q, g.U)
-            if nb == 1 and B == O:
-                np.matmul(w2[grp], cols.reshape(rows, B), out=y2[n0, grp])
-            else:
-                np.matmul(w2[grp], cols.reshape(rows, nb * B), out=stage.reshape(Kg, nb * B))
-                y2[n0:n0 + nb, grp, :, o0:o0 + B] = stage.transpose(1, 0, 2)
+    w2 = w.reshape(g.groups, Kg, Cg * g.T * g.R * g.S)
+    if g.is_pointwise:
+        for grp in range(g.groups):
+            np.matmul(w2[grp], _pointwise(x, g)[:, grp], out=_pointwise(y, g)[:, grp])
+    else:
+        blocks, rows, buf = _blocks(g, "forward", x.itemsize, workspace_limit)
+        taps = np.array([g.T, g.R, g.S], np.int64)
+        y2 = y.reshape(g.N, g.groups, Kg, O)
+        args = geometry_args(g)[:9]
+        for grp in range(g.groups):
+            for n0, nb, o0, B in blocks:
+                cols, stage = _views(buf, x.dtype, (rows, nb, B), (Kg, nb, B))
+                im2col_cpu(x, n0, grp * Cg, cols, taps, o0, *args, g.Q, g.U)
+                if nb == 1 and B == O:
+                    np.matmul(w2[grp], cols.reshape(rows, B), out=y2[n0, grp])
+                else:
+                    np.matmul(w2[grp], cols.reshape(rows, nb * B), out=stage.reshape(Kg, nb * B))
+                    y2[n0:n0 + nb, grp, :, o0:o0 + B] = stage.transpose(1, 0, 2)
     if bias is not None:
         y += bias.reshape(1, -1, 1, 1, 1)
 
@@ -172,9 +187,13 @@ def _dy_block(dy2, grp, n0, nb, o0, B, stage):
 
 def backward_data(dy, w, dx, g, workspace_limit=None):
     Kg, Cg, O = g.K // g.groups, g.C // g.groups, g.P * g.Q * g.U
+    w2t = w.reshape(g.groups, Kg, Cg * g.T * g.R * g.S).transpose(0, 2, 1)
+    if g.is_pointwise:
+        for grp in range(g.groups):
+            np.matmul(w2t[grp], _pointwise(dy, g)[:, grp], out=_pointwise(dx, g)[:, grp])
+        return
     blocks, rows, buf = _blocks(g, "backward_data", dx.itemsize, workspace_limit)
     taps = np.array([g.T, g.R, g.S], np.int64)
-    w2t = w.reshape(g.groups, Kg, rows).transpose(0, 2, 1)
     dy2 = dy.reshape(g.N, g.groups, Kg, O)
     dx[...] = 0
     args = geometry_args(g)[:9]
@@ -187,10 +206,17 @@ def backward_data(dy, w, dx, g, workspace_limit=None):
 
 def backward_filter(x, dy, dw, g, workspace_limit=None):
     Kg, Cg, O = g.K // g.groups, g.C // g.groups, g.P * g.Q * g.U
+    dw2 = dw.reshape(g.groups, Kg, Cg * g.T * g.R * g.S)
+    dw2[...] = 0
+    if g.is_pointwise:
+        product = np.empty((Kg, Cg), dw.dtype)
+        for grp in range(g.groups):
+            for n in range(g.N):
+                np.matmul(_pointwise(dy, g)[n, grp], _pointwise(x, g)[n, grp].T, out=product)
+                dw2[grp] += product
+        return
     blocks, rows, buf = _blocks(g, "backward_filter", x.itemsize, workspace_limit)
     taps = np.array([g.T, g.R, g.S], np.int64)
-    dw2 = dw.reshape(g.groups, Kg, rows)
-    dw2[...] = 0
     dy2 = dy.reshape(g.N, g.groups, Kg, O)
     args = geometry_args(g)[:9]
     for grp in range(g.groups):
