@@ -8,11 +8,14 @@ import os
 
 __version__ = "0.1.0"
 
-# NumPy's OpenBLAS keeps its worker threads spinning for ~0.1 s after every GEMM (its thread timeout, 2**28
-# cycles), taking the cores from the Numba kernels that run next (im2col's column build, col2im): 1.5-2x slower
-# on the 2-core box (bench/RESULTS.md). OpenBLAS reads the timeout once, when NumPy loads it, so this helps when
-# cnnfast is imported before NumPy; a value the user set wins (README, "CPU threads").
+# Thread pools that do not fight (README, "CPU threads"; values the user set win). NumPy's OpenBLAS keeps its
+# workers spinning ~0.1 s after every GEMM (thread timeout 2**28 cycles), taking the cores from the Numba kernel
+# that runs next; it reads the timeout once, as NumPy loads it. Numba's OpenMP pool is started now, passive, and
+# before torch can be imported: a pool started later binds to torch's already loaded (spinning) libgomp.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+from cnnfast.kernels.cpu import threads as _threads  # noqa: E402
+
+_threads.start()
 
 from cnnfast import grad  # noqa: E402
 from cnnfast.api import conv1d, conv2d, conv3d, conv_transpose1d, conv_transpose2d, conv_transpose3d, explain  # noqa: E402

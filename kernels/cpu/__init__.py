@@ -10,10 +10,8 @@ measurements on a 2-core AVX2 machine, bench/RESULTS.md), the same for all three
      benchmark shape, backward passes included)
 """
 from cnnfast.kernels.contract import Algorithm
-from cnnfast.kernels.cpu import depthwise, direct, im2col, threads
+from cnnfast.kernels.cpu import depthwise, direct, im2col
 from cnnfast.kernels.cpu.layout import bias_grad_cpu, fold_pad_cpu, pad_cpu
-
-threads.start()
 
 __all__ = ["ALGORITHMS", "choose", "pad_cpu", "fold_pad_cpu", "bias_grad_cpu"]
 

@@ -18,14 +18,18 @@ def depthwise_forward_cpu(x, w, bias, has_bias, y, sd, sh, sw, dd, dh, dw_, pd, 
     K, _, T, R, S = w.shape
     _, _, P, Q, U = y.shape
     M = K // C
+    lo, hi_ = np.empty(S, np.int64), np.empty(S, np.int64)  # per tap s: outputs u that read inside x
+    for s in range(S):
+        lo[s], hi_[s] = out_range(pw, s * dw_, sw, W, U)
     for plane in numba.prange(N * K):
         n, k = plane // K, plane % K
         c = k // M
-        acc = np.empty(U, dtype=y.dtype)
         b = bias[k] if has_bias else 0.0
         for p in range(P):
             for q in range(Q):
-                acc[:] = b
+                acc = y[n, k, p, q]  # accumulate the taps straight into the output row
+                for u in range(U):
+                    acc[u] = b
                 for t in range(T):
                     di = p * sd - pd + t * dd
                     if di < 0 or di >= D:
@@ -35,7 +39,7 @@ def depthwise_forward_cpu(x, w, bias, has_bias, y, sd, sh, sw, dd, dh, dw_, pd, 
                         if hi < 0 or hi >= H:
                             continue
                         for s in range(S):
-                            u0, u1 = out_range(pw, s * dw_, sw, W, U)
+                            u0, u1 = lo[s], hi_[s]
                             base = s * dw_ - pw
                             wv = w[k, 0, t, r, s]
                             if sw == 1:  # vectorised (see direct.py)
@@ -46,7 +50,6 @@ def depthwise_forward_cpu(x, w, bias, has_bias, y, sd, sh, sw, dd, dh, dw_, pd, 
                             else:
                                 for u in range(u0, u1):
                                     acc[u] += wv * x[n, c, di, hi, u * sw + base]
-                y[n, k, p, q, :] = acc
 
 
 @numba.njit(parallel=True, cache=True, fastmath=CONTRACT)
@@ -55,12 +58,16 @@ def depthwise_backward_data_cpu(dy, w, dx, sd, sh, sw, dd, dh, dw_, pd, ph, pw):
     K, _, T, R, S = w.shape
     _, _, P, Q, U = dy.shape
     M = K // C
+    lo, hi_ = np.empty(S, np.int64), np.empty(S, np.int64)  # per tap s: outputs u that read inside x
+    for s in range(S):
+        lo[s], hi_[s] = out_range(pw, s * dw_, sw, W, U)
     for plane in numba.prange(N * C):
         n, c = plane // C, plane % C
-        acc = np.empty(W, dtype=dx.dtype)
         for i_d in range(D):
             for ih in range(H):
-                acc[:] = 0.0
+                acc = dx[n, c, i_d, ih]  # gather the taps straight into the dx row
+                for i in range(W):
+                    acc[i] = 0.0
                 for t in range(T):
                     p = tap_output(i_d, pd, t * dd, sd, P)
                     if p < 0:
@@ -70,7 +77,7 @@ def depthwise_backward_data_cpu(dy, w, dx, sd, sh, sw, dd, dh, dw_, pd, ph, pw):
                         if q < 0:
                             continue
                         for s in range(S):
-                            u0, u1 = out_range(pw, s * dw_, sw, W, U)
+                            u0, u1 = lo[s], hi_[s]
                             base = s * dw_ - pw
                             for m in range(M):
                                 k = c * M + m
@@ -83,7 +90,6 @@ def depthwise_backward_data_cpu(dy, w, dx, sd, sh, sw, dd, dh, dw_, pd, ph, pw):
                                 else:
                                     for u in range(u0, u1):
                                         acc[u * sw + base] += wv * ds[u - u0]
-                dx[n, c, i_d, ih, :] = acc
 
 
 def supports(g, primitive):

@@ -27,43 +27,52 @@ from cnnfast.kernels.cpu.direct import geometry_args, out_range, tap_output
 def im2col_cpu(x, n0, c0, cols, taps, o0, sd, sh, sw, dd, dh, dw_, pd, ph, pw, Q, U):
     """cols[row, i, j] for row = ((c*T + t)*R + r)*S + s, sample n = n0 + i and output position
     o = o0 + j = (p*Q + q)*U + u: x[n, c0 + c, p*sd - pd + t*dd, q*sh - ph + r*dh, u*sw - pw + s*dw], or 0
-    outside x. taps = (T, R, S). One task per (row, sample); each output-row segment is a zero / copy / zero run."""
+    outside x. taps = (T, R, S). One task per (row, sample), walking the output rows (p, q) of its block: each
+    row's run is zeros / a copy of an x row (unit stride when sw == 1) / zeros. Loops run over 0-based slices
+    so LLVM can vectorise them (no negative-index wraparound)."""
     _, _, D, H, W = x.shape
     T, R, S = taps[0], taps[1], taps[2]
     rows, nb, B = cols.shape
     for task in numba.prange(rows * nb):
         row, i = task // nb, task % nb
-        n = n0 + i
         s = row % S
         r = (row // S) % R
         t = (row // (S * R)) % T
         c = row // (S * R * T)
-        u_lo, u_hi = out_range(pw, s * dw_, sw, W, U)
+        u_lo, u_hi = out_range(pw, s * dw_, sw, W, U)  # the outputs u whose tap s reads inside x
         base = s * dw_ - pw
+        xc = x[n0 + i, c0 + c]
+        dst = cols[row, i]
+        p, q, u0 = o0 // (U * Q), (o0 // U) % Q, o0 % U  # the block's first output
         j = 0
         while j < B:
-            o = o0 + j
-            u0 = o % U
-            q = (o // U) % Q
-            p = o // (U * Q)
             seg = min(U - u0, B - j)
+            out = dst[j:j + seg]  # outputs u0 .. u0 + seg of output row (p, q)
             di = p * sd - pd + t * dd
             hi = q * sh - ph + r * dh
+            a = min(max(u_lo, u0), u0 + seg) - u0  # out[a:b] reads inside x
+            b = max(min(u_hi, u0 + seg) - u0, a)
             if di < 0 or di >= D or hi < 0 or hi >= H:
-                cols[row, i, j:j + seg] = 0.0
-            else:
-                xrow = x[n, c0 + c, di, hi]
-                a = min(max(u_lo, u0), u0 + seg)
-                b = max(min(u_hi, u0 + seg), a)
-                cols[row, i, j:j + a - u0] = 0.0
-                if sw == 1:
-                    for u in range(a, b):
-                        cols[row, i, j + u - u0] = xrow[u + base]
-                else:
-                    for u in range(a, b):
-                        cols[row, i, j + u - u0] = xrow[u * sw + base]
-                cols[row, i, j + b - u0:j + seg] = 0.0
+                a = b = seg
+            head, body, tail = out[:a], out[a:b], out[b:]
+            for k in range(a):
+                head[k] = 0.0
+            if b > a and sw == 1:
+                src = xc[di, hi, u0 + a + base:u0 + b + base]  # contiguous: a vectorised copy
+                for k in range(b - a):
+                    body[k] = src[k]
+            elif b > a:
+                src = xc[di, hi, (u0 + a) * sw + base:(u0 + b - 1) * sw + base + 1:sw]
+                for k in range(b - a):
+                    body[k] = src[k]
+            for k in range(seg - b):
+                tail[k] = 0.0
             j += seg
+            u0 = 0
+            q += 1
+            if q == Q:
+                q = 0
+                p += 1
 
 
 @numba.njit(parallel=True, cache=True)

@@ -7,6 +7,8 @@ alternating against 15 ms for the same halves timed apart (bench/RESULTS.md). st
 OMP_WAIT_POLICY=PASSIVE in the environment while Numba's libgomp loads (it reads the variable once, at
 load), then restores the environment, so other OpenMP runtimes in the process (torch bundles its own
 libgomp) are untouched. A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins; other layers ignore it.
+cnnfast/__init__.py calls start() on import: a pool started after torch was imported binds to torch's libgomp
+(loaded RTLD_GLOBAL, spinning), and an im2col convolution then runs ~1.7x slower.
 """
 import os
 
