@@ -22,6 +22,10 @@ import numpy as np
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cpu.direct import geometry_args, out_range, tap_output
 
+# Forward blocks of whole samples with at least this many output positions run one GEMM per sample straight
+# into y (no staging copy): 7-14% faster at 56x56 and 112x112 on the 2-core box, slower below ~32x32.
+DIRECT_STORE_POSITIONS = 1024
+
 
 @numba.njit(parallel=True, cache=True)
 def im2col_cpu(x, n0, c0, cols, taps, o0, sd, sh, sw, dd, dh, dw_, pd, ph, pw, Q, U):
@@ -177,8 +181,8 @@ def forward(x, w, bias, y, g, workspace_limit=None):
             for n0, nb, o0, B in blocks:
                 cols, stage = _views(buf, x.dtype, (rows, nb, B), (Kg, nb, B))
                 im2col_cpu(x, n0, grp * Cg, cols, taps, o0, *args, g.Q, g.U)
-                if nb == 1 and B == O:
-                    np.matmul(w2[grp], cols.reshape(rows, B), out=y2[n0, grp])
+                if B == O and (nb == 1 or O >= DIRECT_STORE_POSITIONS):  # one GEMM per sample, into y
+                    np.matmul(w2[grp], cols.transpose(1, 0, 2), out=y2[n0:n0 + nb, grp])
                 else:
                     np.matmul(w2[grp], cols.reshape(rows, nb * B), out=stage.reshape(Kg, nb * B))
                     y2[n0:n0 + nb, grp, :, o0:o0 + B] = stage.transpose(1, 0, 2)
