@@ -5,6 +5,8 @@ kernels compile once per process."""
 import numpy as np
 import pytest
 from cnnfast.kernels.cpu import ALGORITHMS, bias_grad_cpu, choose, fold_pad_cpu, im2col, pad_cpu
+from layers import OP_NAMES as OPS
+from layers import Layer
 
 import cnnfast
 from cnnfast import grad, reference
@@ -12,39 +14,7 @@ from cnnfast.compare import assert_close, relative_error
 from cnnfast.validate import CASES, case_spec, problem
 
 CPU_ALGOS = tuple(ALGORITHMS)  # direct, im2col, depthwise: the kernels, not the float64 reference
-OPS = {"forward": "conv2d", "backward_data": "conv2d_input", "backward_filter": "conv2d_weight"}
 
-
-class Layer:
-    """A 2-D layer with random float64 inputs, runnable as each primitive through the public ops."""
-
-    def __init__(self, x_shape, w_shape, seed=0, dtype="float64", **opts):
-        rng = np.random.default_rng(seed)
-        self.opts = opts
-        self.x = rng.standard_normal(x_shape).astype(dtype)
-        self.w = rng.standard_normal(w_shape).astype(dtype)
-        self.b = rng.standard_normal(w_shape[0]).astype(dtype)
-        y_shape = reference.conv(self.x, self.w, **opts).shape
-        self.dy = rng.standard_normal(y_shape).astype(dtype)
-
-    def args(self, primitive):
-        return {"forward": (self.x, self.w, self.b), "backward_data": (self.x.shape, self.w, self.dy),
-                "backward_filter": (self.x, self.w.shape, self.dy)}[primitive]
-
-    def run(self, primitive, **kw):
-        fn = {"forward": cnnfast.conv2d, "backward_data": grad.conv2d_input,
-              "backward_filter": grad.conv2d_weight}[primitive]
-        return fn(*self.args(primitive), **self.opts, **kw)
-
-    def explain(self, primitive, **kw):
-        return cnnfast.explain(OPS[primitive], *self.args(primitive), **self.opts, **kw)
-
-    def expected(self, primitive):
-        if primitive == "forward":
-            return reference.conv(self.x, self.w, self.b, **self.opts)
-        if primitive == "backward_data":
-            return reference.conv_input(self.x.shape, self.w, self.dy, **self.opts)
-        return reference.conv_weight(self.x, self.w.shape, self.dy, **self.opts)
 
 
 # ---------------------------------------------------------------- 1. im2col workspace chunking

@@ -15,48 +15,16 @@ import numpy as np
 import pytest
 from cnnfast.kernels.cpu import im2col as cpu_im2col
 from cnnfast.kernels.cpu.direct import geometry_args
+from layers import OP_NAMES, OPS, Layer
 
 import cnnfast
-from cnnfast import grad, reference
 from cnnfast.arrays import simulator_enabled, to_host
 from cnnfast.compare import assert_close
 from cnnfast.plan import algorithms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIM = simulator_enabled()
-OPS = {"forward": cnnfast.conv2d, "backward_data": grad.conv2d_input, "backward_filter": grad.conv2d_weight}
-OP_NAMES = {"forward": "conv2d", "backward_data": "conv2d_input", "backward_filter": "conv2d_weight"}
 MiB = 1 << 20
-
-
-class Layer:
-    """A 2-D layer with random inputs of one dtype, runnable as each primitive through the public ops."""
-
-    def __init__(self, x_shape, w_shape, seed=0, dtype="float32", bias=True, **opts):
-        rng = np.random.default_rng(seed)
-        self.opts = opts
-        self.x = rng.standard_normal(x_shape).astype(dtype)
-        self.w = rng.standard_normal(w_shape).astype(dtype)
-        self.b = rng.standard_normal(w_shape[0]).astype(dtype) if bias else None
-        self.dy = rng.standard_normal(reference.conv(self.x, self.w, **opts).shape).astype(dtype)
-        self.dtype = dtype
-
-    def args(self, primitive, move=lambda a: a):
-        if primitive == "forward":
-            return move(self.x), move(self.w), None if self.b is None else move(self.b)
-        if primitive == "backward_data":
-            return self.x.shape, move(self.w), move(self.dy)
-        return move(self.x), self.w.shape, move(self.dy)
-
-    def run(self, primitive, args=None, **kw):
-        return OPS[primitive](*(args or self.args(primitive)), **self.opts, **kw)
-
-    def expected(self, primitive):
-        if primitive == "forward":
-            return reference.conv(self.x, self.w, self.b, **self.opts)
-        if primitive == "backward_data":
-            return reference.conv_input(self.x.shape, self.w, self.dy, **self.opts)
-        return reference.conv_weight(self.x, self.w.shape, self.dy, **self.opts)
 
 
 def _kernel_algos(device):
@@ -88,7 +56,7 @@ CUDA_LAYERS = {
 
 def _layer(spec, **kw):
     spec = dict(spec)
-    return Layer(spec.pop("x_shape"), spec.pop("w_shape"), **kw, **spec)
+    return Layer(spec.pop("x_shape"), spec.pop("w_shape"), **{"dtype": "float32", **kw}, **spec)
 
 
 def _determinism_params(device, layers):
@@ -252,8 +220,8 @@ def _rss_bytes():
 def test_ten_thousand_calls_leave_host_memory_flat():
     """10,000 tiny calls cycling through every CPU algorithm and primitive: RSS (native leaks: Numba's NRT, BLAS)
     and Python's traced allocations (caches that grow per call) stay flat after a warm-up."""
-    tiny = Layer((1, 2, 5, 5), (8, 2, 3, 3), seed=1, padding=1)
-    dw = Layer((1, 2, 5, 5), (4, 1, 3, 3), seed=2, padding=1, groups=2)
+    tiny = Layer((1, 2, 5, 5), (8, 2, 3, 3), seed=1, dtype="float32", padding=1)
+    dw = Layer((1, 2, 5, 5), (4, 1, 3, 3), seed=2, dtype="float32", padding=1, groups=2)
     calls = [(tiny, p, a) for a in ("direct", "im2col") for p in OPS] + [(dw, p, "depthwise") for p in OPS]
     calls = [(layer.args(p), layer, p, a) for layer, p, a in calls]
 

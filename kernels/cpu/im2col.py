@@ -161,6 +161,22 @@ def _views(buf, dtype, *shapes):
     return out
 
 
+def _column_blocks(x, g, primitive, workspace_limit):
+    """For each group and block, in a fixed order: (grp, n0, nb, o0, B, cols, stage, product), views of one
+    scratch buffer: cols (CTRS, nb, B) filled by im2col_cpu, stage (K/g, nb, B), and backward_filter's
+    product (K/g, CTRS) (empty otherwise)."""
+    Kg, Cg = g.K // g.groups, g.C // g.groups
+    blocks, rows, buf = _blocks(g, primitive, x.itemsize, workspace_limit)
+    taps = np.array([g.T, g.R, g.S], np.int64)
+    args = geometry_args(g)[:9]
+    product_shape = (Kg, rows) if primitive == "backward_filter" else (0,)
+    for grp in range(g.groups):
+        for n0, nb, o0, B in blocks:
+            cols, stage, product = _views(buf, x.dtype, (rows, nb, B), (Kg, nb, B), product_shape)
+            im2col_cpu(x, n0, grp * Cg, cols, taps, o0, *args, g.Q, g.U)
+            yield grp, n0, nb, o0, B, cols, stage, product
+
+
 def _pointwise(a, g):
     """a (N, C or K, ...) as (N, groups, channels per group, positions)."""
     return a.reshape(g.N, g.groups, -1, g.P * g.Q * g.U)
@@ -173,19 +189,13 @@ def forward(x, w, bias, y, g, workspace_limit=None):
         for grp in range(g.groups):
             np.matmul(w2[grp], _pointwise(x, g)[:, grp], out=_pointwise(y, g)[:, grp])
     else:
-        blocks, rows, buf = _blocks(g, "forward", x.itemsize, workspace_limit)
-        taps = np.array([g.T, g.R, g.S], np.int64)
         y2 = y.reshape(g.N, g.groups, Kg, O)
-        args = geometry_args(g)[:9]
-        for grp in range(g.groups):
-            for n0, nb, o0, B in blocks:
-                cols, stage = _views(buf, x.dtype, (rows, nb, B), (Kg, nb, B))
-                im2col_cpu(x, n0, grp * Cg, cols, taps, o0, *args, g.Q, g.U)
-                if B == O and (nb == 1 or O >= DIRECT_STORE_POSITIONS):  # one GEMM per sample, into y
-                    np.matmul(w2[grp], cols.transpose(1, 0, 2), out=y2[n0:n0 + nb, grp])
-                else:
-                    np.matmul(w2[grp], cols.reshape(rows, nb * B), out=stage.reshape(Kg, nb * B))
-                    y2[n0:n0 + nb, grp, :, o0:o0 + B] = stage.transpose(1, 0, 2)
+        for grp, n0, nb, o0, B, cols, stage, _ in _column_blocks(x, g, "forward", workspace_limit):
+            if B == O and (nb == 1 or O >= DIRECT_STORE_POSITIONS):  # one GEMM per sample, into y
+                np.matmul(w2[grp], cols.transpose(1, 0, 2), out=y2[n0:n0 + nb, grp])
+            else:
+                np.matmul(w2[grp], cols.reshape(-1, nb * B), out=stage.reshape(Kg, nb * B))
+                y2[n0:n0 + nb, grp, :, o0:o0 + B] = stage.transpose(1, 0, 2)
     if bias is not None:
         y += bias.reshape(1, -1, 1, 1, 1)
 
@@ -228,13 +238,7 @@ def backward_filter(x, dy, dw, g, workspace_limit=None):
                 np.matmul(_pointwise(dy, g)[n, grp], _pointwise(x, g)[n, grp].T, out=product)
                 dw2[grp] += product
         return
-    blocks, rows, buf = _blocks(g, "backward_filter", x.itemsize, workspace_limit)
-    taps = np.array([g.T, g.R, g.S], np.int64)
     dy2 = dy.reshape(g.N, g.groups, Kg, O)
-    args = geometry_args(g)[:9]
-    for grp in range(g.groups):
-        for n0, nb, o0, B in blocks:
-            cols, stage, product = _views(buf, x.dtype, (rows, nb, B), (Kg, nb, B), (Kg, rows))
-            im2col_cpu(x, n0, grp * Cg, cols, taps, o0, *args, g.Q, g.U)
-            np.matmul(_dy_block(dy2, grp, n0, nb, o0, B, stage), cols.reshape(rows, nb * B).T, out=product)
-            dw2[grp] += product
+    for grp, n0, nb, o0, B, cols, stage, product in _column_blocks(x, g, "backward_filter", workspace_limit):
+        np.matmul(_dy_block(dy2, grp, n0, nb, o0, B, stage), cols.reshape(-1, nb * B).T, out=product)
+        dw2[grp] += product
