@@ -31,3 +31,21 @@ def test_cpu(benchmark, shape, primitive, provider):
         compare.assert_close(np.asarray(fn()), harness.reference_result(shape, primitive, arrays), "float32")
     benchmark.extra_info.update(flops=spec.flops, bytes=spec.min_bytes(primitive))
     benchmark(fn)
+
+
+@pytest.mark.parametrize("provider", ["cnnfast", "torch"])
+def test_cpu_host_cost(benchmark, provider):
+    """The cost of one call on a problem too small to matter (1x1x8x8 by one 3x3 filter): checks, planning
+    (a cached plan after the first call), launch and result."""
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((1, 1, 8, 8)).astype(np.float32), rng.standard_normal((1, 1, 3, 3)).astype(np.float32)
+    if provider == "torch":
+        torch = pytest.importorskip("torch")
+        xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+        fn = lambda: torch.nn.functional.conv2d(xt, wt, padding=1)  # noqa: E731
+    else:
+        import cnnfast
+        from cnnfast import reference
+        fn = lambda: cnnfast.conv2d(x, w, padding=1)  # noqa: E731
+        compare.assert_close(fn(), reference.conv(x.astype(np.float64), w.astype(np.float64), padding=1), "float32")
+    benchmark(fn)

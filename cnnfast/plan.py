@@ -9,6 +9,7 @@ host round trip), the ground truth and the fallback while a device has no kernel
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,7 +87,7 @@ _PACKAGES = {"cpu": "cnnfast.kernels.cpu", "cuda": "cnnfast.kernels.cuda"}
 
 
 def kernel_package(device: str):
-    return importlib.import_module(_PACKAGES[device])
+    return sys.modules.get(_PACKAGES[device]) or importlib.import_module(_PACKAGES[device])
 
 
 def algorithms(device: str) -> dict:
@@ -94,6 +95,13 @@ def algorithms(device: str) -> dict:
     algos = dict(getattr(kernel_package(device), "ALGORITHMS", {}))
     algos["reference"] = REFERENCE
     return algos
+
+
+def registry_token(device: str) -> tuple:
+    """Identifies what make_plan reads from the registry (the algorithms and choose); changes when one is replaced."""
+    package = kernel_package(device)
+    return (id(getattr(package, "choose", None)),) + tuple(
+        (name, id(a)) for name, a in getattr(package, "ALGORITHMS", {}).items())
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,21 @@ def test_workspace_limit_below_the_minimum_is_refused_by_im2col_and_avoided_by_a
     assert_close(out, layer.expected(primitive), "float64", f"{OPS[primitive]} auto, limit={too_small}")
 
 
+@pytest.mark.parametrize("primitive", list(OPS))
+@pytest.mark.parametrize("x_shape, samples_per_block", [
+    ((8, 64, 56, 56), 2),    # one sample's scratch is 8.0 MB: two fit PREFERRED_SCRATCH (16 MiB)
+    ((2, 64, 112, 112), 1),  # 32 MB per sample: one whole sample, over the preference, under the limit
+])
+def test_im2col_blocks_hold_the_samples_that_fit_the_preferred_scratch(x_shape, samples_per_block, primitive):
+    g = cnnfast.ConvSpec.create("conv2d", x_shape, (64, 64, 3, 3), padding=1).geometry
+    nb, B = im2col._block(g, primitive, 4, None)
+    assert (nb, B) == (samples_per_block, g.P * g.Q * g.U)  # whole samples, never a split one
+    scratch = im2col._scratch(g, primitive, 4, nb, B)
+    assert scratch <= im2col.DEFAULT_WORKSPACE_LIMIT
+    assert nb == 1 or scratch <= im2col.PREFERRED_SCRATCH
+    assert im2col._block(g, primitive, 4, 2 * scratch) == (nb, B)  # a larger limit does not grow the block
+
+
 # ---------------------------------------------------------------- 2. bitwise determinism
 
 DENSE = dict(x_shape=(3, 16, 12, 12), w_shape=(16, 16, 3, 3), padding=1)

@@ -1,7 +1,9 @@
 """Reliability: bitwise determinism of every default kernel, thread safety, host memory (workspace_limit and
 no growth over many calls), index arithmetic of huge problems (shape-only: nothing of that size is allocated),
-and bench/sanitize.py's prerequisite check. CUDA parts run on a GPU or in Numba's CUDA simulator (conftest.py)."""
+bench/sanitize.py's prerequisite check, and the plan cache (a hit keeps every check). CUDA parts run on a GPU
+or in Numba's CUDA simulator (conftest.py)."""
 import concurrent.futures
+import dataclasses
 import inspect
 import math
 import os
@@ -434,3 +436,53 @@ def test_sanitize_script_reports_missing_prerequisites_with_exit_2():
     else:
         assert done.returncode in (0, 2), text
         assert ("prerequisites OK" in text) == (done.returncode == 0), text
+
+
+# ---------------------------------------------------------------- 6. the plan cache
+
+def _small_problem():
+    rng = np.random.default_rng(7)
+    return rng.standard_normal((2, 4, 9, 9)).astype(np.float32), rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+
+
+def test_plan_cache_reuses_a_plan_and_still_checks_every_call():
+    from cnnfast import api
+    x, w = _small_problem()
+    api._PLANS.clear()
+    first = cnnfast.conv2d(x, w, padding=1)
+    assert len(api._PLANS) == 1
+    again = cnnfast.conv2d(x, w, padding=1)
+    assert len(api._PLANS) == 1 and np.array_equal(first, again)
+    assert_close(again, cnnfast.reference.conv(x.astype(np.float64), w.astype(np.float64), padding=1),
+                 "float32", "conv2d from a cached plan")
+    # values equal to a cached call's but of the wrong type are refused as before (the key is type-exact)
+    for bad in (dict(padding=True), dict(padding=1.0), dict(padding=[1.0, 1]), dict(padding=np.float32(1))):
+        with pytest.raises(TypeError, match="conv2d: expected padding"):
+            cnnfast.conv2d(x, w, **bad)
+    # grad_output is checked on a cache hit too
+    dy = np.zeros(first.shape, np.float32)
+    cnnfast.grad.conv2d_input(x.shape, w, dy, padding=1)
+    with pytest.raises(ValueError, match="expected grad_output of size"):
+        cnnfast.grad.conv2d_input(x.shape, w, dy[:, :, 1:], padding=1)
+    # so are the arrays themselves: a cached shape with another dtype is a different key, a mixed one an error
+    with pytest.raises(TypeError, match="same dtype"):
+        cnnfast.conv2d(x, w.astype(np.float64), padding=1)
+
+
+def test_replacing_an_algorithm_invalidates_its_cached_plans(monkeypatch):
+    from cnnfast.kernels.cpu import ALGORITHMS
+    x, w = _small_problem()
+    before = cnnfast.explain("conv2d", x, w, padding=1, algo="im2col")
+    assert before.workspace_bytes > 0
+    monkeypatch.setitem(ALGORITHMS, "im2col", dataclasses.replace(ALGORITHMS["im2col"],
+                                                                  workspace_bytes=lambda *args: 12345))
+    assert cnnfast.explain("conv2d", x, w, padding=1, algo="im2col").workspace_bytes == 12345
+
+
+def test_plan_cache_is_bounded(monkeypatch):
+    from cnnfast import api
+    monkeypatch.setattr(api, "PLAN_CACHE_SIZE", 4)
+    x, w = _small_problem()
+    for pad in range(10):
+        cnnfast.explain("conv2d", x, w, padding=pad)
+        assert len(api._PLANS) <= 4
