@@ -1,5 +1,5 @@
 """CUDA-specific checks: PTX/spills for every specialisation, workspace chunking, split reductions,
-determinism, layout twins. Correctness of every algorithm over the grid is tests/test_ops.py.
+determinism, layout twins, cached device constants. Correctness of every algorithm over the grid is tests/test_ops.py.
 Runs on a GPU, or in Numba's CUDA simulator (tests/conftest.py) with small shapes."""
 import json
 import os
@@ -107,6 +107,20 @@ def test_pad_and_fold_twins_match_numpy(mode):
     folded = cuda.device_array(src.shape)
     layout.fold_pad_cuda(cuda.to_device(b), folded, *tables)
     assert np.isclose(np.vdot(expected, b), np.vdot(src, folded.copy_to_host()), rtol=1e-12)
+
+
+def test_index_tables_and_the_zero_bias_are_uploaded_once_per_gpu(problem):
+    from cnnfast.kernels.cuda import compile as kernel_cache
+    x, w, _ = problem
+    dx, dw = cuda.to_device(x), cuda.to_device(w)
+    first = cnnfast.conv2d(dx, dw, padding=1, padding_mode="circular", algo="direct")  # pad tables + zero bias
+    held = dict(kernel_cache._CONSTANTS)
+    again = cnnfast.conv2d(dx, dw, padding=1, padding_mode="circular", algo="direct")
+    assert kernel_cache._CONSTANTS == held  # nothing uploaded again: the same device arrays are reused
+    assert any(key[1] == "zero" for key in held) and any(key[1] == "pad" for key in held)
+    np.testing.assert_array_equal(again.copy_to_host(), first.copy_to_host())
+    expected = reference.conv(x.astype(np.float64), w.astype(np.float64), padding=1, padding_mode="circular")
+    compare.assert_close(first.copy_to_host(), expected, "float32", "circular conv2d, cached device constants")
 
 
 def test_bias_grad_twin():

@@ -1,13 +1,15 @@
 """Compiled-kernel cache and the list of every CUDA specialisation (one source of truth for ptx.py).
 
 jit(pyfunc) returns the cached Numba dispatcher of a kernel's Python function (the array typing used by the
-launchers and the simulator). specialisations() enumerates every (name, pyfunc, argument types) the
-launchers can create, for both typings: 1-D arrays (`float32[::1]`) and raw pointers (`CPointer(float32)`).
+launchers and the simulator); device_constant caches small read-only device arrays per GPU. specialisations()
+enumerates every (name, pyfunc, argument types) the launchers can create, for both typings: 1-D arrays
+(`float32[::1]`) and raw pointers (`CPointer(float32)`).
 """
 import numpy as np
 from numba import cuda, types
 
 _DISPATCHERS = {}
+_CONSTANTS = {}
 DTYPES = (types.float32, types.float64)
 # The kernels' typed zero: a float32 constant, which Numba unifies with float32 and float64 values (so a float32
 # kernel stays in float32). Not `x[0] * 0`: that is NaN when x[0] is NaN or inf.
@@ -20,6 +22,17 @@ def jit(pyfunc):
     if kernel is None:
         kernel = _DISPATCHERS[pyfunc] = cuda.jit(pyfunc)
     return kernel
+
+
+def device_constant(key, make):
+    """A read-only device copy of the host array make(), uploaded once per (current GPU, key) and kept: index
+    tables and the zero-bias placeholder, so a launch does not pay a host-to-device copy each call. The one
+    upload is synchronous, so every stream may read the array at once."""
+    key = (getattr(cuda.get_current_device(), "id", 0),) + key  # the simulator's device has no id
+    arr = _CONSTANTS.get(key)
+    if arr is None:
+        arr = _CONSTANTS[key] = cuda.to_device(make())
+    return arr
 
 
 def numba_dtype(dtype):

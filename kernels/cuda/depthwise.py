@@ -57,7 +57,7 @@ def _blocks(n):
 
 
 def forward(x, w, bias, y, g, workspace_limit=None, stream=0):
-    bias, flag = direct._bias_arg(bias, y, stream)
+    bias, flag = direct._bias_arg(bias, y)
     jit(forward_kernel)[_blocks(y.size), BLOCK, stream](x.reshape(x.size), w.reshape(w.size), bias,
                                                           y.reshape(y.size), tuple(g), flag)
 

@@ -14,7 +14,7 @@ split order: deterministic, no atomics.
 import numpy as np
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cuda import gemm
-from cnnfast.kernels.cuda.compile import jit, numba_dtype
+from cnnfast.kernels.cuda.compile import device_constant, jit, numba_dtype
 from numba import cuda
 
 TARGET_BLOCKS = 264  # 2 blocks per SM on an H100 (132 SMs): enough splits to fill the GPU
@@ -163,25 +163,25 @@ def launch_tiled(primitive, a, b, out, bias, g, flag, splits, stream, ops=None, 
         a.reshape(a.size), b.reshape(b.size), out.reshape(out.size), bias, tuple(g), flag, splits, jchunk, n0)
 
 
-def _bias_arg(bias, like, stream):
+def _bias_arg(bias, like):
     if bias is not None:
         return bias, 1
-    return cuda.to_device(np.zeros(1, like.dtype), stream=stream), 0
+    return device_constant(("zero", like.dtype.str), lambda: np.zeros(1, like.dtype)), 0
 
 
 def forward(x, w, bias, y, g, workspace_limit=None, stream=0):
-    bias, flag = _bias_arg(bias, y, stream)
+    bias, flag = _bias_arg(bias, y)
     launch_tiled("forward", w, x, y, bias, g, flag, 1, stream)
 
 
 def backward_data(dy, w, dx, g, workspace_limit=None, stream=0):
-    bias, _ = _bias_arg(None, dx, stream)
+    bias, _ = _bias_arg(None, dx)
     launch_tiled("backward_data", w, dy, dx, bias, g, 0, 1, stream)
 
 
 def backward_filter(x, dy, dw, g, workspace_limit=None, stream=0):
     splits = filter_splits(g, dw.dtype.itemsize, workspace_limit)
-    bias, _ = _bias_arg(None, dw, stream)
+    bias, _ = _bias_arg(None, dw)
     if splits == 1:
         launch_tiled("backward_filter", dy, x, dw, bias, g, 0, 1, stream)
         return

@@ -194,17 +194,17 @@ def _run(primitive, g, a, b, out, bias, flag_first, workspace_limit, stream):
 
 
 def forward(x, w, bias, y, g, workspace_limit=None, stream=0):
-    bias, flag = _bias_arg(bias, y, stream)
+    bias, flag = _bias_arg(bias, y)
     _run("forward", g, w, x, y, bias, flag, workspace_limit, stream)
 
 
 def backward_data(dy, w, dx, g, workspace_limit=None, stream=0):
-    bias, _ = _bias_arg(None, dx, stream)
+    bias, _ = _bias_arg(None, dx)
     _run("backward_data", g, w, dy, dx, bias, 0, workspace_limit, stream)
 
 
 def backward_filter(x, dy, dw, g, workspace_limit=None, stream=0):
-    bias, _ = _bias_arg(None, dw, stream)
+    bias, _ = _bias_arg(None, dw)
     _run("backward_filter", g, dy, x, dw, bias, 0, workspace_limit, stream)
 
 

@@ -6,15 +6,14 @@ fold_pad_cuda:  the adjoint, as a gather: dst[..., i, j, l] = sum of src[..., a,
                 that read (i, j, l), using inverse tables built on the host (CSR: starts, items) and added in
                 padded order. Thread per dst element; no atomics.
 bias_grad_cuda: dy (N, K, P, Q, U) -> db (K,): thread per k sums over n and space in order (deterministic).
-Index tables are host int64 arrays from contract.pad_indices; they are uploaded once and cached.
+Index tables are host int64 arrays from contract.pad_indices; they are uploaded once per GPU and cached.
 """
 import numpy as np
-from cnnfast.kernels.cuda.compile import ZERO, jit
+from cnnfast.kernels.cuda.compile import ZERO, device_constant, jit
 from numba import cuda
 
 BLOCK = 256
 MAX_BLOCKS = 8192
-_TABLES = {}
 
 
 def pad_kernel(src, dst, idx_d, idx_h, idx_w, NC, D, H, W, Dp, Hp, Wp):
@@ -53,13 +52,6 @@ def bias_grad_kernel(dy, db, N, K, L):
         db[k] = total
 
 
-def _upload(key, make, stream):
-    arr = _TABLES.get(key)
-    if arr is None:
-        arr = _TABLES[key] = cuda.to_device(make(), stream=stream)
-    return arr
-
-
 def _inverse(table, length):
     """CSR of the padded positions reading each source index: starts (length + 1,), items."""
     table = np.asarray(table, np.int64)
@@ -75,7 +67,8 @@ def _blocks(n):
 
 def pad_cuda(src, dst, idx_d, idx_h, idx_w, stream=0):
     N, C, D, H, W = src.shape
-    tables = [_upload(("pad", tuple(t)), lambda t=t: np.asarray(t, np.int64), stream) for t in (idx_d, idx_h, idx_w)]
+    tables = [device_constant(("pad", tuple(t)), lambda t=t: np.asarray(t, np.int64))
+              for t in (idx_d, idx_h, idx_w)]
     jit(pad_kernel)[_blocks(dst.size), BLOCK, stream](src.reshape(src.size), dst.reshape(dst.size), *tables,
                                                       N * C, D, H, W, *dst.shape[2:])
 
@@ -84,9 +77,9 @@ def fold_pad_cuda(src, dst, idx_d, idx_h, idx_w, stream=0):
     N, C, D, H, W = dst.shape
     args = []
     for table, length in zip((idx_d, idx_h, idx_w), (D, H, W)):
-        starts, items = _inverse(table, length)
-        args += [_upload(("fold-starts", tuple(table), length), lambda s=starts: s, stream),
-                 _upload(("fold-items", tuple(table), length), lambda i=items: i, stream)]
+        key = (tuple(table), length)
+        args += [device_constant(("fold-starts",) + key, lambda t=table, n=length: _inverse(t, n)[0]),
+                 device_constant(("fold-items",) + key, lambda t=table, n=length: _inverse(t, n)[1])]
     jit(fold_pad_kernel)[_blocks(dst.size), BLOCK, stream](src.reshape(src.size), dst.reshape(dst.size), *args,
                                                            N * C, D, H, W, *src.shape[2:])
 
