@@ -12,15 +12,22 @@ import numpy as np
 from cnnfast.kernels.cpu.direct import CONTRACT, direct_backward_filter_cpu, geometry_args, out_range, tap_output
 
 
+@numba.njit(cache=True)
+def tap_ranges(S, pw, dw_, sw, W, U):
+    """(lo, hi): per tap s, the outputs u in [lo[s], hi[s]) whose tap reads inside a W-long input row."""
+    lo, hi = np.empty(S, np.int64), np.empty(S, np.int64)
+    for s in range(S):
+        lo[s], hi[s] = out_range(pw, s * dw_, sw, W, U)
+    return lo, hi
+
+
 @numba.njit(parallel=True, cache=True, fastmath=CONTRACT)
 def depthwise_forward_cpu(x, w, bias, has_bias, y, sd, sh, sw, dd, dh, dw_, pd, ph, pw):
     N, C, D, H, W = x.shape
     K, _, T, R, S = w.shape
     _, _, P, Q, U = y.shape
     M = K // C
-    lo, hi_ = np.empty(S, np.int64), np.empty(S, np.int64)  # per tap s: outputs u that read inside x
-    for s in range(S):
-        lo[s], hi_[s] = out_range(pw, s * dw_, sw, W, U)
+    lo, hi_ = tap_ranges(S, pw, dw_, sw, W, U)
     for plane in numba.prange(N * K):
         n, k = plane // K, plane % K
         c = k // M
@@ -58,9 +65,7 @@ def depthwise_backward_data_cpu(dy, w, dx, sd, sh, sw, dd, dh, dw_, pd, ph, pw):
     K, _, T, R, S = w.shape
     _, _, P, Q, U = dy.shape
     M = K // C
-    lo, hi_ = np.empty(S, np.int64), np.empty(S, np.int64)  # per tap s: outputs u that read inside x
-    for s in range(S):
-        lo[s], hi_[s] = out_range(pw, s * dw_, sw, W, U)
+    lo, hi_ = tap_ranges(S, pw, dw_, sw, W, U)
     for plane in numba.prange(N * C):
         n, c = plane // C, plane % C
         for i_d in range(D):
