@@ -30,14 +30,32 @@ def problem():
     return x, w, dy
 
 
-def test_every_specialisation_compiles_to_ptx_9_for_sm90_without_spills():
-    """Runs in a subprocess with the simulator off: compile_ptx needs the NVVM wheels, not a GPU."""
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
-    done = subprocess.run([sys.executable, "-m", "cnnfast.kernels.cuda.ptx", "--json"], env=env,
-                          capture_output=True, text=True, timeout=1200)
+def _no_gpu_compiler(done):
+    """A skip reason when a subprocess failed only because the NVVM wheels are missing."""
     if done.returncode != 0 and ("NVVM" in done.stderr or "libnvvm" in done.stderr) and not done.stdout:
-        pytest.skip(f"CUDA NVVM wheels missing (pip install -e '.[cuda-toolchain]'): {done.stderr[-300:]}")
-    rows = json.loads(done.stdout)
+        return f"CUDA NVVM wheels missing (pip install -e '.[cuda-toolchain]'): {done.stderr[-300:]}"
+    return None
+
+
+def _python_without_simulator(args, **env):
+    """Run python args with the simulator off (compile_ptx needs the NVVM wheels, not a GPU)."""
+    return subprocess.run([sys.executable, *args], env=dict(os.environ, NUMBA_ENABLE_CUDASIM="0", **env),
+                          capture_output=True, text=True, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def ptx_rows():
+    """ptx.py's table for every specialisation (compiled once per test module)."""
+    done = _python_without_simulator(["-m", "cnnfast.kernels.cuda.ptx", "--json"])
+    reason = _no_gpu_compiler(done)
+    if reason:
+        pytest.skip(reason)
+    assert done.stdout, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+def test_every_specialisation_compiles_to_ptx_9_for_sm90_without_spills(ptx_rows):
+    rows = ptx_rows
     names = {r["name"].split("[")[0] for r in rows}
     assert {"direct_forward", "direct_backward_data", "direct_backward_filter", "im2col", "col2im",
             "depthwise_forward", "pad", "fold_pad", "bias_grad"} <= names
@@ -46,6 +64,133 @@ def test_every_specialisation_compiles_to_ptx_9_for_sm90_without_spills():
     bad = [r for r in rows if not r["ok"]]
     assert not bad, bad
     assert all(r["ptx_version"] == "9.0" and r["target"] == "sm_90" and r["spill_stores"] == 0 for r in rows)
+
+
+# ---------------------------------------------------------------- the raw-pointer launch path (launch.py)
+
+def _reach_every_kernel(x, w, dy, monkeypatch):
+    """Calls on Numba device arrays that launch every CUDA kernel at least once (float32)."""
+    dx, dw, ddy = cuda.to_device(x), cuda.to_device(w), cuda.to_device(dy)
+    bias = cuda.to_device(np.arange(K, dtype=np.float32))
+    monkeypatch.setattr(direct, "MIN_SPLIT", 8)  # a split-K weight gradient: reduce_splits_kernel
+    for algo in ("direct", "im2col"):
+        cnnfast.conv2d(dx, dw, bias, padding=1, algo=algo)
+        grad.conv2d_input(x.shape, dw, ddy, padding=1, algo=algo)
+        grad.conv2d_weight(dx, w.shape, ddy, padding=1, algo=algo)
+    depthwise_w = cuda.to_device(w[:C, :1].copy())
+    y = cnnfast.conv2d(dx, depthwise_w, padding=1, groups=C, algo="depthwise")
+    grad.conv2d_input(x.shape, depthwise_w, y, padding=1, groups=C, algo="depthwise")
+    cnnfast.conv2d(dx, dw, padding=1, padding_mode="reflect")  # pad
+    grad.conv2d_input(x.shape, dw, ddy, padding=1, padding_mode="reflect")  # its adjoint fold_pad
+    cnnfast.conv_transpose2d(ddy, dw, cuda.to_device(np.ones(C, np.float32)), padding=1)  # add_bias
+    grad.conv_bias(ddy)  # bias_grad
+
+
+def test_every_launch_has_a_checked_raw_specialisation_with_matching_parameters(problem, ptx_rows, monkeypatch):
+    """The raw path's ABI, checked without a GPU: every launch of a workload reaching every kernel is recorded;
+    its raw-pointer signature must be one ptx.py compiled and checked for spills, and pack() must give exactly
+    as many 8-byte values as that PTX entry has parameters."""
+    from cnnfast.kernels.cuda import compile as kernel_cache
+    from cnnfast.kernels.cuda import launch as launching
+
+    seen = {}
+    real_jit = kernel_cache.jit
+
+    def recording_jit(pyfunc):
+        kernel = real_jit(pyfunc)
+
+        class Configured:
+            def __getitem__(self, config):
+                def run(*args):
+                    seen[(pyfunc, tuple(launching._kind(a) for a in args))] = len(launching.pack(args))
+                    return kernel[config](*args)
+                return run
+        return Configured()
+
+    monkeypatch.setattr(kernel_cache, "jit", recording_jit)
+    monkeypatch.setattr(launching, "_address", lambda a: 0)  # simulator arrays have no device address
+    _reach_every_kernel(*problem, monkeypatch)
+
+    compiled = {(pyfunc, argtypes): name for name, pyfunc, argtypes, typing in kernel_cache.specialisations()
+                if typing == "pointer"}
+    params = {r["name"]: r["params"] for r in ptx_rows}
+    reached = set()
+    for (pyfunc, kinds), count in seen.items():
+        name = compiled.get((pyfunc, launching.argument_types(kinds)))
+        assert name is not None, f"{kernel_cache.kernel_key(pyfunc)} launched with {kinds}: not in specialisations()"
+        assert count == params[name], f"{name}: pack() gives {count} values, the PTX entry has {params[name]}"
+        reached.add(name.split("[")[0])
+    assert reached == {name.split("[")[0] for name in params}, "the workload must reach every kernel"
+
+
+def test_pack_gives_one_8_byte_value_per_pointer_int_and_tuple_element():
+    from cnnfast.kernels.cuda import launch as launching
+    from numba import types
+
+    class Interface:  # any __cuda_array_interface__ object
+        dtype = np.dtype("float64")
+        __cuda_array_interface__ = {"data": (0x7F0012345600, False), "shape": (3,), "typestr": "<f8", "version": 3}
+
+    args = (Interface(), 7, (1, -2, 3), np.int64(-4))
+    assert launching.pack(args).tolist() == [0x7F0012345600, 7, 1, -2, 3, -4]
+    kinds = tuple(launching._kind(a) for a in args)
+    assert launching.argument_types(kinds) == (types.CPointer(types.float64), types.int64,
+                                               types.UniTuple(types.int64, 3), types.int64)
+
+
+def test_raw_launch_is_opt_in_and_never_used_in_the_simulator(monkeypatch):
+    from cnnfast.kernels.cuda import launch as launching
+    monkeypatch.delenv(launching.ENV, raising=False)
+    assert not launching.raw_enabled()
+    monkeypatch.setenv(launching.ENV, "raw")
+    if SIM:
+        assert not launching.raw_enabled()
+
+
+def test_raw_specialisations_compile_once_then_load_from_the_disk_cache(tmp_path):
+    """A second process finds the PTX on disk and never calls the compiler."""
+    script = ("import sys\n"
+              "from numba import cuda\n"
+              "from cnnfast.kernels.cuda import compile as kc, direct, launch as kl\n"
+              "if sys.argv[1] == 'cached':\n"
+              "    cuda.compile_ptx = None  # calling it now would fail\n"
+              "text, entry = kc.ptx(direct.reduce_splits_kernel, kl.argument_types(('<f4', '<f4', 'i', 'i')), (9, 0))\n"
+              "print(entry, kc.parameter_count(text), len(list(kc.cache_dir().iterdir())))\n")
+    first = _python_without_simulator(["-c", script, "fresh"], CNNFAST_CACHE_DIR=str(tmp_path))
+    reason = _no_gpu_compiler(first)
+    if reason:
+        pytest.skip(reason)
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = _python_without_simulator(["-c", script, "cached"], CNNFAST_CACHE_DIR=str(tmp_path))
+    assert second.returncode == 0, second.stderr[-2000:]
+    entry, params, files = first.stdout.split()
+    assert "reduce_splits_kernel" in entry and params == "4" and files == "1"
+    assert second.stdout == first.stdout
+
+
+@pytest.mark.skipif(SIM, reason="the raw path needs a GPU and CuPy")
+def test_raw_launch_path_matches_numba_dispatcher_bitwise(problem, monkeypatch):
+    """On a GPU with CuPy: every algorithm and primitive on CuPy arrays, launched both ways, same bits."""
+    cp = pytest.importorskip("cupy")
+    from cnnfast.kernels.cuda import launch as launching
+    x, w, dy = (cp.asarray(a) for a in problem)
+    calls = {f"{algo} {name}": (lambda op=op, algo=algo: op(algo))
+             for algo in ("direct", "im2col")
+             for name, op in (("forward", lambda a: cnnfast.conv2d(x, w, padding=1, algo=a)),
+                              ("backward_data", lambda a: grad.conv2d_input(x.shape, w, dy, padding=1, algo=a)),
+                              ("backward_filter", lambda a: grad.conv2d_weight(x, w.shape, dy, padding=1, algo=a)))}
+    depthwise_w = w[:C, :1].copy()
+    calls["depthwise forward"] = lambda: cnnfast.conv2d(x, depthwise_w, padding=1, groups=C, algo="depthwise")
+    calls["reflect backward_data"] = lambda: grad.conv2d_input(x.shape, w, dy, padding=1, padding_mode="reflect")
+    for name, call in calls.items():
+        monkeypatch.setenv(launching.ENV, "numba")
+        expected = call()
+        monkeypatch.setenv(launching.ENV, "raw")
+        assert launching.raw_enabled()
+        got = call()
+        cp.cuda.get_current_stream().synchronize()
+        np.testing.assert_array_equal(cp.asnumpy(got), cp.asnumpy(expected), err_msg=name)
+    assert launching._FUNCTIONS and all(f is not None for f in launching._FUNCTIONS.values())
 
 
 def test_im2col_workspace_chunks_over_the_batch(problem):

@@ -1,12 +1,21 @@
-"""Compiled-kernel cache and the list of every CUDA specialisation (one source of truth for ptx.py).
+"""Compiled-kernel caches and the list of every CUDA specialisation (one source of truth for ptx.py).
 
 jit(pyfunc) returns the cached Numba dispatcher of a kernel's Python function (the array typing used by the
-launchers and the simulator); device_constant caches small read-only device arrays per GPU. specialisations()
-enumerates every (name, pyfunc, argument types) the launchers can create, for both typings: 1-D arrays
-(`float32[::1]`) and raw pointers (`CPointer(float32)`).
+launchers and the simulator); ptx(pyfunc, argtypes, cc) the PTX of one specialisation (the raw-pointer typing
+of launch.py), cached on disk so a new process does not recompile; device_constant caches small read-only
+device arrays per GPU. specialisations() enumerates every (name, pyfunc, argument types) the launchers can
+create, for both typings: 1-D arrays (`float32[::1]`) and raw pointers (`CPointer(float32)`).
 """
+import hashlib
+import os
+import re
+import tempfile
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+
 import numpy as np
-from numba import cuda, types
+from numba import config, cuda, types
 
 _DISPATCHERS = {}
 _CONSTANTS = {}
@@ -37,6 +46,80 @@ def device_constant(key, make):
 
 def numba_dtype(dtype):
     return {np.dtype("float32"): types.float32, np.dtype("float64"): types.float64}[np.dtype(dtype)]
+
+
+def numba_type(dtype):
+    """The Numba scalar type of a float32, float64 or int64 dtype (index tables are int64)."""
+    return numba_dtype(dtype) if np.dtype(dtype).kind == "f" else {np.dtype("int64"): types.int64}[np.dtype(dtype)]
+
+
+def simulating():
+    return bool(config.ENABLE_CUDASIM)
+
+
+# ---------------------------------------------------------------- PTX, cached on disk
+
+CACHE_ENV = "CNNFAST_CACHE_DIR"
+_ENTRY = re.compile(r"\.entry\s+([A-Za-z_$][\w$]*)\s*\(")
+
+
+def kernel_key(pyfunc):
+    """A name for a kernel's Python function that is stable across processes (tiled kernels set theirs)."""
+    return getattr(pyfunc, "cache_key", None) or f"{pyfunc.__module__}.{pyfunc.__qualname__}"
+
+
+@lru_cache(maxsize=1)
+def source_digest():
+    """Hash of everything a kernel's PTX depends on: the CUDA kernel sources (this folder) and Numba's versions."""
+    import numba
+    try:
+        numba_cuda = metadata.version("numba-cuda")
+    except metadata.PackageNotFoundError:  # Numba's own (older) CUDA target
+        numba_cuda = ""
+    h = hashlib.sha256(f"{numba.__version__}|{numba_cuda}".encode())
+    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def cache_dir():
+    """$CNNFAST_CACHE_DIR, else $XDG_CACHE_HOME/cnnfast, else ~/.cache/cnnfast."""
+    root = os.environ.get(CACHE_ENV)
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cnnfast")
+    return Path(root) / "ptx"
+
+
+def ptx(pyfunc, argtypes, cc):
+    """(PTX text, entry name) of pyfunc compiled for argtypes and compute capability cc; read from the disk cache
+    when an earlier process compiled it (same kernel sources and Numba), else compiled and stored. A cache that
+    cannot be written only costs the compile."""
+    name = f"{kernel_key(pyfunc)}|{','.join(map(str, argtypes))}|sm_{cc[0]}{cc[1]}|{source_digest()}"
+    path = cache_dir() / f"{hashlib.sha256(name.encode()).hexdigest()}.ptx"
+    try:
+        text = path.read_text()
+    except OSError:
+        text, _ = cuda.compile_ptx(pyfunc, argtypes, cc=cc)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)  # atomic: a concurrent reader sees the old state or the whole file
+        except OSError:
+            pass
+    return text, entry_name(text)
+
+
+def entry_name(text):
+    return _ENTRY.search(text).group(1)
+
+
+def parameter_count(text):
+    """The number of parameters of the PTX's kernel entry."""
+    start = _ENTRY.search(text).end()
+    return len(re.findall(r"\.param\b", text[start:text.index(")", start)]))
 
 
 def specialisations():

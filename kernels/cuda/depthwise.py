@@ -8,7 +8,8 @@ x (N, C, D, H, W) * w (K, 1, T, R, S) -> y (N, K, P, Q, U); output channel k rea
 Consecutive threads own consecutive o (or i), so x/dy/y accesses are coalesced along the row.
 """
 from cnnfast.kernels.cuda import direct, gemm
-from cnnfast.kernels.cuda.compile import ZERO, jit
+from cnnfast.kernels.cuda.compile import ZERO
+from cnnfast.kernels.cuda.launch import launch
 from numba import cuda
 
 BLOCK = 256
@@ -58,13 +59,13 @@ def _blocks(n):
 
 def forward(x, w, bias, y, g, workspace_limit=None, stream=0):
     bias, flag = direct._bias_arg(bias, y)
-    jit(forward_kernel)[_blocks(y.size), BLOCK, stream](x.reshape(x.size), w.reshape(w.size), bias,
-                                                          y.reshape(y.size), tuple(g), flag)
+    launch(forward_kernel, _blocks(y.size), BLOCK, stream, x.reshape(x.size), w.reshape(w.size), bias,
+           y.reshape(y.size), tuple(g), flag)
 
 
 def backward_data(dy, w, dx, g, workspace_limit=None, stream=0):
-    jit(backward_data_kernel)[_blocks(dx.size), BLOCK, stream](dy.reshape(dy.size), w.reshape(w.size),
-                                                               dx.reshape(dx.size), tuple(g))
+    launch(backward_data_kernel, _blocks(dx.size), BLOCK, stream, dy.reshape(dy.size), w.reshape(w.size),
+           dx.reshape(dx.size), tuple(g))
 
 
 backward_filter = direct.backward_filter

@@ -14,7 +14,8 @@ split order: deterministic, no atomics.
 import numpy as np
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cuda import gemm
-from cnnfast.kernels.cuda.compile import device_constant, jit, numba_dtype
+from cnnfast.kernels.cuda.compile import device_constant, numba_dtype
+from cnnfast.kernels.cuda.launch import launch, scratch
 from numba import cuda
 
 TARGET_BLOCKS = 264  # 2 blocks per SM on an H100 (132 SMs): enough splits to fill the GPU
@@ -156,11 +157,11 @@ def launch_tiled(primitive, a, b, out, bias, g, flag, splits, stream, ops=None, 
     """Launch the tiled kernel of `primitive` (or of explicit `ops`); arrays are flattened to 1-D."""
     ops = ops or OPS[primitive]
     M, J, NCOL = shape or dims(g, primitive)
-    kernel = jit(gemm.tiled_kernel(numba_dtype(out.dtype), ops))
     jchunk = -(-J // splits)
     jchunk = -(-jchunk // gemm.BJ) * gemm.BJ
-    kernel[gemm.grid(M, NCOL, g.groups, splits), gemm.THREADS, stream](
-        a.reshape(a.size), b.reshape(b.size), out.reshape(out.size), bias, tuple(g), flag, splits, jchunk, n0)
+    launch(gemm.tiled_kernel(numba_dtype(out.dtype), ops), gemm.grid(M, NCOL, g.groups, splits), gemm.THREADS,
+           stream, a.reshape(a.size), b.reshape(b.size), out.reshape(out.size), bias, tuple(g), flag, splits,
+           jchunk, n0)
 
 
 def _bias_arg(bias, like):
@@ -185,7 +186,7 @@ def backward_filter(x, dy, dw, g, workspace_limit=None, stream=0):
     if splits == 1:
         launch_tiled("backward_filter", dy, x, dw, bias, g, 0, 1, stream)
         return
-    partial = cuda.device_array(splits * dw.size, dw.dtype, stream=stream)
+    partial = scratch(splits * dw.size, dw.dtype, dw, stream)
     launch_tiled("backward_filter", dy, x, partial, bias, g, 0, splits, stream)
     blocks = max(1, min(-(-dw.size // 256), 1024))
-    jit(reduce_splits_kernel)[blocks, 256, stream](partial, dw.reshape(dw.size), splits, dw.size)
+    launch(reduce_splits_kernel, blocks, 256, stream, partial, dw.reshape(dw.size), splits, dw.size)

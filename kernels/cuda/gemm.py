@@ -86,6 +86,8 @@ def tiled_kernel(dtype, ops):
                     if col < NCOL:
                         store(out, bias, g, m, col, acc[i, k], geo, flag, split, n0)
 
+    names = ",".join(f"{f.__module__}.{f.__name__}" for f in (getattr(op, "py_func", op) for op in ops))
+    kernel.cache_key = f"{__name__}.tiled_kernel[{dtype}:{names}]"  # compile.kernel_key: the PTX cache's name
     return kernel
 
 

@@ -13,8 +13,9 @@ im2col_kernel: thread (grid-stride) per element of cols; col2im_kernel: thread p
 """
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cuda import gemm
-from cnnfast.kernels.cuda.compile import ZERO, jit, numba_dtype
+from cnnfast.kernels.cuda.compile import ZERO, numba_dtype
 from cnnfast.kernels.cuda.direct import _bias_arg, launch_tiled
+from cnnfast.kernels.cuda.launch import launch, scratch
 from numba import cuda
 
 BLOCK = 256
@@ -173,14 +174,14 @@ def _run(primitive, g, a, b, out, bias, flag_first, workspace_limit, stream):
     """Per chunk: im2col (forward, filter) / GEMM / col2im (data)."""
     nb = chunk(g, out.dtype.itemsize, workspace_limit)
     rows, O = g.C * g.T * g.R * g.S, g.P * g.Q * g.U
-    cols = cuda.device_array(rows * nb * O, out.dtype, stream=stream)
+    cols = scratch(rows * nb * O, out.dtype, out, stream)
     Kg, J = g.K // g.groups, rows // g.groups
     for n0 in range(0, g.N, nb):
         cur = min(nb, g.N - n0)
         gc = g._replace(N=cur)
         blocks = max(1, min(MAX_BLOCKS, -(-rows * cur * O // BLOCK)))
         if primitive != "backward_data":
-            jit(im2col_kernel)[blocks, BLOCK, stream](b.reshape(b.size), cols, tuple(g), n0, cur)
+            launch(im2col_kernel, blocks, BLOCK, stream, b.reshape(b.size), cols, tuple(g), n0, cur)
         shape = {"forward": (Kg, J, cur * O), "backward_data": (J, Kg, cur * O),
                  "backward_filter": (Kg, cur * O, J)}[primitive]
         source = cols if primitive != "backward_data" else b
@@ -190,7 +191,7 @@ def _run(primitive, g, a, b, out, bias, flag_first, workspace_limit, stream):
                      shape=shape)
         if primitive == "backward_data":
             blocks = max(1, min(MAX_BLOCKS, -(-cur * g.C * g.D * g.H * g.W // BLOCK)))
-            jit(col2im_kernel)[blocks, BLOCK, stream](cols, out.reshape(out.size), tuple(gc), n0, cur)
+            launch(col2im_kernel, blocks, BLOCK, stream, cols, out.reshape(out.size), tuple(gc), n0, cur)
 
 
 def forward(x, w, bias, y, g, workspace_limit=None, stream=0):

@@ -9,7 +9,8 @@ bias_grad_cuda: dy (N, K, P, Q, U) -> db (K,): thread per k sums over n and spac
 Index tables are host int64 arrays from contract.pad_indices; they are uploaded once per GPU and cached.
 """
 import numpy as np
-from cnnfast.kernels.cuda.compile import ZERO, device_constant, jit
+from cnnfast.kernels.cuda.compile import ZERO, device_constant
+from cnnfast.kernels.cuda.launch import launch
 from numba import cuda
 
 BLOCK = 256
@@ -69,8 +70,8 @@ def pad_cuda(src, dst, idx_d, idx_h, idx_w, stream=0):
     N, C, D, H, W = src.shape
     tables = [device_constant(("pad", tuple(t)), lambda t=t: np.asarray(t, np.int64))
               for t in (idx_d, idx_h, idx_w)]
-    jit(pad_kernel)[_blocks(dst.size), BLOCK, stream](src.reshape(src.size), dst.reshape(dst.size), *tables,
-                                                      N * C, D, H, W, *dst.shape[2:])
+    launch(pad_kernel, _blocks(dst.size), BLOCK, stream, src.reshape(src.size), dst.reshape(dst.size), *tables,
+           N * C, D, H, W, *dst.shape[2:])
 
 
 def fold_pad_cuda(src, dst, idx_d, idx_h, idx_w, stream=0):
@@ -80,14 +81,14 @@ def fold_pad_cuda(src, dst, idx_d, idx_h, idx_w, stream=0):
         key = (tuple(table), length)
         args += [device_constant(("fold-starts",) + key, lambda t=table, n=length: _inverse(t, n)[0]),
                  device_constant(("fold-items",) + key, lambda t=table, n=length: _inverse(t, n)[1])]
-    jit(fold_pad_kernel)[_blocks(dst.size), BLOCK, stream](src.reshape(src.size), dst.reshape(dst.size), *args,
-                                                           N * C, D, H, W, *src.shape[2:])
+    launch(fold_pad_kernel, _blocks(dst.size), BLOCK, stream, src.reshape(src.size), dst.reshape(dst.size), *args,
+           N * C, D, H, W, *src.shape[2:])
 
 
 def bias_grad_cuda(dy, db, stream=0):
     N, K = dy.shape[:2]
     L = dy.size // max(N * K, 1)
-    jit(bias_grad_kernel)[_blocks(K), BLOCK, stream](dy.reshape(dy.size), db, N, K, L)
+    launch(bias_grad_kernel, _blocks(K), BLOCK, stream, dy.reshape(dy.size), db, N, K, L)
 
 
 def copy_cuda(src, dst, stream=0):

@@ -3,8 +3,8 @@
     python -m cnnfast.kernels.cuda.ptx [--json]      (needs NUMBA_ENABLE_CUDASIM unset or 0)
 
 For each entry of compile.specialisations() (every kernel x dtype x typing the launchers can create):
-cuda.compile_ptx(..., cc=(9, 0)) gives the PTX (its .version and .target are reported: PTX 9.0 loads on
-driver 580), and cuda.compile(..., output="ltoir") linked by cuda.core's Linker with link-time
+cuda.compile_ptx(..., cc=(9, 0)) gives the PTX (its .version, .target and number of kernel parameters are
+reported: PTX 9.0 loads on driver 580), and cuda.compile(..., output="ltoir") linked by cuda.core's Linker with link-time
 optimisation and `ptxas -v` gives registers, spill stores and spill loads of the final sm_90 code.
 Exit status 1 if any entry fails to compile or spills.
 """
@@ -18,11 +18,12 @@ CC = (9, 0)
 
 
 def ptx_facts(ptx):
+    from cnnfast.kernels.cuda.compile import entry_name, parameter_count
+
     version = re.search(r"^\s*\.version\s+(\S+)", ptx, re.M)
     target = re.search(r"^\s*\.target\s+(\S+)", ptx, re.M)
-    entry = re.search(r"\.entry\s+(\S+)\(", ptx)
     return {"ptx_version": version and version.group(1), "target": target and target.group(1),
-            "entry": entry and entry.group(1)}
+            "entry": entry_name(ptx), "params": parameter_count(ptx)}
 
 
 def link_report(ltoir):

@@ -1,0 +1,160 @@
+"""How the launchers start kernels: Numba's dispatcher, or raw pointers through CuPy (the fast path).
+
+Every launcher calls launch(pyfunc, grid, block, stream, *args) with 1-D device arrays, ints and tuples of
+ints, and scratch(size, dtype, like, stream) for its workspace. The same kernel source runs on two paths:
+
+    numba  jit(pyfunc)[grid, block, stream](*args): the simulator, users without CuPy, and the default.
+           TOOLCHAIN.md measured 44-135 us of host time per launch on this path.
+    raw    the kernel typed with raw pointers (array -> CPointer(dtype), int -> int64, tuple -> its ints),
+           compiled to PTX once per specialisation (cached on disk across processes: compile.ptx), loaded as
+           a CUDA module once per GPU, launched with cuLaunchKernel through CuPy's driver bindings (8-10 us
+           measured for one launch of this kind). Numba's kernel ABI passes each of those as one 8-byte
+           parameter, so one int64 buffer holds every argument; tests check the count against each PTX entry.
+
+CNNFAST_CUDA_LAUNCH=raw selects the raw path when CuPy is importable (and Numba is not simulating CUDA);
+anything else, or no CuPy, keeps Numba's dispatcher. The raw path stays opt-in until it has been validated and
+timed on a GPU (run the CUDA tests with CNNFAST_CUDA_LAUNCH=raw; bench/test_cuda.py times both paths).
+A kernel whose raw specialisation cannot be prepared (no NVVM, an unsupported GPU) falls back to Numba's
+dispatcher with one warning.
+"""
+import os
+import warnings
+from functools import lru_cache
+
+import numpy as np
+from cnnfast.kernels.cuda import compile
+from numba import cuda, types
+
+ENV = "CNNFAST_CUDA_LAUNCH"
+_FUNCTIONS = {}  # (pyfunc, argument kinds, GPU) -> (CuPy Function, argument types) | None (use Numba)
+_OFFSETS = {}  # number of parameters -> byte offsets of each 8-byte slot in the argument buffer
+_INTEGERS = (int, np.integer)
+
+
+def raw_enabled():
+    """True when launches take the raw-pointer path (CNNFAST_CUDA_LAUNCH=raw, CuPy importable, a real GPU)."""
+    return os.environ.get(ENV, "numba") == "raw" and _raw_possible()
+
+
+@lru_cache(maxsize=1)
+def _raw_possible():
+    if compile.simulating() or not cuda.is_available():
+        return False
+    try:
+        import cupy  # noqa: F401
+        from cupy_backends.cuda.api import driver  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def launch(pyfunc, grid, block, stream, *args):
+    """Launch kernel pyfunc over grid x block threads on stream (0 or a Numba stream) with args."""
+    if raw_enabled():
+        kinds = tuple(_kind(a) for a in args)
+        function = _function(pyfunc, kinds)
+        if function is not None:
+            _launch_raw(function, grid, block, stream, args)
+            return
+    compile.jit(pyfunc)[grid, block, stream](*args)
+
+
+def scratch(size, dtype, like, stream):
+    """An uninitialised 1-D device array of `size` elements for a launcher's workspace: from CuPy's memory pool
+    when `like` is a CuPy array (tied to the launch stream, so the pool cannot hand it out again before the
+    kernels that use it ran), else a Numba device array."""
+    if type(like).__module__.startswith("cupy"):
+        import cupy
+        ptr = stream_pointer(stream)
+        if ptr == cupy.cuda.get_current_stream().ptr:
+            return cupy.empty(size, dtype)
+        with cupy.cuda.ExternalStream(ptr):
+            return cupy.empty(size, dtype)
+    return cuda.device_array(size, dtype, stream=stream)
+
+
+def stream_pointer(stream):
+    """The CUstream handle of 0 or a Numba stream, as an int."""
+    return int(stream.handle) if stream else 0
+
+
+# ---------------------------------------------------------------- the raw path
+
+
+def _kind(a):
+    """What the raw signature depends on: 'i' for an int, a tuple's length, an array's dtype."""
+    if isinstance(a, _INTEGERS):
+        return "i"
+    if isinstance(a, tuple):
+        return len(a)
+    return np.dtype(a.dtype).str
+
+
+def argument_types(kinds):
+    """Numba argument types of the raw-pointer specialisation for argument kinds (see _kind)."""
+    out = []
+    for k in kinds:
+        if k == "i":
+            out.append(types.int64)
+        elif isinstance(k, int):
+            out.append(types.UniTuple(types.int64, k))
+        else:
+            out.append(types.CPointer(compile.numba_type(k)))
+    return tuple(out)
+
+
+def pack(args):
+    """The kernel parameters of args in Numba's raw-pointer ABI: one int64 per array (its device address),
+    per int, and per element of a tuple, in argument order."""
+    values = []
+    for a in args:
+        if isinstance(a, _INTEGERS):
+            values.append(int(a))
+        elif isinstance(a, tuple):
+            values.extend(int(v) for v in a)
+        else:
+            values.append(_address(a))
+    return np.array(values, np.int64)
+
+
+def _address(a):
+    data = getattr(a, "data", None)
+    ptr = getattr(data, "ptr", None)  # CuPy: a.data.ptr, the fast way
+    return ptr if ptr is not None else a.__cuda_array_interface__["data"][0]
+
+
+def _function(pyfunc, kinds):
+    """The loaded CuPy Function of pyfunc's raw specialisation on the current GPU, or None (use Numba)."""
+    import cupy
+
+    device = cupy.cuda.runtime.getDevice()
+    key = (pyfunc, kinds, device)
+    if key in _FUNCTIONS:
+        return _FUNCTIONS[key]
+    argtypes = argument_types(kinds)
+    try:
+        major, minor = cupy.cuda.Device(device).compute_capability
+        text, entry = compile.ptx(pyfunc, argtypes, cc=(int(major), int(minor)))
+        module = cupy.cuda.function.Module()
+        module.load(text.encode() + b"\0")
+        function = module.get_function(entry)
+    except Exception as e:  # no NVVM, an unsupported GPU, ...: keep working on Numba's dispatcher
+        warnings.warn(f"cnnfast: raw launch of {compile.kernel_key(pyfunc)} unavailable ({type(e).__name__}: "
+                      f"{e}); using Numba's dispatcher", RuntimeWarning, stacklevel=3)
+        function = None
+    _FUNCTIONS[key] = function
+    return function
+
+
+def _launch_raw(function, grid, block, stream, args):
+    from cupy_backends.cuda.api import driver
+
+    values = pack(args)
+    n = len(values)
+    offsets = _OFFSETS.get(n)
+    if offsets is None:
+        offsets = _OFFSETS[n] = np.arange(n, dtype=np.uint64) * np.uint64(8)
+    params = offsets + np.uint64(values.ctypes.data)  # kernelParams: the address of each 8-byte value
+    gx, gy, gz = (tuple(grid) + (1, 1))[:3] if isinstance(grid, tuple) else (grid, 1, 1)
+    bx, by, bz = (tuple(block) + (1, 1))[:3] if isinstance(block, tuple) else (block, 1, 1)
+    driver.launchKernel(function.ptr, gx, gy, gz, bx, by, bz, 0, stream_pointer(stream), params.ctypes.data, 0)
