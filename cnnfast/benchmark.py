@@ -6,11 +6,17 @@ reference (cnnfast.compare tolerances) and only then timed; warm-up calls (compi
 figure is the median of --repeats timed calls (CPU: time.perf_counter; CUDA: events on the stream, one call
 per event pair), the providers of one row timed round-robin so that drift in the machine's speed falls on
 all of them alike. FLOPs = 2 x real multiply-adds (ConvSpec.flops), bytes = each tensor read or written once
-(ConvSpec.min_bytes). "vs torch" = torch's median / this median (> 1: faster than torch).
+(ConvSpec.min_bytes). "vs torch" = torch's median / this median (> 1: faster than torch); on CUDA "torch" is
+cuDNN in strict fp32 (allow_tf32 = False) and "torch-tf32" PyTorch's default TF32 ("vs tf32").
+
+The ceilings are measured in the same run (measure_ceilings: SGEMM and a device copy), and each row reports its
+roofline fraction: achieved GFLOP/s over min(SGEMM peak, bytes-per-flop bound at the copy bandwidth).
+`--plot FILE.png` draws the roofline (needs matplotlib: the `plot` extra).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -19,6 +25,7 @@ import sys
 import time
 from typing import NamedTuple
 
+import numba
 import numpy as np
 
 from cnnfast import compare, grad, reference
@@ -170,6 +177,20 @@ def time_torch_cuda(fn):
     return start.elapsed_time(end) / 1e3
 
 
+def torch_tf32(fn):
+    """fn with PyTorch's default TF32 (cuDNN conv and matmul) switched on for the call, strict fp32 after it."""
+    import torch
+
+    def call():
+        torch.backends.cudnn.allow_tf32 = True
+        try:
+            return fn()
+        finally:
+            torch.backends.cudnn.allow_tf32 = False
+
+    return call
+
+
 def time_interleaved(calls, repeats, warmup=2):
     """Median seconds of each (fn, timer) in calls, timed round-robin (one call of each per round) so that
     drift in the machine's speed (shared or throttled cores, other processes) falls on every provider alike."""
@@ -181,6 +202,82 @@ def time_interleaved(calls, repeats, warmup=2):
         for got, (fn, timer) in zip(times, calls):
             got.append(timer(fn))
     return [statistics.median(t) for t in times]
+
+
+# ---------------------------------------------------------------- ceilings and the machine
+
+@numba.njit(parallel=True, cache=True)
+def _parallel_copy(src, dst):
+    for i in numba.prange(src.size):
+        dst[i] = src[i]
+
+
+def measure_ceilings(device, repeats=5):
+    """{'sgemm_gflops', 'copy_gbytes', 'how'} measured now (medians): float32 GEMM (n^3, 2n^3 flops) and a device
+    copy (bytes read + written). CPU: NumPy's BLAS at 2048, a parallel Numba copy of 256 MiB. CUDA: strict fp32
+    (cuBLAS through torch with TF32 off, or CuPy) at 8192, a 1 GiB copy. None where nothing can measure it."""
+    if device == "cpu":
+        n, size = 2048, 64 << 20
+        a, b = np.ones((n, n), np.float32), np.ones((n, n), np.float32)
+        c = np.empty_like(a)
+        src, dst = np.ones(size, np.float32), np.empty(size, np.float32)
+        gemm, move = time_interleaved([(lambda: np.matmul(a, b, out=c), time_cpu),
+                                       (lambda: _parallel_copy(src, dst), time_cpu)], repeats)
+        how = f"NumPy matmul {n}^3 float32; Numba parallel copy of {size * 4 >> 20} MiB"
+    else:
+        try:
+            import torch
+        except ImportError:
+            return None
+        n, size = 8192, 256 << 20
+        torch.backends.cuda.matmul.allow_tf32 = False
+        a, b = torch.ones((n, n), device="cuda"), torch.ones((n, n), device="cuda")
+        src, dst = torch.ones(size, device="cuda"), torch.empty(size, device="cuda")
+        gemm = time_interleaved([(lambda: torch.matmul(a, b), time_torch_cuda)], repeats)[0]
+        move = time_interleaved([(lambda: dst.copy_(src), time_torch_cuda)], repeats)[0]
+        how = f"torch.matmul {n}^3 float32 (TF32 off: cuBLAS SGEMM); torch copy_ of {size * 4 >> 20} MiB"
+        del a, b, src, dst
+    return {"sgemm_gflops": 2 * n ** 3 / gemm / 1e9, "copy_gbytes": 2 * size * 4 / move / 1e9, "how": how}
+
+
+def machine(device):
+    """What the figures were measured on: date, CPU, GPU and driver, library versions, CUDA launch path."""
+    info = {"date": datetime.date.today().isoformat(), "platform": platform.platform(),
+            "cpu": _cpu_model(), "cpus": os.cpu_count(), "numpy": np.__version__, "numba": numba.__version__}
+    try:
+        import torch
+        info["torch"] = torch.__version__
+    except ImportError:
+        pass
+    if device == "cuda":
+        from numba import cuda
+
+        from cnnfast.kernels.cuda import launch
+        gpu = cuda.get_current_device()
+        info.update(gpu=gpu.name.decode() if isinstance(gpu.name, bytes) else str(gpu.name),
+                    compute_capability=".".join(map(str, gpu.compute_capability)),
+                    cuda_driver=".".join(map(str, cuda.cudadrv.driver.driver.get_version())),
+                    launch="raw" if launch.raw_enabled() else "numba")
+        if "torch" in info:
+            import torch
+            info["cudnn"] = torch.backends.cudnn.version()
+    return info
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def roofline(row, ceilings):
+    """The row's achieved GFLOP/s as a fraction of its roofline bound (None without ceilings)."""
+    if not ceilings or not row.get("bytes"):
+        return None
+    bound = min(ceilings["sgemm_gflops"], row["flops"] / row["bytes"] * ceilings["copy_gbytes"])
+    return row["gflops"] / bound
 
 
 # ---------------------------------------------------------------- the run
@@ -204,7 +301,7 @@ def to_device(a, device):
     return device_mover("cuda")(a)
 
 
-def run(shapes, device, primitives, algos, dtype, repeats, progress=None):
+def run(shapes, device, primitives, algos, dtype, repeats, progress=None, ceilings=None):
     from cnnfast.plan import algorithms
     from cnnfast.validate import to_host
 
@@ -243,6 +340,8 @@ def run(shapes, device, primitives, algos, dtype, repeats, progress=None):
         if tfn is not None:
             timed.append((dict(base, provider="torch", status="ok"), tfn,
                           time_torch_cuda if device == "cuda" else time_cpu))
+            if device == "cuda":
+                timed.append((dict(base, provider="torch-tf32", status="ok"), torch_tf32(tfn), time_torch_cuda))
         if progress:
             progress(i, len(jobs), shape.name, primitive, "timing")
         seconds = time_interleaved([(fn, timer) for _, fn, timer in timed], repeats)
@@ -255,32 +354,70 @@ def run(shapes, device, primitives, algos, dtype, repeats, progress=None):
         if "seconds" in row:
             row["gflops"] = row["flops"] / row["seconds"] / 1e9
             row["gbytes"] = row["bytes"] / row["seconds"] / 1e9
-            torch_row = next((r for r in rows if r["provider"] == "torch" and r["shape"] == row["shape"]
-                              and r["primitive"] == row["primitive"]), None)
-            if torch_row:
-                row["vs_torch"] = torch_row["seconds"] / row["seconds"]
+            for provider, key in (("torch", "vs_torch"), ("torch-tf32", "vs_tf32")):
+                other = next((r for r in rows if r["provider"] == provider and r["shape"] == row["shape"]
+                              and r["primitive"] == row["primitive"] and "seconds" in r), None)
+                if other:
+                    row[key] = other["seconds"] / row["seconds"]
+            fraction = roofline(row, ceilings)
+            if fraction is not None:
+                row["roofline"] = fraction
     return rows
 
 
 def table(rows):
+    tf32 = any("vs_tf32" in r for r in rows)
     lines = [f"{'shape':36s} {'primitive':15s} {'provider':18s} {'median ms':>10s} {'GFLOP/s':>9s} "
-             f"{'GB/s':>7s} {'vs torch':>8s}  status"]
+             f"{'GB/s':>7s} {'% roof':>6s} {'vs torch':>8s}" + (f" {'vs tf32':>8s}" if tf32 else "") + "  status"]
     for r in rows:
         if "seconds" in r:
-            vs = f"{r['vs_torch']:.2f}x" if "vs_torch" in r else "-"
+            ratios = [f"{r[k]:.2f}x" if k in r else "-" for k in ("vs_torch", "vs_tf32")[:1 + tf32]]
+            roof = f"{100 * r['roofline']:.0f}" if "roofline" in r else "-"
             lines.append(f"{r['shape']:36s} {r['primitive']:15s} {r['provider']:18s} {r['seconds'] * 1e3:10.2f} "
-                         f"{r['gflops']:9.1f} {r['gbytes']:7.2f} {vs:>8s}  {r['status']}")
+                         f"{r['gflops']:9.1f} {r['gbytes']:7.2f} {roof:>6s} "
+                         + " ".join(f"{v:>8s}" for v in ratios) + f"  {r['status']}")
         else:
             lines.append(f"{r['shape']:36s} {r['primitive']:15s} {r['provider']:18s} {'-':>10s} {'-':>9s} "
-                         f"{'-':>7s} {'-':>8s}  {r['status']}: {r.get('note', '')[:120]}")
+                         f"{'-':>7s} {'-':>6s} {'-':>8s}" + (f" {'-':>8s}" if tf32 else "")
+                         + f"  {r['status']}: {r.get('note', '')[:120]}")
     return "\n".join(lines)
 
 
-def geomean_vs_torch(rows, provider="cnnfast:auto"):
+def plot_roofline(rows, ceilings, path, title):
+    """Roofline PNG: achieved GFLOP/s against arithmetic intensity (FLOP per byte moved) for cnnfast:auto and
+    the baselines, under the measured SGEMM and copy ceilings."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    timed = [r for r in rows if "seconds" in r and r["bytes"]]
+    intensity = [r["flops"] / r["bytes"] for r in timed]
+    lo, hi = min(intensity) / 2, max(intensity) * 2
+    xs = np.geomspace(lo, hi, 200)
+    ax.plot(xs, np.minimum(ceilings["sgemm_gflops"], xs * ceilings["copy_gbytes"]), "k-", lw=1.5,
+            label=f"roofline: {ceilings['sgemm_gflops']:.0f} GFLOP/s, {ceilings['copy_gbytes']:.0f} GB/s")
+    markers = {"forward": "o", "backward_data": "s", "backward_filter": "^"}
+    for provider, color in (("cnnfast:auto", "tab:blue"), ("torch", "tab:orange"), ("torch-tf32", "tab:green")):
+        for primitive, marker in markers.items():
+            pts = [(r["flops"] / r["bytes"], r["gflops"]) for r in timed
+                   if r["provider"] == provider and r["primitive"] == primitive]
+            if pts:
+                ax.scatter(*zip(*pts), marker=marker, color=color, s=28, label=f"{provider} {primitive}")
+    ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOP / byte, each tensor moved once)",
+           ylabel="achieved GFLOP/s", title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def geomean_vs_torch(rows, provider="cnnfast:auto", key="vs_torch"):
+    """{primitive: (geometric mean, worst)} of provider's ratio `key` (vs_torch, or vs_tf32 on CUDA)."""
     out = {}
     for primitive in PRIMITIVES:
-        ratios = [r["vs_torch"] for r in rows if r["provider"] == provider and r["primitive"] == primitive
-                  and "vs_torch" in r]
+        ratios = [r[key] for r in rows if r["provider"] == provider and r["primitive"] == primitive and key in r]
         if ratios:
             out[primitive] = (float(np.exp(np.mean(np.log(ratios)))), min(ratios))
     return out
@@ -298,6 +435,7 @@ def main(argv=None) -> int:
                         "cpu, 30 on cuda)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--json", default="bench-results.json", help="where to write the rows")
+    parser.add_argument("--plot", metavar="FILE.png", help="also draw the roofline (needs matplotlib)")
     args = parser.parse_args(argv)
     device = detect_device() if args.device == "auto" else args.device
     if device == "cuda":
@@ -323,15 +461,31 @@ def main(argv=None) -> int:
         sys.stderr.flush()
 
     t0 = time.perf_counter()
-    rows = run(shapes, device, args.primitive, args.algo, args.dtype, args.repeats, progress)
+    info = machine(device)
+    ceilings = measure_ceilings(device)
+    rows = run(shapes, device, args.primitive, args.algo, args.dtype, args.repeats, progress, ceilings)
     sys.stderr.write("\n")
-    print(f"cnnfast bench on {device} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs), "
-          f"{args.dtype}, median of {args.repeats}; validated against the float64 reference before timing")
+    where = info.get("gpu", info["cpu"]) + (f", driver {info['cuda_driver']}, {info['launch']} launches"
+                                            if device == "cuda" else f", {info['cpus']} CPUs")
+    print(f"cnnfast bench on {device} ({where}), {args.dtype}, median of {args.repeats}; validated against the "
+          f"float64 reference before timing; baseline torch {info.get('torch', '(not installed)')}"
+          + (" (cuDNN strict fp32; torch-tf32 = PyTorch's default)" if device == "cuda" else ""))
+    if ceilings:
+        print(f"ceilings measured now: SGEMM {ceilings['sgemm_gflops']:.0f} GFLOP/s, copy "
+              f"{ceilings['copy_gbytes']:.1f} GB/s ({ceilings['how']})")
     print(table(rows))
-    for primitive, (geo, worst) in geomean_vs_torch(rows).items():
-        print(f"cnnfast:auto vs torch, {primitive}: geometric mean {geo:.2f}x, worst {worst:.2f}x")
+    for key, name in (("vs_torch", "torch" + (" (cuDNN fp32)" if device == "cuda" else "")),
+                      ("vs_tf32", "torch-tf32")):
+        for primitive, (geo, worst) in geomean_vs_torch(rows, key=key).items():
+            print(f"cnnfast:auto vs {name}, {primitive}: geometric mean {geo:.2f}x, worst {worst:.2f}x")
     with open(args.json, "w") as f:
-        json.dump({"device": device, "dtype": args.dtype, "repeats": args.repeats, "rows": rows,
-                   "seconds": time.perf_counter() - t0}, f, indent=1)
+        json.dump({"device": device, "dtype": args.dtype, "repeats": args.repeats, "machine": info,
+                   "ceilings": ceilings, "rows": rows, "seconds": time.perf_counter() - t0}, f, indent=1)
     print(f"wrote {args.json} ({time.perf_counter() - t0:.0f} s)")
+    if args.plot and ceilings:
+        try:
+            plot_roofline(rows, ceilings, args.plot, f"cnnfast {device}: {where} ({info['date']})")
+            print(f"wrote {args.plot}")
+        except ImportError:
+            print("--plot needs matplotlib (pip install -e '.[plot]')", file=sys.stderr)
     return 1 if any(r["status"] != "ok" for r in rows) else 0

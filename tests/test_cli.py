@@ -54,3 +54,31 @@ def test_bad_command_lines_exit_with_usage(bad):
     with pytest.raises(SystemExit) as info:
         main(bad)
     assert info.value.code == 2
+
+
+def test_bench_validates_times_and_reports_against_measured_ceilings(tmp_path, capsys):
+    """The README's main job on one small shape: each kernel validated then timed, the ceilings measured in the
+    same run, a roofline fraction per row, the machine in the JSON (and the roofline PNG when matplotlib is here)."""
+    import json
+
+    out, png = tmp_path / "bench.json", tmp_path / "roofline.png"
+    args = ["bench", "--device", "cpu", "--shape", "3x3-16-16", "--primitive", "forward", "backward_filter",
+            "--repeats", "3", "--json", str(out), "--plot", str(png)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "validated against the float64 reference before timing" in text and "ceilings measured now" in text
+    result = json.loads(out.read_text())
+    assert result["machine"]["cpus"] == os.cpu_count() and result["machine"]["date"]
+    assert result["ceilings"]["sgemm_gflops"] > 1 and result["ceilings"]["copy_gbytes"] > 0.5
+    cnnfast_rows = [r for r in result["rows"] if r["provider"].startswith("cnnfast:")]
+    assert {r["primitive"] for r in cnnfast_rows} == {"forward", "backward_filter"}
+    for r in cnnfast_rows:
+        assert r["status"] == "ok" and r["error"] < 1e-3 and r["seconds"] > 0 and r["roofline"] > 0
+        bound = min(result["ceilings"]["sgemm_gflops"], r["flops"] / r["bytes"] * result["ceilings"]["copy_gbytes"])
+        assert abs(r["roofline"] - r["gflops"] / bound) < 1e-9
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not png.exists()
+    else:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

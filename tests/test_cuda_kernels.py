@@ -66,6 +66,18 @@ def test_every_specialisation_compiles_to_ptx_9_for_sm90_without_spills(ptx_rows
     assert all(r["ptx_version"] == "9.0" and r["target"] == "sm_90" and r["spill_stores"] == 0 for r in rows)
 
 
+
+def test_tiled_gemm_main_loops_stage_operands_without_integer_division(ptx_rows):
+    """A 64-bit division is dozens of instructions against 16 FMAs per reduction index: the per-thread row/column
+    contexts and the reduction-index table keep them out of the loop (only a strided backward_data tests stride
+    divisibility, and backward_filter splits its sample x output reduction index)."""
+    for name, divisions in ((r["name"], r["loop_divisions"]) for r in ptx_rows):
+        if name.startswith(("direct_forward", "im2col_gemm_forward", "im2col_gemm_backward_data")):
+            assert divisions == 0, (name, divisions)
+        elif name.startswith("direct_backward_data"):
+            assert divisions <= 6, (name, divisions)  # p % sd, p // sd per axis, only when a stride is > 1
+
+
 # ---------------------------------------------------------------- the raw-pointer launch path (launch.py)
 
 def _reach_every_kernel(x, w, dy, monkeypatch):
@@ -168,6 +180,7 @@ def test_raw_specialisations_compile_once_then_load_from_the_disk_cache(tmp_path
     assert second.stdout == first.stdout
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(SIM, reason="the raw path needs a GPU and CuPy")
 def test_raw_launch_path_matches_numba_dispatcher_bitwise(problem, monkeypatch):
     """On a GPU with CuPy: every algorithm and primitive on CuPy arrays, launched both ways, same bits."""

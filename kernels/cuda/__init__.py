@@ -2,7 +2,8 @@
 
 Importing this package applies kernels/_compat.py first (numpy >= 2.5 row_stack alias for numba-cuda 0.30.4).
 Launchers take C-contiguous 5-D device arrays (Numba device arrays, the simulator's, or CuPy), a ConvGeometry,
-workspace_limit= and stream=; they never synchronise.
+workspace_limit= and stream=; they never synchronise, and start every kernel through launch.launch (Numba's
+dispatcher, or the raw-pointer path through CuPy: launch.py).
 
 choose(g, primitive), the heuristic behind algo="auto" (to be tuned on a GPU, issue 5):
   depthwise layers -> depthwise; everything else -> direct (implicit GEMM, no workspace except the

@@ -140,7 +140,7 @@ def specialisations():
 
             for family, ops_table in (("direct", direct.OPS), ("im2col_gemm", im2col.OPS)):
                 for primitive, ops in ops_table.items():
-                    add(f"{family}_{primitive}", gemm.tiled_kernel(dt, ops), "AAAAgiiii")
+                    add(f"{family}_{primitive}", gemm.tiled_kernel(dt, ops), "AAAAIgiiii")
             add("reduce_splits", direct.reduce_splits_kernel, "AAii")
             add("im2col", im2col.im2col_kernel, "AAgii")
             add("col2im", im2col.col2im_kernel, "AAgii")

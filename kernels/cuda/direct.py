@@ -14,7 +14,7 @@ split order: deterministic, no atomics.
 import numpy as np
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cuda import gemm
-from cnnfast.kernels.cuda.compile import device_constant, numba_dtype
+from cnnfast.kernels.cuda.compile import ZERO, device_constant, numba_dtype
 from cnnfast.kernels.cuda.launch import launch, scratch
 from numba import cuda
 
@@ -22,7 +22,29 @@ TARGET_BLOCKS = 264  # 2 blocks per SM on an H100 (132 SMs): enough splits to fi
 MIN_SPLIT = 256  # reduction indices per split at least
 
 
-# ---------------------------------------------------------------- forward
+# ---------------------------------------------------------------- loaders shared by several GEMMs
+
+@cuda.jit(device=True, inline=True)
+def strided_a(a, ra, j, geo, tab):
+    """A[m, j] = a[base + j*stride] for ra = (base, stride)."""
+    return a[ra[0] + j * ra[1]]
+
+
+@cuda.jit(device=True, inline=True)
+def strided_b(b, cb, j, geo, tab):
+    """B[j, col] = b[base + j*stride] for cb = (base, stride, -, -)."""
+    return b[cb[0] + j * cb[1]]
+
+
+@cuda.jit(device=True, inline=True)
+def dy_by_sample_row(dy, ra, j, geo, tab):
+    """A[m, j] = dy[n, k, o] for j = n*O + o, with ra = (offset of dy[0, k, 0], O): one division per element."""
+    n = j // ra[1]
+    return dy[ra[0] + j + n * (geo[5] - 1) * ra[1]]
+
+
+# ---------------------------------------------------------------- forward: A = W_g, B = x-patches
+# j = c*TRS + tap (tab row: c*DHW, t*dd, r*dh, s*dw, -), col = n*O + o
 
 @cuda.jit(device=True, inline=True)
 def fwd_dims(geo):
@@ -31,16 +53,37 @@ def fwd_dims(geo):
 
 
 @cuda.jit(device=True, inline=True)
-def fwd_load_w(w, g, m, j, geo, n0):
-    Kg = geo[5] // geo[21]
-    J = geo[1] // geo[21] * geo[6] * geo[7] * geo[8]
-    return w[(g * Kg + m) * J + j]
+def fwd_row(g, m, geo, n0):
+    """w[k = g*Kg + m, j] = w[k*J + j]"""
+    groups = geo[21]
+    J = geo[1] // groups * geo[6] * geo[7] * geo[8]
+    return (g * (geo[5] // groups) + m) * J, 1
 
 
 @cuda.jit(device=True, inline=True)
-def fwd_load_x(x, g, j, col, geo, n0):
-    O = geo[9] * geo[10] * geo[11]
-    return gemm.x_patch(x, g, j, col // O, col % O, geo)
+def fwd_col(g, col, geo, n0):
+    """(offset of x[n, g*Cg], first input d, h, w read by output o = (p, q, u)) for col = n*O + o."""
+    C, D, H, W, Q, U = geo[1], geo[2], geo[3], geo[4], geo[10], geo[11]
+    O = geo[9] * Q * U
+    n = col // O
+    o = col - n * O
+    u = o % U
+    q = (o // U) % Q
+    p = o // (U * Q)
+    return ((n * C + g * (C // geo[21])) * D * H * W, p * geo[12] - geo[18], q * geo[13] - geo[19],
+            u * geo[14] - geo[20])
+
+
+@cuda.jit(device=True, inline=True)
+def fwd_load_x(x, cb, j, geo, tab):
+    e = j * gemm.TAB
+    D, H, W = geo[2], geo[3], geo[4]
+    di = cb[1] + tab[e + 1]
+    hi = cb[2] + tab[e + 2]
+    wi = cb[3] + tab[e + 3]
+    if di < 0 or di >= D or hi < 0 or hi >= H or wi < 0 or wi >= W:
+        return ZERO
+    return x[cb[0] + tab[e] + (di * H + hi) * W + wi]
 
 
 @cuda.jit(device=True, inline=True)
@@ -53,7 +96,8 @@ def fwd_store(y, bias, g, m, col, v, geo, flag, split, n0):
     y[((col // O) * K + k) * O + col % O] = v
 
 
-# ---------------------------------------------------------------- backward data
+# ---------------------------------------------------------------- backward data: A = W_g^T, B = dy gathers
+# j = kk*TRS + tap (tab row: kk*O, t*dd, r*dh, s*dw, kk*Cg*TRS + tap), col = n*DHW + i
 
 @cuda.jit(device=True, inline=True)
 def bwd_dims(geo):
@@ -62,17 +106,51 @@ def bwd_dims(geo):
 
 
 @cuda.jit(device=True, inline=True)
-def bwd_load_w(w, g, m, j, geo, n0):
-    Cg = geo[1] // geo[21]
-    Kg = geo[5] // geo[21]
+def bwd_row(g, m, geo, n0):
+    """w[g*Kg + kk, c = m, tap] = w[g*Kg*Cg*TRS + m*TRS + (kk*Cg*TRS + tap)]"""
+    groups = geo[21]
     trs = geo[6] * geo[7] * geo[8]
-    return w[((g * Kg + j // trs) * Cg + m) * trs + j % trs]
+    return (g * (geo[5] // groups) * (geo[1] // groups) + m) * trs, 0
 
 
 @cuda.jit(device=True, inline=True)
-def bwd_load_dy(dy, g, j, col, geo, n0):
-    DHW = geo[2] * geo[3] * geo[4]
-    return gemm.dy_gather(dy, g, j, col // DHW, col % DHW, geo)
+def bwd_load_w(w, ra, j, geo, tab):
+    return w[ra[0] + tab[j * gemm.TAB + 4]]
+
+
+@cuda.jit(device=True, inline=True)
+def bwd_col(g, col, geo, n0):
+    """(offset of dy[n, g*Kg], padded input position d + pd, h + ph, w + pw) for col = n*DHW + (d*H + h)*W + w."""
+    H, W, K = geo[3], geo[4], geo[5]
+    DHW = geo[2] * H * W
+    n = col // DHW
+    i = col - n * DHW
+    iw = i % W
+    ih = (i // W) % H
+    i_d = i // (W * H)
+    return ((n * K + g * (K // geo[21])) * geo[9] * geo[10] * geo[11], i_d + geo[18], ih + geo[19], iw + geo[20])
+
+
+@cuda.jit(device=True, inline=True)
+def bwd_load_dy(dy, cb, j, geo, tab):
+    """dy at the output (p, q, u) whose tap reads this input position; 0 when none does (stride, borders)."""
+    e = j * gemm.TAB
+    p = cb[1] - tab[e + 1]
+    q = cb[2] - tab[e + 2]
+    u = cb[3] - tab[e + 3]
+    if p < 0 or q < 0 or u < 0:
+        return ZERO
+    sd, sh, sw = geo[12], geo[13], geo[14]
+    if sd != 1 or sh != 1 or sw != 1:
+        if p % sd != 0 or q % sh != 0 or u % sw != 0:
+            return ZERO
+        p //= sd
+        q //= sh
+        u //= sw
+    Q, U = geo[10], geo[11]
+    if p >= geo[9] or q >= Q or u >= U:
+        return ZERO
+    return dy[cb[0] + tab[e] + (p * Q + q) * U + u]
 
 
 @cuda.jit(device=True, inline=True)
@@ -82,7 +160,8 @@ def bwd_store(dx, bias, g, m, col, v, geo, flag, split, n0):
     dx[((col // DHW) * C + g * (C // geo[21]) + m) * DHW + col % DHW] = v
 
 
-# ---------------------------------------------------------------- backward filter
+# ---------------------------------------------------------------- backward filter: A = dy, B = x-patches^T
+# j = n*O + o, col = c*TRS + tap (no table: the reduction runs over samples and outputs)
 
 @cuda.jit(device=True, inline=True)
 def flt_dims(geo):
@@ -91,16 +170,38 @@ def flt_dims(geo):
 
 
 @cuda.jit(device=True, inline=True)
-def flt_load_dy(dy, g, m, j, geo, n0):
-    K = geo[5]
+def flt_row(g, m, geo, n0):
     O = geo[9] * geo[10] * geo[11]
-    return dy[((j // O) * K + g * (K // geo[21]) + m) * O + j % O]
+    return (g * (geo[5] // geo[21]) + m) * O, O
 
 
 @cuda.jit(device=True, inline=True)
-def flt_load_x(x, g, j, col, geo, n0):
-    O = geo[9] * geo[10] * geo[11]
-    return gemm.x_patch(x, g, col, j // O, j % O, geo)
+def flt_col(g, col, geo, n0):
+    """(offset of x[0, g*Cg + c], t*dd - pd, r*dh - ph, s*dw - pw) for col = c*TRS + tap."""
+    T, R, S = geo[6], geo[7], geo[8]
+    s = col % S
+    r = (col // S) % R
+    t = (col // (S * R)) % T
+    c = col // (S * R * T)
+    return ((g * (geo[1] // geo[21]) + c) * geo[2] * geo[3] * geo[4], t * geo[15] - geo[18],
+            r * geo[16] - geo[19], s * geo[17] - geo[20])
+
+
+@cuda.jit(device=True, inline=True)
+def flt_load_x(x, cb, j, geo, tab):
+    D, H, W, Q, U = geo[2], geo[3], geo[4], geo[10], geo[11]
+    O = geo[9] * Q * U
+    n = j // O
+    o = j - n * O
+    u = o % U
+    q = (o // U) % Q
+    p = o // (U * Q)
+    di = p * geo[12] + cb[1]
+    hi = q * geo[13] + cb[2]
+    wi = u * geo[14] + cb[3]
+    if di < 0 or di >= D or hi < 0 or hi >= H or wi < 0 or wi >= W:
+        return ZERO
+    return x[n * geo[1] * D * H * W + cb[0] + (di * H + hi) * W + wi]
 
 
 @cuda.jit(device=True, inline=True)
@@ -121,10 +222,36 @@ def reduce_splits_kernel(partial, out, splits, size):
 
 
 OPS = {
-    "forward": (fwd_dims, fwd_load_w, fwd_load_x, fwd_store),
-    "backward_data": (bwd_dims, bwd_load_w, bwd_load_dy, bwd_store),
-    "backward_filter": (flt_dims, flt_load_dy, flt_load_x, flt_store),
+    "forward": (fwd_dims, fwd_row, strided_a, fwd_col, fwd_load_x, fwd_store),
+    "backward_data": (bwd_dims, bwd_row, bwd_load_w, bwd_col, bwd_load_dy, bwd_store),
+    "backward_filter": (flt_dims, flt_row, dy_by_sample_row, flt_col, flt_load_x, flt_store),
 }
+
+
+def no_table():
+    """The table argument of GEMMs whose loaders read none (one zero row)."""
+    return device_constant(("no-table",), lambda: np.zeros(gemm.TAB, np.int64))
+
+
+def reduction_table(g, primitive):
+    """The loaders' table (J x TAB int64, flat) of forward's j = c*TRS + tap: (c*DHW, t*dd, r*dh, s*dw, 0), or of
+    backward_data's j = kk*TRS + tap: (kk*O, t*dd, r*dh, s*dw, kk*Cg*TRS + tap); one zero row otherwise.
+    A device constant: built and uploaded once per (GPU, geometry)."""
+    if primitive == "backward_filter":
+        return no_table()
+
+    def make():
+        trs = g.T * g.R * g.S
+        outer = g.C // g.groups if primitive == "forward" else g.K // g.groups
+        c, tap = np.divmod(np.arange(outer * trs, dtype=np.int64), trs)
+        t, r, s = tap // (g.R * g.S), (tap // g.S) % g.R, tap % g.S
+        if primitive == "forward":
+            first, last = c * g.D * g.H * g.W, np.zeros_like(c)
+        else:
+            first, last = c * g.P * g.Q * g.U, c * (g.C // g.groups) * trs + tap
+        return np.stack([first, t * g.dil_d, r * g.dil_h, s * g.dil_w, last], axis=1).ravel()
+
+    return device_constant(("reduction-table", primitive, tuple(g)), make)
 
 
 def dims(g, primitive):
@@ -155,12 +282,13 @@ def workspace_bytes(g, primitive, itemsize, workspace_limit):
 
 def launch_tiled(primitive, a, b, out, bias, g, flag, splits, stream, ops=None, n0=0, shape=None):
     """Launch the tiled kernel of `primitive` (or of explicit `ops`); arrays are flattened to 1-D."""
+    tab = reduction_table(g, primitive) if ops is None else no_table()  # im2col's dense loaders read none
     ops = ops or OPS[primitive]
     M, J, NCOL = shape or dims(g, primitive)
     jchunk = -(-J // splits)
     jchunk = -(-jchunk // gemm.BJ) * gemm.BJ
     launch(gemm.tiled_kernel(numba_dtype(out.dtype), ops), gemm.grid(M, NCOL, g.groups, splits), gemm.THREADS,
-           stream, a.reshape(a.size), b.reshape(b.size), out.reshape(out.size), bias, tuple(g), flag, splits,
+           stream, a.reshape(a.size), b.reshape(b.size), out.reshape(out.size), bias, tab, tuple(g), flag, splits,
            jchunk, n0)
 
 

@@ -2,20 +2,26 @@
 
 Every CUDA convolution here is a GEMM per group g:  out[m, col] = sum_j A[m, j] * B[j, col]
 where A and B are not stored matrices but gathers from the convolution's tensors (implicit GEMM), or dense
-column matrices (im2col). A kernel is built by `tiled_kernel(dtype, ops)` from four device functions:
+column matrices (im2col). A kernel is built by `tiled_kernel(dtype, ops)` from six device functions:
 
-    dims(geo)                        -> (M, J, NCOL) per group
-    load_a(a, g, m, j, geo, n0)      -> A[m, j]      (only called with m < M, j < J)
-    load_b(b, g, j, col, geo, n0)    -> B[j, col]    (only called with j < J, col < NCOL; 0 for padding)
+    dims(geo)                          -> (M, J, NCOL) per group
+    a_row(g, m, geo, n0)               -> ra, what row m of A needs (an int: a base offset)
+    load_a(a, ra, j, geo, tab)         -> A[m, j]      (only called with m < M, j < J)
+    b_col(g, col, geo, n0)             -> cb, what column col of B needs (a 4-tuple of ints)
+    load_b(b, cb, j, geo, tab)         -> B[j, col]    (only called with j < J, col < NCOL; 0 for padding)
     store(out, bias, g, m, col, v, geo, flag, split, n0)
 
+Each thread stages the same row of A and the same column of B at every step, so a_row and b_col (with their
+integer divisions) run once per thread, not once per element; tab is a per-problem table of the reduction
+index j (TAB ints per j: reduction_table), so the convolution loaders need no division in the loop.
 geo is the contract's ConvGeometry as a tuple of 22 ints; flag is the store's option (bias / accumulate);
 n0 a batch offset (im2col chunks). Arrays are 1-D (flat, C-contiguous).
 
 Block: BM x BN outputs of one group and one split of the reduction, THREADS = (BM/TM)*(BN/TN) threads,
 each holding a TM x TN register tile (rows m = ty*TM + a, columns col = tx + b*(BN/TN), so a warp's
 stores are coalesced). Per step, BJ reduction indices of A (BJ x BM) and B (BJ x BN) are staged in shared
-memory. Grid: (ceil(NCOL/BN), ceil(M/BM), groups * splits); split s reduces j in
+memory: thread tid stages row tid % BM of A (reduction indices tid // BM + k*THREADS/BM) and column
+tid % BN of B. Grid: (ceil(NCOL/BN), ceil(M/BM), groups * splits); split s reduces j in
 [s*jchunk, (s+1)*jchunk). No atomics: each output is written by exactly one thread.
 """
 from functools import lru_cache
@@ -27,14 +33,17 @@ BM, BN, BJ = 32, 64, 8  # block tile: 32 rows x 64 columns, 8 reduction indices 
 TM, TN = 4, 4  # register tile per thread
 THREADS = (BM // TM) * (BN // TN)  # 128
 NGEO = 22  # len(ConvGeometry)
+TAB = 5  # ints per reduction index in the loaders' table (direct.reduction_table)
+assert THREADS % BM == 0 and THREADS % BN == 0  # each thread stages one fixed row of A and column of B
 
 
 @lru_cache(maxsize=None)
 def tiled_kernel(dtype, ops):
-    """The tiled GEMM kernel's Python function for a numba dtype and an ops tuple (dims, load_a, load_b, store)."""
-    dims, load_a, load_b, store = ops
+    """The tiled GEMM kernel's Python function for a numba dtype and an ops tuple (dims, a_row, load_a, b_col,
+    load_b, store)."""
+    dims, a_row, load_a, b_col, load_b, store = ops
 
-    def kernel(a, b, out, bias, geo, flag, splits, jchunk, n0):
+    def kernel(a, b, out, bias, tab, geo, flag, splits, jchunk, n0):
         shared_a = cuda.shared.array((BJ, BM), dtype)
         shared_b = cuda.shared.array((BJ, BN), dtype)
         acc = cuda.local.array((TM, TN), dtype)
@@ -50,24 +59,27 @@ def tiled_kernel(dtype, ops):
         split = cuda.blockIdx.z % splits
         j_begin = split * jchunk
         j_end = min(J, j_begin + jchunk)
+        # the row of A and the column of B this thread stages (clamped in range; masked below)
+        sm = tid % BM
+        sc = tid % BN
+        row_ok = m0 + sm < M
+        col_ok = col0 + sc < NCOL
+        ra = a_row(g, min(m0 + sm, M - 1), geo, n0)
+        cb = b_col(g, min(col0 + sc, NCOL - 1), geo, n0)
         for i in range(TM):
             for k in range(TN):
                 acc[i, k] = 0
         for j0 in range(j_begin, j_end, BJ):
-            for e in range(tid, BJ * BM, THREADS):
-                jj = e // BM
-                mm = e % BM
+            for jj in range(tid // BM, BJ, THREADS // BM):
                 v = dtype(0)
-                if j0 + jj < j_end and m0 + mm < M:
-                    v = load_a(a, g, m0 + mm, j0 + jj, geo, n0)
-                shared_a[jj, mm] = v
-            for e in range(tid, BJ * BN, THREADS):
-                jj = e // BN
-                cc = e % BN
+                if row_ok and j0 + jj < j_end:
+                    v = load_a(a, ra, j0 + jj, geo, tab)
+                shared_a[jj, sm] = v
+            for jj in range(tid // BN, BJ, THREADS // BN):
                 v = dtype(0)
-                if j0 + jj < j_end and col0 + cc < NCOL:
-                    v = load_b(b, g, j0 + jj, col0 + cc, geo, n0)
-                shared_b[jj, cc] = v
+                if col_ok and j0 + jj < j_end:
+                    v = load_b(b, cb, j0 + jj, geo, tab)
+                shared_b[jj, sc] = v
             cuda.syncthreads()
             for jj in range(BJ):
                 for i in range(TM):

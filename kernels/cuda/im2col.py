@@ -12,7 +12,7 @@ Inside the GEMMs the geometry tuple carries N = nb (the chunk) and n0 is the chu
 im2col_kernel: thread (grid-stride) per element of cols; col2im_kernel: thread per element of the dx chunk.
 """
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
-from cnnfast.kernels.cuda import gemm
+from cnnfast.kernels.cuda import direct, gemm
 from cnnfast.kernels.cuda.compile import ZERO, numba_dtype
 from cnnfast.kernels.cuda.direct import _bias_arg, launch_tiled
 from cnnfast.kernels.cuda.launch import launch, scratch
@@ -69,6 +69,8 @@ def col2im_kernel(dcols, dx, geo, n0, nb):
 
 
 # ---------------------------------------------------------------- GEMM operand loaders (geo[0] = nb here)
+# Dense operands: A and B are read at base + j*stride (direct.strided_a / strided_b), except backward_filter's
+# dy (direct.dy_by_sample_row); the row/column functions give the bases.
 
 @cuda.jit(device=True, inline=True)
 def _sizes(geo):
@@ -84,15 +86,10 @@ def f_dims(geo):
 
 
 @cuda.jit(device=True, inline=True)
-def f_load_w(w, g, m, j, geo, n0):
+def f_col(g, col, geo, n0):
+    """cols[(g*J + j)*ncol + col]"""
     Kg, J, O, ncol = _sizes(geo)
-    return w[(g * Kg + m) * J + j]
-
-
-@cuda.jit(device=True, inline=True)
-def f_load_cols(cols, g, j, col, geo, n0):
-    Kg, J, O, ncol = _sizes(geo)
-    return cols[(g * J + j) * ncol + col]
+    return g * J * ncol + col, ncol, 0, 0
 
 
 @cuda.jit(device=True, inline=True)
@@ -111,15 +108,18 @@ def d_dims(geo):
 
 
 @cuda.jit(device=True, inline=True)
-def d_load_wt(w, g, m, j, geo, n0):
+def d_row(g, m, geo, n0):
+    """w[(g*Kg + j)*J + m]"""
     Kg, J, O, ncol = _sizes(geo)
-    return w[(g * Kg + j) * J + m]
+    return g * Kg * J + m, J
 
 
 @cuda.jit(device=True, inline=True)
-def d_load_dy(dy, g, j, col, geo, n0):
+def d_col(g, col, geo, n0):
+    """dy[((n0 + col // O)*K + g*Kg + j)*O + col % O]"""
     Kg, J, O, ncol = _sizes(geo)
-    return dy[((n0 + col // O) * geo[5] + g * Kg + j) * O + col % O]
+    n = col // O
+    return ((n0 + n) * geo[5] + g * Kg) * O + col - n * O, O, 0, 0
 
 
 @cuda.jit(device=True, inline=True)
@@ -135,15 +135,17 @@ def w_dims(geo):
 
 
 @cuda.jit(device=True, inline=True)
-def w_load_dy(dy, g, m, j, geo, n0):
+def w_row(g, m, geo, n0):
+    """dy[((n0 + j // O)*K + g*Kg + m)*O + j % O]: direct.dy_by_sample_row from sample n0"""
     Kg, J, O, ncol = _sizes(geo)
-    return dy[((n0 + j // O) * geo[5] + g * Kg + m) * O + j % O]
+    return (n0 * geo[5] + g * Kg + m) * O, O
 
 
 @cuda.jit(device=True, inline=True)
-def w_load_cols(cols, g, j, col, geo, n0):
+def w_col(g, col, geo, n0):
+    """cols[(g*J + col)*ncol + j]"""
     Kg, J, O, ncol = _sizes(geo)
-    return cols[(g * J + col) * ncol + j]
+    return (g * J + col) * ncol, 1, 0, 0
 
 
 @cuda.jit(device=True, inline=True)
@@ -154,9 +156,9 @@ def w_store(dw, bias, g, m, col, v, geo, flag, split, n0):
     dw[i] = dw[i] + v if flag else v
 
 
-OPS = {"forward": (f_dims, f_load_w, f_load_cols, f_store),
-       "backward_data": (d_dims, d_load_wt, d_load_dy, d_store),
-       "backward_filter": (w_dims, w_load_dy, w_load_cols, w_store)}
+OPS = {"forward": (f_dims, direct.fwd_row, direct.strided_a, f_col, direct.strided_b, f_store),
+       "backward_data": (d_dims, d_row, direct.strided_a, d_col, direct.strided_b, d_store),
+       "backward_filter": (w_dims, w_row, direct.dy_by_sample_row, w_col, direct.strided_b, w_store)}
 
 
 def chunk(g, itemsize, workspace_limit):

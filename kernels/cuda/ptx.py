@@ -4,8 +4,9 @@
 
 For each entry of compile.specialisations() (every kernel x dtype x typing the launchers can create):
 cuda.compile_ptx(..., cc=(9, 0)) gives the PTX (its .version, .target and number of kernel parameters are
-reported: PTX 9.0 loads on driver 580), and cuda.compile(..., output="ltoir") linked by cuda.core's Linker with link-time
-optimisation and `ptxas -v` gives registers, spill stores and spill loads of the final sm_90 code.
+reported: PTX 9.0 loads on driver 580), and cuda.compile(..., output="ltoir") linked by cuda.core's Linker
+with link-time optimisation and `ptxas -v` gives registers, spill stores and spill loads of the final sm_90
+code. For the tiled GEMM kernels it also counts the 64-bit divisions left in the main loop (loop_divisions).
 Exit status 1 if any entry fails to compile or spills.
 """
 import argparse
@@ -23,7 +24,25 @@ def ptx_facts(ptx):
     version = re.search(r"^\s*\.version\s+(\S+)", ptx, re.M)
     target = re.search(r"^\s*\.target\s+(\S+)", ptx, re.M)
     return {"ptx_version": version and version.group(1), "target": target and target.group(1),
-            "entry": entry_name(ptx), "params": parameter_count(ptx)}
+            "entry": entry_name(ptx), "params": parameter_count(ptx), "loop_divisions": loop_divisions(ptx)}
+
+
+def loop_divisions(ptx):
+    """64-bit integer divisions and remainders (each dozens of SASS instructions) in the body of the tiled GEMM's
+    main loop: the loop whose back edge follows the last bar.sync and jumps above the first. None for kernels
+    without shared-memory steps."""
+    lines = ptx.splitlines()
+    bars = [i for i, line in enumerate(lines) if "bar.sync" in line]
+    if not bars:
+        return None
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\$L__BB\d+_\d+):", line))}
+    starts = [(labels[m.group(1)], i) for i, line in enumerate(lines[bars[-1]:], bars[-1])
+              if (m := re.search(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line))
+              and labels.get(m.group(1), len(lines)) < bars[0]]
+    if not starts:
+        return None
+    start, end = min(starts)
+    return sum(1 for line in lines[start:end + 1] if re.match(r"\s+(div|rem)\.[su]64", line))
 
 
 def link_report(ltoir):
@@ -69,13 +88,13 @@ def main(argv=None):
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        print(f"{'kernel':58s} {'PTX':>4s} {'target':>7s} {'regs':>5s} {'spill st/ld':>12s}")
+        print(f"{'kernel':58s} {'PTX':>4s} {'target':>7s} {'regs':>5s} {'spill st/ld':>12s} {'loop div':>8s}")
         for r in rows:
             if "error" in r:
                 print(f"{r['name']:58s} ERROR {r['error']}")
             else:
                 print(f"{r['name']:58s} {r['ptx_version']:>4s} {r['target']:>7s} {r['registers']!s:>5s} "
-                      f"{r['spill_stores']!s:>6s}/{r['spill_loads']!s:<5s}")
+                      f"{r['spill_stores']!s:>6s}/{r['spill_loads']!s:<5s} {r['loop_divisions']!s:>8s}")
     return 0 if all(r["ok"] for r in rows) else 1
 
 

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Everything cnnfast still has to measure on a GPU, in steps that each fit one 10-minute call on the GPU
+# machine (30 minutes of device time per session). Results go to $OUT (or ./gpu-out): logs, JSON, PNG.
+#
+#   bash bench/gpu_session.sh tests             CUDA tests at real size on both launch paths, torch CUDA tensors,
+#                                               the PTX/register report (~5-8 min)
+#   bash bench/gpu_session.sh sanitize          compute-sanitizer memcheck, racecheck, synccheck (bench/sanitize.py)
+#   bash bench/gpu_session.sh host              host cost of one tiny conv2d: Numba vs raw launches, CuPy/Numba/torch
+#   bash bench/gpu_session.sh bench [NAME...]   cnnfast bench --device cuda on the anchor set (or the shapes whose
+#                                               names contain NAME), table + JSON + roofline PNG; add
+#                                               CNNFAST_CUDA_LAUNCH=raw to time the raw launch path
+# Exit status: the step's.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-gpu-out}"
+mkdir -p "$out"
+export NUMBA_ENABLE_CUDASIM=0 NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-/tmp/cnnfast-numba}"
+pip install --no-deps --no-build-isolation -q -e . > "$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+step="${1:-}"
+shift || true
+case "$step" in
+tests)
+    python -m cnnfast.kernels.cuda.ptx > "$out/ptx-registers.txt" 2>&1
+    pytest -m cuda -q -p no:cacheprovider tests 2>&1 | tail -40 > "$out/tests-numba-launch.txt"
+    rc=${PIPESTATUS[0]}
+    CNNFAST_CUDA_LAUNCH=raw pytest -m cuda -q -p no:cacheprovider tests/test_ops.py tests/test_cuda_kernels.py \
+        2>&1 | tail -40 > "$out/tests-raw-launch.txt"
+    rc2=${PIPESTATUS[0]}
+    pytest -q -p no:cacheprovider tests/test_torch.py 2>&1 | tail -20 > "$out/tests-torch.txt"
+    rc3=${PIPESTATUS[0]}
+    tail -n 3 "$out"/tests-*.txt
+    exit $(( rc || rc2 || rc3 ))
+    ;;
+sanitize)
+    python bench/sanitize.py 2>&1 | tee "$out/sanitize.txt" | tail -30
+    exit "${PIPESTATUS[0]}"
+    ;;
+host)
+    pytest -q -p no:cacheprovider bench/test_cuda.py -k host_cost --benchmark-json="$out/host-cost.json" \
+        --benchmark-columns=min,median,mean,rounds 2>&1 | tee "$out/host-cost.txt" | tail -30
+    exit "${PIPESTATUS[0]}"
+    ;;
+bench)
+    filters=()
+    for name in "$@"; do filters+=(--shape "$name"); done
+    tag="${CNNFAST_CUDA_LAUNCH:-numba}"
+    cnnfast bench --device cuda "${filters[@]}" --json "$out/bench-cuda-$tag.json" \
+        --plot "$out/roofline-cuda-$tag.png" 2>/dev/null | tee "$out/bench-cuda-$tag.txt"
+    exit "${PIPESTATUS[0]}"
+    ;;
+*)
+    sed -n '2,14p' "$0"
+    exit 2
+    ;;
+esac
