@@ -131,6 +131,37 @@ def test_im2col_blocks_hold_the_samples_that_fit_the_preferred_scratch(x_shape, 
     assert im2col._block(g, primitive, 4, 2 * scratch) == (nb, B)  # a larger limit does not grow the block
 
 
+@pytest.mark.parametrize("primitive", list(OPS))
+@pytest.mark.parametrize("opts", [
+    dict(padding=1, groups=8),                                    # 3x3, same size
+    dict(padding=((2, 0), (1, 3)), dilation=(2, 1), groups=8),   # asymmetric padding, dilation
+    dict(padding=0, groups=4),                                    # channel multiplier 2 (w has 8 = 2 x 4 rows)
+])
+def test_unit_stride_depthwise_runs_the_wide_plane_kernel_and_falls_back_under_a_small_limit(primitive, opts,
+                                                                                            monkeypatch):
+    from cnnfast.kernels.cpu import depthwise
+    channels = opts["groups"]
+    layer = Layer((2, channels, 9, 11), (8, 1, 3, 3), **opts)
+    calls = []
+
+    def spy(name):
+        real = getattr(depthwise, name)
+        return lambda *args: calls.append(name) or real(*args)
+
+    for name in ("depthwise_wide_cpu", "depthwise_wide_filter_cpu"):
+        monkeypatch.setattr(depthwise, name, spy(name))
+
+    plan = layer.explain(primitive, algo="depthwise")
+    assert plan.workspace_bytes > 0 and plan.kernels[0].startswith("depthwise_wide_")
+    wide = layer.run(primitive, algo="depthwise")
+    assert calls == [plan.kernels[0].split()[0]]  # one launch of the kernel explain() names
+    assert_close(wide, layer.expected(primitive), "float64", f"{OPS[primitive]} depthwise wide")
+
+    rows = layer.run(primitive, algo="depthwise", workspace_limit=plan.workspace_bytes - 1)
+    assert len(calls) == 1 and layer.explain(primitive, algo="depthwise", workspace_limit=0).workspace_bytes == 0
+    assert_close(rows, layer.expected(primitive), "float64", f"{OPS[primitive]} depthwise rows")
+
+
 # ---------------------------------------------------------------- 2. bitwise determinism
 
 DENSE = dict(x_shape=(3, 16, 12, 12), w_shape=(16, 16, 3, 3), padding=1)

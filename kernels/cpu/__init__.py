@@ -26,7 +26,13 @@ _KERNELS = {
 
 
 def _kernels(name):
-    return lambda g, primitive, dtype: (f"{_KERNELS[name][primitive]} [{dtype}]",)
+    def names(g, primitive, dtype):
+        kernel = _KERNELS[name][primitive]
+        if name == "depthwise" and g.stride_d == g.stride_h == g.stride_w == 1:
+            wide = "depthwise_wide_filter_cpu" if primitive == "backward_filter" else "depthwise_wide_cpu"
+            kernel = f"{wide} ({kernel} when its scratch exceeds workspace_limit)"
+        return (f"{kernel} [{dtype}]",)
+    return names
 
 
 ALGORITHMS = {
@@ -37,8 +43,8 @@ ALGORITHMS = {
                         workspace_bytes=im2col.workspace_bytes, kernels=_kernels("im2col"),
                         doc="column matrix + BLAS GEMM, col2im as a gather; scratch capped by workspace_limit"),
     "depthwise": Algorithm("depthwise", depthwise.forward, depthwise.backward_data, depthwise.backward_filter,
-                           supports=depthwise.supports, kernels=_kernels("depthwise"),
-                           doc="groups == channels: one plane per task"),
+                           supports=depthwise.supports, workspace_bytes=depthwise.workspace_bytes,
+                           kernels=_kernels("depthwise"), doc="groups == channels: one plane per task"),
 }
 
 

@@ -4,6 +4,8 @@ x (N, C, D, H, W) * w (K, 1, T, R, S) -> y (N, K, P, Q, U); output channel k rea
     forward_kernel:       thread (grid-stride) per output y[n, k, o]: T*R*S taps from x, weights from w.
     backward_data_kernel: thread per input dx[n, c, i]: gathers dy of the M filters of c over the taps that
                           read i (no atomics).
+Each thread splits its flat index into coordinates once; the tap loops then need no integer division
+(backward_data: only to test divisibility by a stride > 1).
     backward_filter:      direct's split-reduction kernel (deterministic partial sums).
 Consecutive threads own consecutive o (or i), so x/dy/y accesses are coalesced along the row.
 """
@@ -17,34 +19,66 @@ MAX_BLOCKS = 8192
 
 
 def forward_kernel(x, w, bias, y, geo, has_bias):
-    K, T, R, S = geo[5], geo[6], geo[7], geo[8]
-    O = geo[9] * geo[10] * geo[11]
-    trs = T * R * S
-    M = K // geo[1]
+    """Thread (grid-stride) per output y[n, k, p, q, u]: the window's first input (d0, h0, w0) is found once,
+    then the taps walk it in (t, r, s) order with no division (padding reads as 0)."""
+    C, D, H, W, K, T, R, S = geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7], geo[8]
+    P, Q, U = geo[9], geo[10], geo[11]
+    O = P * Q * U
+    M = K // C
     for e in range(cuda.grid(1), geo[0] * K * O, cuda.gridsize(1)):
-        o = e % O
+        u = e % U
+        q = (e // U) % Q
+        p = (e // (U * Q)) % P
         k = (e // O) % K
         n = e // (O * K)
+        d0 = p * geo[12] - geo[18]
+        h0 = q * geo[13] - geo[19]
+        w0 = u * geo[14] - geo[20]
+        plane = (n * C + k // M) * D * H * W
+        tap = k * T * R * S
         total = bias[k] if has_bias else ZERO
-        for tap in range(trs):
-            total += w[k * trs + tap] * gemm.x_patch(x, k // M, tap, n, o, geo)
+        for t in range(T):
+            di = d0 + t * geo[15]
+            for r in range(R):
+                hi = h0 + r * geo[16]
+                inside = di >= 0 and di < D and hi >= 0 and hi < H
+                row = plane + (di * H + hi) * W
+                for s in range(S):
+                    wi = w0 + s * geo[17]
+                    v = x[row + wi] if inside and wi >= 0 and wi < W else ZERO
+                    total += w[tap] * v
+                    tap += 1
         y[e] = total
 
 
 def backward_data_kernel(dy, w, dx, geo):
-    C, K, T, R, S = geo[1], geo[5], geo[6], geo[7], geo[8]
-    DHW = geo[2] * geo[3] * geo[4]
-    trs = T * R * S
+    """Thread (grid-stride) per input dx[n, c, i_d, ih, iw]: for each filter m of channel c and tap (t, r, s),
+    the output that reads it (gemm.output_of: a division only when the stride is > 1), in (m, t, r, s) order."""
+    C, D, H, W, K, T, R, S = geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7], geo[8]
+    P, Q, U = geo[9], geo[10], geo[11]
+    O = P * Q * U
+    DHW = D * H * W
     M = K // C
     for e in range(cuda.grid(1), geo[0] * C * DHW, cuda.gridsize(1)):
-        i = e % DHW
+        iw = e % W
+        ih = (e // W) % H
+        i_d = (e // (W * H)) % D
         c = (e // DHW) % C
         n = e // (DHW * C)
         total = ZERO
         for m in range(M):
-            for tap in range(trs):
-                # group c holds filters c*M .. c*M + M - 1; dy_gather's reduction index is (m, tap)
-                total += w[(c * M + m) * trs + tap] * gemm.dy_gather(dy, c, m * trs + tap, n, i, geo)
+            k = c * M + m
+            plane = (n * K + k) * O
+            tap = k * T * R * S
+            for t in range(T):
+                p = gemm.output_of(i_d + geo[18] - t * geo[15], geo[12], P)
+                for r in range(R):
+                    q = gemm.output_of(ih + geo[19] - r * geo[16], geo[13], Q)
+                    for s in range(S):
+                        u = gemm.output_of(iw + geo[20] - s * geo[17], geo[14], U)
+                        v = dy[plane + (p * Q + q) * U + u] if p >= 0 and q >= 0 and u >= 0 else ZERO
+                        total += w[tap] * v
+                        tap += 1
         dx[e] = total
 
 

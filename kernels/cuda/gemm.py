@@ -132,29 +132,13 @@ def x_patch(x, g, tap, n, o, geo):
 
 
 @cuda.jit(device=True, inline=True)
-def dy_gather(dy, g, kk_tap, n, i, geo):
-    """dy[n, g*Kg + kk, p, q, u] for reduction index kk_tap = kk*TRS + tap and input position i = (d*H + h)*W + w,
-    where (p, q, u) is the output that tap reads i from; 0 when no output does (stride, borders)."""
-    H, W, K = geo[3], geo[4], geo[5]
-    T, R, S, P, Q, U = geo[6], geo[7], geo[8], geo[9], geo[10], geo[11]
-    Kg = K // geo[21]
-    trs = T * R * S
-    kk = kk_tap // trs
-    tap = kk_tap % trs
-    s = tap % S
-    r = (tap // S) % R
-    t = tap // (S * R)
-    iw = i % W
-    ih = (i // W) % H
-    i_d = i // (W * H)
-    np_ = i_d + geo[18] - t * geo[15]
-    nq = ih + geo[19] - r * geo[16]
-    nu = iw + geo[20] - s * geo[17]
-    if np_ < 0 or nq < 0 or nu < 0 or np_ % geo[12] != 0 or nq % geo[13] != 0 or nu % geo[14] != 0:
-        return ZERO
-    p = np_ // geo[12]
-    q = nq // geo[13]
-    u = nu // geo[14]
-    if p >= P or q >= Q or u >= U:
-        return ZERO
-    return dy[(((n * K + g * Kg + kk) * P + p) * Q + q) * U + u]
+def output_of(pos, stride, size):
+    """The output index o with o*stride == pos (pos: an input position plus padding minus the tap's offset),
+    or -1 when no output reads it (pos < 0, not a multiple of the stride, or o >= size)."""
+    if pos < 0:
+        return -1
+    if stride != 1:
+        if pos % stride != 0:
+            return -1
+        pos //= stride
+    return pos if pos < size else -1

@@ -37,35 +37,31 @@ def im2col_kernel(x, cols, geo, n0, nb):
 
 
 def col2im_kernel(dcols, dx, geo, n0, nb):
-    """dx[n0 + j, c, i] = sum over taps of dcols[c*TRS + tap, j*O + o] for the outputs o that read i."""
+    """dx[n0 + j, c, i] = sum over taps (t, r, s), in order, of dcols[c*TRS + tap, j*O + o] for the output o
+    that reads input i (gemm.output_of); the coordinates of i are found once per thread."""
     C, D, H, W = geo[1], geo[2], geo[3], geo[4]
     T, R, S, P, Q, U = geo[6], geo[7], geo[8], geo[9], geo[10], geo[11]
     O = P * Q * U
     DHW = D * H * W
-    trs = T * R * S
     for e in range(cuda.grid(1), nb * C * DHW, cuda.gridsize(1)):
-        i = e % DHW
+        iw = e % W
+        ih = (e // W) % H
+        i_d = (e // (W * H)) % D
         c = (e // DHW) % C
         j = e // (DHW * C)
-        iw = i % W
-        ih = (i // W) % H
-        i_d = i // (W * H)
+        row = c * T * R * S * nb * O + j * O  # dcols[c*TRS + tap, j*O + o] = dcols[row + tap*nb*O + o]
+        tap = 0
         total = ZERO
-        for tap in range(trs):
-            s = tap % S
-            r = (tap // S) % R
-            t = tap // (S * R)
-            np_ = i_d + geo[18] - t * geo[15]
-            nq = ih + geo[19] - r * geo[16]
-            nu = iw + geo[20] - s * geo[17]
-            if np_ >= 0 and nq >= 0 and nu >= 0 and np_ % geo[12] == 0 and nq % geo[13] == 0 \
-                    and nu % geo[14] == 0:
-                p = np_ // geo[12]
-                q = nq // geo[13]
-                u = nu // geo[14]
-                if p < P and q < Q and u < U:
-                    total += dcols[(c * trs + tap) * (nb * O) + j * O + (p * Q + q) * U + u]
-        dx[(n0 + j) * C * DHW + c * DHW + i] = total
+        for t in range(T):
+            p = gemm.output_of(i_d + geo[18] - t * geo[15], geo[12], P)
+            for r in range(R):
+                q = gemm.output_of(ih + geo[19] - r * geo[16], geo[13], Q)
+                for s in range(S):
+                    u = gemm.output_of(iw + geo[20] - s * geo[17], geo[14], U)
+                    if p >= 0 and q >= 0 and u >= 0:
+                        total += dcols[row + tap * nb * O + (p * Q + q) * U + u]
+                    tap += 1
+        dx[(n0 + j) * C * DHW + e - j * C * DHW] = total
 
 
 # ---------------------------------------------------------------- GEMM operand loaders (geo[0] = nb here)
