@@ -276,6 +276,9 @@ def test_index_tables_and_the_zero_bias_are_uploaded_once_per_gpu(problem):
     again = cnnfast.conv2d(dx, dw, padding=1, padding_mode="circular", algo="direct")
     assert kernel_cache._CONSTANTS == held  # nothing uploaded again: the same device arrays are reused
     assert any(key[1] == "zero" for key in held) and any(key[1] == "pad" for key in held)
+    assert any(key[1] == "reduction-table" for key in held)
+    cnnfast.conv2d(cuda.to_device(x[:1]), dw, padding=1, padding_mode="circular", algo="direct")
+    assert kernel_cache._CONSTANTS == held  # another batch size: the same tables
     np.testing.assert_array_equal(again.copy_to_host(), first.copy_to_host())
     expected = reference.conv(x.astype(np.float64), w.astype(np.float64), padding=1, padding_mode="circular")
     compare.assert_close(first.copy_to_host(), expected, "float32", "circular conv2d, cached device constants")

@@ -26,11 +26,7 @@ def forward_kernel(x, w, bias, y, geo, has_bias):
     O = P * Q * U
     M = K // C
     for e in range(cuda.grid(1), geo[0] * K * O, cuda.gridsize(1)):
-        u = e % U
-        q = (e // U) % Q
-        p = (e // (U * Q)) % P
-        k = (e // O) % K
-        n = e // (O * K)
+        n, k, p, q, u = gemm.split(e, K, P, Q, U)
         d0 = p * geo[12] - geo[18]
         h0 = q * geo[13] - geo[19]
         w0 = u * geo[14] - geo[20]
@@ -60,11 +56,7 @@ def backward_data_kernel(dy, w, dx, geo):
     DHW = D * H * W
     M = K // C
     for e in range(cuda.grid(1), geo[0] * C * DHW, cuda.gridsize(1)):
-        iw = e % W
-        ih = (e // W) % H
-        i_d = (e // (W * H)) % D
-        c = (e // DHW) % C
-        n = e // (DHW * C)
+        n, c, i_d, ih, iw = gemm.split(e, C, D, H, W)
         total = ZERO
         for m in range(M):
             k = c * M + m

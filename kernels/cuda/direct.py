@@ -63,13 +63,8 @@ def fwd_row(g, m, geo, n0):
 @cuda.jit(device=True, inline=True)
 def fwd_col(g, col, geo, n0):
     """(offset of x[n, g*Cg], first input d, h, w read by output o = (p, q, u)) for col = n*O + o."""
-    C, D, H, W, Q, U = geo[1], geo[2], geo[3], geo[4], geo[10], geo[11]
-    O = geo[9] * Q * U
-    n = col // O
-    o = col - n * O
-    u = o % U
-    q = (o // U) % Q
-    p = o // (U * Q)
+    C, D, H, W = geo[1], geo[2], geo[3], geo[4]
+    n, _, p, q, u = gemm.split(col, 1, geo[9], geo[10], geo[11])
     return ((n * C + g * (C // geo[21])) * D * H * W, p * geo[12] - geo[18], q * geo[13] - geo[19],
             u * geo[14] - geo[20])
 
@@ -121,13 +116,8 @@ def bwd_load_w(w, ra, j, geo, tab):
 @cuda.jit(device=True, inline=True)
 def bwd_col(g, col, geo, n0):
     """(offset of dy[n, g*Kg], padded input position d + pd, h + ph, w + pw) for col = n*DHW + (d*H + h)*W + w."""
-    H, W, K = geo[3], geo[4], geo[5]
-    DHW = geo[2] * H * W
-    n = col // DHW
-    i = col - n * DHW
-    iw = i % W
-    ih = (i // W) % H
-    i_d = i // (W * H)
+    K = geo[5]
+    n, _, i_d, ih, iw = gemm.split(col, 1, geo[2], geo[3], geo[4])
     return ((n * K + g * (K // geo[21])) * geo[9] * geo[10] * geo[11], i_d + geo[18], ih + geo[19], iw + geo[20])
 
 
@@ -236,7 +226,7 @@ def no_table():
 def reduction_table(g, primitive):
     """The loaders' table (J x TAB int64, flat) of forward's j = c*TRS + tap: (c*DHW, t*dd, r*dh, s*dw, 0), or of
     backward_data's j = kk*TRS + tap: (kk*O, t*dd, r*dh, s*dw, kk*Cg*TRS + tap); one zero row otherwise.
-    A device constant: built and uploaded once per (GPU, geometry)."""
+    A device constant: built and uploaded once per GPU and table key (a new batch size reuses it)."""
     if primitive == "backward_filter":
         return no_table()
 
@@ -251,7 +241,10 @@ def reduction_table(g, primitive):
             first, last = c * g.P * g.Q * g.U, c * (g.C // g.groups) * trs + tap
         return np.stack([first, t * g.dil_d, r * g.dil_h, s * g.dil_w, last], axis=1).ravel()
 
-    return device_constant(("reduction-table", primitive, tuple(g)), make)
+    # keyed by what the table depends on (not the batch size, so a new batch size reuses it)
+    key = (primitive, g.C // g.groups, g.K // g.groups, g.T, g.R, g.S, g.dil_d, g.dil_h, g.dil_w,
+           g.D * g.H * g.W if primitive == "forward" else g.P * g.Q * g.U)
+    return device_constant(("reduction-table",) + key, make)
 
 
 def dims(g, primitive):

@@ -132,6 +132,16 @@ def x_patch(x, g, tap, n, o, geo):
 
 
 @cuda.jit(device=True, inline=True)
+def split(e, C, D, H, W):
+    """(n, c, d, h, w) of the flat index e = (((n*C + c)*D + d)*H + h)*W + w."""
+    w = e % W
+    h = (e // W) % H
+    d = (e // (W * H)) % D
+    c = (e // (W * H * D)) % C
+    return e // (W * H * D * C), c, d, h, w
+
+
+@cuda.jit(device=True, inline=True)
 def output_of(pos, stride, size):
     """The output index o with o*stride == pos (pos: an input position plus padding minus the tap's offset),
     or -1 when no output reads it (pos < 0, not a multiple of the stride, or o >= size)."""

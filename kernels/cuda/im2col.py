@@ -44,11 +44,7 @@ def col2im_kernel(dcols, dx, geo, n0, nb):
     O = P * Q * U
     DHW = D * H * W
     for e in range(cuda.grid(1), nb * C * DHW, cuda.gridsize(1)):
-        iw = e % W
-        ih = (e // W) % H
-        i_d = (e // (W * H)) % D
-        c = (e // DHW) % C
-        j = e // (DHW * C)
+        j, c, i_d, ih, iw = gemm.split(e, C, D, H, W)
         row = c * T * R * S * nb * O + j * O  # dcols[c*TRS + tap, j*O + o] = dcols[row + tap*nb*O + o]
         tap = 0
         total = ZERO
