@@ -67,6 +67,12 @@ def test_every_specialisation_compiles_to_ptx_9_for_sm90_without_spills(ptx_rows
 
 
 
+def test_tiled_gemm_tile_constants_give_each_thread_one_staged_row_and_column():
+    from cnnfast.kernels.cuda import gemm
+    assert gemm.THREADS % gemm.BM == 0 and gemm.THREADS % gemm.BN == 0
+    assert gemm.THREADS == (gemm.BM // gemm.TM) * (gemm.BN // gemm.TN)
+
+
 def test_tiled_gemm_main_loops_stage_operands_without_integer_division(ptx_rows):
     """A 64-bit division is dozens of instructions against 16 FMAs per reduction index: the per-thread row/column
     contexts and the reduction-index table keep them out of the loop (only a strided backward_data tests stride
