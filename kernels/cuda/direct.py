@@ -16,7 +16,7 @@ from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cuda import gemm
 from cnnfast.kernels.cuda.compile import ZERO, device_constant, numba_dtype
 from cnnfast.kernels.cuda.launch import launch, scratch
-from numba import cuda
+from numba import cuda, int64, uint64
 
 TARGET_BLOCKS = 264  # 2 blocks per SM on an H100 (132 SMs): enough splits to fill the GPU
 MIN_SPLIT = 256  # reduction indices per split at least
@@ -37,9 +37,15 @@ def strided_b(b, cb, j, geo, tab):
 
 
 @cuda.jit(device=True, inline=True)
+def sample_of(j, O):
+    """j // O for j, O >= 0, as one unsigned division (a signed // also computes a remainder to floor)."""
+    return int64(uint64(j) // uint64(O))
+
+
+@cuda.jit(device=True, inline=True)
 def dy_by_sample_row(dy, ra, j, geo, tab):
     """A[m, j] = dy[n, k, o] for j = n*O + o, with ra = (offset of dy[0, k, 0], O): one division per element."""
-    n = j // ra[1]
+    n = sample_of(j, ra[1])
     return dy[ra[0] + j + n * (geo[5] - 1) * ra[1]]
 
 
@@ -151,7 +157,7 @@ def bwd_store(dx, bias, g, m, col, v, geo, flag, split, n0):
 
 
 # ---------------------------------------------------------------- backward filter: A = dy, B = x-patches^T
-# j = n*O + o, col = c*TRS + tap (no table: the reduction runs over samples and outputs)
+# j = n*O + o (tab row per output o: p*sd, q*sh, u*sw, -, -), col = c*TRS + tap
 
 @cuda.jit(device=True, inline=True)
 def flt_dims(geo):
@@ -179,16 +185,13 @@ def flt_col(g, col, geo, n0):
 
 @cuda.jit(device=True, inline=True)
 def flt_load_x(x, cb, j, geo, tab):
-    D, H, W, Q, U = geo[2], geo[3], geo[4], geo[10], geo[11]
-    O = geo[9] * Q * U
-    n = j // O
-    o = j - n * O
-    u = o % U
-    q = (o // U) % Q
-    p = o // (U * Q)
-    di = p * geo[12] + cb[1]
-    hi = q * geo[13] + cb[2]
-    wi = u * geo[14] + cb[3]
+    D, H, W = geo[2], geo[3], geo[4]
+    O = geo[9] * geo[10] * geo[11]
+    n = sample_of(j, O)
+    e = (j - n * O) * gemm.TAB
+    di = tab[e] + cb[1]
+    hi = tab[e + 1] + cb[2]
+    wi = tab[e + 2] + cb[3]
     if di < 0 or di >= D or hi < 0 or hi >= H or wi < 0 or wi >= W:
         return ZERO
     return x[n * geo[1] * D * H * W + cb[0] + (di * H + hi) * W + wi]
@@ -224,11 +227,18 @@ def no_table():
 
 
 def reduction_table(g, primitive):
-    """The loaders' table (J x TAB int64, flat) of forward's j = c*TRS + tap: (c*DHW, t*dd, r*dh, s*dw, 0), or of
-    backward_data's j = kk*TRS + tap: (kk*O, t*dd, r*dh, s*dw, kk*Cg*TRS + tap); one zero row otherwise.
-    A device constant: built and uploaded once per GPU and table key (a new batch size reuses it)."""
+    """The loaders' table (TAB int64 per row, flat) of forward's j = c*TRS + tap: (c*DHW, t*dd, r*dh, s*dw, 0),
+    of backward_data's j = kk*TRS + tap: (kk*O, t*dd, r*dh, s*dw, kk*Cg*TRS + tap), or of backward_filter's
+    output o = (p*Q + q)*U + u of j = n*O + o: (p*sd, q*sh, u*sw, 0, 0). A device constant: built and uploaded
+    once per GPU and table key (a new batch size reuses it)."""
     if primitive == "backward_filter":
-        return no_table()
+        def make_outputs():
+            p, q, u = np.unravel_index(np.arange(g.P * g.Q * g.U, dtype=np.int64), (g.P, g.Q, g.U))
+            zero = np.zeros_like(p)
+            return np.stack([p * g.stride_d, q * g.stride_h, u * g.stride_w, zero, zero], axis=1).ravel()
+
+        key = (g.P, g.Q, g.U, g.stride_d, g.stride_h, g.stride_w)
+        return device_constant(("output-table",) + key, make_outputs)
 
     def make():
         trs = g.T * g.R * g.S

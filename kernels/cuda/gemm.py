@@ -27,7 +27,7 @@ tid % BN of B. Grid: (ceil(NCOL/BN), ceil(M/BM), groups * splits); split s reduc
 from functools import lru_cache
 
 from cnnfast.kernels.cuda.compile import ZERO
-from numba import cuda
+from numba import cuda, int64, uint64
 
 BM, BN, BJ = 32, 64, 8  # block tile: 32 rows x 64 columns, 8 reduction indices per shared-memory step
 TM, TN = 4, 4  # register tile per thread
@@ -147,8 +147,9 @@ def output_of(pos, stride, size):
     or -1 when no output reads it (pos < 0, not a multiple of the stride, or o >= size)."""
     if pos < 0:
         return -1
-    if stride != 1:
-        if pos % stride != 0:
+    if stride != 1:  # unsigned: one division, no floor correction (pos >= 0 here)
+        quotient = uint64(pos) // uint64(stride)
+        if int64(quotient) * stride != pos:
             return -1
-        pos //= stride
+        pos = int64(quotient)
     return pos if pos < size else -1
