@@ -44,13 +44,12 @@ def device_constant(key, make):
     return arr
 
 
+_NUMBA_TYPES = {np.dtype("float32"): types.float32, np.dtype("float64"): types.float64,
+                np.dtype("int64"): types.int64}  # the tensors' dtypes, and the index tables'
+
+
 def numba_dtype(dtype):
-    return {np.dtype("float32"): types.float32, np.dtype("float64"): types.float64}[np.dtype(dtype)]
-
-
-def numba_type(dtype):
-    """The Numba scalar type of a float32, float64 or int64 dtype (index tables are int64)."""
-    return numba_dtype(dtype) if np.dtype(dtype).kind == "f" else {np.dtype("int64"): types.int64}[np.dtype(dtype)]
+    return _NUMBA_TYPES[np.dtype(dtype)]
 
 
 def simulating():

@@ -13,7 +13,7 @@ im2col_kernel: thread (grid-stride) per element of cols; col2im_kernel: thread p
 """
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cuda import direct, gemm
-from cnnfast.kernels.cuda.compile import ZERO, numba_dtype
+from cnnfast.kernels.cuda.compile import ZERO
 from cnnfast.kernels.cuda.direct import _bias_arg, launch_tiled
 from cnnfast.kernels.cuda.launch import launch, scratch
 from numba import cuda
@@ -203,4 +203,4 @@ def backward_filter(x, dy, dw, g, workspace_limit=None, stream=0):
     _run("backward_filter", g, dy, x, dw, bias, 0, workspace_limit, stream)
 
 
-__all__ = ["forward", "backward_data", "backward_filter", "workspace_bytes", "numba_dtype"]
+__all__ = ["forward", "backward_data", "backward_filter", "workspace_bytes"]

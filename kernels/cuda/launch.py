@@ -26,7 +26,7 @@ from cnnfast.kernels.cuda import compile
 from numba import cuda, types
 
 ENV = "CNNFAST_CUDA_LAUNCH"
-_FUNCTIONS = {}  # (pyfunc, argument kinds, GPU) -> (CuPy Function, argument types) | None (use Numba)
+_FUNCTIONS = {}  # (pyfunc, argument kinds, GPU) -> CuPy Function | None (use Numba's dispatcher)
 _OFFSETS = {}  # number of parameters -> byte offsets of each 8-byte slot in the argument buffer
 _INTEGERS = (int, np.integer)
 
@@ -99,7 +99,7 @@ def argument_types(kinds):
         elif isinstance(k, int):
             out.append(types.UniTuple(types.int64, k))
         else:
-            out.append(types.CPointer(compile.numba_type(k)))
+            out.append(types.CPointer(compile.numba_dtype(k)))
     return tuple(out)
 
 
