@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 from cnnfast.kernels.contract import pad_indices
-from cnnfast.kernels.cuda import direct, im2col, layout
+from cnnfast.kernels.cuda import depthwise, direct, im2col, layout
 
 import cnnfast
 from cnnfast import compare, grad, reference
@@ -58,7 +58,8 @@ def test_every_specialisation_compiles_to_ptx_9_for_sm90_without_spills(ptx_rows
     rows = ptx_rows
     names = {r["name"].split("[")[0] for r in rows}
     assert {"direct_forward", "direct_backward_data", "direct_backward_filter", "im2col", "col2im",
-            "depthwise_forward", "pad", "fold_pad", "bias_grad"} <= names
+            "depthwise_plane", "depthwise_backward_filter", "depthwise_forward", "pad", "fold_pad",
+            "bias_grad"} <= names
     assert {r["typing"] for r in rows} == {"array", "pointer"}
     print("\n".join(f"{r['name']:55s} regs {r.get('registers')} spills {r.get('spill_stores')}" for r in rows))
     bad = [r for r in rows if not r["ok"]]
@@ -96,8 +97,14 @@ def _reach_every_kernel(x, w, dy, monkeypatch):
         grad.conv2d_input(x.shape, dw, ddy, padding=1, algo=algo)
         grad.conv2d_weight(dx, w.shape, ddy, padding=1, algo=algo)
     depthwise_w = cuda.to_device(w[:C, :1].copy())
-    y = cnnfast.conv2d(dx, depthwise_w, padding=1, groups=C, algo="depthwise")
-    grad.conv2d_input(x.shape, depthwise_w, y, padding=1, groups=C, algo="depthwise")
+    y = cnnfast.conv2d(dx, depthwise_w, padding=1, groups=C, algo="depthwise")  # plane_kernel
+    grad.conv2d_input(x.shape, depthwise_w, y, padding=1, groups=C, algo="depthwise")  # plane_kernel, flipped
+    grad.conv2d_input(x.shape, depthwise_w, cuda.to_device(dy[:, :C, ::2, ::2].copy()), padding=1, stride=2, groups=C,
+                      algo="depthwise")  # backward_data_kernel (stride 2)
+    monkeypatch.setattr(depthwise, "MIN_CHUNK", 8)  # filter_kernel split, then reduce_splits_kernel
+    grad.conv2d_weight(dx, depthwise_w.shape, y, padding=1, groups=C, algo="depthwise")
+    monkeypatch.setattr(depthwise, "HALO", 4)  # no halo tile fits: forward_kernel
+    cnnfast.conv2d(dx, depthwise_w, padding=1, groups=C, algo="depthwise")
     cnnfast.conv2d(dx, dw, padding=1, padding_mode="reflect")  # pad
     grad.conv2d_input(x.shape, dw, ddy, padding=1, padding_mode="reflect")  # its adjoint fold_pad
     cnnfast.conv_transpose2d(ddy, dw, cuda.to_device(np.ones(C, np.float32)), padding=1)  # add_bias
@@ -200,6 +207,10 @@ def test_raw_launch_path_matches_numba_dispatcher_bitwise(problem, monkeypatch):
                               ("backward_filter", lambda a: grad.conv2d_weight(x, w.shape, dy, padding=1, algo=a)))}
     depthwise_w = w[:C, :1].copy()
     calls["depthwise forward"] = lambda: cnnfast.conv2d(x, depthwise_w, padding=1, groups=C, algo="depthwise")
+    calls["depthwise backward_data"] = lambda: grad.conv2d_input(x.shape, depthwise_w, dy[:, :C], padding=1, groups=C,
+                                                                 algo="depthwise")
+    calls["depthwise backward_filter"] = lambda: grad.conv2d_weight(x, depthwise_w.shape, dy[:, :C], padding=1,
+                                                                    groups=C, algo="depthwise")
     calls["reflect backward_data"] = lambda: grad.conv2d_input(x.shape, w, dy, padding=1, padding_mode="reflect")
     for name, call in calls.items():
         monkeypatch.setenv(launching.ENV, "numba")
@@ -244,6 +255,65 @@ def test_split_reduction_of_the_weight_gradient_is_deterministic(problem, monkey
                                algo="direct").copy_to_host() for _ in range(2)]
     np.testing.assert_array_equal(runs[0], runs[1])
     compare.assert_close(runs[0], reference.conv_weight(x, (K, C, 3, 3), dy, padding=1), "float32")
+
+
+# depthwise: (x shape, w shape, options); multipliers 1 and 2, strides, dilation with asymmetric padding, padding
+# wider than the filter, 1-D, 3-D with more taps than one register pass (TAPS), a plane wider than one tile
+DEPTHWISE = {
+    "2d-x2": ((2, 3, 7, 9), (6, 1, 3, 3), dict(padding=1, groups=3)),
+    "2d-s2": ((1, 4, 9, 8), (4, 1, 3, 3), dict(padding=1, stride=2, groups=4)),
+    "2d-dil-asym": ((1, 2, 8, 11), (4, 1, 3, 2), dict(padding=(2, 0), dilation=(2, 3), groups=2)),
+    "2d-pad-over-filter": ((1, 2, 5, 5), (2, 1, 2, 2), dict(padding=3, groups=2)),
+    "1d-dil8": ((2, 2, 40), (2, 1, 3), dict(padding=8, dilation=8, groups=2)),
+    "3d-x2": ((1, 2, 4, 5, 6), (4, 1, 2, 3, 3), dict(padding=1, groups=2)),
+    "3d-s2": ((1, 2, 5, 5, 6), (2, 1, 3, 3, 3), dict(padding=1, stride=2, groups=2)),
+    "2d-two-tiles": ((1, 1, 3, 70), (1, 1, 3, 3), dict(padding=1)),
+}
+_ND_OPS = {1: (cnnfast.conv1d, grad.conv1d_input, grad.conv1d_weight),
+           2: (cnnfast.conv2d, grad.conv2d_input, grad.conv2d_weight),
+           3: (cnnfast.conv3d, grad.conv3d_input, grad.conv3d_weight)}
+
+
+@pytest.mark.parametrize("name", sorted(DEPTHWISE))
+def test_depthwise_kernels_match_reference(name, monkeypatch):
+    """The halo-tile kernel (forward; backward_data at unit stride), the strided gather, and the register-tap
+    weight gradient with several splits (reduced in order: the same bits twice)."""
+    xs, ws, kw = DEPTHWISE[name]
+    fwd, bwd_data, bwd_filter = _ND_OPS[len(xs) - 2]
+    rng = np.random.default_rng(sum(map(ord, name)))
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in (xs, ws, ws[:1]))
+    y = fwd(cuda.to_device(x), cuda.to_device(w), cuda.to_device(b), algo="depthwise", **kw).copy_to_host()
+    compare.assert_close(y, reference.conv(x, w, b, **kw), "float32", f"depthwise {name} forward")
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx = bwd_data(xs, cuda.to_device(w), cuda.to_device(dy), algo="depthwise", **kw).copy_to_host()
+    compare.assert_close(dx, reference.conv_input(xs, w, dy, **kw), "float32", f"depthwise {name} backward_data")
+    monkeypatch.setattr(depthwise, "MIN_CHUNK", 4)
+    g = cnnfast.explain("conv2d_weight" if len(xs) == 4 else f"conv{len(xs) - 2}d_weight", xs, ws, y.shape,
+                        device="cuda", **kw).spec.geometry
+    assert depthwise.filter_splits(g, 4, None) > 1
+    runs = [bwd_filter(cuda.to_device(x), ws, cuda.to_device(dy), algo="depthwise", **kw).copy_to_host()
+            for _ in range(2)]
+    compare.assert_close(runs[0], reference.conv_weight(x, ws, dy, **kw), "float32", f"depthwise {name} filter")
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_depthwise_names_its_kernels_and_falls_back_when_no_halo_tile_fits(monkeypatch):
+    xs, ws, kw = DEPTHWISE["2d-x2"]
+    plans = {op: cnnfast.explain(op, *shapes, device="cuda", **kw).kernels for op, shapes in (
+        ("conv2d", (xs, ws)), ("conv2d_input", (xs, ws, (2, 6, 7, 9))), ("conv2d_weight", (xs, ws, (2, 6, 7, 9))))}
+    assert "plane_kernel" in plans["conv2d"][0] and "plane_kernel" in plans["conv2d_input"][0]
+    assert "filter_kernel" in plans["conv2d_weight"][0]
+    strided = cnnfast.explain("conv2d_input", xs, ws, (2, 6, 4, 5), device="cuda", stride=2, **kw).kernels
+    assert "backward_data_kernel" in strided[0]
+    rng = np.random.default_rng(11)
+    x, w, dy = (rng.standard_normal(s).astype(np.float32) for s in (xs, ws, (2, 6, 7, 9)))
+    monkeypatch.setattr(depthwise, "HALO", 4)  # no tile fits: the thread-per-output kernels
+    # (algo= named: a plan not cached above)
+    assert "forward_kernel" in cnnfast.explain("conv2d", xs, ws, device="cuda", algo="depthwise", **kw).kernels[0]
+    y = cnnfast.conv2d(cuda.to_device(x), cuda.to_device(w), algo="depthwise", **kw).copy_to_host()
+    compare.assert_close(y, reference.conv(x, w, **kw), "float32", "depthwise forward fallback")
+    dx = grad.conv2d_input(xs, cuda.to_device(w), cuda.to_device(dy), algo="depthwise", **kw).copy_to_host()
+    compare.assert_close(dx, reference.conv_input(xs, w, dy, **kw), "float32", "depthwise backward_data fallback")
 
 
 @pytest.mark.parametrize("algo", ["direct", "im2col"])

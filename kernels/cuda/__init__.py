@@ -6,8 +6,8 @@ workspace_limit= and stream=; they never synchronise, and start every kernel thr
 dispatcher, or the raw-pointer path through CuPy: launch.py).
 
 choose(g, primitive), the heuristic behind algo="auto" (to be tuned on a GPU, issue 5):
-  depthwise layers -> depthwise; everything else -> direct (implicit GEMM, no workspace except the
-  deterministic split-K partials of backward_filter); im2col is offered explicitly (algo="im2col").
+  depthwise layers -> depthwise (all three primitives); everything else -> direct (implicit GEMM, no workspace
+  except the deterministic split-K partials of backward_filter); im2col is offered explicitly (algo="im2col").
 """
 from cnnfast.kernels import _compat  # noqa: F401  (must precede numba.cuda's first compile)
 from cnnfast.kernels.contract import Algorithm
@@ -24,8 +24,6 @@ _KERNELS = {
     "im2col": {"forward": ("im2col_kernel", "tiled GEMM (f_* loaders)"),
                "backward_data": ("tiled GEMM (d_* loaders)", "col2im_kernel"),
                "backward_filter": ("im2col_kernel", "tiled GEMM (w_* loaders)")},
-    "depthwise": {"forward": ("depthwise forward_kernel",), "backward_data": ("depthwise backward_data_kernel",),
-                  "backward_filter": ("tiled implicit-GEMM (flt_* loaders), split-K", "reduce_splits_kernel")},
 }
 
 
@@ -42,12 +40,13 @@ ALGORITHMS = {
                         doc="explicit column matrix (batch-chunked under workspace_limit) + the tiled GEMM"),
     "depthwise": Algorithm("depthwise", depthwise.forward, depthwise.backward_data, depthwise.backward_filter,
                            supports=depthwise.supports, workspace_bytes=depthwise.workspace_bytes,
-                           kernels=_kernels("depthwise"), doc="groups == channels: thread per output element"),
+                           kernels=depthwise.kernels,
+                           doc="groups == channels: shared-memory halo tiles; weight gradient in registers, split"),
 }
 
 
 def choose(g, primitive):
     """(algorithm name, reason) for algo="auto"; see the module docstring."""
-    if g.is_depthwise and primitive != "backward_filter":
-        return "depthwise", "depthwise layer (groups == in_channels): memory-bound, one thread per output"
+    if g.is_depthwise:
+        return "depthwise", "depthwise layer (groups == in_channels): memory-bound, halo tiles in shared memory"
     return "direct", "implicit GEMM: no column matrix, register-tiled (untuned heuristic, see issue 5)"

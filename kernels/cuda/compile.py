@@ -131,10 +131,12 @@ def specialisations():
         for typing in ("array", "pointer"):
             arr = dt[::1] if typing == "array" else types.CPointer(dt)
             iarr = types.int64[::1] if typing == "array" else types.CPointer(types.int64)
-            kinds = {"A": arr, "I": iarr, "i": types.int64, "g": geo}
+            kinds = {"A": arr, "I": iarr, "i": types.int64, "g": geo,
+                     "t": types.UniTuple(types.int64, depthwise.NTILE)}
 
             def add(name, pyfunc, template, dt=dt, typing=typing, kinds=kinds):
-                """template: one letter per argument: A float array, I int64 array, i int64, g geometry."""
+                """template: one letter per argument: A float array, I int64 array, i int64, g geometry,
+                t depthwise tile geometry."""
                 out.append((f"{name}[{dt},{typing}]", pyfunc, tuple(kinds[c] for c in template), typing))
 
             for family, ops_table in (("direct", direct.OPS), ("im2col_gemm", im2col.OPS)):
@@ -143,6 +145,8 @@ def specialisations():
             add("reduce_splits", direct.reduce_splits_kernel, "AAii")
             add("im2col", im2col.im2col_kernel, "AAgii")
             add("col2im", im2col.col2im_kernel, "AAgii")
+            add("depthwise_plane", depthwise.plane_kernel(dt), "AAAAti")
+            add("depthwise_backward_filter", depthwise.filter_kernel(dt), "AAAIgi")
             add("depthwise_forward", depthwise.forward_kernel, "AAAAgi")
             add("depthwise_backward_data", depthwise.backward_data_kernel, "AAAg")
             add("add_bias", bias.add_bias_kernel, "AAiii")

@@ -1,22 +1,158 @@
 """Depthwise convolution on CUDA: groups == C, K = M*C (channel multiplier M); memory-bound.
 
-x (N, C, D, H, W) * w (K, 1, T, R, S) -> y (N, K, P, Q, U); output channel k reads input channel k // M.
-    forward_kernel:       thread (grid-stride) per output y[n, k, o]: T*R*S taps from x, weights from w.
-    backward_data_kernel: thread per input dx[n, c, i]: gathers dy of the M filters of c over the taps that
-                          read i (no atomics).
-Each thread splits its flat index into coordinates once; the tap loops then need no integer division
-(backward_data: only to test divisibility by a stride > 1).
-    backward_filter:      direct's split-reduction kernel (deterministic partial sums).
-Consecutive threads own consecutive o (or i), so x/dy/y accesses are coalesced along the row.
+x (N, C, D, H, W) * w (K, 1, T, R, S) -> y (N, K, P, Q, U); output channel k = c*M + m reads input channel c.
+
+    plane_kernel   forward, and backward_data at unit stride (the correlation of dy with the flipped filter):
+                   block per (sample n, channel c, output depth p, TQ x TU output tile). Per depth tap the tile's
+                   input rows with their halo are staged once in shared memory (at most HALO elements); thread
+                   tid owns output (q, u) = tile origin + (tid // TU, tid % TU) and reads its R*S taps there.
+                   Forward stages x[n, c] and writes the M outputs c*M + m; backward_data stages dy[n, c*M + m]
+                   in turn and sums the M filters into dx[n, c].
+    filter_kernel  backward_filter: block per (output channel k, split of the N*P*Q*U reduction); each thread
+                   accumulates TAPS taps at once in registers over a strided slice of the split, the block adds
+                   its threads' sums in a fixed tree order, and direct.reduce_splits_kernel adds the splits in
+                   order: deterministic, no atomics.
+    forward_kernel, backward_data_kernel
+                   thread (grid-stride) per output, taps read from global memory: the fallbacks when a halo tile
+                   cannot fit (huge dilated filters), and backward_data at stride > 1 (a gather that tests
+                   divisibility, so no multiply-add is spent on the zeros a strided transposed convolution inserts).
+Consecutive threads own consecutive u (or w): global loads and stores are coalesced along rows.
 """
+from functools import lru_cache
+
+import numpy as np
+from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cuda import direct, gemm
-from cnnfast.kernels.cuda.compile import ZERO
-from cnnfast.kernels.cuda.launch import launch
-from numba import cuda
+from cnnfast.kernels.cuda.compile import ZERO, device_constant, numba_dtype
+from cnnfast.kernels.cuda.launch import launch, scratch
+from numba import cuda, int64, uint64
 
-BLOCK = 256
+BLOCK = 256  # threads per block of the thread-per-output kernels; plane_kernel's tiles hold at most BLOCK outputs
 MAX_BLOCKS = 8192
+HALO = 4096  # shared-memory elements of one staged input tile: 16 KiB float32, 32 KiB float64
+TILE_W = 64  # widest output tile of a 2-D/3-D plane (1-D rows take BLOCK)
+FILTER_BLOCK = 128  # threads of filter_kernel (a power of two: tree reduction)
+TAPS = 9  # weight-gradient taps a thread accumulates per pass (a 3x3 filter in one pass)
+TARGET_BLOCKS = 1056  # filter_kernel: 8 blocks per SM on an H100 (132 SMs)
+MIN_CHUNK = 8 * FILTER_BLOCK  # filter_kernel: reduction elements per split at least
+NTILE = 28  # len(tile_geometry(...))
 
+
+# ---------------------------------------------------------------- forward and unit-stride backward_data
+
+@lru_cache(maxsize=None)
+def plane_kernel(dtype):
+    """The halo-tile kernel's Python function for a numba dtype; tg is tile_geometry()'s 28 ints."""
+
+    def kernel(src, w, bias, out, tg, has_bias):
+        halo = cuda.shared.array(HALO, dtype)
+        C, M, flip = tg[1], tg[2], tg[3]
+        SD, SH, SW, OD, OH, OW = tg[4], tg[5], tg[6], tg[7], tg[8], tg[9]
+        T, R, S = tg[10], tg[11], tg[12]
+        TQ, TU, tiles_q, tiles_u, rows, pitch = tg[22], tg[23], tg[24], tg[25], tg[26], tg[27]
+        # block -> (n, c, p, tile); thread -> (qq, uu) in the tile
+        b = cuda.blockIdx.x
+        tiles = tiles_q * tiles_u
+        tile = b % tiles
+        p = (b // tiles) % OD
+        nc = b // (tiles * OD)
+        n = nc // C
+        c = nc - n * C
+        q0 = tile // tiles_u * TQ
+        u0 = tile % tiles_u * TU
+        tid = cuda.threadIdx.x
+        qq = tid // TU
+        uu = tid - qq * TU
+        active = tid < TQ * TU and q0 + qq < OH and u0 + uu < OW
+        h_base = q0 * tg[14] + tg[20]  # source row and column of the staged tile's first element
+        w_base = u0 * tg[15] + tg[21]
+        fwd = flip == 0
+        total = ZERO
+        for m in range(M):
+            k = c * M + m
+            plane = (n * C + c) if fwd else (n * C * M + k)
+            for t in range(T):
+                d = p * tg[13] + tg[19] + t * tg[16]
+                if m == 0 or T > 1 or not fwd:  # forward at T == 1 keeps x[n, c]'s tile for every m
+                    cuda.syncthreads()  # every thread is done reading the previous tile
+                    for e in range(tid, rows * pitch, cuda.blockDim.x):
+                        rr = int64(uint64(e) // uint64(pitch))
+                        h = h_base + rr
+                        wi = w_base + e - rr * pitch
+                        v = ZERO
+                        if d >= 0 and d < SD and h >= 0 and h < SH and wi >= 0 and wi < SW:
+                            v = src[((plane * SD + d) * SH + h) * SW + wi]
+                        halo[e] = v
+                    cuda.syncthreads()
+                if active:
+                    tw = T - 1 - t if flip else t
+                    for r in range(R):
+                        rw = R - 1 - r if flip else r
+                        at = (qq * tg[14] + r * tg[17]) * pitch + uu * tg[15]
+                        tap = ((k * T + tw) * R + rw) * S
+                        for s in range(S):
+                            total += w[tap + (S - 1 - s if flip else s)] * halo[at + s * tg[18]]
+            if fwd:
+                if active:
+                    if has_bias:
+                        total += bias[k]
+                    out[(((n * C * M + k) * OD + p) * OH + q0 + qq) * OW + u0 + uu] = total
+                total = ZERO
+        if not fwd and active:
+            out[(((n * C + c) * OD + p) * OH + q0 + qq) * OW + u0 + uu] = total
+
+    kernel.cache_key = f"{__name__}.plane_kernel[{dtype}]"
+    return kernel
+
+
+def tile_shape(OH, OW, R, S, sh, sw, dh, dw):
+    """(TQ, TU, staged rows, pitch): the output tile (at most BLOCK outputs, at most TILE_W wide unless the
+    plane is one row) whose input rows with halo fit HALO elements; None when not even one output's does."""
+    TU = min(OW, TILE_W if OH > 1 else BLOCK)
+    TQ = max(1, min(OH, BLOCK // TU))
+    while True:
+        rows, pitch = (TQ - 1) * sh + (R - 1) * dh + 1, (TU - 1) * sw + (S - 1) * dw + 1
+        if rows * pitch <= HALO:
+            return TQ, TU, rows, pitch
+        if TQ > 1:
+            TQ = (TQ + 1) // 2
+        elif TU > 1:
+            TU = (TU + 1) // 2
+        else:
+            return None
+
+
+def tile_geometry(g, primitive):
+    """plane_kernel's tuple for forward (source x, output y) or unit-stride backward_data (source dy, output dx,
+    offset pad - dil*(T-1) so the flipped filter reads dy in place); None when no tile fits."""
+    fwd = primitive == "forward"
+    src, dst = ((g.D, g.H, g.W), (g.P, g.Q, g.U)) if fwd else ((g.P, g.Q, g.U), (g.D, g.H, g.W))
+    strides = (g.stride_d, g.stride_h, g.stride_w)
+    dils = (g.dil_d, g.dil_h, g.dil_w)
+    taps = (g.T, g.R, g.S)
+    pads = (g.pad_d, g.pad_h, g.pad_w)
+    offsets = tuple(-p if fwd else p - d * (k - 1) for p, d, k in zip(pads, dils, taps))
+    shape = tile_shape(dst[1], dst[2], g.R, g.S, strides[1], strides[2], g.dil_h, g.dil_w)
+    if shape is None:
+        return None
+    TQ, TU, rows, pitch = shape
+    return (g.N, g.C, g.K // g.C, 0 if fwd else 1, *src, *dst, *taps, *strides, *dils, *offsets,
+            TQ, TU, -(-dst[1] // TQ), -(-dst[2] // TU), rows, pitch)
+
+
+def _plane(primitive, src, w, bias, flag, out, g, stream):
+    """Launch plane_kernel if a halo tile fits this problem; False when it does not."""
+    tg = tile_geometry(g, primitive)
+    if tg is None:
+        return False
+    blocks = g.N * g.C * tg[7] * tg[24] * tg[25]
+    threads = -(-tg[22] * tg[23] // 32) * 32
+    launch(plane_kernel(numba_dtype(out.dtype)), blocks, threads, stream, src.reshape(src.size), w.reshape(w.size),
+           bias, out.reshape(out.size), tg, flag)
+    return True
+
+
+# ---------------------------------------------------------------- fallbacks: thread per output
 
 def forward_kernel(x, w, bias, y, geo, has_bias):
     """Thread (grid-stride) per output y[n, k, p, q, u]: the window's first input (d0, h0, w0) is found once,
@@ -74,9 +210,92 @@ def backward_data_kernel(dy, w, dx, geo):
         dx[e] = total
 
 
+# ---------------------------------------------------------------- backward_filter
+
+@lru_cache(maxsize=None)
+def filter_kernel(dtype):
+    """The weight-gradient kernel's Python function for a numba dtype: partial[split, k, tap] (see the module
+    docstring); taps is the (t*dd, r*dh, s*dw) table of tap_table(), chunk the reduction elements per split."""
+
+    def kernel(x, dy, partial, taps, geo, chunk):
+        acc = cuda.local.array(TAPS, dtype)
+        sums = cuda.shared.array((TAPS, FILTER_BLOCK), dtype)
+        C, D, H, W, K = geo[1], geo[2], geo[3], geo[4], geo[5]
+        P, Q, U = geo[9], geo[10], geo[11]
+        O = P * Q * U
+        trs = geo[6] * geo[7] * geo[8]
+        k = cuda.blockIdx.x % K
+        split = cuda.blockIdx.x // K
+        c = k // (K // C)
+        tid = cuda.threadIdx.x
+        begin = split * chunk
+        end = min(geo[0] * O, begin + chunk)
+        for first in range(0, trs, TAPS):
+            for i in range(TAPS):
+                acc[i] = 0
+            for e in range(begin + tid, end, FILTER_BLOCK):
+                n, _, p, q, u = gemm.split(e, 1, P, Q, U)
+                grad = dy[(n * K + k) * O + e - n * O]
+                d0 = p * geo[12] - geo[18]
+                h0 = q * geo[13] - geo[19]
+                w0 = u * geo[14] - geo[20]
+                plane = (n * C + c) * D * H * W
+                for i in range(TAPS):
+                    if first + i < trs:
+                        di = d0 + taps[3 * (first + i)]
+                        hi = h0 + taps[3 * (first + i) + 1]
+                        wi = w0 + taps[3 * (first + i) + 2]
+                        if di >= 0 and di < D and hi >= 0 and hi < H and wi >= 0 and wi < W:
+                            acc[i] += grad * x[plane + (di * H + hi) * W + wi]
+            for i in range(TAPS):
+                sums[i, tid] = acc[i]
+            cuda.syncthreads()
+            half = FILTER_BLOCK // 2
+            while half > 0:  # fixed tree order: thread t adds t + half
+                if tid < half:
+                    for i in range(TAPS):
+                        sums[i, tid] += sums[i, tid + half]
+                cuda.syncthreads()
+                half //= 2
+            if tid < TAPS and first + tid < trs:
+                partial[(split * K + k) * trs + first + tid] = sums[tid, 0]
+            cuda.syncthreads()  # sums is rewritten by the next pass
+
+    kernel.cache_key = f"{__name__}.filter_kernel[{dtype}]"
+    return kernel
+
+
+def tap_table(g):
+    """(t*dd, r*dh, s*dw) per tap (t, r, s), flat int64: a device constant per filter shape and dilation."""
+    def make():
+        t, r, s = np.unravel_index(np.arange(g.T * g.R * g.S, dtype=np.int64), (g.T, g.R, g.S))
+        return np.stack([t * g.dil_d, r * g.dil_h, s * g.dil_w], axis=1).ravel()
+
+    return device_constant(("depthwise-taps", g.T, g.R, g.S, g.dil_d, g.dil_h, g.dil_w), make)
+
+
+def filter_splits(g, itemsize, workspace_limit):
+    """Splits of the N*P*Q*U reduction: enough blocks to fill the GPU, each at least MIN_CHUNK long, and the
+    partial sums (splits x K x TRS) under workspace_limit."""
+    splits = max(1, min(-(-TARGET_BLOCKS // g.K), g.N * g.P * g.Q * g.U // MIN_CHUNK))
+    limit = DEFAULT_WORKSPACE_LIMIT if workspace_limit is None else workspace_limit
+    while splits > 1 and splits * g.K * g.T * g.R * g.S * itemsize > limit:
+        splits -= 1
+    return splits
+
+
+# ---------------------------------------------------------------- launchers
+
 def supports(g, primitive):
     return None if g.is_depthwise else (f"depthwise needs groups == in_channels and out_channels a multiple "
                                         f"of them, got groups={g.groups}, C={g.C}, K={g.K}")
+
+
+def workspace_bytes(g, primitive, itemsize, workspace_limit):
+    if primitive != "backward_filter":
+        return 0
+    splits = filter_splits(g, itemsize, workspace_limit)
+    return splits * g.K * g.T * g.R * g.S * itemsize if splits > 1 else 0
 
 
 def _blocks(n):
@@ -85,14 +304,35 @@ def _blocks(n):
 
 def forward(x, w, bias, y, g, workspace_limit=None, stream=0):
     bias, flag = direct._bias_arg(bias, y)
-    launch(forward_kernel, _blocks(y.size), BLOCK, stream, x.reshape(x.size), w.reshape(w.size), bias,
-           y.reshape(y.size), tuple(g), flag)
+    if not _plane("forward", x, w, bias, flag, y, g, stream):
+        launch(forward_kernel, _blocks(y.size), BLOCK, stream, x.reshape(x.size), w.reshape(w.size), bias,
+               y.reshape(y.size), tuple(g), flag)
 
 
 def backward_data(dy, w, dx, g, workspace_limit=None, stream=0):
-    launch(backward_data_kernel, _blocks(dx.size), BLOCK, stream, dy.reshape(dy.size), w.reshape(w.size),
-           dx.reshape(dx.size), tuple(g))
+    bias, _ = direct._bias_arg(None, dx)
+    unit = g.stride_d == g.stride_h == g.stride_w == 1
+    if not (unit and _plane("backward_data", dy, w, bias, 0, dx, g, stream)):
+        launch(backward_data_kernel, _blocks(dx.size), BLOCK, stream, dy.reshape(dy.size), w.reshape(w.size),
+               dx.reshape(dx.size), tuple(g))
 
 
-backward_filter = direct.backward_filter
-workspace_bytes = direct.workspace_bytes
+def backward_filter(x, dy, dw, g, workspace_limit=None, stream=0):
+    splits = filter_splits(g, dw.dtype.itemsize, workspace_limit)
+    chunk = -(-g.N * g.P * g.Q * g.U // splits)
+    out = dw.reshape(dw.size) if splits == 1 else scratch(splits * dw.size, dw.dtype, dw, stream)
+    launch(filter_kernel(numba_dtype(dw.dtype)), splits * g.K, FILTER_BLOCK, stream, x.reshape(x.size),
+           dy.reshape(dy.size), out, tap_table(g), tuple(g), chunk)
+    if splits > 1:
+        launch(direct.reduce_splits_kernel, max(1, min(-(-dw.size // 256), 1024)), 256, stream, out,
+               dw.reshape(dw.size), splits, dw.size)
+
+
+def kernels(g, primitive, dtype):
+    """The kernels a depthwise call launches (explain())."""
+    if primitive == "backward_filter":
+        return (f"depthwise filter_kernel [{dtype}]", f"reduce_splits_kernel [{dtype}] (when split)")
+    unit = primitive == "forward" or g.stride_d == g.stride_h == g.stride_w == 1
+    if unit and tile_geometry(g, primitive) is not None:
+        return (f"depthwise plane_kernel [{dtype}] (shared-memory halo tile)",)
+    return (f"depthwise {primitive}_kernel [{dtype}]",)
