@@ -21,6 +21,7 @@ from cnnfast import grad  # noqa: E402
 from cnnfast.api import conv1d, conv2d, conv3d, conv_transpose1d, conv_transpose2d, conv_transpose3d, explain  # noqa: E402
 from cnnfast.compare import CheckResult, MismatchError, check, checking  # noqa: E402
 from cnnfast.spec import ConvSpec  # noqa: E402
+from cnnfast.tune import autotune  # noqa: E402
 
 
 def __getattr__(name):
@@ -32,4 +33,4 @@ def __getattr__(name):
 
 
 __all__ = ["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "grad",
-           "explain", "ConvSpec", "MismatchError", "checking", "check", "CheckResult", "__version__"]
+           "explain", "autotune", "ConvSpec", "MismatchError", "checking", "check", "CheckResult", "__version__"]

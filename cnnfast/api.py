@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from cnnfast import arrays, compare
+from cnnfast import arrays, compare, tune
 from cnnfast.plan import algorithms, make_plan, registry_token
 from cnnfast.spec import ConvSpec, _shape_str, check_bytes
 
@@ -93,12 +93,19 @@ def run(op, kind, nd, *, input=None, weight=None, grad_output=None, bias=None, s
     if plan is None:
         plan = make_plan(op, spec, primitive, device, algo, workspace_limit)
         _remember(key, spec, plan)
+    tuning = algo == "auto" and tune.active()
     if any(isinstance(a, arrays.ShapeArray) for a in named.values()):
-        return plan
+        return tune.plan(op, spec, primitive, device, workspace_limit, plan) if tuning else plan
 
     dev = arrays.device_for(device, family, stream, op)
-    out = _execute(dev, spec, plan, primitive, {roles[n]: a for n, a in named.items()}, result_role, bias,
-                   kind, workspace_limit)
+    ins = {roles[n]: a for n, a in named.items()}
+    if tuning:
+        def timed_run(candidate):
+            _execute(dev, spec, candidate, primitive, ins, result_role, bias, kind, workspace_limit)
+            dev.synchronize()
+
+        plan = tune.plan(op, spec, primitive, device, workspace_limit, plan, timed_run)
+    out = _execute(dev, spec, plan, primitive, ins, result_role, bias, kind, workspace_limit)
     if compare.active():  # check mode: the float64 reference of the same call, on the host
         host = {n: arrays.to_host(a) for n, a in named.items()}
         host = {n: a if n == "weight" else a.reshape(add_n(a.shape)) for n, a in host.items()}

@@ -171,6 +171,9 @@ class CPU:
     def result(self, out, like):
         return out
 
+    def synchronize(self):
+        """Wait for the work launched so far (the CPU kernels return when done)."""
+
 
 class CUDA:
     """CUDA arrays: CuPy working arrays when CuPy is usable, else Numba device arrays (also in the simulator)."""
@@ -252,6 +255,13 @@ class CUDA:
 
     def launch_options(self):
         return {"stream": self.stream}
+
+    def synchronize(self):
+        """Wait for the work launched so far on this op's stream (the default stream: the whole device)."""
+        if isinstance(self.stream, int):
+            self.cuda.synchronize()
+        else:
+            self.stream.synchronize()
 
     def result(self, out, like):
         """The result in the caller's family: a torch tensor for a torch tensor, else the working array."""

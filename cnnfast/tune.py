@@ -1,0 +1,145 @@
+"""Autotuning: time every algorithm that can run a problem, once per problem, and keep the fastest (as
+torch.backends.cudnn.benchmark does).
+
+    cnnfast.autotune()                       # on for this thread (CNNFAST_AUTOTUNE=1: on by default)
+    with cnnfast.autotune():                 # ... or only inside the block; cnnfast.autotune(False): off
+        y = cnnfast.conv2d(x, w, padding=1)  # first call of this problem: times the candidates, runs the winner
+    cnnfast.explain("conv2d", x, w, padding=1).reason   # 'autotuned: im2col 0.41 ms < direct 0.93 ms'
+
+Only algo="auto" calls are tuned. The candidates are the device's kernel algorithms (not the float64 reference)
+that support the problem and fit its workspace limit; each runs once to warm up (its first run compiles), then
+REPEATS times with the device synchronised around each run, and its median counts. Winners are kept per
+(device and machine, primitive, dtype, geometry including the batch size, workspace limit), in memory and, with
+CNNFAST_AUTOTUNE_CACHE=path, in a JSON file that later processes read. Tile sizes are fixed constants today, so
+the candidates are algorithms, not tile configurations.
+"""
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+REPEATS = 3
+CACHE_ENV = "CNNFAST_AUTOTUNE_CACHE"
+_MODE = contextvars.ContextVar("cnnfast_autotune", default=None)  # None: follow CNNFAST_AUTOTUNE
+_WINNERS = {}  # key -> {"winner": name, "ms": {name: median ms}}
+_LOADED = set()  # cache files read into _WINNERS
+
+
+class autotune:
+    """autotune(True) switches autotuning on for this thread or task, autotune(False) off; as a context manager
+    (`with cnnfast.autotune():`) the previous setting comes back at the end of the block."""
+
+    def __init__(self, enabled=True):
+        self._token = _MODE.set(bool(enabled))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _MODE.reset(self._token)
+
+
+def active() -> bool:
+    mode = _MODE.get()
+    if mode is None:
+        return os.environ.get("CNNFAST_AUTOTUNE", "0") not in ("", "0")
+    return mode
+
+
+def _machine(device):
+    if device == "cpu":
+        import numba
+        return f"cpu:{platform.machine()}:{numba.get_num_threads()} threads"
+    from numba import cuda
+    gpu = cuda.get_current_device()
+    name = getattr(gpu, "name", "simulator")
+    return f"cuda:{name.decode() if isinstance(name, bytes) else name}:{getattr(gpu, 'id', 0)}"
+
+
+def key(device, spec, primitive, workspace_limit):
+    """The winner's key: a string, so that it can be a JSON key."""
+    return "|".join(map(str, (_machine(device), primitive, spec.dtype, tuple(spec.geometry), workspace_limit)))
+
+
+def _cache_path():
+    return os.environ.get(CACHE_ENV) or None
+
+
+def _load():
+    path = _cache_path()
+    if path and path not in _LOADED:
+        _LOADED.add(path)
+        try:
+            with open(path) as f:
+                stored = json.load(f)
+        except (OSError, ValueError):
+            return
+        for k, v in stored.items():
+            _WINNERS.setdefault(k, v)
+
+
+def _save():
+    path = _cache_path()
+    if not path:
+        return
+    try:
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(_WINNERS, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
+    except OSError:
+        pass  # a cache that cannot be written only costs the tuning
+
+
+def clear():
+    """Forget every winner held in memory (the disk cache is left alone)."""
+    _WINNERS.clear()
+    _LOADED.clear()
+
+
+def plan(op, spec, primitive, device, workspace_limit, heuristic, run=None):
+    """The autotuned Plan for this problem: the cached winner's, else (with run, a function that executes a Plan
+    and waits for it) the fastest candidate's after timing them all, else the heuristic's with a note that the
+    first call will tune."""
+    from cnnfast.plan import algorithms, make_plan
+
+    _load()
+    k = key(device, spec, primitive, workspace_limit)
+    found = _WINNERS.get(k)
+    algos = algorithms(device)
+    if found is None or found["winner"] not in algos:
+        if run is None:
+            return dataclasses.replace(heuristic, reason=heuristic.reason + "; autotune is on: the first call "
+                                       "times every candidate algorithm and keeps the fastest")
+        ms = {}
+        for name in algos:
+            if name == "reference":
+                continue
+            try:
+                candidate = make_plan(op, spec, primitive, device, name, workspace_limit)
+            except ValueError:  # cannot run this problem, or not within the workspace limit
+                continue
+            if candidate.algorithm != name:
+                continue
+            run(candidate)  # warm-up: compiles on first use
+            times = []
+            for _ in range(REPEATS):
+                start = time.perf_counter()
+                run(candidate)
+                times.append(time.perf_counter() - start)
+            ms[name] = statistics.median(times) * 1e3
+        if not ms:
+            return heuristic
+        found = _WINNERS[k] = {"winner": min(ms, key=ms.get), "ms": ms}
+        _save()
+    chosen = make_plan(op, spec, primitive, device, found["winner"], workspace_limit)
+    ranking = " < ".join(f"{name} {t:.3g} ms" for name, t in sorted(found["ms"].items(), key=lambda kv: kv[1]))
+    return dataclasses.replace(chosen, reason=f"autotuned: {ranking}")

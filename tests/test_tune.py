@@ -1,0 +1,133 @@
+"""Autotuning (cnnfast.autotune): every candidate timed once per problem, the fastest kept and named by explain(),
+results unchanged, winners cached in memory and on disk, switched on and off like cudnn.benchmark."""
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+from cnnfast.kernels import cpu
+
+import cnnfast
+from cnnfast import compare, grad, reference, tune
+
+X, W = (2, 4, 9, 9), (6, 4, 3, 3)
+
+
+@pytest.fixture
+def arrays():
+    rng = np.random.default_rng(21)
+    return rng.standard_normal(X).astype(np.float32), rng.standard_normal(W).astype(np.float32)
+
+
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch):
+    monkeypatch.delenv("CNNFAST_AUTOTUNE", raising=False)
+    monkeypatch.delenv(tune.CACHE_ENV, raising=False)
+    tune.clear()
+    yield
+    tune.clear()
+
+
+def slowed(monkeypatch, name, delay, counts):
+    """Replace the CPU algorithm `name` by one that counts its runs and sleeps `delay` s before each."""
+    real = cpu.ALGORITHMS[name]
+
+    def wrap(launcher):
+        def run(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            time.sleep(delay)
+            return launcher(*args, **kwargs)
+        return run
+
+    monkeypatch.setitem(cpu.ALGORITHMS, name, dataclasses.replace(
+        real, forward=wrap(real.forward), backward_data=wrap(real.backward_data),
+        backward_filter=wrap(real.backward_filter)))
+
+
+@pytest.mark.parametrize("slow, fast", [("im2col", "direct"), ("direct", "im2col")])
+def test_the_fastest_candidate_wins_and_runs_once_tuned(monkeypatch, arrays, slow, fast):
+    x, w = arrays
+    counts = {}
+    slowed(monkeypatch, slow, 0.05, counts)
+    slowed(monkeypatch, fast, 0.0, counts)
+    with cnnfast.autotune():
+        y = cnnfast.conv2d(x, w, padding=1)
+        assert counts == {slow: 1 + tune.REPEATS, fast: 2 + tune.REPEATS}  # warm-up, timed runs, the call itself
+        plan = cnnfast.explain("conv2d", x, w, padding=1)
+        assert plan.algorithm == fast and plan.reason.startswith(f"autotuned: {fast} ")
+        assert f"< {slow} " in plan.reason  # every candidate's median, fastest first
+        again = cnnfast.conv2d(x, w, padding=1)
+    assert counts[fast] == 3 + tune.REPEATS and counts[slow] == 1 + tune.REPEATS  # no second tuning
+    compare.assert_close(y, reference.conv(x, w, padding=1), "float32", "autotuned conv2d")
+    np.testing.assert_array_equal(y, again)
+
+
+def test_off_by_default_and_only_for_algo_auto(monkeypatch, arrays):
+    x, w = arrays
+    counts = {}
+    slowed(monkeypatch, "im2col", 0.0, counts)
+    assert not tune.active()
+    cnnfast.conv2d(x, w, padding=1, algo="direct")
+    with cnnfast.autotune():
+        cnnfast.conv2d(x, w, padding=1, algo="direct")  # an explicit algorithm is never tuned
+        assert counts == {}
+        with cnnfast.autotune(False):
+            assert not tune.active()
+        assert tune.active()
+        assert "the first call times every candidate" in cnnfast.explain("conv2d", x, w, padding=1).reason
+    assert not tune.active()
+    monkeypatch.setenv("CNNFAST_AUTOTUNE", "1")
+    assert tune.active()
+    grad.conv2d_weight(x, W, np.ones((2, 6, 9, 9), np.float32), padding=1)
+    assert counts["im2col"] == 1 + tune.REPEATS + (cnnfast.explain(
+        "conv2d_weight", x, W, np.ones((2, 6, 9, 9), np.float32), padding=1).algorithm == "im2col")
+
+
+def test_candidates_respect_the_workspace_limit(monkeypatch, arrays):
+    x, w = arrays
+    counts = {}
+    slowed(monkeypatch, "im2col", 0.0, counts)
+    with cnnfast.autotune():
+        plan = cnnfast.explain("conv2d", x, w, padding=1, workspace_limit=0)
+        cnnfast.conv2d(x, w, padding=1, workspace_limit=0)
+        plan = cnnfast.explain("conv2d", x, w, padding=1, workspace_limit=0)
+    assert "im2col" not in counts and "im2col" not in plan.reason and plan.workspace_bytes == 0
+
+
+def test_winners_persist_in_the_disk_cache(monkeypatch, arrays, tmp_path):
+    x, w = arrays
+    path = tmp_path / "tuned" / "winners.json"
+    monkeypatch.setenv(tune.CACHE_ENV, str(path))
+    with cnnfast.autotune():
+        cnnfast.conv2d(x, w, padding=1)
+        first = cnnfast.explain("conv2d", x, w, padding=1)
+    assert path.exists() and first.algorithm in path.read_text()
+    tune.clear()  # as a new process: nothing in memory
+    counts = {}
+    slowed(monkeypatch, "direct", 0.0, counts)
+    slowed(monkeypatch, "im2col", 0.0, counts)
+    with cnnfast.autotune():
+        assert cnnfast.explain("conv2d", x, w, padding=1).reason == first.reason  # read back, not timed
+        cnnfast.conv2d(x, w, padding=1)
+    assert sum(counts.values()) == 1  # only the call itself
+
+
+def test_an_unreadable_cache_file_is_ignored(monkeypatch, arrays, tmp_path):
+    x, w = arrays
+    bad = tmp_path / "winners.json"
+    bad.write_text("{not json")
+    monkeypatch.setenv(tune.CACHE_ENV, str(bad))
+    with cnnfast.autotune():
+        y = cnnfast.conv2d(x, w, padding=1)
+    compare.assert_close(y, reference.conv(x, w, padding=1), "float32", "autotuned conv2d")
+
+
+@pytest.mark.cuda
+def test_autotune_on_cuda_arrays(arrays):
+    cuda = pytest.importorskip("numba.cuda")
+    x, w = arrays
+    with cnnfast.autotune():
+        y = cnnfast.conv2d(cuda.to_device(x), cuda.to_device(w), padding=1)
+        plan = cnnfast.explain("conv2d", X, W, padding=1, device="cuda")
+    assert plan.reason.startswith("autotuned: ") and {"direct", "im2col"} <= set(plan.reason.split())
+    compare.assert_close(y.copy_to_host(), reference.conv(x, w, padding=1), "float32", "autotuned conv2d on CUDA")
