@@ -21,7 +21,9 @@ Block: BM x BN outputs of one group and one split of the reduction, THREADS = (B
 each holding a TM x TN register tile (rows m = ty*TM + a, columns col = tx + b*(BN/TN), so a warp's
 stores are coalesced). Per step, BJ reduction indices of A (BJ x BM) and B (BJ x BN) are staged in shared
 memory: thread tid stages row tid % BM of A (reduction indices tid // BM + k*THREADS/BM) and column
-tid % BN of B. Grid: (ceil(NCOL/BN), ceil(M/BM), groups * splits); split s reduces j in
+tid % BN of B. Double-buffered: the next step's elements are loaded into registers before the current step's
+multiply-adds and stored into the other shared buffer after them, so one barrier per step suffices.
+Grid: (ceil(NCOL/BN), ceil(M/BM), groups * splits); split s reduces j in
 [s*jchunk, (s+1)*jchunk). No atomics: each output is written by exactly one thread.
 """
 from functools import lru_cache
@@ -32,6 +34,7 @@ from numba import cuda, int64, uint64
 BM, BN, BJ = 32, 64, 8  # block tile: 32 rows x 64 columns, 8 reduction indices per shared-memory step
 TM, TN = 4, 4  # register tile per thread
 THREADS = (BM // TM) * (BN // TN)  # 128
+STAGE_A, STAGE_B = BJ * BM // THREADS, BJ * BN // THREADS  # elements of A and of B each thread stages per step
 NGEO = 22  # len(ConvGeometry)
 TAB = 5  # ints per reduction index in the loaders' table (direct.reduction_table)
 # THREADS must be a multiple of BM and of BN: each thread stages one fixed row of A and column of B (tested)
@@ -44,11 +47,13 @@ def tiled_kernel(dtype, ops):
     dims, a_row, load_a, b_col, load_b, store = ops
 
     def kernel(a, b, out, bias, tab, geo, flag, splits, jchunk, n0):
-        shared_a = cuda.shared.array((BJ, BM), dtype)
-        shared_b = cuda.shared.array((BJ, BN), dtype)
+        shared_a = cuda.shared.array((2, BJ, BM), dtype)
+        shared_b = cuda.shared.array((2, BJ, BN), dtype)
         acc = cuda.local.array((TM, TN), dtype)
         reg_a = cuda.local.array(TM, dtype)
         reg_b = cuda.local.array(TN, dtype)
+        next_a = cuda.local.array(STAGE_A, dtype)
+        next_b = cuda.local.array(STAGE_B, dtype)
         M, J, NCOL = dims(geo)
         tid = cuda.threadIdx.x
         tx = tid % (BN // TN)
@@ -69,27 +74,42 @@ def tiled_kernel(dtype, ops):
         for i in range(TM):
             for k in range(TN):
                 acc[i, k] = 0
+        # step 0 staged; then each step loads the next one into registers, computes from one buffer and
+        # stores the next step into the other: one barrier per step, global loads in flight during the FMAs
+        for i in range(STAGE_A):
+            jj = tid // BM + i * (THREADS // BM)
+            ok = row_ok and j_begin + jj < j_end
+            shared_a[0, jj, sm] = load_a(a, ra, j_begin + jj, geo, tab) if ok else dtype(0)
+        for i in range(STAGE_B):
+            jj = tid // BN + i * (THREADS // BN)
+            ok = col_ok and j_begin + jj < j_end
+            shared_b[0, jj, sc] = load_b(b, cb, j_begin + jj, geo, tab) if ok else dtype(0)
+        cuda.syncthreads()
+        buf = 0
         for j0 in range(j_begin, j_end, BJ):
-            for jj in range(tid // BM, BJ, THREADS // BM):
-                v = dtype(0)
-                if row_ok and j0 + jj < j_end:
-                    v = load_a(a, ra, j0 + jj, geo, tab)
-                shared_a[jj, sm] = v
-            for jj in range(tid // BN, BJ, THREADS // BN):
-                v = dtype(0)
-                if col_ok and j0 + jj < j_end:
-                    v = load_b(b, cb, j0 + jj, geo, tab)
-                shared_b[jj, sc] = v
-            cuda.syncthreads()
+            more = j0 + BJ < j_end
+            if more:
+                for i in range(STAGE_A):
+                    j = j0 + BJ + tid // BM + i * (THREADS // BM)
+                    next_a[i] = load_a(a, ra, j, geo, tab) if row_ok and j < j_end else dtype(0)
+                for i in range(STAGE_B):
+                    j = j0 + BJ + tid // BN + i * (THREADS // BN)
+                    next_b[i] = load_b(b, cb, j, geo, tab) if col_ok and j < j_end else dtype(0)
             for jj in range(BJ):
                 for i in range(TM):
-                    reg_a[i] = shared_a[jj, ty * TM + i]
+                    reg_a[i] = shared_a[buf, jj, ty * TM + i]
                 for k in range(TN):
-                    reg_b[k] = shared_b[jj, tx + k * (BN // TN)]
+                    reg_b[k] = shared_b[buf, jj, tx + k * (BN // TN)]
                 for i in range(TM):
                     for k in range(TN):
                         acc[i, k] += reg_a[i] * reg_b[k]
+            if more:
+                for i in range(STAGE_A):
+                    shared_a[1 - buf, tid // BM + i * (THREADS // BM), sm] = next_a[i]
+                for i in range(STAGE_B):
+                    shared_b[1 - buf, tid // BN + i * (THREADS // BN), sc] = next_b[i]
             cuda.syncthreads()
+            buf = 1 - buf
         for i in range(TM):
             m = m0 + ty * TM + i
             if m < M:

@@ -29,20 +29,19 @@ def ptx_facts(ptx):
 
 def loop_divisions(ptx):
     """64-bit integer divisions and remainders (each dozens of SASS instructions) in the body of the tiled GEMM's
-    main loop: the loop whose back edge follows the last bar.sync and jumps above the first. None for kernels
-    without shared-memory steps."""
+    main loop: from the first branch after the last bar.sync that jumps above it (the loop's back edge) up to its
+    target. Static instructions: each unrolled staging copy counts. None for kernels without shared-memory steps."""
     lines = ptx.splitlines()
     bars = [i for i, line in enumerate(lines) if "bar.sync" in line]
     if not bars:
         return None
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\$L__BB\d+_\d+):", line))}
-    starts = [(labels[m.group(1)], i) for i, line in enumerate(lines[bars[-1]:], bars[-1])
-              if (m := re.search(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line))
-              and labels.get(m.group(1), len(lines)) < bars[0]]
-    if not starts:
-        return None
-    start, end = min(starts)
-    return sum(1 for line in lines[start:end + 1] if re.match(r"\s+(div|rem)\.[su]64", line))
+    for end, line in enumerate(lines[bars[-1]:], bars[-1]):
+        m = re.search(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        if m and labels.get(m.group(1), len(lines)) < bars[-1]:
+            start = labels[m.group(1)]
+            return sum(1 for line in lines[start:end + 1] if re.match(r"\s+(div|rem)\.[su]64", line))
+    return None
 
 
 def link_report(ltoir):
