@@ -1,0 +1,108 @@
+"""Array families in and out: NumPy -> NumPy (CPU); Numba device arrays -> Numba; CuPy -> CuPy on CuPy's current
+stream; any other __cuda_array_interface__ object -> CuPy when importable, else Numba; a torch CUDA tensor -> a
+torch tensor. The Numba part runs in the CUDA simulator; the CuPy, interface-object and torch parts need a GPU
+(the simulator has no device pointers) and skip cleanly without one or without the package."""
+import os
+
+import numpy as np
+import pytest
+
+import cnnfast
+from cnnfast import arrays, compare, grad, reference
+
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+gpu_only = pytest.mark.skipif(SIM, reason="needs a GPU (the simulator's arrays have no __cuda_array_interface__)")
+
+
+@pytest.fixture
+def problem():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    dy = rng.standard_normal((2, 4, 6, 6)).astype(np.float32)
+    return x, w, dy
+
+
+def _all_ops(x, w, dy):
+    """(name, result, float64 reference) for the three primitives on arrays x, w, dy of one family."""
+    host = [arrays.to_host(a).astype(np.float64) for a in (x, w, dy)]
+    return [("conv2d", cnnfast.conv2d(x, w, padding=1), reference.conv(host[0], host[1], padding=1)),
+            ("conv2d_input", grad.conv2d_input(host[0].shape, w, dy, padding=1),
+             reference.conv_input(host[0].shape, host[1], host[2], padding=1)),
+            ("conv2d_weight", grad.conv2d_weight(x, host[1].shape, dy, padding=1),
+             reference.conv_weight(host[0], host[1].shape, host[2], padding=1))]
+
+
+def _check(results, family_type):
+    for name, out, expected in results:
+        assert isinstance(out, family_type), (name, type(out))
+        compare.assert_close(arrays.to_host(out), expected, "float32", name)
+
+
+def test_numpy_in_numpy_out(problem):
+    _check(_all_ops(*problem), np.ndarray)
+
+
+def test_a_bare_interface_object_is_a_cuda_array():
+    class Interface:
+        __cuda_array_interface__ = {"data": (0, False), "shape": (2, 3, 6, 6), "typestr": "<f4", "version": 3}
+
+    assert arrays.family_of(Interface()) == "cai"
+    assert arrays.family_of(np.zeros(1)) == "numpy" and arrays.family_of([1.0]) is None
+
+
+@pytest.mark.cuda
+def test_numba_device_arrays_in_numba_out(problem):
+    cuda = pytest.importorskip("numba.cuda")
+    x, w, dy = (cuda.to_device(a) for a in problem)
+    _check(_all_ops(x, w, dy), type(x))
+
+
+@pytest.mark.cuda
+@pytest.mark.gpu
+@gpu_only
+def test_cupy_in_cupy_out_on_the_current_stream(problem):
+    cp = pytest.importorskip("cupy")
+    with cp.cuda.Stream(non_blocking=True) as stream:
+        x, w, dy = (cp.asarray(a) for a in problem)
+        results = _all_ops(x, w, dy)
+        stream.synchronize()
+    _check(results, cp.ndarray)
+
+
+@pytest.mark.cuda
+@pytest.mark.gpu
+@gpu_only
+def test_other_interface_objects_come_back_as_cupy_or_numba(problem):
+    from numba import cuda
+
+    class Interface:  # what a third-party GPU array library offers
+        def __init__(self, a):
+            self.a = a
+
+        @property
+        def __cuda_array_interface__(self):
+            return self.a.__cuda_array_interface__
+
+    x, w, dy = (Interface(cuda.to_device(a)) for a in problem)
+    try:
+        import cupy
+        expected_type = cupy.ndarray
+    except ImportError:
+        expected_type = cuda.devicearray.DeviceNDArray
+    _check(_all_ops(x, w, dy), expected_type)
+
+
+@pytest.mark.cuda
+@pytest.mark.gpu
+@gpu_only
+def test_torch_cuda_tensors_in_torch_out(problem):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    x, w, dy = (torch.as_tensor(a, device="cuda") for a in problem)
+    results = _all_ops(x, w, dy)
+    torch.cuda.synchronize()
+    for name, out, expected in results:
+        assert isinstance(out, torch.Tensor) and out.is_cuda, (name, type(out))
+        compare.assert_close(out.cpu().numpy(), expected, "float32", name)
