@@ -288,10 +288,10 @@ def test_depthwise_kernels_match_reference(name, monkeypatch):
     dy = rng.standard_normal(y.shape).astype(np.float32)
     dx = bwd_data(xs, cuda.to_device(w), cuda.to_device(dy), algo="depthwise", **kw).copy_to_host()
     compare.assert_close(dx, reference.conv_input(xs, w, dy, **kw), "float32", f"depthwise {name} backward_data")
-    monkeypatch.setattr(depthwise, "MIN_CHUNK", 4)
     g = cnnfast.explain("conv2d_weight" if len(xs) == 4 else f"conv{len(xs) - 2}d_weight", xs, ws, y.shape,
                         device="cuda", **kw).spec.geometry
-    assert depthwise.filter_splits(g, 4, None) > 1
+    monkeypatch.setattr(depthwise, "MIN_CHUNK", g.N * g.P * g.Q * g.U // 3)  # 3 splits (few blocks: simulator)
+    assert depthwise.filter_splits(g, 4, None) == 3
     runs = [bwd_filter(cuda.to_device(x), ws, cuda.to_device(dy), algo="depthwise", **kw).copy_to_host()
             for _ in range(2)]
     compare.assert_close(runs[0], reference.conv_weight(x, ws, dy, **kw), "float32", f"depthwise {name} filter")
