@@ -153,11 +153,16 @@ def _nan_first_x(algo, groups):
     return build
 
 
-def _nan_first_x_weight_grad(A):
-    x, dy = _data(1, 2, 5, 5), _data(1, 2, 5, 5)
-    x[0, 0, 0, 0] = np.nan  # reaches the taps of input channel 0 that read x[0, 0, 0, 0]; padding reads 0
-    return (grad.conv2d_weight(A.put(x), (2, 2, 3, 3), A.put(dy), padding=1, algo="direct"),
-            reference.conv_weight(x, (2, 2, 3, 3), dy, padding=1))
+def _nan_first_x_weight_grad_with(algo):
+    def build(A):
+        x, dy = _data(1, 2, 5, 5), _data(1, 2, 5, 5)
+        x[0, 0, 0, 0] = np.nan  # reaches the taps of input channel 0 that read x[0, 0, 0, 0]; padding reads 0
+        return (grad.conv2d_weight(A.put(x), (2, 2, 3, 3), A.put(dy), padding=1, algo=algo),
+                reference.conv_weight(x, (2, 2, 3, 3), dy, padding=1))
+    return build
+
+
+_nan_first_x_weight_grad = _nan_first_x_weight_grad_with("direct")
 
 
 def _nan_first_dy(algo, groups):
@@ -167,6 +172,13 @@ def _nan_first_dy(algo, groups):
         return (grad.conv2d_input((1, 2, 7, 7), A.put(w), A.put(dy), stride=2, groups=groups, algo=algo),
                 reference.conv_input((1, 2, 7, 7), w, dy, stride=2, groups=groups))
     return build
+
+
+def _inf_nan_dy_winograd(A):
+    w, dy = _data(3, 2, 3, 3), _data(1, 3, 9, 10)
+    dy[0, 0, 1, 6], dy[0, 2, 7, 2] = np.inf, np.nan  # each in one 4x4 tile of dx, not its whole tile
+    return (grad.conv2d_input((1, 2, 9, 10), A.put(w), A.put(dy), padding=1, algo="winograd"),
+            reference.conv_input((1, 2, 9, 10), w, dy, padding=1))
 
 
 def _nan_first_dy_reflect(A):
@@ -482,6 +494,13 @@ CATALOGUE = [
     Row("nan-first-fold-pad", "conv2d_input NaN at grad_output[0, 1, 0, 0], reflect padding, algo='direct'",
         _nan_first_dy_reflect, None, None),
     Row("nan-first-conv-bias", "conv_bias NaN at grad_output[0, 0, 0]", _nan_first_conv_bias, None, None),
+    # Winograd's transforms spread a non-finite value over a 4x4 tile: such results are recomputed by im2col
+    Row("nan-first-winograd", "conv2d NaN at x[0, 0, 0, 0], padding=1, algo='winograd'", _nan_first_x("winograd", 1),
+        None, None, devices=("cpu",)),
+    Row("inf-grad-winograd", "conv2d_input +inf and NaN in grad_output, padding=1, algo='winograd'",
+        _inf_nan_dy_winograd, None, None, devices=("cpu",)),
+    Row("nan-first-grad-weight-winograd", "conv2d_weight NaN at input[0, 0, 0, 0], padding=1, algo='winograd'",
+        _nan_first_x_weight_grad_with("winograd"), None, None, devices=("cpu",)),
 ]
 
 

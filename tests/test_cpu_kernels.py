@@ -13,7 +13,7 @@ from cnnfast import grad, reference
 from cnnfast.compare import assert_close, relative_error
 from cnnfast.validate import CASES, case_spec, problem
 
-CPU_ALGOS = tuple(ALGORITHMS)  # direct, im2col, depthwise: the kernels, not the float64 reference
+CPU_ALGOS = tuple(ALGORITHMS)  # direct, im2col, depthwise, winograd: the kernels, not the float64 reference
 
 
 
@@ -31,14 +31,14 @@ def _layer(name):
     return Layer(spec.pop("x_shape"), spec.pop("w_shape"), **spec)
 
 
-def _smallest_accepted_limit(layer, primitive):
-    """The smallest workspace_limit explain accepts for algo="im2col" (bisection over the public API)."""
-    full = layer.explain(primitive, algo="im2col").workspace_bytes
+def _smallest_accepted_limit(layer, primitive, algo="im2col"):
+    """The smallest workspace_limit explain accepts for algo (bisection over the public API)."""
+    full = layer.explain(primitive, algo=algo).workspace_bytes
     lo, hi = 0, full  # hi is accepted (the unlimited plan's scratch); find the smallest accepted value
     while lo < hi:
         mid = (lo + hi) // 2
         try:
-            layer.explain(primitive, algo="im2col", workspace_limit=mid)
+            layer.explain(primitive, algo=algo, workspace_limit=mid)
             hi = mid
         except ValueError:
             lo = mid + 1
@@ -108,7 +108,9 @@ def test_workspace_limit_below_the_minimum_is_refused_by_im2col_and_avoided_by_a
     with pytest.raises(ValueError, match="workspace_limit"):
         layer.run(primitive, algo="im2col", workspace_limit=too_small)
 
-    assert layer.explain(primitive).algorithm == "im2col"  # auto picks im2col here without a limit...
+    auto = layer.explain(primitive).algorithm  # auto picks winograd here without a limit...
+    assert auto == "winograd"
+    too_small = _smallest_accepted_limit(layer, primitive, auto)[0] - 1
     plan = layer.explain(primitive, workspace_limit=too_small)
     assert plan.algorithm == "direct"  # ...and falls back to direct (no workspace) under a too-small one
     assert plan.workspace_bytes == 0 and "workspace_limit" in plan.reason and "direct" in plan.reason
@@ -201,15 +203,28 @@ CHOOSE_RULES = [
     # 2. fewer than 8 output channels per group -> direct (even where rule 4 would pick im2col)
     *[(f"7-out-channels-{p}", p, (1, 16, 8, 8), (7, 16, 3, 3), {}, "direct") for p in OPS],
     ("6-out-channels-per-group-forward", "forward", (1, 16, 8, 8), (12, 8, 3, 3), dict(groups=2), "direct"),
-    ("8-out-channels-forward", "forward", (1, 16, 8, 8), (8, 16, 3, 3), {}, "im2col"),
-    # 3. otherwise -> im2col, whatever the spatial size or the input channels (an RGB stem, a LeNet input)
-    *[(f"32x32-inputs-{p}", p, (1, 16, 32, 32), (16, 16, 3, 3), dict(padding=1), "im2col") for p in OPS],
+    ("8-out-channels-forward", "forward", (1, 16, 12, 12), (8, 16, 5, 5), {}, "im2col"),
+    # 3. 2-D 3x3 unit stride and dilation with >= max(C/g, K/g) / 4 tiles (backward_filter: / 1) -> winograd
+    *[(f"3x3-32x32-inputs-{p}", p, (1, 16, 32, 32), (16, 16, 3, 3), dict(padding=1), "winograd") for p in OPS],
+    ("3x3-resnet-512@7-batch-32-forward", "forward", (32, 512, 7, 7), (512, 512, 3, 3), dict(padding=1),
+     "winograd"),  # 32 * 2 * 2 = 128 tiles = 512 / 4
+    ("3x3-grouped-forward", "forward", (2, 32, 12, 12), (32, 16, 3, 3), dict(padding=1, groups=2), "winograd"),
+    # 4. otherwise -> im2col, whatever the spatial size or the input channels (an RGB stem, a LeNet input)
+    ("3x3-resnet-256@14-batch-4-backward_filter", "backward_filter", (4, 256, 14, 14), (256, 256, 3, 3),
+     dict(padding=1), "im2col"),  # 64 tiles < 256 (forward: >= 256 / 4, winograd)
+    ("3x3-resnet-256@14-batch-4-forward", "forward", (4, 256, 14, 14), (256, 256, 3, 3), dict(padding=1),
+     "winograd"),
+    *[(f"3x3-resnet-512@7-batch-4-{p}", p, (4, 512, 7, 7), (512, 512, 3, 3), dict(padding=1), "im2col")
+      for p in ("forward", "backward_data")],  # 16 tiles < 512 / 4
+    ("3x3-stride-2-forward", "forward", (1, 16, 32, 32), (16, 16, 3, 3), dict(stride=2, padding=1), "im2col"),
+    ("3x3-dilation-2-backward_data", "backward_data", (1, 16, 32, 32), (16, 16, 3, 3),
+     dict(dilation=2, padding=2), "im2col"),
+    ("5x5-forward", "forward", (1, 16, 32, 32), (16, 16, 5, 5), dict(padding=2), "im2col"),
     ("bwd-data-3d-4x16x16-inputs", "backward_data", (1, 8, 4, 16, 16), (8, 8, 1, 3, 3), dict(padding=(0, 1, 1)),
      "im2col"),
     *[(f"rgb-stem-{p}", p, (2, 3, 16, 16), (64, 3, 7, 7), dict(stride=2, padding=3), "im2col") for p in OPS],
     ("bwd-filter-2-in-channels", "backward_filter", (4, 2, 28, 28), (8, 2, 5, 5), {}, "im2col"),
     # ... in 1-D and 3-D too
-    *[(f"plain-{p}", p, (2, 16, 10, 10), (32, 16, 3, 3), dict(padding=1), "im2col") for p in OPS],
     ("plain-1d-forward", "forward", (2, 16, 20), (16, 16, 3), {}, "im2col"),
     ("plain-3d-backward_filter", "backward_filter", (1, 8, 4, 6, 6), (8, 8, 3, 3, 3), {}, "im2col"),
 ]
@@ -286,6 +301,7 @@ def test_bias_grad_cpu_matches_numpy_sum(shape):
 # ---------------------------------------------------------------- 5. the algorithms agree with each other
 
 AGREE_KINDS = ("conv", "conv_input", "conv_weight")
+PRIMITIVES = {"conv": "forward", "conv_input": "backward_data", "conv_weight": "backward_filter"}
 
 
 @pytest.mark.parametrize("kind", AGREE_KINDS)
@@ -300,7 +316,9 @@ def test_cpu_algorithms_agree_on_the_grid(case, kind):
             if "cannot run this problem" not in str(e):
                 raise
     assert {"direct", "im2col"} <= set(results)  # both handle every problem
-    assert ("depthwise" in results) == case_spec(case, kind).geometry.is_depthwise, sorted(results)
+    g = case_spec(case, kind).geometry
+    assert ("depthwise" in results) == g.is_depthwise, sorted(results)
+    assert ("winograd" in results) == (ALGORITHMS["winograd"].supports(g, PRIMITIVES[kind]) is None), sorted(results)
     names = sorted(results)
     for a in names:
         assert results[a].shape == p.expected.shape
@@ -378,3 +396,81 @@ def test_transposed_output_padding_is_not_pointwise():
     assert not plan.spec.geometry.is_pointwise
     y = cnnfast.conv_transpose2d(x, w, dilation=2, output_padding=1, algo="im2col")
     assert_close(y, reference.conv_transpose(x, w, dilation=2, output_padding=1), "float64", "conv_transpose2d")
+
+
+# ---------------------------------------------------------------- 8. Winograd F(4x4, 3x3)
+
+# (id, input shape, weight shape, options): partial tiles (sizes not multiples of 4), every padding the
+# transposed form turns into a negative offset (2 - pad < 0), groups, a 1x1 input, and 256 channels (the
+# float32 error of the transforms grows with the channel sum; it must stay inside compare's 1e-4).
+WINOGRAD_LAYERS = [
+    ("odd-sizes", (2, 3, 7, 10), (5, 3, 3, 3), dict(padding=1)),
+    ("valid", (1, 4, 9, 6), (8, 4, 3, 3), {}),
+    ("asymmetric", (2, 4, 6, 5), (4, 4, 3, 3), dict(padding=((0, 2), (2, 1)))),
+    ("pad-3", (1, 2, 5, 5), (3, 2, 3, 3), dict(padding=3)),
+    ("groups-2", (2, 8, 8, 9), (12, 4, 3, 3), dict(padding=1, groups=2)),
+    ("1x1-input", (3, 4, 1, 1), (6, 4, 3, 3), dict(padding=1)),
+    ("256-channels", (1, 256, 6, 6), (256, 256, 3, 3), dict(padding=1)),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("primitive", list(OPS))
+@pytest.mark.parametrize("x_shape, w_shape, opts", [pytest.param(*c[1:], id=c[0]) for c in WINOGRAD_LAYERS])
+def test_winograd_matches_the_reference(x_shape, w_shape, opts, primitive, dtype):
+    layer = Layer(x_shape, w_shape, seed=8, dtype=dtype, **opts)
+    assert layer.explain(primitive, algo="winograd").algorithm == "winograd"
+    assert_close(layer.run(primitive, algo="winograd"), layer.expected(primitive), dtype,
+                 f"{OPS[primitive]} winograd {x_shape} {opts}")
+
+
+@pytest.mark.parametrize("padding, output_padding", [(0, 0), (1, 0), (3, 1)])
+def test_winograd_transposed_convolution_matches_the_reference(padding, output_padding):
+    """conv_transpose2d (backward_data): the flipped filter runs with offset 2 - padding, cropping dy when < 0."""
+    rng = np.random.default_rng(9)
+    x, w, b = rng.standard_normal((2, 6, 5, 7)), rng.standard_normal((6, 4, 3, 3)), rng.standard_normal(4)
+    opts = dict(padding=padding, output_padding=output_padding, dilation=1, stride=1 + output_padding)
+    if output_padding:  # output_padding needs stride > 1, which winograd refuses: auto falls back
+        assert cnnfast.explain("conv_transpose2d", x, w, b, **opts).algorithm != "winograd"
+        return
+    y = cnnfast.conv_transpose2d(x, w, b, **opts, algo="winograd")
+    assert_close(y, reference.conv_transpose(x, w, b, **opts), "float64", f"conv_transpose2d padding={padding}")
+
+
+@pytest.mark.parametrize("primitive", list(OPS))
+def test_winograd_blocks_of_tile_rows_under_a_small_workspace_limit(primitive, monkeypatch):
+    """The smallest accepted limit leaves one tile row per block (tile rows cross samples and TASK_TILES)."""
+    from cnnfast.kernels.cpu import winograd
+    layer = Layer((3, 4, 9, 70), (5, 4, 3, 3), seed=10, padding=1)  # 3 tile rows per sample, 18 tiles per row
+    smallest, full = _smallest_accepted_limit(layer, primitive, "winograd")
+    assert smallest < full
+    blocks = []
+    real = winograd.input_transform_cpu
+    monkeypatch.setattr(winograd, "input_transform_cpu",
+                        lambda x, V, segments, *rest: blocks.append(segments.copy()) or real(x, V, segments, *rest))
+    monkeypatch.setattr(winograd, "TASK_TILES", 36)  # at most two tile rows per task
+    assert_close(layer.run(primitive, algo="winograd", workspace_limit=smallest), layer.expected(primitive),
+                 "float64", f"{OPS[primitive]} winograd, one tile row per block")
+    assert [b.tolist() for b in blocks] == [[[n, i, i + 1, 0]] for n in range(3) for i in range(3)]
+    blocks.clear()
+    assert_close(layer.run(primitive, algo="winograd"), layer.expected(primitive), "float64", "one block")
+    assert [b.tolist() for b in blocks] == [[[0, 0, 2, 0], [0, 2, 3, 36], [1, 0, 2, 54], [1, 2, 3, 90],
+                                             [2, 0, 2, 108], [2, 2, 3, 144]]]
+
+
+@pytest.mark.parametrize("primitive, x_shape, w_shape, opts, why", [
+    ("backward_filter", (1, 4, 8, 8), (4, 4, 3, 3), dict(stride=2), "unit stride and dilation"),
+    ("forward", (1, 4, 8, 8), (4, 4, 3, 3), dict(stride=2), "unit stride and dilation"),
+    ("backward_data", (1, 4, 8, 8), (4, 4, 3, 3), dict(dilation=2), "unit stride and dilation"),
+    ("forward", (1, 4, 8, 8), (4, 4, 5, 5), {}, "2-D 3x3 filter, got 1x5x5"),
+    ("forward", (1, 4, 8), (4, 4, 3), {}, "2-D 3x3 filter, got 1x1x3"),
+    ("forward", (1, 4, 5, 8, 8), (4, 4, 3, 3, 3), {}, "2-D 3x3 filter, got 3x3x3"),
+])
+def test_winograd_refuses_what_it_cannot_compute(primitive, x_shape, w_shape, opts, why):
+    layer_op = f"conv{len(x_shape) - 2}d" + {"forward": "", "backward_data": "_input",
+                                             "backward_filter": "_weight"}[primitive]
+    spec = cnnfast.ConvSpec.create(f"conv{len(x_shape) - 2}d", x_shape, w_shape, **opts)
+    args = {"forward": (x_shape, w_shape), "backward_data": (x_shape, w_shape, spec.output_shape),
+            "backward_filter": (x_shape, w_shape, spec.output_shape)}[primitive]
+    with pytest.raises(ValueError, match=f"{layer_op}: algo='winograd' cannot run this problem on cpu: .*{why}"):
+        cnnfast.explain(layer_op, *args, **opts, algo="winograd")

@@ -30,7 +30,8 @@ MiB = 1 << 20
 
 
 def _kernel_algos(device):
-    """The device's kernel algorithms (direct, im2col, depthwise): not the float64 reference."""
+    """The device's kernel algorithms (direct, im2col, depthwise, and winograd on the CPU): not the float64
+    reference."""
     return [a for a in algorithms(device) if a != "reference"]
 
 
@@ -45,6 +46,7 @@ CUDA_REPEATS = 5 if SIM else 100
 CPU_LAYERS = {
     "dense": dict(x_shape=(2, 8, 12, 12), w_shape=(16, 4, 3, 3), padding=1, stride=(1, 2), groups=2),
     "depthwise": dict(x_shape=(2, 8, 12, 12), w_shape=(16, 1, 3, 3), padding=1, groups=8),
+    "winograd": dict(x_shape=(2, 8, 12, 13), w_shape=(16, 4, 3, 3), padding=1, groups=2),
 }
 # simulator: one 128-thread block per launch (the simulator runs every thread as a Python thread, seconds per
 # launch beyond that); the split-K reduction's determinism at larger sizes is tests/test_cuda_kernels.py's
@@ -63,7 +65,7 @@ def _layer(spec, **kw):
 
 def _determinism_params(device, layers):
     for algo in _kernel_algos(device):
-        layer = "depthwise" if algo == "depthwise" else "dense"
+        layer = algo if algo in ("depthwise", "winograd") else "dense"
         for primitive in OPS:
             yield pytest.param(device, algo, layers[layer], primitive, id=f"{device}-{algo}-{primitive}",
                                marks=[pytest.mark.cuda] if device == "cuda" else [])

@@ -47,9 +47,11 @@ def slowed(monkeypatch, name, delay, counts):
 @pytest.mark.parametrize("slow, fast", [("im2col", "direct"), ("direct", "im2col")])
 def test_the_fastest_candidate_wins_and_runs_once_tuned(monkeypatch, arrays, slow, fast):
     x, w = arrays
-    counts = {}
+    counts, others = {}, {}
     slowed(monkeypatch, slow, 0.05, counts)
     slowed(monkeypatch, fast, 0.0, counts)
+    for name in set(cpu.ALGORITHMS) - {slow, fast}:  # winograd, depthwise (not a candidate here)
+        slowed(monkeypatch, name, 0.1, others)
     with cnnfast.autotune():
         y = cnnfast.conv2d(x, w, padding=1)
         assert counts == {slow: 1 + tune.REPEATS, fast: 2 + tune.REPEATS}  # warm-up, timed runs, the call itself

@@ -5,15 +5,25 @@ measurements on a 2-core AVX2 machine, bench/RESULTS.md), the same for all three
   1. depthwise layers (groups == C)                   -> depthwise (memory-bound; a plane per task)
   2. fewer than 8 output channels per group           -> direct (a GEMM that thin does not pay for its columns:
                                                          2-8x faster than im2col at 1-4 channels)
-  3. otherwise                                        -> im2col (BLAS GEMM; building the columns costs
+  3. 2-D 3x3, unit stride and dilation, with at least -> winograd (F(4x4, 3x3): 4x fewer multiply-adds; 1.1-1.7x
+     WINOGRAD_TILES_PER_CHANNEL[primitive] x              faster than im2col at 3x3 64@56, 128@28 and 256@14,
+     max(C/g, K/g) output tiles (4x4 each, all samples)   batch 4, backward_filter 1.2-1.5x at 64@56 and 128@28;
+                                                          at 512@7, 16 tiles for 512 channels, its 4x larger
+                                                          transformed filters cost more than it saves: 0.4-0.6x)
+  4. otherwise                                        -> im2col (BLAS GEMM; building the columns costs
      C*T*R*S*P*Q*U copies against 2*K*C*T*R*S*P*Q*U flops; 1.2-15x faster than direct on every dense
      benchmark shape, backward passes included)
 """
 from cnnfast.kernels.contract import Algorithm
-from cnnfast.kernels.cpu import depthwise, direct, im2col
+from cnnfast.kernels.cpu import depthwise, direct, im2col, winograd
 from cnnfast.kernels.cpu.layout import bias_grad_cpu, fold_pad_cpu, pad_cpu
 
 __all__ = ["ALGORITHMS", "choose", "pad_cpu", "fold_pad_cpu", "bias_grad_cpu"]
+
+# Winograd when its tiles (all samples) are at least this many per channel: the transformed filters (and
+# backward_filter's dU) are 4x the filters, paid once per call (measured, batch 4: 256@14 with 64 tiles for 256
+# channels gained 1.1-1.2x in forward and backward_data, lost 0.8x in backward_filter; 512@7 lost in all three).
+WINOGRAD_TILES_PER_CHANNEL = {"forward": 0.25, "backward_data": 0.25, "backward_filter": 1.0}
 
 _KERNELS = {
     "direct": {"forward": "direct_forward_cpu", "backward_data": "direct_backward_data_cpu",
@@ -22,6 +32,10 @@ _KERNELS = {
                "backward_filter": "im2col_cpu + BLAS GEMM"},
     "depthwise": {"forward": "depthwise_forward_cpu", "backward_data": "depthwise_backward_data_cpu",
                   "backward_filter": "direct_backward_filter_cpu"},
+    "winograd": {"forward": "BLAS filter transform + input_transform_cpu + BLAS GEMM + output_transform_cpu",
+                 "backward_data": "BLAS filter transform (flipped) + input_transform_cpu + BLAS GEMM + "
+                                  "output_transform_cpu",
+                 "backward_filter": "input_transform_cpu + grad_transform_cpu + BLAS GEMM + BLAS filter transform"},
 }
 
 
@@ -45,6 +59,10 @@ ALGORITHMS = {
     "depthwise": Algorithm("depthwise", depthwise.forward, depthwise.backward_data, depthwise.backward_filter,
                            supports=depthwise.supports, workspace_bytes=depthwise.workspace_bytes,
                            kernels=_kernels("depthwise"), doc="groups == channels: one plane per task"),
+    "winograd": Algorithm("winograd", winograd.forward, winograd.backward_data, winograd.backward_filter,
+                          supports=winograd.supports, workspace_bytes=winograd.workspace_bytes,
+                          kernels=_kernels("winograd"),
+                          doc="F(4x4, 3x3) for 2-D 3x3 unit-stride layers: 4x fewer multiply-adds, batched BLAS"),
 }
 
 
@@ -55,5 +73,10 @@ def choose(g, primitive):
     cg, kg = g.C // g.groups, g.K // g.groups
     if kg < 8:
         return "direct", f"{kg} output channels per group: too thin for a BLAS GEMM"
+    if winograd.supports(g, primitive) is None:
+        tiles = winograd.tile_count(g, primitive)
+        if tiles >= WINOGRAD_TILES_PER_CHANNEL[primitive] * max(cg, kg):
+            return "winograd", (f"3x3, unit stride: F(4x4, 3x3) Winograd, 4x fewer multiply-adds than a GEMM "
+                                f"({tiles} tiles for {max(cg, kg)} channels per group)")
     return "im2col", (f"GEMM of {kg} x {cg * g.T * g.R * g.S} x {g.P * g.Q * g.U} per sample and group: "
                       f"BLAS beats direct loops")

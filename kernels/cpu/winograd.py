@@ -1,0 +1,378 @@
+"""Winograd F(4x4, 3x3) on the CPU: 2-D 3x3 convolutions with unit stride and dilation (contract: kernels/contract.py).
+
+Lavin and Gray's minimal filtering (arXiv:1509.09308), interpolation points 0, +-1, +-2 and infinity. Each 6x6
+input tile d gives a 4x4 output tile, y_tile = A^T [(G w G^T) . (B^T d B)] A, summed over input channels in the
+transformed domain, so the 36 products of a tile become 36 GEMMs over channels: 36 multiply-adds per 16 outputs
+and (k, c) against 144 for im2col (4x fewer), plus transforms that read and write each tensor about once.
+
+Tiles: t = (n*TH + i)*TW + j for tile row i < TH = ceil(P/4), column j < TW = ceil(Q/4); tile (n, i, j) reads
+x[n, :, 4i - pad_h : 4i - pad_h + 6, 4j - pad_w : 4j - pad_w + 6] (zero outside x) and writes
+y[n, :, 4i : 4i + 4, 4j : 4j + 4] (clipped to P x Q). A block is a run of whole tile rows [r0, r0 + nr):
+
+    weights (one BLAS GEMM)   w (K, C/g, 3, 3) -> Wt (36, groups, K/g, C/g) = G w G^T, kron(G, G) @ taps
+    input_transform_cpu       x (N, C, H, W)   -> V  (36, C, nr*TW)         = B^T d B   task per (c, rows)
+    BLAS (one batched matmul)                     M  (36, K, nr*TW)         = Wt[xi, grp] @ V[xi, grp]
+    output_transform_cpu      M                -> y (N, K, P, Q)            = A^T M A   task per (k, rows)
+
+backward_data at unit stride is the same convolution of dy with the filter flipped and transposed
+(w'[c, k] = w[k, c] rotated 180 degrees) and padding 2 - pad (negative: dy is cropped), producing dx (H x W).
+backward_filter differentiates the forward form through the transforms (the non-fused Winograd weight
+gradient): with U = G w G^T, dL/dU = sum over tiles of (A e A^T) . (B^T d B) for each 4x4 tile e of dy (zero
+beyond P x Q), so
+
+    grad_transform_cpu        dy (N, K, P, Q)  -> E  (36, K, nr*TW)         = A e A^T   task per (k, rows)
+    BLAS, blocks added in order                   dU (36, groups, K/g, C/g) += E[xi, grp] @ V[xi, grp]^T
+    one BLAS GEMM                                 dw = G^T dU G, kron(G, G)^T @ dU
+The transforms' fixed rounding is why float32 results differ from the reference by ~1e-5 of the largest
+value (GEMM algorithms: ~1e-6), inside cnnfast.compare's 1e-4; every sum runs in a fixed order (deterministic).
+"""
+import numba
+import numpy as np
+from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
+from cnnfast.kernels.cpu import im2col
+from cnnfast.kernels.cpu.im2col import PREFERRED_SCRATCH
+
+TILE = 4                  # outputs per tile side, m in F(m x m, 3x3)
+TASK_TILES = 256          # tiles per transform task at most (whole tile rows): its 36 runs stay in cache
+ALPHA = TILE + 2          # input tile side, m + r - 1
+XI = ALPHA * ALPHA        # transformed-domain positions
+# G (6 x 3) for the points 0, 1, -1, 2, -2, infinity; applied in float64 (the weights are small).
+G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+              [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
+
+
+@numba.njit(inline="always")
+def _bt(d0, d1, d2, d3, d4, d5, two, four, five):
+    """B^T (d0 .. d5): the input transform of one tile line (B^T of the module docstring's points)."""
+    return (four * d0 - five * d2 + d4, d3 + d4 - four * (d1 + d2), four * (d1 - d2) + d4 - d3,
+            two * (d3 - d1) + d4 - d2, two * (d1 - d3) + d4 - d2, four * d1 - five * d3 + d5)
+
+
+@numba.njit(inline="always")
+def _at(m0, m1, m2, m3, m4, m5, two, four, eight):
+    """A^T (m0 .. m5): the output transform of one tile line, 6 values -> 4 outputs."""
+    a, b, c, d = m1 + m2, m1 - m2, m3 + m4, m3 - m4
+    return m0 + a + c, b + two * d, a + four * c, b + eight * d + m5
+
+
+@numba.njit(inline="always")
+def _a(e0, e1, e2, e3, two, four, eight):
+    """A (e0 .. e3), A = (A^T)^T: the gradient transform of one tile line, 4 values -> 6."""
+    a, b = e0 + e2, e1 + e3
+    c, d = e0 + four * e2, two * e1 + eight * e3
+    return e0, a + b, a - b, c + d, c - d, e3
+
+
+@numba.njit(inline="always")
+def _line(s, e, two, four, five):
+    """B^T of the 6 values s[e .. e + 5] (one row of a tile's input)."""
+    return _bt(s[e], s[e + 1], s[e + 2], s[e + 3], s[e + 4], s[e + 5], two, four, five)
+
+
+@numba.njit(inline="always")
+def _column(m, at, step, two, four, eight):
+    """A^T of the 6 values m[at + l*step], l = 0..5 (one column of a tile's transformed product)."""
+    return _at(m[at], m[at + step], m[at + 2 * step], m[at + 3 * step], m[at + 4 * step], m[at + 5 * step],
+               two, four, eight)
+
+
+@numba.njit(inline="always")
+def _line4(s, e, two, four, eight):
+    """A of the 4 values s[e .. e + 3] (one row of a tile of dy)."""
+    return _a(s[e], s[e + 1], s[e + 2], s[e + 3], two, four, eight)
+
+
+@numba.njit(inline="always")
+def _segment(segments, sg, TW):
+    """(n, i0, i1, first column, tiles) of segment sg."""
+    n, i0, i1, col = segments[sg, 0], segments[sg, 1], segments[sg, 2], segments[sg, 3]
+    return n, i0, i1, col, (i1 - i0) * TW
+
+
+@numba.njit(inline="always")
+def _runs_out(buf, out, ch, col, nt):
+    """out[xi, ch, col : col + nt] = buf[xi*nt : (xi + 1)*nt] for every xi: 36 runs of unit stride."""
+    for xi in range(XI):
+        src, dst = buf[xi * nt:(xi + 1) * nt], out[xi, ch, col:col + nt]
+        for t in range(nt):
+            dst[t] = src[t]
+
+
+@numba.njit(inline="always")
+def _put(out, at, step, o):
+    """out[at + u*step] = o[u] for u = 0..5."""
+    out[at] = o[0]
+    out[at + step] = o[1]
+    out[at + 2 * step] = o[2]
+    out[at + 3 * step] = o[3]
+    out[at + 4 * step] = o[4]
+    out[at + 5 * step] = o[5]
+
+
+@numba.njit(parallel=True, cache=True)
+def input_transform_cpu(x, V, segments, TW, ph, pw):
+    """V[xi, c, col + (i - i0)*TW + j] = (B^T d B)[xi // 6, xi % 6], d the 6x6 window of x[n, c] at
+    (4i - ph, 4j - pw), for each segment (n, i0, i1, col) of tile rows. One task per (c, segment): per tile row,
+    its 6 input rows are copied once into a zero-padded strip; each tile is transformed in registers into a
+    task-local buffer (one run per xi, cache-resident), copied out to V in 36 runs of unit stride (36 scattered
+    write streams straight to V ran 5-10x slower, every store missing its line)."""
+    N, C, H, W = x.shape
+    two, four, five = x.dtype.type(2), x.dtype.type(4), x.dtype.type(5)
+    width = TILE * TW + 2
+    lo, hi = max(0, pw), min(width, W + pw)  # strip columns inside x: strip column e is x column e - pw
+    nseg = segments.shape[0]
+    for task in numba.prange(C * nseg):
+        c, sg = task // nseg, task % nseg
+        n, i0, i1, col, nt = _segment(segments, sg, TW)
+        vt = np.empty(XI * nt, x.dtype)  # vt[xi*nt + t] for this task's tiles t
+        strip = np.empty(ALPHA * width, x.dtype)  # strip[u*width + e] = x[n, c, 4i - ph + u, e - pw] or 0
+        for i in range(i0, i1):
+            strip[:] = 0
+            for u in range(ALPHA):
+                row = TILE * i - ph + u
+                if 0 <= row < H and lo < hi:
+                    src, dst = x[n, c, row, lo - pw:hi - pw], strip[u * width + lo:u * width + hi]
+                    for e in range(hi - lo):
+                        dst[e] = src[e]
+            for j in range(TW):  # rows across (B^T d^T)^T, then down each column
+                e, t = TILE * j, (i - i0) * TW + j
+                d0 = _line(strip, e, two, four, five)
+                d1 = _line(strip, width + e, two, four, five)
+                d2 = _line(strip, 2 * width + e, two, four, five)
+                d3 = _line(strip, 3 * width + e, two, four, five)
+                d4 = _line(strip, 4 * width + e, two, four, five)
+                d5 = _line(strip, 5 * width + e, two, four, five)
+                step = ALPHA * nt
+                _put(vt, t, step, _bt(d0[0], d1[0], d2[0], d3[0], d4[0], d5[0], two, four, five))
+                _put(vt, t + nt, step, _bt(d0[1], d1[1], d2[1], d3[1], d4[1], d5[1], two, four, five))
+                _put(vt, t + 2 * nt, step, _bt(d0[2], d1[2], d2[2], d3[2], d4[2], d5[2], two, four, five))
+                _put(vt, t + 3 * nt, step, _bt(d0[3], d1[3], d2[3], d3[3], d4[3], d5[3], two, four, five))
+                _put(vt, t + 4 * nt, step, _bt(d0[4], d1[4], d2[4], d3[4], d4[4], d5[4], two, four, five))
+                _put(vt, t + 5 * nt, step, _bt(d0[5], d1[5], d2[5], d3[5], d4[5], d5[5], two, four, five))
+        _runs_out(vt, V, c, col, nt)
+
+
+@numba.njit(parallel=True, cache=True)
+def output_transform_cpu(M, bias, y, segments, TW, check):
+    """y[n, k, 4i + a, 4j + b] = bias[k] + (A^T m A)[a, b], m the 6x6 of M[:, k, col + (i - i0)*TW + j], for each
+    segment (n, i0, i1, col) of tile rows, clipped to P x Q (bias: (K,), zeros for none). One task per
+    (k, segment): its 36 runs of M are copied into a task-local buffer, each tile is transformed in registers
+    into an output-row buffer, and the rows are copied into y. check[task] = the sum of its outputs times 0:
+    0, or NaN when one of them is not finite."""
+    N, K, P, Q = y.shape
+    two, four, eight, zero = y.dtype.type(2), y.dtype.type(4), y.dtype.type(8), y.dtype.type(0)
+    nseg = segments.shape[0]
+    for task in numba.prange(K * nseg):
+        k, sg = task // nseg, task % nseg
+        n, i0, i1, col, nt = _segment(segments, sg, TW)
+        b, z = bias[k], zero
+        mt = np.empty(XI * nt, y.dtype)  # mt[xi*nt + t] = M[xi, k, col + t]
+        for xi in range(XI):
+            src, dst = M[xi, k, col:col + nt], mt[xi * nt:(xi + 1) * nt]
+            for t in range(nt):
+                dst[t] = src[t]
+        line = np.empty(TILE * TILE * TW, y.dtype)  # line[a*4*TW + 4j + b]: output row 4i + a
+        for i in range(i0, i1):
+            for j in range(TW):  # down each column (A^T m), then across each output row
+                t, step = (i - i0) * TW + j, ALPHA * nt
+                t0 = _column(mt, t, step, two, four, eight)
+                t1 = _column(mt, t + nt, step, two, four, eight)
+                t2 = _column(mt, t + 2 * nt, step, two, four, eight)
+                t3 = _column(mt, t + 3 * nt, step, two, four, eight)
+                t4 = _column(mt, t + 4 * nt, step, two, four, eight)
+                t5 = _column(mt, t + 5 * nt, step, two, four, eight)
+                for a in range(TILE):
+                    r = _at(t0[a], t1[a], t2[a], t3[a], t4[a], t5[a], two, four, eight)
+                    e = a * TILE * TW + TILE * j
+                    line[e] = r[0] + b
+                    line[e + 1] = r[1] + b
+                    line[e + 2] = r[2] + b
+                    line[e + 3] = r[3] + b
+            for a in range(min(TILE, P - TILE * i)):
+                src, dst = line[a * TILE * TW:a * TILE * TW + Q], y[n, k, TILE * i + a]
+                for q in range(Q):
+                    dst[q] = src[q]
+                    z += src[q] * zero
+        check[task] = z
+
+
+@numba.njit(parallel=True, cache=True)
+def grad_transform_cpu(dy, E, segments, TW):
+    """E[xi, k, col + (i - i0)*TW + j] = (A e A^T)[xi // 6, xi % 6], e the 4x4 tile of dy[n, k] at (4i, 4j) (zero
+    beyond P x Q), for each segment (n, i0, i1, col) of tile rows. One task per (k, segment), laid out as
+    input_transform_cpu: a zero-padded strip of 4 rows per tile row, tiles transformed in registers into a
+    task-local buffer, copied out in 36 runs."""
+    N, K, P, Q = dy.shape
+    two, four, eight = dy.dtype.type(2), dy.dtype.type(4), dy.dtype.type(8)
+    width = TILE * TW
+    nseg = segments.shape[0]
+    for task in numba.prange(K * nseg):
+        k, sg = task // nseg, task % nseg
+        n, i0, i1, col, nt = _segment(segments, sg, TW)
+        et = np.empty(XI * nt, dy.dtype)  # et[xi*nt + t] for this task's tiles t
+        strip = np.empty(TILE * width, dy.dtype)  # strip[a*width + e] = dy[n, k, 4i + a, e] or 0
+        for i in range(i0, i1):
+            strip[:] = 0
+            for a in range(min(TILE, P - TILE * i)):
+                src, dst = dy[n, k, TILE * i + a], strip[a * width:a * width + Q]
+                for e in range(Q):
+                    dst[e] = src[e]
+            for j in range(TW):  # rows across (A e^T)^T, then down each column
+                e, t, step = TILE * j, (i - i0) * TW + j, ALPHA * nt
+                r0 = _line4(strip, e, two, four, eight)
+                r1 = _line4(strip, width + e, two, four, eight)
+                r2 = _line4(strip, 2 * width + e, two, four, eight)
+                r3 = _line4(strip, 3 * width + e, two, four, eight)
+                _put(et, t, step, _a(r0[0], r1[0], r2[0], r3[0], two, four, eight))
+                _put(et, t + nt, step, _a(r0[1], r1[1], r2[1], r3[1], two, four, eight))
+                _put(et, t + 2 * nt, step, _a(r0[2], r1[2], r2[2], r3[2], two, four, eight))
+                _put(et, t + 3 * nt, step, _a(r0[3], r1[3], r2[3], r3[3], two, four, eight))
+                _put(et, t + 4 * nt, step, _a(r0[4], r1[4], r2[4], r3[4], two, four, eight))
+                _put(et, t + 5 * nt, step, _a(r0[5], r1[5], r2[5], r3[5], two, four, eight))
+        _runs_out(et, E, k, col, nt)
+
+
+# ---------------------------------------------------------------- launchers
+
+def supports(g, primitive):
+    """None when F(4x4, 3x3) computes (g, primitive), else why not."""
+    if (g.D, g.T, g.P) != (1, 1, 1) or (g.R, g.S) != (3, 3):
+        return f"F(4x4, 3x3) needs a 2-D 3x3 filter, got {g.T}x{g.R}x{g.S} over {g.D}x{g.H}x{g.W}"
+    if (g.stride_h, g.stride_w, g.dil_h, g.dil_w) != (1, 1, 1, 1):
+        return (f"F(4x4, 3x3) needs unit stride and dilation, got stride ({g.stride_h}, {g.stride_w}), "
+                f"dilation ({g.dil_h}, {g.dil_w})")
+    return None
+
+
+def _sides(g, primitive):
+    """(input channels, output channels, output height, width, pad_h, pad_w) of the forward-form convolution."""
+    if primitive != "backward_data":
+        return g.C, g.K, g.Q, g.U, g.pad_h, g.pad_w
+    return g.K, g.C, g.H, g.W, 2 - g.pad_h, 2 - g.pad_w
+
+
+def _tiles(g, primitive):
+    """(TH, TW): tile rows and columns of one sample's output."""
+    _, _, P, Q, _, _ = _sides(g, primitive)
+    return -(-P // TILE), -(-Q // TILE)
+
+
+def tile_count(g, primitive):
+    """Output tiles of all samples, N*TH*TW (the GEMMs' width)."""
+    TH, TW = _tiles(g, primitive)
+    return g.N * TH * TW
+
+
+def _scratch(g, primitive, itemsize, rows):
+    """Bytes for Wt (36, K, C/g) (backward_filter: dU and one block's product) and V, M (E) over `rows` tile
+    rows."""
+    cin, cout = _sides(g, primitive)[:2]
+    TW = _tiles(g, primitive)[1]
+    filters = (2 if primitive == "backward_filter" else 1) * cout * (cin // g.groups)
+    return XI * (filters + (cin + cout) * rows * TW) * itemsize
+
+
+def _rows(g, primitive, itemsize, workspace_limit):
+    """Tile rows per block: as many as fit workspace_limit, with V and M within PREFERRED_SCRATCH (at least one)."""
+    limit = DEFAULT_WORKSPACE_LIMIT if workspace_limit is None else workspace_limit
+    fixed = _scratch(g, primitive, itemsize, 0)
+    per_row = _scratch(g, primitive, itemsize, 1) - fixed
+    total = g.N * _tiles(g, primitive)[0]
+    return int(max(1, min(total, (limit - fixed) // per_row, PREFERRED_SCRATCH // per_row)))
+
+
+def workspace_bytes(g, primitive, itemsize, workspace_limit):
+    return _scratch(g, primitive, itemsize, _rows(g, primitive, itemsize, workspace_limit))
+
+
+def weights(w, g, primitive):
+    """Wt (36, groups, cout/g, cin/g) of the forward-form convolution: G f G^T of every filter f (3x3), all in
+    one GEMM with the 36 x 9 matrix kron(G, G). backward_data's filters are f[c, k] = w[k, c] rotated by 180
+    degrees (the 9 taps in reverse order)."""
+    K, Cg = w.shape[:2]
+    taps = w.reshape(K, Cg, 9)
+    if primitive == "backward_data":  # (groups, C/g, K/g, 9), a copy
+        taps = taps[:, :, ::-1].reshape(g.groups, K // g.groups, Cg, 9).transpose(0, 2, 1, 3)
+    Wt = np.kron(G, G).astype(w.dtype) @ taps.reshape(-1, 9).T
+    return Wt.reshape(XI, g.groups, -1, taps.shape[-2])
+
+
+def _segments(TH, TW, r0, nr):
+    """(n, i0, i1, first column) of the block's tile rows [r0, r0 + nr) (tr = n*TH + i), split by sample and
+    into runs of at most TASK_TILES tiles (whole rows): one transform task each per channel."""
+    rows = max(1, TASK_TILES // TW)
+    out = []
+    for tr in range(r0, r0 + nr):
+        n, i = divmod(tr, TH)
+        if out and out[-1][0] == n and out[-1][2] - out[-1][1] < rows:
+            out[-1][2] = i + 1
+        else:
+            out.append([n, i, i + 1, (tr - r0) * TW])
+    return np.array(out, np.int64)
+
+
+def _convolve(x, Wt, bias, y, g, primitive, workspace_limit):
+    """y (N, cout, P, Q) = the forward-form convolution of x (N, cin, H, W) with the transformed filters
+    Wt (36, groups, cout/g, cin/g) (module docstring), block by block. False when y holds a value that is not
+    finite (the caller recomputes it: see forward)."""
+    cin, cout, _, _, ph, pw = _sides(g, primitive)
+    TH, TW = _tiles(g, primitive)
+    groups, Kg, Cg = Wt.shape[1:]
+    rows = _rows(g, primitive, x.itemsize, workspace_limit)
+    V_buf = np.empty(XI * cin * rows * TW, x.dtype)
+    M_buf = np.empty(XI * cout * rows * TW, x.dtype)
+    bias = np.zeros(cout, x.dtype) if bias is None else bias
+    total, finite = g.N * TH, True
+    for r0 in range(0, total, rows):
+        nr = min(rows, total - r0)
+        segments = _segments(TH, TW, r0, nr)
+        V = V_buf[:XI * cin * nr * TW].reshape(XI, cin, nr * TW)
+        M = M_buf[:XI * cout * nr * TW].reshape(XI, cout, nr * TW)
+        input_transform_cpu(x, V, segments, TW, ph, pw)
+        np.matmul(Wt, V.reshape(XI, groups, Cg, nr * TW), out=M.reshape(XI, groups, Kg, nr * TW))
+        check = np.empty(cout * len(segments), x.dtype)
+        output_transform_cpu(M, bias, y, segments, TW, check)
+        finite = finite and not np.isnan(check).any()
+    return finite
+
+
+def forward(x, w, bias, y, g, workspace_limit=None):
+    """Winograd, unless y holds a NaN or Inf: a tile's transforms spread a non-finite input (or filter) value
+    over outputs whose windows do not hold it, so such a result is recomputed by im2col and non-finite values
+    propagate exactly as in PyTorch. Whenever an output window holds one, some output of Winograd's is also
+    non-finite (each tap's path through the transforms has a non-zero coefficient), so none is missed."""
+    if not _convolve(x[:, :, 0], weights(w, g, "forward"), bias, y[:, :, 0], g, "forward", workspace_limit):
+        im2col.forward(x, w, bias, y, g, workspace_limit)
+
+
+def backward_data(dy, w, dx, g, workspace_limit=None):
+    """As forward (im2col when the result holds a NaN or Inf)."""
+    if not _convolve(dy[:, :, 0], weights(w, g, "backward_data"), None, dx[:, :, 0], g, "backward_data",
+                     workspace_limit):
+        im2col.backward_data(dy, w, dx, g, workspace_limit)
+
+
+def backward_filter(x, dy, dw, g, workspace_limit=None):
+    """dw from dU accumulated block by block (module docstring); im2col's when dw holds a NaN or Inf (G^T dU G
+    mixes all 36 transformed positions into every tap, where PyTorch's NaN reaches only the taps that read it)."""
+    TH, TW = _tiles(g, "backward_filter")
+    Kg, Cg = g.K // g.groups, g.C // g.groups
+    rows = _rows(g, "backward_filter", x.itemsize, workspace_limit)
+    V_buf = np.empty(XI * g.C * rows * TW, x.dtype)
+    E_buf = np.empty(XI * g.K * rows * TW, x.dtype)
+    dU, product = np.zeros((XI, g.groups, Kg, Cg), x.dtype), np.empty((XI, g.groups, Kg, Cg), x.dtype)
+    x2, dy2, total = x[:, :, 0], dy[:, :, 0], g.N * TH
+    for r0 in range(0, total, rows):
+        nr = min(rows, total - r0)
+        segments = _segments(TH, TW, r0, nr)
+        V = V_buf[:XI * g.C * nr * TW].reshape(XI, g.C, nr * TW)
+        E = E_buf[:XI * g.K * nr * TW].reshape(XI, g.K, nr * TW)
+        input_transform_cpu(x2, V, segments, TW, g.pad_h, g.pad_w)
+        grad_transform_cpu(dy2, E, segments, TW)
+        np.matmul(E.reshape(XI, g.groups, Kg, nr * TW), V.reshape(XI, g.groups, Cg, nr * TW).transpose(0, 1, 3, 2),
+                  out=product)
+        dU += product
+    taps = np.kron(G, G).astype(x.dtype).T @ dU.reshape(XI, g.K * Cg)  # (9, K*C/g)
+    dw[...] = taps.T.reshape(dw.shape)
+    if not np.isfinite(dw).all():
+        im2col.backward_filter(x, dy, dw, g, workspace_limit)
