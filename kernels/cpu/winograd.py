@@ -63,23 +63,21 @@ def _a(e0, e1, e2, e3, two, four, eight):
     return e0, a + b, a - b, c + d, c - d, e3
 
 
-@numba.njit(inline="always")
-def _line(s, e, two, four, five):
-    """B^T of the 6 values s[e .. e + 5] (one row of a tile's input)."""
-    return _bt(s[e], s[e + 1], s[e + 2], s[e + 3], s[e + 4], s[e + 5], two, four, five)
-
-
-@numba.njit(inline="always")
-def _column(m, at, step, two, four, eight):
-    """A^T of the 6 values m[at + l*step], l = 0..5 (one column of a tile's transformed product)."""
-    return _at(m[at], m[at + step], m[at + 2 * step], m[at + 3 * step], m[at + 4 * step], m[at + 5 * step],
-               two, four, eight)
-
+# Each 2-D transform runs as two 1-D passes: down the columns first, for a whole strip of tiles at once
+# (unit-stride loops that LLVM vectorises), then across each tile's rows in registers. Indexing note: Numba
+# checks every signed index for negative wrap-around unless LLVM can prove it is not negative, so the per-tile
+# code indexes small views with constant indices and range() counters only (win[u, 3], out[2, j]): 25-40%
+# faster than computed flat offsets, which kept ~50 checks per tile.
 
 @numba.njit(inline="always")
-def _line4(s, e, two, four, eight):
-    """A of the 4 values s[e .. e + 3] (one row of a tile of dy)."""
-    return _a(s[e], s[e + 1], s[e + 2], s[e + 3], two, four, eight)
+def _put(out, j, o):
+    """out[v, j] = o[v] for v = 0..5."""
+    out[0, j] = o[0]
+    out[1, j] = o[1]
+    out[2, j] = o[2]
+    out[3, j] = o[3]
+    out[4, j] = o[4]
+    out[5, j] = o[5]
 
 
 @numba.njit(inline="always")
@@ -91,31 +89,21 @@ def _segment(segments, sg, TW):
 
 @numba.njit(inline="always")
 def _runs_out(buf, out, ch, col, nt):
-    """out[xi, ch, col : col + nt] = buf[xi*nt : (xi + 1)*nt] for every xi: 36 runs of unit stride."""
+    """out[xi, ch, col : col + nt] = buf[xi, :nt] for every xi: 36 runs of unit stride."""
     for xi in range(XI):
-        src, dst = buf[xi * nt:(xi + 1) * nt], out[xi, ch, col:col + nt]
+        src, dst = buf[xi], out[xi, ch, col:col + nt]
         for t in range(nt):
             dst[t] = src[t]
-
-
-@numba.njit(inline="always")
-def _put(out, at, step, o):
-    """out[at + u*step] = o[u] for u = 0..5."""
-    out[at] = o[0]
-    out[at + step] = o[1]
-    out[at + 2 * step] = o[2]
-    out[at + 3 * step] = o[3]
-    out[at + 4 * step] = o[4]
-    out[at + 5 * step] = o[5]
 
 
 @numba.njit(parallel=True, cache=True)
 def input_transform_cpu(x, V, segments, TW, ph, pw):
     """V[xi, c, col + (i - i0)*TW + j] = (B^T d B)[xi // 6, xi % 6], d the 6x6 window of x[n, c] at
     (4i - ph, 4j - pw), for each segment (n, i0, i1, col) of tile rows. One task per (c, segment): per tile row,
-    its 6 input rows are copied once into a zero-padded strip; each tile is transformed in registers into a
-    task-local buffer (one run per xi, cache-resident), copied out to V in 36 runs of unit stride (36 scattered
-    write streams straight to V ran 5-10x slower, every store missing its line)."""
+    its 6 input rows are copied once into a zero-padded strip and transformed down the columns (B^T strip,
+    vectorised); each tile's 6 rows of that are transformed across into a task-local buffer (one run per xi,
+    cache-resident), copied out to V in 36 runs of unit stride (36 scattered write streams straight to V ran
+    5-10x slower, every store missing its line)."""
     N, C, H, W = x.shape
     two, four, five = x.dtype.type(2), x.dtype.type(4), x.dtype.type(5)
     width = TILE * TW + 2
@@ -124,31 +112,26 @@ def input_transform_cpu(x, V, segments, TW, ph, pw):
     for task in numba.prange(C * nseg):
         c, sg = task // nseg, task % nseg
         n, i0, i1, col, nt = _segment(segments, sg, TW)
-        vt = np.empty(XI * nt, x.dtype)  # vt[xi*nt + t] for this task's tiles t
-        strip = np.empty(ALPHA * width, x.dtype)  # strip[u*width + e] = x[n, c, 4i - ph + u, e - pw] or 0
+        vt = np.empty((XI, nt), x.dtype)  # vt[xi, t] for this task's tiles t
+        strip = np.empty((ALPHA, width), x.dtype)  # strip[u, e] = x[n, c, 4i - ph + u, e - pw] or 0
+        down = np.empty((ALPHA, width), x.dtype)  # down[u, e] = (B^T strip)[u, e]
         for i in range(i0, i1):
             strip[:] = 0
             for u in range(ALPHA):
                 row = TILE * i - ph + u
                 if 0 <= row < H and lo < hi:
-                    src, dst = x[n, c, row, lo - pw:hi - pw], strip[u * width + lo:u * width + hi]
+                    src, dst = x[n, c, row, lo - pw:hi - pw], strip[u, lo:hi]
                     for e in range(hi - lo):
                         dst[e] = src[e]
-            for j in range(TW):  # rows across (B^T d^T)^T, then down each column
-                e, t = TILE * j, (i - i0) * TW + j
-                d0 = _line(strip, e, two, four, five)
-                d1 = _line(strip, width + e, two, four, five)
-                d2 = _line(strip, 2 * width + e, two, four, five)
-                d3 = _line(strip, 3 * width + e, two, four, five)
-                d4 = _line(strip, 4 * width + e, two, four, five)
-                d5 = _line(strip, 5 * width + e, two, four, five)
-                step = ALPHA * nt
-                _put(vt, t, step, _bt(d0[0], d1[0], d2[0], d3[0], d4[0], d5[0], two, four, five))
-                _put(vt, t + nt, step, _bt(d0[1], d1[1], d2[1], d3[1], d4[1], d5[1], two, four, five))
-                _put(vt, t + 2 * nt, step, _bt(d0[2], d1[2], d2[2], d3[2], d4[2], d5[2], two, four, five))
-                _put(vt, t + 3 * nt, step, _bt(d0[3], d1[3], d2[3], d3[3], d4[3], d5[3], two, four, five))
-                _put(vt, t + 4 * nt, step, _bt(d0[4], d1[4], d2[4], d3[4], d4[4], d5[4], two, four, five))
-                _put(vt, t + 5 * nt, step, _bt(d0[5], d1[5], d2[5], d3[5], d4[5], d5[5], two, four, five))
+            s0, s1, s2, s3, s4, s5 = strip[0], strip[1], strip[2], strip[3], strip[4], strip[5]
+            for e in range(width):
+                _put(down, e, _bt(s0[e], s1[e], s2[e], s3[e], s4[e], s5[e], two, four, five))
+            blk = vt[:, (i - i0) * TW:(i - i0 + 1) * TW]
+            for j in range(TW):
+                win = down[:, TILE * j:TILE * j + ALPHA]
+                for u in range(ALPHA):
+                    _put(blk[ALPHA * u:ALPHA * u + ALPHA], j, _bt(win[u, 0], win[u, 1], win[u, 2], win[u, 3],
+                                                                  win[u, 4], win[u, 5], two, four, five))
         _runs_out(vt, V, c, col, nt)
 
 
@@ -156,9 +139,9 @@ def input_transform_cpu(x, V, segments, TW, ph, pw):
 def output_transform_cpu(M, bias, y, segments, TW, check):
     """y[n, k, 4i + a, 4j + b] = bias[k] + (A^T m A)[a, b], m the 6x6 of M[:, k, col + (i - i0)*TW + j], for each
     segment (n, i0, i1, col) of tile rows, clipped to P x Q (bias: (K,), zeros for none). One task per
-    (k, segment): its 36 runs of M are copied into a task-local buffer, each tile is transformed in registers
-    into an output-row buffer, and the rows are copied into y. check[task] = the sum of its outputs times 0:
-    0, or NaN when one of them is not finite."""
+    (k, segment): down the columns for all its tiles at once (A^T m, 6 runs of M read per column, vectorised),
+    then across each tile's 4 rows into an output-row buffer, whose rows are copied into y.
+    check[task] = the sum of its outputs times 0: 0, or NaN when one of them is not finite."""
     N, K, P, Q = y.shape
     two, four, eight, zero = y.dtype.type(2), y.dtype.type(4), y.dtype.type(8), y.dtype.type(0)
     nseg = segments.shape[0]
@@ -166,30 +149,31 @@ def output_transform_cpu(M, bias, y, segments, TW, check):
         k, sg = task // nseg, task % nseg
         n, i0, i1, col, nt = _segment(segments, sg, TW)
         b, z = bias[k], zero
-        mt = np.empty(XI * nt, y.dtype)  # mt[xi*nt + t] = M[xi, k, col + t]
-        for xi in range(XI):
-            src, dst = M[xi, k, col:col + nt], mt[xi * nt:(xi + 1) * nt]
+        down = np.empty((TILE, ALPHA, nt), y.dtype)  # down[a, v, t] = (A^T m)[a, v] of tile t
+        for v in range(ALPHA):
+            m0, m1, m2 = M[v, k, col:col + nt], M[ALPHA + v, k, col:col + nt], M[2 * ALPHA + v, k, col:col + nt]
+            m3, m4 = M[3 * ALPHA + v, k, col:col + nt], M[4 * ALPHA + v, k, col:col + nt]
+            m5 = M[5 * ALPHA + v, k, col:col + nt]
+            d0, d1, d2, d3 = down[0, v], down[1, v], down[2, v], down[3, v]
             for t in range(nt):
-                dst[t] = src[t]
-        line = np.empty(TILE * TILE * TW, y.dtype)  # line[a*4*TW + 4j + b]: output row 4i + a
+                o = _at(m0[t], m1[t], m2[t], m3[t], m4[t], m5[t], two, four, eight)
+                d0[t] = o[0]
+                d1[t] = o[1]
+                d2[t] = o[2]
+                d3[t] = o[3]
+        line = np.empty((TILE, TW, TILE), y.dtype)  # line[a, j, b]: output row 4i + a, column 4j + b
         for i in range(i0, i1):
-            for j in range(TW):  # down each column (A^T m), then across each output row
-                t, step = (i - i0) * TW + j, ALPHA * nt
-                t0 = _column(mt, t, step, two, four, eight)
-                t1 = _column(mt, t + nt, step, two, four, eight)
-                t2 = _column(mt, t + 2 * nt, step, two, four, eight)
-                t3 = _column(mt, t + 3 * nt, step, two, four, eight)
-                t4 = _column(mt, t + 4 * nt, step, two, four, eight)
-                t5 = _column(mt, t + 5 * nt, step, two, four, eight)
-                for a in range(TILE):
-                    r = _at(t0[a], t1[a], t2[a], t3[a], t4[a], t5[a], two, four, eight)
-                    e = a * TILE * TW + TILE * j
-                    line[e] = r[0] + b
-                    line[e + 1] = r[1] + b
-                    line[e + 2] = r[2] + b
-                    line[e + 3] = r[3] + b
+            for a in range(TILE):
+                rows = down[a, :, (i - i0) * TW:(i - i0 + 1) * TW]
+                for j in range(TW):
+                    r = _at(rows[0, j], rows[1, j], rows[2, j], rows[3, j], rows[4, j], rows[5, j], two, four, eight)
+                    out = line[a, j]
+                    out[0] = r[0] + b
+                    out[1] = r[1] + b
+                    out[2] = r[2] + b
+                    out[3] = r[3] + b
             for a in range(min(TILE, P - TILE * i)):
-                src, dst = line[a * TILE * TW:a * TILE * TW + Q], y[n, k, TILE * i + a]
+                src, dst = line[a].reshape(TILE * TW), y[n, k, TILE * i + a]
                 for q in range(Q):
                     dst[q] = src[q]
                     z += src[q] * zero
@@ -200,8 +184,8 @@ def output_transform_cpu(M, bias, y, segments, TW, check):
 def grad_transform_cpu(dy, E, segments, TW):
     """E[xi, k, col + (i - i0)*TW + j] = (A e A^T)[xi // 6, xi % 6], e the 4x4 tile of dy[n, k] at (4i, 4j) (zero
     beyond P x Q), for each segment (n, i0, i1, col) of tile rows. One task per (k, segment), laid out as
-    input_transform_cpu: a zero-padded strip of 4 rows per tile row, tiles transformed in registers into a
-    task-local buffer, copied out in 36 runs."""
+    input_transform_cpu: a zero-padded strip of 4 rows per tile row transformed down the columns (A strip, 6
+    rows), then across each tile's 6 rows into a task-local buffer, copied out in 36 runs."""
     N, K, P, Q = dy.shape
     two, four, eight = dy.dtype.type(2), dy.dtype.type(4), dy.dtype.type(8)
     width = TILE * TW
@@ -209,26 +193,24 @@ def grad_transform_cpu(dy, E, segments, TW):
     for task in numba.prange(K * nseg):
         k, sg = task // nseg, task % nseg
         n, i0, i1, col, nt = _segment(segments, sg, TW)
-        et = np.empty(XI * nt, dy.dtype)  # et[xi*nt + t] for this task's tiles t
-        strip = np.empty(TILE * width, dy.dtype)  # strip[a*width + e] = dy[n, k, 4i + a, e] or 0
+        et = np.empty((XI, nt), dy.dtype)  # et[xi, t] for this task's tiles t
+        strip = np.empty((TILE, width), dy.dtype)  # strip[a, e] = dy[n, k, 4i + a, e] or 0
+        down = np.empty((ALPHA, width), dy.dtype)  # down[u, e] = (A strip)[u, e]
         for i in range(i0, i1):
             strip[:] = 0
             for a in range(min(TILE, P - TILE * i)):
-                src, dst = dy[n, k, TILE * i + a], strip[a * width:a * width + Q]
+                src, dst = dy[n, k, TILE * i + a], strip[a, :Q]
                 for e in range(Q):
                     dst[e] = src[e]
-            for j in range(TW):  # rows across (A e^T)^T, then down each column
-                e, t, step = TILE * j, (i - i0) * TW + j, ALPHA * nt
-                r0 = _line4(strip, e, two, four, eight)
-                r1 = _line4(strip, width + e, two, four, eight)
-                r2 = _line4(strip, 2 * width + e, two, four, eight)
-                r3 = _line4(strip, 3 * width + e, two, four, eight)
-                _put(et, t, step, _a(r0[0], r1[0], r2[0], r3[0], two, four, eight))
-                _put(et, t + nt, step, _a(r0[1], r1[1], r2[1], r3[1], two, four, eight))
-                _put(et, t + 2 * nt, step, _a(r0[2], r1[2], r2[2], r3[2], two, four, eight))
-                _put(et, t + 3 * nt, step, _a(r0[3], r1[3], r2[3], r3[3], two, four, eight))
-                _put(et, t + 4 * nt, step, _a(r0[4], r1[4], r2[4], r3[4], two, four, eight))
-                _put(et, t + 5 * nt, step, _a(r0[5], r1[5], r2[5], r3[5], two, four, eight))
+            s0, s1, s2, s3 = strip[0], strip[1], strip[2], strip[3]
+            for e in range(width):
+                _put(down, e, _a(s0[e], s1[e], s2[e], s3[e], two, four, eight))
+            blk = et[:, (i - i0) * TW:(i - i0 + 1) * TW]
+            for j in range(TW):
+                win = down[:, TILE * j:TILE * j + TILE]
+                for u in range(ALPHA):
+                    _put(blk[ALPHA * u:ALPHA * u + ALPHA], j, _a(win[u, 0], win[u, 1], win[u, 2], win[u, 3],
+                                                                 two, four, eight))
         _runs_out(et, E, k, col, nt)
 
 
