@@ -124,7 +124,13 @@ def tile_shape(OH, OW, R, S, sh, sw, dh, dw):
 
 def tile_geometry(g, primitive):
     """plane_kernel's tuple for forward (source x, output y) or unit-stride backward_data (source dy, output dx,
-    offset pad - dil*(T-1) so the flipped filter reads dy in place); None when no tile fits."""
+    offset pad - dil*(T-1) so the flipped filter reads dy in place); None when no tile fits. Cached per problem
+    (5 us of host time per launch otherwise), keyed with the tile constants so that changing one re-plans."""
+    return _tile_geometry(g, primitive, HALO, TILE_W, BLOCK)
+
+
+@lru_cache(maxsize=1024)
+def _tile_geometry(g, primitive, halo, tile_w, block):
     fwd = primitive == "forward"
     src, dst = ((g.D, g.H, g.W), (g.P, g.Q, g.U)) if fwd else ((g.P, g.Q, g.U), (g.D, g.H, g.W))
     strides = (g.stride_d, g.stride_h, g.stride_w)
