@@ -42,6 +42,8 @@ _KERNELS = {
 def _kernels(name):
     def names(g, primitive, dtype):
         kernel = _KERNELS[name][primitive]
+        if name == "winograd":
+            kernel += " (im2col's when the result holds a NaN or Inf)"
         if name == "depthwise" and g.stride_d == g.stride_h == g.stride_w == 1:
             wide = "depthwise_wide_filter_cpu" if primitive == "backward_filter" else "depthwise_wide_cpu"
             kernel = f"{wide} ({kernel} when its scratch exceeds workspace_limit)"

@@ -23,6 +23,7 @@ beyond P x Q), so
     grad_transform_cpu        dy (N, K, P, Q)  -> E  (36, K, nr*TW)         = A e A^T   task per (k, rows)
     BLAS, blocks added in order                   dU (36, groups, K/g, C/g) += E[xi, grp] @ V[xi, grp]^T
     one BLAS GEMM                                 dw = G^T dU G, kron(G, G)^T @ dU
+
 The transforms' fixed rounding is why float32 results differ from the reference by ~1e-5 of the largest
 value (GEMM algorithms: ~1e-6), inside cnnfast.compare's 1e-4; every sum runs in a fixed order (deterministic).
 """
@@ -36,7 +37,7 @@ TILE = 4                  # outputs per tile side, m in F(m x m, 3x3)
 TASK_TILES = 256          # tiles per transform task at most (whole tile rows): its 36 runs stay in cache
 ALPHA = TILE + 2          # input tile side, m + r - 1
 XI = ALPHA * ALPHA        # transformed-domain positions
-# G (6 x 3) for the points 0, 1, -1, 2, -2, infinity; applied in float64 (the weights are small).
+# G (6 x 3) for the points 0, 1, -1, 2, -2, infinity (applied as kron(G, G) in the working dtype).
 G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
               [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
 
