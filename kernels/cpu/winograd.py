@@ -27,6 +27,8 @@ beyond P x Q), so
 The transforms' fixed rounding is why float32 results differ from the reference by ~1e-5 of the largest
 value (GEMM algorithms: ~1e-6), inside cnnfast.compare's 1e-4; every sum runs in a fixed order (deterministic).
 """
+from functools import lru_cache
+
 import numba
 import numpy as np
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
@@ -268,6 +270,12 @@ def workspace_bytes(g, primitive, itemsize, workspace_limit):
     return _scratch(g, primitive, itemsize, _rows(g, primitive, itemsize, workspace_limit))
 
 
+@lru_cache(maxsize=None)
+def _kron(dtype):
+    """kron(G, G) (36 x 9): (G f G^T).ravel() = _kron @ f.ravel() for a 3x3 filter f."""
+    return np.kron(G, G).astype(dtype)
+
+
 def weights(w, g, primitive):
     """Wt (36, groups, cout/g, cin/g) of the forward-form convolution: G f G^T of every filter f (3x3), all in
     one GEMM with the 36 x 9 matrix kron(G, G). backward_data's filters are f[c, k] = w[k, c] rotated by 180
@@ -276,7 +284,7 @@ def weights(w, g, primitive):
     taps = w.reshape(K, Cg, 9)
     if primitive == "backward_data":  # (groups, C/g, K/g, 9), a copy
         taps = taps[:, :, ::-1].reshape(g.groups, K // g.groups, Cg, 9).transpose(0, 2, 1, 3)
-    Wt = np.kron(G, G).astype(w.dtype) @ taps.reshape(-1, 9).T
+    Wt = _kron(w.dtype) @ taps.reshape(-1, 9).T
     return Wt.reshape(XI, g.groups, -1, taps.shape[-2])
 
 
@@ -355,7 +363,7 @@ def backward_filter(x, dy, dw, g, workspace_limit=None):
         np.matmul(E.reshape(XI, g.groups, Kg, nr * TW), V.reshape(XI, g.groups, Cg, nr * TW).transpose(0, 1, 3, 2),
                   out=product)
         dU += product
-    taps = np.kron(G, G).astype(x.dtype).T @ dU.reshape(XI, g.K * Cg)  # (9, K*C/g)
+    taps = _kron(x.dtype).T @ dU.reshape(XI, g.K * Cg)  # (9, K*C/g)
     dw[...] = taps.T.reshape(dw.shape)
     if not np.isfinite(dw).all():
         im2col.backward_filter(x, dy, dw, g, workspace_limit)
