@@ -75,15 +75,13 @@ def test_tiled_gemm_tile_constants_give_each_thread_one_staged_row_and_column():
 
 
 def test_tiled_gemm_main_loops_stage_operands_without_integer_division(ptx_rows):
-    from cnnfast.kernels.cuda import gemm
     """A 64-bit division is dozens of instructions against 16 FMAs per reduction index: the per-thread row/column
-    contexts and the reduction-index table keep them out of the loop (only a strided backward_data tests stride
-    divisibility, and backward_filter splits its sample x output reduction index)."""
+    contexts and the reduction-index tables keep them out of the loop (backward_data's sub-pixel classes need no
+    stride test; only backward_filter splits its sample x output reduction index)."""
     for name, divisions in ((r["name"], r["loop_divisions"]) for r in ptx_rows):
-        if name.startswith(("direct_forward", "im2col_gemm_forward", "im2col_gemm_backward_data")):
+        if name.startswith(("direct_forward", "direct_backward_data", "im2col_gemm_forward",
+                            "im2col_gemm_backward_data")):
             assert divisions == 0, (name, divisions)
-        elif name.startswith("direct_backward_data"):  # p % sd, p // sd per axis (only when a stride is > 1),
-            assert divisions <= 6 * gemm.STAGE_B, (name, divisions)  # in each unrolled staging copy
 
 
 # ---------------------------------------------------------------- the raw-pointer launch path (launch.py)
@@ -256,6 +254,75 @@ def test_split_reduction_of_the_weight_gradient_is_deterministic(problem, monkey
                                algo="direct").copy_to_host() for _ in range(2)]
     np.testing.assert_array_equal(runs[0], runs[1])
     compare.assert_close(runs[0], reference.conv_weight(x, (K, C, 3, 3), dy, padding=1), "float32")
+
+
+# ---------------------------------------------------------------- backward_data by sub-pixel classes (direct.py)
+
+# (x shape, w shape, options): the stem (7x7/2), DCGAN's 4x4/2, a stride above the kernel (taps-less classes), a
+# stride above the input's size (position-less classes), stride and dilation sharing a factor, 3-D
+SUBPIXEL = {
+    "7x7-s2": ((1, 2, 9, 10), (3, 2, 7, 7), dict(stride=2, padding=3)),
+    "4x4-s2": ((2, 3, 8, 8), (4, 3, 4, 4), dict(stride=2, padding=1)),
+    "1x1-s3": ((1, 2, 7, 8), (3, 2, 1, 1), dict(stride=3)),
+    "s-over-size": ((1, 2, 1, 5), (4, 1, 1, 2), dict(stride=(4, 2), padding=(0, 1), groups=2)),
+    "s2-dil2": ((1, 2, 9, 9), (3, 2, 3, 3), dict(stride=2, dilation=2, padding=(2, 1))),
+    "3d-s232": ((1, 2, 5, 6, 7), (3, 2, 3, 2, 3), dict(stride=(2, 3, 2), padding=1)),
+}
+
+
+def _subpixel_geometry(name):
+    xs, ws, kw = SUBPIXEL[name]
+    op = "conv2d_input" if len(xs) == 4 else "conv3d_input"
+    y_shape = cnnfast.explain(op.replace("_input", ""), xs, ws, device="cuda", **kw).spec.output_shape
+    return cnnfast.explain(op, xs, ws, y_shape, device="cuda", **kw).spec.geometry
+
+
+@pytest.mark.parametrize("name", sorted(SUBPIXEL))
+def test_subpixel_classes_cover_each_position_once_with_only_its_taps(name):
+    """Counted independently of the decomposition: per dx position, the taps whose window position is a multiple
+    of the stride (the only ones that can meet a dy element); the classes must hold each position once, with
+    exactly those taps and the output offsets they read."""
+    g = _subpixel_geometry(name)
+    sizes, ks = (g.D, g.H, g.W), (g.T, g.R, g.S)
+    strides, dils, pads = (g.stride_d, g.stride_h, g.stride_w), (g.dil_d, g.dil_h, g.dil_w), (g.pad_d, g.pad_h, g.pad_w)
+    expected = {}
+    for pos in np.ndindex(*sizes):
+        taps = set()
+        for tap in np.ndindex(*ks):
+            at = [i + p - t * d for i, p, t, d in zip(pos, pads, tap, dils)]
+            if all(a % s == 0 for a, s in zip(at, strides)):
+                taps.add((int(np.ravel_multi_index(tap, ks)),) + tuple(a // s for a, s in zip(at, strides)))
+        expected[pos] = taps
+    seen = {}
+    for cls, taps in direct.subpixel_classes(g):
+        assert cls[6] == len(taps)
+        for i2 in np.ndindex(*cls[3:6]):
+            pos = tuple(a + s * i for a, s, i in zip(cls[:3], strides, i2))
+            assert pos not in seen and all(p < n for p, n in zip(pos, sizes))
+            seen[pos] = {(t, *(o + i for o, i in zip(offs, i2))) for t, *offs in taps}
+    assert seen == {pos: {(t, *offs) for t, *offs in taps} for pos, taps in expected.items()}
+
+
+def test_subpixel_classes_do_a_stride_product_fewer_multiply_adds():
+    """The stem's 7x7/2: 16 + 12 + 12 + 9 taps over four classes of a quarter of the positions each (49/4 per
+    position, not 49); DCGAN's 4x4/2: 4 taps per class (4 per position, not 16)."""
+    assert sorted(cls[6] for cls, _ in direct.subpixel_classes(_subpixel_geometry("7x7-s2"))) == [9, 12, 12, 16]
+    assert [cls[6] for cls, _ in direct.subpixel_classes(_subpixel_geometry("4x4-s2"))] == [4, 4, 4, 4]
+
+
+@pytest.mark.parametrize("name", sorted(SUBPIXEL))
+def test_subpixel_backward_data_matches_reference_and_writes_every_position(name):
+    """Through the launcher on a NaN-filled dx: a position no GEMM wrote (a class without taps must still write
+    its zeros) stays NaN and fails the comparison."""
+    xs, ws, kw = SUBPIXEL[name]
+    g = _subpixel_geometry(name)
+    rng = np.random.default_rng(sum(map(ord, name)))
+    w = rng.standard_normal(ws).astype(np.float32)
+    dy = rng.standard_normal((g.N, g.K) + (g.P, g.Q, g.U)[3 - (len(xs) - 2):]).astype(np.float32)
+    dx = cuda.to_device(np.full((g.N, g.C, g.D, g.H, g.W), np.nan, np.float32))
+    direct.backward_data(cuda.to_device(dy.reshape(g.y_shape)), cuda.to_device(w.reshape(g.w_shape)), dx, g)
+    compare.assert_close(dx.copy_to_host().reshape(xs), reference.conv_input(xs, w, dy, **kw), "float32",
+                         f"sub-pixel backward_data {name}")
 
 
 # depthwise: (x shape, w shape, options); multipliers 1 and 2, strides, dilation with asymmetric padding, padding

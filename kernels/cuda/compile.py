@@ -126,22 +126,24 @@ def specialisations():
     from cnnfast.kernels.cuda import bias, depthwise, direct, gemm, im2col, layout
 
     geo = types.UniTuple(types.int64, gemm.NGEO)
+    subpixel_geo = types.UniTuple(types.int64, gemm.NGEO + direct.SUBPIXEL)  # direct backward_data's
     out = []
     for dt in DTYPES:
         for typing in ("array", "pointer"):
             arr = dt[::1] if typing == "array" else types.CPointer(dt)
             iarr = types.int64[::1] if typing == "array" else types.CPointer(types.int64)
-            kinds = {"A": arr, "I": iarr, "i": types.int64, "g": geo,
+            kinds = {"A": arr, "I": iarr, "i": types.int64, "g": geo, "G": subpixel_geo,
                      "t": types.UniTuple(types.int64, depthwise.NTILE)}
 
             def add(name, pyfunc, template, dt=dt, typing=typing, kinds=kinds):
                 """template: one letter per argument: A float array, I int64 array, i int64, g geometry,
-                t depthwise tile geometry."""
+                G geometry + sub-pixel class, t depthwise tile geometry."""
                 out.append((f"{name}[{dt},{typing}]", pyfunc, tuple(kinds[c] for c in template), typing))
 
             for family, ops_table in (("direct", direct.OPS), ("im2col_gemm", im2col.OPS)):
                 for primitive, ops in ops_table.items():
-                    add(f"{family}_{primitive}", gemm.tiled_kernel(dt, ops), "AAAAIgiiii")
+                    geo_kind = "G" if (family, primitive) == ("direct", "backward_data") else "g"
+                    add(f"{family}_{primitive}", gemm.tiled_kernel(dt, ops), f"AAAAI{geo_kind}iiii")
             add("reduce_splits", direct.reduce_splits_kernel, "AAii")
             add("im2col", im2col.im2col_kernel, "AAgii")
             add("col2im", im2col.col2im_kernel, "AAgii")

@@ -4,6 +4,7 @@ x (N, C, D, H, W) * w (K, C/g, T, R, S) -> y (N, K, P, Q, U); O = P*Q*U, TRS = T
 
     forward          y[n, k, o]      = sum_{(c, tap)} w[k, c, tap] * x-patch     M = K/g, J = C/g*TRS, NCOL = N*O
     backward_data    dx[n, c, i]     = sum_{(k, tap)} w[k, c, tap] * dy-gather   M = C/g, J = K/g*TRS, NCOL = N*DHW
+                     (one GEMM per sub-pixel class of positions i, over the taps that read it: below)
     backward_filter  dw[k, (c, tap)] = sum_{(n, o)} dy[n, k, o] * x-patch        M = K/g, J = N*O,     NCOL = C/g*TRS
 
 Each thread owns a 4x4 register tile of outputs (4 output channels x 4 pixels for forward); the weight and
@@ -11,6 +12,9 @@ input tiles of each 8-deep reduction step are staged in shared memory (gemm.py).
 long reduction (N*O) over `splits` blocks writing partial sums to scratch, then `reduce_splits` adds them in
 split order: deterministic, no atomics.
 """
+import itertools
+from functools import lru_cache
+
 import numpy as np
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cuda import gemm
@@ -98,12 +102,20 @@ def fwd_store(y, bias, g, m, col, v, geo, flag, split, n0):
 
 
 # ---------------------------------------------------------------- backward data: A = W_g^T, B = dy gathers
-# j = kk*TRS + tap (tab row: kk*O, t*dd, r*dh, s*dw, kk*Cg*TRS + tap), col = n*DHW + i
+# Sub-pixel decomposition: the dx positions i = a + stride*i2 of one residue class a = (a_d, a_h, a_w) are read
+# only by the taps t with (a + pad - t*dil) % stride == 0, each from output i2 + (a + pad - t*dil) // stride. One
+# GEMM per class runs over those taps only, so no multiply-add meets a zero inserted by the stride (stride 1 is
+# one class holding every tap). geo: the ConvGeometry + SUBPIXEL ints (a_d, a_h, a_w, D2, H2, W2, taps), the
+# class, its grid of positions and its number of taps.
+# j = kk*taps + i (tab row: kk*O, off_d, off_h, off_w, kk*Cg*TRS + tap), col = n*D2*H2*W2 + i2
+
+SUBPIXEL = 7
+
 
 @cuda.jit(device=True, inline=True)
 def bwd_dims(geo):
     groups = geo[21]
-    return geo[1] // groups, geo[5] // groups * geo[6] * geo[7] * geo[8], geo[0] * geo[2] * geo[3] * geo[4]
+    return geo[1] // groups, geo[5] // groups * geo[28], geo[0] * geo[25] * geo[26] * geo[27]
 
 
 @cuda.jit(device=True, inline=True)
@@ -121,39 +133,51 @@ def bwd_load_w(w, ra, j, geo, tab):
 
 @cuda.jit(device=True, inline=True)
 def bwd_col(g, col, geo, n0):
-    """(offset of dy[n, g*Kg], padded input position d + pd, h + ph, w + pw) for col = n*DHW + (d*H + h)*W + w."""
+    """(offset of dy[n, g*Kg], class position i2 = (d2, h2, w2)) for col = n*D2H2W2 + (d2*H2 + h2)*W2 + w2."""
     K = geo[5]
-    n, _, i_d, ih, iw = gemm.split(col, 1, geo[2], geo[3], geo[4])
-    return ((n * K + g * (K // geo[21])) * geo[9] * geo[10] * geo[11], i_d + geo[18], ih + geo[19], iw + geo[20])
+    n, _, d2, h2, w2 = gemm.split(col, 1, geo[25], geo[26], geo[27])
+    return (n * K + g * (K // geo[21])) * geo[9] * geo[10] * geo[11], d2, h2, w2
 
 
 @cuda.jit(device=True, inline=True)
 def bwd_load_dy(dy, cb, j, geo, tab):
-    """dy at the output (p, q, u) whose tap reads this input position; 0 when none does (stride, borders)."""
+    """dy at the output i2 + offset of the j-th (channel, tap); 0 past dy's borders."""
     e = j * gemm.TAB
-    p = cb[1] - tab[e + 1]
-    q = cb[2] - tab[e + 2]
-    u = cb[3] - tab[e + 3]
-    if p < 0 or q < 0 or u < 0:
-        return ZERO
-    sd, sh, sw = geo[12], geo[13], geo[14]
-    if sd != 1 or sh != 1 or sw != 1:
-        if p % sd != 0 or q % sh != 0 or u % sw != 0:
-            return ZERO
-        p //= sd
-        q //= sh
-        u //= sw
+    p = cb[1] + tab[e + 1]
+    q = cb[2] + tab[e + 2]
+    u = cb[3] + tab[e + 3]
     Q, U = geo[10], geo[11]
-    if p >= geo[9] or q >= Q or u >= U:
+    if p < 0 or p >= geo[9] or q < 0 or q >= Q or u < 0 or u >= U:
         return ZERO
     return dy[cb[0] + tab[e] + (p * Q + q) * U + u]
 
 
 @cuda.jit(device=True, inline=True)
 def bwd_store(dx, bias, g, m, col, v, geo, flag, split, n0):
-    C = geo[1]
-    DHW = geo[2] * geo[3] * geo[4]
-    dx[((col // DHW) * C + g * (C // geo[21]) + m) * DHW + col % DHW] = v
+    """dx[n, g*Cg + m, a + stride*i2] for col = n*D2H2W2 + i2."""
+    C, D, H, W = geo[1], geo[2], geo[3], geo[4]
+    n, _, d2, h2, w2 = gemm.split(col, 1, geo[25], geo[26], geo[27])
+    i = ((geo[22] + d2 * geo[12]) * H + geo[23] + h2 * geo[13]) * W + geo[24] + w2 * geo[14]
+    dx[(n * C + g * (C // geo[21]) + m) * D * H * W + i] = v
+
+
+@lru_cache(maxsize=256)
+def subpixel_classes(g):
+    """[(class, taps)] for the residue classes of dx positions (module comment above), classes without a position
+    (stride > size) left out: class = (a_d, a_h, a_w, D2, H2, W2, len(taps)) extends geo, taps lists the taps
+    reading the class as (t*R*S + r*S + s, off_d, off_h, off_w)."""
+    axes = []
+    for size, k, stride, dil, pad in ((g.D, g.T, g.stride_d, g.dil_d, g.pad_d),
+                                      (g.H, g.R, g.stride_h, g.dil_h, g.pad_h),
+                                      (g.W, g.S, g.stride_w, g.dil_w, g.pad_w)):
+        axes.append([(a, -(-(size - a) // stride), [(t, (a + pad - t * dil) // stride) for t in range(k)
+                                                    if (a + pad - t * dil) % stride == 0])
+                     for a in range(min(stride, size))])
+    out = []
+    for (ad, d2, td), (ah, h2, th), (aw, w2, tw) in itertools.product(*axes):
+        taps = tuple(((t * g.R + r) * g.S + s, od, oh, ow) for t, od in td for r, oh in th for s, ow in tw)
+        out.append(((ad, ah, aw, d2, h2, w2, len(taps)), taps))
+    return out
 
 
 # ---------------------------------------------------------------- backward filter: A = dy, B = x-patches^T
@@ -227,10 +251,9 @@ def no_table():
 
 
 def reduction_table(g, primitive):
-    """The loaders' table (TAB int64 per row, flat) of forward's j = c*TRS + tap: (c*DHW, t*dd, r*dh, s*dw, 0),
-    of backward_data's j = kk*TRS + tap: (kk*O, t*dd, r*dh, s*dw, kk*Cg*TRS + tap), or of backward_filter's
-    output o = (p*Q + q)*U + u of j = n*O + o: (p*sd, q*sh, u*sw, 0, 0). A device constant: built and uploaded
-    once per GPU and table key (a new batch size reuses it)."""
+    """The loaders' table (TAB int64 per row, flat) of forward's j = c*TRS + tap: (c*DHW, t*dd, r*dh, s*dw, 0), or
+    of backward_filter's output o = (p*Q + q)*U + u of j = n*O + o: (p*sd, q*sh, u*sw, 0, 0) (backward_data's:
+    subpixel_table). A device constant: built and uploaded once per GPU and table key (a new batch size reuses it)."""
     if primitive == "backward_filter":
         def make_outputs():
             p, q, u = np.unravel_index(np.arange(g.P * g.Q * g.U, dtype=np.int64), (g.P, g.Q, g.U))
@@ -242,19 +265,29 @@ def reduction_table(g, primitive):
 
     def make():
         trs = g.T * g.R * g.S
-        outer = g.C // g.groups if primitive == "forward" else g.K // g.groups
-        c, tap = np.divmod(np.arange(outer * trs, dtype=np.int64), trs)
+        c, tap = np.divmod(np.arange(g.C // g.groups * trs, dtype=np.int64), trs)
         t, r, s = tap // (g.R * g.S), (tap // g.S) % g.R, tap % g.S
-        if primitive == "forward":
-            first, last = c * g.D * g.H * g.W, np.zeros_like(c)
-        else:
-            first, last = c * g.P * g.Q * g.U, c * (g.C // g.groups) * trs + tap
-        return np.stack([first, t * g.dil_d, r * g.dil_h, s * g.dil_w, last], axis=1).ravel()
+        return np.stack([c * g.D * g.H * g.W, t * g.dil_d, r * g.dil_h, s * g.dil_w, np.zeros_like(c)], axis=1).ravel()
 
     # keyed by what the table depends on (not the batch size, so a new batch size reuses it)
-    key = (primitive, g.C // g.groups, g.K // g.groups, g.T, g.R, g.S, g.dil_d, g.dil_h, g.dil_w,
-           g.D * g.H * g.W if primitive == "forward" else g.P * g.Q * g.U)
+    key = (g.C // g.groups, g.T, g.R, g.S, g.dil_d, g.dil_h, g.dil_w, g.D * g.H * g.W)
     return device_constant(("reduction-table",) + key, make)
+
+
+def subpixel_table(g, taps):
+    """backward_data's table of one sub-pixel class with these taps (subpixel_classes): row j = kk*len(taps) + i is
+    (kk*O, off_d, off_h, off_w, kk*Cg*TRS + tap) for taps[i] = (tap, off_d, off_h, off_w)."""
+    if not taps:
+        return no_table()  # J = 0: the GEMM writes zeros and reads no row
+
+    def make():
+        kk = np.repeat(np.arange(g.K // g.groups, dtype=np.int64), len(taps))
+        tap, off_d, off_h, off_w = np.tile(np.array(taps, np.int64), (g.K // g.groups, 1)).T
+        return np.stack([kk * g.P * g.Q * g.U, off_d, off_h, off_w, kk * (g.C // g.groups) * g.T * g.R * g.S + tap],
+                        axis=1).ravel()
+
+    key = (g.K // g.groups, g.C // g.groups, g.T * g.R * g.S, g.P * g.Q * g.U, taps)
+    return device_constant(("subpixel-table",) + key, make)
 
 
 def dims(g, primitive):
@@ -283,15 +316,14 @@ def workspace_bytes(g, primitive, itemsize, workspace_limit):
     return splits * g.K * dims(g, primitive)[2] * itemsize if splits > 1 else 0
 
 
-def launch_tiled(primitive, a, b, out, bias, g, flag, splits, stream, ops=None, n0=0, shape=None):
-    """Launch the tiled kernel of `primitive` (or of explicit `ops`); arrays are flattened to 1-D."""
-    tab = reduction_table(g, primitive) if ops is None else no_table()  # im2col's dense loaders read none
-    ops = ops or OPS[primitive]
-    M, J, NCOL = shape or dims(g, primitive)
+def launch_tiled(ops, a, b, out, bias, tab, geo, shape, groups, flag, splits, stream, n0=0):
+    """Launch the tiled GEMM kernel of `ops` on a problem of `shape` = (M, J, NCOL) per group; arrays are
+    flattened to 1-D."""
+    M, J, NCOL = shape
     jchunk = -(-J // splits)
     jchunk = -(-jchunk // gemm.BJ) * gemm.BJ
-    launch(gemm.tiled_kernel(numba_dtype(out.dtype), ops), gemm.grid(M, NCOL, g.groups, splits), gemm.THREADS,
-           stream, a.reshape(a.size), b.reshape(b.size), out.reshape(out.size), bias, tab, tuple(g), flag, splits,
+    launch(gemm.tiled_kernel(numba_dtype(out.dtype), ops), gemm.grid(M, NCOL, groups, splits), gemm.THREADS,
+           stream, a.reshape(a.size), b.reshape(b.size), out.reshape(out.size), bias, tab, geo, flag, splits,
            jchunk, n0)
 
 
@@ -303,21 +335,26 @@ def _bias_arg(bias, like):
 
 def forward(x, w, bias, y, g, workspace_limit=None, stream=0):
     bias, flag = _bias_arg(bias, y)
-    launch_tiled("forward", w, x, y, bias, g, flag, 1, stream)
+    launch_tiled(OPS["forward"], w, x, y, bias, reduction_table(g, "forward"), tuple(g), dims(g, "forward"),
+                 g.groups, flag, 1, stream)
 
 
 def backward_data(dy, w, dx, g, workspace_limit=None, stream=0):
+    """One GEMM per sub-pixel class of dx positions (subpixel_classes)."""
     bias, _ = _bias_arg(None, dx)
-    launch_tiled("backward_data", w, dy, dx, bias, g, 0, 1, stream)
+    Cg, Kg = g.C // g.groups, g.K // g.groups
+    for cls, taps in subpixel_classes(g):
+        shape = (Cg, Kg * len(taps), g.N * cls[3] * cls[4] * cls[5])
+        launch_tiled(OPS["backward_data"], w, dy, dx, bias, subpixel_table(g, taps), tuple(g) + cls, shape,
+                     g.groups, 0, 1, stream)
 
 
 def backward_filter(x, dy, dw, g, workspace_limit=None, stream=0):
     splits = filter_splits(g, dw.dtype.itemsize, workspace_limit)
     bias, _ = _bias_arg(None, dw)
-    if splits == 1:
-        launch_tiled("backward_filter", dy, x, dw, bias, g, 0, 1, stream)
-        return
-    partial = scratch(splits * dw.size, dw.dtype, dw, stream)
-    launch_tiled("backward_filter", dy, x, partial, bias, g, 0, splits, stream)
-    blocks = max(1, min(-(-dw.size // 256), 1024))
-    launch(reduce_splits_kernel, blocks, 256, stream, partial, dw.reshape(dw.size), splits, dw.size)
+    target = dw if splits == 1 else scratch(splits * dw.size, dw.dtype, dw, stream)
+    launch_tiled(OPS["backward_filter"], dy, x, target, bias, reduction_table(g, "backward_filter"), tuple(g),
+                 dims(g, "backward_filter"), g.groups, 0, splits, stream)
+    if splits > 1:
+        blocks = max(1, min(-(-dw.size // 256), 1024))
+        launch(reduce_splits_kernel, blocks, 256, stream, target, dw.reshape(dw.size), splits, dw.size)

@@ -181,8 +181,8 @@ def _run(primitive, g, a, b, out, bias, flag_first, workspace_limit, stream):
         source = cols if primitive != "backward_data" else b
         target = cols if primitive == "backward_data" else out
         flag = flag_first if (primitive != "backward_filter" or n0 == 0) else 1
-        launch_tiled(primitive, a, source, target, bias, gc, flag, 1, stream, ops=OPS[primitive], n0=n0,
-                     shape=shape)
+        launch_tiled(OPS[primitive], a, source, target, bias, direct.no_table(), tuple(gc), shape, g.groups, flag, 1,
+                     stream, n0=n0)
         if primitive == "backward_data":
             blocks = max(1, min(MAX_BLOCKS, -(-cur * g.C * g.D * g.H * g.W // BLOCK)))
             launch(col2im_kernel, blocks, BLOCK, stream, cols, out.reshape(out.size), tuple(gc), n0, cur)
