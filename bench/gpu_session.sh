@@ -9,6 +9,8 @@
 #   bash bench/gpu_session.sh bench [NAME...]   cnnfast bench --device cuda on the anchor set (or the shapes whose
 #                                               names contain NAME), table + JSON + roofline PNG; add
 #                                               CNNFAST_CUDA_LAUNCH=raw to time the raw launch path
+#   bash bench/gpu_session.sh tiles [NAME...]   the same with the direct algorithm in each tile configuration
+#                                               (32x64, 64x128, 128x128): the data to retune gemm.choose_tile
 # Exit status: the step's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,8 +51,15 @@ bench)
         --plot "$out/roofline-cuda-$tag.png" 2>/dev/null | tee "$out/bench-cuda-$tag.txt"
     exit "${PIPESTATUS[0]}"
     ;;
+tiles)
+    filters=()
+    for name in "$@"; do filters+=(--shape "$name"); done
+    cnnfast bench --device cuda "${filters[@]}" --algo direct --tiles --json "$out/bench-cuda-tiles.json" \
+        2>/dev/null | tee "$out/bench-cuda-tiles.txt"
+    exit "${PIPESTATUS[0]}"
+    ;;
 *)
-    sed -n '2,14p' "$0"
+    sed -n '2,16p' "$0"
     exit 2
     ;;
 esac

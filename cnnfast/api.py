@@ -190,6 +190,8 @@ def _execute(dev, spec, plan, primitive, ins, result_role, bias, kind, workspace
     bias_w = dev.working(bias) if bias is not None else None
     launch = algorithms(dev.name)[plan.algorithm].launcher(primitive)
     opts = dict(workspace_limit=workspace_limit, **dev.launch_options())
+    if plan.tile is not None:
+        opts["tile"] = plan.tile
     if primitive == "forward":
         launch(work["X"], work["W"], bias_w if kind == "conv" else None, work["Y"], g, **opts)
     elif primitive == "backward_data":

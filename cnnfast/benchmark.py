@@ -223,8 +223,11 @@ def to_device(a, device):
     return device_mover("cuda")(a)
 
 
-def run(shapes, device, primitives, algos, dtype, repeats, progress=None, ceilings=None):
+def run(shapes, device, primitives, algos, dtype, repeats, progress=None, ceilings=None, tiles=False):
+    """Rows of every (shape, primitive, provider); tiles: each algorithm once per tile configuration
+    ('cnnfast:direct:64x128', ...) instead of with the tile its launcher would choose."""
     from cnnfast.plan import algorithms
+    from cnnfast.tune import candidates
     from cnnfast.validate import to_host
 
     rows = []
@@ -237,7 +240,11 @@ def run(shapes, device, primitives, algos, dtype, repeats, progress=None, ceilin
         expected = reference_result(shape, primitive, host)
         base = dict(shape=shape.name, primitive=primitive, device=device, dtype=dtype, flops=spec.flops,
                     bytes=spec.min_bytes(primitive))
-        names = ["auto"] + [a for a in (algos or plan_algos) if a not in ("reference", "auto")]
+        names = [a for a in (algos or plan_algos) if a not in ("reference", "auto")]
+        if tiles:
+            names = candidates({a: plan_algos[a] for a in names if a in plan_algos}, spec.itemsize) + \
+                [a for a in names if a not in plan_algos]  # an unknown name: its row says so
+        names = ["auto"] + names
         timed = []  # (row, fn, timer): validated calls, timed together below
         for algo in names:
             if progress:
@@ -323,6 +330,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", action="append", help="only shapes whose name contains this (repeatable)")
     parser.add_argument("--primitive", nargs="+", default=list(PRIMITIVES), choices=PRIMITIVES)
     parser.add_argument("--algo", nargs="+", help="cnnfast algorithms besides auto (default: all registered)")
+    parser.add_argument("--tiles", action="store_true", help="time each tile configuration of the CUDA GEMM "
+                        "algorithms (direct:32x64, direct:64x128, ...)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per provider (default: 9 on "
                         "cpu, 30 on cuda)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
@@ -355,7 +364,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     info = machine(device)
     ceilings = measure_ceilings(device)
-    rows = run(shapes, device, args.primitive, args.algo, args.dtype, args.repeats, progress, ceilings)
+    rows = run(shapes, device, args.primitive, args.algo, args.dtype, args.repeats, progress, ceilings, args.tiles)
     sys.stderr.write("\n")
     where = info.get("gpu", info["cpu"]) + (f", driver {info['cuda_driver']}, {info['launch']} launches"
                                             if device == "cuda" else f", {info['cpus']} CPUs")

@@ -118,12 +118,19 @@ class Plan:
     deterministic: bool
     reason: str
     spec: object = None
+    tile: str = None  # the tile configuration the launcher runs, for algorithms with tiles (Algorithm.tiles)
+
+    @property
+    def candidate(self):
+        """The algorithm and tile as algo= takes them: 'direct:128x128', or the name alone without tiles."""
+        return self.algorithm if self.tile is None else f"{self.algorithm}:{self.tile}"
 
     def __str__(self):
         limit = "default" if self.workspace_limit is None else f"{self.workspace_limit:,} bytes"
+        tile = "" if self.tile is None else f", tile {self.tile}"
         return "\n".join([
             f"plan for {self.op} on {self.device}",
-            f"  algorithm        {self.algorithm} ({self.primitive} primitive)",
+            f"  algorithm        {self.algorithm} ({self.primitive} primitive{tile})",
             f"  kernels          {', '.join(self.kernels) if self.kernels else '-'}",
             f"  workspace        {self.workspace_bytes:,} bytes (limit: {limit})",
             f"  deterministic    {'yes' if self.deterministic else 'no'}",
@@ -132,20 +139,23 @@ class Plan:
 
 
 def make_plan(op, spec, primitive, device, algo="auto", workspace_limit=None) -> Plan:
-    """Pick the algorithm for (spec, primitive) on device; ValueError for an unknown or unsuitable algo."""
+    """Pick the algorithm (and tile) for (spec, primitive) on device; ValueError for an unknown or unsuitable algo.
+    algo: 'auto', an algorithm's name, or 'name:tile' for one of its tile configurations (Algorithm.tiles)."""
     algos = algorithms(device)
     g = spec.geometry
-    if algo == "auto":
+    name, _, tile = algo.partition(":") if isinstance(algo, str) else (algo, "", "")
+    if name == "auto" and not tile:
         choose = getattr(kernel_package(device), "choose", None)
         if choose is None or len(algos) == 1:
             name, reason = "reference", f"no {device} kernels are registered yet"
         else:
             name, reason = choose(g, primitive)
-    elif not isinstance(algo, str) or algo not in algos:
+    elif not isinstance(name, str) or name not in algos or (tile and tile not in algos[name].tiles(spec.itemsize)):
+        tiles = sorted(f"{n}:{t}" for n, a in algos.items() for t in a.tiles(spec.itemsize))
         raise ValueError(f"{op}: unknown algo {algo!r} for device {device}; expected 'auto' or one of "
-                         f"{sorted(algos)}")
+                         f"{sorted(algos)}" + (f" (or with a tile: {', '.join(tiles)})" if tiles else ""))
     else:
-        name, reason = algo, "requested with algo=" + repr(algo)
+        reason = "requested with algo=" + repr(algo)
     chosen = algos[name]
     why_not = chosen.supports(g, primitive)
     if why_not is not None:
@@ -154,7 +164,16 @@ def make_plan(op, spec, primitive, device, algo="auto", workspace_limit=None) ->
                                         or isinstance(workspace_limit, bool) or workspace_limit < 0):
         raise ValueError(f"{op}: expected workspace_limit to be a non-negative int (bytes) or None, "
                          f"but got {workspace_limit!r}")
-    workspace = int(chosen.workspace_bytes(g, primitive, spec.itemsize, workspace_limit))
+
+    def workspace_of(algorithm, tile):
+        extra = {"tile": tile} if tile else {}
+        return int(algorithm.workspace_bytes(g, primitive, spec.itemsize, workspace_limit, **extra))
+
+    def tile_of(algorithm):
+        return algorithm.tile(g, primitive, spec.itemsize, workspace_limit) if algorithm.tile else None
+
+    tile = tile or tile_of(chosen)
+    workspace = workspace_of(chosen, tile)
     limit = DEFAULT_WORKSPACE_LIMIT if workspace_limit is None else workspace_limit
     if workspace > limit:  # an algorithm that cannot split its scratch finer than this problem needs
         shown = f"workspace_limit={limit:,}" + (" (the default)" if workspace_limit is None else "")
@@ -162,8 +181,9 @@ def make_plan(op, spec, primitive, device, algo="auto", workspace_limit=None) ->
             raise ValueError(f"{op}: algo={name!r} needs at least {workspace:,} bytes of workspace, more than "
                              f"{shown}; raise the limit or use algo='direct'")
         name, chosen = "direct", algos["direct"]
-        workspace = int(chosen.workspace_bytes(g, primitive, spec.itemsize, workspace_limit))
+        tile = tile_of(chosen)
+        workspace = workspace_of(chosen, tile)
         reason += f"; its workspace exceeds {shown}, so direct"
     kernels = tuple(chosen.kernels(g, primitive, spec.dtype)) if chosen.kernels else ()
     return Plan(op, device, name, primitive, kernels, workspace, workspace_limit, chosen.deterministic,
-                reason, spec)
+                reason, spec, tile)

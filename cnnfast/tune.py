@@ -10,8 +10,8 @@ Only algo="auto" calls are tuned. The candidates are the device's kernel algorit
 that support the problem and fit its workspace limit; each runs once to warm up (its first run compiles), then
 REPEATS times with the device synchronised around each run, and its median counts. Winners are kept per
 (device and machine, primitive, dtype, geometry including the batch size, workspace limit), in memory and, with
-CNNFAST_AUTOTUNE_CACHE=path, in a JSON file that later processes read. Tile sizes are fixed constants today, so
-the candidates are algorithms, not tile configurations.
+CNNFAST_AUTOTUNE_CACHE=path, in a JSON file that later processes read. An algorithm with tile configurations
+(the CUDA GEMMs: Algorithm.tiles) is timed once per tile: 'direct:128x128' is a candidate of its own.
 """
 from __future__ import annotations
 
@@ -99,6 +99,13 @@ def _save():
         pass  # a cache that cannot be written only costs the tuning
 
 
+def candidates(algos, itemsize):
+    """What autotuning times: each kernel algorithm, once per tile configuration of the dtype when it has some
+    ('direct:32x64', 'direct:64x128', ...)."""
+    return [f"{name}:{tile}" if tile else name for name, a in algos.items() if name != "reference"
+            for tile in (a.tiles(itemsize) or (None,))]
+
+
 # (winner key, op, spec, registry) -> the winner's Plan, built once: rebuilding it with make_plan on every call
 # cost ~58 us of host time per autotuned call (a tiny CPU conv2d: 111 -> 169 us). Bounded like api's plan cache.
 _TUNED_PLANS = {}
@@ -125,19 +132,17 @@ def plan(op, spec, primitive, device, workspace_limit, heuristic, run=None):
     if found is not None and tuned is not None and tuned[0] is found:
         return tuned[1]
     algos = algorithms(device)
-    if found is None or found["winner"] not in algos:
+    if found is None or found["winner"].partition(":")[0] not in algos:
         if run is None:
             return dataclasses.replace(heuristic, reason=heuristic.reason + "; autotune is on: the first call "
-                                       "times every candidate algorithm and keeps the fastest")
+                                       "times every candidate algorithm and tile and keeps the fastest")
         ms = {}
-        for name in algos:
-            if name == "reference":
-                continue
+        for name in candidates(algos, spec.itemsize):
             try:
                 candidate = make_plan(op, spec, primitive, device, name, workspace_limit)
             except ValueError:  # cannot run this problem, or not within the workspace limit
                 continue
-            if candidate.algorithm != name:
+            if candidate.candidate != name:
                 continue
             run(candidate)  # warm-up: compiles on first use
             times = []

@@ -83,10 +83,12 @@ class Algorithm:
     """One algorithm of one kernel family: its three launchers and what it can do.
 
     forward(x, w, bias, y, g, **opts); backward_data(dy, w, dx, g, **opts); backward_filter(x, dy, dw, g, **opts)
-    opts: ``workspace_limit`` (bytes) for every family, ``stream`` for CUDA.
+    opts: ``workspace_limit`` (bytes) for every family, ``stream`` for CUDA, ``tile`` for algorithms with tiles.
     supports(g, primitive) -> str | None: None if the algorithm handles the problem, else why not.
-    workspace_bytes(g, primitive, itemsize, workspace_limit) -> bytes of scratch the launcher allocates.
+    workspace_bytes(g, primitive, itemsize, workspace_limit[, tile]) -> bytes of scratch the launcher allocates.
     kernels(g, primitive, dtype) -> names of the kernels a launch runs (for explain()).
+    tiles(itemsize) -> names of the tile configurations its launchers take as tile= for that dtype (autotuning
+    times each); tile(g, primitive, itemsize, workspace_limit) -> the one a launcher runs without tile=.
     """
 
     name: str
@@ -96,6 +98,8 @@ class Algorithm:
     supports: Callable = lambda g, primitive: None
     workspace_bytes: Callable = lambda g, primitive, itemsize, workspace_limit: 0
     kernels: Optional[Callable] = None
+    tiles: Callable = lambda itemsize: ()
+    tile: Optional[Callable] = None
     deterministic: bool = True
     doc: str = ""
 

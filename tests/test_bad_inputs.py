@@ -456,6 +456,9 @@ CATALOGUE = [
     # ---- options
     Row("algo-unknown", "conv2d algo='winograd9'", lambda A: cnnfast.conv2d(_x2(A), _w2(A), algo="winograd9"),
         ValueError, r"^conv2d: unknown algo 'winograd9' for device (cpu|cuda); expected 'auto' or one of \["),
+    Row("algo-unknown-tile", "conv2d algo='direct:16x16' (a tile no algorithm has)",
+        lambda A: cnnfast.conv2d(_x2(A), _w2(A), algo="direct:16x16"), ValueError,
+        r"^conv2d: unknown algo 'direct:16x16' for device (cpu|cuda); expected 'auto' or one of \["),
     Row("workspace-limit", "conv2d workspace_limit=-5",
         lambda A: cnnfast.conv2d(_x2(A), _w2(A), workspace_limit=-5), ValueError,
         r"^conv2d: expected workspace_limit to be a non-negative int \(bytes\) or None, but got -5$"),

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 from cnnfast.kernels.contract import pad_indices
-from cnnfast.kernels.cuda import depthwise, direct, im2col, layout
+from cnnfast.kernels.cuda import depthwise, direct, gemm, im2col, layout
 
 import cnnfast
 from cnnfast import compare, grad, reference
@@ -54,9 +54,14 @@ def ptx_rows():
     return json.loads(done.stdout)
 
 
+def _kernel_name(specialisation):
+    """'direct_forward' of 'direct_forward/64x128[float32,array]'."""
+    return specialisation.split("[")[0].split("/")[0]
+
+
 def test_every_specialisation_compiles_to_ptx_9_for_sm90_without_spills(ptx_rows):
     rows = ptx_rows
-    names = {r["name"].split("[")[0] for r in rows}
+    names = {_kernel_name(r["name"]) for r in rows}
     assert {"direct_forward", "direct_backward_data", "direct_backward_filter", "im2col", "col2im",
             "depthwise_plane", "depthwise_backward_filter", "depthwise_forward", "pad", "fold_pad",
             "bias_grad"} <= names
@@ -69,9 +74,48 @@ def test_every_specialisation_compiles_to_ptx_9_for_sm90_without_spills(ptx_rows
 
 
 def test_tiled_gemm_tile_constants_give_each_thread_one_staged_row_and_column():
-    from cnnfast.kernels.cuda import gemm
-    assert gemm.THREADS % gemm.BM == 0 and gemm.THREADS % gemm.BN == 0
-    assert gemm.THREADS == (gemm.BM // gemm.TM) * (gemm.BN // gemm.TN)
+    for tile in gemm.TILES.values():
+        assert tile.threads % tile.BM == 0 and tile.threads % tile.BN == 0 and tile.BJ == gemm.BJ
+        assert tile.threads <= 1024 and tile.BM % tile.TM == 0 and tile.BN % tile.TN == 0
+        assert 2 * tile.BJ * (tile.BM + tile.BN) * 8 <= 48 * 1024  # float64 shared buffers within 48 KiB
+
+
+def test_tile_choice_takes_the_largest_tile_that_fills_a_wave():
+    """choose_tile: a full wave of blocks (or split-K to add them), at least MIN_USE of each tile's outputs used."""
+    n = 32  # ResNet-50 at batch 32: (M, NCOL) per group of forward
+    assert gemm.choose_tile(64, n * 56 * 56, 1) == "64x128"      # 64 rows: 128x128 would mask half of them
+    assert gemm.choose_tile(128, n * 28 * 28, 1) == "128x128"    # 196 blocks
+    assert gemm.choose_tile(256, n * 14 * 14, 1) == "64x128"     # 128x128: 98 blocks, under a wave of 132
+    assert gemm.choose_tile(512, n * 7 * 7, 1) == "32x64"        # 64x128: 104 blocks
+    assert gemm.choose_tile(512, n * 7 * 7, 1, splittable=True) == "128x128"
+    assert gemm.choose_tile(6, 10_000_000, 1) == "32x64"         # 6 of 64 rows used
+    assert gemm.choose_tile(128, n * 28 * 28, 1, itemsize=8) == "32x64"  # float64: 8x8 tiles spill
+    with pytest.raises(ValueError, match=r"unknown algo 'direct:128x128' .* \(or with a tile: direct:32x64, "):
+        cnnfast.explain("conv2d", (1, 2, 5, 5), (3, 2, 3, 3), device="cuda", dtype="float64", algo="direct:128x128")
+    for M, NCOL, groups in ((64, 100_352, 1), (256, 6272, 2), (40, 5000, 3), (1, 1, 1)):
+        t = gemm.TILES[gemm.choose_tile(M, NCOL, groups)]
+        blocks = -(-M // t.BM) * -(-NCOL // t.BN) * groups
+        assert t == gemm.TILES[gemm.SMALL] or (blocks >= gemm.WAVE and M * NCOL >= gemm.MIN_USE * blocks / groups
+                                               * t.BM * t.BN)
+
+
+# each tile on a problem with partial row and column blocks, groups, stride 2 (sub-pixel classes) and a bias
+TILE_PROBLEM = ((2, 6, 12, 11), (10, 3, 3, 3), dict(stride=2, padding=1, groups=2))
+
+
+@pytest.mark.parametrize("algo", [f"{a}:{t}" for a in ("direct", "im2col") for t in ("32x64", "64x128", "128x128")])
+def test_every_tile_matches_reference(algo):
+    xs, ws, kw = TILE_PROBLEM
+    rng = np.random.default_rng(3)
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in (xs, ws, ws[:1]))
+    assert cnnfast.explain("conv2d", xs, ws, device="cuda", algo=algo, **kw).tile == algo.split(":")[1]
+    y = cnnfast.conv2d(cuda.to_device(x), cuda.to_device(w), cuda.to_device(b), algo=algo, **kw).copy_to_host()
+    compare.assert_close(y, reference.conv(x, w, b, **kw), "float32", f"{algo} forward")
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx = grad.conv2d_input(xs, cuda.to_device(w), cuda.to_device(dy), algo=algo, **kw).copy_to_host()
+    compare.assert_close(dx, reference.conv_input(xs, w, dy, **kw), "float32", f"{algo} backward_data")
+    dw = grad.conv2d_weight(cuda.to_device(x), ws, cuda.to_device(dy), algo=algo, **kw).copy_to_host()
+    compare.assert_close(dw, reference.conv_weight(x, ws, dy, **kw), "float32", f"{algo} backward_filter")
 
 
 def test_tiled_gemm_main_loops_stage_operands_without_integer_division(ptx_rows):
@@ -91,7 +135,7 @@ def _reach_every_kernel(x, w, dy, monkeypatch):
     dx, dw, ddy = cuda.to_device(x), cuda.to_device(w), cuda.to_device(dy)
     bias = cuda.to_device(np.arange(K, dtype=np.float32))
     monkeypatch.setattr(direct, "MIN_SPLIT", 8)  # a split-K weight gradient: reduce_splits_kernel
-    for algo in ("direct", "im2col"):
+    for algo in (f"{a}:{t}" for a in ("direct", "im2col") for t in gemm.TILES):
         cnnfast.conv2d(dx, dw, bias, padding=1, algo=algo)
         grad.conv2d_input(x.shape, dw, ddy, padding=1, algo=algo)
         grad.conv2d_weight(dx, w.shape, ddy, padding=1, algo=algo)
@@ -144,7 +188,7 @@ def test_every_launch_has_a_checked_raw_specialisation_with_matching_parameters(
         assert name is not None, f"{kernel_cache.kernel_key(pyfunc)} launched with {kinds}: not in specialisations()"
         assert count == params[name], f"{name}: pack() gives {count} values, the PTX entry has {params[name]}"
         reached.add(name.split("[")[0])
-    assert reached == {name.split("[")[0] for name in params}, "the workload must reach every kernel"
+    assert reached == {name.split("[")[0] for name in params}, "the workload must reach every kernel and tile"
 
 
 def test_pack_gives_one_8_byte_value_per_pointer_int_and_tuple_element():

@@ -337,9 +337,10 @@ def _cuda_launches(g, primitive, algo, limit=None):
         n = g.N * g.K * g.P * g.Q * g.U if primitive == "forward" else g.N * g.C * g.D * g.H * g.W
         return [(f"depthwise {primitive}", (depthwise._blocks(n), 1, 1), depthwise.BLOCK)]
     if algo in ("direct", "depthwise"):
-        M, J, NCOL = direct.dims(g, primitive)
-        splits = direct.filter_splits(g, 4, limit) if primitive == "backward_filter" else 1
-        out = [("tiled", gemm.grid(M, NCOL, g.groups, splits), gemm.THREADS)]
+        M, J, NCOL = direct.dims(g, primitive)  # backward_data: the sub-pixel classes' grids are no larger
+        tile = direct.tile_for(g, primitive, 4, limit)
+        splits = direct.filter_splits(g, 4, limit, tile) if primitive == "backward_filter" else 1
+        out = [("tiled", gemm.grid(M, NCOL, g.groups, splits, tile), gemm.TILES[tile].threads)]
         if splits > 1:
             size = g.K * NCOL
             out.append(("reduce_splits", (max(1, min(-(-size // 256), 1024)), 1, 1), 256))
@@ -350,8 +351,9 @@ def _cuda_launches(g, primitive, algo, limit=None):
     shape = {"forward": (Kg, J, nb * O), "backward_data": (J, Kg, nb * O), "backward_filter": (Kg, nb * O, J)}
     M, _, NCOL = shape[primitive]
     blocks = max(1, min(cuda_im2col.MAX_BLOCKS, -(-rows * nb * O // cuda_im2col.BLOCK)))
+    tile = cuda_im2col.tile_for(g, primitive, 4, limit)
     return [("im2col/col2im", (blocks, 1, 1), cuda_im2col.BLOCK),
-            ("tiled", gemm.grid(M, NCOL, g.groups, 1), gemm.THREADS)]
+            ("tiled", gemm.grid(M, NCOL, g.groups, 1, tile), gemm.TILES[tile].threads)]
 
 
 @pytest.mark.parametrize("x_shape, w_shape, opts, primitive", list(_huge_params()))

@@ -11,7 +11,7 @@ choose(g, primitive), the heuristic behind algo="auto" (to be tuned on a GPU, is
 """
 from cnnfast.kernels import _compat  # noqa: F401  (must precede numba.cuda's first compile)
 from cnnfast.kernels.contract import Algorithm
-from cnnfast.kernels.cuda import depthwise, direct, im2col
+from cnnfast.kernels.cuda import depthwise, direct, gemm, im2col
 from cnnfast.kernels.cuda.bias import add_bias_cuda
 from cnnfast.kernels.cuda.layout import bias_grad_cuda, copy_cuda, fold_pad_cuda, pad_cuda
 
@@ -19,7 +19,7 @@ __all__ = ["ALGORITHMS", "choose", "pad_cuda", "fold_pad_cuda", "bias_grad_cuda"
 
 _KERNELS = {
     "direct": {"forward": ("tiled implicit-GEMM (fwd_* loaders)",),
-               "backward_data": ("tiled implicit-GEMM (bwd_* loaders)",),
+               "backward_data": ("tiled implicit-GEMM (bwd_* loaders), one per sub-pixel class",),
                "backward_filter": ("tiled implicit-GEMM (flt_* loaders), split-K", "reduce_splits_kernel")},
     "im2col": {"forward": ("im2col_kernel", "tiled GEMM (f_* loaders)"),
                "backward_data": ("tiled GEMM (d_* loaders)", "col2im_kernel"),
@@ -34,9 +34,12 @@ def _kernels(name):
 ALGORITHMS = {
     "direct": Algorithm("direct", direct.forward, direct.backward_data, direct.backward_filter,
                         workspace_bytes=direct.workspace_bytes, kernels=_kernels("direct"),
-                        doc="implicit GEMM: 32x64 block tile, 4x4 register tile per thread, shared-memory staging"),
+                        tiles=gemm.tile_names, tile=direct.tile_for,
+                        doc="implicit GEMM: 32x64 (4x4 per thread) to 128x128 (8x8) block tiles, shared-memory "
+                            "staging; strided backward_data by sub-pixel classes"),
     "im2col": Algorithm("im2col", im2col.forward, im2col.backward_data, im2col.backward_filter,
                         workspace_bytes=im2col.workspace_bytes, kernels=_kernels("im2col"),
+                        tiles=gemm.tile_names, tile=im2col.tile_for,
                         doc="explicit column matrix (batch-chunked under workspace_limit) + the tiled GEMM"),
     "depthwise": Algorithm("depthwise", depthwise.forward, depthwise.backward_data, depthwise.backward_filter,
                            supports=depthwise.supports, workspace_bytes=depthwise.workspace_bytes,

@@ -143,7 +143,8 @@ def specialisations():
             for family, ops_table in (("direct", direct.OPS), ("im2col_gemm", im2col.OPS)):
                 for primitive, ops in ops_table.items():
                     geo_kind = "G" if (family, primitive) == ("direct", "backward_data") else "g"
-                    add(f"{family}_{primitive}", gemm.tiled_kernel(dt, ops), f"AAAAI{geo_kind}iiii")
+                    for tile in gemm.tile_names(dt.bitwidth // 8):
+                        add(f"{family}_{primitive}/{tile}", gemm.tiled_kernel(dt, ops, tile), f"AAAAI{geo_kind}iiii")
             add("reduce_splits", direct.reduce_splits_kernel, "AAii")
             add("im2col", im2col.im2col_kernel, "AAgii")
             add("col2im", im2col.col2im_kernel, "AAgii")

@@ -7,12 +7,13 @@ x (N, C, D, H, W) * w (K, C/g, T, R, S) -> y (N, K, P, Q, U); O = P*Q*U, TRS = T
                      (one GEMM per sub-pixel class of positions i, over the taps that read it: below)
     backward_filter  dw[k, (c, tap)] = sum_{(n, o)} dy[n, k, o] * x-patch        M = K/g, J = N*O,     NCOL = C/g*TRS
 
-Each thread owns a 4x4 register tile of outputs (4 output channels x 4 pixels for forward); the weight and
-input tiles of each 8-deep reduction step are staged in shared memory (gemm.py). backward_filter splits its
+Each thread owns a register tile of outputs (4x4 or 8x8: output channels x pixels for forward, gemm.TILES); the
+weight and input tiles of each 8-deep reduction step are staged in shared memory (gemm.py). backward_filter splits its
 long reduction (N*O) over `splits` blocks writing partial sums to scratch, then `reduce_splits` adds them in
 split order: deterministic, no atomics.
 """
 import itertools
+import math
 from functools import lru_cache
 
 import numpy as np
@@ -296,11 +297,18 @@ def dims(g, primitive):
             "backward_filter": (Kg, g.N * O, Cg * TRS)}[primitive]
 
 
-def filter_splits(g, itemsize, workspace_limit):
+def tile_for(g, primitive, itemsize=4, workspace_limit=None):
+    """The tile the launcher runs without an explicit tile= (gemm.choose_tile on the whole problem; backward_filter
+    fills the GPU by split-K, so its tile need not)."""
+    M, _, NCOL = dims(g, primitive)
+    return gemm.choose_tile(M, NCOL, g.groups, primitive == "backward_filter", itemsize)
+
+
+def filter_splits(g, itemsize, workspace_limit, tile=None):
     """Splits of backward_filter's reduction: enough blocks to fill the GPU, each split >= MIN_SPLIT long,
     and the partial sums (splits x K x C/g*TRS) under workspace_limit."""
     M, J, NCOL = dims(g, "backward_filter")
-    blocks = -(-NCOL // gemm.BN) * -(-M // gemm.BM) * g.groups
+    blocks = math.prod(gemm.grid(M, NCOL, g.groups, 1, tile or tile_for(g, "backward_filter", itemsize)))
     splits = max(1, min(TARGET_BLOCKS // blocks, J // MIN_SPLIT))
     limit = DEFAULT_WORKSPACE_LIMIT if workspace_limit is None else workspace_limit
     per_split = g.K * NCOL * itemsize
@@ -309,22 +317,23 @@ def filter_splits(g, itemsize, workspace_limit):
     return splits
 
 
-def workspace_bytes(g, primitive, itemsize, workspace_limit):
+def workspace_bytes(g, primitive, itemsize, workspace_limit, tile=None):
     if primitive != "backward_filter":
         return 0
-    splits = filter_splits(g, itemsize, workspace_limit)
+    splits = filter_splits(g, itemsize, workspace_limit, tile)
     return splits * g.K * dims(g, primitive)[2] * itemsize if splits > 1 else 0
 
 
-def launch_tiled(ops, a, b, out, bias, tab, geo, shape, groups, flag, splits, stream, n0=0):
-    """Launch the tiled GEMM kernel of `ops` on a problem of `shape` = (M, J, NCOL) per group; arrays are
-    flattened to 1-D."""
+def launch_tiled(ops, a, b, out, bias, tab, geo, shape, groups, flag, splits, stream, n0=0, tile=None):
+    """Launch the tiled GEMM kernel of `ops` on a problem of `shape` = (M, J, NCOL) per group with `tile` (None:
+    gemm.choose_tile's); arrays are flattened to 1-D."""
     M, J, NCOL = shape
+    tile = tile or gemm.choose_tile(M, NCOL, groups, itemsize=out.dtype.itemsize)
     jchunk = -(-J // splits)
     jchunk = -(-jchunk // gemm.BJ) * gemm.BJ
-    launch(gemm.tiled_kernel(numba_dtype(out.dtype), ops), gemm.grid(M, NCOL, groups, splits), gemm.THREADS,
-           stream, a.reshape(a.size), b.reshape(b.size), out.reshape(out.size), bias, tab, geo, flag, splits,
-           jchunk, n0)
+    launch(gemm.tiled_kernel(numba_dtype(out.dtype), ops, tile), gemm.grid(M, NCOL, groups, splits, tile),
+           gemm.TILES[tile].threads, stream, a.reshape(a.size), b.reshape(b.size), out.reshape(out.size), bias, tab,
+           geo, flag, splits, jchunk, n0)
 
 
 def _bias_arg(bias, like):
@@ -333,28 +342,30 @@ def _bias_arg(bias, like):
     return device_constant(("zero", like.dtype.str), lambda: np.zeros(1, like.dtype)), 0
 
 
-def forward(x, w, bias, y, g, workspace_limit=None, stream=0):
+def forward(x, w, bias, y, g, workspace_limit=None, stream=0, tile=None):
     bias, flag = _bias_arg(bias, y)
     launch_tiled(OPS["forward"], w, x, y, bias, reduction_table(g, "forward"), tuple(g), dims(g, "forward"),
-                 g.groups, flag, 1, stream)
+                 g.groups, flag, 1, stream, tile=tile or tile_for(g, "forward", y.dtype.itemsize))
 
 
-def backward_data(dy, w, dx, g, workspace_limit=None, stream=0):
-    """One GEMM per sub-pixel class of dx positions (subpixel_classes)."""
+def backward_data(dy, w, dx, g, workspace_limit=None, stream=0, tile=None):
+    """One GEMM per sub-pixel class of dx positions (subpixel_classes), all with the whole problem's tile."""
     bias, _ = _bias_arg(None, dx)
     Cg, Kg = g.C // g.groups, g.K // g.groups
+    tile = tile or tile_for(g, "backward_data", dx.dtype.itemsize)
     for cls, taps in subpixel_classes(g):
         shape = (Cg, Kg * len(taps), g.N * cls[3] * cls[4] * cls[5])
         launch_tiled(OPS["backward_data"], w, dy, dx, bias, subpixel_table(g, taps), tuple(g) + cls, shape,
-                     g.groups, 0, 1, stream)
+                     g.groups, 0, 1, stream, tile=tile)
 
 
-def backward_filter(x, dy, dw, g, workspace_limit=None, stream=0):
-    splits = filter_splits(g, dw.dtype.itemsize, workspace_limit)
+def backward_filter(x, dy, dw, g, workspace_limit=None, stream=0, tile=None):
+    tile = tile or tile_for(g, "backward_filter", dw.dtype.itemsize)
+    splits = filter_splits(g, dw.dtype.itemsize, workspace_limit, tile)
     bias, _ = _bias_arg(None, dw)
     target = dw if splits == 1 else scratch(splits * dw.size, dw.dtype, dw, stream)
     launch_tiled(OPS["backward_filter"], dy, x, target, bias, reduction_table(g, "backward_filter"), tuple(g),
-                 dims(g, "backward_filter"), g.groups, 0, splits, stream)
+                 dims(g, "backward_filter"), g.groups, 0, splits, stream, tile=tile)
     if splits > 1:
         blocks = max(1, min(-(-dw.size // 256), 1024))
         launch(reduce_splits_kernel, blocks, 256, stream, target, dw.reshape(dw.size), splits, dw.size)

@@ -2,7 +2,7 @@
 
 Every CUDA convolution here is a GEMM per group g:  out[m, col] = sum_j A[m, j] * B[j, col]
 where A and B are not stored matrices but gathers from the convolution's tensors (implicit GEMM), or dense
-column matrices (im2col). A kernel is built by `tiled_kernel(dtype, ops)` from six device functions:
+column matrices (im2col). A kernel is built by `tiled_kernel(dtype, ops, tile)` from six device functions:
 
     dims(geo)                          -> (M, J, NCOL) per group
     a_row(g, m, geo, n0)               -> ra, what row m of A needs (an int: a base offset)
@@ -25,26 +25,66 @@ tid % BN of B. Double-buffered: the next step's elements are loaded into registe
 multiply-adds and stored into the other shared buffer after them, so one barrier per step suffices.
 Grid: (ceil(NCOL/BN), ceil(M/BM), groups * splits); split s reduces j in
 [s*jchunk, (s+1)*jchunk). No atomics: each output is written by exactly one thread.
+
+Tiles (TILES, compile-time constants of each specialisation): 32x64 with 4x4 per thread loads 8 shared values
+per 16 multiply-adds; the 8x8 register tiles load 16 per 64, but need 4-8x the outputs per block to fill the GPU.
+choose_tile picks the largest that still gives a full wave of blocks; autotuning times them all.
 """
 from functools import lru_cache
+from typing import NamedTuple
 
 from cnnfast.kernels.cuda.compile import ZERO
 from numba import cuda, int64, uint64
 
-BM, BN, BJ = 32, 64, 8  # block tile: 32 rows x 64 columns, 8 reduction indices per shared-memory step
-TM, TN = 4, 4  # register tile per thread
-THREADS = (BM // TM) * (BN // TN)  # 128
-STAGE_A, STAGE_B = BJ * BM // THREADS, BJ * BN // THREADS  # elements of A and of B each thread stages per step
+
+class Tile(NamedTuple):
+    BM: int  # block tile: BM rows x BN columns, BJ reduction indices per shared-memory step
+    BN: int
+    BJ: int
+    TM: int  # register tile per thread: TM x TN
+    TN: int
+
+    @property
+    def threads(self):
+        return (self.BM // self.TM) * (self.BN // self.TN)
+
+
+TILES = {"32x64": Tile(32, 64, 8, 4, 4), "64x128": Tile(64, 128, 8, 8, 8), "128x128": Tile(128, 128, 8, 8, 8)}
+SMALL = "32x64"  # the fallback: the most blocks per problem
+BJ = 8  # every tile's reduction step (launchers round split chunks to it)
+WAVE = 132  # blocks in one wave: an H100's SMs (one block each at least)
+MIN_USE = 0.75  # a tile must use this share of its rows x columns (the rest is masked work)
 NGEO = 22  # len(ConvGeometry)
 TAB = 5  # ints per reduction index in the loaders' table (direct.reduction_table)
-# THREADS must be a multiple of BM and of BN: each thread stages one fixed row of A and column of B (tested)
+# each thread stages one fixed row of A and column of B: threads a multiple of BM and of BN (tested)
+
+
+def tile_names(itemsize):
+    """The tiles of a dtype: float64's 8x8 register tiles need 230-255 registers and spill (ptx.py), so float64
+    has SMALL only."""
+    return tuple(TILES) if itemsize <= 4 else (SMALL,)
+
+
+@lru_cache(maxsize=1024)
+def choose_tile(M, NCOL, groups, splittable=False, itemsize=4):
+    """The name of the largest tile of the dtype with at least WAVE blocks (or any count when split-K can add
+    blocks) that uses at least MIN_USE of its outputs; else SMALL."""
+    for name in ("128x128", "64x128")[:len(tile_names(itemsize)) - 1]:
+        t = TILES[name]
+        rows, cols = -(-M // t.BM), -(-NCOL // t.BN)
+        if M * NCOL >= MIN_USE * rows * t.BM * cols * t.BN and (splittable or rows * cols * groups >= WAVE):
+            return name
+    return SMALL
 
 
 @lru_cache(maxsize=None)
-def tiled_kernel(dtype, ops):
-    """The tiled GEMM kernel's Python function for a numba dtype and an ops tuple (dims, a_row, load_a, b_col,
-    load_b, store)."""
+def tiled_kernel(dtype, ops, tile=SMALL):
+    """The tiled GEMM kernel's Python function for a numba dtype, an ops tuple (dims, a_row, load_a, b_col,
+    load_b, store) and a tile name (TILES)."""
     dims, a_row, load_a, b_col, load_b, store = ops
+    BM, BN, BJ, TM, TN = TILES[tile]
+    THREADS = TILES[tile].threads
+    STAGE_A, STAGE_B = BJ * BM // THREADS, BJ * BN // THREADS  # elements of A and of B each thread stages per step
 
     def kernel(a, b, out, bias, tab, geo, flag, splits, jchunk, n0):
         shared_a = cuda.shared.array((2, BJ, BM), dtype)
@@ -119,12 +159,13 @@ def tiled_kernel(dtype, ops):
                         store(out, bias, g, m, col, acc[i, k], geo, flag, split, n0)
 
     names = ",".join(f"{f.__module__}.{f.__name__}" for f in (getattr(op, "py_func", op) for op in ops))
-    kernel.cache_key = f"{__name__}.tiled_kernel[{dtype}:{names}]"  # compile.kernel_key: the PTX cache's name
+    kernel.cache_key = f"{__name__}.tiled_kernel[{dtype}:{names}:{tile}]"  # the PTX cache's name (kernel_key)
     return kernel
 
 
-def grid(M, NCOL, groups, splits):
-    return ((NCOL + BN - 1) // BN, (M + BM - 1) // BM, groups * splits)
+def grid(M, NCOL, groups, splits, tile=SMALL):
+    t = TILES[tile]
+    return ((NCOL + t.BN - 1) // t.BN, (M + t.BM - 1) // t.BM, groups * splits)
 
 
 # ---------------------------------------------------------------- gathers shared by the conv loaders

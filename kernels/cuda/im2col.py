@@ -160,47 +160,58 @@ def chunk(g, itemsize, workspace_limit):
     return max(1, min(g.N, limit // max(per_sample, 1)))
 
 
-def workspace_bytes(g, primitive, itemsize, workspace_limit):
+def workspace_bytes(g, primitive, itemsize, workspace_limit, tile=None):
+    """The column matrix of one chunk (whatever the GEMM's tile)."""
     return chunk(g, itemsize, workspace_limit) * g.C * g.T * g.R * g.S * g.P * g.Q * g.U * itemsize
 
 
-def _run(primitive, g, a, b, out, bias, flag_first, workspace_limit, stream):
+def _shape(g, primitive, nb):
+    """(M, J, NCOL) of the GEMM of a chunk of nb samples."""
+    Kg, J, O = g.K // g.groups, g.C // g.groups * g.T * g.R * g.S, g.P * g.Q * g.U
+    return {"forward": (Kg, J, nb * O), "backward_data": (J, Kg, nb * O), "backward_filter": (Kg, nb * O, J)}[primitive]
+
+
+def tile_for(g, primitive, itemsize=4, workspace_limit=None):
+    """The tile of the GEMMs without an explicit tile= (gemm.choose_tile on a full chunk)."""
+    M, _, NCOL = _shape(g, primitive, chunk(g, itemsize, workspace_limit))
+    return gemm.choose_tile(M, NCOL, g.groups, itemsize=itemsize)
+
+
+def _run(primitive, g, a, b, out, bias, flag_first, workspace_limit, stream, tile):
     """Per chunk: im2col (forward, filter) / GEMM / col2im (data)."""
     nb = chunk(g, out.dtype.itemsize, workspace_limit)
     rows, O = g.C * g.T * g.R * g.S, g.P * g.Q * g.U
     cols = scratch(rows * nb * O, out.dtype, out, stream)
-    Kg, J = g.K // g.groups, rows // g.groups
+    tile = tile or tile_for(g, primitive, out.dtype.itemsize, workspace_limit)
     for n0 in range(0, g.N, nb):
         cur = min(nb, g.N - n0)
         gc = g._replace(N=cur)
         blocks = max(1, min(MAX_BLOCKS, -(-rows * cur * O // BLOCK)))
         if primitive != "backward_data":
             launch(im2col_kernel, blocks, BLOCK, stream, b.reshape(b.size), cols, tuple(g), n0, cur)
-        shape = {"forward": (Kg, J, cur * O), "backward_data": (J, Kg, cur * O),
-                 "backward_filter": (Kg, cur * O, J)}[primitive]
         source = cols if primitive != "backward_data" else b
         target = cols if primitive == "backward_data" else out
         flag = flag_first if (primitive != "backward_filter" or n0 == 0) else 1
-        launch_tiled(OPS[primitive], a, source, target, bias, direct.no_table(), tuple(gc), shape, g.groups, flag, 1,
-                     stream, n0=n0)
+        launch_tiled(OPS[primitive], a, source, target, bias, direct.no_table(), tuple(gc), _shape(g, primitive, cur),
+                     g.groups, flag, 1, stream, n0=n0, tile=tile)
         if primitive == "backward_data":
             blocks = max(1, min(MAX_BLOCKS, -(-cur * g.C * g.D * g.H * g.W // BLOCK)))
             launch(col2im_kernel, blocks, BLOCK, stream, cols, out.reshape(out.size), tuple(gc), n0, cur)
 
 
-def forward(x, w, bias, y, g, workspace_limit=None, stream=0):
+def forward(x, w, bias, y, g, workspace_limit=None, stream=0, tile=None):
     bias, flag = _bias_arg(bias, y)
-    _run("forward", g, w, x, y, bias, flag, workspace_limit, stream)
+    _run("forward", g, w, x, y, bias, flag, workspace_limit, stream, tile)
 
 
-def backward_data(dy, w, dx, g, workspace_limit=None, stream=0):
+def backward_data(dy, w, dx, g, workspace_limit=None, stream=0, tile=None):
     bias, _ = _bias_arg(None, dx)
-    _run("backward_data", g, w, dy, dx, bias, 0, workspace_limit, stream)
+    _run("backward_data", g, w, dy, dx, bias, 0, workspace_limit, stream, tile)
 
 
-def backward_filter(x, dy, dw, g, workspace_limit=None, stream=0):
+def backward_filter(x, dy, dw, g, workspace_limit=None, stream=0, tile=None):
     bias, _ = _bias_arg(None, dw)
-    _run("backward_filter", g, dy, x, dw, bias, 0, workspace_limit, stream)
+    _run("backward_filter", g, dy, x, dw, bias, 0, workspace_limit, stream, tile)
 
 
 __all__ = ["forward", "backward_data", "backward_filter", "workspace_bytes"]
