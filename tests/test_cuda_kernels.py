@@ -90,6 +90,12 @@ def test_tile_choice_takes_the_largest_tile_that_fills_a_wave():
     assert gemm.choose_tile(512, n * 7 * 7, 1, splittable=True) == "128x128"
     assert gemm.choose_tile(6, 10_000_000, 1) == "32x64"         # 6 of 64 rows used
     assert gemm.choose_tile(128, n * 28 * 28, 1, itemsize=8) == "32x64"  # float64: 8x8 tiles spill
+    # DCGAN's transposed 4x4/2 at batch 32 is backward_data in 4 sub-pixel classes launched in turn: the tile must
+    # fill the GPU with one class (8192 columns; the whole problem's 32768 would take 128x128, 64 blocks a launch)
+    g = cnnfast.explain("conv_transpose2d", (n, 256, 16, 16), (256, 128, 4, 4), stride=2, padding=1,
+                        device="cuda").spec.geometry
+    assert direct.tile_for(g, "backward_data") == gemm.choose_tile(128, n * 16 * 16, 1) == "32x64"
+    assert gemm.choose_tile(128, n * 32 * 32, 1) == "128x128"
     with pytest.raises(ValueError, match=r"unknown algo 'direct:128x128' .* \(or with a tile: direct:32x64, "):
         cnnfast.explain("conv2d", (1, 2, 5, 5), (3, 2, 3, 3), device="cuda", dtype="float64", algo="direct:128x128")
     for M, NCOL, groups in ((64, 100_352, 1), (256, 6272, 2), (40, 5000, 3), (1, 1, 1)):
@@ -135,7 +141,12 @@ def _reach_every_kernel(x, w, dy, monkeypatch):
     dx, dw, ddy = cuda.to_device(x), cuda.to_device(w), cuda.to_device(dy)
     bias = cuda.to_device(np.arange(K, dtype=np.float32))
     monkeypatch.setattr(direct, "MIN_SPLIT", 8)  # a split-K weight gradient: reduce_splits_kernel
+    pointwise_w = cuda.to_device(w[:, :, :1, :1].copy())
     for algo in (f"{a}:{t}" for a in ("direct", "im2col") for t in gemm.TILES):
+        if algo.startswith("im2col"):  # a 1x1 layer: the pointwise GEMMs
+            y = cnnfast.conv2d(dx, pointwise_w, bias, algo=algo)
+            grad.conv2d_input(x.shape, pointwise_w, y, algo=algo)
+            grad.conv2d_weight(dx, pointwise_w.shape, y, algo=algo)
         cnnfast.conv2d(dx, dw, bias, padding=1, algo=algo)
         grad.conv2d_input(x.shape, dw, ddy, padding=1, algo=algo)
         grad.conv2d_weight(dx, w.shape, ddy, padding=1, algo=algo)
@@ -298,6 +309,29 @@ def test_split_reduction_of_the_weight_gradient_is_deterministic(problem, monkey
                                algo="direct").copy_to_host() for _ in range(2)]
     np.testing.assert_array_equal(runs[0], runs[1])
     compare.assert_close(runs[0], reference.conv_weight(x, (K, C, 3, 3), dy, padding=1), "float32")
+
+
+@pytest.mark.parametrize("tile", ["32x64", "64x128", "128x128"])
+def test_pointwise_gemm_reads_the_tensors_in_place(tile, monkeypatch):
+    """A 1x1 unit-stride layer on im2col: no workspace, no im2col/col2im launch (im2col_kernel is never compiled
+    here), the three primitives against the reference, groups and a bias; auto picks it."""
+    xs, ws, kw = (2, 6, 5, 7), (4, 3, 1, 1), dict(groups=2)
+    rng = np.random.default_rng(11)
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in (xs, ws, ws[:1]))
+    plan = cnnfast.explain("conv2d", xs, ws, device="cuda", **kw)
+    assert plan.algorithm == "im2col" and plan.workspace_bytes == 0 and "pointwise" in plan.kernels[0]
+    algo = f"im2col:{tile}"
+    launched = []
+    real = im2col.launch
+    monkeypatch.setattr(im2col, "launch", lambda kernel, *a: launched.append(kernel) or real(kernel, *a))
+    y = cnnfast.conv2d(cuda.to_device(x), cuda.to_device(w), cuda.to_device(b), algo=algo, **kw).copy_to_host()
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx = grad.conv2d_input(xs, cuda.to_device(w), cuda.to_device(dy), algo=algo, **kw).copy_to_host()
+    dw = grad.conv2d_weight(cuda.to_device(x), ws, cuda.to_device(dy), algo=algo, **kw).copy_to_host()
+    assert im2col.im2col_kernel not in launched and im2col.col2im_kernel not in launched
+    compare.assert_close(y, reference.conv(x, w, b, **kw), "float32", "pointwise forward")
+    compare.assert_close(dx, reference.conv_input(xs, w, dy, **kw), "float32", "pointwise backward_data")
+    compare.assert_close(dw, reference.conv_weight(x, ws, dy, **kw), "float32", "pointwise backward_filter")
 
 
 # ---------------------------------------------------------------- backward_data by sub-pixel classes (direct.py)

@@ -6,7 +6,8 @@ workspace_limit= and stream=; they never synchronise, and start every kernel thr
 dispatcher, or the raw-pointer path through CuPy: launch.py).
 
 choose(g, primitive), the heuristic behind algo="auto" (to be tuned on a GPU, issue 5):
-  depthwise layers -> depthwise (all three primitives); everything else -> direct (implicit GEMM, no workspace
+  depthwise layers -> depthwise (all three primitives); pointwise layers (1x1, unit stride, no padding) ->
+  im2col, whose GEMM then reads the tensors in place; everything else -> direct (implicit GEMM, no workspace
   except the deterministic split-K partials of backward_filter); im2col is offered explicitly (algo="im2col").
 """
 from cnnfast.kernels import _compat  # noqa: F401  (must precede numba.cuda's first compile)
@@ -28,7 +29,12 @@ _KERNELS = {
 
 
 def _kernels(name):
-    return lambda g, primitive, dtype: tuple(f"{k} [{dtype}]" for k in _KERNELS[name][primitive])
+    def kernels(g, primitive, dtype):
+        names = _KERNELS[name][primitive]
+        if name == "im2col" and g.is_pointwise:
+            names = ("tiled GEMM (pointwise loaders: x and dy in place, no columns)",)
+        return tuple(f"{k} [{dtype}]" for k in names)
+    return kernels
 
 
 ALGORITHMS = {
@@ -52,4 +58,6 @@ def choose(g, primitive):
     """(algorithm name, reason) for algo="auto"; see the module docstring."""
     if g.is_depthwise:
         return "depthwise", "depthwise layer (groups == in_channels): memory-bound, halo tiles in shared memory"
+    if g.is_pointwise:
+        return "im2col", "1x1 unit-stride layer: a plain GEMM on x and dy in place (no columns, no index table)"
     return "direct", "implicit GEMM: no column matrix, register-tiled (untuned heuristic, see issue 5)"

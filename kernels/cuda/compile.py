@@ -140,7 +140,8 @@ def specialisations():
                 G geometry + sub-pixel class, t depthwise tile geometry."""
                 out.append((f"{name}[{dt},{typing}]", pyfunc, tuple(kinds[c] for c in template), typing))
 
-            for family, ops_table in (("direct", direct.OPS), ("im2col_gemm", im2col.OPS)):
+            for family, ops_table in (("direct", direct.OPS), ("im2col_gemm", im2col.OPS),
+                                      ("pointwise_gemm", im2col.POINTWISE)):
                 for primitive, ops in ops_table.items():
                     geo_kind = "G" if (family, primitive) == ("direct", "backward_data") else "g"
                     for tile in gemm.tile_names(dt.bitwidth // 8):

@@ -48,10 +48,11 @@ def sample_of(j, O):
 
 
 @cuda.jit(device=True, inline=True)
-def dy_by_sample_row(dy, ra, j, geo, tab):
-    """A[m, j] = dy[n, k, o] for j = n*O + o, with ra = (offset of dy[0, k, 0], O): one division per element."""
-    n = sample_of(j, ra[1])
-    return dy[ra[0] + j + n * (geo[5] - 1) * ra[1]]
+def by_sample(t, ctx, j, geo, tab):
+    """t[n, c, o] for j = n*O + o of a (N, channels, O) tensor, with ctx = (offset of t[0, c, 0], O,
+    (channels - 1)*O): backward_filter's dy rows (and pointwise x columns); one division per element."""
+    n = sample_of(j, ctx[1])
+    return t[ctx[0] + j + n * ctx[2]]
 
 
 # ---------------------------------------------------------------- forward: A = W_g, B = x-patches
@@ -193,7 +194,7 @@ def flt_dims(geo):
 @cuda.jit(device=True, inline=True)
 def flt_row(g, m, geo, n0):
     O = geo[9] * geo[10] * geo[11]
-    return (g * (geo[5] // geo[21]) + m) * O, O
+    return (g * (geo[5] // geo[21]) + m) * O, O, (geo[5] - 1) * O
 
 
 @cuda.jit(device=True, inline=True)
@@ -242,7 +243,7 @@ def reduce_splits_kernel(partial, out, splits, size):
 OPS = {
     "forward": (fwd_dims, fwd_row, strided_a, fwd_col, fwd_load_x, fwd_store),
     "backward_data": (bwd_dims, bwd_row, bwd_load_w, bwd_col, bwd_load_dy, bwd_store),
-    "backward_filter": (flt_dims, flt_row, dy_by_sample_row, flt_col, flt_load_x, flt_store),
+    "backward_filter": (flt_dims, flt_row, by_sample, flt_col, flt_load_x, flt_store),
 }
 
 
@@ -298,9 +299,12 @@ def dims(g, primitive):
 
 
 def tile_for(g, primitive, itemsize=4, workspace_limit=None):
-    """The tile the launcher runs without an explicit tile= (gemm.choose_tile on the whole problem; backward_filter
-    fills the GPU by split-K, so its tile need not)."""
+    """The tile the launcher runs without an explicit tile= (gemm.choose_tile on the problem; backward_data's
+    sub-pixel classes launch one after another, so on the largest class; backward_filter fills the GPU by split-K,
+    so its tile need not)."""
     M, _, NCOL = dims(g, primitive)
+    if primitive == "backward_data":
+        NCOL = g.N * max(cls[3] * cls[4] * cls[5] for cls, _ in subpixel_classes(g))
     return gemm.choose_tile(M, NCOL, g.groups, primitive == "backward_filter", itemsize)
 
 

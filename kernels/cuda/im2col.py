@@ -8,6 +8,8 @@ a single sample needing more is refused by the planner, and algo='auto' falls ba
     backward_data    dcols_g = W_g^T @ dy chunk;  dx chunk = col2im(dcols)   (a gather: no atomics)
     backward_filter  cols = im2col(x chunk);   dW_g += dy_g chunk @ cols_g^T, chunks added in order
 
+A pointwise problem (1x1 kernel, unit stride, no padding: g.is_pointwise) needs no columns: one GEMM per group
+reads x and dy in place (POINTWISE loaders), as the CPU twin does, with no workspace.
 Inside the GEMMs the geometry tuple carries N = nb (the chunk) and n0 is the chunk's first sample.
 im2col_kernel: thread (grid-stride) per element of cols; col2im_kernel: thread per element of the dx chunk.
 """
@@ -62,7 +64,7 @@ def col2im_kernel(dcols, dx, geo, n0, nb):
 
 # ---------------------------------------------------------------- GEMM operand loaders (geo[0] = nb here)
 # Dense operands: A and B are read at base + j*stride (direct.strided_a / strided_b), except backward_filter's
-# dy (direct.dy_by_sample_row); the row/column functions give the bases.
+# dy (direct.by_sample); the row/column functions give the bases.
 
 @cuda.jit(device=True, inline=True)
 def _sizes(geo):
@@ -128,9 +130,9 @@ def w_dims(geo):
 
 @cuda.jit(device=True, inline=True)
 def w_row(g, m, geo, n0):
-    """dy[((n0 + j // O)*K + g*Kg + m)*O + j % O]: direct.dy_by_sample_row from sample n0"""
+    """dy[((n0 + j // O)*K + g*Kg + m)*O + j % O]: direct.by_sample from sample n0"""
     Kg, J, O, ncol = _sizes(geo)
-    return (n0 * geo[5] + g * Kg + m) * O, O
+    return (n0 * geo[5] + g * Kg + m) * O, O, (geo[5] - 1) * O
 
 
 @cuda.jit(device=True, inline=True)
@@ -150,18 +152,54 @@ def w_store(dw, bias, g, m, col, v, geo, flag, split, n0):
 
 OPS = {"forward": (f_dims, direct.fwd_row, direct.strided_a, f_col, direct.strided_b, f_store),
        "backward_data": (d_dims, d_row, direct.strided_a, d_col, direct.strided_b, d_store),
-       "backward_filter": (w_dims, w_row, direct.dy_by_sample_row, w_col, direct.strided_b, w_store)}
+       "backward_filter": (w_dims, w_row, direct.by_sample, w_col, direct.strided_b, w_store)}
+
+
+# ---------------------------------------------------------------- pointwise: x itself is the column matrix
+# A 1x1 unit-stride layer (g.is_pointwise, O = DHW, J = Cg) needs no im2col/col2im: per group, y = W_g @ x,
+# dx = W_g^T @ dy, dW_g = dy @ x^T, read and written in place by these loaders (whole batch, n0 = 0).
+
+@cuda.jit(device=True, inline=True)
+def p_col(g, col, geo, n0):
+    """x[((col // O)*C + g*Cg + j)*O + col % O] (forward's B)"""
+    O = geo[9] * geo[10] * geo[11]
+    n = col // O
+    return (n * geo[1] + g * (geo[1] // geo[21])) * O + col - n * O, O, 0, 0
+
+
+@cuda.jit(device=True, inline=True)
+def p_store_dx(dx, bias, g, m, col, v, geo, flag, split, n0):
+    """dx[((col // O)*C + g*Cg + m)*O + col % O]"""
+    O = geo[9] * geo[10] * geo[11]
+    n = col // O
+    dx[(n * geo[1] + g * (geo[1] // geo[21]) + m) * O + col - n * O] = v
+
+
+@cuda.jit(device=True, inline=True)
+def p_wcol(g, col, geo, n0):
+    """x[j // O, g*Cg + col, j % O] (backward_filter's B, read by direct.by_sample)"""
+    O = geo[9] * geo[10] * geo[11]
+    return (g * (geo[1] // geo[21]) + col) * O, O, (geo[1] - 1) * O, 0
+
+
+POINTWISE = {"forward": (f_dims, direct.fwd_row, direct.strided_a, p_col, direct.strided_b, f_store),
+             "backward_data": (d_dims, d_row, direct.strided_a, d_col, direct.strided_b, p_store_dx),
+             "backward_filter": (w_dims, w_row, direct.by_sample, p_wcol, direct.by_sample, w_store)}
 
 
 def chunk(g, itemsize, workspace_limit):
-    """Samples per chunk: cols (C*TRS, nb*O) under the limit (at least one sample)."""
+    """Samples per chunk: cols (C*TRS, nb*O) under the limit (at least one sample); pointwise: the batch."""
+    if g.is_pointwise:
+        return g.N
     limit = DEFAULT_WORKSPACE_LIMIT if workspace_limit is None else workspace_limit
     per_sample = g.C * g.T * g.R * g.S * g.P * g.Q * g.U * itemsize
     return max(1, min(g.N, limit // max(per_sample, 1)))
 
 
 def workspace_bytes(g, primitive, itemsize, workspace_limit, tile=None):
-    """The column matrix of one chunk (whatever the GEMM's tile)."""
+    """The column matrix of one chunk (whatever the GEMM's tile); none for a pointwise problem."""
+    if g.is_pointwise:
+        return 0
     return chunk(g, itemsize, workspace_limit) * g.C * g.T * g.R * g.S * g.P * g.Q * g.U * itemsize
 
 
@@ -178,11 +216,15 @@ def tile_for(g, primitive, itemsize=4, workspace_limit=None):
 
 
 def _run(primitive, g, a, b, out, bias, flag_first, workspace_limit, stream, tile):
-    """Per chunk: im2col (forward, filter) / GEMM / col2im (data)."""
+    """Per chunk: im2col (forward, filter) / GEMM / col2im (data); pointwise: one GEMM on the tensors."""
+    tile = tile or tile_for(g, primitive, out.dtype.itemsize, workspace_limit)
+    if g.is_pointwise:
+        launch_tiled(POINTWISE[primitive], a, b, out, bias, direct.no_table(), tuple(g), _shape(g, primitive, g.N),
+                     g.groups, flag_first, 1, stream, tile=tile)
+        return
     nb = chunk(g, out.dtype.itemsize, workspace_limit)
     rows, O = g.C * g.T * g.R * g.S, g.P * g.Q * g.U
     cols = scratch(rows * nb * O, out.dtype, out, stream)
-    tile = tile or tile_for(g, primitive, out.dtype.itemsize, workspace_limit)
     for n0 in range(0, g.N, nb):
         cur = min(nb, g.N - n0)
         gc = g._replace(N=cur)
