@@ -515,6 +515,19 @@ def test_bias_grad_twin():
     np.testing.assert_allclose(out.copy_to_host(), reference.conv_bias(dy.reshape(3, 5, 24)), rtol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(3, 2, 700), (5, 3, 100), (2, 1, 1)])
+def test_bias_grad_splits_are_deterministic(shape, monkeypatch):
+    """Forced splits that start and end inside rows (700 and 100 elements), rows shorter than the block (a thread
+    steps over several samples at once) and a single element: the reference sum, the same bits twice."""
+    monkeypatch.setattr(layout, "MIN_SPLIT", 150)
+    N, K, L = shape
+    assert layout.bias_grad_splits(N, K, L) == max(1, N * L // 150)  # 14, 3 and 1
+    dy = np.random.default_rng(L).standard_normal(shape).astype(np.float32)
+    runs = [grad.conv_bias(cuda.to_device(dy)).copy_to_host() for _ in range(2)]
+    compare.assert_close(runs[0], reference.conv_bias(dy), "float32", f"bias gradient {shape}")
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
 def test_non_contiguous_device_input():
     x = np.random.default_rng(5).standard_normal((2, 6, 8, 8))
     w = np.random.default_rng(6).standard_normal((3, 3, 3, 3))

@@ -156,5 +156,5 @@ def specialisations():
             add("add_bias", bias.add_bias_kernel, "AAiii")
             add("pad", layout.pad_kernel, "AAIII" + "i" * 7)
             add("fold_pad", layout.fold_pad_kernel, "AA" + "I" * 6 + "i" * 7)
-            add("bias_grad", layout.bias_grad_kernel, "AAiii")
+            add("bias_grad", layout.bias_grad_kernel(dt), "AAiiii")
     return out

@@ -5,16 +5,21 @@ pad_cuda:       src (N, C, D, H, W) -> dst (N, C, Dp, Hp, Wp); dst[..., a, b, e]
 fold_pad_cuda:  the adjoint, as a gather: dst[..., i, j, l] = sum of src[..., a, b, e] over the padded positions
                 that read (i, j, l), using inverse tables built on the host (CSR: starts, items) and added in
                 padded order. Thread per dst element; no atomics.
-bias_grad_cuda: dy (N, K, P, Q, U) -> db (K,): thread per k sums over n and space in order (deterministic).
+bias_grad_cuda: dy (N, K, P, Q, U) -> db (K,): a block per (k, split of n and space) adds its share in a fixed
+                tree, and the splits are added in order (deterministic, no atomics).
 Index tables are host int64 arrays from contract.pad_indices; they are uploaded once per GPU and cached.
 """
+from functools import lru_cache
+
 import numpy as np
-from cnnfast.kernels.cuda.compile import ZERO, device_constant
-from cnnfast.kernels.cuda.launch import launch
+from cnnfast.kernels.cuda import direct
+from cnnfast.kernels.cuda.compile import ZERO, device_constant, numba_dtype
+from cnnfast.kernels.cuda.launch import launch, scratch
 from numba import cuda
 
-BLOCK = 256
+BLOCK = 256  # threads per block (a power of two: bias_grad_kernel's tree)
 MAX_BLOCKS = 8192
+MIN_SPLIT = 4096  # elements of dy per bias_grad block at least
 
 
 def pad_kernel(src, dst, idx_d, idx_h, idx_w, NC, D, H, W, Dp, Hp, Wp):
@@ -44,13 +49,43 @@ def fold_pad_kernel(src, dst, start_d, items_d, start_h, items_h, start_w, items
         dst[e] = total
 
 
-def bias_grad_kernel(dy, db, N, K, L):
-    for k in range(cuda.grid(1), K, cuda.gridsize(1)):
+@lru_cache(maxsize=None)
+def bias_grad_kernel(dtype):
+    """The bias-gradient kernel's Python function for a numba dtype:
+    partial[s*K + k] = the sum of dy[n, k, l] over e = n*L + l in split s's [s*chunk, (s+1)*chunk).
+    Block (k, s) of BLOCK threads: thread t adds e = start + t, start + t + BLOCK, ... (a warp reads consecutive
+    l: coalesced), then the block adds its threads in a fixed tree (deterministic, no atomics)."""
+
+    def kernel(dy, partial, N, K, L, chunk):
+        k = cuda.blockIdx.x
+        s = cuda.blockIdx.y
+        t = cuda.threadIdx.x
+        sums = cuda.shared.array(BLOCK, dtype)
+        end = min(N * L, (s + 1) * chunk)
+        e = s * chunk + t
+        n = e // L
+        l = e - n * L
         total = ZERO
-        for n in range(N):
-            for l in range(L):
-                total += dy[(n * K + k) * L + l]
-        db[k] = total
+        while e < end:
+            total += dy[(n * K + k) * L + l]
+            e += BLOCK
+            l += BLOCK
+            if l >= L:  # into a later sample: a division only when a row ends
+                n += l // L
+                l %= L
+        sums[t] = total
+        cuda.syncthreads()
+        half = BLOCK // 2
+        while half > 0:
+            if t < half:
+                sums[t] += sums[t + half]
+            cuda.syncthreads()
+            half //= 2
+        if t == 0:
+            partial[s * K + k] = sums[0]
+
+    kernel.cache_key = f"{__name__}.bias_grad_kernel[{dtype}]"
+    return kernel
 
 
 def _inverse(table, length):
@@ -85,10 +120,21 @@ def fold_pad_cuda(src, dst, idx_d, idx_h, idx_w, stream=0):
            N * C, D, H, W, *src.shape[2:])
 
 
+def bias_grad_splits(N, K, L):
+    """Splits of each channel's N*L sum: enough blocks to fill the GPU, each split at least MIN_SPLIT long."""
+    return max(1, min(direct.TARGET_BLOCKS // max(K, 1), N * L // MIN_SPLIT))
+
+
 def bias_grad_cuda(dy, db, stream=0):
     N, K = dy.shape[:2]
     L = dy.size // max(N * K, 1)
-    launch(bias_grad_kernel, _blocks(K), BLOCK, stream, dy.reshape(dy.size), db, N, K, L)
+    splits = bias_grad_splits(N, K, L)
+    chunk = -(-N * L // splits)
+    partial = db if splits == 1 else scratch(splits * K, db.dtype, db, stream)
+    launch(bias_grad_kernel(numba_dtype(db.dtype)), (K, splits), BLOCK, stream, dy.reshape(dy.size), partial,
+           N, K, L, chunk)
+    if splits > 1:  # the splits added in order
+        launch(direct.reduce_splits_kernel, _blocks(K), BLOCK, stream, partial, db, splits, K)
 
 
 def copy_cuda(src, dst, stream=0):
