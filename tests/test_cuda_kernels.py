@@ -44,13 +44,14 @@ def _python_without_simulator(args, **env):
 
 
 @pytest.fixture(scope="module")
-def ptx_rows(ptx_report):
-    """ptx.py's table for every specialisation (compiled once per session, in the background: conftest.py)."""
-    reason = _no_gpu_compiler(ptx_report)
+def ptx_rows():
+    """ptx.py's table for every specialisation (compiled once per test module)."""
+    done = _python_without_simulator(["-m", "cnnfast.kernels.cuda.ptx", "--json"])
+    reason = _no_gpu_compiler(done)
     if reason:
         pytest.skip(reason)
-    assert ptx_report.stdout, ptx_report.stderr[-2000:]
-    return json.loads(ptx_report.stdout)
+    assert done.stdout, done.stderr[-2000:]
+    return json.loads(done.stdout)
 
 
 def _kernel_name(specialisation):
