@@ -14,6 +14,10 @@
 # Exit status: the step's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+case "${1:-}" in
+tests|sanitize|host|bench|tiles) ;;
+*) sed -n '2,16p' "$0"; exit 2 ;;  # usage, before installing anything
+esac
 out="${OUT:-gpu-out}"
 mkdir -p "$out"
 export NUMBA_ENABLE_CUDASIM=0 NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-/tmp/cnnfast-numba}"
