@@ -16,7 +16,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
 tests|sanitize|host|bench|tiles) ;;
-*) sed -n '2,16p' "$0"; exit 2 ;;  # usage, before installing anything
+*) sed -n '2,14p' "$0"; exit 2 ;;  # usage, before installing anything
 esac
 out="${OUT:-gpu-out}"
 mkdir -p "$out"
@@ -63,7 +63,7 @@ tiles)
     exit "${PIPESTATUS[0]}"
     ;;
 *)
-    sed -n '2,16p' "$0"
+    sed -n '2,14p' "$0"
     exit 2
     ;;
 esac
