@@ -12,7 +12,7 @@ from cnnfast.kernels.contract import pad_indices
 from cnnfast.kernels.cuda import depthwise, direct, gemm, im2col, layout
 
 import cnnfast
-from cnnfast import compare, grad, reference
+from cnnfast import api, compare, grad, reference
 
 pytestmark = pytest.mark.cuda
 cuda = pytest.importorskip("numba.cuda")
@@ -90,12 +90,12 @@ def test_tile_choice_takes_the_largest_tile_that_fills_a_wave():
     assert gemm.choose_tile(512, n * 7 * 7, 1, splittable=True) == "128x128"
     assert gemm.choose_tile(6, 10_000_000, 1) == "32x64"         # 6 of 64 rows used
     assert gemm.choose_tile(128, n * 28 * 28, 1, itemsize=8) == "32x64"  # float64: 8x8 tiles spill
-    # DCGAN's transposed 4x4/2 at batch 32 is backward_data in 4 sub-pixel classes launched in turn: the tile must
-    # fill the GPU with one class (8192 columns; the whole problem's 32768 would take 128x128, 64 blocks a launch)
+    # DCGAN's transposed 4x4/2 at batch 32 is backward_data in 4 sub-pixel classes of 8192 columns launched
+    # together: 64 blocks of 128x128 per class, 256 in the launch (one class alone would be under a wave)
     g = cnnfast.explain("conv_transpose2d", (n, 256, 16, 16), (256, 128, 4, 4), stride=2, padding=1,
                         device="cuda").spec.geometry
-    assert direct.tile_for(g, "backward_data") == gemm.choose_tile(128, n * 16 * 16, 1) == "32x64"
-    assert gemm.choose_tile(128, n * 32 * 32, 1) == "128x128"
+    assert direct.tile_for(g, "backward_data") == gemm.choose_tile(128, n * 16 * 16, 4) == "128x128"
+    assert gemm.choose_tile(128, n * 16 * 16, 1) == "32x64"
     with pytest.raises(ValueError, match=r"unknown algo 'direct:128x128' .* \(or with a tile: direct:32x64, "):
         cnnfast.explain("conv2d", (1, 2, 5, 5), (3, 2, 3, 3), device="cuda", dtype="float64", algo="direct:128x128")
     for M, NCOL, groups in ((64, 100_352, 1), (256, 6272, 2), (40, 5000, 3), (1, 1, 1)):
@@ -124,13 +124,14 @@ def test_every_tile_matches_reference(algo):
     compare.assert_close(dw, reference.conv_weight(x, ws, dy, **kw), "float32", f"{algo} backward_filter")
 
 
-def test_tiled_gemm_main_loops_stage_operands_without_integer_division(ptx_rows):
+def test_shared_memory_main_loops_stage_operands_without_integer_division(ptx_rows):
     """A 64-bit division is dozens of instructions against 16 FMAs per reduction index: the per-thread row/column
-    contexts and the reduction-index tables keep them out of the loop (backward_data's sub-pixel classes need no
-    stride test; only backward_filter splits its sample x output reduction index)."""
+    contexts and the reduction-index tables keep them out of the tiled GEMMs' loops (backward_data's sub-pixel
+    classes need no stride test; only backward_filter splits its sample x output reduction index). The depthwise
+    kernels step their halo elements, tap walks and reduction elements by carries instead."""
     for name, divisions in ((r["name"], r["loop_divisions"]) for r in ptx_rows):
         if name.startswith(("direct_forward", "direct_backward_data", "im2col_gemm_forward",
-                            "im2col_gemm_backward_data")):
+                            "im2col_gemm_backward_data", "depthwise_plane", "depthwise_backward_filter")):
             assert divisions == 0, (name, divisions)
 
 
@@ -152,13 +153,13 @@ def _reach_every_kernel(x, w, dy, monkeypatch):
         grad.conv2d_weight(dx, w.shape, ddy, padding=1, algo=algo)
     depthwise_w = cuda.to_device(w[:C, :1].copy())
     y = cnnfast.conv2d(dx, depthwise_w, padding=1, groups=C, algo="depthwise")  # plane_kernel
-    grad.conv2d_input(x.shape, depthwise_w, y, padding=1, groups=C, algo="depthwise")  # plane_kernel, flipped
-    grad.conv2d_input(x.shape, depthwise_w, cuda.to_device(dy[:, :C, ::2, ::2].copy()), padding=1, stride=2, groups=C,
-                      algo="depthwise")  # backward_data_kernel (stride 2)
+    grad.conv2d_input(x.shape, depthwise_w, y, padding=1, groups=C, algo="depthwise")  # plane_kernel, backward
     monkeypatch.setattr(depthwise, "MIN_CHUNK", 8)  # filter_kernel split, then reduce_splits_kernel
     grad.conv2d_weight(dx, depthwise_w.shape, y, padding=1, groups=C, algo="depthwise")
-    monkeypatch.setattr(depthwise, "HALO", 4)  # no halo tile fits: forward_kernel
+    monkeypatch.setattr(depthwise, "HALO", 0)  # no halo tile fits: forward_kernel, backward_data_kernel
     cnnfast.conv2d(dx, depthwise_w, padding=1, groups=C, algo="depthwise")
+    grad.conv2d_input(x.shape, depthwise_w, cuda.to_device(dy[:, :C, ::2, ::2].copy()), padding=1, stride=2, groups=C,
+                      algo="depthwise")
     cnnfast.conv2d(dx, dw, padding=1, padding_mode="reflect")  # pad
     grad.conv2d_input(x.shape, dw, ddy, padding=1, padding_mode="reflect")  # its adjoint fold_pad
     cnnfast.conv_transpose2d(ddy, dw, cuda.to_device(np.ones(C, np.float32)), padding=1)  # add_bias
@@ -389,18 +390,46 @@ def test_subpixel_classes_do_a_stride_product_fewer_multiply_adds():
 
 
 @pytest.mark.parametrize("name", sorted(SUBPIXEL))
-def test_subpixel_backward_data_matches_reference_and_writes_every_position(name):
+def test_subpixel_backward_data_matches_reference_and_writes_every_position(name, monkeypatch):
     """Through the launcher on a NaN-filled dx: a position no GEMM wrote (a class without taps must still write
-    its zeros) stays NaN and fails the comparison."""
+    its zeros) stays NaN and fails the comparison. All classes run in one launch, grid z = classes x groups."""
     xs, ws, kw = SUBPIXEL[name]
     g = _subpixel_geometry(name)
     rng = np.random.default_rng(sum(map(ord, name)))
     w = rng.standard_normal(ws).astype(np.float32)
     dy = rng.standard_normal((g.N, g.K) + (g.P, g.Q, g.U)[3 - (len(xs) - 2):]).astype(np.float32)
     dx = cuda.to_device(np.full((g.N, g.C, g.D, g.H, g.W), np.nan, np.float32))
+    launches = []
+    real = direct.launch
+    monkeypatch.setattr(direct, "launch", lambda kernel, grid, *a: launches.append(grid) or real(kernel, grid, *a))
     direct.backward_data(cuda.to_device(dy.reshape(g.y_shape)), cuda.to_device(w.reshape(g.w_shape)), dx, g)
     compare.assert_close(dx.copy_to_host().reshape(xs), reference.conv_input(xs, w, dy, **kw), "float32",
                          f"sub-pixel backward_data {name}")
+    assert len(launches) == 1 and launches[0][2] == len(direct.subpixel_classes(g)) * g.groups  # one launch
+
+
+@pytest.mark.parametrize("fits", ["halo tile", "fallback"])
+@pytest.mark.parametrize("name", sorted(SUBPIXEL))
+def test_depthwise_strided_backward_data_matches_reference_and_writes_every_position(name, fits, monkeypatch):
+    """The sub-pixel geometries above as depthwise layers with channel multiplier 2: plane_kernel's tap walks (and,
+    when no halo tile fits, the thread-per-input kernel's) on a NaN-filled dx, so a position no thread wrote
+    (one no tap reads must still get its 0) stays NaN and fails the comparison."""
+    xs, ws, kw = SUBPIXEL[name]
+    ws, kw = (2 * xs[1], 1) + ws[2:], dict(kw, groups=xs[1])
+    op = "conv2d" if len(xs) == 4 else "conv3d"
+    y_shape = cnnfast.explain(op, xs, ws, device="cuda", **kw).spec.output_shape
+    if fits == "fallback":
+        monkeypatch.setattr(depthwise, "HALO", 0)
+        monkeypatch.setattr(api, "_PLANS", {})  # plans made with the halo tile are not reused
+    plan = cnnfast.explain(f"{op}_input", xs, ws, y_shape, device="cuda", algo="depthwise", **kw)
+    assert ("plane_kernel" if fits == "halo tile" else "backward_data_kernel") in plan.kernels[0]
+    g = plan.spec.geometry
+    rng = np.random.default_rng(sum(map(ord, name)))
+    w, dy = rng.standard_normal(ws).astype(np.float32), rng.standard_normal(y_shape).astype(np.float32)
+    dx = cuda.to_device(np.full(xs, np.nan, np.float32))
+    depthwise.backward_data(cuda.to_device(dy), cuda.to_device(w), dx, g)
+    compare.assert_close(dx.copy_to_host(), reference.conv_input(xs, w, dy, **kw), "float32",
+                         f"depthwise strided backward_data {name} ({fits})")
 
 
 # depthwise: (x shape, w shape, options); multipliers 1 and 2, strides, dilation with asymmetric padding, padding
@@ -422,7 +451,7 @@ _ND_OPS = {1: (cnnfast.conv1d, grad.conv1d_input, grad.conv1d_weight),
 
 @pytest.mark.parametrize("name", sorted(DEPTHWISE))
 def test_depthwise_kernels_match_reference(name, monkeypatch):
-    """The halo-tile kernel (forward; backward_data at unit stride), the strided gather, and the register-tap
+    """The halo-tile kernels (forward and backward_data, any stride), and the register-tap
     weight gradient with several splits (reduced in order: the same bits twice)."""
     xs, ws, kw = DEPTHWISE[name]
     fwd, bwd_data, bwd_filter = _ND_OPS[len(xs) - 2]
@@ -450,7 +479,7 @@ def test_depthwise_names_its_kernels_and_falls_back_when_no_halo_tile_fits(monke
     assert "plane_kernel" in plans["conv2d"][0] and "plane_kernel" in plans["conv2d_input"][0]
     assert "filter_kernel" in plans["conv2d_weight"][0]
     strided = cnnfast.explain("conv2d_input", xs, ws, (2, 6, 4, 5), device="cuda", stride=2, **kw).kernels
-    assert "backward_data_kernel" in strided[0]
+    assert "plane_kernel" in strided[0]
     rng = np.random.default_rng(11)
     x, w, dy = (rng.standard_normal(s).astype(np.float32) for s in (xs, ws, (2, 6, 7, 9)))
     monkeypatch.setattr(depthwise, "HALO", 4)  # no tile fits: the thread-per-output kernels

@@ -20,7 +20,7 @@ __all__ = ["ALGORITHMS", "choose", "pad_cuda", "fold_pad_cuda", "bias_grad_cuda"
 
 _KERNELS = {
     "direct": {"forward": ("tiled implicit-GEMM (fwd_* loaders)",),
-               "backward_data": ("tiled implicit-GEMM (bwd_* loaders), one per sub-pixel class",),
+               "backward_data": ("tiled implicit-GEMM (bwd_* loaders), every sub-pixel class in one launch",),
                "backward_filter": ("tiled implicit-GEMM (flt_* loaders), split-K", "reduce_splits_kernel")},
     "im2col": {"forward": ("im2col_kernel", "tiled GEMM (f_* loaders)"),
                "backward_data": ("tiled GEMM (d_* loaders)", "col2im_kernel"),

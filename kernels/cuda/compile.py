@@ -126,30 +126,30 @@ def specialisations():
     from cnnfast.kernels.cuda import bias, depthwise, direct, gemm, im2col, layout
 
     geo = types.UniTuple(types.int64, gemm.NGEO)
-    subpixel_geo = types.UniTuple(types.int64, gemm.NGEO + direct.SUBPIXEL)  # direct backward_data's
     out = []
     for dt in DTYPES:
         for typing in ("array", "pointer"):
             arr = dt[::1] if typing == "array" else types.CPointer(dt)
             iarr = types.int64[::1] if typing == "array" else types.CPointer(types.int64)
-            kinds = {"A": arr, "I": iarr, "i": types.int64, "g": geo, "G": subpixel_geo,
+            kinds = {"A": arr, "I": iarr, "i": types.int64, "g": geo,
                      "t": types.UniTuple(types.int64, depthwise.NTILE)}
 
             def add(name, pyfunc, template, dt=dt, typing=typing, kinds=kinds):
                 """template: one letter per argument: A float array, I int64 array, i int64, g geometry,
-                G geometry + sub-pixel class, t depthwise tile geometry."""
+                t depthwise tile geometry."""
                 out.append((f"{name}[{dt},{typing}]", pyfunc, tuple(kinds[c] for c in template), typing))
 
             for family, ops_table in (("direct", direct.OPS), ("im2col_gemm", im2col.OPS),
                                       ("pointwise_gemm", im2col.POINTWISE)):
                 for primitive, ops in ops_table.items():
-                    geo_kind = "G" if (family, primitive) == ("direct", "backward_data") else "g"
                     for tile in gemm.tile_names(dt.bitwidth // 8):
-                        add(f"{family}_{primitive}/{tile}", gemm.tiled_kernel(dt, ops, tile), f"AAAAI{geo_kind}iiii")
+                        add(f"{family}_{primitive}/{tile}", gemm.tiled_kernel(dt, ops, tile), "AAAAIgiiii")
             add("reduce_splits", direct.reduce_splits_kernel, "AAii")
             add("im2col", im2col.im2col_kernel, "AAgii")
             add("col2im", im2col.col2im_kernel, "AAgii")
-            add("depthwise_plane", depthwise.plane_kernel(dt), "AAAAti")
+            for forward in (True, False):
+                add(f"depthwise_plane/{'forward' if forward else 'backward_data'}",
+                    depthwise.plane_kernel(dt, forward), "AAAAti")
             add("depthwise_backward_filter", depthwise.filter_kernel(dt), "AAAIgi")
             add("depthwise_forward", depthwise.forward_kernel, "AAAAgi")
             add("depthwise_backward_data", depthwise.backward_data_kernel, "AAAg")

@@ -2,20 +2,20 @@
 
 x (N, C, D, H, W) * w (K, 1, T, R, S) -> y (N, K, P, Q, U); output channel k = c*M + m reads input channel c.
 
-    plane_kernel   forward, and backward_data at unit stride (the correlation of dy with the flipped filter):
-                   block per (sample n, channel c, output depth p, TQ x TU output tile). Per depth tap the tile's
-                   input rows with their halo are staged once in shared memory (at most HALO elements); thread
-                   tid owns output (q, u) = tile origin + (tid // TU, tid % TU) and reads its R*S taps there.
-                   Forward stages x[n, c] and writes the M outputs c*M + m; backward_data stages dy[n, c*M + m]
-                   in turn and sums the M filters into dx[n, c].
+    plane_kernel   forward and backward_data, at any stride: block per (sample n, channel c, output depth p,
+                   TQ x TU output tile). Per depth tap the source rows the tile reads, with their halo, are staged
+                   once in shared memory (at most HALO elements); thread tid owns output (q, u) = tile origin +
+                   (tid // TU, tid % TU) and reads its taps there. Forward stages x[n, c] and writes the M outputs
+                   c*M + m; backward_data stages dy[n, c*M + m] in turn and sums the M filters into dx[n, c],
+                   visiting only the taps whose output exists at its stride (a tap walk per axis, gemm.tap_walk:
+                   no division per tap, no multiply-add on the zeros a strided transposed convolution inserts).
     filter_kernel  backward_filter: block per (output channel k, split of the N*P*Q*U reduction); each thread
                    accumulates TAPS taps at once in registers over a strided slice of the split, the block adds
                    its threads' sums in a fixed tree order, and direct.reduce_splits_kernel adds the splits in
                    order: deterministic, no atomics.
     forward_kernel, backward_data_kernel
                    thread (grid-stride) per output, taps read from global memory: the fallbacks when a halo tile
-                   cannot fit (huge dilated filters), and backward_data at stride > 1 (a gather that tests
-                   divisibility, so no multiply-add is spent on the zeros a strided transposed convolution inserts).
+                   cannot fit (huge dilated filters).
 Consecutive threads own consecutive u (or w): global loads and stores are coalesced along rows.
 """
 from functools import lru_cache
@@ -25,7 +25,7 @@ from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cuda import direct, gemm
 from cnnfast.kernels.cuda.compile import ZERO, device_constant, numba_dtype
 from cnnfast.kernels.cuda.launch import launch, scratch
-from numba import cuda, int64, uint64
+from numba import cuda
 
 BLOCK = 256  # threads per block of the thread-per-output kernels; plane_kernel's tiles hold at most BLOCK outputs
 MAX_BLOCKS = 8192
@@ -35,21 +35,35 @@ FILTER_BLOCK = 128  # threads of filter_kernel (a power of two: tree reduction)
 TAPS = 9  # weight-gradient taps a thread accumulates per pass (a 3x3 filter in one pass)
 TARGET_BLOCKS = 1056  # filter_kernel: 8 blocks per SM on an H100 (132 SMs)
 MIN_CHUNK = 8 * FILTER_BLOCK  # filter_kernel: reduction elements per split at least
-NTILE = 28  # len(tile_geometry(...))
+NTILE = 34  # len(tile_geometry(...))
 
 
-# ---------------------------------------------------------------- forward and unit-stride backward_data
+# ---------------------------------------------------------------- halo tiles: forward and backward_data
+
+@cuda.jit(device=True, inline=True)
+def _axis(o0, oo, mul, add, div, step, reach):
+    """One axis of a halo tile whose outputs start at o0, for the thread at offset oo: (base, o, rem, dq, dr),
+    base the first source index staged, then the thread's gemm.tap_walk with o relative to base. Output o reads
+    source (o*mul + add - t*step) / div at tap t where that divides; reach = the largest t*step read below."""
+    v = o0 * mul + add - reach
+    base = v if div == 1 else v // div  # floor: v < 0 where the tile reaches into padding
+    o, rem, dq, dr = gemm.tap_walk((o0 + oo) * mul + add, div, step)
+    return base, o - base, rem, dq, dr
+
 
 @lru_cache(maxsize=None)
-def plane_kernel(dtype):
-    """The halo-tile kernel's Python function for a numba dtype; tg is tile_geometry()'s 28 ints."""
+def plane_kernel(dtype, forward):
+    """The halo-tile kernel's Python function for a numba dtype and primitive (forward, else backward_data);
+    tg is tile_geometry()'s NTILE ints. Forward windows read every tap at source o*stride - pad + t*dil; the
+    transposed gather of backward_data reads source (i + pad - t*dil) / stride at the taps where that divides
+    (a tap walk per axis: no division per tap, no multiply-add on a zero inserted by the stride)."""
 
     def kernel(src, w, bias, out, tg, has_bias):
         halo = cuda.shared.array(HALO, dtype)
-        C, M, flip = tg[1], tg[2], tg[3]
+        C, M = tg[1], tg[2]
         SD, SH, SW, OD, OH, OW = tg[4], tg[5], tg[6], tg[7], tg[8], tg[9]
         T, R, S = tg[10], tg[11], tg[12]
-        TQ, TU, tiles_q, tiles_u, rows, pitch = tg[22], tg[23], tg[24], tg[25], tg[26], tg[27]
+        TQ, TU, tiles_q, tiles_u, rows, pitch = tg[28], tg[29], tg[30], tg[31], tg[32], tg[33]
         # block -> (n, c, p, tile); thread -> (qq, uu) in the tile
         b = cuda.blockIdx.x
         tiles = tiles_q * tiles_u
@@ -64,54 +78,79 @@ def plane_kernel(dtype):
         qq = tid // TU
         uu = tid - qq * TU
         active = tid < TQ * TU and q0 + qq < OH and u0 + uu < OW
-        h_base = q0 * tg[14] + tg[20]  # source row and column of the staged tile's first element
-        w_base = u0 * tg[15] + tg[21]
-        fwd = flip == 0
+        threads = cuda.blockDim.x  # staging: thread tid copies elements tid + i*threads of the rows x pitch halo
+        row0 = tid // pitch
+        col0 = tid - row0 * pitch
+        step_r = threads // pitch
+        step_c = threads - step_r * pitch
+        h_base, oh0, rem_h0, dq_h, dr_h = _axis(q0, qq, tg[18], tg[19], tg[20], tg[21], tg[22])
+        w_base, ow0, rem_w0, dq_w, dr_w = _axis(u0, uu, tg[23], tg[24], tg[25], tg[26], tg[27])
+        d0, rem_d0, dq_d, dr_d = gemm.tap_walk(p * tg[13] + tg[14], tg[15], tg[16])
         total = ZERO
         for m in range(M):
             k = c * M + m
-            plane = (n * C + c) if fwd else (n * C * M + k)
+            plane = (n * C + c) if forward else (n * C * M + k)
+            d, rem_d = d0, rem_d0
             for t in range(T):
-                d = p * tg[13] + tg[19] + t * tg[16]
-                if m == 0 or T > 1 or not fwd:  # forward at T == 1 keeps x[n, c]'s tile for every m
-                    cuda.syncthreads()  # every thread is done reading the previous tile
-                    for e in range(tid, rows * pitch, cuda.blockDim.x):
-                        rr = int64(uint64(e) // uint64(pitch))
-                        h = h_base + rr
-                        wi = w_base + e - rr * pitch
-                        v = ZERO
-                        if d >= 0 and d < SD and h >= 0 and h < SH and wi >= 0 and wi < SW:
-                            v = src[((plane * SD + d) * SH + h) * SW + wi]
-                        halo[e] = v
-                    cuda.syncthreads()
-                if active:
-                    tw = T - 1 - t if flip else t
-                    for r in range(R):
-                        rw = R - 1 - r if flip else r
-                        at = (qq * tg[14] + r * tg[17]) * pitch + uu * tg[15]
-                        tap = ((k * T + tw) * R + rw) * S
-                        for s in range(S):
-                            total += w[tap + (S - 1 - s if flip else s)] * halo[at + s * tg[18]]
-            if fwd:
+                if rem_d == 0 and d >= 0 and d < SD:  # the same for the whole block: barriers stay uniform
+                    if m == 0 or T > 1 or not forward:  # forward at T == 1 keeps x[n, c]'s tile for every m
+                        cuda.syncthreads()  # every thread is done reading the previous tile
+                        e, rr, col = tid, row0, col0
+                        while e < rows * pitch:  # element e = rr*pitch + col, stepped with no division
+                            h = h_base + rr
+                            wi = w_base + col
+                            v = ZERO
+                            if h >= 0 and h < SH and wi >= 0 and wi < SW:
+                                v = src[((plane * SD + d) * SH + h) * SW + wi]
+                            halo[e] = v
+                            e += threads
+                            rr += step_r
+                            col += step_c
+                            if col >= pitch:
+                                col -= pitch
+                                rr += 1
+                        cuda.syncthreads()
+                    if active:
+                        oh, rem_h = oh0, rem_h0
+                        for r in range(R):
+                            if forward or rem_h == 0:
+                                ow, rem_w = ow0, rem_w0
+                                tap = ((k * T + t) * R + r) * S
+                                for s in range(S):
+                                    if forward or rem_w == 0:
+                                        total += w[tap + s] * halo[oh * pitch + ow]
+                                    ow, rem_w = (ow - dq_w, 0) if forward else gemm.next_tap(ow, rem_w, dq_w, dr_w,
+                                                                                              tg[25])
+                            oh, rem_h = (oh - dq_h, 0) if forward else gemm.next_tap(oh, rem_h, dq_h, dr_h, tg[20])
+                d, rem_d = gemm.next_tap(d, rem_d, dq_d, dr_d, tg[15])
+            if forward:
                 if active:
                     if has_bias:
                         total += bias[k]
                     out[(((n * C * M + k) * OD + p) * OH + q0 + qq) * OW + u0 + uu] = total
                 total = ZERO
-        if not fwd and active:
+        if not forward and active:
             out[(((n * C + c) * OD + p) * OH + q0 + qq) * OW + u0 + uu] = total
 
-    kernel.cache_key = f"{__name__}.plane_kernel[{dtype}]"
+    kernel.cache_key = f"{__name__}.plane_kernel[{dtype}:{'forward' if forward else 'backward_data'}]"
     return kernel
 
 
-def tile_shape(OH, OW, R, S, sh, sw, dh, dw):
+def extent(n, k, stride, dil, forward):
+    """Source indices a run of n outputs reads along an axis of k taps: forward windows span (n-1)*stride +
+    (k-1)*dil + 1; the transposed gather at most ceil(((n-1) + (k-1)*dil) / stride) + 1."""
+    if forward:
+        return (n - 1) * stride + (k - 1) * dil + 1
+    return -(-((n - 1) + (k - 1) * dil) // stride) + 1
+
+
+def tile_shape(OH, OW, R, S, sh, sw, dh, dw, forward=True):
     """(TQ, TU, staged rows, pitch): the output tile (at most BLOCK outputs, at most TILE_W wide unless the
-    plane is one row) whose input rows with halo fit HALO elements; None when not even one output's does."""
+    plane is one row) whose source rows with halo fit HALO elements; None when not even one output's does."""
     TU = min(OW, TILE_W if OH > 1 else BLOCK)
     TQ = max(1, min(OH, BLOCK // TU))
     while True:
-        rows, pitch = (TQ - 1) * sh + (R - 1) * dh + 1, (TU - 1) * sw + (S - 1) * dw + 1
+        rows, pitch = extent(TQ, R, sh, dh, forward), extent(TU, S, sw, dw, forward)
         if rows * pitch <= HALO:
             return TQ, TU, rows, pitch
         if TQ > 1:
@@ -123,9 +162,10 @@ def tile_shape(OH, OW, R, S, sh, sw, dh, dw):
 
 
 def tile_geometry(g, primitive):
-    """plane_kernel's tuple for forward (source x, output y) or unit-stride backward_data (source dy, output dx,
-    offset pad - dil*(T-1) so the flipped filter reads dy in place); None when no tile fits. Cached per problem
-    (5 us of host time per launch otherwise), keyed with the tile constants so that changing one re-plans."""
+    """plane_kernel's NTILE ints for forward (source x, output y) or backward_data (source dy, output dx); None
+    when no tile fits. Per axis (mul, add, div, step, reach) (_axis; d, h, w at 13, 18, 23): forward (stride, -pad,
+    1, -dil, 0), backward (1, pad, stride, dil, (k-1)*dil). Cached per problem (5 us of host time per launch
+    otherwise), keyed with the tile constants so that changing one re-plans."""
     return _tile_geometry(g, primitive, HALO, TILE_W, BLOCK)
 
 
@@ -133,16 +173,15 @@ def tile_geometry(g, primitive):
 def _tile_geometry(g, primitive, halo, tile_w, block):
     fwd = primitive == "forward"
     src, dst = ((g.D, g.H, g.W), (g.P, g.Q, g.U)) if fwd else ((g.P, g.Q, g.U), (g.D, g.H, g.W))
-    strides = (g.stride_d, g.stride_h, g.stride_w)
-    dils = (g.dil_d, g.dil_h, g.dil_w)
-    taps = (g.T, g.R, g.S)
-    pads = (g.pad_d, g.pad_h, g.pad_w)
-    offsets = tuple(-p if fwd else p - d * (k - 1) for p, d, k in zip(pads, dils, taps))
-    shape = tile_shape(dst[1], dst[2], g.R, g.S, strides[1], strides[2], g.dil_h, g.dil_w)
+    axes = []
+    for k, stride, dil, pad in ((g.T, g.stride_d, g.dil_d, g.pad_d), (g.R, g.stride_h, g.dil_h, g.pad_h),
+                                (g.S, g.stride_w, g.dil_w, g.pad_w)):
+        axes += (stride, -pad, 1, -dil, 0) if fwd else (1, pad, stride, dil, (k - 1) * dil)
+    shape = tile_shape(dst[1], dst[2], g.R, g.S, g.stride_h, g.stride_w, g.dil_h, g.dil_w, fwd)
     if shape is None:
         return None
     TQ, TU, rows, pitch = shape
-    return (g.N, g.C, g.K // g.C, 0 if fwd else 1, *src, *dst, *taps, *strides, *dils, *offsets,
+    return (g.N, g.C, g.K // g.C, int(fwd), *src, *dst, g.T, g.R, g.S, *axes,
             TQ, TU, -(-dst[1] // TQ), -(-dst[2] // TU), rows, pitch)
 
 
@@ -151,10 +190,10 @@ def _plane(primitive, src, w, bias, flag, out, g, stream):
     tg = tile_geometry(g, primitive)
     if tg is None:
         return False
-    blocks = g.N * g.C * tg[7] * tg[24] * tg[25]
-    threads = -(-tg[22] * tg[23] // 32) * 32
-    launch(plane_kernel(numba_dtype(out.dtype)), blocks, threads, stream, src.reshape(src.size), w.reshape(w.size),
-           bias, out.reshape(out.size), tg, flag)
+    blocks = g.N * g.C * tg[7] * tg[30] * tg[31]
+    threads = -(-tg[28] * tg[29] // 32) * 32
+    launch(plane_kernel(numba_dtype(out.dtype), primitive == "forward"), blocks, threads, stream,
+           src.reshape(src.size), w.reshape(w.size), bias, out.reshape(out.size), tg, flag)
     return True
 
 
@@ -191,7 +230,7 @@ def forward_kernel(x, w, bias, y, geo, has_bias):
 
 def backward_data_kernel(dy, w, dx, geo):
     """Thread (grid-stride) per input dx[n, c, i_d, ih, iw]: for each filter m of channel c and tap (t, r, s),
-    the output that reads it (gemm.output_of: a division only when the stride is > 1), in (m, t, r, s) order."""
+    the output that reads it (a gemm.tap_walk per axis: no division per tap), in (m, t, r, s) order."""
     C, D, H, W, K, T, R, S = geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7], geo[8]
     P, Q, U = geo[9], geo[10], geo[11]
     O = P * Q * U
@@ -199,20 +238,27 @@ def backward_data_kernel(dy, w, dx, geo):
     M = K // C
     for e in range(cuda.grid(1), geo[0] * C * DHW, cuda.gridsize(1)):
         n, c, i_d, ih, iw = gemm.split(e, C, D, H, W)
+        p0, rem_p0, dq_p, dr_p = gemm.tap_walk(i_d + geo[18], geo[12], geo[15])
+        q0, rem_q0, dq_q, dr_q = gemm.tap_walk(ih + geo[19], geo[13], geo[16])
+        u0, rem_u0, dq_u, dr_u = gemm.tap_walk(iw + geo[20], geo[14], geo[17])
         total = ZERO
         for m in range(M):
             k = c * M + m
             plane = (n * K + k) * O
             tap = k * T * R * S
-            for t in range(T):
-                p = gemm.output_of(i_d + geo[18] - t * geo[15], geo[12], P)
-                for r in range(R):
-                    q = gemm.output_of(ih + geo[19] - r * geo[16], geo[13], Q)
-                    for s in range(S):
-                        u = gemm.output_of(iw + geo[20] - s * geo[17], geo[14], U)
-                        v = dy[plane + (p * Q + q) * U + u] if p >= 0 and q >= 0 and u >= 0 else ZERO
-                        total += w[tap] * v
+            p, rem_p = p0, rem_p0
+            for _t in range(T):
+                q, rem_q = q0, rem_q0
+                for _r in range(R):
+                    u, rem_u = u0, rem_u0
+                    ok = rem_p == 0 and p >= 0 and p < P and rem_q == 0 and q >= 0 and q < Q
+                    for _s in range(S):
+                        if ok and rem_u == 0 and u >= 0 and u < U:
+                            total += w[tap] * dy[plane + (p * Q + q) * U + u]
                         tap += 1
+                        u, rem_u = gemm.next_tap(u, rem_u, dq_u, dr_u, geo[14])
+                    q, rem_q = gemm.next_tap(q, rem_q, dq_q, dr_q, geo[13])
+                p, rem_p = gemm.next_tap(p, rem_p, dq_p, dr_p, geo[12])
         dx[e] = total
 
 
@@ -236,11 +282,14 @@ def filter_kernel(dtype):
         tid = cuda.threadIdx.x
         begin = split * chunk
         end = min(geo[0] * O, begin + chunk)
+        # element e = ((n*P + p)*Q + q)*U + u, split once; then stepped by FILTER_BLOCK's digits with carries
+        n0, _, p0, q0, u0 = gemm.split(begin + tid, 1, P, Q, U)
+        sn, _, sp, sq, su = gemm.split(FILTER_BLOCK, 1, P, Q, U)
         for first in range(0, trs, TAPS):
             for i in range(TAPS):
                 acc[i] = 0
-            for e in range(begin + tid, end, FILTER_BLOCK):
-                n, _, p, q, u = gemm.split(e, 1, P, Q, U)
+            e, n, p, q, u = begin + tid, n0, p0, q0, u0
+            while e < end:
                 grad = dy[(n * K + k) * O + e - n * O]
                 d0 = p * geo[12] - geo[18]
                 h0 = q * geo[13] - geo[19]
@@ -253,6 +302,10 @@ def filter_kernel(dtype):
                         wi = w0 + taps[3 * (first + i) + 2]
                         if di >= 0 and di < D and hi >= 0 and hi < H and wi >= 0 and wi < W:
                             acc[i] += grad * x[plane + (di * H + hi) * W + wi]
+                e += FILTER_BLOCK
+                u, q = gemm.carry(u + su, q + sq, U)  # each digit stays under 2x its size: one carry at most
+                q, p = gemm.carry(q, p + sp, Q)
+                p, n = gemm.carry(p, n + sn, P)
             for i in range(TAPS):
                 sums[i, tid] = acc[i]
             cuda.syncthreads()
@@ -317,8 +370,7 @@ def forward(x, w, bias, y, g, workspace_limit=None, stream=0):
 
 def backward_data(dy, w, dx, g, workspace_limit=None, stream=0):
     bias, _ = direct._bias_arg(None, dx)
-    unit = g.stride_d == g.stride_h == g.stride_w == 1
-    if not (unit and _plane("backward_data", dy, w, bias, 0, dx, g, stream)):
+    if not _plane("backward_data", dy, w, bias, 0, dx, g, stream):
         launch(backward_data_kernel, _blocks(dx.size), BLOCK, stream, dy.reshape(dy.size), w.reshape(w.size),
                dx.reshape(dx.size), tuple(g))
 
@@ -338,7 +390,6 @@ def kernels(g, primitive, dtype):
     """The kernels a depthwise call launches (explain())."""
     if primitive == "backward_filter":
         return (f"depthwise filter_kernel [{dtype}]", f"reduce_splits_kernel [{dtype}] (when split)")
-    unit = primitive == "forward" or g.stride_d == g.stride_h == g.stride_w == 1
-    if unit and tile_geometry(g, primitive) is not None:
+    if tile_geometry(g, primitive) is not None:
         return (f"depthwise plane_kernel [{dtype}] (shared-memory halo tile)",)
     return (f"depthwise {primitive}_kernel [{dtype}]",)

@@ -107,11 +107,22 @@ def fwd_store(y, bias, g, m, col, v, geo, flag, split, n0):
 # Sub-pixel decomposition: the dx positions i = a + stride*i2 of one residue class a = (a_d, a_h, a_w) are read
 # only by the taps t with (a + pad - t*dil) % stride == 0, each from output i2 + (a + pad - t*dil) // stride. One
 # GEMM per class runs over those taps only, so no multiply-add meets a zero inserted by the stride (stride 1 is
-# one class holding every tap). geo: the ConvGeometry + SUBPIXEL ints (a_d, a_h, a_w, D2, H2, W2, taps), the
-# class, its grid of positions and its number of taps.
+# one class holding every tap); one launch runs them all, grid z = class*groups + group (bwd_select). Per block,
+# geo is the ConvGeometry + SUBPIXEL ints (a_d, a_h, a_w, D2, H2, W2, taps, first) of its class: the class, its grid
+# of positions, its number of taps, and where its rows start in the table (subpixel_table).
 # j = kk*taps + i (tab row: kk*O, off_d, off_h, off_w, kk*Cg*TRS + tap), col = n*D2*H2*W2 + i2
 
-SUBPIXEL = 7
+SUBPIXEL = 8
+
+
+@cuda.jit(device=True, inline=True)
+def bwd_select(z, geo, tab):
+    """(group, geo + the class's SUBPIXEL ints) for grid z = class*groups + group: classes head the table."""
+    groups = geo[21]
+    cls = z // groups
+    e = cls * SUBPIXEL
+    return z - cls * groups, geo + (tab[e], tab[e + 1], tab[e + 2], tab[e + 3], tab[e + 4], tab[e + 5], tab[e + 6],
+                                    tab[e + 7])
 
 
 @cuda.jit(device=True, inline=True)
@@ -130,7 +141,7 @@ def bwd_row(g, m, geo, n0):
 
 @cuda.jit(device=True, inline=True)
 def bwd_load_w(w, ra, j, geo, tab):
-    return w[ra[0] + tab[j * gemm.TAB + 4]]
+    return w[ra[0] + tab[geo[29] + j * gemm.TAB + 4]]
 
 
 @cuda.jit(device=True, inline=True)
@@ -144,7 +155,7 @@ def bwd_col(g, col, geo, n0):
 @cuda.jit(device=True, inline=True)
 def bwd_load_dy(dy, cb, j, geo, tab):
     """dy at the output i2 + offset of the j-th (channel, tap); 0 past dy's borders."""
-    e = j * gemm.TAB
+    e = geo[29] + j * gemm.TAB
     p = cb[1] + tab[e + 1]
     q = cb[2] + tab[e + 2]
     u = cb[3] + tab[e + 3]
@@ -242,7 +253,7 @@ def reduce_splits_kernel(partial, out, splits, size):
 
 OPS = {
     "forward": (fwd_dims, fwd_row, strided_a, fwd_col, fwd_load_x, fwd_store),
-    "backward_data": (bwd_dims, bwd_row, bwd_load_w, bwd_col, bwd_load_dy, bwd_store),
+    "backward_data": (bwd_dims, bwd_row, bwd_load_w, bwd_col, bwd_load_dy, bwd_store, bwd_select),
     "backward_filter": (flt_dims, flt_row, by_sample, flt_col, flt_load_x, flt_store),
 }
 
@@ -276,19 +287,26 @@ def reduction_table(g, primitive):
     return device_constant(("reduction-table",) + key, make)
 
 
-def subpixel_table(g, taps):
-    """backward_data's table of one sub-pixel class with these taps (subpixel_classes): row j = kk*len(taps) + i is
-    (kk*O, off_d, off_h, off_w, kk*Cg*TRS + tap) for taps[i] = (tap, off_d, off_h, off_w)."""
-    if not taps:
-        return no_table()  # J = 0: the GEMM writes zeros and reads no row
+def subpixel_table(g):
+    """backward_data's table (bwd_select): SUBPIXEL ints per class of subpixel_classes (its class row, then the
+    table offset of its first tap row), then each class's rows: row j = kk*len(taps) + i is (kk*O, off_d, off_h,
+    off_w, kk*Cg*TRS + tap) for taps[i] = (tap, off_d, off_h, off_w)."""
+    classes = subpixel_classes(g)
 
     def make():
-        kk = np.repeat(np.arange(g.K // g.groups, dtype=np.int64), len(taps))
-        tap, off_d, off_h, off_w = np.tile(np.array(taps, np.int64), (g.K // g.groups, 1)).T
-        return np.stack([kk * g.P * g.Q * g.U, off_d, off_h, off_w, kk * (g.C // g.groups) * g.T * g.R * g.S + tap],
-                        axis=1).ravel()
+        heads, rows = [], []
+        first = len(classes) * SUBPIXEL
+        for cls, taps in classes:
+            heads.append((*cls, first))
+            if taps:
+                kk = np.repeat(np.arange(g.K // g.groups, dtype=np.int64), len(taps))
+                tap, off_d, off_h, off_w = np.tile(np.array(taps, np.int64), (g.K // g.groups, 1)).T
+                rows.append(np.stack([kk * g.P * g.Q * g.U, off_d, off_h, off_w,
+                                      kk * (g.C // g.groups) * g.T * g.R * g.S + tap], axis=1).ravel())
+                first += rows[-1].size
+        return np.concatenate([np.array(heads, np.int64).ravel()] + rows)
 
-    key = (g.K // g.groups, g.C // g.groups, g.T * g.R * g.S, g.P * g.Q * g.U, taps)
+    key = (g.K // g.groups, g.C // g.groups, g.T * g.R * g.S, g.P * g.Q * g.U, tuple(classes))
     return device_constant(("subpixel-table",) + key, make)
 
 
@@ -300,12 +318,14 @@ def dims(g, primitive):
 
 def tile_for(g, primitive, itemsize=4, workspace_limit=None):
     """The tile the launcher runs without an explicit tile= (gemm.choose_tile on the problem; backward_data's
-    sub-pixel classes launch one after another, so on the largest class; backward_filter fills the GPU by split-K,
-    so its tile need not)."""
+    sub-pixel classes launch together, so on the largest class with classes x groups blocks per tile position;
+    backward_filter fills the GPU by split-K, so its tile need not)."""
     M, _, NCOL = dims(g, primitive)
+    groups = g.groups
     if primitive == "backward_data":
-        NCOL = g.N * max(cls[3] * cls[4] * cls[5] for cls, _ in subpixel_classes(g))
-    return gemm.choose_tile(M, NCOL, g.groups, primitive == "backward_filter", itemsize)
+        classes = subpixel_classes(g)
+        NCOL, groups = g.N * max(cls[3] * cls[4] * cls[5] for cls, _ in classes), groups * len(classes)
+    return gemm.choose_tile(M, NCOL, groups, primitive == "backward_filter", itemsize)
 
 
 def filter_splits(g, itemsize, workspace_limit, tile=None):
@@ -353,14 +373,13 @@ def forward(x, w, bias, y, g, workspace_limit=None, stream=0, tile=None):
 
 
 def backward_data(dy, w, dx, g, workspace_limit=None, stream=0, tile=None):
-    """One GEMM per sub-pixel class of dx positions (subpixel_classes), all with the whole problem's tile."""
+    """One launch of a GEMM per sub-pixel class of dx positions (subpixel_classes), sized for the largest."""
     bias, _ = _bias_arg(None, dx)
-    Cg, Kg = g.C // g.groups, g.K // g.groups
-    tile = tile or tile_for(g, "backward_data", dx.dtype.itemsize)
-    for cls, taps in subpixel_classes(g):
-        shape = (Cg, Kg * len(taps), g.N * cls[3] * cls[4] * cls[5])
-        launch_tiled(OPS["backward_data"], w, dy, dx, bias, subpixel_table(g, taps), tuple(g) + cls, shape,
-                     g.groups, 0, 1, stream, tile=tile)
+    classes = subpixel_classes(g)
+    shape = (g.C // g.groups, g.K // g.groups * max(cls[6] for cls, _ in classes),
+             g.N * max(cls[3] * cls[4] * cls[5] for cls, _ in classes))
+    launch_tiled(OPS["backward_data"], w, dy, dx, bias, subpixel_table(g), tuple(g), shape, g.groups * len(classes),
+                 0, 1, stream, tile=tile or tile_for(g, "backward_data", dx.dtype.itemsize))
 
 
 def backward_filter(x, dy, dw, g, workspace_limit=None, stream=0, tile=None):

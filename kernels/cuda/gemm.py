@@ -10,6 +10,9 @@ column matrices (im2col). A kernel is built by `tiled_kernel(dtype, ops, tile)` 
     b_col(g, col, geo, n0)             -> cb, what column col of B needs (a 4-tuple of ints)
     load_b(b, cb, j, geo, tab)         -> B[j, col]    (only called with j < J, col < NCOL; 0 for padding)
     store(out, bias, g, m, col, v, geo, flag, split, n0)
+    select(z, geo, tab)                -> (g, geo): optional; the group and the geometry the block's problem
+                                          has (default `whole`: z, geo). One launch can so run several
+                                          problems of one shape class (backward_data's sub-pixel classes).
 
 Each thread stages the same row of A and the same column of B at every step, so a_row and b_col (with their
 integer divisions) run once per thread, not once per element; tab is a per-problem table of the reduction
@@ -23,8 +26,9 @@ stores are coalesced). Per step, BJ reduction indices of A (BJ x BM) and B (BJ x
 memory: thread tid stages row tid % BM of A (reduction indices tid // BM + k*THREADS/BM) and column
 tid % BN of B. Double-buffered: the next step's elements are loaded into registers before the current step's
 multiply-adds and stored into the other shared buffer after them, so one barrier per step suffices.
-Grid: (ceil(NCOL/BN), ceil(M/BM), groups * splits); split s reduces j in
-[s*jchunk, (s+1)*jchunk). No atomics: each output is written by exactly one thread.
+Grid: (ceil(NCOL/BN), ceil(M/BM), groups * splits), sized for the largest problem of a launch (a block past its
+own problem's M or NCOL returns at once); split s reduces j in [s*jchunk, (s+1)*jchunk). No atomics: each output
+is written by exactly one thread.
 
 Tiles (TILES, compile-time constants of each specialisation): 32x64 with 4x4 per thread loads 8 shared values
 per 16 multiply-adds; the 8x8 register tiles load 16 per 64, but need 4-8x the outputs per block to fill the GPU.
@@ -80,8 +84,9 @@ def choose_tile(M, NCOL, groups, splittable=False, itemsize=4):
 @lru_cache(maxsize=None)
 def tiled_kernel(dtype, ops, tile=SMALL):
     """The tiled GEMM kernel's Python function for a numba dtype, an ops tuple (dims, a_row, load_a, b_col,
-    load_b, store) and a tile name (TILES)."""
-    dims, a_row, load_a, b_col, load_b, store = ops
+    load_b, store[, select]) and a tile name (TILES)."""
+    dims, a_row, load_a, b_col, load_b, store = ops[:6]
+    select = ops[6] if len(ops) > 6 else whole
     BM, BN, BJ, TM, TN = TILES[tile]
     THREADS = TILES[tile].threads
     STAGE_A, STAGE_B = BJ * BM // THREADS, BJ * BN // THREADS  # elements of A and of B each thread stages per step
@@ -94,14 +99,16 @@ def tiled_kernel(dtype, ops, tile=SMALL):
         reg_b = cuda.local.array(TN, dtype)
         next_a = cuda.local.array(STAGE_A, dtype)
         next_b = cuda.local.array(STAGE_B, dtype)
-        M, J, NCOL = dims(geo)
+        g, pgeo = select(cuda.blockIdx.z // splits, geo, tab)
+        split = cuda.blockIdx.z % splits
+        M, J, NCOL = dims(pgeo)
+        col0 = cuda.blockIdx.x * BN
+        m0 = cuda.blockIdx.y * BM
+        if m0 >= M or col0 >= NCOL:  # a block past a smaller problem of a batched launch (uniform: no barrier)
+            return
         tid = cuda.threadIdx.x
         tx = tid % (BN // TN)
         ty = tid // (BN // TN)
-        col0 = cuda.blockIdx.x * BN
-        m0 = cuda.blockIdx.y * BM
-        g = cuda.blockIdx.z // splits
-        split = cuda.blockIdx.z % splits
         j_begin = split * jchunk
         j_end = min(J, j_begin + jchunk)
         # the row of A and the column of B this thread stages (clamped in range; masked below)
@@ -109,8 +116,8 @@ def tiled_kernel(dtype, ops, tile=SMALL):
         sc = tid % BN
         row_ok = m0 + sm < M
         col_ok = col0 + sc < NCOL
-        ra = a_row(g, min(m0 + sm, M - 1), geo, n0)
-        cb = b_col(g, min(col0 + sc, NCOL - 1), geo, n0)
+        ra = a_row(g, min(m0 + sm, M - 1), pgeo, n0)
+        cb = b_col(g, min(col0 + sc, NCOL - 1), pgeo, n0)
         for i in range(TM):
             for k in range(TN):
                 acc[i, k] = 0
@@ -119,11 +126,11 @@ def tiled_kernel(dtype, ops, tile=SMALL):
         for i in range(STAGE_A):
             jj = tid // BM + i * (THREADS // BM)
             ok = row_ok and j_begin + jj < j_end
-            shared_a[0, jj, sm] = load_a(a, ra, j_begin + jj, geo, tab) if ok else dtype(0)
+            shared_a[0, jj, sm] = load_a(a, ra, j_begin + jj, pgeo, tab) if ok else dtype(0)
         for i in range(STAGE_B):
             jj = tid // BN + i * (THREADS // BN)
             ok = col_ok and j_begin + jj < j_end
-            shared_b[0, jj, sc] = load_b(b, cb, j_begin + jj, geo, tab) if ok else dtype(0)
+            shared_b[0, jj, sc] = load_b(b, cb, j_begin + jj, pgeo, tab) if ok else dtype(0)
         cuda.syncthreads()
         buf = 0
         for j0 in range(j_begin, j_end, BJ):
@@ -131,10 +138,10 @@ def tiled_kernel(dtype, ops, tile=SMALL):
             if more:
                 for i in range(STAGE_A):
                     j = j0 + BJ + tid // BM + i * (THREADS // BM)
-                    next_a[i] = load_a(a, ra, j, geo, tab) if row_ok and j < j_end else dtype(0)
+                    next_a[i] = load_a(a, ra, j, pgeo, tab) if row_ok and j < j_end else dtype(0)
                 for i in range(STAGE_B):
                     j = j0 + BJ + tid // BN + i * (THREADS // BN)
-                    next_b[i] = load_b(b, cb, j, geo, tab) if col_ok and j < j_end else dtype(0)
+                    next_b[i] = load_b(b, cb, j, pgeo, tab) if col_ok and j < j_end else dtype(0)
             for jj in range(BJ):
                 for i in range(TM):
                     reg_a[i] = shared_a[buf, jj, ty * TM + i]
@@ -156,11 +163,17 @@ def tiled_kernel(dtype, ops, tile=SMALL):
                 for k in range(TN):
                     col = col0 + tx + k * (BN // TN)
                     if col < NCOL:
-                        store(out, bias, g, m, col, acc[i, k], geo, flag, split, n0)
+                        store(out, bias, g, m, col, acc[i, k], pgeo, flag, split, n0)
 
     names = ",".join(f"{f.__module__}.{f.__name__}" for f in (getattr(op, "py_func", op) for op in ops))
     kernel.cache_key = f"{__name__}.tiled_kernel[{dtype}:{names}:{tile}]"  # the PTX cache's name (kernel_key)
     return kernel
+
+
+@cuda.jit(device=True, inline=True)
+def whole(z, geo, tab):
+    """The default select op: grid z (split removed) is the group, geo the whole problem's."""
+    return z, geo
 
 
 def grid(M, NCOL, groups, splits, tile=SMALL):
@@ -203,14 +216,34 @@ def split(e, C, D, H, W):
 
 
 @cuda.jit(device=True, inline=True)
-def output_of(pos, stride, size):
-    """The output index o with o*stride == pos (pos: an input position plus padding minus the tap's offset),
-    or -1 when no output reads it (pos < 0, not a multiple of the stride, or o >= size)."""
-    if pos < 0:
-        return -1
-    if stride != 1:  # unsigned: one division, no floor correction (pos >= 0 here)
-        quotient = uint64(pos) // uint64(stride)
-        if int64(quotient) * stride != pos:
-            return -1
-        pos = int64(quotient)
-    return pos if pos < size else -1
+def carry(digit, next_digit, size):
+    """(digit, next_digit) with a digit in [0, 2*size) brought under size by one carry: a mixed-radix index
+    advanced by a step's digits (see split) without division."""
+    if digit >= size:
+        return digit - size, next_digit + 1
+    return digit, next_digit
+
+
+@cuda.jit(device=True, inline=True)
+def tap_walk(pos, stride, step):
+    """Start a division-free walk over the taps t = 0, 1, ... of one axis: (o, rem, dq, dr) with
+    pos - t*step = o*stride + rem, 0 <= rem < stride, at t = 0, and step = dq*stride + dr; next_tap moves to t + 1.
+    A transposed gather (pos = i + pad, step = dil) reads output o at the taps where rem == 0; a forward window
+    (stride 1, step = -dil) reads every tap. Two divisions per axis and thread when stride > 1 (pos, step >= 0
+    then), none at stride 1."""
+    if stride == 1:
+        return pos, 0, step, 0
+    o = int64(uint64(pos) // uint64(stride))
+    dq = int64(uint64(step) // uint64(stride))
+    return o, pos - o * stride, dq, step - dq * stride
+
+
+@cuda.jit(device=True, inline=True)
+def next_tap(o, rem, dq, dr, stride):
+    """(o, rem) of the next tap of a tap_walk: subtract step = dq*stride + dr, keeping 0 <= rem < stride."""
+    rem -= dr
+    o -= dq
+    if rem < 0:
+        rem += stride
+        o -= 1
+    return o, rem

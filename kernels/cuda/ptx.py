@@ -6,8 +6,9 @@ For each entry of compile.specialisations() (every kernel x dtype x typing the l
 cuda.compile_ptx(..., cc=(9, 0)) gives the PTX (its .version, .target and number of kernel parameters are
 reported: PTX 9.0 loads on driver 580), and that PTX linked by cuda.core's Linker (nvJitLink) with
 `ptxas -v` gives registers, spill stores and spill loads of the sm_90 code, as the driver builds it from the
-same PTX when a kernel is loaded. For the tiled GEMM kernels it also counts the 64-bit divisions left in the
-main loop (loop_divisions). Entries compile in parallel (--jobs, default: one process per CPU).
+same PTX when a kernel is loaded. For the kernels with shared-memory steps (the tiled GEMMs, the depthwise halo
+tiles and weight gradient) it also counts the 64-bit divisions left in the main loop (loop_divisions). Entries
+compile in parallel (--jobs, default: one process per CPU).
 Exit status 1 if any entry fails to compile or spills.
 """
 import argparse
@@ -32,9 +33,10 @@ def ptx_facts(ptx):
 
 
 def loop_divisions(ptx):
-    """64-bit integer divisions and remainders (each dozens of SASS instructions) in the body of the tiled GEMM's
-    main loop: from the first branch after the last bar.sync that jumps above it (the loop's back edge) up to its
-    target. Static instructions: each unrolled staging copy counts. None for kernels without shared-memory steps."""
+    """64-bit integer divisions and remainders (each dozens of SASS instructions) in the body of a shared-memory
+    kernel's main loop: from the first branch after the last bar.sync that jumps above it (the loop's back edge)
+    up to its target. Static instructions: each unrolled staging copy counts. None for kernels without
+    shared-memory steps."""
     lines = ptx.splitlines()
     bars = [i for i, line in enumerate(lines) if "bar.sync" in line]
     if not bars:
