@@ -405,13 +405,19 @@ def test_subpixel_backward_data_matches_reference_and_writes_every_position(name
     assert len(launches) == 1 and launches[0][2] == len(direct.subpixel_classes(g)) * g.groups  # one launch
 
 
+# + rows wider than one tile (TILE_W): tiles starting at a column that is not a multiple of the stride
+DEPTHWISE_STRIDED = dict(SUBPIXEL, **{
+    "wide-s2": ((1, 1, 3, 150), (1, 1, 3, 3), dict(stride=2, padding=1)),
+    "wide-s3-dil2": ((1, 1, 4, 140), (1, 1, 2, 3), dict(stride=(1, 3), dilation=(1, 2), padding=(0, 2)))})
+
+
 @pytest.mark.parametrize("fits", ["halo tile", "fallback"])
-@pytest.mark.parametrize("name", sorted(SUBPIXEL))
+@pytest.mark.parametrize("name", sorted(DEPTHWISE_STRIDED))
 def test_depthwise_strided_backward_data_matches_reference_and_writes_every_position(name, fits, monkeypatch):
     """The sub-pixel geometries above as depthwise layers with channel multiplier 2: plane_kernel's tap walks (and,
     when no halo tile fits, the thread-per-input kernel's) on a NaN-filled dx, so a position no thread wrote
     (one no tap reads must still get its 0) stays NaN and fails the comparison."""
-    xs, ws, kw = SUBPIXEL[name]
+    xs, ws, kw = DEPTHWISE_STRIDED[name]
     ws, kw = (2 * xs[1], 1) + ws[2:], dict(kw, groups=xs[1])
     op = "conv2d" if len(xs) == 4 else "conv3d"
     y_shape = cnnfast.explain(op, xs, ws, device="cuda", **kw).spec.output_shape

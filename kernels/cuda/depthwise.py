@@ -229,36 +229,18 @@ def forward_kernel(x, w, bias, y, geo, has_bias):
 
 
 def backward_data_kernel(dy, w, dx, geo):
-    """Thread (grid-stride) per input dx[n, c, i_d, ih, iw]: for each filter m of channel c and tap (t, r, s),
-    the output that reads it (a gemm.tap_walk per axis: no division per tap), in (m, t, r, s) order."""
-    C, D, H, W, K, T, R, S = geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7], geo[8]
-    P, Q, U = geo[9], geo[10], geo[11]
-    O = P * Q * U
-    DHW = D * H * W
+    """Thread (grid-stride) per input dx[n, c, i_d, ih, iw]: for each filter m of channel c, the taps (t, r, s)
+    with the outputs that read it (gemm.transposed_gather: no division per tap), in (m, t, r, s) order."""
+    C, D, H, W, K = geo[1], geo[2], geo[3], geo[4], geo[5]
+    O = geo[9] * geo[10] * geo[11]
     M = K // C
-    for e in range(cuda.grid(1), geo[0] * C * DHW, cuda.gridsize(1)):
+    for e in range(cuda.grid(1), geo[0] * C * D * H * W, cuda.gridsize(1)):
         n, c, i_d, ih, iw = gemm.split(e, C, D, H, W)
-        p0, rem_p0, dq_p, dr_p = gemm.tap_walk(i_d + geo[18], geo[12], geo[15])
-        q0, rem_q0, dq_q, dr_q = gemm.tap_walk(ih + geo[19], geo[13], geo[16])
-        u0, rem_u0, dq_u, dr_u = gemm.tap_walk(iw + geo[20], geo[14], geo[17])
         total = ZERO
         for m in range(M):
             k = c * M + m
-            plane = (n * K + k) * O
-            tap = k * T * R * S
-            p, rem_p = p0, rem_p0
-            for _t in range(T):
-                q, rem_q = q0, rem_q0
-                for _r in range(R):
-                    u, rem_u = u0, rem_u0
-                    ok = rem_p == 0 and p >= 0 and p < P and rem_q == 0 and q >= 0 and q < Q
-                    for _s in range(S):
-                        if ok and rem_u == 0 and u >= 0 and u < U:
-                            total += w[tap] * dy[plane + (p * Q + q) * U + u]
-                        tap += 1
-                        u, rem_u = gemm.next_tap(u, rem_u, dq_u, dr_u, geo[14])
-                    q, rem_q = gemm.next_tap(q, rem_q, dq_q, dr_q, geo[13])
-                p, rem_p = gemm.next_tap(p, rem_p, dq_p, dr_p, geo[12])
+            total += gemm.transposed_gather(dy, (n * K + k) * O, 0, w, k * geo[6] * geo[7] * geo[8], True,
+                                            i_d, ih, iw, geo)
         dx[e] = total
 
 

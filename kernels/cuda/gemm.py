@@ -247,3 +247,30 @@ def next_tap(o, rem, dq, dr, stride):
         rem += stride
         o -= 1
     return o, rem
+
+
+@cuda.jit(device=True, inline=True)
+def transposed_gather(src, base, tap_stride, w, w0, weighted, i_d, ih, iw, geo):
+    """The sum over taps (t, r, s), in order, of w[w0 + tap] * src[base + tap*tap_stride + (p*Q + q)*U + u]
+    (without the weight when not weighted) for the output (p, q, u) each tap of input (i_d, ih, iw) reads: a
+    tap_walk per axis (divisions once per call when a stride is > 1, none per tap); taps reading none skipped."""
+    P, Q, U = geo[9], geo[10], geo[11]
+    p, rem_p, dq_p, dr_p = tap_walk(i_d + geo[18], geo[12], geo[15])
+    q0, rem_q0, dq_q, dr_q = tap_walk(ih + geo[19], geo[13], geo[16])
+    u0, rem_u0, dq_u, dr_u = tap_walk(iw + geo[20], geo[14], geo[17])
+    tap = 0
+    total = ZERO
+    for _t in range(geo[6]):
+        q, rem_q = q0, rem_q0
+        for _r in range(geo[7]):
+            u, rem_u = u0, rem_u0
+            ok = rem_p == 0 and p >= 0 and p < P and rem_q == 0 and q >= 0 and q < Q
+            for _s in range(geo[8]):
+                if ok and rem_u == 0 and u >= 0 and u < U:
+                    v = src[base + tap * tap_stride + (p * Q + q) * U + u]
+                    total += w[w0 + tap] * v if weighted else v
+                tap += 1
+                u, rem_u = next_tap(u, rem_u, dq_u, dr_u, geo[14])
+            q, rem_q = next_tap(q, rem_q, dq_q, dr_q, geo[13])
+        p, rem_p = next_tap(p, rem_p, dq_p, dr_p, geo[12])
+    return total

@@ -15,7 +15,6 @@ im2col_kernel: thread (grid-stride) per element of cols; col2im_kernel: thread p
 """
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cuda import direct, gemm
-from cnnfast.kernels.cuda.compile import ZERO
 from cnnfast.kernels.cuda.direct import _bias_arg, launch_tiled
 from cnnfast.kernels.cuda.launch import launch, scratch
 from numba import cuda
@@ -40,32 +39,15 @@ def im2col_kernel(x, cols, geo, n0, nb):
 
 def col2im_kernel(dcols, dx, geo, n0, nb):
     """dx[n0 + j, c, i] = sum over taps (t, r, s), in order, of dcols[c*TRS + tap, j*O + o] for the output o
-    that reads input i (a gemm.tap_walk per axis: divisions once per thread, none per tap)."""
+    that reads input i (gemm.transposed_gather: no division per tap)."""
     C, D, H, W = geo[1], geo[2], geo[3], geo[4]
-    T, R, S, P, Q, U = geo[6], geo[7], geo[8], geo[9], geo[10], geo[11]
-    O = P * Q * U
+    O = geo[9] * geo[10] * geo[11]
     DHW = D * H * W
     for e in range(cuda.grid(1), nb * C * DHW, cuda.gridsize(1)):
         j, c, i_d, ih, iw = gemm.split(e, C, D, H, W)
-        row = c * T * R * S * nb * O + j * O  # dcols[c*TRS + tap, j*O + o] = dcols[row + tap*nb*O + o]
-        p, rem_p, dq_p, dr_p = gemm.tap_walk(i_d + geo[18], geo[12], geo[15])
-        q0, rem_q0, dq_q, dr_q = gemm.tap_walk(ih + geo[19], geo[13], geo[16])
-        u0, rem_u0, dq_u, dr_u = gemm.tap_walk(iw + geo[20], geo[14], geo[17])
-        tap = 0
-        total = ZERO
-        for _t in range(T):
-            q, rem_q = q0, rem_q0
-            for _r in range(R):
-                u, rem_u = u0, rem_u0
-                ok = rem_p == 0 and p >= 0 and p < P and rem_q == 0 and q >= 0 and q < Q
-                for _s in range(S):
-                    if ok and rem_u == 0 and u >= 0 and u < U:
-                        total += dcols[row + tap * nb * O + (p * Q + q) * U + u]
-                    tap += 1
-                    u, rem_u = gemm.next_tap(u, rem_u, dq_u, dr_u, geo[14])
-                q, rem_q = gemm.next_tap(q, rem_q, dq_q, dr_q, geo[13])
-            p, rem_p = gemm.next_tap(p, rem_p, dq_p, dr_p, geo[12])
-        dx[(n0 + j) * C * DHW + e - j * C * DHW] = total
+        row = c * geo[6] * geo[7] * geo[8] * nb * O + j * O  # dcols[c*TRS + tap, j*O + o] = dcols[row + tap*nb*O + o]
+        dx[(n0 + j) * C * DHW + e - j * C * DHW] = gemm.transposed_gather(dcols, row, nb * O, dcols, 0, False,
+                                                                          i_d, ih, iw, geo)
 
 
 # ---------------------------------------------------------------- GEMM operand loaders (geo[0] = nb here)
