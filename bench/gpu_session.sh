@@ -10,7 +10,7 @@
 #                                               names contain NAME), table + JSON + roofline PNG; add
 #                                               CNNFAST_CUDA_LAUNCH=raw to time the raw launch path
 #   bash bench/gpu_session.sh tiles [NAME...]   the same with the direct algorithm in each tile configuration
-#                                               (32x64, 64x128, 128x128): the data to retune gemm.choose_tile
+#                                               (8x64, 32x64, 64x128, 128x128): the data to retune gemm.choose_tile
 # Exit status: the step's.
 set -uo pipefail
 cd "$(dirname "$0")/.."

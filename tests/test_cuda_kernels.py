@@ -88,7 +88,12 @@ def test_tile_choice_takes_the_largest_tile_that_fills_a_wave():
     assert gemm.choose_tile(256, n * 14 * 14, 1) == "64x128"     # 128x128: 98 blocks, under a wave of 132
     assert gemm.choose_tile(512, n * 7 * 7, 1) == "32x64"        # 64x128: 104 blocks
     assert gemm.choose_tile(512, n * 7 * 7, 1, splittable=True) == "128x128"
-    assert gemm.choose_tile(6, 10_000_000, 1) == "32x64"         # 6 of 64 rows used
+    assert gemm.choose_tile(6, 10_000_000, 1) == "32x64"         # 6 of 32 rows used: without the thin tile
+    assert gemm.choose_tile(6, 10_000_000, 1, thin=True) == gemm.choose_tile(16, 99, 1, thin=True) == "8x64"
+    assert gemm.choose_tile(17, 10_000_000, 1, thin=True) == "32x64"
+    stem = cnnfast.explain("conv2d_input", (n, 3, 224, 224), (64, 3, 7, 7), (n, 64, 112, 112), stride=2, padding=3,
+                           device="cuda")  # M = 3 input channels: 3 of 8 rows used, not 3 of 32
+    assert stem.tile == direct.tile_for(stem.spec.geometry, "backward_data") == "8x64"
     assert gemm.choose_tile(128, n * 28 * 28, 1, itemsize=8) == "32x64"  # float64: 8x8 tiles spill
     # DCGAN's transposed 4x4/2 at batch 32 is backward_data in 4 sub-pixel classes of 8192 columns launched
     # together: 64 blocks of 128x128 per class, 256 in the launch (one class alone would be under a wave)
@@ -109,7 +114,8 @@ def test_tile_choice_takes_the_largest_tile_that_fills_a_wave():
 TILE_PROBLEM = ((2, 6, 12, 11), (10, 3, 3, 3), dict(stride=2, padding=1, groups=2))
 
 
-@pytest.mark.parametrize("algo", [f"{a}:{t}" for a in ("direct", "im2col") for t in ("32x64", "64x128", "128x128")])
+@pytest.mark.parametrize("algo", [f"{a}:{t}" for a in ("direct", "im2col") for t in ("32x64", "64x128", "128x128")]
+                         + ["direct:8x64"])
 def test_every_tile_matches_reference(algo):
     xs, ws, kw = TILE_PROBLEM
     rng = np.random.default_rng(3)
@@ -143,7 +149,7 @@ def _reach_every_kernel(x, w, dy, monkeypatch):
     bias = cuda.to_device(np.arange(K, dtype=np.float32))
     monkeypatch.setattr(direct, "MIN_SPLIT", 8)  # a split-K weight gradient: reduce_splits_kernel
     pointwise_w = cuda.to_device(w[:, :, :1, :1].copy())
-    for algo in (f"{a}:{t}" for a in ("direct", "im2col") for t in gemm.TILES):
+    for algo in [f"direct:{t}" for t in direct.tile_names(4)] + [f"im2col:{t}" for t in gemm.tile_names(4)]:
         if algo.startswith("im2col"):  # a 1x1 layer: the pointwise GEMMs
             y = cnnfast.conv2d(dx, pointwise_w, bias, algo=algo)
             grad.conv2d_input(x.shape, pointwise_w, y, algo=algo)

@@ -40,8 +40,8 @@ def _kernels(name):
 ALGORITHMS = {
     "direct": Algorithm("direct", direct.forward, direct.backward_data, direct.backward_filter,
                         workspace_bytes=direct.workspace_bytes, kernels=_kernels("direct"),
-                        tiles=gemm.tile_names, tile=direct.tile_for,
-                        doc="implicit GEMM: 32x64 (4x4 per thread) to 128x128 (8x8) block tiles, shared-memory "
+                        tiles=direct.tile_names, tile=direct.tile_for,
+                        doc="implicit GEMM: 8x64 (2x4 per thread) to 128x128 (8x8) block tiles, shared-memory "
                             "staging; strided backward_data by sub-pixel classes"),
     "im2col": Algorithm("im2col", im2col.forward, im2col.backward_data, im2col.backward_filter,
                         workspace_bytes=im2col.workspace_bytes, kernels=_kernels("im2col"),

@@ -142,7 +142,7 @@ def specialisations():
             for family, ops_table in (("direct", direct.OPS), ("im2col_gemm", im2col.OPS),
                                       ("pointwise_gemm", im2col.POINTWISE)):
                 for primitive, ops in ops_table.items():
-                    for tile in gemm.tile_names(dt.bitwidth // 8):
+                    for tile in gemm.tile_names(dt.bitwidth // 8, thin=family == "direct"):
                         add(f"{family}_{primitive}/{tile}", gemm.tiled_kernel(dt, ops, tile), "AAAAIgiiii")
             add("reduce_splits", direct.reduce_splits_kernel, "AAii")
             add("im2col", im2col.im2col_kernel, "AAgii")

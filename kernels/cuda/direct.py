@@ -316,6 +316,11 @@ def dims(g, primitive):
             "backward_filter": (Kg, g.N * O, Cg * TRS)}[primitive]
 
 
+def tile_names(itemsize):
+    """direct's tiles: the GEMM's, and gemm.THIN for problems of few rows (output or input channels per group)."""
+    return gemm.tile_names(itemsize, thin=True)
+
+
 def tile_for(g, primitive, itemsize=4, workspace_limit=None):
     """The tile the launcher runs without an explicit tile= (gemm.choose_tile on the problem; backward_data's
     sub-pixel classes launch together, so on the largest class with classes x groups blocks per tile position;
@@ -325,7 +330,7 @@ def tile_for(g, primitive, itemsize=4, workspace_limit=None):
     if primitive == "backward_data":
         classes = subpixel_classes(g)
         NCOL, groups = g.N * max(cls[3] * cls[4] * cls[5] for cls, _ in classes), groups * len(classes)
-    return gemm.choose_tile(M, NCOL, groups, primitive == "backward_filter", itemsize)
+    return gemm.choose_tile(M, NCOL, groups, primitive == "backward_filter", itemsize, thin=True)
 
 
 def filter_splits(g, itemsize, workspace_limit, tile=None):

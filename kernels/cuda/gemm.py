@@ -31,7 +31,8 @@ own problem's M or NCOL returns at once); split s reduces j in [s*jchunk, (s+1)*
 is written by exactly one thread.
 
 Tiles (TILES, compile-time constants of each specialisation): 32x64 with 4x4 per thread loads 8 shared values
-per 16 multiply-adds; the 8x8 register tiles load 16 per 64, but need 4-8x the outputs per block to fill the GPU.
+per 16 multiply-adds; the 8x8 register tiles load 16 per 64, but need 4-8x the outputs per block to fill the GPU;
+8x64 (2x4 per thread, 6 loads per 8) wastes fewest rows when a problem has few (M <= 16).
 choose_tile picks the largest that still gives a full wave of blocks; autotuning times them all.
 """
 from functools import lru_cache
@@ -53,8 +54,10 @@ class Tile(NamedTuple):
         return (self.BM // self.TM) * (self.BN // self.TN)
 
 
-TILES = {"32x64": Tile(32, 64, 8, 4, 4), "64x128": Tile(64, 128, 8, 8, 8), "128x128": Tile(128, 128, 8, 8, 8)}
+TILES = {"32x64": Tile(32, 64, 8, 4, 4), "64x128": Tile(64, 128, 8, 8, 8), "128x128": Tile(128, 128, 8, 8, 8),
+         "8x64": Tile(8, 64, 8, 2, 4)}
 SMALL = "32x64"  # the fallback: the most blocks per problem
+THIN = "8x64"  # for problems of at most 16 rows (direct's): 64 threads, 2x4 outputs each
 BJ = 8  # every tile's reduction step (launchers round split chunks to it)
 WAVE = 132  # blocks in one wave: an H100's SMs (one block each at least)
 MIN_USE = 0.75  # a tile must use this share of its rows x columns (the rest is masked work)
@@ -63,16 +66,19 @@ TAB = 5  # ints per reduction index in the loaders' table (direct.reduction_tabl
 # each thread stages one fixed row of A and column of B: threads a multiple of BM and of BN (tested)
 
 
-def tile_names(itemsize):
+def tile_names(itemsize, thin=False):
     """The tiles of a dtype: float64's 8x8 register tiles need 230-255 registers and spill (ptx.py), so float64
-    has SMALL only."""
-    return tuple(TILES) if itemsize <= 4 else (SMALL,)
+    has SMALL only; with THIN when asked for."""
+    return (SMALL, "64x128", "128x128")[:3 if itemsize <= 4 else 1] + ((THIN,) if thin else ())
 
 
 @lru_cache(maxsize=1024)
-def choose_tile(M, NCOL, groups, splittable=False, itemsize=4):
+def choose_tile(M, NCOL, groups, splittable=False, itemsize=4, thin=False):
     """The name of the largest tile of the dtype with at least WAVE blocks (or any count when split-K can add
-    blocks) that uses at least MIN_USE of its outputs; else SMALL."""
+    blocks) that uses at least MIN_USE of its outputs; else SMALL. With thin, THIN for M <= 16 rows, where
+    SMALL would compute at least half of its rows for nothing (the ResNet stem's input gradient has 3)."""
+    if thin and M <= TILES[SMALL].BM // 2:
+        return THIN
     for name in ("128x128", "64x128")[:len(tile_names(itemsize)) - 1]:
         t = TILES[name]
         rows, cols = -(-M // t.BM), -(-NCOL // t.BN)
