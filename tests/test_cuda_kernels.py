@@ -141,6 +141,22 @@ def test_shared_memory_main_loops_stage_operands_without_integer_division(ptx_ro
             assert divisions == 0, (name, divisions)
 
 
+def test_tiled_gemm_inner_loops_issue_mostly_multiply_adds(ptx_rows):
+    """Per reduction index a thread of a TM x TN tile issues TM*TN FMAs, TM + TN shared loads and the loop's
+    bookkeeping. Signed indices into the shared tiles cost a negative-index wrap-around per load (Numba's) and kept
+    the address arithmetic out of the loads' immediate offsets: 157-226 instructions per 64 FMAs (8x8 tiles), 71-79
+    per 16 (4x4). With unsigned indices: 96-103, and 27 for the 4x4 tile's two reduction indices per trip."""
+    share = {"32x64": 0.55, "64x128": 0.6, "128x128": 0.6}  # FMAs / instructions of the loop, at least
+    checked = 0
+    for r in ptx_rows:
+        family, _, tile = r["name"].split("[")[0].partition("/")
+        if family.startswith(("direct_", "im2col_gemm_", "pointwise_gemm_")) and tile in share:
+            instructions, fmas = r["inner_loop"]
+            assert fmas >= share[tile] * instructions, (r["name"], r["inner_loop"])
+            checked += 1
+    assert checked == 72  # (3 families x 3 primitives) x (3 float32 tiles + 1 float64 tile) x 2 typings
+
+
 # ---------------------------------------------------------------- the raw-pointer launch path (launch.py)
 
 def _reach_every_kernel(x, w, dy, monkeypatch):
@@ -160,6 +176,9 @@ def _reach_every_kernel(x, w, dy, monkeypatch):
     depthwise_w = cuda.to_device(w[:C, :1].copy())
     y = cnnfast.conv2d(dx, depthwise_w, padding=1, groups=C, algo="depthwise")  # plane_kernel
     grad.conv2d_input(x.shape, depthwise_w, y, padding=1, groups=C, algo="depthwise")  # plane_kernel, backward
+    generic_w = cuda.to_device(w[:C, :1, :2, :2].copy())  # a filter size without a build of its own
+    y2 = cnnfast.conv2d(dx, generic_w, groups=C, algo="depthwise")
+    grad.conv2d_input(x.shape, generic_w, y2, groups=C, algo="depthwise")
     monkeypatch.setattr(depthwise, "MIN_CHUNK", 8)  # filter_kernel split, then reduce_splits_kernel
     grad.conv2d_weight(dx, depthwise_w.shape, y, padding=1, groups=C, algo="depthwise")
     monkeypatch.setattr(depthwise, "HALO", 0)  # no halo tile fits: forward_kernel, backward_data_kernel
@@ -479,6 +498,32 @@ def test_depthwise_kernels_match_reference(name, monkeypatch):
             for _ in range(2)]
     compare.assert_close(runs[0], reference.conv_weight(x, ws, dy, **kw), "float32", f"depthwise {name} filter")
     np.testing.assert_array_equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("taps", ["compiled in", "read from the geometry"])
+def test_depthwise_3x3_plane_kernel_with_its_filter_size_compiled_in_or_not(taps, monkeypatch):
+    """MobileNet's 3x3 (multiplier 2, and stride 2) launches plane_kernel's SPECIALISED (1, 3, 3) build, which
+    unrolls the tap loops; with the specialisation off, the generic build. Both match the reference."""
+    monkeypatch.setattr(api, "_PLANS", {})  # plans made here name the build: not kept for other tests
+    if taps == "read from the geometry":
+        monkeypatch.setattr(depthwise, "SPECIALISED", ())
+    keys = []
+    real = depthwise.launch
+    monkeypatch.setattr(depthwise, "launch", lambda kernel, *a: keys.append(kernel.cache_key) or real(kernel, *a))
+    rng = np.random.default_rng(5)
+    for name in ("2d-x2", "2d-s2"):
+        xs, ws, kw = DEPTHWISE[name]
+        x, w = (rng.standard_normal(s).astype(np.float32) for s in (xs, ws))
+        explained = cnnfast.explain("conv2d", xs, ws, device="cuda", algo="depthwise", **kw).kernels[0]
+        assert ("3x3 taps compiled in" in explained) == (taps == "compiled in")
+        y = cnnfast.conv2d(cuda.to_device(x), cuda.to_device(w), algo="depthwise", **kw).copy_to_host()
+        compare.assert_close(y, reference.conv(x, w, **kw), "float32", f"depthwise {name} forward ({taps})")
+        dy = rng.standard_normal(y.shape).astype(np.float32)
+        dx = grad.conv2d_input(xs, cuda.to_device(w), cuda.to_device(dy), algo="depthwise", **kw).copy_to_host()
+        compare.assert_close(dx, reference.conv_input(xs, w, dy, **kw), "float32",
+                             f"depthwise {name} backward_data ({taps})")
+    sizes = ":1x3x3]" if taps == "compiled in" else ":any]"
+    assert len(keys) == 4 and all("plane_kernel" in k and k.endswith(sizes) for k in keys), keys
 
 
 def test_depthwise_names_its_kernels_and_falls_back_when_no_halo_tile_fits(monkeypatch):

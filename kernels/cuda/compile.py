@@ -148,8 +148,10 @@ def specialisations():
             add("im2col", im2col.im2col_kernel, "AAgii")
             add("col2im", im2col.col2im_kernel, "AAgii")
             for forward in (True, False):
-                add(f"depthwise_plane/{'forward' if forward else 'backward_data'}",
-                    depthwise.plane_kernel(dt, forward), "AAAAti")
+                for taps in (None, *depthwise.SPECIALISED):
+                    sizes = "x".join(map(str, taps)) if taps else "any"
+                    add(f"depthwise_plane/{'forward' if forward else 'backward_data'}/{sizes}",
+                        depthwise.plane_kernel(dt, forward, taps), "AAAAti")
             add("depthwise_backward_filter", depthwise.filter_kernel(dt), "AAAIgi")
             add("depthwise_forward", depthwise.forward_kernel, "AAAAgi")
             add("depthwise_backward_data", depthwise.backward_data_kernel, "AAAg")

@@ -16,7 +16,9 @@ x (N, C, D, H, W) * w (K, 1, T, R, S) -> y (N, K, P, Q, U); output channel k = c
     forward_kernel, backward_data_kernel
                    thread (grid-stride) per output, taps read from global memory: the fallbacks when a halo tile
                    cannot fit (huge dilated filters).
-Consecutive threads own consecutive u (or w): global loads and stores are coalesced along rows.
+Consecutive threads own consecutive u (or w): global loads and stores are coalesced along rows. Indices into
+the arrays are cast to uint64 (none is negative where it is used): Numba wraps a negative signed index at every
+access, a compare and select whose live values cost filter_kernel 152 -> 93 registers (float32, array typing).
 """
 from functools import lru_cache
 
@@ -25,7 +27,7 @@ from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cuda import direct, gemm
 from cnnfast.kernels.cuda.compile import ZERO, device_constant, numba_dtype
 from cnnfast.kernels.cuda.launch import launch, scratch
-from numba import cuda
+from numba import cuda, uint64
 
 BLOCK = 256  # threads per block of the thread-per-output kernels; plane_kernel's tiles hold at most BLOCK outputs
 MAX_BLOCKS = 8192
@@ -36,6 +38,7 @@ TAPS = 9  # weight-gradient taps a thread accumulates per pass (a 3x3 filter in 
 TARGET_BLOCKS = 1056  # filter_kernel: 8 blocks per SM on an H100 (132 SMs)
 MIN_CHUNK = 8 * FILTER_BLOCK  # filter_kernel: reduction elements per split at least
 NTILE = 34  # len(tile_geometry(...))
+SPECIALISED = ((1, 3, 3),)  # plane_kernel filter sizes compiled in as constants (MobileNet's 3x3)
 
 
 # ---------------------------------------------------------------- halo tiles: forward and backward_data
@@ -52,32 +55,37 @@ def _axis(o0, oo, mul, add, div, step, reach):
 
 
 @lru_cache(maxsize=None)
-def plane_kernel(dtype, forward):
-    """The halo-tile kernel's Python function for a numba dtype and primitive (forward, else backward_data);
-    tg is tile_geometry()'s NTILE ints. Forward windows read every tap at source o*stride - pad + t*dil; the
-    transposed gather of backward_data reads source (i + pad - t*dil) / stride at the taps where that divides
-    (a tap walk per axis: no division per tap, no multiply-add on a zero inserted by the stride)."""
+def plane_kernel(dtype, forward, taps=None):
+    """The halo-tile kernel's Python function for a numba dtype, primitive (forward, else backward_data) and
+    filter size: taps = (T, R, S) compiles them in as constants (SPECIALISED: the tap loops unroll, the filter
+    offsets fold), None reads them from tg, tile_geometry()'s NTILE ints. Forward windows read every tap at
+    source o*stride - pad + t*dil; the transposed gather of backward_data reads source (i + pad - t*dil) / stride
+    at the taps where that divides (a tap walk per axis: no division per tap, no multiply-add on a zero inserted
+    by the stride)."""
+    KT, KR, KS = taps or (0, 0, 0)  # 0: read from tg
 
     def kernel(src, w, bias, out, tg, has_bias):
         halo = cuda.shared.array(HALO, dtype)
         C, M = tg[1], tg[2]
         SD, SH, SW, OD, OH, OW = tg[4], tg[5], tg[6], tg[7], tg[8], tg[9]
-        T, R, S = tg[10], tg[11], tg[12]
+        T = KT if KT else tg[10]
+        R = KR if KR else tg[11]
+        S = KS if KS else tg[12]
         TQ, TU, tiles_q, tiles_u, rows, pitch = tg[28], tg[29], tg[30], tg[31], tg[32], tg[33]
         # block -> (n, c, p, tile); thread -> (qq, uu) in the tile
         b = cuda.blockIdx.x
         tiles = tiles_q * tiles_u
         tile = b % tiles
         p = (b // tiles) % OD
-        nc = b // (tiles * OD)
-        n = nc // C
-        c = nc - n * C
+        nc = b // (tiles * OD)  # n*C + c
+        c = nc % C
         q0 = tile // tiles_u * TQ
         u0 = tile % tiles_u * TU
         tid = cuda.threadIdx.x
         qq = tid // TU
         uu = tid - qq * TU
         active = tid < TQ * TU and q0 + qq < OH and u0 + uu < OW
+        pixel = (p * OH + q0 + qq) * OW + u0 + uu  # the thread's output in its (n, channel) plane
         threads = cuda.blockDim.x  # staging: thread tid copies elements tid + i*threads of the rows x pitch halo
         row0 = tid // pitch
         col0 = tid - row0 * pitch
@@ -89,7 +97,7 @@ def plane_kernel(dtype, forward):
         total = ZERO
         for m in range(M):
             k = c * M + m
-            plane = (n * C + c) if forward else (n * C * M + k)
+            plane = nc if forward else nc * M + m
             d, rem_d = d0, rem_d0
             for t in range(T):
                 if rem_d == 0 and d >= 0 and d < SD:  # the same for the whole block: barriers stay uniform
@@ -101,8 +109,8 @@ def plane_kernel(dtype, forward):
                             wi = w_base + col
                             v = ZERO
                             if h >= 0 and h < SH and wi >= 0 and wi < SW:
-                                v = src[((plane * SD + d) * SH + h) * SW + wi]
-                            halo[e] = v
+                                v = src[uint64(((plane * SD + d) * SH + h) * SW + wi)]
+                            halo[uint64(e)] = v
                             e += threads
                             rr += step_r
                             col += step_c
@@ -118,7 +126,7 @@ def plane_kernel(dtype, forward):
                                 tap = ((k * T + t) * R + r) * S
                                 for s in range(S):
                                     if forward or rem_w == 0:
-                                        total += w[tap + s] * halo[oh * pitch + ow]
+                                        total += w[uint64(tap + s)] * halo[uint64(oh * pitch + ow)]
                                     ow, rem_w = (ow - dq_w, 0) if forward else gemm.next_tap(ow, rem_w, dq_w, dr_w,
                                                                                               tg[25])
                             oh, rem_h = (oh - dq_h, 0) if forward else gemm.next_tap(oh, rem_h, dq_h, dr_h, tg[20])
@@ -126,13 +134,14 @@ def plane_kernel(dtype, forward):
             if forward:
                 if active:
                     if has_bias:
-                        total += bias[k]
-                    out[(((n * C * M + k) * OD + p) * OH + q0 + qq) * OW + u0 + uu] = total
+                        total += bias[uint64(k)]
+                    out[uint64((nc * M + m) * OD * OH * OW + pixel)] = total
                 total = ZERO
         if not forward and active:
-            out[(((n * C + c) * OD + p) * OH + q0 + qq) * OW + u0 + uu] = total
+            out[uint64(nc * OD * OH * OW + pixel)] = total
 
-    kernel.cache_key = f"{__name__}.plane_kernel[{dtype}:{'forward' if forward else 'backward_data'}]"
+    sizes = "x".join(map(str, taps)) if taps else "any"
+    kernel.cache_key = f"{__name__}.plane_kernel[{dtype}:{'forward' if forward else 'backward_data'}:{sizes}]"
     return kernel
 
 
@@ -192,9 +201,15 @@ def _plane(primitive, src, w, bias, flag, out, g, stream):
         return False
     blocks = g.N * g.C * tg[7] * tg[30] * tg[31]
     threads = -(-tg[28] * tg[29] // 32) * 32
-    launch(plane_kernel(numba_dtype(out.dtype), primitive == "forward"), blocks, threads, stream,
+    launch(plane_kernel(numba_dtype(out.dtype), primitive == "forward", constant_taps(g)), blocks, threads, stream,
            src.reshape(src.size), w.reshape(w.size), bias, out.reshape(out.size), tg, flag)
     return True
+
+
+def constant_taps(g):
+    """(T, R, S) when plane_kernel has a specialisation for this filter size, else None."""
+    taps = (g.T, g.R, g.S)
+    return taps if taps in SPECIALISED else None
 
 
 # ---------------------------------------------------------------- fallbacks: thread per output
@@ -222,8 +237,8 @@ def forward_kernel(x, w, bias, y, geo, has_bias):
                 row = plane + (di * H + hi) * W
                 for s in range(S):
                     wi = w0 + s * geo[17]
-                    v = x[row + wi] if inside and wi >= 0 and wi < W else ZERO
-                    total += w[tap] * v
+                    v = x[uint64(row + wi)] if inside and wi >= 0 and wi < W else ZERO
+                    total += w[uint64(tap)] * v
                     tap += 1
         y[e] = total
 
@@ -272,18 +287,18 @@ def filter_kernel(dtype):
                 acc[i] = 0
             e, n, p, q, u = begin + tid, n0, p0, q0, u0
             while e < end:
-                grad = dy[(n * K + k) * O + e - n * O]
+                grad = dy[uint64((n * K + k) * O + e - n * O)]
                 d0 = p * geo[12] - geo[18]
                 h0 = q * geo[13] - geo[19]
                 w0 = u * geo[14] - geo[20]
                 plane = (n * C + c) * D * H * W
                 for i in range(TAPS):
                     if first + i < trs:
-                        di = d0 + taps[3 * (first + i)]
-                        hi = h0 + taps[3 * (first + i) + 1]
-                        wi = w0 + taps[3 * (first + i) + 2]
+                        di = d0 + taps[uint64(3 * (first + i))]
+                        hi = h0 + taps[uint64(3 * (first + i) + 1)]
+                        wi = w0 + taps[uint64(3 * (first + i) + 2)]
                         if di >= 0 and di < D and hi >= 0 and hi < H and wi >= 0 and wi < W:
-                            acc[i] += grad * x[plane + (di * H + hi) * W + wi]
+                            acc[i] += grad * x[uint64(plane + (di * H + hi) * W + wi)]
                 e += FILTER_BLOCK
                 u, q = gemm.carry(u + su, q + sq, U)  # each digit stays under 2x its size: one carry at most
                 q, p = gemm.carry(q, p + sp, Q)
@@ -299,7 +314,7 @@ def filter_kernel(dtype):
                 cuda.syncthreads()
                 half //= 2
             if tid < TAPS and first + tid < trs:
-                partial[(split * K + k) * trs + first + tid] = sums[tid, 0]
+                partial[uint64((split * K + k) * trs + first + tid)] = sums[tid, 0]
             cuda.syncthreads()  # sums is rewritten by the next pass
 
     kernel.cache_key = f"{__name__}.filter_kernel[{dtype}]"
@@ -373,5 +388,7 @@ def kernels(g, primitive, dtype):
     if primitive == "backward_filter":
         return (f"depthwise filter_kernel [{dtype}]", f"reduce_splits_kernel [{dtype}] (when split)")
     if tile_geometry(g, primitive) is not None:
-        return (f"depthwise plane_kernel [{dtype}] (shared-memory halo tile)",)
+        taps = constant_taps(g)
+        sizes = f", {'x'.join(map(str, taps[1:] if taps[0] == 1 else taps))} taps compiled in" if taps else ""
+        return (f"depthwise plane_kernel [{dtype}] (shared-memory halo tile{sizes})",)
     return (f"depthwise {primitive}_kernel [{dtype}]",)

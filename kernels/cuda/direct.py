@@ -32,13 +32,13 @@ MIN_SPLIT = 256  # reduction indices per split at least
 @cuda.jit(device=True, inline=True)
 def strided_a(a, ra, j, geo, tab):
     """A[m, j] = a[base + j*stride] for ra = (base, stride)."""
-    return a[ra[0] + j * ra[1]]
+    return a[uint64(ra[0] + j * ra[1])]
 
 
 @cuda.jit(device=True, inline=True)
 def strided_b(b, cb, j, geo, tab):
     """B[j, col] = b[base + j*stride] for cb = (base, stride, -, -)."""
-    return b[cb[0] + j * cb[1]]
+    return b[uint64(cb[0] + j * cb[1])]
 
 
 @cuda.jit(device=True, inline=True)
@@ -52,7 +52,7 @@ def by_sample(t, ctx, j, geo, tab):
     """t[n, c, o] for j = n*O + o of a (N, channels, O) tensor, with ctx = (offset of t[0, c, 0], O,
     (channels - 1)*O): backward_filter's dy rows (and pointwise x columns); one division per element."""
     n = sample_of(j, ctx[1])
-    return t[ctx[0] + j + n * ctx[2]]
+    return t[uint64(ctx[0] + j + n * ctx[2])]
 
 
 # ---------------------------------------------------------------- forward: A = W_g, B = x-patches
@@ -83,14 +83,14 @@ def fwd_col(g, col, geo, n0):
 
 @cuda.jit(device=True, inline=True)
 def fwd_load_x(x, cb, j, geo, tab):
-    e = j * gemm.TAB
+    e = uint64(j * gemm.TAB)
     D, H, W = geo[2], geo[3], geo[4]
     di = cb[1] + tab[e + 1]
     hi = cb[2] + tab[e + 2]
     wi = cb[3] + tab[e + 3]
     if di < 0 or di >= D or hi < 0 or hi >= H or wi < 0 or wi >= W:
         return ZERO
-    return x[cb[0] + tab[e] + (di * H + hi) * W + wi]
+    return x[uint64(cb[0] + tab[e] + (di * H + hi) * W + wi)]
 
 
 @cuda.jit(device=True, inline=True)
@@ -141,7 +141,7 @@ def bwd_row(g, m, geo, n0):
 
 @cuda.jit(device=True, inline=True)
 def bwd_load_w(w, ra, j, geo, tab):
-    return w[ra[0] + tab[geo[29] + j * gemm.TAB + 4]]
+    return w[uint64(ra[0] + tab[uint64(geo[29] + j * gemm.TAB + 4)])]
 
 
 @cuda.jit(device=True, inline=True)
@@ -155,14 +155,14 @@ def bwd_col(g, col, geo, n0):
 @cuda.jit(device=True, inline=True)
 def bwd_load_dy(dy, cb, j, geo, tab):
     """dy at the output i2 + offset of the j-th (channel, tap); 0 past dy's borders."""
-    e = geo[29] + j * gemm.TAB
+    e = uint64(geo[29] + j * gemm.TAB)
     p = cb[1] + tab[e + 1]
     q = cb[2] + tab[e + 2]
     u = cb[3] + tab[e + 3]
     Q, U = geo[10], geo[11]
     if p < 0 or p >= geo[9] or q < 0 or q >= Q or u < 0 or u >= U:
         return ZERO
-    return dy[cb[0] + tab[e] + (p * Q + q) * U + u]
+    return dy[uint64(cb[0] + tab[e] + (p * Q + q) * U + u)]
 
 
 @cuda.jit(device=True, inline=True)
@@ -225,13 +225,13 @@ def flt_load_x(x, cb, j, geo, tab):
     D, H, W = geo[2], geo[3], geo[4]
     O = geo[9] * geo[10] * geo[11]
     n = sample_of(j, O)
-    e = (j - n * O) * gemm.TAB
+    e = uint64((j - n * O) * gemm.TAB)
     di = tab[e] + cb[1]
     hi = tab[e + 1] + cb[2]
     wi = tab[e + 2] + cb[3]
     if di < 0 or di >= D or hi < 0 or hi >= H or wi < 0 or wi >= W:
         return ZERO
-    return x[n * geo[1] * D * H * W + cb[0] + (di * H + hi) * W + wi]
+    return x[uint64(n * geo[1] * D * H * W + cb[0] + (di * H + hi) * W + wi)]
 
 
 @cuda.jit(device=True, inline=True)

@@ -18,7 +18,10 @@ Each thread stages the same row of A and the same column of B at every step, so 
 integer divisions) run once per thread, not once per element; tab is a per-problem table of the reduction
 index j (TAB ints per j: reduction_table), so the convolution loaders need no division in the loop.
 geo is the contract's ConvGeometry as a tuple of 22 ints; flag is the store's option (bias / accumulate);
-n0 a batch offset (im2col chunks). Arrays are 1-D (flat, C-contiguous).
+n0 a batch offset (im2col chunks). Arrays are 1-D (flat, C-contiguous). Indices into arrays are cast to uint64
+(none is negative where it is used): Numba wraps a negative signed index at every access, which in the inner loop
+also kept each shared load's address out of an immediate offset, 194 instructions per reduction index of an 8x8
+tile instead of 99 (64 of them FMAs; ptx.py's inner_loop).
 
 Block: BM x BN outputs of one group and one split of the reduction, THREADS = (BM/TM)*(BN/TN) threads,
 each holding a TM x TN register tile (rows m = ty*TM + a, columns col = tx + b*(BN/TN), so a warp's
@@ -32,7 +35,10 @@ is written by exactly one thread.
 
 Tiles (TILES, compile-time constants of each specialisation): 32x64 with 4x4 per thread loads 8 shared values
 per 16 multiply-adds; the 8x8 register tiles load 16 per 64, but need 4-8x the outputs per block to fill the GPU;
-8x64 (2x4 per thread, 6 loads per 8) wastes fewest rows when a problem has few (M <= 16).
+8x64 (2x4 per thread, 6 loads per 8) wastes fewest rows when a problem has few (M <= 16). 32x64 runs two
+reduction indices per trip of the inner loop (UNROLL: 27 instructions per index instead of 40, up to 10 fewer
+registers); two would cost 64x128 its third block per SM and buy 128x128 10% for up to 50 more registers, so the
+8x8 tiles keep one (LLVM unrolls the 8x64 tile's loop itself).
 choose_tile picks the largest that still gives a full wave of blocks; autotuning times them all.
 """
 from functools import lru_cache
@@ -48,13 +54,14 @@ class Tile(NamedTuple):
     BJ: int
     TM: int  # register tile per thread: TM x TN
     TN: int
+    UNROLL: int = 1  # reduction indices per trip of the inner loop (LLVM does not unroll it by itself)
 
     @property
     def threads(self):
         return (self.BM // self.TM) * (self.BN // self.TN)
 
 
-TILES = {"32x64": Tile(32, 64, 8, 4, 4), "64x128": Tile(64, 128, 8, 8, 8), "128x128": Tile(128, 128, 8, 8, 8),
+TILES = {"32x64": Tile(32, 64, 8, 4, 4, 2), "64x128": Tile(64, 128, 8, 8, 8), "128x128": Tile(128, 128, 8, 8, 8),
          "8x64": Tile(8, 64, 8, 2, 4)}
 SMALL = "32x64"  # the fallback: the most blocks per problem
 THIN = "8x64"  # for problems of at most 16 rows (direct's): 64 threads, 2x4 outputs each
@@ -93,7 +100,7 @@ def tiled_kernel(dtype, ops, tile=SMALL):
     load_b, store[, select]) and a tile name (TILES)."""
     dims, a_row, load_a, b_col, load_b, store = ops[:6]
     select = ops[6] if len(ops) > 6 else whole
-    BM, BN, BJ, TM, TN = TILES[tile]
+    BM, BN, BJ, TM, TN, UNROLL = TILES[tile]
     THREADS = TILES[tile].threads
     STAGE_A, STAGE_B = BJ * BM // THREADS, BJ * BN // THREADS  # elements of A and of B each thread stages per step
 
@@ -132,11 +139,11 @@ def tiled_kernel(dtype, ops, tile=SMALL):
         for i in range(STAGE_A):
             jj = tid // BM + i * (THREADS // BM)
             ok = row_ok and j_begin + jj < j_end
-            shared_a[0, jj, sm] = load_a(a, ra, j_begin + jj, pgeo, tab) if ok else dtype(0)
+            shared_a[0, uint64(jj), uint64(sm)] = load_a(a, ra, j_begin + jj, pgeo, tab) if ok else dtype(0)
         for i in range(STAGE_B):
             jj = tid // BN + i * (THREADS // BN)
             ok = col_ok and j_begin + jj < j_end
-            shared_b[0, jj, sc] = load_b(b, cb, j_begin + jj, pgeo, tab) if ok else dtype(0)
+            shared_b[0, uint64(jj), uint64(sc)] = load_b(b, cb, j_begin + jj, pgeo, tab) if ok else dtype(0)
         cuda.syncthreads()
         buf = 0
         for j0 in range(j_begin, j_end, BJ):
@@ -148,19 +155,20 @@ def tiled_kernel(dtype, ops, tile=SMALL):
                 for i in range(STAGE_B):
                     j = j0 + BJ + tid // BN + i * (THREADS // BN)
                     next_b[i] = load_b(b, cb, j, pgeo, tab) if col_ok and j < j_end else dtype(0)
-            for jj in range(BJ):
-                for i in range(TM):
-                    reg_a[i] = shared_a[buf, jj, ty * TM + i]
-                for k in range(TN):
-                    reg_b[k] = shared_b[buf, jj, tx + k * (BN // TN)]
-                for i in range(TM):
+            for j1 in range(0, BJ, UNROLL):
+                for jj in range(j1, j1 + UNROLL):
+                    for i in range(TM):
+                        reg_a[i] = shared_a[uint64(buf), uint64(jj), uint64(ty * TM + i)]
                     for k in range(TN):
-                        acc[i, k] += reg_a[i] * reg_b[k]
+                        reg_b[k] = shared_b[uint64(buf), uint64(jj), uint64(tx + k * (BN // TN))]
+                    for i in range(TM):
+                        for k in range(TN):
+                            acc[i, k] += reg_a[i] * reg_b[k]
             if more:
                 for i in range(STAGE_A):
-                    shared_a[1 - buf, tid // BM + i * (THREADS // BM), sm] = next_a[i]
+                    shared_a[uint64(1 - buf), uint64(tid // BM + i * (THREADS // BM)), uint64(sm)] = next_a[i]
                 for i in range(STAGE_B):
-                    shared_b[1 - buf, tid // BN + i * (THREADS // BN), sc] = next_b[i]
+                    shared_b[uint64(1 - buf), uint64(tid // BN + i * (THREADS // BN)), uint64(sc)] = next_b[i]
             cuda.syncthreads()
             buf = 1 - buf
         for i in range(TM):
@@ -259,7 +267,8 @@ def next_tap(o, rem, dq, dr, stride):
 def transposed_gather(src, base, tap_stride, w, w0, weighted, i_d, ih, iw, geo):
     """The sum over taps (t, r, s), in order, of w[w0 + tap] * src[base + tap*tap_stride + (p*Q + q)*U + u]
     (without the weight when not weighted) for the output (p, q, u) each tap of input (i_d, ih, iw) reads: a
-    tap_walk per axis (divisions once per call when a stride is > 1, none per tap); taps reading none skipped."""
+    tap_walk per axis (divisions once per call when a stride is > 1, none per tap); taps reading none skipped.
+    Indices cast to uint64: no negative-index wrap-around per access."""
     P, Q, U = geo[9], geo[10], geo[11]
     p, rem_p, dq_p, dr_p = tap_walk(i_d + geo[18], geo[12], geo[15])
     q0, rem_q0, dq_q, dr_q = tap_walk(ih + geo[19], geo[13], geo[16])
@@ -273,8 +282,8 @@ def transposed_gather(src, base, tap_stride, w, w0, weighted, i_d, ih, iw, geo):
             ok = rem_p == 0 and p >= 0 and p < P and rem_q == 0 and q >= 0 and q < Q
             for _s in range(geo[8]):
                 if ok and rem_u == 0 and u >= 0 and u < U:
-                    v = src[base + tap * tap_stride + (p * Q + q) * U + u]
-                    total += w[w0 + tap] * v if weighted else v
+                    v = src[uint64(base + tap * tap_stride + (p * Q + q) * U + u)]
+                    total += w[uint64(w0 + tap)] * v if weighted else v
                 tap += 1
                 u, rem_u = next_tap(u, rem_u, dq_u, dr_u, geo[14])
             q, rem_q = next_tap(q, rem_q, dq_q, dr_q, geo[13])

@@ -7,8 +7,10 @@ cuda.compile_ptx(..., cc=(9, 0)) gives the PTX (its .version, .target and number
 reported: PTX 9.0 loads on driver 580), and that PTX linked by cuda.core's Linker (nvJitLink) with
 `ptxas -v` gives registers, spill stores and spill loads of the sm_90 code, as the driver builds it from the
 same PTX when a kernel is loaded. For the kernels with shared-memory steps (the tiled GEMMs, the depthwise halo
-tiles and weight gradient) it also counts the 64-bit divisions left in the main loop (loop_divisions). Entries
-compile in parallel (--jobs, default: one process per CPU).
+tiles and weight gradient) it also counts the 64-bit divisions left in the main loop (loop_divisions), and for
+every kernel the instructions and FMAs of the innermost loop holding FMAs (inner_loop: per reduction index of a
+tiled GEMM, the multiply-adds' share of what the SM issues). Entries compile in parallel (--jobs, default: one
+process per CPU).
 Exit status 1 if any entry fails to compile or spills.
 """
 import argparse
@@ -29,7 +31,26 @@ def ptx_facts(ptx):
     version = re.search(r"^\s*\.version\s+(\S+)", ptx, re.M)
     target = re.search(r"^\s*\.target\s+(\S+)", ptx, re.M)
     return {"ptx_version": version and version.group(1), "target": target and target.group(1),
-            "entry": entry_name(ptx), "params": parameter_count(ptx), "loop_divisions": loop_divisions(ptx)}
+            "entry": entry_name(ptx), "params": parameter_count(ptx), "loop_divisions": loop_divisions(ptx),
+            "inner_loop": inner_loop(ptx)}
+
+
+def inner_loop(ptx):
+    """[instructions, FMAs] of the innermost loop around the first fma: from the nearest label above it that a
+    branch below it jumps back to, to that branch (static instructions, each issued once per trip); None when no
+    loop holds an fma."""
+    lines = ptx.splitlines()
+    first = next((i for i, line in enumerate(lines) if re.match(r"\s+fma\.", line)), None)
+    if first is None:
+        return None
+    for start in range(first, -1, -1):
+        m = re.match(r"(\$L__BB\d+_\d+):", lines[start])
+        back = m and re.compile(r"bra(?:\.uni)?\s+" + re.escape(m.group(1)) + ";")
+        end = back and next((i for i in range(first, len(lines)) if back.search(lines[i])), None)
+        if end:
+            body = [line for line in lines[start:end + 1] if re.match(r"\s+[a-z@]", line)]
+            return [len(body), sum(1 for line in body if re.match(r"\s+fma\.", line))]
+    return None
 
 
 def loop_divisions(ptx):
@@ -102,13 +123,15 @@ def main(argv=None):
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        print(f"{'kernel':58s} {'PTX':>4s} {'target':>7s} {'regs':>5s} {'spill st/ld':>12s} {'loop div':>8s}")
+        print(f"{'kernel':58s} {'PTX':>4s} {'target':>7s} {'regs':>5s} {'spill st/ld':>12s} {'loop div':>8s} "
+              f"{'inner loop (FMA)':>16s}")
         for r in rows:
             if "error" in r:
                 print(f"{r['name']:58s} ERROR {r['error']}")
             else:
                 print(f"{r['name']:58s} {r['ptx_version']:>4s} {r['target']:>7s} {r['registers']!s:>5s} "
-                      f"{r['spill_stores']!s:>6s}/{r['spill_loads']!s:<5s} {r['loop_divisions']!s:>8s}")
+                      f"{r['spill_stores']!s:>6s}/{r['spill_loads']!s:<5s} {r['loop_divisions']!s:>8s} "
+                      f"{'%d (%d)' % tuple(r['inner_loop']) if r['inner_loop'] else '-':>16s}")
     return 0 if all(r["ok"] for r in rows) else 1
 
 
