@@ -11,12 +11,14 @@
 #                                               CNNFAST_CUDA_LAUNCH=raw to time the raw launch path
 #   bash bench/gpu_session.sh tiles [NAME...]   the same with the direct algorithm in each tile configuration
 #                                               (8x64, 32x64, 64x128, 128x128): the data to retune gemm.choose_tile
+#   bash bench/gpu_session.sh planes            the depthwise shapes with each halo-tile block doing 1 (n, c) plane
+#                                               and 8 (depthwise.PLANES): setup amortised vs occupancy
 # Exit status: the step's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-tests|sanitize|host|bench|tiles) ;;
-*) sed -n '2,14p' "$0"; exit 2 ;;  # usage, before installing anything
+tests|sanitize|host|bench|tiles|planes) ;;
+*) sed -n '2,16p' "$0"; exit 2 ;;  # usage, before installing anything
 esac
 out="${OUT:-gpu-out}"
 mkdir -p "$out"
@@ -62,8 +64,18 @@ tiles)
         2>/dev/null | tee "$out/bench-cuda-tiles.txt"
     exit "${PIPESTATUS[0]}"
     ;;
+planes)
+    rc=0
+    for planes in 1 8; do
+        python -c "import sys; from cnnfast.kernels.cuda import depthwise; depthwise.PLANES = $planes
+from cnnfast import cli; sys.exit(cli.main(sys.argv[1:]))" bench --device cuda --shape depthwise --algo depthwise \
+            --json "$out/bench-planes-$planes.json" 2>/dev/null | tee "$out/bench-planes-$planes.txt"
+        rc=$(( rc || PIPESTATUS[0] ))
+    done
+    exit "$rc"
+    ;;
 *)
-    sed -n '2,14p' "$0"
+    sed -n '2,16p' "$0"
     exit 2
     ;;
 esac

@@ -526,6 +526,29 @@ def test_depthwise_3x3_plane_kernel_with_its_filter_size_compiled_in_or_not(taps
     assert len(keys) == 4 and all("plane_kernel" in k and k.endswith(sizes) for k in keys), keys
 
 
+def test_depthwise_halo_blocks_work_through_several_planes(monkeypatch):
+    """A plane_kernel block computes its tile for the planes n*C + c = z, z + slots, ...: here 5 planes in 3 slots
+    (2, 2 and 1 per block), forward and backward_data at strides 1 and 2, on NaN-filled outputs."""
+    monkeypatch.setattr(depthwise, "PLANES", 2)
+    monkeypatch.setattr(depthwise, "TARGET_BLOCKS", 1)
+    rng = np.random.default_rng(9)
+    xs, ws = (5, 1, 6, 7), (2, 1, 3, 3)  # groups 1 = C: depthwise with multiplier 2
+    x, w = rng.standard_normal(xs).astype(np.float32), rng.standard_normal(ws).astype(np.float32)
+    for kw in (dict(padding=1), dict(padding=1, stride=2)):
+        g = cnnfast.explain("conv2d", xs, ws, device="cuda", **kw).spec.geometry
+        for primitive in ("forward", "backward_data"):
+            assert depthwise.plane_grid(g, depthwise.tile_geometry(g, primitive))[0][2] == 3
+        y_shape = (g.N, g.K, g.Q, g.U)
+        y = cuda.to_device(np.full(y_shape, np.nan, np.float32))
+        depthwise.forward(cuda.to_device(x), cuda.to_device(w), None, y, g)
+        compare.assert_close(y.copy_to_host(), reference.conv(x, w, **kw), "float32", f"forward {kw}")
+        dy = rng.standard_normal(y_shape).astype(np.float32)
+        dx = cuda.to_device(np.full(xs, np.nan, np.float32))
+        depthwise.backward_data(cuda.to_device(dy), cuda.to_device(w), dx, g)
+        compare.assert_close(dx.copy_to_host(), reference.conv_input(xs, w, dy, **kw), "float32",
+                             f"backward_data {kw}")
+
+
 def test_depthwise_names_its_kernels_and_falls_back_when_no_halo_tile_fits(monkeypatch):
     xs, ws, kw = DEPTHWISE["2d-x2"]
     plans = {op: cnnfast.explain(op, *shapes, device="cuda", **kw).kernels for op, shapes in (

@@ -335,7 +335,9 @@ def _cuda_launches(g, primitive, algo, limit=None):
     from cnnfast.kernels.cuda import im2col as cuda_im2col
     if algo == "depthwise" and primitive != "backward_filter":
         n = g.N * g.K * g.P * g.Q * g.U if primitive == "forward" else g.N * g.C * g.D * g.H * g.W
-        return [(f"depthwise {primitive}", (depthwise._blocks(n), 1, 1), depthwise.BLOCK)]
+        tg = depthwise.tile_geometry(g, primitive)  # the halo tile when one fits, and the fallback
+        return [(f"depthwise {primitive}", (depthwise._blocks(n), 1, 1), depthwise.BLOCK)] + (
+            [("depthwise plane", *depthwise.plane_grid(g, tg))] if tg else [])
     if algo in ("direct", "depthwise"):
         M, J, NCOL = direct.dims(g, primitive)  # backward_data: the sub-pixel classes' grids are no larger
         tile = direct.tile_for(g, primitive, 4, limit)

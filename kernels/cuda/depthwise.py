@@ -2,10 +2,12 @@
 
 x (N, C, D, H, W) * w (K, 1, T, R, S) -> y (N, K, P, Q, U); output channel k = c*M + m reads input channel c.
 
-    plane_kernel   forward and backward_data, at any stride: block per (sample n, channel c, output depth p,
-                   TQ x TU output tile). Per depth tap the source rows the tile reads, with their halo, are staged
-                   once in shared memory (at most HALO elements); thread tid owns output (q, u) = tile origin +
-                   (tid // TU, tid % TU) and reads its taps there. Forward stages x[n, c] and writes the M outputs
+    plane_kernel   forward and backward_data, at any stride: block per (TQ x TU output tile, output depth p,
+                   slot z) working through the planes n*C + c = z, z + slots, ... (about PLANES of them, so the
+                   thread's setup, a dozen integer divisions, is paid once for them all). Per plane and depth tap
+                   the source rows the tile reads, with their halo, are staged once in shared memory (at most HALO
+                   elements); thread tid owns output (q, u) = tile origin + (tid // TU, tid % TU) and reads its
+                   taps there. Forward stages x[n, c] and writes the M outputs
                    c*M + m; backward_data stages dy[n, c*M + m] in turn and sums the M filters into dx[n, c],
                    visiting only the taps whose output exists at its stride (a tap walk per axis, gemm.tap_walk:
                    no division per tap, no multiply-add on the zeros a strided transposed convolution inserts).
@@ -35,7 +37,9 @@ HALO = 4096  # shared-memory elements of one staged input tile: 16 KiB float32, 
 TILE_W = 64  # widest output tile of a 2-D/3-D plane (1-D rows take BLOCK)
 FILTER_BLOCK = 128  # threads of filter_kernel (a power of two: tree reduction)
 TAPS = 9  # weight-gradient taps a thread accumulates per pass (a 3x3 filter in one pass)
-TARGET_BLOCKS = 1056  # filter_kernel: 8 blocks per SM on an H100 (132 SMs)
+TARGET_BLOCKS = 1056  # filter_kernel and plane_kernel: at least 8 blocks per SM on an H100 (132 SMs)
+PLANES = 8  # plane_kernel: (n, c) planes per block, when that leaves TARGET_BLOCKS blocks
+GRID_YZ = 65535  # CUDA's limit on a grid's y and z
 MIN_CHUNK = 8 * FILTER_BLOCK  # filter_kernel: reduction elements per split at least
 NTILE = 34  # len(tile_geometry(...))
 SPECIALISED = ((1, 3, 3),)  # plane_kernel filter sizes compiled in as constants (MobileNet's 3x3)
@@ -71,14 +75,10 @@ def plane_kernel(dtype, forward, taps=None):
         T = KT if KT else tg[10]
         R = KR if KR else tg[11]
         S = KS if KS else tg[12]
-        TQ, TU, tiles_q, tiles_u, rows, pitch = tg[28], tg[29], tg[30], tg[31], tg[32], tg[33]
-        # block -> (n, c, p, tile); thread -> (qq, uu) in the tile
-        b = cuda.blockIdx.x
-        tiles = tiles_q * tiles_u
-        tile = b % tiles
-        p = (b // tiles) % OD
-        nc = b // (tiles * OD)  # n*C + c
-        c = nc % C
+        TQ, TU, tiles_u, rows, pitch = tg[28], tg[29], tg[31], tg[32], tg[33]
+        # block -> (tile, p, first plane n*C + c); thread -> (qq, uu) in the tile
+        tile = cuda.blockIdx.x
+        p = cuda.blockIdx.y
         q0 = tile // tiles_u * TQ
         u0 = tile % tiles_u * TU
         tid = cuda.threadIdx.x
@@ -94,51 +94,54 @@ def plane_kernel(dtype, forward, taps=None):
         h_base, oh0, rem_h0, dq_h, dr_h = _axis(q0, qq, tg[18], tg[19], tg[20], tg[21], tg[22])
         w_base, ow0, rem_w0, dq_w, dr_w = _axis(u0, uu, tg[23], tg[24], tg[25], tg[26], tg[27])
         d0, rem_d0, dq_d, dr_d = gemm.tap_walk(p * tg[13] + tg[14], tg[15], tg[16])
-        total = ZERO
-        for m in range(M):
-            k = c * M + m
-            plane = nc if forward else nc * M + m
-            d, rem_d = d0, rem_d0
-            for t in range(T):
-                if rem_d == 0 and d >= 0 and d < SD:  # the same for the whole block: barriers stay uniform
-                    if m == 0 or T > 1 or not forward:  # forward at T == 1 keeps x[n, c]'s tile for every m
-                        cuda.syncthreads()  # every thread is done reading the previous tile
-                        e, rr, col = tid, row0, col0
-                        while e < rows * pitch:  # element e = rr*pitch + col, stepped with no division
-                            h = h_base + rr
-                            wi = w_base + col
-                            v = ZERO
-                            if h >= 0 and h < SH and wi >= 0 and wi < SW:
-                                v = src[uint64(((plane * SD + d) * SH + h) * SW + wi)]
-                            halo[uint64(e)] = v
-                            e += threads
-                            rr += step_r
-                            col += step_c
-                            if col >= pitch:
-                                col -= pitch
-                                rr += 1
-                        cuda.syncthreads()
+        for nc in range(cuda.blockIdx.z, tg[0] * C, cuda.gridDim.z):  # the block's planes: setup above done once
+            c = nc % C
+            total = ZERO
+            for m in range(M):
+                k = c * M + m
+                plane = nc if forward else nc * M + m
+                d, rem_d = d0, rem_d0
+                for t in range(T):
+                    if rem_d == 0 and d >= 0 and d < SD:  # the same for the whole block: barriers stay uniform
+                        if m == 0 or T > 1 or not forward:  # forward at T == 1 keeps x[n, c]'s tile for every m
+                            cuda.syncthreads()  # every thread is done reading the previous tile
+                            e, rr, col = tid, row0, col0
+                            while e < rows * pitch:  # element e = rr*pitch + col, stepped with no division
+                                h = h_base + rr
+                                wi = w_base + col
+                                v = ZERO
+                                if h >= 0 and h < SH and wi >= 0 and wi < SW:
+                                    v = src[uint64(((plane * SD + d) * SH + h) * SW + wi)]
+                                halo[uint64(e)] = v
+                                e += threads
+                                rr += step_r
+                                col += step_c
+                                if col >= pitch:
+                                    col -= pitch
+                                    rr += 1
+                            cuda.syncthreads()
+                        if active:
+                            oh, rem_h = oh0, rem_h0
+                            for r in range(R):
+                                if forward or rem_h == 0:
+                                    ow, rem_w = ow0, rem_w0
+                                    tap = ((k * T + t) * R + r) * S
+                                    for s in range(S):
+                                        if forward or rem_w == 0:
+                                            total += w[uint64(tap + s)] * halo[uint64(oh * pitch + ow)]
+                                        ow, rem_w = (ow - dq_w, 0) if forward else gemm.next_tap(
+                                            ow, rem_w, dq_w, dr_w, tg[25])
+                                oh, rem_h = (oh - dq_h, 0) if forward else gemm.next_tap(
+                                    oh, rem_h, dq_h, dr_h, tg[20])
+                    d, rem_d = gemm.next_tap(d, rem_d, dq_d, dr_d, tg[15])
+                if forward:
                     if active:
-                        oh, rem_h = oh0, rem_h0
-                        for r in range(R):
-                            if forward or rem_h == 0:
-                                ow, rem_w = ow0, rem_w0
-                                tap = ((k * T + t) * R + r) * S
-                                for s in range(S):
-                                    if forward or rem_w == 0:
-                                        total += w[uint64(tap + s)] * halo[uint64(oh * pitch + ow)]
-                                    ow, rem_w = (ow - dq_w, 0) if forward else gemm.next_tap(ow, rem_w, dq_w, dr_w,
-                                                                                              tg[25])
-                            oh, rem_h = (oh - dq_h, 0) if forward else gemm.next_tap(oh, rem_h, dq_h, dr_h, tg[20])
-                d, rem_d = gemm.next_tap(d, rem_d, dq_d, dr_d, tg[15])
-            if forward:
-                if active:
-                    if has_bias:
-                        total += bias[uint64(k)]
-                    out[uint64((nc * M + m) * OD * OH * OW + pixel)] = total
-                total = ZERO
-        if not forward and active:
-            out[uint64(nc * OD * OH * OW + pixel)] = total
+                        if has_bias:
+                            total += bias[uint64(k)]
+                        out[uint64((nc * M + m) * OD * OH * OW + pixel)] = total
+                    total = ZERO
+            if not forward and active:
+                out[uint64(nc * OD * OH * OW + pixel)] = total
 
     sizes = "x".join(map(str, taps)) if taps else "any"
     kernel.cache_key = f"{__name__}.plane_kernel[{dtype}:{'forward' if forward else 'backward_data'}:{sizes}]"
@@ -190,6 +193,8 @@ def _tile_geometry(g, primitive, halo, tile_w, block):
     if shape is None:
         return None
     TQ, TU, rows, pitch = shape
+    if dst[0] > GRID_YZ:  # output depths are the grid's y
+        return None
     return (g.N, g.C, g.K // g.C, int(fwd), *src, *dst, g.T, g.R, g.S, *axes,
             TQ, TU, -(-dst[1] // TQ), -(-dst[2] // TU), rows, pitch)
 
@@ -199,11 +204,18 @@ def _plane(primitive, src, w, bias, flag, out, g, stream):
     tg = tile_geometry(g, primitive)
     if tg is None:
         return False
-    blocks = g.N * g.C * tg[7] * tg[30] * tg[31]
-    threads = -(-tg[28] * tg[29] // 32) * 32
-    launch(plane_kernel(numba_dtype(out.dtype), primitive == "forward", constant_taps(g)), blocks, threads, stream,
+    grid, threads = plane_grid(g, tg)
+    launch(plane_kernel(numba_dtype(out.dtype), primitive == "forward", constant_taps(g)), grid, threads, stream,
            src.reshape(src.size), w.reshape(w.size), bias, out.reshape(out.size), tg, flag)
     return True
+
+
+def plane_grid(g, tg):
+    """plane_kernel's grid (tiles, output depths, plane slots) and threads per block: PLANES planes per block, or
+    fewer where that leaves under TARGET_BLOCKS blocks."""
+    tiles, planes = tg[30] * tg[31], g.N * g.C
+    slots = min(planes, GRID_YZ, max(-(-planes // PLANES), -(-TARGET_BLOCKS // (tiles * tg[7]))))
+    return (tiles, tg[7], slots), -(-tg[28] * tg[29] // 32) * 32
 
 
 def constant_taps(g):
