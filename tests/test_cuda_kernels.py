@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from cnnfast.kernels.contract import pad_indices
 from cnnfast.kernels.cuda import depthwise, direct, gemm, im2col, layout
+from cnnfast.kernels.cuda.compile import kernel_key
 
 import cnnfast
 from cnnfast import api, compare, grad, reference
@@ -179,6 +180,7 @@ def _reach_every_kernel(x, w, dy, monkeypatch):
     generic_w = cuda.to_device(w[:C, :1, :2, :2].copy())  # a filter size without a build of its own
     y2 = cnnfast.conv2d(dx, generic_w, groups=C, algo="depthwise")
     grad.conv2d_input(x.shape, generic_w, y2, groups=C, algo="depthwise")
+    grad.conv2d_weight(dx, generic_w.shape, y2, groups=C, algo="depthwise")
     monkeypatch.setattr(depthwise, "MIN_CHUNK", 8)  # filter_kernel split, then reduce_splits_kernel
     grad.conv2d_weight(dx, depthwise_w.shape, y, padding=1, groups=C, algo="depthwise")
     monkeypatch.setattr(depthwise, "HALO", 0)  # no halo tile fits: forward_kernel, backward_data_kernel
@@ -501,15 +503,16 @@ def test_depthwise_kernels_match_reference(name, monkeypatch):
 
 
 @pytest.mark.parametrize("taps", ["compiled in", "read from the geometry"])
-def test_depthwise_3x3_plane_kernel_with_its_filter_size_compiled_in_or_not(taps, monkeypatch):
-    """MobileNet's 3x3 (multiplier 2, and stride 2) launches plane_kernel's SPECIALISED (1, 3, 3) build, which
-    unrolls the tap loops; with the specialisation off, the generic build. Both match the reference."""
+def test_depthwise_3x3_kernels_with_their_filter_size_compiled_in_or_not(taps, monkeypatch):
+    """MobileNet's 3x3 (multiplier 2, and stride 2) launches the SPECIALISED (1, 3, 3) builds of plane_kernel
+    (forward, backward_data) and filter_kernel, whose tap loops unroll; with the specialisation off, the generic
+    builds. All match the reference."""
     monkeypatch.setattr(api, "_PLANS", {})  # plans made here name the build: not kept for other tests
     if taps == "read from the geometry":
         monkeypatch.setattr(depthwise, "SPECIALISED", ())
     keys = []
     real = depthwise.launch
-    monkeypatch.setattr(depthwise, "launch", lambda kernel, *a: keys.append(kernel.cache_key) or real(kernel, *a))
+    monkeypatch.setattr(depthwise, "launch", lambda kernel, *a: keys.append(kernel_key(kernel)) or real(kernel, *a))
     rng = np.random.default_rng(5)
     for name in ("2d-x2", "2d-s2"):
         xs, ws, kw = DEPTHWISE[name]
@@ -522,8 +525,12 @@ def test_depthwise_3x3_plane_kernel_with_its_filter_size_compiled_in_or_not(taps
         dx = grad.conv2d_input(xs, cuda.to_device(w), cuda.to_device(dy), algo="depthwise", **kw).copy_to_host()
         compare.assert_close(dx, reference.conv_input(xs, w, dy, **kw), "float32",
                              f"depthwise {name} backward_data ({taps})")
+        dw = grad.conv2d_weight(cuda.to_device(x), ws, cuda.to_device(dy), algo="depthwise", **kw).copy_to_host()
+        compare.assert_close(dw, reference.conv_weight(x, ws, dy, **kw), "float32",
+                             f"depthwise {name} backward_filter ({taps})")
     sizes = ":1x3x3]" if taps == "compiled in" else ":any]"
-    assert len(keys) == 4 and all("plane_kernel" in k and k.endswith(sizes) for k in keys), keys
+    built = [k for k in keys if "plane_kernel" in k or "filter_kernel" in k]
+    assert len(built) == 6 and all(k.endswith(sizes) for k in built), keys
 
 
 def test_depthwise_halo_blocks_work_through_several_planes(monkeypatch):

@@ -147,12 +147,12 @@ def specialisations():
             add("reduce_splits", direct.reduce_splits_kernel, "AAii")
             add("im2col", im2col.im2col_kernel, "AAgii")
             add("col2im", im2col.col2im_kernel, "AAgii")
-            for forward in (True, False):
-                for taps in (None, *depthwise.SPECIALISED):
-                    sizes = "x".join(map(str, taps)) if taps else "any"
-                    add(f"depthwise_plane/{'forward' if forward else 'backward_data'}/{sizes}",
-                        depthwise.plane_kernel(dt, forward, taps), "AAAAti")
-            add("depthwise_backward_filter", depthwise.filter_kernel(dt), "AAAIgi")
+            for sizes in (None, *depthwise.SPECIALISED):
+                for forward in (True, False):
+                    add(f"depthwise_plane/{'forward' if forward else 'backward_data'}/{depthwise.size_name(sizes)}",
+                        depthwise.plane_kernel(dt, forward, sizes), "AAAAti")
+                add(f"depthwise_backward_filter/{depthwise.size_name(sizes)}", depthwise.filter_kernel(dt, sizes),
+                    "AAAIgi")
             add("depthwise_forward", depthwise.forward_kernel, "AAAAgi")
             add("depthwise_backward_data", depthwise.backward_data_kernel, "AAAg")
             add("add_bias", bias.add_bias_kernel, "AAiii")

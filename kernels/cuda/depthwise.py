@@ -20,7 +20,7 @@ x (N, C, D, H, W) * w (K, 1, T, R, S) -> y (N, K, P, Q, U); output channel k = c
                    cannot fit (huge dilated filters).
 Consecutive threads own consecutive u (or w): global loads and stores are coalesced along rows. Indices into
 the arrays are cast to uint64 (none is negative where it is used): Numba wraps a negative signed index at every
-access, a compare and select whose live values cost filter_kernel 152 -> 93 registers (float32, array typing).
+access, a compare and select whose live values cost filter_kernel 152 -> 92 registers (float32, array typing).
 """
 from functools import lru_cache
 
@@ -42,7 +42,7 @@ PLANES = 8  # plane_kernel: (n, c) planes per block, when that leaves TARGET_BLO
 GRID_YZ = 65535  # CUDA's limit on a grid's y and z
 MIN_CHUNK = 8 * FILTER_BLOCK  # filter_kernel: reduction elements per split at least
 NTILE = 34  # len(tile_geometry(...))
-SPECIALISED = ((1, 3, 3),)  # plane_kernel filter sizes compiled in as constants (MobileNet's 3x3)
+SPECIALISED = ((1, 3, 3),)  # filter sizes plane_kernel and filter_kernel have builds for (MobileNet's 3x3)
 
 
 # ---------------------------------------------------------------- halo tiles: forward and backward_data
@@ -59,14 +59,14 @@ def _axis(o0, oo, mul, add, div, step, reach):
 
 
 @lru_cache(maxsize=None)
-def plane_kernel(dtype, forward, taps=None):
+def plane_kernel(dtype, forward, sizes=None):
     """The halo-tile kernel's Python function for a numba dtype, primitive (forward, else backward_data) and
-    filter size: taps = (T, R, S) compiles them in as constants (SPECIALISED: the tap loops unroll, the filter
+    filter size: sizes = (T, R, S) compiles them in as constants (SPECIALISED: the tap loops unroll, the filter
     offsets fold), None reads them from tg, tile_geometry()'s NTILE ints. Forward windows read every tap at
     source o*stride - pad + t*dil; the transposed gather of backward_data reads source (i + pad - t*dil) / stride
     at the taps where that divides (a tap walk per axis: no division per tap, no multiply-add on a zero inserted
     by the stride)."""
-    KT, KR, KS = taps or (0, 0, 0)  # 0: read from tg
+    KT, KR, KS = sizes or (0, 0, 0)  # 0: read from tg
 
     def kernel(src, w, bias, out, tg, has_bias):
         halo = cuda.shared.array(HALO, dtype)
@@ -94,8 +94,8 @@ def plane_kernel(dtype, forward, taps=None):
         h_base, oh0, rem_h0, dq_h, dr_h = _axis(q0, qq, tg[18], tg[19], tg[20], tg[21], tg[22])
         w_base, ow0, rem_w0, dq_w, dr_w = _axis(u0, uu, tg[23], tg[24], tg[25], tg[26], tg[27])
         d0, rem_d0, dq_d, dr_d = gemm.tap_walk(p * tg[13] + tg[14], tg[15], tg[16])
+        c, dc = cuda.blockIdx.z % C, cuda.gridDim.z % C  # nc = n*C + c steps by the slots: c by dc, carried
         for nc in range(cuda.blockIdx.z, tg[0] * C, cuda.gridDim.z):  # the block's planes: setup above done once
-            c = nc % C
             total = ZERO
             for m in range(M):
                 k = c * M + m
@@ -142,9 +142,10 @@ def plane_kernel(dtype, forward, taps=None):
                     total = ZERO
             if not forward and active:
                 out[uint64(nc * OD * OH * OW + pixel)] = total
+            c, _ = gemm.carry(c + dc, 0, C)
 
-    sizes = "x".join(map(str, taps)) if taps else "any"
-    kernel.cache_key = f"{__name__}.plane_kernel[{dtype}:{'forward' if forward else 'backward_data'}:{sizes}]"
+    kernel.cache_key = (f"{__name__}.plane_kernel[{dtype}:{'forward' if forward else 'backward_data'}:"
+                        f"{size_name(sizes)}]")
     return kernel
 
 
@@ -205,7 +206,7 @@ def _plane(primitive, src, w, bias, flag, out, g, stream):
     if tg is None:
         return False
     grid, threads = plane_grid(g, tg)
-    launch(plane_kernel(numba_dtype(out.dtype), primitive == "forward", constant_taps(g)), grid, threads, stream,
+    launch(plane_kernel(numba_dtype(out.dtype), primitive == "forward", constant_sizes(g)), grid, threads, stream,
            src.reshape(src.size), w.reshape(w.size), bias, out.reshape(out.size), tg, flag)
     return True
 
@@ -218,10 +219,15 @@ def plane_grid(g, tg):
     return (tiles, tg[7], slots), -(-tg[28] * tg[29] // 32) * 32
 
 
-def constant_taps(g):
-    """(T, R, S) when plane_kernel has a specialisation for this filter size, else None."""
-    taps = (g.T, g.R, g.S)
-    return taps if taps in SPECIALISED else None
+def constant_sizes(g):
+    """(T, R, S) when the kernels have a build for this filter size (SPECIALISED), else None."""
+    sizes = (g.T, g.R, g.S)
+    return sizes if sizes in SPECIALISED else None
+
+
+def size_name(sizes):
+    """'1x3x3' for a build's compiled-in filter size, 'any' for the generic build."""
+    return "x".join(map(str, sizes)) if sizes else "any"
 
 
 # ---------------------------------------------------------------- fallbacks: thread per output
@@ -274,9 +280,12 @@ def backward_data_kernel(dy, w, dx, geo):
 # ---------------------------------------------------------------- backward_filter
 
 @lru_cache(maxsize=None)
-def filter_kernel(dtype):
+def filter_kernel(dtype, sizes=None):
     """The weight-gradient kernel's Python function for a numba dtype: partial[split, k, tap] (see the module
-    docstring); taps is the (t*dd, r*dh, s*dw) table of tap_table(), chunk the reduction elements per split."""
+    docstring); taps is the (t*dd, r*dh, s*dw) table of tap_table(), chunk the reduction elements per split.
+    sizes = (T, R, S) compiles the filter size in (SPECIALISED): each tap's (t, r, s) folds to constants and its
+    offsets come from the dilations, not the table."""
+    KT, KR, KS = sizes or (0, 0, 0)  # 0: the table
 
     def kernel(x, dy, partial, taps, geo, chunk):
         acc = cuda.local.array(TAPS, dtype)
@@ -284,7 +293,7 @@ def filter_kernel(dtype):
         C, D, H, W, K = geo[1], geo[2], geo[3], geo[4], geo[5]
         P, Q, U = geo[9], geo[10], geo[11]
         O = P * Q * U
-        trs = geo[6] * geo[7] * geo[8]
+        trs = KT * KR * KS if KT else geo[6] * geo[7] * geo[8]
         k = cuda.blockIdx.x % K
         split = cuda.blockIdx.x // K
         c = k // (K // C)
@@ -306,11 +315,17 @@ def filter_kernel(dtype):
                 plane = (n * C + c) * D * H * W
                 for i in range(TAPS):
                     if first + i < trs:
-                        di = d0 + taps[uint64(3 * (first + i))]
-                        hi = h0 + taps[uint64(3 * (first + i) + 1)]
-                        wi = w0 + taps[uint64(3 * (first + i) + 2)]
-                        if di >= 0 and di < D and hi >= 0 and hi < H and wi >= 0 and wi < W:
-                            acc[i] += grad * x[uint64(plane + (di * H + hi) * W + wi)]
+                        if KT:
+                            di = d0 + (first + i) // (KR * KS) * geo[15]
+                            hi = h0 + (first + i) // KS % KR * geo[16]
+                            wi = w0 + (first + i) % KS * geo[17]
+                        else:
+                            di = d0 + taps[uint64(3 * (first + i))]
+                            hi = h0 + taps[uint64(3 * (first + i) + 1)]
+                            wi = w0 + taps[uint64(3 * (first + i) + 2)]
+                        row = plane + (di * H + hi) * W  # outside the test: taps of one row share it
+                        if gemm.within(di, D) & gemm.within(hi, H) & gemm.within(wi, W):
+                            acc[i] += grad * x[uint64(row + wi)]
                 e += FILTER_BLOCK
                 u, q = gemm.carry(u + su, q + sq, U)  # each digit stays under 2x its size: one carry at most
                 q, p = gemm.carry(q, p + sp, Q)
@@ -329,7 +344,7 @@ def filter_kernel(dtype):
                 partial[uint64((split * K + k) * trs + first + tid)] = sums[tid, 0]
             cuda.syncthreads()  # sums is rewritten by the next pass
 
-    kernel.cache_key = f"{__name__}.filter_kernel[{dtype}]"
+    kernel.cache_key = f"{__name__}.filter_kernel[{dtype}:{size_name(sizes)}]"
     return kernel
 
 
@@ -388,8 +403,8 @@ def backward_filter(x, dy, dw, g, workspace_limit=None, stream=0):
     splits = filter_splits(g, dw.dtype.itemsize, workspace_limit)
     chunk = -(-g.N * g.P * g.Q * g.U // splits)
     out = dw.reshape(dw.size) if splits == 1 else scratch(splits * dw.size, dw.dtype, dw, stream)
-    launch(filter_kernel(numba_dtype(dw.dtype)), splits * g.K, FILTER_BLOCK, stream, x.reshape(x.size),
-           dy.reshape(dy.size), out, tap_table(g), tuple(g), chunk)
+    launch(filter_kernel(numba_dtype(dw.dtype), constant_sizes(g)), splits * g.K, FILTER_BLOCK, stream,
+           x.reshape(x.size), dy.reshape(dy.size), out, tap_table(g), tuple(g), chunk)
     if splits > 1:
         launch(direct.reduce_splits_kernel, max(1, min(-(-dw.size // 256), 1024)), 256, stream, out,
                dw.reshape(dw.size), splits, dw.size)
@@ -397,10 +412,11 @@ def backward_filter(x, dy, dw, g, workspace_limit=None, stream=0):
 
 def kernels(g, primitive, dtype):
     """The kernels a depthwise call launches (explain())."""
+    sizes = constant_sizes(g)
+    build = f"{'x'.join(map(str, sizes[1:] if sizes[0] == 1 else sizes))} taps compiled in" if sizes else ""
     if primitive == "backward_filter":
-        return (f"depthwise filter_kernel [{dtype}]", f"reduce_splits_kernel [{dtype}] (when split)")
+        return (f"depthwise filter_kernel [{dtype}]" + (f" ({build})" if build else ""),
+                f"reduce_splits_kernel [{dtype}] (when split)")
     if tile_geometry(g, primitive) is not None:
-        taps = constant_taps(g)
-        sizes = f", {'x'.join(map(str, taps[1:] if taps[0] == 1 else taps))} taps compiled in" if taps else ""
-        return (f"depthwise plane_kernel [{dtype}] (shared-memory halo tile{sizes})",)
+        return (f"depthwise plane_kernel [{dtype}] (shared-memory halo tile{', ' + build if build else ''})",)
     return (f"depthwise {primitive}_kernel [{dtype}]",)

@@ -230,6 +230,12 @@ def split(e, C, D, H, W):
 
 
 @cuda.jit(device=True, inline=True)
+def within(i, n):
+    """0 <= i < n as one unsigned comparison (int64 first: the simulator's Python ints do not wrap)."""
+    return uint64(int64(i)) < uint64(n)
+
+
+@cuda.jit(device=True, inline=True)
 def carry(digit, next_digit, size):
     """(digit, next_digit) with a digit in [0, 2*size) brought under size by one carry: a mixed-radix index
     advanced by a step's digits (see split) without division."""

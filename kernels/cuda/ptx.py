@@ -54,21 +54,24 @@ def inner_loop(ptx):
 
 
 def loop_divisions(ptx):
-    """64-bit integer divisions and remainders (each dozens of SASS instructions) in the body of a shared-memory
-    kernel's main loop: from the first branch after the last bar.sync that jumps above it (the loop's back edge)
-    up to its target. Static instructions: each unrolled staging copy counts. None for kernels without
-    shared-memory steps."""
+    """64-bit integer divisions and remainders (each dozens of SASS instructions) inside a shared-memory kernel's
+    main loops: the loops (a label to a later branch back to it) that hold a bar.sync, or that end before the
+    first one (the accumulation of a kernel that reduces once); not the epilogue's. Branches placed after the
+    kernel's last ret belong to out-of-line blocks, not loops. Static instructions: each unrolled copy counts.
+    None for kernels without shared-memory steps."""
     lines = ptx.splitlines()
     bars = [i for i, line in enumerate(lines) if "bar.sync" in line]
     if not bars:
         return None
+    end = max((i for i, line in enumerate(lines) if re.match(r"\s+ret;", line)), default=len(lines))
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\$L__BB\d+_\d+):", line))}
-    for end, line in enumerate(lines[bars[-1]:], bars[-1]):
+    main = set()
+    for i, line in enumerate(lines[:end]):
         m = re.search(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
-        if m and labels.get(m.group(1), len(lines)) < bars[-1]:
-            start = labels[m.group(1)]
-            return sum(1 for line in lines[start:end + 1] if re.match(r"\s+(div|rem)\.[su]64", line))
-    return None
+        start = labels.get(m.group(1), i) if m else i
+        if start < i and (i < bars[0] or any(start <= b <= i for b in bars)):
+            main.update(range(start, i + 1))
+    return sum(1 for i in main if re.match(r"\s+(div|rem)\.[su]64", lines[i]))
 
 
 def link_report(ptx):
