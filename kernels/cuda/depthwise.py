@@ -7,14 +7,15 @@ x (N, C, D, H, W) * w (K, 1, T, R, S) -> y (N, K, P, Q, U); output channel k = c
                    thread's setup, a dozen integer divisions, is paid once for them all). Per plane and depth tap
                    the source rows the tile reads, with their halo, are staged once in shared memory (at most HALO
                    elements); thread tid owns output (q, u) = tile origin + (tid // TU, tid % TU) and reads its
-                   taps there. Forward stages x[n, c] and writes the M outputs
-                   c*M + m; backward_data stages dy[n, c*M + m] in turn and sums the M filters into dx[n, c],
-                   visiting only the taps whose output exists at its stride (a tap walk per axis, gemm.tap_walk:
-                   no division per tap, no multiply-add on the zeros a strided transposed convolution inserts).
+                   taps there. Forward stages x[n, c] and writes the M outputs c*M + m; backward_data stages
+                   dy[n, c*M + m] in turn and sums the M filters into dx[n, c], visiting only the taps whose
+                   output exists at its stride (a tap walk per axis, gemm.tap_walk: no division per tap, no
+                   multiply-add on the zeros a strided transposed convolution inserts).
     filter_kernel  backward_filter: block per (output channel k, split of the N*P*Q*U reduction); each thread
                    accumulates TAPS taps at once in registers over a strided slice of the split, the block adds
                    its threads' sums in a fixed tree order, and direct.reduce_splits_kernel adds the splits in
                    order: deterministic, no atomics.
+    (both)         a build per SPECIALISED filter size, compiled in: the tap loops unroll.
     forward_kernel, backward_data_kernel
                    thread (grid-stride) per output, taps read from global memory: the fallbacks when a halo tile
                    cannot fit (huge dilated filters).
