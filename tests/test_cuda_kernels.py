@@ -131,15 +131,40 @@ def test_every_tile_matches_reference(algo):
     compare.assert_close(dw, reference.conv_weight(x, ws, dy, **kw), "float32", f"{algo} backward_filter")
 
 
+# backward_filter problems whose output planes (O = 1, 2, 3, 7) are smaller than a shared-memory step of 8 reduction
+# indices j = n*O + o: the sample cursor (direct.sample_step) carries across several samples per step
+FEW_OUTPUTS = {1: ((11, 4, 3, 3), (5, 4, 3, 3)), 2: ((10, 6, 1, 2), (4, 6, 1, 1)), 3: ((9, 3, 1, 5), (4, 3, 1, 3)),
+               7: ((9, 3, 1, 9), (4, 3, 1, 3))}
+
+
+@pytest.mark.parametrize("algo, outputs", [("direct:32x64", 1), ("direct:64x128", 3), ("direct:128x128", 7),
+                                           ("direct:8x64", 1), ("im2col:32x64", 3), ("im2col:64x128", 2),
+                                           ("im2col:128x128", 1)])
+def test_backward_filter_cursor_carries_samples_within_a_step(algo, outputs):
+    xs, ws = FEW_OUTPUTS[outputs]
+    rng = np.random.default_rng(outputs)
+    x = rng.standard_normal(xs).astype(np.float32)
+    dy = rng.standard_normal((xs[0], ws[0], xs[2] - ws[2] + 1, xs[3] - ws[3] + 1)).astype(np.float32)
+    assert dy.shape[2] * dy.shape[3] == outputs
+    plan = cnnfast.explain("conv2d_weight", xs, ws, dy.shape, device="cuda", algo=algo)
+    assert plan.tile == algo.split(":")[1] and ("pointwise" in plan.kernels[0]) == (ws[2:] == (1, 1))
+    dw = grad.conv2d_weight(cuda.to_device(x), ws, cuda.to_device(dy), algo=algo).copy_to_host()
+    compare.assert_close(dw, reference.conv_weight(x, ws, dy), "float32", f"{algo} backward_filter, O={outputs}")
+
+
 def test_shared_memory_main_loops_stage_operands_without_integer_division(ptx_rows):
     """A 64-bit division is dozens of instructions against 16 FMAs per reduction index: the per-thread row/column
     contexts and the reduction-index tables keep them out of the tiled GEMMs' loops (backward_data's sub-pixel
-    classes need no stride test; only backward_filter splits its sample x output reduction index). The depthwise
-    kernels step their halo elements, tap walks and reduction elements by carries instead."""
+    classes need no stride test), and backward_filter walks its sample x output reduction index with a cursor
+    that carries (6-12 divisions per step before). The depthwise kernels step their halo elements, tap walks and
+    reduction elements by carries too."""
+    checked = set()
     for name, divisions in ((r["name"], r["loop_divisions"]) for r in ptx_rows):
-        if name.startswith(("direct_forward", "direct_backward_data", "im2col_gemm_forward",
-                            "im2col_gemm_backward_data", "depthwise_plane", "depthwise_backward_filter")):
+        if name.startswith(("direct_", "im2col_gemm_", "pointwise_gemm_", "depthwise_plane",
+                            "depthwise_backward_filter")):
             assert divisions == 0, (name, divisions)
+            checked.add(_kernel_name(name))
+    assert {f"{family}_backward_filter" for family in ("direct", "im2col_gemm", "pointwise_gemm")} <= checked
 
 
 def test_tiled_gemm_inner_loops_issue_mostly_multiply_adds(ptx_rows):

@@ -24,6 +24,19 @@ DTYPES = (types.float32, types.float64)
 # kernel stays in float32). Not `x[0] * 0`: that is NaN when x[0] is NaN or inf.
 ZERO = np.float32(0.0)
 
+# The kernels' index casts: cast to uint64, an array index skips Numba's negative-index wrap-around (see gemm.py).
+# Compiled, they are Numba's types. In the simulator, calling a Numba type costs ~2.5 us (a checked NumPy scalar),
+# a third of a simulated tiled GEMM's time, so there they are the same two's-complement casts on Python ints: a
+# negative index still becomes 2**64 - |i| and fails NumPy's bounds check, as it would on the GPU's memory.
+if config.ENABLE_CUDASIM:
+    def uint64(i):
+        return int(i) & 0xFFFF_FFFF_FFFF_FFFF
+
+    def int64(i):
+        return (int(i) + 2 ** 63) % 2 ** 64 - 2 ** 63
+else:
+    from numba import int64, uint64  # noqa: F401  (re-exported for the kernels)
+
 
 def jit(pyfunc):
     """The (cached) cuda.jit dispatcher of a kernel's Python function."""

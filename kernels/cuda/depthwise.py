@@ -28,9 +28,9 @@ from functools import lru_cache
 import numpy as np
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cuda import direct, gemm
-from cnnfast.kernels.cuda.compile import ZERO, device_constant, numba_dtype
+from cnnfast.kernels.cuda.compile import ZERO, device_constant, numba_dtype, uint64
 from cnnfast.kernels.cuda.launch import launch, scratch
-from numba import cuda, uint64
+from numba import cuda
 
 BLOCK = 256  # threads per block of the thread-per-output kernels; plane_kernel's tiles hold at most BLOCK outputs
 MAX_BLOCKS = 8192

@@ -10,7 +10,8 @@ x (N, C, D, H, W) * w (K, C/g, T, R, S) -> y (N, K, P, Q, U); O = P*Q*U, TRS = T
 Each thread owns a register tile of outputs (4x4 or 8x8: output channels x pixels for forward, gemm.TILES); the
 weight and input tiles of each 8-deep reduction step are staged in shared memory (gemm.py). backward_filter splits its
 long reduction (N*O) over `splits` blocks writing partial sums to scratch, then `reduce_splits` adds them in
-split order: deterministic, no atomics.
+split order: deterministic, no atomics. Its loaders read j = n*O + o at a cursor (n, o) that each thread carries
+from one staged index to the next (sample_seek, sample_step): no division per element.
 """
 import itertools
 import math
@@ -19,9 +20,9 @@ from functools import lru_cache
 import numpy as np
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cuda import gemm
-from cnnfast.kernels.cuda.compile import ZERO, device_constant, numba_dtype
+from cnnfast.kernels.cuda.compile import ZERO, device_constant, int64, numba_dtype, uint64
 from cnnfast.kernels.cuda.launch import launch, scratch
-from numba import cuda, int64, uint64
+from numba import cuda
 
 TARGET_BLOCKS = 264  # 2 blocks per SM on an H100 (132 SMs): enough splits to fill the GPU
 MIN_SPLIT = 256  # reduction indices per split at least
@@ -42,17 +43,31 @@ def strided_b(b, cb, j, geo, tab):
 
 
 @cuda.jit(device=True, inline=True)
-def sample_of(j, O):
-    """j // O for j, O >= 0, as one unsigned division (a signed // also computes a remainder to floor)."""
-    return int64(uint64(j) // uint64(O))
+def sample_seek(j, geo):
+    """backward_filter's cursor (n, o) at its reduction index j = n*O + o over samples n and outputs o: one
+    unsigned division (a signed // also computes a remainder to floor), once per thread."""
+    O = geo[9] * geo[10] * geo[11]
+    n = int64(uint64(j) // uint64(O))
+    return n, j - n * O
 
 
 @cuda.jit(device=True, inline=True)
-def by_sample(t, ctx, j, geo, tab):
-    """t[n, c, o] for j = n*O + o of a (N, channels, O) tensor, with ctx = (offset of t[0, c, 0], O,
-    (channels - 1)*O): backward_filter's dy rows (and pointwise x columns); one division per element."""
-    n = sample_of(j, ctx[1])
-    return t[uint64(ctx[0] + j + n * ctx[2])]
+def sample_step(r, j, d, geo):
+    """The cursor d reduction indices after r: o carried into n (one carry, or none, when O >= d)."""
+    O = geo[9] * geo[10] * geo[11]
+    n, o = r
+    o += d
+    while o >= O:
+        o -= O
+        n += 1
+    return n, o
+
+
+@cuda.jit(device=True, inline=True)
+def by_sample(t, ctx, r, geo, tab):
+    """t[n, c, o] at cursor r = (n, o) of a (N, channels, O) tensor, with ctx = (offset of t[0, c, 0],
+    channels*O): backward_filter's dy rows (and pointwise x columns, im2col's column matrix)."""
+    return t[uint64(ctx[0] + r[0] * ctx[1] + r[1])]
 
 
 # ---------------------------------------------------------------- forward: A = W_g, B = x-patches
@@ -205,7 +220,7 @@ def flt_dims(geo):
 @cuda.jit(device=True, inline=True)
 def flt_row(g, m, geo, n0):
     O = geo[9] * geo[10] * geo[11]
-    return (g * (geo[5] // geo[21]) + m) * O, O, (geo[5] - 1) * O
+    return (g * (geo[5] // geo[21]) + m) * O, geo[5] * O
 
 
 @cuda.jit(device=True, inline=True)
@@ -221,11 +236,10 @@ def flt_col(g, col, geo, n0):
 
 
 @cuda.jit(device=True, inline=True)
-def flt_load_x(x, cb, j, geo, tab):
+def flt_load_x(x, cb, r, geo, tab):
     D, H, W = geo[2], geo[3], geo[4]
-    O = geo[9] * geo[10] * geo[11]
-    n = sample_of(j, O)
-    e = uint64((j - n * O) * gemm.TAB)
+    n, o = r
+    e = uint64(o * gemm.TAB)
     di = tab[e] + cb[1]
     hi = tab[e + 1] + cb[2]
     wi = tab[e + 2] + cb[3]
@@ -252,9 +266,10 @@ def reduce_splits_kernel(partial, out, splits, size):
 
 
 OPS = {
-    "forward": (fwd_dims, fwd_row, strided_a, fwd_col, fwd_load_x, fwd_store),
-    "backward_data": (bwd_dims, bwd_row, bwd_load_w, bwd_col, bwd_load_dy, bwd_store, bwd_select),
-    "backward_filter": (flt_dims, flt_row, by_sample, flt_col, flt_load_x, flt_store),
+    "forward": gemm.Ops(fwd_dims, fwd_row, strided_a, fwd_col, fwd_load_x, fwd_store),
+    "backward_data": gemm.Ops(bwd_dims, bwd_row, bwd_load_w, bwd_col, bwd_load_dy, bwd_store, select=bwd_select),
+    "backward_filter": gemm.Ops(flt_dims, flt_row, by_sample, flt_col, flt_load_x, flt_store, seek=sample_seek,
+                                step=sample_step),
 }
 
 

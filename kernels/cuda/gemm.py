@@ -2,21 +2,28 @@
 
 Every CUDA convolution here is a GEMM per group g:  out[m, col] = sum_j A[m, j] * B[j, col]
 where A and B are not stored matrices but gathers from the convolution's tensors (implicit GEMM), or dense
-column matrices (im2col). A kernel is built by `tiled_kernel(dtype, ops, tile)` from six device functions:
+column matrices (im2col). A kernel is built by `tiled_kernel(dtype, ops, tile)` from the device functions of
+an Ops tuple:
 
     dims(geo)                          -> (M, J, NCOL) per group
-    a_row(g, m, geo, n0)               -> ra, what row m of A needs (an int: a base offset)
-    load_a(a, ra, j, geo, tab)         -> A[m, j]      (only called with m < M, j < J)
-    b_col(g, col, geo, n0)             -> cb, what column col of B needs (a 4-tuple of ints)
-    load_b(b, cb, j, geo, tab)         -> B[j, col]    (only called with j < J, col < NCOL; 0 for padding)
+    a_row(g, m, geo, n0)               -> ra, what row m of A needs (a tuple of ints)
+    load_a(a, ra, r, geo, tab)         -> A[m, j]      (only called with m < M, j < J)
+    b_col(g, col, geo, n0)             -> cb, what column col of B needs (a tuple of ints)
+    load_b(b, cb, r, geo, tab)         -> B[j, col]    (only called with j < J, col < NCOL; 0 for padding)
     store(out, bias, g, m, col, v, geo, flag, split, n0)
-    select(z, geo, tab)                -> (g, geo): optional; the group and the geometry the block's problem
-                                          has (default `whole`: z, geo). One launch can so run several
-                                          problems of one shape class (backward_data's sub-pixel classes).
+    select(z, geo, tab)                -> (g, geo): the group and the geometry the block's problem has (default
+                                          `whole`: z, geo). One launch can so run several problems of one
+                                          shape class (backward_data's sub-pixel classes).
+    seek(j, geo)                       -> r, the loaders' cursor at reduction index j (default: j itself)
+    step(r, j, d, geo)                 -> the cursor d indices after r, which is at j (0 < d <= BJ; default j + d).
+                                          backward_filter's cursor is (n, o) for j = n*O + o (direct.sample_seek):
+                                          seek divides once per thread and step carries, so no division is left
+                                          in the main loop (each was ~20 instructions, 6-12 per step).
 
 Each thread stages the same row of A and the same column of B at every step, so a_row and b_col (with their
 integer divisions) run once per thread, not once per element; tab is a per-problem table of the reduction
-index j (TAB ints per j: reduction_table), so the convolution loaders need no division in the loop.
+index j (TAB ints per j: reduction_table), and each thread walks the cursors of the indices it stages (the first
+of A and of B, then + THREADS/BM or THREADS/BN per element, + BJ per step), so no loader divides in the loop.
 geo is the contract's ConvGeometry as a tuple of 22 ints; flag is the store's option (bias / accumulate);
 n0 a batch offset (im2col chunks). Arrays are 1-D (flat, C-contiguous). Indices into arrays are cast to uint64
 (none is negative where it is used): Numba wraps a negative signed index at every access, which in the inner loop
@@ -44,8 +51,38 @@ choose_tile picks the largest that still gives a full wave of blocks; autotuning
 from functools import lru_cache
 from typing import NamedTuple
 
-from cnnfast.kernels.cuda.compile import ZERO
-from numba import cuda, int64, uint64
+from cnnfast.kernels.cuda.compile import ZERO, int64, uint64
+from numba import cuda
+
+
+@cuda.jit(device=True, inline=True)
+def whole(z, geo, tab):
+    """The default select op: grid z (split removed) is the group, geo the whole problem's."""
+    return z, geo
+
+
+@cuda.jit(device=True, inline=True)
+def index_seek(j, geo):
+    """The default cursor: the reduction index itself."""
+    return j
+
+
+@cuda.jit(device=True, inline=True)
+def index_step(r, j, d, geo):
+    return j + d
+
+
+class Ops(NamedTuple):
+    """A tiled GEMM's device functions (module docstring); the kernel's cache key names them all."""
+    dims: object
+    a_row: object
+    load_a: object
+    b_col: object
+    load_b: object
+    store: object
+    select: object = whole
+    seek: object = index_seek
+    step: object = index_step
 
 
 class Tile(NamedTuple):
@@ -96,10 +133,8 @@ def choose_tile(M, NCOL, groups, splittable=False, itemsize=4, thin=False):
 
 @lru_cache(maxsize=None)
 def tiled_kernel(dtype, ops, tile=SMALL):
-    """The tiled GEMM kernel's Python function for a numba dtype, an ops tuple (dims, a_row, load_a, b_col,
-    load_b, store[, select]) and a tile name (TILES)."""
-    dims, a_row, load_a, b_col, load_b, store = ops[:6]
-    select = ops[6] if len(ops) > 6 else whole
+    """The tiled GEMM kernel's Python function for a numba dtype, an Ops tuple and a tile name (TILES)."""
+    dims, a_row, load_a, b_col, load_b, store, select, seek, step = ops
     BM, BN, BJ, TM, TN, UNROLL = TILES[tile]
     THREADS = TILES[tile].threads
     STAGE_A, STAGE_B = BJ * BM // THREADS, BJ * BN // THREADS  # elements of A and of B each thread stages per step
@@ -136,25 +171,39 @@ def tiled_kernel(dtype, ops, tile=SMALL):
                 acc[i, k] = 0
         # step 0 staged; then each step loads the next one into registers, computes from one buffer and
         # stores the next step into the other: one barrier per step, global loads in flight during the FMAs
+        cur_a = seek(j_begin + tid // BM, pgeo)  # the cursors of the first index of A and of B this thread stages
+        cur_b = seek(j_begin + tid // BN, pgeo)
+        r = cur_a
         for i in range(STAGE_A):
             jj = tid // BM + i * (THREADS // BM)
             ok = row_ok and j_begin + jj < j_end
-            shared_a[0, uint64(jj), uint64(sm)] = load_a(a, ra, j_begin + jj, pgeo, tab) if ok else dtype(0)
+            shared_a[0, uint64(jj), uint64(sm)] = load_a(a, ra, r, pgeo, tab) if ok else dtype(0)
+            r = step(r, j_begin + jj, THREADS // BM, pgeo)
+        r = cur_b
         for i in range(STAGE_B):
             jj = tid // BN + i * (THREADS // BN)
             ok = col_ok and j_begin + jj < j_end
-            shared_b[0, uint64(jj), uint64(sc)] = load_b(b, cb, j_begin + jj, pgeo, tab) if ok else dtype(0)
+            shared_b[0, uint64(jj), uint64(sc)] = load_b(b, cb, r, pgeo, tab) if ok else dtype(0)
+            r = step(r, j_begin + jj, THREADS // BN, pgeo)
         cuda.syncthreads()
         buf = 0
         for j0 in range(j_begin, j_end, BJ):
             more = j0 + BJ < j_end
+            cur_a = step(cur_a, j0 + tid // BM, BJ, pgeo)
+            cur_b = step(cur_b, j0 + tid // BN, BJ, pgeo)
             if more:
+                r = cur_a
                 for i in range(STAGE_A):
-                    j = j0 + BJ + tid // BM + i * (THREADS // BM)
-                    next_a[i] = load_a(a, ra, j, pgeo, tab) if row_ok and j < j_end else dtype(0)
+                    jj = tid // BM + i * (THREADS // BM)
+                    ok = row_ok and j0 + BJ + jj < j_end
+                    next_a[i] = load_a(a, ra, r, pgeo, tab) if ok else dtype(0)
+                    r = step(r, j0 + BJ + jj, THREADS // BM, pgeo)
+                r = cur_b
                 for i in range(STAGE_B):
-                    j = j0 + BJ + tid // BN + i * (THREADS // BN)
-                    next_b[i] = load_b(b, cb, j, pgeo, tab) if col_ok and j < j_end else dtype(0)
+                    jj = tid // BN + i * (THREADS // BN)
+                    ok = col_ok and j0 + BJ + jj < j_end
+                    next_b[i] = load_b(b, cb, r, pgeo, tab) if ok else dtype(0)
+                    r = step(r, j0 + BJ + jj, THREADS // BN, pgeo)
             for j1 in range(0, BJ, UNROLL):
                 for jj in range(j1, j1 + UNROLL):
                     for i in range(TM):
@@ -182,12 +231,6 @@ def tiled_kernel(dtype, ops, tile=SMALL):
     names = ",".join(f"{f.__module__}.{f.__name__}" for f in (getattr(op, "py_func", op) for op in ops))
     kernel.cache_key = f"{__name__}.tiled_kernel[{dtype}:{names}:{tile}]"  # the PTX cache's name (kernel_key)
     return kernel
-
-
-@cuda.jit(device=True, inline=True)
-def whole(z, geo, tab):
-    """The default select op: grid z (split removed) is the group, geo the whole problem's."""
-    return z, geo
 
 
 def grid(M, NCOL, groups, splits, tile=SMALL):
@@ -231,8 +274,8 @@ def split(e, C, D, H, W):
 
 @cuda.jit(device=True, inline=True)
 def within(i, n):
-    """0 <= i < n as one unsigned comparison (int64 first: the simulator's Python ints do not wrap)."""
-    return uint64(int64(i)) < uint64(n)
+    """0 <= i < n as one unsigned comparison (a negative i casts to 2**64 - |i|)."""
+    return uint64(i) < uint64(n)
 
 
 @cuda.jit(device=True, inline=True)

@@ -118,16 +118,16 @@ def w_dims(geo):
 
 @cuda.jit(device=True, inline=True)
 def w_row(g, m, geo, n0):
-    """dy[((n0 + j // O)*K + g*Kg + m)*O + j % O]: direct.by_sample from sample n0"""
+    """dy[((n0 + n)*K + g*Kg + m)*O + o] at j = n*O + o: direct.by_sample from sample n0"""
     Kg, J, O, ncol = _sizes(geo)
-    return (n0 * geo[5] + g * Kg + m) * O, O, (geo[5] - 1) * O
+    return (n0 * geo[5] + g * Kg + m) * O, geo[5] * O
 
 
 @cuda.jit(device=True, inline=True)
 def w_col(g, col, geo, n0):
-    """cols[(g*J + col)*ncol + j]"""
+    """cols[(g*J + col)*ncol + n*O + o] at j = n*O + o (direct.by_sample)"""
     Kg, J, O, ncol = _sizes(geo)
-    return (g * J + col) * ncol, 1, 0, 0
+    return (g * J + col) * ncol, O
 
 
 @cuda.jit(device=True, inline=True)
@@ -138,9 +138,10 @@ def w_store(dw, bias, g, m, col, v, geo, flag, split, n0):
     dw[i] = dw[i] + v if flag else v
 
 
-OPS = {"forward": (f_dims, direct.fwd_row, direct.strided_a, f_col, direct.strided_b, f_store),
-       "backward_data": (d_dims, d_row, direct.strided_a, d_col, direct.strided_b, d_store),
-       "backward_filter": (w_dims, w_row, direct.by_sample, w_col, direct.strided_b, w_store)}
+OPS = {"forward": gemm.Ops(f_dims, direct.fwd_row, direct.strided_a, f_col, direct.strided_b, f_store),
+       "backward_data": gemm.Ops(d_dims, d_row, direct.strided_a, d_col, direct.strided_b, d_store),
+       "backward_filter": gemm.Ops(w_dims, w_row, direct.by_sample, w_col, direct.by_sample, w_store,
+                                   seek=direct.sample_seek, step=direct.sample_step)}
 
 
 # ---------------------------------------------------------------- pointwise: x itself is the column matrix
@@ -165,14 +166,15 @@ def p_store_dx(dx, bias, g, m, col, v, geo, flag, split, n0):
 
 @cuda.jit(device=True, inline=True)
 def p_wcol(g, col, geo, n0):
-    """x[j // O, g*Cg + col, j % O] (backward_filter's B, read by direct.by_sample)"""
+    """x[n, g*Cg + col, o] at j = n*O + o (backward_filter's B, read by direct.by_sample)"""
     O = geo[9] * geo[10] * geo[11]
-    return (g * (geo[1] // geo[21]) + col) * O, O, (geo[1] - 1) * O, 0
+    return (g * (geo[1] // geo[21]) + col) * O, geo[1] * O
 
 
-POINTWISE = {"forward": (f_dims, direct.fwd_row, direct.strided_a, p_col, direct.strided_b, f_store),
-             "backward_data": (d_dims, d_row, direct.strided_a, d_col, direct.strided_b, p_store_dx),
-             "backward_filter": (w_dims, w_row, direct.by_sample, p_wcol, direct.by_sample, w_store)}
+POINTWISE = {"forward": gemm.Ops(f_dims, direct.fwd_row, direct.strided_a, p_col, direct.strided_b, f_store),
+             "backward_data": gemm.Ops(d_dims, d_row, direct.strided_a, d_col, direct.strided_b, p_store_dx),
+             "backward_filter": gemm.Ops(w_dims, w_row, direct.by_sample, p_wcol, direct.by_sample, w_store,
+                                         seek=direct.sample_seek, step=direct.sample_step)}
 
 
 def chunk(g, itemsize, workspace_limit):

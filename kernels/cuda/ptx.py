@@ -35,22 +35,29 @@ def ptx_facts(ptx):
             "inner_loop": inner_loop(ptx)}
 
 
+def loops(lines, end=None):
+    """[(start, stop)]: the loops of PTX lines[:end], a label at line start and a later branch back to it at stop."""
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\$L__BB\d+_\d+):", line))}
+    out = []
+    for i, line in enumerate(lines[:end]):
+        m = re.search(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        if m and labels.get(m.group(1), i) < i:
+            out.append((labels[m.group(1)], i))
+    return out
+
+
 def inner_loop(ptx):
     """[instructions, FMAs] of the innermost loop around the first fma: from the nearest label above it that a
-    branch below it jumps back to, to that branch (static instructions, each issued once per trip); None when no
-    loop holds an fma."""
+    branch below it jumps back to, to the first such branch (static instructions, each issued once per trip);
+    None when no loop holds an fma."""
     lines = ptx.splitlines()
     first = next((i for i, line in enumerate(lines) if re.match(r"\s+fma\.", line)), None)
-    if first is None:
+    around = [loop for loop in loops(lines) if first is not None and loop[0] <= first <= loop[1]]
+    if not around:
         return None
-    for start in range(first, -1, -1):
-        m = re.match(r"(\$L__BB\d+_\d+):", lines[start])
-        back = m and re.compile(r"bra(?:\.uni)?\s+" + re.escape(m.group(1)) + ";")
-        end = back and next((i for i in range(first, len(lines)) if back.search(lines[i])), None)
-        if end:
-            body = [line for line in lines[start:end + 1] if re.match(r"\s+[a-z@]", line)]
-            return [len(body), sum(1 for line in body if re.match(r"\s+fma\.", line))]
-    return None
+    start, stop = max(around, key=lambda loop: (loop[0], -loop[1]))  # the innermost
+    body = [line for line in lines[start:stop + 1] if re.match(r"\s+[a-z@]", line)]
+    return [len(body), sum(1 for line in body if re.match(r"\s+fma\.", line))]
 
 
 def loop_divisions(ptx):
@@ -64,13 +71,10 @@ def loop_divisions(ptx):
     if not bars:
         return None
     end = max((i for i, line in enumerate(lines) if re.match(r"\s+ret;", line)), default=len(lines))
-    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\$L__BB\d+_\d+):", line))}
     main = set()
-    for i, line in enumerate(lines[:end]):
-        m = re.search(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
-        start = labels.get(m.group(1), i) if m else i
-        if start < i and (i < bars[0] or any(start <= b <= i for b in bars)):
-            main.update(range(start, i + 1))
+    for start, stop in loops(lines, end):
+        if stop < bars[0] or any(start <= b <= stop for b in bars):
+            main.update(range(start, stop + 1))
     return sum(1 for i in main if re.match(r"\s+(div|rem)\.[su]64", lines[i]))
 
 
