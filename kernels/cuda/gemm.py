@@ -15,15 +15,16 @@ an Ops tuple:
                                           `whole`: z, geo). One launch can so run several problems of one
                                           shape class (backward_data's sub-pixel classes).
     seek(j, geo)                       -> r, the loaders' cursor at reduction index j (default: j itself)
-    step(r, j, d, geo)                 -> the cursor d indices after r, which is at j (0 < d <= BJ; default j + d).
+    step(r, d, j, geo)                 -> the cursor at index j, d indices after cursor r (0 <= d <= BJ; default j).
                                           backward_filter's cursor is (n, o) for j = n*O + o (direct.sample_seek):
                                           seek divides once per thread and step carries, so no division is left
                                           in the main loop (each was ~20 instructions, 6-12 per step).
 
 Each thread stages the same row of A and the same column of B at every step, so a_row and b_col (with their
 integer divisions) run once per thread, not once per element; tab is a per-problem table of the reduction
-index j (TAB ints per j: reduction_table), and each thread walks the cursors of the indices it stages (the first
-of A and of B, then + THREADS/BM or THREADS/BN per element, + BJ per step), so no loader divides in the loop.
+index j (TAB ints per j: reduction_table); each thread keeps the cursors of the first index of A and of B it
+stages, advanced by BJ per step, and steps from them to its other elements (+ i*THREADS/BM, + i*THREADS/BN), so
+no loader divides in the loop.
 geo is the contract's ConvGeometry as a tuple of 22 ints; flag is the store's option (bias / accumulate);
 n0 a batch offset (im2col chunks). Arrays are 1-D (flat, C-contiguous). Indices into arrays are cast to uint64
 (none is negative where it is used): Numba wraps a negative signed index at every access, which in the inner loop
@@ -68,8 +69,8 @@ def index_seek(j, geo):
 
 
 @cuda.jit(device=True, inline=True)
-def index_step(r, j, d, geo):
-    return j + d
+def index_step(r, d, j, geo):
+    return j
 
 
 class Ops(NamedTuple):
@@ -173,37 +174,31 @@ def tiled_kernel(dtype, ops, tile=SMALL):
         # stores the next step into the other: one barrier per step, global loads in flight during the FMAs
         cur_a = seek(j_begin + tid // BM, pgeo)  # the cursors of the first index of A and of B this thread stages
         cur_b = seek(j_begin + tid // BN, pgeo)
-        r = cur_a
         for i in range(STAGE_A):
             jj = tid // BM + i * (THREADS // BM)
             ok = row_ok and j_begin + jj < j_end
+            r = step(cur_a, i * (THREADS // BM), j_begin + jj, pgeo)
             shared_a[0, uint64(jj), uint64(sm)] = load_a(a, ra, r, pgeo, tab) if ok else dtype(0)
-            r = step(r, j_begin + jj, THREADS // BM, pgeo)
-        r = cur_b
         for i in range(STAGE_B):
             jj = tid // BN + i * (THREADS // BN)
             ok = col_ok and j_begin + jj < j_end
+            r = step(cur_b, i * (THREADS // BN), j_begin + jj, pgeo)
             shared_b[0, uint64(jj), uint64(sc)] = load_b(b, cb, r, pgeo, tab) if ok else dtype(0)
-            r = step(r, j_begin + jj, THREADS // BN, pgeo)
         cuda.syncthreads()
         buf = 0
         for j0 in range(j_begin, j_end, BJ):
             more = j0 + BJ < j_end
-            cur_a = step(cur_a, j0 + tid // BM, BJ, pgeo)
-            cur_b = step(cur_b, j0 + tid // BN, BJ, pgeo)
             if more:
-                r = cur_a
+                cur_a = step(cur_a, BJ, j0 + BJ + tid // BM, pgeo)
+                cur_b = step(cur_b, BJ, j0 + BJ + tid // BN, pgeo)
                 for i in range(STAGE_A):
-                    jj = tid // BM + i * (THREADS // BM)
-                    ok = row_ok and j0 + BJ + jj < j_end
-                    next_a[i] = load_a(a, ra, r, pgeo, tab) if ok else dtype(0)
-                    r = step(r, j0 + BJ + jj, THREADS // BM, pgeo)
-                r = cur_b
+                    j = j0 + BJ + tid // BM + i * (THREADS // BM)
+                    r = step(cur_a, i * (THREADS // BM), j, pgeo)
+                    next_a[i] = load_a(a, ra, r, pgeo, tab) if row_ok and j < j_end else dtype(0)
                 for i in range(STAGE_B):
-                    jj = tid // BN + i * (THREADS // BN)
-                    ok = col_ok and j0 + BJ + jj < j_end
-                    next_b[i] = load_b(b, cb, r, pgeo, tab) if ok else dtype(0)
-                    r = step(r, j0 + BJ + jj, THREADS // BN, pgeo)
+                    j = j0 + BJ + tid // BN + i * (THREADS // BN)
+                    r = step(cur_b, i * (THREADS // BN), j, pgeo)
+                    next_b[i] = load_b(b, cb, r, pgeo, tab) if col_ok and j < j_end else dtype(0)
             for j1 in range(0, BJ, UNROLL):
                 for jj in range(j1, j1 + UNROLL):
                     for i in range(TM):
