@@ -9,8 +9,10 @@ reported: PTX 9.0 loads on driver 580), and that PTX linked by cuda.core's Linke
 same PTX when a kernel is loaded. For the kernels with shared-memory steps (the tiled GEMMs, the depthwise halo
 tiles and weight gradient) it also counts the 64-bit divisions left in the main loop (loop_divisions), and for
 every kernel the instructions and FMAs of the innermost loop holding FMAs (inner_loop: per reduction index of a
-tiled GEMM, the multiply-adds' share of what the SM issues). Entries compile in parallel (--jobs, default: one
-process per CPU).
+tiled GEMM, the multiply-adds' share of what the SM issues). With nvdisasm installed (on PATH, or the
+`nvidia-cuda-nvdisasm` wheel, 13.2 or later, which reads sm_90 cubins from the 13.0 linker) it also reports the
+same loop in the SASS the GPU runs (sass_loop: instructions and FFMA/DFMA): 64-bit index arithmetic there costs
+two to three instructions per PTX one. Entries compile in parallel (--jobs, default: one process per CPU).
 Exit status 1 if any entry fails to compile or spills.
 """
 import argparse
@@ -18,8 +20,12 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 ARCH = "sm_90"
 CC = (9, 0)
@@ -35,29 +41,63 @@ def ptx_facts(ptx):
             "inner_loop": inner_loop(ptx)}
 
 
-def loops(lines, end=None):
-    """[(start, stop)]: the loops of PTX lines[:end], a label at line start and a later branch back to it at stop."""
-    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\$L__BB\d+_\d+):", line))}
+PTX = dict(label=r"(\$L__BB\d+_\d+):", branch=r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", fma=r"\s+fma\.",
+           instruction=r"\s+[a-z@]")
+SASS = dict(label=r"\s*(\.L_x_\d+):", branch=r"\bBRA\b[^;]*?(\.L_x_\d+)", fma=r".*\*/\s+(?:@!?U?P\w+\s+)?[FD]FMA\b",
+            instruction=r"\s+/\*[0-9a-f]{4,}\*/")
+
+
+def loops(lines, end=None, syntax=PTX):
+    """[(start, stop)]: the loops of lines[:end], a label at line start and a later branch back to it at stop."""
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(syntax["label"], line))}
     out = []
     for i, line in enumerate(lines[:end]):
-        m = re.search(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        m = re.search(syntax["branch"], line)
         if m and labels.get(m.group(1), i) < i:
             out.append((labels[m.group(1)], i))
     return out
 
 
-def inner_loop(ptx):
-    """[instructions, FMAs] of the innermost loop around the first fma: from the nearest label above it that a
-    branch below it jumps back to, to the first such branch (static instructions, each issued once per trip);
-    None when no loop holds an fma."""
-    lines = ptx.splitlines()
-    first = next((i for i, line in enumerate(lines) if re.match(r"\s+fma\.", line)), None)
-    around = [loop for loop in loops(lines) if first is not None and loop[0] <= first <= loop[1]]
+def inner_loop(code, syntax=PTX):
+    """[instructions, FMAs] of the innermost loop around the first fma of PTX (or SASS) code: from the nearest
+    label above it that a branch below it jumps back to, to the first such branch (static instructions, each
+    issued once per trip); None when no loop holds an fma."""
+    lines = code.splitlines()
+    first = next((i for i, line in enumerate(lines) if re.match(syntax["fma"], line)), None)
+    around = [loop for loop in loops(lines, syntax=syntax) if first is not None and loop[0] <= first <= loop[1]]
     if not around:
         return None
     start, stop = max(around, key=lambda loop: (loop[0], -loop[1]))  # the innermost
-    body = [line for line in lines[start:stop + 1] if re.match(r"\s+[a-z@]", line)]
-    return [len(body), sum(1 for line in body if re.match(r"\s+fma\.", line))]
+    body = [line for line in lines[start:stop + 1] if re.match(syntax["instruction"], line)]
+    return [len(body), sum(1 for line in body if re.match(syntax["fma"], line))]
+
+
+def nvdisasm():
+    """The nvdisasm executable: on PATH, else the nvidia-cuda-nvdisasm wheel's; None when neither is there."""
+    found = shutil.which("nvdisasm")
+    if found:
+        return found
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    wheel = [Path(p) / "cu13" / "bin" / "nvdisasm" for p in nvidia.__path__]
+    return next((str(p) for p in wheel if p.is_file() and os.access(p, os.X_OK)), None)
+
+
+def sass_loop(cubin):
+    """inner_loop of the cubin's SASS, or None without an nvdisasm that reads it (optional: never fails a row)."""
+    tool = nvdisasm()
+    if tool is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        try:
+            done = subprocess.run([tool, "-c", str(path)], capture_output=True, text=True, check=True, timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return None
+    return inner_loop(done.stdout, SASS)
 
 
 def loop_divisions(ptx):
@@ -83,14 +123,15 @@ def link_report(ptx):
     from cuda.core import Linker, LinkerOptions, ObjectCode
 
     linker = Linker(ObjectCode.from_ptx(ptx.encode()), options=LinkerOptions(arch=ARCH, ptxas_options="-v"))
-    linker.link("cubin")
+    cubin = linker.link("cubin")
     log = linker.get_info_log()
     regs = re.search(r"Used (\d+) registers", log)
     stores = re.search(r"(\d+) bytes spill stores", log)
     loads = re.search(r"(\d+) bytes spill loads", log)
     return {"registers": int(regs.group(1)) if regs else None,
             "spill_stores": int(stores.group(1)) if stores else None,
-            "spill_loads": int(loads.group(1)) if loads else None}
+            "spill_loads": int(loads.group(1)) if loads else None,
+            "sass_loop": sass_loop(cubin.code)}
 
 
 def check(index):
@@ -131,14 +172,15 @@ def main(argv=None):
         print(json.dumps(rows, indent=1))
     else:
         print(f"{'kernel':58s} {'PTX':>4s} {'target':>7s} {'regs':>5s} {'spill st/ld':>12s} {'loop div':>8s} "
-              f"{'inner loop (FMA)':>16s}")
+              f"{'inner loop (FMA)':>16s} {'SASS loop (FMA)':>15s}")
         for r in rows:
             if "error" in r:
                 print(f"{r['name']:58s} ERROR {r['error']}")
             else:
+                loop, sass = ('%d (%d)' % tuple(r[k]) if r[k] else '-' for k in ("inner_loop", "sass_loop"))
                 print(f"{r['name']:58s} {r['ptx_version']:>4s} {r['target']:>7s} {r['registers']!s:>5s} "
                       f"{r['spill_stores']!s:>6s}/{r['spill_loads']!s:<5s} {r['loop_divisions']!s:>8s} "
-                      f"{'%d (%d)' % tuple(r['inner_loop']) if r['inner_loop'] else '-':>16s}")
+                      f"{loop:>16s} {sass:>15s}")
     return 0 if all(r["ok"] for r in rows) else 1
 
 
