@@ -53,7 +53,8 @@ def sample_seek(j, geo):
 
 @cuda.jit(device=True, inline=True)
 def sample_step(r, d, j, geo):
-    """The cursor d reduction indices after r (at j): o carried into n (one carry, or none, when O >= d)."""
+    """The cursor d reduction indices after r (at j): o carried into n (one carry, or none, when O >= d). O >= 1:
+    the API returns empty results without launching."""
     O = geo[9] * geo[10] * geo[11]
     n, o = r
     o += d
