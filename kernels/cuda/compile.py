@@ -25,7 +25,7 @@ DTYPES = (types.float32, types.float64)
 ZERO = np.float32(0.0)
 
 # The kernels' index casts: cast to uint64, an array index skips Numba's negative-index wrap-around (see gemm.py).
-# Compiled, they are Numba's types. In the simulator, calling a Numba type costs ~2.5 us (a checked NumPy scalar),
+# Compiled, they are Numba's types. In the simulator, calling a Numba type costs 2.6-3.4 us (a checked NumPy scalar),
 # a third of a simulated tiled GEMM's time, so there they are the same two's-complement casts on Python ints: a
 # negative index still becomes 2**64 - |i| and fails NumPy's bounds check, as it would on the GPU's memory.
 if config.ENABLE_CUDASIM:
