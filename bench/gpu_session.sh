@@ -12,13 +12,14 @@
 #   bash bench/gpu_session.sh tiles [NAME...]   the same with the direct algorithm in each tile configuration
 #                                               (8x64, 32x64, 64x128, 128x128): the data to retune gemm.choose_tile
 #   bash bench/gpu_session.sh planes            the depthwise shapes with each halo-tile block doing 1 (n, c) plane
-#                                               and 8 (depthwise.PLANES): setup amortised vs occupancy
+#                                               and 8 (depthwise.PLANES), and with 1 output row per thread against
+#                                               4 (depthwise.ROWS): setup amortised vs occupancy
 # Exit status: the step's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
 tests|sanitize|host|bench|tiles|planes) ;;
-*) sed -n '2,16p' "$0"; exit 2 ;;  # usage, before installing anything
+*) sed -n '2,17p' "$0"; exit 2 ;;  # usage, before installing anything
 esac
 out="${OUT:-gpu-out}"
 mkdir -p "$out"
@@ -66,16 +67,17 @@ tiles)
     ;;
 planes)
     rc=0
-    for planes in 1 8; do
-        python -c "import sys; from cnnfast.kernels.cuda import depthwise; depthwise.PLANES = $planes
+    for setting in "PLANES = 1" "PLANES = 8" "ROWS = 1"; do  # (PLANES = 8 with ROWS = 4: the defaults)
+        name="${setting// /}"
+        python -c "import sys; from cnnfast.kernels.cuda import depthwise; depthwise.$setting
 from cnnfast import cli; sys.exit(cli.main(sys.argv[1:]))" bench --device cuda --shape depthwise --algo depthwise \
-            --json "$out/bench-planes-$planes.json" 2>/dev/null | tee "$out/bench-planes-$planes.txt"
+            --json "$out/bench-$name.json" 2>/dev/null | tee "$out/bench-$name.txt"
         rc=$(( rc || PIPESTATUS[0] ))
     done
     exit "$rc"
     ;;
 *)
-    sed -n '2,16p' "$0"
+    sed -n '2,17p' "$0"
     exit 2
     ;;
 esac

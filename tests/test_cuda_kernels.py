@@ -581,6 +581,46 @@ def test_depthwise_halo_blocks_work_through_several_planes(monkeypatch):
                              f"backward_data {kw}")
 
 
+# planes taller than one block of thread rows: plane_kernel's threads own ROWS output rows each, the last thread row
+# of the plane only some of them (backward_data: at stride 1 along h and w; along d the tap walk is the block's)
+DEPTHWISE_ROWS = {
+    "forward-s1": ((1, 2, 15, 33), (4, 1, 3, 3), dict(padding=1, groups=2), "forward"),
+    "forward-s2": ((1, 1, 45, 64), (2, 1, 3, 3), dict(padding=1, stride=2, groups=1), "forward"),
+    "backward-s1": ((1, 2, 21, 64), (4, 1, 3, 3), dict(padding=1, groups=2), "backward_data"),
+    "backward-dil2": ((1, 1, 23, 64), (2, 1, 3, 2), dict(padding=(2, 0), dilation=(2, 1), groups=1), "backward_data"),
+    "backward-3d-sd2": ((1, 1, 3, 21, 40), (2, 1, 3, 3, 3), dict(padding=1, stride=(2, 1, 1), groups=1),
+                        "backward_data"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEPTHWISE_ROWS))
+def test_depthwise_halo_threads_own_several_output_rows(name):
+    """A thread of plane_kernel's ROWS builds sums ROWS output rows at once, each tap's weight read once for them.
+    On NaN-filled outputs: a row no thread wrote fails the comparison; a thread's rows past the plane's end must
+    not be written (out of bounds)."""
+    xs, ws, kw, primitive = DEPTHWISE_ROWS[name]
+    nd = len(xs) - 2
+    g = cnnfast.explain(f"conv{nd}d", xs, ws, device="cuda", **kw).spec.geometry
+    tg = depthwise.tile_geometry(g, primitive)
+    dst_rows = g.Q if primitive == "forward" else g.H
+    assert tg[34] == depthwise.ROWS > 1 and dst_rows % tg[28] % depthwise.ROWS  # a thread row in part past the end
+    assert not depthwise.walks(g, primitive)
+    rng = np.random.default_rng(sum(map(ord, name)))
+    x, w = rng.standard_normal(xs).astype(np.float32), rng.standard_normal(ws).astype(np.float32)
+    y_shape = (g.N, g.K) + (g.P, g.Q, g.U)[3 - nd:]
+    if primitive == "forward":
+        b = rng.standard_normal(ws[:1]).astype(np.float32)
+        y = cuda.to_device(np.full(y_shape, np.nan, np.float32))
+        depthwise.forward(cuda.to_device(x), cuda.to_device(w), cuda.to_device(b), y, g)
+        compare.assert_close(y.copy_to_host(), reference.conv(x, w, b, **kw), "float32", f"forward {name}")
+    else:
+        dy = rng.standard_normal(y_shape).astype(np.float32)
+        dx = cuda.to_device(np.full(xs, np.nan, np.float32))
+        depthwise.backward_data(cuda.to_device(dy), cuda.to_device(w), dx, g)
+        compare.assert_close(dx.copy_to_host(), reference.conv_input(xs, w, dy, **kw), "float32",
+                             f"backward_data {name}")
+
+
 def test_depthwise_names_its_kernels_and_falls_back_when_no_halo_tile_fits(monkeypatch):
     xs, ws, kw = DEPTHWISE["2d-x2"]
     plans = {op: cnnfast.explain(op, *shapes, device="cuda", **kw).kernels for op, shapes in (

@@ -6,11 +6,15 @@ x (N, C, D, H, W) * w (K, 1, T, R, S) -> y (N, K, P, Q, U); output channel k = c
                    slot z) working through the planes n*C + c = z, z + slots, ... (about PLANES of them, so the
                    thread's setup, a dozen integer divisions, is paid once for them all). Per plane and depth tap
                    the source rows the tile reads, with their halo, are staged once in shared memory (at most HALO
-                   elements); thread tid owns output (q, u) = tile origin + (tid // TU, tid % TU) and reads its
-                   taps there. Forward stages x[n, c] and writes the M outputs c*M + m; backward_data stages
-                   dy[n, c*M + m] in turn and sums the M filters into dx[n, c], visiting only the taps whose
-                   output exists at its stride (a tap walk per axis, gemm.tap_walk: no division per tap, no
-                   multiply-add on the zeros a strided transposed convolution inserts).
+                   elements; each thread issues STAGE loads before it stores them); thread tid owns the V output
+                   rows q = q0 + (tid // TU)*V + v, v < V, at column u = u0 + tid % TU, and reads their taps
+                   there: V = ROWS on planes taller than a block of thread rows (each tap's weight and the setup
+                   then serve V outputs: ~2.5x fewer instructions per output for 56x56, sm_90 SASS), else 1.
+                   Forward stages x[n, c] and writes the M outputs c*M + m; backward_data stages dy[n, c*M + m] in
+                   turn and sums the M filters into dx[n, c]. At stride 1 along h and w its gather reads every tap
+                   like a forward window; at a larger stride (the walk build, V = 1) only the taps whose output
+                   exists (a tap walk per axis, gemm.tap_walk: no division per tap, no multiply-add on the zeros a
+                   strided transposed convolution inserts).
     filter_kernel  backward_filter: block per (output channel k, split of the N*P*Q*U reduction); each thread
                    accumulates TAPS taps at once in registers over a strided slice of the split, the block adds
                    its threads' sums in a fixed tree order, and direct.reduce_splits_kernel adds the splits in
@@ -30,19 +34,21 @@ from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cuda import direct, gemm
 from cnnfast.kernels.cuda.compile import ZERO, device_constant, numba_dtype, uint64
 from cnnfast.kernels.cuda.launch import launch, scratch
-from numba import cuda
+from numba import cuda, types
 
 BLOCK = 256  # threads per block of the thread-per-output kernels; plane_kernel's tiles hold at most BLOCK outputs
 MAX_BLOCKS = 8192
-HALO = 4096  # shared-memory elements of one staged input tile: 16 KiB float32, 32 KiB float64
 TILE_W = 64  # widest output tile of a 2-D/3-D plane (1-D rows take BLOCK)
+HALO = 4096  # shared-memory elements of one staged input tile: 16 KiB float32, 32 KiB float64
+STAGE = 2  # plane_kernel: halo elements a thread loads before it stores them (loads in flight per thread)
+ROWS = 4  # plane_kernel on planes taller than a block of threads: output rows per thread (builds for 1 and ROWS)
 FILTER_BLOCK = 128  # threads of filter_kernel (a power of two: tree reduction)
 TAPS = 9  # weight-gradient taps a thread accumulates per pass (a 3x3 filter in one pass)
 TARGET_BLOCKS = 1056  # filter_kernel and plane_kernel: at least 8 blocks per SM on an H100 (132 SMs)
 PLANES = 8  # plane_kernel: (n, c) planes per block, when that leaves TARGET_BLOCKS blocks
 GRID_YZ = 65535  # CUDA's limit on a grid's y and z
 MIN_CHUNK = 8 * FILTER_BLOCK  # filter_kernel: reduction elements per split at least
-NTILE = 34  # len(tile_geometry(...))
+NTILE = 35  # len(tile_geometry(...))
 SPECIALISED = ((1, 3, 3),)  # filter sizes plane_kernel and filter_kernel have builds for (MobileNet's 3x3)
 
 
@@ -60,24 +66,38 @@ def _axis(o0, oo, mul, add, div, step, reach):
 
 
 @lru_cache(maxsize=None)
-def plane_kernel(dtype, forward, sizes=None):
+def plane_kernel(dtype, forward, sizes=None, V=1, walk=False):
     """The halo-tile kernel's Python function for a numba dtype, primitive (forward, else backward_data) and
     filter size: sizes = (T, R, S) compiles them in as constants (SPECIALISED: the tap loops unroll, the filter
     offsets fold), None reads them from tg, tile_geometry()'s NTILE ints. Forward windows read every tap at
     source o*stride - pad + t*dil; the transposed gather of backward_data reads source (i + pad - t*dil) / stride
     at the taps where that divides (a tap walk per axis: no division per tap, no multiply-add on a zero inserted
-    by the stride)."""
+    by the stride). walk: backward_data at a stride > 1 along h or w (else its gather, like a forward window, reads
+    every tap, one dilation apart). V: output rows per thread (tile_geometry's tg[34]; 1 when walking), compiled in:
+    its loops unroll, its V sums stay in registers and each tap's weight is read once for them."""
     KT, KR, KS = sizes or (0, 0, 0)  # 0: read from tg
+
+    @cuda.jit(device=True, inline=True)
+    def store(out, first, pitch, acc, bias, rows_left, active):
+        """out[first + v*pitch] = acc[v] + bias for the thread's rows v that exist; acc zeroed for the next sum."""
+        for v in range(V):
+            if active and v < rows_left:
+                out[uint64(first + v * pitch)] = acc[v] + bias
+            acc[v] = 0
 
     def kernel(src, w, bias, out, tg, has_bias):
         halo = cuda.shared.array(HALO, dtype)
+        acc = cuda.local.array(V, dtype)  # the thread's sums for its output rows v
+        oh = cuda.local.array(V, types.int64)  # row v's tap walk along h: halo row, remainder
+        rem_h = cuda.local.array(V, types.int64)
+        buf = cuda.local.array(STAGE, dtype)  # the thread's staged elements, loaded before any is stored
         C, M = tg[1], tg[2]
         SD, SH, SW, OD, OH, OW = tg[4], tg[5], tg[6], tg[7], tg[8], tg[9]
         T = KT if KT else tg[10]
         R = KR if KR else tg[11]
         S = KS if KS else tg[12]
         TQ, TU, tiles_u, rows, pitch = tg[28], tg[29], tg[31], tg[32], tg[33]
-        # block -> (tile, p, first plane n*C + c); thread -> (qq, uu) in the tile
+        # block -> (tile, p, first plane n*C + c); thread -> output rows q0 + qq*V + v (v < V), column u0 + uu
         tile = cuda.blockIdx.x
         p = cuda.blockIdx.y
         q0 = tile // tiles_u * TQ
@@ -85,19 +105,23 @@ def plane_kernel(dtype, forward, sizes=None):
         tid = cuda.threadIdx.x
         qq = tid // TU
         uu = tid - qq * TU
-        active = tid < TQ * TU and q0 + qq < OH and u0 + uu < OW
-        pixel = (p * OH + q0 + qq) * OW + u0 + uu  # the thread's output in its (n, channel) plane
-        threads = cuda.blockDim.x  # staging: thread tid copies elements tid + i*threads of the rows x pitch halo
+        active = tid < TQ // V * TU and u0 + uu < OW
+        rows_left = OH - q0 - qq * V  # the thread's rows v < rows_left exist (not all in the plane's last tile)
+        pixel = (p * OH + q0 + qq * V) * OW + u0 + uu  # the thread's first output in its (n, channel) plane
+        h_base, oh0, rem_h0, dq_h, dr_h = _axis(q0, qq * V, tg[18], tg[19], tg[20], tg[21], tg[22])
+        w_base, ow0, rem_w0, dq_w, dr_w = _axis(u0, uu, tg[23], tg[24], tg[25], tg[26], tg[27])
+        # staging: thread tid copies column col0 (+ threads, ...) of the rows x pitch halo, rows row0 + i*lanes
+        threads = cuda.blockDim.x
+        lanes = threads // pitch if threads >= pitch else 1
         row0 = tid // pitch
         col0 = tid - row0 * pitch
-        step_r = threads // pitch
-        step_c = threads - step_r * pitch
-        h_base, oh0, rem_h0, dq_h, dr_h = _axis(q0, qq, tg[18], tg[19], tg[20], tg[21], tg[22])
-        w_base, ow0, rem_w0, dq_w, dr_w = _axis(u0, uu, tg[23], tg[24], tg[25], tg[26], tg[27])
+        size = OD * OH * OW  # an output plane
         d0, rem_d0, dq_d, dr_d = gemm.tap_walk(p * tg[13] + tg[14], tg[15], tg[16])
         c, dc = cuda.blockIdx.z % C, cuda.gridDim.z % C  # nc = n*C + c steps by the slots: c by dc, carried
+        for v in range(V):
+            acc[v] = 0  # (then zeroed by each store)
         for nc in range(cuda.blockIdx.z, tg[0] * C, cuda.gridDim.z):  # the block's planes: setup above done once
-            total = ZERO
+            first_out = (nc * M if forward else nc) * size + pixel  # the thread's first output in plane nc(*M + m)
             for m in range(M):
                 k = c * M + m
                 plane = nc if forward else nc * M + m
@@ -106,47 +130,54 @@ def plane_kernel(dtype, forward, sizes=None):
                     if rem_d == 0 and d >= 0 and d < SD:  # the same for the whole block: barriers stay uniform
                         if m == 0 or T > 1 or not forward:  # forward at T == 1 keeps x[n, c]'s tile for every m
                             cuda.syncthreads()  # every thread is done reading the previous tile
-                            e, rr, col = tid, row0, col0
-                            while e < rows * pitch:  # element e = rr*pitch + col, stepped with no division
-                                h = h_base + rr
-                                wi = w_base + col
-                                v = ZERO
-                                if h >= 0 and h < SH and wi >= 0 and wi < SW:
-                                    v = src[uint64(((plane * SD + d) * SH + h) * SW + wi)]
-                                halo[uint64(e)] = v
-                                e += threads
-                                rr += step_r
-                                col += step_c
-                                if col >= pitch:
-                                    col -= pitch
-                                    rr += 1
+                            first = ((plane * SD + d) * SH + h_base) * SW + w_base  # source of halo[0, 0]
+                            col = col0
+                            while row0 < lanes and col < pitch:  # a column: its test once
+                                inside = gemm.within(w_base + col, SW)
+                                rr = row0
+                                while rr < rows:  # STAGE of its rows at a time: their loads all issued, then stored
+                                    for i in range(STAGE):
+                                        x = ZERO
+                                        if rr + i * lanes < rows and inside and gemm.within(h_base + rr + i * lanes,
+                                                                                            SH):
+                                            x = src[uint64(first + (rr + i * lanes) * SW + col)]
+                                        buf[i] = x
+                                    for i in range(STAGE):
+                                        if rr + i * lanes < rows:
+                                            halo[uint64((rr + i * lanes) * pitch + col)] = buf[i]
+                                    rr += STAGE * lanes
+                                col += threads
                             cuda.syncthreads()
                         if active:
-                            oh, rem_h = oh0, rem_h0
+                            o, rem = oh0, rem_h0  # row v's taps start one output row (forward: stride) after v-1's
+                            for v in range(V):
+                                oh[v], rem_h[v] = o, rem
+                                if walk:
+                                    rem, o = gemm.carry(rem + 1, o, tg[20])
+                                else:
+                                    o += tg[18]
                             for r in range(R):
-                                if forward or rem_h == 0:
-                                    ow, rem_w = ow0, rem_w0
-                                    tap = ((k * T + t) * R + r) * S
-                                    for s in range(S):
-                                        if forward or rem_w == 0:
-                                            total += w[uint64(tap + s)] * halo[uint64(oh * pitch + ow)]
-                                        ow, rem_w = (ow - dq_w, 0) if forward else gemm.next_tap(
-                                            ow, rem_w, dq_w, dr_w, tg[25])
-                                oh, rem_h = (oh - dq_h, 0) if forward else gemm.next_tap(
-                                    oh, rem_h, dq_h, dr_h, tg[20])
+                                ow, rem_w = ow0, rem_w0
+                                tap = ((k * T + t) * R + r) * S
+                                for s in range(S):
+                                    if not walk or rem_w == 0:
+                                        wt = w[uint64(tap + s)]  # read once for the thread's V rows
+                                        for v in range(V):
+                                            if not walk or rem_h[v] == 0:
+                                                acc[v] += wt * halo[uint64(oh[v] * pitch + ow)]
+                                    ow, rem_w = gemm.next_tap(ow, rem_w, dq_w, dr_w, tg[25]) if walk else (ow - dq_w, 0)
+                                for v in range(V):
+                                    oh[v], rem_h[v] = gemm.next_tap(oh[v], rem_h[v], dq_h, dr_h, tg[20]) if walk else (
+                                        oh[v] - dq_h, 0)
                     d, rem_d = gemm.next_tap(d, rem_d, dq_d, dr_d, tg[15])
                 if forward:
-                    if active:
-                        if has_bias:
-                            total += bias[uint64(k)]
-                        out[uint64((nc * M + m) * OD * OH * OW + pixel)] = total
-                    total = ZERO
-            if not forward and active:
-                out[uint64(nc * OD * OH * OW + pixel)] = total
+                    store(out, first_out, OW, acc, bias[uint64(k)] if has_bias else ZERO, rows_left, active)
+                    first_out += size
+            if not forward:
+                store(out, first_out, OW, acc, ZERO, rows_left, active)
             c, _ = gemm.carry(c + dc, 0, C)
 
-    kernel.cache_key = (f"{__name__}.plane_kernel[{dtype}:{'forward' if forward else 'backward_data'}:"
-                        f"{size_name(sizes)}]")
+    kernel.cache_key = (f"{__name__}.plane_kernel[{dtype}:{build_name(forward, V, walk)}:{size_name(sizes)}]")
     return kernel
 
 
@@ -159,16 +190,23 @@ def extent(n, k, stride, dil, forward):
 
 
 def tile_shape(OH, OW, R, S, sh, sw, dh, dw, forward=True):
-    """(TQ, TU, staged rows, pitch): the output tile (at most BLOCK outputs, at most TILE_W wide unless the
-    plane is one row) whose source rows with halo fit HALO elements; None when not even one output's does."""
+    """(TQ, TU, V, staged rows, pitch): the output tile, TQ // V rows of threads TU wide (at most BLOCK threads,
+    at most TILE_W wide unless the plane is one row) with V output rows each, whose source rows with halo fit HALO
+    elements; None when not even one output's does. V = ROWS on planes taller than a block of thread rows (the
+    thread rows then balanced over the plane's tiles: 56 rows, 4 tiles of 4 x 4; 28 rows, 1 of 7 x 4) unless
+    backward_data walks its taps (a stride > 1 along h or w), else 1."""
     TU = min(OW, TILE_W if OH > 1 else BLOCK)
-    TQ = max(1, min(OH, BLOCK // TU))
+    TR = max(1, min(OH, BLOCK // TU))
+    V = ROWS if OH > TR and (forward or sh == sw == 1) else 1  # (a tap walk: one row per thread)
+    TR = -(-OH // (-(-OH // (TR * V)) * V))  # as few thread rows as the fewest tiles need
     while True:
-        rows, pitch = extent(TQ, R, sh, dh, forward), extent(TU, S, sw, dw, forward)
+        rows, pitch = extent(TR * V, R, sh, dh, forward), extent(TU, S, sw, dw, forward)
         if rows * pitch <= HALO:
-            return TQ, TU, rows, pitch
-        if TQ > 1:
-            TQ = (TQ + 1) // 2
+            return TR * V, TU, V, rows, pitch
+        if V > 1:
+            V, TR = 1, max(1, min(OH, BLOCK // TU))
+        elif TR > 1:
+            TR = (TR + 1) // 2
         elif TU > 1:
             TU = (TU + 1) // 2
         else:
@@ -180,11 +218,11 @@ def tile_geometry(g, primitive):
     when no tile fits. Per axis (mul, add, div, step, reach) (_axis; d, h, w at 13, 18, 23): forward (stride, -pad,
     1, -dil, 0), backward (1, pad, stride, dil, (k-1)*dil). Cached per problem (5 us of host time per launch
     otherwise), keyed with the tile constants so that changing one re-plans."""
-    return _tile_geometry(g, primitive, HALO, TILE_W, BLOCK)
+    return _tile_geometry(g, primitive, HALO, TILE_W, BLOCK, ROWS)
 
 
 @lru_cache(maxsize=1024)
-def _tile_geometry(g, primitive, halo, tile_w, block):
+def _tile_geometry(g, primitive, halo, tile_w, block, rows):
     fwd = primitive == "forward"
     src, dst = ((g.D, g.H, g.W), (g.P, g.Q, g.U)) if fwd else ((g.P, g.Q, g.U), (g.D, g.H, g.W))
     axes = []
@@ -194,11 +232,11 @@ def _tile_geometry(g, primitive, halo, tile_w, block):
     shape = tile_shape(dst[1], dst[2], g.R, g.S, g.stride_h, g.stride_w, g.dil_h, g.dil_w, fwd)
     if shape is None:
         return None
-    TQ, TU, rows, pitch = shape
+    TQ, TU, V, rows, pitch = shape
     if dst[0] > GRID_YZ:  # output depths are the grid's y
         return None
     return (g.N, g.C, g.K // g.C, int(fwd), *src, *dst, g.T, g.R, g.S, *axes,
-            TQ, TU, -(-dst[1] // TQ), -(-dst[2] // TU), rows, pitch)
+            TQ, TU, -(-dst[1] // TQ), -(-dst[2] // TU), rows, pitch, V)
 
 
 def _plane(primitive, src, w, bias, flag, out, g, stream):
@@ -207,8 +245,8 @@ def _plane(primitive, src, w, bias, flag, out, g, stream):
     if tg is None:
         return False
     grid, threads = plane_grid(g, tg)
-    launch(plane_kernel(numba_dtype(out.dtype), primitive == "forward", constant_sizes(g)), grid, threads, stream,
-           src.reshape(src.size), w.reshape(w.size), bias, out.reshape(out.size), tg, flag)
+    launch(plane_kernel(numba_dtype(out.dtype), primitive == "forward", constant_sizes(g), tg[34], walks(g, primitive)),
+           grid, threads, stream, src.reshape(src.size), w.reshape(w.size), bias, out.reshape(out.size), tg, flag)
     return True
 
 
@@ -217,7 +255,18 @@ def plane_grid(g, tg):
     fewer where that leaves under TARGET_BLOCKS blocks."""
     tiles, planes = tg[30] * tg[31], g.N * g.C
     slots = min(planes, GRID_YZ, max(-(-planes // PLANES), -(-TARGET_BLOCKS // (tiles * tg[7]))))
-    return (tiles, tg[7], slots), -(-tg[28] * tg[29] // 32) * 32
+    threads = tg[28] // tg[34] * tg[29]  # TQ // V rows of TU
+    return (tiles, tg[7], slots), -(-threads // 32) * 32
+
+
+def walks(g, primitive):
+    """True when plane_kernel walks backward_data's taps: a stride > 1 along h or w (along d the walk is per block)."""
+    return primitive == "backward_data" and (g.stride_h > 1 or g.stride_w > 1)
+
+
+def build_name(forward, V, walk):
+    """'forward/4rows', 'backward_data/1rows/walk': plane_kernel's build, for cache keys and the PTX table."""
+    return f"{'forward' if forward else 'backward_data'}/{V}rows{'/walk' if walk else ''}"
 
 
 def constant_sizes(g):
@@ -418,6 +467,8 @@ def kernels(g, primitive, dtype):
     if primitive == "backward_filter":
         return (f"depthwise filter_kernel [{dtype}]" + (f" ({build})" if build else ""),
                 f"reduce_splits_kernel [{dtype}] (when split)")
-    if tile_geometry(g, primitive) is not None:
-        return (f"depthwise plane_kernel [{dtype}] (shared-memory halo tile{', ' + build if build else ''})",)
+    tg = tile_geometry(g, primitive)
+    if tg is not None:
+        rows = f", {tg[34]} output rows per thread" if tg[34] > 1 else ""
+        return (f"depthwise plane_kernel [{dtype}] (shared-memory halo tile{', ' + build if build else ''}{rows})",)
     return (f"depthwise {primitive}_kernel [{dtype}]",)
