@@ -73,6 +73,16 @@ def test_every_specialisation_compiles_to_ptx_9_for_sm90_without_spills(ptx_rows
     assert all(r["ptx_version"] == "9.0" and r["target"] == "sm_90" and r["spill_stores"] == 0 for r in rows)
 
 
+def test_depthwise_3x3_halo_builds_fit_their_blocks_per_sm(ptx_rows):
+    """The float32 SPECIALISED straight plane_kernel builds carry launch bounds (BLOCK threads, PLANE_BLOCKS blocks
+    per SM), which ptxas meets without spills: 4-row builds at ~130 registers would fit 2 blocks per SM, not 3. The
+    other builds carry none."""
+    plane = [r for r in ptx_rows if r["name"].startswith("depthwise_plane/")]
+    bounded = [r for r in plane if "/1x3x3[float32" in r["name"] and "/walk/" not in r["name"]]
+    assert len(bounded) == 8 and all(r["max_threads"] == depthwise.BLOCK for r in bounded), bounded
+    assert all(r["registers"] * depthwise.BLOCK * depthwise.PLANE_BLOCKS <= 65536 for r in bounded), bounded
+    assert all(r["max_threads"] is None for r in plane if r not in bounded)
+
 
 def test_tiled_gemm_tile_constants_give_each_thread_one_staged_row_and_column():
     for tile in gemm.TILES.values():
@@ -206,6 +216,15 @@ def _reach_every_kernel(x, w, dy, monkeypatch):
     y2 = cnnfast.conv2d(dx, generic_w, groups=C, algo="depthwise")
     grad.conv2d_input(x.shape, generic_w, y2, groups=C, algo="depthwise")
     grad.conv2d_weight(dx, generic_w.shape, y2, groups=C, algo="depthwise")
+    for fw in (depthwise_w, generic_w):
+        k = fw.shape[3]
+        # planes taller than a block of thread rows (64 wide: 4 of them): the 4-row builds
+        tall = cuda.to_device(np.zeros((1, C, 9, 64), np.float32))
+        grad.conv2d_input(tall.shape, fw, cnnfast.conv2d(tall, fw, padding=k // 2, groups=C, algo="depthwise"),
+                          padding=k // 2, groups=C, algo="depthwise")
+        # backward_data at stride 2: the tap-walk builds
+        strided = cuda.to_device(np.zeros((N, C) + ((HW + 2 * (k // 2) - k) // 2 + 1,) * 2, np.float32))
+        grad.conv2d_input(x.shape, fw, strided, padding=k // 2, stride=2, groups=C, algo="depthwise")
     monkeypatch.setattr(depthwise, "MIN_CHUNK", 8)  # filter_kernel split, then reduce_splits_kernel
     grad.conv2d_weight(dx, depthwise_w.shape, y, padding=1, groups=C, algo="depthwise")
     monkeypatch.setattr(depthwise, "HALO", 0)  # no halo tile fits: forward_kernel, backward_data_kernel

@@ -42,8 +42,15 @@ def jit(pyfunc):
     """The (cached) cuda.jit dispatcher of a kernel's Python function."""
     kernel = _DISPATCHERS.get(pyfunc)
     if kernel is None:
-        kernel = _DISPATCHERS[pyfunc] = cuda.jit(pyfunc)
+        kernel = _DISPATCHERS[pyfunc] = cuda.jit(pyfunc, **options(pyfunc))
     return kernel
+
+
+def options(pyfunc):
+    """cuda.jit's and compile_ptx's options for a kernel's Python function: its launch_bounds attribute, if it has
+    one ((most threads per block, blocks per SM): ptxas then caps the registers to fit); the simulator takes none."""
+    bounds = getattr(pyfunc, "launch_bounds", None)
+    return {"launch_bounds": bounds} if bounds and not simulating() else {}
 
 
 def device_constant(key, make):
@@ -112,7 +119,7 @@ def ptx(pyfunc, argtypes, cc):
     try:
         text = path.read_text()
     except OSError:
-        text, _ = cuda.compile_ptx(pyfunc, argtypes, cc=cc)
+        text, _ = cuda.compile_ptx(pyfunc, argtypes, cc=cc, **options(pyfunc))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")

@@ -9,7 +9,7 @@ x (N, C, D, H, W) * w (K, 1, T, R, S) -> y (N, K, P, Q, U); output channel k = c
                    elements; each thread issues STAGE loads before it stores them); thread tid owns the V output
                    rows q = q0 + (tid // TU)*V + v, v < V, at column u = u0 + tid % TU, and reads their taps
                    there: V = ROWS on planes taller than a block of thread rows (each tap's weight and the setup
-                   then serve V outputs: ~2.5x fewer instructions per output for 56x56, sm_90 SASS), else 1.
+                   then serve V outputs: ~2x fewer instructions per output for 56x56, sm_90 SASS), else 1.
                    Forward stages x[n, c] and writes the M outputs c*M + m; backward_data stages dy[n, c*M + m] in
                    turn and sums the M filters into dx[n, c]. At stride 1 along h and w its gather reads every tap
                    like a forward window; at a larger stride (the walk build, V = 1) only the taps whose output
@@ -42,6 +42,7 @@ TILE_W = 64  # widest output tile of a 2-D/3-D plane (1-D rows take BLOCK)
 HALO = 4096  # shared-memory elements of one staged input tile: 16 KiB float32, 32 KiB float64
 STAGE = 2  # plane_kernel: halo elements a thread loads before it stores them (loads in flight per thread)
 ROWS = 4  # plane_kernel on planes taller than a block of threads: output rows per thread (builds for 1 and ROWS)
+PLANE_BLOCKS = 3  # plane_kernel's float32 SPECIALISED straight builds: blocks of BLOCK threads per SM (bounds)
 FILTER_BLOCK = 128  # threads of filter_kernel (a power of two: tree reduction)
 TAPS = 9  # weight-gradient taps a thread accumulates per pass (a 3x3 filter in one pass)
 TARGET_BLOCKS = 1056  # filter_kernel and plane_kernel: at least 8 blocks per SM on an H100 (132 SMs)
@@ -177,7 +178,9 @@ def plane_kernel(dtype, forward, sizes=None, V=1, walk=False):
                 store(out, first_out, OW, acc, ZERO, rows_left, active)
             c, _ = gemm.carry(c + dc, 0, C)
 
-    kernel.cache_key = (f"{__name__}.plane_kernel[{dtype}:{build_name(forward, V, walk)}:{size_name(sizes)}]")
+    if sizes and not walk and dtype.bitwidth == 32:  # ptxas fits these in 80 registers without spills (4 rows:
+        kernel.launch_bounds = (BLOCK, PLANE_BLOCKS)  # 2 -> 3 blocks per SM; float64 would spill)
+    kernel.cache_key = f"{__name__}.plane_kernel[{dtype}:{build_name(forward, V, walk)}:{size_name(sizes)}]"
     return kernel
 
 

@@ -36,9 +36,10 @@ def ptx_facts(ptx):
 
     version = re.search(r"^\s*\.version\s+(\S+)", ptx, re.M)
     target = re.search(r"^\s*\.target\s+(\S+)", ptx, re.M)
+    bounds = re.search(r"^\s*\.maxntid\s+(\d+)", ptx, re.M)  # launch bounds: most threads per block
     return {"ptx_version": version and version.group(1), "target": target and target.group(1),
             "entry": entry_name(ptx), "params": parameter_count(ptx), "loop_divisions": loop_divisions(ptx),
-            "inner_loop": inner_loop(ptx)}
+            "inner_loop": inner_loop(ptx), "max_threads": bounds and int(bounds.group(1))}
 
 
 PTX = dict(label=r"(\$L__BB\d+_\d+):", branch=r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", fma=r"\s+fma\.",
@@ -136,13 +137,13 @@ def link_report(ptx):
 
 def check(index):
     """The report row of specialisations()[index] (run in a worker process: kernels are not picklable)."""
-    from cnnfast.kernels.cuda.compile import specialisations
+    from cnnfast.kernels.cuda.compile import options, specialisations
     from numba import cuda
 
     name, pyfunc, argtypes, typing = specialisations()[index]
     row = {"name": name, "typing": typing}
     try:
-        ptx, _ = cuda.compile_ptx(pyfunc, argtypes, cc=CC)
+        ptx, _ = cuda.compile_ptx(pyfunc, argtypes, cc=CC, **options(pyfunc))
         row.update(ptx_facts(ptx))
         row.update(link_report(ptx))
         row["ok"] = row["spill_stores"] == 0 and row["ptx_version"] == "9.0" and row["target"] == ARCH
