@@ -472,6 +472,8 @@ def kernels(g, primitive, dtype):
                 f"reduce_splits_kernel [{dtype}] (when split)")
     tg = tile_geometry(g, primitive)
     if tg is not None:
-        rows = f", {tg[34]} output rows per thread" if tg[34] > 1 else ""
-        return (f"depthwise plane_kernel [{dtype}] (shared-memory halo tile{', ' + build if build else ''}{rows})",)
+        notes = [build] if build else []
+        notes += [f"{tg[34]} output rows per thread"] if tg[34] > 1 else []
+        notes += ["tap walk: the taps whose output exists"] if walks(g, primitive) else []
+        return (f"depthwise plane_kernel [{dtype}] ({', '.join(['shared-memory halo tile'] + notes)})",)
     return (f"depthwise {primitive}_kernel [{dtype}]",)
