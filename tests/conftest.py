@@ -6,6 +6,9 @@ NUMBA_ENABLE_CUDASIM in the environment always wins.
 """
 import glob
 import os
+import subprocess
+import sys
+import tempfile
 
 if "NUMBA_ENABLE_CUDASIM" not in os.environ:
     has_gpu = bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/dxg")  # Linux / WSL2
@@ -24,6 +27,46 @@ def pytest_configure(config):
 
 def pytest_report_header(config):
     return f"cnnfast CUDA tests: {'Numba CUDA simulator (no GPU)' if SIMULATOR else 'real GPU'}"
+
+
+# ptx.py's table: every CUDA specialisation compiled for sm_90 (minutes of CPU, no GPU needed). It is started in a
+# background process on one core at collection, and the tests that read it run last, so it compiles while the rest
+# of the suite runs on the other core.
+PTX_TABLE = [sys.executable, "-m", "cnnfast.kernels.cuda.ptx", "--json", "--jobs", "1"]
+_ptx_job = None  # (Popen, stdout file, stderr file) while it runs
+
+
+def _start_ptx_table():
+    global _ptx_job
+    out, err = (tempfile.TemporaryFile("w+") for _ in range(2))  # files, not pipes: the JSON outgrows a pipe
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")  # compile_ptx needs the NVVM wheels, not a GPU
+    _ptx_job = subprocess.Popen(PTX_TABLE, env=env, stdout=out, stderr=err, text=True), out, err
+
+
+def pytest_collection_modifyitems(session, config, items):
+    later = [item for item in items if "ptx_table" in getattr(item, "fixturenames", ())]
+    if later:
+        items[:] = [item for item in items if item not in later] + later
+        if not config.option.collectonly:
+            _start_ptx_table()
+
+
+def pytest_unconfigure(config):
+    if _ptx_job is not None:
+        _ptx_job[0].kill()
+
+
+@pytest.fixture(scope="session")
+def ptx_table():
+    """The background ptx.py run, finished: a CompletedProcess (stdout: the JSON table)."""
+    global _ptx_job
+    if _ptx_job is None:
+        _start_ptx_table()
+    job, out, err = _ptx_job
+    job.wait(timeout=1800)
+    _ptx_job = None
+    out.seek(0), err.seek(0)
+    return subprocess.CompletedProcess(PTX_TABLE, job.returncode, out.read(), err.read())
 
 
 @pytest.fixture

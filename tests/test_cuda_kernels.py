@@ -45,9 +45,9 @@ def _python_without_simulator(args, **env):
 
 
 @pytest.fixture(scope="module")
-def ptx_rows():
-    """ptx.py's table for every specialisation (compiled once per test module)."""
-    done = _python_without_simulator(["-m", "cnnfast.kernels.cuda.ptx", "--json"])
+def ptx_rows(ptx_table):
+    """ptx.py's table for every specialisation (compiled in the background: tests/conftest.py)."""
+    done = ptx_table
     reason = _no_gpu_compiler(done)
     if reason:
         pytest.skip(reason)

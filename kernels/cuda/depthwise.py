@@ -192,15 +192,15 @@ def extent(n, k, stride, dil, forward):
     return -(-((n - 1) + (k - 1) * dil) // stride) + 1
 
 
-def tile_shape(OH, OW, R, S, sh, sw, dh, dw, forward=True):
+def tile_shape(OH, OW, R, S, sh, sw, dh, dw, forward=True, walk=False):
     """(TQ, TU, V, staged rows, pitch): the output tile, TQ // V rows of threads TU wide (at most BLOCK threads,
     at most TILE_W wide unless the plane is one row) with V output rows each, whose source rows with halo fit HALO
     elements; None when not even one output's does. V = ROWS on planes taller than a block of thread rows (the
     thread rows then balanced over the plane's tiles: 56 rows, 4 tiles of 4 x 4; 28 rows, 1 of 7 x 4) unless
-    backward_data walks its taps (a stride > 1 along h or w), else 1."""
+    the build walks its taps (walks()), else 1."""
     TU = min(OW, TILE_W if OH > 1 else BLOCK)
     TR = max(1, min(OH, BLOCK // TU))
-    V = ROWS if OH > TR and (forward or sh == sw == 1) else 1  # (a tap walk: one row per thread)
+    V = ROWS if OH > TR and not walk else 1
     TR = -(-OH // (-(-OH // (TR * V)) * V))  # as few thread rows as the fewest tiles need
     while True:
         rows, pitch = extent(TR * V, R, sh, dh, forward), extent(TU, S, sw, dw, forward)
@@ -232,7 +232,7 @@ def _tile_geometry(g, primitive, halo, tile_w, block, rows):
     for k, stride, dil, pad in ((g.T, g.stride_d, g.dil_d, g.pad_d), (g.R, g.stride_h, g.dil_h, g.pad_h),
                                 (g.S, g.stride_w, g.dil_w, g.pad_w)):
         axes += (stride, -pad, 1, -dil, 0) if fwd else (1, pad, stride, dil, (k - 1) * dil)
-    shape = tile_shape(dst[1], dst[2], g.R, g.S, g.stride_h, g.stride_w, g.dil_h, g.dil_w, fwd)
+    shape = tile_shape(dst[1], dst[2], g.R, g.S, g.stride_h, g.stride_w, g.dil_h, g.dil_w, fwd, walks(g, primitive))
     if shape is None:
         return None
     TQ, TU, V, rows, pitch = shape
