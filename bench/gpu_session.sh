@@ -12,14 +12,15 @@
 #   bash bench/gpu_session.sh tiles [NAME...]   the same with the direct algorithm in each tile configuration
 #                                               (8x64, 32x64, 64x128, 128x128): the data to retune gemm.choose_tile
 #   bash bench/gpu_session.sh planes            the depthwise shapes with each halo-tile block doing 1 (n, c) plane
-#                                               and 8 (depthwise.PLANES), and with 1 output row per thread against
-#                                               4 (depthwise.ROWS): setup amortised vs occupancy
+#                                               and 8 (depthwise.PLANES), with 1 output row per thread against
+#                                               4 (depthwise.ROWS), and small planes one per block (GROUP = 1)
+#                                               against side by side: setup amortised vs occupancy
 # Exit status: the step's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
 tests|sanitize|host|bench|tiles|planes) ;;
-*) sed -n '2,17p' "$0"; exit 2 ;;  # usage, before installing anything
+*) sed -n '2,18p' "$0"; exit 2 ;;  # usage, before installing anything
 esac
 out="${OUT:-gpu-out}"
 mkdir -p "$out"
@@ -67,7 +68,7 @@ tiles)
     ;;
 planes)
     rc=0
-    for setting in "PLANES = 1" "PLANES = 8" "ROWS = 1"; do  # (PLANES = 8 with ROWS = 4: the defaults)
+    for setting in "PLANES = 1" "PLANES = 8" "ROWS = 1" "GROUP = 1"; do  # (PLANES = 8: the defaults)
         name="${setting// /}"
         python -c "import sys; from cnnfast.kernels.cuda import depthwise; depthwise.$setting
 from cnnfast import cli; sys.exit(cli.main(sys.argv[1:]))" bench --device cuda --shape depthwise --algo depthwise \
@@ -77,7 +78,7 @@ from cnnfast import cli; sys.exit(cli.main(sys.argv[1:]))" bench --device cuda -
     exit "$rc"
     ;;
 *)
-    sed -n '2,17p' "$0"
+    sed -n '2,18p' "$0"
     exit 2
     ;;
 esac

@@ -75,12 +75,14 @@ def test_every_specialisation_compiles_to_ptx_9_for_sm90_without_spills(ptx_rows
 
 def test_depthwise_3x3_halo_builds_fit_their_blocks_per_sm(ptx_rows):
     """The float32 SPECIALISED straight plane_kernel builds carry launch bounds (BLOCK threads, PLANE_BLOCKS blocks
-    per SM), which ptxas meets without spills: 4-row builds at ~130 registers would fit 2 blocks per SM, not 3. The
-    other builds carry none."""
+    per SM; grouped builds GROUPED_BLOCKS), which ptxas meets without spills: 4-row builds at ~130 registers would
+    fit 2 blocks per SM, not 3; grouped ones at 134, 1. The other builds carry none."""
     plane = [r for r in ptx_rows if r["name"].startswith("depthwise_plane/")]
     bounded = [r for r in plane if "/1x3x3[float32" in r["name"] and "/walk/" not in r["name"]]
-    assert len(bounded) == 8 and all(r["max_threads"] == depthwise.BLOCK for r in bounded), bounded
-    assert all(r["registers"] * depthwise.BLOCK * depthwise.PLANE_BLOCKS <= 65536 for r in bounded), bounded
+    assert len(bounded) == 2 * 6 and all(r["max_threads"] == depthwise.BLOCK for r in bounded), bounded
+    for r in bounded:
+        blocks = depthwise.GROUPED_BLOCKS if "/grouped/" in r["name"] else depthwise.PLANE_BLOCKS
+        assert r["registers"] * depthwise.BLOCK * blocks <= 65536, r
     assert all(r["max_threads"] is None for r in plane if r not in bounded)
 
 
@@ -225,6 +227,13 @@ def _reach_every_kernel(x, w, dy, monkeypatch):
         # backward_data at stride 2: the tap-walk builds
         strided = cuda.to_device(np.zeros((N, C) + ((HW + 2 * (k // 2) - k) // 2 + 1,) * 2, np.float32))
         grad.conv2d_input(x.shape, fw, strided, padding=k // 2, stride=2, groups=C, algo="depthwise")
+        short = cuda.to_device(np.zeros((1, C, 2, HW), np.float32))  # under ROWS rows: the 1-row builds
+        grad.conv2d_input(short.shape, fw, cnnfast.conv2d(short, fw, padding=k // 2, groups=C, algo="depthwise"),
+                          padding=k // 2, groups=C, algo="depthwise")
+        with monkeypatch.context() as patch:  # the HW x HW planes side by side in a block: the grouped builds
+            patch.setattr(depthwise, "TARGET_BLOCKS", 1)
+            grad.conv2d_input(x.shape, fw, cnnfast.conv2d(dx, fw, padding=k // 2, groups=C, algo="depthwise"),
+                              padding=k // 2, groups=C, algo="depthwise")
     monkeypatch.setattr(depthwise, "MIN_CHUNK", 8)  # filter_kernel split, then reduce_splits_kernel
     grad.conv2d_weight(dx, depthwise_w.shape, y, padding=1, groups=C, algo="depthwise")
     monkeypatch.setattr(depthwise, "HALO", 0)  # no halo tile fits: forward_kernel, backward_data_kernel
@@ -579,16 +588,22 @@ def test_depthwise_3x3_kernels_with_their_filter_size_compiled_in_or_not(taps, m
 
 def test_depthwise_halo_blocks_work_through_several_planes(monkeypatch):
     """A plane_kernel block computes its tile for the planes n*C + c = z, z + slots, ...: here 5 planes in 3 slots
-    (2, 2 and 1 per block), forward and backward_data at strides 1 and 2, on NaN-filled outputs."""
+    (2, 2 and 1 per block); or, grouped, for the groups of G planes side by side from z*G, (z + slots)*G, ...: here
+    G = 2 of 2 x 7 threads in a 32-thread block, 3 groups in 2 slots (the last group of 1 plane). Forward and
+    backward_data at strides 1 and 2, on NaN-filled outputs."""
     monkeypatch.setattr(depthwise, "PLANES", 2)
     monkeypatch.setattr(depthwise, "TARGET_BLOCKS", 1)
+    monkeypatch.setattr(depthwise, "BLOCK", 32)
     rng = np.random.default_rng(9)
     xs, ws = (5, 1, 6, 7), (2, 1, 3, 3)  # groups 1 = C: depthwise with multiplier 2
     x, w = rng.standard_normal(xs).astype(np.float32), rng.standard_normal(ws).astype(np.float32)
+    grouped = set()
     for kw in (dict(padding=1), dict(padding=1, stride=2)):
         g = cnnfast.explain("conv2d", xs, ws, device="cuda", **kw).spec.geometry
         for primitive in ("forward", "backward_data"):
-            assert depthwise.plane_grid(g, depthwise.tile_geometry(g, primitive))[0][2] == 3
+            tg = depthwise.tile_geometry(g, primitive)
+            grouped.add(tg[35])
+            assert depthwise.plane_grid(g, tg)[0][2] == (2 if tg[35] == 2 else 3)
         y_shape = (g.N, g.K, g.Q, g.U)
         y = cuda.to_device(np.full(y_shape, np.nan, np.float32))
         depthwise.forward(cuda.to_device(x), cuda.to_device(w), None, y, g)
@@ -598,6 +613,46 @@ def test_depthwise_halo_blocks_work_through_several_planes(monkeypatch):
         depthwise.backward_data(cuda.to_device(dy), cuda.to_device(w), dx, g)
         compare.assert_close(dx.copy_to_host(), reference.conv_input(xs, w, dy, **kw), "float32",
                              f"backward_data {kw}")
+    assert grouped == {1, 2}  # stride 1 (6x7 planes): grouped; stride 2 (3x4 outputs, a tap walk): not
+
+
+# small planes side by side in a block (grouped builds: one V = ROWS tile covers a plane), N*C not a multiple of G
+DEPTHWISE_GROUPS = {
+    "7x7-x2": ((3, 3, 7, 7), (6, 1, 3, 3), dict(padding=1, groups=3)),
+    "9x11-s2": ((2, 3, 9, 11), (3, 1, 3, 3), dict(padding=1, stride=2, groups=3)),  # forward only: 5 x 6 outputs
+    "valid": ((3, 3, 9, 9), (3, 1, 3, 3), dict(groups=3)),  # a plane's first staged row is data, not padding
+    "dil2": ((5, 1, 8, 9), (1, 1, 3, 3), dict(padding=2, dilation=2, groups=1)),
+    "3d-x2": ((3, 2, 3, 6, 7), (4, 1, 3, 3, 3), dict(padding=1, groups=2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEPTHWISE_GROUPS))
+def test_depthwise_grouped_blocks_hold_several_small_planes(name, monkeypatch):
+    """Blocks of 64 threads here, 4 planes of 2 x 7 threads side by side (as 18 are in a 7x7 layer's 256-thread
+    blocks): each plane's halo staged after the one before, each thread on its own plane and channel. NaN-filled
+    outputs: a plane of a partial last group not written fails the comparison."""
+    monkeypatch.setattr(depthwise, "TARGET_BLOCKS", 1)
+    monkeypatch.setattr(depthwise, "BLOCK", 64)
+    xs, ws, kw = DEPTHWISE_GROUPS[name]
+    nd = len(xs) - 2
+    g = cnnfast.explain(f"conv{nd}d", xs, ws, device="cuda", **kw).spec.geometry
+    primitives = ["forward"] + ["backward_data"] * (not depthwise.walks(g, "backward_data"))
+    for primitive in primitives:
+        tg = depthwise.tile_geometry(g, primitive)
+        assert tg[34] == depthwise.ROWS and 1 < tg[35] < g.N * g.C and g.N * g.C % tg[35], tg
+    rng = np.random.default_rng(sum(map(ord, name)))
+    x, w = rng.standard_normal(xs).astype(np.float32), rng.standard_normal(ws).astype(np.float32)
+    b = rng.standard_normal(ws[:1]).astype(np.float32)
+    y_shape = (g.N, g.K) + (g.P, g.Q, g.U)[3 - nd:]
+    y = cuda.to_device(np.full(y_shape, np.nan, np.float32))
+    depthwise.forward(cuda.to_device(x), cuda.to_device(w), cuda.to_device(b), y, g)
+    compare.assert_close(y.copy_to_host(), reference.conv(x, w, b, **kw), "float32", f"forward {name}")
+    if "backward_data" in primitives:
+        dy = rng.standard_normal(y_shape).astype(np.float32)
+        dx = cuda.to_device(np.full(xs, np.nan, np.float32))
+        depthwise.backward_data(cuda.to_device(dy), cuda.to_device(w), dx, g)
+        compare.assert_close(dx.copy_to_host(), reference.conv_input(xs, w, dy, **kw), "float32",
+                             f"backward_data {name}")
 
 
 # planes taller than one block of thread rows: plane_kernel's threads own ROWS output rows each, the last thread row

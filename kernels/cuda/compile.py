@@ -168,10 +168,9 @@ def specialisations():
             add("im2col", im2col.im2col_kernel, "AAgii")
             add("col2im", im2col.col2im_kernel, "AAgii")
             for sizes in (None, *depthwise.SPECIALISED):
-                for forward, rows, walk in ((True, 1, False), (True, depthwise.ROWS, False), (False, 1, False),
-                                            (False, depthwise.ROWS, False), (False, 1, True)):
-                    add(f"depthwise_plane/{depthwise.build_name(forward, rows, walk)}/{depthwise.size_name(sizes)}",
-                        depthwise.plane_kernel(dt, forward, sizes, rows, walk), "AAAAti")
+                for build in depthwise.PLANE_BUILDS:
+                    add(f"depthwise_plane/{depthwise.build_name(*build)}/{depthwise.size_name(sizes)}",
+                        depthwise.plane_kernel(dt, build[0], sizes, *build[1:]), "AAAAti")
                 add(f"depthwise_backward_filter/{depthwise.size_name(sizes)}", depthwise.filter_kernel(dt, sizes),
                     "AAAIgi")
             add("depthwise_forward", depthwise.forward_kernel, "AAAAgi")

@@ -10,6 +10,9 @@ x (N, C, D, H, W) * w (K, 1, T, R, S) -> y (N, K, P, Q, U); output channel k = c
                    rows q = q0 + (tid // TU)*V + v, v < V, at column u = u0 + tid % TU, and reads their taps
                    there: V = ROWS on planes taller than a block of thread rows (each tap's weight and the setup
                    then serve V outputs: ~2x fewer instructions per output for 56x56, sm_90 SASS), else 1.
+                   Planes one tile covers (7x7, 14x14: V = ROWS from 4 rows) take the grouped builds: G planes
+                   side by side per block (slot z: groups z*G, (z + slots)*G, ...), thread tid on plane
+                   tid // (TQ // V * TU) of each group, so a 7x7 block has 18 planes' 252 threads, not 49.
                    Forward stages x[n, c] and writes the M outputs c*M + m; backward_data stages dy[n, c*M + m] in
                    turn and sums the M filters into dx[n, c]. At stride 1 along h and w its gather reads every tap
                    like a forward window; at a larger stride (the walk build, V = 1) only the taps whose output
@@ -49,8 +52,14 @@ TARGET_BLOCKS = 1056  # filter_kernel and plane_kernel: at least 8 blocks per SM
 PLANES = 8  # plane_kernel: (n, c) planes per block, when that leaves TARGET_BLOCKS blocks
 GRID_YZ = 65535  # CUDA's limit on a grid's y and z
 MIN_CHUNK = 8 * FILTER_BLOCK  # filter_kernel: reduction elements per split at least
-NTILE = 35  # len(tile_geometry(...))
+NTILE = 36  # len(tile_geometry(...))
 SPECIALISED = ((1, 3, 3),)  # filter sizes plane_kernel and filter_kernel have builds for (MobileNet's 3x3)
+GROUP = 32  # plane_kernel: planes side by side in a block at most (1: no grouped builds)
+GROUPED_BLOCKS = 2  # plane_kernel's float32 SPECIALISED grouped builds: blocks of BLOCK threads per SM (bounds)
+# plane_kernel's builds (forward, V, walk, grouped): walk only for backward_data at V = 1, grouped only at V = ROWS
+PLANE_BUILDS = ((True, 1, False, False), (True, ROWS, False, False), (True, ROWS, False, True),
+                (False, 1, False, False), (False, ROWS, False, False), (False, ROWS, False, True),
+                (False, 1, True, False))
 
 
 # ---------------------------------------------------------------- halo tiles: forward and backward_data
@@ -67,7 +76,7 @@ def _axis(o0, oo, mul, add, div, step, reach):
 
 
 @lru_cache(maxsize=None)
-def plane_kernel(dtype, forward, sizes=None, V=1, walk=False):
+def plane_kernel(dtype, forward, sizes=None, V=1, walk=False, grouped=False):
     """The halo-tile kernel's Python function for a numba dtype, primitive (forward, else backward_data) and
     filter size: sizes = (T, R, S) compiles them in as constants (SPECIALISED: the tap loops unroll, the filter
     offsets fold), None reads them from tg, tile_geometry()'s NTILE ints. Forward windows read every tap at
@@ -75,7 +84,8 @@ def plane_kernel(dtype, forward, sizes=None, V=1, walk=False):
     at the taps where that divides (a tap walk per axis: no division per tap, no multiply-add on a zero inserted
     by the stride). walk: backward_data at a stride > 1 along h or w (else its gather, like a forward window, reads
     every tap, one dilation apart). V: output rows per thread (tile_geometry's tg[34]; 1 when walking), compiled in:
-    its loops unroll, its V sums stay in registers and each tap's weight is read once for them."""
+    its loops unroll, its V sums stay in registers and each tap's weight is read once for them. grouped: a block
+    works on G = tg[35] > 1 planes at once (V = ROWS, one tile per plane); else G = 1 and the group code folds away."""
     KT, KR, KS = sizes or (0, 0, 0)  # 0: read from tg
 
     @cuda.jit(device=True, inline=True)
@@ -97,35 +107,51 @@ def plane_kernel(dtype, forward, sizes=None, V=1, walk=False):
         T = KT if KT else tg[10]
         R = KR if KR else tg[11]
         S = KS if KS else tg[12]
-        TQ, TU, tiles_u, rows, pitch = tg[28], tg[29], tg[31], tg[32], tg[33]
-        # block -> (tile, p, first plane n*C + c); thread -> output rows q0 + qq*V + v (v < V), column u0 + uu
+        TQ, TU, tiles_u, rows, pitch, G = tg[28], tg[29], tg[31], tg[32], tg[33], tg[35]
+        NC = tg[0] * C  # planes n*C + c
+        # block -> (tile, p, groups of G planes n*C + c from z*G); thread -> plane j of each group, output rows
+        # q0 + qq*V + v (v < V), column u0 + uu
         tile = cuda.blockIdx.x
         p = cuda.blockIdx.y
         q0 = tile // tiles_u * TQ
         u0 = tile % tiles_u * TU
         tid = cuda.threadIdx.x
-        qq = tid // TU
-        uu = tid - qq * TU
-        active = tid < TQ // V * TU and u0 + uu < OW
+        per_plane = TQ // V * TU  # threads
+        j = tid // per_plane if grouped else 0
+        qq = (tid - j * per_plane) // TU
+        uu = tid - j * per_plane - qq * TU
+        active = (j < G if grouped else qq < TQ // V) and u0 + uu < OW
         rows_left = OH - q0 - qq * V  # the thread's rows v < rows_left exist (not all in the plane's last tile)
         pixel = (p * OH + q0 + qq * V) * OW + u0 + uu  # the thread's first output in its (n, channel) plane
         h_base, oh0, rem_h0, dq_h, dr_h = _axis(q0, qq * V, tg[18], tg[19], tg[20], tg[21], tg[22])
         w_base, ow0, rem_w0, dq_w, dr_w = _axis(u0, uu, tg[23], tg[24], tg[25], tg[26], tg[27])
-        # staging: thread tid copies column col0 (+ threads, ...) of the rows x pitch halo, rows row0 + i*lanes
+        ow0 += j * rows * pitch  # plane j's halo follows the j before it
+        # staging: thread tid copies column col0 (+ threads, ...) of the group's G*rows x pitch halos, rows
+        # row0 + i*lanes
         threads = cuda.blockDim.x
         lanes = threads // pitch if threads >= pitch else 1
         row0 = tid // pitch
         col0 = tid - row0 * pitch
         size = OD * OH * OW  # an output plane
+        step = (1 if forward else M) * SD * SH * SW  # from one staged plane to the next: x[n, c] or dy[n, c*M + m]
+        # grouped builds: halo row rr = j*rows + r is source row r of the group's plane j, at offset j*step + r*SW;
+        # stepped by lanes rows: r by dr and the offset by dstep, less wrap each time r passes rows (no division)
+        r0 = row0 % rows
+        off0 = row0 // rows * step + r0 * SW
+        dr = lanes % rows
+        dstep, wrap = lanes // rows * step + dr * SW, step - rows * SW
         d0, rem_d0, dq_d, dr_d = gemm.tap_walk(p * tg[13] + tg[14], tg[15], tg[16])
-        c, dc = cuda.blockIdx.z % C, cuda.gridDim.z % C  # nc = n*C + c steps by the slots: c by dc, carried
+        c, dc = (cuda.blockIdx.z * G + j) % C, cuda.gridDim.z * G % C  # nc = n*C + c steps: c by dc, carried
         for v in range(V):
             acc[v] = 0  # (then zeroed by each store)
-        for nc in range(cuda.blockIdx.z, tg[0] * C, cuda.gridDim.z):  # the block's planes: setup above done once
+        for group in range(cuda.blockIdx.z * G, NC, cuda.gridDim.z * G):  # the block's groups: setup done once
+            nc = group + j  # the thread's plane
+            live = active and nc < NC
+            staged = min(G, NC - group) * rows  # halo rows of the group's planes
             first_out = (nc * M if forward else nc) * size + pixel  # the thread's first output in plane nc(*M + m)
             for m in range(M):
                 k = c * M + m
-                plane = nc if forward else nc * M + m
+                plane = group if forward else group * M + m  # the group's first plane
                 d, rem_d = d0, rem_d0
                 for t in range(T):
                     if rem_d == 0 and d >= 0 and d < SD:  # the same for the whole block: barriers stay uniform
@@ -135,21 +161,25 @@ def plane_kernel(dtype, forward, sizes=None, V=1, walk=False):
                             col = col0
                             while row0 < lanes and col < pitch:  # a column: its test once
                                 inside = gemm.within(w_base + col, SW)
-                                rr = row0
-                                while rr < rows:  # STAGE of its rows at a time: their loads all issued, then stored
+                                rr, r, off = row0, r0, first + off0 + col
+                                while rr < staged:  # STAGE of its rows at a time: their loads all issued, then stored
                                     for i in range(STAGE):
+                                        row = r if grouped else rr + i * lanes  # in its plane
                                         x = ZERO
-                                        if rr + i * lanes < rows and inside and gemm.within(h_base + rr + i * lanes,
-                                                                                            SH):
-                                            x = src[uint64(first + (rr + i * lanes) * SW + col)]
+                                        if rr + i * lanes < staged and inside and gemm.within(h_base + row, SH):
+                                            x = src[uint64(off if grouped else first + row * SW + col)]
                                         buf[i] = x
+                                        if grouped:
+                                            r, off = r + dr, off + dstep
+                                            if r >= rows:
+                                                r, off = r - rows, off + wrap
                                     for i in range(STAGE):
-                                        if rr + i * lanes < rows:
+                                        if rr + i * lanes < staged:
                                             halo[uint64((rr + i * lanes) * pitch + col)] = buf[i]
                                     rr += STAGE * lanes
                                 col += threads
                             cuda.syncthreads()
-                        if active:
+                        if live:
                             o, rem = oh0, rem_h0  # row v's taps start one output row (forward: stride) after v-1's
                             for v in range(V):
                                 oh[v], rem_h[v] = o, rem
@@ -172,15 +202,16 @@ def plane_kernel(dtype, forward, sizes=None, V=1, walk=False):
                                         oh[v] - dq_h, 0)
                     d, rem_d = gemm.next_tap(d, rem_d, dq_d, dr_d, tg[15])
                 if forward:
-                    store(out, first_out, OW, acc, bias[uint64(k)] if has_bias else ZERO, rows_left, active)
+                    store(out, first_out, OW, acc, bias[uint64(k)] if has_bias else ZERO, rows_left, live)
                     first_out += size
             if not forward:
-                store(out, first_out, OW, acc, ZERO, rows_left, active)
+                store(out, first_out, OW, acc, ZERO, rows_left, live)
             c, _ = gemm.carry(c + dc, 0, C)
 
-    if sizes and not walk and dtype.bitwidth == 32:  # ptxas fits these in 80 registers without spills (4 rows:
-        kernel.launch_bounds = (BLOCK, PLANE_BLOCKS)  # 2 -> 3 blocks per SM; float64 would spill)
-    kernel.cache_key = f"{__name__}.plane_kernel[{dtype}:{build_name(forward, V, walk)}:{size_name(sizes)}]"
+    if sizes and not walk and dtype.bitwidth == 32:  # ptxas fits these without spills: 80 registers (4 rows: 2 -> 3
+        kernel.launch_bounds = (BLOCK, GROUPED_BLOCKS if grouped else PLANE_BLOCKS)  # blocks per SM), grouped 128
+        # (134 unbounded: 1 block); float64 would spill
+    kernel.cache_key = f"{__name__}.plane_kernel[{dtype}:{build_name(forward, V, walk, grouped)}:{size_name(sizes)}]"
     return kernel
 
 
@@ -193,19 +224,22 @@ def extent(n, k, stride, dil, forward):
 
 
 def tile_shape(OH, OW, R, S, sh, sw, dh, dw, forward=True, walk=False):
-    """(TQ, TU, V, staged rows, pitch): the output tile, TQ // V rows of threads TU wide (at most BLOCK threads,
+    """(TQ, TU, V, staged rows, pitch, G): the output tile, TQ // V rows of threads TU wide (at most BLOCK threads,
     at most TILE_W wide unless the plane is one row) with V output rows each, whose source rows with halo fit HALO
     elements; None when not even one output's does. V = ROWS on planes taller than a block of thread rows (the
-    thread rows then balanced over the plane's tiles: 56 rows, 4 tiles of 4 x 4; 28 rows, 1 of 7 x 4) unless
-    the build walks its taps (walks()), else 1."""
+    thread rows then balanced over the plane's tiles: 56 rows, 4 tiles of 4 x 4; 28 rows, 1 of 7 x 4) or on planes
+    of ROWS rows or more that one tile covers (7 rows: 2 x 4), unless the build walks its taps (walks()), else 1.
+    G: planes a block can hold side by side, when one V = ROWS tile covers a plane (7x7: 18 of 2 x 7 threads), else
+    1."""
     TU = min(OW, TILE_W if OH > 1 else BLOCK)
     TR = max(1, min(OH, BLOCK // TU))
-    V = ROWS if OH > TR and not walk else 1
+    V = ROWS if (OH > TR or OW <= TU and OH >= ROWS) and not walk else 1
     TR = -(-OH // (-(-OH // (TR * V)) * V))  # as few thread rows as the fewest tiles need
     while True:
         rows, pitch = extent(TR * V, R, sh, dh, forward), extent(TU, S, sw, dw, forward)
         if rows * pitch <= HALO:
-            return TR * V, TU, V, rows, pitch
+            G = min(BLOCK // (TR * TU), HALO // (rows * pitch)) if V > 1 and TR * V >= OH and TU >= OW else 1
+            return TR * V, TU, V, rows, pitch, G
         if V > 1:
             V, TR = 1, max(1, min(OH, BLOCK // TU))
         elif TR > 1:
@@ -221,11 +255,11 @@ def tile_geometry(g, primitive):
     when no tile fits. Per axis (mul, add, div, step, reach) (_axis; d, h, w at 13, 18, 23): forward (stride, -pad,
     1, -dil, 0), backward (1, pad, stride, dil, (k-1)*dil). Cached per problem (5 us of host time per launch
     otherwise), keyed with the tile constants so that changing one re-plans."""
-    return _tile_geometry(g, primitive, HALO, TILE_W, BLOCK, ROWS)
+    return _tile_geometry(g, primitive, HALO, TILE_W, BLOCK, ROWS, TARGET_BLOCKS, GROUP)
 
 
 @lru_cache(maxsize=1024)
-def _tile_geometry(g, primitive, halo, tile_w, block, rows):
+def _tile_geometry(g, primitive, halo, tile_w, block, rows, target_blocks, group):
     fwd = primitive == "forward"
     src, dst = ((g.D, g.H, g.W), (g.P, g.Q, g.U)) if fwd else ((g.P, g.Q, g.U), (g.D, g.H, g.W))
     axes = []
@@ -235,11 +269,12 @@ def _tile_geometry(g, primitive, halo, tile_w, block, rows):
     shape = tile_shape(dst[1], dst[2], g.R, g.S, g.stride_h, g.stride_w, g.dil_h, g.dil_w, fwd, walks(g, primitive))
     if shape is None:
         return None
-    TQ, TU, V, rows, pitch = shape
+    TQ, TU, V, rows, pitch, G = shape
+    G = max(1, min(G, group, g.N * g.C, g.N * g.C * dst[0] // target_blocks))  # not at the cost of TARGET_BLOCKS
     if dst[0] > GRID_YZ:  # output depths are the grid's y
         return None
     return (g.N, g.C, g.K // g.C, int(fwd), *src, *dst, g.T, g.R, g.S, *axes,
-            TQ, TU, -(-dst[1] // TQ), -(-dst[2] // TU), rows, pitch, V)
+            TQ, TU, -(-dst[1] // TQ), -(-dst[2] // TU), rows, pitch, V, G)
 
 
 def _plane(primitive, src, w, bias, flag, out, g, stream):
@@ -248,17 +283,18 @@ def _plane(primitive, src, w, bias, flag, out, g, stream):
     if tg is None:
         return False
     grid, threads = plane_grid(g, tg)
-    launch(plane_kernel(numba_dtype(out.dtype), primitive == "forward", constant_sizes(g), tg[34], walks(g, primitive)),
+    launch(plane_kernel(numba_dtype(out.dtype), primitive == "forward", constant_sizes(g), tg[34], walks(g, primitive),
+                        tg[35] > 1),
            grid, threads, stream, src.reshape(src.size), w.reshape(w.size), bias, out.reshape(out.size), tg, flag)
     return True
 
 
 def plane_grid(g, tg):
-    """plane_kernel's grid (tiles, output depths, plane slots) and threads per block: PLANES planes per block, or
-    fewer where that leaves under TARGET_BLOCKS blocks."""
-    tiles, planes = tg[30] * tg[31], g.N * g.C
-    slots = min(planes, GRID_YZ, max(-(-planes // PLANES), -(-TARGET_BLOCKS // (tiles * tg[7]))))
-    threads = tg[28] // tg[34] * tg[29]  # TQ // V rows of TU
+    """plane_kernel's grid (tiles, output depths, plane slots) and threads per block: PLANES groups of G planes
+    per block, or fewer where that leaves under TARGET_BLOCKS blocks."""
+    tiles, groups = tg[30] * tg[31], -(-g.N * g.C // tg[35])
+    slots = min(groups, GRID_YZ, max(-(-groups // PLANES), -(-TARGET_BLOCKS // (tiles * tg[7]))))
+    threads = tg[35] * (tg[28] // tg[34]) * tg[29]  # G planes of TQ // V rows of TU
     return (tiles, tg[7], slots), -(-threads // 32) * 32
 
 
@@ -267,9 +303,10 @@ def walks(g, primitive):
     return primitive == "backward_data" and (g.stride_h > 1 or g.stride_w > 1)
 
 
-def build_name(forward, V, walk):
-    """'forward/4rows', 'backward_data/1rows/walk': plane_kernel's build, for cache keys and the PTX table."""
-    return f"{'forward' if forward else 'backward_data'}/{V}rows{'/walk' if walk else ''}"
+def build_name(forward, V, walk, grouped=False):
+    """'forward/4rows', 'backward_data/1rows/walk', 'forward/4rows/grouped': plane_kernel's build, for cache keys and
+    the PTX table."""
+    return f"{'forward' if forward else 'backward_data'}/{V}rows" + "/walk" * walk + "/grouped" * grouped
 
 
 def constant_sizes(g):
@@ -474,6 +511,7 @@ def kernels(g, primitive, dtype):
     if tg is not None:
         notes = [build] if build else []
         notes += [f"{tg[34]} output rows per thread"] if tg[34] > 1 else []
+        notes += [f"{tg[35]} planes per block"] if tg[35] > 1 else []
         notes += ["tap walk: the taps whose output exists"] if walks(g, primitive) else []
         return (f"depthwise plane_kernel [{dtype}] ({', '.join(['shared-memory halo tile'] + notes)})",)
     return (f"depthwise {primitive}_kernel [{dtype}]",)
