@@ -29,9 +29,10 @@ def pytest_report_header(config):
     return f"cnnfast CUDA tests: {'Numba CUDA simulator (no GPU)' if SIMULATOR else 'real GPU'}"
 
 
-# ptx.py's table: every CUDA specialisation compiled for sm_90 (minutes of CPU, no GPU needed). It is started in a
-# background process on one core at collection, and the tests that read it run last, so it compiles while the rest
-# of the suite runs on the other core.
+# ptx.py's table: every CUDA specialisation compiled for sm_90 (minutes of CPU, no GPU needed). It is started at
+# collection in a background process, one compiling process at the lowest priority, and the tests that read it run
+# last: it compiles on the CPU time the rest of the suite leaves (mostly one process; the CPU kernels' threads take
+# every core now and then).
 PTX_TABLE = [sys.executable, "-m", "cnnfast.kernels.cuda.ptx", "--json", "--jobs", "1"]
 _ptx_job = None  # (Popen, stdout file, stderr file) while it runs
 
@@ -40,7 +41,8 @@ def _start_ptx_table():
     global _ptx_job
     out, err = (tempfile.TemporaryFile("w+") for _ in range(2))  # files, not pipes: the JSON outgrows a pipe
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")  # compile_ptx needs the NVVM wheels, not a GPU
-    _ptx_job = subprocess.Popen(PTX_TABLE, env=env, stdout=out, stderr=err, text=True), out, err
+    nice = (lambda: os.nice(19)) if hasattr(os, "nice") else None
+    _ptx_job = subprocess.Popen(PTX_TABLE, env=env, stdout=out, stderr=err, text=True, preexec_fn=nice), out, err
 
 
 def pytest_collection_modifyitems(session, config, items):
