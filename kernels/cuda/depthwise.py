@@ -37,7 +37,7 @@ from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cuda import direct, gemm
 from cnnfast.kernels.cuda.compile import ZERO, device_constant, numba_dtype, uint64
 from cnnfast.kernels.cuda.launch import launch, scratch
-from numba import cuda, types
+from numba import cuda, int64, types
 
 BLOCK = 256  # threads per block of the thread-per-output kernels; plane_kernel's tiles hold at most BLOCK outputs
 MAX_BLOCKS = 8192
@@ -169,10 +169,10 @@ def plane_kernel(dtype, forward, sizes=None, V=1, walk=False, grouped=False):
                                         if rr + i * lanes < staged and inside and gemm.within(h_base + row, SH):
                                             x = src[uint64(off if grouped else first + row * SW + col)]
                                         buf[i] = x
-                                        if grouped:
-                                            r, off = r + dr, off + dstep
-                                            if r >= rows:
-                                                r, off = r - rows, off + wrap
+                                        if grouped:  # (the wrap without a branch: ptxas then issues forward's
+                                            r, off = r + dr, off + dstep  # loads before their stores)
+                                            past = int64(r >= rows)
+                                            r, off = r - past * rows, off + past * wrap
                                     for i in range(STAGE):
                                         if rr + i * lanes < staged:
                                             halo[uint64((rr + i * lanes) * pitch + col)] = buf[i]
