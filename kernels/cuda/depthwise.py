@@ -120,6 +120,7 @@ def plane_kernel(dtype, forward, sizes=None, V=1, walk=False, grouped=False):
         j = tid // per_plane if grouped else 0
         qq = (tid - j * per_plane) // TU
         uu = tid - j * per_plane - qq * TU
+        # (tid < G*per_plane would say the same, but costs the grouped backward_data build a 16-byte spill at 128)
         active = (j < G if grouped else qq < TQ // V) and u0 + uu < OW
         rows_left = OH - q0 - qq * V  # the thread's rows v < rows_left exist (not all in the plane's last tile)
         pixel = (p * OH + q0 + qq * V) * OW + u0 + uu  # the thread's first output in its (n, channel) plane
