@@ -165,6 +165,15 @@ def _nan_first_x_weight_grad_with(algo):
 _nan_first_x_weight_grad = _nan_first_x_weight_grad_with("direct")
 
 
+def _nan_first_dy_weight_grad(algo, groups):
+    def build(A):
+        x, dy, ws = _data(1, 2, 5, 5), _data(1, 2, 5, 5), (2, 2 // groups, 3, 3)
+        dy[0, 0, 0, 0] = np.nan  # reaches every tap of filter 0: the taps that read the padding multiply it by 0
+        return (grad.conv2d_weight(A.put(x), ws, A.put(dy), padding=1, groups=groups, algo=algo),
+                reference.conv_weight(x, ws, dy, padding=1, groups=groups))
+    return build
+
+
 def _nan_first_dy(algo, groups):
     def build(A):
         w, dy = _data(2, 2 // groups, 3, 3), _data(1, 2, 3, 3)
@@ -497,6 +506,12 @@ CATALOGUE = [
     Row("nan-first-fold-pad", "conv2d_input NaN at grad_output[0, 1, 0, 0], reflect padding, algo='direct'",
         _nan_first_dy_reflect, None, None),
     Row("nan-first-conv-bias", "conv_bias NaN at grad_output[0, 0, 0]", _nan_first_conv_bias, None, None),
+    Row("nan-dy-grad-weight-direct", "conv2d_weight NaN at grad_output[0, 0, 0, 0], padding=1, algo='direct'",
+        _nan_first_dy_weight_grad("direct", 1), None, None),
+    Row("nan-dy-grad-weight-im2col", "conv2d_weight NaN at grad_output[0, 0, 0, 0], padding=1, algo='im2col'",
+        _nan_first_dy_weight_grad("im2col", 1), None, None),
+    Row("nan-dy-grad-weight-depthwise", "conv2d_weight NaN at grad_output[0, 0, 0, 0], padding=1, algo='depthwise'",
+        _nan_first_dy_weight_grad("depthwise", 2), None, None),
     # Winograd's transforms spread a non-finite value over a 4x4 tile: such results are recomputed by im2col
     Row("nan-first-winograd", "conv2d NaN at x[0, 0, 0, 0], padding=1, algo='winograd'", _nan_first_x("winograd", 1),
         None, None, devices=("cpu",)),

@@ -8,7 +8,8 @@ forward:         one task per (n, group, block of KB output channels, output row
                  stride 1), so LLVM vectorises it; zero padding clips the u-range per tap (no branches).
 backward_data:   the same gather with the roles of x and y swapped: one task per (n, group, block of CB
                  input channels, input row (i, j)); dx row += w * dy-row at l = u*s - pad + s_tap*dil.
-backward_filter: one task per (k, c): dw[k, c, :, :, :] sums dy-row . x-row over n, p, q in a fixed order.
+backward_filter: one task per (k, c): dw[k, c, :, :, :] sums dy-row . x-row over n, p, q in a fixed order (the
+                 padding's zeros skipped, then 0 * dy added where dy is not finite: NaN, as in the reference).
 No task writes what another task writes, so results are deterministic (no atomics, fixed order).
 """
 import numba
@@ -168,6 +169,18 @@ def direct_backward_filter_cpu(x, dy, dw, sd, sh, sw, dd, dh, dw_, pd, ph, pw, g
                                     for u in range(u0, u1):
                                         total += ds[u - u0] * x[n, ci, di, hi, u * sw + base]
                                 acc[t, r, s] = total
+        for n in range(N):  # the taps that read the padding: 0 * dy, NaN where dy is NaN or inf (the reference's)
+            for p in range(P):
+                for q in range(Q):
+                    for u in range(U):
+                        v = dy[n, k, p, q, u]
+                        if not np.isfinite(v):
+                            for t in range(T):
+                                for r in range(R):
+                                    for s in range(S):
+                                        if not (0 <= p * sd - pd + t * dd < D and 0 <= q * sh - ph + r * dh < H
+                                                and 0 <= u * sw - pw + s * dw_ < W):
+                                            acc[t, r, s] += v * 0
         for t in range(T):
             for r in range(R):
                 for s in range(S):
