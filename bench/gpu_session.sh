@@ -14,13 +14,14 @@
 #   bash bench/gpu_session.sh planes            the depthwise shapes with each halo-tile block doing 1 (n, c) plane
 #                                               and 8 (depthwise.PLANES), with 1 output row per thread against
 #                                               4 (depthwise.ROWS), and small planes one per block (GROUP = 1)
-#                                               against side by side: setup amortised vs occupancy
+#                                               against side by side: setup amortised vs occupancy; the weight
+#                                               gradient's runs of 8 and 32 output rows (FILTER_ROWS) against 16
 # Exit status: the step's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
 tests|sanitize|host|bench|tiles|planes) ;;
-*) sed -n '2,18p' "$0"; exit 2 ;;  # usage, before installing anything
+*) sed -n '2,19p' "$0"; exit 2 ;;  # usage, before installing anything
 esac
 out="${OUT:-gpu-out}"
 mkdir -p "$out"
@@ -68,7 +69,8 @@ tiles)
     ;;
 planes)
     rc=0
-    for setting in "PLANES = 1" "PLANES = 8" "ROWS = 1" "GROUP = 1"; do  # (PLANES = 8: the defaults)
+    for setting in "PLANES = 1" "PLANES = 8" "ROWS = 1" "GROUP = 1" "FILTER_ROWS = 8" "FILTER_ROWS = 32"; do
+        # (PLANES = 8: the defaults)
         name="${setting// /}"
         python -c "import sys; from cnnfast.kernels.cuda import depthwise; depthwise.$setting
 from cnnfast import cli; sys.exit(cli.main(sys.argv[1:]))" bench --device cuda --shape depthwise --algo depthwise \
@@ -78,7 +80,7 @@ from cnnfast import cli; sys.exit(cli.main(sys.argv[1:]))" bench --device cuda -
     exit "$rc"
     ;;
 *)
-    sed -n '2,18p' "$0"
+    sed -n '2,19p' "$0"
     exit 2
     ;;
 esac

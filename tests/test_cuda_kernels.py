@@ -234,8 +234,12 @@ def _reach_every_kernel(x, w, dy, monkeypatch):
             patch.setattr(depthwise, "TARGET_BLOCKS", 1)
             grad.conv2d_input(x.shape, fw, cnnfast.conv2d(dx, fw, padding=k // 2, groups=C, algo="depthwise"),
                               padding=k // 2, groups=C, algo="depthwise")
-    monkeypatch.setattr(depthwise, "MIN_CHUNK", 8)  # filter_kernel split, then reduce_splits_kernel
-    grad.conv2d_weight(dx, depthwise_w.shape, y, padding=1, groups=C, algo="depthwise")
+    monkeypatch.setattr(depthwise, "MIN_CHUNK", 2)  # filter_kernel split, then reduce_splits_kernel
+    grad.conv2d_weight(dx, depthwise_w.shape, y, padding=1, groups=C, algo="depthwise")  # slide 1
+    grad.conv2d_weight(dx, depthwise_w.shape, cuda.to_device(dy[:, :C, ::2, ::2].copy()), padding=1, stride=2,
+                       groups=C, algo="depthwise")  # stride 2: slide 2
+    grad.conv2d_weight(dx, depthwise_w.shape, y, padding=2, dilation=2, groups=C,
+                       algo="depthwise")  # the 3x3 build that loads every tap
     monkeypatch.setattr(depthwise, "HALO", 0)  # no halo tile fits: forward_kernel, backward_data_kernel
     cnnfast.conv2d(dx, depthwise_w, padding=1, groups=C, algo="depthwise")
     grad.conv2d_input(x.shape, depthwise_w, cuda.to_device(dy[:, :C, ::2, ::2].copy()), padding=1, stride=2, groups=C,
@@ -547,12 +551,44 @@ def test_depthwise_kernels_match_reference(name, monkeypatch):
     compare.assert_close(dx, reference.conv_input(xs, w, dy, **kw), "float32", f"depthwise {name} backward_data")
     g = cnnfast.explain("conv2d_weight" if len(xs) == 4 else f"conv{len(xs) - 2}d_weight", xs, ws, y.shape,
                         device="cuda", **kw).spec.geometry
-    monkeypatch.setattr(depthwise, "MIN_CHUNK", g.N * g.P * g.Q * g.U // 3)  # 3 splits (few blocks: simulator)
-    assert depthwise.filter_splits(g, 4, None) == 3
+    monkeypatch.setattr(depthwise, "MIN_CHUNK", depthwise.filter_items(g) // 3)  # 3-4 splits (few blocks: simulator)
+    assert depthwise.filter_splits(g, 4, None) in (3, 4)
     runs = [bwd_filter(cuda.to_device(x), ws, cuda.to_device(dy), algo="depthwise", **kw).copy_to_host()
             for _ in range(2)]
     compare.assert_close(runs[0], reference.conv_weight(x, ws, dy, **kw), "float32", f"depthwise {name} filter")
     np.testing.assert_array_equal(runs[0], runs[1])
+
+
+# filter_kernel's runs of output rows: the slide builds (stride_h / dil_h filter rows a row: 1 at stride 1 and at
+# stride = dilation = 2, 2 at stride 2), the 3x3 build that loads every tap (dilation 2), the generic build
+FILTER_RUNS = {
+    "slide1-s1": ((2, 3, 8, 9), (6, 1, 3, 3), dict(padding=1, groups=3), 1),
+    "slide1-s2-dil2": ((1, 2, 13, 9), (2, 1, 3, 3), dict(padding=2, stride=2, dilation=2, groups=2), 1),
+    "slide2-s2": ((1, 2, 14, 8), (2, 1, 3, 3), dict(padding=1, stride=2, groups=2), 2),
+    "every-tap-dil2": ((1, 2, 7, 8), (2, 1, 3, 3), dict(padding=2, dilation=2, groups=2), 0),
+    "generic-2x3": ((1, 2, 9, 7), (2, 1, 2, 3), dict(padding=1, groups=2), 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FILTER_RUNS))
+def test_depthwise_filter_threads_walk_runs_of_rows(name, monkeypatch):
+    """filter_kernel's items are runs of FILTER_ROWS output rows down a column, here 3: several runs per column,
+    the last one short, and two rows a trip. The slide builds take each row's taps, but its filter's last 1 or 2
+    rows, from the row above's.
+    A NaN in dy at the first output reaches every tap of its filter, the padding's too (0 * NaN, as in the
+    reference)."""
+    monkeypatch.setattr(depthwise, "FILTER_ROWS", 3)
+    xs, ws, kw, slide = FILTER_RUNS[name]
+    g = cnnfast.explain("conv2d", xs, ws, device="cuda", **kw).spec.geometry
+    assert depthwise.filter_slides(g) == slide and g.Q > 3 and g.Q % 3
+    rng = np.random.default_rng(sum(map(ord, name)))
+    x = rng.standard_normal(xs).astype(np.float32)
+    dy = rng.standard_normal((xs[0], ws[0], g.Q, g.U)).astype(np.float32)
+    dy[0, 0, 0, 0] = np.nan
+    expected = reference.conv_weight(x, ws, dy, **kw)
+    assert np.isnan(expected[0]).all() and np.isfinite(expected[1:]).all()
+    dw = grad.conv2d_weight(cuda.to_device(x), ws, cuda.to_device(dy), algo="depthwise", **kw).copy_to_host()
+    compare.assert_close(dw, expected, "float32", f"depthwise {name} backward_filter")
 
 
 @pytest.mark.parametrize("taps", ["compiled in", "read from the geometry"])

@@ -171,8 +171,9 @@ def specialisations():
                 for build in depthwise.PLANE_BUILDS:
                     add(f"depthwise_plane/{depthwise.build_name(*build)}/{depthwise.size_name(sizes)}",
                         depthwise.plane_kernel(dt, build[0], sizes, *build[1:]), "AAAAti")
-                add(f"depthwise_backward_filter/{depthwise.size_name(sizes)}", depthwise.filter_kernel(dt, sizes),
-                    "AAAIgi")
+                for slide in (0, *depthwise.SLIDES) if sizes else (0,):
+                    add(f"depthwise_backward_filter/{depthwise.size_name(sizes)}" + f"/slide{slide}" * bool(slide),
+                        depthwise.filter_kernel(dt, sizes, slide, depthwise.FILTER_ROWS), "AAAIgi")
             add("depthwise_forward", depthwise.forward_kernel, "AAAAgi")
             add("depthwise_backward_data", depthwise.backward_data_kernel, "AAAg")
             add("add_bias", bias.add_bias_kernel, "AAiii")
