@@ -574,13 +574,16 @@ FILTER_RUNS = {
 def test_depthwise_filter_threads_walk_runs_of_rows(name, monkeypatch):
     """filter_kernel's items are runs of FILTER_ROWS output rows down a column, here 3: several runs per column,
     the last one short, and two rows a trip. The slide builds take each row's taps, but its filter's last 1 or 2
-    rows, from the row above's.
-    A NaN in dy at the first output reaches every tap of its filter, the padding's too (0 * NaN, as in the
-    reference)."""
+    rows, from the row above's. A NaN in dy at the first output reaches every tap of its filter, the padding's too
+    (0 * NaN, as in the reference). explain() names the build."""
     monkeypatch.setattr(depthwise, "FILTER_ROWS", 3)
     xs, ws, kw, slide = FILTER_RUNS[name]
     g = cnnfast.explain("conv2d", xs, ws, device="cuda", **kw).spec.geometry
     assert depthwise.filter_slides(g) == slide and g.Q > 3 and g.Q % 3
+    explained = cnnfast.explain("conv2d_weight", xs, ws, (xs[0], ws[0], g.Q, g.U), device="cuda", algo="depthwise",
+                                **kw).kernels[0]
+    assert ("3x3 taps compiled in" in explained) == (ws[2:] == (3, 3))
+    assert (f"taps slide {slide} filter row" in explained) == (slide > 0), explained
     rng = np.random.default_rng(sum(map(ord, name)))
     x = rng.standard_normal(xs).astype(np.float32)
     dy = rng.standard_normal((xs[0], ws[0], g.Q, g.U)).astype(np.float32)

@@ -16,10 +16,10 @@ ONE pass over the whole plane (3x3 depthwise 144 @56, batch 4, 2 cores: forward 
 import numba
 import numpy as np
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
+from cnnfast.kernels.cpu import direct
 from cnnfast.kernels.cpu.direct import (
     CONTRACT,
     CONTRACT_REASSOC,
-    direct_backward_filter_cpu,
     geometry_args,
     out_range,
     tap_output,
@@ -261,4 +261,4 @@ def backward_filter(x, dy, dw, g, workspace_limit=None):
     if _wide(g, "backward_filter", x.itemsize, workspace_limit):
         depthwise_wide_filter_cpu(x, dy, dw, g.pad_d, g.pad_h, g.pad_w, g.dil_d, g.dil_h, g.dil_w)
     else:  # direct's filter kernel already runs one task per (k, c) = per k here
-        direct_backward_filter_cpu(x, dy, dw, *geometry_args(g))
+        direct.backward_filter(x, dy, dw, g)

@@ -9,7 +9,8 @@ forward:         one task per (n, group, block of KB output channels, output row
 backward_data:   the same gather with the roles of x and y swapped: one task per (n, group, block of CB
                  input channels, input row (i, j)); dx row += w * dy-row at l = u*s - pad + s_tap*dil.
 backward_filter: one task per (k, c): dw[k, c, :, :, :] sums dy-row . x-row over n, p, q in a fixed order (the
-                 padding's zeros skipped, then 0 * dy added where dy is not finite: NaN, as in the reference).
+                 padding's zeros skipped, then, in the channels whose dy holds a NaN or inf, 0 * dy added at them:
+                 NaN, as in the reference).
 No task writes what another task writes, so results are deterministic (no atomics, fixed order).
 """
 import numba
@@ -135,7 +136,7 @@ def direct_backward_data_cpu(dy, w, dx, sd, sh, sw, dd, dh, dw_, pd, ph, pw, gro
 
 
 @numba.njit(parallel=True, cache=True, fastmath=CONTRACT_REASSOC)
-def direct_backward_filter_cpu(x, dy, dw, sd, sh, sw, dd, dh, dw_, pd, ph, pw, groups):
+def direct_backward_filter_cpu(x, dy, dw, special, sd, sh, sw, dd, dh, dw_, pd, ph, pw, groups):
     N, C, D, H, W = x.shape
     K, Cg, T, R, S = dw.shape
     _, _, P, Q, U = dy.shape
@@ -169,8 +170,8 @@ def direct_backward_filter_cpu(x, dy, dw, sd, sh, sw, dd, dh, dw_, pd, ph, pw, g
                                     for u in range(u0, u1):
                                         total += ds[u - u0] * x[n, ci, di, hi, u * sw + base]
                                 acc[t, r, s] = total
-        for n in range(N):  # the taps that read the padding: 0 * dy, NaN where dy is NaN or inf (the reference's)
-            for p in range(P):
+        for n in range(N if special[k] else 0):  # the taps that read the padding: 0 * dy, NaN where dy is NaN or
+            for p in range(P):                   # inf (the reference's); special[k]: dy[:, k] holds one
                 for q in range(Q):
                     for u in range(U):
                         v = dy[n, k, p, q, u]
@@ -202,4 +203,5 @@ def backward_data(dy, w, dx, g, workspace_limit=None):
 
 
 def backward_filter(x, dy, dw, g, workspace_limit=None):
-    direct_backward_filter_cpu(x, dy, dw, *geometry_args(g))
+    special = ~np.isfinite(dy).all(axis=(0, 2, 3, 4))  # per output channel: a NaN or inf in its dy
+    direct_backward_filter_cpu(x, dy, dw, special, *geometry_args(g))

@@ -569,8 +569,8 @@ def kernels(g, primitive, dtype):
     if primitive == "backward_filter":
         notes = [build] if build else []
         notes += [f"runs of {FILTER_ROWS} output rows"]
-        notes += [f"each row's taps slide down {filter_slides(g)} filter rows from the row above"] if filter_slides(
-            g) else []
+        shift = filter_slides(g)
+        notes += [f"taps slide {shift} filter row{'s' * (shift > 1)} per output row"] if shift else []
         return (f"depthwise filter_kernel [{dtype}] ({', '.join(notes)})",
                 f"reduce_splits_kernel [{dtype}] (when split)")
     tg = tile_geometry(g, primitive)
