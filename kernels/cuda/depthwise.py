@@ -23,8 +23,8 @@ x (N, C, D, H, W) * w (K, 1, T, R, S) -> y (N, K, P, Q, U); output channel k = c
                    items, runs of FILTER_ROWS output rows down a column, two rows a trip (their loads issue
                    together). The item's setup and index carries serve the whole run; where stride_h is 1 or 2
                    times dil_h (the slide builds) each row takes its taps' x from the row above's in registers
-                   and loads only its filter's last 1 or 2 rows. sm_90 SASS per dy element, 3x3 float32: ~86 at
-                   56x56 and ~118 at 7x7 (stride 1), ~124 and ~141 (stride 2), ~136-174 loading every tap,
+                   and loads only its filter's last 1 or 2 rows. sm_90 SASS per dy element, 3x3 float32: ~75 at
+                   56x56 and ~104 at 7x7 (stride 1), ~105 and ~123 (stride 2), ~115-150 loading every tap,
                    against 239 with one element per item and every tap loaded. The block adds its threads' sums
                    in a fixed tree order, and direct.reduce_splits_kernel adds the splits in order:
                    deterministic, no atomics.
@@ -445,6 +445,9 @@ def filter_kernel(dtype, sizes=None, slide=0, V=FILTER_ROWS):
         for first in range(0, trs, TAPS):
             for i in range(TAPS):
                 acc[i] = 0
+            # (nothing is shared yet, but entered from a barrier the loop keeps the global-memory descriptor in
+            # uniform registers: without it ptxas re-moves it (R2UR) for each predicated load, 16 a trip of 126)
+            cuda.syncthreads()
             e, n, p, b, u = begin + tid, n0, p0, b0, u0
             while e < end:
                 d0 = p * geo[12] - geo[18]
