@@ -389,7 +389,9 @@ def filter_kernel(dtype, sizes=None, slide=0, V=FILTER_ROWS):
     v's tap (r, s) reads row v-1's tap (r + slide, s), kept in registers, so a row loads only its filter's last slide
     rows; the run starts ceil((R - 1) / slide) rows early, those rows only filling the window."""
     KT, KR, KS = sizes or (0, 0, 0)  # 0: the table
-    assert not slide or (KT == 1 and KR * KS <= TAPS and slide < KR)
+    if slide and not (KT == 1 and KR * KS <= TAPS and slide < KR):
+        raise ValueError(f"filter_kernel: slide {slide} needs a compiled-in filter size (1, R, S) with R*S <= {TAPS} "
+                         f"and R > slide, got sizes={sizes}")
     KEPT = (KR - slide) * KS if slide else 0  # a row's taps i < KEPT are the row above's i + slide*KS
 
     @cuda.jit(device=True, inline=True)
