@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from cnnfast.kernels.contract import pad_indices
+from cnnfast.kernels.contract import ConvGeometry, pad_indices
 from cnnfast.kernels.cuda import depthwise, direct, gemm, im2col, layout
 from cnnfast.kernels.cuda.compile import kernel_key
 
@@ -180,11 +180,13 @@ def test_shared_memory_main_loops_stage_operands_without_integer_division(ptx_ro
 
 
 def test_tiled_gemm_inner_loops_issue_mostly_multiply_adds(ptx_rows):
-    """Per reduction index a thread of a TM x TN tile issues TM*TN FMAs, TM + TN shared loads and the loop's
+    """Per reduction index a thread of a TM x TN tile issues TM*TN FMAs, its shared loads and the loop's
     bookkeeping. Signed indices into the shared tiles cost a negative-index wrap-around per load (Numba's) and kept
     the address arithmetic out of the loads' immediate offsets: 157-226 instructions per 64 FMAs (8x8 tiles), 71-79
-    per 16 (4x4). With unsigned indices: 96-103, and 27 for the 4x4 tile's two reduction indices per trip."""
-    share = {"32x64": 0.55, "64x128": 0.6, "128x128": 0.6}  # FMAs / instructions of the loop, at least
+    per 16 (4x4). With unsigned indices: 96-103 (16 scalar shared loads), and 27 for the 4x4 tile's two reduction
+    indices per trip. With 16-byte aligned tiles and columns in runs of 4, the 16 loads are 4 vector loads: 86-90
+    per 64 FMAs, 155-160 per 128 (128x128's two indices per trip), 22 per 16."""
+    share = {"32x64": 0.65, "64x128": 0.7, "128x128": 0.75}  # FMAs / instructions of the loop, at least
     checked = 0
     for r in ptx_rows:
         family, _, tile = r["name"].split("[")[0].partition("/")
@@ -193,6 +195,41 @@ def test_tiled_gemm_inner_loops_issue_mostly_multiply_adds(ptx_rows):
             assert fmas >= share[tile] * instructions, (r["name"], r["inner_loop"])
             checked += 1
     assert checked == 72  # (3 families x 3 primitives) x (3 float32 tiles + 1 float64 tile) x 2 typings
+
+
+def test_tiled_gemm_steps_stage_elements_without_a_branch_each(ptx_rows):
+    """The loaders take their element's mask instead of being branched around (gemm.py, direct.masked), so a
+    thread's loads of one step issue back to back: a forward or backward_data step branches only for its loop and
+    its two `if more` blocks (9-23 conditional branches before, one or more per staged element); backward_filter's
+    other branches are its cursor's carries. The direct loaders' table rows precombine each element's offset
+    (direct.gather: one add and three 32-bit compares): PTX instructions of a step outside its multiply-add loop,
+    per element a thread stages, 20-29 for the direct forward and backward_data (34-47 before), 35-41 for direct
+    backward_filter (38-52), 12-29 for the im2col and pointwise GEMMs."""
+    checked = 0
+    for r in ptx_rows:
+        family, _, tile = r["name"].split("[")[0].partition("/")
+        if family.startswith(("direct_", "im2col_gemm_", "pointwise_gemm_")) and r["step_loop"]:
+            t = gemm.TILES[tile]
+            instructions, branches = r["step_loop"]
+            per_element = instructions / (t.BJ * (t.BM + t.BN) // t.threads)
+            if family.endswith("backward_filter"):
+                assert per_element <= (42 if family.startswith("direct") else 30), (r["name"], r["step_loop"])
+            else:
+                assert branches <= 3 and per_element <= 30, (r["name"], r["step_loop"])
+            checked += 1
+    assert checked == 72  # LLVM unrolls the 8x64 tile's inner loop: no step loop around it to measure
+
+
+def test_direct_tables_refuse_offsets_past_32_bits():
+    """direct.gather adds its table's offsets in 32 bits: a layer whose input sample needs larger ones (here 2
+    channels of 2**31 elements) is refused with the way out, never indexed wrong; one channel fits."""
+    def geometry(channels):
+        return ConvGeometry(1, channels, 1, 2 ** 16, 2 ** 15, 1, 1, 1, 1, 1, 2 ** 16, 2 ** 15, *[1] * 6, 0, 0, 0, 1)
+
+    with pytest.raises(ValueError, match=r"algo='direct'.*2147483648.*use algo='im2col'"):
+        direct.reduction_table(geometry(2), "forward")
+    assert direct.int32_table(np.array([0, 2 ** 31 - 1, -5])).dtype == np.int32
+    direct.reduction_table(geometry(1), "forward")
 
 
 # ---------------------------------------------------------------- the raw-pointer launch path (launch.py)

@@ -34,8 +34,11 @@ if config.ENABLE_CUDASIM:
 
     def int64(i):
         return (int(i) + 2 ** 63) % 2 ** 64 - 2 ** 63
+
+    def uint32(i):
+        return int(i) & 0xFFFF_FFFF
 else:
-    from numba import int64, uint64  # noqa: F401  (re-exported for the kernels)
+    from numba import int64, uint32, uint64  # noqa: F401  (re-exported for the kernels)
 
 
 def jit(pyfunc):
@@ -64,8 +67,8 @@ def device_constant(key, make):
     return arr
 
 
-_NUMBA_TYPES = {np.dtype("float32"): types.float32, np.dtype("float64"): types.float64,
-                np.dtype("int64"): types.int64}  # the tensors' dtypes, and the index tables'
+_NUMBA_TYPES = {np.dtype("float32"): types.float32, np.dtype("float64"): types.float64,  # the tensors' dtypes,
+                np.dtype("int64"): types.int64, np.dtype("int32"): types.int32}  # and the index tables'
 
 
 def numba_dtype(dtype):
@@ -151,11 +154,12 @@ def specialisations():
         for typing in ("array", "pointer"):
             arr = dt[::1] if typing == "array" else types.CPointer(dt)
             iarr = types.int64[::1] if typing == "array" else types.CPointer(types.int64)
-            kinds = {"A": arr, "I": iarr, "i": types.int64, "g": geo,
+            jarr = types.int32[::1] if typing == "array" else types.CPointer(types.int32)
+            kinds = {"A": arr, "I": iarr, "J": jarr, "i": types.int64, "g": geo,
                      "t": types.UniTuple(types.int64, depthwise.NTILE)}
 
             def add(name, pyfunc, template, dt=dt, typing=typing, kinds=kinds):
-                """template: one letter per argument: A float array, I int64 array, i int64, g geometry,
+                """template: one letter per argument: A float array, I int64 array, J int32 array, i int64, g geometry,
                 t depthwise tile geometry."""
                 out.append((f"{name}[{dt},{typing}]", pyfunc, tuple(kinds[c] for c in template), typing))
 
@@ -163,7 +167,7 @@ def specialisations():
                                       ("pointwise_gemm", im2col.POINTWISE)):
                 for primitive, ops in ops_table.items():
                     for tile in gemm.tile_names(dt.bitwidth // 8, thin=family == "direct"):
-                        add(f"{family}_{primitive}/{tile}", gemm.tiled_kernel(dt, ops, tile), "AAAAIgiiii")
+                        add(f"{family}_{primitive}/{tile}", gemm.tiled_kernel(dt, ops, tile), "AAAAJgiiii")
             add("reduce_splits", direct.reduce_splits_kernel, "AAii")
             add("im2col", im2col.im2col_kernel, "AAgii")
             add("col2im", im2col.col2im_kernel, "AAgii")

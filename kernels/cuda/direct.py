@@ -20,26 +20,27 @@ from functools import lru_cache
 import numpy as np
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cuda import gemm
-from cnnfast.kernels.cuda.compile import ZERO, device_constant, int64, numba_dtype, uint64
+from cnnfast.kernels.cuda.compile import ZERO, device_constant, int64, numba_dtype, uint32, uint64
 from cnnfast.kernels.cuda.launch import launch, scratch
 from numba import cuda
 
 TARGET_BLOCKS = 264  # 2 blocks per SM on an H100 (132 SMs): enough splits to fill the GPU
 MIN_SPLIT = 256  # reduction indices per split at least
+ONE, TWO, THREE, FOUR = uint64(1), uint64(2), uint64(3), uint64(4)  # table columns (no wrap-around test)
 
 
 # ---------------------------------------------------------------- loaders shared by several GEMMs
 
 @cuda.jit(device=True, inline=True)
-def strided_a(a, ra, j, geo, tab):
+def strided_a(a, ra, j, geo, tab, ok):
     """A[m, j] = a[base + j*stride] for ra = (base, stride)."""
-    return a[uint64(ra[0] + j * ra[1])]
+    return masked(a, ra[0] + j * ra[1], ok)
 
 
 @cuda.jit(device=True, inline=True)
-def strided_b(b, cb, j, geo, tab):
+def strided_b(b, cb, j, geo, tab, ok):
     """B[j, col] = b[base + j*stride] for cb = (base, stride, -, -)."""
-    return b[uint64(cb[0] + j * cb[1])]
+    return masked(b, cb[0] + j * cb[1], ok)
 
 
 @cuda.jit(device=True, inline=True)
@@ -65,14 +66,32 @@ def sample_step(r, d, j, geo):
 
 
 @cuda.jit(device=True, inline=True)
-def by_sample(t, ctx, r, geo, tab):
+def by_sample(t, ctx, r, geo, tab, ok):
     """t[n, c, o] at cursor r = (n, o) of a (N, channels, O) tensor, with ctx = (offset of t[0, c, 0],
     channels*O): backward_filter's dy rows (and pointwise x columns, im2col's column matrix)."""
-    return t[uint64(ctx[0] + r[0] * ctx[1] + r[1])]
+    return masked(t, ctx[0] + r[0] * ctx[1] + r[1], ok)
+
+
+@cuda.jit(device=True, inline=True)
+def masked(src, i, ok):
+    """src[i] if ok, else 0 (reading src[0]): a load without a branch, so a thread's loads issue back to back."""
+    v = src[uint64(i) if ok else uint64(0)]
+    return v if ok else ZERO
+
+
+@cuda.jit(device=True, inline=True)
+def gather(src, base, d, h, w, tab, e, D, H, W, ok):
+    """src[base + delta] for the table row at e = (delta, od, oh, ow, -) when ok and (d + od, h + oh, w + ow)
+    lies in the D x H x W box, else 0 (row 0 read when not ok): every patch loader's element, one add and three
+    unsigned compares, no multiply, no branch."""
+    e = e if ok else uint64(0)
+    ok &= (uint32(d + tab[e + ONE]) < uint32(D)) & (uint32(h + tab[e + TWO]) < uint32(H)) & (
+        uint32(w + tab[e + THREE]) < uint32(W))
+    return masked(src, base + tab[e], ok)
 
 
 # ---------------------------------------------------------------- forward: A = W_g, B = x-patches
-# j = c*TRS + tap (tab row: c*DHW, t*dd, r*dh, s*dw, -), col = n*O + o
+# j = c*TRS + tap (tab row: c*DHW + (t*dd*H + r*dh)*W + s*dw, t*dd, r*dh, s*dw, -), col = n*O + o
 
 @cuda.jit(device=True, inline=True)
 def fwd_dims(geo):
@@ -90,23 +109,17 @@ def fwd_row(g, m, geo, n0):
 
 @cuda.jit(device=True, inline=True)
 def fwd_col(g, col, geo, n0):
-    """(offset of x[n, g*Cg], first input d, h, w read by output o = (p, q, u)) for col = n*O + o."""
+    """(offset of x[n, g*Cg, d0, h0, w0], d0, h0, w0) for col = n*O + o: (d0, h0, w0) the first input position
+    output o = (p, q, u) reads (padding may make it negative, and the offset with it)."""
     C, D, H, W = geo[1], geo[2], geo[3], geo[4]
     n, _, p, q, u = gemm.split(col, 1, geo[9], geo[10], geo[11])
-    return ((n * C + g * (C // geo[21])) * D * H * W, p * geo[12] - geo[18], q * geo[13] - geo[19],
-            u * geo[14] - geo[20])
+    d0, h0, w0 = p * geo[12] - geo[18], q * geo[13] - geo[19], u * geo[14] - geo[20]
+    return (n * C + g * (C // geo[21])) * D * H * W + (d0 * H + h0) * W + w0, d0, h0, w0
 
 
 @cuda.jit(device=True, inline=True)
-def fwd_load_x(x, cb, j, geo, tab):
-    e = uint64(j * gemm.TAB)
-    D, H, W = geo[2], geo[3], geo[4]
-    di = cb[1] + tab[e + 1]
-    hi = cb[2] + tab[e + 2]
-    wi = cb[3] + tab[e + 3]
-    if di < 0 or di >= D or hi < 0 or hi >= H or wi < 0 or wi >= W:
-        return ZERO
-    return x[uint64(cb[0] + tab[e] + (di * H + hi) * W + wi)]
+def fwd_load_x(x, cb, j, geo, tab, ok):
+    return gather(x, cb[0], cb[1], cb[2], cb[3], tab, uint64(j) * uint64(gemm.TAB), geo[2], geo[3], geo[4], ok)
 
 
 @cuda.jit(device=True, inline=True)
@@ -126,7 +139,8 @@ def fwd_store(y, bias, g, m, col, v, geo, flag, split, n0):
 # one class holding every tap); one launch runs them all, grid z = class*groups + group (bwd_select). Per block,
 # geo is the ConvGeometry + SUBPIXEL ints (a_d, a_h, a_w, D2, H2, W2, taps, first) of its class: the class, its grid
 # of positions, its number of taps, and where its rows start in the table (subpixel_table).
-# j = kk*taps + i (tab row: kk*O, off_d, off_h, off_w, kk*Cg*TRS + tap), col = n*D2*H2*W2 + i2
+# j = kk*taps + i (tab row: kk*O + (off_d*Q + off_h)*U + off_w, off_d, off_h, off_w, kk*Cg*TRS + tap),
+# col = n*D2*H2*W2 + i2
 
 SUBPIXEL = 8
 
@@ -156,29 +170,25 @@ def bwd_row(g, m, geo, n0):
 
 
 @cuda.jit(device=True, inline=True)
-def bwd_load_w(w, ra, j, geo, tab):
-    return w[uint64(ra[0] + tab[uint64(geo[29] + j * gemm.TAB + 4)])]
+def bwd_load_w(w, ra, j, geo, tab, ok):
+    e = uint64(geo[29]) + uint64(j) * uint64(gemm.TAB) if ok else uint64(0)
+    return masked(w, ra[0] + tab[e + FOUR], ok)
 
 
 @cuda.jit(device=True, inline=True)
 def bwd_col(g, col, geo, n0):
-    """(offset of dy[n, g*Kg], class position i2 = (d2, h2, w2)) for col = n*D2H2W2 + (d2*H2 + h2)*W2 + w2."""
-    K = geo[5]
+    """(offset of dy[n, g*Kg, d2, h2, w2], d2, h2, w2) for col = n*D2H2W2 + (d2*H2 + h2)*W2 + w2 (class position
+    i2 = (d2, h2, w2))."""
+    K, P, Q, U = geo[5], geo[9], geo[10], geo[11]
     n, _, d2, h2, w2 = gemm.split(col, 1, geo[25], geo[26], geo[27])
-    return (n * K + g * (K // geo[21])) * geo[9] * geo[10] * geo[11], d2, h2, w2
+    return (n * K + g * (K // geo[21])) * P * Q * U + (d2 * Q + h2) * U + w2, d2, h2, w2
 
 
 @cuda.jit(device=True, inline=True)
-def bwd_load_dy(dy, cb, j, geo, tab):
+def bwd_load_dy(dy, cb, j, geo, tab, ok):
     """dy at the output i2 + offset of the j-th (channel, tap); 0 past dy's borders."""
-    e = uint64(geo[29] + j * gemm.TAB)
-    p = cb[1] + tab[e + 1]
-    q = cb[2] + tab[e + 2]
-    u = cb[3] + tab[e + 3]
-    Q, U = geo[10], geo[11]
-    if p < 0 or p >= geo[9] or q < 0 or q >= Q or u < 0 or u >= U:
-        return ZERO
-    return dy[uint64(cb[0] + tab[e] + (p * Q + q) * U + u)]
+    return gather(dy, cb[0], cb[1], cb[2], cb[3], tab, uint64(geo[29]) + uint64(j) * uint64(gemm.TAB), geo[9],
+                  geo[10], geo[11], ok)
 
 
 @cuda.jit(device=True, inline=True)
@@ -210,7 +220,7 @@ def subpixel_classes(g):
 
 
 # ---------------------------------------------------------------- backward filter: A = dy, B = x-patches^T
-# j = n*O + o (tab row per output o: p*sd, q*sh, u*sw, -, -), col = c*TRS + tap
+# j = n*O + o (tab row per output o: (p*sd*H + q*sh)*W + u*sw, p*sd, q*sh, u*sw, -), col = c*TRS + tap
 
 @cuda.jit(device=True, inline=True)
 def flt_dims(geo):
@@ -226,27 +236,23 @@ def flt_row(g, m, geo, n0):
 
 @cuda.jit(device=True, inline=True)
 def flt_col(g, col, geo, n0):
-    """(offset of x[0, g*Cg + c], t*dd - pd, r*dh - ph, s*dw - pw) for col = c*TRS + tap."""
-    T, R, S = geo[6], geo[7], geo[8]
+    """(offset of x[0, g*Cg + c, d0, h0, w0], d0, h0, w0) for col = c*TRS + tap: (d0, h0, w0) = (t*dd - pd,
+    r*dh - ph, s*dw - pw), the position output 0 reads at the tap (the offset may be negative)."""
+    H, W, T, R, S = geo[3], geo[4], geo[6], geo[7], geo[8]
     s = col % S
     r = (col // S) % R
     t = (col // (S * R)) % T
     c = col // (S * R * T)
-    return ((g * (geo[1] // geo[21]) + c) * geo[2] * geo[3] * geo[4], t * geo[15] - geo[18],
-            r * geo[16] - geo[19], s * geo[17] - geo[20])
+    d0, h0, w0 = t * geo[15] - geo[18], r * geo[16] - geo[19], s * geo[17] - geo[20]
+    return (g * (geo[1] // geo[21]) + c) * geo[2] * H * W + (d0 * H + h0) * W + w0, d0, h0, w0
 
 
 @cuda.jit(device=True, inline=True)
-def flt_load_x(x, cb, r, geo, tab):
+def flt_load_x(x, cb, r, geo, tab, ok):
     D, H, W = geo[2], geo[3], geo[4]
     n, o = r
-    e = uint64(o * gemm.TAB)
-    di = tab[e] + cb[1]
-    hi = tab[e + 1] + cb[2]
-    wi = tab[e + 2] + cb[3]
-    if di < 0 or di >= D or hi < 0 or hi >= H or wi < 0 or wi >= W:
-        return ZERO
-    return x[uint64(n * geo[1] * D * H * W + cb[0] + (di * H + hi) * W + wi)]
+    return gather(x, n * geo[1] * D * H * W + cb[0], cb[1], cb[2], cb[3], tab, uint64(o) * uint64(gemm.TAB), D, H, W,
+                  ok)
 
 
 @cuda.jit(device=True, inline=True)
@@ -276,37 +282,52 @@ OPS = {
 
 def no_table():
     """The table argument of GEMMs whose loaders read none (one zero row)."""
-    return device_constant(("no-table",), lambda: np.zeros(gemm.TAB, np.int64))
+    return device_constant(("no-table",), lambda: np.zeros(gemm.TAB, np.int32))
+
+
+def int32_table(rows):
+    """The loaders' table as int32 (gather adds and compares its offsets in 32 bits): an input sample, a sample of
+    dy or a group's weights too large for that is refused, never indexed wrong."""
+    if rows.size and max(rows.max(), -rows.min()) > np.iinfo(np.int32).max:
+        raise ValueError(f"algo='direct' on CUDA indexes one sample and a group's weights with 32-bit offsets, and "
+                         f"this layer needs offsets up to {max(rows.max(), -rows.min())} (more than 2**31 - 1): "
+                         f"use algo='im2col'")
+    return rows.astype(np.int32)
 
 
 def reduction_table(g, primitive):
-    """The loaders' table (TAB int64 per row, flat) of forward's j = c*TRS + tap: (c*DHW, t*dd, r*dh, s*dw, 0), or
-    of backward_filter's output o = (p*Q + q)*U + u of j = n*O + o: (p*sd, q*sh, u*sw, 0, 0) (backward_data's:
-    subpixel_table). A device constant: built and uploaded once per GPU and table key (a new batch size reuses it)."""
+    """The loaders' table (TAB int32 per row, flat; gather's rows: (delta, od, oh, ow, 0)) of forward's
+    j = c*TRS + tap: od, oh, ow = t*dd, r*dh, s*dw and delta = c*DHW + (od*H + oh)*W + ow, or of backward_filter's
+    output o = (p*Q + q)*U + u of j = n*O + o: od, oh, ow = p*sd, q*sh, u*sw and delta = (od*H + oh)*W + ow
+    (backward_data's: subpixel_table). A device constant: built and uploaded once per GPU and table key (a new batch
+    size reuses it)."""
     if primitive == "backward_filter":
         def make_outputs():
             p, q, u = np.unravel_index(np.arange(g.P * g.Q * g.U, dtype=np.int64), (g.P, g.Q, g.U))
-            zero = np.zeros_like(p)
-            return np.stack([p * g.stride_d, q * g.stride_h, u * g.stride_w, zero, zero], axis=1).ravel()
+            od, oh, ow = p * g.stride_d, q * g.stride_h, u * g.stride_w
+            delta = (od * g.H + oh) * g.W + ow
+            return int32_table(np.stack([delta, od, oh, ow, np.zeros_like(p)], axis=1).ravel())
 
-        key = (g.P, g.Q, g.U, g.stride_d, g.stride_h, g.stride_w)
+        key = (g.P, g.Q, g.U, g.stride_d, g.stride_h, g.stride_w, g.H, g.W)
         return device_constant(("output-table",) + key, make_outputs)
 
     def make():
         trs = g.T * g.R * g.S
         c, tap = np.divmod(np.arange(g.C // g.groups * trs, dtype=np.int64), trs)
-        t, r, s = tap // (g.R * g.S), (tap // g.S) % g.R, tap % g.S
-        return np.stack([c * g.D * g.H * g.W, t * g.dil_d, r * g.dil_h, s * g.dil_w, np.zeros_like(c)], axis=1).ravel()
+        od, oh, ow = tap // (g.R * g.S) * g.dil_d, (tap // g.S) % g.R * g.dil_h, tap % g.S * g.dil_w
+        delta = c * g.D * g.H * g.W + (od * g.H + oh) * g.W + ow
+        return int32_table(np.stack([delta, od, oh, ow, np.zeros_like(c)], axis=1).ravel())
 
     # keyed by what the table depends on (not the batch size, so a new batch size reuses it)
-    key = (g.C // g.groups, g.T, g.R, g.S, g.dil_d, g.dil_h, g.dil_w, g.D * g.H * g.W)
+    key = (g.C // g.groups, g.T, g.R, g.S, g.dil_d, g.dil_h, g.dil_w, g.D, g.H, g.W)
     return device_constant(("reduction-table",) + key, make)
 
 
 def subpixel_table(g):
     """backward_data's table (bwd_select): SUBPIXEL ints per class of subpixel_classes (its class row, then the
-    table offset of its first tap row), then each class's rows: row j = kk*len(taps) + i is (kk*O, off_d, off_h,
-    off_w, kk*Cg*TRS + tap) for taps[i] = (tap, off_d, off_h, off_w)."""
+    table offset of its first tap row), then each class's rows: row j = kk*len(taps) + i is
+    (kk*O + (off_d*Q + off_h)*U + off_w, off_d, off_h, off_w, kk*Cg*TRS + tap) for taps[i] = (tap, off_d, off_h,
+    off_w)."""
     classes = subpixel_classes(g)
 
     def make():
@@ -317,12 +338,13 @@ def subpixel_table(g):
             if taps:
                 kk = np.repeat(np.arange(g.K // g.groups, dtype=np.int64), len(taps))
                 tap, off_d, off_h, off_w = np.tile(np.array(taps, np.int64), (g.K // g.groups, 1)).T
-                rows.append(np.stack([kk * g.P * g.Q * g.U, off_d, off_h, off_w,
+                delta = kk * g.P * g.Q * g.U + (off_d * g.Q + off_h) * g.U + off_w
+                rows.append(np.stack([delta, off_d, off_h, off_w,
                                       kk * (g.C // g.groups) * g.T * g.R * g.S + tap], axis=1).ravel())
                 first += rows[-1].size
-        return np.concatenate([np.array(heads, np.int64).ravel()] + rows)
+        return int32_table(np.concatenate([np.array(heads, np.int64).ravel()] + rows))
 
-    key = (g.K // g.groups, g.C // g.groups, g.T * g.R * g.S, g.P * g.Q * g.U, tuple(classes))
+    key = (g.K // g.groups, g.C // g.groups, g.T * g.R * g.S, g.P, g.Q, g.U, tuple(classes))
     return device_constant(("subpixel-table",) + key, make)
 
 

@@ -7,9 +7,9 @@ an Ops tuple:
 
     dims(geo)                          -> (M, J, NCOL) per group
     a_row(g, m, geo, n0)               -> ra, what row m of A needs (a tuple of ints)
-    load_a(a, ra, r, geo, tab)         -> A[m, j]      (only called with m < M, j < J)
+    load_a(a, ra, r, geo, tab, ok)     -> A[m, j] if ok (m < M and j < J), else 0
     b_col(g, col, geo, n0)             -> cb, what column col of B needs (a tuple of ints)
-    load_b(b, cb, r, geo, tab)         -> B[j, col]    (only called with j < J, col < NCOL; 0 for padding)
+    load_b(b, cb, r, geo, tab, ok)     -> B[j, col] if ok (j < J and col < NCOL), else 0; 0 for padding
     store(out, bias, g, m, col, v, geo, flag, split, n0)
     select(z, geo, tab)                -> (g, geo): the group and the geometry the block's problem has (default
                                           `whole`: z, geo). One launch can so run several problems of one
@@ -22,9 +22,10 @@ an Ops tuple:
 
 Each thread stages the same row of A and the same column of B at every step, so a_row and b_col (with their
 integer divisions) run once per thread, not once per element; tab is a per-problem table of the reduction
-index j (TAB ints per j: reduction_table); each thread keeps the cursors of the first index of A and of B it
-stages, advanced by BJ per step, and steps from them to its other elements (+ i*THREADS/BM, + i*THREADS/BN), so
-no loader divides in the loop.
+index j (TAB int32 per j: direct.reduction_table); each thread keeps the cursors of the first index of A and of B
+it stages, advanced by BJ per step, and steps from them to its other elements (+ i*THREADS/BM, + i*THREADS/BN), so
+no loader divides in the loop. A loader never branches: with ok false it reads element 0 of its arrays (and row 0
+of the table) and returns 0, so a thread's loads of one step issue back to back (direct.masked).
 geo is the contract's ConvGeometry as a tuple of 22 ints; flag is the store's option (bias / accumulate);
 n0 a batch offset (im2col chunks). Arrays are 1-D (flat, C-contiguous). Indices into arrays are cast to uint64
 (none is negative where it is used): Numba wraps a negative signed index at every access, which in the inner loop
@@ -32,8 +33,10 @@ also kept each shared load's address out of an immediate offset, 194 instruction
 tile instead of 99 (64 of them FMAs; ptx.py's inner_loop).
 
 Block: BM x BN outputs of one group and one split of the reduction, THREADS = (BM/TM)*(BN/TN) threads,
-each holding a TM x TN register tile (rows m = ty*TM + a, columns col = tx + b*(BN/TN), so a warp's
-stores are coalesced). Per step, BJ reduction indices of A (BJ x BM) and B (BJ x BN) are staged in shared
+each holding a TM x TN register tile: rows m = ty*TM + a, and columns in runs of V = 4 (column(tx, b) =
+tx*V + b%V + (b//V)*BN*V/TN), so a thread reads its TM values of A and its TN of B at one reduction index as
+TM/4 + TN/4 vector loads (the tiles are 16-byte aligned), and a warp's stores cover 4 consecutive columns per
+thread. Per step, BJ reduction indices of A (BJ x BM) and B (BJ x BN) are staged in shared
 memory: thread tid stages row tid % BM of A (reduction indices tid // BM + k*THREADS/BM) and column
 tid % BN of B. Double-buffered: the next step's elements are loaded into registers before the current step's
 multiply-adds and stored into the other shared buffer after them, so one barrier per step suffices.
@@ -42,17 +45,18 @@ own problem's M or NCOL returns at once); split s reduces j in [s*jchunk, (s+1)*
 is written by exactly one thread.
 
 Tiles (TILES, compile-time constants of each specialisation): 32x64 with 4x4 per thread loads 8 shared values
-per 16 multiply-adds; the 8x8 register tiles load 16 per 64, but need 4-8x the outputs per block to fill the GPU;
-8x64 (2x4 per thread, 6 loads per 8) wastes fewest rows when a problem has few (M <= 16). 32x64 runs two
-reduction indices per trip of the inner loop (UNROLL: 27 instructions per index instead of 40, up to 10 fewer
-registers); two would cost 64x128 its third block per SM and buy 128x128 10% for up to 50 more registers, so the
-8x8 tiles keep one (LLVM unrolls the 8x64 tile's loop itself).
+(2 vector loads) per 16 multiply-adds; the 8x8 register tiles load 16 (4 vector loads) per 64, but need 4-8x the
+outputs per block to fill the GPU; 8x64 (2x4 per thread) wastes fewest rows when a problem has few (M <= 16).
+UNROLL reduction indices run per trip of the inner loop (LLVM does not unroll the 8-trip loop itself): two for
+32x64 and 128x128 (an 8x8 tile: 75 SASS instructions per index instead of 83, for 188 registers instead of 146,
+still one block of 256 threads per SM); one for 64x128, where two would cost its third block per SM (148 -> 188
+registers). LLVM unrolls the 8x64 tile's loop itself.
 choose_tile picks the largest that still gives a full wave of blocks; autotuning times them all.
 """
 from functools import lru_cache
 from typing import NamedTuple
 
-from cnnfast.kernels.cuda.compile import ZERO, int64, uint64
+from cnnfast.kernels.cuda.compile import ZERO, int64, simulating, uint64
 from numba import cuda
 
 
@@ -99,7 +103,7 @@ class Tile(NamedTuple):
         return (self.BM // self.TM) * (self.BN // self.TN)
 
 
-TILES = {"32x64": Tile(32, 64, 8, 4, 4, 2), "64x128": Tile(64, 128, 8, 8, 8), "128x128": Tile(128, 128, 8, 8, 8),
+TILES = {"32x64": Tile(32, 64, 8, 4, 4, 2), "64x128": Tile(64, 128, 8, 8, 8), "128x128": Tile(128, 128, 8, 8, 8, 2),
          "8x64": Tile(8, 64, 8, 2, 4)}
 SMALL = "32x64"  # the fallback: the most blocks per problem
 THIN = "8x64"  # for problems of at most 16 rows (direct's): 64 threads, 2x4 outputs each
@@ -107,7 +111,8 @@ BJ = 8  # every tile's reduction step (launchers round split chunks to it)
 WAVE = 132  # blocks in one wave: an H100's SMs (one block each at least)
 MIN_USE = 0.75  # a tile must use this share of its rows x columns (the rest is masked work)
 NGEO = 22  # len(ConvGeometry)
-TAB = 5  # ints per reduction index in the loaders' table (direct.reduction_table)
+ALIGN = None if simulating() else 16  # the shared tiles' alignment: vector loads (the simulator takes none)
+TAB = 5  # int32 per reduction index in the loaders' table (direct.reduction_table)
 # each thread stages one fixed row of A and column of B: threads a multiple of BM and of BN (tested)
 
 
@@ -139,10 +144,16 @@ def tiled_kernel(dtype, ops, tile=SMALL):
     BM, BN, BJ, TM, TN, UNROLL = TILES[tile]
     THREADS = TILES[tile].threads
     STAGE_A, STAGE_B = BJ * BM // THREADS, BJ * BN // THREADS  # elements of A and of B each thread stages per step
+    V = min(4, TN)  # a thread's columns come in runs of V (one vector load each), runs BN*V/TN apart
+
+    @cuda.jit(device=True, inline=True)
+    def column(tx, k):
+        """The block column of thread column tx's k-th output."""
+        return k // V * (BN * V // TN) + tx * V + k % V
 
     def kernel(a, b, out, bias, tab, geo, flag, splits, jchunk, n0):
-        shared_a = cuda.shared.array((2, BJ, BM), dtype)
-        shared_b = cuda.shared.array((2, BJ, BN), dtype)
+        shared_a = cuda.shared.array((2, BJ, BM), dtype, alignment=ALIGN)
+        shared_b = cuda.shared.array((2, BJ, BN), dtype, alignment=ALIGN)
         acc = cuda.local.array((TM, TN), dtype)
         reg_a = cuda.local.array(TM, dtype)
         reg_b = cuda.local.array(TN, dtype)
@@ -178,12 +189,12 @@ def tiled_kernel(dtype, ops, tile=SMALL):
             jj = tid // BM + i * (THREADS // BM)
             ok = row_ok and j_begin + jj < j_end
             r = step(cur_a, i * (THREADS // BM), j_begin + jj, pgeo)
-            shared_a[0, uint64(jj), uint64(sm)] = load_a(a, ra, r, pgeo, tab) if ok else dtype(0)
+            shared_a[0, uint64(jj), uint64(sm)] = load_a(a, ra, r, pgeo, tab, ok)
         for i in range(STAGE_B):
             jj = tid // BN + i * (THREADS // BN)
             ok = col_ok and j_begin + jj < j_end
             r = step(cur_b, i * (THREADS // BN), j_begin + jj, pgeo)
-            shared_b[0, uint64(jj), uint64(sc)] = load_b(b, cb, r, pgeo, tab) if ok else dtype(0)
+            shared_b[0, uint64(jj), uint64(sc)] = load_b(b, cb, r, pgeo, tab, ok)
         cuda.syncthreads()
         buf = 0
         for j0 in range(j_begin, j_end, BJ):
@@ -194,17 +205,17 @@ def tiled_kernel(dtype, ops, tile=SMALL):
                 for i in range(STAGE_A):
                     j = j0 + BJ + tid // BM + i * (THREADS // BM)
                     r = step(cur_a, i * (THREADS // BM), j, pgeo)
-                    next_a[i] = load_a(a, ra, r, pgeo, tab) if row_ok and j < j_end else dtype(0)
+                    next_a[i] = load_a(a, ra, r, pgeo, tab, row_ok and j < j_end)
                 for i in range(STAGE_B):
                     j = j0 + BJ + tid // BN + i * (THREADS // BN)
                     r = step(cur_b, i * (THREADS // BN), j, pgeo)
-                    next_b[i] = load_b(b, cb, r, pgeo, tab) if col_ok and j < j_end else dtype(0)
+                    next_b[i] = load_b(b, cb, r, pgeo, tab, col_ok and j < j_end)
             for j1 in range(0, BJ, UNROLL):
                 for jj in range(j1, j1 + UNROLL):
                     for i in range(TM):
                         reg_a[i] = shared_a[uint64(buf), uint64(jj), uint64(ty * TM + i)]
                     for k in range(TN):
-                        reg_b[k] = shared_b[uint64(buf), uint64(jj), uint64(tx + k * (BN // TN))]
+                        reg_b[k] = shared_b[uint64(buf), uint64(jj), uint64(column(tx, k))]
                     for i in range(TM):
                         for k in range(TN):
                             acc[i, k] += reg_a[i] * reg_b[k]
@@ -219,7 +230,7 @@ def tiled_kernel(dtype, ops, tile=SMALL):
             m = m0 + ty * TM + i
             if m < M:
                 for k in range(TN):
-                    col = col0 + tx + k * (BN // TN)
+                    col = col0 + column(tx, k)
                     if col < NCOL:
                         store(out, bias, g, m, col, acc[i, k], pgeo, flag, split, n0)
 
