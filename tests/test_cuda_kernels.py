@@ -203,7 +203,7 @@ def test_tiled_gemm_steps_stage_elements_without_a_branch_each(ptx_rows):
     its two `if more` blocks (9-23 conditional branches before, one or more per staged element); backward_filter's
     other branches are its cursor's carries. The direct loaders' table rows precombine each element's offset
     (direct.gather: one add and three 32-bit compares): PTX instructions of a step outside its multiply-add loop,
-    per element a thread stages, 20-29 for the direct forward and backward_data (34-47 before), 35-41 for direct
+    per element a thread stages, 20-29 for the direct forward and backward_data (26-47 before), 35-41 for direct
     backward_filter (38-52), 12-29 for the im2col and pointwise GEMMs."""
     checked = 0
     for r in ptx_rows:

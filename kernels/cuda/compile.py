@@ -41,6 +41,14 @@ else:
     from numba import int64, uint32, uint64  # noqa: F401  (re-exported for the kernels)
 
 
+def helper(pyfunc):
+    """An inline device function (the kernels' device functions: none reads a `cuda.*` attribute); in the
+    simulator the Python function itself. A simulated device-function call costs ~12 us (the simulator swaps the
+    module's `cuda` around each call), the time of 25 array reads: the loaders' range tests and masked loads, one
+    call each per staged element, made the simulated GEMMs up to 2x slower."""
+    return pyfunc if config.ENABLE_CUDASIM else cuda.jit(device=True, inline=True)(pyfunc)
+
+
 def jit(pyfunc):
     """The (cached) cuda.jit dispatcher of a kernel's Python function."""
     kernel = _DISPATCHERS.get(pyfunc)

@@ -20,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cuda import gemm
-from cnnfast.kernels.cuda.compile import ZERO, device_constant, int64, numba_dtype, uint32, uint64
+from cnnfast.kernels.cuda.compile import ZERO, device_constant, helper, int64, numba_dtype, uint64
 from cnnfast.kernels.cuda.launch import launch, scratch
 from numba import cuda
 
@@ -31,19 +31,19 @@ ONE, TWO, THREE, FOUR = uint64(1), uint64(2), uint64(3), uint64(4)  # table colu
 
 # ---------------------------------------------------------------- loaders shared by several GEMMs
 
-@cuda.jit(device=True, inline=True)
+@helper
 def strided_a(a, ra, j, geo, tab, ok):
     """A[m, j] = a[base + j*stride] for ra = (base, stride)."""
     return masked(a, ra[0] + j * ra[1], ok)
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def strided_b(b, cb, j, geo, tab, ok):
     """B[j, col] = b[base + j*stride] for cb = (base, stride, -, -)."""
     return masked(b, cb[0] + j * cb[1], ok)
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def sample_seek(j, geo):
     """backward_filter's cursor (n, o) at its reduction index j = n*O + o over samples n and outputs o: one
     unsigned division (a signed // also computes a remainder to floor), once per thread."""
@@ -52,7 +52,7 @@ def sample_seek(j, geo):
     return n, j - n * O
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def sample_step(r, d, j, geo):
     """The cursor d reduction indices after r (at j): o carried into n (one carry, or none, when O >= d). O >= 1:
     the API returns empty results without launching."""
@@ -65,41 +65,40 @@ def sample_step(r, d, j, geo):
     return n, o
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def by_sample(t, ctx, r, geo, tab, ok):
     """t[n, c, o] at cursor r = (n, o) of a (N, channels, O) tensor, with ctx = (offset of t[0, c, 0],
     channels*O): backward_filter's dy rows (and pointwise x columns, im2col's column matrix)."""
     return masked(t, ctx[0] + r[0] * ctx[1] + r[1], ok)
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def masked(src, i, ok):
     """src[i] if ok, else 0 (reading src[0]): a load without a branch, so a thread's loads issue back to back."""
     v = src[uint64(i) if ok else uint64(0)]
     return v if ok else ZERO
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def gather(src, base, d, h, w, tab, e, D, H, W, ok):
     """src[base + delta] for the table row at e = (delta, od, oh, ow, -) when ok and (d + od, h + oh, w + ow)
     lies in the D x H x W box, else 0 (row 0 read when not ok): every patch loader's element, one add and three
-    unsigned compares, no multiply, no branch."""
+    32-bit unsigned compares, no multiply, no branch."""
     e = e if ok else uint64(0)
-    ok &= (uint32(d + tab[e + ONE]) < uint32(D)) & (uint32(h + tab[e + TWO]) < uint32(H)) & (
-        uint32(w + tab[e + THREE]) < uint32(W))
+    ok &= gemm.within32(d + tab[e + ONE], D) & gemm.within32(h + tab[e + TWO], H) & gemm.within32(w + tab[e + THREE], W)
     return masked(src, base + tab[e], ok)
 
 
 # ---------------------------------------------------------------- forward: A = W_g, B = x-patches
 # j = c*TRS + tap (tab row: c*DHW + (t*dd*H + r*dh)*W + s*dw, t*dd, r*dh, s*dw, -), col = n*O + o
 
-@cuda.jit(device=True, inline=True)
+@helper
 def fwd_dims(geo):
     groups = geo[21]
     return geo[5] // groups, geo[1] // groups * geo[6] * geo[7] * geo[8], geo[0] * geo[9] * geo[10] * geo[11]
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def fwd_row(g, m, geo, n0):
     """w[k = g*Kg + m, j] = w[k*J + j]"""
     groups = geo[21]
@@ -107,7 +106,7 @@ def fwd_row(g, m, geo, n0):
     return (g * (geo[5] // groups) + m) * J, 1
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def fwd_col(g, col, geo, n0):
     """(offset of x[n, g*Cg, d0, h0, w0], d0, h0, w0) for col = n*O + o: (d0, h0, w0) the first input position
     output o = (p, q, u) reads (padding may make it negative, and the offset with it)."""
@@ -117,12 +116,12 @@ def fwd_col(g, col, geo, n0):
     return (n * C + g * (C // geo[21])) * D * H * W + (d0 * H + h0) * W + w0, d0, h0, w0
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def fwd_load_x(x, cb, j, geo, tab, ok):
     return gather(x, cb[0], cb[1], cb[2], cb[3], tab, uint64(j) * uint64(gemm.TAB), geo[2], geo[3], geo[4], ok)
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def fwd_store(y, bias, g, m, col, v, geo, flag, split, n0):
     K = geo[5]
     O = geo[9] * geo[10] * geo[11]
@@ -145,7 +144,7 @@ def fwd_store(y, bias, g, m, col, v, geo, flag, split, n0):
 SUBPIXEL = 8
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def bwd_select(z, geo, tab):
     """(group, geo + the class's SUBPIXEL ints) for grid z = class*groups + group: classes head the table."""
     groups = geo[21]
@@ -155,13 +154,13 @@ def bwd_select(z, geo, tab):
                                     tab[e + 7])
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def bwd_dims(geo):
     groups = geo[21]
     return geo[1] // groups, geo[5] // groups * geo[28], geo[0] * geo[25] * geo[26] * geo[27]
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def bwd_row(g, m, geo, n0):
     """w[g*Kg + kk, c = m, tap] = w[g*Kg*Cg*TRS + m*TRS + (kk*Cg*TRS + tap)]"""
     groups = geo[21]
@@ -169,13 +168,13 @@ def bwd_row(g, m, geo, n0):
     return (g * (geo[5] // groups) * (geo[1] // groups) + m) * trs, 0
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def bwd_load_w(w, ra, j, geo, tab, ok):
     e = uint64(geo[29]) + uint64(j) * uint64(gemm.TAB) if ok else uint64(0)
     return masked(w, ra[0] + tab[e + FOUR], ok)
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def bwd_col(g, col, geo, n0):
     """(offset of dy[n, g*Kg, d2, h2, w2], d2, h2, w2) for col = n*D2H2W2 + (d2*H2 + h2)*W2 + w2 (class position
     i2 = (d2, h2, w2))."""
@@ -184,14 +183,14 @@ def bwd_col(g, col, geo, n0):
     return (n * K + g * (K // geo[21])) * P * Q * U + (d2 * Q + h2) * U + w2, d2, h2, w2
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def bwd_load_dy(dy, cb, j, geo, tab, ok):
     """dy at the output i2 + offset of the j-th (channel, tap); 0 past dy's borders."""
     return gather(dy, cb[0], cb[1], cb[2], cb[3], tab, uint64(geo[29]) + uint64(j) * uint64(gemm.TAB), geo[9],
                   geo[10], geo[11], ok)
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def bwd_store(dx, bias, g, m, col, v, geo, flag, split, n0):
     """dx[n, g*Cg + m, a + stride*i2] for col = n*D2H2W2 + i2."""
     C, D, H, W = geo[1], geo[2], geo[3], geo[4]
@@ -222,19 +221,19 @@ def subpixel_classes(g):
 # ---------------------------------------------------------------- backward filter: A = dy, B = x-patches^T
 # j = n*O + o (tab row per output o: (p*sd*H + q*sh)*W + u*sw, p*sd, q*sh, u*sw, -), col = c*TRS + tap
 
-@cuda.jit(device=True, inline=True)
+@helper
 def flt_dims(geo):
     groups = geo[21]
     return geo[5] // groups, geo[0] * geo[9] * geo[10] * geo[11], geo[1] // groups * geo[6] * geo[7] * geo[8]
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def flt_row(g, m, geo, n0):
     O = geo[9] * geo[10] * geo[11]
     return (g * (geo[5] // geo[21]) + m) * O, geo[5] * O
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def flt_col(g, col, geo, n0):
     """(offset of x[0, g*Cg + c, d0, h0, w0], d0, h0, w0) for col = c*TRS + tap: (d0, h0, w0) = (t*dd - pd,
     r*dh - ph, s*dw - pw), the position output 0 reads at the tap (the offset may be negative)."""
@@ -247,7 +246,7 @@ def flt_col(g, col, geo, n0):
     return (g * (geo[1] // geo[21]) + c) * geo[2] * H * W + (d0 * H + h0) * W + w0, d0, h0, w0
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def flt_load_x(x, cb, r, geo, tab, ok):
     D, H, W = geo[2], geo[3], geo[4]
     n, o = r
@@ -255,7 +254,7 @@ def flt_load_x(x, cb, r, geo, tab, ok):
                   ok)
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def flt_store(partial, bias, g, m, col, v, geo, flag, split, n0):
     """partial (splits, K, C/g*TRS): split s's sum; with one split this is dw itself."""
     K = geo[5]

@@ -56,23 +56,23 @@ choose_tile picks the largest that still gives a full wave of blocks; autotuning
 from functools import lru_cache
 from typing import NamedTuple
 
-from cnnfast.kernels.cuda.compile import ZERO, int64, simulating, uint64
+from cnnfast.kernels.cuda.compile import ZERO, helper, int64, simulating, uint32, uint64
 from numba import cuda
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def whole(z, geo, tab):
     """The default select op: grid z (split removed) is the group, geo the whole problem's."""
     return z, geo
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def index_seek(j, geo):
     """The default cursor: the reduction index itself."""
     return j
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def index_step(r, d, j, geo):
     return j
 
@@ -146,7 +146,7 @@ def tiled_kernel(dtype, ops, tile=SMALL):
     STAGE_A, STAGE_B = BJ * BM // THREADS, BJ * BN // THREADS  # elements of A and of B each thread stages per step
     V = min(4, TN)  # a thread's columns come in runs of V (one vector load each), runs BN*V/TN apart
 
-    @cuda.jit(device=True, inline=True)
+    @helper
     def column(tx, k):
         """The block column of thread column tx's k-th output."""
         return k // V * (BN * V // TN) + tx * V + k % V
@@ -246,7 +246,7 @@ def grid(M, NCOL, groups, splits, tile=SMALL):
 
 # ---------------------------------------------------------------- gathers shared by the conv loaders
 
-@cuda.jit(device=True, inline=True)
+@helper
 def x_patch(x, g, tap, n, o, geo):
     """x at input channel group g, reduction index tap = ((c*T + t)*R + r)*S + s, sample n, output o = (p*Q+q)*U+u;
     0 where the window reads padding."""
@@ -268,7 +268,7 @@ def x_patch(x, g, tap, n, o, geo):
     return x[(((n * C + g * Cg + c) * D + di) * H + hi) * W + wi]
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def split(e, C, D, H, W):
     """(n, c, d, h, w) of the flat index e = (((n*C + c)*D + d)*H + h)*W + w."""
     w = e % W
@@ -278,13 +278,19 @@ def split(e, C, D, H, W):
     return e // (W * H * D * C), c, d, h, w
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def within(i, n):
     """0 <= i < n as one unsigned comparison (a negative i casts to 2**64 - |i|)."""
     return uint64(i) < uint64(n)
 
 
-@cuda.jit(device=True, inline=True)
+@helper
+def within32(i, n):
+    """within in 32 bits, for |i| and n under 2**31: one compare of 32-bit registers instead of two."""
+    return uint32(i) < uint32(n)
+
+
+@helper
 def carry(digit, next_digit, size):
     """(digit, next_digit) with a digit in [0, 2*size) brought under size by one carry: a mixed-radix index
     advanced by a step's digits (see split) without division."""
@@ -293,7 +299,7 @@ def carry(digit, next_digit, size):
     return digit, next_digit
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def tap_walk(pos, stride, step):
     """Start a division-free walk over the taps t = 0, 1, ... of one axis: (o, rem, dq, dr) with
     pos - t*step = o*stride + rem, 0 <= rem < stride, at t = 0, and step = dq*stride + dr; next_tap moves to t + 1.
@@ -307,7 +313,7 @@ def tap_walk(pos, stride, step):
     return o, pos - o * stride, dq, step - dq * stride
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def next_tap(o, rem, dq, dr, stride):
     """(o, rem) of the next tap of a tap_walk: subtract step = dq*stride + dr, keeping 0 <= rem < stride."""
     rem -= dr
@@ -318,7 +324,7 @@ def next_tap(o, rem, dq, dr, stride):
     return o, rem
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def transposed_gather(src, base, tap_stride, w, w0, weighted, i_d, ih, iw, geo):
     """The sum over taps (t, r, s), in order, of w[w0 + tap] * src[base + tap*tap_stride + (p*Q + q)*U + u]
     (without the weight when not weighted) for the output (p, q, u) each tap of input (i_d, ih, iw) reads: a

@@ -15,6 +15,7 @@ im2col_kernel: thread (grid-stride) per element of cols; col2im_kernel: thread p
 """
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cuda import direct, gemm
+from cnnfast.kernels.cuda.compile import helper
 from cnnfast.kernels.cuda.direct import _bias_arg, launch_tiled
 from cnnfast.kernels.cuda.launch import launch, scratch
 from numba import cuda
@@ -54,27 +55,27 @@ def col2im_kernel(dcols, dx, geo, n0, nb):
 # Dense operands: A and B are read at base + j*stride (direct.strided_a / strided_b), except backward_filter's
 # dy (direct.by_sample); the row/column functions give the bases.
 
-@cuda.jit(device=True, inline=True)
+@helper
 def _sizes(geo):
     """(Kg, Cg*TRS, O, nb*O)"""
     O = geo[9] * geo[10] * geo[11]
     return geo[5] // geo[21], geo[1] // geo[21] * geo[6] * geo[7] * geo[8], O, geo[0] * O
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def f_dims(geo):
     Kg, J, O, ncol = _sizes(geo)
     return Kg, J, ncol
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def f_col(g, col, geo, n0):
     """cols[(g*J + j)*ncol + col]"""
     Kg, J, O, ncol = _sizes(geo)
     return g * J * ncol + col, ncol, 0, 0
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def f_store(y, bias, g, m, col, v, geo, flag, split, n0):
     Kg, J, O, ncol = _sizes(geo)
     k = g * Kg + m
@@ -83,20 +84,20 @@ def f_store(y, bias, g, m, col, v, geo, flag, split, n0):
     y[((n0 + col // O) * geo[5] + k) * O + col % O] = v
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def d_dims(geo):
     Kg, J, O, ncol = _sizes(geo)
     return J, Kg, ncol
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def d_row(g, m, geo, n0):
     """w[(g*Kg + j)*J + m]"""
     Kg, J, O, ncol = _sizes(geo)
     return g * Kg * J + m, J
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def d_col(g, col, geo, n0):
     """dy[((n0 + col // O)*K + g*Kg + j)*O + col % O]"""
     Kg, J, O, ncol = _sizes(geo)
@@ -104,33 +105,33 @@ def d_col(g, col, geo, n0):
     return ((n0 + n) * geo[5] + g * Kg) * O + col - n * O, O, 0, 0
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def d_store(dcols, bias, g, m, col, v, geo, flag, split, n0):
     Kg, J, O, ncol = _sizes(geo)
     dcols[(g * J + m) * ncol + col] = v
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def w_dims(geo):
     Kg, J, O, ncol = _sizes(geo)
     return Kg, ncol, J
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def w_row(g, m, geo, n0):
     """dy[((n0 + n)*K + g*Kg + m)*O + o] at j = n*O + o: direct.by_sample from sample n0"""
     Kg, J, O, ncol = _sizes(geo)
     return (n0 * geo[5] + g * Kg + m) * O, geo[5] * O
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def w_col(g, col, geo, n0):
     """cols[(g*J + col)*ncol + n*O + o] at j = n*O + o (direct.by_sample)"""
     Kg, J, O, ncol = _sizes(geo)
     return (g * J + col) * ncol, O
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def w_store(dw, bias, g, m, col, v, geo, flag, split, n0):
     """dw (K, C/g*TRS); flag: add to what earlier chunks stored (fixed chunk order)."""
     Kg, J, O, ncol = _sizes(geo)
@@ -148,7 +149,7 @@ OPS = {"forward": gemm.Ops(f_dims, direct.fwd_row, direct.strided_a, f_col, dire
 # A 1x1 unit-stride layer (g.is_pointwise, O = DHW, J = Cg) needs no im2col/col2im: per group, y = W_g @ x,
 # dx = W_g^T @ dy, dW_g = dy @ x^T, read and written in place by these loaders (whole batch, n0 = 0).
 
-@cuda.jit(device=True, inline=True)
+@helper
 def p_col(g, col, geo, n0):
     """x[((col // O)*C + g*Cg + j)*O + col % O] (forward's B)"""
     O = geo[9] * geo[10] * geo[11]
@@ -156,7 +157,7 @@ def p_col(g, col, geo, n0):
     return (n * geo[1] + g * (geo[1] // geo[21])) * O + col - n * O, O, 0, 0
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def p_store_dx(dx, bias, g, m, col, v, geo, flag, split, n0):
     """dx[((col // O)*C + g*Cg + m)*O + col % O]"""
     O = geo[9] * geo[10] * geo[11]
@@ -164,7 +165,7 @@ def p_store_dx(dx, bias, g, m, col, v, geo, flag, split, n0):
     dx[(n * geo[1] + g * (geo[1] // geo[21]) + m) * O + col - n * O] = v
 
 
-@cuda.jit(device=True, inline=True)
+@helper
 def p_wcol(g, col, geo, n0):
     """x[n, g*Cg + col, o] at j = n*O + o (backward_filter's B, read by direct.by_sample)"""
     O = geo[9] * geo[10] * geo[11]
