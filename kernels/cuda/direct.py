@@ -5,13 +5,14 @@ x (N, C, D, H, W) * w (K, C/g, T, R, S) -> y (N, K, P, Q, U); O = P*Q*U, TRS = T
     forward          y[n, k, o]      = sum_{(c, tap)} w[k, c, tap] * x-patch     M = K/g, J = C/g*TRS, NCOL = N*O
     backward_data    dx[n, c, i]     = sum_{(k, tap)} w[k, c, tap] * dy-gather   M = C/g, J = K/g*TRS, NCOL = N*DHW
                      (one GEMM per sub-pixel class of positions i, over the taps that read it: below)
-    backward_filter  dw[k, (c, tap)] = sum_{(n, o)} dy[n, k, o] * x-patch        M = K/g, J = N*O,     NCOL = C/g*TRS
+    backward_filter  dw[k, (c, tap)] = sum_{(n, o)} dy[n, k, o] * x-patch        M = K/g, J = N*span, NCOL = C/g*TRS
 
 Each thread owns a register tile of outputs (4x4 or 8x8: output channels x pixels for forward, gemm.TILES); the
 weight and input tiles of each 8-deep reduction step are staged in shared memory (gemm.py). backward_filter splits its
-long reduction (N*O) over `splits` blocks writing partial sums to scratch, then `reduce_splits` adds them in
-split order: deterministic, no atomics. Its loaders read j = n*O + o at a cursor (n, o) that each thread carries
-from one staged index to the next (sample_seek, sample_step): no division per element.
+long reduction over `splits` blocks writing partial sums to scratch, then `reduce_splits` adds them in split
+order: deterministic, no atomics. Its loaders read j = n*span + o at a cursor (n, o) that each thread carries from
+one staged index to the next (sample_seek, sample_step): no division per element, and no branch (span = max(O, BJ):
+the indices past O pad a sample to a step, and are masked).
 """
 import itertools
 import math
@@ -44,32 +45,40 @@ def strided_b(b, cb, j, geo, tab, ok):
 
 
 @helper
+def sample_span(geo):
+    """backward_filter's reduction indices per sample, j = n*span + o: its O = P*Q*U outputs o, padded to at least
+    gemm.BJ (the loaders mask o >= O), so that a cursor moving d <= BJ indices carries once at most."""
+    return max(geo[9] * geo[10] * geo[11], gemm.BJ)
+
+
+def span(g):
+    """sample_span of a ConvGeometry, on the host."""
+    return max(g.P * g.Q * g.U, gemm.BJ)
+
+
+@helper
 def sample_seek(j, geo):
-    """backward_filter's cursor (n, o) at its reduction index j = n*O + o over samples n and outputs o: one
+    """backward_filter's cursor (n, o) at its reduction index j = n*span + o over samples n and outputs o: one
     unsigned division (a signed // also computes a remainder to floor), once per thread."""
-    O = geo[9] * geo[10] * geo[11]
-    n = int64(uint64(j) // uint64(O))
-    return n, j - n * O
+    n = int64(uint64(j) // uint64(sample_span(geo)))
+    return n, j - n * sample_span(geo)
 
 
 @helper
 def sample_step(r, d, j, geo):
-    """The cursor d reduction indices after r (at j): o carried into n (one carry, or none, when O >= d). O >= 1:
-    the API returns empty results without launching."""
-    O = geo[9] * geo[10] * geo[11]
+    """The cursor d <= BJ reduction indices after r (at j): o carried into n once at most (span >= BJ), without a
+    branch."""
     n, o = r
-    o += d
-    while o >= O:
-        o -= O
-        n += 1
-    return n, o
+    past = int64(o + d >= sample_span(geo))
+    return n + past, o + d - past * sample_span(geo)
 
 
 @helper
 def by_sample(t, ctx, r, geo, tab, ok):
     """t[n, c, o] at cursor r = (n, o) of a (N, channels, O) tensor, with ctx = (offset of t[0, c, 0],
-    channels*O): backward_filter's dy rows (and pointwise x columns, im2col's column matrix)."""
-    return masked(t, ctx[0] + r[0] * ctx[1] + r[1], ok)
+    channels*O); 0 at the padding o >= O: backward_filter's dy rows (and pointwise x columns, im2col's column
+    matrix)."""
+    return masked(t, ctx[0] + r[0] * ctx[1] + r[1], ok & (r[1] < geo[9] * geo[10] * geo[11]))
 
 
 @helper
@@ -219,12 +228,12 @@ def subpixel_classes(g):
 
 
 # ---------------------------------------------------------------- backward filter: A = dy, B = x-patches^T
-# j = n*O + o (tab row per output o: (p*sd*H + q*sh)*W + u*sw, p*sd, q*sh, u*sw, -), col = c*TRS + tap
+# j = n*span + o (tab row per output o: (p*sd*H + q*sh)*W + u*sw, p*sd, q*sh, u*sw, -), col = c*TRS + tap
 
 @helper
 def flt_dims(geo):
     groups = geo[21]
-    return geo[5] // groups, geo[0] * geo[9] * geo[10] * geo[11], geo[1] // groups * geo[6] * geo[7] * geo[8]
+    return geo[5] // groups, geo[0] * sample_span(geo), geo[1] // groups * geo[6] * geo[7] * geo[8]
 
 
 @helper
@@ -251,7 +260,7 @@ def flt_load_x(x, cb, r, geo, tab, ok):
     D, H, W = geo[2], geo[3], geo[4]
     n, o = r
     return gather(x, n * geo[1] * D * H * W + cb[0], cb[1], cb[2], cb[3], tab, uint64(o) * uint64(gemm.TAB), D, H, W,
-                  ok)
+                  ok & (o < geo[9] * geo[10] * geo[11]))
 
 
 @helper
@@ -297,7 +306,7 @@ def int32_table(rows):
 def reduction_table(g, primitive):
     """The loaders' table (TAB int32 per row, flat; gather's rows: (delta, od, oh, ow, 0)) of forward's
     j = c*TRS + tap: od, oh, ow = t*dd, r*dh, s*dw and delta = c*DHW + (od*H + oh)*W + ow, or of backward_filter's
-    output o = (p*Q + q)*U + u of j = n*O + o: od, oh, ow = p*sd, q*sh, u*sw and delta = (od*H + oh)*W + ow
+    output o = (p*Q + q)*U + u of j = n*span + o: od, oh, ow = p*sd, q*sh, u*sw and delta = (od*H + oh)*W + ow
     (backward_data's: subpixel_table). A device constant: built and uploaded once per GPU and table key (a new batch
     size reuses it)."""
     if primitive == "backward_filter":
@@ -350,7 +359,7 @@ def subpixel_table(g):
 def dims(g, primitive):
     Kg, Cg, O, TRS = g.K // g.groups, g.C // g.groups, g.P * g.Q * g.U, g.T * g.R * g.S
     return {"forward": (Kg, Cg * TRS, g.N * O), "backward_data": (Cg, Kg * TRS, g.N * g.D * g.H * g.W),
-            "backward_filter": (Kg, g.N * O, Cg * TRS)}[primitive]
+            "backward_filter": (Kg, g.N * span(g), Cg * TRS)}[primitive]
 
 
 def tile_names(itemsize):

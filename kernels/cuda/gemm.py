@@ -16,7 +16,7 @@ an Ops tuple:
                                           shape class (backward_data's sub-pixel classes).
     seek(j, geo)                       -> r, the loaders' cursor at reduction index j (default: j itself)
     step(r, d, j, geo)                 -> the cursor at index j, d indices after cursor r (0 <= d <= BJ; default j).
-                                          backward_filter's cursor is (n, o) for j = n*O + o (direct.sample_seek):
+                                          backward_filter's cursor is (n, o) for j = n*span + o (sample_seek):
                                           seek divides once per thread and step carries, so no division is left
                                           in the main loop (each was ~20 instructions, 6-12 per step).
 

@@ -114,19 +114,19 @@ def d_store(dcols, bias, g, m, col, v, geo, flag, split, n0):
 @helper
 def w_dims(geo):
     Kg, J, O, ncol = _sizes(geo)
-    return Kg, ncol, J
+    return Kg, geo[0] * direct.sample_span(geo), J
 
 
 @helper
 def w_row(g, m, geo, n0):
-    """dy[((n0 + n)*K + g*Kg + m)*O + o] at j = n*O + o: direct.by_sample from sample n0"""
+    """dy[((n0 + n)*K + g*Kg + m)*O + o] at j = n*span + o: direct.by_sample from sample n0"""
     Kg, J, O, ncol = _sizes(geo)
     return (n0 * geo[5] + g * Kg + m) * O, geo[5] * O
 
 
 @helper
 def w_col(g, col, geo, n0):
-    """cols[(g*J + col)*ncol + n*O + o] at j = n*O + o (direct.by_sample)"""
+    """cols[(g*J + col)*ncol + n*O + o] at j = n*span + o (direct.by_sample)"""
     Kg, J, O, ncol = _sizes(geo)
     return (g * J + col) * ncol, O
 
@@ -167,7 +167,7 @@ def p_store_dx(dx, bias, g, m, col, v, geo, flag, split, n0):
 
 @helper
 def p_wcol(g, col, geo, n0):
-    """x[n, g*Cg + col, o] at j = n*O + o (backward_filter's B, read by direct.by_sample)"""
+    """x[n, g*Cg + col, o] at j = n*span + o (backward_filter's B, read by direct.by_sample)"""
     O = geo[9] * geo[10] * geo[11]
     return (g * (geo[1] // geo[21]) + col) * O, geo[1] * O
 
@@ -197,7 +197,8 @@ def workspace_bytes(g, primitive, itemsize, workspace_limit, tile=None):
 def _shape(g, primitive, nb):
     """(M, J, NCOL) of the GEMM of a chunk of nb samples."""
     Kg, J, O = g.K // g.groups, g.C // g.groups * g.T * g.R * g.S, g.P * g.Q * g.U
-    return {"forward": (Kg, J, nb * O), "backward_data": (J, Kg, nb * O), "backward_filter": (Kg, nb * O, J)}[primitive]
+    return {"forward": (Kg, J, nb * O), "backward_data": (J, Kg, nb * O),
+            "backward_filter": (Kg, nb * direct.span(g), J)}[primitive]
 
 
 def tile_for(g, primitive, itemsize=4, workspace_limit=None):
