@@ -113,8 +113,8 @@ def d_store(dcols, bias, g, m, col, v, geo, flag, split, n0):
 
 @helper
 def w_dims(geo):
-    Kg, J, O, ncol = _sizes(geo)
-    return Kg, geo[0] * direct.sample_span(geo), J
+    Kg, J, _, _ = _sizes(geo)
+    return Kg, geo[0] * direct.sample_span(geo), J  # the reduction over samples padded to a span each
 
 
 @helper
