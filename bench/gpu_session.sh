@@ -11,8 +11,6 @@
 #                                               CNNFAST_CUDA_LAUNCH=raw to time the raw launch path
 #   bash bench/gpu_session.sh tiles [NAME...]   the same with the direct algorithm in each tile configuration
 #                                               (8x64, 32x64, 64x128, 128x128): the data to retune gemm.choose_tile
-#   bash bench/gpu_session.sh unroll [NAME...]  direct:128x128 and im2col:128x128 with one reduction index per inner-loop
-#                                               trip (Tile.UNROLL = 1: 146 registers) against two (188, the default)
 #   bash bench/gpu_session.sh planes            the depthwise shapes with each halo-tile block doing 1 (n, c) plane
 #                                               and 8 (depthwise.PLANES), with 1 output row per thread against
 #                                               4 (depthwise.ROWS), and small planes one per block (GROUP = 1)
@@ -22,8 +20,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-tests|sanitize|host|bench|tiles|unroll|planes) ;;
-*) sed -n '2,21p' "$0"; exit 2 ;;  # usage, before installing anything
+tests|sanitize|host|bench|tiles|planes) ;;
+*) sed -n '2,19p' "$0"; exit 2 ;;  # usage, before installing anything
 esac
 out="${OUT:-gpu-out}"
 mkdir -p "$out"
@@ -68,20 +66,6 @@ tiles)
     cnnfast bench --device cuda "${filters[@]}" --algo direct --tiles --json "$out/bench-cuda-tiles.json" \
         2>/dev/null | tee "$out/bench-cuda-tiles.txt"
     exit "${PIPESTATUS[0]}"
-    ;;
-unroll)
-    filters=()
-    for name in "$@"; do filters+=(--shape "$name"); done
-    rc=0
-    for unroll in 1 2; do
-        python -c "import sys; from cnnfast.kernels.cuda import gemm
-gemm.TILES['128x128'] = gemm.TILES['128x128']._replace(UNROLL=$unroll)
-from cnnfast import cli; sys.exit(cli.main(sys.argv[1:]))" bench --device cuda "${filters[@]}" \
-            --algo direct:128x128 im2col:128x128 --json "$out/bench-unroll$unroll.json" 2>/dev/null \
-            | tee "$out/bench-unroll$unroll.txt"
-        rc=$(( rc || PIPESTATUS[0] ))
-    done
-    exit "$rc"
     ;;
 planes)
     rc=0

@@ -21,7 +21,7 @@ from functools import lru_cache
 import numpy as np
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cuda import gemm
-from cnnfast.kernels.cuda.compile import ZERO, device_constant, helper, int64, numba_dtype, uint64
+from cnnfast.kernels.cuda.compile import ZERO, device_constant, helper, numba_dtype, uint32, uint64
 from cnnfast.kernels.cuda.launch import launch, scratch
 from numba import cuda
 
@@ -58,19 +58,21 @@ def span(g):
 
 @helper
 def sample_seek(j, geo):
-    """backward_filter's cursor (n, o) at its reduction index j = n*span + o over samples n and outputs o: one
-    unsigned division (a signed // also computes a remainder to floor), once per thread."""
-    n = int64(uint64(j) // uint64(sample_span(geo)))
-    return n, j - n * sample_span(geo)
+    """backward_filter's cursor (n, o) at its reduction index j = n*span + o over samples n and outputs o, as two
+    uint32 (so that the cursor steps and the range tests on it run in 32 bits): one unsigned division (a signed //
+    also computes a remainder to floor), once per thread."""
+    n = uint64(j) // uint64(sample_span(geo))
+    return uint32(n), uint32(j - n * sample_span(geo))
 
 
 @helper
 def sample_step(r, d, j, geo):
     """The cursor d <= BJ reduction indices after r (at j): o carried into n once at most (span >= BJ), without a
-    branch."""
+    branch, in 32 bits."""
     n, o = r
-    past = int64(o + d >= sample_span(geo))
-    return n + past, o + d - past * sample_span(geo)
+    o = uint32(o + d)
+    past = o >= uint32(sample_span(geo))
+    return uint32(n + past), uint32(o - (uint32(sample_span(geo)) if past else uint32(0)))
 
 
 @helper
@@ -78,7 +80,7 @@ def by_sample(t, ctx, r, geo, tab, ok):
     """t[n, c, o] at cursor r = (n, o) of a (N, channels, O) tensor, with ctx = (offset of t[0, c, 0],
     channels*O); 0 at the padding o >= O: backward_filter's dy rows (and pointwise x columns, im2col's column
     matrix)."""
-    return masked(t, ctx[0] + r[0] * ctx[1] + r[1], ok & (r[1] < geo[9] * geo[10] * geo[11]))
+    return masked(t, ctx[0] + r[0] * ctx[1] + r[1], ok & (r[1] < uint32(geo[9] * geo[10] * geo[11])))
 
 
 @helper
@@ -91,9 +93,9 @@ def masked(src, i, ok):
 @helper
 def gather(src, base, d, h, w, tab, e, D, H, W, ok):
     """src[base + delta] for the table row at e = (delta, od, oh, ow, -) when ok and (d + od, h + oh, w + ow)
-    lies in the D x H x W box, else 0 (row 0 read when not ok): every patch loader's element, one add and three
-    32-bit unsigned compares, no multiply, no branch."""
-    e = e if ok else uint64(0)
+    lies in the D x H x W box, else 0: every patch loader's element, one add and three 32-bit unsigned compares, no
+    multiply, no branch. The row is read unmasked (so a thread's rows are one address plus constants): e lies in
+    the table when its index is under the problem's end + BJ (int32_table's padding rows)."""
     ok &= gemm.within32(d + tab[e + ONE], D) & gemm.within32(h + tab[e + TWO], H) & gemm.within32(w + tab[e + THREE], W)
     return masked(src, base + tab[e], ok)
 
@@ -179,8 +181,7 @@ def bwd_row(g, m, geo, n0):
 
 @helper
 def bwd_load_w(w, ra, j, geo, tab, ok):
-    e = uint64(geo[29]) + uint64(j) * uint64(gemm.TAB) if ok else uint64(0)
-    return masked(w, ra[0] + tab[e + FOUR], ok)
+    return masked(w, ra[0] + tab[uint64(geo[29]) + uint64(j) * uint64(gemm.TAB) + FOUR], ok)  # row unmasked: gather
 
 
 @helper
@@ -260,7 +261,7 @@ def flt_load_x(x, cb, r, geo, tab, ok):
     D, H, W = geo[2], geo[3], geo[4]
     n, o = r
     return gather(x, n * geo[1] * D * H * W + cb[0], cb[1], cb[2], cb[3], tab, uint64(o) * uint64(gemm.TAB), D, H, W,
-                  ok & (o < geo[9] * geo[10] * geo[11]))
+                  ok & (o < uint32(geo[9] * geo[10] * geo[11])))
 
 
 @helper
@@ -294,13 +295,15 @@ def no_table():
 
 
 def int32_table(rows):
-    """The loaders' table as int32 (gather adds and compares its offsets in 32 bits): an input sample, a sample of
-    dy or a group's weights too large for that is refused, never indexed wrong."""
+    """The loaders' table as int32 (gather adds and compares its offsets in 32 bits), with BJ zero rows after the
+    last: a loader reads its row without a mask (gather), and a step reads up to BJ - 1 rows past a problem's last
+    reduction index. An input sample, a sample of dy or a group's weights too large for 32-bit offsets is refused,
+    never indexed wrong."""
     if rows.size and max(rows.max(), -rows.min()) > np.iinfo(np.int32).max:
         raise ValueError(f"algo='direct' on CUDA indexes one sample and a group's weights with 32-bit offsets, and "
                          f"this layer needs offsets up to {max(rows.max(), -rows.min())} (more than 2**31 - 1): "
                          f"use algo='im2col'")
-    return rows.astype(np.int32)
+    return np.concatenate([rows, np.zeros(gemm.TAB * gemm.BJ, rows.dtype)]).astype(np.int32)
 
 
 def reduction_table(g, primitive):

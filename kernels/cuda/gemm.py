@@ -24,8 +24,9 @@ Each thread stages the same row of A and the same column of B at every step, so 
 integer divisions) run once per thread, not once per element; tab is a per-problem table of the reduction
 index j (TAB int32 per j: direct.reduction_table); each thread keeps the cursors of the first index of A and of B
 it stages, advanced by BJ per step, and steps from them to its other elements (+ i*THREADS/BM, + i*THREADS/BN), so
-no loader divides in the loop. A loader never branches: with ok false it reads element 0 of its arrays (and row 0
-of the table) and returns 0, so a thread's loads of one step issue back to back (direct.masked).
+no loader divides in the loop. A loader never branches: with ok false it reads element 0 of its arrays and
+returns 0, so a thread's loads of one step issue back to back (direct.masked); an element's range test on j is
+one 32-bit compare with the indices left (left).
 geo is the contract's ConvGeometry as a tuple of 22 ints; flag is the store's option (bias / accumulate);
 n0 a batch offset (im2col chunks). Arrays are 1-D (flat, C-contiguous). Indices into arrays are cast to uint64
 (none is negative where it is used): Numba wraps a negative signed index at every access, which in the inner loop
@@ -47,10 +48,9 @@ is written by exactly one thread.
 Tiles (TILES, compile-time constants of each specialisation): 32x64 with 4x4 per thread loads 8 shared values
 (2 vector loads) per 16 multiply-adds; the 8x8 register tiles load 16 (4 vector loads) per 64, but need 4-8x the
 outputs per block to fill the GPU; 8x64 (2x4 per thread) wastes fewest rows when a problem has few (M <= 16).
-UNROLL reduction indices run per trip of the inner loop (LLVM does not unroll the 8-trip loop itself): two for
-32x64 and 128x128 (an 8x8 tile: 75 SASS instructions per index instead of 83, for 188 registers instead of 146,
-still one block of 256 threads per SM); one for 64x128, where two would cost its third block per SM (148 -> 188
-registers). LLVM unrolls the 8x64 tile's loop itself.
+A step's multiply-adds are written out for its 8 reduction indices (multiply_step; LLVM unrolls no loop of more
+than two of them), so a step is one trip of one loop: 758 SASS instructions per 512 FFMAs for the direct forward
+128x128, where a loop of two indices per trip inside the step took 828 (and 188 registers, now 163).
 choose_tile picks the largest that still gives a full wave of blocks; autotuning times them all.
 """
 from functools import lru_cache
@@ -96,14 +96,13 @@ class Tile(NamedTuple):
     BJ: int
     TM: int  # register tile per thread: TM x TN
     TN: int
-    UNROLL: int = 1  # reduction indices per trip of the inner loop (LLVM does not unroll it by itself)
 
     @property
     def threads(self):
         return (self.BM // self.TM) * (self.BN // self.TN)
 
 
-TILES = {"32x64": Tile(32, 64, 8, 4, 4, 2), "64x128": Tile(64, 128, 8, 8, 8), "128x128": Tile(128, 128, 8, 8, 8, 2),
+TILES = {"32x64": Tile(32, 64, 8, 4, 4), "64x128": Tile(64, 128, 8, 8, 8), "128x128": Tile(128, 128, 8, 8, 8),
          "8x64": Tile(8, 64, 8, 2, 4)}
 SMALL = "32x64"  # the fallback: the most blocks per problem
 THIN = "8x64"  # for problems of at most 16 rows (direct's): 64 threads, 2x4 outputs each
@@ -141,7 +140,9 @@ def choose_tile(M, NCOL, groups, splittable=False, itemsize=4, thin=False):
 def tiled_kernel(dtype, ops, tile=SMALL):
     """The tiled GEMM kernel's Python function for a numba dtype, an Ops tuple and a tile name (TILES)."""
     dims, a_row, load_a, b_col, load_b, store, select, seek, step = ops
-    BM, BN, BJ, TM, TN, UNROLL = TILES[tile]
+    BM, BN, BJ, TM, TN = TILES[tile]
+    if BJ != 8:
+        raise ValueError(f"tiled_kernel: tile {tile!r} has BJ = {BJ}: multiply_step is written for 8")
     THREADS = TILES[tile].threads
     STAGE_A, STAGE_B = BJ * BM // THREADS, BJ * BN // THREADS  # elements of A and of B each thread stages per step
     V = min(4, TN)  # a thread's columns come in runs of V (one vector load each), runs BN*V/TN apart
@@ -150,6 +151,29 @@ def tiled_kernel(dtype, ops, tile=SMALL):
     def column(tx, k):
         """The block column of thread column tx's k-th output."""
         return k // V * (BN * V // TN) + tx * V + k % V
+
+    @helper
+    def multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, jj, tx, ty):
+        """acc += the outer product of reduction index jj's TM values of A and TN of B (TM/4 + TN/4 vector loads)."""
+        for i in range(TM):
+            reg_a[i] = shared_a[uint64(buf), uint64(jj), uint64(ty * TM + i)]
+        for k in range(TN):
+            reg_b[k] = shared_b[uint64(buf), uint64(jj), uint64(column(tx, k))]
+        for i in range(TM):
+            for k in range(TN):
+                acc[i, k] += reg_a[i] * reg_b[k]
+
+    @helper
+    def multiply_step(acc, reg_a, reg_b, shared_a, shared_b, buf, tx, ty):
+        """multiply for the BJ = 8 indices of a step, written out: LLVM unrolls no loop of more than two of them."""
+        multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, 0, tx, ty)
+        multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, 1, tx, ty)
+        multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, 2, tx, ty)
+        multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, 3, tx, ty)
+        multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, 4, tx, ty)
+        multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, 5, tx, ty)
+        multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, 6, tx, ty)
+        multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, 7, tx, ty)
 
     def kernel(a, b, out, bias, tab, geo, flag, splits, jchunk, n0):
         shared_a = cuda.shared.array((2, BJ, BM), dtype, alignment=ALIGN)
@@ -169,7 +193,7 @@ def tiled_kernel(dtype, ops, tile=SMALL):
         tid = cuda.threadIdx.x
         tx = tid % (BN // TN)
         ty = tid // (BN // TN)
-        j_begin = split * jchunk
+        j_begin = min(split * jchunk, J)  # a split past J (chunks rounded up to BJ) is empty: it stages masked rows
         j_end = min(J, j_begin + jchunk)
         # the row of A and the column of B this thread stages (clamped in range; masked below)
         sm = tid % BM
@@ -185,15 +209,17 @@ def tiled_kernel(dtype, ops, tile=SMALL):
         # stores the next step into the other: one barrier per step, global loads in flight during the FMAs
         cur_a = seek(j_begin + tid // BM, pgeo)  # the cursors of the first index of A and of B this thread stages
         cur_b = seek(j_begin + tid // BN, pgeo)
+        left_a = left(j_begin + tid // BM, j_end)
+        left_b = left(j_begin + tid // BN, j_end)
         for i in range(STAGE_A):
             jj = tid // BM + i * (THREADS // BM)
-            ok = row_ok and j_begin + jj < j_end
             r = step(cur_a, i * (THREADS // BM), j_begin + jj, pgeo)
+            ok = row_ok and uint32(i * (THREADS // BM)) < left_a
             shared_a[0, uint64(jj), uint64(sm)] = load_a(a, ra, r, pgeo, tab, ok)
         for i in range(STAGE_B):
             jj = tid // BN + i * (THREADS // BN)
-            ok = col_ok and j_begin + jj < j_end
             r = step(cur_b, i * (THREADS // BN), j_begin + jj, pgeo)
+            ok = col_ok and uint32(i * (THREADS // BN)) < left_b
             shared_b[0, uint64(jj), uint64(sc)] = load_b(b, cb, r, pgeo, tab, ok)
         cuda.syncthreads()
         buf = 0
@@ -202,23 +228,17 @@ def tiled_kernel(dtype, ops, tile=SMALL):
             if more:
                 cur_a = step(cur_a, BJ, j0 + BJ + tid // BM, pgeo)
                 cur_b = step(cur_b, BJ, j0 + BJ + tid // BN, pgeo)
+                left_a = left(j0 + BJ + tid // BM, j_end)
+                left_b = left(j0 + BJ + tid // BN, j_end)
                 for i in range(STAGE_A):
                     j = j0 + BJ + tid // BM + i * (THREADS // BM)
                     r = step(cur_a, i * (THREADS // BM), j, pgeo)
-                    next_a[i] = load_a(a, ra, r, pgeo, tab, row_ok and j < j_end)
+                    next_a[i] = load_a(a, ra, r, pgeo, tab, row_ok and uint32(i * (THREADS // BM)) < left_a)
                 for i in range(STAGE_B):
                     j = j0 + BJ + tid // BN + i * (THREADS // BN)
                     r = step(cur_b, i * (THREADS // BN), j, pgeo)
-                    next_b[i] = load_b(b, cb, r, pgeo, tab, col_ok and j < j_end)
-            for j1 in range(0, BJ, UNROLL):
-                for jj in range(j1, j1 + UNROLL):
-                    for i in range(TM):
-                        reg_a[i] = shared_a[uint64(buf), uint64(jj), uint64(ty * TM + i)]
-                    for k in range(TN):
-                        reg_b[k] = shared_b[uint64(buf), uint64(jj), uint64(column(tx, k))]
-                    for i in range(TM):
-                        for k in range(TN):
-                            acc[i, k] += reg_a[i] * reg_b[k]
+                    next_b[i] = load_b(b, cb, r, pgeo, tab, col_ok and uint32(i * (THREADS // BN)) < left_b)
+            multiply_step(acc, reg_a, reg_b, shared_a, shared_b, buf, tx, ty)
             if more:
                 for i in range(STAGE_A):
                     shared_a[uint64(1 - buf), uint64(tid // BM + i * (THREADS // BM)), uint64(sm)] = next_a[i]
@@ -288,6 +308,13 @@ def within(i, n):
 def within32(i, n):
     """within in 32 bits, for |i| and n under 2**31: one compare of 32-bit registers instead of two."""
     return uint32(i) < uint32(n)
+
+
+@helper
+def left(j, j_end):
+    """The reduction indices from a thread's first staged index j to j_end, clamped to [0, BJ], as a uint32: its
+    element d indices further is in range when d < left, one 32-bit compare."""
+    return uint32(max(min(j_end - j, BJ), 0))
 
 
 @helper

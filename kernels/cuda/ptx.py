@@ -8,12 +8,11 @@ reported: PTX 9.0 loads on driver 580), and that PTX linked by cuda.core's Linke
 `ptxas -v` gives registers, spill stores and spill loads of the sm_90 code, as the driver builds it from the
 same PTX when a kernel is loaded. For the kernels with shared-memory steps (the tiled GEMMs, the depthwise halo
 tiles and weight gradient) it also counts the 64-bit divisions left in the main loop (loop_divisions), and for
-every kernel the instructions and FMAs of the innermost loop holding FMAs (inner_loop: per reduction index of a
-tiled GEMM, the multiply-adds' share of what the SM issues), and of the loop around it less the inner loop
-(step_loop: a tiled GEMM's staging of its next step, instructions and conditional branches). With nvdisasm
+every kernel the instructions, FMAs and conditional branches of the innermost loop holding FMAs (inner_loop: a
+tiled GEMM's whole step, its staging and its multiply-adds; their share of what the SM issues). With nvdisasm
 installed (on PATH, or the `nvidia-cuda-nvdisasm` wheel, 13.2 or later, which reads sm_90 cubins from the 13.0
-linker) it also reports the same loops in the SASS the GPU runs (sass_loop: instructions and FFMA/DFMA;
-sass_step): 64-bit index arithmetic there costs two to three instructions per PTX one. Entries compile in
+linker) it also reports the same loop in the SASS the GPU runs (sass_loop: instructions, FFMA/DFMA, branches):
+64-bit index arithmetic there costs two to three instructions per PTX one. Entries compile in
 parallel (--jobs, default: one process per CPU). Exit status 1 if any entry fails to compile or spills.
 """
 import argparse
@@ -40,7 +39,7 @@ def ptx_facts(ptx):
     bounds = re.search(r"^\s*\.maxntid\s+(\d+)", ptx, re.M)  # launch bounds: most threads per block
     return {"ptx_version": version and version.group(1), "target": target and target.group(1),
             "entry": entry_name(ptx), "params": parameter_count(ptx), "loop_divisions": loop_divisions(ptx),
-            "inner_loop": inner_loop(ptx), "step_loop": step_loop(ptx), "max_threads": bounds and int(bounds.group(1))}
+            "inner_loop": inner_loop(ptx), "max_threads": bounds and int(bounds.group(1))}
 
 
 PTX = dict(label=r"(\$L__BB\d+_\d+):", branch=r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", fma=r"\s+fma\.",
@@ -67,31 +66,20 @@ def _fma_loops(lines, syntax):
     return sorted(around, key=lambda loop: (-loop[0], loop[1]))
 
 
-def _count(lines, start, stop, syntax, kind="fma"):
+def _count(lines, start, stop, syntax):
     body = [line for line in lines[start:stop + 1] if re.match(syntax["instruction"], line)]
-    return [len(body), sum(1 for line in body if re.match(syntax[kind], line))]
+    return [len(body), sum(1 for line in body if re.match(syntax["fma"], line)),
+            sum(1 for line in body if re.match(syntax["conditional"], line))]
 
 
 def inner_loop(code, syntax=PTX):
-    """[instructions, FMAs] of the innermost loop around the first fma of PTX (or SASS) code: from the nearest
-    label above it that a branch below it jumps back to, to the first such branch (static instructions, each
-    issued once per trip); None when no loop holds an fma."""
+    """[instructions, FMAs, conditional branches] of the innermost loop around the first fma of PTX (or SASS)
+    code: from the nearest label above it that a branch below it jumps back to, to the first such branch (static
+    instructions, each issued once per trip; a tiled GEMM's whole step, gemm.multiply_step); None when no loop
+    holds an fma."""
     lines = code.splitlines()
     around = _fma_loops(lines, syntax)
     return _count(lines, *around[0], syntax) if around else None
-
-
-def step_loop(code, syntax=PTX):
-    """[instructions, conditional branches] of the loop around inner_loop's, less inner_loop's own: a tiled GEMM's
-    step without its multiply-adds (staging the next step's elements, the barrier, the bookkeeping); None without
-    such a loop."""
-    lines = code.splitlines()
-    around = _fma_loops(lines, syntax)
-    outer = [loop for loop in around[1:] if loop[0] < around[0][0] or around[0][1] < loop[1]] if around else []
-    if not outer:
-        return None
-    both = (_count(lines, *loop, syntax, "conditional") for loop in (outer[0], around[0]))
-    return [a - b for a, b in zip(*both)]
 
 
 def nvdisasm():
@@ -154,7 +142,7 @@ def link_report(ptx):
     return {"registers": int(regs.group(1)) if regs else None,
             "spill_stores": int(stores.group(1)) if stores else None,
             "spill_loads": int(loads.group(1)) if loads else None,
-            "sass_loop": code and inner_loop(code, SASS), "sass_step": code and step_loop(code, SASS)}
+            "sass_loop": code and inner_loop(code, SASS)}
 
 
 def check(index):
@@ -195,16 +183,15 @@ def main(argv=None):
         print(json.dumps(rows, indent=1))
     else:
         print(f"{'kernel':58s} {'PTX':>4s} {'target':>7s} {'regs':>5s} {'spill st/ld':>12s} {'loop div':>8s} "
-              f"{'inner loop (FMA)':>16s} {'SASS loop (FMA)':>15s} {'SASS step':>9s}")
+              f"{'inner loop (FMA)':>16s} {'SASS loop (FMA)':>15s}")
         for r in rows:
             if "error" in r:
                 print(f"{r['name']:58s} ERROR {r['error']}")
             else:
-                loop, code = ('%d (%d)' % tuple(r[k]) if r[k] else '-' for k in ("inner_loop", "sass_loop"))
-                step = r["sass_step"][0] if r["sass_step"] else "-"
+                loop, code = ('%d (%d)' % tuple(r[k][:2]) if r[k] else '-' for k in ("inner_loop", "sass_loop"))
                 print(f"{r['name']:58s} {r['ptx_version']:>4s} {r['target']:>7s} {r['registers']!s:>5s} "
                       f"{r['spill_stores']!s:>6s}/{r['spill_loads']!s:<5s} {r['loop_divisions']!s:>8s} "
-                      f"{loop:>16s} {code:>15s} {step!s:>9s}")
+                      f"{loop:>16s} {code:>15s}")
     return 0 if all(r["ok"] for r in rows) else 1
 
 
