@@ -19,14 +19,23 @@ an Ops tuple:
                                           backward_filter's cursor is (n, o) for j = n*span + o (sample_seek):
                                           seek divides once per thread and step carries, so no division is left
                                           in the main loop (each was ~20 instructions, 6-12 per step).
+    a_along_j, b_along_j               -> stage the operand along j (staging): set for an operand contiguous in
+                                          j, read by consecutive threads at consecutive j
 
-Each thread stages the same row of A and the same column of B at every step, so a_row and b_col (with their
-integer divisions) run once per thread, not once per element; tab is a per-problem table of the reduction
-index j (TAB int32 per j: direct.reduction_table); each thread keeps the cursors of the first index of A and of B
-it stages, advanced by BJ per step, and steps from them to its other elements (+ i*THREADS/BM, + i*THREADS/BN), so
-no loader divides in the loop. A loader never branches: with ok false it reads element 0 of its arrays and
-returns 0, so a thread's loads of one step issue back to back (direct.masked); an element's range test on j is
-one 32-bit compare with the indices left (left).
+Staging (staging(): place, prepare, fetch, put). An operand is staged either row-major, each thread one row of A
+(column of B) at reduction indices tid // BM + i*THREADS/BM, consecutive threads on consecutive rows: coalesced
+where consecutive rows lie side by side in memory (x and dy patches at consecutive pixels, im2col's column matrix
+in forward). Or along j, each thread one index tid % BJ of rows tid // BJ + i*THREADS/BJ, 8 consecutive threads on
+8 consecutive j of one row (the shared rows padded by PAD): for the operands contiguous in j (the weights in
+forward; dy, and the column matrix or x of im2col and pointwise, in backward_filter). Row-major, a warp read 32
+rows of those, 32 cache lines per load instruction; along j it reads 4 runs of 32 bytes. (direct backward_filter's
+x patches stay row-major: along j, each of a thread's 4-8 columns would keep 4 ints of context: 255 registers and
+spills on 64x128.) a_row and b_col (with their integer divisions) run once per thread and staged row (prepare),
+not per element; tab is a per-problem table of the reduction index j (TAB int32 per j: direct.reduction_table);
+each thread keeps the cursors of the first index of A and of B it stages, advanced by BJ per step, and steps from
+them to its other elements, so no loader divides in the loop. A loader never branches: with ok false it reads
+element 0 of its arrays and returns 0, so a thread's loads of one step issue back to back (direct.masked); an
+element's range test on j is one 32-bit compare with the indices left (left).
 geo is the contract's ConvGeometry as a tuple of 22 ints; flag is the store's option (bias / accumulate);
 n0 a batch offset (im2col chunks). Arrays are 1-D (flat, C-contiguous). Indices into arrays are cast to uint64
 (none is negative where it is used): Numba wraps a negative signed index at every access, which in the inner loop
@@ -37,10 +46,9 @@ Block: BM x BN outputs of one group and one split of the reduction, THREADS = (B
 each holding a TM x TN register tile: rows m = ty*TM + a, and columns in runs of V = 4 (column(tx, b) =
 tx*V + b%V + (b//V)*BN*V/TN), so a thread reads its TM values of A and its TN of B at one reduction index as
 TM/4 + TN/4 vector loads (the tiles are 16-byte aligned), and a warp's stores cover 4 consecutive columns per
-thread. Per step, BJ reduction indices of A (BJ x BM) and B (BJ x BN) are staged in shared
-memory: thread tid stages row tid % BM of A (reduction indices tid // BM + k*THREADS/BM) and column
-tid % BN of B. Double-buffered: the next step's elements are loaded into registers before the current step's
-multiply-adds and stored into the other shared buffer after them, so one barrier per step suffices.
+thread. Per step, BJ reduction indices of A (BJ x BM) and B (BJ x BN) are staged in shared memory,
+double-buffered: the next step's elements are loaded into registers before the current step's multiply-adds and
+stored into the other shared buffer after them, so one barrier per step suffices.
 Grid: (ceil(NCOL/BN), ceil(M/BM), groups * splits), sized for the largest problem of a launch (a block past its
 own problem's M or NCOL returns at once); split s reduces j in [s*jchunk, (s+1)*jchunk). No atomics: each output
 is written by exactly one thread.
@@ -57,7 +65,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from cnnfast.kernels.cuda.compile import ZERO, helper, int64, simulating, uint32, uint64
-from numba import cuda
+from numba import cuda, types
 
 
 @helper
@@ -88,6 +96,8 @@ class Ops(NamedTuple):
     select: object = whole
     seek: object = index_seek
     step: object = index_step
+    a_along_j: bool = False  # A is contiguous in j (weights for forward, dy for backward_filter): staged along j
+    b_along_j: bool = False
 
 
 class Tile(NamedTuple):
@@ -112,6 +122,8 @@ MIN_USE = 0.75  # a tile must use this share of its rows x columns (the rest is 
 NGEO = 22  # len(ConvGeometry)
 ALIGN = None if simulating() else 16  # the shared tiles' alignment: vector loads (the simulator takes none)
 TAB = 5  # int32 per reduction index in the loaders' table (direct.reduction_table)
+CTX = 4  # ints of a row's context at most (Ops.a_row's and b_col's tuples)
+PAD = 4  # elements after each row of a shared tile staged along j (a multiple of 4: rows stay 16-byte aligned)
 # each thread stages one fixed row of A and column of B: threads a multiple of BM and of BN (tested)
 
 
@@ -139,13 +151,16 @@ def choose_tile(M, NCOL, groups, splittable=False, itemsize=4, thin=False):
 @lru_cache(maxsize=None)
 def tiled_kernel(dtype, ops, tile=SMALL):
     """The tiled GEMM kernel's Python function for a numba dtype, an Ops tuple and a tile name (TILES)."""
-    dims, a_row, load_a, b_col, load_b, store, select, seek, step = ops
+    dims, a_row, load_a, b_col, load_b, store, select, seek, step, a_along_j, b_along_j = ops
     BM, BN, BJ, TM, TN = TILES[tile]
     if BJ != 8:
         raise ValueError(f"tiled_kernel: tile {tile!r} has BJ = {BJ}: multiply_step is written for 8")
     THREADS = TILES[tile].threads
-    STAGE_A, STAGE_B = BJ * BM // THREADS, BJ * BN // THREADS  # elements of A and of B each thread stages per step
     V = min(4, TN)  # a thread's columns come in runs of V (one vector load each), runs BN*V/TN apart
+    STAGE_A, CTX_A, ROW_A, place_a, prepare_a, fetch_a, put_a = staging(a_row, load_a, step, BM, BJ, THREADS,
+                                                                        a_along_j)
+    STAGE_B, CTX_B, ROW_B, place_b, prepare_b, fetch_b, put_b = staging(b_col, load_b, step, BN, BJ, THREADS,
+                                                                        b_along_j)
 
     @helper
     def column(tx, k):
@@ -176,13 +191,15 @@ def tiled_kernel(dtype, ops, tile=SMALL):
         multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, 7, tx, ty)
 
     def kernel(a, b, out, bias, tab, geo, flag, splits, jchunk, n0):
-        shared_a = cuda.shared.array((2, BJ, BM), dtype, alignment=ALIGN)
-        shared_b = cuda.shared.array((2, BJ, BN), dtype, alignment=ALIGN)
+        shared_a = cuda.shared.array((2, BJ, ROW_A), dtype, alignment=ALIGN)
+        shared_b = cuda.shared.array((2, BJ, ROW_B), dtype, alignment=ALIGN)
         acc = cuda.local.array((TM, TN), dtype)
         reg_a = cuda.local.array(TM, dtype)
         reg_b = cuda.local.array(TN, dtype)
         next_a = cuda.local.array(STAGE_A, dtype)
         next_b = cuda.local.array(STAGE_B, dtype)
+        ctx_a = cuda.local.array((CTX_A, CTX), types.int64)
+        ctx_b = cuda.local.array((CTX_B, CTX), types.int64)
         g, pgeo = select(cuda.blockIdx.z // splits, geo, tab)
         split = cuda.blockIdx.z % splits
         M, J, NCOL = dims(pgeo)
@@ -195,55 +212,32 @@ def tiled_kernel(dtype, ops, tile=SMALL):
         ty = tid // (BN // TN)
         j_begin = min(split * jchunk, J)  # a split past J (chunks rounded up to BJ) is empty: it stages masked rows
         j_end = min(J, j_begin + jchunk)
-        # the row of A and the column of B this thread stages (clamped in range; masked below)
-        sm = tid % BM
-        sc = tid % BN
-        row_ok = m0 + sm < M
-        col_ok = col0 + sc < NCOL
-        ra = a_row(g, min(m0 + sm, M - 1), pgeo, n0)
-        cb = b_col(g, min(col0 + sc, NCOL - 1), pgeo, n0)
+        prepare_a(ctx_a, g, m0, M, tid, pgeo, n0)  # what the rows of A and the columns of B this thread stages need
+        prepare_b(ctx_b, g, col0, NCOL, tid, pgeo, n0)
         for i in range(TM):
             for k in range(TN):
                 acc[i, k] = 0
         # step 0 staged; then each step loads the next one into registers, computes from one buffer and
         # stores the next step into the other: one barrier per step, global loads in flight during the FMAs
-        cur_a = seek(j_begin + tid // BM, pgeo)  # the cursors of the first index of A and of B this thread stages
-        cur_b = seek(j_begin + tid // BN, pgeo)
-        left_a = left(j_begin + tid // BM, j_end)
-        left_b = left(j_begin + tid // BN, j_end)
-        for i in range(STAGE_A):
-            jj = tid // BM + i * (THREADS // BM)
-            r = step(cur_a, i * (THREADS // BM), j_begin + jj, pgeo)
-            ok = row_ok and uint32(i * (THREADS // BM)) < left_a
-            shared_a[0, uint64(jj), uint64(sm)] = load_a(a, ra, r, pgeo, tab, ok)
-        for i in range(STAGE_B):
-            jj = tid // BN + i * (THREADS // BN)
-            r = step(cur_b, i * (THREADS // BN), j_begin + jj, pgeo)
-            ok = col_ok and uint32(i * (THREADS // BN)) < left_b
-            shared_b[0, uint64(jj), uint64(sc)] = load_b(b, cb, r, pgeo, tab, ok)
+        cur_a = seek(j_begin + place_a(tid, 0)[1], pgeo)  # the cursors of the first index of A and of B this
+        cur_b = seek(j_begin + place_b(tid, 0)[1], pgeo)  # thread stages
+        fetch_a(next_a, a, ctx_a, m0, M, cur_a, j_begin, j_end, tid, pgeo, tab)
+        fetch_b(next_b, b, ctx_b, col0, NCOL, cur_b, j_begin, j_end, tid, pgeo, tab)
+        put_a(shared_a, 0, next_a, tid)
+        put_b(shared_b, 0, next_b, tid)
         cuda.syncthreads()
         buf = 0
         for j0 in range(j_begin, j_end, BJ):
             more = j0 + BJ < j_end
             if more:
-                cur_a = step(cur_a, BJ, j0 + BJ + tid // BM, pgeo)
-                cur_b = step(cur_b, BJ, j0 + BJ + tid // BN, pgeo)
-                left_a = left(j0 + BJ + tid // BM, j_end)
-                left_b = left(j0 + BJ + tid // BN, j_end)
-                for i in range(STAGE_A):
-                    j = j0 + BJ + tid // BM + i * (THREADS // BM)
-                    r = step(cur_a, i * (THREADS // BM), j, pgeo)
-                    next_a[i] = load_a(a, ra, r, pgeo, tab, row_ok and uint32(i * (THREADS // BM)) < left_a)
-                for i in range(STAGE_B):
-                    j = j0 + BJ + tid // BN + i * (THREADS // BN)
-                    r = step(cur_b, i * (THREADS // BN), j, pgeo)
-                    next_b[i] = load_b(b, cb, r, pgeo, tab, col_ok and uint32(i * (THREADS // BN)) < left_b)
+                cur_a = step(cur_a, BJ, j0 + BJ + place_a(tid, 0)[1], pgeo)
+                cur_b = step(cur_b, BJ, j0 + BJ + place_b(tid, 0)[1], pgeo)
+                fetch_a(next_a, a, ctx_a, m0, M, cur_a, j0 + BJ, j_end, tid, pgeo, tab)
+                fetch_b(next_b, b, ctx_b, col0, NCOL, cur_b, j0 + BJ, j_end, tid, pgeo, tab)
             multiply_step(acc, reg_a, reg_b, shared_a, shared_b, buf, tx, ty)
             if more:
-                for i in range(STAGE_A):
-                    shared_a[uint64(1 - buf), uint64(tid // BM + i * (THREADS // BM)), uint64(sm)] = next_a[i]
-                for i in range(STAGE_B):
-                    shared_b[uint64(1 - buf), uint64(tid // BN + i * (THREADS // BN)), uint64(sc)] = next_b[i]
+                put_a(shared_a, 1 - buf, next_a, tid)
+                put_b(shared_b, 1 - buf, next_b, tid)
             cuda.syncthreads()
             buf = 1 - buf
         for i in range(TM):
@@ -254,9 +248,65 @@ def tiled_kernel(dtype, ops, tile=SMALL):
                     if col < NCOL:
                         store(out, bias, g, m, col, acc[i, k], pgeo, flag, split, n0)
 
-    names = ",".join(f"{f.__module__}.{f.__name__}" for f in (getattr(op, "py_func", op) for op in ops))
+    names = ",".join(f"{f.__module__}.{f.__name__}" if callable(f) else str(f)
+                     for f in (getattr(op, "py_func", op) for op in ops))
     kernel.cache_key = f"{__name__}.tiled_kernel[{dtype}:{names}:{tile}]"  # the PTX cache's name (kernel_key)
     return kernel
+
+
+def staging(row_of, load, step, R, BJ, THREADS, along_j):
+    """The device functions that stage one operand of a tiled GEMM, a BJ x R tile per step (R = BM rows of A, or BN
+    columns of B; `row` below is either), for a kernel of THREADS threads:
+
+        place(tid, i)                 -> (row, jj): the tile position of the i-th of the STAGE elements the thread
+                                         stages. Along j (an operand contiguous in j): 8 consecutive threads read 8
+                                         consecutive j of one row, so a warp reads 4 runs of 32 bytes; rows
+                                         tid//BJ + i*THREADS/BJ. Otherwise consecutive threads read consecutive
+                                         rows (each thread one row), at jj = tid//R + i*THREADS/R.
+        prepare(ctx, g, r0, count, tid, geo, n0)
+                                      -> ctx[i] = row_of's ints for the thread's i-th row (CTX_ROWS of them: STAGE
+                                         along j, else 1), once per thread: divisions never in the loop
+        fetch(regs, src, ctx, r0, count, cur, j, j_end, tid, geo, tab)
+                                      -> regs[i] = the i-th element of the step at j (cursor cur at the first);
+                                         masked past count rows and past j_end
+        put(shared, buf, regs, tid)   -> the staged elements into a shared buffer, of rows of ROW elements
+
+    returns (STAGE, CTX_ROWS, ROW, place, prepare, fetch, put). ROW is R + PAD along j (so that the 8 threads on
+    the 8 indices of a row store to 8 distinct banks), else R (32 consecutive rows, or 8 rows x 4 indices)."""
+    STAGE = BJ * R // THREADS
+    CTX_ROWS = STAGE if along_j else 1
+    ROW = R + PAD if along_j else R
+
+    @helper
+    def place(tid, i):
+        if along_j:
+            return tid // BJ + i * (THREADS // BJ), tid % BJ
+        return tid % R, tid // R + i * (THREADS // R)
+
+    @helper
+    def prepare(ctx, g, r0, count, tid, geo, n0):
+        for i in range(CTX_ROWS):
+            c = row_of(g, min(r0 + place(tid, i)[0], count - 1), geo, n0)
+            for t in range(len(c)):
+                ctx[i, t] = c[t]
+
+    @helper
+    def fetch(regs, src, ctx, r0, count, cur, j, j_end, tid, geo, tab):
+        first = place(tid, 0)[1]
+        rest = left(j + first, j_end)
+        for i in range(STAGE):
+            row, jj = place(tid, i)
+            r = cur if along_j else step(cur, jj - first, j + jj, geo)
+            ok = r0 + row < count and uint32(jj - first) < rest
+            regs[i] = load(src, ctx[i if along_j else 0], r, geo, tab, ok)
+
+    @helper
+    def put(shared, buf, regs, tid):
+        for i in range(STAGE):
+            row, jj = place(tid, i)
+            shared[uint64(buf), uint64(jj), uint64(row)] = regs[i]
+
+    return STAGE, CTX_ROWS, ROW, place, prepare, fetch, put
 
 
 def grid(M, NCOL, groups, splits, tile=SMALL):

@@ -139,10 +139,11 @@ def w_store(dw, bias, g, m, col, v, geo, flag, split, n0):
     dw[i] = dw[i] + v if flag else v
 
 
-OPS = {"forward": gemm.Ops(f_dims, direct.fwd_row, direct.strided_a, f_col, direct.strided_b, f_store),
+OPS = {"forward": gemm.Ops(f_dims, direct.fwd_row, direct.strided_a, f_col, direct.strided_b, f_store, a_along_j=True),
        "backward_data": gemm.Ops(d_dims, d_row, direct.strided_a, d_col, direct.strided_b, d_store),
        "backward_filter": gemm.Ops(w_dims, w_row, direct.by_sample, w_col, direct.by_sample, w_store,
-                                   seek=direct.sample_seek, step=direct.sample_step)}
+                                   seek=direct.sample_seek, step=direct.sample_step, a_along_j=True,
+                                   b_along_j=True)}
 
 
 # ---------------------------------------------------------------- pointwise: x itself is the column matrix
@@ -172,10 +173,12 @@ def p_wcol(g, col, geo, n0):
     return (g * (geo[1] // geo[21]) + col) * O, geo[1] * O
 
 
-POINTWISE = {"forward": gemm.Ops(f_dims, direct.fwd_row, direct.strided_a, p_col, direct.strided_b, f_store),
+POINTWISE = {"forward": gemm.Ops(f_dims, direct.fwd_row, direct.strided_a, p_col, direct.strided_b, f_store,
+                                  a_along_j=True),
              "backward_data": gemm.Ops(d_dims, d_row, direct.strided_a, d_col, direct.strided_b, p_store_dx),
              "backward_filter": gemm.Ops(w_dims, w_row, direct.by_sample, p_wcol, direct.by_sample, w_store,
-                                         seek=direct.sample_seek, step=direct.sample_step)}
+                                         seek=direct.sample_seek, step=direct.sample_step, a_along_j=True,
+                                   b_along_j=True)}
 
 
 def chunk(g, itemsize, workspace_limit):

@@ -1,6 +1,7 @@
 """Compile every CUDA specialisation to PTX for sm_90 and report registers and spills, with no GPU.
 
     python -m cnnfast.kernels.cuda.ptx [--json]      (needs NUMBA_ENABLE_CUDASIM unset or 0)
+    python -m cnnfast.kernels.cuda.ptx --warm        (only fills the raw launch path's PTX cache: warm_all)
 
 For each entry of compile.specialisations() (every kernel x dtype x typing the launchers can create):
 cuda.compile_ptx(..., cc=(9, 0)) gives the PTX (its .version, .target and number of kernel parameters are
@@ -162,6 +163,26 @@ def check(index):
     return row
 
 
+def warm(index):
+    """Compile specialisations()[index] through compile.ptx, into the disk cache that the raw launch path reads
+    (launch.py): a GPU session fills it on all its cores at once instead of compiling kernel by kernel on first
+    use (~8 s each for a tiled GEMM)."""
+    from cnnfast.kernels.cuda.compile import ptx, specialisations
+
+    ptx(*specialisations()[index][1:3], CC)
+
+
+def warm_all(jobs=None):
+    """warm every raw-pointer specialisation (sm_90)."""
+    from cnnfast.kernels.cuda.compile import specialisations
+
+    indices = [i for i, s in enumerate(specialisations()) if s[3] == "pointer"]
+    jobs = max(1, jobs or os.cpu_count() or 1)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(warm, indices))
+    return len(indices)
+
+
 def check_all(jobs=None):
     from cnnfast.kernels.cuda.compile import specialisations
 
@@ -177,7 +198,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m cnnfast.kernels.cuda.ptx", description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print the table as JSON")
     parser.add_argument("--jobs", type=int, help="compiling processes (default: one per CPU)")
+    parser.add_argument("--warm", action="store_true",
+                        help="only fill the PTX disk cache of the raw launch path (CNNFAST_CUDA_LAUNCH=raw)")
     args = parser.parse_args(argv)
+    if args.warm:
+        from cnnfast.kernels.cuda.compile import cache_dir
+
+        print(f"{warm_all(args.jobs)} raw-pointer specialisations compiled into {cache_dir()}")
+        return 0
     rows = check_all(args.jobs)
     if args.json:
         print(json.dumps(rows, indent=1))
