@@ -285,7 +285,7 @@ OPS = {
     "forward": gemm.Ops(fwd_dims, fwd_row, strided_a, fwd_col, fwd_load_x, fwd_store, a_along_j=True),
     "backward_data": gemm.Ops(bwd_dims, bwd_row, bwd_load_w, bwd_col, bwd_load_dy, bwd_store, select=bwd_select),
     "backward_filter": gemm.Ops(flt_dims, flt_row, by_sample, flt_col, flt_load_x, flt_store, seek=sample_seek,
-                                step=sample_step, a_along_j=True),
+                                step=sample_step, a_along_j=True, b_along_j=("128x128",)),
 }
 
 

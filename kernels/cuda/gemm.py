@@ -19,8 +19,8 @@ an Ops tuple:
                                           backward_filter's cursor is (n, o) for j = n*span + o (sample_seek):
                                           seek divides once per thread and step carries, so no division is left
                                           in the main loop (each was ~20 instructions, 6-12 per step).
-    a_along_j, b_along_j               -> stage the operand along j (staging): set for an operand contiguous in
-                                          j, read by consecutive threads at consecutive j
+    a_along_j, b_along_j               -> stage the operand along j (staging), True or on the tiles named: for an
+                                          operand contiguous in j, read by consecutive threads at consecutive j
 
 Staging (staging(): place, prepare, fetch, put). An operand is staged either row-major, each thread one row of A
 (column of B) at reduction indices tid // BM + i*THREADS/BM, consecutive threads on consecutive rows: coalesced
@@ -29,13 +29,13 @@ in forward). Or along j, each thread one index tid % BJ of rows tid // BJ + i*TH
 8 consecutive j of one row (the shared rows padded by PAD): for the operands contiguous in j (the weights in
 forward; dy, and the column matrix or x of im2col and pointwise, in backward_filter). Row-major, a warp read 32
 rows of those, 32 cache lines per load instruction; along j it reads 4 runs of 32 bytes. (direct backward_filter's
-x patches stay row-major: along j, each of a thread's 4-8 columns would keep 4 ints of context: 255 registers and
-spills on 64x128.) a_row and b_col (with their integer divisions) run once per thread and staged row (prepare),
-not per element; tab is a per-problem table of the reduction index j (TAB int32 per j: direct.reduction_table);
-each thread keeps the cursors of the first index of A and of B it stages, advanced by BJ per step, and steps from
-them to its other elements, so no loader divides in the loop. A loader never branches: with ok false it reads
-element 0 of its arrays and returns 0, so a thread's loads of one step issue back to back (direct.masked); an
-element's range test on j is one 32-bit compare with the indices left (left).
+x patches go along j on 128x128 only: each of a thread's columns keeps 4 ints of context, which cost 64x128 255
+registers and spills, 32x64 a block per SM.) a_row and b_col (with their integer divisions) run once per thread
+and staged row (prepare), not per element; tab is a per-problem table of the reduction index j (TAB int32 per j:
+direct.reduction_table); each thread keeps the cursors of the first index of A and of B it stages, advanced by BJ
+per step, and steps from them to its other elements, so no loader divides in the loop. A loader never branches:
+with ok false it reads element 0 of its arrays and returns 0, so a thread's loads of one step issue back to back
+(direct.masked); an element's range test on j is one 32-bit compare with the indices left (left).
 geo is the contract's ConvGeometry as a tuple of 22 ints; flag is the store's option (bias / accumulate);
 n0 a batch offset (im2col chunks). Arrays are 1-D (flat, C-contiguous). Indices into arrays are cast to uint64
 (none is negative where it is used): Numba wraps a negative signed index at every access, which in the inner loop
@@ -96,8 +96,8 @@ class Ops(NamedTuple):
     select: object = whole
     seek: object = index_seek
     step: object = index_step
-    a_along_j: bool = False  # A is contiguous in j (weights for forward, dy for backward_filter): staged along j
-    b_along_j: bool = False
+    a_along_j: object = False  # stage A along j (staging): True, or the names of the tiles that do
+    b_along_j: object = False
 
 
 class Tile(NamedTuple):
@@ -157,6 +157,7 @@ def tiled_kernel(dtype, ops, tile=SMALL):
         raise ValueError(f"tiled_kernel: tile {tile!r} has BJ = {BJ}: multiply_step is written for 8")
     THREADS = TILES[tile].threads
     V = min(4, TN)  # a thread's columns come in runs of V (one vector load each), runs BN*V/TN apart
+    a_along_j, b_along_j = (flag is True or tile in (flag or ()) for flag in (a_along_j, b_along_j))
     STAGE_A, CTX_A, ROW_A, place_a, prepare_a, fetch_a, put_a = staging(a_row, load_a, step, BM, BJ, THREADS,
                                                                         a_along_j)
     STAGE_B, CTX_B, ROW_B, place_b, prepare_b, fetch_b, put_b = staging(b_col, load_b, step, BN, BJ, THREADS,
