@@ -30,10 +30,10 @@ def pytest_report_header(config):
 
 
 # ptx.py's table: every CUDA specialisation compiled for sm_90 (minutes of CPU, no GPU needed). It is started at
-# collection in a background process, one compiling process at the lowest priority, and the tests that read it run
-# last: it compiles on the CPU time the rest of the suite leaves (mostly one process; the CPU kernels' threads take
-# every core now and then).
-PTX_TABLE = [sys.executable, "-m", "cnnfast.kernels.cuda.ptx", "--json", "--jobs", "1"]
+# collection in a background process, one compiling process per core at the lowest priority, and the tests that read
+# it run last: it compiles on the CPU time the rest of the suite leaves (the simulated kernels keep one core busy,
+# the CPU kernels' threads every core now and then). With one process it outlasted the rest of the suite by ~5 min.
+PTX_TABLE = [sys.executable, "-m", "cnnfast.kernels.cuda.ptx", "--json", "--jobs", str(os.cpu_count() or 1)]
 _ptx_job = None  # (Popen, stdout file, stderr file) while it runs
 
 

@@ -164,6 +164,21 @@ def test_backward_filter_cursor_carries_samples_within_a_step(algo, outputs):
     compare.assert_close(dw, reference.conv_weight(x, ws, dy), "float32", f"{algo} backward_filter, O={outputs}")
 
 
+@pytest.mark.parametrize("filters, padding, ops", [((8, 8), (3, 4), "forward"), ((5, 13), (2, 6), "forward_wide")])
+def test_direct_forward_masks_up_to_64_taps_and_tests_wider_filters_per_element(filters, padding, ops, monkeypatch):
+    """direct's forward tests a tap against its column's mask of direct.MASK_TAPS = 64 bits (fwd_col_taps: 8x8
+    sets the top bit), a wider filter (5x13: 65 taps) the three axes per element (gather); both read a padded
+    input, so the masks have holes at the borders."""
+    launched, launch_tiled = [], direct.launch_tiled
+    monkeypatch.setattr(direct, "launch_tiled", lambda o, *a, **kw: launched.append(o) or launch_tiled(o, *a, **kw))
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((1, 2, 9, 12)).astype(np.float32)
+    w = rng.standard_normal((3, 2, *filters)).astype(np.float32)
+    y = cnnfast.conv2d(cuda.to_device(x), cuda.to_device(w), padding=padding, algo="direct").copy_to_host()
+    compare.assert_close(y, reference.conv(x, w, padding=padding), "float32", f"direct forward {filters}")
+    assert launched == [direct.OPS[ops]]
+
+
 def test_shared_memory_main_loops_stage_operands_without_integer_division(ptx_rows):
     """A 64-bit division is dozens of instructions against 16 FMAs per reduction index: the per-thread row/column
     contexts and the reduction-index tables keep them out of the tiled GEMMs' loops (backward_data's sub-pixel
@@ -220,7 +235,8 @@ def test_tiled_gemm_steps_are_one_unrolled_loop_of_mostly_multiply_adds(ptx_rows
             assert fmas == t.TM * t.TN * t.BJ and branches <= 3, (r["name"], r["inner_loop"])
             assert fmas >= share[tile] * instructions, (r["name"], r["inner_loop"])
             checked += 1
-    assert checked == 84  # 3 families x 3 primitives x (3 float32 tiles + 1 float64) x 2 typings, + direct's 8x64
+    assert checked == 96  # 3 families x 3 primitives x (3 float32 tiles + 1 float64) x 2 typings, + direct's 8x64
+    # and its forward_wide (6 tiles x 2 typings)
 
 
 def test_direct_tables_refuse_offsets_past_32_bits():
@@ -251,6 +267,8 @@ def _reach_every_kernel(x, w, dy, monkeypatch):
         cnnfast.conv2d(dx, dw, bias, padding=1, algo=algo)
         grad.conv2d_input(x.shape, dw, ddy, padding=1, algo=algo)
         grad.conv2d_weight(dx, w.shape, ddy, padding=1, algo=algo)
+        if algo.startswith("direct"):  # a filter of more than direct.MASK_TAPS taps: forward_wide
+            cnnfast.conv2d(dx, cuda.to_device(np.ones((K, C, 5, 13), np.float32)), padding=(2, 6), algo=algo)
     depthwise_w = cuda.to_device(w[:C, :1].copy())
     y = cnnfast.conv2d(dx, depthwise_w, padding=1, groups=C, algo="depthwise")  # plane_kernel
     grad.conv2d_input(x.shape, depthwise_w, y, padding=1, groups=C, algo="depthwise")  # plane_kernel, backward

@@ -21,13 +21,14 @@ from functools import lru_cache
 import numpy as np
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cuda import gemm
-from cnnfast.kernels.cuda.compile import ZERO, device_constant, helper, numba_dtype, uint32, uint64
+from cnnfast.kernels.cuda.compile import ZERO, device_constant, helper, int64, numba_dtype, uint32, uint64
 from cnnfast.kernels.cuda.launch import launch, scratch
 from numba import cuda
 
 TARGET_BLOCKS = 264  # 2 blocks per SM on an H100 (132 SMs): enough splits to fill the GPU
 MIN_SPLIT = 256  # reduction indices per split at least
 ONE, TWO, THREE, FOUR = uint64(1), uint64(2), uint64(3), uint64(4)  # table columns (no wrap-around test)
+MASK_TAPS = 64  # forward's filters of at most this many taps test them by a mask (fwd_col_taps), others by gather
 
 
 # ---------------------------------------------------------------- loaders shared by several GEMMs
@@ -101,7 +102,7 @@ def gather(src, base, d, h, w, tab, e, D, H, W, ok):
 
 
 # ---------------------------------------------------------------- forward: A = W_g, B = x-patches
-# j = c*TRS + tap (tab row: c*DHW + (t*dd*H + r*dh)*W + s*dw, t*dd, r*dh, s*dw, -), col = n*O + o
+# j = c*TRS + tap (tab row: c*DHW + (t*dd*H + r*dh)*W + s*dw, t*dd, r*dh, s*dw, tap), col = n*O + o
 
 @helper
 def fwd_dims(geo):
@@ -130,6 +131,31 @@ def fwd_col(g, col, geo, n0):
 @helper
 def fwd_load_x(x, cb, j, geo, tab, ok):
     return gather(x, cb[0], cb[1], cb[2], cb[3], tab, uint64(j) * uint64(gemm.TAB), geo[2], geo[3], geo[4], ok)
+
+
+@helper
+def fwd_col_taps(g, col, geo, n0):
+    """(fwd_col's offset, taps) for filters of at most MASK_TAPS taps: bit t*R*S + r*S + s of taps is set where tap
+    (t, r, s) of output col reads inside x (the tests of gather, once per thread instead of once per element)."""
+    base, d0, h0, w0 = fwd_col(g, col, geo, n0)
+    taps = uint64(0)
+    bit = uint64(1)
+    for t in range(geo[6]):
+        for r in range(geo[7]):
+            for s in range(geo[8]):
+                if gemm.within(d0 + t * geo[15], geo[2]) & gemm.within(h0 + r * geo[16], geo[3]) & gemm.within(
+                        w0 + s * geo[17], geo[4]):
+                    taps |= bit
+                bit <<= uint64(1)
+    return base, int64(taps)
+
+
+@helper
+def fwd_load_tap(x, cb, j, geo, tab, ok):
+    """x at the table row of j = c*TRS + tap (delta, -, -, -, tap) where bit tap of the column's taps is set: two
+    table reads and a bit test per element, where gather reads four and tests three axes."""
+    e = uint64(j) * uint64(gemm.TAB)
+    return masked(x, cb[0] + tab[e], ok & ((uint64(cb[1]) >> uint64(tab[e + FOUR])) & uint64(1) != uint64(0)))
 
 
 @helper
@@ -282,7 +308,8 @@ def reduce_splits_kernel(partial, out, splits, size):
 
 
 OPS = {
-    "forward": gemm.Ops(fwd_dims, fwd_row, strided_a, fwd_col, fwd_load_x, fwd_store, a_along_j=True),
+    "forward": gemm.Ops(fwd_dims, fwd_row, strided_a, fwd_col_taps, fwd_load_tap, fwd_store, a_along_j=True),
+    "forward_wide": gemm.Ops(fwd_dims, fwd_row, strided_a, fwd_col, fwd_load_x, fwd_store, a_along_j=True),
     "backward_data": gemm.Ops(bwd_dims, bwd_row, bwd_load_w, bwd_col, bwd_load_dy, bwd_store, select=bwd_select),
     "backward_filter": gemm.Ops(flt_dims, flt_row, by_sample, flt_col, flt_load_x, flt_store, seek=sample_seek,
                                 step=sample_step, a_along_j=True, b_along_j=("128x128",)),
@@ -307,11 +334,11 @@ def int32_table(rows):
 
 
 def reduction_table(g, primitive):
-    """The loaders' table (TAB int32 per row, flat; gather's rows: (delta, od, oh, ow, 0)) of forward's
-    j = c*TRS + tap: od, oh, ow = t*dd, r*dh, s*dw and delta = c*DHW + (od*H + oh)*W + ow, or of backward_filter's
-    output o = (p*Q + q)*U + u of j = n*span + o: od, oh, ow = p*sd, q*sh, u*sw and delta = (od*H + oh)*W + ow
-    (backward_data's: subpixel_table). A device constant: built and uploaded once per GPU and table key (a new batch
-    size reuses it)."""
+    """The loaders' table (TAB int32 per row, flat; gather's rows: (delta, od, oh, ow, -)) of forward's
+    j = c*TRS + tap: od, oh, ow = t*dd, r*dh, s*dw, delta = c*DHW + (od*H + oh)*W + ow and tap (fwd_load_tap's
+    bit), or of backward_filter's output o = (p*Q + q)*U + u of j = n*span + o: od, oh, ow = p*sd, q*sh, u*sw and
+    delta = (od*H + oh)*W + ow (backward_data's: subpixel_table). A device constant: built and uploaded once per GPU
+    and table key (a new batch size reuses it)."""
     if primitive == "backward_filter":
         def make_outputs():
             p, q, u = np.unravel_index(np.arange(g.P * g.Q * g.U, dtype=np.int64), (g.P, g.Q, g.U))
@@ -327,7 +354,7 @@ def reduction_table(g, primitive):
         c, tap = np.divmod(np.arange(g.C // g.groups * trs, dtype=np.int64), trs)
         od, oh, ow = tap // (g.R * g.S) * g.dil_d, (tap // g.S) % g.R * g.dil_h, tap % g.S * g.dil_w
         delta = c * g.D * g.H * g.W + (od * g.H + oh) * g.W + ow
-        return int32_table(np.stack([delta, od, oh, ow, np.zeros_like(c)], axis=1).ravel())
+        return int32_table(np.stack([delta, od, oh, ow, tap], axis=1).ravel())
 
     # keyed by what the table depends on (not the batch size, so a new batch size reuses it)
     key = (g.C // g.groups, g.T, g.R, g.S, g.dil_d, g.dil_h, g.dil_w, g.D, g.H, g.W)
@@ -421,8 +448,10 @@ def _bias_arg(bias, like):
 
 
 def forward(x, w, bias, y, g, workspace_limit=None, stream=0, tile=None):
+    """OPS["forward"] (each column's tap mask) for filters of at most MASK_TAPS taps, else OPS["forward_wide"]."""
     bias, flag = _bias_arg(bias, y)
-    launch_tiled(OPS["forward"], w, x, y, bias, reduction_table(g, "forward"), tuple(g), dims(g, "forward"),
+    ops = OPS["forward" if g.T * g.R * g.S <= MASK_TAPS else "forward_wide"]
+    launch_tiled(ops, w, x, y, bias, reduction_table(g, "forward"), tuple(g), dims(g, "forward"),
                  g.groups, flag, 1, stream, tile=tile or tile_for(g, "forward", y.dtype.itemsize))
 
 
