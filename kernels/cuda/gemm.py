@@ -57,8 +57,9 @@ Tiles (TILES, compile-time constants of each specialisation): 32x64 with 4x4 per
 (2 vector loads) per 16 multiply-adds; the 8x8 register tiles load 16 (4 vector loads) per 64, but need 4-8x the
 outputs per block to fill the GPU; 8x64 (2x4 per thread) wastes fewest rows when a problem has few (M <= 16).
 A step's multiply-adds are written out for its 8 reduction indices (multiply_step; LLVM unrolls no loop of more
-than two of them), so a step is one trip of one loop: 758 SASS instructions per 512 FFMAs for the direct forward
-128x128, where a loop of two indices per trip inside the step took 828 (and 188 registers, now 163).
+than two of them), so a step is one trip of one loop. With it (and the staging above), the direct forward 128x128
+issues 728 SASS instructions per step of 512 FFMAs on 167 registers, where a loop of two indices per trip inside the
+step took 828 on 188 (bench/RESULTS.md, 2026-12-04).
 choose_tile picks the largest that still gives a full wave of blocks; autotuning times them all.
 """
 from functools import lru_cache
