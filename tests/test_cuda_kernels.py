@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 from cnnfast.kernels.contract import ConvGeometry, pad_indices
-from cnnfast.kernels.cuda import depthwise, direct, gemm, im2col, layout
+from cnnfast.kernels.cuda import depthwise, depthwise_filter, direct, gemm, im2col, layout
 from cnnfast.kernels.cuda.compile import kernel_key
 
 import cnnfast
@@ -292,7 +292,7 @@ def _reach_every_kernel(x, w, dy, monkeypatch):
             patch.setattr(depthwise, "TARGET_BLOCKS", 1)
             grad.conv2d_input(x.shape, fw, cnnfast.conv2d(dx, fw, padding=k // 2, groups=C, algo="depthwise"),
                               padding=k // 2, groups=C, algo="depthwise")
-    monkeypatch.setattr(depthwise, "MIN_CHUNK", 2)  # filter_kernel split, then reduce_splits_kernel
+    monkeypatch.setattr(depthwise_filter, "MIN_CHUNK", 2)  # filter_kernel split, then reduce_splits_kernel
     grad.conv2d_weight(dx, depthwise_w.shape, y, padding=1, groups=C, algo="depthwise")  # slide 1
     grad.conv2d_weight(dx, depthwise_w.shape, cuda.to_device(dy[:, :C, ::2, ::2].copy()), padding=1, stride=2,
                        groups=C, algo="depthwise")  # stride 2: slide 2
@@ -618,8 +618,9 @@ def test_depthwise_kernels_match_reference(name, monkeypatch):
     compare.assert_close(dx, reference.conv_input(xs, w, dy, **kw), "float32", f"depthwise {name} backward_data")
     g = cnnfast.explain("conv2d_weight" if len(xs) == 4 else f"conv{len(xs) - 2}d_weight", xs, ws, y.shape,
                         device="cuda", **kw).spec.geometry
-    monkeypatch.setattr(depthwise, "MIN_CHUNK", depthwise.filter_items(g) // 3)  # 3-4 splits (few blocks: simulator)
-    assert depthwise.filter_splits(g, 4, None) in (3, 4)
+    # 3-4 splits (few blocks: simulator)
+    monkeypatch.setattr(depthwise_filter, "MIN_CHUNK", depthwise_filter.filter_items(g) // 3)
+    assert depthwise_filter.filter_splits(g, 4, None) in (3, 4)
     runs = [bwd_filter(cuda.to_device(x), ws, cuda.to_device(dy), algo="depthwise", **kw).copy_to_host()
             for _ in range(2)]
     compare.assert_close(runs[0], reference.conv_weight(x, ws, dy, **kw), "float32", f"depthwise {name} filter")
@@ -643,10 +644,10 @@ def test_depthwise_filter_threads_walk_runs_of_rows(name, monkeypatch):
     the last one short, and two rows a trip. The slide builds take each row's taps, but its filter's last 1 or 2
     rows, from the row above's. A NaN in dy at the first output reaches every tap of its filter, the padding's too
     (0 * NaN, as in the reference). explain() names the build."""
-    monkeypatch.setattr(depthwise, "FILTER_ROWS", 3)
+    monkeypatch.setattr(depthwise_filter, "FILTER_ROWS", 3)
     xs, ws, kw, slide = FILTER_RUNS[name]
     g = cnnfast.explain("conv2d", xs, ws, device="cuda", **kw).spec.geometry
-    assert depthwise.filter_slides(g) == slide and g.Q > 3 and g.Q % 3
+    assert depthwise_filter.filter_slides(g) == slide and g.Q > 3 and g.Q % 3
     explained = cnnfast.explain("conv2d_weight", xs, ws, (xs[0], ws[0], g.Q, g.U), device="cuda", algo="depthwise",
                                 **kw).kernels[0]
     assert ("3x3 taps compiled in" in explained) == (ws[2:] == (3, 3))
@@ -668,10 +669,11 @@ def test_depthwise_3x3_kernels_with_their_filter_size_compiled_in_or_not(taps, m
     builds. All match the reference."""
     monkeypatch.setattr(api, "_PLANS", {})  # plans made here name the build: not kept for other tests
     if taps == "read from the geometry":
-        monkeypatch.setattr(depthwise, "SPECIALISED", ())
+        monkeypatch.setattr(depthwise_filter, "SPECIALISED", ())
     keys = []
     real = depthwise.launch
-    monkeypatch.setattr(depthwise, "launch", lambda kernel, *a: keys.append(kernel_key(kernel)) or real(kernel, *a))
+    for module in (depthwise, depthwise_filter):
+        monkeypatch.setattr(module, "launch", lambda kernel, *a: keys.append(kernel_key(kernel)) or real(kernel, *a))
     rng = np.random.default_rng(5)
     for name in ("2d-x2", "2d-s2"):
         xs, ws, kw = DEPTHWISE[name]

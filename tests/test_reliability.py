@@ -331,14 +331,18 @@ def test_cpu_im2col_blocks_of_huge_problems_fit_and_cover_every_position_once(x_
 
 def _cuda_launches(g, primitive, algo, limit=None):
     """[(kernel, grid, block)] the CUDA launchers would issue for (g, primitive, algo), computed as they do."""
-    from cnnfast.kernels.cuda import depthwise, direct, gemm
+    from cnnfast.kernels.cuda import depthwise, depthwise_filter, direct, gemm
     from cnnfast.kernels.cuda import im2col as cuda_im2col
     if algo == "depthwise" and primitive != "backward_filter":
         n = g.N * g.K * g.P * g.Q * g.U if primitive == "forward" else g.N * g.C * g.D * g.H * g.W
         tg = depthwise.tile_geometry(g, primitive)  # the halo tile when one fits, and the fallback
         return [(f"depthwise {primitive}", (depthwise._blocks(n), 1, 1), depthwise.BLOCK)] + (
             [("depthwise plane", *depthwise.plane_grid(g, tg))] if tg else [])
-    if algo in ("direct", "depthwise"):
+    if algo == "depthwise":
+        splits = depthwise_filter.filter_splits(g, 4, limit)
+        return [("depthwise filter", (splits * g.K, 1, 1), depthwise_filter.FILTER_BLOCK),
+                ("reduce_splits", (max(1, min(-(-g.K * g.T * g.R * g.S // 256), 1024)), 1, 1), 256)]
+    if algo == "direct":
         M, J, NCOL = direct.dims(g, primitive)  # backward_data: the sub-pixel classes' grids are no larger
         tile = direct.tile_for(g, primitive, 4, limit)
         splits = direct.filter_splits(g, 4, limit, tile) if primitive == "backward_filter" else 1

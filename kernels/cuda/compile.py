@@ -154,7 +154,7 @@ def parameter_count(text):
 
 def specialisations():
     """[(name, pyfunc, argument types, typing)] for every kernel the launchers compile, both typings."""
-    from cnnfast.kernels.cuda import bias, depthwise, direct, gemm, im2col, layout
+    from cnnfast.kernels.cuda import bias, depthwise, depthwise_filter, direct, gemm, im2col, layout
 
     geo = types.UniTuple(types.int64, gemm.NGEO)
     out = []
@@ -179,13 +179,13 @@ def specialisations():
             add("reduce_splits", direct.reduce_splits_kernel, "AAii")
             add("im2col", im2col.im2col_kernel, "AAgii")
             add("col2im", im2col.col2im_kernel, "AAgii")
-            for sizes in (None, *depthwise.SPECIALISED):
+            for sizes in (None, *depthwise_filter.SPECIALISED):
                 for build in depthwise.PLANE_BUILDS:
                     add(f"depthwise_plane/{depthwise.build_name(*build)}/{depthwise.size_name(sizes)}",
                         depthwise.plane_kernel(dt, build[0], sizes, *build[1:]), "AAAAti")
-                for slide in (0, *depthwise.SLIDES) if sizes else (0,):
+                for slide in (0, *depthwise_filter.SLIDES) if sizes else (0,):
                     add(f"depthwise_backward_filter/{depthwise.size_name(sizes)}" + f"/slide{slide}" * bool(slide),
-                        depthwise.filter_kernel(dt, sizes, slide, depthwise.FILTER_ROWS), "AAAIgi")
+                        depthwise_filter.filter_kernel(dt, sizes, slide, depthwise_filter.FILTER_ROWS), "AAAIgi")
             add("depthwise_forward", depthwise.forward_kernel, "AAAAgi")
             add("depthwise_backward_data", depthwise.backward_data_kernel, "AAAg")
             add("add_bias", bias.add_bias_kernel, "AAiii")
