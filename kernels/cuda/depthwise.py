@@ -84,9 +84,11 @@ def plane_kernel(dtype, forward, sizes=None, V=1, walk=False, grouped=False):
     @helper
     def store(out, first, pitch, acc, bias, rows_left, active):
         """out[first + v*pitch] = acc[v] + bias for the thread's rows v that exist; acc zeroed for the next sum."""
+        at = uint64(first)
         for v in range(V):
             if active and v < rows_left:
-                out[uint64(first + v * pitch)] = acc[v] + bias
+                out[at] = acc[v] + bias
+            at += uint64(pitch)
             acc[v] = 0
 
     def kernel(src, w, bias, out, tg, has_bias):
