@@ -15,14 +15,16 @@
 #   bash bench/gpu_session.sh planes            the depthwise shapes with each halo-tile block doing 1 (n, c) plane
 #                                               and 8 (depthwise.PLANES), with 1 output row per thread against
 #                                               4 (depthwise.ROWS), and small planes one per block (GROUP = 1)
-#                                               against side by side: setup amortised vs occupancy; the weight
-#                                               gradient's runs of 8 and 32 output rows (FILTER_ROWS) against 16
+#                                               against side by side: setup amortised vs occupancy; the 3x3
+#                                               builds at 2 blocks per SM (PLANE_BLOCKS = 2: 128 registers, not
+#                                               80); the weight gradient's runs of 8 and 32 output rows
+#                                               (depthwise_filter.FILTER_ROWS) against 16
 # Exit status: the step's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
 tests|sanitize|host|bench|tiles|planes) ;;
-*) sed -n '2,20p' "$0"; exit 2 ;;  # usage, before installing anything
+*) sed -n '2,22p' "$0"; exit 2 ;;  # usage, before installing anything
 esac
 out="${OUT:-gpu-out}"
 mkdir -p "$out"
@@ -95,18 +97,26 @@ tiles)
     ;;
 planes)
     rc=0
-    for setting in "PLANES = 1" "PLANES = 8" "ROWS = 1" "GROUP = 1" "FILTER_ROWS = 8" "FILTER_ROWS = 32"; do
-        # (PLANES = 8: the defaults)
-        name="${setting// /}"
-        python -c "import sys; from cnnfast.kernels.cuda import depthwise; depthwise.$setting
-from cnnfast import cli; sys.exit(cli.main(sys.argv[1:]))" bench --device cuda --shape depthwise --algo depthwise \
-            --json "$out/bench-$name.json" 2>/dev/null | tee "$out/bench-$name.txt"
+    # (depthwise.PLANES=8: the defaults)
+    for setting in depthwise.PLANES=1 depthwise.PLANES=8 depthwise.ROWS=1 depthwise.GROUP=1 depthwise.PLANE_BLOCKS=2 \
+                   depthwise_filter.FILTER_ROWS=8 depthwise_filter.FILTER_ROWS=32; do
+        python - "$setting" bench --device cuda --shape depthwise --algo depthwise --json "$out/bench-$setting.json" \
+            2>/dev/null <<'EOF' | tee "$out/bench-$setting.txt"
+import importlib, sys
+target, value = sys.argv[1].split("=")
+module, name = target.split(".")
+module = importlib.import_module(f"cnnfast.kernels.cuda.{module}")
+getattr(module, name)  # the constant exists (a typo, or a constant that moved, fails here)
+setattr(module, name, int(value))
+from cnnfast import cli
+sys.exit(cli.main(sys.argv[2:]))
+EOF
         rc=$(( rc || PIPESTATUS[0] ))
     done
     exit "$rc"
     ;;
 *)
-    sed -n '2,20p' "$0"
+    sed -n '2,22p' "$0"
     exit 2
     ;;
 esac
