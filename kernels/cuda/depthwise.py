@@ -16,7 +16,7 @@ x (N, C, D, H, W) * w (K, 1, T, R, S) -> y (N, K, P, Q, U); output channel k = c
                    Forward stages x[n, c] and writes the M outputs c*M + m; backward_data stages dy[n, c*M + m] in
                    turn and sums the M filters into dx[n, c]. At stride 1 along h and w its gather reads every tap
                    like a forward window; at a larger stride (the walk build, V = 1) only the taps whose output
-                   exists (a tap walk per axis, gemm.tap_walk: no division per tap, no multiply-add on the zeros a
+                   exists (a tap walk per axis, tap_walk: no division per tap, no multiply-add on the zeros a
                    strided transposed convolution inserts).
                    A build per SPECIALISED filter size, compiled in: the tap loops unroll.
     backward_filter: depthwise_filter.filter_kernel (its own module: the weight gradient in registers, split).
@@ -28,9 +28,10 @@ the arrays are cast to uint64 (none is negative where it is used), as in depthwi
 """
 from functools import lru_cache
 
-from cnnfast.kernels.cuda import depthwise_filter, direct, gemm
+from cnnfast.kernels.cuda import depthwise_filter, direct
 from cnnfast.kernels.cuda.compile import ZERO, helper, numba_dtype, uint64
 from cnnfast.kernels.cuda.depthwise_filter import TARGET_BLOCKS, constant_sizes, size_name
+from cnnfast.kernels.cuda.indexing import carry, next_tap, split, tap_walk, transposed_gather, within, within32
 from cnnfast.kernels.cuda.launch import launch
 from numba import cuda, int64, types
 
@@ -57,11 +58,11 @@ PLANE_BUILDS = ((True, 1, False, False), (True, ROWS, False, False), (True, ROWS
 @helper
 def _axis(o0, oo, mul, add, div, step, reach):
     """One axis of a halo tile whose outputs start at o0, for the thread at offset oo: (base, o, rem, dq, dr),
-    base the first source index staged, then the thread's gemm.tap_walk with o relative to base. Output o reads
+    base the first source index staged, then the thread's tap_walk with o relative to base. Output o reads
     source (o*mul + add - t*step) / div at tap t where that divides; reach = the largest t*step read below."""
     v = o0 * mul + add - reach
     base = v if div == 1 else v // div  # floor: v < 0 where the tile reaches into padding
-    o, rem, dq, dr = gemm.tap_walk((o0 + oo) * mul + add, div, step)
+    o, rem, dq, dr = tap_walk((o0 + oo) * mul + add, div, step)
     return base, o - base, rem, dq, dr
 
 
@@ -79,7 +80,7 @@ def plane_kernel(dtype, forward, sizes=None, V=1, walk=False, grouped=False):
     KT, KR, KS = sizes or (0, 0, 0)  # 0: read from tg
     # the staging's range tests: in 32 bits (5% fewer instructions per output of the 4-row builds), but the 1-row
     # builds sit at their 80-register bound, where the 32-bit tests spill 12-28 bytes
-    below = gemm.within32 if V > 1 else gemm.within
+    below = within32 if V > 1 else within
 
     @helper
     def store(out, first, pitch, acc, bias, rows_left, active):
@@ -136,7 +137,7 @@ def plane_kernel(dtype, forward, sizes=None, V=1, walk=False, grouped=False):
         off0 = row0 // rows * step + r0 * SW
         dr = lanes % rows
         dstep, wrap = lanes // rows * step + dr * SW, step - rows * SW
-        d0, rem_d0, dq_d, dr_d = gemm.tap_walk(p * tg[13] + tg[14], tg[15], tg[16])
+        d0, rem_d0, dq_d, dr_d = tap_walk(p * tg[13] + tg[14], tg[15], tg[16])
         c, dc = (cuda.blockIdx.z * G + j) % C, cuda.gridDim.z * G % C  # nc = n*C + c steps: c by dc, carried
         for v in range(V):
             acc[v] = 0  # (then zeroed by each store)
@@ -156,7 +157,7 @@ def plane_kernel(dtype, forward, sizes=None, V=1, walk=False, grouped=False):
                             first = ((plane * SD + d) * SH + h_base) * SW + w_base  # source of halo[0, 0]
                             col = col0
                             while row0 < lanes and col < pitch:  # a column: its test once
-                                inside = gemm.within(w_base + col, SW)
+                                inside = within(w_base + col, SW)
                                 rr, r, off = row0, r0, first + off0 + col
                                 while rr < staged:  # STAGE of its rows at a time: their loads all issued, then stored
                                     for i in range(STAGE):
@@ -180,7 +181,7 @@ def plane_kernel(dtype, forward, sizes=None, V=1, walk=False, grouped=False):
                             for v in range(V):
                                 oh[v], rem_h[v] = o, rem
                                 if walk:
-                                    rem, o = gemm.carry(rem + 1, o, tg[20])
+                                    rem, o = carry(rem + 1, o, tg[20])
                                 else:
                                     o += tg[18]
                             for r in range(R):
@@ -192,17 +193,17 @@ def plane_kernel(dtype, forward, sizes=None, V=1, walk=False, grouped=False):
                                         for v in range(V):
                                             if not walk or rem_h[v] == 0:
                                                 acc[v] += wt * halo[uint64(oh[v] * pitch + ow)]
-                                    ow, rem_w = gemm.next_tap(ow, rem_w, dq_w, dr_w, tg[25]) if walk else (ow - dq_w, 0)
+                                    ow, rem_w = next_tap(ow, rem_w, dq_w, dr_w, tg[25]) if walk else (ow - dq_w, 0)
                                 for v in range(V):
-                                    oh[v], rem_h[v] = gemm.next_tap(oh[v], rem_h[v], dq_h, dr_h, tg[20]) if walk else (
+                                    oh[v], rem_h[v] = next_tap(oh[v], rem_h[v], dq_h, dr_h, tg[20]) if walk else (
                                         oh[v] - dq_h, 0)
-                    d, rem_d = gemm.next_tap(d, rem_d, dq_d, dr_d, tg[15])
+                    d, rem_d = next_tap(d, rem_d, dq_d, dr_d, tg[15])
                 if forward:
                     store(out, first_out, OW, acc, bias[uint64(k)] if has_bias else ZERO, rows_left, live)
                     first_out += size
             if not forward:
                 store(out, first_out, OW, acc, ZERO, rows_left, live)
-            c, _ = gemm.carry(c + dc, 0, C)
+            c, _ = carry(c + dc, 0, C)
 
     if sizes and not walk and dtype.bitwidth == 32:  # ptxas fits these without spills: 80 registers (4 rows: 2 -> 3
         kernel.launch_bounds = (BLOCK, GROUPED_BLOCKS if grouped else PLANE_BLOCKS)  # blocks per SM), grouped 128
@@ -315,7 +316,7 @@ def forward_kernel(x, w, bias, y, geo, has_bias):
     O = P * Q * U
     M = K // C
     for e in range(cuda.grid(1), geo[0] * K * O, cuda.gridsize(1)):
-        n, k, p, q, u = gemm.split(e, K, P, Q, U)
+        n, k, p, q, u = split(e, K, P, Q, U)
         d0 = p * geo[12] - geo[18]
         h0 = q * geo[13] - geo[19]
         w0 = u * geo[14] - geo[20]
@@ -338,16 +339,16 @@ def forward_kernel(x, w, bias, y, geo, has_bias):
 
 def backward_data_kernel(dy, w, dx, geo):
     """Thread (grid-stride) per input dx[n, c, i_d, ih, iw]: for each filter m of channel c, the taps (t, r, s)
-    with the outputs that read it (gemm.transposed_gather: no division per tap), in (m, t, r, s) order."""
+    with the outputs that read it (transposed_gather: no division per tap), in (m, t, r, s) order."""
     C, D, H, W, K = geo[1], geo[2], geo[3], geo[4], geo[5]
     O = geo[9] * geo[10] * geo[11]
     M = K // C
     for e in range(cuda.grid(1), geo[0] * C * D * H * W, cuda.gridsize(1)):
-        n, c, i_d, ih, iw = gemm.split(e, C, D, H, W)
+        n, c, i_d, ih, iw = split(e, C, D, H, W)
         total = ZERO
         for m in range(M):
             k = c * M + m
-            total += gemm.transposed_gather(dy, (n * K + k) * O, 0, w, k * geo[6] * geo[7] * geo[8], True,
+            total += transposed_gather(dy, (n * K + k) * O, 0, w, k * geo[6] * geo[7] * geo[8], True,
                                             i_d, ih, iw, geo)
         dx[e] = total
 

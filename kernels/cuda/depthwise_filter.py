@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import numpy as np
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
-from cnnfast.kernels.cuda import direct, gemm
+from cnnfast.kernels.cuda import direct, indexing
 from cnnfast.kernels.cuda.compile import ZERO, device_constant, helper, numba_dtype, uint64
 from cnnfast.kernels.cuda.launch import launch, scratch
 from numba import cuda
@@ -81,7 +81,7 @@ def filter_kernel(dtype, sizes=None, slide=0, V=FILTER_ROWS):
         else:
             dd, dr, ds = taps[uint64(3 * i)], taps[uint64(3 * i + 1)], taps[uint64(3 * i + 2)]
         value = ZERO
-        if exists & gemm.within(d0 + dd, D) & gemm.within(h + dr, H) & gemm.within(w0 + ds, W):
+        if exists & indexing.within(d0 + dd, D) & indexing.within(h + dr, H) & indexing.within(w0 + ds, W):
             value = x[uint64(row + (dd * H + dr) * W + ds)]  # (the tap's offset: the same for every row)
         return value
 
@@ -117,8 +117,8 @@ def filter_kernel(dtype, sizes=None, slide=0, V=FILTER_ROWS):
         begin = split * chunk
         end = min(geo[0] * P * QB * U, begin + chunk)
         # item e = ((n*P + p)*QB + b)*U + u, split once; then stepped by FILTER_BLOCK's digits with carries
-        n0, _, p0, b0, u0 = gemm.split(begin + tid, 1, P, QB, U)
-        sn, _, sp, sb, su = gemm.split(FILTER_BLOCK, 1, P, QB, U)
+        n0, _, p0, b0, u0 = indexing.split(begin + tid, 1, P, QB, U)
+        sn, _, sp, sb, su = indexing.split(FILTER_BLOCK, 1, P, QB, U)
         for first in range(0, trs, TAPS):
             for i in range(TAPS):
                 acc[i] = 0
@@ -145,9 +145,9 @@ def filter_kernel(dtype, sizes=None, slide=0, V=FILTER_ROWS):
                     h += 2 * geo[13]
                     grads += 2 * U
                 e += FILTER_BLOCK
-                u, b = gemm.carry(u + su, b + sb, U)  # each digit stays under 2x its size: one carry at most
-                b, p = gemm.carry(b, p + sp, QB)
-                p, n = gemm.carry(p, n + sn, P)
+                u, b = indexing.carry(u + su, b + sb, U)  # each digit stays under 2x its size: one carry at most
+                b, p = indexing.carry(b, p + sp, QB)
+                p, n = indexing.carry(p, n + sn, P)
             for i in range(TAPS):
                 sums[i, tid] = acc[i]
             cuda.syncthreads()

@@ -20,8 +20,9 @@ from functools import lru_cache
 
 import numpy as np
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
-from cnnfast.kernels.cuda import gemm
+from cnnfast.kernels.cuda import gemm, indexing
 from cnnfast.kernels.cuda.compile import ZERO, device_constant, helper, int64, numba_dtype, uint32, uint64
+from cnnfast.kernels.cuda.indexing import within, within32
 from cnnfast.kernels.cuda.launch import launch, scratch
 from numba import cuda
 
@@ -97,7 +98,7 @@ def gather(src, base, d, h, w, tab, e, D, H, W, ok):
     lies in the D x H x W box, else 0: every patch loader's element, one add and three 32-bit unsigned compares, no
     multiply, no branch. The row is read unmasked (so a thread's rows are one address plus constants): e lies in
     the table when its index is under the problem's end + BJ (int32_table's padding rows)."""
-    ok &= gemm.within32(d + tab[e + ONE], D) & gemm.within32(h + tab[e + TWO], H) & gemm.within32(w + tab[e + THREE], W)
+    ok &= within32(d + tab[e + ONE], D) & within32(h + tab[e + TWO], H) & within32(w + tab[e + THREE], W)
     return masked(src, base + tab[e], ok)
 
 
@@ -123,7 +124,7 @@ def fwd_col(g, col, geo, n0):
     """(offset of x[n, g*Cg, d0, h0, w0], d0, h0, w0) for col = n*O + o: (d0, h0, w0) the first input position
     output o = (p, q, u) reads (padding may make it negative, and the offset with it)."""
     C, D, H, W = geo[1], geo[2], geo[3], geo[4]
-    n, _, p, q, u = gemm.split(col, 1, geo[9], geo[10], geo[11])
+    n, _, p, q, u = indexing.split(col, 1, geo[9], geo[10], geo[11])
     d0, h0, w0 = p * geo[12] - geo[18], q * geo[13] - geo[19], u * geo[14] - geo[20]
     return (n * C + g * (C // geo[21])) * D * H * W + (d0 * H + h0) * W + w0, d0, h0, w0
 
@@ -143,8 +144,8 @@ def fwd_col_taps(g, col, geo, n0):
     for t in range(geo[6]):
         for r in range(geo[7]):
             for s in range(geo[8]):
-                if gemm.within(d0 + t * geo[15], geo[2]) & gemm.within(h0 + r * geo[16], geo[3]) & gemm.within(
-                        w0 + s * geo[17], geo[4]):
+                inside = within(d0 + t * geo[15], geo[2]) & within(h0 + r * geo[16], geo[3])
+                if inside & within(w0 + s * geo[17], geo[4]):
                     taps |= bit
                 bit <<= uint64(1)
     return base, int64(taps)
@@ -215,7 +216,7 @@ def bwd_col(g, col, geo, n0):
     """(offset of dy[n, g*Kg, d2, h2, w2], d2, h2, w2) for col = n*D2H2W2 + (d2*H2 + h2)*W2 + w2 (class position
     i2 = (d2, h2, w2))."""
     K, P, Q, U = geo[5], geo[9], geo[10], geo[11]
-    n, _, d2, h2, w2 = gemm.split(col, 1, geo[25], geo[26], geo[27])
+    n, _, d2, h2, w2 = indexing.split(col, 1, geo[25], geo[26], geo[27])
     return (n * K + g * (K // geo[21])) * P * Q * U + (d2 * Q + h2) * U + w2, d2, h2, w2
 
 
@@ -230,7 +231,7 @@ def bwd_load_dy(dy, cb, j, geo, tab, ok):
 def bwd_store(dx, bias, g, m, col, v, geo, flag, split, n0):
     """dx[n, g*Cg + m, a + stride*i2] for col = n*D2H2W2 + i2."""
     C, D, H, W = geo[1], geo[2], geo[3], geo[4]
-    n, _, d2, h2, w2 = gemm.split(col, 1, geo[25], geo[26], geo[27])
+    n, _, d2, h2, w2 = indexing.split(col, 1, geo[25], geo[26], geo[27])
     i = ((geo[22] + d2 * geo[12]) * H + geo[23] + h2 * geo[13]) * W + geo[24] + w2 * geo[14]
     dx[(n * C + g * (C // geo[21]) + m) * D * H * W + i] = v
 

@@ -14,7 +14,7 @@ Inside the GEMMs the geometry tuple carries N = nb (the chunk) and n0 is the chu
 im2col_kernel: thread (grid-stride) per element of cols; col2im_kernel: thread per element of the dx chunk.
 """
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
-from cnnfast.kernels.cuda import direct, gemm
+from cnnfast.kernels.cuda import direct, gemm, indexing
 from cnnfast.kernels.cuda.compile import helper
 from cnnfast.kernels.cuda.direct import _bias_arg, launch_tiled
 from cnnfast.kernels.cuda.launch import launch, scratch
@@ -35,19 +35,19 @@ def im2col_kernel(x, cols, geo, n0, nb):
         row = e // ncol
         col = e % ncol
         c = row // trs
-        cols[e] = gemm.x_patch(x, c // Cg, (c % Cg) * trs + row % trs, n0 + col // O, col % O, geo)
+        cols[e] = indexing.x_patch(x, c // Cg, (c % Cg) * trs + row % trs, n0 + col // O, col % O, geo)
 
 
 def col2im_kernel(dcols, dx, geo, n0, nb):
     """dx[n0 + j, c, i] = sum over taps (t, r, s), in order, of dcols[c*TRS + tap, j*O + o] for the output o
-    that reads input i (gemm.transposed_gather: no division per tap)."""
+    that reads input i (indexing.transposed_gather: no division per tap)."""
     C, D, H, W = geo[1], geo[2], geo[3], geo[4]
     O = geo[9] * geo[10] * geo[11]
     DHW = D * H * W
     for e in range(cuda.grid(1), nb * C * DHW, cuda.gridsize(1)):
-        j, c, i_d, ih, iw = gemm.split(e, C, D, H, W)
+        j, c, i_d, ih, iw = indexing.split(e, C, D, H, W)
         row = c * geo[6] * geo[7] * geo[8] * nb * O + j * O  # dcols[c*TRS + tap, j*O + o] = dcols[row + tap*nb*O + o]
-        dx[(n0 + j) * C * DHW + e - j * C * DHW] = gemm.transposed_gather(dcols, row, nb * O, dcols, 0, False,
+        dx[(n0 + j) * C * DHW + e - j * C * DHW] = indexing.transposed_gather(dcols, row, nb * O, dcols, 0, False,
                                                                           i_d, ih, iw, geo)
 
 
