@@ -16,9 +16,9 @@ x (N, C, D, H, W) * w (K, 1, T, R, S) -> y (N, K, P, Q, U); output channel k = c
                    Forward stages x[n, c] and writes the M outputs c*M + m; backward_data stages dy[n, c*M + m] in
                    turn and sums the M filters into dx[n, c]. At stride 1 along h and w its gather reads every tap
                    like a forward window; at a larger stride (the walk build, V = 1) only the taps whose output
-                   exists (a tap walk per axis, tap_walk: no division per tap, no multiply-add on the zeros a
+                   exists (a tap walk per axis, indexing.tap_walk: no division per tap, no multiply-add on the zeros a
                    strided transposed convolution inserts).
-                   A build per SPECIALISED filter size, compiled in: the tap loops unroll.
+                   A build per SPECIALISED filter size (depthwise_filter's), compiled in: the tap loops unroll.
     backward_filter: depthwise_filter.filter_kernel (its own module: the weight gradient in registers, split).
     forward_kernel, backward_data_kernel
                    thread (grid-stride) per output, taps read from global memory: the fallbacks when a halo tile

@@ -48,7 +48,7 @@ def col2im_kernel(dcols, dx, geo, n0, nb):
         j, c, i_d, ih, iw = indexing.split(e, C, D, H, W)
         row = c * geo[6] * geo[7] * geo[8] * nb * O + j * O  # dcols[c*TRS + tap, j*O + o] = dcols[row + tap*nb*O + o]
         dx[(n0 + j) * C * DHW + e - j * C * DHW] = indexing.transposed_gather(dcols, row, nb * O, dcols, 0, False,
-                                                                          i_d, ih, iw, geo)
+                                                                              i_d, ih, iw, geo)
 
 
 # ---------------------------------------------------------------- GEMM operand loaders (geo[0] = nb here)
