@@ -10,9 +10,11 @@ import hashlib
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from numba import config, cuda, types
@@ -42,11 +44,17 @@ else:
 
 
 def helper(pyfunc):
-    """An inline device function (the kernels' device functions: none reads a `cuda.*` attribute); in the
-    simulator the Python function itself. A simulated device-function call costs ~12 us (the simulator swaps the
-    module's `cuda` around each call), the time of 25 array reads: the loaders' range tests and masked loads, one
-    call each per staged element, made the simulated GEMMs up to 2x slower."""
-    return pyfunc if config.ENABLE_CUDASIM else cuda.jit(device=True, inline=True)(pyfunc)
+    """A device function that NVVM always inlines (the kernels' device functions: none reads a `cuda.*`
+    attribute); in the simulator the Python function itself.
+
+    Inlined by NVVM (forceinline), not in Numba's IR (inline="always"): a helper is then typed and lowered once per
+    signature and shared by every kernel of the process, where IR inlining copied and re-typed it at each call site
+    (a tiled GEMM's 8 multiply calls, its staging's loaders): compile_ptx of the tiled GEMMs took 8.7-10.3 s each,
+    now 4.1-5.4 s after a process's first, with the same SASS (bench/RESULTS.md, ninth session). In the simulator
+    a device-function call costs ~12 us (the simulator swaps the module's `cuda` around each call), the time of
+    25 array reads: the loaders' range tests and masked loads, one call each per staged element, made the
+    simulated GEMMs up to 2x slower."""
+    return pyfunc if config.ENABLE_CUDASIM else cuda.jit(device=True, forceinline=True)(pyfunc)
 
 
 def jit(pyfunc):
@@ -130,7 +138,7 @@ def ptx(pyfunc, argtypes, cc):
     try:
         text = path.read_text()
     except OSError:
-        text, _ = cuda.compile_ptx(pyfunc, argtypes, cc=cc, **options(pyfunc))
+        text = compile_ptx(pyfunc, argtypes, cc)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -140,6 +148,32 @@ def ptx(pyfunc, argtypes, cc):
         except OSError:
             pass
     return text, entry_name(text)
+
+
+def compile_ptx(pyfunc, argtypes, cc):
+    """The PTX text of pyfunc compiled for argtypes and compute capability cc (cuda.compile_ptx, with the kernel's
+    options); no GPU or driver needed."""
+    with _device_functions_for(cc):
+        return cuda.compile_ptx(pyfunc, argtypes, cc=cc, **options(pyfunc))[0]
+
+
+@contextmanager
+def _device_functions_for(cc):
+    """numba-cuda 0.30 compiles each device function a kernel calls for the current GPU's compute capability
+    (dispatcher.compile_device asks the driver), also under compile_ptx: without a driver (CI, ptx.py's table)
+    compiling a kernel that calls a helper fails. There its answer is cc, the kernel's own target (the helpers
+    use no capability-dependent operation)."""
+    from numba.cuda import dispatcher
+
+    if cuda.is_available():
+        yield
+        return
+    current = dispatcher.get_current_device
+    dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=cc)
+    try:
+        yield
+    finally:
+        dispatcher.get_current_device = current
 
 
 def entry_name(text):

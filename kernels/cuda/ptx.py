@@ -4,17 +4,17 @@
     python -m cnnfast.kernels.cuda.ptx --warm        (only fills the raw launch path's PTX cache: warm_all)
 
 For each entry of compile.specialisations() (every kernel x dtype x typing the launchers can create):
-cuda.compile_ptx(..., cc=(9, 0)) gives the PTX (its .version, .target and number of kernel parameters are
-reported: PTX 9.0 loads on driver 580), and that PTX linked by cuda.core's Linker (nvJitLink) with
-`ptxas -v` gives registers, spill stores and spill loads of the sm_90 code, as the driver builds it from the
-same PTX when a kernel is loaded. For the kernels with shared-memory steps (the tiled GEMMs, the depthwise halo
-tiles and weight gradient) it also counts the 64-bit divisions left in the main loop (loop_divisions), and for
-every kernel the instructions, FMAs and conditional branches of the innermost loop holding FMAs (inner_loop: a
-tiled GEMM's whole step, its staging and its multiply-adds; their share of what the SM issues). With nvdisasm
-installed (on PATH, or the `nvidia-cuda-nvdisasm` wheel, 13.2 or later, which reads sm_90 cubins from the 13.0
-linker) it also reports the same loop in the SASS the GPU runs (sass_loop: instructions, FFMA/DFMA, branches):
-64-bit index arithmetic there costs two to three instructions per PTX one. Entries compile in
-parallel (--jobs, default: one process per CPU). Exit status 1 if any entry fails to compile or spills.
+compile.compile_ptx(..., cc=(9, 0)) gives the PTX (its .version, .target, number of kernel parameters and calls are
+reported: PTX 9.0 loads on driver 580; no call is left, NVVM inlines every device function), and that PTX linked by
+cuda.core's Linker (nvJitLink) with `ptxas -v` gives registers, spill stores and spill loads of the sm_90 code, as
+the driver builds it from the same PTX when a kernel is loaded. For the kernels with shared-memory steps (the tiled
+GEMMs, the depthwise halo tiles and weight gradient) it also counts the 64-bit divisions left in the main loop
+(loop_divisions), and for every kernel the instructions, FMAs and conditional branches of the innermost loop
+holding FMAs (inner_loop: a tiled GEMM's whole step, its staging and its multiply-adds; their share of what the SM
+issues). With nvdisasm installed (on PATH, or the `nvidia-cuda-nvdisasm` wheel, 13.2 or later, which reads sm_90
+cubins from the 13.0 linker) it also reports the same loop in the SASS the GPU runs (sass_loop: instructions,
+FFMA/DFMA, branches): 64-bit index arithmetic there costs two to three instructions per PTX one. Entries compile in
+parallel (--jobs, default: one process per CPU). Exit status 1 if any entry fails to compile, calls or spills.
 """
 import argparse
 import json
@@ -39,7 +39,8 @@ def ptx_facts(ptx):
     target = re.search(r"^\s*\.target\s+(\S+)", ptx, re.M)
     bounds = re.search(r"^\s*\.maxntid\s+(\d+)", ptx, re.M)  # launch bounds: most threads per block
     return {"ptx_version": version and version.group(1), "target": target and target.group(1),
-            "entry": entry_name(ptx), "params": parameter_count(ptx), "loop_divisions": loop_divisions(ptx),
+            "entry": entry_name(ptx), "params": parameter_count(ptx), "calls": len(re.findall(r"^\s+call", ptx, re.M)),
+            "loop_divisions": loop_divisions(ptx),
             "inner_loop": inner_loop(ptx), "max_threads": bounds and int(bounds.group(1))}
 
 
@@ -148,16 +149,16 @@ def link_report(ptx):
 
 def check(index):
     """The report row of specialisations()[index] (run in a worker process: kernels are not picklable)."""
-    from cnnfast.kernels.cuda.compile import options, specialisations
-    from numba import cuda
+    from cnnfast.kernels.cuda.compile import compile_ptx, specialisations
 
     name, pyfunc, argtypes, typing = specialisations()[index]
     row = {"name": name, "typing": typing}
     try:
-        ptx, _ = cuda.compile_ptx(pyfunc, argtypes, cc=CC, **options(pyfunc))
+        ptx = compile_ptx(pyfunc, argtypes, CC)
         row.update(ptx_facts(ptx))
         row.update(link_report(ptx))
-        row["ok"] = row["spill_stores"] == 0 and row["ptx_version"] == "9.0" and row["target"] == ARCH
+        row["ok"] = (row["spill_stores"] == 0 and row["calls"] == 0 and row["ptx_version"] == "9.0"
+                     and row["target"] == ARCH)
     except Exception as e:  # report every failure, keep going
         row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:500]}")
     return row
@@ -166,7 +167,7 @@ def check(index):
 def warm(index):
     """Compile specialisations()[index] through compile.ptx, into the disk cache that the raw launch path reads
     (launch.py): a GPU session fills it on all its cores at once instead of compiling kernel by kernel on first
-    use (~8 s each for a tiled GEMM)."""
+    use (~5 s each for a tiled GEMM)."""
     from cnnfast.kernels.cuda.compile import ptx, specialisations
 
     ptx(*specialisations()[index][1:3], CC)
