@@ -34,7 +34,7 @@ nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 step="${1:-}"
 shift || true
 # bench and tiles launch through the raw path (CNNFAST_CUDA_LAUNCH=raw unless set otherwise), whose PTX disk cache
-# is first filled on every core: its 96 specialisations take up to ~5 s each (a tiled GEMM, on this project's CI VM), one
+# is first filled on every core: its 96 specialisations take up to ~2 s each (a tiled GEMM, on this project's CI VM), one
 # at a time when they compile on first use
 warm() {
     export CNNFAST_CUDA_LAUNCH="${CNNFAST_CUDA_LAUNCH:-raw}"
@@ -46,7 +46,7 @@ warm() {
 }
 case "$step" in
 tests)
-    # side by side: each file's run compiles the kernels it launches on first use (~5 s per tiled GEMM on one core,
+    # side by side: each file's run compiles the kernels it launches on first use (~2 s per tiled GEMM on one core,
     # ~100 of them in all), which one after another took longer than a call; the PTX report is the same here as on
     # any machine with the toolchain wheels (test_cuda_kernels.py checks it)
     logs=$(mktemp -d)

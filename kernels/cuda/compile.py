@@ -49,11 +49,11 @@ def helper(pyfunc):
 
     Inlined by NVVM (forceinline), not in Numba's IR (inline="always"): a helper is then typed and lowered once per
     signature and shared by every kernel of the process, where IR inlining copied and re-typed it at each call site
-    (a tiled GEMM's 8 multiply calls, its staging's loaders): compile_ptx of the tiled GEMMs took 8.7-10.3 s each,
-    now 4.1-5.4 s after a process's first, with the same SASS (bench/RESULTS.md, ninth session). In the simulator
-    a device-function call costs ~12 us (the simulator swaps the module's `cuda` around each call), the time of
-    25 array reads: the loaders' range tests and masked loads, one call each per staged element, made the
-    simulated GEMMs up to 2x slower."""
+    (a tiled GEMM's 8 multiply calls, its staging's loaders). With gemm.multiply_step's indices no longer literals,
+    compile_ptx of a tiled GEMM went from 8.7-10.3 s to 1.6-2.4 s, with the same SASS (bench/RESULTS.md, ninth
+    session). In the simulator a device-function call costs ~12 us (the simulator swaps the module's `cuda` around
+    each call), the time of 25 array reads: the loaders' range tests and masked loads, one call each per staged
+    element, made the simulated GEMMs up to 2x slower."""
     return pyfunc if config.ENABLE_CUDASIM else cuda.jit(device=True, forceinline=True)(pyfunc)
 
 

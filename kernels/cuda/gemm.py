@@ -65,7 +65,7 @@ choose_tile picks the largest that still gives a full wave of blocks; autotuning
 from functools import lru_cache
 from typing import NamedTuple
 
-from cnnfast.kernels.cuda.compile import helper, simulating, uint32, uint64
+from cnnfast.kernels.cuda.compile import helper, int64, simulating, uint32, uint64
 from numba import cuda, types
 
 
@@ -182,15 +182,17 @@ def tiled_kernel(dtype, ops, tile=SMALL):
 
     @helper
     def multiply_step(acc, reg_a, reg_b, shared_a, shared_b, buf, tx, ty):
-        """multiply for the BJ = 8 indices of a step, written out: LLVM unrolls no loop of more than two of them."""
-        multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, 0, tx, ty)
-        multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, 1, tx, ty)
-        multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, 2, tx, ty)
-        multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, 3, tx, ty)
-        multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, 4, tx, ty)
-        multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, 5, tx, ty)
-        multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, 6, tx, ty)
-        multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, 7, tx, ty)
+        """multiply for the BJ = 8 indices of a step, written out: LLVM unrolls no loop of more than two of them.
+        Each index is passed as a uint64, not a literal: Numba compiles a device function once per distinct literal
+        argument (16 compiles of multiply: 3 s of the 5 s compile_ptx then took); NVVM folds it either way."""
+        multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, uint64(0), tx, ty)
+        multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, uint64(1), tx, ty)
+        multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, uint64(2), tx, ty)
+        multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, uint64(3), tx, ty)
+        multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, uint64(4), tx, ty)
+        multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, uint64(5), tx, ty)
+        multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, uint64(6), tx, ty)
+        multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, uint64(7), tx, ty)
 
     def kernel(a, b, out, bias, tab, geo, flag, splits, jchunk, n0):
         shared_a = cuda.shared.array((2, BJ, ROW_A), dtype, alignment=ALIGN)
@@ -225,10 +227,10 @@ def tiled_kernel(dtype, ops, tile=SMALL):
         cur_b = seek(j_begin + place_b(tid, 0)[1], pgeo)  # thread stages
         fetch_a(next_a, a, ctx_a, m0, M, cur_a, j_begin, j_end, tid, pgeo, tab)
         fetch_b(next_b, b, ctx_b, col0, NCOL, cur_b, j_begin, j_end, tid, pgeo, tab)
-        put_a(shared_a, 0, next_a, tid)
-        put_b(shared_b, 0, next_b, tid)
+        buf = int64(0)  # not the literal 0: put and multiply_step are then compiled once (multiply_step)
+        put_a(shared_a, buf, next_a, tid)
+        put_b(shared_b, buf, next_b, tid)
         cuda.syncthreads()
-        buf = 0
         for j0 in range(j_begin, j_end, BJ):
             more = j0 + BJ < j_end
             if more:

@@ -167,7 +167,7 @@ def check(index):
 def warm(index):
     """Compile specialisations()[index] through compile.ptx, into the disk cache that the raw launch path reads
     (launch.py): a GPU session fills it on all its cores at once instead of compiling kernel by kernel on first
-    use (~5 s each for a tiled GEMM)."""
+    use (~2 s each for a tiled GEMM)."""
     from cnnfast.kernels.cuda.compile import ptx, specialisations
 
     ptx(*specialisations()[index][1:3], CC)
