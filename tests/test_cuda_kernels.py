@@ -912,3 +912,24 @@ def test_numpy_row_stack_shim_lets_kernels_compile_without_it():
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["True", "True"]
+
+
+def test_compile_ptx_compiles_the_helpers_for_its_target_without_a_driver():
+    """compile.compile_ptx: a kernel that calls helpers (im2col_kernel: x_patch) compiles to sm_90 PTX with every
+    helper inlined, the helpers compiled for the kernel's target whatever GPU or driver the machine has (here
+    none needed), and numba-cuda's own question for the current device is put back afterwards."""
+    code = ("import re\n"
+            "from numba import types\n"
+            "from numba.cuda import api, dispatcher\n"
+            "from cnnfast.kernels.cuda import compile, gemm, im2col\n"
+            "a = types.float32[::1]\n"
+            "geo = types.UniTuple(types.int64, gemm.NGEO)\n"
+            "ptx = compile.compile_ptx(im2col.im2col_kernel, (a, a, geo, types.int64, types.int64), (9, 0))\n"
+            "print('.target sm_90' in ptx, re.search(r'^\\s+call', ptx, re.M) is None,\n"
+            "      dispatcher.get_current_device is api.get_current_device)\n")
+    done = _python_without_simulator(["-c", code])
+    reason = _no_gpu_compiler(done)
+    if reason:
+        pytest.skip(reason)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "True", "True"]

@@ -10,7 +10,6 @@ import hashlib
 import os
 import re
 import tempfile
-from contextlib import contextmanager
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -152,28 +151,19 @@ def ptx(pyfunc, argtypes, cc):
 
 def compile_ptx(pyfunc, argtypes, cc):
     """The PTX text of pyfunc compiled for argtypes and compute capability cc (cuda.compile_ptx, with the kernel's
-    options); no GPU or driver needed."""
-    with _device_functions_for(cc):
-        return cuda.compile_ptx(pyfunc, argtypes, cc=cc, **options(pyfunc))[0]
-
-
-@contextmanager
-def _device_functions_for(cc):
-    """numba-cuda 0.30 compiles each device function a kernel calls for the current GPU's compute capability
-    (dispatcher.compile_device asks the driver), also under compile_ptx: without a driver (CI, ptx.py's table)
-    compiling a kernel that calls a helper fails. There its answer is cc, the kernel's own target (the helpers
-    use no capability-dependent operation)."""
+    options), with no GPU or driver needed. numba-cuda 0.30 compiles each device function a kernel calls for the
+    current GPU's compute capability (dispatcher.compile_device asks the driver, also under compile_ptx, and
+    fails where there is none); here, under Numba's compiler lock, the answer is cc, the kernel's own target."""
     from numba.cuda import dispatcher
+    from numba.cuda.core.compiler_lock import global_compiler_lock
 
-    if cuda.is_available():
-        yield
-        return
-    current = dispatcher.get_current_device
-    dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=cc)
-    try:
-        yield
-    finally:
-        dispatcher.get_current_device = current
+    with global_compiler_lock:  # (reentrant) no other thread compiles while the answer is cc
+        current = dispatcher.get_current_device
+        dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=cc)
+        try:
+            return cuda.compile_ptx(pyfunc, argtypes, cc=cc, **options(pyfunc))[0]
+        finally:
+            dispatcher.get_current_device = current
 
 
 def entry_name(text):
