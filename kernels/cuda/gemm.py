@@ -227,7 +227,7 @@ def tiled_kernel(dtype, ops, tile=SMALL):
         cur_b = seek(j_begin + place_b(tid, 0)[1], pgeo)  # thread stages
         fetch_a(next_a, a, ctx_a, m0, M, cur_a, j_begin, j_end, tid, pgeo, tab)
         fetch_b(next_b, b, ctx_b, col0, NCOL, cur_b, j_begin, j_end, tid, pgeo, tab)
-        buf = int64(0)  # not the literal 0: put and multiply_step are then compiled once (multiply_step)
+        buf = int64(0)  # not the literal 0: put and multiply_step are then compiled once (see multiply_step)
         put_a(shared_a, buf, next_a, tid)
         put_b(shared_b, buf, next_b, tid)
         cuda.syncthreads()
