@@ -34,7 +34,7 @@ nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 step="${1:-}"
 shift || true
 # bench and tiles launch through the raw path (CNNFAST_CUDA_LAUNCH=raw unless set otherwise), whose PTX disk cache
-# is first filled on every core: its 96 specialisations take up to ~2 s each (a tiled GEMM, on this project's CI
+# is first filled on every core: its 102 specialisations take up to ~2 s each (a tiled GEMM, on this project's CI
 # VM), one at a time when they compile on first use
 warm() {
     export CNNFAST_CUDA_LAUNCH="${CNNFAST_CUDA_LAUNCH:-raw}"
