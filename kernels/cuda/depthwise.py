@@ -349,7 +349,7 @@ def backward_data_kernel(dy, w, dx, geo):
         for m in range(M):
             k = c * M + m
             total += transposed_gather(dy, (n * K + k) * O, 0, w, k * geo[6] * geo[7] * geo[8], True,
-                                            i_d, ih, iw, geo)
+                                       i_d, ih, iw, geo)
         dx[e] = total
 
 
