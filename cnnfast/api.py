@@ -16,6 +16,7 @@ different sides; each op names the primitive it needs and the roles of its array
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 
@@ -64,32 +65,32 @@ def run(op, kind, nd, *, input=None, weight=None, grad_output=None, bias=None, s
     primitive, roles, result_role = _KINDS[kind]
     given = {"input": input, "weight": weight, "grad_output": grad_output}
     named = {name: given[name] for name in roles}
-    device, family, dtype = arrays.inspect(op, **named, bias=bias)
+    device, family, dtype, shapes = arrays.inspect(op, **named, bias=bias)
     carrier = "grad_output" if "grad_output" in roles else "input"
-    batched = _batched(op, nd, carrier, arrays.shape_of(given[carrier]))
+    batched = _batched(op, nd, carrier, shapes[carrier])
     add_n = (lambda s: s) if batched else (lambda s: (1,) + s)
 
     if kind in ("conv_input", "conv_transpose_input"):
         size = _size_arg(op, "input_size", size, dtype)
         _batched(op, nd, "input_size", size)
-        if len(size) != len(arrays.shape_of(grad_output)):
-            raise ValueError(f"{op}: expected input_size with {len(arrays.shape_of(grad_output))} entries to "
+        if len(size) != len(shapes["grad_output"]):
+            raise ValueError(f"{op}: expected input_size with {len(shapes['grad_output'])} entries to "
                              f"match grad_output, but got input_size={list(size)}")
-        input_shape, weight_shape = add_n(size), arrays.shape_of(weight)
+        input_shape, weight_shape = add_n(size), shapes["weight"]
     elif kind in ("conv_weight", "conv_transpose_weight"):
-        input_shape, weight_shape = add_n(arrays.shape_of(input)), _size_arg(op, "weight_size", size, dtype)
+        input_shape, weight_shape = add_n(shapes["input"]), _size_arg(op, "weight_size", size, dtype)
     else:
-        input_shape, weight_shape = add_n(arrays.shape_of(input)), arrays.shape_of(weight)
-    bias_shape = None if bias is None else arrays.shape_of(bias)
+        input_shape, weight_shape = add_n(shapes["input"]), shapes["weight"]
+    bias_shape = shapes.get("bias")
     key = _plan_key(op, kind, device, dtype, input_shape, weight_shape, bias_shape, algo, workspace_limit, options)
     spec, plan = _PLANS.get(key, (None, None))
     if spec is None:
         spec = ConvSpec.create(op, input_shape, weight_shape, bias_shape=bias_shape,
                                transposed=kind.startswith("conv_transpose"), dtype=dtype, **options)
-    if grad_output is not None and add_n(arrays.shape_of(grad_output)) != spec.output_shape:
+    if grad_output is not None and add_n(shapes["grad_output"]) != spec.output_shape:
         expected = spec.output_shape if batched else spec.output_shape[1:]
         raise ValueError(f"{op}: expected grad_output of size {_shape_str(expected)} (the output of this "
-                         f"convolution), but got grad_output of size {_shape_str(arrays.shape_of(grad_output))}")
+                         f"convolution), but got grad_output of size {_shape_str(shapes['grad_output'])}")
     if plan is None:
         plan = make_plan(op, spec, primitive, device, algo, workspace_limit)
         _remember(key, spec, plan)
@@ -158,34 +159,37 @@ def _remember(key, spec, plan):
         _PLANS[key] = spec, plan
 
 
+@lru_cache(maxsize=PLAN_CACHE_SIZE)
+def _pad_arrays(spec):
+    """spec.pad_tables() as int64 arrays (pre-padded specs)."""
+    return [np.asarray(t, dtype=np.int64) for t in spec.pad_tables()]
+
+
 def _execute(dev, spec, plan, primitive, ins, result_role, bias, kind, workspace_limit):
     """Run plan on working arrays; return the result (batched, op-level shape) in the device's family."""
     g = spec.geometry
     dtype = np.dtype(spec.dtype)
-    shapes = {"X": spec.conv_x_shape, "W": spec.weight_shape, "Y": spec.conv_y_shape}
-    unit = (1,) * (3 - spec.nd)
-    five = {role: s[:2] + unit + s[2:] for role, s in shapes.items()}  # unpadded 5-D views
-    canon = {"X": g.x_shape, "W": g.w_shape, "Y": g.y_shape}            # what the kernels see
-    result_shape = shapes[result_role]
+    views = spec.views  # role -> (shape, unpadded 5-D view, what the kernels see)
+    result_shape = views[result_role][0]
     adds_bias = bias is not None and kind in ("conv", "conv_transpose")
     if math.prod(result_shape) == 0:
         return dev.empty(result_shape, dtype)
-    if any(math.prod(shapes[role]) == 0 for role in ins):
+    if any(math.prod(views[role][0]) == 0 for role in ins):
         out = dev.zeros(result_shape, dtype)  # an empty sum: zero, plus the bias (PyTorch drops K here)
         if adds_bias:
             dev.add_bias(out, dev.working(bias))
         return out
 
-    tables = [np.asarray(t, dtype=np.int64) for t in spec.pad_tables()] if spec.pre_padded else None
+    tables = _pad_arrays(spec) if spec.pre_padded else None
     work = {}
     for role, a in ins.items():
-        a = dev.working(a).reshape(five[role])
+        a = dev.working(a).reshape(views[role][1])
         if role == "X" and tables is not None:
-            padded = dev.empty(canon["X"], dtype)
+            padded = dev.empty(views["X"][2], dtype)
             dev.pad(a, padded, tables)
             a = padded
         work[role] = a
-    out = dev.empty(canon[result_role], dtype)
+    out = dev.empty(views[result_role][2], dtype)
     work[result_role] = out
     bias_w = dev.working(bias) if bias is not None else None
     launch = algorithms(dev.name)[plan.algorithm].launcher(primitive)
@@ -199,7 +203,7 @@ def _execute(dev, spec, plan, primitive, ins, result_role, bias, kind, workspace
     else:
         launch(work["X"], work["Y"], work["W"], g, **opts)
     if result_role == "X" and tables is not None:
-        folded = dev.empty(five["X"], dtype)
+        folded = dev.empty(views["X"][1], dtype)
         dev.fold_pad(out, folded, tables)
         out = folded
     out = out.reshape(result_shape)

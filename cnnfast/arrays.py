@@ -13,6 +13,7 @@ Numba's CUDA target is imported only when a CUDA array is actually seen.
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 
 import numpy as np
 
@@ -27,8 +28,12 @@ def simulator_enabled() -> bool:
 
 def _cupy():
     """The cupy module when it can be used (importable, and Numba is not simulating CUDA), else None."""
-    if simulator_enabled():
-        return None
+    return None if simulator_enabled() else _import_cupy()
+
+
+@lru_cache(maxsize=1)
+def _import_cupy():
+    """cupy, or None when it is not installed (tried once: a failed import searches sys.path again each time)."""
     try:
         import cupy
     except ImportError:
@@ -45,20 +50,25 @@ class ShapeArray:
         self.family = "numpy" if device == "cpu" else "numba"
 
 
+_FAMILIES = {np.ndarray: "numpy"}  # array type -> family, for the types whose type alone decides it
+
+
 def family_of(a):
     """'numpy' | 'cupy' | 'numba' | 'cai' | None (not an array cnnfast accepts)."""
+    family = _FAMILIES.get(type(a))
+    if family is not None:
+        return family
     if isinstance(a, ShapeArray):
         return a.family
     if isinstance(a, np.ndarray):
-        return "numpy"
-    module = type(a).__module__
-    if module.startswith("cupy"):
-        return "cupy"
-    if module.startswith("numba.cuda"):
-        return "numba"
-    if hasattr(a, "__cuda_array_interface__"):
-        return "cai"
-    return None
+        family = "numpy"
+    else:
+        module = type(a).__module__
+        family = "cupy" if module.startswith("cupy") else "numba" if module.startswith("numba.cuda") else None
+    if family is not None:
+        _FAMILIES[type(a)] = family
+        return family
+    return "cai" if hasattr(a, "__cuda_array_interface__") else None  # (may be an attribute of the object only)
 
 
 def _type_name(a):
@@ -78,34 +88,40 @@ def shape_of(a) -> tuple:
     return tuple(a.shape)
 
 
+_DTYPE_NAMES = {dt: dt.name for dt in FLOAT_DTYPES}
+
+
 def inspect(op, **arrays):
-    """Check the named array arguments (None skipped); return (device name, family of the first, dtype name).
+    """Check the named array arguments (None skipped); return (device name, family of the first, dtype name,
+    {name: shape}).
 
     TypeError: not an array; dtype not float32/float64; dtypes differ; arrays on different devices.
     """
-    families, dtypes = {}, {}
+    first = family = dtype = None
+    shapes = {}
     for name, a in arrays.items():
         if a is None:
             continue
         fam = family_of(a)
         if fam is None:
             raise TypeError(f"{op}: expected {name} to be {_EXPECTED}, but got {_type_name(a)}")
-        dt = dtype_of(a)
-        if dt not in FLOAT_DTYPES:
+        if fam == "cai":
+            interface = a.__cuda_array_interface__
+            dt, shapes[name] = np.dtype(interface["typestr"]), tuple(interface["shape"])
+        else:
+            dt, shapes[name] = a.dtype, tuple(a.shape)
+        if dt not in _DTYPE_NAMES:
             raise TypeError(f"{op}: expected {name} to have dtype float32 or float64, but got {dt}")
-        families[name], dtypes[name] = fam, dt
-    names = list(families)
-    devices = {n: "cpu" if families[n] == "numpy" else "cuda" for n in names}
-    first = names[0]
-    for n in names[1:]:
-        if devices[n] != devices[first]:
+        if first is None:
+            first, family, dtype = name, fam, dt
+        elif (fam == "numpy") != (family == "numpy"):
+            devices = {f: "cpu" if f == "numpy" else "cuda" for f in (family, fam)}
             raise TypeError(f"{op}: expected all arrays to be on the same device, but got {first} on "
-                            f"{devices[first]} ({_type_name(arrays[first])}) and {n} on {devices[n]} "
-                            f"({_type_name(arrays[n])})")
-        if dtypes[n] != dtypes[first]:
-            raise TypeError(f"{op}: expected {n} to have the same dtype as {first} ({dtypes[first]}), "
-                            f"but got {dtypes[n]}")
-    return devices[first], families[first], dtypes[first].name
+                            f"{devices[family]} ({_type_name(arrays[first])}) and {name} on {devices[fam]} "
+                            f"({_type_name(a)})")
+        elif dt != dtype:
+            raise TypeError(f"{op}: expected {name} to have the same dtype as {first} ({dtype}), but got {dt}")
+    return "cpu" if family == "numpy" else "cuda", family, _DTYPE_NAMES[dtype], shapes
 
 
 def to_host(a):

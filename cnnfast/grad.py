@@ -73,8 +73,8 @@ conv_transpose1d_weight, conv_transpose2d_weight, conv_transpose3d_weight = (
 def conv_bias(grad_output, *, stream=None):
     """Gradient w.r.t. the bias of any conv or conv_transpose: grad_output (N, K, *L) summed to (K,)."""
     op = "conv_bias"
-    device, family, dtype = arrays.inspect(op, grad_output=grad_output)
-    shape = arrays.shape_of(grad_output)
+    device, family, dtype, shapes = arrays.inspect(op, grad_output=grad_output)
+    shape = shapes["grad_output"]
     if len(shape) not in (3, 4, 5):
         raise ValueError(f"{op}: expected a batched grad_output (N, K, *L) with 1 to 3 spatial dimensions, "
                          f"but got grad_output of size {list(shape)}")

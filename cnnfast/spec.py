@@ -286,6 +286,17 @@ class ConvSpec:
         return [[0]] * (3 - self.nd) + tables
 
     @cached_property
+    def views(self) -> dict:
+        """The arrays of a call, per role in the canonical convolution ("X", "W", "Y"): (the op-level batched shape,
+        its unpadded 5-D view, the 5-D shape the kernels see: X pre-padded when pre_padded). Computed once per spec:
+        the plan cache hands the same spec to every repeated call."""
+        g = self.geometry
+        unit = (1,) * (3 - self.nd)
+        shapes = {"X": self.conv_x_shape, "W": self.weight_shape, "Y": self.conv_y_shape}
+        canon = {"X": g.x_shape, "W": g.w_shape, "Y": g.y_shape}
+        return {role: (s, s[:2] + unit + s[2:], canon[role]) for role, s in shapes.items()}
+
+    @cached_property
     def geometry(self) -> ConvGeometry:
         """The canonical forward geometry the kernels see (x pre-padded, with zero padding, if pre_padded)."""
         if self.pre_padded:
