@@ -2,6 +2,7 @@
 determinism, layout twins, cached device constants. Correctness of every algorithm over the grid is tests/test_ops.py.
 Runs on a GPU, or in Numba's CUDA simulator (tests/conftest.py) with small shapes."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -425,6 +426,48 @@ def test_raw_launch_path_matches_numba_dispatcher_bitwise(problem, monkeypatch):
         cp.cuda.get_current_stream().synchronize()
         np.testing.assert_array_equal(cp.asnumpy(got), cp.asnumpy(expected), err_msg=name)
     assert launching._FUNCTIONS and all(f is not None for f in launching._FUNCTIONS.values())
+
+
+def test_numba_launches_are_configured_once_per_grid_and_stream_without_the_low_occupancy_warning(monkeypatch):
+    """On a GPU, launch.launch keeps Numba's configured launch per (kernel, grid, block, stream handle), built with
+    Numba's low-occupancy NumbaPerformanceWarning ignored (the launchers pick small grids for small problems on
+    purpose). Checked with a stand-in for Numba's dispatcher, whose [grid, block, stream] warns as Numba's does for
+    under 128 blocks; the simulator's kernel[...] configures the kernel object itself, so there it is not kept."""
+    import warnings
+
+    from cnnfast.kernels.cuda import compile as kernel_cache
+    from cnnfast.kernels.cuda import launch as launching
+    from numba.cuda.core.errors import NumbaPerformanceWarning
+
+    configured, calls = [], []
+
+    class Dispatcher:
+        def __getitem__(self, config):
+            grid, block, stream = config
+            if math.prod(grid if isinstance(grid, tuple) else (grid,)) < 128:
+                warnings.warn(NumbaPerformanceWarning("Grid size will likely result in GPU under-utilization"),
+                              stacklevel=2)
+            configured.append(config)
+            return lambda *args: calls.append((config, args))
+
+    def kernel(*args):
+        """A stand-in kernel."""
+
+    monkeypatch.setattr(kernel_cache, "jit", lambda pyfunc: Dispatcher())
+    monkeypatch.setattr(kernel_cache, "simulating", lambda: False)
+    monkeypatch.setattr(launching, "_CONFIGURED", {})
+    monkeypatch.setenv(launching.ENV, "numba")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for grid in (4, 4, (2, 3), 4, 256):
+            launching.launch(kernel, grid, 64, 0, 1, 2)
+    assert not seen, [str(w.message) for w in seen]
+    assert configured == [(4, 64, 0), ((2, 3), 64, 0), (256, 64, 0)]
+    assert [c for c, _ in calls] == [(4, 64, 0)] * 2 + [((2, 3), 64, 0), (4, 64, 0), (256, 64, 0)]
+    assert all(args == (1, 2) for _, args in calls)
+    monkeypatch.setattr(kernel_cache, "simulating", lambda: True)
+    launching.launch(kernel, 4, 64, 0)
+    assert len(configured) == 4  # configured again
 
 
 def test_im2col_workspace_chunks_over_the_batch(problem):

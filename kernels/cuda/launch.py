@@ -4,7 +4,10 @@ Every launcher calls launch(pyfunc, grid, block, stream, *args) with 1-D device 
 ints, and scratch(size, dtype, like, stream) for its workspace. The same kernel source runs on two paths:
 
     numba  jit(pyfunc)[grid, block, stream](*args): the simulator, users without CuPy, and the default.
-           TOOLCHAIN.md measured 44-135 us of host time per launch on this path.
+           TOOLCHAIN.md measured 44-135 us of host time per launch on this path, and ~20 us more for a grid
+           under 128 blocks (Numba's low-occupancy warning). On a GPU the configured launch, jit(pyfunc)[grid,
+           block, stream], is built once per (kernel, grid, block, stream) and kept (_configured), without the
+           warning: the launchers size small grids on purpose for small problems.
     raw    the kernel typed with raw pointers (array -> CPointer(dtype), int -> int64, tuple -> its ints),
            compiled to PTX once per specialisation (cached on disk across processes: compile.ptx), loaded as
            a CUDA module once per GPU, launched with cuLaunchKernel through CuPy's driver bindings (8-10 us
@@ -24,11 +27,14 @@ from functools import lru_cache
 import numpy as np
 from cnnfast.kernels.cuda import compile
 from numba import cuda, types
+from numba.cuda.core.errors import NumbaPerformanceWarning  # (numba-cuda's own class, not numba.core's)
 
 ENV = "CNNFAST_CUDA_LAUNCH"
 _FUNCTIONS = {}  # (pyfunc, argument kinds, GPU) -> CuPy Function | None (use Numba's dispatcher)
 _OFFSETS = {}  # number of parameters -> byte offsets of each 8-byte slot in the argument buffer
 _INTEGERS = (int, np.integer)
+_CONFIGURED = {}  # (pyfunc, grid, block, stream handle) -> Numba's configured launch (on a GPU)
+CONFIGURED_SIZE = 4096
 
 
 def raw_enabled():
@@ -56,7 +62,26 @@ def launch(pyfunc, grid, block, stream, *args):
         if function is not None:
             _launch_raw(function, grid, block, stream, args)
             return
-    compile.jit(pyfunc)[grid, block, stream](*args)
+    _configured(pyfunc, grid, block, stream)(*args)
+
+
+def _configured(pyfunc, grid, block, stream):
+    """jit(pyfunc)[grid, block, stream]: on a GPU built once per (kernel, grid, block, stream handle) and kept
+    (Numba's configuration normalises the dimensions, wraps the stream and checks the grid size each time), with
+    Numba's NumbaPerformanceWarning for grids under 128 blocks ignored. The simulator's kernel[...] configures the
+    kernel object itself (it returns self), so there it is built at each launch."""
+    kernel = compile.jit(pyfunc)
+    if compile.simulating():
+        return kernel[grid, block, stream]
+    key = (pyfunc, grid, block, stream_pointer(stream))
+    configured = _CONFIGURED.get(key)
+    if configured is None:
+        if len(_CONFIGURED) >= CONFIGURED_SIZE:
+            _CONFIGURED.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NumbaPerformanceWarning)
+            configured = _CONFIGURED[key] = kernel[grid, block, stream]
+    return configured
 
 
 def scratch(size, dtype, like, stream):
