@@ -6,6 +6,7 @@ NUMBA_ENABLE_CUDASIM in the environment always wins.
 """
 import glob
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -42,9 +43,12 @@ def _start_ptx_table():
     out, err = (tempfile.TemporaryFile("w+") for _ in range(2))  # files, not pipes: the JSON outgrows a pipe
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")  # compile_ptx needs the NVVM wheels, not a GPU
     nice = (lambda: os.nice(19)) if hasattr(os, "nice") else None
-    _ptx_job = subprocess.Popen(PTX_TABLE, env=env, stdout=out, stderr=err, text=True, preexec_fn=nice), out, err
+    # its own session (process group), so that an early exit stops its compiling processes too
+    _ptx_job = subprocess.Popen(PTX_TABLE, env=env, stdout=out, stderr=err, text=True, preexec_fn=nice,
+                                start_new_session=True), out, err
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: no table for a run without the tests that read it
 def pytest_collection_modifyitems(session, config, items):
     later = [item for item in items if "ptx_table" in getattr(item, "fixturenames", ())]
     if later:
@@ -54,8 +58,8 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_unconfigure(config):
-    if _ptx_job is not None:
-        _ptx_job[0].kill()
+    if _ptx_job is not None and _ptx_job[0].poll() is None:
+        os.killpg(_ptx_job[0].pid, signal.SIGKILL)  # ptx.py and its compiling processes
 
 
 @pytest.fixture(scope="session")

@@ -466,8 +466,9 @@ def test_numba_launches_are_configured_once_per_grid_and_stream_without_the_low_
     assert [c for c, _ in calls] == [(4, 64, 0)] * 2 + [((2, 3), 64, 0), (4, 64, 0), (256, 64, 0)]
     assert all(args == (1, 2) for _, args in calls)
     monkeypatch.setattr(kernel_cache, "simulating", lambda: True)
-    launching.launch(kernel, 4, 64, 0)
-    assert len(configured) == 4  # configured again
+    launching.launch(kernel, 256, 64, 0)
+    launching.launch(kernel, 256, 64, 0)
+    assert len(configured) == 5  # configured at each launch
 
 
 def test_im2col_workspace_chunks_over_the_batch(problem):

@@ -19,8 +19,16 @@ anything else, or no CuPy, keeps Numba's dispatcher. The raw path stays opt-in u
 timed on a GPU (run the CUDA tests with CNNFAST_CUDA_LAUNCH=raw; bench/test_cuda.py times both paths).
 A kernel whose raw specialisation cannot be prepared (no NVVM, an unsupported GPU) falls back to Numba's
 dispatcher with one warning.
+
+In Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) every CUDA thread of a block is a Python thread, which the
+simulator's block manager busy-polls; after each barrier the threads wait for GIL hand-offs, one per interpreter
+switch interval (5 ms by default), and that waiting was most of a simulated launch. A simulated launch runs with a
+switch interval of SIMULATED_SWITCH_INTERVAL (then restored): 3-10x faster (a depthwise test 25 s -> 2.5 s). Finer
+switching exposes a race in the simulator's cuda.shared.array, fixed here (_atomic_shared_arrays).
 """
 import os
+import sys
+import traceback
 import warnings
 from functools import lru_cache
 
@@ -35,6 +43,7 @@ _OFFSETS = {}  # number of parameters -> byte offsets of each 8-byte slot in the
 _INTEGERS = (int, np.integer)
 _CONFIGURED = {}  # (pyfunc, grid, block, stream handle) -> Numba's configured launch (on a GPU)
 CONFIGURED_SIZE = 4096
+SIMULATED_SWITCH_INTERVAL = 2e-5  # s: sys.setswitchinterval during a simulated launch
 
 
 def raw_enabled():
@@ -62,17 +71,56 @@ def launch(pyfunc, grid, block, stream, *args):
         if function is not None:
             _launch_raw(function, grid, block, stream, args)
             return
+    if compile.simulating():
+        _simulated(compile.jit(pyfunc)[grid, block, stream], args)
+        return
     _configured(pyfunc, grid, block, stream)(*args)
+
+
+def _simulated(kernel, args):
+    """Run a configured kernel in the simulator with the switch interval at SIMULATED_SWITCH_INTERVAL."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(SIMULATED_SWITCH_INTERVAL)
+    try:
+        kernel(*args)
+    finally:
+        sys.setswitchinterval(before)
+
+
+def _atomic_shared_arrays():
+    """The simulator's cuda.shared.array (FakeCUDAShared.array) looks a block's array up by the calling line, then
+    creates it if missing: two threads could each create one, and a thread then computed on its own uninitialised
+    array (seen about once in 20 depthwise launches at a 5 us switch interval, also possible at the default). Here the
+    same method creates it with dict.setdefault (atomic under the GIL), and is called from the kernel's line, as the
+    original is (it keys by its caller)."""
+    from numba.cuda import types as cuda_types
+    from numba.cuda.np import numpy_support
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+
+    original = FakeCUDAShared.array
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory (no lookup), or the simulator's error
+            return original(self, shape, dtype, alignment)
+        if isinstance(dtype, cuda_types.Type):
+            dtype = numpy_support.as_dtype(dtype)
+        caller = traceback.extract_stack(sys._getframe())[-2][0:2]
+        found = self._allocations.get(caller)
+        return found if found is not None else self._allocations.setdefault(caller, np.empty(shape, dtype))
+
+    FakeCUDAShared.array = array
+
+
+if compile.simulating():
+    _atomic_shared_arrays()
 
 
 def _configured(pyfunc, grid, block, stream):
     """jit(pyfunc)[grid, block, stream]: on a GPU built once per (kernel, grid, block, stream handle) and kept
     (Numba's configuration normalises the dimensions, wraps the stream and checks the grid size each time), with
-    Numba's NumbaPerformanceWarning for grids under 128 blocks ignored. The simulator's kernel[...] configures the
-    kernel object itself (it returns self), so there it is built at each launch."""
+    Numba's NumbaPerformanceWarning for grids under 128 blocks ignored. (Not in the simulator, whose kernel[...]
+    configures the kernel object itself and returns it.)"""
     kernel = compile.jit(pyfunc)
-    if compile.simulating():
-        return kernel[grid, block, stream]
     key = (pyfunc, grid, block, stream_pointer(stream))
     configured = _CONFIGURED.get(key)
     if configured is None:
