@@ -23,8 +23,8 @@ dispatcher with one warning.
 In Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) every CUDA thread of a block is a Python thread, which the
 simulator's block manager busy-polls; after each barrier the threads wait for GIL hand-offs, one per interpreter
 switch interval (5 ms by default), and that waiting was most of a simulated launch. A simulated launch runs with a
-switch interval of SIMULATED_SWITCH_INTERVAL (then restored): 3-10x faster (a depthwise test 25 s -> 2.5 s). Finer
-switching exposes a race in the simulator's cuda.shared.array, fixed here (_atomic_shared_arrays).
+switch interval of SIMULATED_SWITCH_INTERVAL (then restored): 3-5x faster (a 3-D depthwise test 25 s -> 5-6 s).
+Finer switching exposes a race in the simulator's cuda.shared.array, fixed here (_atomic_shared_arrays).
 """
 import os
 import sys
