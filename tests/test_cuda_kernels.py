@@ -471,6 +471,41 @@ def test_numba_launches_are_configured_once_per_grid_and_stream_without_the_low_
     assert len(configured) == 5  # configured at each launch
 
 
+@pytest.mark.skipif(not SIM, reason="a fix to Numba's CUDA simulator")
+def test_simulated_shared_arrays_are_one_per_line_and_block_even_when_threads_race():
+    """launch.py replaces the simulator's cuda.shared.array (a lookup by the calling line, then a creation that two
+    threads could both do) with one that creates the array atomically: one array per line of a block, shared by all
+    its threads, a separate one per line. Eight threads start together, 500 times, at a 1 us switch interval."""
+    import threading
+
+    from cnnfast.kernels.cuda import launch as launching  # noqa: F401 (the fix is made on import, when simulating)
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+
+    def one(shared):
+        return shared.array(4, np.float32)
+
+    def race(shared, got, start):
+        start.wait()
+        got.append(one(shared))
+
+    shared = FakeCUDAShared(0)
+    first = one(shared)
+    assert one(shared) is first and shared.array(4, np.float32) is not first
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(500):  # unfixed, 2 rounds in 200 gave a thread its own array
+            shared, got, start = FakeCUDAShared(0), [], threading.Barrier(8)
+            threads = [threading.Thread(target=race, args=(shared, got, start)) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert len(got) == 8 and all(a is got[0] for a in got)
+    finally:
+        sys.setswitchinterval(before)
+
+
 def test_im2col_workspace_chunks_over_the_batch(problem):
     x, w, _ = problem
     y_full = cnnfast.conv2d(cuda.to_device(x), cuda.to_device(w), padding=1, algo="im2col").copy_to_host()

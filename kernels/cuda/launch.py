@@ -120,7 +120,6 @@ def _configured(pyfunc, grid, block, stream):
     (Numba's configuration normalises the dimensions, wraps the stream and checks the grid size each time), with
     Numba's NumbaPerformanceWarning for grids under 128 blocks ignored. (Not in the simulator, whose kernel[...]
     configures the kernel object itself and returns it.)"""
-    kernel = compile.jit(pyfunc)
     key = (pyfunc, grid, block, stream_pointer(stream))
     configured = _CONFIGURED.get(key)
     if configured is None:
@@ -128,7 +127,7 @@ def _configured(pyfunc, grid, block, stream):
             _CONFIGURED.clear()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NumbaPerformanceWarning)
-            configured = _CONFIGURED[key] = kernel[grid, block, stream]
+            configured = _CONFIGURED[key] = compile.jit(pyfunc)[grid, block, stream]
     return configured
 
 
