@@ -28,7 +28,6 @@ Finer switching exposes a race in the simulator's cuda.shared.array, fixed here 
 """
 import os
 import sys
-import traceback
 import warnings
 from functools import lru_cache
 
@@ -91,8 +90,8 @@ def _atomic_shared_arrays():
     """The simulator's cuda.shared.array (FakeCUDAShared.array) looks a block's array up by the calling line, then
     creates it if missing: two threads could each create one, and a thread then computed on its own uninitialised
     array (seen about once in 20 depthwise launches at a 5 us switch interval, also possible at the default). Here the
-    same method creates it with dict.setdefault (atomic under the GIL), and is called from the kernel's line, as the
-    original is (it keys by its caller)."""
+    same method creates it with dict.setdefault (atomic under the GIL), keyed by the kernel's line as the original is
+    (its caller's frame, without the original's walk of the whole stack on every call of every thread)."""
     from numba.cuda import types as cuda_types
     from numba.cuda.np import numpy_support
     from numba.cuda.simulator.kernelapi import FakeCUDAShared
@@ -104,7 +103,8 @@ def _atomic_shared_arrays():
             return original(self, shape, dtype, alignment)
         if isinstance(dtype, cuda_types.Type):
             dtype = numpy_support.as_dtype(dtype)
-        caller = traceback.extract_stack(sys._getframe())[-2][0:2]
+        frame = sys._getframe(1)  # the kernel's line: what the original's traceback.extract_stack(...)[-2] names
+        caller = frame.f_code.co_filename, frame.f_lineno
         found = self._allocations.get(caller)
         return found if found is not None else self._allocations.setdefault(caller, np.empty(shape, dtype))
 
