@@ -100,13 +100,13 @@ def validate(args) -> int:
 
     def progress(r):
         status = "ok" if r.ok else "FAIL"
-        print(f"  {r.device:4s} {r.algorithm:10s} {r.kind:22s} {r.case:16s} {r.dtype:7s} "
+        print(f"  {r.device:4s} {r.build:8s} {r.algorithm:10s} {r.kind:22s} {r.case:16s} {r.dtype:7s} "
               f"{'n/a' if r.error != r.error else f'{r.error:.1e}':>8s} {status}", flush=True)
 
     results = run(args.device, algos=args.algo and [args.algo], dtypes=args.dtype, progress=progress)
     failed = [r for r in results if not r.ok]
     for r in failed:
-        print(f"FAIL {r.algorithm} {r.kind} {r.case} {r.dtype}: {r.note}")
+        print(f"FAIL {r.algorithm} {r.kind} {r.case} {r.dtype} {r.build}: {r.note}")
     print(f"{len(results) - len(failed)} of {len(results)} checks passed on {args.device}")
     return 1 if failed else 0
 

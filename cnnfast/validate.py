@@ -7,6 +7,7 @@ multiplier), asymmetric and 'same' padding, every padding mode, output_padding, 
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import NamedTuple
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from cnnfast import api, compare, grad
 from cnnfast.arrays import to_host  # noqa: F401  (re-exported for tests and the benchmark)
+from cnnfast.kernels.cpu import threads
 from cnnfast.spec import ConvSpec
 
 KINDS = ("conv", "conv_input", "conv_weight", "conv_transpose", "conv_transpose_input", "conv_transpose_weight")
@@ -134,36 +136,42 @@ class Result(NamedTuple):
     ok: bool
     note: str
     seconds: float
+    build: str = ""  # CPU: the kernels' build, 'serial' or 'parallel' (kernels/cpu/threads.py)
 
 
 def validate(device="cpu", algos=None, dtypes=("float32", "float64"), kinds=KINDS, cases=CASES, progress=None):
-    """Run every (algorithm, kind, case, dtype) through the public API against the reference."""
+    """Run every (algorithm, kind, case, dtype) through the public API against the reference; on the CPU, once with
+    each build of the kernels (the grid's problems are small enough to run only the serial builds otherwise)."""
     from cnnfast.plan import algorithms
 
     names = algos or [a for a in algorithms(device) if a != "reference"] or ["reference"]
     mover = device_mover(device)
+    builds = threads.BUILDS if device == "cpu" else ("",)
     results = []
     for algo in names:
         for kind in kinds:
             for case in cases:
                 for dtype in dtypes:
-                    t0 = time.perf_counter()
-                    p = problem(case, kind, dtype, to_device=mover)
-                    try:
-                        out = p.public(algo=algo)
-                    except ValueError as e:
-                        if "cannot run this problem" not in str(e):
-                            raise
-                        results.append(Result(device, algo, kind, case.name, dtype, float("nan"), True,
-                                              "n/a: " + str(e).split(": ", 2)[-1], 0.0))
-                        continue
-                    try:
-                        err, note = compare.assert_close(to_host(out), p.expected, dtype, p.op), ""
-                        ok = True
-                    except compare.MismatchError as e:
-                        err, note, ok = compare.relative_error(to_host(out), p.expected)[0], str(e), False
-                    results.append(Result(device, algo, kind, case.name, dtype, err, ok, note,
-                                          time.perf_counter() - t0))
-                    if progress:
-                        progress(results[-1])
+                    for build in builds:
+                        results.append(_check(device, build, algo, kind, case, dtype, mover))
+                        if progress:
+                            progress(results[-1])
     return results
+
+
+def _check(device, build, algo, kind, case, dtype, mover):
+    t0 = time.perf_counter()
+    p = problem(case, kind, dtype, to_device=mover)
+    try:
+        with threads.only(build) if build else contextlib.nullcontext():
+            out = p.public(algo=algo)
+    except ValueError as e:
+        if "cannot run this problem" not in str(e):
+            raise
+        return Result(device, algo, kind, case.name, dtype, float("nan"), True, "n/a: " + str(e).split(": ", 2)[-1],
+                      0.0, build)
+    try:
+        err, note, ok = compare.assert_close(to_host(out), p.expected, dtype, p.op), "", True
+    except compare.MismatchError as e:
+        err, note, ok = compare.relative_error(to_host(out), p.expected)[0], str(e), False
+    return Result(device, algo, kind, case.name, dtype, err, ok, note, time.perf_counter() - t0, build)

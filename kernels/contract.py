@@ -65,6 +65,12 @@ class ConvGeometry(NamedTuple):
         return (self.N, self.K, self.P, self.Q, self.U)
 
     @property
+    def dense_macs(self) -> int:
+        """N*K*(C/groups)*T*R*S*P*Q*U: multiply-adds with the padding's taps counted (ConvSpec.macs leaves them
+        out); what a direct kernel's loops cover at most, for sizing work."""
+        return self.N * self.K * (self.C // self.groups) * self.T * self.R * self.S * self.P * self.Q * self.U
+
+    @property
     def is_depthwise(self) -> bool:
         """groups == C == in-channels, each group with K/C >= 1 filters (channel multiplier)."""
         return self.groups == self.C and self.C > 0 and self.K % self.C == 0

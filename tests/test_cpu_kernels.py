@@ -4,7 +4,7 @@ Correctness of every algorithm against the reference over the grid is tests/test
 kernels compile once per process."""
 import numpy as np
 import pytest
-from cnnfast.kernels.cpu import ALGORITHMS, bias_grad_cpu, choose, fold_pad_cpu, im2col, pad_cpu
+from cnnfast.kernels.cpu import ALGORITHMS, bias_grad_cpu, choose, fold_pad_cpu, im2col, pad_cpu, threads
 from layers import OP_NAMES as OPS
 from layers import Layer
 
@@ -335,23 +335,77 @@ import os
 import cnnfast, numpy
 from cnnfast.kernels import cpu
 from numba.np.ufunc import parallel
-print(os.environ.get("OPENBLAS_THREAD_TIMEOUT"), os.environ.get("OMP_WAIT_POLICY"), parallel._is_initialized)
+print(os.environ.get("OPENBLAS_THREAD_TIMEOUT"), os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT"),
+      parallel._is_initialized)
 """
 
 
 @pytest.mark.parametrize("user_env, expected", [
-    ({}, "4 None True"),  # cnnfast's defaults; OMP_WAIT_POLICY was set only while Numba's pool started
-    ({"OPENBLAS_THREAD_TIMEOUT": "12", "OMP_WAIT_POLICY": "ACTIVE"}, "12 ACTIVE False"),  # the user's win
+    ({}, "4 None None True"),  # cnnfast's defaults; GOMP_SPINCOUNT was set only while Numba's pool started
+    ({"OPENBLAS_THREAD_TIMEOUT": "12", "OMP_WAIT_POLICY": "ACTIVE"}, "12 ACTIVE None False"),  # the user's win
+    ({"GOMP_SPINCOUNT": "0"}, "4 None 0 False"),
 ])
 def test_thread_settings_apply_once_and_user_values_win(user_env, expected):
     import os
     import subprocess
     import sys
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY",
+                                                            "GOMP_SPINCOUNT")}
     done = subprocess.run([sys.executable, "-c", THREAD_PROBE], env={**env, **user_env}, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[-2] == expected
+
+
+def _parallel_kernels():
+    from cnnfast.kernels.cpu import depthwise, direct, layout, winograd
+    modules = (depthwise, direct, im2col, layout, winograd)
+    return {f"{m.__name__.rsplit('.', 1)[1]}.{name}": k for m in modules for name, k in vars(m).items()
+            if getattr(k, "targetoptions", {}).get("parallel")}
+
+
+def test_every_parallel_cpu_kernel_has_a_serial_build_with_its_own_cache_files():
+    kernels = _parallel_kernels()
+    assert len(kernels) == 15, sorted(kernels)
+    for name, k in kernels.items():
+        serial = k.serial
+        assert serial.py_func.__code__ is k.py_func.__code__ and "parallel" not in serial.targetoptions, name
+        assert serial.targetoptions.get("fastmath") == k.targetoptions.get("fastmath"), name
+        # Numba's disk cache keys entries by signature and bytecode: one shared file would mix the two builds
+        assert k._cache._cache_file._index_name != serial._cache._cache_file._index_name, name
+
+
+def test_sized_picks_the_serial_build_below_serial_work_unless_told_otherwise():
+    k, work = _parallel_kernels()["direct.direct_forward_cpu"], threads.SERIAL_WORK
+    assert threads.sized(k, work - 1) is k.serial and threads.sized(k, work) is k
+    with threads.only("parallel"):
+        assert threads.sized(k, 1) is k
+    with threads.only("serial"):
+        assert threads.sized(k, 10**12) is k.serial
+    assert threads.SERIAL_WORK == work
+
+
+@pytest.mark.parametrize("primitive", list(OPS))
+def test_small_calls_run_the_serial_build_and_large_ones_the_parallel_build(primitive, monkeypatch):
+    from cnnfast.kernels.cpu import direct
+    name = {"forward": "direct_forward_cpu", "backward_data": "direct_backward_data_cpu",
+            "backward_filter": "direct_backward_filter_cpu"}[primitive]
+    real, calls = getattr(direct, name), []
+
+    class Spy:  # the kernel, recording which build each call ran
+        def __call__(self, *args):
+            return calls.append("parallel") or real(*args)
+
+        def serial(self, *args):
+            return calls.append("serial") or real.serial(*args)
+
+    monkeypatch.setattr(direct, name, Spy())
+    small = Layer((1, 2, 6, 6), (3, 2, 3, 3), padding=1)  # 972 multiply-adds
+    large = Layer((1, 8, 16, 16), (8, 8, 3, 3), padding=1)  # 147,456 >= threads.SERIAL_WORK
+    for layer, build in ((small, "serial"), (large, "parallel")):
+        calls.clear()
+        assert_close(layer.run(primitive, algo="direct"), layer.expected(primitive), "float64", f"{name} {build}")
+        assert calls == [build]
 
 
 # ---------------------------------------------------------------- 7. im2col's pointwise path (no columns)

@@ -4,10 +4,12 @@ The grid (cnnfast.validate.CASES, each run as all six op kinds) covers 1-D/2-D/3
 depthwise with a channel multiplier, asymmetric and 'same' padding, every padding mode, output_padding, 1x1 and
 input-sized kernels. CUDA runs on the GPU when there is one, else in Numba's CUDA simulator (tests/conftest.py).
 """
+import contextlib
 import os
 
 import numpy as np
 import pytest
+from cnnfast.kernels.cpu import threads
 
 import cnnfast
 from cnnfast import compare
@@ -28,24 +30,31 @@ def _dtypes(device, case):
     return DTYPES
 
 
+# The CPU kernels' builds: the grid's problems are small, so by default they would run only the serial builds
+# (kernels/cpu/threads.py); each CPU case runs once with every kernel call serial and once with every call parallel.
+
+
 def _grid():
     for device in ("cpu", "cuda"):
         marks = [pytest.mark.cuda] if device == "cuda" else []
-        for name, algo in algorithms(device).items():
-            for kind in KINDS:
-                for case in CASES:
-                    g = case_spec(case, kind).geometry
-                    if algo.supports(g, PRIMITIVE[kind]) is not None:
-                        continue
-                    for dtype in _dtypes(device, case):
-                        yield pytest.param(device, name, kind, case, dtype, marks=marks,
-                                           id=f"{device}-{name}-{kind}-{case.name}-{dtype}")
+        for build in threads.BUILDS if device == "cpu" else (None,):
+            where = f"{device}-{build}" if build else device
+            for name, algo in algorithms(device).items():
+                for kind in KINDS:
+                    for case in CASES:
+                        g = case_spec(case, kind).geometry
+                        if algo.supports(g, PRIMITIVE[kind]) is not None:
+                            continue
+                        for dtype in _dtypes(device, case):
+                            yield pytest.param(device, build, name, kind, case, dtype, marks=marks,
+                                               id=f"{where}-{name}-{kind}-{case.name}-{dtype}")
 
 
-@pytest.mark.parametrize("device, algo, kind, case, dtype", list(_grid()))
-def test_matches_reference(device, algo, kind, case, dtype):
+@pytest.mark.parametrize("device, build, algo, kind, case, dtype", list(_grid()))
+def test_matches_reference(device, build, algo, kind, case, dtype):
     p = problem(case, kind, dtype, seed=hash((kind, case.name)) % 2**32, to_device=device_mover(device))
-    out = p.public(algo=algo)
+    with threads.only(build) if build else contextlib.nullcontext():
+        out = p.public(algo=algo)
     array_in = p.inputs[1] if kind.endswith("_input") else p.inputs[0]
     assert type(out) is type(array_in)  # the caller's array family comes back
     host = to_host(out)

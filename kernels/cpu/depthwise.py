@@ -24,6 +24,7 @@ from cnnfast.kernels.cpu.direct import (
     out_range,
     tap_output,
 )
+from cnnfast.kernels.cpu.threads import parallel, sized
 
 
 @numba.njit(cache=True)
@@ -35,7 +36,7 @@ def tap_ranges(S, pw, dw_, sw, W, U):
     return lo, hi
 
 
-@numba.njit(parallel=True, cache=True, fastmath=CONTRACT)
+@parallel(fastmath=CONTRACT)
 def depthwise_forward_cpu(x, w, bias, has_bias, y, sd, sh, sw, dd, dh, dw_, pd, ph, pw):
     N, C, D, H, W = x.shape
     K, _, T, R, S = w.shape
@@ -73,7 +74,7 @@ def depthwise_forward_cpu(x, w, bias, has_bias, y, sd, sh, sw, dd, dh, dw_, pd, 
                                     acc[u] += wv * x[n, c, di, hi, u * sw + base]
 
 
-@numba.njit(parallel=True, cache=True, fastmath=CONTRACT)
+@parallel(fastmath=CONTRACT)
 def depthwise_backward_data_cpu(dy, w, dx, sd, sh, sw, dd, dh, dw_, pd, ph, pw):
     N, C, D, H, W = dx.shape
     K, _, T, R, S = w.shape
@@ -126,7 +127,7 @@ def pad_plane(plane, padded, pd, ph, pw, Hp, Wp):
                 padded[np.uint64(at + e)] = line[np.uint64(e - pw)]
 
 
-@numba.njit(parallel=True, cache=True, fastmath=CONTRACT)
+@parallel(fastmath=CONTRACT)
 def depthwise_wide_cpu(src, w, bias, has_bias, dst, flip, pd, ph, pw, dd, dh, dw_):
     """Unit-stride depthwise correlation, one task per destination plane (n, j):
 
@@ -170,7 +171,7 @@ def depthwise_wide_cpu(src, w, bias, has_bias, dst, flip, pd, ph, pw, dd, dh, dw
                     out[np.uint64(u)] = wide[np.uint64(at + u)]
 
 
-@numba.njit(parallel=True, cache=True, fastmath=CONTRACT_REASSOC)
+@parallel(fastmath=CONTRACT_REASSOC)
 def depthwise_wide_filter_cpu(x, dy, dw, pd, ph, pw, dd, dh, dw_):
     """Unit-stride depthwise weight gradient, one task per filter k (input channel c = k // M):
 
@@ -243,22 +244,25 @@ def forward(x, w, bias, y, g, workspace_limit=None):
     has_bias = bias is not None
     bias = bias if has_bias else np.zeros(1, x.dtype)
     if _wide(g, "forward", x.itemsize, workspace_limit):
-        depthwise_wide_cpu(x, w, bias, has_bias, y, False, g.pad_d, g.pad_h, g.pad_w, g.dil_d, g.dil_h, g.dil_w)
+        sized(depthwise_wide_cpu, g.dense_macs)(x, w, bias, has_bias, y, False, g.pad_d, g.pad_h, g.pad_w, g.dil_d,
+                                                g.dil_h, g.dil_w)
     else:
-        depthwise_forward_cpu(x, w, bias, has_bias, y, *geometry_args(g)[:9])
+        sized(depthwise_forward_cpu, g.dense_macs)(x, w, bias, has_bias, y, *geometry_args(g)[:9])
 
 
 def backward_data(dy, w, dx, g, workspace_limit=None):
     if _wide(g, "backward_data", dx.itemsize, workspace_limit):
         pads = ((n - 1) * d - pad for n, d, pad in zip((g.T, g.R, g.S), (g.dil_d, g.dil_h, g.dil_w),
                                                      (g.pad_d, g.pad_h, g.pad_w)))
-        depthwise_wide_cpu(dy, w, np.zeros(1, dx.dtype), False, dx, True, *pads, g.dil_d, g.dil_h, g.dil_w)
+        sized(depthwise_wide_cpu, g.dense_macs)(dy, w, np.zeros(1, dx.dtype), False, dx, True, *pads, g.dil_d,
+                                                g.dil_h, g.dil_w)
     else:
-        depthwise_backward_data_cpu(dy, w, dx, *geometry_args(g)[:9])
+        sized(depthwise_backward_data_cpu, g.dense_macs)(dy, w, dx, *geometry_args(g)[:9])
 
 
 def backward_filter(x, dy, dw, g, workspace_limit=None):
     if _wide(g, "backward_filter", x.itemsize, workspace_limit):
-        depthwise_wide_filter_cpu(x, dy, dw, g.pad_d, g.pad_h, g.pad_w, g.dil_d, g.dil_h, g.dil_w)
+        sized(depthwise_wide_filter_cpu, g.dense_macs)(x, dy, dw, g.pad_d, g.pad_h, g.pad_w, g.dil_d, g.dil_h,
+                                                       g.dil_w)
     else:  # direct's filter kernel already runs one task per (k, c) = per k here
         direct.backward_filter(x, dy, dw, g)

@@ -15,6 +15,7 @@ No task writes what another task writes, so results are deterministic (no atomic
 """
 import numba
 import numpy as np
+from cnnfast.kernels.cpu.threads import parallel, sized
 
 KB = 8  # output channels per forward task (register/cache block)
 CB = 8  # input channels per backward-data task
@@ -43,7 +44,7 @@ def tap_output(i, pad, offset, stride, n_out):
     return num // stride
 
 
-@numba.njit(parallel=True, cache=True, fastmath=CONTRACT)
+@parallel(fastmath=CONTRACT)
 def direct_forward_cpu(x, w, bias, has_bias, y, sd, sh, sw, dd, dh, dw_, pd, ph, pw, groups):
     N, C, D, H, W = x.shape
     K, Cg, T, R, S = w.shape
@@ -91,7 +92,7 @@ def direct_forward_cpu(x, w, bias, has_bias, y, sd, sh, sw, dd, dh, dw_, pd, ph,
                 y[n, k0 + kk, p, q, u] = acc[kk, u] + b
 
 
-@numba.njit(parallel=True, cache=True, fastmath=CONTRACT)
+@parallel(fastmath=CONTRACT)
 def direct_backward_data_cpu(dy, w, dx, sd, sh, sw, dd, dh, dw_, pd, ph, pw, groups):
     N, C, D, H, W = dx.shape
     K, Cg, T, R, S = w.shape
@@ -135,7 +136,7 @@ def direct_backward_data_cpu(dy, w, dx, sd, sh, sw, dd, dh, dw_, pd, ph, pw, gro
                 dx[n, g * Cg + c0 + cc, i_d, i_h, l] = acc[cc, l]
 
 
-@numba.njit(parallel=True, cache=True, fastmath=CONTRACT_REASSOC)
+@parallel(fastmath=CONTRACT_REASSOC)
 def direct_backward_filter_cpu(x, dy, dw, special, sd, sh, sw, dd, dh, dw_, pd, ph, pw, groups):
     N, C, D, H, W = x.shape
     K, Cg, T, R, S = dw.shape
@@ -195,13 +196,14 @@ def geometry_args(g):
 
 def forward(x, w, bias, y, g, workspace_limit=None):
     has_bias = bias is not None
-    direct_forward_cpu(x, w, bias if has_bias else np.zeros(1, x.dtype), has_bias, y, *geometry_args(g))
+    sized(direct_forward_cpu, g.dense_macs)(x, w, bias if has_bias else np.zeros(1, x.dtype), has_bias, y,
+                                            *geometry_args(g))
 
 
 def backward_data(dy, w, dx, g, workspace_limit=None):
-    direct_backward_data_cpu(dy, w, dx, *geometry_args(g))
+    sized(direct_backward_data_cpu, g.dense_macs)(dy, w, dx, *geometry_args(g))
 
 
 def backward_filter(x, dy, dw, g, workspace_limit=None):
     special = ~np.isfinite(dy).all(axis=(0, 2, 3, 4))  # per output channel: a NaN or inf in its dy
-    direct_backward_filter_cpu(x, dy, dw, special, *geometry_args(g))
+    sized(direct_backward_filter_cpu, g.dense_macs)(x, dy, dw, special, *geometry_args(g))

@@ -21,6 +21,7 @@ import numba
 import numpy as np
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cpu.direct import geometry_args, out_range, tap_output
+from cnnfast.kernels.cpu.threads import parallel, sized
 
 # Forward blocks of whole samples with at least this many output positions run one GEMM per sample straight
 # into y (no staging copy): 7-14% faster at 56x56 and 112x112 on the 2-core box, slower below ~32x32.
@@ -31,7 +32,7 @@ DIRECT_STORE_POSITIONS = 1024
 PREFERRED_SCRATCH = 16 << 20
 
 
-@numba.njit(parallel=True, cache=True)
+@parallel()
 def im2col_cpu(x, n0, c0, cols, taps, o0, sd, sh, sw, dd, dh, dw_, pd, ph, pw, Q, U):
     """cols[row, i, j] for row = ((c*T + t)*R + r)*S + s, sample n = n0 + i and output position
     o = o0 + j = (p*Q + q)*U + u: x[n, c0 + c, p*sd - pd + t*dd, q*sh - ph + r*dh, u*sw - pw + s*dw], or 0
@@ -83,7 +84,7 @@ def im2col_cpu(x, n0, c0, cols, taps, o0, sd, sh, sw, dd, dh, dw_, pd, ph, pw, Q
                 p += 1
 
 
-@numba.njit(parallel=True, cache=True)
+@parallel()
 def col2im_cpu(dcols, dx, n0, c0, taps, o0, sd, sh, sw, dd, dh, dw_, pd, ph, pw, P, Q, U):
     """dx[n0 + i, c0 + c, i_d, ih, l] += sum over taps (t, r, s) that read (i_d, ih, l) from an output
     o = (p*Q + q)*U + u in this block [o0, o0 + B) of dcols[((c*T + t)*R + r)*S + s, i, o - o0]. A gather, one
@@ -179,7 +180,7 @@ def _column_blocks(x, g, primitive, workspace_limit):
     for grp in range(g.groups):
         for n0, nb, o0, B in blocks:
             cols, stage, product = _views(buf, x.dtype, (rows, nb, B), (Kg, nb, B), product_shape)
-            im2col_cpu(x, n0, grp * Cg, cols, taps, o0, *args, g.Q, g.U)
+            sized(im2col_cpu, cols.size)(x, n0, grp * Cg, cols, taps, o0, *args, g.Q, g.U)
             yield grp, n0, nb, o0, B, cols, stage, product
 
 
@@ -230,7 +231,7 @@ def backward_data(dy, w, dx, g, workspace_limit=None):
         for n0, nb, o0, B in blocks:
             dcols, stage = _views(buf, dx.dtype, (rows, nb, B), (Kg, nb, B))
             np.matmul(w2t[grp], _dy_block(dy2, grp, n0, nb, o0, B, stage), out=dcols.reshape(rows, nb * B))
-            col2im_cpu(dcols, dx, n0, grp * Cg, taps, o0, *args, g.P, g.Q, g.U)
+            sized(col2im_cpu, dcols.size)(dcols, dx, n0, grp * Cg, taps, o0, *args, g.P, g.Q, g.U)
 
 
 def backward_filter(x, dy, dw, g, workspace_limit=None):

@@ -1,17 +1,21 @@
 """Layout kernels on the CPU: explicit padding, its adjoint fold, the bias gradient (twins of cuda/layout.py).
 
-pad_cpu:       src (N, C, D, H, W) -> dst (N, C, Dp, Hp, Wp); dst[..., a, b, e] = src[..., idx_d[a], idx_h[b],
-               idx_w[e]], or 0 where any index is -1 (tables from contract.pad_indices). One task per (n, c).
-fold_pad_cpu:  the adjoint: dst (N, C, D, H, W)[..., i, j, l] = sum of src[..., a, b, e] over the padded
-               positions whose tables point at (i, j, l), added in padded order. One task per (n, c).
-bias_grad_cpu: dy (N, K, P, Q, U) -> db (K,), db[k] = sum over n and space, in a fixed order. One task per k.
+pad_cpu(src, dst, idx_d, idx_h, idx_w), fold_pad_cpu(...) and bias_grad_cpu(dy, db) launch the kernels below
+(their serial builds for small arrays: threads.sized).
+
+pad_kernel:       src (N, C, D, H, W) -> dst (N, C, Dp, Hp, Wp); dst[..., a, b, e] = src[..., idx_d[a], idx_h[b],
+                  idx_w[e]], or 0 where any index is -1 (tables from contract.pad_indices). One task per (n, c).
+fold_pad_kernel:  the adjoint: dst (N, C, D, H, W)[..., i, j, l] = sum of src[..., a, b, e] over the padded
+                  positions whose tables point at (i, j, l), added in padded order. One task per (n, c).
+bias_grad_kernel: dy (N, K, P, Q, U) -> db (K,), db[k] = sum over n and space, in a fixed order. One task per k.
 """
 import numba
 import numpy as np
+from cnnfast.kernels.cpu.threads import parallel, sized
 
 
-@numba.njit(parallel=True, cache=True)
-def pad_cpu(src, dst, idx_d, idx_h, idx_w):
+@parallel()
+def pad_kernel(src, dst, idx_d, idx_h, idx_w):
     N, C = src.shape[:2]
     for nc in numba.prange(N * C):
         n, c = nc // C, nc % C
@@ -22,8 +26,8 @@ def pad_cpu(src, dst, idx_d, idx_h, idx_w):
                     dst[n, c, a, b, e] = src[n, c, i, j, l] if (i >= 0 and j >= 0 and l >= 0) else 0.0
 
 
-@numba.njit(parallel=True, cache=True)
-def fold_pad_cpu(src, dst, idx_d, idx_h, idx_w):
+@parallel()
+def fold_pad_kernel(src, dst, idx_d, idx_h, idx_w):
     N, C = dst.shape[:2]
     for nc in numba.prange(N * C):
         n, c = nc // C, nc % C
@@ -36,8 +40,8 @@ def fold_pad_cpu(src, dst, idx_d, idx_h, idx_w):
                         dst[n, c, i, j, l] += src[n, c, a, b, e]
 
 
-@numba.njit(parallel=True, cache=True)
-def bias_grad_cpu(dy, db):
+@parallel()
+def bias_grad_kernel(dy, db):
     N, K, P, Q, U = dy.shape
     for k in numba.prange(K):
         total = np.zeros(1, dtype=db.dtype)[0]
@@ -47,3 +51,15 @@ def bias_grad_cpu(dy, db):
                     for u in range(U):
                         total += dy[n, k, p, q, u]
         db[k] = total
+
+
+def pad_cpu(src, dst, idx_d, idx_h, idx_w):
+    sized(pad_kernel, dst.size)(src, dst, idx_d, idx_h, idx_w)
+
+
+def fold_pad_cpu(src, dst, idx_d, idx_h, idx_w):
+    sized(fold_pad_kernel, src.size)(src, dst, idx_d, idx_h, idx_w)
+
+
+def bias_grad_cpu(dy, db):
+    sized(bias_grad_kernel, dy.size)(dy, db)

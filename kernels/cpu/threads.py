@@ -1,25 +1,90 @@
-"""Start Numba's thread pool so that it does not take the cores from NumPy's BLAS.
+"""Numba's thread pool: started so that it does not take the cores from NumPy's BLAS, and skipped by small calls.
 
 im2col alternates Numba parallel regions (building the columns) with BLAS GEMMs on OpenBLAS's own threads.
-With Numba's OpenMP layer, GNU OpenMP's workers busy-wait after every region (GOMP_SPINCOUNT), holding the
-cores the GEMM then needs: on the 2-core dev box one im2col conv2d took 26-31 ms with its two halves
-alternating against 15 ms for the same halves timed apart (bench/RESULTS.md). start() launches the pool with
-OMP_WAIT_POLICY=PASSIVE in the environment while Numba's libgomp loads (it reads the variable once, at
-load), then restores the environment, so other OpenMP runtimes in the process (torch bundles its own
-libgomp) are untouched. A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins; other layers ignore it.
-cnnfast/__init__.py calls start() on import: a pool started after torch was imported binds to torch's libgomp
-(loaded RTLD_GLOBAL, spinning), and an im2col convolution then runs ~1.7x slower.
-"""
-import os
+With Numba's OpenMP layer, GNU OpenMP's workers busy-wait after every region (GOMP_SPINCOUNT, 300,000 spins by
+default), holding the cores the GEMM then needs: on the 2-core dev box one im2col conv2d took 26-31 ms with its
+two halves alternating against 15 ms for the same halves timed apart (bench/RESULTS.md). start() launches the pool
+with GOMP_SPINCOUNT=SPIN_COUNT in the environment while Numba's libgomp loads (it reads the variable once, at
+load), then restores the environment: workers spin ~10-30 us after a region, then sleep.
 
-from numba.np.ufunc import parallel
+That runtime is the process's: torch imported after cnnfast finds libgomp.so.1 loaded and uses it too (its own
+copy is never loaded). It was started passive (OMP_WAIT_POLICY=PASSIVE, no spinning) until 2026-12-05, and then
+every torch op that entered a parallel region woke sleeping workers: a tiny torch conv2d 4.3 -> 57 us, a 1M-element
+add 222 -> 297 us. With the short spin torch runs as fast as on its own runtime, and cnnfast's im2col as fast as
+passive (bench/RESULTS.md). A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins; other layers ignore it.
+cnnfast/__init__.py calls start() on import: a pool started after torch was imported binds to torch's libgomp
+(its default spin), and an im2col convolution then runs ~1.7x slower.
+
+Every parallel CPU kernel is declared with @parallel(...), which also compiles it without parallel=True; the
+launchers call sized(kernel, work), which picks that serial build for a call of less than SERIAL_WORK inner-loop
+iterations, as ATen's parallel_for runs a loop inline below its grain size: a tiny convolution spent ~55 of its
+~80 us entering the parallel region.
+"""
+import contextlib
+import os
+import sys
+import types
+
+import numba
+from numba.np.ufunc import parallel as numba_parallel
+
+SPIN_COUNT = 3000  # GNU OpenMP's spins before a worker sleeps (measured: 1,000 to 100,000, bench/RESULTS.md)
 
 
 def start():
     if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
     try:
-        parallel._launch_threads()  # idempotent; picks the threading layer (NUMBA_THREADING_LAYER) as usual
+        numba_parallel._launch_threads()  # idempotent; picks the threading layer (NUMBA_THREADING_LAYER) as usual
     finally:
-        del os.environ["OMP_WAIT_POLICY"]
+        del os.environ["GOMP_SPINCOUNT"]
+
+
+# ---------------------------------------------------------------- serial builds for small calls
+
+# Inner-loop iterations (multiply-adds, or elements moved) below which a call runs its kernel's serial build:
+# ATen's grain size. Entering a parallel region costs ~2 us while the workers still spin and 50-60 us once they
+# sleep (the 2-core dev box); the serial build of depthwise_wide_cpu on one 8x8 plane takes 0.6 us. At this much
+# work the serial builds take 5-10 us there: at most a few us slower than a region the workers are spinning for,
+# ~45 us faster than one they sleep through (bench/RESULTS.md, 2026-12-05).
+SERIAL_WORK = 1 << 15
+
+
+def parallel(**options):
+    """Decorator: numba.njit(parallel=True, cache=True, **options), with `.serial`, the same function compiled
+    without parallel=True (numba.prange runs as range) for calls too small to pay for a parallel region (sized).
+
+    The serial build compiles a copy of the function under its own qualified name: Numba's disk cache names its
+    files by module and qualified name and keys entries by signature and bytecode, not by options, so two builds
+    of one function would load each other's machine code."""
+    def build(pyfunc):
+        kernel = numba.njit(parallel=True, cache=True, **options)(pyfunc)
+        twin = types.FunctionType(pyfunc.__code__, pyfunc.__globals__, pyfunc.__name__, pyfunc.__defaults__,
+                                  pyfunc.__closure__)
+        twin.__qualname__ = f"{pyfunc.__qualname__}_serial"
+        twin.__doc__, twin.__module__ = pyfunc.__doc__, pyfunc.__module__
+        kernel.serial = numba.njit(cache=True, **options)(twin)
+        return kernel
+    return build
+
+
+def sized(kernel, work):
+    """The build of a `parallel` kernel for a call of `work` inner-loop iterations: serial below SERIAL_WORK.
+    (A stand-in without a serial build, such as a test's spy, is returned as it is.)"""
+    return kernel if work >= SERIAL_WORK else getattr(kernel, "serial", kernel)
+
+
+BUILDS = {"serial": sys.maxsize, "parallel": 0}  # build -> the SERIAL_WORK that makes every call pick it
+
+
+@contextlib.contextmanager
+def only(build):
+    """Within the block every sized() call picks `build` ('serial' or 'parallel'), whatever its work: validation
+    runs each build on problems of any size (not thread-safe: it sets the module's SERIAL_WORK)."""
+    global SERIAL_WORK
+    before, SERIAL_WORK = SERIAL_WORK, BUILDS[build]
+    try:
+        yield
+    finally:
+        SERIAL_WORK = before

@@ -34,6 +34,7 @@ import numpy as np
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cpu import im2col
 from cnnfast.kernels.cpu.im2col import PREFERRED_SCRATCH
+from cnnfast.kernels.cpu.threads import parallel, sized
 
 TILE = 4                  # outputs per tile side, m in F(m x m, 3x3)
 TASK_TILES = 256          # tiles per transform task at most (whole tile rows): its 36 runs stay in cache
@@ -99,7 +100,7 @@ def _runs_out(buf, out, ch, col, nt):
             dst[t] = src[t]
 
 
-@numba.njit(parallel=True, cache=True)
+@parallel()
 def input_transform_cpu(x, V, segments, TW, ph, pw):
     """V[xi, c, col + (i - i0)*TW + j] = (B^T d B)[xi // 6, xi % 6], d the 6x6 window of x[n, c] at
     (4i - ph, 4j - pw), for each segment (n, i0, i1, col) of tile rows. One task per (c, segment): per tile row,
@@ -138,7 +139,7 @@ def input_transform_cpu(x, V, segments, TW, ph, pw):
         _runs_out(vt, V, c, col, nt)
 
 
-@numba.njit(parallel=True, cache=True)
+@parallel()
 def output_transform_cpu(M, bias, y, segments, TW, check):
     """y[n, k, 4i + a, 4j + b] = bias[k] + (A^T m A)[a, b], m the 6x6 of M[:, k, col + (i - i0)*TW + j], for each
     segment (n, i0, i1, col) of tile rows, clipped to P x Q (bias: (K,), zeros for none). One task per
@@ -183,7 +184,7 @@ def output_transform_cpu(M, bias, y, segments, TW, check):
         check[task] = z
 
 
-@numba.njit(parallel=True, cache=True)
+@parallel()
 def grad_transform_cpu(dy, E, segments, TW):
     """E[xi, k, col + (i - i0)*TW + j] = (A e A^T)[xi // 6, xi % 6], e the 4x4 tile of dy[n, k] at (4i, 4j) (zero
     beyond P x Q), for each segment (n, i0, i1, col) of tile rows. One task per (k, segment), laid out as
@@ -319,10 +320,10 @@ def _convolve(x, Wt, bias, y, g, primitive, workspace_limit):
         segments = _segments(TH, TW, r0, nr)
         V = V_buf[:XI * cin * nr * TW].reshape(XI, cin, nr * TW)
         M = M_buf[:XI * cout * nr * TW].reshape(XI, cout, nr * TW)
-        input_transform_cpu(x, V, segments, TW, ph, pw)
+        sized(input_transform_cpu, V.size)(x, V, segments, TW, ph, pw)
         np.matmul(Wt, V.reshape(XI, groups, Cg, nr * TW), out=M.reshape(XI, groups, Kg, nr * TW))
         check = np.empty(cout * len(segments), x.dtype)
-        output_transform_cpu(M, bias, y, segments, TW, check)
+        sized(output_transform_cpu, M.size)(M, bias, y, segments, TW, check)
         finite = finite and not np.isnan(check).any()
     return finite
 
@@ -358,8 +359,8 @@ def backward_filter(x, dy, dw, g, workspace_limit=None):
         segments = _segments(TH, TW, r0, nr)
         V = V_buf[:XI * g.C * nr * TW].reshape(XI, g.C, nr * TW)
         E = E_buf[:XI * g.K * nr * TW].reshape(XI, g.K, nr * TW)
-        input_transform_cpu(x2, V, segments, TW, g.pad_h, g.pad_w)
-        grad_transform_cpu(dy2, E, segments, TW)
+        sized(input_transform_cpu, V.size)(x2, V, segments, TW, g.pad_h, g.pad_w)
+        sized(grad_transform_cpu, E.size)(dy2, E, segments, TW)
         np.matmul(E.reshape(XI, g.groups, Kg, nr * TW), V.reshape(XI, g.groups, Cg, nr * TW).transpose(0, 1, 3, 2),
                   out=product)
         dU += product
