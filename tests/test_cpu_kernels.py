@@ -385,6 +385,25 @@ def test_sized_picks_the_serial_build_below_serial_work_unless_told_otherwise():
     assert threads.SERIAL_WORK == work
 
 
+@pytest.mark.parametrize("algo", list(ALGORITHMS))
+def test_serial_and_parallel_builds_give_bit_identical_results(algo):
+    """The same loops, compiled with and without parallel=True: a problem's result does not depend on the build."""
+    from cnnfast.validate import KINDS, PRIMITIVE
+    checked = 0
+    for kind in KINDS:
+        for case in CASES:
+            if ALGORITHMS[algo].supports(case_spec(case, kind).geometry, PRIMITIVE[kind]) is not None:
+                continue
+            p = problem(case, kind, "float32", seed=3)
+            with threads.only("serial"):
+                serial = p.public(algo=algo)
+            with threads.only("parallel"):
+                parallel = p.public(algo=algo)
+            assert np.array_equal(serial, parallel), f"{algo} {kind} {case.name}"
+            checked += 1
+    assert checked > 0
+
+
 @pytest.mark.parametrize("primitive", list(OPS))
 def test_small_calls_run_the_serial_build_and_large_ones_the_parallel_build(primitive, monkeypatch):
     from cnnfast.kernels.cpu import direct
