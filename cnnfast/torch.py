@@ -27,12 +27,14 @@ __all__ = ["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
 
 def _array(t, op, name):
     """A torch tensor as an array cnnfast takes: a NumPy view (CPU) or the tensor itself (CUDA, via its
-    __cuda_array_interface__); anything else is passed on for cnnfast's own checks to reject by name."""
+    __cuda_array_interface__; made contiguous by torch first, on the device: without CuPy, cnnfast would copy a
+    strided CUDA array through the host, and autograd's gradients are often strided, such as the expanded ones of
+    y.sum().backward()); anything else is passed on for cnnfast's own checks to reject by name."""
     if not isinstance(t, torch.Tensor):
         return t
     t = t.detach()
     if t.is_cuda:
-        return t
+        return t.contiguous()
     if t.device.type != "cpu":
         raise TypeError(f"{op}: expected {name} on a CPU or CUDA device, but got a tensor on {t.device}")
     if t.dtype not in (torch.float32, torch.float64):

@@ -284,3 +284,17 @@ def test_lenet_trains_the_same_on_cnnfast():
     assert our_losses[:10].mean() > 0.8 * chance
     assert our_losses[-20:].mean() < 0.15 * chance
     np.testing.assert_allclose(our_losses, theirs_losses, rtol=2e-3, atol=2e-3)
+
+
+def test_strided_cuda_tensors_reach_cnnfast_contiguous_without_a_host_copy():
+    """Without CuPy, cnnfast copies a strided CUDA array through the host; the adapter has torch make it contiguous
+    on the device first (autograd's gradients are often strided: y.sum().backward() gives an expanded one)."""
+    class OnGPU(torch.Tensor):  # stands in for a CUDA tensor on this CPU-only build: the adapter asks is_cuda
+        is_cuda = property(lambda self: True)
+
+    expanded = torch.arange(5.0).expand(2, 3, 4, 5).as_subclass(OnGPU)
+    assert not expanded.is_contiguous()
+    a = cf._array(expanded, "conv2d", "grad_output")
+    assert a.is_cuda and a.is_contiguous() and torch.equal(a, torch.arange(5.0).expand(2, 3, 4, 5))
+    dense = torch.ones(2, 3).as_subclass(OnGPU)
+    assert cf._array(dense, "conv2d", "input").data_ptr() == dense.data_ptr()  # no copy of a contiguous tensor
