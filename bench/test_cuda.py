@@ -63,10 +63,11 @@ def test_cuda(benchmark, shape, primitive, provider):
 
 
 @pytest.mark.parametrize("path", ["numba", "raw"])
-@pytest.mark.parametrize("family", ["numba", "cupy", "torch"])
+@pytest.mark.parametrize("family", ["numba", "cupy", "cai", "torch"])
 def test_cuda_host_cost(benchmark, monkeypatch, family, path):
     """Host time of one conv2d on a problem too small to matter (1x1x8x8 by one 3x3 filter), not synchronised:
-    argument checks, the cached plan, the launches. torch's own conv2d is the family "torch", path "numba" row.
+    argument checks, the cached plan, the launches. torch's own conv2d is the family "torch", path "numba" row;
+    "cai" is cnnfast.conv2d on torch tensors (read through __cuda_array_interface__).
     extra_info["event_us"]: the same call timed with CUDA events (host gaps included), for overhead = wall - kernel."""
     import cnnfast
     from cnnfast import reference
@@ -87,6 +88,9 @@ def test_cuda_host_cost(benchmark, monkeypatch, family, path):
         if family == "cupy":
             cp = pytest.importorskip("cupy")
             xd, wd = cp.asarray(x), cp.asarray(w)
+        elif family == "cai":
+            torch = pytest.importorskip("torch")
+            xd, wd = torch.from_numpy(x).cuda(), torch.from_numpy(w).cuda()
         else:
             xd, wd = cuda.to_device(x), cuda.to_device(w)
         fn = lambda: cnnfast.conv2d(xd, wd, padding=1)  # noqa: E731

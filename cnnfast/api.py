@@ -114,7 +114,7 @@ def run(op, kind, nd, *, input=None, weight=None, grad_output=None, bias=None, s
         compare.verify(op, plan.algorithm, device, arrays.to_host(out),
                        compare.expected_result(kind, spec, bias=bias_host, **host), spec.dtype)
     if not batched and result_role != "W":
-        out = out.reshape(out.shape[1:])
+        out = dev.view(out, out.shape[1:])
     return dev.result(out, like=given[carrier])
 
 
@@ -183,14 +183,13 @@ def _execute(dev, spec, plan, primitive, ins, result_role, bias, kind, workspace
     tables = _pad_arrays(spec) if spec.pre_padded else None
     work = {}
     for role, a in ins.items():
-        a = dev.working(a).reshape(views[role][1])
+        a = dev.working(a)
         if role == "X" and tables is not None:
             padded = dev.empty(views["X"][2], dtype)
-            dev.pad(a, padded, tables)
+            dev.pad(dev.view(a, views["X"][1]), padded, tables)
             a = padded
-        work[role] = a
-    out = dev.empty(views[result_role][2], dtype)
-    work[result_role] = out
+        work[role] = dev.view(a, dev.kernel_shape(views[role][2]))
+    out = work[result_role] = dev.empty(dev.kernel_shape(views[result_role][2]), dtype)
     bias_w = dev.working(bias) if bias is not None else None
     launch = algorithms(dev.name)[plan.algorithm].launcher(primitive)
     opts = dict(workspace_limit=workspace_limit, **dev.launch_options())
@@ -204,9 +203,9 @@ def _execute(dev, spec, plan, primitive, ins, result_role, bias, kind, workspace
         launch(work["X"], work["Y"], work["W"], g, **opts)
     if result_role == "X" and tables is not None:
         folded = dev.empty(views["X"][1], dtype)
-        dev.fold_pad(out, folded, tables)
+        dev.fold_pad(dev.view(out, views["X"][2]), folded, tables)
         out = folded
-    out = out.reshape(result_shape)
+    out = dev.view(out, result_shape)
     if adds_bias and kind == "conv_transpose":
         dev.add_bias(out, bias_w)
     return out

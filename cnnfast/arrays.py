@@ -12,6 +12,8 @@ Numba's CUDA target is imported only when a CUDA array is actually seen.
 """
 from __future__ import annotations
 
+import importlib
+import math
 import os
 from functools import lru_cache
 
@@ -39,6 +41,12 @@ def _import_cupy():
     except ImportError:
         return None
     return cupy
+
+
+@lru_cache(maxsize=None)
+def _package(name):
+    """A kernel package or numba.cuda, imported on first use (Numba's CUDA target only once a CUDA array is seen)."""
+    return importlib.import_module(name)
 
 
 class ShapeArray:
@@ -152,6 +160,14 @@ class CPU:
         """C-contiguous NumPy array with the same values (no copy when already contiguous)."""
         return np.ascontiguousarray(a)
 
+    def kernel_shape(self, shape):
+        """The shape a launcher takes an array of the 5-D `shape` in: the CPU kernels index 5-D arrays."""
+        return shape
+
+    def view(self, a, shape):
+        """Contiguous array `a` with another shape of its size."""
+        return a.reshape(shape)
+
     def empty(self, shape, dtype):
         return np.empty(shape, dtype)
 
@@ -169,8 +185,7 @@ class CPU:
         y += bias.reshape((1, -1) + (1,) * (y.ndim - 2))
 
     def kernels(self):
-        from cnnfast.kernels import cpu
-        return cpu
+        return _package("cnnfast.kernels.cpu")
 
     def pad(self, src, dst, tables):
         self.kernels().pad_cpu(src, dst, *tables)
@@ -197,8 +212,7 @@ class CUDA:
     name = "cuda"
 
     def __init__(self, stream=None, family="numba", op="cnnfast"):
-        from numba import cuda
-        self.cuda = cuda
+        self.cuda = _package("numba.cuda")
         self.cp = _cupy() if family in ("cupy", "cai") else None
         self.stream = self._numba_stream(stream, op)
 
@@ -217,8 +231,7 @@ class CUDA:
         return self.cuda.external_stream(ptr) if ptr else 0
 
     def kernels(self):
-        from cnnfast.kernels import cuda
-        return cuda
+        return _package("cnnfast.kernels.cuda")
 
     def working(self, a):
         if self.cp is not None:
@@ -230,6 +243,13 @@ class CUDA:
         out = self.empty(a.shape, a.dtype)
         self.kernels().copy_cuda(a, out, stream=self.stream)
         return out
+
+    def kernel_shape(self, shape):
+        """The CUDA launchers take flat arrays: their kernels index 1-D buffers, and a Numba reshape costs ~3 us."""
+        return (math.prod(shape),)
+
+    def view(self, a, shape):
+        return self.kernels().view(a, shape)
 
     def empty(self, shape, dtype):
         if self.cp is not None:

@@ -24,7 +24,7 @@ from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT, Algorithm, ConvGeo
 def _store(dst, value, stream=0):
     """dst[...] = value (float64 host values cast to dst's dtype), for any working array family."""
     module = type(dst).__module__
-    value = np.ascontiguousarray(value, dtype=dst.dtype)
+    value = np.ascontiguousarray(value, dtype=dst.dtype).reshape(dst.shape)  # (CUDA launchers take flat arrays)
     if module.startswith("cupy"):
         dst.set(value)
     elif module.startswith("numba.cuda"):
@@ -60,18 +60,20 @@ def _padded_dy(dy, g, full):
 def _ref_forward(x, w, bias, y, g, stream=0, **_):
     kw, _full = _reference_args(g)
     b = None if bias is None else to_host(bias)
-    out = reference.conv(to_host(x), to_host(w), b, **kw)[:, :, :g.P, :g.Q, :g.U]
-    _store(y, out, stream)
+    out = reference.conv(to_host(x).reshape(g.x_shape), to_host(w).reshape(g.w_shape), b, **kw)
+    _store(y, out[:, :, :g.P, :g.Q, :g.U], stream)
 
 
 def _ref_backward_data(dy, w, dx, g, stream=0, **_):
     kw, full = _reference_args(g)
-    _store(dx, reference.conv_input(g.x_shape, to_host(w), _padded_dy(to_host(dy), g, full), **kw), stream)
+    dy = _padded_dy(to_host(dy).reshape(g.y_shape), g, full)
+    _store(dx, reference.conv_input(g.x_shape, to_host(w).reshape(g.w_shape), dy, **kw), stream)
 
 
 def _ref_backward_filter(x, dy, dw, g, stream=0, **_):
     kw, full = _reference_args(g)
-    _store(dw, reference.conv_weight(to_host(x), g.w_shape, _padded_dy(to_host(dy), g, full), **kw), stream)
+    dy = _padded_dy(to_host(dy).reshape(g.y_shape), g, full)
+    _store(dw, reference.conv_weight(to_host(x).reshape(g.x_shape), g.w_shape, dy, **kw), stream)
 
 
 REFERENCE = Algorithm(

@@ -14,8 +14,10 @@ by the caller as an explicit pad of x and the adjoint fold of dx). The three pri
     backward_data(dy, w, dx, g, ...)        dx = conv(., w)^T dy        (also conv_transpose's forward)
     backward_filter(x, dy, dw, g, ...)      dw = d<y, dy>/dw            (no bias: callers sum dy)
 
-Arrays are C-contiguous 5-D, all of one dtype (float32 or float64); outputs are preallocated and fully
-overwritten by the launcher. The high-side padding is implied by P, Q, U.
+Arrays are C-contiguous, all of one dtype (float32 or float64): 5-D for the CPU launchers; flat (1-D, the same
+elements) from the public ops to the CUDA launchers, whose kernels index 1-D buffers (they also take the 5-D
+arrays; a Numba reshape costs ~3 us of host time). Outputs are preallocated and fully overwritten by the
+launcher. The high-side padding is implied by P, Q, U.
 """
 from __future__ import annotations
 

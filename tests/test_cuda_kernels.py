@@ -428,6 +428,42 @@ def test_raw_launch_path_matches_numba_dispatcher_bitwise(problem, monkeypatch):
     assert launching._FUNCTIONS and all(f is not None for f in launching._FUNCTIONS.values())
 
 
+VIEW_PROBE = """
+import ctypes
+import numpy as np
+from cnnfast.kernels.cuda.launch import flat, view
+from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+class Memory:
+    def __init__(self, nbytes):
+        self._buffer = ctypes.create_string_buffer(nbytes)
+        self.device_ctypes_pointer = ctypes.c_void_p(ctypes.addressof(self._buffer))
+
+for dtype in (np.float32, np.float64):
+    item = np.dtype(dtype).itemsize
+    a = DeviceNDArray((2, 3, 1, 4, 5), tuple(item * s for s in (60, 20, 20, 5, 1)), dtype, gpu_data=Memory(120 * item))
+    for shape in ((120,), (2, 60), (2, 3, 4, 5), (1, 2, 3, 1, 4, 5), (120, 1)):
+        v, r = view(a, shape), a.reshape(shape)
+        assert type(v) is DeviceNDArray and (v.shape, v.strides, v.dtype) == (r.shape, r.strides, r.dtype), shape
+        assert v.gpu_data is a.gpu_data and v.device_ctypes_pointer.value == r.device_ctypes_pointer.value
+        assert v.is_c_contiguous() and view(v, a.shape).strides == a.strides
+    assert view(a, a.shape) is a
+    one = flat(a)
+    assert one.shape == (120,) and flat(one) is one
+print("views ok")
+"""
+
+
+def test_numba_device_arrays_are_viewed_as_their_reshape_would_be_without_reshaping():
+    """launch.view builds a Numba DeviceNDArray's C-contiguous view directly (its reshape re-derives the layout: 3-4
+    us of host time per call, several per op): the same shape, strides, dtype and memory as reshape's. Real
+    DeviceNDArray objects over a stand-in for device memory (given gpu_data, the constructor allocates nothing), in
+    a process without the simulator, which has no DeviceNDArray."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
+    done = subprocess.run([sys.executable, "-c", VIEW_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "views ok", done.stderr
+
+
 def test_numba_launches_are_configured_once_per_grid_and_stream_without_the_low_occupancy_warning(monkeypatch):
     """On a GPU, launch.launch keeps Numba's configured launch per (kernel, grid, block, stream handle), built with
     Numba's low-occupancy NumbaPerformanceWarning ignored (the launchers pick small grids for small problems on

@@ -2,10 +2,16 @@
 
     python bench/results/host_cost_2026-12-05.py cpu                         the CPU path, kernels included
     NUMBA_ENABLE_CUDASIM=1 python bench/results/host_cost_2026-12-05.py cuda cnnfast's CUDA path up to the kernel
+    python bench/results/host_cost_2026-12-05.py numba                       the same with Numba's own arrays
 
 cuda: the simulator's device arrays, with compile.jit replaced by a stand-in whose [grid, block, stream](*args)
 does nothing, so what is timed is everything cnnfast does before Numba's dispatcher would start the kernel (the
 dispatcher's own 44-135 us per launch on a GPU, TOOLCHAIN.md, is not in it).
+
+numba (no simulator, no GPU needed): as cuda, but the arrays are Numba's real DeviceNDArray objects over fake device
+memory (cuda.device_array and cuda.to_device replaced), so their Python costs (a reshape builds a new DeviceNDArray:
+~3 us, against ~0.5 us for the simulator's NumPy-backed arrays) are in the figure, as on a GPU. No memory is
+allocated, so a GPU's allocation (cuMemAlloc per output without a pool) is not.
 """
 import sys
 import timeit
@@ -16,7 +22,7 @@ import cnnfast
 from cnnfast import grad
 
 device = sys.argv[1]
-if device == "cuda":
+if device in ("cuda", "numba"):
     from cnnfast.kernels.cuda import compile as kernel_compile
     from numba import cuda
 
@@ -25,6 +31,27 @@ if device == "cuda":
             return lambda *args: None
 
     kernel_compile.jit = lambda pyfunc: _Configured()
+    if device == "numba":
+        import ctypes
+        import math
+
+        from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+        class _Memory:  # stands in for a MemoryPointer: an address, no GPU
+            def __init__(self, nbytes):
+                self._buffer = ctypes.create_string_buffer(max(nbytes, 1))
+                self.device_ctypes_pointer = self.handle = ctypes.c_void_p(ctypes.addressof(self._buffer))
+
+        def _device_array(shape, dtype=np.float64, stream=0, **_):
+            shape = (shape,) if isinstance(shape, int) else tuple(shape)
+            itemsize = np.dtype(dtype).itemsize
+            strides = tuple(math.prod(shape[i + 1:]) * itemsize for i in range(len(shape)))
+            return DeviceNDArray(shape, strides, dtype, stream, gpu_data=_Memory(math.prod(shape) * itemsize))
+
+        cuda.device_array = _device_array
+        gpu = type("Device", (), {"id": 0})()
+        cuda.get_current_device = lambda: gpu  # (device_constant keys on the GPU's id)
+        cuda.to_device = lambda a, stream=0, **_: _device_array(np.shape(a), np.asarray(a).dtype, stream)
     put = cuda.to_device
 else:
     def put(a):

@@ -10,10 +10,11 @@ import timeit
 
 import numpy as np
 
+# isort: off
 import cnnfast  # first: it starts Numba's OpenMP runtime, which torch then shares
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
+# isort: on
 
 rng = np.random.default_rng(0)
 x, w = torch.randn(1, 1, 8, 8), torch.randn(1, 1, 3, 3)
@@ -21,7 +22,8 @@ a, b = torch.randn(1 << 20), torch.randn(1 << 20)
 X, W = rng.standard_normal((8, 64, 56, 56)).astype(np.float32), rng.standard_normal((64, 64, 3, 3)).astype(np.float32)
 X2, W2 = (rng.standard_normal((4, 128, 28, 28)).astype(np.float32),
           rng.standard_normal((128, 128, 3, 3)).astype(np.float32))
-Xd, Wd = rng.standard_normal((8, 144, 56, 56)).astype(np.float32), rng.standard_normal((144, 1, 3, 3)).astype(np.float32)
+Xd, Wd = (rng.standard_normal((8, 144, 56, 56)).astype(np.float32),
+          rng.standard_normal((144, 1, 3, 3)).astype(np.float32))
 xs, ws = x.numpy(), w.numpy()
 cases = {
     "torch conv2d 1x1x8x8": (lambda: F.conv2d(x, w, padding=1), 2000),

@@ -1,7 +1,7 @@
 """CUDA kernels (numba-cuda): the algorithms, the auto heuristic, the layout twins.
 
 Importing this package applies kernels/_compat.py first (numpy >= 2.5 row_stack alias for numba-cuda 0.30.4).
-Launchers take C-contiguous 5-D device arrays (Numba device arrays, the simulator's, or CuPy), a ConvGeometry,
+Launchers take C-contiguous device arrays, flat or 5-D (Numba device arrays, the simulator's, or CuPy), a ConvGeometry,
 workspace_limit= and stream=; they never synchronise, and start every kernel through launch.launch (Numba's
 dispatcher, or the raw-pointer path through CuPy: launch.py).
 
@@ -14,9 +14,10 @@ from cnnfast.kernels import _compat  # noqa: F401  (must precede numba.cuda's fi
 from cnnfast.kernels.contract import Algorithm
 from cnnfast.kernels.cuda import depthwise, direct, gemm, im2col
 from cnnfast.kernels.cuda.bias import add_bias_cuda
+from cnnfast.kernels.cuda.launch import view
 from cnnfast.kernels.cuda.layout import bias_grad_cuda, copy_cuda, fold_pad_cuda, pad_cuda
 
-__all__ = ["ALGORITHMS", "choose", "pad_cuda", "fold_pad_cuda", "bias_grad_cuda", "copy_cuda", "add_bias_cuda"]
+__all__ = ["ALGORITHMS", "choose", "pad_cuda", "fold_pad_cuda", "bias_grad_cuda", "copy_cuda", "add_bias_cuda", "view"]
 
 _KERNELS = {
     "direct": {"forward": ("tiled implicit-GEMM (fwd_* loaders)",),

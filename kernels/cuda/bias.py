@@ -3,7 +3,7 @@
 Used by the public ops for conv_transpose's bias on Numba device arrays (CuPy arrays broadcast natively).
 Thread i (grid-stride) owns element i of the flattened y; its channel is (i // L) % K.
 """
-from cnnfast.kernels.cuda.launch import launch
+from cnnfast.kernels.cuda.launch import flat, launch
 from numba import cuda
 
 BLOCK = 256
@@ -20,4 +20,4 @@ def add_bias_cuda(y, bias, stream=0):
     K = y.shape[1]
     L = y.size // (y.shape[0] * K) if y.size else 1
     blocks = max(1, min(-(-y.size // BLOCK), 1024))
-    launch(add_bias_kernel, blocks, BLOCK, stream, y.reshape(y.size), bias, K, L, y.size)
+    launch(add_bias_kernel, blocks, BLOCK, stream, flat(y), bias, K, L, y.size)

@@ -32,7 +32,7 @@ from cnnfast.kernels.cuda import depthwise_filter, direct
 from cnnfast.kernels.cuda.compile import ZERO, helper, numba_dtype, uint64
 from cnnfast.kernels.cuda.depthwise_filter import TARGET_BLOCKS, constant_sizes, size_name
 from cnnfast.kernels.cuda.indexing import carry, next_tap, split, tap_walk, transposed_gather, within, within32
-from cnnfast.kernels.cuda.launch import launch
+from cnnfast.kernels.cuda.launch import flat, launch
 from numba import cuda, int64, types
 
 BLOCK = 256  # threads per block of the thread-per-output kernels; plane_kernel's tiles hold at most BLOCK outputs
@@ -282,7 +282,7 @@ def _plane(primitive, src, w, bias, flag, out, g, stream):
     grid, threads = plane_grid(g, tg)
     launch(plane_kernel(numba_dtype(out.dtype), primitive == "forward", constant_sizes(g), tg[34], walks(g, primitive),
                         tg[35] > 1),
-           grid, threads, stream, src.reshape(src.size), w.reshape(w.size), bias, out.reshape(out.size), tg, flag)
+           grid, threads, stream, flat(src), flat(w), bias, flat(out), tg, flag)
     return True
 
 
@@ -371,15 +371,15 @@ def _blocks(n):
 def forward(x, w, bias, y, g, workspace_limit=None, stream=0):
     bias, flag = direct._bias_arg(bias, y)
     if not _plane("forward", x, w, bias, flag, y, g, stream):
-        launch(forward_kernel, _blocks(y.size), BLOCK, stream, x.reshape(x.size), w.reshape(w.size), bias,
-               y.reshape(y.size), tuple(g), flag)
+        launch(forward_kernel, _blocks(y.size), BLOCK, stream, flat(x), flat(w), bias,
+               flat(y), tuple(g), flag)
 
 
 def backward_data(dy, w, dx, g, workspace_limit=None, stream=0):
     bias, _ = direct._bias_arg(None, dx)
     if not _plane("backward_data", dy, w, bias, 0, dx, g, stream):
-        launch(backward_data_kernel, _blocks(dx.size), BLOCK, stream, dy.reshape(dy.size), w.reshape(w.size),
-               dx.reshape(dx.size), tuple(g))
+        launch(backward_data_kernel, _blocks(dx.size), BLOCK, stream, flat(dy), flat(w),
+               flat(dx), tuple(g))
 
 
 backward_filter = depthwise_filter.backward_filter

@@ -24,7 +24,7 @@ import numpy as np
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cuda import direct, indexing
 from cnnfast.kernels.cuda.compile import ZERO, device_constant, helper, numba_dtype, uint64
-from cnnfast.kernels.cuda.launch import launch, scratch
+from cnnfast.kernels.cuda.launch import flat, launch, scratch
 from numba import cuda
 
 FILTER_BLOCK = 128  # threads of filter_kernel (a power of two: tree reduction)
@@ -209,13 +209,13 @@ def workspace_bytes(g, itemsize, workspace_limit):
 def backward_filter(x, dy, dw, g, workspace_limit=None, stream=0):
     splits = filter_splits(g, dw.dtype.itemsize, workspace_limit)
     chunk = -(-filter_items(g) // splits)
-    out = dw.reshape(dw.size) if splits == 1 else scratch(splits * dw.size, dw.dtype, dw, stream)
+    out = flat(dw) if splits == 1 else scratch(splits * dw.size, dw.dtype, dw, stream)
     kernel = filter_kernel(numba_dtype(dw.dtype), constant_sizes(g), filter_slides(g), FILTER_ROWS)
-    launch(kernel, splits * g.K, FILTER_BLOCK, stream, x.reshape(x.size), dy.reshape(dy.size), out, tap_table(g),
+    launch(kernel, splits * g.K, FILTER_BLOCK, stream, flat(x), flat(dy), out, tap_table(g),
            tuple(g), chunk)
     if splits > 1:
         launch(direct.reduce_splits_kernel, max(1, min(-(-dw.size // 256), 1024)), 256, stream, out,
-               dw.reshape(dw.size), splits, dw.size)
+               flat(dw), splits, dw.size)
 
 
 def kernels(g, dtype):

@@ -23,7 +23,7 @@ from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cuda import gemm, indexing
 from cnnfast.kernels.cuda.compile import ZERO, device_constant, helper, int64, numba_dtype, uint32, uint64
 from cnnfast.kernels.cuda.indexing import within, within32
-from cnnfast.kernels.cuda.launch import launch, scratch
+from cnnfast.kernels.cuda.launch import flat, launch, scratch
 from numba import cuda
 
 TARGET_BLOCKS = 264  # 2 blocks per SM on an H100 (132 SMs): enough splits to fill the GPU
@@ -438,7 +438,7 @@ def launch_tiled(ops, a, b, out, bias, tab, geo, shape, groups, flag, splits, st
     jchunk = -(-J // splits)
     jchunk = -(-jchunk // gemm.BJ) * gemm.BJ
     launch(gemm.tiled_kernel(numba_dtype(out.dtype), ops, tile), gemm.grid(M, NCOL, groups, splits, tile),
-           gemm.TILES[tile].threads, stream, a.reshape(a.size), b.reshape(b.size), out.reshape(out.size), bias, tab,
+           gemm.TILES[tile].threads, stream, flat(a), flat(b), flat(out), bias, tab,
            geo, flag, splits, jchunk, n0)
 
 
@@ -475,4 +475,4 @@ def backward_filter(x, dy, dw, g, workspace_limit=None, stream=0, tile=None):
                  dims(g, "backward_filter"), g.groups, 0, splits, stream, tile=tile)
     if splits > 1:
         blocks = max(1, min(-(-dw.size // 256), 1024))
-        launch(reduce_splits_kernel, blocks, 256, stream, target, dw.reshape(dw.size), splits, dw.size)
+        launch(reduce_splits_kernel, blocks, 256, stream, target, flat(dw), splits, dw.size)

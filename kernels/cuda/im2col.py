@@ -17,7 +17,7 @@ from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
 from cnnfast.kernels.cuda import direct, gemm, indexing
 from cnnfast.kernels.cuda.compile import helper
 from cnnfast.kernels.cuda.direct import _bias_arg, launch_tiled
-from cnnfast.kernels.cuda.launch import launch, scratch
+from cnnfast.kernels.cuda.launch import flat, launch, scratch
 from numba import cuda
 
 BLOCK = 256
@@ -225,7 +225,7 @@ def _run(primitive, g, a, b, out, bias, flag_first, workspace_limit, stream, til
         gc = g._replace(N=cur)
         blocks = max(1, min(MAX_BLOCKS, -(-rows * cur * O // BLOCK)))
         if primitive != "backward_data":
-            launch(im2col_kernel, blocks, BLOCK, stream, b.reshape(b.size), cols, tuple(g), n0, cur)
+            launch(im2col_kernel, blocks, BLOCK, stream, flat(b), cols, tuple(g), n0, cur)
         source = cols if primitive != "backward_data" else b
         target = cols if primitive == "backward_data" else out
         flag = flag_first if (primitive != "backward_filter" or n0 == 0) else 1
@@ -233,7 +233,7 @@ def _run(primitive, g, a, b, out, bias, flag_first, workspace_limit, stream, til
                      g.groups, flag, 1, stream, n0=n0, tile=tile)
         if primitive == "backward_data":
             blocks = max(1, min(MAX_BLOCKS, -(-cur * g.C * g.D * g.H * g.W // BLOCK)))
-            launch(col2im_kernel, blocks, BLOCK, stream, cols, out.reshape(out.size), tuple(gc), n0, cur)
+            launch(col2im_kernel, blocks, BLOCK, stream, cols, flat(out), tuple(gc), n0, cur)
 
 
 def forward(x, w, bias, y, g, workspace_limit=None, stream=0, tile=None):

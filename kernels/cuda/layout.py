@@ -14,7 +14,7 @@ from functools import lru_cache
 import numpy as np
 from cnnfast.kernels.cuda import direct
 from cnnfast.kernels.cuda.compile import ZERO, device_constant, numba_dtype
-from cnnfast.kernels.cuda.launch import launch, scratch
+from cnnfast.kernels.cuda.launch import flat, launch, scratch
 from numba import cuda
 
 BLOCK = 256  # threads per block (a power of two: bias_grad_kernel's tree)
@@ -105,7 +105,7 @@ def pad_cuda(src, dst, idx_d, idx_h, idx_w, stream=0):
     N, C, D, H, W = src.shape
     tables = [device_constant(("pad", tuple(t)), lambda t=t: np.asarray(t, np.int64))
               for t in (idx_d, idx_h, idx_w)]
-    launch(pad_kernel, _blocks(dst.size), BLOCK, stream, src.reshape(src.size), dst.reshape(dst.size), *tables,
+    launch(pad_kernel, _blocks(dst.size), BLOCK, stream, flat(src), flat(dst), *tables,
            N * C, D, H, W, *dst.shape[2:])
 
 
@@ -116,7 +116,7 @@ def fold_pad_cuda(src, dst, idx_d, idx_h, idx_w, stream=0):
         key = (tuple(table), length)
         args += [device_constant(("fold-starts",) + key, lambda t=table, n=length: _inverse(t, n)[0]),
                  device_constant(("fold-items",) + key, lambda t=table, n=length: _inverse(t, n)[1])]
-    launch(fold_pad_kernel, _blocks(dst.size), BLOCK, stream, src.reshape(src.size), dst.reshape(dst.size), *args,
+    launch(fold_pad_kernel, _blocks(dst.size), BLOCK, stream, flat(src), flat(dst), *args,
            N * C, D, H, W, *src.shape[2:])
 
 
@@ -131,7 +131,7 @@ def bias_grad_cuda(dy, db, stream=0):
     splits = bias_grad_splits(N, K, L)
     chunk = -(-N * L // splits)
     partial = db if splits == 1 else scratch(splits * K, db.dtype, db, stream)
-    launch(bias_grad_kernel(numba_dtype(db.dtype)), (K, splits), BLOCK, stream, dy.reshape(dy.size), partial,
+    launch(bias_grad_kernel(numba_dtype(db.dtype)), (K, splits), BLOCK, stream, flat(dy), partial,
            N, K, L, chunk)
     if splits > 1:  # the splits added in order
         launch(direct.reduce_splits_kernel, _blocks(K), BLOCK, stream, partial, db, splits, K)
