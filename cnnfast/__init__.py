@@ -10,8 +10,9 @@ __version__ = "0.1.0"
 
 # Thread pools that do not fight (README, "CPU threads"; values the user set win). NumPy's OpenBLAS keeps its
 # workers spinning ~0.1 s after every GEMM (thread timeout 2**28 cycles), taking the cores from the Numba kernel
-# that runs next; it reads the timeout once, as NumPy loads it. Numba's OpenMP pool is started now, passive, and
-# before torch can be imported: a pool started later binds to torch's already loaded (spinning) libgomp.
+# that runs next; it reads the timeout once, as NumPy loads it. Numba's OpenMP pool is started now, with a short
+# spin, and before torch can be imported: a pool started later binds to torch's already loaded (spinning) libgomp,
+# and a torch imported later shares this one.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 from cnnfast.kernels.cpu import threads as _threads  # noqa: E402
 

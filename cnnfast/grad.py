@@ -86,7 +86,7 @@ def conv_bias(grad_output, *, stream=None):
     for s in shape[2:]:
         spatial *= s
     db = dev.empty(shape[1:2], dtype)
-    dev.bias_grad(dy.reshape(shape[:2] + (1, 1, spatial)), db)
+    dev.bias_grad(dev.view(dy, shape[:2] + (1, 1, spatial)), db)
     if compare.active():
         compare.verify(op, "bias_grad", device, arrays.to_host(db), reference.conv_bias(arrays.to_host(grad_output)),
                        dtype)
