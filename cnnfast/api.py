@@ -144,7 +144,7 @@ def _plan_key(op, kind, device, dtype, input_shape, weight_shape, bias_shape, al
     """The cache key of a call (None: do not cache it)."""
     try:
         key = (op, kind, device, dtype, input_shape, weight_shape, bias_shape, _frozen(algo),
-               _frozen(workspace_limit), tuple((name, _frozen(v)) for name, v in options.items()),
+               _frozen(workspace_limit), tuple(options), tuple(map(_frozen, options.values())),
                registry_token(device))
         hash(key)
         return key

@@ -102,8 +102,8 @@ def algorithms(device: str) -> dict:
 def registry_token(device: str) -> tuple:
     """Identifies what make_plan reads from the registry (the algorithms and choose); changes when one is replaced."""
     package = kernel_package(device)
-    return (id(getattr(package, "choose", None)),) + tuple(
-        (name, id(a)) for name, a in getattr(package, "ALGORITHMS", {}).items())
+    algos = getattr(package, "ALGORITHMS", {})
+    return id(getattr(package, "choose", None)), tuple(algos), tuple(map(id, algos.values()))
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ SIMULATED_SWITCH_INTERVAL = 1e-4  # s: sys.setswitchinterval during a simulated 
 
 def raw_enabled():
     """True when launches take the raw-pointer path (CNNFAST_CUDA_LAUNCH=raw, CuPy importable, a real GPU)."""
-    return os.environ.get(ENV, "numba") == "raw" and _raw_possible()
+    return _raw_possible() and os.environ.get(ENV, "numba") == "raw"
 
 
 @lru_cache(maxsize=1)
