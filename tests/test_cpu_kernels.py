@@ -427,6 +427,17 @@ def test_small_calls_run_the_serial_build_and_large_ones_the_parallel_build(prim
         assert calls == [build]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_nonfinite_channels_finds_each_nan_and_inf_as_numpy_does(dtype):
+    from cnnfast.kernels.cpu.direct import nonfinite_channels
+    rng = np.random.default_rng(5)
+    dy = rng.standard_normal((3, 6, 50)).astype(dtype)
+    dy[0, 0, :2] = np.finfo(dtype).max  # huge but finite: v - v is still 0
+    dy[2, 1, 49], dy[0, 3, 0], dy[1, 4, 7], dy[1, 4, 8] = np.nan, np.inf, -np.inf, np.inf
+    assert nonfinite_channels(dy).tolist() == (~np.isfinite(dy).all(axis=(0, 2))).tolist()
+    assert nonfinite_channels(dy).tolist() == [False, True, False, True, True, False]
+
+
 # ---------------------------------------------------------------- 7. im2col's pointwise path (no columns)
 
 POINTWISE = [  # (id, input shape, weight shape, options): 1x1 kernel, unit stride, no padding
