@@ -464,6 +464,84 @@ def test_numba_device_arrays_are_viewed_as_their_reshape_would_be_without_reshap
     assert done.returncode == 0 and done.stdout.strip() == "views ok", done.stderr
 
 
+HOST_PATH_PROBE = """
+import ctypes, math
+import numpy as np
+from numba import cuda
+from numba.cuda.cudadrv.devicearray import DeviceNDArray
+import cnnfast
+from cnnfast import grad
+from cnnfast.kernels.cuda import compile as kernel_compile
+
+class Memory:
+    def __init__(self, nbytes):
+        self._buffer = ctypes.create_string_buffer(max(nbytes, 1))
+        self.device_ctypes_pointer = ctypes.c_void_p(ctypes.addressof(self._buffer))
+
+def device_array(shape, dtype=np.float64, stream=0, **_):
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    item = np.dtype(dtype).itemsize
+    strides = tuple(math.prod(shape[i + 1:]) * item for i in range(len(shape)))
+    return DeviceNDArray(shape, strides, dtype, stream, gpu_data=Memory(math.prod(shape) * item))
+
+launches = []
+
+class Configured:
+    def __init__(self, pyfunc):
+        self.name = getattr(pyfunc, "cache_key", None) or pyfunc.__name__
+    def __getitem__(self, config):
+        return lambda *args: launches.append((self.name, args))
+
+gpu = type("Device", (), {"id": 0})()
+cuda.device_array, cuda.get_current_device = device_array, lambda: gpu
+cuda.to_device = lambda a, stream=0, **_: device_array(np.shape(a), np.asarray(a).dtype, stream)
+kernel_compile.jit = Configured
+
+def put(shape):
+    return cuda.to_device(np.zeros(shape, np.float32))
+
+x, w, b, dy = put((2, 4, 9, 8)), put((8, 1, 3, 3)), put((8,)), put((2, 8, 9, 8))
+x2, w2, dy2 = put((2, 3, 9, 8)), put((5, 3, 3, 3)), put((2, 5, 9, 8))
+calls = {
+    "depthwise conv2d + bias": (lambda: cnnfast.conv2d(x, w, b, padding=1, groups=4), (2, 8, 9, 8)),
+    "depthwise conv2d_input": (lambda: grad.conv2d_input((2, 4, 9, 8), w, dy, padding=1, groups=4), (2, 4, 9, 8)),
+    "depthwise conv2d_weight": (lambda: grad.conv2d_weight(x, (8, 1, 3, 3), dy, padding=1, groups=4), (8, 1, 3, 3)),
+    "dense conv2d": (lambda: cnnfast.conv2d(x2, w2, padding=1), (2, 5, 9, 8)),
+    "dense conv2d reflect": (lambda: cnnfast.conv2d(x2, w2, padding=1, padding_mode="reflect"), (2, 5, 9, 8)),
+    "dense conv2d_input reflect": (lambda: grad.conv2d_input((2, 3, 9, 8), w2, dy2, padding=1,
+                                                             padding_mode="reflect"), (2, 3, 9, 8)),
+    "dense conv2d_weight": (lambda: grad.conv2d_weight(x2, (5, 3, 3, 3), dy2, padding=1), (5, 3, 3, 3)),
+    "conv_transpose2d + bias": (lambda: cnnfast.conv_transpose2d(dy2, w2, put((3,)), padding=1), (2, 3, 9, 8)),
+    "unbatched conv1d": (lambda: cnnfast.conv1d(put((3, 11)), put((5, 3, 3))), (5, 9)),
+    "pointwise conv3d": (lambda: cnnfast.conv3d(put((1, 4, 3, 4, 5)), put((6, 4, 1, 1, 1))), (1, 6, 3, 4, 5)),
+    "conv_bias": (lambda: grad.conv_bias(dy2), (5,)),
+}
+for name, (call, shape) in calls.items():
+    launches.clear()
+    out = call()
+    assert type(out) is DeviceNDArray and out.shape == shape and out.is_c_contiguous(), (name, out.shape)
+    assert launches, name
+    for kernel, args in launches:
+        arrays = [a for a in args if hasattr(a, "gpu_data")]
+        assert arrays and all(type(a) is DeviceNDArray and a.ndim == 1 and a.is_c_contiguous() for a in arrays), (
+            name, kernel, [getattr(a, "shape", a) for a in args])
+    read = {id(a.gpu_data) for _, args in launches for a in args if hasattr(a, "gpu_data")}
+    inputs = {"depthwise conv2d + bias": (x, w, b), "dense conv2d": (x2, w2), "dense conv2d_weight": (x2, dy2)}
+    assert all(id(a.gpu_data) in read for a in inputs.get(name, ())), name  # views of the inputs, not copies
+print("host path ok")
+"""
+
+
+def test_the_cuda_host_path_hands_numba_kernels_flat_device_arrays():
+    """Every op's CUDA path on Numba's own DeviceNDArray objects (over stand-in memory, the launches recorded
+    instead of run; no GPU, no simulator, whose arrays are NumPy's): each kernel gets C-contiguous 1-D
+    DeviceNDArrays (launch.view instead of reshape), and each result comes back as a DeviceNDArray of the op's
+    shape, through the explicit pad and fold of a padding mode, a transposed bias, unbatched and pointwise calls."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
+    done = subprocess.run([sys.executable, "-c", HOST_PATH_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "host path ok", done.stderr[-3000:]
+
+
 def test_numba_launches_are_configured_once_per_grid_and_stream_without_the_low_occupancy_warning(monkeypatch):
     """On a GPU, launch.launch keeps Numba's configured launch per (kernel, grid, block, stream handle), built with
     Numba's low-occupancy NumbaPerformanceWarning ignored (the launchers pick small grids for small problems on
