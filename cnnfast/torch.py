@@ -27,9 +27,10 @@ __all__ = ["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
 
 def _array(t, op, name):
     """A torch tensor as an array cnnfast takes: a NumPy view (CPU) or the tensor itself (CUDA, via its
-    __cuda_array_interface__; made contiguous by torch first, on the device: without CuPy, cnnfast would copy a
-    strided CUDA array through the host, and autograd's gradients are often strided, such as the expanded ones of
-    y.sum().backward()); anything else is passed on for cnnfast's own checks to reject by name."""
+    __cuda_array_interface__; made contiguous by torch first, by its own copy on the device: autograd's gradients
+    are often strided, such as the expanded ones of y.sum().backward(), and without CuPy cnnfast's own copy is a
+    Numba launch, through the host for a negative stride); anything else is passed on for cnnfast's own checks to
+    reject by name."""
     if not isinstance(t, torch.Tensor):
         return t
     t = t.detach()

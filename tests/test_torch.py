@@ -286,9 +286,9 @@ def test_lenet_trains_the_same_on_cnnfast():
     np.testing.assert_allclose(our_losses, theirs_losses, rtol=2e-3, atol=2e-3)
 
 
-def test_strided_cuda_tensors_reach_cnnfast_contiguous_without_a_host_copy():
-    """Without CuPy, cnnfast copies a strided CUDA array through the host; the adapter has torch make it contiguous
-    on the device first (autograd's gradients are often strided: y.sum().backward() gives an expanded one)."""
+def test_strided_cuda_tensors_reach_cnnfast_contiguous():
+    """The adapter has torch make a strided CUDA tensor contiguous on the device (autograd's gradients are often
+    strided: y.sum().backward() gives an expanded one), rather than leave it to cnnfast's copy (a Numba launch)."""
     class OnGPU(torch.Tensor):  # stands in for a CUDA tensor on this CPU-only build: the adapter asks is_cuda
         is_cuda = property(lambda self: True)
 

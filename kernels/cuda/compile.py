@@ -188,11 +188,11 @@ def specialisations():
             iarr = types.int64[::1] if typing == "array" else types.CPointer(types.int64)
             jarr = types.int32[::1] if typing == "array" else types.CPointer(types.int32)
             kinds = {"A": arr, "I": iarr, "J": jarr, "i": types.int64, "g": geo,
-                     "t": types.UniTuple(types.int64, depthwise.NTILE)}
+                     "t": types.UniTuple(types.int64, depthwise.NTILE), "S": types.Array(dt, 5, "A")}
 
             def add(name, pyfunc, template, dt=dt, typing=typing, kinds=kinds):
                 """template: one letter per argument: A float array, I int64 array, J int32 array, i int64, g geometry,
-                t depthwise tile geometry."""
+                t depthwise tile geometry, S 5-D float array of any strides."""
                 out.append((f"{name}[{dt},{typing}]", pyfunc, tuple(kinds[c] for c in template), typing))
 
             for family, ops_table in (("direct", direct.OPS), ("im2col_gemm", im2col.OPS),
@@ -216,4 +216,6 @@ def specialisations():
             add("pad", layout.pad_kernel, "AAIII" + "i" * 7)
             add("fold_pad", layout.fold_pad_kernel, "AA" + "I" * 6 + "i" * 7)
             add("bias_grad", layout.bias_grad_kernel(dt), "AAiiii")
+            if typing == "array":  # (only ever launched through Numba's dispatcher: launch.launch_numba)
+                add("copy", layout.copy_kernel, "SA")
     return out

@@ -75,6 +75,12 @@ def launch(pyfunc, grid, block, stream, *args):
         if function is not None:
             _launch_raw(function, grid, block, stream, args)
             return
+    launch_numba(pyfunc, grid, block, stream, *args)
+
+
+def launch_numba(pyfunc, grid, block, stream, *args):
+    """Launch kernel pyfunc through Numba's dispatcher (the simulator's when simulating), whatever the launch path:
+    also for kernels typed on arrays of any strides (layout.copy_kernel), which raw pointers cannot carry."""
     if compile.simulating():
         _simulated(compile.jit(pyfunc)[grid, block, stream], args)
         return

@@ -7,6 +7,8 @@ fold_pad_cuda:  the adjoint, as a gather: dst[..., i, j, l] = sum of src[..., a,
                 padded order. Thread per dst element; no atomics.
 bias_grad_cuda: dy (N, K, P, Q, U) -> db (K,): a block per (k, split of n and space) adds its share in a fixed
                 tree, and the splits are added in order (deterministic, no atomics).
+copy_cuda:      src of any non-negative strides (a slice, a permutation, an expanded tensor) -> dst C-contiguous:
+                thread (grid-stride) per dst element, reading src through its strides (no CPU twin: NumPy copies).
 Index tables are host int64 arrays from contract.pad_indices; they are uploaded once per GPU and cached.
 """
 from functools import lru_cache
@@ -14,7 +16,8 @@ from functools import lru_cache
 import numpy as np
 from cnnfast.kernels.cuda import direct
 from cnnfast.kernels.cuda.compile import ZERO, device_constant, numba_dtype
-from cnnfast.kernels.cuda.launch import flat, launch, scratch
+from cnnfast.kernels.cuda.indexing import split
+from cnnfast.kernels.cuda.launch import DeviceNDArray, flat, launch, launch_numba, scratch
 from numba import cuda
 
 BLOCK = 256  # threads per block (a power of two: bias_grad_kernel's tree)
@@ -137,7 +140,28 @@ def bias_grad_cuda(dy, db, stream=0):
         launch(direct.reduce_splits_kernel, _blocks(K), BLOCK, stream, partial, db, splits, K)
 
 
+def copy_kernel(src, dst):
+    """dst[e] = src[n, c, d, h, w] for e the C-order index of (n, c, d, h, w): src 5-D of any strides (typed 'A'),
+    dst flat."""
+    C, D, H, W = src.shape[1], src.shape[2], src.shape[3], src.shape[4]
+    for e in range(cuda.grid(1), dst.size, cuda.gridsize(1)):
+        n, c, d, h, w = split(e, C, D, H, W)
+        dst[e] = src[n, c, d, h, w]
+
+
 def copy_cuda(src, dst, stream=0):
-    """dst (C-contiguous) = src of any strides. Numba device arrays with arbitrary strides cannot be viewed
-    flat, so this goes through the host (correct; a strided-copy kernel is future work)."""
-    dst.copy_to_device(np.ascontiguousarray(src.copy_to_host(stream=stream)), stream=stream)
+    """dst (C-contiguous, src's shape, 1-5 axes) = src on the device, src of any non-negative strides. With a
+    negative stride it goes through the host: Numba starts a view's device memory at its lowest address, which for
+    a negative stride is not its first element, so no kernel can be handed such a view."""
+    if any(s < 0 for s in src.strides):
+        dst.copy_to_device(np.ascontiguousarray(src.copy_to_host(stream=stream)), stream=stream)
+        return
+    launch_numba(copy_kernel, _blocks(dst.size), BLOCK, stream, _five_axes(src), flat(dst))
+
+
+def _five_axes(a):
+    """a (1-5 axes, any strides) seen with leading unit axes added to five, without a copy."""
+    shape, strides = (1,) * (5 - a.ndim) + tuple(a.shape), (a.dtype.itemsize,) * (5 - a.ndim) + tuple(a.strides)
+    if DeviceNDArray is not None and type(a) is DeviceNDArray:  # its reshape cannot add axes to a strided array
+        return DeviceNDArray(shape, strides, a.dtype, gpu_data=a.gpu_data)
+    return a.reshape(shape)
