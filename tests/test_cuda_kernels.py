@@ -360,6 +360,63 @@ def test_pack_gives_one_8_byte_value_per_pointer_int_and_tuple_element():
                                                types.UniTuple(types.int64, 3), types.int64)
 
 
+def test_raw_launch_hands_the_driver_one_pointer_per_8_byte_parameter(monkeypatch):
+    """The host side of the raw path's cuLaunchKernel, checked without a GPU: a stand-in for CuPy's driver module
+    reads kernelParams back as the driver does (an array of pointers, each to one 8-byte value) and gets pack()'s
+    values, in order; the grid and block come as three dimensions each, the stream as its handle. Twice per
+    argument count and from two threads, since the buffers are kept and reused."""
+    import ctypes
+    import threading
+    import types as pytypes
+
+    from cnnfast.kernels.cuda import launch as launching
+
+    class Interface:  # any __cuda_array_interface__ object
+        dtype = np.dtype("float32")
+
+        def __init__(self, address):
+            self.__cuda_array_interface__ = {"data": (address, False), "shape": (4,), "typestr": "<f4", "version": 3}
+
+    calls = []
+
+    def launchKernel(f, gx, gy, gz, bx, by, bz, shared, stream, params, extra):  # noqa: N802 (CuPy's name)
+        n = len(launching.pack(current.args))
+        pointers = (ctypes.c_void_p * n).from_address(params)
+        calls.append(((f, gx, gy, gz, bx, by, bz, shared, stream, extra),
+                      [ctypes.c_int64.from_address(p).value for p in pointers]))
+
+    driver = pytypes.ModuleType("cupy_backends.cuda.api.driver")
+    driver.launchKernel = launchKernel
+    for name in ("cupy_backends", "cupy_backends.cuda", "cupy_backends.cuda.api"):
+        monkeypatch.setitem(sys.modules, name, pytypes.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "cupy_backends.cuda.api.driver", driver)
+    sys.modules["cupy_backends.cuda.api"].driver = driver
+    current = threading.local()
+    function = pytypes.SimpleNamespace(ptr=0xF00)
+    cases = [((Interface(0x7F0000001000), Interface(0x7F0000002000), 7, (1, -2, 3), np.int64(-4)), 5, 64),
+             ((Interface(0x7F0000003000), tuple(range(36)), 1), (6, 2), (32, 4)),
+             ((Interface(0x7F0000004000), Interface(0x7F0000005000), -7, (3, 2, 1), np.int64(4)), (1, 2, 3), 128)]
+
+    def run(case_list):
+        for args, grid, block in case_list:
+            current.args = args
+            launching._launch_raw(function, grid, block, 0, args)
+
+    run(cases)
+    threads = [threading.Thread(target=run, args=(cases,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 3 * len(cases)
+    for (config, values), (args, grid, block) in zip(calls[:3], cases):
+        assert values == launching.pack(args).tolist()
+        g = (grid, 1, 1) if isinstance(grid, int) else tuple(grid) + (1,) * (3 - len(grid))
+        b = (block, 1, 1) if isinstance(block, int) else tuple(block) + (1,) * (3 - len(block))
+        assert config == (0xF00, *g, *b, 0, 0, 0)
+    assert sorted(v for _, v in calls) == sorted(launching.pack(a).tolist() for a, _, _ in cases * 3)
+
+
 def test_raw_launch_is_opt_in_and_never_used_in_the_simulator(monkeypatch):
     from cnnfast.kernels.cuda import launch as launching
     monkeypatch.delenv(launching.ENV, raising=False)

@@ -28,6 +28,7 @@ Finer switching exposes a race in the simulator's cuda.shared.array, fixed here 
 """
 import os
 import sys
+import threading
 import warnings
 from functools import lru_cache
 
@@ -43,7 +44,7 @@ except ImportError:  # Numba's CUDA simulator (its arrays are NumPy-backed: they
 
 ENV = "CNNFAST_CUDA_LAUNCH"
 _FUNCTIONS = {}  # (pyfunc, argument kinds, GPU) -> CuPy Function | None (use Numba's dispatcher)
-_OFFSETS = {}  # number of parameters -> byte offsets of each 8-byte slot in the argument buffer
+_PARAMETERS = threading.local()  # number of parameters -> this thread's kernelParams buffers (_parameters)
 _INTEGERS = (int, np.integer)
 _CONFIGURED = {}  # (pyfunc, grid, block, stream handle) -> Numba's configured launch (on a GPU)
 CONFIGURED_SIZE = 4096
@@ -209,15 +210,20 @@ def argument_types(kinds):
 def pack(args):
     """The kernel parameters of args in Numba's raw-pointer ABI: one int64 per array (its device address),
     per int, and per element of a tuple, in argument order."""
+    return np.array(_values(args), np.int64)
+
+
+def _values(args):
+    """pack()'s values as a list of ints."""
     values = []
     for a in args:
         if isinstance(a, _INTEGERS):
             values.append(int(a))
         elif isinstance(a, tuple):
-            values.extend(int(v) for v in a)
+            values.extend(a)
         else:
             values.append(_address(a))
-    return np.array(values, np.int64)
+    return values
 
 
 def _address(a):
@@ -249,15 +255,25 @@ def _function(pyfunc, kinds):
     return function
 
 
+def _parameters(n):
+    """This thread's kernelParams for n 8-byte parameters: (an int64 buffer, the address of an array of pointers to
+    its slots), made once and reused: cuLaunchKernel copies the values before it returns, and a new pair per launch
+    (two NumPy arrays and their ctypes addresses) was half of the raw path's ~8 us of host time."""
+    kept = _PARAMETERS.__dict__
+    found = kept.get(n)
+    if found is None:
+        values = np.zeros(n, np.int64)
+        pointers = np.arange(n, dtype=np.uint64) * np.uint64(8) + np.uint64(values.ctypes.data)
+        found = kept[n] = values, pointers, int(pointers.ctypes.data)  # (pointers kept alive with its address)
+    return found[0], found[2]
+
+
 def _launch_raw(function, grid, block, stream, args):
     from cupy_backends.cuda.api import driver
 
-    values = pack(args)
-    n = len(values)
-    offsets = _OFFSETS.get(n)
-    if offsets is None:
-        offsets = _OFFSETS[n] = np.arange(n, dtype=np.uint64) * np.uint64(8)
-    params = offsets + np.uint64(values.ctypes.data)  # kernelParams: the address of each 8-byte value
+    values = _values(args)
+    buffer, params = _parameters(len(values))
+    buffer[:] = values
     gx, gy, gz = (tuple(grid) + (1, 1))[:3] if isinstance(grid, tuple) else (grid, 1, 1)
     bx, by, bz = (tuple(block) + (1, 1))[:3] if isinstance(block, tuple) else (block, 1, 1)
-    driver.launchKernel(function.ptr, gx, gy, gz, bx, by, bz, 0, stream_pointer(stream), params.ctypes.data, 0)
+    driver.launchKernel(function.ptr, gx, gy, gz, bx, by, bz, 0, stream_pointer(stream), params, 0)
