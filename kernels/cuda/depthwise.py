@@ -371,15 +371,13 @@ def _blocks(n):
 def forward(x, w, bias, y, g, workspace_limit=None, stream=0):
     bias, flag = direct._bias_arg(bias, y)
     if not _plane("forward", x, w, bias, flag, y, g, stream):
-        launch(forward_kernel, _blocks(y.size), BLOCK, stream, flat(x), flat(w), bias,
-               flat(y), tuple(g), flag)
+        launch(forward_kernel, _blocks(y.size), BLOCK, stream, flat(x), flat(w), bias, flat(y), tuple(g), flag)
 
 
 def backward_data(dy, w, dx, g, workspace_limit=None, stream=0):
     bias, _ = direct._bias_arg(None, dx)
     if not _plane("backward_data", dy, w, bias, 0, dx, g, stream):
-        launch(backward_data_kernel, _blocks(dx.size), BLOCK, stream, flat(dy), flat(w),
-               flat(dx), tuple(g))
+        launch(backward_data_kernel, _blocks(dx.size), BLOCK, stream, flat(dy), flat(w), flat(dx), tuple(g))
 
 
 backward_filter = depthwise_filter.backward_filter

@@ -211,8 +211,7 @@ def backward_filter(x, dy, dw, g, workspace_limit=None, stream=0):
     chunk = -(-filter_items(g) // splits)
     out = flat(dw) if splits == 1 else scratch(splits * dw.size, dw.dtype, dw, stream)
     kernel = filter_kernel(numba_dtype(dw.dtype), constant_sizes(g), filter_slides(g), FILTER_ROWS)
-    launch(kernel, splits * g.K, FILTER_BLOCK, stream, flat(x), flat(dy), out, tap_table(g),
-           tuple(g), chunk)
+    launch(kernel, splits * g.K, FILTER_BLOCK, stream, flat(x), flat(dy), out, tap_table(g), tuple(g), chunk)
     if splits > 1:
         launch(direct.reduce_splits_kernel, max(1, min(-(-dw.size // 256), 1024)), 256, stream, out,
                flat(dw), splits, dw.size)

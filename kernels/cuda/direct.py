@@ -438,8 +438,7 @@ def launch_tiled(ops, a, b, out, bias, tab, geo, shape, groups, flag, splits, st
     jchunk = -(-J // splits)
     jchunk = -(-jchunk // gemm.BJ) * gemm.BJ
     launch(gemm.tiled_kernel(numba_dtype(out.dtype), ops, tile), gemm.grid(M, NCOL, groups, splits, tile),
-           gemm.TILES[tile].threads, stream, flat(a), flat(b), flat(out), bias, tab,
-           geo, flag, splits, jchunk, n0)
+           gemm.TILES[tile].threads, stream, flat(a), flat(b), flat(out), bias, tab, geo, flag, splits, jchunk, n0)
 
 
 def _bias_arg(bias, like):

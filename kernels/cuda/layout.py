@@ -108,8 +108,7 @@ def pad_cuda(src, dst, idx_d, idx_h, idx_w, stream=0):
     N, C, D, H, W = src.shape
     tables = [device_constant(("pad", tuple(t)), lambda t=t: np.asarray(t, np.int64))
               for t in (idx_d, idx_h, idx_w)]
-    launch(pad_kernel, _blocks(dst.size), BLOCK, stream, flat(src), flat(dst), *tables,
-           N * C, D, H, W, *dst.shape[2:])
+    launch(pad_kernel, _blocks(dst.size), BLOCK, stream, flat(src), flat(dst), *tables, N * C, D, H, W, *dst.shape[2:])
 
 
 def fold_pad_cuda(src, dst, idx_d, idx_h, idx_w, stream=0):
@@ -134,8 +133,7 @@ def bias_grad_cuda(dy, db, stream=0):
     splits = bias_grad_splits(N, K, L)
     chunk = -(-N * L // splits)
     partial = db if splits == 1 else scratch(splits * K, db.dtype, db, stream)
-    launch(bias_grad_kernel(numba_dtype(db.dtype)), (K, splits), BLOCK, stream, flat(dy), partial,
-           N, K, L, chunk)
+    launch(bias_grad_kernel(numba_dtype(db.dtype)), (K, splits), BLOCK, stream, flat(dy), partial, N, K, L, chunk)
     if splits > 1:  # the splits added in order
         launch(direct.reduce_splits_kernel, _blocks(K), BLOCK, stream, partial, db, splits, K)
 
