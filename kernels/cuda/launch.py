@@ -186,12 +186,13 @@ def stream_pointer(stream):
 
 
 def _kind(a):
-    """What the raw signature depends on: 'i' for an int, a tuple's length, an array's dtype."""
+    """What the raw signature depends on: 'i' for an int, a tuple's length, an array's dtype string ('<f4'; not
+    the dtype itself, which compares equal to 'i' when it is int32)."""
     if isinstance(a, _INTEGERS):
         return "i"
     if isinstance(a, tuple):
         return len(a)
-    return np.dtype(a.dtype).str
+    return a.dtype.str
 
 
 def argument_types(kinds):
