@@ -63,7 +63,7 @@ def parallel(**options):
         twin = types.FunctionType(pyfunc.__code__, pyfunc.__globals__, pyfunc.__name__, pyfunc.__defaults__,
                                   pyfunc.__closure__)
         twin.__qualname__ = f"{pyfunc.__qualname__}_serial"
-        twin.__doc__, twin.__module__ = pyfunc.__doc__, pyfunc.__module__
+        twin.__doc__ = pyfunc.__doc__
         kernel.serial = numba.njit(cache=True, **options)(twin)
         return kernel
     return build

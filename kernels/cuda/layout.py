@@ -160,6 +160,6 @@ def copy_cuda(src, dst, stream=0):
 def _five_axes(a):
     """a (1-5 axes, any strides) seen with leading unit axes added to five, without a copy."""
     shape, strides = (1,) * (5 - a.ndim) + tuple(a.shape), (a.dtype.itemsize,) * (5 - a.ndim) + tuple(a.strides)
-    if DeviceNDArray is not None and type(a) is DeviceNDArray:  # its reshape cannot add axes to a strided array
+    if type(a) is DeviceNDArray:  # (None in the simulator) its reshape cannot add axes to a strided array
         return DeviceNDArray(shape, strides, a.dtype, gpu_data=a.gpu_data)
     return a.reshape(shape)
