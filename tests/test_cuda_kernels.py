@@ -361,11 +361,14 @@ def test_pack_gives_one_8_byte_value_per_pointer_int_and_tuple_element():
 
 
 def test_raw_launch_hands_the_driver_one_pointer_per_8_byte_parameter(monkeypatch):
-    """The host side of the raw path's cuLaunchKernel, checked without a GPU: a stand-in for CuPy's driver module
-    reads kernelParams back as the driver does (an array of pointers, each to one 8-byte value) and gets pack()'s
-    values, in order; the grid and block come as three dimensions each, the stream as its handle. Twice per
-    argument count and from two threads, since the buffers are kept and reused."""
+    """The host side of the raw path's cuLaunchKernel, checked without a GPU: a stand-in for numba-cuda's driver
+    object reads kernelParams back as the driver does (an array of pointers, each to one 8-byte value) and gets
+    pack()'s values, in order; the grid and block come as three dimensions each, the stream as its handle. Twice per
+    argument count and from two threads, since the buffers are kept and reused. Then cuda-bindings' own
+    cuLaunchKernel is handed the same arguments, to check that it accepts their types (where no driver is
+    installed, it converts them and then fails to find libcuda)."""
     import ctypes
+    import ctypes.util
     import threading
     import types as pytypes
 
@@ -379,28 +382,24 @@ def test_raw_launch_hands_the_driver_one_pointer_per_8_byte_parameter(monkeypatc
 
     calls = []
 
-    def launchKernel(f, gx, gy, gz, bx, by, bz, shared, stream, params, extra):  # noqa: N802 (CuPy's name)
+    def cuLaunchKernel(f, gx, gy, gz, bx, by, bz, shared, stream, params, extra):  # noqa: N802 (the driver's name)
         n = len(launching.pack(current.args))
         pointers = (ctypes.c_void_p * n).from_address(params)
-        calls.append(((f, gx, gy, gz, bx, by, bz, shared, stream, extra),
+        calls.append(((f, gx, gy, gz, bx, by, bz, shared, stream, params, extra),
                       [ctypes.c_int64.from_address(p).value for p in pointers]))
 
-    driver = pytypes.ModuleType("cupy_backends.cuda.api.driver")
-    driver.launchKernel = launchKernel
-    for name in ("cupy_backends", "cupy_backends.cuda", "cupy_backends.cuda.api"):
-        monkeypatch.setitem(sys.modules, name, pytypes.ModuleType(name))
-    monkeypatch.setitem(sys.modules, "cupy_backends.cuda.api.driver", driver)
-    sys.modules["cupy_backends.cuda.api"].driver = driver
+    monkeypatch.setattr(launching, "_driver", lambda: pytypes.SimpleNamespace(cuLaunchKernel=cuLaunchKernel))
     current = threading.local()
-    function = pytypes.SimpleNamespace(ptr=0xF00)
-    cases = [((Interface(0x7F0000001000), Interface(0x7F0000002000), 7, (1, -2, 3), np.int64(-4)), 5, 64),
-             ((Interface(0x7F0000003000), tuple(range(36)), 1), (6, 2), (32, 4)),
-             ((Interface(0x7F0000004000), Interface(0x7F0000005000), -7, (3, 2, 1), np.int64(4)), (1, 2, 3), 128)]
+    function = pytypes.SimpleNamespace(handle=0xF00)
+    stream = pytypes.SimpleNamespace(handle=0xABC)  # a Numba stream's handle (a CUstream)
+    cases = [((Interface(0x7F0000001000), Interface(0x7F0000002000), 7, (1, -2, 3), np.int64(-4)), 5, 64, 0),
+             ((Interface(0x7F0000003000), tuple(range(36)), 1), (6, 2), (32, 4), stream),
+             ((Interface(0x7F0000004000), Interface(0x7F0000005000), -7, (3, 2, 1), np.int64(4)), (1, 2, 3), 128, 0)]
 
     def run(case_list):
-        for args, grid, block in case_list:
+        for args, grid, block, on in case_list:
             current.args = args
-            launching._launch_raw(function, grid, block, 0, args)
+            launching._launch_raw(function, grid, block, on, args)
 
     run(cases)
     threads = [threading.Thread(target=run, args=(cases,)) for _ in range(2)]
@@ -409,12 +408,82 @@ def test_raw_launch_hands_the_driver_one_pointer_per_8_byte_parameter(monkeypatc
     for t in threads:
         t.join()
     assert len(calls) == 3 * len(cases)
-    for (config, values), (args, grid, block) in zip(calls[:3], cases):
+    for (config, values), (args, grid, block, on) in zip(calls[:3], cases):
         assert values == launching.pack(args).tolist()
         g = (grid, 1, 1) if isinstance(grid, int) else tuple(grid) + (1,) * (3 - len(grid))
         b = (block, 1, 1) if isinstance(block, int) else tuple(block) + (1,) * (3 - len(block))
-        assert config == (0xF00, *g, *b, 0, 0, 0)
-    assert sorted(v for _, v in calls) == sorted(launching.pack(a).tolist() for a, _, _ in cases * 3)
+        assert config[:9] == (0xF00, *g, *b, 0, on.handle if on else 0) and config[10] == 0
+        assert isinstance(config[9], int)  # kernelParams: the address of the array of pointers
+    assert sorted(v for _, v in calls) == sorted(launching.pack(a).tolist() for a, _, _, _ in cases * 3)
+
+    if ctypes.util.find_library("cuda"):
+        return  # a driver is installed: the stand-in arguments must not reach it
+    binding = pytest.importorskip("cuda.bindings.driver")
+    for config, _ in calls[:3]:
+        f, *dims, stream_handle, params, extra = config
+        try:
+            returned = binding.cuLaunchKernel(binding.CUkernel(f), *dims, stream_handle, params, extra)
+        except (TypeError, ValueError, OverflowError) as e:
+            pytest.fail(f"cuda-bindings rejects the raw path's arguments: {e}")
+        except Exception as e:  # noqa: BLE001 (the arguments were converted; then no libcuda)
+            assert "cuda" in str(e), e
+        else:
+            assert isinstance(returned[0], binding.CUresult)
+
+
+def test_raw_specialisations_load_once_per_kernel_and_gpu_into_numba_context(monkeypatch):
+    """_function, checked with a stand-in for Numba's CUDA context: the PTX is compiled for the context's GPU
+    (its compute capability) and loaded into that context once per (kernel, argument kinds, GPU); another GPU loads
+    its own; a specialisation that cannot be prepared warns once and leaves the kernel on Numba's dispatcher."""
+    import types as pytypes
+    import warnings
+
+    from cnnfast.kernels.cuda import compile as kernel_cache
+    from cnnfast.kernels.cuda import launch as launching
+    from numba import types
+
+    compiled, loaded = [], []
+
+    class Context:
+        def __init__(self, gpu, cc):
+            self.device = pytypes.SimpleNamespace(id=gpu, compute_capability=cc)
+
+        def create_module_ptx(self, text):
+            if text == "broken":
+                raise RuntimeError("CUDA_ERROR_UNSUPPORTED_PTX_VERSION")
+            loaded.append((self.device.id, text))
+            return pytypes.SimpleNamespace(get_function=lambda entry: pytypes.SimpleNamespace(handle=(text, entry)))
+
+    def ptx(pyfunc, argtypes, cc):
+        compiled.append((pyfunc.__name__, argtypes, cc))
+        return ("broken" if pyfunc is broken else f"ptx {pyfunc.__name__} sm_{cc[0]}{cc[1]}"), "entry"
+
+    def kernel(a, n):
+        """A stand-in kernel."""
+
+    def broken(a):
+        """A stand-in kernel whose module does not load."""
+
+    monkeypatch.setattr(kernel_cache, "ptx", ptx)
+    monkeypatch.setattr(launching, "_FUNCTIONS", {})
+    gpus = {0: Context(0, (9, 0)), 1: Context(1, (8, 6))}
+    on = [0]
+    monkeypatch.setattr(launching, "_context", lambda: gpus[on[0]])
+    kinds = ("<f4", "i")
+    first = launching._function(kernel, kinds)
+    assert first.handle == ("ptx kernel sm_90", "entry")
+    assert launching._function(kernel, kinds) is first
+    assert compiled == [("kernel", (types.CPointer(types.float32), types.int64), (9, 0))]
+    assert loaded == [(0, "ptx kernel sm_90")]
+    on[0] = 1
+    assert launching._function(kernel, kinds).handle == ("ptx kernel sm_86", "entry")
+    assert launching._function(kernel, ("<f8", "i")).handle == ("ptx kernel sm_86", "entry")
+    assert len(loaded) == 3 and compiled[-1][1][0] == types.CPointer(types.float64)
+    with pytest.warns(RuntimeWarning, match="raw launch of .*broken unavailable.*UNSUPPORTED_PTX_VERSION"):
+        assert launching._function(broken, ("<f4",)) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert launching._function(broken, ("<f4",)) is None  # kept: no second warning
 
 
 def test_raw_launch_is_opt_in_and_never_used_in_the_simulator(monkeypatch):
@@ -457,22 +526,28 @@ def test_raw_specialisations_compile_once_then_load_from_the_disk_cache(tmp_path
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(SIM, reason="the raw path needs a GPU and CuPy")
-def test_raw_launch_path_matches_numba_dispatcher_bitwise(problem, monkeypatch):
-    """On a GPU with CuPy: every algorithm and primitive on CuPy arrays, launched both ways, same bits."""
-    cp = pytest.importorskip("cupy")
+@pytest.mark.skipif(SIM, reason="the raw path needs a GPU")
+@pytest.mark.parametrize("family", ["numba", "cupy"])
+def test_raw_launch_path_matches_numba_dispatcher_bitwise(problem, family, monkeypatch):
+    """On a GPU: every algorithm and primitive, launched both ways, same bits; on Numba device arrays, and on CuPy
+    arrays where CuPy is installed."""
     from cnnfast.kernels.cuda import launch as launching
-    x, w, dy = (cp.asarray(a) for a in problem)
+    if family == "cupy":
+        cp = pytest.importorskip("cupy")
+        put, host, sync = cp.asarray, cp.asnumpy, cp.cuda.get_current_stream().synchronize
+    else:
+        put, host, sync = cuda.to_device, (lambda a: a.copy_to_host()), cuda.synchronize
+    x, w, dy = (put(a) for a in problem)
     calls = {f"{algo} {name}": (lambda op=op, algo=algo: op(algo))
              for algo in ("direct", "im2col")
              for name, op in (("forward", lambda a: cnnfast.conv2d(x, w, padding=1, algo=a)),
                               ("backward_data", lambda a: grad.conv2d_input(x.shape, w, dy, padding=1, algo=a)),
                               ("backward_filter", lambda a: grad.conv2d_weight(x, w.shape, dy, padding=1, algo=a)))}
-    depthwise_w = w[:C, :1].copy()
+    depthwise_w, depthwise_dy = put(problem[1][:C, :1].copy()), put(problem[2][:, :C].copy())
     calls["depthwise forward"] = lambda: cnnfast.conv2d(x, depthwise_w, padding=1, groups=C, algo="depthwise")
-    calls["depthwise backward_data"] = lambda: grad.conv2d_input(x.shape, depthwise_w, dy[:, :C], padding=1, groups=C,
-                                                                 algo="depthwise")
-    calls["depthwise backward_filter"] = lambda: grad.conv2d_weight(x, depthwise_w.shape, dy[:, :C], padding=1,
+    calls["depthwise backward_data"] = lambda: grad.conv2d_input(x.shape, depthwise_w, depthwise_dy, padding=1,
+                                                                 groups=C, algo="depthwise")
+    calls["depthwise backward_filter"] = lambda: grad.conv2d_weight(x, depthwise_w.shape, depthwise_dy, padding=1,
                                                                     groups=C, algo="depthwise")
     calls["reflect backward_data"] = lambda: grad.conv2d_input(x.shape, w, dy, padding=1, padding_mode="reflect")
     for name, call in calls.items():
@@ -481,8 +556,8 @@ def test_raw_launch_path_matches_numba_dispatcher_bitwise(problem, monkeypatch):
         monkeypatch.setenv(launching.ENV, "raw")
         assert launching.raw_enabled()
         got = call()
-        cp.cuda.get_current_stream().synchronize()
-        np.testing.assert_array_equal(cp.asnumpy(got), cp.asnumpy(expected), err_msg=name)
+        sync()
+        np.testing.assert_array_equal(host(got), host(expected), err_msg=name)
     assert launching._FUNCTIONS and all(f is not None for f in launching._FUNCTIONS.values())
 
 

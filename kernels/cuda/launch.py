@@ -1,24 +1,25 @@
-"""How the launchers start kernels: Numba's dispatcher, or raw pointers through CuPy (the fast path).
+"""How the launchers start kernels: Numba's dispatcher, or raw pointers through the CUDA driver (the fast path).
 
 Every launcher calls launch(pyfunc, grid, block, stream, *args) with 1-D device arrays, ints and tuples of
 ints, and scratch(size, dtype, like, stream) for its workspace. The same kernel source runs on two paths:
 
-    numba  jit(pyfunc)[grid, block, stream](*args): the simulator, users without CuPy, and the default.
+    numba  jit(pyfunc)[grid, block, stream](*args): the simulator, and the default.
            TOOLCHAIN.md measured 44-135 us of host time per launch on this path, and ~20 us more for a grid
            under 128 blocks (Numba's low-occupancy warning). On a GPU the configured launch, jit(pyfunc)[grid,
            block, stream], is built once per (kernel, grid, block, stream) and kept (_configured), without the
            warning: the launchers size small grids on purpose for small problems.
     raw    the kernel typed with raw pointers (array -> CPointer(dtype), int -> int64, tuple -> its ints),
            compiled to PTX once per specialisation (cached on disk across processes: compile.ptx), loaded as
-           a CUDA module once per GPU, launched with cuLaunchKernel through CuPy's driver bindings (8-10 us
-           measured for one launch of this kind). Numba's kernel ABI passes each of those as one 8-byte
-           parameter, so one int64 buffer holds every argument; tests check the count against each PTX entry.
+           a module into Numba's CUDA context once per GPU, launched with cuLaunchKernel through the CUDA Python
+           bindings (cuda-bindings) that numba-cuda itself calls, so it needs no CuPy and takes any CUDA array
+           (8-10 us measured for one launch of this kind through CuPy's bindings). Numba's kernel ABI passes each
+           of those as one 8-byte parameter, so one int64 buffer holds every argument; tests check the count
+           against each PTX entry.
 
-CNNFAST_CUDA_LAUNCH=raw selects the raw path when CuPy is importable (and Numba is not simulating CUDA);
-anything else, or no CuPy, keeps Numba's dispatcher. The raw path stays opt-in until it has been validated and
-timed on a GPU (run the CUDA tests with CNNFAST_CUDA_LAUNCH=raw; bench/test_cuda.py times both paths).
-A kernel whose raw specialisation cannot be prepared (no NVVM, an unsupported GPU) falls back to Numba's
-dispatcher with one warning.
+CNNFAST_CUDA_LAUNCH=raw selects the raw path on a GPU (never in Numba's CUDA simulator); anything else keeps
+Numba's dispatcher. The raw path stays opt-in until it has been validated and timed on a GPU (run the CUDA tests
+with CNNFAST_CUDA_LAUNCH=raw; bench/test_cuda.py times both paths). A kernel whose raw specialisation cannot be
+prepared (no NVVM, an unsupported GPU) falls back to Numba's dispatcher with one warning.
 
 In Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) every CUDA thread of a block is a Python thread, which the
 simulator's block manager busy-polls; after each barrier the threads wait for GIL hand-offs, one per interpreter
@@ -36,6 +37,7 @@ import numpy as np
 from cnnfast.kernels.cuda import compile
 from numba import cuda, types
 from numba.cuda.core.errors import NumbaPerformanceWarning  # (numba-cuda's own class, not numba.core's)
+from numba.cuda.cudadrv import devices
 
 try:
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
@@ -43,7 +45,7 @@ except ImportError:  # Numba's CUDA simulator (its arrays are NumPy-backed: they
     DeviceNDArray = None
 
 ENV = "CNNFAST_CUDA_LAUNCH"
-_FUNCTIONS = {}  # (pyfunc, argument kinds, GPU) -> CuPy Function | None (use Numba's dispatcher)
+_FUNCTIONS = {}  # (pyfunc, argument kinds, GPU) -> loaded Numba Function | None (use Numba's dispatcher)
 _PARAMETERS = threading.local()  # number of parameters -> this thread's kernelParams buffers (_parameters)
 _INTEGERS = (int, np.integer)
 _CONFIGURED = {}  # (pyfunc, grid, block, stream handle) -> Numba's configured launch (on a GPU)
@@ -52,26 +54,19 @@ SIMULATED_SWITCH_INTERVAL = 1e-4  # s: sys.setswitchinterval during a simulated 
 
 
 def raw_enabled():
-    """True when launches take the raw-pointer path (CNNFAST_CUDA_LAUNCH=raw, CuPy importable, a real GPU)."""
+    """True when launches take the raw-pointer path (CNNFAST_CUDA_LAUNCH=raw on a real GPU)."""
     return _raw_possible() and os.environ.get(ENV, "numba") == "raw"
 
 
 @lru_cache(maxsize=1)
 def _raw_possible():
-    if compile.simulating() or not cuda.is_available():
-        return False
-    try:
-        import cupy  # noqa: F401
-        from cupy_backends.cuda.api import driver  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return not compile.simulating() and cuda.is_available()
 
 
 def launch(pyfunc, grid, block, stream, *args):
     """Launch kernel pyfunc over grid x block threads on stream (0 or a Numba stream) with args."""
     if raw_enabled():
-        kinds = tuple(_kind(a) for a in args)
+        kinds = tuple(map(_kind, args))
         function = _function(pyfunc, kinds)
         if function is not None:
             _launch_raw(function, grid, block, stream, args)
@@ -228,32 +223,41 @@ def _values(args):
 
 
 def _address(a):
+    if type(a) is DeviceNDArray:  # Numba's (its __cuda_array_interface__ builds a dict)
+        return a.device_ctypes_pointer.value or 0
     data = getattr(a, "data", None)
     ptr = getattr(data, "ptr", None)  # CuPy: a.data.ptr, the fast way
     return ptr if ptr is not None else a.__cuda_array_interface__["data"][0]
 
 
 def _function(pyfunc, kinds):
-    """The loaded CuPy Function of pyfunc's raw specialisation on the current GPU, or None (use Numba)."""
-    import cupy
-
-    device = cupy.cuda.runtime.getDevice()
-    key = (pyfunc, kinds, device)
+    """pyfunc's raw specialisation as a Numba Function loaded in Numba's current CUDA context (its GPU's), or None
+    (use Numba's dispatcher)."""
+    context = _context()
+    key = (pyfunc, kinds, context.device.id)
     if key in _FUNCTIONS:
         return _FUNCTIONS[key]
-    argtypes = argument_types(kinds)
     try:
-        major, minor = cupy.cuda.Device(device).compute_capability
-        text, entry = compile.ptx(pyfunc, argtypes, cc=(int(major), int(minor)))
-        module = cupy.cuda.function.Module()
-        module.load(text.encode() + b"\0")
-        function = module.get_function(entry)
+        text, entry = compile.ptx(pyfunc, argument_types(kinds), cc=tuple(context.device.compute_capability))
+        function = context.create_module_ptx(text).get_function(entry)  # (the context keeps the module)
     except Exception as e:  # no NVVM, an unsupported GPU, ...: keep working on Numba's dispatcher
         warnings.warn(f"cnnfast: raw launch of {compile.kernel_key(pyfunc)} unavailable ({type(e).__name__}: "
                       f"{e}); using Numba's dispatcher", RuntimeWarning, stacklevel=3)
         function = None
     _FUNCTIONS[key] = function
     return function
+
+
+def _context():
+    """Numba's CUDA context on this thread (made current when none is), as Numba's own launches take it."""
+    return devices.get_context()
+
+
+@lru_cache(maxsize=1)
+def _driver():
+    """numba-cuda's driver object: cuda-bindings' functions, each raising CudaAPIError on an error."""
+    from numba.cuda.cudadrv.driver import driver
+    return driver
 
 
 def _parameters(n):
@@ -270,11 +274,9 @@ def _parameters(n):
 
 
 def _launch_raw(function, grid, block, stream, args):
-    from cupy_backends.cuda.api import driver
-
     values = _values(args)
     buffer, params = _parameters(len(values))
     buffer[:] = values
     gx, gy, gz = (tuple(grid) + (1, 1))[:3] if isinstance(grid, tuple) else (grid, 1, 1)
     bx, by, bz = (tuple(block) + (1, 1))[:3] if isinstance(block, tuple) else (block, 1, 1)
-    driver.launchKernel(function.ptr, gx, gy, gz, bx, by, bz, 0, stream_pointer(stream), params, 0)
+    _driver().cuLaunchKernel(function.handle, gx, gy, gz, bx, by, bz, 0, stream.handle if stream else 0, params, 0)
