@@ -118,6 +118,91 @@ def test_workspace_limit_below_the_minimum_is_refused_by_im2col_and_avoided_by_a
     assert_close(out, layer.expected(primitive), "float64", f"{OPS[primitive]} auto, limit={too_small}")
 
 
+# im2col_cpu's and col2im_cpu's shifted planes (whole samples, U == W, unit strides along H and W) against their
+# row-by-row paths and a NumPy oracle: x (N, C, D, H, W), taps (T, R, S), strides, dilations, low = high pads
+SHIFTED_LAYERS = {
+    "3x3 same": ((2, 3, 1, 7, 6), (1, 3, 3), (1, 1, 1), (1, 1, 1), (0, 1, 1)),
+    "5x5 dilation 2": ((2, 2, 1, 9, 8), (1, 5, 5), (1, 1, 1), (1, 2, 2), (0, 4, 4)),
+    "3x3x3 depth stride 2": ((1, 2, 5, 6, 6), (3, 3, 3), (2, 1, 1), (1, 1, 1), (1, 1, 1)),
+    "1-D dilation 8": ((2, 3, 1, 1, 40), (1, 1, 3), (1, 1, 1), (1, 1, 8), (0, 0, 8)),
+    "output rows of padding only": ((1, 2, 1, 3, 5), (1, 3, 3), (1, 1, 1), (1, 1, 1), (0, 4, 1)),
+    "a tap reading padding only": ((1, 2, 1, 4, 4), (1, 3, 3), (1, 1, 1), (1, 5, 5), (0, 5, 5)),
+}
+
+
+def _shifted_problem(name):
+    x_shape, taps, strides, dils, pads = SHIFTED_LAYERS[name]
+    outs = tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
+                 for n, k, s, d, p in zip(x_shape[2:], taps, strides, dils, pads))
+    assert outs[2] == x_shape[4] and strides[1:] == (1, 1)  # the shifted paths' condition
+    return x_shape, taps, strides, dils, pads, outs, (*strides, *dils, *pads)
+
+
+def _columns_oracle(x, taps, strides, dils, pads, outs):
+    """cols (C*T*R*S, N, P*Q*U) by NumPy slicing of the zero-padded x."""
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(p, p) for p in pads])
+    N, C = x.shape[:2]
+    rows = []
+    for c in range(C):
+        for t in range(taps[0]):
+            for r in range(taps[1]):
+                for s in range(taps[2]):
+                    at = [k * d for k, d in zip((t, r, s), dils)]
+                    view = xp[:, c, at[0]:at[0] + strides[0] * (outs[0] - 1) + 1:strides[0],
+                              at[1]:at[1] + strides[1] * (outs[1] - 1) + 1:strides[1],
+                              at[2]:at[2] + strides[2] * (outs[2] - 1) + 1:strides[2]]
+                    rows.append(view.reshape(N, -1))
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("build", ["parallel", "serial"])
+@pytest.mark.parametrize("name", list(SHIFTED_LAYERS))
+def test_im2col_shifted_planes_match_the_row_path_and_numpy(name, build):
+    """A whole-sample block takes im2col_cpu's shifted path, blocks of part of a sample its row path: the same
+    columns, bit for bit, and those of NumPy slicing (NaN and inf carried as values)."""
+    x_shape, taps, strides, dils, pads, outs, args = _shifted_problem(name)
+    x = np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)
+    x.flat[[1, 7]] = np.nan, np.inf
+    kernel = im2col.im2col_cpu if build == "parallel" else im2col.im2col_cpu.serial
+    rows, O, tp = x_shape[1] * int(np.prod(taps)), int(np.prod(outs)), np.array(taps, np.int64)
+    whole = np.full((rows, x_shape[0], O), 5.0, np.float32)
+    kernel(x, 0, 0, whole, tp, 0, *args, outs[1], outs[2])
+    expected = _columns_oracle(x, taps, strides, dils, pads, outs)
+    np.testing.assert_array_equal(whole, expected)
+    B = max(1, O // 3)
+    for n in range(x_shape[0]):
+        for o0 in range(0, O, B):
+            part = np.full((rows, 1, min(B, O - o0)), 5.0, np.float32)
+            kernel(x, n, 0, part, tp, o0, *args, outs[1], outs[2])
+            np.testing.assert_array_equal(part[:, 0], whole[:, n, o0:o0 + B])
+
+
+@pytest.mark.parametrize("build", ["parallel", "serial"])
+@pytest.mark.parametrize("name", list(SHIFTED_LAYERS))
+def test_col2im_by_plane_matches_the_row_path_bitwise_and_numpy(name, build):
+    """col2im_cpu by (sample, channel) plane and by dx row: the same dx, bit for bit (NaN and inf in dcols, where
+    they are summed and where they stand for padding), and NumPy's adjoint of the columns oracle (np.add.at)."""
+    x_shape, taps, strides, dils, pads, outs, args = _shifted_problem(name)
+    rng = np.random.default_rng(1)
+    N, C = x_shape[:2]
+    dcols = rng.standard_normal((C * int(np.prod(taps)), N, int(np.prod(outs)))).astype(np.float32)
+    dcols.flat[[3, 11, 40]] = np.nan, np.inf, -np.inf
+    kernel = im2col.col2im_cpu if build == "parallel" else im2col.col2im_cpu.serial
+    results = []
+    for by_plane in (True, False):
+        dx = np.zeros(x_shape, np.float32)
+        kernel(dcols.copy(), dx, 0, 0, np.array(taps, np.int64), 0, *args, *outs, by_plane)
+        results.append(dx)
+    np.testing.assert_array_equal(results[0], results[1])
+    assert not np.signbit(results[0][results[0] == 0]).any()
+    # the adjoint by NumPy: each column value added at the padded x position it was read from, then cropped
+    index = _columns_oracle(np.arange(N * C * int(np.prod(x_shape[2:])), dtype=np.float64).reshape(x_shape) + 1,
+                            taps, strides, dils, pads, outs)  # 1-based x positions, 0 where padding was read
+    flat = np.zeros(N * C * int(np.prod(x_shape[2:])) + 1)
+    np.add.at(flat, index.astype(np.int64).ravel(), dcols.astype(np.float64).ravel())
+    np.testing.assert_allclose(results[0], flat[1:].reshape(x_shape), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("primitive", list(OPS))
 @pytest.mark.parametrize("x_shape, samples_per_block", [
     ((8, 64, 56, 56), 2),    # one sample's scratch is 8.0 MB: two fit PREFERRED_SCRATCH (16 MiB)
@@ -204,18 +289,23 @@ CHOOSE_RULES = [
     *[(f"7-out-channels-{p}", p, (1, 16, 8, 8), (7, 16, 3, 3), {}, "direct") for p in OPS],
     ("6-out-channels-per-group-forward", "forward", (1, 16, 8, 8), (12, 8, 3, 3), dict(groups=2), "direct"),
     ("8-out-channels-forward", "forward", (1, 16, 12, 12), (8, 16, 5, 5), {}, "im2col"),
-    # 3. 2-D 3x3 unit stride and dilation with >= max(C/g, K/g) / 4 tiles (backward_filter: / 1) -> winograd
+    # 3. 2-D 3x3 unit stride and dilation with >= 0.3 x max(C/g, K/g) tiles (backward_data: 0.45 x, backward_filter:
+    #    1 x) -> winograd
     *[(f"3x3-32x32-inputs-{p}", p, (1, 16, 32, 32), (16, 16, 3, 3), dict(padding=1), "winograd") for p in OPS],
-    ("3x3-resnet-512@7-batch-32-forward", "forward", (32, 512, 7, 7), (512, 512, 3, 3), dict(padding=1),
-     "winograd"),  # 32 * 2 * 2 = 128 tiles = 512 / 4
+    *[(f"3x3-resnet-256@14-batch-8-{p}", p, (8, 256, 14, 14), (256, 256, 3, 3), dict(padding=1), "winograd")
+      for p in ("forward", "backward_data")],  # 8 * 4 * 4 = 128 tiles = 0.5 x 256
+    ("3x3-128@28-batch-1-forward", "forward", (1, 128, 28, 28), (128, 128, 3, 3), dict(padding=1),
+     "winograd"),  # 7 * 7 = 49 tiles >= 0.3 x 128
     ("3x3-grouped-forward", "forward", (2, 32, 12, 12), (32, 16, 3, 3), dict(padding=1, groups=2), "winograd"),
     # 4. otherwise -> im2col, whatever the spatial size or the input channels (an RGB stem, a LeNet input)
-    ("3x3-resnet-256@14-batch-4-backward_filter", "backward_filter", (4, 256, 14, 14), (256, 256, 3, 3),
-     dict(padding=1), "im2col"),  # 64 tiles < 256 (forward: >= 256 / 4, winograd)
-    ("3x3-resnet-256@14-batch-4-forward", "forward", (4, 256, 14, 14), (256, 256, 3, 3), dict(padding=1),
-     "winograd"),
+    *[(f"3x3-resnet-256@14-batch-4-{p}", p, (4, 256, 14, 14), (256, 256, 3, 3), dict(padding=1), "im2col")
+      for p in OPS],  # 64 tiles < 0.3 x 256
+    ("3x3-resnet-512@7-batch-32-forward", "forward", (32, 512, 7, 7), (512, 512, 3, 3), dict(padding=1),
+     "im2col"),  # 32 * 2 * 2 = 128 tiles < 0.3 x 512
+    ("3x3-128@28-batch-1-backward_data", "backward_data", (1, 128, 28, 28), (128, 128, 3, 3), dict(padding=1),
+     "im2col"),  # 49 tiles < 0.45 x 128
     *[(f"3x3-resnet-512@7-batch-4-{p}", p, (4, 512, 7, 7), (512, 512, 3, 3), dict(padding=1), "im2col")
-      for p in ("forward", "backward_data")],  # 16 tiles < 512 / 4
+      for p in ("forward", "backward_data")],  # 16 tiles < 0.3 x 512
     ("3x3-stride-2-forward", "forward", (1, 16, 32, 32), (16, 16, 3, 3), dict(stride=2, padding=1), "im2col"),
     ("3x3-dilation-2-backward_data", "backward_data", (1, 16, 32, 32), (16, 16, 3, 3),
      dict(dilation=2, padding=2), "im2col"),

@@ -5,11 +5,11 @@ measurements on a 2-core AVX2 machine, bench/RESULTS.md), the same for all three
   1. depthwise layers (groups == C)                   -> depthwise (memory-bound; a plane per task)
   2. fewer than 8 output channels per group           -> direct (a GEMM that thin does not pay for its columns:
                                                          2-8x faster than im2col at 1-4 channels)
-  3. 2-D 3x3, unit stride and dilation, with at least -> winograd (F(4x4, 3x3): 4x fewer multiply-adds; 1.1-1.7x
-     WINOGRAD_TILES_PER_CHANNEL[primitive] x              faster than im2col at 3x3 64@56, 128@28 and 256@14,
-     max(C/g, K/g) output tiles (4x4 each, all samples)   batch 4, backward_filter 1.2-1.5x at 64@56 and 128@28;
-                                                          at 512@7, 16 tiles for 512 channels, its 4x larger
-                                                          transformed filters cost more than it saves: 0.4-0.6x)
+  3. 2-D 3x3, unit stride and dilation, with at least -> winograd (F(4x4, 3x3): 4x fewer multiply-adds; 1.2-1.4x
+     WINOGRAD_TILES_PER_CHANNEL[primitive] x              faster than im2col at 3x3 64@56 and 128@28, batch 4,
+     max(C/g, K/g) output tiles (4x4 each, all samples)   all three primitives; at 512@7, 16 tiles for 512
+                                                          channels, its 4x larger transformed filters cost more
+                                                          than it saves: 0.2-0.5x)
   4. otherwise                                        -> im2col (BLAS GEMM; building the columns costs
      C*T*R*S*P*Q*U copies against 2*K*C*T*R*S*P*Q*U flops; 1.2-15x faster than direct on every dense
      benchmark shape, backward passes included)
@@ -21,9 +21,12 @@ from cnnfast.kernels.cpu.layout import bias_grad_cpu, fold_pad_cpu, pad_cpu
 __all__ = ["ALGORITHMS", "choose", "pad_cpu", "fold_pad_cpu", "bias_grad_cpu"]
 
 # Winograd when its tiles (all samples) are at least this many per channel: the transformed filters (and
-# backward_filter's dU) are 4x the filters, paid once per call (measured, batch 4: 256@14 with 64 tiles for 256
-# channels gained 1.1-1.2x in forward and backward_data, lost 0.8x in backward_filter; 512@7 lost in all three).
-WINOGRAD_TILES_PER_CHANNEL = {"forward": 0.25, "backward_data": 0.25, "backward_filter": 1.0}
+# backward_filter's dU) are 4x the filters, paid once per call. Measured against im2col with its shifted planes
+# (2026-12-05, 2-core Sapphire Rapids; im2col / winograd time, > 1: winograd faster): at 0.25 tiles per channel
+# (256@14 batch 4, 512@7 batch 32) forward 0.95-0.99x, backward_data 0.83-0.90x; at 0.38 (128@28 batch 1)
+# 1.08x, 0.84x; at 0.5 (256@14 batch 8) 1.25x, 1.09x, backward_filter 0.95x; from 1.5 (128@28 batch 4) all three
+# 1.2-1.4x. (On the AMD EPYC with the row-by-row im2col, 0.25 already gained 1.1-1.2x: bench/RESULTS.md.)
+WINOGRAD_TILES_PER_CHANNEL = {"forward": 0.3, "backward_data": 0.45, "backward_filter": 1.0}
 
 _KERNELS = {
     "direct": {"forward": "direct_forward_cpu", "backward_data": "direct_backward_data_cpu",

@@ -30,18 +30,27 @@ DIRECT_STORE_POSITIONS = 1024
 # workspace_limit allows it): glibc serves larger buffers with a fresh mmap that is page-faulted on every call
 # (ResNet stem forward: 15.9 -> 13.3 ms on the 2-core box), and bigger blocks were no faster.
 PREFERRED_SCRATCH = 16 << 20
+# col2im_cpu's shifted path (one task per (sample, channel) plane) needs at least this many planes to share out
+# over the cores; below it the row tasks (one per dx row) keep every core busy.
+SHIFTED_TASKS = 16
 
 
 @parallel()
 def im2col_cpu(x, n0, c0, cols, taps, o0, sd, sh, sw, dd, dh, dw_, pd, ph, pw, Q, U):
     """cols[row, i, j] for row = ((c*T + t)*R + r)*S + s, sample n = n0 + i and output position
     o = o0 + j = (p*Q + q)*U + u: x[n, c0 + c, p*sd - pd + t*dd, q*sh - ph + r*dh, u*sw - pw + s*dw], or 0
-    outside x. taps = (T, R, S). One task per (row, sample), walking the output rows (p, q) of its block: each
-    row's run is zeros / a copy of an x row (unit stride when sw == 1) / zeros. Loops run over 0-based slices
-    so LLVM can vectorise them (no negative-index wraparound)."""
+    outside x. taps = (T, R, S). One task per (row, sample).
+
+    When the block holds whole samples and the layer keeps the width at unit strides along H and W (U == W: a
+    3x3 'same' layer), each output plane p of a row is x's plane shifted by a constant flat offset, so its rows
+    that read inside x are one contiguous copy, then the columns that read the padding are zeroed (_shifted_plane):
+    2.5-3.7x faster than row by row on 7x7 to 28x28 planes (bench/RESULTS.md, 2026-12-05). Otherwise each output
+    row (p, q) of the block is zeros / a copy of an x row (unit stride when sw == 1) / zeros (_row_runs)."""
     _, _, D, H, W = x.shape
     T, R, S = taps[0], taps[1], taps[2]
     rows, nb, B = cols.shape
+    P = B // (Q * U)
+    shifted = o0 == 0 and B == P * Q * U and sh == 1 and sw == 1 and U == W
     for task in numba.prange(rows * nb):
         row, i = task // nb, task % nb
         s = row % S
@@ -49,51 +58,113 @@ def im2col_cpu(x, n0, c0, cols, taps, o0, sd, sh, sw, dd, dh, dw_, pd, ph, pw, Q
         t = (row // (S * R)) % T
         c = row // (S * R * T)
         u_lo, u_hi = out_range(pw, s * dw_, sw, W, U)  # the outputs u whose tap s reads inside x
-        base = s * dw_ - pw
         xc = x[n0 + i, c0 + c]
         dst = cols[row, i]
-        p, q, u0 = o0 // (U * Q), (o0 // U) % Q, o0 % U  # the block's first output
-        j = 0
-        while j < B:
-            seg = min(U - u0, B - j)
-            out = dst[j:j + seg]  # outputs u0 .. u0 + seg of output row (p, q)
-            di = p * sd - pd + t * dd
-            hi = q * sh - ph + r * dh
-            a = min(max(u_lo, u0), u0 + seg) - u0  # out[a:b] reads inside x
-            b = max(min(u_hi, u0 + seg) - u0, a)
-            if di < 0 or di >= D or hi < 0 or hi >= H:
-                a = b = seg
-            head, body, tail = out[:a], out[a:b], out[b:]
-            for k in range(a):
-                head[k] = 0.0
-            if b > a and sw == 1:
-                src = xc[di, hi, u0 + a + base:u0 + b + base]  # contiguous: a vectorised copy
-                for k in range(b - a):
-                    body[k] = src[k]
-            elif b > a:
-                src = xc[di, hi, (u0 + a) * sw + base:(u0 + b - 1) * sw + base + 1:sw]
-                for k in range(b - a):
-                    body[k] = src[k]
-            for k in range(seg - b):
-                tail[k] = 0.0
-            j += seg
-            u0 = 0
-            q += 1
-            if q == Q:
-                q = 0
-                p += 1
+        if shifted:
+            q_lo, q_hi = out_range(ph, r * dh, 1, H, Q)  # the output rows q whose tap r reads inside x
+            xf = xc.reshape(D * H * W)
+            for p in range(P):
+                di = p * sd - pd + t * dd
+                inside = 0 <= di < D and u_lo < u_hi
+                _shifted_plane(dst[p * Q * U:(p + 1) * Q * U], xf, (di * H + r * dh - ph) * W + s * dw_ - pw,
+                               q_lo, q_hi if inside else q_lo, u_lo, u_hi, U)
+        else:
+            _row_runs(dst, xc, o0, t * dd - pd, r * dh - ph, s * dw_ - pw, sd, sh, sw, u_lo, u_hi, Q, U)
+
+
+@numba.njit(inline="always")
+def _shifted_plane(plane, xf, shift, q_lo, q_hi, u_lo, u_hi, U):
+    """plane[q*U + u] = xf[q*U + u + shift] for q_lo <= q < q_hi and u_lo <= u < u_hi (U == W; u_lo < u_hi when
+    q_lo < q_hi), else 0: the rows [q_lo, q_hi) are copied as one run from their first read to their last (every
+    index of it inside xf), then their columns outside [u_lo, u_hi), which read the neighbouring rows, are zeroed."""
+    n = plane.size
+    for k in range(q_lo * U):
+        plane[k] = 0.0
+    tail = plane[q_hi * U:]
+    for k in range(n - q_hi * U):
+        tail[k] = 0.0
+    if q_hi <= q_lo:
+        return
+    first, last = q_lo * U + u_lo, (q_hi - 1) * U + u_hi
+    run, src = plane[first:last], xf[first + shift:]
+    for k in range(last - first):
+        run[k] = src[k]
+    for q in range(q_lo, q_hi):
+        line = plane[q * U:(q + 1) * U]
+        for k in range(u_lo):
+            line[k] = 0.0
+        for k in range(u_hi, U):
+            line[np.uint64(k)] = 0.0
+
+
+@numba.njit(inline="always")
+def _row_runs(dst, xc, o0, d0, h0, w0, sd, sh, sw, u_lo, u_hi, Q, U):
+    """dst[j] for the block's outputs o0 + j = (p*Q + q)*U + u: xc[p*sd + d0, q*sh + h0, u*sw + w0], or 0 outside
+    xc (which reads inside for u_lo <= u < u_hi); output row by output row. Indices are cast to uint64 (never
+    negative here): a signed index costs Numba's negative-index wrap-around on every access."""
+    D, H = xc.shape[0], xc.shape[1]
+    B = dst.size
+    p, q, u0 = o0 // (U * Q), (o0 // U) % Q, o0 % U  # the block's first output
+    j = 0
+    while j < B:
+        seg = min(U - u0, B - j)  # outputs u0 .. u0 + seg of output row (p, q): dst[j:j + seg]
+        di, hi = p * sd + d0, q * sh + h0
+        a = min(max(u_lo - u0, 0), seg)  # dst[j + a:j + b] reads inside xc
+        b = min(max(u_hi - u0, a), seg)
+        if di < 0 or di >= D or hi < 0 or hi >= H:
+            a = b = seg
+        for k in range(a):
+            dst[np.uint64(j + k)] = 0.0
+        if b > a:
+            line, start = xc[di, hi], u0 * sw + w0
+            if sw == 1:
+                for k in range(a, b):
+                    dst[np.uint64(j + k)] = line[np.uint64(start + k)]
+            else:
+                for k in range(a, b):
+                    dst[np.uint64(j + k)] = line[np.uint64(start + k * sw)]
+        for k in range(b, seg):
+            dst[np.uint64(j + k)] = 0.0
+        j += seg
+        u0 = 0
+        q += 1
+        if q == Q:
+            q = 0
+            p += 1
 
 
 @parallel()
-def col2im_cpu(dcols, dx, n0, c0, taps, o0, sd, sh, sw, dd, dh, dw_, pd, ph, pw, P, Q, U):
+def col2im_cpu(dcols, dx, n0, c0, taps, o0, sd, sh, sw, dd, dh, dw_, pd, ph, pw, P, Q, U, by_plane):
     """dx[n0 + i, c0 + c, i_d, ih, l] += sum over taps (t, r, s) that read (i_d, ih, l) from an output
-    o = (p*Q + q)*U + u in this block [o0, o0 + B) of dcols[((c*T + t)*R + r)*S + s, i, o - o0]. A gather, one
-    task per dx row (sample i, c, i_d, ih): each tap's run of outputs is added along the row (unit stride when
-    sw == 1), taps in (t, r, s) order, so every element sums its terms in one fixed order (no races)."""
+    o = (p*Q + q)*U + u in this block [o0, o0 + B) of dcols[((c*T + t)*R + r)*S + s, i, o - o0]. A gather: every
+    element sums its terms in (t, r, s) order, each dx element written by one task (no races, deterministic).
+
+    by_plane, on im2col_cpu's shifted path (whole samples, U == W, unit strides along H and W; the launcher asks
+    for it when there are at least SHIFTED_TASKS (sample, channel) planes): one task per plane, adding each tap's
+    dcols plane to dx shifted by its constant flat offset as one contiguous run, after zeroing the dcols columns
+    that read the padding (which the run would add to the neighbouring rows; dcols is scratch, and adding +0.0
+    leaves every sum's bits unchanged: a sum from +0.0 is never -0.0). Otherwise one task per dx row (sample i, c,
+    i_d, ih): each tap's run of outputs is added along the row (unit stride when sw == 1)."""
     _, _, D, H, W = dx.shape
     T, R, S = taps[0], taps[1], taps[2]
     rows, nb, B = dcols.shape
     Cg = rows // (T * R * S)
+    if by_plane and o0 == 0 and B == P * Q * U and sh == 1 and sw == 1 and U == W:
+        for task in numba.prange(nb * Cg):
+            c, i = task % Cg, task // Cg
+            dxf = dx[n0 + i, c0 + c].reshape(D * H * W)
+            for t in range(T):
+                for r in range(R):
+                    q_lo, q_hi = out_range(ph, r * dh, 1, H, Q)
+                    for s in range(S):
+                        u_lo, u_hi = out_range(pw, s * dw_, 1, W, U)
+                        src = dcols[((c * T + t) * R + r) * S + s, i]
+                        for p in range(P):
+                            di = p * sd - pd + t * dd
+                            if 0 <= di < D and q_lo < q_hi and u_lo < u_hi:
+                                _add_shifted_plane(src[p * Q * U:(p + 1) * Q * U], dxf,
+                                                   (di * H + r * dh - ph) * W + s * dw_ - pw, q_lo, q_hi, u_lo, u_hi, U)
+        return
     for task in numba.prange(nb * Cg * D * H):
         ih = task % H
         i_d = (task // H) % D
@@ -119,6 +190,23 @@ def col2im_cpu(dcols, dx, n0, c0, taps, o0, sd, sh, sw, dd, dh, dw_, pd, ph, pw,
                     dst = dxrow[at:at + (u_hi - u_lo - 1) * sw + 1:sw]
                     for j in range(u_hi - u_lo):
                         dst[j] += src[j]
+
+
+@numba.njit(inline="always")
+def _add_shifted_plane(plane, dxf, shift, q_lo, q_hi, u_lo, u_hi, U):
+    """dxf[q*U + u + shift] += plane[q*U + u] for q_lo <= q < q_hi and u_lo <= u < u_hi (q_lo < q_hi, u_lo < u_hi,
+    U == W): plane's columns outside [u_lo, u_hi) are zeroed, then the rows are added as one run from their first
+    term to their last (every index of it inside dxf; the zeroed columns add 0 to the neighbouring rows)."""
+    for q in range(q_lo, q_hi):
+        line = plane[q * U:(q + 1) * U]
+        for k in range(u_lo):
+            line[k] = 0.0
+        for k in range(u_hi, U):
+            line[np.uint64(k)] = 0.0
+    first, last = q_lo * U + u_lo, (q_hi - 1) * U + u_hi
+    run, dst = plane[first:last], dxf[first + shift:]
+    for k in range(last - first):
+        dst[k] += run[k]
 
 
 def _scratch(g, primitive, itemsize, nb, B):
@@ -231,7 +319,8 @@ def backward_data(dy, w, dx, g, workspace_limit=None):
         for n0, nb, o0, B in blocks:
             dcols, stage = _views(buf, dx.dtype, (rows, nb, B), (Kg, nb, B))
             np.matmul(w2t[grp], _dy_block(dy2, grp, n0, nb, o0, B, stage), out=dcols.reshape(rows, nb * B))
-            sized(col2im_cpu, dcols.size)(dcols, dx, n0, grp * Cg, taps, o0, *args, g.P, g.Q, g.U)
+            sized(col2im_cpu, dcols.size)(dcols, dx, n0, grp * Cg, taps, o0, *args, g.P, g.Q, g.U,
+                                          nb * Cg >= SHIFTED_TASKS)
 
 
 def backward_filter(x, dy, dw, g, workspace_limit=None):
