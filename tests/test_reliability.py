@@ -402,7 +402,8 @@ def test_explain_with_numpy_int32_shapes_matches_python_ints():
 
 
 def test_cpu_kernels_receive_python_int_scalars(monkeypatch):
-    """Spy on the im2col kernels' scalar arguments (block offsets, geometry) in a chunked call."""
+    """Spy on the im2col kernels' scalar arguments (block offsets, geometry; col2im's by_plane flag, a bool) in a
+    chunked call: Python ints, never NumPy's fixed-width ones."""
     seen = []
     for name in ("im2col_cpu", "col2im_cpu"):
         real = getattr(cpu_im2col, name)
@@ -415,7 +416,7 @@ def test_cpu_kernels_receive_python_int_scalars(monkeypatch):
     for primitive in OPS:
         layer.run(primitive, algo="im2col", workspace_limit=MEM_LIMIT)
     assert len(seen) > 3
-    assert all(type(v) is int for args in seen for v in args), {type(v) for args in seen for v in args}
+    assert all(type(v) in (int, bool) for args in seen for v in args), {type(v) for args in seen for v in args}
 
 
 def test_cuda_im2col_default_workspace_limit_holds_for_huge_images():
