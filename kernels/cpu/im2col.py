@@ -15,7 +15,9 @@ One GEMM per block keeps BLAS's threads busy on a large product instead of switc
 BLAS's thread pools per sample. Blocks hold whole samples when one fits, else B < O positions of one
 sample; the scratch (cols, staging of the other GEMM operand or result) stays under workspace_limit
 (default 256 MiB). im2col_cpu: one task per (column-matrix row (c, t, r, s), sample); col2im_cpu: one task
-per (sample, c, input row).
+per (sample, c, input row), or per (sample, c) plane. Where a layer keeps the width at unit strides along H and W
+('same' padding), both move each output plane of a column row as one contiguous run (x's plane shifted by a
+constant offset) instead of row by row.
 """
 import numba
 import numpy as np
