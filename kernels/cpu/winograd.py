@@ -303,6 +303,14 @@ def _segments(TH, TW, r0, nr):
     return np.array(out, np.int64)
 
 
+def _scratch_views(dtype, *sizes):
+    """1-D arrays of the given sizes carved out of one allocation. Allocated apart, the transforms' two or four
+    buffers were handed back to the system at every call and page-faulted again at the next (glibc trims its heap
+    when the freed space at its top exceeds twice its latest mmap threshold): 4.6 MB of faults per call at 3x3
+    64@56, batch 4 (bench/RESULTS.md, 2026-12-05); one buffer of their total is reused."""
+    return im2col._views(np.empty(sum(sizes) * np.dtype(dtype).itemsize, np.uint8), dtype, *((n,) for n in sizes))
+
+
 def _convolve(x, Wt, bias, y, g, primitive, workspace_limit):
     """y (N, cout, P, Q) = the forward-form convolution of x (N, cin, H, W) with the transformed filters
     Wt (36, groups, cout/g, cin/g) (module docstring), block by block. False when y holds a value that is not
@@ -311,8 +319,7 @@ def _convolve(x, Wt, bias, y, g, primitive, workspace_limit):
     TH, TW = _tiles(g, primitive)
     groups, Kg, Cg = Wt.shape[1:]
     rows = _rows(g, primitive, x.itemsize, workspace_limit)
-    V_buf = np.empty(XI * cin * rows * TW, x.dtype)
-    M_buf = np.empty(XI * cout * rows * TW, x.dtype)
+    V_buf, M_buf = _scratch_views(x.dtype, XI * cin * rows * TW, XI * cout * rows * TW)
     bias = np.zeros(cout, x.dtype) if bias is None else bias
     total, finite = g.N * TH, True
     for r0 in range(0, total, rows):
@@ -350,9 +357,10 @@ def backward_filter(x, dy, dw, g, workspace_limit=None):
     TH, TW = _tiles(g, "backward_filter")
     Kg, Cg = g.K // g.groups, g.C // g.groups
     rows = _rows(g, "backward_filter", x.itemsize, workspace_limit)
-    V_buf = np.empty(XI * g.C * rows * TW, x.dtype)
-    E_buf = np.empty(XI * g.K * rows * TW, x.dtype)
-    dU, product = np.zeros((XI, g.groups, Kg, Cg), x.dtype), np.empty((XI, g.groups, Kg, Cg), x.dtype)
+    filters = XI * g.groups * Kg * Cg
+    V_buf, E_buf, dU, product = _scratch_views(x.dtype, XI * g.C * rows * TW, XI * g.K * rows * TW, filters, filters)
+    dU, product = dU.reshape(XI, g.groups, Kg, Cg), product.reshape(XI, g.groups, Kg, Cg)
+    dU[...] = 0
     x2, dy2, total = x[:, :, 0], dy[:, :, 0], g.N * TH
     for r0 in range(0, total, rows):
         nr = min(rows, total - r0)
