@@ -91,12 +91,7 @@ def _shifted_plane(plane, xf, shift, q_lo, q_hi, u_lo, u_hi, U):
     run, src = plane[first:last], xf[first + shift:]
     for k in range(last - first):
         run[k] = src[k]
-    for q in range(q_lo, q_hi):
-        line = plane[q * U:(q + 1) * U]
-        for k in range(u_lo):
-            line[k] = 0.0
-        for k in range(u_hi, U):
-            line[np.uint64(k)] = 0.0
+    _zero_outside_columns(plane, q_lo, q_hi, u_lo, u_hi, U)
 
 
 @numba.njit(inline="always")
@@ -195,16 +190,22 @@ def col2im_cpu(dcols, dx, n0, c0, taps, o0, sd, sh, sw, dd, dh, dw_, pd, ph, pw,
 
 
 @numba.njit(inline="always")
-def _add_shifted_plane(plane, dxf, shift, q_lo, q_hi, u_lo, u_hi, U):
-    """dxf[q*U + u + shift] += plane[q*U + u] for q_lo <= q < q_hi and u_lo <= u < u_hi (q_lo < q_hi, u_lo < u_hi,
-    U == W): plane's columns outside [u_lo, u_hi) are zeroed, then the rows are added as one run from their first
-    term to their last (every index of it inside dxf; the zeroed columns add 0 to the neighbouring rows)."""
+def _zero_outside_columns(plane, q_lo, q_hi, u_lo, u_hi, U):
+    """plane[q*U + u] = 0 for q_lo <= q < q_hi and u outside [u_lo, u_hi): the columns whose tap reads the padding."""
     for q in range(q_lo, q_hi):
         line = plane[q * U:(q + 1) * U]
         for k in range(u_lo):
             line[k] = 0.0
         for k in range(u_hi, U):
             line[np.uint64(k)] = 0.0
+
+
+@numba.njit(inline="always")
+def _add_shifted_plane(plane, dxf, shift, q_lo, q_hi, u_lo, u_hi, U):
+    """dxf[q*U + u + shift] += plane[q*U + u] for q_lo <= q < q_hi and u_lo <= u < u_hi (q_lo < q_hi, u_lo < u_hi,
+    U == W): plane's columns outside [u_lo, u_hi) are zeroed, then the rows are added as one run from their first
+    term to their last (every index of it inside dxf; the zeroed columns add 0 to the neighbouring rows)."""
+    _zero_outside_columns(plane, q_lo, q_hi, u_lo, u_hi, U)
     first, last = q_lo * U + u_lo, (q_hi - 1) * U + u_hi
     run, dst = plane[first:last], dxf[first + shift:]
     for k in range(last - first):
