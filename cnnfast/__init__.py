@@ -5,17 +5,22 @@
     print(cnnfast.explain("conv2d", (8, 64, 56, 56), (64, 64, 3, 3), padding=1))
 """
 import os
+import sys
 
 __version__ = "0.1.0"
 
 # Thread pools that do not fight (README, "CPU threads"; values the user set win). NumPy's OpenBLAS keeps its
 # workers spinning ~0.1 s after every GEMM (thread timeout 2**28 cycles), taking the cores from the Numba kernel
-# that runs next; it reads the timeout once, as NumPy loads it. Numba's OpenMP pool is started now, with a short
-# spin, and before torch can be imported: a pool started later binds to torch's already loaded (spinning) libgomp,
-# and a torch imported later shares this one.
+# that runs next; it reads the timeout once, as NumPy loads it. Where they spin, cnnfast's GEMMs never wake them
+# (kernels/cpu/blas.py). Numba's OpenMP pool is started now, with a short spin, and before torch can be imported:
+# a pool started later binds to torch's already loaded (spinning) libgomp, and a torch imported later shares this one.
+_user_timeout = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
+_numpy_loaded = "numpy" in sys.modules  # then OpenBLAS has read its timeout already: the user's, or its default
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+from cnnfast.kernels.cpu import blas as _blas  # noqa: E402
 from cnnfast.kernels.cpu import threads as _threads  # noqa: E402
 
+_blas.WORKERS_SPIN = _blas.workers_spin(_user_timeout if _numpy_loaded else os.environ["OPENBLAS_THREAD_TIMEOUT"])
 _threads.start()
 
 from cnnfast import grad  # noqa: E402

@@ -4,7 +4,7 @@ Correctness of every algorithm against the reference over the grid is tests/test
 kernels compile once per process."""
 import numpy as np
 import pytest
-from cnnfast.kernels.cpu import ALGORITHMS, bias_grad_cpu, choose, fold_pad_cpu, im2col, pad_cpu, threads
+from cnnfast.kernels.cpu import ALGORITHMS, bias_grad_cpu, blas, choose, fold_pad_cpu, im2col, pad_cpu, threads
 from layers import OP_NAMES as OPS
 from layers import Layer
 
@@ -426,14 +426,17 @@ import cnnfast, numpy
 from cnnfast.kernels import cpu
 from numba.np.ufunc import parallel
 print(os.environ.get("OPENBLAS_THREAD_TIMEOUT"), os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT"),
-      parallel._is_initialized)
+      parallel._is_initialized, cpu.blas.WORKERS_SPIN)
 """
 
 
 @pytest.mark.parametrize("user_env, expected", [
-    ({}, "4 None None True"),  # cnnfast's defaults; GOMP_SPINCOUNT was set only while Numba's pool started
-    ({"OPENBLAS_THREAD_TIMEOUT": "12", "OMP_WAIT_POLICY": "ACTIVE"}, "12 ACTIVE None False"),  # the user's win
-    ({"GOMP_SPINCOUNT": "0"}, "4 None 0 False"),
+    ({}, "4 None None True False"),  # cnnfast's defaults; GOMP_SPINCOUNT was set only while Numba's pool started
+    ({"OPENBLAS_THREAD_TIMEOUT": "12", "OMP_WAIT_POLICY": "ACTIVE"}, "12 ACTIVE None False False"),  # the user's
+    ({"GOMP_SPINCOUNT": "0"}, "4 None 0 False False"),
+    ({"OPENBLAS_THREAD_TIMEOUT": "24"}, "24 None None True True"),  # workers that spin: cnnfast never wakes them
+    ({"NUMPY_FIRST": "1"}, "4 None None True True"),  # OpenBLAS read its default (28) before cnnfast set 4
+    ({"NUMPY_FIRST": "1", "OPENBLAS_THREAD_TIMEOUT": "8"}, "8 None None True False"),
 ])
 def test_thread_settings_apply_once_and_user_values_win(user_env, expected):
     import os
@@ -441,7 +444,9 @@ def test_thread_settings_apply_once_and_user_values_win(user_env, expected):
     import sys
     env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY",
                                                             "GOMP_SPINCOUNT")}
-    done = subprocess.run([sys.executable, "-c", THREAD_PROBE], env={**env, **user_env}, capture_output=True,
+    user_env = dict(user_env)
+    probe = ("import numpy\n" if user_env.pop("NUMPY_FIRST", None) else "") + THREAD_PROBE
+    done = subprocess.run([sys.executable, "-c", probe], env={**env, **user_env}, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[-2] == expected
@@ -557,10 +562,25 @@ def test_pointwise_im2col_is_a_plain_gemm_without_workspace(x_shape, w_shape, op
     }[primitive]
     args = tuple(a.astype(dtype) if isinstance(a, np.ndarray) else a for a in args)
     plan = cnnfast.explain(op, *args, **opts, algo="im2col")
+    products = max(1, min(x_shape[0], im2col.POINTWISE_STACK))  # backward_filter: one (K/g, C/g) per sample held
     assert plan.workspace_bytes == (0 if primitive != "backward_filter" else
-                                    w_shape[0] // spec.groups * x_shape[1] // spec.groups * np.dtype(dtype).itemsize)
+                                    products * w_shape[0] // spec.groups * x_shape[1] // spec.groups *
+                                    np.dtype(dtype).itemsize)
     fn = getattr(cnnfast, op, None) or getattr(grad, op)
     assert_close(fn(*args, **opts, algo="im2col"), expected, dtype, f"{op} pointwise")
+
+
+def test_pointwise_weight_gradient_adds_the_samples_in_order_whatever_the_stack():
+    """A stack of 8 samples' products at a time, or one (the workspace of one product): the same bits, since both
+    add them in sample order."""
+    rng = np.random.default_rng(5)
+    x, dy = (rng.standard_normal(s).astype(np.float32) for s in ((11, 24, 9, 10), (11, 16, 9, 10)))
+    one = 16 * 24 * 4
+    assert cnnfast.explain("conv2d_weight", x, (16, 24, 1, 1), dy, algo="im2col").workspace_bytes == 8 * one
+    stacked = grad.conv2d_weight(x, (16, 24, 1, 1), dy, algo="im2col")
+    single = grad.conv2d_weight(x, (16, 24, 1, 1), dy, algo="im2col", workspace_limit=one)
+    np.testing.assert_array_equal(stacked, single)
+    assert_close(stacked, reference.conv_weight(x, (16, 24, 1, 1), dy), "float32", "conv2d_weight pointwise")
 
 
 def test_transposed_output_padding_is_not_pointwise():
@@ -648,3 +668,128 @@ def test_winograd_refuses_what_it_cannot_compute(primitive, x_shape, w_shape, op
             "backward_filter": (x_shape, w_shape, spec.output_shape)}[primitive]
     with pytest.raises(ValueError, match=f"{layer_op}: algo='winograd' cannot run this problem on cpu: .*{why}"):
         cnnfast.explain(layer_op, *args, **opts, algo="winograd")
+
+
+# ---------------------------------------------------------------- 9. blas.matmul: GEMMs shared out by cnnfast
+
+class _FakeOpenBLAS(blas.OpenBLAS):
+    """Reports `threads` and records set_num_threads; the real BLAS computes (with its own thread count)."""
+
+    def __init__(self, threads):
+        self.threads, self.sets = threads, []
+        super().__init__(lambda: self.threads, self.sets.append)
+
+
+MATMULS = {  # name: (a shape, b shape)
+    "stack-of-36": ((36, 1, 6, 5), (36, 1, 5, 40)),
+    "stack-broadcast-a": ((6, 5), (4, 5, 40)),
+    "stack-of-3": ((3, 6, 5), (3, 5, 40)),
+    "rows": ((70, 9), (9, 33)),
+    "columns": ((7, 9), (9, 100)),
+    "too-narrow": ((7, 9), (9, 20)),
+}
+
+
+def _operands(name, dtype, rng):
+    a_shape, b_shape = MATMULS[name]
+    a = rng.standard_normal(a_shape).astype(dtype)
+    b = np.asfortranarray(rng.standard_normal(b_shape).astype(dtype))  # any strides
+    shape = np.broadcast_shapes(a_shape[:-2], b_shape[:-2]) + (a_shape[-2], b_shape[-1])
+    big = np.full(shape[:-1] + (shape[-1] + 3,), np.nan, dtype)
+    return a, b, big, big[..., 1:-2]  # out: a strided view; its neighbours must stay NaN
+
+
+@pytest.mark.parametrize("spin", [True, False])
+@pytest.mark.parametrize("threads", [2, 3, 5])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", MATMULS)
+def test_blas_matmul_is_np_matmul_bit_for_bit_and_restores_the_thread_count(name, dtype, threads, spin,
+                                                                             monkeypatch):
+    fake = _FakeOpenBLAS(threads)
+    monkeypatch.setattr(blas, "openblas", lambda: fake)
+    monkeypatch.setattr(blas, "SPLIT_WORK", 0)
+    monkeypatch.setattr(blas, "WORKERS_SPIN", spin)
+    a, b, big, out = _operands(name, dtype, np.random.default_rng(threads))
+    assert blas.matmul(a, b, out) is out
+    np.testing.assert_array_equal(out, np.matmul(a, b))
+    assert np.isnan(big[..., 0]).all() and np.isnan(big[..., -2:]).all()
+    stack = out.ndim > 2 and out.shape[0] % threads == 0
+    assert fake.sets == ([1, threads] if stack or spin else [])  # else one GEMM on OpenBLAS's threads
+
+
+@pytest.mark.parametrize("threads", [2, 3, 4, 5])
+@pytest.mark.parametrize("name", MATMULS)
+def test_blas_parts_cover_the_output_once_along_the_documented_axis(name, threads):
+    a, b, _, out = _operands(name, "float32", np.random.default_rng(0))
+    hits = np.zeros(out.shape, np.int64)
+    pieces = blas.parts(a, b, hits, threads, cut_2d=True)
+    stack_only = blas.parts(a, b, hits, threads, cut_2d=False)  # [] unless out is a stack that divides evenly
+    assert [po.shape for _, _, po in stack_only] == ([] if out.ndim == 2 or out.shape[0] % threads else
+                                                      [po.shape for _, _, po in pieces])
+    for pa, pb, po in pieces:
+        po += 1
+        assert np.matmul(pa, pb).shape == po.shape
+    assert (hits == 1).all()
+    # the documented rule: the stack when it divides evenly, else rows when M >= N, else aligned columns
+    stack, (M, N) = out.shape[:-2], out.shape[-2:]
+    if stack and stack[0] % threads == 0:
+        assert len(pieces) == threads and all(po.shape[0] == stack[0] // threads for _, _, po in pieces)
+    elif M >= N:
+        assert len(pieces) == threads and all(po.shape[-1] == N for _, _, po in pieces)
+    elif N >= threads * blas.COLUMN_ALIGN:
+        assert len(pieces) == threads and all(po.shape[-2] == M for _, _, po in pieces)
+        assert all((po.ctypes.data - hits.ctypes.data) % (8 * blas.COLUMN_ALIGN) == 0 for _, _, po in pieces)
+    else:
+        assert len(pieces) == 1
+
+
+def test_blas_matmul_raises_a_parts_error_after_restoring_the_thread_count(monkeypatch):
+    fake = _FakeOpenBLAS(2)
+    monkeypatch.setattr(blas, "openblas", lambda: fake)
+    monkeypatch.setattr(blas, "SPLIT_WORK", 0)
+    monkeypatch.setattr(blas, "WORKERS_SPIN", False)
+    with pytest.raises(ValueError):
+        blas.matmul(np.ones((4, 3, 5)), np.ones((4, 6, 2)), np.empty((4, 3, 2)))  # 5 != 6: each part fails
+    assert fake.sets == [1, 2]
+
+
+def test_blas_matmul_runs_concurrent_callers_correctly(monkeypatch):
+    """Two threads at once: one splits, the other (finding the lock taken) runs np.matmul; both right."""
+    import threading
+    monkeypatch.setattr(blas, "SPLIT_WORK", 0)
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((8, 40, 30)), rng.standard_normal((8, 30, 50))
+    expected, errors = np.matmul(a, b), []
+    before = blas.openblas().get_num_threads() if blas.openblas() else None
+
+    def work():
+        for _ in range(50):
+            out = np.empty_like(expected)
+            if not np.array_equal(blas.matmul(a, b, out), expected):
+                errors.append("mismatch")
+    workers = [threading.Thread(target=work) for _ in range(2)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert errors == []
+    assert (blas.openblas().get_num_threads() if blas.openblas() else None) == before
+
+
+@pytest.mark.skipif("openblas" not in blas._numpy_blas_name(), reason="NumPy's BLAS is not OpenBLAS")
+def test_numpys_openblas_is_found_and_split_on_its_threads(monkeypatch):
+    lib = blas.openblas()
+    assert lib is not None
+    threads = lib.get_num_threads()
+    monkeypatch.setattr(blas, "SPLIT_WORK", 0)
+    a, b = np.ones((36, 4, 3), np.float32), np.ones((36, 3, 5), np.float32)
+    out = blas.matmul(a, b, np.empty((36, 4, 5), np.float32))
+    assert (out == 3).all() and lib.get_num_threads() == threads
+    if threads > 1:  # the parts after the first ran on this module's workers
+        assert threads in blas._pools
+
+
+@pytest.mark.parametrize("timeout, spin", [(None, True), ("4", False), ("20", False), ("21", True), ("28", True),
+                                           (" 8 ", False), ("x", True)])
+def test_workers_spin_past_a_short_openblas_thread_timeout(timeout, spin):
+    assert blas.workers_spin(timeout) is spin

@@ -1,7 +1,7 @@
 """Numba's thread pool: started so that it does not take the cores from NumPy's BLAS, and skipped by small calls.
 
-im2col alternates Numba parallel regions (building the columns) with BLAS GEMMs on OpenBLAS's own threads.
-With Numba's OpenMP layer, GNU OpenMP's workers busy-wait after every region (GOMP_SPINCOUNT, 300,000 spins by
+im2col alternates Numba parallel regions (building the columns) with BLAS GEMMs (kernels/cpu/blas.py). With
+Numba's OpenMP layer, GNU OpenMP's workers busy-wait after every region (GOMP_SPINCOUNT, 300,000 spins by
 default), holding the cores the GEMM then needs: on the 2-core dev box one im2col conv2d took 26-31 ms with its
 two halves alternating against 15 ms for the same halves timed apart (bench/RESULTS.md). start() launches the pool
 with GOMP_SPINCOUNT=SPIN_COUNT in the environment while Numba's libgomp loads (it reads the variable once, at

@@ -11,7 +11,7 @@ y[n, :, 4i : 4i + 4, 4j : 4j + 4] (clipped to P x Q). A block is a run of whole 
 
     weights (one BLAS GEMM)   w (K, C/g, 3, 3) -> Wt (36, groups, K/g, C/g) = G w G^T, kron(G, G) @ taps
     input_transform_cpu       x (N, C, H, W)   -> V  (36, C, nr*TW)         = B^T d B   task per (c, rows)
-    BLAS (one batched matmul)                     M  (36, K, nr*TW)         = Wt[xi, grp] @ V[xi, grp]
+    BLAS (one stack of GEMMs)                     M  (36, K, nr*TW)         = Wt[xi, grp] @ V[xi, grp]
     output_transform_cpu      M                -> y (N, K, P, Q)            = A^T M A   task per (k, rows)
 
 backward_data at unit stride is the same convolution of dy with the filter flipped and transposed
@@ -24,6 +24,7 @@ beyond P x Q), so
     BLAS, blocks added in order                   dU (36, groups, K/g, C/g) += E[xi, grp] @ V[xi, grp]^T
     one BLAS GEMM                                 dw = G^T dU G, kron(G, G)^T @ dU
 
+The GEMMs run through blas.matmul, which shares the stack of 36 out over the cores (18 GEMMs per thread on two).
 The transforms' fixed rounding is why float32 results differ from the reference by ~1e-5 of the largest
 value (GEMM algorithms: ~1e-6), inside cnnfast.compare's 1e-4; every sum runs in a fixed order (deterministic).
 """
@@ -32,7 +33,7 @@ from functools import lru_cache
 import numba
 import numpy as np
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
-from cnnfast.kernels.cpu import im2col
+from cnnfast.kernels.cpu import blas, im2col
 from cnnfast.kernels.cpu.im2col import PREFERRED_SCRATCH
 from cnnfast.kernels.cpu.threads import parallel, sized
 
@@ -285,7 +286,7 @@ def weights(w, g, primitive):
     taps = w.reshape(K, Cg, 9)
     if primitive == "backward_data":  # (groups, C/g, K/g, 9), a copy
         taps = taps[:, :, ::-1].reshape(g.groups, K // g.groups, Cg, 9).transpose(0, 2, 1, 3)
-    Wt = _kron(w.dtype) @ taps.reshape(-1, 9).T
+    Wt = blas.matmul(_kron(w.dtype), taps.reshape(-1, 9).T, np.empty((XI, taps.size // 9), w.dtype))
     return Wt.reshape(XI, g.groups, -1, taps.shape[-2])
 
 
@@ -328,7 +329,7 @@ def _convolve(x, Wt, bias, y, g, primitive, workspace_limit):
         V = V_buf[:XI * cin * nr * TW].reshape(XI, cin, nr * TW)
         M = M_buf[:XI * cout * nr * TW].reshape(XI, cout, nr * TW)
         sized(input_transform_cpu, V.size)(x, V, segments, TW, ph, pw)
-        np.matmul(Wt, V.reshape(XI, groups, Cg, nr * TW), out=M.reshape(XI, groups, Kg, nr * TW))
+        blas.matmul(Wt, V.reshape(XI, groups, Cg, nr * TW), M.reshape(XI, groups, Kg, nr * TW))
         check = np.empty(cout * len(segments), x.dtype)
         sized(output_transform_cpu, M.size)(M, bias, y, segments, TW, check)
         finite = finite and not np.isnan(check).any()
@@ -369,10 +370,10 @@ def backward_filter(x, dy, dw, g, workspace_limit=None):
         E = E_buf[:XI * g.K * nr * TW].reshape(XI, g.K, nr * TW)
         sized(input_transform_cpu, V.size)(x2, V, segments, TW, g.pad_h, g.pad_w)
         sized(grad_transform_cpu, E.size)(dy2, E, segments, TW)
-        np.matmul(E.reshape(XI, g.groups, Kg, nr * TW), V.reshape(XI, g.groups, Cg, nr * TW).transpose(0, 1, 3, 2),
-                  out=product)
+        blas.matmul(E.reshape(XI, g.groups, Kg, nr * TW),
+                    V.reshape(XI, g.groups, Cg, nr * TW).transpose(0, 1, 3, 2), product)
         dU += product
-    taps = _kron(x.dtype).T @ dU.reshape(XI, g.K * Cg)  # (9, K*C/g)
+    taps = blas.matmul(_kron(x.dtype).T, dU.reshape(XI, g.K * Cg), np.empty((9, g.K * Cg), x.dtype))  # 9 x K*C/g
     dw[...] = taps.T.reshape(dw.shape)
     if not np.isfinite(dw).all():
         im2col.backward_filter(x, dy, dw, g, workspace_limit)

@@ -1,0 +1,164 @@
+"""The CPU algorithms' GEMMs: NumPy's OpenBLAS, its work shared out over the cores by cnnfast where that pays.
+
+matmul(a, b, out) is np.matmul(a, b, out=out), run one of two ways:
+  - cut into one part per OpenBLAS thread, the parts side by side on this module's worker threads and the
+    caller's, each on one OpenBLAS thread (OpenBLAS is set to one thread meanwhile, a process-wide setting, as
+    threadpoolctl's threadpool_limits sets it; another thread's GEMM in that time runs on one thread):
+      - a stack of products (out (S, ..., M, N)) whose length S divides evenly: S / threads products per part;
+      - when WORKERS_SPIN, any other product too: out's rows when M >= N, else its columns (multiples of
+        COLUMN_ALIGN);
+      - a product of fewer than SPLIT_WORK multiply-adds: one part, on the caller's thread;
+  - otherwise as np.matmul runs it, one GEMM on OpenBLAS's threads.
+Each output element is one BLAS dot product over the whole inner axis either way (bit-identical to np.matmul in
+the tests).
+
+Why (2-core Sapphire Rapids VM, bench/RESULTS.md 2026-12-06):
+  - A stack: Winograd's 36 GEMMs per call (64 x 64 x 784 at 3x3 64@56, batch 4) ran at 97-124 GFLOP/s on
+    OpenBLAS's two threads, slower than on one (135), since each GEMM woke OpenBLAS's sleeping worker (~50 us on
+    this VM); split by the stack they ran at 197-212 GFLOP/s, and the Winograd convolutions 1.3-1.5x faster.
+  - One large GEMM: OpenBLAS's own two threads were 5-12% faster than these cuts (the ResNet stem), as long as its
+    workers sleep after it. They spin instead, for 2**OPENBLAS_THREAD_TIMEOUT cycles (by default 2**28, ~0.1 s),
+    on the cores the next Numba kernel needs, when NumPy was imported before cnnfast could shorten the timeout
+    (cnnfast/__init__.py): then im2col ran 10-25% slower. WORKERS_SPIN (set at import) says so, and then every
+    product is cut, so that cnnfast never wakes them: the stem's forward 8.0-8.7 -> 6.5-6.7 ms.
+
+It falls back to plain np.matmul when NumPy's BLAS is not an OpenBLAS found in this process, OpenBLAS runs on
+one thread, or another thread is inside matmul already. Tuned on 2 cores only.
+"""
+import ctypes
+import glob
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
+from functools import lru_cache
+
+import numpy as np
+
+# Multiply-adds below which a product runs as one part: waking a worker thread costs ~50 us on the 2-core VM,
+# as long as ~4M multiply-adds take on one core.
+SPLIT_WORK = 1 << 22
+# A column cut lands on a multiple of this many columns (64 bytes of float32).
+COLUMN_ALIGN = 16
+# The symbol prefixes and suffixes OpenBLAS builds export: NumPy >= 2's scipy-openblas64, older NumPy wheels'
+# openblas64_, a system libopenblas.
+_NAMES = (("scipy_openblas_", "64_"), ("scipy_openblas_", ""), ("openblas_", "64_"), ("openblas_", ""))
+
+# Whether OpenBLAS's workers spin long after each GEMM (cnnfast/__init__.py sets it at import: workers_spin).
+WORKERS_SPIN = True
+# OpenBLAS's thread timeout (OPENBLAS_THREAD_TIMEOUT, its workers spin 2**timeout cycles) above which they count as
+# spinning: every value from 4 to 20 ran cnnfast's im2col 10-25% faster than OpenBLAS's default 28 (2026-12-05).
+SHORT_TIMEOUT = 20
+
+_lock = threading.Lock()  # one split at a time: its set-and-restore of OpenBLAS's thread count is process-wide
+_pools = {}  # OpenBLAS's thread count -> the executor of the parts after the first
+
+
+class OpenBLAS:
+    """get_num_threads() and set_num_threads(n) of one loaded OpenBLAS library (ctypes functions)."""
+
+    def __init__(self, get_num_threads, set_num_threads):
+        self.get_num_threads, self.set_num_threads = get_num_threads, set_num_threads
+
+
+def _numpy_blas_name():
+    try:
+        return np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"].lower()
+    except Exception:  # a NumPy before 2.0, or a build that does not say
+        return ""
+
+
+def _openblas_paths():
+    """Candidate paths of NumPy's OpenBLAS: the copy its wheel ships (numpy.libs, numpy/.dylibs), else the one
+    OpenBLAS mapped into this process (Linux), if there is exactly one."""
+    root = os.path.dirname(os.path.abspath(np.__file__))
+    shipped = [p for d in (os.path.join(root, os.pardir, "numpy.libs"), os.path.join(root, ".dylibs"))
+               for p in sorted(glob.glob(os.path.join(d, "*openblas*")))]
+    if shipped:
+        return shipped
+    try:
+        with open("/proc/self/maps") as maps:
+            mapped = {line.split(None, 5)[-1].strip() for line in maps if "openblas" in line.lower()}
+    except OSError:
+        return []
+    mapped = [p for p in mapped if os.path.isfile(p)]
+    return mapped if len(mapped) == 1 else []
+
+
+@lru_cache(maxsize=None)
+def openblas():
+    """The OpenBLAS NumPy's GEMMs run on, or None when that cannot be told."""
+    if "openblas" not in _numpy_blas_name():
+        return None
+    for path in _openblas_paths():
+        try:
+            lib = ctypes.CDLL(path)  # the library already loaded: the same handle, nothing loaded twice
+        except OSError:
+            continue
+        for prefix, suffix in _NAMES:
+            get = getattr(lib, f"{prefix}get_num_threads{suffix}", None)
+            set_ = getattr(lib, f"{prefix}set_num_threads{suffix}", None)
+            if get is not None and set_ is not None:
+                get.restype, get.argtypes, set_.restype, set_.argtypes = ctypes.c_int, [], None, [ctypes.c_int]
+                return OpenBLAS(get, set_)
+    return None
+
+
+def parts(a, b, out, threads, cut_2d):
+    """[(a, b, out) views], one per thread, covering out once (module docstring); [] when out is not a stack that
+    divides evenly and not cut_2d; [(a, b, out)] when it cannot be cut that many ways."""
+    if out.ndim >= 3 and out.shape[0] % threads == 0:
+        step = out.shape[0] // threads
+
+        def cut(m, i):  # a stacked operand is cut with out; a broadcast one (2-D, or a stack of 1) is shared
+            return m[i * step:(i + 1) * step] if m.ndim == out.ndim and m.shape[0] == out.shape[0] else m
+        return [(cut(a, i), cut(b, i), out[i * step:(i + 1) * step]) for i in range(threads)]
+    rows, columns = out.shape[-2:]
+    if not cut_2d:
+        return []
+    if rows >= columns and rows >= threads:
+        cuts = [rows * i // threads for i in range(threads + 1)]
+        return [(a[..., lo:hi, :], b, out[..., lo:hi, :]) for lo, hi in zip(cuts, cuts[1:])]
+    if rows < columns and columns >= threads * COLUMN_ALIGN:
+        cuts = [columns * i // threads // COLUMN_ALIGN * COLUMN_ALIGN for i in range(threads)] + [columns]
+        return [(a, b[..., lo:hi], out[..., lo:hi]) for lo, hi in zip(cuts, cuts[1:])]
+    return [(a, b, out)]
+
+
+def workers_spin(timeout):
+    """Whether OpenBLAS's workers spin long after a GEMM, given the OPENBLAS_THREAD_TIMEOUT it read (None: unset,
+    OpenBLAS's default 28)."""
+    return timeout is None or not timeout.strip().isdigit() or int(timeout) > SHORT_TIMEOUT
+
+
+def _pool(threads):
+    if threads not in _pools:
+        _pools[threads] = ThreadPoolExecutor(threads - 1, thread_name_prefix="cnnfast-blas")
+    return _pools[threads]
+
+
+def matmul(a, b, out):
+    """np.matmul(a, b, out=out), split as the module docstring says; returns out. a, b: 2-D or stacks that
+    np.matmul takes (a broadcast operand is shared by the parts); out: (..., M, N), any strides."""
+    lib = openblas()
+    if lib is None or not _lock.acquire(blocking=False):
+        return np.matmul(a, b, out=out)
+    try:
+        threads = lib.get_num_threads()
+        if threads == 1:
+            return np.matmul(a, b, out=out)
+        pieces = [(a, b, out)] if out.size * a.shape[-1] < SPLIT_WORK else parts(a, b, out, threads, WORKERS_SPIN)
+        if not pieces:  # a single GEMM, on OpenBLAS's threads
+            return np.matmul(a, b, out=out)
+        lib.set_num_threads(1)
+        pending = []
+        try:
+            pending = [_pool(threads).submit(np.matmul, pa, pb, out=po) for pa, pb, po in pieces[1:]]
+            np.matmul(pieces[0][0], pieces[0][1], out=pieces[0][2])
+        finally:
+            wait(pending)
+            lib.set_num_threads(threads)
+        for done in pending:
+            done.result()  # a worker's exception, raised here
+        return out
+    finally:
+        _lock.release()
