@@ -5,11 +5,11 @@ measurements on a 2-core AVX2 machine, bench/RESULTS.md), the same for all three
   1. depthwise layers (groups == C)                   -> depthwise (memory-bound; a plane per task)
   2. fewer than 8 output channels per group           -> direct (a GEMM that thin does not pay for its columns:
                                                          2-8x faster than im2col at 1-4 channels)
-  3. 2-D 3x3, unit stride and dilation, with at least -> winograd (F(4x4, 3x3): 4x fewer multiply-adds; 1.2-1.4x
-     WINOGRAD_TILES_PER_CHANNEL[primitive] x              faster than im2col at 3x3 64@56 and 128@28, batch 4,
+  3. 2-D 3x3, unit stride and dilation, with at least -> winograd (F(4x4, 3x3): 4x fewer multiply-adds; 1.3-1.5x
+     WINOGRAD_TILES_PER_CHANNEL[primitive] x              faster than im2col at 3x3 64@56 batch 1, 128@28 batch 2,
      max(C/g, K/g) output tiles (4x4 each, all samples)   all three primitives; at 512@7, 16 tiles for 512
                                                           channels, its 4x larger transformed filters cost more
-                                                          than it saves: 0.2-0.5x)
+                                                          than it saves: 0.3-0.5x)
   4. otherwise                                        -> im2col (BLAS GEMM; building the columns costs
      C*T*R*S*P*Q*U copies against 2*K*C*T*R*S*P*Q*U flops; 1.2-15x faster than direct on every dense
      benchmark shape, backward passes included)
@@ -21,12 +21,13 @@ from cnnfast.kernels.cpu.layout import bias_grad_cpu, fold_pad_cpu, pad_cpu
 __all__ = ["ALGORITHMS", "choose", "pad_cpu", "fold_pad_cpu", "bias_grad_cpu"]
 
 # Winograd when its tiles (all samples) are at least this many per channel: the transformed filters (and
-# backward_filter's dU) are 4x the filters, paid once per call. Measured against im2col with its shifted planes
-# (2026-12-05, 2-core Sapphire Rapids; im2col / winograd time, > 1: winograd faster): at 0.25 tiles per channel
-# (256@14 batch 4, 512@7 batch 32) forward 0.95-0.99x, backward_data 0.83-0.90x; at 0.38 (128@28 batch 1)
-# 1.08x, 0.84x; at 0.5 (256@14 batch 8) 1.25x, 1.09x, backward_filter 0.95x; from 1.5 (128@28 batch 4) all three
-# 1.2-1.4x. (On the AMD EPYC with the row-by-row im2col, 0.25 already gained 1.1-1.2x: bench/RESULTS.md.)
-WINOGRAD_TILES_PER_CHANNEL = {"forward": 0.3, "backward_data": 0.45, "backward_filter": 1.0}
+# backward_filter's dU) are 4x the filters, paid once per call. Measured against im2col (2026-12-06, 2-core
+# Sapphire Rapids, after blas.matmul split Winograd's 36 GEMMs over the cores; im2col / winograd time, > 1: winograd
+# faster): forward 0.93-1.03x at 0.12 tiles per channel (256@14 batch 2, 512@7 batch 16), 1.06x at 0.19, 1.09-1.30x
+# at 0.25; backward_data 0.96-1.04x at 0.25, 0.82x and 1.11x at 0.38, 1.25x at 0.5; backward_filter 0.82-0.90x at
+# 0.25, 0.84x and 1.02x at 0.38, 1.17x at 0.5, 1.23x at 0.77. (2026-12-05, before the split: forward from 0.3,
+# backward_data from 0.45, backward_filter from 1.0.)
+WINOGRAD_TILES_PER_CHANNEL = {"forward": 0.2, "backward_data": 0.45, "backward_filter": 0.45}
 
 _KERNELS = {
     "direct": {"forward": "direct_forward_cpu", "backward_data": "direct_backward_data_cpu",
