@@ -2,6 +2,8 @@
 its docstring, the layout twins against NumPy, and every CPU algorithm agreeing with the others on the grid.
 Correctness of every algorithm against the reference over the grid is tests/test_ops.py. Small shapes: the
 kernels compile once per process."""
+import os
+
 import numpy as np
 import pytest
 from cnnfast.kernels.cpu import ALGORITHMS, bias_grad_cpu, blas, choose, fold_pad_cpu, im2col, pad_cpu, threads
@@ -779,6 +781,42 @@ def test_blas_matmul_runs_concurrent_callers_correctly(monkeypatch):
         t.join()
     assert errors == []
     assert (blas.openblas().get_num_threads() if blas.openblas() else None) == before
+
+
+FORK_PROBE = """
+import os
+import time
+import numpy as np
+from cnnfast.kernels.cpu import blas
+from test_cpu_kernels import _FakeOpenBLAS
+blas.openblas = lambda: _FakeOpenBLAS(2)
+blas.SPLIT_WORK = 0
+a, b = np.ones((36, 4, 3)), np.ones((36, 3, 5))
+blas.matmul(a, b, np.empty((36, 4, 5)))  # the parent's worker thread exists now
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if (blas.matmul(a, b, np.empty((36, 4, 5))) == 3).all() else 1)
+for _ in range(600):  # up to 60 s, then the child is taken to hang and killed
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        print(status)
+        break
+    time.sleep(0.1)
+else:
+    os.kill(pid, 9)
+    print("hung")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_blas_matmul_works_in_a_forked_child():
+    """A child forked after a split (a DataLoader worker, multiprocessing's fork) starts its own worker threads:
+    the parent's executor would queue the child's parts to threads that are not there, and wait forever."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", FORK_PROBE], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(__file__))
+    assert done.returncode == 0 and done.stdout.split() == ["0"], done.stdout + done.stderr
 
 
 @pytest.mark.skipif("openblas" not in blas._numpy_blas_name(), reason="NumPy's BLAS is not OpenBLAS")

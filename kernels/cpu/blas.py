@@ -130,6 +130,18 @@ def workers_spin(timeout):
     return timeout is None or not timeout.strip().isdigit() or int(timeout) > SHORT_TIMEOUT
 
 
+def _forget_threads():
+    """In a forked child: the parent's worker threads are not there (an executor that still lists them would queue
+    parts that never run), and the lock may be held by one of them."""
+    global _lock
+    _lock = threading.Lock()
+    _pools.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_threads)
+
+
 def _pool(threads):
     if threads not in _pools:
         _pools[threads] = ThreadPoolExecutor(threads - 1, thread_name_prefix="cnnfast-blas")
