@@ -688,7 +688,8 @@ class _FakeOpenBLAS(blas.OpenBLAS):
 
 
 MATMULS = {  # name: (a shape, b shape)
-    "stack-of-36": ((36, 1, 6, 5), (36, 1, 5, 40)),
+    "stack-of-36": ((36, 1, 6, 5), (36, 1, 5, 40)),  # 5 threads: 8, 7, 7, 7, 7
+    "stack-of-9": ((9, 6, 5), (9, 5, 40)),  # 2 threads: 5 and 4; 3: 3 each; 4 and 5: not by the stack
     "stack-broadcast-a": ((6, 5), (4, 5, 40)),
     "stack-of-3": ((3, 6, 5), (3, 5, 40)),
     "rows": ((70, 9), (9, 33)),
@@ -720,7 +721,7 @@ def test_blas_matmul_is_np_matmul_bit_for_bit_and_restores_the_thread_count(name
     assert blas.matmul(a, b, out) is out
     np.testing.assert_array_equal(out, np.matmul(a, b))
     assert np.isnan(big[..., 0]).all() and np.isnan(big[..., -2:]).all()
-    stack = out.ndim > 2 and out.shape[0] % threads == 0
+    stack = out.ndim > 2 and (out.shape[0] % threads == 0 or out.shape[0] >= 4 * threads)
     assert fake.sets == ([1, threads] if stack or spin else [])  # else one GEMM on OpenBLAS's threads
 
 
@@ -730,17 +731,19 @@ def test_blas_parts_cover_the_output_once_along_the_documented_axis(name, thread
     a, b, _, out = _operands(name, "float32", np.random.default_rng(0))
     hits = np.zeros(out.shape, np.int64)
     pieces = blas.parts(a, b, hits, threads, cut_2d=True)
-    stack_only = blas.parts(a, b, hits, threads, cut_2d=False)  # [] unless out is a stack that divides evenly
-    assert [po.shape for _, _, po in stack_only] == ([] if out.ndim == 2 or out.shape[0] % threads else
-                                                      [po.shape for _, _, po in pieces])
     for pa, pb, po in pieces:
         po += 1
         assert np.matmul(pa, pb).shape == po.shape
     assert (hits == 1).all()
-    # the documented rule: the stack when it divides evenly, else rows when M >= N, else aligned columns
+    # the documented rule: the stack when it divides evenly or has 4 products per thread, else rows when M >= N,
+    # else aligned columns
     stack, (M, N) = out.shape[:-2], out.shape[-2:]
-    if stack and stack[0] % threads == 0:
-        assert len(pieces) == threads and all(po.shape[0] == stack[0] // threads for _, _, po in pieces)
+    by_stack = bool(stack) and (stack[0] % threads == 0 or stack[0] >= 4 * threads)
+    stack_only = blas.parts(a, b, hits, threads, cut_2d=False)  # [] unless out is a stack cut so
+    assert [po.shape for _, _, po in stack_only] == ([po.shape for _, _, po in pieces] if by_stack else [])
+    if by_stack:
+        lengths = [po.shape[0] for _, _, po in pieces]
+        assert len(pieces) == threads and max(lengths) - min(lengths) <= 1
     elif M >= N:
         assert len(pieces) == threads and all(po.shape[-1] == N for _, _, po in pieces)
     elif N >= threads * blas.COLUMN_ALIGN:

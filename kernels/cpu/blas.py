@@ -4,7 +4,8 @@ matmul(a, b, out) is np.matmul(a, b, out=out), run one of two ways:
   - cut into one part per OpenBLAS thread, the parts side by side on this module's worker threads and the
     caller's, each on one OpenBLAS thread (OpenBLAS is set to one thread meanwhile, a process-wide setting, as
     threadpoolctl's threadpool_limits sets it; another thread's GEMM in that time runs on one thread):
-      - a stack of products (out (S, ..., M, N)) whose length S divides evenly: S / threads products per part;
+      - a stack of products (out (S, ..., M, N)) whose length S divides evenly, or with at least STACK_PER_THREAD
+        products per thread: S / threads products per part (rounded);
       - when WORKERS_SPIN, any other product too: out's rows when M >= N, else its columns (multiples of
         COLUMN_ALIGN);
       - a product of fewer than SPLIT_WORK multiply-adds: one part, on the caller's thread;
@@ -37,6 +38,10 @@ import numpy as np
 # Multiply-adds below which a product runs as one part: waking a worker thread costs ~50 us on the 2-core VM,
 # as long as ~4M multiply-adds take on one core.
 SPLIT_WORK = 1 << 22
+# A stack whose length the thread count does not divide is cut anyway when it has at least this many products per
+# thread (parts then differ by one product, at most 25% of a part): Winograd's 36 on up to 9 threads. Not measured
+# beyond 2 cores.
+STACK_PER_THREAD = 4
 # A column cut lands on a multiple of this many columns (64 bytes of float32).
 COLUMN_ALIGN = 16
 # The symbol prefixes and suffixes OpenBLAS builds export: NumPy >= 2's scipy-openblas64, older NumPy wheels'
@@ -104,14 +109,15 @@ def openblas():
 
 
 def parts(a, b, out, threads, cut_2d):
-    """[(a, b, out) views], one per thread, covering out once (module docstring); [] when out is not a stack that
-    divides evenly and not cut_2d; [(a, b, out)] when it cannot be cut that many ways."""
-    if out.ndim >= 3 and out.shape[0] % threads == 0:
-        step = out.shape[0] // threads
+    """[(a, b, out) views], one per thread, covering out once (module docstring); [] when out is not a stack to cut
+    and not cut_2d; [(a, b, out)] when it cannot be cut that many ways."""
+    stack = out.shape[0] if out.ndim >= 3 else 0
+    if stack and (stack % threads == 0 or stack >= STACK_PER_THREAD * threads):
+        cuts = [stack * i // threads for i in range(threads + 1)]  # lengths differ by one at most
 
-        def cut(m, i):  # a stacked operand is cut with out; a broadcast one (2-D, or a stack of 1) is shared
-            return m[i * step:(i + 1) * step] if m.ndim == out.ndim and m.shape[0] == out.shape[0] else m
-        return [(cut(a, i), cut(b, i), out[i * step:(i + 1) * step]) for i in range(threads)]
+        def cut(m, lo, hi):  # a stacked operand is cut with out; a broadcast one (2-D, or a stack of 1) is shared
+            return m[lo:hi] if m.ndim == out.ndim and m.shape[0] == stack else m
+        return [(cut(a, lo, hi), cut(b, lo, hi), out[lo:hi]) for lo, hi in zip(cuts, cuts[1:])]
     rows, columns = out.shape[-2:]
     if not cut_2d:
         return []
