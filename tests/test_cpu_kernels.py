@@ -205,6 +205,22 @@ def test_col2im_by_plane_matches_the_row_path_bitwise_and_numpy(name, build):
     np.testing.assert_allclose(results[0], flat[1:].reshape(x_shape), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("limit", [None, 3_000])  # one block, or blocks of a few positions (added up)
+@pytest.mark.parametrize("w_shape", [(6, 8, 3, 3), (16, 2, 1, 3)])  # K/g < CTRS (72): transposed; 16 > 6: not
+def test_weight_gradient_product_either_way_round_matches_the_reference(w_shape, limit, monkeypatch):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3, w_shape[1], 9, 10)).astype(np.float32)
+    dy = rng.standard_normal((3, w_shape[0], 10 - w_shape[2], 11 - w_shape[3])).astype(np.float32)
+    expected = reference.conv_weight(x, w_shape, dy)
+    results = []
+    for transposed_product in (im2col.TRANSPOSED_PRODUCT, 0):
+        monkeypatch.setattr(im2col, "TRANSPOSED_PRODUCT", transposed_product)
+        results.append(grad.conv2d_weight(x, w_shape, dy, algo="im2col", workspace_limit=limit))
+        assert_close(results[-1], expected, "float32", f"conv2d_weight {w_shape}")
+    if w_shape[0] >= w_shape[1] * w_shape[2] * w_shape[3]:  # not transposed either way: the same computation
+        np.testing.assert_array_equal(*results)
+
+
 @pytest.mark.parametrize("primitive", list(OPS))
 @pytest.mark.parametrize("x_shape, samples_per_block", [
     ((8, 64, 56, 56), 2),    # one sample's scratch is 8.0 MB: two fit PREFERRED_SCRATCH (16 MiB)
