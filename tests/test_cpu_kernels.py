@@ -732,6 +732,7 @@ def test_blas_matmul_is_np_matmul_bit_for_bit_and_restores_the_thread_count(name
     fake = _FakeOpenBLAS(threads)
     monkeypatch.setattr(blas, "openblas", lambda: fake)
     monkeypatch.setattr(blas, "SPLIT_WORK", 0)
+    monkeypatch.setattr(blas, "OPENBLAS_SINGLE", -1)
     monkeypatch.setattr(blas, "WORKERS_SPIN", spin)
     a, b, big, out = _operands(name, dtype, np.random.default_rng(threads))
     assert blas.matmul(a, b, out) is out
@@ -769,10 +770,23 @@ def test_blas_parts_cover_the_output_once_along_the_documented_axis(name, thread
         assert len(pieces) == 1
 
 
+@pytest.mark.parametrize("m, calls", [(4, []), (40, [1, 2])])  # 4*m*6 outputs x 5: 480 and 4,800 multiply-adds
+def test_blas_matmul_leaves_small_products_to_openblas_and_runs_mid_sized_ones_whole_on_one_thread(m, calls,
+                                                                                                   monkeypatch):
+    fake = _FakeOpenBLAS(2)
+    monkeypatch.setattr(blas, "openblas", lambda: fake)
+    monkeypatch.setattr(blas, "OPENBLAS_SINGLE", 1_000)
+    monkeypatch.setattr(blas, "SPLIT_WORK", 100_000)
+    a, b = np.ones((4, m, 5)), np.ones((4, 5, 6))
+    assert (blas.matmul(a, b, np.empty((4, m, 6))) == 5).all()
+    assert fake.sets == calls
+
+
 def test_blas_matmul_raises_a_parts_error_after_restoring_the_thread_count(monkeypatch):
     fake = _FakeOpenBLAS(2)
     monkeypatch.setattr(blas, "openblas", lambda: fake)
     monkeypatch.setattr(blas, "SPLIT_WORK", 0)
+    monkeypatch.setattr(blas, "OPENBLAS_SINGLE", -1)
     monkeypatch.setattr(blas, "WORKERS_SPIN", False)
     with pytest.raises(ValueError):
         blas.matmul(np.ones((4, 3, 5)), np.ones((4, 6, 2)), np.empty((4, 3, 2)))  # 5 != 6: each part fails
@@ -783,6 +797,7 @@ def test_blas_matmul_runs_concurrent_callers_correctly(monkeypatch):
     """Two threads at once: one splits, the other (finding the lock taken) runs np.matmul; both right."""
     import threading
     monkeypatch.setattr(blas, "SPLIT_WORK", 0)
+    monkeypatch.setattr(blas, "OPENBLAS_SINGLE", -1)
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((8, 40, 30)), rng.standard_normal((8, 30, 50))
     expected, errors = np.matmul(a, b), []
@@ -809,7 +824,7 @@ import numpy as np
 from cnnfast.kernels.cpu import blas
 from test_cpu_kernels import _FakeOpenBLAS
 blas.openblas = lambda: _FakeOpenBLAS(2)
-blas.SPLIT_WORK = 0
+blas.SPLIT_WORK, blas.OPENBLAS_SINGLE = 0, -1
 a, b = np.ones((36, 4, 3)), np.ones((36, 3, 5))
 blas.matmul(a, b, np.empty((36, 4, 5)))  # the parent's worker thread exists now
 pid = os.fork()
@@ -844,6 +859,7 @@ def test_numpys_openblas_is_found_and_split_on_its_threads(monkeypatch):
     assert lib is not None
     threads = lib.get_num_threads()
     monkeypatch.setattr(blas, "SPLIT_WORK", 0)
+    monkeypatch.setattr(blas, "OPENBLAS_SINGLE", -1)
     a, b = np.ones((36, 4, 3), np.float32), np.ones((36, 3, 5), np.float32)
     out = blas.matmul(a, b, np.empty((36, 4, 5), np.float32))
     assert (out == 3).all() and lib.get_num_threads() == threads

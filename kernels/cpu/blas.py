@@ -9,7 +9,8 @@ matmul(a, b, out) is np.matmul(a, b, out=out), run one of two ways:
       - when WORKERS_SPIN, any other product too: out's rows when M >= N, else its columns (multiples of
         COLUMN_ALIGN);
       - a product of fewer than SPLIT_WORK multiply-adds: one part, on the caller's thread;
-  - otherwise as np.matmul runs it, one GEMM on OpenBLAS's threads.
+  - otherwise as np.matmul runs it, one GEMM on OpenBLAS's threads (or, up to OPENBLAS_SINGLE multiply-adds, on
+    the caller's: OpenBLAS does not split those).
 Each output element is one BLAS dot product over the whole inner axis either way (bit-identical to np.matmul in
 the tests).
 
@@ -38,6 +39,9 @@ import numpy as np
 # Multiply-adds below which a product runs as one part: waking a worker thread costs ~50 us on the 2-core VM,
 # as long as ~4M multiply-adds take on one core.
 SPLIT_WORK = 1 << 22
+# Multiply-adds up to which OpenBLAS runs a GEMM on one thread itself (65536 x GEMM_MULTITHREAD_THRESHOLD, 4 by
+# default): matmul hands these straight to np.matmul (the split's lock and thread-count calls cost ~3.5 us).
+OPENBLAS_SINGLE = 1 << 18
 # A stack whose length the thread count does not divide is cut anyway when it has at least this many products per
 # thread (parts then differ by one product, at most 25% of a part): Winograd's 36 on up to 9 threads. Not measured
 # beyond 2 cores.
@@ -157,14 +161,15 @@ def _pool(threads):
 def matmul(a, b, out):
     """np.matmul(a, b, out=out), split as the module docstring says; returns out. a, b: 2-D or stacks that
     np.matmul takes (a broadcast operand is shared by the parts); out: (..., M, N), any strides."""
+    work = out.size * a.shape[-1]
     lib = openblas()
-    if lib is None or not _lock.acquire(blocking=False):
+    if lib is None or work <= OPENBLAS_SINGLE or not _lock.acquire(blocking=False):
         return np.matmul(a, b, out=out)
     try:
         threads = lib.get_num_threads()
         if threads == 1:
             return np.matmul(a, b, out=out)
-        pieces = [(a, b, out)] if out.size * a.shape[-1] < SPLIT_WORK else parts(a, b, out, threads, WORKERS_SPIN)
+        pieces = [(a, b, out)] if work < SPLIT_WORK else parts(a, b, out, threads, WORKERS_SPIN)
         if not pieces:  # a single GEMM, on OpenBLAS's threads
             return np.matmul(a, b, out=out)
         lib.set_num_threads(1)
