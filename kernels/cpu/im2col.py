@@ -367,6 +367,8 @@ def backward_filter(x, dy, dw, g, workspace_limit=None):
         if transposed:  # dW_g^T (CTRS, K/g) += cols @ dy^T
             blas.matmul(cols, dy_block.T, product.reshape(rows, Kg))
             dw2[grp] += product.reshape(rows, Kg).T
+        elif n0 == o0 == 0:  # the group's first block: straight into dW_g
+            blas.matmul(dy_block, cols.T, dw2[grp])
         else:
             blas.matmul(dy_block, cols.T, product)
             dw2[grp] += product
