@@ -361,7 +361,6 @@ def backward_filter(x, dy, dw, g, workspace_limit=None):
     filters = XI * g.groups * Kg * Cg
     V_buf, E_buf, dU, product = _scratch_views(x.dtype, XI * g.C * rows * TW, XI * g.K * rows * TW, filters, filters)
     dU, product = dU.reshape(XI, g.groups, Kg, Cg), product.reshape(XI, g.groups, Kg, Cg)
-    dU[...] = 0
     x2, dy2, total = x[:, :, 0], dy[:, :, 0], g.N * TH
     for r0 in range(0, total, rows):
         nr = min(rows, total - r0)
@@ -371,8 +370,9 @@ def backward_filter(x, dy, dw, g, workspace_limit=None):
         sized(input_transform_cpu, V.size)(x2, V, segments, TW, g.pad_h, g.pad_w)
         sized(grad_transform_cpu, E.size)(dy2, E, segments, TW)
         blas.matmul(E.reshape(XI, g.groups, Kg, nr * TW),
-                    V.reshape(XI, g.groups, Cg, nr * TW).transpose(0, 1, 3, 2), product)
-        dU += product
+                    V.reshape(XI, g.groups, Cg, nr * TW).transpose(0, 1, 3, 2), product if r0 else dU)
+        if r0:  # the first block wrote dU itself
+            dU += product
     taps = blas.matmul(_kron(x.dtype).T, dU.reshape(XI, g.K * Cg), np.empty((9, g.K * Cg), x.dtype))  # 9 x K*C/g
     dw[...] = taps.T.reshape(dw.shape)
     if not np.isfinite(dw).all():
