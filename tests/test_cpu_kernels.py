@@ -307,7 +307,8 @@ CHOOSE_RULES = [
     *[(f"7-out-channels-{p}", p, (1, 16, 8, 8), (7, 16, 3, 3), {}, "direct") for p in OPS],
     ("6-out-channels-per-group-forward", "forward", (1, 16, 8, 8), (12, 8, 3, 3), dict(groups=2), "direct"),
     ("8-out-channels-forward", "forward", (1, 16, 12, 12), (8, 16, 5, 5), {}, "im2col"),
-    # 3. 2-D 3x3 unit stride and dilation with >= 0.2 x max(C/g, K/g) tiles (backward passes: 0.45 x) -> winograd
+    # 3. 2-D 3x3 unit stride and dilation with >= 0.2 x max(C/g, K/g) tiles (backward_data: 0.45 x,
+    #    backward_filter: 0.3 x) -> winograd
     *[(f"3x3-32x32-inputs-{p}", p, (1, 16, 32, 32), (16, 16, 3, 3), dict(padding=1), "winograd") for p in OPS],
     *[(f"3x3-resnet-256@14-batch-8-{p}", p, (8, 256, 14, 14), (256, 256, 3, 3), dict(padding=1), "winograd")
       for p in OPS],  # 8 * 4 * 4 = 128 tiles = 0.5 x 256
@@ -315,18 +316,18 @@ CHOOSE_RULES = [
      "winograd"),  # 64 tiles = 0.25 x 256
     ("3x3-resnet-512@7-batch-32-forward", "forward", (32, 512, 7, 7), (512, 512, 3, 3), dict(padding=1),
      "winograd"),  # 32 * 2 * 2 = 128 tiles = 0.25 x 512
-    ("3x3-128@28-batch-1-forward", "forward", (1, 128, 28, 28), (128, 128, 3, 3), dict(padding=1),
-     "winograd"),  # 7 * 7 = 49 tiles >= 0.2 x 128
+    *[(f"3x3-128@28-batch-1-{p}", p, (1, 128, 28, 28), (128, 128, 3, 3), dict(padding=1), "winograd")
+      for p in ("forward", "backward_filter")],  # 7 * 7 = 49 tiles >= 0.3 x 128
     ("3x3-grouped-forward", "forward", (2, 32, 12, 12), (32, 16, 3, 3), dict(padding=1, groups=2), "winograd"),
     # 4. otherwise -> im2col, whatever the spatial size or the input channels (an RGB stem, a LeNet input)
     ("3x3-resnet-256@14-batch-3-forward", "forward", (3, 256, 14, 14), (256, 256, 3, 3), dict(padding=1),
      "im2col"),  # 48 tiles < 0.2 x 256
     *[(f"3x3-resnet-256@14-batch-4-{p}", p, (4, 256, 14, 14), (256, 256, 3, 3), dict(padding=1), "im2col")
-      for p in ("backward_data", "backward_filter")],  # 64 tiles < 0.45 x 256
+      for p in ("backward_data", "backward_filter")],  # 64 tiles < 0.3 x 256
     ("3x3-resnet-512@7-batch-32-backward_data", "backward_data", (32, 512, 7, 7), (512, 512, 3, 3),
      dict(padding=1), "im2col"),  # 128 tiles < 0.45 x 512
-    *[(f"3x3-128@28-batch-1-{p}", p, (1, 128, 28, 28), (128, 128, 3, 3), dict(padding=1), "im2col")
-      for p in ("backward_data", "backward_filter")],  # 49 tiles < 0.45 x 128
+    ("3x3-128@28-batch-1-backward_data", "backward_data", (1, 128, 28, 28), (128, 128, 3, 3), dict(padding=1),
+     "im2col"),  # 49 tiles < 0.45 x 128
     *[(f"3x3-resnet-512@7-batch-4-{p}", p, (4, 512, 7, 7), (512, 512, 3, 3), dict(padding=1), "im2col")
       for p in OPS],  # 16 tiles < 0.2 x 512
     ("3x3-stride-2-forward", "forward", (1, 16, 32, 32), (16, 16, 3, 3), dict(stride=2, padding=1), "im2col"),

@@ -24,10 +24,10 @@ __all__ = ["ALGORITHMS", "choose", "pad_cpu", "fold_pad_cpu", "bias_grad_cpu"]
 # backward_filter's dU) are 4x the filters, paid once per call. Measured against im2col (2026-12-06, 2-core
 # Sapphire Rapids, after blas.matmul split Winograd's 36 GEMMs over the cores; im2col / winograd time, > 1: winograd
 # faster): forward 0.93-1.03x at 0.12 tiles per channel (256@14 batch 2, 512@7 batch 16), 1.06x at 0.19, 1.09-1.30x
-# at 0.25; backward_data 0.96-1.04x at 0.25, 0.82x and 1.11x at 0.38, 1.25x at 0.5; backward_filter 0.82-0.90x at
-# 0.25, 0.84x and 1.02x at 0.38, 1.17x at 0.5, 1.23x at 0.77. (2026-12-05, before the split: forward from 0.3,
-# backward_data from 0.45, backward_filter from 1.0.)
-WINOGRAD_TILES_PER_CHANNEL = {"forward": 0.2, "backward_data": 0.45, "backward_filter": 0.45}
+# at 0.25; backward_data 0.96-1.04x at 0.25, 0.82x and 1.11x at 0.38, 1.25x at 0.5; backward_filter (once both
+# algorithms wrote their first block's product in place) 0.98-1.05x at 0.25, 1.09x and 1.16x at 0.38, 1.39x at
+# 0.5. (2026-12-05, before the split: forward from 0.3, backward_data from 0.45, backward_filter from 1.0.)
+WINOGRAD_TILES_PER_CHANNEL = {"forward": 0.2, "backward_data": 0.45, "backward_filter": 0.3}
 
 _KERNELS = {
     "direct": {"forward": "direct_forward_cpu", "backward_data": "direct_backward_data_cpu",
