@@ -68,6 +68,9 @@ def run(op, kind, nd, *, input=None, weight=None, grad_output=None, bias=None, s
     device, family, dtype, shapes = arrays.inspect(op, **named, bias=bias)
     carrier = "grad_output" if "grad_output" in roles else "input"
     batched = _batched(op, nd, carrier, shapes[carrier])
+    if "input" in shapes and carrier != "input" and len(shapes["input"]) != len(shapes[carrier]):
+        raise ValueError(f"{op}: Expected input and grad_output to have the same number of dimensions, but got: "
+                         f"{len(shapes['input'])} and {len(shapes[carrier])}")
     add_n = (lambda s: s) if batched else (lambda s: (1,) + s)
 
     if kind in ("conv_input", "conv_transpose_input"):
@@ -266,22 +269,29 @@ for _nd in (1, 2, 3):
         _OPS[f"conv_transpose{_nd}d_{_side}"] = ("cnnfast.grad", _pos, _names)
 
 
-def explain(op, *args, device="cpu", dtype="float32", **kwargs):
+def explain(op, *args, device="cpu", dtype=None, **kwargs):
     """The Plan `op(*args, **kwargs)` would run: device, algorithm, kernels, workspace, determinism, why.
 
-    Array arguments may be arrays or plain shapes (then `device` and `dtype` say where and what they are):
+    Array arguments may be arrays or plain shapes (then `device` and `dtype` say where and what they are; dtype
+    defaults to the arrays' among the arguments, else float32):
         cnnfast.explain("conv2d", (1, 3, 32, 32), (6, 3, 5, 5), stride=1)
         cnnfast.explain("conv2d_weight", x, (64, 3, 7, 7), dy, stride=2, padding=3)
     The plan's .spec is the ConvSpec (output shape, FLOPs, parameters, ...). Nothing is computed.
     """
     import importlib
 
+    if not isinstance(op, str):
+        raise TypeError(f"explain: expected op to be an op's name such as 'conv2d', but got {type(op).__name__}")
     if op not in _OPS:
         raise ValueError(f"explain: unknown op {op!r}; expected one of {sorted(_OPS)}")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"explain: expected device 'cpu' or 'cuda', but got {device!r}")
     module, positions, names = _OPS[op]
     fn = getattr(importlib.import_module(module), op)
+    if dtype is None:
+        given = [a for i, a in enumerate(args) if i in positions] + [v for k, v in kwargs.items() if k in names]
+        dtype = next((arrays.dtype_of(a) for a in given if a is not None and arrays.family_of(a) is not None),
+                     "float32")
 
     try:
         np.dtype(dtype)
@@ -290,7 +300,7 @@ def explain(op, *args, device="cpu", dtype="float32", **kwargs):
 
     def stand_in(name, a):
         fam = None if a is None else arrays.family_of(a)
-        if a is None or isinstance(a, arrays.ShapeArray):
+        if (a is None and name == "bias") or isinstance(a, arrays.ShapeArray):
             return a
         if fam is None:
             if not (isinstance(a, (tuple, list)) and all(

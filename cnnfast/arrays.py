@@ -100,15 +100,16 @@ _DTYPE_NAMES = {dt: dt.name for dt in FLOAT_DTYPES}
 
 
 def inspect(op, **arrays):
-    """Check the named array arguments (None skipped); return (device name, family of the first, dtype name,
+    """Check the named array arguments (a None bias skipped); return (device name, family of the first, dtype name,
     {name: shape}).
 
-    TypeError: not an array; dtype not float32/float64; dtypes differ; arrays on different devices.
+    TypeError: not an array (None included, but for bias); dtype not float32/float64; dtypes differ; arrays on
+    different devices.
     """
     first = family = dtype = None
     shapes = {}
     for name, a in arrays.items():
-        if a is None:
+        if a is None and name == "bias":
             continue
         fam = family_of(a)
         if fam is None:

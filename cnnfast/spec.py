@@ -54,12 +54,26 @@ def _is_int(v):
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def int_tuple(op, name, value, nd):
-    """An int or a length-nd sequence of ints -> a tuple of nd Python ints."""
+# The largest stride, padding, dilation or output_padding taken (cuDNN's int arguments): the kernels' index
+# arithmetic (output index x stride - padding + tap x dilation, in 64 bits on the CPU) then cannot overflow.
+MAX_PARAMETER = 2**31 - 1
+
+
+def _in_range(op, name, values, given):
+    if any(abs(v) > MAX_PARAMETER for v in values):
+        raise ValueError(f"{op}: expected {name} values of at most {MAX_PARAMETER} (2^31 - 1), but got "
+                         f"{name}={given!r}")
+    return values
+
+
+def int_tuple(op, name, value, nd, limited=True):
+    """An int, or a sequence of nd ints (or of one, for every axis, as PyTorch expands it) -> a tuple of nd Python
+    ints, each at most MAX_PARAMETER when limited."""
+    check = (lambda values: _in_range(op, name, values, value)) if limited else (lambda values: values)
     if _is_int(value):
-        return (int(value),) * nd
-    if isinstance(value, (tuple, list)) and len(value) == nd and all(_is_int(v) for v in value):
-        return tuple(int(v) for v in value)
+        return check((int(value),) * nd)
+    if isinstance(value, (tuple, list)) and len(value) in (1, nd) and all(_is_int(v) for v in value):
+        return check(tuple(int(v) for v in value) * (nd // len(value)))
     raise TypeError(f"{op}: expected {name} to be an int or a tuple of {nd} ints, but got {value!r}")
 
 
@@ -83,13 +97,14 @@ def padding_pairs(op, padding, nd, spatial, kernel, stride, dilation, transposed
 
     if _is_int(padding):
         pairs = (pair(padding),) * nd
-    elif isinstance(padding, (tuple, list)) and len(padding) == nd and None not in map(pair, padding):
-        pairs = tuple(map(pair, padding))
+    elif isinstance(padding, (tuple, list)) and len(padding) in (1, nd) and None not in map(pair, padding):
+        pairs = tuple(map(pair, padding)) * (nd // len(padding))
     else:
         raise TypeError(f"{op}: expected padding to be an int, 'valid', 'same' or a tuple of {nd} entries, each "
                         f"an int or a (low, high) pair, but got {padding!r}")
     if any(v < 0 for p in pairs for v in p):
         raise ValueError(f"{op}: negative padding is not supported, but got padding={padding!r}")
+    _in_range(op, "padding", [v for p in pairs for v in p], padding)
     return pairs
 
 
@@ -202,7 +217,7 @@ class ConvSpec:
             if len(output_size) not in (nd, nd + 1, nd + 2):
                 raise ValueError(f"{op}: expected output_size to have {nd} entries (or {nd + 2} with the batch and "
                                  f"channel sizes), but got output_size={output_size!r}")
-            size = int_tuple(op, "output_size", tuple(output_size)[-nd:], nd)
+            size = int_tuple(op, "output_size", tuple(output_size)[-nd:], nd, limited=False)
             smallest = [transposed_output_size(L, k, s, d, lo, hi, 0)
                         for L, k, s, d, (lo, hi) in zip(input_shape[2:], kernel, stride, dilation, pairs)]
             largest = [m + max(s, d) - 1 for m, s, d in zip(smallest, stride, dilation)]

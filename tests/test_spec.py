@@ -120,3 +120,23 @@ def test_transposed_spec_matches_pytorch_shapes():
     assert same.output_padding == (1, 2)
     g = spec.geometry
     assert (g.P, g.Q, g.U) == (1, 5, 7) and (g.D, g.H, g.W) == (1, H, W)
+
+
+def test_one_entry_sequences_apply_to_every_axis_as_in_pytorch():
+    """F.conv2d(x, w, stride=(2,), padding=[1]) is stride 2 and padding 1 on both axes (ATen expands them)."""
+    ones = ConvSpec.create("conv2d", (2, 3, 9, 8), (4, 3, 3, 3), stride=(2,), padding=[1], dilation=(2,))
+    assert ones == ConvSpec.create("conv2d", (2, 3, 9, 8), (4, 3, 3, 3), stride=2, padding=1, dilation=2)
+    pairs = ConvSpec.create("conv3d", (1, 2, 5, 6, 7), (2, 2, 1, 1, 1), padding=((0, 2),))
+    assert pairs.padding == ((0, 2),) * 3
+    t = ConvSpec.create("conv_transpose2d", (1, 4, 5, 5), (4, 2, 3, 3), stride=(2,), output_padding=(1,),
+                        transposed=True)
+    assert t.output_shape == (1, 2, 12, 12) and t.output_padding == (1, 1)
+
+
+def test_explain_shapes_take_the_dtype_of_the_arrays_given_with_them():
+    import cnnfast
+    x, w = np.ones((2, 4, 8, 8)), np.ones((6, 4, 3, 3))  # float64
+    assert cnnfast.explain("conv2d", x, w, (6,)).spec.dtype == "float64"  # the bias given as a shape
+    assert cnnfast.explain("conv2d_weight", x.astype(np.float32), w.shape, (2, 6, 6, 6)).spec.dtype == "float32"
+    assert cnnfast.explain("conv2d", x.shape, w.shape).spec.dtype == "float32"  # no array: the default
+    assert cnnfast.explain("conv2d", x.shape, w.shape, dtype="float64").spec.dtype == "float64"
