@@ -2,6 +2,7 @@
 its docstring, the layout twins against NumPy, and every CPU algorithm agreeing with the others on the grid.
 Correctness of every algorithm against the reference over the grid is tests/test_ops.py. Small shapes: the
 kernels compile once per process."""
+import contextlib
 import os
 
 import numpy as np
@@ -872,3 +873,122 @@ def test_numpys_openblas_is_found_and_split_on_its_threads(monkeypatch):
                                            (" 8 ", False), ("x", True)])
 def test_workers_spin_past_a_short_openblas_thread_timeout(timeout, spin):
     assert blas.workers_spin(timeout) is spin
+
+
+# ---------------------------------------------------------------- 10. im2col's chunks side by side (FUSED_ROWS)
+
+def test_blas_share_runs_every_part_once_part_0_on_the_caller_and_restores_the_thread_count(monkeypatch):
+    import threading
+    fake = _FakeOpenBLAS(3)
+    monkeypatch.setattr(blas, "openblas", lambda: fake)
+    ran = []
+    blas.share(lambda k: ran.append((k, threading.current_thread().name)), 3)
+    assert sorted(k for k, _ in ran) == [0, 1, 2]
+    assert dict(ran)[0] == threading.current_thread().name
+    assert all(name.startswith("cnnfast-blas") for k, name in ran if k)
+    assert fake.sets == [1, 3]
+
+
+@pytest.mark.parametrize("why", ["no OpenBLAS", "one thread", "another split"])
+def test_blas_share_runs_the_parts_in_order_on_the_caller_when_it_cannot_share(why, monkeypatch):
+    import threading
+    fake = _FakeOpenBLAS(1 if why == "one thread" else 2)
+    monkeypatch.setattr(blas, "openblas", lambda: None if why == "no OpenBLAS" else fake)
+    ran = []
+    with blas._lock if why == "another split" else contextlib.nullcontext():
+        blas.share(lambda k: ran.append((k, threading.current_thread().name)), 3)
+    assert ran == [(k, threading.current_thread().name) for k in range(3)]
+    assert fake.sets == []
+
+
+def test_blas_share_raises_a_parts_error_once_every_part_is_done(monkeypatch):
+    fake = _FakeOpenBLAS(2)
+    monkeypatch.setattr(blas, "openblas", lambda: fake)
+    done = []
+
+    def task(k):
+        if k == 1:
+            raise ValueError("part 1")
+        done.append(k)
+    with pytest.raises(ValueError, match="part 1"):
+        blas.share(task, 3)
+    assert sorted(done) == [0, 2] and fake.sets == [1, 2]
+
+
+FUSED_LAYERS = {  # name: (x shape, w shape, options); C/g*T*R*S <= FUSED_ROWS; chunks of ~7 positions
+    "stem-like": ((3, 3, 23, 21), (8, 3, 7, 7), dict(stride=2, padding=3)),  # K/g < CTRS: transposed product
+    "1d-dilated": ((3, 4, 50), (8, 4, 3), dict(padding=8, dilation=8)),  # WaveNet's, a shifted-plane geometry
+    "3d-groups": ((2, 4, 5, 9, 8), (6, 2, 3, 3, 2), dict(stride=(1, 2, 1), padding=(1, 1, 0), groups=2)),
+    "2d-asym-wide": ((2, 2, 11, 12), (24, 2, 2, 2), dict(padding=((1, 2), (0, 3)), dilation=(2, 1))),  # K/g > CTRS
+}
+
+
+def _fused_case(name, dtype):
+    x_shape, w_shape, opts = FUSED_LAYERS[name]
+    rng = np.random.default_rng(len(name))
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    dy = rng.standard_normal(reference.conv(x, w, **opts).shape)
+    return x.astype(dtype), w.astype(dtype), dy.astype(dtype), opts
+
+
+def _fused_run(primitive, x, w, dy, opts):
+    nd = x.ndim - 2
+    if primitive == "forward":
+        return getattr(cnnfast, f"conv{nd}d")(x, w, algo="im2col", **opts)
+    return getattr(grad, f"conv{nd}d_weight")(x, w.shape, dy, algo="im2col", **opts)
+
+
+@pytest.mark.parametrize("threads_", [2, 3])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("primitive", ["forward", "backward_filter"])
+@pytest.mark.parametrize("name", FUSED_LAYERS)
+def test_im2col_chunks_side_by_side_match_the_reference_and_repeat_bitwise(name, primitive, dtype, threads_,
+                                                                           monkeypatch):
+    x, w, dy, opts = _fused_case(name, dtype)
+    fake = _FakeOpenBLAS(threads_)
+    monkeypatch.setattr(blas, "openblas", lambda: fake)
+    monkeypatch.setattr(im2col, "FUSED_WORK", 0)
+    monkeypatch.setattr(im2col, "CHUNK_POSITIONS", 1)
+    rows = int(np.prod(w.shape[1:]))
+    monkeypatch.setattr(im2col, "CHUNK_BYTES", 7 * rows * x.itemsize)  # ~7 positions a chunk, several per sample
+    g = cnnfast.ConvSpec.create(f"conv{x.ndim - 2}d", x.shape, w.shape, **opts).geometry
+    B = im2col._chunk(g, primitive, x.itemsize, None)
+    assert 0 < B < g.P * g.Q * g.U  # in chunks, and a sample's positions split over several
+    chunked = _fused_run(primitive, x, w, dy, opts)
+    assert fake.sets == [1, threads_]  # the chunks ran side by side, OpenBLAS on one thread meanwhile
+    expected = (reference.conv(x.astype(np.float64), w.astype(np.float64), **opts) if primitive == "forward" else
+                reference.conv_weight(x.astype(np.float64), w.shape, dy.astype(np.float64), **opts))
+    assert_close(chunked, expected, dtype, f"{name} {primitive} in chunks")
+    np.testing.assert_array_equal(_fused_run(primitive, x, w, dy, opts), chunked)
+    monkeypatch.setattr(im2col, "FUSED_ROWS", 0)  # the column blocks, for comparison
+    assert_close(_fused_run(primitive, x, w, dy, opts), expected, dtype, f"{name} {primitive} in blocks")
+
+
+def test_im2col_runs_in_chunks_only_where_its_rule_says(monkeypatch):
+    fake = _FakeOpenBLAS(2)
+    monkeypatch.setattr(blas, "openblas", lambda: fake)
+
+    def chunk(x_shape, w_shape, primitive="forward", limit=None, **opts):
+        g = cnnfast.ConvSpec.create("conv2d", x_shape, w_shape, **opts).geometry
+        return im2col._chunk(g, primitive, 4, limit)
+    stem = ((4, 3, 224, 224), (64, 3, 7, 7))
+    # 147 rows: 2 MiB of columns is 3,566 positions, so 4 chunks of 3,136 per 112 x 112 sample
+    assert chunk(*stem, stride=2, padding=3) == chunk(*stem, "backward_filter", stride=2, padding=3) == 3136
+    assert chunk(*stem, "backward_data", stride=2, padding=3) == 0  # a gather into dx: column blocks
+    assert chunk((4, 96, 56, 56), (64, 96, 3, 3), padding=1) == 0  # 864 rows > FUSED_ROWS
+    assert chunk((1, 3, 20, 20), (64, 3, 7, 7), padding=3) == 0  # under FUSED_WORK multiply-adds
+    assert chunk((1, 3, 224, 224), (64, 3, 7, 7), stride=2, padding=3) == 3136  # 4 chunks: 2 per thread
+    fake.threads = 3
+    assert chunk((1, 3, 224, 224), (64, 3, 7, 7), stride=2, padding=3) == 2091  # 6 chunks: 2 per thread
+    assert chunk((1, 64, 14, 14), (256, 64, 3, 3), padding=1) == 0  # 2 chunks per thread would hold 49 positions
+    fake.threads = 1
+    assert chunk(*stem, stride=2, padding=3) == 0  # nothing to share
+    fake.threads = 2
+    g = cnnfast.ConvSpec.create("conv2d", *stem, stride=2, padding=3).geometry
+    scratch = im2col._chunk_scratch(g, "forward", 4, 3136, 2)
+    assert scratch == 2 * 147 * 3136 * 4  # each thread's columns
+    x, w = cnnfast.arrays.ShapeArray(stem[0], "float32", "cpu"), cnnfast.arrays.ShapeArray(stem[1], "float32", "cpu")
+    assert cnnfast.explain("conv2d", x, w, stride=2, padding=3, algo="im2col").workspace_bytes == scratch
+    under = cnnfast.explain("conv2d", x, w, stride=2, padding=3, algo="im2col", workspace_limit=scratch - 1)
+    assert 0 < under.workspace_bytes <= scratch - 1  # column blocks within the limit
+    assert chunk(*stem, limit=scratch - 1, stride=2, padding=3) == 0

@@ -15,6 +15,7 @@ import types
 
 import numpy as np
 import pytest
+from cnnfast.kernels.cpu import blas
 from cnnfast.kernels.cpu import im2col as cpu_im2col
 from cnnfast.kernels.cpu.direct import geometry_args
 from layers import OP_NAMES, OPS, Layer
@@ -304,6 +305,18 @@ def test_cpu_im2col_blocks_of_huge_problems_fit_and_cover_every_position_once(x_
     g = cnnfast.ConvSpec.create(_conv_name(x_shape), x_shape, w_shape, **opts).geometry
     plan = _explain(primitive, x_shape, w_shape, opts, "cpu", algo="im2col")
     assert plan.workspace_bytes <= cpu_im2col.DEFAULT_WORKSPACE_LIMIT
+    O = g.P * g.Q * g.U
+    chunk = cpu_im2col._chunk(g, primitive, 4, None)
+    if chunk:  # chunks side by side (few rows): one sample's positions each, tiling every sample once, in order
+        assert plan.workspace_bytes == cpu_im2col._chunk_scratch(g, primitive, 4, chunk, blas.threads())
+        ends = {}  # (group, sample) -> where its chunks so far end
+        for grp, n, o0, b in cpu_im2col._chunks(g, chunk):
+            assert all(type(v) is int for v in (grp, n, o0, b))
+            assert ends.get((grp, n), 0) == o0 and 1 <= b <= chunk
+            ends[grp, n] = o0 + b
+        assert list(ends) == [(grp, n) for grp in range(g.groups) for n in range(g.N)]
+        assert set(ends.values()) == {O}
+        return
     # _blocks would np.empty its scratch buffer: record the size instead of allocating it
     wanted = []
     fake_np = types.SimpleNamespace(uint8=np.uint8, empty=lambda n, dtype: wanted.append(n) or None)
@@ -312,7 +325,6 @@ def test_cpu_im2col_blocks_of_huge_problems_fit_and_cover_every_position_once(x_
     nb, B = cpu_im2col._block(g, primitive, 4, None)
     assert wanted == [plan.workspace_bytes] and wanted[0] <= cpu_im2col.DEFAULT_WORKSPACE_LIMIT
     assert rows == g.C // g.groups * g.T * g.R * g.S
-    O = g.P * g.Q * g.U
     assert all(type(v) is int for blk in blocks for v in blk) and type(nb) is int and type(B) is int
     # every block's scratch fits; blocks tile samples x positions exactly once, in order
     assert max(cpu_im2col._scratch(g, primitive, 4, bn, bB) for _, bn, _, bB in blocks) <= wanted[0]

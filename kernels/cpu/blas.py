@@ -24,8 +24,9 @@ Why (2-core Sapphire Rapids VM, bench/RESULTS.md 2026-12-06):
     (cnnfast/__init__.py): then im2col ran 10-25% slower. WORKERS_SPIN (set at import) says so, and then every
     product is cut, so that cnnfast never wakes them: the stem's forward 8.0-8.7 -> 6.5-6.7 ms.
 
-It falls back to plain np.matmul when NumPy's BLAS is not an OpenBLAS found in this process, OpenBLAS runs on
-one thread, or another thread is inside matmul already. Tuned on 2 cores only.
+It falls back to plain np.matmul when NumPy's BLAS is not an OpenBLAS found in this process or OpenBLAS runs on one
+thread, and runs the parts one after another when another thread is inside a split already. Tuned on 2 cores only.
+share(task, parts) runs any parts so (im2col's chunks of columns and their GEMMs, kernels/cpu/im2col.py).
 """
 import ctypes
 import glob
@@ -158,30 +159,50 @@ def _pool(threads):
     return _pools[threads]
 
 
+def threads():
+    """How many threads share() runs parts on side by side: OpenBLAS's thread count (1 when NumPy's BLAS is not an
+    OpenBLAS found in this process)."""
+    lib = openblas()
+    return 1 if lib is None else lib.get_num_threads()
+
+
+def share(task, parts):
+    """task(k) for k in range(parts), each with OpenBLAS on one thread: part 0 on the caller's thread, the others
+    side by side on this module's workers (OpenBLAS's thread count less one of them). One after another on the
+    caller's thread, OpenBLAS as it is, when OpenBLAS is not found or runs on one thread, or another thread is
+    inside share. A part's exception is raised once every part is done."""
+    lib = openblas()
+    if lib is None or not _lock.acquire(blocking=False):
+        for k in range(parts):
+            task(k)
+        return
+    try:
+        count = lib.get_num_threads()
+        if count == 1:
+            for k in range(parts):
+                task(k)
+            return
+        lib.set_num_threads(1)
+        pending = []
+        try:
+            pending = [_pool(count).submit(task, k) for k in range(1, parts)]
+            task(0)
+        finally:
+            wait(pending)
+            lib.set_num_threads(count)
+        for done in pending:
+            done.result()
+    finally:
+        _lock.release()
+
+
 def matmul(a, b, out):
     """np.matmul(a, b, out=out), split as the module docstring says; returns out. a, b: 2-D or stacks that
     np.matmul takes (a broadcast operand is shared by the parts); out: (..., M, N), any strides."""
     work = out.size * a.shape[-1]
-    lib = openblas()
-    if lib is None or work <= OPENBLAS_SINGLE or not _lock.acquire(blocking=False):
+    count = 1 if work <= OPENBLAS_SINGLE else threads()
+    pieces = [] if count == 1 else [(a, b, out)] if work < SPLIT_WORK else parts(a, b, out, count, WORKERS_SPIN)
+    if not pieces:  # a small product, OpenBLAS on one thread (or not found), or a single GEMM on OpenBLAS's threads
         return np.matmul(a, b, out=out)
-    try:
-        threads = lib.get_num_threads()
-        if threads == 1:
-            return np.matmul(a, b, out=out)
-        pieces = [(a, b, out)] if work < SPLIT_WORK else parts(a, b, out, threads, WORKERS_SPIN)
-        if not pieces:  # a single GEMM, on OpenBLAS's threads
-            return np.matmul(a, b, out=out)
-        lib.set_num_threads(1)
-        pending = []
-        try:
-            pending = [_pool(threads).submit(np.matmul, pa, pb, out=po) for pa, pb, po in pieces[1:]]
-            np.matmul(pieces[0][0], pieces[0][1], out=pieces[0][2])
-        finally:
-            wait(pending)
-            lib.set_num_threads(threads)
-        for done in pending:
-            done.result()  # a worker's exception, raised here
-        return out
-    finally:
-        _lock.release()
+    share(lambda k: np.matmul(pieces[k][0], pieces[k][1], out=pieces[k][2]), len(pieces))
+    return out

@@ -12,12 +12,16 @@ A pointwise problem (1x1 kernel, unit stride, no padding: g.is_pointwise) needs 
 is x itself: per sample and group y = W_g @ x, dx = W_g^T @ dy, dW_g += dy @ x^T (samples in order).
 
 The GEMMs run through blas.matmul (NumPy's OpenBLAS, its parts on cnnfast's threads), one per block: a large
-product rather than one per sample. Blocks hold whole samples when one fits, else B < O positions of one
-sample; the scratch (cols, staging of the other GEMM operand or result) stays under workspace_limit
-(default 256 MiB). im2col_cpu: one task per (column-matrix row (c, t, r, s), sample); col2im_cpu: one task
-per (sample, c, input row), or per (sample, c) plane. Where a layer keeps the width at unit strides along H and W
-('same' padding), both move each output plane of a column row as one contiguous run (x's plane shifted by a
-constant offset) instead of row by row.
+product rather than one per sample. A layer with few column-matrix rows (CTRS <= FUSED_ROWS: a network's first
+layer, a 1-D layer) runs its forward and weight gradient in chunks instead: B positions of one sample each, every
+thread building its chunks' columns (im2col_cpu's serial build) and multiplying them on one OpenBLAS thread
+(blas.share); the weight gradient sums each thread's chunks, then the threads' sums in thread order.
+
+Blocks hold whole samples when one fits, else B < O positions of one sample; the scratch (cols, staging of the
+other GEMM operand or result; the chunks' columns) stays under workspace_limit (default 256 MiB). im2col_cpu: one
+task per (column-matrix row (c, t, r, s), sample); col2im_cpu: one task per (sample, c, input row), or per
+(sample, c) plane. Where a layer keeps the width at unit strides along H and W ('same' padding), both move each
+output plane of a column row as one contiguous run (x's plane shifted by a constant offset) instead of row by row.
 """
 import numba
 import numpy as np
@@ -41,6 +45,20 @@ SHIFTED_TASKS = 16
 # products with a long inner axis (the ResNet stem's 64 x 147 over 12,544 positions, WaveNet's 64 x 192 over
 # 32,000; 2026-12-06). (A large one, 512 x 4608, took 16 ms to add transposed.)
 TRANSPOSED_PRODUCT = 1 << 16
+# A layer whose column matrix has at most FUSED_ROWS rows (C/g*T*R*S: the ResNet stem's 147, WaveNet's 192, a 3x3
+# layer's up to 64 channels) runs its forward and weight gradient in chunks of one sample's output positions,
+# every thread building its chunks' columns and multiplying them on one OpenBLAS thread (blas.share): one chunk's
+# columns are built while another's GEMM runs, and OpenBLAS splits a product with a short inner axis poorly over
+# its threads. A chunk holds about CHUNK_BYTES of columns, fewer positions when that leaves a thread less than two
+# chunks, but at least CHUNK_POSITIONS; the problem has at least FUSED_WORK multiply-adds. Against columns on
+# Numba's threads then one GEMM on OpenBLAS's (2026-12-06, 2-core box, time before / after, forward and weight
+# gradient): batch 4, the stem 1.15x / 1.24x, WaveNet 1.17x / 1.35x, 3x3 16->32 @112 1.28x / 1.33x, 1x1 stride 2
+# 256->512 @56 1.25x / 1.18x, 400-432 rows 1.08-1.11x, 576 rows 1.01-1.06x, 768-864 rows 0.95-1.11x, 1152 and 2304
+# rows 0.85-0.94x; batch 1, 1.06-1.19x with chunks of 784-3,136 positions, 0.87-0.95x with 196 (1x1 s2 256->512).
+FUSED_ROWS = 576
+CHUNK_BYTES = 2 << 20
+CHUNK_POSITIONS = 256
+FUSED_WORK = blas.SPLIT_WORK
 # A 1x1 layer's weight gradient computes up to this many samples' products as one stack (blas.matmul shares the
 # stack out over the cores), then adds them in sample order: 1x1 256->64 @56 batch 4, 2.45 -> 2.25 ms against
 # one product at a time (2026-12-06).
@@ -252,7 +270,49 @@ def _pointwise_stack(g, itemsize, workspace_limit):
     return int(max(1, min(g.N, POINTWISE_STACK, limit // ((g.K // g.groups) * (g.C // g.groups) * itemsize))))
 
 
+def _chunk_scratch(g, primitive, itemsize, B, threads):
+    """Bytes of scratch for chunks of B positions on `threads` threads: each thread's columns (CTRS, B), and for
+    backward_filter its product and its sums of products per group (K/g x CTRS each)."""
+    rows, Kg = (g.C // g.groups) * g.T * g.R * g.S, g.K // g.groups
+    products = (1 + g.groups) * Kg * rows if primitive == "backward_filter" else 0
+    return threads * (rows * B + products) * itemsize
+
+
+def _chunk(g, primitive, itemsize, workspace_limit):
+    """B, the output positions per chunk when the problem runs in chunks side by side (FUSED_ROWS), else 0:
+    ceil(O / B) chunks per sample and group, of equal size but the last."""
+    rows, O, threads = (g.C // g.groups) * g.T * g.R * g.S, g.P * g.Q * g.U, blas.threads()
+    if (primitive == "backward_data" or g.is_pointwise or rows > FUSED_ROWS or threads == 1
+            or g.N * g.K * rows * O < FUSED_WORK):
+        return 0
+    per_sample = max(-(-O // max(1, CHUNK_BYTES // (rows * itemsize))), -(-2 * threads // (g.groups * g.N)))
+    B = -(-O // per_sample)
+    limit = DEFAULT_WORKSPACE_LIMIT if workspace_limit is None else workspace_limit
+    if B < CHUNK_POSITIONS or _chunk_scratch(g, primitive, itemsize, B, threads) > limit:
+        return 0
+    return B
+
+
+def _chunks(g, B):
+    """[(grp, n, o0, b)] in a fixed order: the chunks of b = B output positions [o0, o0 + b) of sample n and
+    group grp (fewer at a sample's end)."""
+    O = g.P * g.Q * g.U
+    return [(grp, n, o0, min(B, O - o0)) for grp in range(g.groups) for n in range(g.N) for o0 in range(0, O, B)]
+
+
+def _chunk_columns(x, g, scratch, grp, n, o0, b):
+    """The (CTRS, b) columns of chunk (grp, n, o0, b), built in scratch (a thread's) by im2col_cpu's serial build."""
+    rows = (g.C // g.groups) * g.T * g.R * g.S
+    cols = scratch[:rows * b].reshape(rows, 1, b)
+    im2col_cpu.serial(x, n, grp * (g.C // g.groups), cols, np.array([g.T, g.R, g.S], np.int64), o0,
+                      *geometry_args(g)[:9], g.Q, g.U)
+    return cols.reshape(rows, b)
+
+
 def workspace_bytes(g, primitive, itemsize, workspace_limit):
+    B = _chunk(g, primitive, itemsize, workspace_limit)
+    if B:
+        return _chunk_scratch(g, primitive, itemsize, B, blas.threads())
     if g.is_pointwise:
         if primitive != "backward_filter":
             return 0
@@ -305,6 +365,8 @@ def forward(x, w, bias, y, g, workspace_limit=None):
     if g.is_pointwise:
         for grp in range(g.groups):
             blas.matmul(w2[grp], _pointwise(x, g)[:, grp], _pointwise(y, g)[:, grp])
+    elif B := _chunk(g, "forward", x.itemsize, workspace_limit):
+        _forward_chunks(x, w2, y.reshape(g.N, g.groups, Kg, O), g, B)
     else:
         y2 = y.reshape(g.N, g.groups, Kg, O)
         for grp, n0, nb, o0, B, cols, stage, _ in _column_blocks(x, g, "forward", workspace_limit):
@@ -362,6 +424,9 @@ def backward_filter(x, dy, dw, g, workspace_limit=None):
     dy2 = dy.reshape(g.N, g.groups, Kg, O)
     rows = dw2.shape[2]
     transposed = Kg < rows and Kg * rows <= TRANSPOSED_PRODUCT
+    if B := _chunk(g, "backward_filter", x.itemsize, workspace_limit):
+        _backward_filter_chunks(x, dy2, dw2, g, B, transposed)
+        return
     for grp, n0, nb, o0, B, cols, stage, product in _column_blocks(x, g, "backward_filter", workspace_limit):
         dy_block, cols = _dy_block(dy2, grp, n0, nb, o0, B, stage), cols.reshape(rows, nb * B)
         if transposed:  # dW_g^T (CTRS, K/g) += cols @ dy^T
@@ -372,3 +437,42 @@ def backward_filter(x, dy, dw, g, workspace_limit=None):
         else:
             blas.matmul(dy_block, cols.T, product)
             dw2[grp] += product
+
+
+def _forward_chunks(x, w2, y2, g, B):
+    """y chunk (K/g, b) = W_g @ its columns (CTRS, b), straight into y; thread k takes chunks k, k + threads, ..."""
+    threads, chunks = blas.threads(), _chunks(g, B)
+    scratch = np.empty((threads, w2.shape[2] * B), x.dtype)
+
+    def part(k):
+        for grp, n, o0, b in chunks[k::threads]:
+            np.matmul(w2[grp], _chunk_columns(x, g, scratch[k], grp, n, o0, b), out=y2[n, grp, :, o0:o0 + b])
+    blas.share(part, threads)
+
+
+def _backward_filter_chunks(x, dy2, dw2, g, B, transposed):
+    """dW_g = the sum over chunks of dy chunk (K/g, b) @ cols^T (or its transpose, cols @ dy^T): thread k sums its
+    chunks k, k + threads, ... in order, then the threads' sums are added in thread order (deterministic for a
+    given thread count)."""
+    threads, chunks, (_, Kg, rows) = blas.threads(), _chunks(g, B), dw2.shape
+    scratch = np.empty((threads, rows * B), x.dtype)
+    shape = (rows, Kg) if transposed else (Kg, rows)
+    sums, products = np.empty((threads, g.groups) + shape, x.dtype), np.empty((threads,) + shape, x.dtype)
+    summed = np.zeros((threads, g.groups), bool)  # whether thread k's sums[k, grp] holds a product yet
+
+    def part(k):
+        for grp, n, o0, b in chunks[k::threads]:
+            cols, dy_chunk = _chunk_columns(x, g, scratch[k], grp, n, o0, b), dy2[n, grp, :, o0:o0 + b]
+            into = products[k] if summed[k, grp] else sums[k, grp]
+            if transposed:
+                np.matmul(cols, dy_chunk.T, out=into)
+            else:
+                np.matmul(dy_chunk, cols.T, out=into)
+            if summed[k, grp]:
+                sums[k, grp] += into
+            summed[k, grp] = True
+    blas.share(part, threads)
+    for grp in range(g.groups):
+        for k in range(threads):
+            if summed[k, grp]:
+                dw2[grp] += sums[k, grp].T if transposed else sums[k, grp]

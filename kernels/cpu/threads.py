@@ -54,6 +54,7 @@ SERIAL_WORK = 1 << 15
 def parallel(**options):
     """Decorator: numba.njit(parallel=True, cache=True, **options), with `.serial`, the same function compiled
     without parallel=True (numba.prange runs as range) for calls too small to pay for a parallel region (sized).
+    The serial build releases the GIL (nogil=True), so that threads can run it side by side (blas.share).
 
     The serial build compiles a copy of the function under its own qualified name: Numba's disk cache names its
     files by module and qualified name and keys entries by signature and bytecode, not by options, so two builds
@@ -64,7 +65,7 @@ def parallel(**options):
                                   pyfunc.__closure__)
         twin.__qualname__ = f"{pyfunc.__qualname__}_serial"
         twin.__doc__ = pyfunc.__doc__
-        kernel.serial = numba.njit(cache=True, **options)(twin)
+        kernel.serial = numba.njit(cache=True, nogil=True, **options)(twin)
         return kernel
     return build
 
