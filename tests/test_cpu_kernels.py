@@ -978,6 +978,7 @@ def test_im2col_runs_in_chunks_only_where_its_rule_says(monkeypatch):
     assert chunk((4, 96, 56, 56), (64, 96, 3, 3), padding=1) == 0  # 864 rows > FUSED_ROWS
     assert chunk((1, 3, 20, 20), (64, 3, 7, 7), padding=3) == 0  # under FUSED_WORK multiply-adds
     assert chunk((1, 3, 224, 224), (64, 3, 7, 7), stride=2, padding=3) == 3136  # 4 chunks: 2 per thread
+    assert chunk((1, 32, 112, 112), (32, 32, 3, 3), padding=1) == 1568  # 7 chunks of <= 2 MiB, made 4 per thread
     fake.threads = 3
     assert chunk((1, 3, 224, 224), (64, 3, 7, 7), stride=2, padding=3) == 2091  # 6 chunks: 2 per thread
     assert chunk((1, 64, 14, 14), (256, 64, 3, 3), padding=1) == 0  # 2 chunks per thread would hold 49 positions

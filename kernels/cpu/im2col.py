@@ -280,12 +280,15 @@ def _chunk_scratch(g, primitive, itemsize, B, threads):
 
 def _chunk(g, primitive, itemsize, workspace_limit):
     """B, the output positions per chunk when the problem runs in chunks side by side (FUSED_ROWS), else 0:
-    ceil(O / B) chunks per sample and group, of equal size but the last."""
+    ceil(O / B) chunks per sample and group, of equal size but the last, their count a multiple of the threads'."""
     rows, O, threads = (g.C // g.groups) * g.T * g.R * g.S, g.P * g.Q * g.U, blas.threads()
     if (primitive == "backward_data" or g.is_pointwise or rows > FUSED_ROWS or threads == 1
             or g.N * g.K * rows * O < FUSED_WORK):
         return 0
-    per_sample = max(-(-O // max(1, CHUNK_BYTES // (rows * itemsize))), -(-2 * threads // (g.groups * g.N)))
+    samples = g.groups * g.N  # (group, sample) pairs, each cut into per_sample chunks
+    per_sample = max(-(-O // max(1, CHUNK_BYTES // (rows * itemsize))), -(-2 * threads // samples))
+    while samples * per_sample % threads:  # as many chunks for every thread
+        per_sample += 1
     B = -(-O // per_sample)
     limit = DEFAULT_WORKSPACE_LIMIT if workspace_limit is None else workspace_limit
     if B < CHUNK_POSITIONS or _chunk_scratch(g, primitive, itemsize, B, threads) > limit:
