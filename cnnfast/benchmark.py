@@ -355,17 +355,27 @@ def main(argv=None) -> int:
     args.repeats = args.repeats or (30 if device == "cuda" else 9)
     shapes = SHAPE_SETS[args.shapes or ("gpu" if device == "cuda" else "quick")]
     if args.shape:
+        names = [s.name for s in shapes]
         shapes = [s for s in shapes if any(k in s.name for k in args.shape)]
+        if not shapes:
+            sys.stderr.write(f"cnnfast bench: no shape of the {args.shapes or 'default'} set matches --shape "
+                             f"{' '.join(args.shape)}; its shapes: {', '.join(names)}\n")
+            return 2
 
-    def progress(i, n, name, primitive, provider):
-        sys.stderr.write(f"\r[{i + 1:3d}/{n}] {name[:34]:34s} {primitive:15s} {provider:10s}")
+    tty = sys.stderr.isatty()
+
+    def progress(i, n, name, primitive, provider):  # one line rewritten in place; in a log, a line per timing
+        if tty:
+            sys.stderr.write(f"\r[{i + 1:3d}/{n}] {name[:34]:34s} {primitive:15s} {provider:10s}")
+        elif provider == "timing":
+            sys.stderr.write(f"[{i + 1:3d}/{n}] {name} {primitive}\n")
         sys.stderr.flush()
 
     t0 = time.perf_counter()
     info = machine(device)
     ceilings = measure_ceilings(device)
     rows = run(shapes, device, args.primitive, args.algo, args.dtype, args.repeats, progress, ceilings, args.tiles)
-    sys.stderr.write("\n")
+    sys.stderr.write("\n" if tty else "")
     where = info.get("gpu", info["cpu"]) + (f", driver {info['cuda_driver']}, {info['launch']} launches"
                                             if device == "cuda" else f", {info['cpus']} CPUs")
     print(f"cnnfast bench on {device} ({where}), {args.dtype}, median of {args.repeats}; validated against the "

@@ -82,3 +82,18 @@ def test_bench_validates_times_and_reports_against_measured_ceilings(tmp_path, c
         assert not png.exists()
     else:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_refuses_a_shape_filter_that_matches_nothing(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--device", "cpu", "--shape", "resnet50-stem", "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no shape of the default set matches --shape resnet50-stem" in err and "3x3-16-16@32" in err
+    assert not out.exists()
+
+
+def test_bench_progress_in_a_log_is_a_line_per_timing_step(tmp_path, capsys):
+    assert main(["bench", "--device", "cpu", "--shape", "1x1-64-32", "--primitive", "forward", "--algo", "im2col",
+                 "--repeats", "2", "--json", str(tmp_path / "bench.json")]) == 0
+    err = capsys.readouterr().err  # not a terminal here: no carriage returns
+    assert "\r" not in err and "[  1/1] 1x1-64-32@16 forward" in err
