@@ -223,12 +223,12 @@ class CUDA:
             if self.cp is None:
                 return 0
             stream = self.cp.cuda.get_current_stream()
-        if isinstance(stream, int) or type(stream).__module__.startswith("numba.cuda"):
+        if (type(stream) is int and stream == 0) or type(stream).__module__.startswith("numba.cuda"):
             return stream
         ptr = getattr(stream, "ptr", None)  # a CuPy stream
         if ptr is None:
-            raise TypeError(f"{op}: expected stream to be a Numba stream, a CuPy stream or 0, but got "
-                            f"{_type_name(stream)}")
+            given = repr(stream) if isinstance(stream, int) else _type_name(stream)
+            raise TypeError(f"{op}: expected stream to be a Numba stream, a CuPy stream or 0, but got {given}")
         return self.cuda.external_stream(ptr) if ptr else 0
 
     def kernels(self):

@@ -78,7 +78,7 @@ def conv_bias(grad_output, *, stream=None):
     if len(shape) not in (3, 4, 5):
         raise ValueError(f"{op}: expected a batched grad_output (N, K, *L) with 1 to 3 spatial dimensions, "
                          f"but got grad_output of size {list(shape)}")
-    dev = arrays.device_for(device, family, stream)
+    dev = arrays.device_for(device, family, stream, op)
     if 0 in shape:
         return dev.result(dev.zeros(shape[1:2], dtype), like=grad_output)
     dy = dev.working(grad_output)

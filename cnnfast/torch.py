@@ -10,7 +10,9 @@ Forward and both backward passes run cnnfast's own kernels: the forward op, grad
 grad.conv*_weight (backward-filter) and grad.conv_bias. CPU tensors reach the CPU kernels as NumPy views (no
 copy; a result comes back with torch.from_numpy); CUDA tensors reach the CUDA kernels through
 __cuda_array_interface__ on torch's current stream and come back as torch tensors on the same device, without
-copies. Gradients are first order (a second backward raises, as for any once-differentiable function).
+copies. The gradients are cnnfast ops that are differentiable in turn: gradients of gradients (a Hessian, a
+gradient penalty, torch.autograd.gradgradcheck) run cnnfast's kernels too, to any order. torch.func.grad works;
+vmap and forward-mode AD do not (torch would need a batching rule and a jvp for the kernels).
 """
 from __future__ import annotations
 
@@ -63,44 +65,126 @@ def _stream(t):
 
 # ---------------------------------------------------------------- autograd
 
+class _Layer:
+    """One layer's op name (conv{nd}d or conv_transpose{nd}d) and keyword options (output_size resolved)."""
+
+    # the op (its name + suffix) -> the module that has it and its positional arguments, named for the errors
+    OPS = {"": (api, ("input", "weight", "bias")), "_input": (grad, ("input_size", "weight", "grad_output")),
+           "_weight": (grad, ("input", "weight_size", "grad_output"))}
+
+    def __init__(self, nd, transposed, options):
+        self.name, self.options = f"conv_transpose{nd}d" if transposed else f"conv{nd}d", options
+
+    def run(self, suffix, *args, like):
+        """cnnfast's op name + suffix on torch tensors (and shapes), on like's stream; its result as a tensor."""
+        module, roles = self.OPS[suffix]
+        name = self.name + suffix
+        arrays = [_array(a, name, role) for a, role in zip(args, roles)]
+        return _tensor(getattr(module, name)(*arrays, stream=_stream(like), **self.options), like)
+
+
 class _Conv(torch.autograd.Function):
-    """y = conv{nd}d or conv_transpose{nd}d(x, w, b): forward, backward-data, backward-filter and the bias
-    gradient are all cnnfast ops; options are the op's keyword arguments (output_size already resolved)."""
+    """y = F(x, w) + b, F the layer's conv or conv_transpose, on cnnfast's kernels. dx, dw and db are _ConvInput,
+    _ConvWeight and _BiasGrad: cnnfast's backward-data, backward-filter and bias-gradient ops, differentiable in
+    turn (F, dx and dw are the partial derivatives of one trilinear form <F(x, w), dy>, so each one's derivatives
+    are the others), hence gradients of gradients (a Hessian, a gradient penalty) to any order."""
 
     @staticmethod
-    def forward(ctx, x, w, b, nd, transposed, options):
-        name = f"conv_transpose{nd}d" if transposed else f"conv{nd}d"
-        stream = _stream(x)
-        y = getattr(api, name)(_array(x, name, "input"), _array(w, name, "weight"), _array(b, name, "bias"),
-                               stream=stream, **options)
+    def forward(x, w, b, layer):
+        return layer.run("", x, w, b, like=x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, b, ctx.layer = inputs
         ctx.save_for_backward(x, w)
-        ctx.name, ctx.has_bias, ctx.options = name, b is not None, options
-        return _tensor(y, x)
+        ctx.has_bias = b is not None
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
-        options = ctx.options
-        stream, g = _stream(dy), _array(dy, ctx.name, "grad_output")
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = _tensor(getattr(grad, ctx.name + "_input")(tuple(x.shape), _array(w, ctx.name, "weight"), g,
-                                                            stream=stream, **options), dy)
-        if ctx.needs_input_grad[1]:
-            dw = _tensor(getattr(grad, ctx.name + "_weight")(_array(x, ctx.name, "input"), tuple(w.shape), g,
-                                                             stream=stream, **options), dy)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = _tensor(grad.conv_bias(g if x.dim() == w.dim() else g[None], stream=stream), dy)  # unbatched: N=1
-        return dx, dw, db, None, None, None
+        need = ctx.needs_input_grad
+        dx = _ConvInput.apply(dy, w, ctx.layer, tuple(x.shape)) if need[0] else None
+        dw = _ConvWeight.apply(x, dy, ctx.layer, tuple(w.shape)) if need[1] else None
+        db = _BiasGrad.apply(dy, x.dim() < w.dim()) if ctx.has_bias and need[2] else None
+        return dx, dw, db, None
+
+
+class _ConvInput(torch.autograd.Function):
+    """dx = the layer's input gradient of dy through w (cnnfast.grad's *_input): linear in dy and in w."""
+
+    @staticmethod
+    def forward(dy, w, layer, x_shape):
+        return layer.run("_input", x_shape, w, dy, like=dy)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        dy, w, ctx.layer, _ = inputs
+        ctx.save_for_backward(dy, w)
+
+    @staticmethod
+    def backward(ctx, ddx):  # <ddx, dx> = <F(ddx, w), dy>
+        dy, w = ctx.saved_tensors
+        d_dy = _Conv.apply(ddx, w, None, ctx.layer) if ctx.needs_input_grad[0] else None
+        d_w = _ConvWeight.apply(ddx, dy, ctx.layer, tuple(w.shape)) if ctx.needs_input_grad[1] else None
+        return d_dy, d_w, None, None
+
+
+class _ConvWeight(torch.autograd.Function):
+    """dw = the layer's weight gradient of x and dy (cnnfast.grad's *_weight): linear in x and in dy."""
+
+    @staticmethod
+    def forward(x, dy, layer, w_shape):
+        return layer.run("_weight", x, w_shape, dy, like=dy)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, dy, ctx.layer, _ = inputs
+        ctx.save_for_backward(x, dy)
+
+    @staticmethod
+    def backward(ctx, ddw):  # <ddw, dw> = <F(x, ddw), dy>
+        x, dy = ctx.saved_tensors
+        d_x = _ConvInput.apply(dy, ddw, ctx.layer, tuple(x.shape)) if ctx.needs_input_grad[0] else None
+        d_dy = _Conv.apply(x, ddw, None, ctx.layer) if ctx.needs_input_grad[1] else None
+        return d_x, d_dy, None, None
+
+
+class _BiasGrad(torch.autograd.Function):
+    """db = dy summed over all but its channel axis (cnnfast.grad.conv_bias; an unbatched dy as a batch of one)."""
+
+    @staticmethod
+    def forward(dy, unbatched):
+        return _tensor(grad.conv_bias(_array(dy[None] if unbatched else dy, "conv_bias", "grad_output"),
+                                      stream=_stream(dy)), dy)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        dy, ctx.unbatched = inputs
+        ctx.shape = dy.shape
+
+    @staticmethod
+    def backward(ctx, ddb):  # ddb broadcast over dy's batch and positions
+        channel_axis = 0 if ctx.unbatched else 1
+        view = [1] * len(ctx.shape)
+        view[channel_axis] = -1
+        return ddb.reshape(view).expand(ctx.shape), None
+
+
+def _autocast(*tensors):
+    """Under torch.autocast the kernels take float32, as torch.amp.custom_fwd(cast_inputs=torch.float32) gives an op
+    without a low-precision path: float16 and bfloat16 tensors are cast up (differentiably); others pass as they are."""
+    device = next(t.device.type for t in tensors if isinstance(t, torch.Tensor))
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    return [t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
+            for t in tensors]
 
 
 def _conv_fn(nd):
     def conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, padding_mode="zeros",
              algo="auto"):
-        return _Conv.apply(input, weight, bias, nd, False,
-                           dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
-                                padding_mode=padding_mode, algo=algo))
+        return _Conv.apply(*_autocast(input, weight, bias), _Layer(nd, False, dict(
+            stride=stride, padding=padding, dilation=dilation, groups=groups, padding_mode=padding_mode, algo=algo)))
 
     conv.__name__ = conv.__qualname__ = f"conv{nd}d"
     conv.__doc__ = (f"torch.nn.functional.conv{nd}d on cnnfast's kernels (differentiable); also padding_mode and "
@@ -117,7 +201,7 @@ def _conv_transpose_fn(nd):
             spec = api.explain(f"conv_transpose{nd}d", tuple(input.shape), tuple(weight.shape),
                                output_size=output_size, **options).spec
             options["output_padding"] = spec.output_padding
-        return _Conv.apply(input, weight, bias, nd, True, dict(options, algo=algo))
+        return _Conv.apply(*_autocast(input, weight, bias), _Layer(nd, True, dict(options, algo=algo)))
 
     conv_transpose.__name__ = conv_transpose.__qualname__ = f"conv_transpose{nd}d"
     conv_transpose.__doc__ = (f"torch.nn.functional.conv_transpose{nd}d on cnnfast's kernels (differentiable); "

@@ -501,6 +501,12 @@ CATALOGUE = [
     Row("stream-type", "conv1d on CUDA with stream='s' (CPU ops ignore stream)",
         lambda A: cnnfast.conv1d(A(1, 3, 8), A(4, 3, 3), stream="s"), TypeError,
         r"^conv1d: expected stream to be a Numba stream, a CuPy stream or 0, but got str$", devices=("cuda",)),
+    Row("stream-int", "conv1d on CUDA with stream=1 (an int other than 0)",
+        lambda A: cnnfast.conv1d(A(1, 3, 8), A(4, 3, 3), stream=1), TypeError,
+        r"^conv1d: expected stream to be a Numba stream, a CuPy stream or 0, but got 1$", devices=("cuda",)),
+    Row("stream-bool-bias", "conv_bias on CUDA with stream=True",
+        lambda A: grad.conv_bias(A(1, 4, 3), stream=True), TypeError,
+        r"^conv_bias: expected stream to be a Numba stream, a CuPy stream or 0, but got True$", devices=("cuda",)),
     # ---- NaN / Inf in data: propagate as PyTorch does, never raise
     Row("nan-input", "conv2d NaN in input (zero padding)", _nan_input_conv2d, None, None),
     Row("inf-input-im2col", "conv2d +inf and -inf in input, stride 2, algo='im2col'", _inf_input_conv2d_im2col,

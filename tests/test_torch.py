@@ -110,6 +110,35 @@ def test_gradcheck(name, nd, transposed, in_shape, w_shape, options):
     assert torch.autograd.gradcheck(lambda x, w, b: op(x, w, b, **options), leaves)
 
 
+@pytest.mark.parametrize("name, nd, transposed, in_shape, w_shape, options", CASES, ids=[c[0] for c in CASES])
+def test_gradgradcheck(name, nd, transposed, in_shape, w_shape, options):
+    """Second derivatives (float64): the gradients are cnnfast ops differentiable in turn."""
+    g = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(s, generator=g, dtype=torch.float64).requires_grad_()
+              for s in (in_shape, w_shape, (_bias_len(w_shape, transposed, options),))]
+    op = getattr(cf, f"conv_transpose{nd}d" if transposed else f"conv{nd}d")
+    assert torch.autograd.gradgradcheck(lambda x, w, b: op(x, w, b, **options), leaves)
+
+
+def test_hessian_gradient_penalty_and_func_grad_match_torch():
+    """What second-order users run: a Hessian, a gradient penalty (WGAN-GP style), torch.func.grad."""
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((2, 3, 6, 5), (4, 3, 3, 3), (4,)))
+    results = []
+    for conv in (cf.conv2d, F.conv2d):
+        def loss(x, w, b, conv=conv):
+            return torch.tanh(conv(x, w, b, stride=2, padding=1)).pow(2).sum()
+        hessian = torch.autograd.functional.hessian(lambda a: loss(a, w, b), x)
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        out = loss(*leaves)
+        gx, = torch.autograd.grad(out, leaves[0], create_graph=True)
+        (out + gx.pow(2).sum()).backward()
+        results.append([hessian] + [t.grad for t in leaves] + [torch.func.grad(loss, argnums=(0, 1))(x, w, b)[1]])
+    assert results[1][0].abs().max() > 1  # a Hessian that is not zero
+    for what, a, e in zip(("hessian", "penalty dx", "penalty dw", "penalty db", "func.grad dw"), *results):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10 * float(e.abs().max()), msg=what)
+
+
 @pytest.mark.parametrize("algo", [a for a in algorithms("cpu") if a != "reference"])
 def test_gradcheck_each_cpu_algorithm(algo):
     depthwise = algo == "depthwise"
@@ -130,6 +159,25 @@ def test_only_needed_gradients_are_computed(monkeypatch):
     w = torch.randn(3, 2, 3, 3, requires_grad=True)
     cf.conv2d(x, w, torch.zeros(3), padding=1).sum().backward()
     assert calls == ["conv2d_weight"] and w.grad is not None
+
+
+def test_autocast_runs_the_kernels_in_float32():
+    """Under torch.autocast (a bfloat16 Linear before the conv) the conv takes float32, as custom_fwd(cast_inputs=
+    torch.float32) would give it; the gradient reaches the bfloat16 input."""
+    torch.manual_seed(0)
+    model = cf.replace_convs(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Unflatten(1, (2, 2, 2)),
+                                                 torch.nn.Conv2d(2, 3, 2)))
+    x = torch.randn(4, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model[1](model[0](x))
+        y = model[2](hidden)
+    assert hidden.dtype == torch.bfloat16 and y.dtype == torch.float32
+    torch.testing.assert_close(y, F.conv2d(hidden.float(), model[2].weight, model[2].bias), rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert x.grad is not None and model[2].weight.grad.dtype == torch.float32
+    with pytest.raises(TypeError, match=r"conv2d: expected input to have dtype float32 or float64, but got "
+                                        r"torch\.bfloat16"):
+        cf.conv2d(torch.ones(1, 2, 3, 3, dtype=torch.bfloat16), torch.ones(1, 2, 2, 2))  # not under autocast
 
 
 def test_errors_name_the_op():
