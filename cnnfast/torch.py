@@ -269,14 +269,17 @@ def _twin(module, algo):
     return twin
 
 
-def replace_convs(model, *, algo="auto"):
+def replace_convs(model, *, algo="auto", _twins=None):
     """Swap every torch.nn.Conv{1,2,3}d / ConvTranspose{1,2,3}d in model (exactly those classes; subclasses with
-    their own forward are left alone) for its cnnfast twin, keeping the same parameters; returns the model (or
-    the twin, when model itself is such a conv)."""
+    their own forward are left alone) for its cnnfast twin, keeping the same parameters (a conv registered under
+    two names gets one twin); returns the model (or the twin, when model itself is such a conv)."""
+    twins = {} if _twins is None else _twins  # id(conv) -> its twin
     if type(model) in _TWINS:
-        return _twin(model, algo)
+        if id(model) not in twins:
+            twins[id(model)] = _twin(model, algo)
+        return twins[id(model)]
     for name, child in model.named_children():
-        replaced = replace_convs(child, algo=algo)
+        replaced = replace_convs(child, algo=algo, _twins=twins)
         if replaced is not child:
             setattr(model, name, replaced)
     return model

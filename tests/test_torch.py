@@ -274,6 +274,23 @@ def test_replace_convs_on_a_resnet_style_model():
         torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-3 * float(e.abs().max()), msg=name)
 
 
+def test_replace_convs_gives_a_shared_conv_one_twin():
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seq = torch.nn.Sequential(torch.nn.Conv2d(2, 2, 3, padding=1))
+            self.again = self.seq[0]  # the same module under a second name
+
+        def forward(self, x):
+            return self.again(self.seq(x))
+    model = Shared()
+    x = torch.randn(1, 2, 5, 5)
+    expected = model(x)
+    model = cf.replace_convs(model)
+    assert model.again is model.seq[0] and isinstance(model.again, cf.Conv2d)
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_replace_convs_keeps_the_parameter_objects():
     conv = torch.nn.Conv2d(2, 3, 3)
     model = torch.nn.Sequential(conv, torch.nn.ReLU())
