@@ -31,10 +31,11 @@ def _array(t, op, name):
     """A torch tensor as an array cnnfast takes: a NumPy view (CPU) or the tensor itself (CUDA, via its
     __cuda_array_interface__; made contiguous by torch first, by its own copy on the device: autograd's gradients
     are often strided, such as the expanded ones of y.sum().backward(), and without CuPy cnnfast's own copy is a
-    Numba launch, through the host for a negative stride); anything else is passed on for cnnfast's own checks to
-    reject by name."""
-    if not isinstance(t, torch.Tensor):
+    Numba launch, through the host for a negative stride); None (no bias) and shapes pass as they are."""
+    if (t is None and name == "bias") or name.endswith("_size"):  # no bias; a shape
         return t
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: expected {name} to be a torch.Tensor, but got {type(t).__name__}")
     t = t.detach()
     if t.is_cuda:
         return t.contiguous()
@@ -109,17 +110,21 @@ class _Conv(torch.autograd.Function):
         return dx, dw, db, None
 
 
-class _ConvInput(torch.autograd.Function):
-    """dx = the layer's input gradient of dy through w (cnnfast.grad's *_input): linear in dy and in w."""
+class _Gradient(torch.autograd.Function):
+    """A gradient op of the layer, linear in each of its two tensor arguments, which it keeps for its derivatives."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, b, ctx.layer, _ = inputs
+        ctx.save_for_backward(a, b)
+
+
+class _ConvInput(_Gradient):
+    """dx = the layer's input gradient of dy through w (cnnfast.grad's *_input)."""
 
     @staticmethod
     def forward(dy, w, layer, x_shape):
         return layer.run("_input", x_shape, w, dy, like=dy)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        dy, w, ctx.layer, _ = inputs
-        ctx.save_for_backward(dy, w)
 
     @staticmethod
     def backward(ctx, ddx):  # <ddx, dx> = <F(ddx, w), dy>
@@ -129,17 +134,12 @@ class _ConvInput(torch.autograd.Function):
         return d_dy, d_w, None, None
 
 
-class _ConvWeight(torch.autograd.Function):
-    """dw = the layer's weight gradient of x and dy (cnnfast.grad's *_weight): linear in x and in dy."""
+class _ConvWeight(_Gradient):
+    """dw = the layer's weight gradient of x and dy (cnnfast.grad's *_weight)."""
 
     @staticmethod
     def forward(x, dy, layer, w_shape):
         return layer.run("_weight", x, w_shape, dy, like=dy)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, dy, ctx.layer, _ = inputs
-        ctx.save_for_backward(x, dy)
 
     @staticmethod
     def backward(ctx, ddw):  # <ddw, dw> = <F(x, ddw), dy>
@@ -173,8 +173,8 @@ class _BiasGrad(torch.autograd.Function):
 def _autocast(*tensors):
     """Under torch.autocast the kernels take float32, as torch.amp.custom_fwd(cast_inputs=torch.float32) gives an op
     without a low-precision path: float16 and bfloat16 tensors are cast up (differentiably); others pass as they are."""
-    device = next(t.device.type for t in tensors if isinstance(t, torch.Tensor))
-    if not torch.is_autocast_enabled(device):
+    device = next((t.device.type for t in tensors if isinstance(t, torch.Tensor)), None)
+    if device is None or not torch.is_autocast_enabled(device):
         return tensors
     return [t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
             for t in tensors]

@@ -100,24 +100,16 @@ def test_forward_and_gradients_match_torch(name, nd, transposed, in_shape, w_sha
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()), msg=f"{name}: {what}")
 
 
+@pytest.mark.parametrize("check", [torch.autograd.gradcheck, torch.autograd.gradgradcheck], ids=["grad", "gradgrad"])
 @pytest.mark.parametrize("name, nd, transposed, in_shape, w_shape, options", CASES, ids=[c[0] for c in CASES])
-def test_gradcheck(name, nd, transposed, in_shape, w_shape, options):
-    """torch.autograd.gradcheck (float64): cnnfast's backward kernels are the derivative of its forward."""
+def test_gradcheck(name, nd, transposed, in_shape, w_shape, options, check):
+    """torch.autograd.gradcheck and gradgradcheck (float64): cnnfast's backward kernels are the derivative of its
+    forward, and the gradients (cnnfast ops in turn) are differentiable as well."""
     g = torch.Generator().manual_seed(0)
     leaves = [torch.randn(s, generator=g, dtype=torch.float64).requires_grad_()
               for s in (in_shape, w_shape, (_bias_len(w_shape, transposed, options),))]
     op = getattr(cf, f"conv_transpose{nd}d" if transposed else f"conv{nd}d")
-    assert torch.autograd.gradcheck(lambda x, w, b: op(x, w, b, **options), leaves)
-
-
-@pytest.mark.parametrize("name, nd, transposed, in_shape, w_shape, options", CASES, ids=[c[0] for c in CASES])
-def test_gradgradcheck(name, nd, transposed, in_shape, w_shape, options):
-    """Second derivatives (float64): the gradients are cnnfast ops differentiable in turn."""
-    g = torch.Generator().manual_seed(0)
-    leaves = [torch.randn(s, generator=g, dtype=torch.float64).requires_grad_()
-              for s in (in_shape, w_shape, (_bias_len(w_shape, transposed, options),))]
-    op = getattr(cf, f"conv_transpose{nd}d" if transposed else f"conv{nd}d")
-    assert torch.autograd.gradgradcheck(lambda x, w, b: op(x, w, b, **options), leaves)
+    assert check(lambda x, w, b: op(x, w, b, **options), leaves)
 
 
 def test_hessian_gradient_penalty_and_func_grad_match_torch():
@@ -186,6 +178,8 @@ def test_errors_name_the_op():
         cf.conv2d(torch.ones(1, 1, 3, 3, dtype=torch.int64), torch.ones(1, 1, 2, 2))
     with pytest.raises(ValueError, match=r"conv2d: .*channels"):
         cf.conv2d(torch.ones(1, 2, 3, 3), torch.ones(1, 3, 2, 2))
+    with pytest.raises(TypeError, match=r"^conv_transpose1d: expected weight to be a torch\.Tensor, but got list$"):
+        cf.conv_transpose1d(torch.ones(1, 2, 3), [[[1.0]], [[1.0]]])
 
 
 # ---------------------------------------------------------------- modules
