@@ -11,7 +11,8 @@ Each problem runs every algorithm of the device (and algo="auto") and is compare
 (float64), called with the drawn arguments normalised here, independently of cnnfast.spec.
 
 Profiles:
-    quick (default, CI): derandomized, CPU 60 examples, CUDA 15 tiny examples (in the simulator without a GPU)
+    quick (default, CI): derandomized, CPU 60 examples (and 30 through im2col forced into its chunks side by
+    side, kernels/cpu/im2col.py), CUDA 15 tiny examples (in the simulator without a GPU)
         pytest tests/test_fuzz.py
     long (>= 10,000 examples per device, randomised; -k cpu or -k cuda picks a device):
         CNNFAST_FUZZ_EXAMPLES=10000 pytest tests/test_fuzz.py
@@ -20,6 +21,7 @@ A failure found by the fuzzer goes into REGRESSIONS below as an explicit Problem
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -280,8 +282,8 @@ def _public(p):
     return name, getattr(api if p.kind in ("conv", "conv_transpose") else grad, name)
 
 
-def check(p: Problem, device: str):
-    """Run p on every algorithm of device and algo='auto'; compare each with the reference."""
+def check(p: Problem, device: str, algos=None):
+    """Run p on every algorithm of device (or those named) and algo='auto'; compare each with the reference."""
     x, w, dy, b = _host_arrays(p)
     expected = _expected(p, x, w, dy, b)
     if p.same_out is not None:
@@ -303,7 +305,7 @@ def check(p: Problem, device: str):
     op, fn = _public(p)
 
     ran = []
-    for algo in [a for a in algorithms(device) if a != "reference"] + ["auto"]:
+    for algo in [a for a in algos or algorithms(device) if a != "reference"] + ["auto"]:
         what = f"{op} algo={algo} on {device}: {p!r}"
         try:
             out = fn(*args, **p.options, algo=algo)
@@ -331,6 +333,31 @@ def check(p: Problem, device: str):
 @_settings(60)
 def test_fuzz_cpu(problem):
     check(problem, "cpu")
+
+
+@contextlib.contextmanager
+def _im2col_in_chunks():
+    """im2col's forward and weight gradient in chunks side by side whatever the layer: 3 threads (NumPy's BLAS
+    computing), chunks of 128 bytes of columns (a few positions), no minimum size."""
+    from cnnfast.kernels.cpu import blas, im2col
+
+    class ThreeThreads(blas.OpenBLAS):
+        def __init__(self):
+            super().__init__(lambda: 3, lambda n: None)
+    saved = blas.openblas, im2col.FUSED_ROWS, im2col.FUSED_WORK, im2col.CHUNK_POSITIONS, im2col.CHUNK_BYTES
+    blas.openblas = ThreeThreads
+    im2col.FUSED_ROWS, im2col.FUSED_WORK, im2col.CHUNK_POSITIONS, im2col.CHUNK_BYTES = 1 << 30, 0, 1, 128
+    try:
+        yield
+    finally:
+        blas.openblas, im2col.FUSED_ROWS, im2col.FUSED_WORK, im2col.CHUNK_POSITIONS, im2col.CHUNK_BYTES = saved
+
+
+@given(problems())
+@_settings(30)
+def test_fuzz_cpu_im2col_in_chunks(problem):
+    with _im2col_in_chunks():
+        check(problem, "cpu", algos=["im2col"])
 
 
 @pytest.mark.cuda

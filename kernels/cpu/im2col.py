@@ -283,7 +283,7 @@ def _chunk(g, primitive, itemsize, workspace_limit):
     ceil(O / B) chunks per sample and group, of equal size but the last, their count a multiple of the threads'."""
     rows, O, threads = (g.C // g.groups) * g.T * g.R * g.S, g.P * g.Q * g.U, blas.threads()
     if (primitive == "backward_data" or g.is_pointwise or rows > FUSED_ROWS or threads == 1
-            or g.N * g.K * rows * O < FUSED_WORK):
+            or g.N * g.K * rows * O < max(1, FUSED_WORK)):  # (nothing to compute: an empty batch)
         return 0
     samples = g.groups * g.N  # (group, sample) pairs, each cut into per_sample chunks
     per_sample = max(-(-O // max(1, CHUNK_BYTES // (rows * itemsize))), -(-2 * threads // samples))
