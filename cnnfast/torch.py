@@ -10,16 +10,23 @@ Forward and both backward passes run cnnfast's own kernels: the forward op, grad
 grad.conv*_weight (backward-filter) and grad.conv_bias. CPU tensors reach the CPU kernels as NumPy views (no
 copy; a result comes back with torch.from_numpy); CUDA tensors reach the CUDA kernels through
 __cuda_array_interface__ on torch's current stream and come back as torch tensors on the same device, without
-copies. The gradients are cnnfast ops that are differentiable in turn: gradients of gradients (a Hessian, a
-gradient penalty, torch.autograd.gradgradcheck) run cnnfast's kernels too, to any order. torch.func.grad works;
-vmap and forward-mode AD do not (torch would need a batching rule and a jvp for the kernels).
+copies. Each call is a torch.library custom op (torch.compile and torch.export see one op, no graph break); the
+gradients are custom ops differentiable in turn: gradients of gradients (a Hessian, a gradient penalty,
+torch.autograd.gradgradcheck) run cnnfast's kernels too, to any order. torch.func transforms and forward-mode AD
+do not work (torch's custom-op autograd does not support them; a jvp would need kernels of its own).
 """
 from __future__ import annotations
+
+import ast
+import numbers
+from functools import lru_cache
+from typing import Optional
 
 import numpy as np
 import torch
 
-from cnnfast import api, grad
+from cnnfast import api, grad, spec
+from cnnfast.kernels.contract import conv_output_size
 
 __all__ = ["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
            "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "replace_convs"]
@@ -64,110 +71,165 @@ def _stream(t):
     return cuda.external_stream(handle) if handle else 0
 
 
-# ---------------------------------------------------------------- autograd
+# ---------------------------------------------------------------- the ops (torch.library custom ops)
+#
+# Four custom ops, so that torch.compile and torch.export see each call as one opaque op (a fake implementation
+# gives its output's shape) and autograd runs cnnfast's backward kernels: conv (the forward op), conv_input
+# (backward-data), conv_weight (backward-filter), bias_grad. The forward op's derivatives are conv_input and
+# conv_weight, and theirs are conv and each other (the three are the partial derivatives of one trilinear form
+# <F(x, w), dy>), so gradients of gradients (a Hessian, a gradient penalty) run cnnfast's kernels to any order.
+# A layer travels as a string: its op name and option values, written by an f-string (which torch.compile traces)
+# and read back by _layer.
 
-class _Layer:
-    """One layer's op name (conv{nd}d or conv_transpose{nd}d) and keyword options (output_size resolved)."""
-
-    # the op (its name + suffix) -> the module that has it and its positional arguments, named for the errors
-    OPS = {"": (api, ("input", "weight", "bias")), "_input": (grad, ("input_size", "weight", "grad_output")),
-           "_weight": (grad, ("input", "weight_size", "grad_output"))}
-
-    def __init__(self, nd, transposed, options):
-        self.name, self.options = f"conv_transpose{nd}d" if transposed else f"conv{nd}d", options
-
-    def run(self, suffix, *args, like):
-        """cnnfast's op name + suffix on torch tensors (and shapes), on like's stream; its result as a tensor."""
-        module, roles = self.OPS[suffix]
-        name = self.name + suffix
-        arrays = [_array(a, name, role) for a, role in zip(args, roles)]
-        return _tensor(getattr(module, name)(*arrays, stream=_stream(like), **self.options), like)
+_OPTIONS = {"conv": ("stride", "padding", "dilation", "groups", "padding_mode", "algo"),
+            "conv_transpose": ("stride", "padding", "output_padding", "groups", "dilation", "algo")}
+# each op (name suffix) -> the module that has it and its positional arguments, named for the errors
+_ROLES = {"": (api, ("input", "weight", "bias")), "_input": (grad, ("input_size", "weight", "grad_output")),
+          "_weight": (grad, ("input", "weight_size", "grad_output"))}
 
 
-class _Conv(torch.autograd.Function):
-    """y = F(x, w) + b, F the layer's conv or conv_transpose, on cnnfast's kernels. dx, dw and db are _ConvInput,
-    _ConvWeight and _BiasGrad: cnnfast's backward-data, backward-filter and bias-gradient ops, differentiable in
-    turn (F, dx and dw are the partial derivatives of one trilinear form <F(x, w), dy>, so each one's derivatives
-    are the others), hence gradients of gradients (a Hessian, a gradient penalty) to any order."""
-
-    @staticmethod
-    def forward(x, w, b, layer):
-        return layer.run("", x, w, b, like=x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, w, b, ctx.layer = inputs
-        ctx.save_for_backward(x, w)
-        ctx.has_bias = b is not None
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, w = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        dx = _ConvInput.apply(dy, w, ctx.layer, tuple(x.shape)) if need[0] else None
-        dw = _ConvWeight.apply(x, dy, ctx.layer, tuple(w.shape)) if need[1] else None
-        db = _BiasGrad.apply(dy, x.dim() < w.dim()) if ctx.has_bias and need[2] else None
-        return dx, dw, db, None
+def _plain(value):
+    """An option as a Python literal for the layer string: NumPy ints as ints, sequences as tuples."""
+    if isinstance(value, (tuple, list)):
+        return tuple(_plain(v) for v in value)
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
 
 
-class _Gradient(torch.autograd.Function):
-    """A gradient op of the layer, linear in each of its two tensor arguments, which it keeps for its derivatives."""
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        a, b, ctx.layer, _ = inputs
-        ctx.save_for_backward(a, b)
-
-
-class _ConvInput(_Gradient):
-    """dx = the layer's input gradient of dy through w (cnnfast.grad's *_input)."""
-
-    @staticmethod
-    def forward(dy, w, layer, x_shape):
-        return layer.run("_input", x_shape, w, dy, like=dy)
-
-    @staticmethod
-    def backward(ctx, ddx):  # <ddx, dx> = <F(ddx, w), dy>
-        dy, w = ctx.saved_tensors
-        d_dy = _Conv.apply(ddx, w, None, ctx.layer) if ctx.needs_input_grad[0] else None
-        d_w = _ConvWeight.apply(ddx, dy, ctx.layer, tuple(w.shape)) if ctx.needs_input_grad[1] else None
-        return d_dy, d_w, None, None
+@lru_cache(maxsize=1024)
+def _layer(layer):
+    """'conv2d:(stride, padding, ...)' -> ('conv2d', {'stride': ..., ...})."""
+    name, values = layer.split(":", 1)
+    try:
+        values = ast.literal_eval(values)
+    except (ValueError, SyntaxError):
+        keys = ", ".join(_OPTIONS[name.rstrip("123d")])
+        raise TypeError(f"{name}: expected ints, tuples of ints and strings for ({keys}), but got {values}") from None
+    return name, dict(zip(_OPTIONS[name.rstrip("123d")], values))
 
 
-class _ConvWeight(_Gradient):
-    """dw = the layer's weight gradient of x and dy (cnnfast.grad's *_weight)."""
-
-    @staticmethod
-    def forward(x, dy, layer, w_shape):
-        return layer.run("_weight", x, w_shape, dy, like=dy)
-
-    @staticmethod
-    def backward(ctx, ddw):  # <ddw, dw> = <F(x, ddw), dy>
-        x, dy = ctx.saved_tensors
-        d_x = _ConvInput.apply(dy, ddw, ctx.layer, tuple(x.shape)) if ctx.needs_input_grad[0] else None
-        d_dy = _Conv.apply(x, ddw, None, ctx.layer) if ctx.needs_input_grad[1] else None
-        return d_x, d_dy, None, None
+def _run(layer, suffix, *args, like):
+    """cnnfast's op (the layer's name + suffix) on torch tensors (and shapes), on like's stream, as a tensor."""
+    name, options = _layer(layer)
+    module, roles = _ROLES[suffix]
+    arrays = [_array(a, name + suffix, role) for a, role in zip(args, roles)]
+    return _tensor(getattr(module, name + suffix)(*arrays, stream=_stream(like), **options), like)
 
 
-class _BiasGrad(torch.autograd.Function):
-    """db = dy summed over all but its channel axis (cnnfast.grad.conv_bias; an unbatched dy as a batch of one)."""
+@torch.library.custom_op("cnnfast::conv", mutates_args=())
+def _conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], layer: str) -> torch.Tensor:
+    return _run(layer, "", x, w, b, like=x)
 
-    @staticmethod
-    def forward(dy, unbatched):
-        return _tensor(grad.conv_bias(_array(dy[None] if unbatched else dy, "conv_bias", "grad_output"),
-                                      stream=_stream(dy)), dy)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        dy, ctx.unbatched = inputs
-        ctx.shape = dy.shape
+@torch.library.custom_op("cnnfast::conv_input", mutates_args=())
+def _conv_input(dy: torch.Tensor, w: torch.Tensor, x_shape: list[int], layer: str) -> torch.Tensor:
+    return _run(layer, "_input", tuple(x_shape), w, dy, like=dy)
 
-    @staticmethod
-    def backward(ctx, ddb):  # ddb broadcast over dy's batch and positions
-        channel_axis = 0 if ctx.unbatched else 1
-        view = [1] * len(ctx.shape)
-        view[channel_axis] = -1
-        return ddb.reshape(view).expand(ctx.shape), None
+
+@torch.library.custom_op("cnnfast::conv_weight", mutates_args=())
+def _conv_weight(x: torch.Tensor, dy: torch.Tensor, w_shape: list[int], layer: str) -> torch.Tensor:
+    return _run(layer, "_weight", x, tuple(w_shape), dy, like=dy)
+
+
+@torch.library.custom_op("cnnfast::bias_grad", mutates_args=())
+def _bias_grad(dy: torch.Tensor, unbatched: bool) -> torch.Tensor:
+    """dy summed over all but its channel axis (an unbatched dy as a batch of one)."""
+    return _tensor(grad.conv_bias(_array(dy[None] if unbatched else dy, "conv_bias", "grad_output"),
+                                  stream=_stream(dy)), dy)
+
+
+@_conv.register_fake
+def _(x, w, b, layer):
+    """The output's shape by ConvSpec's formulas, which also take torch.compile's symbolic sizes (the real op
+    validates the layer when it runs)."""
+    name, options = _layer(layer)
+    nd, groups = w.dim() - 2, options["groups"]
+    spatial, kernel = x.shape[x.dim() - nd:], w.shape[2:]
+    stride, dilation = (spec.int_tuple(name, key, options[key], nd) for key in ("stride", "dilation"))
+    if options["padding"] == "same":
+        out = [-(-length // s) for length, s in zip(spatial, stride)]
+    else:
+        pads = spec.padding_pairs(name, options["padding"], nd, spatial, kernel, stride, dilation)
+        if name.startswith("conv_transpose"):
+            extra = spec.int_tuple(name, "output_padding", options["output_padding"], nd)
+            out = [spec.transposed_output_size(*a, lo, hi, e) for *a, (lo, hi), e in
+                   zip(spatial, kernel, stride, dilation, pads, extra)]
+        else:
+            out = [conv_output_size(*a, lo, hi) for *a, (lo, hi) in zip(spatial, kernel, stride, dilation, pads)]
+    channels = w.shape[1] * groups if name.startswith("conv_transpose") else w.shape[0]
+    return x.new_empty(x.shape[:x.dim() - nd - 1] + (channels, *out))
+
+
+@_conv_input.register_fake
+def _(dy, w, x_shape, layer):
+    return dy.new_empty(x_shape)
+
+
+@_conv_weight.register_fake
+def _(x, dy, w_shape, layer):
+    return dy.new_empty(w_shape)
+
+
+@_bias_grad.register_fake
+def _(dy, unbatched):
+    return dy.new_empty(dy.shape[0 if unbatched else 1])
+
+
+def _keep_conv(ctx, inputs, output):
+    x, w, b, ctx.layer = inputs
+    ctx.save_for_backward(x, w)
+    ctx.has_bias = b is not None
+
+
+def _conv_backward(ctx, dy):
+    x, w = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx = _conv_input(dy, w, list(x.shape), ctx.layer) if need[0] else None
+    dw = _conv_weight(x, dy, list(w.shape), ctx.layer) if need[1] else None
+    db = _bias_grad(dy, x.dim() < w.dim()) if ctx.has_bias and need[2] else None
+    return dx, dw, db, None
+
+
+def _keep_both(ctx, inputs, output):  # a gradient op keeps its two tensor arguments for its derivatives
+    a, b, _, ctx.layer = inputs
+    ctx.save_for_backward(a, b)
+
+
+def _conv_input_backward(ctx, ddx):  # <ddx, dx> = <F(ddx, w), dy>
+    dy, w = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    return (_conv(ddx, w, None, ctx.layer) if need[0] else None,
+            _conv_weight(ddx, dy, list(w.shape), ctx.layer) if need[1] else None, None, None)
+
+
+def _conv_weight_backward(ctx, ddw):  # <ddw, dw> = <F(x, ddw), dy>
+    x, dy = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    return (_conv_input(dy, ddw, list(x.shape), ctx.layer) if need[0] else None,
+            _conv(x, ddw, None, ctx.layer) if need[1] else None, None, None)
+
+
+def _keep_shape(ctx, inputs, output):
+    dy, ctx.unbatched = inputs
+    ctx.shape = dy.shape
+
+
+def _bias_grad_backward(ctx, ddb):  # ddb broadcast over dy's batch and positions
+    view = [1] * len(ctx.shape)
+    view[0 if ctx.unbatched else 1] = -1
+    return ddb.reshape(view).expand(ctx.shape), None
+
+
+_conv.register_autograd(_conv_backward, setup_context=_keep_conv)
+_conv_input.register_autograd(_conv_input_backward, setup_context=_keep_both)
+_conv_weight.register_autograd(_conv_weight_backward, setup_context=_keep_both)
+_bias_grad.register_autograd(_bias_grad_backward, setup_context=_keep_shape)
+
+
+def _tensors(op, **given):
+    """TypeError naming the argument when a required one (or a bias given) is not a tensor."""
+    for name, t in given.items():
+        if not (isinstance(t, torch.Tensor) or (t is None and name == "bias")):
+            raise TypeError(f"{op}: expected {name} to be a torch.Tensor, but got {type(t).__name__}")
 
 
 def _autocast(*tensors):
@@ -183,8 +245,9 @@ def _autocast(*tensors):
 def _conv_fn(nd):
     def conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, padding_mode="zeros",
              algo="auto"):
-        return _Conv.apply(*_autocast(input, weight, bias), _Layer(nd, False, dict(
-            stride=stride, padding=padding, dilation=dilation, groups=groups, padding_mode=padding_mode, algo=algo)))
+        _tensors(f"conv{nd}d", input=input, weight=weight, bias=bias)
+        layer = f"conv{nd}d:{_plain((stride, padding, dilation, groups, padding_mode, algo))!r}"
+        return _conv(*_autocast(input, weight, bias), layer)
 
     conv.__name__ = conv.__qualname__ = f"conv{nd}d"
     conv.__doc__ = (f"torch.nn.functional.conv{nd}d on cnnfast's kernels (differentiable); also padding_mode and "
@@ -195,13 +258,13 @@ def _conv_fn(nd):
 def _conv_transpose_fn(nd):
     def conv_transpose(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *,
                        output_size=None, algo="auto"):
-        options = dict(stride=stride, padding=padding, output_padding=output_padding, groups=groups,
-                       dilation=dilation)
+        _tensors(f"conv_transpose{nd}d", input=input, weight=weight, bias=bias)
         if output_size is not None:  # resolve it to output_padding once, so the backward ops get the same layer
-            spec = api.explain(f"conv_transpose{nd}d", tuple(input.shape), tuple(weight.shape),
-                               output_size=output_size, **options).spec
-            options["output_padding"] = spec.output_padding
-        return _Conv.apply(*_autocast(input, weight, bias), _Layer(nd, True, dict(options, algo=algo)))
+            output_padding = api.explain(f"conv_transpose{nd}d", tuple(input.shape), tuple(weight.shape),
+                                         stride=stride, padding=padding, output_padding=output_padding,
+                                         groups=groups, dilation=dilation, output_size=output_size).spec.output_padding
+        layer = f"conv_transpose{nd}d:{_plain((stride, padding, output_padding, groups, dilation, algo))!r}"
+        return _conv(*_autocast(input, weight, bias), layer)
 
     conv_transpose.__name__ = conv_transpose.__qualname__ = f"conv_transpose{nd}d"
     conv_transpose.__doc__ = (f"torch.nn.functional.conv_transpose{nd}d on cnnfast's kernels (differentiable); "
