@@ -491,6 +491,7 @@ def test_every_parallel_cpu_kernel_has_a_serial_build_with_its_own_cache_files()
         serial = k.serial
         assert serial.py_func.__code__ is k.py_func.__code__ and "parallel" not in serial.targetoptions, name
         assert serial.targetoptions.get("fastmath") == k.targetoptions.get("fastmath"), name
+        assert serial.targetoptions.get("nogil"), name  # threads run it side by side (blas.share)
         # Numba's disk cache keys entries by signature and bytecode: one shared file would mix the two builds
         assert k._cache._cache_file._index_name != serial._cache._cache_file._index_name, name
 

@@ -143,8 +143,9 @@ def test_the_custom_ops_pass_torch_library_opcheck():
         torch.library.opcheck(op, args)
 
 
-def test_torch_compile_takes_each_conv_as_one_op():
-    """torch.compile(fullgraph=True): no graph break in a model of cnnfast convs (forward and backward)."""
+def test_torch_compile_and_export_take_each_conv_as_one_op():
+    """torch.compile(fullgraph=True): no graph break in a model of cnnfast convs (forward and backward);
+    torch.export: one cnnfast.conv node per conv."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), torch.nn.ReLU(),
                                 torch.nn.ConvTranspose2d(4, 2, 2, stride=2))
@@ -159,6 +160,10 @@ def test_torch_compile_takes_each_conv_as_one_op():
         results.append((y.detach(), leaf.grad))
     for a, e in zip(*results):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+    exported = torch.export.export(ours, (x,))
+    ops = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+    assert ops.count("cnnfast.conv.default") == 2, ops
+    torch.testing.assert_close(exported.module()(x), results[0][0], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("algo", [a for a in algorithms("cpu") if a != "reference"])
