@@ -994,3 +994,28 @@ def test_im2col_runs_in_chunks_only_where_its_rule_says(monkeypatch):
     under = cnnfast.explain("conv2d", x, w, stride=2, padding=3, algo="im2col", workspace_limit=scratch - 1)
     assert 0 < under.workspace_bytes <= scratch - 1  # column blocks within the limit
     assert chunk(*stem, limit=scratch - 1, stride=2, padding=3) == 0
+
+
+def test_im2col_chunks_from_two_threads_at_once_match_one_at_a_time(monkeypatch):
+    """Two callers in chunks at once: one shares its chunks out, the other (finding blas's lock taken, or OpenBLAS
+    set to one thread meanwhile) runs them in order or as column blocks; every result right, the thread count
+    restored."""
+    import threading
+    monkeypatch.setattr(im2col, "FUSED_WORK", 0)
+    monkeypatch.setattr(im2col, "CHUNK_POSITIONS", 1)
+    x, w, dy, opts = _fused_case("stem-like", "float64")
+    monkeypatch.setattr(im2col, "CHUNK_BYTES", 7 * int(np.prod(w.shape[1:])) * x.itemsize)
+    expected = {p: _fused_run(p, x, w, dy, opts) for p in ("forward", "backward_filter")}
+    before, errors = blas.threads(), []
+
+    def work():
+        for i in range(20):
+            primitive = ("forward", "backward_filter")[i % 2]
+            if not np.allclose(_fused_run(primitive, x, w, dy, opts), expected[primitive], rtol=1e-12, atol=1e-12):
+                errors.append(primitive)
+    workers = [threading.Thread(target=work) for _ in range(2)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert errors == [] and blas.threads() == before
