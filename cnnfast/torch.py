@@ -117,7 +117,17 @@ def _run(layer, suffix, *args, like):
 
 @torch.library.custom_op("cnnfast::conv", mutates_args=())
 def _conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], layer: str) -> torch.Tensor:
-    return _run(layer, "", x, w, b, like=x)
+    return _run(layer, "", x, w, b, like=x).contiguous(memory_format=_memory_format(x, w))
+
+
+def _memory_format(x, w):
+    """The output's memory format as torch's convolutions choose it on the CPU: channels-last for a batched 2-D one
+    whose input or weight is channels-last (the kernels compute contiguous; the result is then copied), else
+    contiguous."""
+    if x.dim() == 4 and any(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+                            for t in (x, w)):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 @torch.library.custom_op("cnnfast::conv_input", mutates_args=())
@@ -156,7 +166,8 @@ def _(x, w, b, layer):
         else:
             out = [conv_output_size(*a, lo, hi) for *a, (lo, hi) in zip(spatial, kernel, stride, dilation, pads)]
     channels = w.shape[1] * groups if name.startswith("conv_transpose") else w.shape[0]
-    return x.new_empty(x.shape[:x.dim() - nd - 1] + (channels, *out))
+    shape = x.shape[:x.dim() - nd - 1] + (channels, *out)
+    return x.new_empty(shape).contiguous(memory_format=_memory_format(x, w))
 
 
 @_conv_input.register_fake

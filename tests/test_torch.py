@@ -398,3 +398,15 @@ def test_strided_cuda_tensors_reach_cnnfast_contiguous():
     assert a.is_cuda and a.is_contiguous() and torch.equal(a, torch.arange(5.0).expand(2, 3, 4, 5))
     dense = torch.ones(2, 3).as_subclass(OnGPU)
     assert cf._array(dense, "conv2d", "input").data_ptr() == dense.data_ptr()  # no copy of a contiguous tensor
+
+
+def test_channels_last_outputs_as_in_torch():
+    """A 2-D convolution's output is channels-last when its input or weight is (torch's rule on the CPU)."""
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 3, 6, 5), torch.randn(4, 3, 3, 3)
+    last = dict(memory_format=torch.channels_last)
+    for xi, wi in ((x.contiguous(**last), w), (x, w.contiguous(**last)), (x, w)):
+        for ours, theirs in ((cf.conv2d(xi, wi, padding=1), F.conv2d(xi, wi, padding=1)),
+                             (cf.conv_transpose2d(xi, wi.transpose(0, 1)), F.conv_transpose2d(xi, wi.transpose(0, 1)))):
+            assert ours.stride() == theirs.stride()
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
