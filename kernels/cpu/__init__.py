@@ -14,8 +14,9 @@ measurements on a 2-core AVX2 machine, bench/RESULTS.md), the same for all three
      C*T*R*S*P*Q*U copies against 2*K*C*T*R*S*P*Q*U flops; 1.2-15x faster than direct on every dense
      benchmark shape, backward passes included)
 """
+import numpy as np
 from cnnfast.kernels.contract import Algorithm
-from cnnfast.kernels.cpu import depthwise, direct, im2col, winograd
+from cnnfast.kernels.cpu import blas, depthwise, direct, im2col, winograd
 from cnnfast.kernels.cpu.layout import bias_grad_cpu, fold_pad_cpu, pad_cpu
 
 __all__ = ["ALGORITHMS", "choose", "pad_cpu", "fold_pad_cpu", "bias_grad_cpu"]
@@ -48,6 +49,9 @@ def _kernels(name):
         kernel = _KERNELS[name][primitive]
         if name == "winograd":
             kernel += " (im2col's when the result holds a NaN or Inf)"
+        if name == "im2col" and im2col._chunk(g, primitive, np.dtype(dtype).itemsize, None):
+            kernel += (f", in chunks side by side on {blas.threads()} threads (as column blocks when the chunks' "
+                       f"scratch exceeds workspace_limit)")
         if name == "depthwise" and g.stride_d == g.stride_h == g.stride_w == 1:
             wide = "depthwise_wide_filter_cpu" if primitive == "backward_filter" else "depthwise_wide_cpu"
             kernel = f"{wide} ({kernel} when its scratch exceeds workspace_limit)"
