@@ -14,12 +14,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
-import os
 from typing import NamedTuple
 
 import numpy as np
 
 from cnnfast import reference
+from cnnfast.tune import env_flag
 
 # float32: sums of up to ~10^4 products accumulate ~sqrt(n) * 6e-8 relative error; 1e-4 leaves headroom for
 # reordered sums (GEMM blocking, split reductions) while catching any wrong tap (errors of order 1).
@@ -122,7 +122,7 @@ _MODE = contextvars.ContextVar("cnnfast_check_mode", default=None)
 def _mode():
     mode = _MODE.get()
     if mode is None:
-        return os.environ.get("CNNFAST_CHECK", "0") not in ("", "0")
+        return env_flag("CNNFAST_CHECK")
     return mode
 
 

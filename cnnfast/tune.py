@@ -15,6 +15,7 @@ CNNFAST_AUTOTUNE_CACHE=path, in a JSON file that later processes read. An algori
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import json
@@ -23,12 +24,14 @@ import platform
 import statistics
 import tempfile
 import time
+import warnings
 
 REPEATS = 3
 CACHE_ENV = "CNNFAST_AUTOTUNE_CACHE"
 _MODE = contextvars.ContextVar("cnnfast_autotune", default=None)  # None: follow CNNFAST_AUTOTUNE
 _WINNERS = {}  # key -> {"winner": name, "ms": {name: median ms}}
 _LOADED = set()  # cache files read into _WINNERS
+_UNWRITABLE = set()  # cache files that could not be written (warned once)
 
 
 class autotune:
@@ -45,17 +48,24 @@ class autotune:
         _MODE.reset(self._token)
 
 
+def env_flag(name) -> bool:
+    """An on/off environment variable: off when unset, empty, 0, false, no or off (any case), else on."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def active() -> bool:
     mode = _MODE.get()
     if mode is None:
-        return os.environ.get("CNNFAST_AUTOTUNE", "0") not in ("", "0")
+        return env_flag("CNNFAST_AUTOTUNE")
     return mode
 
 
 def _machine(device):
     if device == "cpu":
         import numba
-        return f"cpu:{platform.machine()}:{numba.get_num_threads()} threads"
+
+        from cnnfast.kernels.cpu import blas
+        return f"cpu:{platform.machine()}:{numba.get_num_threads()} threads:{blas.threads()} blas threads"
     from numba import cuda
     gpu = cuda.get_current_device()
     name = getattr(gpu, "name", "simulator")
@@ -71,32 +81,62 @@ def _cache_path():
     return os.environ.get(CACHE_ENV) or None
 
 
+def _entries(path):
+    """The well-formed winners stored in path ({} when it cannot be read); a warning names what was left out."""
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(stored, dict):
+        stored, bad = {}, ["the file (not a JSON object)"]
+    else:
+        bad = [k for k, v in stored.items() if not _well_formed(v)]
+    if bad:
+        warnings.warn(f"cnnfast: ignoring {len(bad)} malformed autotune cache entries in {path} "
+                      f"(first: {bad[0]!r}); those problems are tuned again", RuntimeWarning, stacklevel=3)
+    return {k: v for k, v in stored.items() if k not in bad}
+
+
+def _well_formed(entry):
+    """{"winner": a candidate name, "ms": {candidate: median ms, the winner's included}}."""
+    return (isinstance(entry, dict) and isinstance(entry.get("winner"), str) and isinstance(entry.get("ms"), dict)
+            and entry["winner"] in entry["ms"] and not entry["winner"].startswith("reference")
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in entry["ms"].values()))
+
+
 def _load():
     path = _cache_path()
     if path and path not in _LOADED:
         _LOADED.add(path)
-        try:
-            with open(path) as f:
-                stored = json.load(f)
-        except (OSError, ValueError):
-            return
-        for k, v in stored.items():
+        for k, v in _entries(path).items():
             _WINNERS.setdefault(k, v)
 
 
 def _save():
+    """Write the winners to the cache file, merged with what other processes wrote there since it was read."""
     path = _cache_path()
     if not path:
         return
+    tmp = None
     try:
+        merged = {**_entries(path), **_WINNERS}
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
-            json.dump(_WINNERS, f, indent=1, sort_keys=True)
+            json.dump(merged, f, indent=1, sort_keys=True)
         os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
-    except OSError:
-        pass  # a cache that cannot be written only costs the tuning
+        tmp = None
+    except OSError as e:  # a cache that cannot be written only costs the tuning
+        if path not in _UNWRITABLE:
+            _UNWRITABLE.add(path)
+            warnings.warn(f"cnnfast: cannot write the autotune cache {path} ({e}); winners stay in memory",
+                          RuntimeWarning, stacklevel=3)
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
 
 def candidates(algos, itemsize):
@@ -115,6 +155,7 @@ def clear():
     """Forget every winner held in memory (the disk cache is left alone)."""
     _WINNERS.clear()
     _LOADED.clear()
+    _UNWRITABLE.clear()
     _TUNED_PLANS.clear()
 
 
@@ -132,7 +173,14 @@ def plan(op, spec, primitive, device, workspace_limit, heuristic, run=None):
     if found is not None and tuned is not None and tuned[0] is found:
         return tuned[1]
     algos = algorithms(device)
-    if found is None or found["winner"].partition(":")[0] not in algos:
+    if found is not None and found["winner"].partition(":")[0] in algos:
+        try:
+            chosen = make_plan(op, spec, primitive, device, found["winner"], workspace_limit)
+        except ValueError:  # a stored winner that cannot run this problem (an edited or foreign cache)
+            found = None
+    else:
+        found = None
+    if found is None:
         if run is None:
             return dataclasses.replace(heuristic, reason=heuristic.reason + "; autotune is on: the first call "
                                        "times every candidate algorithm and tile and keeps the fastest")
@@ -155,7 +203,7 @@ def plan(op, spec, primitive, device, workspace_limit, heuristic, run=None):
             return heuristic
         found = _WINNERS[k] = {"winner": min(ms, key=ms.get), "ms": ms}
         _save()
-    chosen = make_plan(op, spec, primitive, device, found["winner"], workspace_limit)
+        chosen = make_plan(op, spec, primitive, device, found["winner"], workspace_limit)
     ranking = " < ".join(f"{name} {t:.3g} ms" for name, t in sorted(found["ms"].items(), key=lambda kv: kv[1]))
     chosen = dataclasses.replace(chosen, reason=f"autotuned: {ranking}")
     if len(_TUNED_PLANS) >= 1024:

@@ -997,9 +997,8 @@ def test_im2col_runs_in_chunks_only_where_its_rule_says(monkeypatch):
 
 
 def test_im2col_chunks_from_two_threads_at_once_match_one_at_a_time(monkeypatch):
-    """Two callers in chunks at once: one shares its chunks out, the other (finding blas's lock taken, or OpenBLAS
-    set to one thread meanwhile) runs them in order or as column blocks; every result right, the thread count
-    restored."""
+    """Two callers in chunks at once: one shares its chunks out, the other (finding blas's lock taken) runs the same
+    parts one after another; every result bit-identical to a call alone, the thread count restored."""
     import threading
     monkeypatch.setattr(im2col, "FUSED_WORK", 0)
     monkeypatch.setattr(im2col, "CHUNK_POSITIONS", 1)
@@ -1008,10 +1007,10 @@ def test_im2col_chunks_from_two_threads_at_once_match_one_at_a_time(monkeypatch)
     expected = {p: _fused_run(p, x, w, dy, opts) for p in ("forward", "backward_filter")}
     before, errors = blas.threads(), []
 
-    def work():
+    def work():  # bit for bit: while one caller has OpenBLAS on one thread, blas.threads() still says `before`
         for i in range(20):
             primitive = ("forward", "backward_filter")[i % 2]
-            if not np.allclose(_fused_run(primitive, x, w, dy, opts), expected[primitive], rtol=1e-12, atol=1e-12):
+            if not np.array_equal(_fused_run(primitive, x, w, dy, opts), expected[primitive]):
                 errors.append(primitive)
     workers = [threading.Thread(target=work) for _ in range(2)]
     for t in workers:

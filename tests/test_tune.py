@@ -1,6 +1,8 @@
 """Autotuning (cnnfast.autotune): every candidate timed once per problem, the fastest kept and named by explain(),
 results unchanged, winners cached in memory and on disk, switched on and off like cudnn.benchmark."""
+import contextlib
 import dataclasses
+import json
 import time
 
 import numpy as np
@@ -151,3 +153,61 @@ def test_a_tuned_problem_is_not_planned_again(monkeypatch, arrays):
         assert cnnfast.explain("conv2d", x, w, padding=1).reason.startswith("autotuned: ")
     assert calls == []
     np.testing.assert_array_equal(first, again)
+
+
+@pytest.mark.parametrize("stored", [
+    "[1, 2]",  # not an object
+    '{"KEY": "im2col"}',  # an entry that is not an object
+    '{"KEY": {"winner": "im2col"}}',  # no medians
+    '{"KEY": {"winner": 3, "ms": {"3": 1.0}}}',  # a winner that is not a name
+    '{"KEY": {"winner": "im2col", "ms": {"im2col": "fast"}}}',  # a median that is not a number
+    '{"KEY": {"winner": "reference", "ms": {"reference": 0.1}}}',  # never a candidate
+    '{"KEY": {"winner": "depthwise", "ms": {"depthwise": 0.1}}}',  # well formed, but cannot run this layer
+], ids=["list", "string-entry", "no-ms", "int-winner", "str-ms", "reference", "cannot-run"])
+def test_a_malformed_disk_cache_entry_is_tuned_again(monkeypatch, arrays, tmp_path, stored):
+    x, w = arrays
+    with cnnfast.autotune():
+        key = tune.key("cpu", cnnfast.explain("conv2d", x, w, padding=1).spec, "forward", None)
+    path = tmp_path / "winners.json"
+    path.write_text(stored.replace("KEY", key))
+    monkeypatch.setenv(tune.CACHE_ENV, str(path))
+    tune.clear()
+    malformed = "depthwise" not in stored  # the last one is well formed: it is retuned without a warning
+    warns = pytest.warns(RuntimeWarning, match="malformed autotune cache") if malformed else contextlib.nullcontext()
+    with cnnfast.autotune(), warns:
+        y = cnnfast.conv2d(x, w, padding=1)
+        plan = cnnfast.explain("conv2d", x, w, padding=1)
+    compare.assert_close(y, reference.conv(x, w, padding=1), "float32", "conv2d with a bad cache")
+    assert plan.reason.startswith("autotuned: ") and plan.algorithm not in ("reference", "depthwise")
+
+
+def test_processes_sharing_a_disk_cache_keep_each_others_winners(monkeypatch, arrays, tmp_path):
+    """A process writes the file merged with what others wrote since it read it (last writer no longer wins)."""
+    x, w = arrays
+    path = tmp_path / "winners.json"
+    monkeypatch.setenv(tune.CACHE_ENV, str(path))
+    with cnnfast.autotune():
+        cnnfast.conv2d(x, w, padding=1)  # this process reads the (absent) file, then writes its winner
+        other = {"cpu:another machine|forward|float32|()|None": {"winner": "direct", "ms": {"direct": 1.0}}}
+        path.write_text(json.dumps({**json.loads(path.read_text()), **other}))  # another process's winner
+        cnnfast.conv2d(x[:1], w, padding=1)  # a new problem: tuned, and the file written again
+    stored = json.loads(path.read_text())
+    assert set(other) <= set(stored) and len(stored) == 3
+
+
+def test_an_unwritable_disk_cache_warns_once_and_leaves_no_temporary_files(monkeypatch, arrays, tmp_path):
+    x, w = arrays
+    monkeypatch.setenv(tune.CACHE_ENV, str(tmp_path))  # a folder: os.replace onto it fails
+    with cnnfast.autotune(), pytest.warns(RuntimeWarning, match="cannot write the autotune cache") as caught:
+        cnnfast.conv2d(x, w, padding=1)
+        cnnfast.conv2d(x[:1], w, padding=1)
+    assert len([c for c in caught if "autotune cache" in str(c.message)]) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value, on", [("", False), ("0", False), ("false", False), ("No", False), (" off ", False),
+                                       ("1", True), ("yes", True), ("true", True)])
+def test_the_environment_switches_read_false_no_and_off_as_off(monkeypatch, value, on):
+    monkeypatch.setenv("CNNFAST_AUTOTUNE", value)
+    monkeypatch.setenv("CNNFAST_CHECK", value)
+    assert tune.active() is on and compare.active() is on

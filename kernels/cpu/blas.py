@@ -61,6 +61,7 @@ SHORT_TIMEOUT = 20
 
 _lock = threading.Lock()  # one split at a time: its set-and-restore of OpenBLAS's thread count is process-wide
 _pools = {}  # OpenBLAS's thread count -> the executor of the parts after the first
+_shared_count = None  # while a share runs: OpenBLAS's thread count before it (set back after)
 
 
 class OpenBLAS:
@@ -143,10 +144,14 @@ def workers_spin(timeout):
 
 def _forget_threads():
     """In a forked child: the parent's worker threads are not there (an executor that still lists them would queue
-    parts that never run), and the lock may be held by one of them."""
-    global _lock
+    parts that never run), and the lock may be held by one of them; a share forked in the middle left OpenBLAS on
+    one thread, which gets its count back."""
+    global _lock, _shared_count
     _lock = threading.Lock()
     _pools.clear()
+    if _shared_count is not None:
+        openblas().set_num_threads(_shared_count)
+        _shared_count = None
 
 
 if hasattr(os, "register_at_fork"):
@@ -161,9 +166,10 @@ def _pool(threads):
 
 def threads():
     """How many threads share() runs parts on side by side: OpenBLAS's thread count (1 when NumPy's BLAS is not an
-    OpenBLAS found in this process)."""
+    OpenBLAS found in this process); while a share has it set to one, the count it will set back, so that another
+    thread's calls plan the same parts, and sum in the same order, as when they run alone."""
     lib = openblas()
-    return 1 if lib is None else lib.get_num_threads()
+    return 1 if lib is None else _shared_count or lib.get_num_threads()
 
 
 def share(task, parts):
@@ -182,6 +188,8 @@ def share(task, parts):
             for k in range(parts):
                 task(k)
             return
+        global _shared_count
+        _shared_count = count
         lib.set_num_threads(1)
         pending = []
         try:
@@ -190,6 +198,7 @@ def share(task, parts):
         finally:
             wait(pending)
             lib.set_num_threads(count)
+            _shared_count = None
         for done in pending:
             done.result()
     finally:
