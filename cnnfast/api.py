@@ -21,6 +21,7 @@ from functools import lru_cache
 import numpy as np
 
 from cnnfast import arrays, compare, tune
+from cnnfast.kernels.cpu import blas
 from cnnfast.plan import algorithms, make_plan, registry_token
 from cnnfast.spec import ConvSpec, _shape_str, check_bytes
 
@@ -63,6 +64,8 @@ def run(op, kind, nd, *, input=None, weight=None, grad_output=None, bias=None, s
     options: stride, padding, dilation, groups and padding_mode / output_padding, output_size for ConvSpec.
     """
     primitive, roles, result_role = _KINDS[kind]
+    if isinstance(workspace_limit, np.integer) and not isinstance(workspace_limit, np.bool_):
+        workspace_limit = int(workspace_limit)  # a NumPy int8 would overflow in the planners' arithmetic
     given = {"input": input, "weight": weight, "grad_output": grad_output}
     named = {name: given[name] for name in roles}
     device, family, dtype, shapes = arrays.inspect(op, **named, bias=bias)
@@ -148,7 +151,7 @@ def _plan_key(op, kind, device, dtype, input_shape, weight_shape, bias_shape, al
     try:
         key = (op, kind, device, dtype, input_shape, weight_shape, bias_shape, _frozen(algo),
                _frozen(workspace_limit), tuple(options), tuple(map(_frozen, options.values())),
-               registry_token(device))
+               registry_token(device), blas.threads() if device == "cpu" else None)  # (im2col's chunks)
         hash(key)
         return key
     except TypeError:

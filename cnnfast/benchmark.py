@@ -322,6 +322,13 @@ def geomean_vs_torch(rows, provider="cnnfast:auto", key="vs_torch"):
     return out
 
 
+def _positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, but got {text}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="cnnfast bench", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -332,12 +339,15 @@ def main(argv=None) -> int:
     parser.add_argument("--algo", nargs="+", help="cnnfast algorithms besides auto (default: all registered)")
     parser.add_argument("--tiles", action="store_true", help="time each tile configuration of the CUDA GEMM "
                         "algorithms (direct:32x64, direct:64x128, ...)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per provider (default: 9 on "
+    parser.add_argument("--repeats", type=_positive, default=None, help="timed calls per provider (default: 9 on "
                         "cpu, 30 on cuda)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--json", default="bench-results.json", help="where to write the rows")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw the roofline (needs matplotlib)")
     args = parser.parse_args(argv)
+    for path in (args.json, args.plot):  # before the run, not after it: an unwritable path would lose the rows
+        if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+            parser.error(f"cannot write {path}: its folder does not exist or is not writable")
     device = detect_device() if args.device == "auto" else args.device
     if device == "cuda":
         try:

@@ -81,7 +81,13 @@ def explain(args) -> int:
     if args.output_padding is not None:
         kw["output_padding"] = args.output_padding
     shapes = list(args.shapes)
-    if args.bias and re.fullmatch(r"conv(_transpose)?[123]d", args.op):
+    forward = re.fullmatch(r"conv(_transpose)?[123]d", args.op)
+    expected = ((2,) if args.bias else (2, 3)) if forward else (3,)  # input, weight (, bias); a gradient's three
+    if len(shapes) not in expected:
+        print(f"error: {args.op}: expected {' or '.join(map(str, expected))} shapes (in PyTorch's argument order), "
+              f"but got {len(shapes)}", file=sys.stderr)
+        return 2
+    if args.bias and forward:
         channels = shapes[1][1] * (kw.get("groups") or 1) if transposed else shapes[1][0]
         shapes.append((channels,))
     try:
@@ -103,6 +109,12 @@ def validate(args) -> int:
         print(f"  {r.device:4s} {r.build:8s} {r.algorithm:10s} {r.kind:22s} {r.case:16s} {r.dtype:7s} "
               f"{'n/a' if r.error != r.error else f'{r.error:.1e}':>8s} {status}", flush=True)
 
+    if args.algo is not None:
+        from cnnfast.plan import algorithms
+        if args.algo not in algorithms(args.device):
+            print(f"error: unknown algo {args.algo!r} for device {args.device}; expected one of "
+                  f"{sorted(algorithms(args.device))}", file=sys.stderr)
+            return 2
     results = run(args.device, algos=args.algo and [args.algo], dtypes=args.dtype, progress=progress)
     failed = [r for r in results if not r.ok]
     for r in failed:

@@ -50,7 +50,8 @@ class autotune:
 
 def env_flag(name) -> bool:
     """An on/off environment variable: off when unset, empty, 0, false, no or off (any case), else on."""
-    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+    value = os.environ.get(name)
+    return bool(value) and value != "0" and value.strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def active() -> bool:

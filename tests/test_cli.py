@@ -97,3 +97,21 @@ def test_bench_progress_in_a_log_is_a_line_per_timing_step(tmp_path, capsys):
                  "--repeats", "2", "--json", str(tmp_path / "bench.json")]) == 0
     err = capsys.readouterr().err  # not a terminal here: no carriage returns
     assert "\r" not in err and "[  1/1] 1x1-64-32@16 forward" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["explain", "conv2d", "1x3x32x32", "--bias"], "conv2d: expected 2 shapes"),
+    (["explain", "conv2d", "1x3x8x8", "6x3x3x3", "6", "--bias"], "conv2d: expected 2 shapes"),
+    (["explain", "conv2d_weight", "1x3x8x8", "6x3x3x3"], "conv2d_weight: expected 3 shapes"),
+    (["validate", "--algo", "nosuch"], "unknown algo 'nosuch' for device cpu"),
+])
+def test_command_line_mistakes_exit_2_with_a_message(args, message, capsys):
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--repeats", "0"], ["--repeats", "-2"], ["--json", "/nonexistent-folder/b.json"]])
+def test_bench_refuses_bad_options_before_running(args):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--device", "cpu"] + args)
+    assert info.value.code == 2

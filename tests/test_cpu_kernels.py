@@ -100,6 +100,15 @@ def test_im2col_under_a_small_workspace_limit_builds_column_blocks_and_matches(l
     assert_close(chunked, unlimited, "float64", f"{OPS[primitive]} chunked vs unlimited")
 
 
+@pytest.mark.parametrize("limit", [np.int8(100), np.uint8(0), np.int16(1000), np.uint64(0), np.int64(10_000)])
+def test_numpy_int_workspace_limits_plan_and_run_like_python_ints(limit):
+    layer = Layer((2, 4, 9, 9), (6, 4, 3, 3), padding=1)
+    for primitive in OPS:
+        plan = layer.explain(primitive, workspace_limit=limit)
+        assert plan.workspace_bytes <= int(limit) and plan == layer.explain(primitive, workspace_limit=int(limit))
+        assert_close(layer.run(primitive, workspace_limit=limit), layer.expected(primitive), "float64", primitive)
+
+
 @pytest.mark.parametrize("primitive", list(OPS))
 def test_workspace_limit_below_the_minimum_is_refused_by_im2col_and_avoided_by_auto(primitive):
     layer = _layer("2d-pad1")
