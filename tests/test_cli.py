@@ -1,5 +1,6 @@
 """The `cnnfast` command line: info, explain (with the LeNet figures), validate, and its errors."""
 import os
+import re
 import subprocess
 import sys
 
@@ -38,6 +39,14 @@ def test_info(capsys):
 def test_validate_reference_on_cpu(capsys):
     assert main(["validate", "--algo", "reference", "--dtype", "float64"]) == 0
     assert "checks passed on cpu" in capsys.readouterr().out
+
+
+def test_validate_counts_the_problems_an_algorithm_does_not_take_apart(capsys):
+    assert main(["validate", "--algo", "winograd", "--dtype", "float64"]) == 0
+    summary = capsys.readouterr().out.splitlines()[-1]
+    passed, total, skipped = map(int, re.fullmatch(
+        r"(\d+) of (\d+) checks passed on cpu \((\d+) not applicable to the algorithm\)", summary).groups())
+    assert passed == total and skipped > total > 0  # Winograd takes only the 2-D 3x3 unit-stride cases
 
 
 def test_console_script_is_installed():
