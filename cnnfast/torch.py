@@ -25,6 +25,9 @@ from typing import Optional
 import numpy as np
 import torch
 
+if not hasattr(torch.library, "custom_op"):
+    raise ImportError(f"cnnfast.torch needs torch >= 2.4 (torch.library.custom_op); this is torch {torch.__version__}")
+
 from cnnfast import api, grad, spec
 from cnnfast.kernels.contract import conv_output_size
 

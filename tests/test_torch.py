@@ -410,3 +410,11 @@ def test_channels_last_outputs_as_in_torch():
                              (cf.conv_transpose2d(xi, wi.transpose(0, 1)), F.conv_transpose2d(xi, wi.transpose(0, 1)))):
             assert ours.stride() == theirs.stride()
             torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_an_old_torch_gets_a_clear_import_error():
+    import subprocess
+    import sys
+    probe = "import torch; del torch.library.custom_op; import cnnfast.torch"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "cnnfast.torch needs torch >= 2.4" in done.stderr, done.stderr[-2000:]
