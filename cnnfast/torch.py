@@ -41,11 +41,10 @@ def _array(t, op, name):
     """A torch tensor as an array cnnfast takes: a NumPy view (CPU) or the tensor itself (CUDA, via its
     __cuda_array_interface__; made contiguous by torch first, by its own copy on the device: autograd's gradients
     are often strided, such as the expanded ones of y.sum().backward(), and without CuPy cnnfast's own copy is a
-    Numba launch, through the host for a negative stride); None (no bias) and shapes pass as they are."""
-    if (t is None and name == "bias") or name.endswith("_size"):  # no bias; a shape
+    Numba launch, through the host for a negative stride); None (no bias) and shapes pass as they are (the public
+    functions check the tensor arguments first, _tensors; the ops' schemas check them again)."""
+    if not isinstance(t, torch.Tensor):  # no bias; a shape
         return t
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: expected {name} to be a torch.Tensor, but got {type(t).__name__}")
     t = t.detach()
     if t.is_cuda:
         return t.contiguous()
