@@ -12,8 +12,9 @@ copy; a result comes back with torch.from_numpy); CUDA tensors reach the CUDA ke
 __cuda_array_interface__ on torch's current stream and come back as torch tensors on the same device, without
 copies. Each call is a torch.library custom op (torch.compile and torch.export see one op, no graph break); the
 gradients are custom ops differentiable in turn: gradients of gradients (a Hessian, a gradient penalty,
-torch.autograd.gradgradcheck) run cnnfast's kernels too, to any order. torch.func transforms and forward-mode AD
-do not work (torch's custom-op autograd does not support them; a jvp would need kernels of its own).
+torch.autograd.gradgradcheck) run cnnfast's kernels too, to any order, and so do torch.func's transforms (grad,
+vmap, jvp, jacrev, jacfwd, hessian: per-sample gradients, model ensembles) and forward-mode AD: vmap runs a batch
+of problems as one (the batch axis folded into N, or into the channels as groups where the weights differ).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from torch.autograd import forward_ad
 
 if not hasattr(torch.library, "custom_op"):
     raise ImportError(f"cnnfast.torch needs torch >= 2.4 (torch.library.custom_op); this is torch {torch.__version__}")
@@ -187,43 +189,72 @@ def _(dy, unbatched):
     return dy.new_empty(dy.shape[0 if unbatched else 1])
 
 
+# ---------------------------------------------------------------- derivatives
+#
+# Each op is linear in each of its tensor arguments, so its derivatives are cnnfast ops again: the backward
+# formulas (vector-Jacobian products) and the forward ones (Jacobian-vector products, jvp) below. They call the
+# ops through _conv_op, _conv_input_op, ... (the dispatch further down), so that they are differentiable in turn
+# under whichever transform runs them.
+
 def _keep_conv(ctx, inputs, output):
     x, w, b, ctx.layer = inputs
-    ctx.save_for_backward(x, w)
     ctx.has_bias = b is not None
+    return x, w
 
 
 def _conv_backward(ctx, dy):
     x, w = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx = _conv_input(dy, w, list(x.shape), ctx.layer) if need[0] else None
-    dw = _conv_weight(x, dy, list(w.shape), ctx.layer) if need[1] else None
-    db = _bias_grad(dy, x.dim() < w.dim()) if ctx.has_bias and need[2] else None
+    dx = _conv_input_op(dy, w, list(x.shape), ctx.layer) if need[0] else None
+    dw = _conv_weight_op(x, dy, list(w.shape), ctx.layer) if need[1] else None
+    db = _bias_grad_op(dy, x.dim() < w.dim()) if ctx.has_bias and need[2] else None
     return dx, dw, db, None
 
 
-def _keep_both(ctx, inputs, output):  # a gradient op keeps its two tensor arguments for its derivatives
-    a, b, _, ctx.layer = inputs
-    ctx.save_for_backward(a, b)
+def _conv_jvp(ctx, tx, tw, tb, _):  # d conv(x, w, b) = conv(dx, w) + conv(x, dw) + db
+    x, w = ctx.saved_tensors
+    channel_axis = 0 if x.dim() < w.dim() else 1
+    terms = [_conv_op(tx, w, None, ctx.layer) if tx is not None else None,
+             _conv_op(x, tw, None, ctx.layer) if tw is not None else None,
+             tb.reshape([-1 if axis == channel_axis else 1 for axis in range(x.dim())]) if tb is not None else None]
+    return _sum(terms)
+
+
+def _keep_both(ctx, inputs, output):  # a gradient op keeps its two tensor arguments and its result's shape
+    a, b, ctx.size, ctx.layer = inputs
+    return a, b
 
 
 def _conv_input_backward(ctx, ddx):  # <ddx, dx> = <F(ddx, w), dy>
     dy, w = ctx.saved_tensors
     need = ctx.needs_input_grad
-    return (_conv(ddx, w, None, ctx.layer) if need[0] else None,
-            _conv_weight(ddx, dy, list(w.shape), ctx.layer) if need[1] else None, None, None)
+    return (_conv_op(ddx, w, None, ctx.layer) if need[0] else None,
+            _conv_weight_op(ddx, dy, list(w.shape), ctx.layer) if need[1] else None, None, None)
+
+
+def _conv_input_jvp(ctx, tdy, tw, _, __):
+    dy, w = ctx.saved_tensors
+    return _sum([_conv_input_op(tdy, w, ctx.size, ctx.layer) if tdy is not None else None,
+                 _conv_input_op(dy, tw, ctx.size, ctx.layer) if tw is not None else None])
 
 
 def _conv_weight_backward(ctx, ddw):  # <ddw, dw> = <F(x, ddw), dy>
     x, dy = ctx.saved_tensors
     need = ctx.needs_input_grad
-    return (_conv_input(dy, ddw, list(x.shape), ctx.layer) if need[0] else None,
-            _conv(x, ddw, None, ctx.layer) if need[1] else None, None, None)
+    return (_conv_input_op(dy, ddw, list(x.shape), ctx.layer) if need[0] else None,
+            _conv_op(x, ddw, None, ctx.layer) if need[1] else None, None, None)
+
+
+def _conv_weight_jvp(ctx, tx, tdy, _, __):
+    x, dy = ctx.saved_tensors
+    return _sum([_conv_weight_op(tx, dy, ctx.size, ctx.layer) if tx is not None else None,
+                 _conv_weight_op(x, tdy, ctx.size, ctx.layer) if tdy is not None else None])
 
 
 def _keep_shape(ctx, inputs, output):
     dy, ctx.unbatched = inputs
     ctx.shape = dy.shape
+    return ()
 
 
 def _bias_grad_backward(ctx, ddb):  # ddb broadcast over dy's batch and positions
@@ -232,10 +263,137 @@ def _bias_grad_backward(ctx, ddb):  # ddb broadcast over dy's batch and position
     return ddb.reshape(view).expand(ctx.shape), None
 
 
-_conv.register_autograd(_conv_backward, setup_context=_keep_conv)
-_conv_input.register_autograd(_conv_input_backward, setup_context=_keep_both)
-_conv_weight.register_autograd(_conv_weight_backward, setup_context=_keep_both)
-_bias_grad.register_autograd(_bias_grad_backward, setup_context=_keep_shape)
+def _bias_grad_jvp(ctx, tdy, _):
+    return _bias_grad_op(tdy, ctx.unbatched)
+
+
+def _sum(terms):
+    """The sum of the terms that are not None (a jvp's, one per argument with a tangent)."""
+    terms = [t for t in terms if t is not None]
+    return sum(terms[1:], terms[0])
+
+
+# ---------------------------------------------------------------- torch.func transforms and forward-mode AD
+#
+# torch's autograd for custom ops (register_autograd) runs none of torch.func's transforms (grad, jacrev, ...
+# raise) nor forward-mode AD (its tangents come back as None or zero). Under those, the ops run through
+# autograd.Functions of their own instead, with the same backward formulas, the jvp formulas above and a vmap rule
+# torch generates from the ops' own (below): a batch of problems is one problem of cnnfast's, its batch axis folded
+# into N, or into the channels as groups where the weights differ (as torch's own batching rule for convolution).
+
+def _dispatch(op, keep, backward, jvp):
+    """op as the formulas and the public functions call it: the custom op, or under torch.func transforms and
+    forward-mode AD an autograd.Function running it (with keep as its setup_context, the backward and jvp
+    formulas)."""
+    def save(ctx, inputs, output):  # keep returns the tensors the formulas need
+        ctx.save_for_backward(*keep(ctx, inputs, output))
+
+    def save_both(ctx, inputs, output):  # for the backward formula and the jvp
+        tensors = keep(ctx, inputs, output)
+        ctx.save_for_backward(*tensors)
+        ctx.save_for_forward(*tensors)
+
+    def forward(*args):
+        return op(*(list(a) if isinstance(a, _Size) else a for a in args))
+
+    op.register_autograd(backward, setup_context=save)
+    function = type(op._name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "setup_context": staticmethod(save_both),
+        "backward": staticmethod(backward), "jvp": staticmethod(jvp), "generate_vmap_rule": True})
+
+    def call(*args):
+        if not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active()
+                                                  or forward_ad._current_level >= 0):
+            return function.apply(*(_Size(a) if isinstance(a, list) else a for a in args))
+        return op(*args)
+    return call
+
+
+class _Size(tuple):
+    """A shape argument on its way through an autograd.Function: one leaf to torch.func's pytrees (a list's ints
+    are leaves of their own, which vmap's rule for a jvp miscounts against the tangents)."""
+
+
+_conv_op = _dispatch(_conv, _keep_conv, _conv_backward, _conv_jvp)
+_conv_input_op = _dispatch(_conv_input, _keep_both, _conv_input_backward, _conv_input_jvp)
+_conv_weight_op = _dispatch(_conv_weight, _keep_both, _conv_weight_backward, _conv_weight_jvp)
+_bias_grad_op = _dispatch(_bias_grad, _keep_shape, _bias_grad_backward, _bias_grad_jvp)
+
+
+def _regrouped(layer, times):
+    """The layer with `times` as many groups (a batch of `times` problems side by side along the channels)."""
+    name, options = _layer(layer)
+    options = dict(options, groups=options["groups"] * times)
+    return f"{name}:{_plain(tuple(options[key] for key in _OPTIONS[name.rstrip('123d')]))!r}"
+
+
+def _front(t, dim, size):
+    """t with its vmapped axis first (t repeated size times when it has none)."""
+    return t.expand(size, *t.shape) if dim is None else t.movedim(dim, 0)
+
+
+def _side_by_side(t, batched):
+    """t (B, [N,] A, ...) as one problem with the B problems side by side along the channels: (N, B*A, ...), or
+    (B*A, ...) when unbatched."""
+    return t.movedim(0, 1).flatten(1, 2) if batched else t.flatten(0, 1)
+
+
+# vmap rules: each gets (info, in_dims, *args), the tensors with their vmapped axes at in_dims (None: the same
+# for every problem of the batch), and returns (result, the result's vmapped axis).
+
+@_conv.register_vmap
+def _(info, in_dims, x, w, b, layer):
+    B, (bx, bw, bb, _) = info.batch_size, in_dims
+    nd = w.dim() - 2 - (bw is not None)
+    batched = x.dim() - (bx is not None) == nd + 2  # each problem's input has a batch axis N
+    bias = None if bb is not None else b
+    if bw is None and bx is None:  # only the bias differs
+        y, out_dim = _conv(x, w, None, layer).expand(B, *([-1] * x.dim())), 0
+    elif bw is None:  # one weight: the problems' samples as one batch
+        x = x.movedim(bx, 0)
+        y = _conv(x.flatten(0, 1) if batched else x, w, bias, layer)
+        y, out_dim = (y.unflatten(0, (B, -1)) if batched else y), 0
+    else:  # B weights: the problems side by side as groups
+        y = _conv(_side_by_side(_front(x, bx, B), batched), w.movedim(bw, 0).flatten(0, 1),
+                  None if bias is None else bias.repeat(B), _regrouped(layer, B))
+        y, out_dim = y.unflatten(1 if batched else 0, (B, -1)), 1 if batched else 0
+    if bb is not None:  # each problem's bias along its channel axis
+        view = [1] * y.dim()
+        view[out_dim], view[out_dim + 1 + (batched and out_dim == 0)] = B, -1
+        y = y + b.movedim(bb, 0).reshape(view)
+    return y, out_dim
+
+
+@_conv_input.register_vmap
+def _(info, in_dims, dy, w, x_shape, layer):
+    B, (bdy, bw, _, _) = info.batch_size, in_dims
+    batched = len(x_shape) == w.dim() - (bw is not None)
+    if bw is None:  # one weight: the problems' samples as one batch
+        dy = dy.movedim(bdy, 0)
+        if not batched:
+            return _conv_input(dy, w, [B, *x_shape], layer), 0
+        return _conv_input(dy.flatten(0, 1), w, [B * x_shape[0], *x_shape[1:]], layer).unflatten(0, (B, -1)), 0
+    channel = 1 if batched else 0
+    size = list(x_shape)
+    size[channel] *= B
+    dx = _conv_input(_side_by_side(_front(dy, bdy, B), batched), w.movedim(bw, 0).flatten(0, 1), size,
+                     _regrouped(layer, B))
+    return dx.unflatten(channel, (B, -1)), channel
+
+
+@_conv_weight.register_vmap
+def _(info, in_dims, x, dy, w_shape, layer):
+    B, (bx, bdy, _, _) = info.batch_size, in_dims
+    batched = x.dim() - (bx is not None) == len(w_shape)
+    dw = _conv_weight(_side_by_side(_front(x, bx, B), batched), _side_by_side(_front(dy, bdy, B), batched),
+                      [B * w_shape[0], *w_shape[1:]], _regrouped(layer, B))
+    return dw.unflatten(0, (B, -1)), 0
+
+
+@_bias_grad.register_vmap
+def _(info, in_dims, dy, unbatched):
+    B = info.batch_size
+    return _bias_grad(_side_by_side(dy.movedim(in_dims[0], 0), not unbatched), unbatched).unflatten(0, (B, -1)), 0
 
 
 def _tensors(op, **given):
@@ -260,7 +418,7 @@ def _conv_fn(nd):
              algo="auto"):
         _tensors(f"conv{nd}d", input=input, weight=weight, bias=bias)
         layer = f"conv{nd}d:{_plain((stride, padding, dilation, groups, padding_mode, algo))!r}"
-        return _conv(*_autocast(input, weight, bias), layer)
+        return _conv_op(*_autocast(input, weight, bias), layer)
 
     conv.__name__ = conv.__qualname__ = f"conv{nd}d"
     conv.__doc__ = (f"torch.nn.functional.conv{nd}d on cnnfast's kernels (differentiable); also padding_mode and "
@@ -277,7 +435,7 @@ def _conv_transpose_fn(nd):
                                          stride=stride, padding=padding, output_padding=output_padding,
                                          groups=groups, dilation=dilation, output_size=output_size).spec.output_padding
         layer = f"conv_transpose{nd}d:{_plain((stride, padding, output_padding, groups, dilation, algo))!r}"
-        return _conv(*_autocast(input, weight, bias), layer)
+        return _conv_op(*_autocast(input, weight, bias), layer)
 
     conv_transpose.__name__ = conv_transpose.__qualname__ = f"conv_transpose{nd}d"
     conv_transpose.__doc__ = (f"torch.nn.functional.conv_transpose{nd}d on cnnfast's kernels (differentiable); "

@@ -46,10 +46,11 @@ def _torch_op(nd, transposed, options):
         size = options.pop("output_size", None)
         fn = getattr(F, f"conv_transpose{nd}d")
         if size is not None:
-            def call(x, w, b):
-                m = getattr(torch.nn, f"ConvTranspose{nd}d")(w.shape[0], w.shape[1] * options.get("groups", 1),
-                                                             w.shape[2:], **options)
-                pad = m._output_padding(x, size, m.stride, m.padding, m.kernel_size, nd, m.dilation)
+            def call(x, w, b):  # nn.ConvTranspose's rule for output_size (no module: vmap refuses its random init)
+                args = (options.get(k, d) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1)))
+                stride, padding, dilation = ((v,) * nd if isinstance(v, int) else v for v in args)
+                pad = torch.nn.modules.conv._ConvTransposeNd._output_padding(
+                    None, x, size, stride, padding, w.shape[2:], nd, dilation)
                 return fn(x, w, b, output_padding=pad, **options)
             return call
         return lambda x, w, b: fn(x, w, b, **options)
@@ -129,6 +130,65 @@ def test_hessian_and_gradient_penalty_match_torch():
     assert results[1][0].abs().max() > 1  # a Hessian that is not zero
     for what, a, e in zip(("hessian", "penalty dx", "penalty dw", "penalty db"), *results):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10 * float(e.abs().max()), msg=what)
+
+
+@pytest.mark.parametrize("name, nd, transposed, in_shape, w_shape, options", CASES, ids=[c[0] for c in CASES])
+def test_torch_func_transforms_match_torch(name, nd, transposed, in_shape, w_shape, options):
+    """torch.func on cnnfast's ops equals torch.func on torch's (float64): per-sample gradients (vmap of grad: the
+    problems' weight gradients run as one grouped problem), a batch of weights and biases (vmap: groups), forward
+    mode (jvp, and forward_ad's dual tensors) and a Hessian (jacfwd of jacrev)."""
+    g = torch.Generator().manual_seed(0)
+    blen = _bias_len(w_shape, transposed, options)
+    x, w, b, tx, tw, tb = (torch.randn(s, generator=g, dtype=torch.float64) for s in (in_shape, w_shape, (blen,)) * 2)
+    X, W, Bs = (torch.randn((3, *s), generator=g, dtype=torch.float64) for s in (in_shape, w_shape, (blen,)))
+    ours = getattr(cf, f"conv_transpose{nd}d" if transposed else f"conv{nd}d")
+    results = []
+    for conv in (lambda x, w, b: ours(x, w, b, **options), _torch_op(nd, transposed, options)):
+        def loss(x, w, b, conv=conv):
+            return torch.sin(conv(x, w, b)).sum()
+        forward_ad = torch.autograd.forward_ad
+        with forward_ad.dual_level():
+            dual = forward_ad.unpack_dual(conv(*(forward_ad.make_dual(p, t) for p, t in ((x, tx), (w, tw), (b, tb)))))
+        results.append([
+            *torch.func.vmap(torch.func.grad(loss, argnums=(0, 1, 2)), in_dims=(0, None, None))(X, w, b),
+            torch.func.vmap(conv, in_dims=(None, 0, 0))(x, W, Bs),
+            torch.func.vmap(conv, in_dims=(1, 0, None))(X.movedim(0, 1), W, b),
+            *torch.func.jvp(conv, (x, w, b), (tx, tw, tb)), dual.tangent,
+            torch.func.hessian(loss, argnums=1)(x, w, b)])
+    whats = ("per-sample dx", "per-sample dw", "per-sample db", "vmap over w and b", "vmap over x (axis 1) and w",
+             "jvp output", "jvp tangent", "forward_ad tangent", "hessian in w")
+    for what, a, e in zip(whats, *results):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10 * float(e.abs().max()), msg=f"{name}: {what}")
+
+
+def test_per_sample_gradients_and_an_ensemble_of_a_model():
+    """The torch.func recipes on a model of cnnfast convs, against the same model on torch's: per-sample gradients
+    (functional_call, vmap of grad over the batch) and an ensemble of 3 models (stack_module_state, vmap over the
+    stacked parameters)."""
+    torch.manual_seed(0)
+
+    def net():
+        return torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.Tanh(),
+                                   torch.nn.ConvTranspose2d(4, 2, 2, stride=2), torch.nn.Flatten(),
+                                   torch.nn.Linear(128, 3))
+    models = [net().double() for _ in range(3)]
+    x = torch.randn(5, 2, 4, 4, dtype=torch.float64)
+    results = []
+    for convert in (lambda m: m, lambda m: cf.replace_convs(copy.deepcopy(m))):
+        ensemble = [convert(m) for m in models]
+        params = {k: v.detach() for k, v in ensemble[0].named_parameters()}
+
+        def loss(params, xi, model=ensemble[0]):
+            return torch.func.functional_call(model, params, (xi[None],)).square().sum()
+
+        def outputs(params, model=ensemble[0]):
+            return torch.func.functional_call(model, params, (x,))
+        per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+        stacked, _ = torch.func.stack_module_state(ensemble)
+        outputs = torch.func.vmap(outputs)(stacked)
+        results.append([*per_sample.values(), outputs])
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10 * float(e.abs().max()))
 
 
 def test_the_custom_ops_pass_torch_library_opcheck():
