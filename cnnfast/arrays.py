@@ -28,6 +28,20 @@ def simulator_enabled() -> bool:
     return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
 
 
+def cuda_missing():
+    """Why the CUDA kernels cannot run here (no usable GPU, the simulator off), or None when they can."""
+    if simulator_enabled():
+        return None
+    try:
+        from numba import cuda
+        if cuda.is_available():
+            return None
+    except Exception as e:  # a broken driver or toolkit: said, not raised
+        return f"Numba's CUDA target failed to load ({type(e).__name__}: {e})"
+    return ("no CUDA GPU found (numba.cuda.is_available() is False); NUMBA_ENABLE_CUDASIM=1 runs the CUDA kernels "
+            "in Numba's simulator")
+
+
 def _cupy():
     """The cupy module when it can be used (importable, and Numba is not simulating CUDA), else None."""
     return None if simulator_enabled() else _import_cupy()

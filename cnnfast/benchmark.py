@@ -26,6 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 from cnnfast import compare, grad, reference
+from cnnfast.arrays import cuda_missing, simulator_enabled
 from cnnfast.roofline import machine, measure_ceilings, plot_roofline, roofline
 from cnnfast.spec import ConvSpec
 
@@ -205,15 +206,8 @@ def time_interleaved(calls, repeats, warmup=2):
 # ---------------------------------------------------------------- the run
 
 def detect_device():
-    from cnnfast.arrays import simulator_enabled
-
-    if simulator_enabled():
-        return "cpu"
-    try:
-        from numba import cuda
-        return "cuda" if cuda.is_available() else "cpu"
-    except Exception:
-        return "cpu"
+    """cuda where a GPU runs the CUDA kernels, else cpu (the simulator is for tests, not timings)."""
+    return "cpu" if simulator_enabled() or cuda_missing() else "cuda"
 
 
 def to_device(a, device):
@@ -349,6 +343,8 @@ def main(argv=None) -> int:
         if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
             parser.error(f"cannot write {path}: its folder does not exist or is not writable")
     device = detect_device() if args.device == "auto" else args.device
+    if device == "cuda" and cuda_missing():
+        parser.error(f"--device cuda: {cuda_missing()}")
     if device == "cuda":
         try:
             import torch

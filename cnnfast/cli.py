@@ -76,12 +76,18 @@ def explain(args) -> int:
 
     kw = {k: getattr(args, k) for k in ("stride", "padding", "dilation", "groups") if getattr(args, k) is not None}
     transposed = args.op.startswith("conv_transpose")
+    forward = re.fullmatch(r"conv(_transpose)?[123]d", args.op)
+    for flag, given, takes in (("--padding-mode", args.padding_mode not in (None, "zeros"), not transposed),
+                               ("--output-padding", args.output_padding is not None, transposed),
+                               ("--bias", args.bias, forward)):
+        if given and not takes:
+            print(f"error: {args.op}: {flag} does not apply to it", file=sys.stderr)
+            return 2
     if args.padding_mode and not transposed:
         kw["padding_mode"] = args.padding_mode
     if args.output_padding is not None:
         kw["output_padding"] = args.output_padding
     shapes = list(args.shapes)
-    forward = re.fullmatch(r"conv(_transpose)?[123]d", args.op)
     expected = ((2,) if args.bias else (2, 3)) if forward else (3,)  # input, weight (, bias); a gradient's three
     if len(shapes) not in expected:
         print(f"error: {args.op}: expected {' or '.join(map(str, expected))} shapes (in PyTorch's argument order), "
@@ -109,6 +115,11 @@ def validate(args) -> int:
         print(f"  {r.device:4s} {r.build:8s} {r.algorithm:10s} {r.kind:22s} {r.case:16s} {r.dtype:7s} "
               f"{'n/a' if r.error != r.error else f'{r.error:.1e}':>8s} {status}", flush=True)
 
+    if args.device == "cuda":
+        from cnnfast.arrays import cuda_missing
+        if cuda_missing():
+            print(f"error: --device cuda: {cuda_missing()}", file=sys.stderr)
+            return 2
     if args.algo is not None:
         from cnnfast.plan import algorithms
         if args.algo not in algorithms(args.device):

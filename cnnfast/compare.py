@@ -159,9 +159,10 @@ def check(op, *args, **kwargs) -> CheckResult:
     the float64 reference; never raises MismatchError (see CheckResult.ok)."""
     if isinstance(op, str):
         from cnnfast.api import _OPS
-        if op not in _OPS:
-            raise ValueError(f"check: unknown op {op!r}; expected one of {sorted(_OPS)}")
-        op = getattr(importlib.import_module(_OPS[op][0]), op)
+        modules = {name: entry[0] for name, entry in _OPS.items()} | {"conv_bias": "cnnfast.grad"}
+        if op not in modules:
+            raise ValueError(f"check: unknown op {op!r}; expected one of {sorted(modules)}")
+        op = getattr(importlib.import_module(modules[op]), op)
     collected = []
     token = _MODE.set(collected)
     try:

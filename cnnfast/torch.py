@@ -125,12 +125,13 @@ def _conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], layer: st
 
 
 def _memory_format(x, w):
-    """The output's memory format as torch's convolutions choose it on the CPU: channels-last for a batched 2-D one
-    whose input or weight is channels-last (the kernels compute contiguous; the result is then copied), else
-    contiguous."""
-    if x.dim() == 4 and any(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-                            for t in (x, w)):
-        return torch.channels_last
+    """The output's memory format as torch's convolutions choose it on the CPU: channels-last (channels_last_3d) for
+    a batched 2-D (3-D) one whose input or weight is channels-last (the kernels compute contiguous; the result is
+    then copied), else contiguous."""
+    last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if last is not None and x.dim() == w.dim() and any(t.is_contiguous(memory_format=last) and not t.is_contiguous()
+                                                       for t in (x, w)):
+        return last
     return torch.contiguous_format
 
 

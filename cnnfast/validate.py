@@ -165,11 +165,12 @@ def _check(device, build, algo, kind, case, dtype, mover):
     try:
         with threads.only(build) if build else contextlib.nullcontext():
             out = p.public(algo=algo)
-    except ValueError as e:
-        if "cannot run this problem" not in str(e):
-            raise
-        return Result(device, algo, kind, case.name, dtype, float("nan"), True, "n/a: " + str(e).split(": ", 2)[-1],
-                      0.0, build)
+    except Exception as e:  # an algorithm that does not take the problem is n/a; any other error fails the check
+        if isinstance(e, ValueError) and "cannot run this problem" in str(e):
+            return Result(device, algo, kind, case.name, dtype, float("nan"), True,
+                          "n/a: " + str(e).split(": ", 2)[-1], 0.0, build)
+        return Result(device, algo, kind, case.name, dtype, float("nan"), False, f"{type(e).__name__}: {e}",
+                      time.perf_counter() - t0, build)
     try:
         err, note, ok = compare.assert_close(to_host(out), p.expected, dtype, p.op), "", True
     except compare.MismatchError as e:

@@ -75,6 +75,10 @@ def test_check_returns_the_figures(broken_direct):
     bad = cnnfast.check(cnnfast.conv2d, x, w, b, padding=1, algo="direct")  # never raises: figures instead
     assert not bad.ok and bad.index == (0, 1, 2, 3) and bad.error > 0.01 and bad.dtype == "float64"
     assert bad.actual - bad.expected == pytest.approx(1.0)
+    unbatched = cnnfast.check(cnnfast.conv2d, x[0], w, b, padding=1, algo="direct")  # (C, H, W)
+    assert not unbatched.ok and unbatched.index == (1, 2, 3) and unbatched.result.shape == (4, 6, 6)
+    bias = cnnfast.check("conv_bias", good.result)
+    assert bias.ok and bias.op == "conv_bias" and bias.result.shape == (4,)
     with pytest.raises(ValueError, match="check: unknown op 'conv4d'"):
         cnnfast.check("conv4d", x, w)
 

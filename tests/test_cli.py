@@ -49,6 +49,32 @@ def test_validate_counts_the_problems_an_algorithm_does_not_take_apart(capsys):
     assert passed == total and skipped > total > 0  # Winograd takes only the 2-D 3x3 unit-stride cases
 
 
+def test_validate_reports_a_kernel_error_as_a_failed_check(monkeypatch, capsys):
+    """An exception other than 'cannot run this problem' fails that check (listed, exit 1); the run goes on."""
+    import cnnfast.api
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(cnnfast.api, "conv1d", broken)
+    assert main(["validate", "--algo", "reference", "--dtype", "float64"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL reference conv 1d float64" in out and "RuntimeError: boom" in out
+    assert re.search(r"(\d+) of (\d+) checks passed on cpu", out.splitlines()[-1])
+
+
+@pytest.mark.parametrize("command", [["validate"], ["bench", "--json", "/tmp/unused.json"]])
+def test_cuda_commands_without_a_gpu_exit_2_with_a_message(command, monkeypatch, capsys):
+    import numba.cuda
+
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "0")
+    monkeypatch.setattr(numba.cuda, "is_available", lambda: False)
+    try:
+        assert main(command + ["--device", "cuda"]) == 2
+    except SystemExit as exit:  # bench's argparse
+        assert exit.code == 2
+    assert "--device cuda: no CUDA GPU found" in capsys.readouterr().err
+
+
 def test_console_script_is_installed():
     """The `cnnfast` entry point from setup.cfg, next to this interpreter, in a fresh process."""
     script = os.path.join(os.path.dirname(sys.executable), "cnnfast")
@@ -113,6 +139,10 @@ def test_bench_progress_in_a_log_is_a_line_per_timing_step(tmp_path, capsys):
     (["explain", "conv2d", "1x3x8x8", "6x3x3x3", "6", "--bias"], "conv2d: expected 2 shapes"),
     (["explain", "conv2d_weight", "1x3x8x8", "6x3x3x3"], "conv2d_weight: expected 3 shapes"),
     (["validate", "--algo", "nosuch"], "unknown algo 'nosuch' for device cpu"),
+    (["explain", "conv_transpose2d", "1x4x8x8", "4x2x3x3", "--padding-mode", "reflect"],
+     "conv_transpose2d: --padding-mode does not apply to it"),
+    (["explain", "conv2d_input", "1x4x8x8", "4x4x3x3", "1x4x6x6", "--bias"], "conv2d_input: --bias does not apply"),
+    (["explain", "conv2d", "1x4x8x8", "4x4x3x3", "--output-padding", "1"], "conv2d: --output-padding does not"),
 ])
 def test_command_line_mistakes_exit_2_with_a_message(args, message, capsys):
     assert main(args) == 2

@@ -460,16 +460,23 @@ def test_strided_cuda_tensors_reach_cnnfast_contiguous():
     assert cf._array(dense, "conv2d", "input").data_ptr() == dense.data_ptr()  # no copy of a contiguous tensor
 
 
-def test_channels_last_outputs_as_in_torch():
-    """A 2-D convolution's output is channels-last when its input or weight is (torch's rule on the CPU)."""
+@pytest.mark.parametrize("nd", [2, 3])
+def test_channels_last_outputs_as_in_torch(nd):
+    """A batched 2-D (3-D) convolution's output is channels-last (channels_last_3d) when its input or weight is
+    (torch's rule on the CPU); an unbatched 3-D one whose 4-D input happens to be channels-last is not."""
     torch.manual_seed(0)
-    x, w = torch.randn(2, 3, 6, 5), torch.randn(4, 3, 3, 3)
-    last = dict(memory_format=torch.channels_last)
-    for xi, wi in ((x.contiguous(**last), w), (x, w.contiguous(**last)), (x, w)):
-        for ours, theirs in ((cf.conv2d(xi, wi, padding=1), F.conv2d(xi, wi, padding=1)),
-                             (cf.conv_transpose2d(xi, wi.transpose(0, 1)), F.conv_transpose2d(xi, wi.transpose(0, 1)))):
-            assert ours.stride() == theirs.stride()
-            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    x, w = torch.randn(2, 3, 6, 5, 4)[(...,) + (0,) * (3 - nd)], torch.randn(4, 3, 3, 3, 2)[(...,) + (0,) * (3 - nd)]
+    last = dict(memory_format=torch.channels_last if nd == 2 else torch.channels_last_3d)
+    conv, conv_transpose = getattr(F, f"conv{nd}d"), getattr(F, f"conv_transpose{nd}d")
+    ours, ours_transpose = getattr(cf, f"conv{nd}d"), getattr(cf, f"conv_transpose{nd}d")
+    cases = [(x.contiguous(**last), w), (x, w.contiguous(**last)), (x, w)]
+    if nd == 3:
+        cases.append((x[0].contiguous(memory_format=torch.channels_last), w))
+    for xi, wi in cases:
+        for a, e in ((ours(xi, wi, padding=1), conv(xi, wi, padding=1)),
+                     (ours_transpose(xi, wi.transpose(0, 1)), conv_transpose(xi, wi.transpose(0, 1)))):
+            assert a.stride() == e.stride()
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
 
 
 def test_an_old_torch_gets_a_clear_import_error():
