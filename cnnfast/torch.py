@@ -199,7 +199,7 @@ def _(dy, unbatched):
 
 def _keep_conv(ctx, inputs, output):
     x, w, b, ctx.layer = inputs
-    ctx.has_bias = b is not None
+    ctx.has_bias, ctx.shape = b is not None, output.shape
     return x, w
 
 
@@ -217,7 +217,8 @@ def _conv_jvp(ctx, tx, tw, tb, _):  # d conv(x, w, b) = conv(dx, w) + conv(x, dw
     channel_axis = 0 if x.dim() < w.dim() else 1
     terms = [_conv_op(tx, w, None, ctx.layer) if tx is not None else None,
              _conv_op(x, tw, None, ctx.layer) if tw is not None else None,
-             tb.reshape([-1 if axis == channel_axis else 1 for axis in range(x.dim())]) if tb is not None else None]
+             tb.reshape([-1 if axis == channel_axis else 1 for axis in range(x.dim())]).expand(ctx.shape)
+             if tb is not None else None]
     return _sum(terms)
 
 
@@ -302,10 +303,11 @@ def _dispatch(op, keep, backward, jvp):
         "forward": staticmethod(forward), "setup_context": staticmethod(save_both),
         "backward": staticmethod(backward), "jvp": staticmethod(jvp), "generate_vmap_rule": True})
 
+    apply = torch.compiler.disable(function.apply)  # torch.compile does not trace it: a graph break
+
     def call(*args):
-        if not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active()
-                                                  or forward_ad._current_level >= 0):
-            return function.apply(*(_Size(a) if isinstance(a, list) else a for a in args))
+        if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
+            return apply(*(_Size(a) if isinstance(a, list) else a for a in args))
         return op(*args)
     return call
 
@@ -339,17 +341,29 @@ def _side_by_side(t, batched):
     return t.movedim(0, 1).flatten(1, 2) if batched else t.flatten(0, 1)
 
 
+def _shape(t, dim):
+    """The shape of each problem's t: t's without its vmapped axis (None: no tensor)."""
+    return None if t is None else tuple(t.shape) if dim is None else t.shape[:dim] + t.shape[dim + 1:]
+
+
+def _check(layer, suffix, like, *shapes):
+    """One problem of a vmapped batch checked as cnnfast checks a call, before the batch runs as one problem: the
+    error names the user's arguments (not the merged problem's)."""
+    name, options = _layer(layer)
+    api.explain(name + suffix, *shapes, device="cuda" if like.is_cuda else "cpu", **options)
+
+
 # vmap rules: each gets (info, in_dims, *args), the tensors with their vmapped axes at in_dims (None: the same
 # for every problem of the batch), and returns (result, the result's vmapped axis).
 
 @_conv.register_vmap
 def _(info, in_dims, x, w, b, layer):
     B, (bx, bw, bb, _) = info.batch_size, in_dims
-    nd = w.dim() - 2 - (bw is not None)
-    batched = x.dim() - (bx is not None) == nd + 2  # each problem's input has a batch axis N
+    _check(layer, "", x, _shape(x, bx), _shape(w, bw), _shape(b, bb))
+    batched = len(_shape(x, bx)) == len(_shape(w, bw))  # each problem's input has a batch axis N
     bias = None if bb is not None else b
     if bw is None and bx is None:  # only the bias differs
-        y, out_dim = _conv(x, w, None, layer).expand(B, *([-1] * x.dim())), 0
+        y, out_dim = _front(_conv(x, w, None, layer), None, B), 0
     elif bw is None:  # one weight: the problems' samples as one batch
         x = x.movedim(bx, 0)
         y = _conv(x.flatten(0, 1) if batched else x, w, bias, layer)
@@ -358,9 +372,9 @@ def _(info, in_dims, x, w, b, layer):
         y = _conv(_side_by_side(_front(x, bx, B), batched), w.movedim(bw, 0).flatten(0, 1),
                   None if bias is None else bias.repeat(B), _regrouped(layer, B))
         y, out_dim = y.unflatten(1 if batched else 0, (B, -1)), 1 if batched else 0
-    if bb is not None:  # each problem's bias along its channel axis
+    if bb is not None:  # each problem's bias along its channel axis (1 batched, 0 not; after the vmapped axis)
         view = [1] * y.dim()
-        view[out_dim], view[out_dim + 1 + (batched and out_dim == 0)] = B, -1
+        view[out_dim], view[1 + batched] = B, -1
         y = y + b.movedim(bb, 0).reshape(view)
     return y, out_dim
 
@@ -368,7 +382,8 @@ def _(info, in_dims, x, w, b, layer):
 @_conv_input.register_vmap
 def _(info, in_dims, dy, w, x_shape, layer):
     B, (bdy, bw, _, _) = info.batch_size, in_dims
-    batched = len(x_shape) == w.dim() - (bw is not None)
+    _check(layer, "_input", dy, tuple(x_shape), _shape(w, bw), _shape(dy, bdy))
+    batched = len(x_shape) == len(_shape(w, bw))
     if bw is None:  # one weight: the problems' samples as one batch
         dy = dy.movedim(bdy, 0)
         if not batched:
@@ -385,7 +400,8 @@ def _(info, in_dims, dy, w, x_shape, layer):
 @_conv_weight.register_vmap
 def _(info, in_dims, x, dy, w_shape, layer):
     B, (bx, bdy, _, _) = info.batch_size, in_dims
-    batched = x.dim() - (bx is not None) == len(w_shape)
+    _check(layer, "_weight", x, _shape(x, bx), tuple(w_shape), _shape(dy, bdy))
+    batched = len(_shape(x, bx)) == len(w_shape)
     dw = _conv_weight(_side_by_side(_front(x, bx, B), batched), _side_by_side(_front(dy, bdy, B), batched),
                       [B * w_shape[0], *w_shape[1:]], _regrouped(layer, B))
     return dw.unflatten(0, (B, -1)), 0

@@ -191,6 +191,41 @@ def test_per_sample_gradients_and_an_ensemble_of_a_model():
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10 * float(e.abs().max()))
 
 
+def test_torch_func_under_torch_compile():
+    """A compiled function that runs a transform: jvp and forward_ad give the true tangent (not zero), grad runs
+    (the transformed call is a graph break: cnnfast's autograd.Functions are not traced)."""
+    g = torch.Generator().manual_seed(0)
+    x, w, t = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((1, 2, 5, 5), (3, 2, 3, 3), (3, 2, 3, 3)))
+    fa = torch.autograd.forward_ad
+
+    def dual(conv):
+        with fa.dual_level():
+            return fa.unpack_dual(conv(x, fa.make_dual(w, t), padding=1)).tangent
+    for fn in (lambda conv: torch.func.jvp(lambda w: conv(x, w, padding=1), (w,), (t,))[1], dual,
+               lambda conv: torch.func.grad(lambda w: torch.sin(conv(x, w, padding=1)).sum())(w)):
+        expected = fn(F.conv2d)
+        torch.testing.assert_close(torch.compile(fn, backend="aot_eager")(cf.conv2d), expected, rtol=1e-10,
+                                   atol=1e-10 * float(expected.abs().max()))
+
+
+def test_bad_inputs_under_vmap_get_cnnfast_errors_about_each_problem():
+    """vmap checks one problem of the batch as a plain call would be checked, before the batch runs as one
+    (grouped) problem: the message names the user's arguments."""
+    x, w = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
+    vmap = torch.func.vmap
+    with pytest.raises(ValueError, match=r"conv2d: Expected 3D \(unbatched\) or 4D \(batched\) input to conv2d, "
+                                         r"but got input of size: \[6, 6\]"):
+        vmap(lambda xi: cf.conv2d(xi, w))(torch.randn(3, 6, 6))
+    with pytest.raises(ValueError, match=r"conv2d: .*expected bias to be 1-dimensional with 4 elements, but got "
+                                         r"bias of size \[4, 1\]"):
+        vmap(lambda b: cf.conv2d(x, w, b))(torch.randn(5, 4, 1))
+    with pytest.raises(TypeError, match="conv2d: expected groups to be an int, but got True"):
+        vmap(lambda wi: cf.conv2d(x, wi, groups=True))(torch.randn(5, 4, 3, 3, 3))
+    with pytest.raises(ValueError, match=r"conv_transpose2d: .*weight of size \[4, 3, 3, 3\].*input\[2, 5, 6, 6\]"):
+        vmap(lambda xi, wi: cf.conv_transpose2d(xi, wi), in_dims=(1, 0))(torch.randn(2, 7, 5, 6, 6),
+                                                                          torch.randn(7, 4, 3, 3, 3))
+
+
 def test_the_custom_ops_pass_torch_library_opcheck():
     """Schema, fake (meta) implementation, autograd registration and dispatch of the four ops, as torch checks them."""
     g = torch.Generator().manual_seed(0)
