@@ -132,15 +132,18 @@ def test_hessian_and_gradient_penalty_match_torch():
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10 * float(e.abs().max()), msg=what)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name, nd, transposed, in_shape, w_shape, options", CASES, ids=[c[0] for c in CASES])
-def test_torch_func_transforms_match_torch(name, nd, transposed, in_shape, w_shape, options):
+def test_torch_func_transforms_match_torch(name, nd, transposed, in_shape, w_shape, options, device):
     """torch.func on cnnfast's ops equals torch.func on torch's (float64): per-sample gradients (vmap of grad: the
     problems' weight gradients run as one grouped problem), a batch of weights and biases (vmap: groups), forward
     mode (jvp, and forward_ad's dual tensors) and a Hessian (jacfwd of jacrev)."""
     g = torch.Generator().manual_seed(0)
     blen = _bias_len(w_shape, transposed, options)
-    x, w, b, tx, tw, tb = (torch.randn(s, generator=g, dtype=torch.float64) for s in (in_shape, w_shape, (blen,)) * 2)
-    X, W, Bs = (torch.randn((3, *s), generator=g, dtype=torch.float64) for s in (in_shape, w_shape, (blen,)))
+    x, w, b, tx, tw, tb = (torch.randn(s, generator=g, dtype=torch.float64).to(device)
+                           for s in (in_shape, w_shape, (blen,)) * 2)
+    X, W, Bs = (torch.randn((3, *s), generator=g, dtype=torch.float64).to(device)
+                for s in (in_shape, w_shape, (blen,)))
     ours = getattr(cf, f"conv_transpose{nd}d" if transposed else f"conv{nd}d")
     results = []
     for conv in (lambda x, w, b: ours(x, w, b, **options), _torch_op(nd, transposed, options)):
