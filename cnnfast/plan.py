@@ -146,6 +146,11 @@ def make_plan(op, spec, primitive, device, algo="auto", workspace_limit=None) ->
     algos = algorithms(device)
     g = spec.geometry
     name, _, tile = algo.partition(":") if isinstance(algo, str) else (algo, "", "")
+    alias = isinstance(name, str) and getattr(kernel_package(device), "ALIASES", {}).get(name)
+    if alias:  # another name of one of the device's algorithms (the CUDA 'direct' is the implicit GEMM)
+        name, note = alias, f" (the {device} algorithm {alias!r})"
+    else:
+        note = ""
     if name == "auto" and not tile:
         choose = getattr(kernel_package(device), "choose", None)
         if choose is None or len(algos) == 1:
@@ -157,7 +162,7 @@ def make_plan(op, spec, primitive, device, algo="auto", workspace_limit=None) ->
         raise ValueError(f"{op}: unknown algo {algo!r} for device {device}; expected 'auto' or one of "
                          f"{sorted(algos)}" + (f" (or with a tile: {', '.join(tiles)})" if tiles else ""))
     else:
-        reason = "requested with algo=" + repr(algo)
+        reason = "requested with algo=" + repr(algo) + note
     chosen = algos[name]
     why_not = chosen.supports(g, primitive)
     if why_not is not None:

@@ -70,3 +70,15 @@ def test_auto_runs_the_algorithm_explain_names(device):
         assert plan.device == device and plan.primitive == PRIMITIVE[kind]
         assert plan.algorithm in algorithms(device) and plan.reason
         compare.assert_close(to_host(p.public(algo="auto")), p.expected, "float32", f"{p.op} auto on {device}")
+
+
+@pytest.mark.cuda
+def test_implicit_gemm_names_the_cuda_direct_algorithm():
+    """algo="implicit_gemm" (the issue's and cuDNN's name) runs the CUDA 'direct' kernels, the implicit GEMM: the same
+    bits; on the CPU, whose direct loops are not one, it stays an unknown algorithm."""
+    p = problem(CASES[3], "conv", to_device=device_mover("cuda"))
+    plan = cnnfast.explain(p.op, *p.inputs, algo="implicit_gemm", **p.options)
+    assert plan.algorithm == "direct" and "'implicit_gemm' (the cuda algorithm 'direct')" in plan.reason
+    assert np.array_equal(to_host(p.public(algo="implicit_gemm")), to_host(p.public(algo="direct")))
+    with pytest.raises(ValueError, match="unknown algo 'implicit_gemm' for device cpu"):
+        problem(CASES[3], "conv").public(algo="implicit_gemm")

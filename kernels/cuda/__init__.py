@@ -17,7 +17,8 @@ from cnnfast.kernels.cuda.bias import add_bias_cuda
 from cnnfast.kernels.cuda.launch import view
 from cnnfast.kernels.cuda.layout import bias_grad_cuda, copy_cuda, fold_pad_cuda, pad_cuda
 
-__all__ = ["ALGORITHMS", "choose", "pad_cuda", "fold_pad_cuda", "bias_grad_cuda", "copy_cuda", "add_bias_cuda", "view"]
+__all__ = ["ALGORITHMS", "ALIASES", "choose", "pad_cuda", "fold_pad_cuda", "bias_grad_cuda", "copy_cuda",
+           "add_bias_cuda", "view"]
 
 _KERNELS = {
     "direct": {"forward": ("tiled implicit-GEMM (fwd_* loaders)",),
@@ -53,6 +54,10 @@ ALGORITHMS = {
                            kernels=depthwise.kernels,
                            doc="groups == channels: shared-memory halo tiles; weight gradient in registers, split"),
 }
+
+
+# other names users know an algorithm by (issue 5, cuDNN's IMPLICIT_GEMM): algo= takes them as the algorithm's own
+ALIASES = {"implicit_gemm": "direct"}
 
 
 def choose(g, primitive):
