@@ -414,9 +414,10 @@ def _(info, in_dims, dy, unbatched):
 
 
 def _tensors(op, **given):
-    """TypeError naming the argument when a required one (or a bias given) is not a tensor."""
+    """TypeError naming the argument when a required one (or a bias given) is not a tensor (or torch.fx's Proxy of
+    one: torch.fx.symbolic_trace records each call as one cnnfast.conv node)."""
     for name, t in given.items():
-        if not (isinstance(t, torch.Tensor) or (t is None and name == "bias")):
+        if not (isinstance(t, (torch.Tensor, torch.fx.Proxy)) or (t is None and name == "bias")):
             raise TypeError(f"{op}: expected {name} to be a torch.Tensor, but got {type(t).__name__}")
 
 

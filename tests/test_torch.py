@@ -194,6 +194,19 @@ def test_per_sample_gradients_and_an_ensemble_of_a_model():
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10 * float(e.abs().max()))
 
 
+def test_torch_fx_symbolic_trace_records_each_conv_as_one_node():
+    torch.manual_seed(0)
+    ours = cf.replace_convs(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                                torch.nn.ConvTranspose2d(4, 2, 2, stride=2)))
+    traced = torch.fx.symbolic_trace(ours)
+    ops = [str(n.target) for n in traced.graph.nodes if n.op == "call_function"]
+    assert ops == ["cnnfast.conv.default"] * 2, ops
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    torch.testing.assert_close(traced(x), ours(x))
+    traced(x).square().sum().backward()
+    assert x.grad.shape == x.shape
+
+
 def test_torch_func_under_torch_compile():
     """A compiled function that runs a transform: jvp and forward_ad give the true tangent (not zero), grad runs
     (the transformed call is a graph break: cnnfast's autograd.Functions are not traced)."""
