@@ -120,12 +120,15 @@ def reference_result(shape, primitive, arrays):
 
 
 def torch_call(shape, primitive, arrays, device):
-    """torch.nn.functional for forward, aten.convolution_backward for the gradients (None without torch)."""
+    """torch.nn.functional for forward, aten.convolution_backward for the gradients (None without torch, or on cuda
+    without a torch that sees the GPU: in Numba's simulator)."""
     try:
         import torch
     except ImportError:
         return None
     dev = "cuda" if device == "cuda" else "cpu"
+    if dev == "cuda" and not torch.cuda.is_available():
+        return None
     x, w, dy = (torch.from_numpy(arrays[k]).to(dev) for k in ("x", "w", "dy"))
     spec = arrays["spec"]
     transposed = shape.kind == "conv_transpose"
@@ -162,7 +165,7 @@ def time_cuda(fn):
     fn()
     end.record()
     end.synchronize()
-    return cuda.event_elapsed_time(start, end) / 1e3
+    return start.elapsed_time(end) / 1e3  # ms
 
 
 def time_torch_cuda(fn):
@@ -345,6 +348,9 @@ def main(argv=None) -> int:
     device = detect_device() if args.device == "auto" else args.device
     if device == "cuda" and cuda_missing():
         parser.error(f"--device cuda: {cuda_missing()}")
+    if device == "cuda" and simulator_enabled():
+        parser.error("--device cuda: NUMBA_ENABLE_CUDASIM=1 runs the CUDA kernels in Numba's simulator, which has "
+                     "no times to measure (unset it where there is a GPU)")
     if device == "cuda":
         try:
             import torch

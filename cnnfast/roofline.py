@@ -35,6 +35,8 @@ def measure_ceilings(device, repeats=5):
             import torch
         except ImportError:
             return None
+        if not torch.cuda.is_available():  # (Numba's simulator)
+            return None
         n, size = 8192, 256 << 20
         torch.backends.cuda.matmul.allow_tf32 = False
         a, b = torch.ones((n, n), device="cuda"), torch.ones((n, n), device="cuda")
@@ -58,14 +60,18 @@ def machine(device):
     if device == "cuda":
         from numba import cuda
 
+        from cnnfast.arrays import simulator_enabled
         from cnnfast.kernels.cuda import launch
-        gpu = cuda.get_current_device()
-        info.update(gpu=gpu.name.decode() if isinstance(gpu.name, bytes) else str(gpu.name),
-                    compute_capability=".".join(map(str, gpu.compute_capability)),
-                    cuda_driver=".".join(map(str, cuda.cudadrv.driver.driver.get_version())),
-                    launch="raw" if launch.raw_enabled() else "numba")
-        if "torch" in info:
-            import torch
+
+        if simulator_enabled():
+            info.update(gpu="Numba's CUDA simulator", launch="numba")
+        else:
+            gpu = cuda.get_current_device()
+            info.update(gpu=gpu.name.decode() if isinstance(gpu.name, bytes) else str(gpu.name),
+                        compute_capability=".".join(map(str, gpu.compute_capability)),
+                        cuda_driver=".".join(map(str, cuda.cudadrv.driver.driver.get_version())),
+                        launch="raw" if launch.raw_enabled() else "numba")
+        if "torch" in info and torch.cuda.is_available():
             info["cudnn"] = torch.backends.cudnn.version()
     return info
 
