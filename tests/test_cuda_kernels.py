@@ -330,6 +330,9 @@ def test_every_launch_has_a_checked_raw_specialisation_with_matching_parameters(
 
     monkeypatch.setattr(kernel_cache, "jit", recording_jit)
     monkeypatch.setattr(launching, "_address", lambda a: 0)  # simulator arrays have no device address
+    # on a GPU: Numba's dispatcher path (the raw one would launch on those null addresses), configured afresh
+    monkeypatch.setenv(launching.ENV, "numba")
+    monkeypatch.setattr(launching, "_CONFIGURED", {})
     _reach_every_kernel(*problem, monkeypatch)
 
     compiled = {(pyfunc, argtypes): name for name, pyfunc, argtypes, typing in kernel_cache.specialisations()
@@ -703,7 +706,7 @@ def test_the_cuda_host_path_hands_numba_kernels_flat_device_arrays():
     instead of run; no GPU, no simulator, whose arrays are NumPy's): each kernel gets C-contiguous 1-D
     DeviceNDArrays (launch.view instead of reshape), and each result comes back as a DeviceNDArray of the op's
     shape, through the explicit pad and fold of a padding mode, a transposed bias, unbatched and pointwise calls."""
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0", "CNNFAST_CUDA_LAUNCH": "numba"}  # (on a GPU: not raw)
     done = subprocess.run([sys.executable, "-c", HOST_PATH_PROBE], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "host path ok", done.stderr[-3000:]
 

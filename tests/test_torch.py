@@ -19,6 +19,12 @@ F = torch.nn.functional
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
+
+@pytest.fixture(autouse=True)
+def _strict_fp32_cudnn(monkeypatch):
+    """torch's own CUDA convolutions, the references here, in strict fp32 (cuDNN's default is TF32, ~3e-4 off)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
 # (name, nd, transposed, input shape, weight shape, options): every option the functional ops take
 CASES = [
     ("1d-s2-d2-g2", 1, False, (2, 4, 11), (4, 2, 3), dict(stride=2, dilation=2, groups=2, padding=2)),
