@@ -114,6 +114,7 @@ def run(op, kind, nd, *, input=None, weight=None, grad_output=None, bias=None, s
         plan = tune.plan(op, spec, primitive, device, workspace_limit, plan, timed_run)
     out = _execute(dev, spec, plan, primitive, ins, result_role, bias, kind, workspace_limit)
     if compare.active():  # check mode: the float64 reference of the same call, on the host
+        dev.synchronize()  # (the host copies may run on another stream than the op's)
         host = {n: arrays.to_host(a) for n, a in named.items()}
         host = {n: a if n == "weight" else a.reshape(add_n(a.shape)) for n, a in host.items()}
         bias_host = None if bias is None else arrays.to_host(bias)

@@ -12,6 +12,7 @@ Numba's CUDA target is imported only when a CUDA array is actually seen.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
@@ -230,6 +231,17 @@ class CUDA:
         self.cuda = _package("numba.cuda")
         self.cp = _cupy() if family in ("cupy", "cai") else None
         self.stream = self._numba_stream(stream, op)
+        self._cupy_stream = None  # _on_stream's, looked up on first use
+
+    def _on_stream(self):
+        """A context in which CuPy's own work (allocations from its memory pool, copies, the bias add) runs on this
+        op's stream, in order with the kernels, as launch.scratch does: CuPy's current stream unless the op was
+        given another (torch's current stream, through cnnfast.torch)."""
+        if self._cupy_stream is None:
+            ptr = _package("cnnfast.kernels.cuda.launch").stream_pointer(self.stream)
+            current = ptr == self.cp.cuda.get_current_stream().ptr
+            self._cupy_stream = contextlib.nullcontext() if current else self.cp.cuda.ExternalStream(ptr)
+        return self._cupy_stream
 
     def _numba_stream(self, stream, op):
         """A Numba stream for the launchers: the given one, CuPy's current stream for CuPy arrays, or 0."""
@@ -250,7 +262,8 @@ class CUDA:
 
     def working(self, a):
         if self.cp is not None:
-            return self.cp.ascontiguousarray(self.cp.asarray(a))
+            with self._on_stream():
+                return self.cp.ascontiguousarray(self.cp.asarray(a))
         if family_of(a) == "cai":
             a = self.cuda.as_cuda_array(a)
         if a.is_c_contiguous():
@@ -268,29 +281,34 @@ class CUDA:
 
     def empty(self, shape, dtype):
         if self.cp is not None:
-            return self.cp.empty(shape, dtype)
+            with self._on_stream():
+                return self.cp.empty(shape, dtype)
         return self.cuda.device_array(shape, dtype, stream=self.stream)
 
     def zeros(self, shape, dtype):
         if self.cp is not None:
-            return self.cp.zeros(shape, dtype)
+            with self._on_stream():
+                return self.cp.zeros(shape, dtype)
         return self.cuda.to_device(np.zeros(shape, dtype), stream=self.stream)
 
     def to_host(self, a):
         if self.cp is not None:
-            return self.cp.asnumpy(a)
+            with self._on_stream():
+                return self.cp.asnumpy(a)
         return a.copy_to_host(stream=self.stream)
 
     def set_from_host(self, dst, host):
         host = np.ascontiguousarray(host, dtype=dst.dtype)
         if self.cp is not None:
-            dst.set(host)
+            with self._on_stream():
+                dst.set(host)
         else:
             dst.copy_to_device(host, stream=self.stream)
 
     def add_bias(self, y, bias):
         if self.cp is not None:
-            y += bias.reshape((1, -1) + (1,) * (y.ndim - 2))
+            with self._on_stream():
+                y += bias.reshape((1, -1) + (1,) * (y.ndim - 2))
         else:
             from cnnfast.kernels.cuda.bias import add_bias_cuda
             add_bias_cuda(y, bias, stream=self.stream)

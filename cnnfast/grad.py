@@ -88,6 +88,7 @@ def conv_bias(grad_output, *, stream=None):
     db = dev.empty(shape[1:2], dtype)
     dev.bias_grad(dev.view(dy, shape[:2] + (1, 1, spatial)), db)
     if compare.active():
+        dev.synchronize()  # (the host copies may run on another stream than the op's)
         compare.verify(op, "bias_grad", device, arrays.to_host(db), reference.conv_bias(arrays.to_host(grad_output)),
                        dtype)
     return dev.result(db, like=grad_output)

@@ -106,3 +106,57 @@ def test_torch_cuda_tensors_in_torch_out(problem):
     for name, out, expected in results:
         assert isinstance(out, torch.Tensor) and out.is_cuda, (name, type(out))
         compare.assert_close(out.cpu().numpy(), expected, "float32", name)
+
+
+def test_cupy_work_for_an_op_runs_on_the_ops_stream(monkeypatch):
+    """Given a stream other than CuPy's current one (cnnfast.torch passes torch's), CuPy's own work for the op (pool
+    allocations, contiguous copies, the bias add, host copies) runs in that stream's context, in order with the
+    kernels: checked with a stand-in CuPy that records the stream current at each call (a GPU runs the real one in
+    test_torch's side-stream test)."""
+    import types
+
+    from cnnfast.kernels.cuda import launch
+
+    current, seen = [0], []
+
+    class Stream:
+        def __init__(self, ptr):
+            self.ptr = ptr
+
+        def __enter__(self):
+            current.append(self.ptr)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    class Array:
+        ndim, dtype = 2, np.float32
+
+        def __init__(self, *args):
+            seen.append(current[-1])
+
+        def reshape(self, *shape):
+            return self
+
+        def __iadd__(self, other):
+            seen.append(current[-1])
+            return self
+
+        def set(self, host):
+            seen.append(current[-1])
+
+    fake = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(get_current_stream=lambda: Stream(current[-1]), ExternalStream=Stream),
+        empty=Array, zeros=Array, asarray=Array, ascontiguousarray=lambda a: a, asnumpy=Array)
+    monkeypatch.setattr(arrays, "_cupy", lambda: fake)
+    monkeypatch.setattr(launch, "stream_pointer", lambda stream: 1234)  # the op's stream
+    bias = Array()
+    seen.clear()
+    dev = arrays.CUDA(stream=0, family="cupy")
+    y = dev.empty((2, 3), np.float32)
+    dev.zeros((3,), np.float32)
+    dev.working(y)
+    dev.add_bias(y, bias)
+    dev.set_from_host(y, np.zeros((2, 3)))
+    dev.to_host(y)
+    assert seen == [1234] * 6 and current == [0]

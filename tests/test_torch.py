@@ -517,6 +517,30 @@ def test_strided_cuda_tensors_reach_cnnfast_contiguous():
     assert cf._array(dense, "conv2d", "input").data_ptr() == dense.data_ptr()  # no copy of a contiguous tensor
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs torch with a GPU")
+def test_a_side_stream_orders_cnnfast_work_with_torch_work():
+    """Under torch.cuda.stream(side) (non-blocking, no implicit order with the default stream), every part of a call
+    (CuPy's allocations and bias add when CuPy is here, the padding, the kernels) runs on that stream: results as
+    torch's, forward and backward, repeated so that a race would show."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(8, 16, 33, 35, device="cuda"), torch.randn(16, 8, 4, 4, device="cuda"), torch.randn(8,
+                                                                                                            device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(5):
+            leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+            y = cf.conv_transpose2d(leaves[0], leaves[1], leaves[2], stride=2, padding=1)
+            y.square().sum().backward()
+            z = cf.conv2d(leaves[0], w.transpose(0, 1), padding=2, padding_mode="reflect")
+            expected = F.conv_transpose2d(x, w, b, stride=2, padding=1)
+            torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+            torch.testing.assert_close(z, F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), w.transpose(0, 1)),
+                                       rtol=1e-4, atol=1e-3)
+            assert leaves[2].grad is not None
+    torch.cuda.synchronize()
+
+
 @pytest.mark.parametrize("nd", [2, 3])
 def test_channels_last_outputs_as_in_torch(nd):
     """A batched 2-D (3-D) convolution's output is channels-last (channels_last_3d) when its input or weight is
