@@ -88,6 +88,11 @@ def child() -> int:
     sys.path.insert(0, ROOT)
     import numpy as np
     from numba import cuda
+    try:  # CuPy's memory pool rounds allocations up and reuses blocks: memcheck would miss accesses inside them
+        import cupy
+        cupy.cuda.set_allocator(None)
+    except ImportError:
+        pass
 
     import cnnfast
     from cnnfast import compare, grad, reference
@@ -190,16 +195,12 @@ def main(argv=None) -> int:
 
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="cnnfast-sanitize-")
     os.makedirs(log_dir, exist_ok=True)
-    rows = []
-    for tool in args.tools:
-        print(f"sanitize: {tool} ...", flush=True)
-        rows.append(run_tool(sanitizer, tool, log_dir, args.timeout))
-    print()
-    print(f"{'tool':<10} {'errors':>7} {'exit code':>10} {'seconds':>8}  workload")
+    print(f"{'tool':<10} {'errors':>7} {'exit code':>10} {'seconds':>8}  workload", flush=True)
     bad = False
-    for r in rows:
+    for tool in args.tools:  # each tool's row as soon as it is done (a call cut short keeps the rows so far)
+        r = run_tool(sanitizer, tool, log_dir, args.timeout)
         errors = "?" if r["errors"] is None else str(r["errors"])
-        print(f"{r['tool']:<10} {errors:>7} {str(r['code']):>10} {r['seconds']:8.1f}  {r['workload']}")
+        print(f"{r['tool']:<10} {errors:>7} {str(r['code']):>10} {r['seconds']:8.1f}  {r['workload']}", flush=True)
         bad |= r["code"] != 0 or r["errors"] is None or r["errors"] > 0
     print(f"\nfull logs: {log_dir}")
     print("sanitize: FAILED" if bad else "sanitize: all tools clean")

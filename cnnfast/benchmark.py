@@ -388,6 +388,10 @@ def main(argv=None) -> int:
     ceilings = measure_ceilings(device)
     rows = run(shapes, device, args.primitive, args.algo, args.dtype, args.repeats, progress, ceilings, args.tiles)
     sys.stderr.write("\n" if tty else "")
+    if device == "cuda" and info["launch"] == "raw":
+        from cnnfast.kernels.cuda.launch import raw_fallbacks
+        if raw_fallbacks():  # timed on Numba's dispatcher after all: said, in the header and the JSON
+            info["launch"] = f"raw (Numba's dispatcher for {', '.join(raw_fallbacks())}: their PTX did not load)"
     where = info.get("gpu", info["cpu"]) + (f", driver {info['cuda_driver']}, {info['launch']} launches"
                                             if device == "cuda" else f", {info['cpus']} CPUs")
     print(f"cnnfast bench on {device} ({where}), {args.dtype}, median of {args.repeats}; validated against the "

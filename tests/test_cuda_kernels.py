@@ -1295,3 +1295,17 @@ def test_compile_ptx_compiles_the_helpers_for_its_target_without_a_driver():
         pytest.skip(reason)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["True", "True", "True"]
+
+
+def test_raw_fallbacks_name_the_kernels_left_on_numbas_dispatcher(monkeypatch):
+    """What cnnfast bench reports when a kernel's PTX did not load on the raw path (its launches then ran on Numba's
+    dispatcher): those kernels, by name, and none of the loaded ones."""
+    from cnnfast.kernels.cuda import launch as launching
+
+    def fell_back():
+        pass
+
+    def loaded():
+        pass
+    monkeypatch.setattr(launching, "_FUNCTIONS", {(fell_back, ("<f4",), 0): None, (loaded, ("<f4",), 0): object()})
+    assert [name.rsplit(".", 1)[-1] for name in launching.raw_fallbacks()] == ["fell_back"]

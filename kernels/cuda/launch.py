@@ -248,6 +248,11 @@ def _function(pyfunc, kinds):
     return function
 
 
+def raw_fallbacks():
+    """The kernels whose raw launches fell back to Numba's dispatcher in this process (their PTX did not load)."""
+    return sorted({compile.kernel_key(key[0]) for key, function in _FUNCTIONS.items() if function is None})
+
+
 def _context():
     """Numba's CUDA context on this thread (made current when none is), as Numba's own launches take it."""
     return devices.get_context()
