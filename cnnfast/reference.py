@@ -1,6 +1,7 @@
 """Float64 NumPy reference of every convolution primitive (PyTorch functional semantics).
 
-Written for reading, not speed, and sharing NO code with `cnnfast.kernels` or the rest of cnnfast: it
+Written for reading more than speed (one einsum per sample and group, which NumPy runs on BLAS: the benchmark
+validates every GPU anchor layer against it), and sharing NO code with `cnnfast.kernels` or the rest of cnnfast: it
 has its own argument normalisation and output-size formula, so the kernels are checked against an
 independent statement of the mathematics. The reference itself is checked against the explicit
 convolution matrix, the adjoint identity, finite differences and PyTorch (tests/test_reference.py).
@@ -117,7 +118,9 @@ def conv(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, padding_mod
     xw = _grouped(_windows(_pad(x, pads, padding_mode), w.shape[2:], stride, dilation, out), groups)
     wg = w.reshape(groups, w.shape[0] // groups, *w.shape[1:])  # (G, K/G, C/G, *k)
     o, r = _OUT[:nd], _TAP[:nd]
-    y = np.einsum(f"ngc{o}{r},gkc{r}->ngk{o}", xw, wg, optimize=True)
+    y = np.empty((x.shape[0], groups, wg.shape[1], *out))
+    for n, g in np.ndindex(x.shape[0], groups):  # (one sample and group at a time: einsum then runs on BLAS)
+        y[n, g] = np.einsum(f"c{o}{r},kc{r}->k{o}", xw[n, g], wg[g], optimize=True)
     y = y.reshape(x.shape[0], w.shape[0], *out)
     if bias is not None:
         y = y + _f64(bias).reshape((-1,) + (1,) * nd)
@@ -138,8 +141,10 @@ def conv_input(input_shape, w, dy, stride=1, padding=0, dilation=1, groups=1, pa
     dxp = np.zeros((n, groups, c // groups) + tuple(L + lo + hi for L, (lo, hi) in zip(spatial, pads)))
     for r in np.ndindex(*w.shape[2:]):
         # tap r reads xp[o*s + r*d]: scatter its contribution to exactly those positions
-        taps = (slice(rr * d, rr * d + (oo - 1) * s + 1, s) for rr, d, oo, s in zip(r, dilation, out, stride))
-        dxp[(Ellipsis,) + tuple(taps)] += np.einsum(f"ngk{o},gkc->ngc{o}", dyg, wg[(Ellipsis,) + r])
+        taps = tuple(slice(rr * d, rr * d + (oo - 1) * s + 1, s) for rr, d, oo, s in zip(r, dilation, out, stride))
+        for g in range(groups):
+            dxp[(slice(None), g, slice(None)) + taps] += np.einsum(f"nk{o},kc->nc{o}", dyg[:, g], wg[(g, Ellipsis) + r],
+                                                                   optimize=True)
     return _unpad_adjoint(dxp.reshape(n, c, *dxp.shape[3:]), spatial, pads, padding_mode)
 
 
@@ -149,8 +154,11 @@ def conv_weight(x, weight_shape, dy, stride=1, padding=0, dilation=1, groups=1, 
     nd = x.ndim - 2
     stride, pads, dilation = _args(nd, stride, padding, dilation)
     xw = _grouped(_windows(_pad(x, pads, padding_mode), weight_shape[2:], stride, dilation, dy.shape[2:]), groups)
+    dyg = _grouped(dy, groups)
     o, r = _OUT[:nd], _TAP[:nd]
-    dw = np.einsum(f"ngc{o}{r},ngk{o}->gkc{r}", xw, _grouped(dy, groups), optimize=True)
+    dw = np.zeros((groups, weight_shape[0] // groups, *weight_shape[1:]))
+    for n, g in np.ndindex(x.shape[0], groups):  # (one sample and group at a time: einsum then runs on BLAS)
+        dw[g] += np.einsum(f"c{o}{r},k{o}->kc{r}", xw[n, g], dyg[n, g], optimize=True)
     return dw.reshape(weight_shape)
 
 
