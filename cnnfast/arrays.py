@@ -91,7 +91,10 @@ def family_of(a):
     if family is not None:
         _FAMILIES[type(a)] = family
         return family
-    return "cai" if hasattr(a, "__cuda_array_interface__") else None  # (may be an attribute of the object only)
+    try:  # (may be an attribute of the object only)
+        return "cai" if hasattr(a, "__cuda_array_interface__") else None
+    except RuntimeError:  # torch's, for a CUDA tensor that requires grad
+        return None
 
 
 def _type_name(a):
@@ -128,7 +131,9 @@ def inspect(op, **arrays):
             continue
         fam = family_of(a)
         if fam is None:
-            raise TypeError(f"{op}: expected {name} to be {_EXPECTED}, but got {_type_name(a)}")
+            grad = getattr(a, "is_cuda", False) is True and getattr(a, "requires_grad", False) is True
+            raise TypeError(f"{op}: expected {name} to be {_EXPECTED}, but got {_type_name(a)}"
+                            + (" that requires grad (detach() it, or use cnnfast.torch for autograd)" if grad else ""))
         if fam == "cai":
             interface = a.__cuda_array_interface__
             dt, shapes[name] = np.dtype(interface["typestr"]), tuple(interface["shape"])

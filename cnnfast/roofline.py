@@ -19,12 +19,14 @@ def _parallel_copy(src, dst):
 def measure_ceilings(device, repeats=5):
     """{'sgemm_gflops', 'copy_gbytes', 'how'} measured now (medians): float32 GEMM (n^3, 2n^3 flops) and a device
     copy (bytes read + written). CPU: NumPy's BLAS at 2048, a parallel Numba copy of 256 MiB. CUDA: strict fp32
-    SGEMM (cuBLAS through torch with TF32 off) at 8192 and a 1 GiB copy; None without torch."""
+    SGEMM (cuBLAS through torch with TF32 off) at 8192 and a 1 GiB copy; None without torch (or its GPU). The GEMMs
+    multiply random data."""
     from cnnfast.benchmark import time_cpu, time_interleaved, time_torch_cuda
 
     if device == "cpu":
         n, size = 2048, 64 << 20
-        a, b = np.ones((n, n), np.float32), np.ones((n, n), np.float32)
+        rng = np.random.default_rng(0)  # random data: a GEMM of constants can run faster (less switching power)
+        a, b = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
         c = np.empty_like(a)
         src, dst = np.ones(size, np.float32), np.empty(size, np.float32)
         gemm, move = time_interleaved([(lambda: np.matmul(a, b, out=c), time_cpu),
@@ -39,7 +41,7 @@ def measure_ceilings(device, repeats=5):
             return None
         n, size = 8192, 256 << 20
         torch.backends.cuda.matmul.allow_tf32 = False
-        a, b = torch.ones((n, n), device="cuda"), torch.ones((n, n), device="cuda")
+        a, b = torch.randn((n, n), device="cuda"), torch.randn((n, n), device="cuda")  # (as on the CPU)
         src, dst = torch.ones(size, device="cuda"), torch.empty(size, device="cuda")
         gemm = time_interleaved([(lambda: torch.matmul(a, b), time_torch_cuda)], repeats)[0]
         move = time_interleaved([(lambda: dst.copy_(src), time_torch_cuda)], repeats)[0]

@@ -160,3 +160,18 @@ def test_cupy_work_for_an_op_runs_on_the_ops_stream(monkeypatch):
     dev.set_from_host(y, np.zeros((2, 3)))
     dev.to_host(y)
     assert seen == [1234] * 6 and current == [0]
+
+
+def test_a_cuda_tensor_that_requires_grad_gets_cnnfasts_type_error():
+    """torch refuses __cuda_array_interface__ on a CUDA tensor that requires grad (a RuntimeError from the attribute
+    itself): cnnfast's TypeError names the argument and the way out (a stand-in object here, no GPU needed)."""
+    class Parameter:
+        is_cuda, requires_grad = True, True
+
+        @property
+        def __cuda_array_interface__(self):
+            raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad.")
+
+    with pytest.raises(TypeError, match=r"conv2d: expected weight to be .*, but got .*Parameter that requires grad "
+                                        r"\(detach\(\) it, or use cnnfast.torch for autograd\)"):
+        cnnfast.conv2d(np.ones((1, 2, 4, 4), np.float32), Parameter())
