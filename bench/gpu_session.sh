@@ -110,7 +110,9 @@ tiles)
     exit "$rc"
     ;;
 planes)
-    # every setting's table into planes.txt (after a '== setting' line), their rows into one planes.json
+    # every setting's table into planes.txt (after a '== setting' line), their rows into one planes.json; on Numba's
+    # dispatcher (the raw path's PTX cache is keyed by the source, not by a constant set at run time)
+    export CNNFAST_CUDA_LAUNCH=numba
     rc=0
     runs=$(mktemp -d)
     # (depthwise.PLANES=8: the defaults)
