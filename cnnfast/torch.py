@@ -368,6 +368,11 @@ def _(info, in_dims, x, w, b, layer):
         x = x.movedim(bx, 0)
         y = _conv(x.flatten(0, 1) if batched else x, w, bias, layer)
         y, out_dim = (y.unflatten(0, (B, -1)) if batched else y), 0
+    elif bx is None and _layer(layer)[1]["groups"] == 1:  # one input, B weights: their output channels side by side
+        w = w.movedim(bw, 0)  # (B, K, C, *k), or a transposed layer's (B, C, K, *k) -> (C, B*K, *k)
+        w = w.transpose(0, 1).flatten(1, 2) if layer.startswith("conv_transpose") else w.flatten(0, 1)
+        y = _conv(x, w, None if bias is None else bias.repeat(B), layer)
+        y, out_dim = y.unflatten(int(batched), (B, -1)), int(batched)
     else:  # B weights: the problems side by side as groups
         y = _conv(_side_by_side(_front(x, bx, B), batched), w.movedim(bw, 0).flatten(0, 1),
                   None if bias is None else bias.repeat(B), _regrouped(layer, B))
