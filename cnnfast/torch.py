@@ -281,7 +281,8 @@ def _sum(terms):
 # raise) nor forward-mode AD (its tangents come back as None or zero). Under those, the ops run through
 # autograd.Functions of their own instead, with the same backward formulas, the jvp formulas above and a vmap rule
 # torch generates from the ops' own (below): a batch of problems is one problem of cnnfast's, its batch axis folded
-# into N, or into the channels as groups where the weights differ (as torch's own batching rule for convolution).
+# into N, or into the channels as groups where the weights differ (into the output channels alone where they share
+# one input and groups == 1), as torch's own batching rule for convolution does.
 
 def _dispatch(op, keep, backward, jvp):
     """op as the formulas and the public functions call it: the custom op, or under torch.func transforms and
