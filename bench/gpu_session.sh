@@ -5,8 +5,8 @@
 # named in letters, digits, '.', '_' and '-'; every Python step runs python3 (the GPU machine's, with torch).
 #
 #   bash bench/gpu_session.sh tests             CUDA tests at real size on both launch paths, torch CUDA tensors
-#                                               (the test files run side by side, each stopped after 520 s)
-#   bash bench/gpu_session.sh sanitize [TOOL]   compute-sanitizer: memcheck (or racecheck, synccheck; one per call)
+#                                               (the test files run side by side, stopped within the call)
+#   bash bench/gpu_session.sh sanitize [TOOL]   compute-sanitizer: memcheck (or racecheck, synccheck: one per call)
 #                                               over every kernel specialisation (bench/sanitize.py)
 #   bash bench/gpu_session.sh host              host cost of one tiny conv2d: Numba vs raw launches, CuPy/Numba/torch
 #   bash bench/gpu_session.sh bench [NAME...]   cnnfast bench --device cuda on the anchor set (or the shapes whose
@@ -50,21 +50,23 @@ raw_by_default() {  # bench and tiles time the raw path unless CNNFAST_CUDA_LAUN
 }
 case "$step" in
 tests)
-    # side by side, each file's run stopped after 520 s so that the tails below come back within the call; the
-    # raw run leaves out the PTX table's tests (the same on either path: the Numba run has them)
+    # side by side, each file's run stopped 560 s after this script started, so that the tails below come back
+    # within the call; the raw run leaves out the tests of the PTX table and of the raw specialisations (the same on
+    # either path: the Numba run has them)
     warm_ptx
+    left=$(( 560 - SECONDS ))
     logs=$(mktemp -d)
     pids=()
     for name in ops cuda_kernels bad_inputs fuzz interop reliability tune; do
-        CNNFAST_CUDA_LAUNCH=numba timeout 520 "$PY" -m pytest -m cuda -q -p no:cacheprovider "tests/test_$name.py" \
+        CNNFAST_CUDA_LAUNCH=numba timeout "$left" "$PY" -m pytest -m cuda -q -p no:cacheprovider "tests/test_$name.py" \
             > "$logs/numba-$name.txt" 2>&1 &
         pids+=($!)
     done
-    CNNFAST_CUDA_LAUNCH=raw timeout 520 "$PY" -m pytest -m cuda -q -p no:cacheprovider tests/test_ops.py \
+    CNNFAST_CUDA_LAUNCH=raw timeout "$left" "$PY" -m pytest -m cuda -q -p no:cacheprovider tests/test_ops.py \
         tests/test_cuda_kernels.py -k "not (ptx_9 or halo_builds or integer_division or unrolled_loop or raw_spec)" \
         > "$logs/raw.txt" 2>&1 &
     pids+=($!)
-    timeout 520 "$PY" -m pytest -q -p no:cacheprovider tests/test_torch.py > "$logs/torch.txt" 2>&1 &
+    timeout "$left" "$PY" -m pytest -q -p no:cacheprovider tests/test_torch.py > "$logs/torch.txt" 2>&1 &
     pids+=($!)
     rc=0
     for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
@@ -72,15 +74,17 @@ tests)
         > "$out/tests-numba-launch.txt"
     tail -n 40 "$logs/raw.txt" > "$out/tests-raw-launch.txt"
     tail -n 20 "$logs/torch.txt" > "$out/tests-torch.txt"
-    grep -E "passed|failed|error" "$logs"/*.txt | sed "s#$logs/##" | tail -n 20
+    grep -E "[0-9]+ (passed|failed|errors?)( |,|$)" "$logs"/*.txt | sed "s#$logs/##" | tail -n 20
     exit "$rc"
     ;;
 sanitize)
-    # one tool per call (each runs every specialisation once under the sanitizer); the child launches through the
-    # raw path, its PTX cached here first, with CuPy's memory pool off (exact-size allocations for memcheck)
+    # one tool per call, as a rule (each runs every specialisation once under the sanitizer; the tools named share
+    # the call's time); the child launches through the raw path, its PTX cached here first, with CuPy's memory pool
+    # off (exact-size allocations for memcheck)
     warm_ptx
-    CNNFAST_CUDA_LAUNCH=raw "$PY" bench/sanitize.py --tools "${1:-memcheck}" --log-dir "$out" --timeout 520 2>&1 \
-        | tee "$out/sanitize.txt" | tail -30
+    tools=("${@:-memcheck}")
+    CNNFAST_CUDA_LAUNCH=raw "$PY" bench/sanitize.py --tools "${tools[@]}" --log-dir "$out" \
+        --timeout $(( (560 - SECONDS) / ${#tools[@]} )) 2>&1 | tee "$out/sanitize.txt" | tail -30
     exit "${PIPESTATUS[0]}"
     ;;
 host)

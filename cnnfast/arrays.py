@@ -243,9 +243,10 @@ class CUDA:
         op's stream, in order with the kernels, as launch.scratch does: CuPy's current stream unless the op was
         given another (torch's current stream, through cnnfast.torch)."""
         if self._cupy_stream is None:
-            ptr = _package("cnnfast.kernels.cuda.launch").stream_pointer(self.stream)
+            launch = _package("cnnfast.kernels.cuda.launch")
+            ptr = launch.stream_pointer(self.stream)
             current = ptr == self.cp.cuda.get_current_stream().ptr
-            self._cupy_stream = contextlib.nullcontext() if current else self.cp.cuda.ExternalStream(ptr)
+            self._cupy_stream = contextlib.nullcontext() if current else launch.cupy_stream(ptr)
         return self._cupy_stream
 
     def _numba_stream(self, stream, op):

@@ -121,8 +121,8 @@ def validate(args) -> int:
             print(f"error: --device cuda: {cuda_missing()}", file=sys.stderr)
             return 2
     if args.algo is not None:
-        from cnnfast.plan import algorithms
-        if args.algo not in algorithms(args.device):
+        from cnnfast.plan import algorithms, kernel_package
+        if args.algo not in set(algorithms(args.device)) | set(getattr(kernel_package(args.device), "ALIASES", {})):
             print(f"error: unknown algo {args.algo!r} for device {args.device}; expected one of "
                   f"{sorted(algorithms(args.device))}", file=sys.stderr)
             return 2

@@ -351,7 +351,8 @@ def _check(layer, suffix, like, *shapes):
     """One problem of a vmapped batch checked as cnnfast checks a call, before the batch runs as one problem: the
     error names the user's arguments (not the merged problem's)."""
     name, options = _layer(layer)
-    api.explain(name + suffix, *shapes, device="cuda" if like.is_cuda else "cpu", **options)
+    dtype = {torch.float32: "float32", torch.float64: "float64"}.get(like.dtype)
+    api.explain(name + suffix, *shapes, device="cuda" if like.is_cuda else "cpu", dtype=dtype, **options)
 
 
 # vmap rules: each gets (info, in_dims, *args), the tensors with their vmapped axes at in_dims (None: the same
@@ -421,7 +422,7 @@ def _(info, in_dims, dy, unbatched):
 
 def _tensors(op, **given):
     """TypeError naming the argument when a required one (or a bias given) is not a tensor (or torch.fx's Proxy of
-    one: torch.fx.symbolic_trace records each call as one cnnfast.conv node)."""
+    one: torch.fx.symbolic_trace records each call as one _conv_call node)."""
     for name, t in given.items():
         if not (isinstance(t, (torch.Tensor, torch.fx.Proxy)) or (t is None and name == "bias")):
             raise TypeError(f"{op}: expected {name} to be a torch.Tensor, but got {type(t).__name__}")
@@ -437,12 +438,21 @@ def _autocast(*tensors):
             for t in tensors]
 
 
+def _conv_call(x, w, b, layer):
+    """The public functions' call of the forward op (autocast's float32, then _conv_op), a leaf of torch.fx's traces
+    (torch.fx.wrap below): a traced model calls it as the model did, under any transform or autocast."""
+    return _conv_op(*_autocast(x, w, b), layer)
+
+
+torch.fx.wrap("_conv_call")
+
+
 def _conv_fn(nd):
     def conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, padding_mode="zeros",
              algo="auto"):
         _tensors(f"conv{nd}d", input=input, weight=weight, bias=bias)
         layer = f"conv{nd}d:{_plain((stride, padding, dilation, groups, padding_mode, algo))!r}"
-        return _conv_op(*_autocast(input, weight, bias), layer)
+        return _conv_call(input, weight, bias, layer)
 
     conv.__name__ = conv.__qualname__ = f"conv{nd}d"
     conv.__doc__ = (f"torch.nn.functional.conv{nd}d on cnnfast's kernels (differentiable); also padding_mode and "
@@ -459,7 +469,7 @@ def _conv_transpose_fn(nd):
                                          stride=stride, padding=padding, output_padding=output_padding,
                                          groups=groups, dilation=dilation, output_size=output_size).spec.output_padding
         layer = f"conv_transpose{nd}d:{_plain((stride, padding, output_padding, groups, dilation, algo))!r}"
-        return _conv_op(*_autocast(input, weight, bias), layer)
+        return _conv_call(input, weight, bias, layer)
 
     conv_transpose.__name__ = conv_transpose.__qualname__ = f"conv_transpose{nd}d"
     conv_transpose.__doc__ = (f"torch.nn.functional.conv_transpose{nd}d on cnnfast's kernels (differentiable); "

@@ -49,6 +49,12 @@ def test_validate_counts_the_problems_an_algorithm_does_not_take_apart(capsys):
     assert passed == total and skipped > total > 0  # Winograd takes only the 2-D 3x3 unit-stride cases
 
 
+@pytest.mark.cuda
+def test_validate_takes_an_algorithm_by_its_other_name(capsys):
+    assert main(["validate", "--device", "cuda", "--algo", "implicit_gemm", "--dtype", "float32"]) == 0
+    assert "checks passed on cuda" in capsys.readouterr().out
+
+
 def test_validate_reports_a_kernel_error_as_a_failed_check(monkeypatch, capsys):
     """An exception other than 'cannot run this problem' fails that check (listed, exit 1); the run goes on."""
     import cnnfast.api

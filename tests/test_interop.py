@@ -150,6 +150,7 @@ def test_cupy_work_for_an_op_runs_on_the_ops_stream(monkeypatch):
         empty=Array, zeros=Array, asarray=Array, ascontiguousarray=lambda a: a, asnumpy=Array)
     monkeypatch.setattr(arrays, "_cupy", lambda: fake)
     monkeypatch.setattr(launch, "stream_pointer", lambda stream: 1234)  # the op's stream
+    monkeypatch.setattr(launch, "cupy_stream", Stream)
     bias = Array()
     seen.clear()
     dev = arrays.CUDA(stream=0, family="cupy")

@@ -201,16 +201,23 @@ def test_per_sample_gradients_and_an_ensemble_of_a_model():
 
 
 def test_torch_fx_symbolic_trace_records_each_conv_as_one_node():
+    """A traced model calls each conv as the model does: autograd, torch.func and autocast work on it as well."""
     torch.manual_seed(0)
     ours = cf.replace_convs(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
                                                 torch.nn.ConvTranspose2d(4, 2, 2, stride=2)))
     traced = torch.fx.symbolic_trace(ours)
-    ops = [str(n.target) for n in traced.graph.nodes if n.op == "call_function"]
-    assert ops == ["cnnfast.conv.default"] * 2, ops
+    assert [n.target for n in traced.graph.nodes if n.op == "call_function"] == [cf._conv_call] * 2
     x = torch.randn(2, 3, 5, 5, requires_grad=True)
     torch.testing.assert_close(traced(x), ours(x))
     traced(x).square().sum().backward()
     assert x.grad.shape == x.shape
+    params = {k: v.detach() for k, v in ours.named_parameters()}
+    grads = [torch.func.grad(lambda p, m=m: torch.func.functional_call(m, p, (x,)).square().sum())(params)
+             for m in (ours, traced)]
+    for k in params:
+        torch.testing.assert_close(grads[1][k], grads[0][k])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert traced(x.bfloat16()).dtype == torch.float32
 
 
 def test_torch_func_under_torch_compile():

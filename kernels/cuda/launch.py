@@ -167,9 +167,19 @@ def scratch(size, dtype, like, stream):
         ptr = stream_pointer(stream)
         if ptr == cupy.cuda.get_current_stream().ptr:
             return cupy.empty(size, dtype)
-        with cupy.cuda.ExternalStream(ptr):
+        with cupy_stream(ptr):
             return cupy.empty(size, dtype)
     return cuda.device_array(size, dtype, stream=stream)
+
+
+def cupy_stream(ptr):
+    """CuPy's stream object for the CUstream handle ptr (0: the legacy default stream): its ExternalStream, whose
+    deprecation warning in CuPy 14 is kept from the caller (the replacement differs between CuPy versions)."""
+    import cupy
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        return cupy.cuda.ExternalStream(ptr)
 
 
 def stream_pointer(stream):
