@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import cnnfast  # noqa: E402
 import cnnfast.torch as cf  # noqa: E402
+from cnnfast import _torch_ops as ops  # noqa: E402
 from cnnfast.plan import algorithms  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -261,9 +262,9 @@ def test_the_custom_ops_pass_torch_library_opcheck():
     x, w, b = (torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True)
                for s in ((2, 3, 6, 5), (4, 3, 3, 2), (4,)))
     layer = "conv2d:" + repr((2, "same", 1, 1, "reflect", "auto"))
-    dy = torch.randn(cf._conv(x, w, b, layer).shape, dtype=torch.float64)
-    for op, args in ((cf._conv, (x, w, b, layer)), (cf._conv_input, (dy, w, list(x.shape), layer)),
-                     (cf._conv_weight, (x, dy, list(w.shape), layer)), (cf._bias_grad, (dy, False))):
+    dy = torch.randn(ops._conv(x, w, b, layer).shape, dtype=torch.float64)
+    for op, args in ((ops._conv, (x, w, b, layer)), (ops._conv_input, (dy, w, list(x.shape), layer)),
+                     (ops._conv_weight, (x, dy, list(w.shape), layer)), (ops._bias_grad, (dy, False))):
         torch.library.opcheck(op, args)
 
 
@@ -518,10 +519,10 @@ def test_strided_cuda_tensors_reach_cnnfast_contiguous():
 
     expanded = torch.arange(5.0).expand(2, 3, 4, 5).as_subclass(OnGPU)
     assert not expanded.is_contiguous()
-    a = cf._array(expanded, "conv2d", "grad_output")
+    a = ops._array(expanded, "conv2d", "grad_output")
     assert a.is_cuda and a.is_contiguous() and torch.equal(a, torch.arange(5.0).expand(2, 3, 4, 5))
     dense = torch.ones(2, 3).as_subclass(OnGPU)
-    assert cf._array(dense, "conv2d", "input").data_ptr() == dense.data_ptr()  # no copy of a contiguous tensor
+    assert ops._array(dense, "conv2d", "input").data_ptr() == dense.data_ptr()  # no copy of a contiguous tensor
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs torch with a GPU")

@@ -1,0 +1,405 @@
+"""The torch.library custom ops behind cnnfast.torch, their derivatives and their vmap rules (needs torch >= 2.4;
+cnnfast.torch checks it and imports this module).
+
+Four ops: cnnfast::conv (any forward op), conv_input (backward-data), conv_weight (backward-filter) and bias_grad,
+each running cnnfast's kernels on torch tensors (CPU tensors as NumPy views, CUDA tensors through
+__cuda_array_interface__ on torch's current stream), each with a fake (its output's shape, for torch.compile and
+torch.export), backward and jvp formulas (which are cnnfast ops again: gradients to any order) and a vmap rule (a
+batch of problems as one cnnfast call). The formulas and cnnfast.torch call them through _conv_op, _conv_input_op,
+... (_dispatch): the custom op, or under torch.func's transforms and forward-mode AD an autograd.Function of its own.
+"""
+from __future__ import annotations
+
+import ast
+import numbers
+from functools import lru_cache
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.autograd import forward_ad
+
+from cnnfast import api, grad, spec
+from cnnfast.kernels.contract import conv_output_size
+
+# ---------------------------------------------------------------- tensors <-> cnnfast arrays
+
+def _array(t, op, name):
+    """A torch tensor as an array cnnfast takes: a NumPy view (CPU) or the tensor itself (CUDA, via its
+    __cuda_array_interface__; made contiguous by torch first, by its own copy on the device: autograd's gradients
+    are often strided, such as the expanded ones of y.sum().backward(), and without CuPy cnnfast's own copy is a
+    Numba launch, through the host for a negative stride); None (no bias) and shapes pass as they are (the public
+    functions check the tensor arguments first, _tensors; the ops' schemas check them again)."""
+    if not isinstance(t, torch.Tensor):  # no bias; a shape
+        return t
+    t = t.detach()
+    if t.is_cuda:
+        return t.contiguous()
+    if t.device.type != "cpu":
+        raise TypeError(f"{op}: expected {name} on a CPU or CUDA device, but got a tensor on {t.device}")
+    if t.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: expected {name} to have dtype float32 or float64, but got {t.dtype}")
+    return t.resolve_conj().resolve_neg().numpy()
+
+
+def _tensor(a, like):
+    """cnnfast's result as a torch tensor on like's device (no copy)."""
+    if isinstance(a, torch.Tensor):
+        return a
+    if isinstance(a, np.ndarray):
+        return torch.from_numpy(a)
+    return torch.as_tensor(a, device=like.device)
+
+
+def _stream(t):
+    """torch's current stream for a CUDA tensor, as the Numba stream cnnfast launches on; None on the CPU."""
+    if not (isinstance(t, torch.Tensor) and t.is_cuda):
+        return None
+    from numba import cuda
+    handle = torch.cuda.current_stream(t.device).cuda_stream
+    return cuda.external_stream(handle) if handle else 0
+
+
+# ---------------------------------------------------------------- the ops (torch.library custom ops)
+#
+# Four custom ops, so that torch.compile and torch.export see each call as one opaque op (a fake implementation
+# gives its output's shape) and autograd runs cnnfast's backward kernels: conv (the forward op), conv_input
+# (backward-data), conv_weight (backward-filter), bias_grad. The forward op's derivatives are conv_input and
+# conv_weight, and theirs are conv and each other (the three are the partial derivatives of one trilinear form
+# <F(x, w), dy>), so gradients of gradients (a Hessian, a gradient penalty) run cnnfast's kernels to any order.
+# A layer travels as a string: its op name and option values, written by an f-string (which torch.compile traces)
+# and read back by _layer.
+
+_OPTIONS = {"conv": ("stride", "padding", "dilation", "groups", "padding_mode", "algo"),
+            "conv_transpose": ("stride", "padding", "output_padding", "groups", "dilation", "algo")}
+# each op (name suffix) -> the module that has it and its positional arguments, named for the errors
+_ROLES = {"": (api, ("input", "weight", "bias")), "_input": (grad, ("input_size", "weight", "grad_output")),
+          "_weight": (grad, ("input", "weight_size", "grad_output"))}
+
+
+def _plain(value):
+    """An option as a Python literal for the layer string: NumPy ints as ints, sequences as tuples."""
+    if isinstance(value, (tuple, list)):
+        return tuple(_plain(v) for v in value)
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+
+
+@lru_cache(maxsize=1024)
+def _layer(layer):
+    """'conv2d:(stride, padding, ...)' -> ('conv2d', {'stride': ..., ...})."""
+    name, values = layer.split(":", 1)
+    try:
+        values = ast.literal_eval(values)
+    except (ValueError, SyntaxError):
+        keys = ", ".join(_OPTIONS[name.rstrip("123d")])
+        raise TypeError(f"{name}: expected ints, tuples of ints and strings for ({keys}), but got {values}") from None
+    return name, dict(zip(_OPTIONS[name.rstrip("123d")], values))
+
+
+def _run(layer, suffix, *args, like):
+    """cnnfast's op (the layer's name + suffix) on torch tensors (and shapes), on like's stream, as a tensor."""
+    name, options = _layer(layer)
+    module, roles = _ROLES[suffix]
+    arrays = [_array(a, name + suffix, role) for a, role in zip(args, roles)]
+    return _tensor(getattr(module, name + suffix)(*arrays, stream=_stream(like), **options), like)
+
+
+@torch.library.custom_op("cnnfast::conv", mutates_args=())
+def _conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], layer: str) -> torch.Tensor:
+    return _run(layer, "", x, w, b, like=x).contiguous(memory_format=_memory_format(x, w))
+
+
+def _memory_format(x, w):
+    """The output's memory format as torch's convolutions choose it on the CPU: channels-last (channels_last_3d) for
+    a batched 2-D (3-D) one whose input or weight is channels-last (the kernels compute contiguous; the result is
+    then copied), else contiguous."""
+    last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if last is not None and x.dim() == w.dim() and any(t.is_contiguous(memory_format=last) and not t.is_contiguous()
+                                                       for t in (x, w)):
+        return last
+    return torch.contiguous_format
+
+
+@torch.library.custom_op("cnnfast::conv_input", mutates_args=())
+def _conv_input(dy: torch.Tensor, w: torch.Tensor, x_shape: list[int], layer: str) -> torch.Tensor:
+    return _run(layer, "_input", tuple(x_shape), w, dy, like=dy)
+
+
+@torch.library.custom_op("cnnfast::conv_weight", mutates_args=())
+def _conv_weight(x: torch.Tensor, dy: torch.Tensor, w_shape: list[int], layer: str) -> torch.Tensor:
+    return _run(layer, "_weight", x, tuple(w_shape), dy, like=dy)
+
+
+@torch.library.custom_op("cnnfast::bias_grad", mutates_args=())
+def _bias_grad(dy: torch.Tensor, unbatched: bool) -> torch.Tensor:
+    """dy summed over all but its channel axis (an unbatched dy as a batch of one)."""
+    return _tensor(grad.conv_bias(_array(dy[None] if unbatched else dy, "conv_bias", "grad_output"),
+                                  stream=_stream(dy)), dy)
+
+
+@_conv.register_fake
+def _(x, w, b, layer):
+    """The output's shape by ConvSpec's formulas, which also take torch.compile's symbolic sizes (the real op
+    validates the layer when it runs)."""
+    name, options = _layer(layer)
+    nd, groups = w.dim() - 2, options["groups"]
+    spatial, kernel = x.shape[x.dim() - nd:], w.shape[2:]
+    stride, dilation = (spec.int_tuple(name, key, options[key], nd) for key in ("stride", "dilation"))
+    if options["padding"] == "same":
+        out = [-(-length // s) for length, s in zip(spatial, stride)]
+    else:
+        pads = spec.padding_pairs(name, options["padding"], nd, spatial, kernel, stride, dilation)
+        if name.startswith("conv_transpose"):
+            extra = spec.int_tuple(name, "output_padding", options["output_padding"], nd)
+            out = [spec.transposed_output_size(*a, lo, hi, e) for *a, (lo, hi), e in
+                   zip(spatial, kernel, stride, dilation, pads, extra)]
+        else:
+            out = [conv_output_size(*a, lo, hi) for *a, (lo, hi) in zip(spatial, kernel, stride, dilation, pads)]
+    channels = w.shape[1] * groups if name.startswith("conv_transpose") else w.shape[0]
+    shape = x.shape[:x.dim() - nd - 1] + (channels, *out)
+    return x.new_empty(shape).contiguous(memory_format=_memory_format(x, w))
+
+
+@_conv_input.register_fake
+def _(dy, w, x_shape, layer):
+    return dy.new_empty(x_shape)
+
+
+@_conv_weight.register_fake
+def _(x, dy, w_shape, layer):
+    return dy.new_empty(w_shape)
+
+
+@_bias_grad.register_fake
+def _(dy, unbatched):
+    return dy.new_empty(dy.shape[0 if unbatched else 1])
+
+
+# ---------------------------------------------------------------- derivatives
+#
+# Each op is linear in each of its tensor arguments, so its derivatives are cnnfast ops again: the backward
+# formulas (vector-Jacobian products) and the forward ones (Jacobian-vector products, jvp) below. They call the
+# ops through _conv_op, _conv_input_op, ... (the dispatch further down), so that they are differentiable in turn
+# under whichever transform runs them.
+
+def _keep_conv(ctx, inputs, output):
+    x, w, b, ctx.layer = inputs
+    ctx.has_bias, ctx.shape = b is not None, output.shape
+    return x, w
+
+
+def _conv_backward(ctx, dy):
+    x, w = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx = _conv_input_op(dy, w, list(x.shape), ctx.layer) if need[0] else None
+    dw = _conv_weight_op(x, dy, list(w.shape), ctx.layer) if need[1] else None
+    db = _bias_grad_op(dy, x.dim() < w.dim()) if ctx.has_bias and need[2] else None
+    return dx, dw, db, None
+
+
+def _conv_jvp(ctx, tx, tw, tb, _):  # d conv(x, w, b) = conv(dx, w) + conv(x, dw) + db
+    x, w = ctx.saved_tensors
+    channel_axis = 0 if x.dim() < w.dim() else 1
+    terms = [_conv_op(tx, w, None, ctx.layer) if tx is not None else None,
+             _conv_op(x, tw, None, ctx.layer) if tw is not None else None,
+             tb.reshape([-1 if axis == channel_axis else 1 for axis in range(x.dim())]).expand(ctx.shape)
+             if tb is not None else None]
+    return _sum(terms)
+
+
+def _keep_both(ctx, inputs, output):  # a gradient op keeps its two tensor arguments and its result's shape
+    a, b, ctx.size, ctx.layer = inputs
+    return a, b
+
+
+def _conv_input_backward(ctx, ddx):  # <ddx, dx> = <F(ddx, w), dy>
+    dy, w = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    return (_conv_op(ddx, w, None, ctx.layer) if need[0] else None,
+            _conv_weight_op(ddx, dy, list(w.shape), ctx.layer) if need[1] else None, None, None)
+
+
+def _conv_input_jvp(ctx, tdy, tw, _, __):
+    dy, w = ctx.saved_tensors
+    return _sum([_conv_input_op(tdy, w, ctx.size, ctx.layer) if tdy is not None else None,
+                 _conv_input_op(dy, tw, ctx.size, ctx.layer) if tw is not None else None])
+
+
+def _conv_weight_backward(ctx, ddw):  # <ddw, dw> = <F(x, ddw), dy>
+    x, dy = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    return (_conv_input_op(dy, ddw, list(x.shape), ctx.layer) if need[0] else None,
+            _conv_op(x, ddw, None, ctx.layer) if need[1] else None, None, None)
+
+
+def _conv_weight_jvp(ctx, tx, tdy, _, __):
+    x, dy = ctx.saved_tensors
+    return _sum([_conv_weight_op(tx, dy, ctx.size, ctx.layer) if tx is not None else None,
+                 _conv_weight_op(x, tdy, ctx.size, ctx.layer) if tdy is not None else None])
+
+
+def _keep_shape(ctx, inputs, output):
+    dy, ctx.unbatched = inputs
+    ctx.shape = dy.shape
+    return ()
+
+
+def _bias_grad_backward(ctx, ddb):  # ddb broadcast over dy's batch and positions
+    view = [1] * len(ctx.shape)
+    view[0 if ctx.unbatched else 1] = -1
+    return ddb.reshape(view).expand(ctx.shape), None
+
+
+def _bias_grad_jvp(ctx, tdy, _):
+    return _bias_grad_op(tdy, ctx.unbatched)
+
+
+def _sum(terms):
+    """The sum of the terms that are not None (a jvp's, one per argument with a tangent)."""
+    terms = [t for t in terms if t is not None]
+    return sum(terms[1:], terms[0])
+
+
+# ---------------------------------------------------------------- torch.func transforms and forward-mode AD
+#
+# torch's autograd for custom ops (register_autograd) runs none of torch.func's transforms (grad, jacrev, ...
+# raise) nor forward-mode AD (its tangents come back as None or zero). Under those, the ops run through
+# autograd.Functions of their own instead, with the same backward formulas, the jvp formulas above and a vmap rule
+# torch generates from the ops' own (below): a batch of problems is one problem of cnnfast's, its batch axis folded
+# into N, or into the channels as groups where the weights differ (into the output channels alone where they share
+# one input and groups == 1), as torch's own batching rule for convolution does.
+
+def _dispatch(op, keep, backward, jvp):
+    """op as the formulas and the public functions call it: the custom op, or under torch.func transforms and
+    forward-mode AD an autograd.Function running it (with keep as its setup_context, the backward and jvp
+    formulas)."""
+    def save(ctx, inputs, output):  # keep returns the tensors the formulas need
+        ctx.save_for_backward(*keep(ctx, inputs, output))
+
+    def save_both(ctx, inputs, output):  # for the backward formula and the jvp
+        tensors = keep(ctx, inputs, output)
+        ctx.save_for_backward(*tensors)
+        ctx.save_for_forward(*tensors)
+
+    def forward(*args):
+        return op(*(list(a) if isinstance(a, _Size) else a for a in args))
+
+    op.register_autograd(backward, setup_context=save)
+    function = type(op._name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "setup_context": staticmethod(save_both),
+        "backward": staticmethod(backward), "jvp": staticmethod(jvp), "generate_vmap_rule": True})
+
+    apply = torch.compiler.disable(function.apply)  # torch.compile does not trace it: a graph break
+
+    def call(*args):
+        if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
+            return apply(*(_Size(a) if isinstance(a, list) else a for a in args))
+        return op(*args)
+    return call
+
+
+class _Size(tuple):
+    """A shape argument on its way through an autograd.Function: one leaf to torch.func's pytrees (a list's ints
+    are leaves of their own, which vmap's rule for a jvp miscounts against the tangents)."""
+
+
+_conv_op = _dispatch(_conv, _keep_conv, _conv_backward, _conv_jvp)
+_conv_input_op = _dispatch(_conv_input, _keep_both, _conv_input_backward, _conv_input_jvp)
+_conv_weight_op = _dispatch(_conv_weight, _keep_both, _conv_weight_backward, _conv_weight_jvp)
+_bias_grad_op = _dispatch(_bias_grad, _keep_shape, _bias_grad_backward, _bias_grad_jvp)
+
+
+def _regrouped(layer, times):
+    """The layer with `times` as many groups (a batch of `times` problems side by side along the channels)."""
+    name, options = _layer(layer)
+    options = dict(options, groups=options["groups"] * times)
+    return f"{name}:{_plain(tuple(options[key] for key in _OPTIONS[name.rstrip('123d')]))!r}"
+
+
+def _front(t, dim, size):
+    """t with its vmapped axis first (t repeated size times when it has none)."""
+    return t.expand(size, *t.shape) if dim is None else t.movedim(dim, 0)
+
+
+def _side_by_side(t, batched):
+    """t (B, [N,] A, ...) as one problem with the B problems side by side along the channels: (N, B*A, ...), or
+    (B*A, ...) when unbatched."""
+    return t.movedim(0, 1).flatten(1, 2) if batched else t.flatten(0, 1)
+
+
+def _shape(t, dim):
+    """The shape of each problem's t: t's without its vmapped axis (None: no tensor)."""
+    return None if t is None else tuple(t.shape) if dim is None else t.shape[:dim] + t.shape[dim + 1:]
+
+
+def _check(layer, suffix, like, *shapes):
+    """One problem of a vmapped batch checked as cnnfast checks a call, before the batch runs as one problem: the
+    error names the user's arguments (not the merged problem's)."""
+    name, options = _layer(layer)
+    dtype = {torch.float32: "float32", torch.float64: "float64"}.get(like.dtype)
+    api.explain(name + suffix, *shapes, device="cuda" if like.is_cuda else "cpu", dtype=dtype, **options)
+
+
+# vmap rules: each gets (info, in_dims, *args), the tensors with their vmapped axes at in_dims (None: the same
+# for every problem of the batch), and returns (result, the result's vmapped axis).
+
+@_conv.register_vmap
+def _(info, in_dims, x, w, b, layer):
+    B, (bx, bw, bb, _) = info.batch_size, in_dims
+    _check(layer, "", x, _shape(x, bx), _shape(w, bw), _shape(b, bb))
+    batched = len(_shape(x, bx)) == len(_shape(w, bw))  # each problem's input has a batch axis N
+    bias = None if bb is not None else b
+    if bw is None and bx is None:  # only the bias differs
+        y, out_dim = _front(_conv(x, w, None, layer), None, B), 0
+    elif bw is None:  # one weight: the problems' samples as one batch
+        x = x.movedim(bx, 0)
+        y = _conv(x.flatten(0, 1) if batched else x, w, bias, layer)
+        y, out_dim = (y.unflatten(0, (B, -1)) if batched else y), 0
+    elif bx is None and _layer(layer)[1]["groups"] == 1:  # one input, B weights: their output channels side by side
+        w = w.movedim(bw, 0)  # (B, K, C, *k), or a transposed layer's (B, C, K, *k) -> (C, B*K, *k)
+        w = w.transpose(0, 1).flatten(1, 2) if layer.startswith("conv_transpose") else w.flatten(0, 1)
+        y = _conv(x, w, None if bias is None else bias.repeat(B), layer)
+        y, out_dim = y.unflatten(int(batched), (B, -1)), int(batched)
+    else:  # B weights: the problems side by side as groups
+        y = _conv(_side_by_side(_front(x, bx, B), batched), w.movedim(bw, 0).flatten(0, 1),
+                  None if bias is None else bias.repeat(B), _regrouped(layer, B))
+        y, out_dim = y.unflatten(1 if batched else 0, (B, -1)), 1 if batched else 0
+    if bb is not None:  # each problem's bias along its channel axis (1 batched, 0 not; after the vmapped axis)
+        view = [1] * y.dim()
+        view[out_dim], view[1 + batched] = B, -1
+        y = y + b.movedim(bb, 0).reshape(view)
+    return y, out_dim
+
+
+@_conv_input.register_vmap
+def _(info, in_dims, dy, w, x_shape, layer):
+    B, (bdy, bw, _, _) = info.batch_size, in_dims
+    _check(layer, "_input", dy, tuple(x_shape), _shape(w, bw), _shape(dy, bdy))
+    batched = len(x_shape) == len(_shape(w, bw))
+    if bw is None:  # one weight: the problems' samples as one batch
+        dy = dy.movedim(bdy, 0)
+        if not batched:
+            return _conv_input(dy, w, [B, *x_shape], layer), 0
+        return _conv_input(dy.flatten(0, 1), w, [B * x_shape[0], *x_shape[1:]], layer).unflatten(0, (B, -1)), 0
+    channel = 1 if batched else 0
+    size = list(x_shape)
+    size[channel] *= B
+    dx = _conv_input(_side_by_side(_front(dy, bdy, B), batched), w.movedim(bw, 0).flatten(0, 1), size,
+                     _regrouped(layer, B))
+    return dx.unflatten(channel, (B, -1)), channel
+
+
+@_conv_weight.register_vmap
+def _(info, in_dims, x, dy, w_shape, layer):
+    B, (bx, bdy, _, _) = info.batch_size, in_dims
+    _check(layer, "_weight", x, _shape(x, bx), tuple(w_shape), _shape(dy, bdy))
+    batched = len(_shape(x, bx)) == len(w_shape)
+    dw = _conv_weight(_side_by_side(_front(x, bx, B), batched), _side_by_side(_front(dy, bdy, B), batched),
+                      [B * w_shape[0], *w_shape[1:]], _regrouped(layer, B))
+    return dw.unflatten(0, (B, -1)), 0
+
+
+@_bias_grad.register_vmap
+def _(info, in_dims, dy, unbatched):
+    B = info.batch_size
+    return _bias_grad(_side_by_side(dy.movedim(in_dims[0], 0), not unbatched), unbatched).unflatten(0, (B, -1)), 0
