@@ -12,7 +12,6 @@ Numba's CUDA target is imported only when a CUDA array is actually seen.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import math
 import os
@@ -244,9 +243,7 @@ class CUDA:
         given another (torch's current stream, through cnnfast.torch)."""
         if self._cupy_stream is None:
             launch = _package("cnnfast.kernels.cuda.launch")
-            ptr = launch.stream_pointer(self.stream)
-            current = ptr == self.cp.cuda.get_current_stream().ptr
-            self._cupy_stream = contextlib.nullcontext() if current else launch.cupy_stream(ptr)
+            self._cupy_stream = launch.cupy_stream(launch.stream_pointer(self.stream))
         return self._cupy_stream
 
     def _numba_stream(self, stream, op):

@@ -346,8 +346,9 @@ def main(argv=None) -> int:
         if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
             parser.error(f"cannot write {path}: its folder does not exist or is not writable")
     device = detect_device() if args.device == "auto" else args.device
-    if device == "cuda" and cuda_missing():
-        parser.error(f"--device cuda: {cuda_missing()}")
+    missing = cuda_missing() if device == "cuda" else None
+    if missing:
+        parser.error(f"--device cuda: {missing}")
     if device == "cuda" and simulator_enabled():
         parser.error("--device cuda: NUMBA_ENABLE_CUDASIM=1 runs the CUDA kernels in Numba's simulator, which has "
                      "no times to measure (unset it where there is a GPU)")

@@ -117,8 +117,9 @@ def validate(args) -> int:
 
     if args.device == "cuda":
         from cnnfast.arrays import cuda_missing
-        if cuda_missing():
-            print(f"error: --device cuda: {cuda_missing()}", file=sys.stderr)
+        missing = cuda_missing()
+        if missing:
+            print(f"error: --device cuda: {missing}", file=sys.stderr)
             return 2
     if args.algo is not None:
         from cnnfast.plan import algorithms, kernel_package

@@ -150,7 +150,7 @@ def test_cupy_work_for_an_op_runs_on_the_ops_stream(monkeypatch):
         empty=Array, zeros=Array, asarray=Array, ascontiguousarray=lambda a: a, asnumpy=Array)
     monkeypatch.setattr(arrays, "_cupy", lambda: fake)
     monkeypatch.setattr(launch, "stream_pointer", lambda stream: 1234)  # the op's stream
-    monkeypatch.setattr(launch, "cupy_stream", Stream)
+    monkeypatch.setattr(launch, "cupy_stream", Stream)  # (the real one: a no-op context for the current stream)
     bias = Array()
     seen.clear()
     dev = arrays.CUDA(stream=0, family="cupy")

@@ -27,6 +27,7 @@ switch interval (5 ms by default), and that waiting was most of a simulated laun
 switch interval of SIMULATED_SWITCH_INTERVAL (then restored): 3-5x faster (a 3-D depthwise test 25 s -> 5-6 s).
 Finer switching exposes a race in the simulator's cuda.shared.array, fixed here (_atomic_shared_arrays).
 """
+import contextlib
 import os
 import sys
 import threading
@@ -164,18 +165,18 @@ def scratch(size, dtype, like, stream):
     kernels that use it ran), else a Numba device array."""
     if type(like).__module__.startswith("cupy"):
         import cupy
-        ptr = stream_pointer(stream)
-        if ptr == cupy.cuda.get_current_stream().ptr:
-            return cupy.empty(size, dtype)
-        with cupy_stream(ptr):
+        with cupy_stream(stream_pointer(stream)):
             return cupy.empty(size, dtype)
     return cuda.device_array(size, dtype, stream=stream)
 
 
 def cupy_stream(ptr):
-    """CuPy's stream object for the CUstream handle ptr (0: the legacy default stream): its ExternalStream, whose
-    deprecation warning in CuPy 14 is kept from the caller (the replacement differs between CuPy versions)."""
+    """A context in which CuPy's work runs on the CUstream handle ptr (0: the legacy default stream): none needed when
+    it is CuPy's current stream, else its ExternalStream (whose deprecation warning in CuPy 14 is kept from the
+    caller: the replacement differs between CuPy versions)."""
     import cupy
+    if ptr == cupy.cuda.get_current_stream().ptr:
+        return contextlib.nullcontext()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
