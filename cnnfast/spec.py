@@ -8,6 +8,7 @@ Shapes (PyTorch's): input (N, C, *L); conv weight (K, C/groups, *k); transposed 
 """
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from dataclasses import dataclass
@@ -187,6 +188,9 @@ class ConvSpec:
         spec = cls(input_shape, weight_shape, stride, pairs, dilation, groups, bool(transposed),
                    output_padding, padding_mode, dtype, bias_shape is not None)
         spec._check_sizes(op)
+        if input_shape[0] and input_shape[1] and 0 in spatial:  # (PyTorch's rule and wording)
+            raise ValueError(f"{op}: Only zero batch or zero channel inputs are supported, but got input shape: "
+                             f"{_shape_str(input_shape)}")
         for name, shape in (("input", input_shape), ("weight", weight_shape), ("output", spec.output_shape)):
             check_bytes(op, name, shape, dtype)
         return spec
@@ -198,6 +202,12 @@ class ConvSpec:
         if weight_shape[0] % groups:
             raise ValueError(f"{op}: Given groups={groups}, expected weight to be divisible by {groups} at "
                              f"dimension 0, but got weight of size {_shape_str(weight_shape)} instead")
+        if transposed and weight_shape[1] == 0:
+            raise ValueError(f"{op}: Given transposed=1, expected weight to be at least 1 at dimension 1 (output "
+                             f"channels per group), but got weight of size {_shape_str(weight_shape)} instead")
+        if not transposed and weight_shape[0] < groups:  # no output channels
+            raise ValueError(f"{op}: Given groups={groups}, expected weight to be at least {groups} at dimension 0, "
+                             f"but got weight of size {_shape_str(weight_shape)} instead")
         if in_channels != w_in:
             what = f"groups={groups}, " + ("transposed=1, " if transposed else "")
             raise ValueError(f"{op}: Given {what}weight of size {_shape_str(weight_shape)}, expected input"
@@ -324,23 +334,29 @@ class ConvSpec:
     # ------------------------------------------------------------ figures
 
     def _axis_pairs(self):
-        """Per axis, the distinct (output index, source index) pairs a tap connects, and the real taps."""
+        """Per axis, the real taps (those that read input) and the distinct (output index, source index) pairs they
+        connect: O(kernel) arithmetic per axis, plus a loop over the outputs whose window meets an explicit pad."""
         g = self.geometry
         out = (g.P, g.Q, g.U)[3 - self.nd:]
         pads = self.pad_tables()[3 - self.nd:] if self.pre_padded else [None] * self.nd
         zipped = zip(self.conv_x_shape[2:], self.weight_shape[2:], self.stride, self.dilation, self.padding, out, pads)
         taps, pairs = [], []
         for L, k, s, d, (lo, _), n_out, table in zipped:
-            real, conn = 0, set()
-            for o in range(n_out):
-                for r in range(k):
-                    i = o * s + r * d - (0 if table is not None else lo)
-                    src = table[i] if table is not None else (i if 0 <= i < L else -1)
-                    if src >= 0:
-                        real += 1
-                        conn.add((o, src))
-            taps.append(real)
-            pairs.append(len(conn))
+            if table is None:  # zero padding: tap r of output o reads o*s + r*d - lo when inside [0, L)
+                real = sum(len(range(max(0, -(-(lo - r * d) // s)), min(n_out, (L - 1 + lo - r * d) // s + 1)))
+                           for r in range(k))
+                taps.append(real)
+                pairs.append(real)  # the taps of one output read distinct inputs
+                continue
+            # an explicit pad (reflect, replicate, circular): every tap reads input, and taps can meet again
+            # where a window reaches into the pad; windows inside [lo, lo + L) connect k distinct inputs each
+            first, last = -(-lo // s), (lo + L - 1 - (k - 1) * d) // s  # the outputs whose window is inside
+            a, b = max(0, first), min(n_out, last + 1)
+            if a >= b:  # no window inside: every output is an edge
+                a = b = n_out
+            edges = itertools.chain(range(a), range(b, n_out))
+            taps.append(n_out * k)
+            pairs.append((b - a) * k + sum(len({table[o * s + r * d] for r in range(k)}) for o in edges))
         return taps, pairs
 
     @cached_property

@@ -374,6 +374,17 @@ CATALOGUE = [
         lambda A: cnnfast.conv1d(A(1, 3, 0), A(4, 3, 3)), ValueError,
         r"^conv1d: Calculated padded input size per channel: \(0\)\. Kernel size: \(3\)\. "
         r"Kernel size can't be greater than actual input size$"),
+    Row("empty-spatial-padded", "conv2d input with a zero-width axis, padded (PyTorch refuses it too)",
+        lambda A: cnnfast.conv2d(A(2, 3, 6, 0), _w2(A), padding=2), ValueError,
+        r"^conv2d: Only zero batch or zero channel inputs are supported, but got input shape: \[2, 3, 6, 0\]$"),
+    Row("no-out-channels", "conv1d weight with no output channels",
+        lambda A: cnnfast.conv1d(A(1, 3, 8), A(0, 3, 3)), ValueError,
+        r"^conv1d: Given groups=1, expected weight to be at least 1 at dimension 0, but got weight of size "
+        r"\[0, 3, 3\] instead$"),
+    Row("transposed-no-out-channels", "conv_transpose2d weight with no output channels",
+        lambda A: cnnfast.conv_transpose2d(A(1, 4, 5, 5), A(4, 0, 3, 3)), ValueError,
+        r"^conv_transpose2d: Given transposed=1, expected weight to be at least 1 at dimension 1 \(output channels "
+        r"per group\), but got weight of size \[4, 0, 3, 3\] instead$"),
     Row("kernel-too-large", "conv2d kernel taller than the padded input",
         lambda A: cnnfast.conv2d(A(1, 3, 2, 8), _w2(A)), ValueError,
         r"^conv2d: Calculated padded input size per channel: \(2 x 8\)\. Kernel size: \(3 x 3\)\. "
