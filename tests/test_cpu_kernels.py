@@ -189,6 +189,27 @@ def test_im2col_shifted_planes_match_the_row_path_and_numpy(name, build):
             np.testing.assert_array_equal(part[:, 0], whole[:, n, o0:o0 + B])
 
 
+def test_out_range_stays_within_the_outputs():
+    """out_range's [lo, hi) lies in [0, n_out] for every tap, also one that reads only the padding (lo used to be
+    past n_out there, and _shifted_plane zeroed lo * U elements from its plane's start: past its end)."""
+    from cnnfast.kernels.cpu.direct import out_range
+    for pad, offset, stride, length, n_out in np.ndindex(7, 7, 3, 5, 6):
+        lo, hi = out_range(pad, offset, stride + 1, length, n_out)
+        inside = [o for o in range(n_out) if 0 <= o * (stride + 1) - pad + offset < length]
+        assert 0 <= lo <= hi <= n_out and list(range(lo, hi)) == inside, (pad, offset, stride + 1, length, n_out)
+
+
+def test_shifted_plane_writes_only_its_plane():
+    """The 'tap reading padding only' layer's first tap row (dilation 5, padding 5 on 4x4: no output row reads
+    inside x): its 16-element plane is zeroed and the elements after it are left alone."""
+    H = U = Q = 4
+    q_lo, q_hi = im2col.out_range(5, 0, 1, H, Q)
+    u_lo, u_hi = im2col.out_range(5, 0, 1, U, U)
+    buf = np.full(2 * Q * U, 5.0, np.float32)
+    im2col._shifted_plane(buf[:Q * U], np.ones(H * U, np.float32), -5 * U - 5, q_lo, q_lo, u_lo, u_hi, U)
+    np.testing.assert_array_equal(buf, [0.0] * (Q * U) + [5.0] * (Q * U))
+
+
 @pytest.mark.parametrize("build", ["parallel", "serial"])
 @pytest.mark.parametrize("name", list(SHIFTED_LAYERS))
 def test_col2im_by_plane_matches_the_row_path_bitwise_and_numpy(name, build):
@@ -1027,3 +1048,26 @@ def test_im2col_chunks_from_two_threads_at_once_match_one_at_a_time(monkeypatch)
     for t in workers:
         t.join()
     assert errors == [] and blas.threads() == before
+
+
+def test_stale_numba_caches_are_dropped_when_a_kernel_source_changes(tmp_path):
+    """Numba keys a kernel's disk cache by its own file: threads.drop_stale_caches deletes the kernels' cache files
+    when the digest of the folder's sources (and Numba's version) kept beside them differs, and only then."""
+    import types
+    from types import SimpleNamespace
+
+    import numba
+    kernel = numba.njit(lambda: 0)
+    kernel._cache = SimpleNamespace(cache_path=str(tmp_path))  # where Numba would keep this kernel's files
+    module = types.ModuleType("cnnfast.kernels.cpu.im2col")
+    module.kernel = kernel
+    ours, theirs = ["im2col.im2col_cpu-68.py311.nbi", "im2col.im2col_cpu-68.py311.1.nbc"], "other.f-1.py311.nbi"
+    for name in ours + [theirs]:
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "cnnfast-sources.sha256").write_text("an older digest")
+    threads.drop_stale_caches([module])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnnfast-sources.sha256", theirs]
+    for name in ours:  # written again by this version: kept
+        (tmp_path / name).write_bytes(b"")
+    threads.drop_stale_caches([module])
+    assert len(list(tmp_path.iterdir())) == 4

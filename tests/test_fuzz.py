@@ -391,6 +391,11 @@ REGRESSIONS = [
             {"padding": ((0, 1), 0, (1, 0)), "stride": 2, "groups": 2, "output_size": (4, 1, 3)},
             dict(output_padding=(1, 0, 0), stride=(2, 2, 2), padding=((0, 1), (0, 0), (1, 0)), dilation=(1, 1, 1),
                  groups=2), "float32", True, True, (("strided", 2), ("negative", 0), ("negative", 0)), 3),
+    # an atrous 3x3 wider than its input (dilation 5, padding 5 on 4x4): its first and last tap rows read only
+    # padding; im2col's shifted columns zeroed 4 elements past such a row's plane (found with NUMBA_BOUNDSCHECK=1)
+    *(Problem(kind, (2, 3, 4, 4), (4, 3, 3, 3), (2, 4, 4, 4), {"padding": 5, "dilation": 5},
+              dict(_zeros_ref(2, padding=((5, 5), (5, 5))), dilation=(5, 5)), bias=kind == "conv")
+      for kind in ("conv", "conv_input", "conv_weight")),
 ]
 
 

@@ -16,8 +16,10 @@ measurements on a 2-core AVX2 machine, bench/RESULTS.md), the same for all three
 """
 import numpy as np
 from cnnfast.kernels.contract import Algorithm
-from cnnfast.kernels.cpu import blas, depthwise, direct, im2col, winograd
+from cnnfast.kernels.cpu import blas, depthwise, direct, im2col, layout, threads, winograd
 from cnnfast.kernels.cpu.layout import bias_grad_cpu, fold_pad_cpu, pad_cpu
+
+threads.drop_stale_caches([depthwise, direct, im2col, layout, winograd])  # before any kernel loads its cache
 
 __all__ = ["ALGORITHMS", "choose", "pad_cpu", "fold_pad_cpu", "bias_grad_cpu"]
 

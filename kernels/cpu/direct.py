@@ -27,9 +27,10 @@ CONTRACT_REASSOC = {"contract", "reassoc"}
 
 @numba.njit(inline="always")
 def out_range(pad, offset, stride, length, n_out):
-    """[lo, hi) of outputs o with 0 <= o*stride - pad + offset < length (offset = tap * dilation)."""
+    """[lo, hi) of outputs o with 0 <= o*stride - pad + offset < length (offset = tap * dilation), within
+    [0, n_out]: lo <= hi <= n_out, also where no output reads inside (a tap over the padding only)."""
     first = pad - offset
-    lo = 0 if first <= 0 else (first + stride - 1) // stride
+    lo = 0 if first <= 0 else min(n_out, (first + stride - 1) // stride)
     last = length - 1 + pad - offset
     hi = 0 if last < 0 else min(n_out, last // stride + 1)
     return lo, max(lo, hi)

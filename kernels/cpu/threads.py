@@ -21,9 +21,11 @@ iterations, as ATen's parallel_for runs a loop inline below its grain size: a ti
 ~80 us entering the parallel region.
 """
 import contextlib
+import hashlib
 import os
 import sys
 import types
+from pathlib import Path
 
 import numba
 from numba.np.ufunc import parallel as numba_parallel
@@ -68,6 +70,31 @@ def parallel(**options):
         kernel.serial = numba.njit(cache=True, nogil=True, **options)(twin)
         return kernel
     return build
+
+
+def drop_stale_caches(modules):
+    """Numba keys a function's disk cache by its own source file only, so a kernel that inlines a helper from another
+    module (im2col_cpu calls direct.out_range) kept its old machine code when only that module changed (an editable
+    install after `git pull`). Here the cache files of these modules' kernels are deleted whenever a source file of
+    this folder, or Numba, differs from what wrote them: a digest of both is kept beside the cache files (Numba's
+    folder: the in-tree __pycache__, or under NUMBA_CACHE_DIR). A folder that cannot be written is left alone."""
+    digest = hashlib.sha256(numba.__version__.encode())
+    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    digest = digest.hexdigest()
+    folders = {getattr(getattr(f, "_cache", None), "cache_path", None)
+               for module in modules for f in vars(module).values() if isinstance(f, numba.core.dispatcher.Dispatcher)}
+    stems = tuple(f"{module.__name__.rpartition('.')[2]}." for module in modules)
+    for folder in filter(None, folders):
+        stamp = Path(folder) / "cnnfast-sources.sha256"
+        with contextlib.suppress(OSError):
+            if stamp.read_text() == digest:
+                continue
+        with contextlib.suppress(OSError):
+            for path in Path(folder).iterdir():
+                if path.name.startswith(stems) and path.suffix in (".nbi", ".nbc"):
+                    path.unlink(missing_ok=True)
+            stamp.write_text(digest)
 
 
 def sized(kernel, work):
