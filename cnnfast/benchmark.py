@@ -343,8 +343,8 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", metavar="FILE.png", help="also draw the roofline (needs matplotlib)")
     args = parser.parse_args(argv)
     for path in (args.json, args.plot):  # before the run, not after it: an unwritable path would lose the rows
-        if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
-            parser.error(f"cannot write {path}: its folder does not exist or is not writable")
+        if path and (os.path.isdir(path) or not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)):
+            parser.error(f"cannot write {path}: it is a folder, or its folder does not exist or is not writable")
     device = detect_device() if args.device == "auto" else args.device
     missing = cuda_missing() if device == "cuda" else None
     if missing:
@@ -352,6 +352,12 @@ def main(argv=None) -> int:
     if device == "cuda" and simulator_enabled():
         parser.error("--device cuda: NUMBA_ENABLE_CUDASIM=1 runs the CUDA kernels in Numba's simulator, which has "
                      "no times to measure (unset it where there is a GPU)")
+    from cnnfast.plan import algorithms, kernel_package
+    known = set(algorithms(device)) | set(getattr(kernel_package(device), "ALIASES", {})) | {"auto"}
+    unknown = [a for a in args.algo or () if a.partition(":")[0] not in known]
+    if unknown:
+        parser.error(f"unknown --algo {' '.join(unknown)} for device {device}; expected some of {sorted(known)} "
+                     f"(a CUDA GEMM algorithm may name a tile: direct:64x128)")
     if device == "cuda":
         try:
             import torch
@@ -399,7 +405,8 @@ def main(argv=None) -> int:
           f"float64 reference before timing; baseline torch {info.get('torch', '(not installed)')}"
           + (" (cuDNN strict fp32; torch-tf32 = PyTorch's default)" if device == "cuda" else ""))
     if ceilings:
-        print(f"ceilings measured now: SGEMM {ceilings['sgemm_gflops']:.0f} GFLOP/s, copy "
+        tf32 = f", TF32 GEMM {ceilings['tf32_gflops']:.0f} GFLOP/s" if ceilings.get("tf32_gflops") else ""
+        print(f"ceilings measured now: SGEMM {ceilings['sgemm_gflops']:.0f} GFLOP/s{tf32}, copy "
               f"{ceilings['copy_gbytes']:.1f} GB/s ({ceilings['how']})")
     print(table(rows))
     for key, name in (("vs_torch", "torch" + (" (cuDNN fp32)" if device == "cuda" else "")),

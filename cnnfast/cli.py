@@ -68,7 +68,7 @@ def _ints(text):
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an int, ints separated by commas or low:high pairs, "
                                          f"but got {text!r}") from None
-    return values[0] if len(values) == 1 else tuple(values)
+    return values[0] if len(values) == 1 and not isinstance(values[0], tuple) else tuple(values)  # (1:2,): every axis
 
 
 def explain(args) -> int:
@@ -87,13 +87,17 @@ def explain(args) -> int:
         kw["padding_mode"] = args.padding_mode
     if args.output_padding is not None:
         kw["output_padding"] = args.output_padding
+    from cnnfast.api import _OPS
+    if args.op not in _OPS:
+        print(f"error: unknown op {args.op!r}; expected one of {sorted(_OPS)}", file=sys.stderr)
+        return 2
     shapes = list(args.shapes)
     expected = ((2,) if args.bias else (2, 3)) if forward else (3,)  # input, weight (, bias); a gradient's three
     if len(shapes) not in expected:
         print(f"error: {args.op}: expected {' or '.join(map(str, expected))} shapes (in PyTorch's argument order), "
               f"but got {len(shapes)}", file=sys.stderr)
         return 2
-    if args.bias and forward:
+    if args.bias and forward and len(shapes[1]) >= 2:  # (a malformed weight: the API's rank check reports it)
         channels = shapes[1][1] * (kw.get("groups") or 1) if transposed else shapes[1][0]
         shapes.append((channels,))
     try:
@@ -123,9 +127,13 @@ def validate(args) -> int:
             return 2
     if args.algo is not None:
         from cnnfast.plan import algorithms, kernel_package
-        if args.algo not in set(algorithms(args.device)) | set(getattr(kernel_package(args.device), "ALIASES", {})):
-            print(f"error: unknown algo {args.algo!r} for device {args.device}; expected one of "
-                  f"{sorted(algorithms(args.device))}", file=sys.stderr)
+        algos = algorithms(args.device)
+        name, _, tile = args.algo.partition(":")
+        name = getattr(kernel_package(args.device), "ALIASES", {}).get(name, name)
+        tiles = (algos[name].tiles(4) or ()) if name in algos else ()
+        if name not in algos or tile and tile not in tiles:
+            print(f"error: unknown algo {args.algo!r} for device {args.device}; expected one of {sorted(algos)}"
+                  + (f" (tiles of {name}: {', '.join(tiles)})" if tiles else ""), file=sys.stderr)
             return 2
     results = run(args.device, algos=args.algo and [args.algo], dtypes=args.dtype, progress=progress)
     failed = [r for r in results if not r.ok]

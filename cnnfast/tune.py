@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -31,7 +32,7 @@ CACHE_ENV = "CNNFAST_AUTOTUNE_CACHE"
 _MODE = contextvars.ContextVar("cnnfast_autotune", default=None)  # None: follow CNNFAST_AUTOTUNE
 _WINNERS = {}  # key -> {"winner": name, "ms": {name: median ms}}
 _LOADED = set()  # cache files read into _WINNERS
-_UNWRITABLE = set()  # cache files that could not be written (warned once)
+_WARNED = set()  # cache files that could not be read or written (warned once)
 
 
 class autotune:
@@ -68,7 +69,10 @@ def _machine(device):
         from cnnfast.kernels.cpu import blas
         return f"cpu:{platform.machine()}:{numba.get_num_threads()} threads:{blas.threads()} blas threads"
     from numba import cuda
-    gpu = cuda.get_current_device()
+    try:
+        gpu = cuda.get_current_device()
+    except Exception:  # noqa: BLE001 (no GPU or driver: explain() of a CUDA problem runs nothing, keys nothing)
+        return "cuda:unavailable"
     name = getattr(gpu, "name", "simulator")
     return f"cuda:{name.decode() if isinstance(name, bytes) else name}:{getattr(gpu, 'id', 0)}"
 
@@ -82,21 +86,56 @@ def _cache_path():
     return os.environ.get(CACHE_ENV) or None
 
 
-def _entries(path):
-    """The well-formed winners stored in path ({} when it cannot be read); a warning names what was left out."""
+def _entries(path, warn=True):
+    """The well-formed winners stored in path: {} when there is no file, None when it cannot be read or is not a
+    JSON object (warned once: it is then neither read nor replaced); a warning names the entries left out."""
     try:
         with open(path) as f:
             stored = json.load(f)
-    except (OSError, ValueError):
+        if not isinstance(stored, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
         return {}
-    if not isinstance(stored, dict):
-        stored, bad = {}, ["the file (not a JSON object)"]
-    else:
-        bad = [k for k, v in stored.items() if not _well_formed(v)]
-    if bad:
+    except (OSError, ValueError) as e:
+        _warn_once(path, f"cannot read the autotune cache {path} ({e}); it is left as it is and winners stay in "
+                         f"memory")
+        return None
+    bad = [k for k, v in stored.items() if not _well_formed(v)]
+    if bad and warn:
         warnings.warn(f"cnnfast: ignoring {len(bad)} malformed autotune cache entries in {path} "
                       f"(first: {bad[0]!r}); those problems are tuned again", RuntimeWarning, stacklevel=3)
     return {k: v for k, v in stored.items() if k not in bad}
+
+
+def _warn_once(path, message):
+    if path not in _WARNED:
+        _WARNED.add(path)
+        warnings.warn(f"cnnfast: {message}", RuntimeWarning, stacklevel=4)
+
+
+@functools.lru_cache(maxsize=None)
+def _file_mode():
+    """The mode a new file gets here (0o666 less the umask; mkstemp's files are 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def _locked(path):
+    """Hold an exclusive lock on path + '.lock' (POSIX; elsewhere no lock): processes sharing the cache merge
+    their winners one at a time."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _well_formed(entry):
@@ -110,7 +149,7 @@ def _load():
     path = _cache_path()
     if path and path not in _LOADED:
         _LOADED.add(path)
-        for k, v in _entries(path).items():
+        for k, v in (_entries(path) or {}).items():
             _WINNERS.setdefault(k, v)
 
 
@@ -121,19 +160,20 @@ def _save():
         return
     tmp = None
     try:
-        merged = {**_entries(path), **_WINNERS}
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(merged, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
-        tmp = None
+        with _locked(path):
+            stored = _entries(path, warn=False)
+            if stored is None:  # unreadable: left alone (warned)
+                return
+            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+            os.chmod(tmp, _file_mode())
+            with os.fdopen(fd, "w") as f:
+                json.dump({**stored, **_WINNERS}, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
+            tmp = None
     except OSError as e:  # a cache that cannot be written only costs the tuning
-        if path not in _UNWRITABLE:
-            _UNWRITABLE.add(path)
-            warnings.warn(f"cnnfast: cannot write the autotune cache {path} ({e}); winners stay in memory",
-                          RuntimeWarning, stacklevel=3)
+        _warn_once(path, f"cannot write the autotune cache {path} ({e}); winners stay in memory")
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
@@ -156,7 +196,7 @@ def clear():
     """Forget every winner held in memory (the disk cache is left alone)."""
     _WINNERS.clear()
     _LOADED.clear()
-    _UNWRITABLE.clear()
+    _WARNED.clear()
     _TUNED_PLANS.clear()
 
 

@@ -145,6 +145,9 @@ def test_bench_progress_in_a_log_is_a_line_per_timing_step(tmp_path, capsys):
     (["explain", "conv2d", "1x3x8x8", "6x3x3x3", "6", "--bias"], "conv2d: expected 2 shapes"),
     (["explain", "conv2d_weight", "1x3x8x8", "6x3x3x3"], "conv2d_weight: expected 3 shapes"),
     (["validate", "--algo", "nosuch"], "unknown algo 'nosuch' for device cpu"),
+    (["explain", "conv9d", "1x3x8", "4x3x3"], "unknown op 'conv9d'"),
+    (["validate", "--algo", "direct:99x99"], "unknown algo 'direct:99x99' for device cpu"),
+    (["explain", "conv_transpose2d", "1x3x8x8", "3", "--bias"], "expected 4-dimensional weight"),
     (["explain", "conv_transpose2d", "1x4x8x8", "4x2x3x3", "--padding-mode", "reflect"],
      "conv_transpose2d: --padding-mode does not apply to it"),
     (["explain", "conv2d_input", "1x4x8x8", "4x4x3x3", "1x4x6x6", "--bias"], "conv2d_input: --bias does not apply"),
@@ -155,11 +158,19 @@ def test_command_line_mistakes_exit_2_with_a_message(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args", [["--repeats", "0"], ["--repeats", "-2"], ["--json", "/nonexistent-folder/b.json"]])
+@pytest.mark.parametrize("args", [["--repeats", "0"], ["--repeats", "-2"], ["--json", "/nonexistent-folder/b.json"],
+                                  ["--json", "."], ["--algo", "im2col", "nosuch"]])
 def test_bench_refuses_bad_options_before_running(args):
     with pytest.raises(SystemExit) as info:
         main(["bench", "--device", "cpu"] + args)
     assert info.value.code == 2
+
+
+@pytest.mark.parametrize("padding, expected", [("1:2", "((1, 2), (1, 2))"), ("1:2,0:1", "((1, 2), (0, 1))"),
+                                               ("1,2", "((1, 1), (2, 2))"), ("1", "((1, 1), (1, 1))")])
+def test_explain_reads_one_low_high_pair_as_every_axis(padding, expected, capsys):
+    assert main(["explain", "conv2d", "1x3x8x8", "4x3x3x3", "--padding", padding]) == 0
+    assert f"padding {expected}" in capsys.readouterr().out
 
 
 @pytest.mark.cuda
@@ -184,3 +195,18 @@ def test_bench_refuses_to_time_the_cuda_simulator(monkeypatch, capsys):
     with pytest.raises(SystemExit) as info:
         main(["bench", "--device", "cuda", "--json", "/tmp/unused.json"])
     assert info.value.code == 2 and "Numba's simulator, which has no times to measure" in capsys.readouterr().err
+
+
+def test_roofline_bounds_torch_tf32_rows_by_the_tf32_ceiling():
+    """PyTorch's TF32 rows run on tensor cores: their fraction is of the TF32 GEMM ceiling measured in the same
+    run (they exceeded 100% of the strict fp32 one); every other row's is of the SGEMM ceiling and copy roof."""
+    from cnnfast.roofline import roofline
+    ceilings = {"sgemm_gflops": 50_000.0, "tf32_gflops": 400_000.0, "copy_gbytes": 3_000.0}
+    row = dict(flops=2e12, bytes=1e9, gflops=100_000.0)  # intensity 2000 FLOP/B: compute-bound
+    assert roofline(dict(row, provider="torch-tf32"), ceilings) == pytest.approx(0.25)
+    assert roofline(dict(row, provider="torch"), ceilings) == pytest.approx(2.0)
+    assert roofline(dict(row, provider="cnnfast:auto"), ceilings) == pytest.approx(2.0)
+    no_tf32 = {k: v for k, v in ceilings.items() if k != "tf32_gflops"}
+    assert roofline(dict(row, provider="torch-tf32"), no_tf32) == pytest.approx(2.0)
+    memory_bound = dict(flops=1e9, bytes=1e9, gflops=1_500.0, provider="torch-tf32")  # 1 FLOP/B: 3,000 GFLOP/s roof
+    assert roofline(memory_bound, ceilings) == pytest.approx(0.5)

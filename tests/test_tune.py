@@ -3,6 +3,10 @@ results unchanged, winners cached in memory and on disk, switched on and off lik
 import contextlib
 import dataclasses
 import json
+import os
+import stat
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -173,7 +177,8 @@ def test_a_malformed_disk_cache_entry_is_tuned_again(monkeypatch, arrays, tmp_pa
     monkeypatch.setenv(tune.CACHE_ENV, str(path))
     tune.clear()
     malformed = "depthwise" not in stored  # the last one is well formed: it is retuned without a warning
-    warns = pytest.warns(RuntimeWarning, match="malformed autotune cache") if malformed else contextlib.nullcontext()
+    match = "cannot read the autotune cache" if stored.startswith("[") else "malformed autotune cache"
+    warns = pytest.warns(RuntimeWarning, match=match) if malformed else contextlib.nullcontext()
     with cnnfast.autotune(), warns:
         y = cnnfast.conv2d(x, w, padding=1)
         plan = cnnfast.explain("conv2d", x, w, padding=1)
@@ -197,12 +202,73 @@ def test_processes_sharing_a_disk_cache_keep_each_others_winners(monkeypatch, ar
 
 def test_an_unwritable_disk_cache_warns_once_and_leaves_no_temporary_files(monkeypatch, arrays, tmp_path):
     x, w = arrays
-    monkeypatch.setenv(tune.CACHE_ENV, str(tmp_path))  # a folder: os.replace onto it fails
+    path = tmp_path / "winners.json"
+    monkeypatch.setenv(tune.CACHE_ENV, str(path))
+    monkeypatch.setattr(tune.os, "replace", lambda *a: (_ for _ in ()).throw(PermissionError(13, "read-only")))
     with cnnfast.autotune(), pytest.warns(RuntimeWarning, match="cannot write the autotune cache") as caught:
         cnnfast.conv2d(x, w, padding=1)
         cnnfast.conv2d(x[:1], w, padding=1)
     assert len([c for c in caught if "autotune cache" in str(c.message)]) == 1
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["winners.json.lock"]  # no temporary file left
+
+
+@pytest.mark.parametrize("stored", ["{not json", "[1, 2]", None], ids=["corrupt", "not-an-object", "a-folder"])
+def test_a_cache_file_that_cannot_be_read_is_reported_once_and_left_alone(monkeypatch, arrays, tmp_path, stored):
+    """Not replaced by this process's winners alone (other processes' would be lost); tuning still works."""
+    x, w = arrays
+    path = tmp_path / "winners.json"
+    path.mkdir() if stored is None else path.write_text(stored)
+    monkeypatch.setenv(tune.CACHE_ENV, str(path))
+    with cnnfast.autotune(), pytest.warns(RuntimeWarning, match="cannot read the autotune cache") as caught:
+        y = cnnfast.conv2d(x, w, padding=1)
+        cnnfast.conv2d(x[:1], w, padding=1)
+        assert cnnfast.explain("conv2d", x, w, padding=1).reason.startswith("autotuned: ")  # held in memory
+    assert len([c for c in caught if "autotune cache" in str(c.message)]) == 1
+    assert path.is_dir() if stored is None else path.read_text() == stored
+    compare.assert_close(y, reference.conv(x, w, padding=1), "float32", "autotuned conv2d")
+
+
+def test_the_cache_file_gets_the_usual_mode(monkeypatch, arrays, tmp_path):
+    """0o666 less the umask, as any file the user writes (mkstemp's temporary file is 0o600)."""
+    x, w = arrays
+    path = tmp_path / "winners.json"
+    monkeypatch.setenv(tune.CACHE_ENV, str(path))
+    with cnnfast.autotune():
+        cnnfast.conv2d(x, w, padding=1)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+_WRITER = """
+import sys
+from cnnfast import tune
+for j in range(20):
+    tune._WINNERS[f"{sys.argv[1]}-{j}"] = {"winner": "direct", "ms": {"direct": 1.0}}
+    tune._save()
+"""
+
+
+def test_processes_writing_the_cache_at_once_keep_every_winner(tmp_path):
+    """Four processes, 20 winners each, each written as soon as it is found: all 80 in the file (a lock around
+    read-merge-replace; without it, 72-79 of 80 survived)."""
+    path = tmp_path / "winners.json"
+    env = {**os.environ, tune.CACHE_ENV: str(path)}
+    writers = [subprocess.Popen([sys.executable, "-c", _WRITER, str(i)], env=env) for i in range(4)]
+    assert [p.wait(timeout=120) for p in writers] == [0] * 4
+    assert len(json.loads(path.read_text())) == 80
+
+
+def test_explain_of_a_cuda_problem_under_autotune_needs_no_gpu(monkeypatch):
+    """The winner's key names the GPU; without one (no driver), explain() still shows the heuristic's plan."""
+    from numba import cuda
+
+    def no_gpu():
+        raise cuda.CudaSupportError("CUDA driver library cannot be found")
+    monkeypatch.setattr(cuda, "get_current_device", no_gpu)
+    with cnnfast.autotune():
+        plan = cnnfast.explain("conv2d", (1, 3, 8, 8), (4, 3, 3, 3), device="cuda")
+    assert "autotune is on" in plan.reason
 
 
 @pytest.mark.parametrize("value, on", [("", False), ("0", False), ("false", False), ("No", False), (" off ", False),
