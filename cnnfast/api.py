@@ -16,6 +16,7 @@ different sides; each op names the primitive it needs and the roles of its array
 from __future__ import annotations
 
 import math
+import reprlib
 from functools import lru_cache
 
 import numpy as np
@@ -275,6 +276,12 @@ for _nd in (1, 2, 3):
         _OPS[f"conv_transpose{_nd}d_{_side}"] = ("cnnfast.grad", _pos, _names)
 
 
+def _brief(a):
+    """repr(a), cut to its first 100 characters (a list of data where a shape belongs)."""
+    text = reprlib.repr(a)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
 def explain(op, *args, device="cpu", dtype=None, **kwargs):
     """The Plan `op(*args, **kwargs)` would run: device, algorithm, kernels, workspace, determinism, why.
 
@@ -312,7 +319,7 @@ def explain(op, *args, device="cpu", dtype=None, **kwargs):
             if not (isinstance(a, (tuple, list)) and all(
                     isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in a)):
                 raise TypeError(f"{op}: expected {name} to be an array or a shape (a sequence of non-negative "
-                                f"ints), but got {a!r}")
+                                f"ints), but got {_brief(a)}")
             return arrays.ShapeArray(a, dtype, device)
         return arrays.ShapeArray(arrays.shape_of(a), arrays.dtype_of(a), "cpu" if fam == "numpy" else "cuda")
 

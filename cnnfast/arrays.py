@@ -85,8 +85,9 @@ def family_of(a):
     if isinstance(a, np.ndarray):
         family = "numpy"
     else:
-        module = type(a).__module__
-        family = "cupy" if module.startswith("cupy") else "numba" if module.startswith("numba.cuda") else None
+        module = type(a).__module__  # (an array, not a stream or kernel of these packages)
+        family = (("cupy" if module.startswith("cupy") else "numba" if module.startswith("numba.cuda") else None)
+                  if hasattr(a, "shape") and hasattr(a, "dtype") else None)
     if family is not None:
         _FAMILIES[type(a)] = family
         return family
@@ -134,6 +135,9 @@ def inspect(op, **arrays):
             raise TypeError(f"{op}: expected {name} to be {_EXPECTED}, but got {_type_name(a)}"
                             + (" that requires grad (detach() it, or use cnnfast.torch for autograd)" if grad else ""))
         if fam == "cai":
+            if simulator_enabled():  # (its Numba has no as_cuda_array: an interface's pointer is a real device's)
+                raise TypeError(f"{op}: Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) cannot take {name} as "
+                                f"{_type_name(a)}, a __cuda_array_interface__ object; pass a Numba device array")
             interface = a.__cuda_array_interface__
             dt, shapes[name] = np.dtype(interface["typestr"]), tuple(interface["shape"])
         else:
@@ -267,7 +271,7 @@ class CUDA:
         if self.cp is not None:
             with self._on_stream():
                 return self.cp.ascontiguousarray(self.cp.asarray(a))
-        if family_of(a) == "cai":
+        if family_of(a) in ("cai", "cupy"):  # (a CuPy array after a Numba one: no CuPy working arrays then)
             a = self.cuda.as_cuda_array(a)
         if a.is_c_contiguous():
             return a

@@ -96,6 +96,48 @@ def test_other_interface_objects_come_back_as_cupy_or_numba(problem):
 @pytest.mark.cuda
 @pytest.mark.gpu
 @gpu_only
+def test_a_numba_array_then_cupy_arrays_run_as_numba(problem):
+    """The first array's family (Numba) decides the working arrays: a CuPy weight, bias or grad_output after it is
+    taken through its interface (it used to fail with an AttributeError, CuPy having no is_c_contiguous)."""
+    cp = pytest.importorskip("cupy")
+    from numba import cuda
+    x, w, dy = problem
+    b = np.arange(4, dtype=np.float32)
+    out = cnnfast.conv2d(cuda.to_device(x), cp.asarray(w), cp.asarray(b), padding=1)
+    assert isinstance(out, cuda.devicearray.DeviceNDArray)
+    expected = reference.conv(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), padding=1)
+    compare.assert_close(out.copy_to_host(), expected, "float32", "conv2d")
+    dw = grad.conv2d_weight(cuda.to_device(x), w.shape, cp.asarray(dy), padding=1)
+    compare.assert_close(dw.copy_to_host(), reference.conv_weight(x.astype(np.float64), w.shape,
+                                                                  dy.astype(np.float64), padding=1), "float32", "dw")
+
+
+@pytest.mark.cuda
+def test_a_stream_where_an_array_belongs_gets_a_type_error(problem):
+    """Objects of numba.cuda (or cupy) that are not arrays, a stream passed as the bias for instance, are refused
+    as any other non-array (they were taken for arrays by their module, then failed on .dtype)."""
+    from numba import cuda
+    x, w, dy = (cuda.to_device(a) for a in problem)
+    with pytest.raises(TypeError, match=r"^conv2d: expected bias to be .* but got numba\.cuda"):
+        cnnfast.conv2d(x, w, cuda.stream())
+    with pytest.raises(TypeError, match=r"^conv2d_weight: expected grad_output to be .* but got numba\.cuda"):
+        grad.conv2d_weight(x, w.shape, cuda.stream())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not SIM, reason="the simulator's refusal")
+def test_the_simulator_refuses_interface_objects_by_name(problem):
+    class Interface:
+        __cuda_array_interface__ = {"data": (1 << 20, False), "shape": (4, 3, 3, 3), "typestr": "<f4", "version": 3}
+
+    from numba import cuda
+    with pytest.raises(TypeError, match=r"^conv2d: Numba's CUDA simulator .* cannot take weight as .*Interface"):
+        cnnfast.conv2d(cuda.to_device(problem[0]), Interface(), padding=1)
+
+
+@pytest.mark.cuda
+@pytest.mark.gpu
+@gpu_only
 def test_torch_cuda_tensors_in_torch_out(problem):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():

@@ -413,6 +413,15 @@ def test_explain_with_numpy_int32_shapes_matches_python_ints():
     assert plan.spec.flops == ref.spec.flops and plan.workspace_bytes == ref.workspace_bytes
 
 
+def test_explain_of_a_nested_list_names_it_briefly():
+    """A list of data where a shape belongs (an array's .tolist()): the message shows the start of it, not all of it
+    (a 1x3x64x64 one was 249,707 characters)."""
+    data = np.zeros((1, 3, 64, 64)).tolist()
+    with pytest.raises(TypeError, match=r"^conv2d: expected input to be an array or a shape") as info:
+        cnnfast.explain("conv2d", data, (4, 3, 3, 3))
+    assert len(str(info.value)) < 200
+
+
 def test_cpu_kernels_receive_python_int_scalars(monkeypatch):
     """Spy on the im2col kernels' scalar arguments (block offsets, geometry; col2im's by_plane flag, a bool) in a
     chunked call: Python ints, never NumPy's fixed-width ones."""
