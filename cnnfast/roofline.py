@@ -44,9 +44,17 @@ def measure_ceilings(device, repeats=5):
         a, b = torch.randn((n, n), device="cuda"), torch.randn((n, n), device="cuda")  # (as on the CPU)
         src, dst = torch.ones(size, device="cuda"), torch.empty(size, device="cuda")
         gemm = time_interleaved([(lambda: torch.matmul(a, b), time_torch_cuda)], repeats)[0]
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            tf32 = time_interleaved([(lambda: torch.matmul(a, b), time_torch_cuda)], repeats)[0]
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = False
         move = time_interleaved([(lambda: dst.copy_(src), time_torch_cuda)], repeats)[0]
-        how = f"torch.matmul {n}^3 float32 (TF32 off: cuBLAS SGEMM); torch copy_ of {size * 4 >> 20} MiB"
+        how = (f"torch.matmul {n}^3 float32 (TF32 off: cuBLAS SGEMM; on: the TF32 ceiling of the torch-tf32 rows); "
+               f"torch copy_ of {size * 4 >> 20} MiB")
         del a, b, src, dst
+        return {"sgemm_gflops": 2 * n ** 3 / gemm / 1e9, "tf32_gflops": 2 * n ** 3 / tf32 / 1e9,
+                "copy_gbytes": 2 * size * 4 / move / 1e9, "how": how}
     return {"sgemm_gflops": 2 * n ** 3 / gemm / 1e9, "copy_gbytes": 2 * size * 4 / move / 1e9, "how": how}
 
 
@@ -87,10 +95,12 @@ def _cpu_model():
 
 
 def roofline(row, ceilings):
-    """The row's achieved GFLOP/s as a fraction of its roofline bound (None without ceilings)."""
+    """The row's achieved GFLOP/s as a fraction of its roofline bound (None without ceilings): the TF32 GEMM
+    ceiling for torch's TF32 rows where it was measured (tensor cores), else the strict fp32 SGEMM's."""
     if not ceilings or not row.get("bytes"):
         return None
-    bound = min(ceilings["sgemm_gflops"], row["flops"] / row["bytes"] * ceilings["copy_gbytes"])
+    compute = ceilings.get("tf32_gflops") if row.get("provider") == "torch-tf32" else None
+    bound = min(compute or ceilings["sgemm_gflops"], row["flops"] / row["bytes"] * ceilings["copy_gbytes"])
     return row["gflops"] / bound
 
 
@@ -108,6 +118,9 @@ def plot_roofline(rows, ceilings, path, title):
     xs = np.geomspace(lo, hi, 200)
     ax.plot(xs, np.minimum(ceilings["sgemm_gflops"], xs * ceilings["copy_gbytes"]), "k-", lw=1.5,
             label=f"roofline: {ceilings['sgemm_gflops']:.0f} GFLOP/s, {ceilings['copy_gbytes']:.0f} GB/s")
+    if ceilings.get("tf32_gflops"):
+        ax.plot(xs, np.minimum(ceilings["tf32_gflops"], xs * ceilings["copy_gbytes"]), "k--", lw=1,
+                label=f"TF32 roofline (torch-tf32 rows): {ceilings['tf32_gflops']:.0f} GFLOP/s")
     markers = {"forward": "o", "backward_data": "s", "backward_filter": "^"}
     for provider, color in (("cnnfast:auto", "tab:blue"), ("torch", "tab:orange"), ("torch-tf32", "tab:green")):
         for primitive, marker in markers.items():
