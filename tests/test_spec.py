@@ -83,16 +83,27 @@ def test_macs_count_only_real_taps(shape_x, shape_w, opts):
 
 
 @pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
-def test_connections_equal_nonzeros_of_the_dense_matrix(mode):
+@pytest.mark.parametrize("x_shape, w_shape, opts", [
+    ((1, 2, 5, 4), (4, 1, 3, 2), dict(padding=(2, 1), groups=2)),
+    ((1, 1, 4), (1, 1, 3), dict(padding=3, dilation=2)),  # windows that reach into both pads
+    ((1, 1, 7), (1, 1, 4), dict(padding=((3, 2),), stride=2)),
+    ((1, 1, 3, 5), (1, 1, 3, 3), dict(padding=(2, 3), stride=(1, 3), dilation=(1, 2))),
+], ids=["2d-groups", "1d-dilated", "1d-strided", "2d-mixed"])
+def test_connections_equal_nonzeros_of_the_dense_matrix(mode, x_shape, w_shape, opts):
     """Non-zeros of the explicit matrix (reference applied to basis vectors, all-ones weights)."""
-    spec = ConvSpec.create("conv2d", (1, 2, 5, 4), (4, 1, 3, 2), padding=(2, 1), groups=2, padding_mode=mode)
+    try:
+        spec = ConvSpec.create("conv", x_shape, w_shape, padding_mode=mode, **opts)
+    except ValueError:  # (padding past what reflect or circular can take)
+        assert mode in ("reflect", "circular")
+        return
     n_in = math.prod(spec.input_shape[1:])
     columns = []
     for j in range(n_in):
         e = np.zeros(n_in)
         e[j] = 1
-        columns.append(reference.conv(e.reshape(spec.input_shape), np.ones(spec.weight_shape),
-                                      padding=spec.padding, groups=spec.groups, padding_mode=mode).ravel())
+        columns.append(reference.conv(e.reshape(spec.input_shape), np.ones(spec.weight_shape), stride=spec.stride,
+                                      padding=spec.padding, dilation=spec.dilation, groups=spec.groups,
+                                      padding_mode=mode).ravel())
     dense = np.stack(columns, axis=1)
     assert dense.size == spec.dense_params
     assert np.count_nonzero(dense) == spec.connections
