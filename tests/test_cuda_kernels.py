@@ -823,6 +823,35 @@ def test_split_reduction_of_the_weight_gradient_is_deterministic(problem, monkey
     compare.assert_close(runs[0], reference.conv_weight(x, (K, C, 3, 3), dy, padding=1), "float32")
 
 
+@pytest.mark.parametrize("algo", ["direct", "im2col"])
+def test_more_groups_than_a_grid_holds_run_as_several_launches(algo, monkeypatch):
+    """gemm.GRID_Z (CUDA's 65,535) cut to 2: 3 groups, 3 x 4 sub-pixel classes of a stride-2 backward_data and the
+    weight gradient's groups x splits run as launches of at most 2 along z, each told its first z: the results of
+    one launch, to the bit, and the reference's."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 6, 7, 7)).astype(np.float32)
+    w = rng.standard_normal((9, 2, 3, 3)).astype(np.float32)
+    opts = dict(stride=2, padding=1, groups=3)
+    dy = rng.standard_normal((2, 9, 4, 4)).astype(np.float32)
+    monkeypatch.setattr(direct, "MIN_SPLIT", 8)  # (direct's weight gradient in splits too)
+    calls = [lambda: cnnfast.conv2d(cuda.to_device(x), cuda.to_device(w), algo=algo, **opts),
+             lambda: grad.conv2d_input(x.shape, cuda.to_device(w), cuda.to_device(dy), algo=algo, **opts),
+             lambda: grad.conv2d_weight(cuda.to_device(x), w.shape, cuda.to_device(dy), algo=algo, **opts)]
+    whole = [call().copy_to_host() for call in calls]
+    grids = []
+    real = gemm.launches
+    monkeypatch.setattr(gemm, "GRID_Z", 2)
+    monkeypatch.setattr(gemm, "launches", lambda blocks: grids.append(blocks[2]) or real(blocks))
+    cut = [call().copy_to_host() for call in calls]
+    assert max(grids) > 2  # some launch was cut
+    for a, b in zip(whole, cut):
+        np.testing.assert_array_equal(a, b)
+    x64, w64, dy64 = (a.astype(np.float64) for a in (x, w, dy))
+    for out, expected in zip(cut, (reference.conv(x64, w64, **opts), reference.conv_input(x.shape, w64, dy64, **opts),
+                                   reference.conv_weight(x64, w.shape, dy64, **opts))):
+        compare.assert_close(out, expected, "float32")
+
+
 @pytest.mark.parametrize("tile", ["32x64", "64x128", "128x128"])
 def test_pointwise_gemm_reads_the_tensors_in_place(tile, monkeypatch):
     """A 1x1 unit-stride layer on im2col: no workspace, no im2col/col2im launch (im2col_kernel is never compiled

@@ -358,7 +358,9 @@ def _cuda_launches(g, primitive, algo, limit=None):
         M, J, NCOL = direct.dims(g, primitive)  # backward_data: the sub-pixel classes' grids are no larger
         tile = direct.tile_for(g, primitive, 4, limit)
         splits = direct.filter_splits(g, 4, limit, tile) if primitive == "backward_filter" else 1
-        out = [("tiled", gemm.grid(M, NCOL, g.groups, splits, tile), gemm.TILES[tile].threads)]
+        classes = g.stride_d * g.stride_h * g.stride_w if primitive == "backward_data" else 1  # (at most)
+        out = [("tiled", grid, gemm.TILES[tile].threads)
+               for grid, _ in gemm.launches(gemm.grid(M, NCOL, g.groups * classes, splits, tile))]
         if splits > 1:
             size = g.K * NCOL
             out.append(("reduce_splits", (max(1, min(-(-size // 256), 1024)), 1, 1), 256))
@@ -370,11 +372,19 @@ def _cuda_launches(g, primitive, algo, limit=None):
     M, _, NCOL = shape[primitive]
     blocks = max(1, min(cuda_im2col.MAX_BLOCKS, -(-rows * nb * O // cuda_im2col.BLOCK)))
     tile = cuda_im2col.tile_for(g, primitive, 4, limit)
-    return [("im2col/col2im", (blocks, 1, 1), cuda_im2col.BLOCK),
-            ("tiled", gemm.grid(M, NCOL, g.groups, 1, tile), gemm.TILES[tile].threads)]
+    return [("im2col/col2im", (blocks, 1, 1), cuda_im2col.BLOCK)] + [
+        ("tiled", grid, gemm.TILES[tile].threads) for grid, _ in gemm.launches(gemm.grid(M, NCOL, g.groups, 1, tile))]
 
 
-@pytest.mark.parametrize("x_shape, w_shape, opts, primitive", list(_huge_params()))
+# More (group, split) pairs than a grid's z may hold (65,535): per-sample gradients of a grouped layer (vmap folds a
+# batch of 4,096 into 131,072 groups), and the sub-pixel classes x groups of a strided backward_data
+MANY_GROUPS = [("groups-131072", (1, 262144, 6, 6), (262144, 2, 3, 3), dict(padding=1, groups=131072)),
+               ("groups-32768-s2", (1, 65536, 6, 6), (65536, 2, 3, 3), dict(padding=1, stride=2, groups=32768))]
+
+
+@pytest.mark.parametrize("x_shape, w_shape, opts, primitive", list(_huge_params()) + [
+    pytest.param(x, w, opts, primitive, id=f"{name}-{primitive}")
+    for name, x, w, opts in MANY_GROUPS for primitive in OPS])
 def test_cuda_launch_grids_of_huge_problems_stay_within_cuda_limits(x_shape, w_shape, opts, primitive):
     from cnnfast.kernels.cuda import direct
     plan = _explain(primitive, x_shape, w_shape, opts, "cuda")

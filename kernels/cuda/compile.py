@@ -199,7 +199,7 @@ def specialisations():
                                       ("pointwise_gemm", im2col.POINTWISE)):
                 for primitive, ops in ops_table.items():
                     for tile in gemm.tile_names(dt.bitwidth // 8, thin=family == "direct"):
-                        add(f"{family}_{primitive}/{tile}", gemm.tiled_kernel(dt, ops, tile), "AAAAJgiiii")
+                        add(f"{family}_{primitive}/{tile}", gemm.tiled_kernel(dt, ops, tile), "AAAAJgiiiii")
             add("reduce_splits", direct.reduce_splits_kernel, "AAii")
             add("im2col", im2col.im2col_kernel, "AAgii")
             add("col2im", im2col.col2im_kernel, "AAgii")

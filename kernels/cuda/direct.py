@@ -437,8 +437,9 @@ def launch_tiled(ops, a, b, out, bias, tab, geo, shape, groups, flag, splits, st
     tile = tile or gemm.choose_tile(M, NCOL, groups, itemsize=out.dtype.itemsize)
     jchunk = -(-J // splits)
     jchunk = -(-jchunk // gemm.BJ) * gemm.BJ
-    launch(gemm.tiled_kernel(numba_dtype(out.dtype), ops, tile), gemm.grid(M, NCOL, groups, splits, tile),
-           gemm.TILES[tile].threads, stream, flat(a), flat(b), flat(out), bias, tab, geo, flag, splits, jchunk, n0)
+    kernel, args = gemm.tiled_kernel(numba_dtype(out.dtype), ops, tile), (flat(a), flat(b), flat(out), bias, tab, geo)
+    for grid, z0 in gemm.launches(gemm.grid(M, NCOL, groups, splits, tile)):
+        launch(kernel, grid, gemm.TILES[tile].threads, stream, *args, flag, splits, jchunk, n0, z0)
 
 
 def _bias_arg(bias, like):

@@ -50,7 +50,8 @@ thread. Per step, BJ reduction indices of A (BJ x BM) and B (BJ x BN) are staged
 double-buffered: the next step's elements are loaded into registers before the current step's multiply-adds and
 stored into the other shared buffer after them, so one barrier per step suffices.
 Grid: (ceil(NCOL/BN), ceil(M/BM), groups * splits), sized for the largest problem of a launch (a block past its
-own problem's M or NCOL returns at once); split s reduces j in [s*jchunk, (s+1)*jchunk). No atomics: each output
+own problem's M or NCOL returns at once), cut along z into launches of at most GRID_Z (CUDA's limit), each given its
+first z as z0; split s reduces j in [s*jchunk, (s+1)*jchunk). No atomics: each output
 is written by exactly one thread.
 
 Tiles (TILES, compile-time constants of each specialisation): 32x64 with 4x4 per thread loads 8 shared values
@@ -118,6 +119,8 @@ TILES = {"32x64": Tile(32, 64, 8, 4, 4), "64x128": Tile(64, 128, 8, 8, 8), "128x
 SMALL = "32x64"  # the fallback: the most blocks per problem
 THIN = "8x64"  # for problems of at most 16 rows (direct's): 64 threads, 2x4 outputs each
 BJ = 8  # every tile's reduction step (launchers round split chunks to it)
+GRID_Z = 65535  # CUDA's limit on a grid's z: more (group, split) pairs (131,072 groups of a per-sample gradient,
+#                 sub-pixel classes x groups) run as several launches (launches)
 WAVE = 132  # blocks in one wave: an H100's SMs (one block each at least)
 MIN_USE = 0.75  # a tile must use this share of its rows x columns (the rest is masked work)
 NGEO = 22  # len(ConvGeometry)
@@ -194,7 +197,7 @@ def tiled_kernel(dtype, ops, tile=SMALL):
         multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, uint64(6), tx, ty)
         multiply(acc, reg_a, reg_b, shared_a, shared_b, buf, uint64(7), tx, ty)
 
-    def kernel(a, b, out, bias, tab, geo, flag, splits, jchunk, n0):
+    def kernel(a, b, out, bias, tab, geo, flag, splits, jchunk, n0, z0):
         shared_a = cuda.shared.array((2, BJ, ROW_A), dtype, alignment=ALIGN)
         shared_b = cuda.shared.array((2, BJ, ROW_B), dtype, alignment=ALIGN)
         acc = cuda.local.array((TM, TN), dtype)
@@ -204,8 +207,9 @@ def tiled_kernel(dtype, ops, tile=SMALL):
         next_b = cuda.local.array(STAGE_B, dtype)
         ctx_a = cuda.local.array((CTX_A, CTX), types.int64)
         ctx_b = cuda.local.array((CTX_B, CTX), types.int64)
-        g, pgeo = select(cuda.blockIdx.z // splits, geo, tab)
-        split = cuda.blockIdx.z % splits
+        z = z0 + cuda.blockIdx.z  # (group, split) of this block: z0 is the launch's first (launches)
+        g, pgeo = select(z // splits, geo, tab)
+        split = z % splits
         M, J, NCOL = dims(pgeo)
         col0 = cuda.blockIdx.x * BN
         m0 = cuda.blockIdx.y * BM
@@ -314,8 +318,15 @@ def staging(row_of, load, step, R, BJ, THREADS, along_j):
 
 
 def grid(M, NCOL, groups, splits, tile=SMALL):
+    """(column blocks, row blocks, groups x splits): the blocks of every launch of the problem (launches)."""
     t = TILES[tile]
     return ((NCOL + t.BN - 1) // t.BN, (M + t.BM - 1) // t.BM, groups * splits)
+
+
+def launches(blocks):
+    """[(grid, z0)]: the launches that run `blocks` (grid()'s), each of at most GRID_Z along z, told its first z."""
+    gx, gy, gz = blocks
+    return [((gx, gy, min(GRID_Z, gz - z0)), z0) for z0 in range(0, gz, GRID_Z)]
 
 
 @helper
