@@ -15,6 +15,8 @@ checked as such:
     grad-output     torch.nn.grad's functions do not check grad_output against the forward's output shape (they
                     return a result for the wrong batch size, for instance), cnnfast raises;
     negative-pad    a negative padding with a padding_mode: torch's F.pad crops the input, cnnfast raises;
+    output-size     nn.ConvTranspose's output_size may exceed the smallest output by up to stride - 1 along an axis,
+                    cnnfast's by up to max(stride, dilation) - 1: each output_padding F.conv_transpose takes;
     empty-input     an empty batch or zero input channels: torch skips some argument checks (output_padding,
                     dilation, the output size, grad_output's shape), cnnfast does not.
 Profiles: 600 derandomized examples in CI; CNNFAST_PARITY_EXAMPLES=20000 for a long randomized run.
@@ -33,15 +35,16 @@ import cnnfast.torch as cf  # noqa: E402
 pytestmark = pytest.mark.torch
 F = torch.nn.functional
 _LONG = int(os.environ.get("CNNFAST_PARITY_EXAMPLES", "0") or 0)
-FORWARDS = ("conv", "conv_transpose", "module")
+FORWARDS = ("conv", "conv_transpose", "module", "module_transpose")
+TRANSPOSED = ("conv_transpose", "module_transpose")
 
 
-def _forward_shape(nd, x_shape, w_shape, options):
-    """torch's forward output shape for these arguments, None where torch refuses them."""
+def _forward_shape(nd, x_shape, w_shape, options, transposed=False):
+    """torch's forward (or transposed) output shape for these arguments, None where torch refuses them."""
     x, w = (torch.zeros(shape, dtype=torch.float64) for shape in (x_shape, w_shape))
     try:
-        return tuple(getattr(F, f"conv{nd}d")(x, w, **options).shape)
-    except RuntimeError:
+        return tuple(getattr(F, f"conv_transpose{nd}d" if transposed else f"conv{nd}d")(x, w, **options).shape)
+    except (RuntimeError, IndexError):  # (an IndexError from inside torch on some empty weights)
         return None
 
 
@@ -52,13 +55,14 @@ def _per_axis(draw, nd, lo, hi):
 @st.composite
 def calls(draw):
     """(kind, nd, input shape, weight shape, bias length or None, options, grad_output shape or None); kind is
-    'conv', 'conv_transpose', 'conv_input' or 'conv_weight' (torch.nn.grad's), or 'module' (torch.nn.Conv{n}d,
-    whose options hold a padding_mode)."""
+    'conv', 'conv_transpose', 'conv_input' or 'conv_weight' (torch.nn.grad's), 'module' (torch.nn.Conv{n}d, whose
+    options hold a padding_mode) or 'module_transpose' (torch.nn.ConvTranspose{n}d, sometimes called with an
+    output_size, among the options)."""
     kind = draw(st.sampled_from(["conv", "conv", "conv_transpose", "conv_transpose", "conv_input", "conv_weight",
-                                 "module"]))
+                                 "module", "module_transpose"]))
     nd, groups = draw(st.integers(1, 3)), draw(st.sampled_from([1, 1, 2, 3]))
     tidy = draw(st.booleans())  # half the calls stay away from the edges (most others are invalid somewhere)
-    transposed = kind == "conv_transpose"
+    transposed = kind in TRANSPOSED
     low = 1 if tidy else 0
     C = draw(st.integers(low, 3)) * groups + (0 if tidy else draw(st.sampled_from([0, 0, 0, 0, 1])))
     K = draw(st.integers(low, 3)) * groups + (0 if tidy else draw(st.sampled_from([0, 0, 0, 0, 1])))
@@ -79,6 +83,10 @@ def calls(draw):
         options["padding_mode"] = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
     if transposed:
         options["output_padding"] = _per_axis(draw, nd, 0, 2)
+    if kind == "module_transpose" and draw(st.booleans()):  # an output_size near the valid range, either side
+        smallest = _forward_shape(nd, x_shape, w_shape, dict(options, output_padding=0), transposed=True)
+        sizes = smallest[-nd:] if smallest else tuple(draw(st.integers(1, 9)) for _ in range(nd))
+        options["output_size"] = tuple(v + draw(st.integers(-1, 3)) for v in sizes)
     if not tidy and draw(st.integers(0, 9)) == 0:
         options[draw(st.sampled_from(["stride", "dilation", "padding"]))] = draw(st.sampled_from([0, -1]))
     bias = None
@@ -117,6 +125,12 @@ def _sides(kind, nd, x_shape, w_shape, bias, options, dy_shape):
         return (b, _run(lambda: _module(torch.nn, nd, x, w, b, options)(T(x))),
                 _run(lambda: getattr(cnnfast, f"conv{nd}d")(x, w, b, **options)),
                 _run(lambda: _module(cf, nd, x, w, b, options)(T(x))))
+    if kind == "module_transpose":
+        size = {k: v for k, v in options.items() if k == "output_size"}
+        built = {k: v for k, v in options.items() if k != "output_size"}
+        return (b, _run(lambda: _module(torch.nn, nd, x, w, b, built, True)(T(x), **size)),
+                _run(lambda: getattr(cnnfast, f"conv_transpose{nd}d")(x, w, b, **options)),
+                _run(lambda: _module(cf, nd, x, w, b, built, True)(T(x), **size)))
     if kind in ("conv", "conv_transpose"):
         name = f"{kind}{nd}d"
         return (b, _run(lambda: getattr(F, name)(T(x), T(w), T(b), **options)),
@@ -132,15 +146,30 @@ def _sides(kind, nd, x_shape, w_shape, bias, options, dy_shape):
             None)
 
 
-def _module(namespace, nd, x, w, b, options):
-    """namespace.Conv{nd}d (torch.nn's or cnnfast.torch's) built for x and holding the weight w and bias b."""
+def _module(namespace, nd, x, w, b, options, transposed=False):
+    """namespace.Conv{nd}d or ConvTranspose{nd}d (torch.nn's or cnnfast.torch's) built for x and holding the weight
+    w and bias b."""
     in_channels = x.shape[1 if x.ndim == w.ndim else 0]
-    module = getattr(namespace, f"Conv{nd}d")(in_channels, w.shape[0], w.shape[2:], bias=b is not None,
-                                              dtype=torch.float64, **options)
+    out_channels = w.shape[1] * options["groups"] if transposed else w.shape[0]
+    module = getattr(namespace, f"ConvTranspose{nd}d" if transposed else f"Conv{nd}d")(
+        in_channels, out_channels, w.shape[2:], bias=b is not None, dtype=torch.float64, **options)
     module.weight = torch.nn.Parameter(torch.from_numpy(w))
     if b is not None:
         module.bias = torch.nn.Parameter(torch.from_numpy(b))
     return module
+
+
+def _past_the_stride(nd, x_shape, w_shape, options):
+    """Whether an output_size exceeds the smallest output ((L - 1)*s - 2p + d*(k - 1) + 1) by stride or more along
+    an axis."""
+    size = options.get("output_size")
+    if size is None:
+        return False
+    axes = [(v,) * nd if isinstance(v, int) else v for v in (options["stride"], options["padding"],
+                                                             options["dilation"])]
+    smallest = [(L - 1) * s - 2 * p + d * (k - 1) + 1
+                for L, k, s, p, d in zip(x_shape[-nd:], w_shape[2:], *axes)]
+    return any(v >= m + s for v, m, s in zip(size, smallest, axes[0]))
 
 
 def deviations(kind, nd, x_shape, w_shape, options, dy_shape):
@@ -152,6 +181,7 @@ def deviations(kind, nd, x_shape, w_shape, options, dy_shape):
          and min((padding,) if isinstance(padding, int) else padding) < 0),
         ("same-strided", padding == "same" and (stride if isinstance(stride, int) else max(stride)) > 1),
         ("grad-output", wrong_dy),
+        ("output-size", _past_the_stride(nd, x_shape, w_shape, options)),
         ("no-in-channels", x_shape[1 if batched else 0] == 0),
         ("empty-input", x_shape[1 if batched else 0] == 0 or batched and x_shape[0] == 0)) if applies}
 
@@ -167,7 +197,7 @@ def _check(call):
         if isinstance(mine, Exception) and not isinstance(mine, (ValueError, TypeError)):
             raise AssertionError(f"{who} raised {type(mine).__name__}, not ValueError/TypeError") from mine
         if isinstance(theirs, Exception):
-            assert isinstance(mine, Exception) or known & {"same-strided", "no-in-channels"}, \
+            assert isinstance(mine, Exception) or known & {"same-strided", "no-in-channels", "output-size"}, \
                 f"torch raised {theirs!r}; {who} returned {mine.shape}"
         elif isinstance(mine, Exception):
             assert known & {"empty-input", "grad-output", "negative-pad"}, \
@@ -199,6 +229,8 @@ def test_cnnfast_accepts_and_computes_what_torch_does(call):
       dict(stride=1, dilation=1, groups=1, padding=0, output_padding=1), None), {"empty-input"}),
     (("conv", 2, (1, 1, 6, 0), (2, 1, 1, 3), None, dict(stride=1, dilation=1, groups=1, padding=2), None), set()),
     (("conv", 1, (1, 3, 5), (0, 3, 3), None, dict(stride=1, dilation=1, groups=1, padding=0), None), set()),
+    (("module_transpose", 1, (1, 1, 1), (1, 1, 1), None,
+      dict(stride=1, dilation=2, groups=1, padding=0, output_padding=0, output_size=(2,)), None), {"output-size"}),
     (("conv_transpose", 2, (1, 1, 6, 5), (1, 0, 1, 3), None,
       dict(stride=1, dilation=1, groups=1, padding=0, output_padding=0), None), set()),
 ])
