@@ -1,8 +1,8 @@
 """Public convolution ops with PyTorch's functional semantics, and explain().
 
 Every op runs the same path: check the arrays (family, device, dtype) -> ConvSpec (normalise and
-validate) -> Plan (device, algorithm) -> working 5-D contiguous arrays -> launcher -> result in the
-caller's array family. All six ops are one canonical convolution x (X) * w (W) -> y (Y) seen from
+validate) -> Plan (device, algorithm) -> working contiguous arrays (5-D on the CPU, flat on CUDA) -> launcher
+-> result in the caller's array family. All six ops are one canonical convolution x (X) * w (W) -> y (Y) seen from
 different sides; each op names the primitive it needs and the roles of its arrays:
 
     op                      arrays (role)                       result   primitive

@@ -7,10 +7,11 @@ only when you have it).
     model = cf.replace_convs(model)                  # every torch.nn conv module of a model -> its cnnfast twin
 
 Forward and both backward passes run cnnfast's own kernels: the forward op, grad.conv*_input (backward-data),
-grad.conv*_weight (backward-filter) and grad.conv_bias. CPU tensors reach the CPU kernels as NumPy views (no
-copy; a result comes back with torch.from_numpy); CUDA tensors reach the CUDA kernels through
-__cuda_array_interface__ on torch's current stream and come back as torch tensors on the same device, without
-copies. Each call is a torch.library custom op (torch.compile and torch.export see one op, no graph break); the
+grad.conv*_weight (backward-filter) and grad.conv_bias. CPU tensors reach the CPU kernels as NumPy views (a result
+comes back with torch.from_numpy); CUDA tensors reach the CUDA kernels through __cuda_array_interface__ on torch's
+current stream and come back as torch tensors on the same device; a contiguous tensor is not copied (a strided one
+is made contiguous first). Each call is a torch.library custom op (torch.compile and torch.export see one op, no
+graph break; under torch.func's transforms and forward-mode AD an autograd.Function, a graph break there); the
 gradients are custom ops differentiable in turn: gradients of gradients (a Hessian, a gradient penalty,
 torch.autograd.gradgradcheck) run cnnfast's kernels too, to any order, and so do torch.func's transforms (grad,
 vmap, jvp, jacrev, jacfwd, hessian: per-sample gradients, model ensembles) and forward-mode AD: vmap runs a batch

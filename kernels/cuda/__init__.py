@@ -3,7 +3,7 @@
 Importing this package applies kernels/_compat.py first (numpy >= 2.5 row_stack alias for numba-cuda 0.30.4).
 Launchers take C-contiguous device arrays, flat or 5-D (Numba device arrays, the simulator's, or CuPy), a ConvGeometry,
 workspace_limit= and stream=; they never synchronise, and start every kernel through launch.launch (Numba's
-dispatcher, or the raw-pointer path through CuPy: launch.py).
+dispatcher, or the raw-pointer path, cuLaunchKernel through cuda-bindings with no CuPy needed: launch.py).
 
 choose(g, primitive), the heuristic behind algo="auto" (to be tuned on a GPU, issue 5):
   depthwise layers -> depthwise (all three primitives); pointwise layers (1x1, unit stride, no padding) ->

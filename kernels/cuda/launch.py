@@ -4,7 +4,7 @@ Every launcher calls launch(pyfunc, grid, block, stream, *args) with 1-D device 
 ints, and scratch(size, dtype, like, stream) for its workspace. The same kernel source runs on two paths:
 
     numba  jit(pyfunc)[grid, block, stream](*args): the simulator, and the default.
-           TOOLCHAIN.md measured 44-135 us of host time per launch on this path, and ~20 us more for a grid
+           the toolchain notes measured 44-135 us of host time per launch on this path, and ~20 us more for a grid
            under 128 blocks (Numba's low-occupancy warning). On a GPU the configured launch, jit(pyfunc)[grid,
            block, stream], is built once per (kernel, grid, block, stream) and kept (_configured), without the
            warning: the launchers size small grids on purpose for small problems.
