@@ -995,6 +995,31 @@ def test_im2col_chunks_side_by_side_match_the_reference_and_repeat_bitwise(name,
     assert_close(_fused_run(primitive, x, w, dy, opts), expected, dtype, f"{name} {primitive} in blocks")
 
 
+@pytest.mark.parametrize("w_shape", [(6, 4, 3, 3), (30, 4, 1, 2)], ids=["transposed-product", "plain-product"])
+def test_im2col_weight_gradient_of_one_chunk_per_group_is_written_in_place(w_shape, monkeypatch):
+    """vmap's per-sample weight gradients: one sample, many groups, each group's positions one chunk. Each thread
+    writes its groups' products straight into dW (no sums buffer), whichever way round the product is: the
+    reference's result, and the column blocks' (to the bit: each dW_g is one product either way)."""
+    fake = _FakeOpenBLAS(2)
+    monkeypatch.setattr(blas, "openblas", lambda: fake)
+    monkeypatch.setattr(im2col, "FUSED_WORK", 0)
+    monkeypatch.setattr(im2col, "CHUNK_POSITIONS", 1)
+    groups = 6  # (a multiple of the threads: one chunk each)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, 4 * groups, 6, 7)).astype(np.float32)
+    w_shape = (w_shape[0] * groups,) + w_shape[1:]
+    dy = rng.standard_normal(reference.conv(x, np.ones(w_shape), padding=1, groups=groups).shape).astype(np.float32)
+    g = cnnfast.ConvSpec.create("conv2d", x.shape, w_shape, padding=1, groups=groups).geometry
+    assert len(im2col._chunks(g, im2col._chunk(g, "backward_filter", 4, None))) == groups
+    chunked = grad.conv2d_weight(x, w_shape, dy, padding=1, groups=groups, algo="im2col")
+    assert fake.sets == [1, 2]  # side by side
+    expected = reference.conv_weight(x.astype(np.float64), w_shape, dy.astype(np.float64), padding=1, groups=groups)
+    assert_close(chunked, expected, "float32", "one chunk per group")
+    monkeypatch.setattr(im2col, "FUSED_ROWS", 0)  # the column blocks
+    np.testing.assert_array_equal(grad.conv2d_weight(x, w_shape, dy, padding=1, groups=groups, algo="im2col"),
+                                  chunked)
+
+
 def test_im2col_runs_in_chunks_only_where_its_rule_says(monkeypatch):
     fake = _FakeOpenBLAS(2)
     monkeypatch.setattr(blas, "openblas", lambda: fake)
