@@ -996,10 +996,11 @@ def test_im2col_chunks_side_by_side_match_the_reference_and_repeat_bitwise(name,
 
 
 @pytest.mark.parametrize("w_shape", [(6, 4, 3, 3), (30, 4, 1, 2)], ids=["transposed-product", "plain-product"])
-def test_im2col_weight_gradient_of_one_chunk_per_group_is_written_in_place(w_shape, monkeypatch):
-    """vmap's per-sample weight gradients: one sample, many groups, each group's positions one chunk. Each thread
-    writes its groups' products straight into dW (no sums buffer), whichever way round the product is: the
-    reference's result, and the column blocks' (to the bit: each dW_g is one product either way)."""
+def test_im2col_weight_gradient_of_one_chunk_per_group_matches_the_column_blocks(w_shape, monkeypatch):
+    """vmap's per-sample weight gradients: one sample, many groups, each group's positions one chunk, whichever way
+    round the product is: the reference's result, and the column blocks' to the bit (each dW_g is one product
+    either way). (Writing each product straight into dW, without the sums buffer, measured no faster: 10.2-10.5
+    against 10.6-10.8 ms for 16 groups of 3x3 64->64 @28, 2026-12-06.)"""
     fake = _FakeOpenBLAS(2)
     monkeypatch.setattr(blas, "openblas", lambda: fake)
     monkeypatch.setattr(im2col, "FUSED_WORK", 0)

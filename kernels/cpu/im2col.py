@@ -413,8 +413,8 @@ def backward_data(dy, w, dx, g, workspace_limit=None):
 def backward_filter(x, dy, dw, g, workspace_limit=None):
     Kg, Cg, O = g.K // g.groups, g.C // g.groups, g.P * g.Q * g.U
     dw2 = dw.reshape(g.groups, Kg, Cg * g.T * g.R * g.S)
+    dw2[...] = 0
     if g.is_pointwise:  # dW_g += dy_n @ x_n^T: a stack of samples' products at a time (blas splits it), in order
-        dw2[...] = 0
         products = np.empty((_pointwise_stack(g, dw.itemsize, workspace_limit), Kg, Cg), dw.dtype)
         for grp in range(g.groups):
             for n0 in range(0, g.N, len(products)):
@@ -430,7 +430,6 @@ def backward_filter(x, dy, dw, g, workspace_limit=None):
     if B := _chunk(g, "backward_filter", x.itemsize, workspace_limit):
         _backward_filter_chunks(x, dy2, dw2, g, B, transposed)
         return
-    dw2[...] = 0
     for grp, n0, nb, o0, B, cols, stage, product in _column_blocks(x, g, "backward_filter", workspace_limit):
         dy_block, cols = _dy_block(dy2, grp, n0, nb, o0, B, stage), cols.reshape(rows, nb * B)
         if transposed:  # dW_g^T (CTRS, K/g) += cols @ dy^T
@@ -457,35 +456,25 @@ def _forward_chunks(x, w2, y2, g, B):
 def _backward_filter_chunks(x, dy2, dw2, g, B, transposed):
     """dW_g = the sum over chunks of dy chunk (K/g, b) @ cols^T (or its transpose, cols @ dy^T): thread k sums its
     chunks k, k + threads, ... in order, then the threads' sums are added in thread order (deterministic for a
-    given thread count). A group of one chunk (one sample of at most a chunk's positions: per-sample gradients
-    under vmap, 16 groups of (1, 64, 28, 28)) has its product written straight into dW_g by its thread: no sums
-    buffer to fault in and add up (3x3 64->64 @28 x 16 groups: 7.9 -> 6.4 ms, 2026-12-06)."""
+    given thread count)."""
     threads, chunks, (_, Kg, rows) = blas.threads(), _chunks(g, B), dw2.shape
-    alone = len(chunks) == g.groups  # every group is one chunk
     scratch = np.empty((threads, rows * B), x.dtype)
     shape = (rows, Kg) if transposed else (Kg, rows)
-    products = np.empty((threads,) + shape, x.dtype)
-    sums = None if alone else np.empty((threads, g.groups) + shape, x.dtype)
+    sums, products = np.empty((threads, g.groups) + shape, x.dtype), np.empty((threads,) + shape, x.dtype)
     summed = np.zeros((threads, g.groups), bool)  # whether thread k's sums[k, grp] holds a product yet
 
     def part(k):
         for grp, n, o0, b in chunks[k::threads]:
             cols, dy_chunk = _chunk_columns(x, g, scratch[k], grp, n, o0, b), dy2[n, grp, :, o0:o0 + b]
-            into = products[k] if alone and transposed or summed[k, grp] else dw2[grp] if alone else sums[k, grp]
+            into = products[k] if summed[k, grp] else sums[k, grp]
             if transposed:
                 np.matmul(cols, dy_chunk.T, out=into)
             else:
                 np.matmul(dy_chunk, cols.T, out=into)
-            if alone:
-                if transposed:
-                    dw2[grp] = into.T
-            elif summed[k, grp]:
+            if summed[k, grp]:
                 sums[k, grp] += into
             summed[k, grp] = True
     blas.share(part, threads)
-    if alone:
-        return
-    dw2[...] = 0
     for grp in range(g.groups):
         for k in range(threads):
             if summed[k, grp]:
