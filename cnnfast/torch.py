@@ -43,20 +43,30 @@ def _tensors(op, **given):
             raise TypeError(f"{op}: expected {name} to be a torch.Tensor, but got {type(t).__name__}")
 
 
+_LOW = (torch.float16, torch.bfloat16)
+
+
 def _autocast(*tensors):
     """Under torch.autocast the kernels take float32, as torch.amp.custom_fwd(cast_inputs=torch.float32) gives an op
-    without a low-precision path: float16 and bfloat16 tensors are cast up (differentiably); others pass as they are."""
+    without a low-precision path: float16 and bfloat16 tensors are cast up (differentiably); others pass as they are.
+    (Not on devices autocast does not know, such as meta.)"""
     device = next((t.device.type for t in tensors if isinstance(t, torch.Tensor)), None)
-    if device is None or not torch.is_autocast_enabled(device):
+    if (device is None or not getattr(torch.amp, "is_autocast_available", lambda d: True)(device)
+            or not torch.is_autocast_enabled(device)):
         return tensors
-    return [t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
-            for t in tensors]
+    return [t.float() if isinstance(t, torch.Tensor) and t.dtype in _LOW else t for t in tensors]
 
 
 def _conv_call(x, w, b, layer):
     """The public functions' call of the forward op (autocast's float32, then _conv_op), a leaf of torch.fx's traces
-    (torch.fx.wrap below): a traced model calls it as the model did, under any transform or autocast."""
-    return _conv_op(*_autocast(x, w, b), layer)
+    (torch.fx.wrap below): a traced model calls it as the model did, under any transform or autocast. Outside
+    autocast, float16 or bfloat16 tensors (all of one dtype, as torch requires) run the float32 kernels and the result
+    is rounded back to their dtype, as torch's CPU convolutions return them (module.half(), model.bfloat16())."""
+    x, w, b = _autocast(x, w, b)
+    low = isinstance(x, torch.Tensor) and x.dtype in _LOW and all(t is None or t.dtype == x.dtype for t in (w, b))
+    if not low:
+        return _conv_op(x, w, b, layer)
+    return _conv_op(x.float(), w.float(), None if b is None else b.float(), layer).to(x.dtype)
 
 
 torch.fx.wrap("_conv_call")
@@ -143,8 +153,20 @@ _TWINS = {torch.nn.Conv1d: Conv1d, torch.nn.Conv2d: Conv2d, torch.nn.Conv3d: Con
           torch.nn.ConvTranspose3d: ConvTranspose3d}
 
 
-def _twin(module, algo):
-    cls = _TWINS[type(module)]
+def _twin_class(module):
+    """The cnnfast twin class for module's class, or None: torch.nn's conv classes exactly (a user's subclass is left
+    alone), also parametrized (torch.nn.utils.parametrize gives the module a class of its own, whose properties the
+    twin's class keeps: weight_norm, spectral_norm, ...)."""
+    from torch.nn.utils import parametrize
+    base = parametrize.type_before_parametrizations(module)
+    twin = _TWINS.get(base)
+    if twin is None or type(module) is base:
+        return twin
+    made = type(module)  # torch's Parametrized<Conv> class
+    return type(made.__name__, (twin,), {k: v for k, v in vars(made).items() if k not in ("__dict__", "__weakref__")})
+
+
+def _twin(module, cls, algo):
     twin = cls.__new__(cls)
     twin.__dict__.update(module.__dict__)  # the same Parameter objects, buffers, hooks and options: nothing copied
     if algo != "auto":
@@ -153,16 +175,25 @@ def _twin(module, algo):
 
 
 def replace_convs(model, *, algo="auto", _twins=None):
-    """Swap every torch.nn.Conv{1,2,3}d / ConvTranspose{1,2,3}d in model (exactly those classes; subclasses with
-    their own forward are left alone) for its cnnfast twin, keeping the same parameters (a conv registered under
-    two names gets one twin); returns the model (or the twin, when model itself is such a conv)."""
+    """Swap every torch.nn.Conv{1,2,3}d / ConvTranspose{1,2,3}d in model (exactly those classes, parametrized or
+    not; a user's subclass is left alone) for its cnnfast twin, keeping the same parameters (a conv registered
+    under several names gets one twin); returns the model (or the twin, when model itself is such a conv). A lazy
+    conv (torch.nn.LazyConv2d, ...) becomes the twin when it is first run. The twin shares the original's
+    parameter, buffer and hook containers: use the returned model, not the original module."""
     twins = {} if _twins is None else _twins  # id(conv) -> its twin
-    if type(model) in _TWINS:
+    cls = _twin_class(model)
+    if cls is not None:
         if id(model) not in twins:
-            twins[id(model)] = _twin(model, algo)
+            twins[id(model)] = _twin(model, cls, algo)
         return twins[id(model)]
-    for name, child in model.named_children():
-        replaced = replace_convs(child, algo=algo, _twins=twins)
-        if replaced is not child:
-            setattr(model, name, replaced)
+    if isinstance(model, torch.nn.modules.lazy.LazyModuleMixin) and getattr(model, "cls_to_become", None) in _TWINS:
+        model.cls_to_become = _TWINS[model.cls_to_become]
+        if algo != "auto":
+            model.algo = algo
+        return model
+    for name, child in list(model._modules.items()):  # (each name, a module registered twice included)
+        if child is not None:
+            replaced = replace_convs(child, algo=algo, _twins=twins)
+            if replaced is not child:
+                model._modules[name] = replaced
     return model

@@ -460,6 +460,64 @@ def test_replace_convs_keeps_the_parameter_objects():
     assert type(cf.replace_convs(torch.nn.Conv1d(1, 1, 1))) is cf.Conv1d
 
 
+def test_replace_convs_takes_a_conv_registered_twice_under_one_parent():
+    """named_children() yields a module once: the second name used to keep torch's conv."""
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+    model = cf.replace_convs(torch.nn.Sequential(conv, torch.nn.ReLU(), conv))
+    assert isinstance(model[0], cf.Conv2d) and model[2] is model[0]
+
+
+@pytest.mark.parametrize("parametrize", ["weight_norm", "spectral_norm", "orthogonal"])
+def test_replace_convs_takes_parametrized_convs(parametrize):
+    """torch.nn.utils.parametrizations give a conv a class of its own (ParametrizedConv2d): replaced, with the
+    parametrization kept (the same values and gradients), and removing it leaves cnnfast's Conv2d."""
+    from torch.nn.utils import parametrizations
+    from torch.nn.utils import parametrize as P
+    torch.manual_seed(0)
+    theirs = getattr(parametrizations, parametrize)(torch.nn.Conv2d(3, 3, 3, padding=1).double())
+    ours = cf.replace_convs(copy.deepcopy(torch.nn.Sequential(theirs)))[0]
+    assert isinstance(ours, cf.Conv2d) and P.is_parametrized(ours, "weight")
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    for model in (theirs, ours):
+        model.zero_grad()
+        model(x).square().sum().backward()
+    torch.testing.assert_close(ours(x), theirs(x))
+    for (name, a), b in zip(theirs.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
+    P.remove_parametrizations(ours, "weight")
+    assert type(ours) is cf.Conv2d
+
+
+def test_replace_convs_makes_a_lazy_conv_a_twin_when_it_is_first_run():
+    model = cf.replace_convs(torch.nn.Sequential(torch.nn.LazyConv2d(4, 3)), algo="im2col")
+    model(torch.randn(1, 3, 6, 6))
+    assert type(model[0]) is cf.Conv2d and model[0].algo == "im2col" and model[0].in_channels == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_and_bfloat16_modules_run_the_float32_kernels_and_return_their_dtype(dtype):
+    """module.half() / .bfloat16() outside autocast: torch's CPU convolutions return the dtype; so does cnnfast,
+    rounding its float32 result, and the gradients come back in it too."""
+    torch.manual_seed(0)
+    theirs = torch.nn.Conv2d(3, 4, 3, padding=1).to(dtype)
+    ours = cf.replace_convs(copy.deepcopy(theirs))
+    x = torch.randn(2, 3, 6, 6).to(dtype).requires_grad_()
+    y = ours(x)
+    assert y.dtype == dtype
+    exact = F.conv2d(x.float(), theirs.weight.float(), theirs.bias.float(), padding=1)
+    torch.testing.assert_close(y, exact.to(dtype))  # the float32 result, rounded once
+    torch.testing.assert_close(y, theirs(x))
+    y.float().sum().backward()
+    assert x.grad.dtype == ours.weight.grad.dtype == dtype
+
+
+def test_modules_run_on_the_meta_device():
+    """Shape inference on meta tensors (deferred initialisation): autocast has no meta device to ask about."""
+    x = torch.empty(2, 3, 6, 6, device="meta")
+    assert cf.Conv2d(3, 4, 3, device="meta")(x).shape == (2, 4, 4, 4)
+    assert cf.ConvTranspose2d(3, 4, 3, stride=2, device="meta")(x, output_size=(14, 14)).shape == (2, 4, 14, 14)
+
+
 # ---------------------------------------------------------------- end to end: LeNet-5 trains on cnnfast
 
 def _bars(n, rng):
