@@ -1,10 +1,12 @@
 """Differential test against PyTorch: random calls near the edge of validity, the same on both sides.
 
 A Hypothesis strategy draws calls of conv{1,2,3}d, conv_transpose{1,2,3}d, torch.nn.grad's conv{n}d_input /
-conv{n}d_weight and torch.nn.Conv{n}d modules (with a padding_mode) with small, often degenerate arguments: empty
-batches, channels and spatial axes, kernels larger than the input, channel counts that do not match the groups,
-bad bias lengths, output_padding at its limits, 'same' and 'valid' padding, zero or negative strides, dilations
-and padding, grad_output of the wrong shape. Each call runs on torch (float64, CPU), on cnnfast with NumPy arrays
+conv{n}d_weight, the transposed ops' gradients (torch.autograd.grad of F.conv_transpose{n}d: cnnfast.grad's
+conv_transpose{n}d_input / _weight), torch.nn.Conv{n}d modules (with a padding_mode) and ConvTranspose{n}d modules
+(with an output_size), with small, often degenerate arguments: empty batches, channels and spatial axes, kernels
+larger than the input, channel counts that do not match the groups, bad bias lengths, output_padding at its limits,
+'same' and 'valid' padding, zero or negative strides, dilations and padding, grad_output of the wrong shape.
+Each call runs on torch (float64, CPU), on cnnfast with NumPy arrays
 and on cnnfast.torch with tensors (a module: cnnfast.conv{n}d with the padding_mode, and cnnfast.torch.Conv{n}d).
 Wherever torch accepts a call, cnnfast must return the same shape and values (1e-9); wherever torch raises,
 cnnfast must raise ValueError/TypeError. The deliberate differences (README, "API") are named by `deviations` and
@@ -36,7 +38,8 @@ pytestmark = pytest.mark.torch
 F = torch.nn.functional
 _LONG = int(os.environ.get("CNNFAST_PARITY_EXAMPLES", "0") or 0)
 FORWARDS = ("conv", "conv_transpose", "module", "module_transpose")
-TRANSPOSED = ("conv_transpose", "module_transpose")
+TRANSPOSED = ("conv_transpose", "module_transpose", "conv_transpose_input", "conv_transpose_weight")
+GRADS = ("conv_input", "conv_weight", "conv_transpose_input", "conv_transpose_weight")
 
 
 def _forward_shape(nd, x_shape, w_shape, options, transposed=False):
@@ -57,9 +60,9 @@ def calls(draw):
     """(kind, nd, input shape, weight shape, bias length or None, options, grad_output shape or None); kind is
     'conv', 'conv_transpose', 'conv_input' or 'conv_weight' (torch.nn.grad's), 'module' (torch.nn.Conv{n}d, whose
     options hold a padding_mode) or 'module_transpose' (torch.nn.ConvTranspose{n}d, sometimes called with an
-    output_size, among the options)."""
+    output_size, among the options), 'conv_transpose_input' or 'conv_transpose_weight' (autograd's)."""
     kind = draw(st.sampled_from(["conv", "conv", "conv_transpose", "conv_transpose", "conv_input", "conv_weight",
-                                 "module", "module_transpose"]))
+                                 "module", "module_transpose", "conv_transpose_input", "conv_transpose_weight"]))
     nd, groups = draw(st.integers(1, 3)), draw(st.sampled_from([1, 1, 2, 3]))
     tidy = draw(st.booleans())  # half the calls stay away from the edges (most others are invalid somewhere)
     transposed = kind in TRANSPOSED
@@ -94,8 +97,8 @@ def calls(draw):
         out_channels = w_shape[1] * groups if transposed else w_shape[0]
         bias = draw(st.sampled_from([None, out_channels] + ([] if tidy else [out_channels + 1])))
     dy_shape = None
-    if kind in ("conv_input", "conv_weight"):  # the forward's output shape (when valid), sometimes off by one
-        dy_shape = _forward_shape(nd, x_shape, w_shape, options)
+    if kind in GRADS:  # the forward's output shape (when valid), sometimes off by one
+        dy_shape = _forward_shape(nd, x_shape, w_shape, options, transposed)
         if dy_shape is None:
             dy_shape = x_shape[:1] + (K,) + tuple(draw(st.integers(0, 7)) for _ in range(nd))
         if not tidy and draw(st.integers(0, 1)) == 0:
@@ -137,6 +140,12 @@ def _sides(kind, nd, x_shape, w_shape, bias, options, dy_shape):
                 _run(lambda: getattr(cnnfast, name)(x, w, b, **options)),
                 _run(lambda: getattr(cf, name)(T(x), T(w), T(b), **options)))
     dy = rng.standard_normal(dy_shape)
+    if kind.startswith("conv_transpose"):
+        side = kind.rpartition("_")[2]
+        return (b, _run(lambda: _transpose_grad(nd, side, T(x), T(w), T(dy), options)),
+                _run(lambda: getattr(cnnfast.grad, f"conv_transpose{nd}d_{side}")(
+                    x_shape if side == "input" else x, w if side == "input" else w_shape, dy, **options)),
+                None)
     name = f"conv{nd}d_{kind[5:]}"
     first, second = (x_shape, w) if kind == "conv_input" else (x, w_shape)
     return (b, _run(lambda: getattr(torch.nn.grad, name)(T(first) if kind == "conv_weight" else first,
@@ -144,6 +153,13 @@ def _sides(kind, nd, x_shape, w_shape, bias, options, dy_shape):
                                                       **options)),
             _run(lambda: getattr(cnnfast.grad, name)(first, second, dy, **options)),
             None)
+
+
+def _transpose_grad(nd, side, x, w, dy, options):
+    """The gradient of F.conv_transpose{nd}d(x, w) w.r.t. x (side 'input') or w, given dy: torch's autograd."""
+    x, w = x.requires_grad_(side == "input"), w.requires_grad_(side == "weight")
+    y = getattr(F, f"conv_transpose{nd}d")(x, w, None, **options)
+    return torch.autograd.grad(y, x if side == "input" else w, dy)[0]
 
 
 def _module(namespace, nd, x, w, b, options, transposed=False):
@@ -175,7 +191,8 @@ def _past_the_stride(nd, x_shape, w_shape, options):
 def deviations(kind, nd, x_shape, w_shape, options, dy_shape):
     """The documented differences (module docstring) this call falls under."""
     stride, batched, padding = options["stride"], len(x_shape) == len(w_shape), options["padding"]
-    wrong_dy = dy_shape is not None and dy_shape != _forward_shape(nd, x_shape, w_shape, options)
+    wrong_dy = dy_shape is not None and dy_shape != _forward_shape(nd, x_shape, w_shape, options,
+                                                                   kind in TRANSPOSED)
     return {name for name, applies in (
         ("negative-pad", options.get("padding_mode", "zeros") != "zeros" and not isinstance(padding, str)
          and min((padding,) if isinstance(padding, int) else padding) < 0),
