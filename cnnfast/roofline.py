@@ -23,6 +23,7 @@ def measure_ceilings(device, repeats=5):
     multiply random data."""
     from cnnfast.benchmark import time_cpu, time_interleaved, time_torch_cuda
 
+    extra = {}
     if device == "cpu":
         n, size = 2048, 64 << 20
         rng = np.random.default_rng(0)  # random data: a GEMM of constants can run faster (less switching power)
@@ -52,10 +53,9 @@ def measure_ceilings(device, repeats=5):
         move = time_interleaved([(lambda: dst.copy_(src), time_torch_cuda)], repeats)[0]
         how = (f"torch.matmul {n}^3 float32 (TF32 off: cuBLAS SGEMM; on: the TF32 ceiling of the torch-tf32 rows); "
                f"torch copy_ of {size * 4 >> 20} MiB")
+        extra = {"tf32_gflops": 2 * n ** 3 / tf32 / 1e9}
         del a, b, src, dst
-        return {"sgemm_gflops": 2 * n ** 3 / gemm / 1e9, "tf32_gflops": 2 * n ** 3 / tf32 / 1e9,
-                "copy_gbytes": 2 * size * 4 / move / 1e9, "how": how}
-    return {"sgemm_gflops": 2 * n ** 3 / gemm / 1e9, "copy_gbytes": 2 * size * 4 / move / 1e9, "how": how}
+    return {"sgemm_gflops": 2 * n ** 3 / gemm / 1e9, **extra, "copy_gbytes": 2 * size * 4 / move / 1e9, "how": how}
 
 
 def machine(device):

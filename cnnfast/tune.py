@@ -18,12 +18,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import functools
 import json
 import os
 import platform
 import statistics
-import tempfile
+import threading
 import time
 import warnings
 
@@ -113,14 +112,6 @@ def _warn_once(path, message):
         warnings.warn(f"cnnfast: {message}", RuntimeWarning, stacklevel=4)
 
 
-@functools.lru_cache(maxsize=None)
-def _file_mode():
-    """The mode a new file gets here (0o666 less the umask; mkstemp's files are 0o600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 @contextlib.contextmanager
 def _locked(path):
     """Hold an exclusive lock on path + '.lock' (POSIX; elsewhere no lock): processes sharing the cache merge
@@ -166,9 +157,8 @@ def _save():
             stored = _entries(path, warn=False)
             if stored is None:  # unreadable: left alone (warned)
                 return
-            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-            os.chmod(tmp, _file_mode())
-            with os.fdopen(fd, "w") as f:
+            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # (created 0o666 less the umask, as any file the
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w") as f:  # user writes)
                 json.dump({**stored, **_WINNERS}, f, indent=1, sort_keys=True)
             os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
             tmp = None
