@@ -39,18 +39,22 @@ class MismatchError(AssertionError):
         self.index, self.actual, self.expected = index, actual, expected
 
 
-def relative_error(result, expected) -> tuple:
+def relative_error(result, expected, dtype=None) -> tuple:
     """(max|r - e| / max|e|, index of the worst element). Non-finite values must match exactly (NaN where the
-    reference has NaN, inf of the same sign), else the error is inf at the first differing element."""
+    reference has NaN, inf of the same sign; with dtype, also where the reference overflows it: a float32 result of
+    inf where the float64 reference is 4e38), else the error is inf at the first differing element. A result of
+    another shape raises MismatchError (error inf)."""
     r = np.asarray(result, dtype=np.float64)
     e = np.asarray(expected, dtype=np.float64)
     if r.shape != e.shape:
-        raise MismatchError(f"shape {r.shape} differs from the reference's {e.shape}")
+        raise MismatchError(f"shape {r.shape} differs from the reference's {e.shape}", error=float("inf"))
     if r.size == 0:
         return 0.0, None
-    special = ~np.isfinite(r) | ~np.isfinite(e)
+    with np.errstate(over="ignore"):
+        rounded = e if dtype is None else e.astype(dtype).astype(np.float64)  # (the reference's value in dtype)
+    special = ~np.isfinite(r) | ~np.isfinite(rounded)
     if special.any():
-        differs = special & ~((r == e) | (np.isnan(r) & np.isnan(e)))
+        differs = special & ~((r == rounded) | (np.isnan(r) & np.isnan(rounded)))
         if differs.any():
             return float("inf"), tuple(int(i) for i in np.unravel_index(int(np.argmax(differs)), r.shape))
     with np.errstate(invalid="ignore"):  # inf - inf at the special elements, masked out
@@ -61,9 +65,13 @@ def relative_error(result, expected) -> tuple:
 
 
 def compare(result, expected, dtype) -> dict:
-    """The figures of result against expected: error, tolerance, dtype, index, actual, expected."""
+    """The figures of result against expected: error, tolerance, dtype, index, actual, expected (a result of
+    another shape: error inf, no index or values)."""
     dtype = np.dtype(dtype).name
-    err, worst = relative_error(result, expected)
+    try:
+        err, worst = relative_error(result, expected, dtype)
+    except MismatchError:
+        err, worst = float("inf"), None
     values = (None, None) if worst is None else (np.asarray(result)[worst].item(), np.asarray(expected)[worst].item())
     return dict(error=err, tolerance=TOLERANCE[dtype], dtype=dtype, index=worst, actual=values[0],
                 expected=values[1])
@@ -73,12 +81,15 @@ def assert_close(result, expected, dtype, what="result"):
     """Raise MismatchError naming the worst element when the relative error exceeds TOLERANCE[dtype]."""
     f = compare(result, expected, dtype)
     if not f["error"] <= f["tolerance"]:
-        _mismatch(what, f)
+        _mismatch(what, f, np.shape(result), np.shape(expected))
     return f["error"]
 
 
-def _mismatch(what, f):
-    raise MismatchError(f"{what}: relative error {f['error']:.3e} > {f['tolerance']:.0e} ({f['dtype']}); "
+def _mismatch(what, f, shape, expected_shape):
+    if shape != expected_shape:
+        raise MismatchError(f"{what}: a result of shape {shape}, where the reference's is {expected_shape} "
+                            f"({f['dtype']})", **f)
+    raise MismatchError(f"{what}: relative error {f['error']:.3e} > {f['tolerance']:.3g} ({f['dtype']}); "
                         f"worst at index {f['index']}: got {f['actual']!r}, reference {f['expected']!r}", **f)
 
 
@@ -151,7 +162,7 @@ def verify(op, algorithm, device, result, expected, dtype):
     if isinstance(mode, list):
         mode.append(dict(op=op, algorithm=algorithm, device=device, **f))
     elif not f["error"] <= f["tolerance"]:
-        _mismatch(f"{op} (algorithm {algorithm!r} on {device})", f)
+        _mismatch(f"{op} (algorithm {algorithm!r} on {device})", f, np.shape(result), np.shape(expected))
 
 
 def check(op, *args, **kwargs) -> CheckResult:

@@ -80,13 +80,14 @@ def conv_bias(grad_output, *, stream=None):
                          f"but got grad_output of size {list(shape)}")
     dev = arrays.device_for(device, family, stream, op)
     if 0 in shape:
-        return dev.result(dev.zeros(shape[1:2], dtype), like=grad_output)
-    dy = dev.working(grad_output)
-    spatial = 1
-    for s in shape[2:]:
-        spatial *= s
-    db = dev.empty(shape[1:2], dtype)
-    dev.bias_grad(dev.view(dy, shape[:2] + (1, 1, spatial)), db)
+        db = dev.zeros(shape[1:2], dtype)
+    else:
+        dy = dev.working(grad_output)
+        spatial = 1
+        for s in shape[2:]:
+            spatial *= s
+        db = dev.empty(shape[1:2], dtype)
+        dev.bias_grad(dev.view(dy, shape[:2] + (1, 1, spatial)), db)
     if compare.active():
         dev.synchronize()  # (the host copies may run on another stream than the op's)
         compare.verify(op, "bias_grad", device, arrays.to_host(db), reference.conv_bias(arrays.to_host(grad_output)),

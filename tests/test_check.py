@@ -36,7 +36,7 @@ def test_checking_raises_a_named_mismatch(broken_direct):
     e = info.value
     assert e.index == (0, 1, 2, 3) and e.tolerance == TOLERANCE["float32"] and e.error > 0.01
     assert e.actual == pytest.approx(e.expected + 1.0, rel=1e-5)
-    for part in ("conv2d", "'direct'", "cpu", "(0, 1, 2, 3)", "float32", "1e-04"):
+    for part in ("conv2d", "'direct'", "cpu", "(0, 1, 2, 3)", "float32", "> 0.0001 "):
         assert part in str(e)
 
 
@@ -99,3 +99,56 @@ def test_relative_error_treats_special_values_exactly():
     assert relative_error(e.copy(), e) == (0.0, (0,))
     assert relative_error(np.array([1.0, 0.0, np.inf, 2.0]), e)[0] == np.inf
     assert relative_error(np.array([1.0, np.nan, -np.inf, 2.0]), e) == (np.inf, (2,))
+
+
+def test_a_float32_overflow_matches_the_reference_that_overflows_float32():
+    """2e38 + 2e38 is inf in float32 (as torch gives it) and 4e38 in the float64 reference: a match in float32,
+    a mismatch where the dtype is not said, and a finite result there is still wrong."""
+    x, w = np.full((1, 1, 4, 4), 2e38, np.float32), np.ones((1, 1, 1, 2), np.float32)
+    with np.errstate(over="ignore"), cnnfast.checking():
+        y = cnnfast.conv2d(x, w)
+    assert np.isposinf(y).all()
+    e = np.array([4e38, 1.0])
+    assert relative_error(np.array([np.inf, 1.0]), e, "float32") == (0.0, (0,))
+    assert relative_error(np.array([np.inf, 1.0]), e)[0] == np.inf
+    assert relative_error(np.array([3e38, 1.0]), e, "float32")[0] == np.inf
+
+
+@pytest.fixture
+def short_direct(monkeypatch):
+    """The CPU direct forward kernel's result of the wrong shape (its last column cut off)."""
+    from cnnfast import api
+    real = api._execute
+
+    def execute(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return out[..., :-1]
+    monkeypatch.setattr(api, "_execute", execute)
+
+
+def test_a_result_of_the_wrong_shape_is_a_named_mismatch(short_direct):
+    """Check mode names the op and both shapes; cnnfast.check and validate record a failure (error inf) instead of
+    raising from their own comparison."""
+    from cnnfast import validate
+    x, w, b = _layer()
+    with pytest.raises(cnnfast.MismatchError, match=r"^conv2d \(algorithm 'im2col' on cpu\): a result of shape "
+                                                    r"\(2, 4, 4, 3\), where the reference's is \(2, 4, 4, 4\)"):
+        with cnnfast.checking():
+            cnnfast.conv2d(x, w, b, algo="im2col")
+    figures = cnnfast.check("conv2d", x, w, b, algo="im2col")
+    assert not figures.ok and figures.error == np.inf and figures.index is None
+    result = validate._check("cpu", "", "im2col", "conv", validate.CASES[0], "float32", validate.device_mover("cpu"))
+    assert not result.ok and result.error == np.inf and "a result of shape" in result.note
+
+
+def test_conv_bias_of_an_empty_batch_is_checked_too():
+    figures = cnnfast.check("conv_bias", np.zeros((0, 4, 5, 5), np.float32))
+    assert figures.ok and figures.op == "conv_bias" and np.array_equal(figures.result, np.zeros(4, np.float32))
+
+
+def test_the_tolerance_is_printed_as_set(broken_direct, monkeypatch):
+    import cnnfast.compare as compare
+    monkeypatch.setitem(compare.TOLERANCE, "float32", 2.5e-4)
+    x, w, b = _layer()
+    with pytest.raises(cnnfast.MismatchError, match=r"> 0\.00025 \(float32\)"), cnnfast.checking():
+        cnnfast.conv2d(x, w, b, algo="direct")
