@@ -6,10 +6,10 @@ conv_transpose{n}d_input / _weight), torch.nn.Conv{n}d modules (with a padding_m
 (with an output_size), with small, often degenerate arguments: empty batches, channels and spatial axes, kernels
 larger than the input, channel counts that do not match the groups, bad bias lengths, output_padding at its limits,
 'same' and 'valid' padding, zero or negative strides, dilations and padding, grad_output of the wrong shape.
-Each call runs on torch (float64, CPU), on cnnfast with NumPy arrays
-and on cnnfast.torch with tensors (a module: cnnfast.conv{n}d with the padding_mode, and cnnfast.torch.Conv{n}d).
-Wherever torch accepts a call, cnnfast must return the same shape and values (1e-9); wherever torch raises,
-cnnfast must raise ValueError/TypeError. The deliberate differences (README, "API") are named by `deviations` and
+Each call runs on torch (float64, CPU), on cnnfast with NumPy arrays and, for the forward ones, on cnnfast.torch
+with tensors (a module: cnnfast.conv{n}d with its options, and cnnfast.torch's twin module). Wherever torch accepts
+a call, cnnfast must return the same shape and values (1e-9); wherever torch raises, cnnfast must raise
+ValueError/TypeError. The deliberate differences (README, "API") are named by `deviations` and
 checked as such:
     same-strided    padding='same' with a stride > 1: cnnfast pads as TensorFlow does, torch raises;
     no-in-channels  zero input channels: cnnfast gives the bias broadcast over (N, K, ...), torch a shape with 0
