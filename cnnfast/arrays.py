@@ -143,7 +143,10 @@ def inspect(op, **arrays):
         else:
             dt, shapes[name] = a.dtype, tuple(a.shape)
         if dt not in _DTYPE_NAMES:
-            raise TypeError(f"{op}: expected {name} to have dtype float32 or float64, but got {dt}")
+            swapped = dt.kind == "f" and dt.newbyteorder("=") in _DTYPE_NAMES
+            raise TypeError(f"{op}: expected {name} to have dtype float32 or float64, but got {dt}"
+                            + (" (non-native byte order: a.astype(a.dtype.newbyteorder('=')) converts it)"
+                               if swapped else ""))
         if first is None:
             first, family, dtype = name, fam, dt
         elif (fam == "numpy") != (family == "numpy"):

@@ -409,6 +409,10 @@ CATALOGUE = [
     Row("dtype-half-weight", "conv_transpose1d float16 weight",
         lambda A: cnnfast.conv_transpose1d(A(1, 3, 8), A(3, 4, 3, dtype="float16")), TypeError,
         r"^conv_transpose1d: expected weight to have dtype float32 or float64, but got float16$"),
+    Row("dtype-byte-order", "conv2d big-endian float32 input",
+        lambda A: cnnfast.conv2d(A(1, 3, 8, 8, dtype=">f4"), _w2(A)), TypeError,
+        r"^conv2d: expected input to have dtype float32 or float64, but got >f4 \(non-native byte order: "
+        r"a\.astype\(a\.dtype\.newbyteorder\('='\)\) converts it\)$"),
     Row("dtype-bool", "conv1d bool input", lambda A: cnnfast.conv1d(A(1, 3, 8, dtype="bool"), A(4, 3, 3)),
         TypeError, r"^conv1d: expected input to have dtype float32 or float64, but got bool$"),
     Row("dtype-mismatch", "conv2d float32 input, float64 weight",
