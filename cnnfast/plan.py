@@ -145,19 +145,20 @@ def make_plan(op, spec, primitive, device, algo="auto", workspace_limit=None) ->
     algo: 'auto', an algorithm's name, or 'name:tile' for one of its tile configurations (Algorithm.tiles)."""
     algos = algorithms(device)
     g = spec.geometry
-    name, _, tile = algo.partition(":") if isinstance(algo, str) else (algo, "", "")
+    name, colon, tile = algo.partition(":") if isinstance(algo, str) else (algo, "", "")
     alias = isinstance(name, str) and getattr(kernel_package(device), "ALIASES", {}).get(name)
     if alias:  # another name of one of the device's algorithms (the CUDA 'direct' is the implicit GEMM)
         name, note = alias, f" (the {device} algorithm {alias!r})"
     else:
         note = ""
-    if name == "auto" and not tile:
+    if name == "auto" and not colon:
         choose = getattr(kernel_package(device), "choose", None)
         if choose is None or len(algos) == 1:
             name, reason = "reference", f"no {device} kernels are registered yet"
         else:
             name, reason = choose(g, primitive)
-    elif not isinstance(name, str) or name not in algos or (tile and tile not in algos[name].tiles(spec.itemsize)):
+    elif (not isinstance(name, str) or name not in algos
+          or (colon and tile not in algos[name].tiles(spec.itemsize))):  # ('im2col:' names no tile)
         tiles = sorted(f"{n}:{t}" for n, a in algos.items() for t in a.tiles(spec.itemsize))
         raise ValueError(f"{op}: unknown algo {algo!r} for device {device}; expected 'auto' or one of "
                          f"{sorted(algos)}" + (f" (or with a tile: {', '.join(tiles)})" if tiles else ""))

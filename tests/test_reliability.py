@@ -216,6 +216,31 @@ def test_cpu_im2col_scratch_stays_under_workspace_limit(primitive):
     assert_close(out, layer.expected(primitive), layer.dtype, f"im2col {primitive} limit={MEM_LIMIT}")
 
 
+@pytest.mark.parametrize("algo, primitive, x_shape, w_shape, limit", [
+    *(("winograd", p, (2, 64, 12, 12), (64, 64, 3, 3), None) for p in OPS),
+    ("im2col", "forward", (4, 64, 56, 56), (64, 64, 3, 3), 16 << 10),  # 2,092 blocks of 12 positions
+    ("im2col", "backward_filter", (4, 3, 32, 32), (16, 3, 3, 3), 2000)])
+def test_cpu_scratch_is_what_explain_reports(algo, primitive, x_shape, w_shape, limit):
+    """What a call allocates beyond its result is explain()'s workspace, to within the slack: Winograd's weight
+    gradient used to add its 9 x K x C/g taps and a finiteness mask (~190 KB here), im2col under a tiny limit a
+    list of every block (~110 KB and ~290 KB here, growing with N x positions / block)."""
+    layer = Layer(x_shape, w_shape, seed=5, dtype="float32", padding=1)
+    args = layer.args(primitive)
+    plan = cnnfast.explain(OP_NAMES[primitive], *args, **layer.opts, algo=algo, workspace_limit=limit)
+    run = lambda: layer.run(primitive, args, algo=algo, workspace_limit=limit)  # noqa: E731
+    run()
+    peak, out = _peak_extra_bytes(run)
+    assert peak - out.nbytes <= plan.workspace_bytes + SLACK, (
+        f"{algo} {primitive}: peak extra {peak - out.nbytes:,} B > explain's {plan.workspace_bytes:,} + {SLACK:,}")
+    assert_close(out, layer.expected(primitive), layer.dtype, f"{algo} {primitive}")
+
+
+def test_an_algo_with_an_empty_tile_is_unknown():
+    for device, algo in (("cpu", "im2col:"), ("cuda", "direct:"), ("cuda", "auto:")):
+        with pytest.raises(ValueError, match=rf"^conv2d: unknown algo '{algo}' for device {device}"):
+            cnnfast.explain("conv2d", (2, 16, 20, 20), (16, 16, 3, 3), padding=1, algo=algo, device=device)
+
+
 def _rss_bytes():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -322,6 +347,7 @@ def test_cpu_im2col_blocks_of_huge_problems_fit_and_cover_every_position_once(x_
     fake_np = types.SimpleNamespace(uint8=np.uint8, empty=lambda n, dtype: wanted.append(n) or None)
     monkeypatch.setattr(cpu_im2col, "np", fake_np)
     blocks, rows, _ = cpu_im2col._blocks(g, primitive, 4, None)
+    blocks = list(blocks())
     nb, B = cpu_im2col._block(g, primitive, 4, None)
     assert wanted == [plan.workspace_bytes] and wanted[0] <= cpu_im2col.DEFAULT_WORKSPACE_LIMIT
     assert rows == g.C // g.groups * g.T * g.R * g.S

@@ -324,10 +324,16 @@ def workspace_bytes(g, primitive, itemsize, workspace_limit):
 
 
 def _blocks(g, primitive, itemsize, workspace_limit):
-    """[(n0, nb, o0, B)] in a fixed order, the column-matrix rows CTRS, and the scratch buffer."""
+    """blocks() yielding (n0, nb, o0, B) in a fixed order (made as they are used: a small workspace_limit makes
+    N x O / B of them, whose list outgrew the limit many times over), the column-matrix rows CTRS, and the
+    scratch buffer."""
     nb, B = _block(g, primitive, itemsize, workspace_limit)
     O = g.P * g.Q * g.U
-    blocks = [(n0, min(nb, g.N - n0), o0, min(B, O - o0)) for n0 in range(0, g.N, nb) for o0 in range(0, O, B)]
+
+    def blocks():
+        for n0 in range(0, g.N, nb):
+            for o0 in range(0, O, B):
+                yield n0, min(nb, g.N - n0), o0, min(B, O - o0)
     return blocks, (g.C // g.groups) * g.T * g.R * g.S, np.empty(_scratch(g, primitive, itemsize, nb, B), np.uint8)
 
 
@@ -351,7 +357,7 @@ def _column_blocks(x, g, primitive, workspace_limit):
     args = geometry_args(g)[:9]
     product_shape = (Kg, rows) if primitive == "backward_filter" else (0,)
     for grp in range(g.groups):
-        for n0, nb, o0, B in blocks:
+        for n0, nb, o0, B in blocks():
             cols, stage, product = _views(buf, x.dtype, (rows, nb, B), (Kg, nb, B), product_shape)
             sized(im2col_cpu, cols.size)(x, n0, grp * Cg, cols, taps, o0, *args, g.Q, g.U)
             yield grp, n0, nb, o0, B, cols, stage, product
@@ -403,7 +409,7 @@ def backward_data(dy, w, dx, g, workspace_limit=None):
     dx[...] = 0
     args = geometry_args(g)[:9]
     for grp in range(g.groups):
-        for n0, nb, o0, B in blocks:
+        for n0, nb, o0, B in blocks():
             dcols, stage = _views(buf, dx.dtype, (rows, nb, B), (Kg, nb, B))
             blas.matmul(w2t[grp], _dy_block(dy2, grp, n0, nb, o0, B, stage), dcols.reshape(rows, nb * B))
             sized(col2im_cpu, dcols.size)(dcols, dx, n0, grp * Cg, taps, o0, *args, g.P, g.Q, g.U,

@@ -251,12 +251,14 @@ def tile_count(g, primitive):
 
 
 def _scratch(g, primitive, itemsize, rows):
-    """Bytes for Wt (36, K, C/g) (backward_filter: dU and one block's product) and V, M (E) over `rows` tile
-    rows."""
+    """Bytes for Wt (36, K, C/g) (backward_filter: dU and one block's product, which later holds the 9 taps) and
+    V, M (E) over `rows` tile rows, with a block's segment table (at most 4 int64 a tile row) and, for forward and
+    backward_data, its output check (cout values a segment, and their NaN mask) and a zero bias."""
     cin, cout = _sides(g, primitive)[:2]
     TW = _tiles(g, primitive)[1]
     filters = (2 if primitive == "backward_filter" else 1) * cout * (cin // g.groups)
-    return XI * (filters + (cin + cout) * rows * TW) * itemsize
+    small = rows * 32 + (0 if primitive == "backward_filter" else rows * cout * (itemsize + 1) + cout * itemsize)
+    return XI * (filters + (cin + cout) * rows * TW) * itemsize + small
 
 
 def _rows(g, primitive, itemsize, workspace_limit):
@@ -373,7 +375,8 @@ def backward_filter(x, dy, dw, g, workspace_limit=None):
                     V.reshape(XI, g.groups, Cg, nr * TW).transpose(0, 1, 3, 2), product if r0 else dU)
         if r0:  # the first block wrote dU itself
             dU += product
-    taps = blas.matmul(_kron(x.dtype).T, dU.reshape(XI, g.K * Cg), np.empty((9, g.K * Cg), x.dtype))  # 9 x K*C/g
+    taps = product.reshape(-1)[:9 * g.K * Cg].reshape(9, g.K * Cg)  # (the block products' room, free now)
+    blas.matmul(_kron(x.dtype).T, dU.reshape(XI, g.K * Cg), taps)  # 9 x K*C/g
     dw[...] = taps.T.reshape(dw.shape)
-    if not np.isfinite(dw).all():
+    if dw.size and not (np.isfinite(dw.max()) and np.isfinite(dw.min())):  # (NaN reaches both; no mask made)
         im2col.backward_filter(x, dy, dw, g, workspace_limit)
