@@ -140,6 +140,35 @@ def test_cpu_ops_are_thread_safe():
     _check_thread_results(layers, results, algos, "cpu")
 
 
+# layers whose every primitive is past threads.SERIAL_WORK (the parallel builds, in the parent)
+FORK_PROBLEMS = {"direct": ((2, 16, 16, 16), (16, 16, 3, 3), 1), "im2col": ((2, 16, 16, 16), (16, 16, 3, 3), 1),
+                 "winograd": ((2, 16, 16, 16), (16, 16, 3, 3), 1), "depthwise": ((2, 16, 16, 16), (16, 1, 3, 3), 16)}
+
+
+def _forked_child_work(algo):
+    from cnnfast.kernels.cpu import threads
+    x_shape, w_shape, groups = FORK_PROBLEMS[algo]
+    layer = Layer(x_shape, w_shape, dtype="float32", padding=1, groups=groups)
+    return threads.FORKED, [(layer.run(p, algo=algo), layer.expected(p)) for p in OPS]
+
+
+@pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="no fork() here")
+def test_cpu_ops_run_in_a_forked_child():
+    """After fork(), GNU OpenMP (Numba's threading layer here) cannot run a parallel region: Numba ended the child
+    with SIGTERM (a DataLoader worker). A forked child runs the serial builds (threads.FORKED)."""
+    import multiprocessing
+
+    for algo in FORK_PROBLEMS:  # the parent's pool at work before the fork, as in a training process
+        _forked_child_work(algo)
+    # (a child ended by a signal breaks the executor: BrokenProcessPool at once, not a timeout)
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+        for algo in FORK_PROBLEMS:
+            forked, results = pool.submit(_forked_child_work, algo).result(timeout=300)
+            assert forked
+            for (result, expected), primitive in zip(results, OPS):
+                assert_close(result, expected, "float32", f"{algo} {primitive} in a forked child")
+
+
 def _simulator_supports_concurrent_launches():
     from numba.cuda.simulator import kernel
     return "concurrent simulated kernel not supported" not in inspect.getsource(kernel)

@@ -97,10 +97,26 @@ def drop_stale_caches(modules):
             stamp.write_text(digest)
 
 
+# In a child forked from a process whose pool has started (cnnfast's import starts it), every call picks the serial
+# build: GNU OpenMP, Numba's threading layer on Linux, cannot run a parallel region after fork(), and Numba ends such
+# a child with SIGTERM ("fork() called from a process already using GNU OpenMP"): torch's DataLoader workers, a
+# multiprocessing pool. torch runs its DataLoader workers on one thread too.
+FORKED = False
+
+
+def _forked():
+    global FORKED
+    FORKED = True
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forked)
+
+
 def sized(kernel, work):
-    """The build of a `parallel` kernel for a call of `work` inner-loop iterations: serial below SERIAL_WORK.
-    (A stand-in without a serial build, such as a test's spy, is returned as it is.)"""
-    return kernel if work >= SERIAL_WORK else getattr(kernel, "serial", kernel)
+    """The build of a `parallel` kernel for a call of `work` inner-loop iterations: serial below SERIAL_WORK, or in
+    a forked child. (A stand-in without a serial build, such as a test's spy, is returned as it is.)"""
+    return kernel if work >= SERIAL_WORK and not FORKED else getattr(kernel, "serial", kernel)
 
 
 BUILDS = {"serial": sys.maxsize, "parallel": 0}  # build -> the SERIAL_WORK that makes every call pick it
