@@ -21,6 +21,8 @@ cnnfast/_torch_ops.py.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 if not hasattr(torch.library, "custom_op"):
@@ -28,6 +30,7 @@ if not hasattr(torch.library, "custom_op"):
 
 from cnnfast import api
 from cnnfast._torch_ops import _conv_op, _plain
+from cnnfast.spec import ConvSpec
 
 __all__ = ["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
            "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "replace_convs"]
@@ -89,17 +92,52 @@ def _conv_transpose_fn(nd):
     def conv_transpose(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *,
                        output_size=None, algo="auto"):
         _tensors(f"conv_transpose{nd}d", input=input, weight=weight, bias=bias)
-        if output_size is not None:  # resolve it to output_padding once, so the backward ops get the same layer
-            output_padding = api.explain(f"conv_transpose{nd}d", tuple(input.shape), tuple(weight.shape),
-                                         stride=stride, padding=padding, output_padding=output_padding,
-                                         groups=groups, dilation=dilation, output_size=output_size).spec.output_padding
-        layer = f"conv_transpose{nd}d:{_plain((stride, padding, output_padding, groups, dilation, algo))!r}"
-        return _conv_call(input, weight, bias, layer)
+        options = (stride, padding, output_padding, groups, dilation, algo)
+        if output_size is not None:
+            return _conv_transpose_sized(input, weight, bias, nd, options, output_size)
+        return _conv_call(input, weight, bias, f"conv_transpose{nd}d:{_plain(options)!r}")
 
     conv_transpose.__name__ = conv_transpose.__qualname__ = f"conv_transpose{nd}d"
     conv_transpose.__doc__ = (f"torch.nn.functional.conv_transpose{nd}d on cnnfast's kernels (differentiable); "
                               f"also output_size and algo as in cnnfast.conv_transpose{nd}d.")
     return conv_transpose
+
+
+def _ints(sizes):
+    """Sizes as Python ints: torch.jit.trace's tensors and torch.compile's symbolic sizes included, specialised
+    (torch.compile makes a constant of operator.index(size), not of int(size), nor of a size tested by isinstance or
+    drawn by iterating)."""
+    return [operator.index(sizes[i]) for i in range(len(sizes))]
+
+
+def _conv_transpose_sized(input, weight, bias, nd, options, output_size):
+    """A transposed convolution given output_size, resolved here to output_padding (so that the backward ops get the
+    same layer) from the spatial sizes as ints: the batch may stay symbolic (torch.export's dynamic batch) and the
+    layer's string is a constant. A leaf of torch.fx's traces (torch.fx.wrap below), where output_size may be a
+    Proxy (skip.shape[-2:])."""
+    stride, padding, output_padding, groups, dilation, algo = options
+    op = f"conv_transpose{nd}d"
+    if input.dim() not in (nd + 1, nd + 2) or weight.dim() != nd + 2:
+        api.explain(op, tuple(input.shape), tuple(weight.shape))  # raises the op's own error
+    shape = (1, weight.shape[0], *input.shape[-nd:])  # any batch; the weight's channels (a mismatch: the op's error)
+    try:
+        output_size = _ints(output_size)
+    except (TypeError, LookupError):  # not a sequence of ints: ConvSpec names it
+        pass
+    output_padding = _output_padding(op, tuple(_ints(shape)), tuple(_ints(weight.shape)), stride, padding,
+                                     output_padding, groups, dilation, output_size)
+    layer = f"{op}:{_plain((stride, padding, output_padding, groups, dilation, algo))!r}"
+    return _conv_call(input, weight, bias, layer)
+
+
+torch.fx.wrap("_conv_transpose_sized")
+
+
+@torch.compiler.assume_constant_result  # torch.compile runs it while tracing, on ints: a constant (fullgraph)
+def _output_padding(op, input_shape, weight_shape, stride, padding, output_padding, groups, dilation, output_size):
+    return ConvSpec.create(op, input_shape, weight_shape, stride=stride, padding=padding, dilation=dilation,
+                           groups=groups, transposed=True, output_padding=output_padding,
+                           output_size=output_size).output_padding
 
 
 conv1d, conv2d, conv3d = (_conv_fn(nd) for nd in (1, 2, 3))

@@ -5,6 +5,7 @@ CUDA tensors are tested when torch sees a GPU (the simulator cannot take torch C
 """
 import copy
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -289,6 +290,42 @@ def test_torch_compile_and_export_take_each_conv_as_one_op():
     ops = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
     assert ops.count("cnnfast.conv.default") == 2, ops
     torch.testing.assert_close(exported.module()(x), results[0][0], rtol=1e-4, atol=1e-5)
+
+
+class _UpToSkip(torch.nn.Module):
+    """U-Net's decoder step: a transposed conv upsampled to the skip connection's size (output_size)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.ConvTranspose2d(3, 3, 3, stride=2, padding=1)
+
+    def forward(self, x, skip):
+        return self.up(x, output_size=skip.shape[-2:]) + skip
+
+
+def test_output_size_under_tracing_compile_and_export():
+    """output_size is resolved from the spatial sizes as ints (a dynamic batch stays dynamic): torch.jit.trace's
+    tensor sizes, torch.fx's Proxy (one leaf call), torch.compile's symbolic sizes (fullgraph, dynamic) and
+    torch.export with a dynamic batch, as torch.nn.ConvTranspose2d takes them. All raised TypeError or Unsupported."""
+    torch.manual_seed(0)
+    model = _UpToSkip()
+    ours = cf.replace_convs(copy.deepcopy(model))
+    x, skip = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 8, 8)
+    expected = model(x, skip)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the sizes are baked into the trace, as torch's are
+        traced = torch.jit.trace(ours, (x, skip))
+    fx = torch.fx.symbolic_trace(ours)
+    assert cf._conv_transpose_sized in [n.target for n in fx.graph.nodes if n.op == "call_function"]
+    compiled = torch.compile(ours, fullgraph=True, dynamic=True, backend="eager")
+    batch = torch.export.Dim("batch")
+    exported = torch.export.export(ours, (x, skip), dynamic_shapes=({0: batch}, {0: batch})).module()
+    for run in (ours, traced, fx, compiled, exported):
+        torch.testing.assert_close(run(x, skip), expected, rtol=1e-4, atol=1e-5)
+    x3 = torch.randn(3, 3, 4, 4)
+    for skip3 in (torch.randn(3, 3, 8, 8), torch.randn(3, 3, 7, 7)):  # another batch; output_padding 1, then 0
+        for run in (compiled, exported) if skip3.shape[-1] == 8 else (compiled,):  # (export: one skip size)
+            torch.testing.assert_close(run(x3, skip3), model(x3, skip3), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("algo", [a for a in algorithms("cpu") if a != "reference"])
