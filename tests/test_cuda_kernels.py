@@ -129,20 +129,22 @@ def test_tile_choice_takes_the_largest_tile_that_fills_a_wave():
 TILE_PROBLEM = ((2, 6, 12, 11), (10, 3, 3, 3), dict(stride=2, padding=1, groups=2))
 
 
-@pytest.mark.parametrize("algo", [f"{a}:{t}" for a in ("direct", "im2col") for t in ("32x64", "64x128", "128x128")]
-                         + ["direct:8x64"])
-def test_every_tile_matches_reference(algo):
+@pytest.mark.parametrize("algo, dtype", [(f"{a}:{t}", "float32") for a in ("direct", "im2col")
+                                         for t in ("32x64", "64x128", "128x128")]
+                         + [("direct:8x64", "float32"), ("direct:32x64", "float64"), ("im2col:32x64", "float64"),
+                            ("direct:8x64", "float64")])  # (float64's tiles: gemm.tile_names)
+def test_every_tile_matches_reference(algo, dtype):
     xs, ws, kw = TILE_PROBLEM
     rng = np.random.default_rng(3)
-    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in (xs, ws, ws[:1]))
-    assert cnnfast.explain("conv2d", xs, ws, device="cuda", algo=algo, **kw).tile == algo.split(":")[1]
+    x, w, b = (rng.standard_normal(s).astype(dtype) for s in (xs, ws, ws[:1]))
+    assert cnnfast.explain("conv2d", xs, ws, device="cuda", dtype=dtype, algo=algo, **kw).tile == algo.split(":")[1]
     y = cnnfast.conv2d(cuda.to_device(x), cuda.to_device(w), cuda.to_device(b), algo=algo, **kw).copy_to_host()
-    compare.assert_close(y, reference.conv(x, w, b, **kw), "float32", f"{algo} forward")
-    dy = rng.standard_normal(y.shape).astype(np.float32)
+    compare.assert_close(y, reference.conv(x, w, b, **kw), dtype, f"{algo} forward")
+    dy = rng.standard_normal(y.shape).astype(dtype)
     dx = grad.conv2d_input(xs, cuda.to_device(w), cuda.to_device(dy), algo=algo, **kw).copy_to_host()
-    compare.assert_close(dx, reference.conv_input(xs, w, dy, **kw), "float32", f"{algo} backward_data")
+    compare.assert_close(dx, reference.conv_input(xs, w, dy, **kw), dtype, f"{algo} backward_data")
     dw = grad.conv2d_weight(cuda.to_device(x), ws, cuda.to_device(dy), algo=algo, **kw).copy_to_host()
-    compare.assert_close(dw, reference.conv_weight(x, ws, dy, **kw), "float32", f"{algo} backward_filter")
+    compare.assert_close(dw, reference.conv_weight(x, ws, dy, **kw), dtype, f"{algo} backward_filter")
 
 
 # backward_filter problems whose output planes (O = 1, 2, 3, 7) are smaller than a shared-memory step of 8 reduction
@@ -166,18 +168,25 @@ def test_backward_filter_cursor_carries_samples_within_a_step(algo, outputs):
     compare.assert_close(dw, reference.conv_weight(x, ws, dy), "float32", f"{algo} backward_filter, O={outputs}")
 
 
-@pytest.mark.parametrize("filters, padding, ops", [((8, 8), (3, 4), "forward"), ((5, 13), (2, 6), "forward_wide")])
-def test_direct_forward_masks_up_to_64_taps_and_tests_wider_filters_per_element(filters, padding, ops, monkeypatch):
+@pytest.mark.parametrize("filters, padding, ops, algo, dtype", [
+    ((8, 8), (3, 4), "forward", "direct", "float32"), ((5, 13), (2, 6), "forward_wide", "direct", "float32")] + [
+    ((5, 13), (2, 6), "forward_wide", f"direct:{tile}", dtype)
+    for tile, dtype in (("32x64", "float32"), ("64x128", "float32"), ("128x128", "float32"), ("8x64", "float64"),
+                        ("32x64", "float64"))])
+def test_direct_forward_masks_up_to_64_taps_and_tests_wider_filters_per_element(filters, padding, ops, algo, dtype,
+                                                                              monkeypatch):
     """direct's forward tests a tap against its column's mask of direct.MASK_TAPS = 64 bits (fwd_col_taps: 8x8
-    sets the top bit), a wider filter (5x13: 65 taps) the three axes per element (gather); both read a padded
-    input, so the masks have holes at the borders."""
+    sets the top bit), a wider filter (5x13: 65 taps) the three axes per element (gather), on every tile; both
+    read a padded input, so the masks have holes at the borders."""
     launched, launch_tiled = [], direct.launch_tiled
     monkeypatch.setattr(direct, "launch_tiled", lambda o, *a, **kw: launched.append(o) or launch_tiled(o, *a, **kw))
     rng = np.random.default_rng(8)
-    x = rng.standard_normal((1, 2, 9, 12)).astype(np.float32)
-    w = rng.standard_normal((3, 2, *filters)).astype(np.float32)
-    y = cnnfast.conv2d(cuda.to_device(x), cuda.to_device(w), padding=padding, algo="direct").copy_to_host()
-    compare.assert_close(y, reference.conv(x, w, padding=padding), "float32", f"direct forward {filters}")
+    x = rng.standard_normal((2, 2, 9, 12)).astype(dtype)
+    w = rng.standard_normal((3, 2, *filters)).astype(dtype)
+    b = rng.standard_normal(3).astype(dtype)
+    y = cnnfast.conv2d(cuda.to_device(x), cuda.to_device(w), cuda.to_device(b), padding=padding,
+                       algo=algo).copy_to_host()
+    compare.assert_close(y, reference.conv(x, w, b, padding=padding), dtype, f"{algo} forward {filters}")
     assert launched == [direct.OPS[ops]]
 
 
@@ -803,6 +812,74 @@ def test_im2col_workspace_chunks_over_the_batch(problem):
     np.testing.assert_array_equal(y_chunked, y_full)  # same arithmetic order per output
 
 
+def _three_primitives(xs, ws, kw, dtype, algo, seed=0, **call):
+    """forward (with a bias), backward_data and backward_filter of one layer on the device against the reference."""
+    rng = np.random.default_rng(seed)
+    x, w, b = (rng.standard_normal(s).astype(dtype) for s in (xs, ws, ws[:1]))
+    D, nd = cuda.to_device, len(xs) - 2
+    y = getattr(cnnfast, f"conv{nd}d")(D(x), D(w), D(b), algo=algo, **kw, **call).copy_to_host()
+    compare.assert_close(y, reference.conv(x, w, b, **kw), dtype, f"{algo} forward")
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dx = getattr(grad, f"conv{nd}d_input")(xs, D(w), D(dy), algo=algo, **kw, **call).copy_to_host()
+    compare.assert_close(dx, reference.conv_input(xs, w, dy, **kw), dtype, f"{algo} backward_data")
+    dw = getattr(grad, f"conv{nd}d_weight")(D(x), ws, D(dy), algo=algo, **kw, **call).copy_to_host()
+    compare.assert_close(dw, reference.conv_weight(x, ws, dy, **kw), dtype, f"{algo} backward_filter")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_workspace_limits_cut_im2col_chunks_and_weight_gradient_splits(dtype, monkeypatch):
+    """A workspace limit under the default's choice: im2col's three primitives in batch chunks of 2 then 1 (the
+    backward passes' chunks at n0 > 0: col2im, the weight gradient added to earlier chunks' sums), direct's and
+    depthwise's weight-gradient splits cut down to fit their partial sums."""
+    itemsize = np.dtype(dtype).itemsize
+    xs, ws, kw = (3, 4, 5, 5), (6, 2, 3, 3), dict(padding=1, groups=2)
+    limit = 2 * 4 * 9 * 25 * itemsize  # two samples' columns
+    g = cnnfast.explain("conv2d", xs, ws, device="cuda", **kw).spec.geometry
+    assert im2col.chunk(g, itemsize, limit) == 2
+    _three_primitives(xs, ws, kw, dtype, "im2col", workspace_limit=limit)
+
+    xs, ws, kw = (4, 2, 16, 16), (4, 2, 3, 3), dict(padding=1)
+    g = cnnfast.explain("conv2d", xs, ws, device="cuda", **kw).spec.geometry
+    limit = 2 * 4 * 18 * itemsize  # two splits' partial sums (K x C*R*S)
+    assert direct.filter_splits(g, itemsize, None) > 2 == direct.filter_splits(g, itemsize, limit)
+    _three_primitives(xs, ws, kw, dtype, "direct", workspace_limit=limit)
+
+    monkeypatch.setattr(depthwise_filter, "MIN_CHUNK", 2)
+    xs, ws, kw = (1, 2, 8, 9), (2, 1, 3, 3), dict(padding=1, groups=2)
+    g = cnnfast.explain("conv2d", xs, ws, device="cuda", **kw).spec.geometry
+    limit = 2 * 2 * 9 * itemsize
+    assert depthwise_filter.filter_splits(g, itemsize, None) > 2 == depthwise_filter.filter_splits(g, itemsize, limit)
+    _three_primitives(xs, ws, kw, dtype, "depthwise", workspace_limit=limit)
+
+
+def test_depthwise_output_depths_past_the_grids_y_limit_take_the_thread_per_output_kernels(monkeypatch):
+    """plane_kernel's grid has one y per output depth (CUDA's limit 65,535, cut to 2 here): a deeper output runs
+    forward_kernel / backward_data_kernel."""
+    monkeypatch.setattr(depthwise, "GRID_YZ", 2)
+    depthwise._tile_geometry.cache_clear()  # (its key leaves GRID_YZ out)
+    try:
+        xs, ws, kw = (1, 2, 3, 5, 5), (4, 1, 3, 3, 3), dict(padding=1, groups=2)
+        assert "forward_kernel" in cnnfast.explain("conv3d", xs, ws, device="cuda", algo="depthwise", **kw).kernels[0]
+        _three_primitives(xs, ws, kw, "float32", "depthwise")
+    finally:
+        depthwise._tile_geometry.cache_clear()
+
+
+def test_numba_stream_and_check_mode_on_device_arrays():
+    """An explicit Numba stream for every op, conv_bias included, under check mode (the reference's comparison
+    after the op's stream is synchronised)."""
+    stream = cuda.stream()
+    with compare.checking():
+        _three_primitives((2, 3, 6, 5), (4, 3, 3, 3), dict(padding=1), "float32", "auto", stream=stream)
+        rng = np.random.default_rng(5)
+        dy = rng.standard_normal((2, 4, 6, 5)).astype(np.float32)
+        db = grad.conv_bias(cuda.to_device(dy), stream=stream).copy_to_host(stream=stream)
+        stream.synchronize()
+    compare.assert_close(db, dy.astype(np.float64).sum((0, 2, 3)), "float32", "conv_bias")
+    assert compare.check("conv2d", cuda.to_device(rng.standard_normal((1, 3, 5, 5)).astype(np.float32)),
+                         cuda.to_device(rng.standard_normal((2, 3, 3, 3)).astype(np.float32)), algo="im2col").ok
+
+
 def test_workspace_limit_below_one_sample_is_refused_or_avoided(problem):
     x, w, _ = problem
     with pytest.raises(ValueError, match="needs at least .* bytes of workspace"):
@@ -811,16 +888,17 @@ def test_workspace_limit_below_one_sample_is_refused_or_avoided(problem):
     assert plan.workspace_bytes == 0
 
 
-def test_split_reduction_of_the_weight_gradient_is_deterministic(problem, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_split_reduction_of_the_weight_gradient_is_deterministic(problem, dtype, monkeypatch):
     """Force several splits (tiny MIN_SPLIT): partial sums reduced in order give the same bits every run."""
-    x, _, dy = problem
+    x, _, dy = (a.astype(dtype) for a in problem)
     monkeypatch.setattr(direct, "MIN_SPLIT", 8)
     g = cnnfast.explain("conv2d_weight", x, (K, C, 3, 3), dy, padding=1, device="cuda").spec.geometry
-    assert direct.filter_splits(g, 4, None) > 1
+    assert direct.filter_splits(g, x.itemsize, None) > 1
     runs = [grad.conv2d_weight(cuda.to_device(x), (K, C, 3, 3), cuda.to_device(dy), padding=1,
                                algo="direct").copy_to_host() for _ in range(2)]
     np.testing.assert_array_equal(runs[0], runs[1])
-    compare.assert_close(runs[0], reference.conv_weight(x, (K, C, 3, 3), dy, padding=1), "float32")
+    compare.assert_close(runs[0], reference.conv_weight(x, (K, C, 3, 3), dy, padding=1), dtype)
 
 
 @pytest.mark.parametrize("algo", ["direct", "im2col"])
@@ -852,13 +930,14 @@ def test_more_groups_than_a_grid_holds_run_as_several_launches(algo, monkeypatch
         compare.assert_close(out, expected, "float32")
 
 
-@pytest.mark.parametrize("tile", ["32x64", "64x128", "128x128"])
-def test_pointwise_gemm_reads_the_tensors_in_place(tile, monkeypatch):
+@pytest.mark.parametrize("tile, dtype", [("32x64", "float32"), ("64x128", "float32"), ("128x128", "float32"),
+                                         ("32x64", "float64")])
+def test_pointwise_gemm_reads_the_tensors_in_place(tile, dtype, monkeypatch):
     """A 1x1 unit-stride layer on im2col: no workspace, no im2col/col2im launch (im2col_kernel is never compiled
     here), the three primitives against the reference, groups and a bias; auto picks it."""
     xs, ws, kw = (2, 6, 5, 7), (4, 3, 1, 1), dict(groups=2)
     rng = np.random.default_rng(11)
-    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in (xs, ws, ws[:1]))
+    x, w, b = (rng.standard_normal(s).astype(dtype) for s in (xs, ws, ws[:1]))
     plan = cnnfast.explain("conv2d", xs, ws, device="cuda", **kw)
     assert plan.algorithm == "im2col" and plan.workspace_bytes == 0 and "pointwise" in plan.kernels[0]
     algo = f"im2col:{tile}"
@@ -866,13 +945,13 @@ def test_pointwise_gemm_reads_the_tensors_in_place(tile, monkeypatch):
     real = im2col.launch
     monkeypatch.setattr(im2col, "launch", lambda kernel, *a: launched.append(kernel) or real(kernel, *a))
     y = cnnfast.conv2d(cuda.to_device(x), cuda.to_device(w), cuda.to_device(b), algo=algo, **kw).copy_to_host()
-    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dy = rng.standard_normal(y.shape).astype(dtype)
     dx = grad.conv2d_input(xs, cuda.to_device(w), cuda.to_device(dy), algo=algo, **kw).copy_to_host()
     dw = grad.conv2d_weight(cuda.to_device(x), ws, cuda.to_device(dy), algo=algo, **kw).copy_to_host()
     assert im2col.im2col_kernel not in launched and im2col.col2im_kernel not in launched
-    compare.assert_close(y, reference.conv(x, w, b, **kw), "float32", "pointwise forward")
-    compare.assert_close(dx, reference.conv_input(xs, w, dy, **kw), "float32", "pointwise backward_data")
-    compare.assert_close(dw, reference.conv_weight(x, ws, dy, **kw), "float32", "pointwise backward_filter")
+    compare.assert_close(y, reference.conv(x, w, b, **kw), dtype, "pointwise forward")
+    compare.assert_close(dx, reference.conv_input(xs, w, dy, **kw), dtype, "pointwise backward_data")
+    compare.assert_close(dw, reference.conv_weight(x, ws, dy, **kw), dtype, "pointwise backward_filter")
 
 
 # ---------------------------------------------------------------- backward_data by sub-pixel classes (direct.py)
@@ -995,27 +1074,28 @@ _ND_OPS = {1: (cnnfast.conv1d, grad.conv1d_input, grad.conv1d_weight),
            3: (cnnfast.conv3d, grad.conv3d_input, grad.conv3d_weight)}
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("name", sorted(DEPTHWISE))
-def test_depthwise_kernels_match_reference(name, monkeypatch):
+def test_depthwise_kernels_match_reference(name, dtype, monkeypatch):
     """The halo-tile kernels (forward and backward_data, any stride), and the register-tap
     weight gradient with several splits (reduced in order: the same bits twice)."""
     xs, ws, kw = DEPTHWISE[name]
     fwd, bwd_data, bwd_filter = _ND_OPS[len(xs) - 2]
     rng = np.random.default_rng(sum(map(ord, name)))
-    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in (xs, ws, ws[:1]))
+    x, w, b = (rng.standard_normal(s).astype(dtype) for s in (xs, ws, ws[:1]))
     y = fwd(cuda.to_device(x), cuda.to_device(w), cuda.to_device(b), algo="depthwise", **kw).copy_to_host()
-    compare.assert_close(y, reference.conv(x, w, b, **kw), "float32", f"depthwise {name} forward")
-    dy = rng.standard_normal(y.shape).astype(np.float32)
+    compare.assert_close(y, reference.conv(x, w, b, **kw), dtype, f"depthwise {name} forward")
+    dy = rng.standard_normal(y.shape).astype(dtype)
     dx = bwd_data(xs, cuda.to_device(w), cuda.to_device(dy), algo="depthwise", **kw).copy_to_host()
-    compare.assert_close(dx, reference.conv_input(xs, w, dy, **kw), "float32", f"depthwise {name} backward_data")
+    compare.assert_close(dx, reference.conv_input(xs, w, dy, **kw), dtype, f"depthwise {name} backward_data")
     g = cnnfast.explain("conv2d_weight" if len(xs) == 4 else f"conv{len(xs) - 2}d_weight", xs, ws, y.shape,
                         device="cuda", **kw).spec.geometry
     # 3-4 splits (few blocks: simulator)
     monkeypatch.setattr(depthwise_filter, "MIN_CHUNK", depthwise_filter.filter_items(g) // 3)
-    assert depthwise_filter.filter_splits(g, 4, None) in (3, 4)
+    assert depthwise_filter.filter_splits(g, x.itemsize, None) in (3, 4)
     runs = [bwd_filter(cuda.to_device(x), ws, cuda.to_device(dy), algo="depthwise", **kw).copy_to_host()
             for _ in range(2)]
-    compare.assert_close(runs[0], reference.conv_weight(x, ws, dy, **kw), "float32", f"depthwise {name} filter")
+    compare.assert_close(runs[0], reference.conv_weight(x, ws, dy, **kw), dtype, f"depthwise {name} filter")
     np.testing.assert_array_equal(runs[0], runs[1])
 
 
