@@ -221,6 +221,8 @@ class ConvSpec:
         if any(p < 0 for p in output_padding):
             raise ValueError(f"{op}: negative output_padding is not supported, but got {output_padding}")
         if output_size is not None:
+            if getattr(output_size, "ndim", None) == 1 and hasattr(output_size, "tolist"):
+                output_size = output_size.tolist()  # a 1-D NumPy array, as torch.nn.ConvTranspose takes it
             if not isinstance(output_size, (tuple, list)):
                 raise TypeError(f"{op}: expected output_size to be a tuple of {nd} ints (or {nd + 2} with the batch "
                                 f"and channel sizes), but got {output_size!r}")

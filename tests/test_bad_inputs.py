@@ -203,6 +203,34 @@ def _nan_first_conv_bias(A):
     return grad.conv_bias(A.put(dy)), reference.conv_bias(dy)
 
 
+def _inf_weight_over_padding(algo, groups, stride):
+    def build(A):
+        x, w = _data(1, 2, 6, 6), _data(2, 2 // groups, 3, 3)
+        w[0, 0, 0, 0] = np.inf  # times the padding's 0: NaN where that tap reads padding, +inf where it reads x
+        return (cnnfast.conv2d(A.put(x), A.put(w), padding=1, stride=stride, groups=groups, algo=algo),
+                reference.conv(x, w, padding=1, stride=stride, groups=groups))
+    return build
+
+
+def _inf_weight_grad_input(algo, groups):
+    def build(A):
+        w, dy = _data(2, 2 // groups, 3, 3), _data(1, 2, 6, 6)
+        w[0, 0, 0, 0] = np.inf  # reaches the dx positions that tap meets in dy: +inf there, finite elsewhere
+        return (grad.conv2d_input((1, 2, 6, 6), A.put(w), A.put(dy), padding=1, groups=groups, algo=algo),
+                reference.conv_input((1, 2, 6, 6), w, dy, padding=1, groups=groups))
+    return build
+
+
+def _inf_last_x_weight_grad_depthwise(A):
+    x, dy = _data(1, 2, 4, 4), _data(1, 2, 2, 2)
+    x[0, 0, 0, 3] = np.inf  # read by tap (0, 2) of filter 0 only
+    return (grad.conv2d_weight(A.put(x), (2, 1, 3, 3), A.put(dy), groups=2, algo="depthwise"),
+            reference.conv_weight(x, (2, 1, 3, 3), dy, groups=2))
+
+
+_CUDA_MASKED_DY = ("CUDA direct and depthwise input gradients multiply a non-finite weight by the zero they load past "
+                   "dy's border: NaN where the reference (and torch) skip that tap")
+
 # ---------------------------------------------------------------- the catalogue
 
 _SAME_DEVICE = r"expected all arrays to be on the same device, but got {} on (cpu|cuda) \(.+\) and {} on (cpu|cuda)"
@@ -567,6 +595,16 @@ CATALOGUE = [
         _inf_nan_dy_winograd, None, None, devices=("cpu",)),
     Row("nan-first-grad-weight-winograd", "conv2d_weight NaN at input[0, 0, 0, 0], padding=1, algo='winograd'",
         _nan_first_x_weight_grad_with("winograd"), None, None, devices=("cpu",)),
+    # a NaN or inf weight: the padding's zeros count in the forward pass (w * 0), dy's border does not in the input
+    # gradient; the CPU direct and depthwise row kernels skip padding, the depthwise wide kernels run over it
+    *(Row(f"inf-weight-padding-{algo}-s{stride}", f"conv2d +inf weight tap, padding=1, stride {stride}, algo={algo!r}",
+          _inf_weight_over_padding(algo, groups, stride), None, None)
+      for algo, groups in (("direct", 1), ("im2col", 1), ("depthwise", 2)) for stride in (1, 2)),
+    *(Row(f"inf-weight-grad-input-{algo}", f"conv2d_input +inf weight tap, padding=1, algo={algo!r}",
+          _inf_weight_grad_input(algo, groups), None, None, xfail=_CUDA_MASKED_DY if algo != "im2col" else None,
+          xfail_on=("cuda",)) for algo, groups in (("direct", 1), ("im2col", 1), ("depthwise", 2))),
+    Row("inf-x-grad-weight-depthwise", "conv2d_weight +inf in the last column of input, algo='depthwise'",
+        _inf_last_x_weight_grad_depthwise, None, None),
 ]
 
 

@@ -129,6 +129,9 @@ def test_transposed_spec_matches_pytorch_shapes():
     same = ConvSpec.create("conv_transpose2d", (2, 8, 5, 7), (8, 3, 4, 3), stride=(2, 3), padding=(1, 0),
                            transposed=True, dilation=(1, 2), groups=2, output_size=(H, W))
     assert same.output_padding == (1, 2)
+    as_array = ConvSpec.create("conv_transpose2d", (2, 8, 5, 7), (8, 3, 4, 3), stride=(2, 3), padding=(1, 0),
+                               transposed=True, dilation=(1, 2), groups=2, output_size=np.array([H, W]))
+    assert as_array == same  # a 1-D NumPy array, as torch.nn.ConvTranspose2d takes it
     g = spec.geometry
     assert (g.P, g.Q, g.U) == (1, 5, 7) and (g.D, g.H, g.W) == (1, H, W)
 

@@ -243,15 +243,19 @@ def supports(g, primitive):
 def forward(x, w, bias, y, g, workspace_limit=None):
     has_bias = bias is not None
     bias = bias if has_bias else np.zeros(1, x.dtype)
-    if _wide(g, "forward", x.itemsize, workspace_limit):
+    if _wide(g, "forward", x.itemsize, workspace_limit):  # (the padded plane's zeros are multiplied)
         sized(depthwise_wide_cpu, g.dense_macs)(x, w, bias, has_bias, y, False, g.pad_d, g.pad_h, g.pad_w, g.dil_d,
                                                 g.dil_h, g.dil_w)
     else:
         sized(depthwise_forward_cpu, g.dense_macs)(x, w, bias, has_bias, y, *geometry_args(g)[:9])
+        direct.nan_where_nonfinite_taps_read_padding(w, y, g)
 
 
 def backward_data(dy, w, dx, g, workspace_limit=None):
-    if _wide(g, "backward_data", dx.itemsize, workspace_limit):
+    # the wide kernel runs every tap over dy's zero border too: a NaN or inf weight would give NaN (inf * 0) in dx
+    # where that tap reads no dy, so such weights take the row kernel
+    if _wide(g, "backward_data", dx.itemsize, workspace_limit) and not direct.nonfinite_channels(
+            w.reshape(1, g.K, -1)).any():
         pads = ((n - 1) * d - pad for n, d, pad in zip((g.T, g.R, g.S), (g.dil_d, g.dil_h, g.dil_w),
                                                      (g.pad_d, g.pad_h, g.pad_w)))
         sized(depthwise_wide_cpu, g.dense_macs)(dy, w, np.zeros(1, dx.dtype), False, dx, True, *pads, g.dil_d,
@@ -261,8 +265,13 @@ def backward_data(dy, w, dx, g, workspace_limit=None):
 
 
 def backward_filter(x, dy, dw, g, workspace_limit=None):
-    if _wide(g, "backward_filter", x.itemsize, workspace_limit):
-        sized(depthwise_wide_filter_cpu, g.dense_macs)(x, dy, dw, g.pad_d, g.pad_h, g.pad_w, g.dil_d, g.dil_h,
-                                                       g.dil_w)
-    else:  # direct's filter kernel already runs one task per (k, c) = per k here
-        direct.backward_filter(x, dy, dw, g)
+    # the wide kernel's dot products also meet x in the columns past each row (dy 0 there): an inf or NaN in x can
+    # make NaN (inf * 0) in a tap that never reads it, so a non-finite result is computed again by direct's kernel
+    if not (_wide(g, "backward_filter", x.itemsize, workspace_limit) and _wide_filter(x, dy, dw, g)):
+        direct.backward_filter(x, dy, dw, g)  # (one task per (k, c) = per k here)
+
+
+def _wide_filter(x, dy, dw, g):
+    """The wide weight gradient into dw; False when dw holds a NaN or an inf."""
+    sized(depthwise_wide_filter_cpu, g.dense_macs)(x, dy, dw, g.pad_d, g.pad_h, g.pad_w, g.dil_d, g.dil_h, g.dil_w)
+    return not direct.nonfinite_channels(dw.reshape(1, g.K, -1)).any()

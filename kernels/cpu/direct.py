@@ -5,7 +5,8 @@ x (N, C, D, H, W) * w (K, C/g, T, R, S) -> y (N, K, P, Q, U); 1-D/2-D problems c
 forward:         one task per (n, group, block of KB output channels, output row (p, q)); the task keeps a
                  KB x U accumulator and, for each input channel and tap, adds w * x-row into it. The
                  innermost loop runs over the output row u, unit-stride in the accumulator (and in x for
-                 stride 1), so LLVM vectorises it; zero padding clips the u-range per tap (no branches).
+                 stride 1), so LLVM vectorises it; zero padding clips the u-range per tap (no branches), and
+                 afterwards the outputs whose NaN or inf weight reads padding are made NaN (w * 0, as in the reference).
 backward_data:   the same gather with the roles of x and y swapped: one task per (n, group, block of CB
                  input channels, input row (i, j)); dx row += w * dy-row at l = u*s - pad + s_tap*dil.
 backward_filter: one task per (k, c): dw[k, c, :, :, :] sums dy-row . x-row over n, p, q in a fixed order (the
@@ -199,6 +200,26 @@ def forward(x, w, bias, y, g, workspace_limit=None):
     has_bias = bias is not None
     sized(direct_forward_cpu, g.dense_macs)(x, w, bias if has_bias else np.zeros(1, x.dtype), has_bias, y,
                                             *geometry_args(g))
+    nan_where_nonfinite_taps_read_padding(w, y, g)
+
+
+def nan_where_nonfinite_taps_read_padding(w, y, g):
+    """The forward kernels skip the zero padding; torch and the reference multiply it, and a NaN or inf weight times
+    0 is NaN: the outputs y[:, k, p, q, u] whose non-finite tap w[k, :, t, r, s] reads padding are made NaN here.
+    w (K, C/g, T, R, S), y (N, K, P, Q, U). One pass over w (nonfinite_channels), and only a padded layer's."""
+    high = [(n - 1) * st + (k - 1) * d + 1 - lo - L for n, st, k, d, lo, L in (
+        (g.P, g.stride_d, g.T, g.dil_d, g.pad_d, g.D), (g.Q, g.stride_h, g.R, g.dil_h, g.pad_h, g.H),
+        (g.U, g.stride_w, g.S, g.dil_w, g.pad_w, g.W))]
+    if max(g.pad_d, g.pad_h, g.pad_w, *high) <= 0 or y.size == 0 or not nonfinite_channels(w.reshape(1, g.K, -1)).any():
+        return
+    def inside(n_out, stride, dil, pad, length, tap):  # outputs whose tap reads inside the input along one axis
+        pos = np.arange(n_out) * stride - pad + tap * dil
+        return (pos >= 0) & (pos < length)
+    for k, t, r, s in zip(*np.nonzero(~np.isfinite(w).all(axis=1))):
+        read = (inside(g.P, g.stride_d, g.dil_d, g.pad_d, g.D, t)[:, None, None]
+                & inside(g.Q, g.stride_h, g.dil_h, g.pad_h, g.H, r)[None, :, None]
+                & inside(g.U, g.stride_w, g.dil_w, g.pad_w, g.W, s)[None, None, :])
+        y[:, k][:, ~read] = np.nan
 
 
 def backward_data(dy, w, dx, g, workspace_limit=None):
