@@ -192,8 +192,9 @@ def share(task, parts):
         _shared_count = count
         lib.set_num_threads(1)
         pending = []
+        quiet = np.errstate(all="ignore")(task)  # as the caller's ops are (cnnfast.api): its state is not the workers'
         try:
-            pending = [_pool(count).submit(task, k) for k in range(1, parts)]
+            pending = [_pool(count).submit(quiet, k) for k in range(1, parts)]
             task(0)
         finally:
             wait(pending)
