@@ -2,14 +2,20 @@
 
 choose(g, primitive), the cost model behind algo="auto" (from `cnnfast bench --shapes cpu` and thin-layer
 measurements on a 2-core AVX2 machine, bench/RESULTS.md), the same for all three primitives:
-  1. depthwise layers (groups == C)                   -> depthwise (memory-bound; a plane per task)
+  1. depthwise layers (groups == C)                   -> depthwise (memory-bound; a plane per task), but
+                                                         - channel multiplier K/C >= WIDE_MULTIPLIER -> im2col
+                                                           (a 1 -> 64 first layer: 1.5-5x faster)
+                                                         - weight gradient of a 1-D layer, or of multiplier > 8
+                                                           -> direct (1.2-2x faster)
   2. fewer than 8 output channels per group           -> direct (a GEMM that thin does not pay for its columns:
-                                                         2-8x faster than im2col at 1-4 channels)
-  3. 2-D 3x3, unit stride and dilation, with at least -> winograd (F(4x4, 3x3): 4x fewer multiply-adds; 1.3-1.5x
-     WINOGRAD_TILES_PER_CHANNEL[primitive] x              faster than im2col at 3x3 64@56 batch 1, 128@28 batch 2,
-     max(C/g, K/g) output tiles (4x4 each, all samples)   all three primitives; at 512@7, 16 tiles for 512
-                                                          channels, its 4x larger transformed filters cost more
-                                                          than it saves: 0.3-0.5x)
+     (not a grouped 1x1 layer of >= 4 input channels     2-8x faster than im2col at 1-4 channels; a grouped 1x1
+     per group)                                          layer's GEMMs are 1.5-2.5x faster than direct)
+  3. 2-D 3x3, unit stride and dilation, at least 8    -> winograd (F(4x4, 3x3): 4x fewer multiply-adds; 1.3-1.5x
+     channels per group in and out, and at least          faster than im2col at 3x3 64@56 batch 1, 128@28 batch 2,
+     WINOGRAD_TILES_PER_CHANNEL[primitive] x              all three primitives; at 512@7, 16 tiles for 512
+     max(C/g, K/g) output tiles (4x4 each, all samples)   channels, its 4x larger transformed filters cost more
+                                                          than it saves: 0.3-0.5x; with 3 input channels its
+                                                          transforms dominate: 2-2.5x slower than im2col)
   4. otherwise                                        -> im2col (BLAS GEMM; building the columns costs
      C*T*R*S*P*Q*U copies against 2*K*C*T*R*S*P*Q*U flops; 1.2-15x faster than direct on every dense
      benchmark shape, backward passes included)
@@ -31,6 +37,11 @@ __all__ = ["ALGORITHMS", "choose", "pad_cpu", "fold_pad_cpu", "bias_grad_cpu"]
 # algorithms wrote their first block's product in place) 0.98-1.05x at 0.25, 1.09x and 1.16x at 0.38, 1.39x at
 # 0.5. (2026-12-05, before the split: forward from 0.3, backward_data from 0.45, backward_filter from 1.0.)
 WINOGRAD_TILES_PER_CHANNEL = {"forward": 0.2, "backward_data": 0.45, "backward_filter": 0.3}
+# A depthwise layer's channel multiplier (K / C; a single-channel input's first layer is "depthwise" with K / 1) from
+# which a GEMM beats the depthwise kernels, and past which the weight gradient takes direct's kernel: 1 -> 64 and
+# 1 -> 16 layers (2026-12-06, seventeenth session, bench/RESULTS.md).
+WIDE_MULTIPLIER = {"forward": 9, "backward_data": 64, "backward_filter": 64}
+DEPTHWISE_MULTIPLIER = 8
 
 _KERNELS = {
     "direct": {"forward": "direct_forward_cpu", "backward_data": "direct_backward_data_cpu",
@@ -80,15 +91,22 @@ ALGORITHMS = {
 
 def choose(g, primitive):
     """(algorithm name, reason) for algo="auto"; see the module docstring for the cost model."""
-    if g.is_depthwise:
-        return "depthwise", "depthwise layer (groups == in_channels): memory-bound, plane-per-task kernel"
     cg, kg = g.C // g.groups, g.K // g.groups
-    if kg < 8:
+    gemm = "im2col", (f"GEMM of {kg} x {cg * g.T * g.R * g.S} x {g.P * g.Q * g.U} per sample and group: "
+                      f"BLAS beats direct loops")
+    if g.is_depthwise:
+        multiplier = g.K // g.C
+        if multiplier >= WIDE_MULTIPLIER[primitive]:
+            return "im2col", gemm[1] + f" (a depthwise layer of channel multiplier {multiplier})"
+        if primitive == "backward_filter" and (multiplier > DEPTHWISE_MULTIPLIER or g.D == g.H == 1):
+            return "direct", ("depthwise weight gradient, " + (f"channel multiplier {multiplier}" if g.D * g.H > 1
+                              else "1-D") + ": direct's per-(k, c) dot products")
+        return "depthwise", "depthwise layer (groups == in_channels): memory-bound, plane-per-task kernel"
+    if kg < 8 and not (g.groups > 1 and cg >= 4 and g.T * g.R * g.S == 1):
         return "direct", f"{kg} output channels per group: too thin for a BLAS GEMM"
-    if winograd.supports(g, primitive) is None:
+    if winograd.supports(g, primitive) is None and min(cg, kg) >= 8:
         tiles = winograd.tile_count(g, primitive)
         if tiles >= WINOGRAD_TILES_PER_CHANNEL[primitive] * max(cg, kg):
             return "winograd", (f"3x3, unit stride: F(4x4, 3x3) Winograd, 4x fewer multiply-adds than a GEMM "
                                 f"({tiles} tiles for {max(cg, kg)} channels per group)")
-    return "im2col", (f"GEMM of {kg} x {cg * g.T * g.R * g.S} x {g.P * g.Q * g.U} per sample and group: "
-                      f"BLAS beats direct loops")
+    return gemm
