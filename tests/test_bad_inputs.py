@@ -213,6 +213,13 @@ def _inf_weight_over_padding(algo, groups, stride):
     return build
 
 
+def _inf_weight_high_padding(A):
+    x, w = _data(1, 2, 8), _data(2, 2, 3)
+    w[1, 0, 2] = -np.inf  # its last tap reads the high side's padding in the last two outputs: NaN there
+    return (cnnfast.conv1d(A.put(x), A.put(w), padding=((0, 2),), algo="direct"),
+            reference.conv(x, w, padding=((0, 2),)))
+
+
 def _inf_weight_grad_input(algo, groups):
     def build(A):
         w, dy = _data(2, 2 // groups, 3, 3), _data(1, 2, 6, 6)
@@ -601,6 +608,8 @@ CATALOGUE = [
     *(Row(f"inf-weight-padding-{algo}-s{stride}", f"conv2d +inf weight tap, padding=1, stride {stride}, algo={algo!r}",
           _inf_weight_over_padding(algo, groups, stride), None, None)
       for algo, groups in (("direct", 1), ("im2col", 1), ("depthwise", 2)) for stride in (1, 2)),
+    Row("inf-weight-high-padding-direct", "conv1d -inf weight tap, padding (0, 2), algo='direct'",
+        _inf_weight_high_padding, None, None),
     *(Row(f"inf-weight-grad-input-{algo}", f"conv2d_input +inf weight tap, padding=1, algo={algo!r}",
           _inf_weight_grad_input(algo, groups), None, None, xfail=_CUDA_MASKED_DY if algo != "im2col" else None,
           xfail_on=("cuda",)) for algo, groups in (("direct", 1), ("im2col", 1), ("depthwise", 2))),

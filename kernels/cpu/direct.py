@@ -207,10 +207,11 @@ def nan_where_nonfinite_taps_read_padding(w, y, g):
     """The forward kernels skip the zero padding; torch and the reference multiply it, and a NaN or inf weight times
     0 is NaN: the outputs y[:, k, p, q, u] whose non-finite tap w[k, :, t, r, s] reads padding are made NaN here.
     w (K, C/g, T, R, S), y (N, K, P, Q, U). One pass over w (nonfinite_channels), and only a padded layer's."""
-    high = [(n - 1) * st + (k - 1) * d + 1 - lo - L for n, st, k, d, lo, L in (
-        (g.P, g.stride_d, g.T, g.dil_d, g.pad_d, g.D), (g.Q, g.stride_h, g.R, g.dil_h, g.pad_h, g.H),
-        (g.U, g.stride_w, g.S, g.dil_w, g.pad_w, g.W))]
-    if max(g.pad_d, g.pad_h, g.pad_w, *high) <= 0 or y.size == 0 or not nonfinite_channels(w.reshape(1, g.K, -1)).any():
+    padded = (g.pad_d or g.pad_h or g.pad_w  # a low pad, or the last output's last tap past the input's end
+              or (g.P - 1) * g.stride_d + (g.T - 1) * g.dil_d - g.pad_d >= g.D
+              or (g.Q - 1) * g.stride_h + (g.R - 1) * g.dil_h - g.pad_h >= g.H
+              or (g.U - 1) * g.stride_w + (g.S - 1) * g.dil_w - g.pad_w >= g.W)
+    if not padded or y.size == 0 or not nonfinite_channels(w.reshape(1, g.K, -1)).any():
         return
     def inside(n_out, stride, dil, pad, length, tap):  # outputs whose tap reads inside the input along one axis
         pos = np.arange(n_out) * stride - pad + tap * dil
