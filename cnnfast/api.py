@@ -175,11 +175,16 @@ def _pad_arrays(spec):
     return [np.asarray(t, dtype=np.int64) for t in spec.pad_tables()]
 
 
-@np.errstate(all="ignore")  # (as a decorator, each call has its own state: thread-safe)
-def _execute(dev, spec, plan, primitive, ins, result_role, bias, kind, workspace_limit):
-    """Run plan on working arrays; return the result (batched, op-level shape) in the device's family. NumPy's
-    floating-point warnings are off: its BLAS products and bias adds warned about NaN or inf data, or raised under
-    np.seterr(all="raise"), where the Numba kernels (and torch) never do."""
+def _execute(*args):
+    """_run_plan with NumPy's floating-point errors ignored: its BLAS products and bias adds warned about NaN or inf
+    data, or raised under np.seterr(all="raise"), where the Numba kernels (and torch) never do. (A new errstate per
+    call: NumPy 1.x's decorator form shares one between threads.)"""
+    with np.errstate(all="ignore"):
+        return _run_plan(*args)
+
+
+def _run_plan(dev, spec, plan, primitive, ins, result_role, bias, kind, workspace_limit):
+    """Run plan on working arrays; return the result (batched, op-level shape) in the device's family."""
     g = spec.geometry
     dtype = np.dtype(spec.dtype)
     views = spec.views  # role -> (shape, unpadded 5-D view, what the kernels see)

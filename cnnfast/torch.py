@@ -124,20 +124,28 @@ def _conv_transpose_sized(input, weight, bias, nd, options, output_size):
         output_size = _ints(output_size)
     except (TypeError, LookupError):  # not a sequence of ints: ConvSpec names it
         pass
-    output_padding = _output_padding(op, tuple(_ints(shape)), tuple(_ints(weight.shape)), stride, padding,
-                                     output_padding, groups, dilation, output_size)
+    output_padding, error = _output_padding(op, tuple(_ints(shape)), tuple(_ints(weight.shape)), stride, padding,
+                                            output_padding, groups, dilation, output_size)
+    if error is not None:
+        raise _ERRORS[error](output_padding)
     layer = f"{op}:{_plain((stride, padding, output_padding, groups, dilation, algo))!r}"
     return _conv_call(input, weight, bias, layer)
 
 
 torch.fx.wrap("_conv_transpose_sized")
+_ERRORS = {"ValueError": ValueError, "TypeError": TypeError}
 
 
 @torch.compiler.assume_constant_result  # torch.compile runs it while tracing, on ints: a constant (fullgraph)
 def _output_padding(op, input_shape, weight_shape, stride, padding, output_padding, groups, dilation, output_size):
-    return ConvSpec.create(op, input_shape, weight_shape, stride=stride, padding=padding, dilation=dilation,
-                           groups=groups, transposed=True, output_padding=output_padding,
-                           output_size=output_size).output_padding
+    """(output_padding, None), or (the message, 'ValueError' or 'TypeError') for the caller to raise: raised in here,
+    while torch.compile traces, it would reach the user as torch's InternalTorchDynamoError."""
+    try:
+        return ConvSpec.create(op, input_shape, weight_shape, stride=stride, padding=padding, dilation=dilation,
+                               groups=groups, transposed=True, output_padding=output_padding,
+                               output_size=output_size).output_padding, None
+    except (ValueError, TypeError) as e:
+        return str(e), type(e).__name__
 
 
 conv1d, conv2d, conv3d = (_conv_fn(nd) for nd in (1, 2, 3))

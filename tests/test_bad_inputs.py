@@ -701,7 +701,8 @@ def test_readme_errors_table_lists_the_catalogue():
 @pytest.mark.parametrize("algo", ["direct", "im2col", "winograd"])
 def test_nonfinite_data_raises_nothing_under_numpy_errstate_raise(algo):
     """NaN/inf data and float32 overflow under np.errstate(all="raise") and warnings as errors: every algorithm
-    returns what the Numba kernels return (BLAS products on cnnfast's worker threads included), as torch does."""
+    returns what the Numba kernels return (BLAS products on cnnfast's worker threads and check mode's reference
+    included), as torch does."""
     x, w = _data(4, 16, 32, 32), _data(16, 16, 3, 3)
     x[:, 0, 0, 0], x[:, 3, 5, 5], w[2, 0, 1, 1] = np.inf, np.nan, 0.0  # inf * 0 in every sample: every thread
     big = np.full((1, 1, 6, 6), 3e38, np.float32)
@@ -710,6 +711,8 @@ def test_nonfinite_data_raises_nothing_under_numpy_errstate_raise(algo):
         y = cnnfast.conv2d(x, w, padding=1, algo=algo)
         dw = grad.conv2d_weight(x, w.shape, np.ones_like(y), padding=1, algo=algo)
         over = cnnfast.conv2d(big, np.ones((1, 1, 3, 3), np.float32), padding=1, algo=algo)
+        with cnnfast.checking():  # and the reference beside it
+            cnnfast.conv2d(x, w, padding=1, algo=algo)
     with np.errstate(invalid="ignore"):  # (the reference's einsum warns)
         _check_propagation(y, reference.conv(x, w, padding=1))
         _check_propagation(dw, reference.conv_weight(x, w.shape, np.ones_like(y), padding=1))

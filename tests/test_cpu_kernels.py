@@ -334,11 +334,15 @@ CHOOSE_RULES = [
     # 1. depthwise layers (groups == C), channel multiplier 1 and 2, whatever the primitive
     *[(f"depthwise-{p}", p, (2, 16, 40, 40), (32, 1, 3, 3), dict(padding=1, groups=16), "depthwise") for p in OPS],
     ("depthwise-m1-forward", "forward", (1, 8, 6, 6), (8, 1, 3, 3), dict(groups=8), "depthwise"),
-    #    ... but a channel multiplier >= WIDE_MULTIPLIER -> im2col (a single-channel input's first layer), the weight
-    #    gradient of a 1-D layer or of multiplier > 8 -> direct
-    *[(f"1-to-64-channels-{p}", p, (1, 1, 32, 32), (64, 1, 3, 3), dict(padding=1), "im2col") for p in OPS],
+    ("multiplier-9-forward", "forward", (2, 32, 8, 8), (288, 1, 3, 3), dict(padding=1, groups=32), "depthwise"),
+    #    ... but a single-channel input with >= SINGLE_CHANNEL_GEMM output channels -> im2col (the gradients from
+    #    4096 input positions or at a stride > 1), the weight gradient of a 1-D layer -> direct
+    *[(f"1-to-64-channels-{p}", p, (1, 1, 64, 64), (64, 1, 3, 3), dict(padding=1), "im2col") for p in OPS],
+    *[(f"1-to-64-channels-32x32-{p}", p, (1, 1, 32, 32), (64, 1, 3, 3), dict(padding=1), "depthwise")
+      for p in ("backward_data", "backward_filter")],
+    *[(f"1-to-64-channels-1d-stride-5-{p}", p, (1, 1, 3000), (64, 1, 10), dict(stride=5), "im2col") for p in OPS],
     *[(f"1-to-16-channels-{p}", p, (1, 1, 32, 32), (16, 1, 3, 3), dict(padding=1), algo)
-      for p, algo in (("forward", "im2col"), ("backward_data", "depthwise"), ("backward_filter", "direct"))],
+      for p, algo in (("forward", "im2col"), ("backward_data", "depthwise"), ("backward_filter", "depthwise"))],
     *[(f"depthwise-1d-{p}", p, (2, 16, 40), (16, 1, 3), dict(padding=1, groups=16), algo)
       for p, algo in (("forward", "depthwise"), ("backward_data", "depthwise"), ("backward_filter", "direct"))],
     # 2. fewer than 8 output channels per group -> direct (even where rule 4 would pick im2col)

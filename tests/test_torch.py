@@ -326,6 +326,9 @@ def test_output_size_under_tracing_compile_and_export():
     for skip3 in (torch.randn(3, 3, 8, 8), torch.randn(3, 3, 7, 7)):  # another batch; output_padding 1, then 0
         for run in (compiled, exported) if skip3.shape[-1] == 8 else (compiled,):  # (export: one skip size)
             torch.testing.assert_close(run(x3, skip3), model(x3, skip3), rtol=1e-4, atol=1e-5)
+    # a size out of reach: cnnfast's ValueError under torch.compile too, as torch's own (not InternalTorchDynamoError)
+    with pytest.raises(ValueError, match=r"conv_transpose2d: requested an output size of \[13, 8\]"):
+        torch.compile(ours, backend="eager")(x, torch.randn(2, 3, 13, 8))
 
 
 @pytest.mark.parametrize("algo", [a for a in algorithms("cpu") if a != "reference"])

@@ -3,10 +3,11 @@
 choose(g, primitive), the cost model behind algo="auto" (from `cnnfast bench --shapes cpu` and thin-layer
 measurements on a 2-core AVX2 machine, bench/RESULTS.md), the same for all three primitives:
   1. depthwise layers (groups == C)                   -> depthwise (memory-bound; a plane per task), but
-                                                         - channel multiplier K/C >= WIDE_MULTIPLIER -> im2col
-                                                           (a 1 -> 64 first layer: 1.5-5x faster)
-                                                         - weight gradient of a 1-D layer, or of multiplier > 8
-                                                           -> direct (1.2-2x faster)
+                                                         - a single-channel input with >= SINGLE_CHANNEL_GEMM
+                                                           output channels (backward: and a stride or >= 4096
+                                                           positions) -> im2col (1 -> 64: 1.5-6x faster)
+                                                         - the weight gradient of a 1-D layer -> direct
+                                                           (1.2-2x faster)
   2. fewer than 8 output channels per group           -> direct (a GEMM that thin does not pay for its columns:
      (not a grouped 1x1 layer of >= 4 input channels     2-8x faster than im2col at 1-4 channels; a grouped 1x1
      per group)                                          layer's GEMMs are 1.5-2.5x faster than direct)
@@ -37,11 +38,11 @@ __all__ = ["ALGORITHMS", "choose", "pad_cpu", "fold_pad_cpu", "bias_grad_cpu"]
 # algorithms wrote their first block's product in place) 0.98-1.05x at 0.25, 1.09x and 1.16x at 0.38, 1.39x at
 # 0.5. (2026-12-05, before the split: forward from 0.3, backward_data from 0.45, backward_filter from 1.0.)
 WINOGRAD_TILES_PER_CHANNEL = {"forward": 0.2, "backward_data": 0.45, "backward_filter": 0.3}
-# A depthwise layer's channel multiplier (K / C; a single-channel input's first layer is "depthwise" with K / 1) from
-# which a GEMM beats the depthwise kernels, and past which the weight gradient takes direct's kernel: 1 -> 64 and
-# 1 -> 16 layers (2026-12-06, seventeenth session, bench/RESULTS.md).
-WIDE_MULTIPLIER = {"forward": 9, "backward_data": 64, "backward_filter": 64}
-DEPTHWISE_MULTIPLIER = 8
+# A single-channel input's layer (depthwise by groups == C == 1) runs im2col from this many output channels, its
+# gradients only at a stride > 1 or from SINGLE_CHANNEL_POSITIONS input positions per sample (2026-12-06, seventeenth
+# session, bench/RESULTS.md: 1 -> 16..64 layers @28..256 and 1-D; below these the depthwise kernels win or tie).
+SINGLE_CHANNEL_GEMM = {"forward": 16, "backward_data": 64, "backward_filter": 64}
+SINGLE_CHANNEL_POSITIONS = 4096
 
 _KERNELS = {
     "direct": {"forward": "direct_forward_cpu", "backward_data": "direct_backward_data_cpu",
@@ -67,7 +68,9 @@ def _kernels(name):
                        f"scratch exceeds workspace_limit)")
         if name == "depthwise" and g.stride_d == g.stride_h == g.stride_w == 1:
             wide = "depthwise_wide_filter_cpu" if primitive == "backward_filter" else "depthwise_wide_cpu"
-            kernel = f"{wide} ({kernel} when its scratch exceeds workspace_limit)"
+            kernel = (f"{wide} ({kernel} when its scratch exceeds workspace_limit"
+                      + {"forward": ")", "backward_data": " or the weight holds a NaN or an inf)",
+                         "backward_filter": "; direct's again when the result holds a NaN or an inf)"}[primitive])
         return (f"{kernel} [{dtype}]",)
     return names
 
@@ -95,12 +98,12 @@ def choose(g, primitive):
     gemm = "im2col", (f"GEMM of {kg} x {cg * g.T * g.R * g.S} x {g.P * g.Q * g.U} per sample and group: "
                       f"BLAS beats direct loops")
     if g.is_depthwise:
-        multiplier = g.K // g.C
-        if multiplier >= WIDE_MULTIPLIER[primitive]:
-            return "im2col", gemm[1] + f" (a depthwise layer of channel multiplier {multiplier})"
-        if primitive == "backward_filter" and (multiplier > DEPTHWISE_MULTIPLIER or g.D == g.H == 1):
-            return "direct", ("depthwise weight gradient, " + (f"channel multiplier {multiplier}" if g.D * g.H > 1
-                              else "1-D") + ": direct's per-(k, c) dot products")
+        if g.C == 1 and g.K >= SINGLE_CHANNEL_GEMM[primitive] and (
+                primitive == "forward" or max(g.stride_d, g.stride_h, g.stride_w) > 1
+                or g.D * g.H * g.W >= SINGLE_CHANNEL_POSITIONS):
+            return "im2col", gemm[1] + f" (a single-channel input's layer of {g.K} output channels)"
+        if primitive == "backward_filter" and g.D == g.H == 1:
+            return "direct", "1-D depthwise weight gradient: direct's per-(k, c) dot products"
         return "depthwise", "depthwise layer (groups == in_channels): memory-bound, plane-per-task kernel"
     if kg < 8 and not (g.groups > 1 and cg >= 4 and g.T * g.R * g.S == 1):
         return "direct", f"{kg} output channels per group: too thin for a BLAS GEMM"

@@ -192,7 +192,10 @@ def share(task, parts):
         _shared_count = count
         lib.set_num_threads(1)
         pending = []
-        quiet = np.errstate(all="ignore")(task)  # as the caller's ops are (cnnfast.api): its state is not the workers'
+
+        def quiet(k):  # NumPy's errors ignored, as in the caller's op (cnnfast.api): its state is not the workers'
+            with np.errstate(all="ignore"):
+                task(k)
         try:
             pending = [_pool(count).submit(quiet, k) for k in range(1, parts)]
             task(0)

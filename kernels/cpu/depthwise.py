@@ -12,6 +12,10 @@ depthwise_wide_filter_cpu): short rows made the row kernels spend most of their 
 loops of U elements per output row), so each task pads its source plane once into scratch and makes each tap
 ONE pass over the whole plane (3x3 depthwise 144 @56, batch 4, 2 cores: forward 3.5 -> 1.8 ms). Their scratch
 (about two planes per thread) counts against workspace_limit; when it does not fit, the row kernels run.
+Non-finite values as the reference has them: the wide input gradient also multiplies dy's zero border, so a NaN or
+inf weight takes the row kernel; the wide weight gradient also meets x past each row (dy 0 there), so a result that
+is not finite is computed again by direct's kernel; the row forward skips the padding, whose products with a
+non-finite weight are then set to NaN (direct.nan_where_nonfinite_taps_read_padding).
 """
 import numba
 import numpy as np
