@@ -236,8 +236,26 @@ def _inf_last_x_weight_grad_depthwise(A):
             reference.conv_weight(x, (2, 1, 3, 3), dy, groups=2))
 
 
-_CUDA_MASKED_DY = ("CUDA direct and depthwise input gradients multiply a non-finite weight by the zero they load past "
-                   "dy's border: NaN where the reference (and torch) skip that tap")
+def _inf_weight_depth_padding_depthwise(A):
+    x, w = _data(1, 2, 3, 3, 4), _data(2, 1, 2, 2, 2)
+    w[0, 0, 0, 1, 1] = np.inf  # its depth tap reads the depth padding in the first output depth: NaN there
+    return (cnnfast.conv3d(A.put(x), A.put(w), padding=(1, 0, 1), groups=2, algo="depthwise"),
+            reference.conv(x, w, padding=(1, 0, 1), groups=2))
+
+
+def _inf_weight_conv_transpose(algo):
+    def build(A):
+        x, w = _data(1, 2, 4, 4), _data(2, 2, 3, 3)
+        w[0, 1, 0, 0] = np.inf  # scattered from x only: +inf where it lands, finite elsewhere
+        return cnnfast.conv_transpose2d(A.put(x), A.put(w), algo=algo), reference.conv_transpose(x, w)
+    return build
+
+
+_CUDA_DEPTH_PADDING = ("CUDA depthwise forward skips a depth tap over the padding (h and w's padding is staged as "
+                       "zeros and multiplied): no NaN from a non-finite weight there; multiplying it as well cost the "
+                       "generic builds 8-29 registers")
+_CUDA_MASKED_DY = ("CUDA direct and depthwise input gradients (and transposed forwards) multiply a non-finite weight "
+                   "by the zero they load past dy's border: NaN where the reference (and torch) skip that tap")
 
 # ---------------------------------------------------------------- the catalogue
 
@@ -615,6 +633,11 @@ CATALOGUE = [
           xfail_on=("cuda",)) for algo, groups in (("direct", 1), ("im2col", 1), ("depthwise", 2))),
     Row("inf-x-grad-weight-depthwise", "conv2d_weight +inf in the last column of input, algo='depthwise'",
         _inf_last_x_weight_grad_depthwise, None, None),
+    Row("inf-weight-depth-padding-depthwise", "conv3d +inf weight tap over the depth padding, algo='depthwise'",
+        _inf_weight_depth_padding_depthwise, None, None, xfail=_CUDA_DEPTH_PADDING, xfail_on=("cuda",)),
+    *(Row(f"inf-weight-conv-transpose-{algo}", f"conv_transpose2d +inf weight tap, algo={algo!r}",
+          _inf_weight_conv_transpose(algo), None, None, xfail=_CUDA_MASKED_DY if algo == "direct" else None,
+          xfail_on=("cuda",)) for algo in ("direct", "im2col")),
 ]
 
 
