@@ -170,25 +170,16 @@ def conv_bias(dy):
 
 # ---------------------------------------------------------------- transposed convolution and its gradients
 
-def _transposed_shapes(x_shape, w_shape, stride, pads, output_padding, groups, dilation):
-    """Output shape (N, C_out, *Lout) of conv_transpose, Lout = (L-1)*s - lo - hi + d*(k-1) + output_padding + 1,
-    and the shape (N, C_in, *O) of the matching conv's output on it (O >= L; O > L only when output_padding >= s)."""
+def _transposed_shape(x_shape, w_shape, stride, pads, output_padding, groups, dilation):
+    """Output shape (N, C_out, *Lout) of conv_transpose, Lout = (L-1)*s - lo - hi + d*(k-1) + output_padding + 1.
+    The matching conv's output on it can be longer than L (output_padding >= s, possible when d > s): conv_input
+    and conv_weight then take x (L) as a dy shorter than that output, the positions x does not reach getting
+    nothing (not x zero-extended times the weight, which is NaN for a NaN or inf weight, as torch never computes)."""
     nd = len(x_shape) - 2
     opad = _per_axis(output_padding, nd)
     lout = tuple((L - 1) * s - lo - hi + d * (k - 1) + op + 1
                  for L, k, s, d, (lo, hi), op in zip(x_shape[2:], w_shape[2:], stride, dilation, pads, opad))
-    out_shape = (x_shape[0], w_shape[1] * groups) + lout
-    conv_out = (x_shape[0], x_shape[1]) + _out_shape(lout, w_shape[2:], stride, dilation, pads)
-    return out_shape, conv_out
-
-
-def _extend(a, shape):
-    """a zero-extended at the high end of each axis to shape (rows that receive no contribution)."""
-    if a.shape == tuple(shape):
-        return a
-    out = np.zeros(shape)
-    out[tuple(slice(0, m) for m in a.shape)] = a
-    return out
+    return (x_shape[0], w_shape[1] * groups) + lout
 
 
 def conv_transpose(x, w, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
@@ -197,8 +188,8 @@ def conv_transpose(x, w, bias=None, stride=1, padding=0, output_padding=0, group
     x, w = _f64(x), _f64(w)
     nd = x.ndim - 2
     stride, pads, dilation = _args(nd, stride, padding, dilation)
-    out_shape, conv_out = _transposed_shapes(x.shape, w.shape, stride, pads, output_padding, groups, dilation)
-    y = conv_input(out_shape, w, _extend(x, conv_out), stride, pads, dilation, groups)
+    out_shape = _transposed_shape(x.shape, w.shape, stride, pads, output_padding, groups, dilation)
+    y = conv_input(out_shape, w, x, stride, pads, dilation, groups)
     if bias is not None:
         y = y + _f64(bias).reshape((-1,) + (1,) * nd)
     return y
@@ -216,5 +207,4 @@ def conv_transpose_weight(x, weight_shape, dy, stride=1, padding=0, output_paddi
     x, dy = _f64(x), _f64(dy)
     nd = x.ndim - 2
     stride, pads, dilation = _args(nd, stride, padding, dilation)
-    _, conv_out = _transposed_shapes(x.shape, weight_shape, stride, pads, output_padding, groups, dilation)
-    return conv_weight(dy, weight_shape, _extend(x, conv_out), stride, pads, dilation, groups)
+    return conv_weight(dy, weight_shape, x, stride, pads, dilation, groups)

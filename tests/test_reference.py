@@ -342,3 +342,16 @@ def test_conv_transpose_asymmetric_padding_matches_cropped_torch(nd, pads, opad)
                                                                 output_padding=opad).numpy()
     crop = (slice(None),) * 2 + tuple(slice(lo, n - hi) for (lo, hi), n in zip(pads, full.shape[2:]))
     assert_close(y, full[crop])
+
+
+def test_conv_transpose_past_its_stride_multiplies_only_x():
+    """output_padding >= stride (dilation 2 > stride 1): the output runs past what x reaches, and those positions
+    get nothing, not the weight times a zero (NaN for a NaN weight). By hand: y[2t] = x[0] * w[t], dw[t] = dy[2t]."""
+    x, w = np.array([[[1.0]]]), np.array([[[np.nan, 1.0]]])
+    np.testing.assert_array_equal(ref.conv_transpose(x, w, output_padding=1, dilation=2), [[[np.nan, 0.0, 1.0, 0.0]]])
+    dy = np.array([[[1.0, np.nan, 3.0, 4.0]]])
+    np.testing.assert_array_equal(ref.conv_transpose_weight(x, (1, 1, 2), dy, output_padding=1, dilation=2),
+                                  [[[1.0, 3.0]]])
+    import cnnfast
+    with cnnfast.checking():  # the kernels agree (check mode raised a false MismatchError before)
+        cnnfast.conv_transpose1d(x.astype(np.float32), w.astype(np.float32), output_padding=1, dilation=2)
