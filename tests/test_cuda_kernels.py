@@ -126,6 +126,20 @@ def test_tile_choice_takes_the_largest_tile_that_fills_a_wave():
 
 
 # each tile on a problem with partial row and column blocks, groups, stride 2 (sub-pixel classes) and a bias
+def _three_primitives(xs, ws, kw, dtype, algo, seed=0, **call):
+    """forward (with a bias), backward_data and backward_filter of one layer on the device against the reference."""
+    rng = np.random.default_rng(seed)
+    x, w, b = (rng.standard_normal(s).astype(dtype) for s in (xs, ws, ws[:1]))
+    D, nd = cuda.to_device, len(xs) - 2
+    y = getattr(cnnfast, f"conv{nd}d")(D(x), D(w), D(b), algo=algo, **kw, **call).copy_to_host()
+    compare.assert_close(y, reference.conv(x, w, b, **kw), dtype, f"{algo} forward")
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dx = getattr(grad, f"conv{nd}d_input")(xs, D(w), D(dy), algo=algo, **kw, **call).copy_to_host()
+    compare.assert_close(dx, reference.conv_input(xs, w, dy, **kw), dtype, f"{algo} backward_data")
+    dw = getattr(grad, f"conv{nd}d_weight")(D(x), ws, D(dy), algo=algo, **kw, **call).copy_to_host()
+    compare.assert_close(dw, reference.conv_weight(x, ws, dy, **kw), dtype, f"{algo} backward_filter")
+
+
 TILE_PROBLEM = ((2, 6, 12, 11), (10, 3, 3, 3), dict(stride=2, padding=1, groups=2))
 
 
@@ -135,16 +149,8 @@ TILE_PROBLEM = ((2, 6, 12, 11), (10, 3, 3, 3), dict(stride=2, padding=1, groups=
                             ("direct:8x64", "float64")])  # (float64's tiles: gemm.tile_names)
 def test_every_tile_matches_reference(algo, dtype):
     xs, ws, kw = TILE_PROBLEM
-    rng = np.random.default_rng(3)
-    x, w, b = (rng.standard_normal(s).astype(dtype) for s in (xs, ws, ws[:1]))
     assert cnnfast.explain("conv2d", xs, ws, device="cuda", dtype=dtype, algo=algo, **kw).tile == algo.split(":")[1]
-    y = cnnfast.conv2d(cuda.to_device(x), cuda.to_device(w), cuda.to_device(b), algo=algo, **kw).copy_to_host()
-    compare.assert_close(y, reference.conv(x, w, b, **kw), dtype, f"{algo} forward")
-    dy = rng.standard_normal(y.shape).astype(dtype)
-    dx = grad.conv2d_input(xs, cuda.to_device(w), cuda.to_device(dy), algo=algo, **kw).copy_to_host()
-    compare.assert_close(dx, reference.conv_input(xs, w, dy, **kw), dtype, f"{algo} backward_data")
-    dw = grad.conv2d_weight(cuda.to_device(x), ws, cuda.to_device(dy), algo=algo, **kw).copy_to_host()
-    compare.assert_close(dw, reference.conv_weight(x, ws, dy, **kw), dtype, f"{algo} backward_filter")
+    _three_primitives(xs, ws, kw, dtype, algo, seed=3)
 
 
 # backward_filter problems whose output planes (O = 1, 2, 3, 7) are smaller than a shared-memory step of 8 reduction
@@ -810,20 +816,6 @@ def test_im2col_workspace_chunks_over_the_batch(problem):
                                workspace_limit=limit).copy_to_host()
     compare.assert_close(y_chunked, reference.conv(x, w, padding=1), "float32")
     np.testing.assert_array_equal(y_chunked, y_full)  # same arithmetic order per output
-
-
-def _three_primitives(xs, ws, kw, dtype, algo, seed=0, **call):
-    """forward (with a bias), backward_data and backward_filter of one layer on the device against the reference."""
-    rng = np.random.default_rng(seed)
-    x, w, b = (rng.standard_normal(s).astype(dtype) for s in (xs, ws, ws[:1]))
-    D, nd = cuda.to_device, len(xs) - 2
-    y = getattr(cnnfast, f"conv{nd}d")(D(x), D(w), D(b), algo=algo, **kw, **call).copy_to_host()
-    compare.assert_close(y, reference.conv(x, w, b, **kw), dtype, f"{algo} forward")
-    dy = rng.standard_normal(y.shape).astype(dtype)
-    dx = getattr(grad, f"conv{nd}d_input")(xs, D(w), D(dy), algo=algo, **kw, **call).copy_to_host()
-    compare.assert_close(dx, reference.conv_input(xs, w, dy, **kw), dtype, f"{algo} backward_data")
-    dw = getattr(grad, f"conv{nd}d_weight")(D(x), ws, D(dy), algo=algo, **kw, **call).copy_to_host()
-    compare.assert_close(dw, reference.conv_weight(x, ws, dy, **kw), dtype, f"{algo} backward_filter")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
