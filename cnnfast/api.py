@@ -89,10 +89,11 @@ def run(op, kind, nd, *, input=None, weight=None, grad_output=None, bias=None, s
     else:
         input_shape, weight_shape = add_n(shapes["input"]), shapes["weight"]
     bias_shape = shapes.get("bias")
-    key = _plan_key(op, kind, device, dtype, input_shape, weight_shape, bias_shape, algo, workspace_limit, options)
+    key = _plan_key(op, kind, device, dtype, batched, input_shape, weight_shape, bias_shape, algo, workspace_limit,
+                    options)
     spec, plan = _PLANS.get(key, (None, None))
     if spec is None:
-        spec = ConvSpec.create(op, input_shape, weight_shape, bias_shape=bias_shape,
+        spec = ConvSpec.create(op, input_shape, weight_shape, bias_shape=bias_shape, unbatched=not batched,
                                transposed=kind.startswith("conv_transpose"), dtype=dtype, **options)
     if grad_output is not None and add_n(shapes["grad_output"]) != spec.output_shape:
         expected = spec.output_shape if batched else spec.output_shape[1:]
@@ -150,10 +151,10 @@ def _frozen(v):
     raise TypeError(t.__name__)
 
 
-def _plan_key(op, kind, device, dtype, input_shape, weight_shape, bias_shape, algo, workspace_limit, options):
+def _plan_key(op, kind, device, dtype, batched, input_shape, weight_shape, bias_shape, algo, workspace_limit, options):
     """The cache key of a call (None: do not cache it)."""
     try:
-        key = (op, kind, device, dtype, input_shape, weight_shape, bias_shape, _frozen(algo),
+        key = (op, kind, device, dtype, batched, input_shape, weight_shape, bias_shape, _frozen(algo),
                _frozen(workspace_limit), tuple(options), tuple(map(_frozen, options.values())),
                registry_token(device), blas.threads() if device == "cpu" else None)  # (im2col's chunks)
         hash(key)

@@ -136,8 +136,11 @@ class ConvSpec:
     @classmethod
     def create(cls, op, input_shape, weight_shape, *, bias_shape=None, stride=1, padding=0, dilation=1,
                groups=1, transposed=False, output_padding=0, output_size=None, padding_mode="zeros",
-               dtype="float32"):
-        """Normalise and validate the arguments of `op`; raise ValueError/TypeError naming what is wrong."""
+               dtype="float32", unbatched=False):
+        """Normalise and validate the arguments of `op`; raise ValueError/TypeError naming what is wrong.
+
+        input_shape is batched; unbatched=True: the caller's input had no batch axis (its full output_size is then
+        (C_out, *L_out), as torch.nn.ConvTranspose takes it)."""
         input_shape, weight_shape = tuple(input_shape), tuple(weight_shape)
         nd = len(input_shape) - 2
         if nd not in (1, 2, 3):
@@ -182,7 +185,7 @@ class ConvSpec:
                              f"{_shape_str(bias_shape)} instead")
         if transposed:
             output_padding = cls._transposed_output_padding(op, output_padding, output_size, input_shape,
-                                                            kernel, stride, dilation, pairs)
+                                                            kernel, stride, dilation, pairs, unbatched)
         else:
             output_padding = (0,) * nd
         spec = cls(input_shape, weight_shape, stride, pairs, dilation, groups, bool(transposed),
@@ -215,8 +218,10 @@ class ConvSpec:
                              f"channels instead")
 
     @staticmethod
-    def _transposed_output_padding(op, output_padding, output_size, input_shape, kernel, stride, dilation, pairs):
+    def _transposed_output_padding(op, output_padding, output_size, input_shape, kernel, stride, dilation, pairs,
+                                   unbatched):
         nd = len(kernel)
+        full, lead = (nd + 1, "channel size") if unbatched else (nd + 2, "batch and channel sizes")
         output_padding = int_tuple(op, "output_padding", output_padding, nd)
         if any(p < 0 for p in output_padding):
             raise ValueError(f"{op}: negative output_padding is not supported, but got {output_padding}")
@@ -224,11 +229,11 @@ class ConvSpec:
             if getattr(output_size, "ndim", None) == 1 and hasattr(output_size, "tolist"):
                 output_size = output_size.tolist()  # a 1-D NumPy array, as torch.nn.ConvTranspose takes it
             if not isinstance(output_size, (tuple, list)):
-                raise TypeError(f"{op}: expected output_size to be a tuple of {nd} ints (or {nd + 2} with the batch "
-                                f"and channel sizes), but got {output_size!r}")
-            if len(output_size) not in (nd, nd + 1, nd + 2):
-                raise ValueError(f"{op}: expected output_size to have {nd} entries (or {nd + 2} with the batch and "
-                                 f"channel sizes), but got output_size={output_size!r}")
+                raise TypeError(f"{op}: expected output_size to be a tuple of {nd} ints (or {full} with the {lead}), "
+                                f"but got {output_size!r}")
+            if len(output_size) not in (nd, full):  # (torch.nn.ConvTranspose's rule)
+                raise ValueError(f"{op}: expected output_size to have {nd} entries (or {full} with the {lead}) for "
+                                 f"a{'n un' if unbatched else ' '}batched input, but got output_size={output_size!r}")
             size = int_tuple(op, "output_size", tuple(output_size)[-nd:], nd, limited=False)
             smallest = [transposed_output_size(L, k, s, d, lo, hi, 0)
                         for L, k, s, d, (lo, hi) in zip(input_shape[2:], kernel, stride, dilation, pairs)]

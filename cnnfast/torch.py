@@ -125,7 +125,7 @@ def _conv_transpose_sized(input, weight, bias, nd, options, output_size):
     except (TypeError, LookupError):  # not a sequence of ints: ConvSpec names it
         pass
     output_padding, error = _output_padding(op, tuple(_ints(shape)), tuple(_ints(weight.shape)), stride, padding,
-                                            output_padding, groups, dilation, output_size)
+                                            output_padding, groups, dilation, output_size, input.dim() == nd + 1)
     if error is not None:
         raise _ERRORS[error](output_padding)
     layer = f"{op}:{_plain((stride, padding, output_padding, groups, dilation, algo))!r}"
@@ -137,13 +137,14 @@ _ERRORS = {"ValueError": ValueError, "TypeError": TypeError}
 
 
 @torch.compiler.assume_constant_result  # torch.compile runs it while tracing, on ints: a constant (fullgraph)
-def _output_padding(op, input_shape, weight_shape, stride, padding, output_padding, groups, dilation, output_size):
+def _output_padding(op, input_shape, weight_shape, stride, padding, output_padding, groups, dilation, output_size,
+                    unbatched):
     """(output_padding, None), or (the message, 'ValueError' or 'TypeError') for the caller to raise: raised in here,
     while torch.compile traces, it would reach the user as torch's InternalTorchDynamoError."""
     try:
         return ConvSpec.create(op, input_shape, weight_shape, stride=stride, padding=padding, dilation=dilation,
                                groups=groups, transposed=True, output_padding=output_padding,
-                               output_size=output_size).output_padding, None
+                               output_size=output_size, unbatched=unbatched).output_padding, None
     except (ValueError, TypeError) as e:
         return str(e), type(e).__name__
 

@@ -415,10 +415,14 @@ CATALOGUE = [
         lambda A: cnnfast.conv_transpose1d(A(1, 3, 8), A(3, 4, 3), output_size="ab"), TypeError,
         r"^conv_transpose1d: expected output_size to be a tuple of 1 ints \(or 3 with the batch and channel sizes\), "
         r"but got 'ab'$"),
-    Row("output-size-length", "conv_transpose1d output_size with 5 entries",
-        lambda A: cnnfast.conv_transpose1d(A(1, 3, 8), A(3, 4, 3), output_size=(1, 1, 1, 1, 10)), ValueError,
-        r"^conv_transpose1d: expected output_size to have 1 entries \(or 3 with the batch and channel sizes\), "
-        r"but got output_size=\(1, 1, 1, 1, 10\)$"),
+    Row("output-size-length", "conv_transpose1d output_size (C, L) for a batched input",
+        lambda A: cnnfast.conv_transpose1d(A(1, 3, 8), A(3, 4, 3), output_size=(4, 10)), ValueError,
+        r"^conv_transpose1d: expected output_size to have 1 entries \(or 3 with the batch and channel sizes\) for "
+        r"a batched input, but got output_size=\(4, 10\)$"),
+    Row("output-size-length-unbatched", "conv_transpose1d output_size (N, C, L) for an unbatched input",
+        lambda A: cnnfast.conv_transpose1d(A(3, 8), A(3, 4, 3), output_size=(1, 4, 10)), ValueError,
+        r"^conv_transpose1d: expected output_size to have 1 entries \(or 2 with the channel size\) for an "
+        r"unbatched input, but got output_size=\(1, 4, 10\)$"),
     Row("output-too-small", "conv_transpose2d padding that leaves no output",
         lambda A: cnnfast.conv_transpose2d(A(1, 4, 1, 1), _w2(A), padding=2), ValueError,
         r"^conv_transpose2d: Given input size per channel: \(1 x 1\)\. Calculated output size per channel: "

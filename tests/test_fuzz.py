@@ -220,7 +220,7 @@ def problems(draw, max_elems=300, max_macs=20000):
     assume(max(sizes) <= max_elems and macs <= max_macs)
     try:  # the drawn problem must be valid (the rules above should guarantee it)
         ConvSpec.create(kind, x_shape, w_shape, bias_shape=(out_shape[1],) if bias else None,
-                        transposed=transposed, dtype=dtype, **options)
+                        transposed=transposed, dtype=dtype, unbatched=batch is None, **options)
     except ValueError:
         assume(False)
     layouts = tuple((draw(st.sampled_from(LAYOUTS)), draw(st.integers(0, 4))) for _ in range(3))

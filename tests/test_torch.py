@@ -42,6 +42,7 @@ CASES = [
     ("t2d-g2-d2", 2, True, (1, 4, 4, 3), (4, 1, 3, 2), dict(stride=(2, 1), padding=1, groups=2, dilation=2)),
     ("t2d-size", 2, True, (2, 3, 3, 3), (3, 2, 4, 4), dict(stride=2, padding=1, output_size=(7, 6))),
     ("t2d-unbatched", 2, True, (3, 3, 3), (3, 2, 3, 3), dict(stride=2)),
+    ("t2d-unbatched-size", 2, True, (3, 3, 3), (3, 2, 3, 3), dict(stride=2, output_size=(2, 8, 7))),
     ("t3d", 3, True, (1, 2, 3, 2, 3), (2, 2, 2, 2, 2), dict(stride=2, padding=(0, 1, 0))),
 ]
 
