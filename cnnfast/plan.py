@@ -34,46 +34,33 @@ def _store(dst, value, stream=0):
 
 
 def _reference_args(g: ConvGeometry):
-    """Reference keyword arguments for geometry g: the high padding that makes exactly (P, Q, U) outputs,
-    and the output extents the reference will produce with it (>= (P, Q, U) when x has unused rows)."""
+    """Reference keyword arguments for geometry g, with the high padding that makes at least (P, Q, U) outputs
+    (more when x has unused rows: the forward keeps the first (P, Q, U); the gradients take a dy of (P, Q, U) as it
+    is, the positions past it getting nothing)."""
     axes = ((g.D, g.T, g.P, g.stride_d, g.dil_d, g.pad_d), (g.H, g.R, g.Q, g.stride_h, g.dil_h, g.pad_h),
             (g.W, g.S, g.U, g.stride_w, g.dil_w, g.pad_w))
-    pads, full = [], []
-    for L, k, n_out, s, d, lo in axes:
-        hi = max(0, (n_out - 1) * s + d * (k - 1) + 1 - L - lo)
-        pads.append((lo, hi))
-        full.append((L + lo + hi - d * (k - 1) - 1) // s + 1)
-    kw = dict(stride=(g.stride_d, g.stride_h, g.stride_w), padding=tuple(pads),
-              dilation=(g.dil_d, g.dil_h, g.dil_w), groups=g.groups)
-    return kw, tuple(full)
-
-
-def _padded_dy(dy, g, full):
-    """dy (N, K, P, Q, U) zero-extended to the reference's output extents `full` (rows that do not exist)."""
-    if full == (g.P, g.Q, g.U):
-        return dy
-    out = np.zeros(dy.shape[:2] + full)
-    out[:, :, :g.P, :g.Q, :g.U] = dy
-    return out
+    pads = tuple((lo, max(0, (n_out - 1) * s + d * (k - 1) + 1 - L - lo)) for L, k, n_out, s, d, lo in axes)
+    return dict(stride=(g.stride_d, g.stride_h, g.stride_w), padding=pads, dilation=(g.dil_d, g.dil_h, g.dil_w),
+                groups=g.groups)
 
 
 def _ref_forward(x, w, bias, y, g, stream=0, **_):
-    kw, _full = _reference_args(g)
+    kw = _reference_args(g)
     b = None if bias is None else to_host(bias)
     out = reference.conv(to_host(x).reshape(g.x_shape), to_host(w).reshape(g.w_shape), b, **kw)
     _store(y, out[:, :, :g.P, :g.Q, :g.U], stream)
 
 
 def _ref_backward_data(dy, w, dx, g, stream=0, **_):
-    kw, full = _reference_args(g)
-    dy = _padded_dy(to_host(dy).reshape(g.y_shape), g, full)
-    _store(dx, reference.conv_input(g.x_shape, to_host(w).reshape(g.w_shape), dy, **kw), stream)
+    kw = _reference_args(g)
+    _store(dx, reference.conv_input(g.x_shape, to_host(w).reshape(g.w_shape), to_host(dy).reshape(g.y_shape), **kw),
+           stream)
 
 
 def _ref_backward_filter(x, dy, dw, g, stream=0, **_):
-    kw, full = _reference_args(g)
-    dy = _padded_dy(to_host(dy).reshape(g.y_shape), g, full)
-    _store(dw, reference.conv_weight(to_host(x).reshape(g.x_shape), g.w_shape, dy, **kw), stream)
+    kw = _reference_args(g)
+    _store(dw, reference.conv_weight(to_host(x).reshape(g.x_shape), g.w_shape, to_host(dy).reshape(g.y_shape), **kw),
+           stream)
 
 
 REFERENCE = Algorithm(

@@ -355,3 +355,24 @@ def test_conv_transpose_past_its_stride_multiplies_only_x():
     import cnnfast
     with cnnfast.checking():  # the kernels agree (check mode raised a false MismatchError before)
         cnnfast.conv_transpose1d(x.astype(np.float32), w.astype(np.float32), output_padding=1, dilation=2)
+
+
+@pytest.mark.parametrize("op", ["conv_transpose1d", "conv_transpose1d_weight"])
+def test_reference_algorithm_past_the_stride_matches_direct(op):
+    """algo='reference' (the reference behind the kernel interface) on the same layer, output_padding 2 >= stride 1
+    at dilation 3, with an inf in w or in dy's last position: finite where x does not reach, as direct and torch.
+    It zero-extended dy to the reference's longer output before: NaN there."""
+    import cnnfast
+    from cnnfast import grad
+    x = np.arange(1.0, 6.0).reshape(1, 1, 5)
+    opts = dict(stride=1, dilation=3, output_padding=2)
+    if op == "conv_transpose1d":
+        w = np.array([[[1.0, np.inf, 1.0]]])
+        run = lambda algo: cnnfast.conv_transpose1d(x, w, algo=algo, **opts)  # noqa: E731
+    else:
+        dy = np.ones((1, 1, 13))
+        dy[..., -1] = np.inf
+        run = lambda algo: grad.conv_transpose1d_weight(x, (1, 1, 3), dy, algo=algo, **opts)  # noqa: E731
+    got, direct = run("reference"), run("direct")
+    np.testing.assert_array_equal(got, direct)
+    assert np.isfinite(got[..., -3:]).all()
