@@ -17,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from torch._prims_common import suggest_memory_format
 from torch.autograd import forward_ad
 
 from cnnfast import api, grad, spec
@@ -106,18 +107,21 @@ def _run(layer, suffix, *args, like):
 
 @torch.library.custom_op("cnnfast::conv", mutates_args=())
 def _conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], layer: str) -> torch.Tensor:
-    return _run(layer, "", x, w, b, like=x).contiguous(memory_format=_memory_format(x, w))
+    return _in_format(_run(layer, "", x, w, b, like=x), x, w)
 
 
-def _memory_format(x, w):
-    """The output's memory format as torch's convolutions choose it on the CPU: channels-last (channels_last_3d) for
-    a batched 2-D (3-D) one whose input or weight is channels-last (the kernels compute contiguous; the result is
-    then copied), else contiguous."""
+def _in_format(t, x, w):
+    """t (contiguous) in the memory format torch's convolutions give their result and both gradients for input x and
+    weight w: channels-last (channels_last_3d) for a batched 2-D (3-D) one where either has channels-last strides
+    (torch's suggest_memory_format: a (N, 1, H, W) input counts), except a float64 3-D one on the CPU (torch's
+    slow_conv3d); else contiguous. A channels-last t is a copy with that format's strides (the kernels compute
+    contiguous), also where both layouts fit (an (N, K, 1, 1) result)."""
     last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    if last is not None and x.dim() == w.dim() and any(t.is_contiguous(memory_format=last) and not t.is_contiguous()
-                                                       for t in (x, w)):
-        return last
-    return torch.contiguous_format
+    if (last is None or x.dim() != w.dim() or (last == torch.channels_last_3d and x.dtype == torch.float64
+                                                 and not x.is_cuda)
+            or all(suggest_memory_format(a) != last for a in (x, w))):
+        return t
+    return t.to(memory_format=last)
 
 
 @torch.library.custom_op("cnnfast::conv_input", mutates_args=())
@@ -157,7 +161,7 @@ def _(x, w, b, layer):
             out = [conv_output_size(*a, lo, hi) for *a, (lo, hi) in zip(spatial, kernel, stride, dilation, pads)]
     channels = w.shape[1] * groups if name.startswith("conv_transpose") else w.shape[0]
     shape = x.shape[:x.dim() - nd - 1] + (channels, *out)
-    return x.new_empty(shape).contiguous(memory_format=_memory_format(x, w))
+    return _in_format(x.new_empty(shape), x, w)
 
 
 @_conv_input.register_fake
@@ -191,8 +195,8 @@ def _keep_conv(ctx, inputs, output):
 def _conv_backward(ctx, dy):
     x, w = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx = _conv_input_op(dy, w, list(x.shape), ctx.layer) if need[0] else None
-    dw = _conv_weight_op(x, dy, list(w.shape), ctx.layer) if need[1] else None
+    dx = _in_format(_conv_input_op(dy, w, list(x.shape), ctx.layer), x, w) if need[0] else None
+    dw = _in_format(_conv_weight_op(x, dy, list(w.shape), ctx.layer), x, w) if need[1] else None
     db = _bias_grad_op(dy, x.dim() < w.dim()) if ctx.has_bias and need[2] else None
     return dx, dw, db, None
 

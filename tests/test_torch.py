@@ -648,23 +648,37 @@ def test_a_side_stream_orders_cnnfast_work_with_torch_work():
     torch.cuda.synchronize()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("nd", [2, 3])
-def test_channels_last_outputs_as_in_torch(nd):
-    """A batched 2-D (3-D) convolution's output is channels-last (channels_last_3d) when its input or weight is
-    (torch's rule on the CPU); an unbatched 3-D one whose 4-D input happens to be channels-last is not."""
+def test_channels_last_outputs_and_gradients_as_in_torch(nd, dtype):
+    """A batched 2-D (3-D) convolution's output and both gradients are channels-last (channels_last_3d) when its
+    input or weight has such strides (torch's rule on the CPU: a one-channel input counts, a float64 3-D one does not),
+    and an unbatched one whose input happens to be channels-last is not. (Where both layouts fit, a (K, 1, 3, 3)
+    weight gradient, torch's strides differ between its own kernels: the layouts are compared.)"""
     torch.manual_seed(0)
-    x, w = torch.randn(2, 3, 6, 5, 4)[(...,) + (0,) * (3 - nd)], torch.randn(4, 3, 3, 3, 2)[(...,) + (0,) * (3 - nd)]
+    drop = (...,) + (0,) * (3 - nd)
+    x, w = torch.randn(2, 3, 6, 5, 4, dtype=dtype)[drop], torch.randn(4, 3, 3, 3, 2, dtype=dtype)[drop]
     last = dict(memory_format=torch.channels_last if nd == 2 else torch.channels_last_3d)
     conv, conv_transpose = getattr(F, f"conv{nd}d"), getattr(F, f"conv_transpose{nd}d")
     ours, ours_transpose = getattr(cf, f"conv{nd}d"), getattr(cf, f"conv_transpose{nd}d")
-    cases = [(x.contiguous(**last), w), (x, w.contiguous(**last)), (x, w)]
+    gray = x[:, :1].to(**last)  # (N, 1, ...): is_contiguous() in both layouts, channels-last strides
+    cases = [(x.to(**last), w), (x, w.to(**last)), (x, w), (gray, w[:, :1]),
+             (x[..., :2, :2].to(**last), w[..., :2, :2])]
     if nd == 3:
-        cases.append((x[0].contiguous(memory_format=torch.channels_last), w))
+        cases.append((x[0].to(memory_format=torch.channels_last), w))
     for xi, wi in cases:
-        for a, e in ((ours(xi, wi, padding=1), conv(xi, wi, padding=1)),
-                     (ours_transpose(xi, wi.transpose(0, 1)), conv_transpose(xi, wi.transpose(0, 1)))):
-            assert a.stride() == e.stride()
-            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+        for f, g, options in ((ours, conv, dict(padding=1)), (ours_transpose, conv_transpose, {})):
+            wt = wi if f is ours else wi.transpose(0, 1)
+            results = []
+            for fn in (f, g):
+                xg, wg = (t.detach().clone().requires_grad_() for t in (xi, wt))
+                y = fn(xg, wg, **options)
+                results.append((y, *torch.autograd.grad(y, (xg, wg), torch.ones_like(y))))
+            for a, e in zip(*results):
+                layouts = [[t.is_contiguous(memory_format=m) for m in (torch.contiguous_format, last["memory_format"])]
+                           for t in (a, e)]
+                assert layouts[0] == layouts[1], (xi.shape, xi.stride(), f.__name__, a.stride(), e.stride())
+                torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
 
 
 def test_an_old_torch_gets_a_clear_import_error():
