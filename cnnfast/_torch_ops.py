@@ -115,10 +115,11 @@ def _in_format(t, x, w):
     weight w: channels-last (channels_last_3d) for a batched 2-D (3-D) one where either has channels-last strides
     (torch's suggest_memory_format: a (N, 1, H, W) input counts), except a float64 3-D one on the CPU (torch's
     slow_conv3d); else contiguous. A channels-last t is a copy with that format's strides (the kernels compute
-    contiguous), also where both layouts fit (an (N, K, 1, 1) result)."""
+    contiguous), also where both layouts fit (an (N, K, 1, 1) result). Under torch.func's transforms t stays as it
+    is (contiguous: a vmapped tensor has no layout of its own to convert)."""
     last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    if (last is None or x.dim() != w.dim() or (last == torch.channels_last_3d and x.dtype == torch.float64
-                                                 and not x.is_cuda)
+    slow_conv3d = last == torch.channels_last_3d and x.dtype == torch.float64 and not x.is_cuda
+    if (last is None or x.dim() != w.dim() or slow_conv3d or torch._C._are_functorch_transforms_active()
             or all(suggest_memory_format(a) != last for a in (x, w))):
         return t
     return t.to(memory_format=last)

@@ -679,6 +679,10 @@ def test_channels_last_outputs_and_gradients_as_in_torch(nd, dtype):
                            for t in (a, e)]
                 assert layouts[0] == layouts[1], (xi.shape, xi.stride(), f.__name__, a.stride(), e.stride())
                 torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+    # per-sample weight gradients of a channels-last weight (torch.func: vmapped tensors are left as they are)
+    per_sample = [torch.func.vmap(torch.func.grad(lambda w_, x_, fn=fn: fn(x_[None], w_).sum()), in_dims=(None, 0))(
+        w.to(**last), x) for fn in (ours, conv)]
+    torch.testing.assert_close(*per_sample, rtol=1e-4, atol=1e-4)
 
 
 def test_an_old_torch_gets_a_clear_import_error():
