@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -95,9 +96,9 @@ def _entries(path, warn=True):
             raise ValueError("not a JSON object")
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as e:
-        _warn_once(path, f"cannot read the autotune cache {path} ({e}); it is left as it is and winners stay in "
-                         f"memory")
+    except (OSError, ValueError, RecursionError) as e:  # (JSON nested too deeply to parse: RecursionError)
+        _warn_once(path, f"cannot read the autotune cache {path} ({type(e).__name__}: {e}); it is left as it is "
+                         f"and winners stay in memory")
         return None
     bad = [k for k, v in stored.items() if not _well_formed(v)]
     if bad and warn:
@@ -130,10 +131,18 @@ def _locked(path):
 
 
 def _well_formed(entry):
-    """{"winner": a candidate name, "ms": {candidate: median ms, the winner's included}}."""
+    """{"winner": a candidate name, "ms": {candidate: median ms (a finite float), the winner's included}}."""
     return (isinstance(entry, dict) and isinstance(entry.get("winner"), str) and isinstance(entry.get("ms"), dict)
             and entry["winner"] in entry["ms"] and not entry["winner"].startswith("reference")
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in entry["ms"].values()))
+            and all(_finite(v) for v in entry["ms"].values()))
+
+
+def _finite(v):
+    """A JSON number that is a finite float (10**400 is an int JSON takes, that no float holds)."""
+    try:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _load():

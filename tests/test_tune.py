@@ -165,9 +165,11 @@ def test_a_tuned_problem_is_not_planned_again(monkeypatch, arrays):
     '{"KEY": {"winner": "im2col"}}',  # no medians
     '{"KEY": {"winner": 3, "ms": {"3": 1.0}}}',  # a winner that is not a name
     '{"KEY": {"winner": "im2col", "ms": {"im2col": "fast"}}}',  # a median that is not a number
+    '{"KEY": {"winner": "im2col", "ms": {"im2col": 1' + "0" * 400 + '}}}',  # no float holds it (OverflowError)
+    '{"KEY": {"winner": "im2col", "ms": {"im2col": NaN}}}',  # Python's json takes NaN
     '{"KEY": {"winner": "reference", "ms": {"reference": 0.1}}}',  # never a candidate
     '{"KEY": {"winner": "depthwise", "ms": {"depthwise": 0.1}}}',  # well formed, but cannot run this layer
-], ids=["list", "string-entry", "no-ms", "int-winner", "str-ms", "reference", "cannot-run"])
+], ids=["list", "string-entry", "no-ms", "int-winner", "str-ms", "huge-int-ms", "nan-ms", "reference", "cannot-run"])
 def test_a_malformed_disk_cache_entry_is_tuned_again(monkeypatch, arrays, tmp_path, stored):
     x, w = arrays
     with cnnfast.autotune():
@@ -212,7 +214,8 @@ def test_an_unwritable_disk_cache_warns_once_and_leaves_no_temporary_files(monke
     assert [p.name for p in tmp_path.iterdir()] == ["winners.json.lock"]  # no temporary file left
 
 
-@pytest.mark.parametrize("stored", ["{not json", "[1, 2]", None], ids=["corrupt", "not-an-object", "a-folder"])
+@pytest.mark.parametrize("stored", ["{not json", "[1, 2]", "[" * 100_000 + "]" * 100_000, None],
+                         ids=["corrupt", "not-an-object", "nested-too-deeply", "a-folder"])
 def test_a_cache_file_that_cannot_be_read_is_reported_once_and_left_alone(monkeypatch, arrays, tmp_path, stored):
     """Not replaced by this process's winners alone (other processes' would be lost); tuning still works."""
     x, w = arrays
