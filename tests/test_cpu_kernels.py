@@ -2,7 +2,6 @@
 its docstring, the layout twins against NumPy, and every CPU algorithm agreeing with the others on the grid.
 Correctness of every algorithm against the reference over the grid is tests/test_ops.py. Small shapes: the
 kernels compile once per process."""
-import contextlib
 import os
 
 import numpy as np
@@ -749,7 +748,11 @@ class _FakeOpenBLAS(blas.OpenBLAS):
 
     def __init__(self, threads):
         self.threads, self.sets = threads, []
-        super().__init__(lambda: self.threads, self.sets.append)
+        super().__init__(lambda: self.threads, self._set)
+
+    def _set(self, n):
+        self.sets.append(n)
+        self.threads = n
 
 
 MATMULS = {  # name: (a shape, b shape)
@@ -843,7 +846,7 @@ def test_blas_matmul_raises_a_parts_error_after_restoring_the_thread_count(monke
 
 
 def test_blas_matmul_runs_concurrent_callers_correctly(monkeypatch):
-    """Two threads at once: one splits, the other (finding the lock taken) runs np.matmul; both right."""
+    """Two threads at once: one splits, the other waits for it; both right."""
     import threading
     monkeypatch.setattr(blas, "SPLIT_WORK", 0)
     monkeypatch.setattr(blas, "OPENBLAS_SINGLE", -1)
@@ -864,6 +867,91 @@ def test_blas_matmul_runs_concurrent_callers_correctly(monkeypatch):
         t.join()
     assert errors == []
     assert (blas.openblas().get_num_threads() if blas.openblas() else None) == before
+
+
+def test_a_thread_count_set_during_a_share_is_kept(monkeypatch):
+    """A count someone else sets while a share has OpenBLAS on one thread (threadpoolctl in another thread) is not
+    overwritten by the share's restore; the share's own one-thread setting is."""
+    fake = _FakeOpenBLAS(2)
+    monkeypatch.setattr(blas, "openblas", lambda: fake)
+    blas.share(lambda k: k == 1 and fake.set_num_threads(3), 2)
+    assert fake.threads == 3 and fake.sets == [1, 3]
+    blas.share(lambda k: None, 3)
+    assert fake.threads == 3 and fake.sets == [1, 3, 1, 3]
+
+
+def test_cpu_results_are_the_same_bits_while_another_thread_runs_cnnfast():
+    """OpenBLAS's one- and two-thread GEMMs round differently: a GEMM planned for OpenBLAS's threads must not run
+    while another thread's share has OpenBLAS on one (about 1 call in 10 differed here before)."""
+    import threading
+    rng = np.random.default_rng(0)
+    x, w, dy = (rng.standard_normal(s).astype(np.float32) for s in ((4, 32, 28, 28), (64, 32, 3, 3), (4, 64, 14, 14)))
+    xf, wf = (rng.standard_normal(s).astype(np.float32) for s in ((2, 16, 28, 28), (64, 16, 7, 7)))
+    calls = [lambda: grad.conv2d_weight(x, w.shape, dy, stride=2, padding=1, algo="im2col"),
+             lambda: cnnfast.conv2d(xf, wf, padding=3, algo="im2col")]
+    alone = [f() for f in calls]
+    xa, wa = rng.standard_normal((2, 32, 40, 40)).astype(np.float32), rng.standard_normal((32, 32, 3, 3))
+    stop = threading.Event()
+
+    def winograd():  # its 36 GEMMs per call run through blas.share
+        while not stop.is_set():
+            cnnfast.conv2d(xa, wa.astype(np.float32), padding=1, algo="winograd")
+    other = threading.Thread(target=winograd)
+    other.start()
+    try:
+        differ = sum(not np.array_equal(f(), a) for _ in range(40) for f, a in zip(calls, alone))
+    finally:
+        stop.set()
+        other.join()
+    assert differ == 0
+
+
+@pytest.mark.skipif("openblas" not in blas._numpy_blas_name(), reason="NumPy's BLAS is not OpenBLAS")
+def test_a_gemm_on_openblas_threads_waits_for_another_threads_share(monkeypatch):
+    """The mechanism behind the test above, made deterministic: a share in progress in another thread (OpenBLAS on
+    one thread) holds back a GEMM planned for OpenBLAS's threads, which then gives np.matmul's bits."""
+    import threading
+    if blas.openblas().get_num_threads() < 2:
+        pytest.skip("OpenBLAS runs on one thread")
+    monkeypatch.setattr(blas, "WORKERS_SPIN", False)  # a 2-D product is then one GEMM on OpenBLAS's threads
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((288, 784)).astype(np.float32), rng.standard_normal((784, 64)).astype(np.float32)
+    expected = np.matmul(a, b)
+    started, release, result = threading.Event(), threading.Event(), {}
+    sharing = threading.Thread(target=blas.share, args=(lambda k: k or (started.set(), release.wait(30)), 2))
+    sharing.start()
+    assert started.wait(30)
+    gemm = threading.Thread(target=lambda: result.update(out=blas.matmul(a, b, np.empty_like(expected))))
+    gemm.start()
+    gemm.join(0.5)
+    waited = gemm.is_alive()
+    release.set()
+    sharing.join(30)
+    gemm.join(30)
+    assert waited
+    np.testing.assert_array_equal(result["out"], expected)
+
+
+SHUTDOWN_PROBE = """
+import threading, time, numpy as np, cnnfast
+from cnnfast.kernels.cpu import blas
+blas.SPLIT_WORK, blas.OPENBLAS_SINGLE = 0, -1
+x, w = np.random.rand(2, 8, 12, 12).astype(np.float32), np.random.rand(8, 8, 3, 3).astype(np.float32)
+def worker():
+    time.sleep(0.3)  # past the main thread's end: the interpreter has shut its executors down
+    print(bool(np.isfinite(cnnfast.conv2d(x, w, padding=1, algo="winograd")).all()))
+cnnfast.conv2d(x, w, padding=1, algo="winograd")
+threading.Thread(target=worker).start()
+"""
+
+
+def test_a_thread_running_past_the_main_threads_end_completes_its_calls():
+    """A non-daemon thread still calling cnnfast after the main thread returned (a server's worker): its shares
+    run their parts on its own thread (the executor refuses new work then)."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", SHUTDOWN_PROBE], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split() == ["True"], done.stdout + done.stderr
 
 
 FORK_PROBE = """
@@ -936,14 +1024,15 @@ def test_blas_share_runs_every_part_once_part_0_on_the_caller_and_restores_the_t
     assert fake.sets == [1, 3]
 
 
-@pytest.mark.parametrize("why", ["no OpenBLAS", "one thread", "another split"])
+@pytest.mark.parametrize("why", ["no OpenBLAS", "one thread", "inside a part"])
 def test_blas_share_runs_the_parts_in_order_on_the_caller_when_it_cannot_share(why, monkeypatch):
     import threading
     fake = _FakeOpenBLAS(1 if why == "one thread" else 2)
     monkeypatch.setattr(blas, "openblas", lambda: None if why == "no OpenBLAS" else fake)
     ran = []
-    with blas._lock if why == "another split" else contextlib.nullcontext():
-        blas.share(lambda k: ran.append((k, threading.current_thread().name)), 3)
+    if why == "inside a part":  # a share from a part of another (OpenBLAS is on one thread already)
+        monkeypatch.setattr(blas._inside, "share", True, raising=False)
+    blas.share(lambda k: ran.append((k, threading.current_thread().name)), 3)
     assert ran == [(k, threading.current_thread().name) for k in range(3)]
     assert fake.sets == []
 

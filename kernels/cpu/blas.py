@@ -3,7 +3,8 @@
 matmul(a, b, out) is np.matmul(a, b, out=out), run one of two ways:
   - cut into one part per OpenBLAS thread, the parts side by side on this module's worker threads and the
     caller's, each on one OpenBLAS thread (OpenBLAS is set to one thread meanwhile, a process-wide setting, as
-    threadpoolctl's threadpool_limits sets it; another thread's GEMM in that time runs on one thread):
+    threadpoolctl's threadpool_limits sets it; a GEMM of another thread's own in that time runs on one thread, and
+    rounds as OpenBLAS's one-thread GEMM does):
       - a stack of products (out (S, ..., M, N)) whose length S divides evenly, or with at least STACK_PER_THREAD
         products per thread: S / threads products per part (rounded);
       - when WORKERS_SPIN, any other product too: out's rows when M >= N, else its columns (multiples of
@@ -25,7 +26,9 @@ Why (2-core Sapphire Rapids VM, bench/RESULTS.md 2026-12-06):
     product is cut, so that cnnfast never wakes them: the stem's forward 8.0-8.7 -> 6.5-6.7 ms.
 
 It falls back to plain np.matmul when NumPy's BLAS is not an OpenBLAS found in this process or OpenBLAS runs on one
-thread, and runs the parts one after another when another thread is inside a split already. Tuned on 2 cores only.
+thread. One split, or one GEMM on OpenBLAS's threads, runs at a time: another thread's waits, so that each GEMM
+runs on the thread count it was planned for (OpenBLAS's one- and two-thread GEMMs round differently: results are
+then the same bits whatever else cnnfast runs meanwhile). Tuned on 2 cores only.
 share(task, parts) runs any parts so (im2col's chunks of columns and their GEMMs, kernels/cpu/im2col.py).
 """
 import ctypes
@@ -59,9 +62,11 @@ WORKERS_SPIN = True
 # spinning: every value from 4 to 20 ran cnnfast's im2col 10-25% faster than OpenBLAS's default 28 (2026-12-05).
 SHORT_TIMEOUT = 20
 
-_lock = threading.Lock()  # one split at a time: its set-and-restore of OpenBLAS's thread count is process-wide
+_lock = threading.Lock()  # one split (or GEMM on OpenBLAS's threads) at a time: OpenBLAS's thread count is process-wide
 _pools = {}  # OpenBLAS's thread count -> the executor of the parts after the first
 _shared_count = None  # while a share runs: OpenBLAS's thread count before it (set back after)
+_generation = 0  # odd while a share has OpenBLAS on one thread (threads() reads _shared_count then)
+_inside = threading.local()  # .share: this thread runs a share's part (its caller's or a worker's)
 
 
 class OpenBLAS:
@@ -146,12 +151,13 @@ def _forget_threads():
     """In a forked child: the parent's worker threads are not there (an executor that still lists them would queue
     parts that never run), and the lock may be held by one of them; a share forked in the middle left OpenBLAS on
     one thread, which gets its count back."""
-    global _lock, _shared_count
+    global _lock, _shared_count, _generation
     _lock = threading.Lock()
     _pools.clear()
     if _shared_count is not None:
         openblas().set_num_threads(_shared_count)
         _shared_count = None
+    _generation += _generation % 2
 
 
 if hasattr(os, "register_at_fork"):
@@ -169,44 +175,64 @@ def threads():
     OpenBLAS found in this process); while a share has it set to one, the count it will set back, so that another
     thread's calls plan the same parts, and sum in the same order, as when they run alone."""
     lib = openblas()
-    return 1 if lib is None else _shared_count or lib.get_num_threads()
+    if lib is None:
+        return 1
+    while True:  # read again if a share began or ended meanwhile
+        generation, shared = _generation, _shared_count
+        count = shared if generation % 2 else lib.get_num_threads()
+        if generation == _generation and count is not None:
+            return count
 
 
 def share(task, parts):
     """task(k) for k in range(parts), each with OpenBLAS on one thread: part 0 on the caller's thread, the others
-    side by side on this module's workers (OpenBLAS's thread count less one of them). One after another on the
-    caller's thread, OpenBLAS as it is, when OpenBLAS is not found or runs on one thread, or another thread is
-    inside share. A part's exception is raised once every part is done."""
+    side by side on this module's workers (OpenBLAS's thread count less one of them). One share at a time: another
+    thread's waits (its parts would otherwise run on OpenBLAS as this one left it, and could sum in another order:
+    OpenBLAS's one- and two-thread GEMMs round differently). One after another on the caller's thread when OpenBLAS
+    is not found or runs on one thread, inside a part of a share, or once the interpreter shuts the workers down.
+    A part's exception is raised once every part is done."""
     lib = openblas()
-    if lib is None or not _lock.acquire(blocking=False):
+    if lib is None or getattr(_inside, "share", False):
         for k in range(parts):
             task(k)
         return
-    try:
+    global _shared_count, _generation
+    with _lock:
         count = lib.get_num_threads()
         if count == 1:
             for k in range(parts):
                 task(k)
             return
-        global _shared_count
         _shared_count = count
+        _generation += 1
         lib.set_num_threads(1)
-        pending = []
+        pending, inline = [], []
 
         def quiet(k):  # NumPy's errors ignored, as in the caller's op (cnnfast.api): its state is not the workers'
-            with np.errstate(all="ignore"):
-                task(k)
+            _inside.share = True
+            try:
+                with np.errstate(all="ignore"):
+                    task(k)
+            finally:
+                _inside.share = False
         try:
-            pending = [_pool(count).submit(quiet, k) for k in range(1, parts)]
-            task(0)
+            for k in range(1, parts):
+                try:
+                    pending.append(_pool(count).submit(quiet, k))
+                except RuntimeError:  # the interpreter is shutting its executors down: a thread past the main one's end
+                    inline.append(k)
+            _inside.share = True
+            for k in [0] + inline:
+                task(k)
         finally:
+            _inside.share = False
             wait(pending)
-            lib.set_num_threads(count)
+            if lib.get_num_threads() == 1:  # (not a count the user set meanwhile)
+                lib.set_num_threads(count)
+            _generation += 1
             _shared_count = None
         for done in pending:
             done.result()
-    finally:
-        _lock.release()
 
 
 def matmul(a, b, out):
@@ -215,7 +241,11 @@ def matmul(a, b, out):
     work = out.size * a.shape[-1]
     count = 1 if work <= OPENBLAS_SINGLE else threads()
     pieces = [] if count == 1 else [(a, b, out)] if work < SPLIT_WORK else parts(a, b, out, count, WORKERS_SPIN)
-    if not pieces:  # a small product, OpenBLAS on one thread (or not found), or a single GEMM on OpenBLAS's threads
-        return np.matmul(a, b, out=out)
-    share(lambda k: np.matmul(pieces[k][0], pieces[k][1], out=pieces[k][2]), len(pieces))
+    if pieces:
+        share(lambda k: np.matmul(pieces[k][0], pieces[k][1], out=pieces[k][2]), len(pieces))
+    elif count == 1 or getattr(_inside, "share", False):  # a small product, or OpenBLAS on one thread (or not found)
+        np.matmul(a, b, out=out)
+    else:  # one GEMM on OpenBLAS's threads: not while another thread's share has them set to one
+        with _lock:
+            np.matmul(a, b, out=out)
     return out
