@@ -541,6 +541,29 @@ def test_every_parallel_cpu_kernel_has_a_serial_build_with_its_own_cache_files()
         assert k._cache._cache_file._index_name != serial._cache._cache_file._index_name, name
 
 
+WORKQUEUE_PROBE = """
+import numpy as np, cnnfast, numba
+from concurrent.futures import ThreadPoolExecutor
+x, w = np.random.rand(2, 32, 48, 48).astype(np.float32), np.random.rand(32, 1, 3, 3).astype(np.float32)
+alone = cnnfast.conv2d(x, w, padding=1, groups=32, algo="depthwise")
+with ThreadPoolExecutor(4) as pool:
+    same = [np.array_equal(y, alone) for y in pool.map(
+        lambda _: cnnfast.conv2d(x, w, padding=1, groups=32, algo="depthwise"), range(48))]
+print(numba.threading_layer(), all(same))
+"""
+
+
+def test_threads_calling_parallel_kernels_at_once_on_numbas_workqueue_layer():
+    """The workqueue layer (no OpenMP or TBB: macOS without libomp) aborted the process when two threads entered
+    parallel regions at once; cnnfast runs one region at a time there."""
+    import subprocess
+    import sys
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
+    done = subprocess.run([sys.executable, "-c", WORKQUEUE_PROBE], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.split() == ["workqueue", "True"], done.stdout + done.stderr[-2000:]
+
+
 def test_sized_picks_the_serial_build_below_serial_work_unless_told_otherwise():
     k, work = _parallel_kernels()["direct.direct_forward_cpu"], threads.SERIAL_WORK
     assert threads.sized(k, work - 1) is k.serial and threads.sized(k, work) is k

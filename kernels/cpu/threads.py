@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import os
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -115,8 +116,33 @@ if hasattr(os, "register_at_fork"):  # POSIX
 
 def sized(kernel, work):
     """The build of a `parallel` kernel for a call of `work` inner-loop iterations: serial below SERIAL_WORK, or in
-    a forked child. (A stand-in without a serial build, such as a test's spy, is returned as it is.)"""
-    return kernel if work >= SERIAL_WORK and not FORKED else getattr(kernel, "serial", kernel)
+    a forked child; on Numba's workqueue layer, the parallel build behind a lock. (A stand-in without a serial
+    build, such as a test's spy, is returned as it is.)"""
+    if work < SERIAL_WORK or FORKED:
+        return getattr(kernel, "serial", kernel)
+    return _one_at_a_time(kernel) if _workqueue() else kernel
+
+
+# Numba's workqueue layer (where it has neither OpenMP nor TBB: macOS wheels without libomp, or
+# NUMBA_THREADING_LAYER=workqueue) aborts the process when two threads enter parallel regions at once ("Terminating:
+# Nested parallel kernel launch detected" / "Concurrent access has been detected"): there, one region at a time.
+_WORKQUEUE = None
+_REGION_LOCK = threading.Lock()
+
+
+def _workqueue():
+    global _WORKQUEUE
+    if _WORKQUEUE is None:
+        numba_parallel._launch_threads()  # idempotent: the layer is chosen when the pool starts
+        _WORKQUEUE = numba.threading_layer() == "workqueue"
+    return _WORKQUEUE
+
+
+def _one_at_a_time(kernel):
+    def call(*args):
+        with _REGION_LOCK:
+            return kernel(*args)
+    return call
 
 
 BUILDS = {"serial": sys.maxsize, "parallel": 0}  # build -> the SERIAL_WORK that makes every call pick it
