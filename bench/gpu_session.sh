@@ -21,19 +21,27 @@
 #                                               builds at 2 blocks per SM (PLANE_BLOCKS = 2: 128 registers, not
 #                                               80); the weight gradient's runs of 8 and 32 output rows
 #                                               (depthwise_filter.FILTER_ROWS) against 16
+# GPU_DEADLINE (seconds, default 560): when tests, sanitize and planes stop, counted from this script's start; set it
+# below what the call has left (the device tool's budget_left_s, less the machine's start) so the results come back.
 # Exit status: the step's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
 tests|sanitize|host|bench|tiles|planes) ;;
-*) sed -n '2,24p' "$0"; exit 2 ;;  # usage, before installing anything
+*) sed -n '2,26p' "$0"; exit 2 ;;  # usage, before installing anything
 esac
 out="${OUT:-gpu-out}"
 mkdir -p "$out"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 NUMBA_ENABLE_CUDASIM=0 NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-/tmp/cnnfast-numba}"
-"$PY" -m pip install --no-deps --no-build-isolation -q -e . > "$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
-nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+deadline="${GPU_DEADLINE:-560}"
+# (offline: no index, no version check)
+"$PY" -m pip install --no-deps --no-build-isolation --no-index --disable-pip-version-check -q -e . \
+    > "$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
+{  # the machine and the CUDA stack (NVVM's PTX version must load on the driver for the raw launch path)
+    nvidia-smi
+    "$PY" -m pip list --disable-pip-version-check 2>/dev/null | grep -iE "^(numba|numba-cuda|cupy|torch|cuda-|nvidia-)"
+} > "$out/machine.txt" 2>&1
 step="${1:-}"
 shift || true
 # The raw launch path (CNNFAST_CUDA_LAUNCH=raw) loads each kernel's PTX from a disk cache, first filled here on
@@ -43,6 +51,8 @@ warm_ptx() {
     start=$SECONDS
     "$PY" -m cnnfast.kernels.cuda.ptx --warm > "$out/warm.txt" 2>&1
     echo "PTX cache warmed in $(( SECONDS - start )) s" | tee -a "$out/warm.txt"
+    ptx_dir=$(sed -n 's/.* compiled into //p' "$out/warm.txt")  # (the PTX version NVVM wrote: the driver must load it)
+    grep -h -m1 '^\.version' "$ptx_dir"/*.ptx 2>/dev/null | head -n 1 | sed 's/^/PTX /' | tee -a "$out/warm.txt"
 }
 raw_by_default() {  # bench and tiles time the raw path unless CNNFAST_CUDA_LAUNCH says otherwise
     export CNNFAST_CUDA_LAUNCH="${CNNFAST_CUDA_LAUNCH:-raw}"
@@ -50,21 +60,22 @@ raw_by_default() {  # bench and tiles time the raw path unless CNNFAST_CUDA_LAUN
 }
 case "$step" in
 tests)
-    # side by side, each file's run stopped 560 s after this script started, so that the tails below come back
-    # within the call; the raw run leaves out the tests of the PTX table and of the raw specialisations (the same on
-    # either path: the Numba run has them)
+    # side by side, each file's run stopped at the deadline, so that the tails below come back within the call;
+    # both runs leave out the tests that read the PTX table (compile-only: CI runs them; here the table would
+    # compile on the cores the tests need), the raw run also the raw specialisations' (the Numba run has them)
     warm_ptx
-    left=$(( 560 - SECONDS ))
+    left=$(( deadline - SECONDS ))
+    if [ "$left" -lt 60 ]; then echo "tests: ${left} s left before GPU_DEADLINE=$deadline: not started"; exit 3; fi
     logs=$(mktemp -d)
+    table="ptx_9 or halo_builds or integer_division or unrolled_loop or raw_spec"
     pids=()
     for name in ops cuda_kernels bad_inputs fuzz interop reliability tune; do
         CNNFAST_CUDA_LAUNCH=numba timeout "$left" "$PY" -m pytest -m cuda -q -p no:cacheprovider "tests/test_$name.py" \
-            > "$logs/numba-$name.txt" 2>&1 &
+            -k "not ($table)" > "$logs/numba-$name.txt" 2>&1 &
         pids+=($!)
     done
     CNNFAST_CUDA_LAUNCH=raw timeout "$left" "$PY" -m pytest -m cuda -q -p no:cacheprovider tests/test_ops.py \
-        tests/test_cuda_kernels.py -k "not (ptx_9 or halo_builds or integer_division or unrolled_loop or raw_spec)" \
-        > "$logs/raw.txt" 2>&1 &
+        tests/test_cuda_kernels.py -k "not ($table)" > "$logs/raw.txt" 2>&1 &
     pids+=($!)
     timeout "$left" "$PY" -m pytest -q -p no:cacheprovider tests/test_torch.py > "$logs/torch.txt" 2>&1 &
     pids+=($!)
@@ -84,7 +95,7 @@ sanitize)
     warm_ptx
     tools=("${@:-memcheck}")
     CNNFAST_CUDA_LAUNCH=raw "$PY" bench/sanitize.py --tools "${tools[@]}" --log-dir "$out" \
-        --timeout $(( (560 - SECONDS) / ${#tools[@]} )) 2>&1 | tee "$out/sanitize.txt" | tail -30
+        --timeout $(( (deadline - SECONDS) / ${#tools[@]} )) 2>&1 | tee "$out/sanitize.txt" | tail -30
     exit "${PIPESTATUS[0]}"
     ;;
 host)
@@ -122,6 +133,11 @@ planes)
     # (depthwise.PLANES=8: the defaults)
     for setting in depthwise.PLANES=1 depthwise.PLANES=8 depthwise.ROWS=1 depthwise.GROUP=1 depthwise.PLANE_BLOCKS=2 \
                    depthwise_filter.FILTER_ROWS=8 depthwise_filter.FILTER_ROWS=32; do
+        if [ $(( deadline - SECONDS )) -lt 90 ]; then  # (each setting's run took ~40-70 s, estimated)
+            echo "== $setting: skipped, GPU_DEADLINE=$deadline reached" | tee -a "$out/planes.txt"
+            rc=3
+            continue
+        fi
         echo "== $setting" | tee -a "$out/planes.txt" >> "$out/planes-stderr.txt"
         "$PY" - "$setting" bench --device cuda --shape depthwise --algo depthwise --json "$runs/$setting.json" \
             2>> "$out/planes-stderr.txt" <<'EOF' | tee -a "$out/planes.txt"

@@ -21,6 +21,7 @@ import argparse
 import glob
 import os
 import re
+import signal
 import shutil
 import subprocess
 import sys
@@ -151,20 +152,26 @@ def errors_in(output: str):
 
 
 def run_tool(sanitizer, tool, log_dir, timeout):
+    """One tool over the child workload, its output written straight to the log (a call cut short keeps it); on
+    timeout the whole process group is killed (the sanitizer and the Python child under it, which holds the log)."""
     cmd = [sanitizer, "--tool", tool, "--error-exitcode", "1", sys.executable, os.path.abspath(__file__), "--child"]
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
     log = os.path.join(log_dir, f"sanitize-{tool}.log")
     t0 = time.perf_counter()
-    try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-        output, code = done.stdout + done.stderr, done.returncode
-    except subprocess.TimeoutExpired as e:
-        output = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        output += f"\n[timed out after {timeout} s]"
-        code = "timeout"
-    seconds = time.perf_counter() - t0
     with open(log, "w") as f:
-        f.write(" ".join(cmd) + "\n\n" + output)
+        f.write(" ".join(cmd) + "\n\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            f.write(f"\n[timed out after {timeout} s]\n")
+            code = "timeout"
+    seconds = time.perf_counter() - t0
+    with open(log, errors="replace") as f:
+        output = f.read()
     workload = re.findall(r"^WORKLOAD: .*$", output, flags=re.M)
     return dict(tool=tool, errors=errors_in(output), code=code, seconds=seconds, log=log,
                 workload=workload[-1] if workload else "no workload summary (crashed?)")

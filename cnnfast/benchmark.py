@@ -148,6 +148,14 @@ def torch_call(shape, primitive, arrays, device):
         list(spec.output_padding) if transposed else [0] * nd, spec.groups, mask)
 
 
+def _torch_sees_gpu():
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
 # ---------------------------------------------------------------- timing
 
 def time_cpu(fn):
@@ -220,9 +228,11 @@ def to_device(a, device):
     return device_mover("cuda")(a)
 
 
-def run(shapes, device, primitives, algos, dtype, repeats, progress=None, ceilings=None, tiles=False):
+def run(shapes, device, primitives, algos, dtype, repeats, progress=None, ceilings=None, tiles=False, on_job=None):
     """Rows of every (shape, primitive, provider); tiles: each algorithm once per tile configuration
-    ('cnnfast:direct:64x128', ...) instead of with the tile its launcher would choose."""
+    ('cnnfast:direct:64x128', ...) instead of with the tile its launcher would choose. on_job(rows) gets each
+    (shape, primitive)'s rows as soon as they are measured. An error in one provider (a CUDA error, out of memory)
+    is its row's status, not the run's end."""
     from cnnfast.plan import algorithms
     from cnnfast.tune import candidates
     from cnnfast.validate import to_host
@@ -242,7 +252,8 @@ def run(shapes, device, primitives, algos, dtype, repeats, progress=None, ceilin
             names = candidates({a: plan_algos[a] for a in names if a in plan_algos}, spec.itemsize) + \
                 [a for a in names if a not in plan_algos]  # an unknown name: its row says so
         names = ["auto"] + names
-        timed = []  # (row, fn, timer): validated calls, timed together below
+        job, timed = [], []  # this job's rows; (row, fn, timer): validated calls, timed together below
+        timer = time_cuda if device == "cuda" else time_cpu
         for algo in names:
             if progress:
                 progress(i, len(jobs), shape.name, primitive, algo)
@@ -251,62 +262,80 @@ def run(shapes, device, primitives, algos, dtype, repeats, progress=None, ceilin
                 fn = cnnfast_call(shape, primitive, dev, algo)
                 row["error"] = compare.assert_close(to_host(fn()), expected, dtype, f"{shape.name} {primitive}")
             except ValueError as e:
-                if "cannot run this problem" in str(e):
-                    continue
-                row.update(status="ERROR", note=str(e))
-                rows.append(row)
+                if "cannot run this problem" not in str(e):
+                    job.append(dict(row, status="ERROR", note=str(e)))
                 continue
             except compare.MismatchError as e:
-                row.update(status="FAIL", note=str(e))
-                rows.append(row)
+                job.append(dict(row, status="FAIL", note=str(e)))
                 continue
-            row["status"] = "ok"
-            timed.append((row, fn, time_cuda if device == "cuda" else time_cpu))
+            except Exception as e:  # noqa: BLE001 (a CUDA or driver error, out of memory: this row's)
+                job.append(dict(row, status="ERROR", note=f"{type(e).__name__}: {e}"))
+                continue
+            timed.append((dict(row, status="ok"), fn, timer))
         tfn = torch_call(shape, primitive, dict(host, spec=spec), device)
         if tfn is not None:
-            timed.append((dict(base, provider="torch", status="ok"), tfn,
-                          time_torch_cuda if device == "cuda" else time_cpu))
+            baselines = [("torch", tfn, time_torch_cuda if device == "cuda" else time_cpu)]
             if device == "cuda":
-                timed.append((dict(base, provider="torch-tf32", status="ok"), torch_tf32(tfn), time_torch_cuda))
+                baselines.append(("torch-tf32", torch_tf32(tfn), time_torch_cuda))
+            for provider, fn, torch_timer in baselines:
+                try:
+                    fn()  # (an extra warm-up call) an error here is this row's
+                except Exception as e:  # noqa: BLE001
+                    job.append(dict(base, provider=provider, status="ERROR", note=f"{type(e).__name__}: {e}"))
+                    continue
+                timed.append((dict(base, provider=provider, status="ok"), fn, torch_timer))
         if progress:
             progress(i, len(jobs), shape.name, primitive, "timing")
-        seconds = time_interleaved([(fn, timer) for _, fn, timer in timed], repeats)
-        for (row, _, _), sec in zip(timed, seconds):
-            rows.append(dict(row, seconds=sec))
+        try:
+            seconds = time_interleaved([(fn, t) for _, fn, t in timed], repeats)
+        except Exception as e:  # noqa: BLE001
+            job += [dict(row, status="ERROR", note=f"timing: {type(e).__name__}: {e}") for row, _, _ in timed]
+        else:
+            job += [dict(row, seconds=sec) for (row, _, _), sec in zip(timed, seconds)]
         if spec.flops <= REFERENCE_FLOP_LIMIT:
             ref = lambda s=shape, p=primitive, h=host: reference_result(s, p, h)  # noqa: E731
-            rows.append(dict(base, provider="reference", status="ok", seconds=time_cpu(ref)))
-    for row in rows:
-        if "seconds" in row:
-            row["gflops"] = row["flops"] / row["seconds"] / 1e9
-            row["gbytes"] = row["bytes"] / row["seconds"] / 1e9
-            for provider, key in (("torch", "vs_torch"), ("torch-tf32", "vs_tf32")):
-                other = next((r for r in rows if r["provider"] == provider and r["shape"] == row["shape"]
-                              and r["primitive"] == row["primitive"] and "seconds" in r), None)
-                if other:
-                    row[key] = other["seconds"] / row["seconds"]
-            fraction = roofline(row, ceilings)
-            if fraction is not None:
-                row["roofline"] = fraction
+            job.append(dict(base, provider="reference", status="ok", seconds=time_cpu(ref)))
+        _derive(job, ceilings)
+        rows += job
+        if on_job:
+            on_job(job)
     return rows
+
+
+def _derive(job, ceilings):
+    """GFLOP/s, GB/s, the ratios to torch's rows and the roofline fraction of one (shape, primitive)'s rows."""
+    timed = {r["provider"]: r for r in job if "seconds" in r}
+    for row in timed.values():
+        row["gflops"] = row["flops"] / row["seconds"] / 1e9
+        row["gbytes"] = row["bytes"] / row["seconds"] / 1e9
+        for provider, key in (("torch", "vs_torch"), ("torch-tf32", "vs_tf32")):
+            if provider in timed:
+                row[key] = timed[provider]["seconds"] / row["seconds"]
+        fraction = roofline(row, ceilings)
+        if fraction is not None:
+            row["roofline"] = fraction
 
 
 def table(rows):
     tf32 = any("vs_tf32" in r for r in rows)
-    lines = [f"{'shape':36s} {'primitive':15s} {'provider':18s} {'median ms':>10s} {'GFLOP/s':>9s} "
-             f"{'GB/s':>7s} {'% roof':>6s} {'vs torch':>8s}" + (f" {'vs tf32':>8s}" if tf32 else "") + "  status"]
-    for r in rows:
-        if "seconds" in r:
-            ratios = [f"{r[k]:.2f}x" if k in r else "-" for k in ("vs_torch", "vs_tf32")[:1 + tf32]]
-            roof = f"{100 * r['roofline']:.0f}" if "roofline" in r else "-"
-            lines.append(f"{r['shape']:36s} {r['primitive']:15s} {r['provider']:18s} {r['seconds'] * 1e3:10.2f} "
-                         f"{r['gflops']:9.1f} {r['gbytes']:7.2f} {roof:>6s} "
-                         + " ".join(f"{v:>8s}" for v in ratios) + f"  {r['status']}")
-        else:
-            lines.append(f"{r['shape']:36s} {r['primitive']:15s} {r['provider']:18s} {'-':>10s} {'-':>9s} "
-                         f"{'-':>7s} {'-':>6s} {'-':>8s}" + (f" {'-':>8s}" if tf32 else "")
-                         + f"  {r['status']}: {r.get('note', '')[:120]}")
-    return "\n".join(lines)
+    return "\n".join([table_header(tf32)] + [table_line(r, tf32) for r in rows])
+
+
+def table_header(tf32):
+    return (f"{'shape':36s} {'primitive':15s} {'provider':18s} {'median ms':>10s} {'GFLOP/s':>9s} "
+            f"{'GB/s':>7s} {'% roof':>6s} {'vs torch':>8s}" + (f" {'vs tf32':>8s}" if tf32 else "") + "  status")
+
+
+def table_line(r, tf32):
+    if "seconds" in r:
+        ratios = [f"{r[k]:.2f}x" if k in r else "-" for k in ("vs_torch", "vs_tf32")[:1 + tf32]]
+        roof = f"{100 * r['roofline']:.0f}" if "roofline" in r else "-"
+        return (f"{r['shape']:36s} {r['primitive']:15s} {r['provider']:18s} {r['seconds'] * 1e3:10.2f} "
+                f"{r['gflops']:9.1f} {r['gbytes']:7.2f} {roof:>6s} " + " ".join(f"{v:>8s}" for v in ratios)
+                + f"  {r['status']}")
+    return (f"{r['shape']:36s} {r['primitive']:15s} {r['provider']:18s} {'-':>10s} {'-':>9s} "
+            f"{'-':>7s} {'-':>6s} {'-':>8s}" + (f" {'-':>8s}" if tf32 else "")
+            + f"  {r['status']}: {r.get('note', '')[:120]}")
 
 
 def geomean_vs_torch(rows, provider="cnnfast:auto", key="vs_torch"):
@@ -393,12 +422,6 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     info = machine(device)
     ceilings = measure_ceilings(device)
-    rows = run(shapes, device, args.primitive, args.algo, args.dtype, args.repeats, progress, ceilings, args.tiles)
-    sys.stderr.write("\n" if tty else "")
-    if device == "cuda" and info["launch"] == "raw":
-        from cnnfast.kernels.cuda.launch import raw_fallbacks
-        if raw_fallbacks():  # timed on Numba's dispatcher after all: said, in the header and the JSON
-            info["launch"] = f"raw (Numba's dispatcher for {', '.join(raw_fallbacks())}: their PTX did not load)"
     where = info.get("gpu", info["cpu"]) + (f", driver {info['cuda_driver']}, {info['launch']} launches"
                                             if device == "cuda" else f", {info['cpus']} CPUs")
     print(f"cnnfast bench on {device} ({where}), {args.dtype}, median of {args.repeats}; validated against the "
@@ -408,14 +431,36 @@ def main(argv=None) -> int:
         tf32 = f", TF32 GEMM {ceilings['tf32_gflops']:.0f} GFLOP/s" if ceilings.get("tf32_gflops") else ""
         print(f"ceilings measured now: SGEMM {ceilings['sgemm_gflops']:.0f} GFLOP/s{tf32}, copy "
               f"{ceilings['copy_gbytes']:.1f} GB/s ({ceilings['how']})")
-    print(table(rows))
+    with_tf32 = device == "cuda" and _torch_sees_gpu()  # (the torch-tf32 column)
+    print(table_header(with_tf32), flush=True)
+    rows = []
+
+    def write_json(complete):  # after every job too: a run cut short keeps the rows measured so far
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"device": device, "dtype": args.dtype, "repeats": args.repeats, "machine": info,
+                       "ceilings": ceilings, "complete": complete, "rows": rows,
+                       "seconds": time.perf_counter() - t0}, f, indent=1)
+        os.replace(tmp, args.json)
+
+    def on_job(job):
+        rows.extend(job)
+        sys.stderr.write("\r" + " " * 80 + "\r" if tty else "")
+        print("\n".join(table_line(r, with_tf32) for r in job), flush=True)
+        write_json(False)
+
+    run(shapes, device, args.primitive, args.algo, args.dtype, args.repeats, progress, ceilings, args.tiles,
+        on_job=on_job)
+    if device == "cuda" and info["launch"] == "raw":
+        from cnnfast.kernels.cuda.launch import raw_fallbacks
+        if raw_fallbacks():  # timed on Numba's dispatcher after all: said, here and in the JSON
+            info["launch"] = f"raw (Numba's dispatcher for {', '.join(raw_fallbacks())}: their PTX did not load)"
+            print(f"launches: {info['launch']}")
     for key, name in (("vs_torch", "torch" + (" (cuDNN fp32)" if device == "cuda" else "")),
                       ("vs_tf32", "torch-tf32")):
         for primitive, (geo, worst) in geomean_vs_torch(rows, key=key).items():
             print(f"cnnfast:auto vs {name}, {primitive}: geometric mean {geo:.2f}x, worst {worst:.2f}x")
-    with open(args.json, "w") as f:
-        json.dump({"device": device, "dtype": args.dtype, "repeats": args.repeats, "machine": info,
-                   "ceilings": ceilings, "rows": rows, "seconds": time.perf_counter() - t0}, f, indent=1)
+    write_json(True)
     print(f"wrote {args.json} ({time.perf_counter() - t0:.0f} s)")
     if args.plot and ceilings:
         try:

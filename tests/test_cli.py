@@ -140,6 +140,45 @@ def test_bench_progress_in_a_log_is_a_line_per_timing_step(tmp_path, capsys):
     assert "\r" not in err and "[  1/1] 1x1-64-32@16 forward" in err
 
 
+def test_bench_keeps_going_past_a_provider_error_and_writes_the_rows_after_every_job(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """A GPU run has one try: an unexpected error in one provider (a CUDA error, out of memory) is that row's
+    ERROR, every other row is still timed; each job's rows are printed and the JSON rewritten as they come, so a
+    run cut short (the device's time limit) keeps what it measured."""
+    import json
+
+    from cnnfast import benchmark
+
+    real = benchmark.cnnfast_call
+
+    def flaky(shape, primitive, arrays, algo):
+        if algo == "im2col" and primitive == "backward_filter":
+            raise RuntimeError("CUDA_ERROR_OUT_OF_MEMORY (a stand-in)")
+        return real(shape, primitive, arrays, algo)
+    monkeypatch.setattr(benchmark, "cnnfast_call", flaky)
+    out = tmp_path / "bench.json"
+    written = []
+    real_run = benchmark.run
+
+    def run(*args, on_job, **kw):  # the JSON as it stands after each job
+        return real_run(*args, on_job=lambda job: (on_job(job), written.append(json.loads(out.read_text()))), **kw)
+    monkeypatch.setattr(benchmark, "run", run)
+    args = ["bench", "--device", "cpu", "--shape", "1x1-64-32", "--primitive", "forward", "backward_filter",
+            "--algo", "direct", "im2col", "--repeats", "2", "--json", str(out)]
+    assert main(args) == 1  # a row that is not ok
+    rows = json.loads(out.read_text())["rows"]
+    bad = [r for r in rows if r["status"] != "ok"]
+    assert [(r["provider"], r["primitive"], r["status"]) for r in bad] == [("cnnfast:im2col", "backward_filter",
+                                                                            "ERROR")]
+    assert "RuntimeError: CUDA_ERROR_OUT_OF_MEMORY" in bad[0]["note"]
+    assert all("seconds" in r for r in rows if r["status"] == "ok") and len(rows) > len(bad) + 4
+    assert [(w["complete"], len(w["rows"])) for w in written] == [(False, len(written[0]["rows"])),
+                                                                  (False, len(rows))]
+    assert json.loads(out.read_text())["complete"] is True
+    text = capsys.readouterr().out
+    assert text.index("1x1-64-32@16") < text.index("cnnfast:auto vs torch")  # rows before the summary
+
+
 @pytest.mark.parametrize("args, message", [
     (["explain", "conv2d", "1x3x32x32", "--bias"], "conv2d: expected 2 shapes"),
     (["explain", "conv2d", "1x3x8x8", "6x3x3x3", "6", "--bias"], "conv2d: expected 2 shapes"),
