@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import numbers
+import operator
 from functools import lru_cache
 from typing import Optional
 
@@ -79,10 +80,16 @@ _ROLES = {"": (api, ("input", "weight", "bias")), "_input": (grad, ("input_size"
 
 
 def _plain(value):
-    """An option as a Python literal for the layer string: NumPy ints as ints, sequences as tuples."""
+    """An option as a Python literal for the layer string: NumPy ints and 0-d integer tensors (torch's int
+    arguments take them) as ints, sequences as tuples."""
     if isinstance(value, (tuple, list)):
         return tuple(_plain(v) for v in value)
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype in _INTEGER_DTYPES:
+        return operator.index(value)
     return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+
+
+_INTEGER_DTYPES = {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
 
 
 @lru_cache(maxsize=1024)

@@ -382,9 +382,11 @@ def test_errors_name_the_op():
     x, w = torch.ones(1, 2, 5, 5), torch.ones(3, 2, 3, 3)
     torch.testing.assert_close(cf.conv2d(x, w, stride=np.int64(2), padding=(np.int32(1), 1)),
                                F.conv2d(x, w, stride=2, padding=1))  # NumPy ints, as cnnfast.conv2d takes them
+    torch.testing.assert_close(cf.conv2d(x, w, stride=torch.tensor(2), padding=(torch.tensor(1), 1)),
+                               F.conv2d(x, w, stride=torch.tensor(2), padding=(torch.tensor(1), 1)))  # as F takes them
     with pytest.raises(TypeError, match=r"^conv2d: expected ints, tuples of ints and strings for \(stride, padding, "
-                                        r"dilation, groups, padding_mode, algo\), but got \(tensor\(2\), "):
-        cf.conv2d(x, w, stride=torch.tensor(2))
+                                        r"dilation, groups, padding_mode, algo\), but got \(tensor\(\[2, 2\]\), "):
+        cf.conv2d(x, w, stride=torch.tensor([2, 2]))  # (F.conv2d refuses it too)
     with pytest.raises(TypeError, match=r"^conv_transpose1d: expected weight to be a torch\.Tensor, but got list$"):
         cf.conv_transpose1d(torch.ones(1, 2, 3), [[[1.0]], [[1.0]]])
 
