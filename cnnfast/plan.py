@@ -175,6 +175,10 @@ def make_plan(op, spec, primitive, device, algo="auto", workspace_limit=None) ->
         if algo != "auto":
             raise ValueError(f"{op}: algo={name!r} needs at least {workspace:,} bytes of workspace, more than "
                              f"{shown}; raise the limit or use algo='direct'")
+        why_not = algos["direct"].supports(g, primitive)
+        if why_not is not None:
+            raise ValueError(f"{op}: algo={name!r} needs at least {workspace:,} bytes of workspace, more than "
+                             f"{shown}, and algo='direct' cannot run this problem on {device}: {why_not}")
         name, chosen = "direct", algos["direct"]
         tile = tile_of(chosen)
         workspace = workspace_of(chosen, tile)

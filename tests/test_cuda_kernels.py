@@ -857,6 +857,44 @@ def test_depthwise_output_depths_past_the_grids_y_limit_take_the_thread_per_outp
         depthwise._tile_geometry.cache_clear()
 
 
+# Layers an H100 could hold that the CUDA kernels' index arithmetic cannot take: planned (cnnfast.explain, nothing
+# allocated), each refused by the algorithm's supports() with a ValueError before any launch (they wrapped a 32-bit
+# cursor or range test, or asked for a grid of more than 65,535 row blocks, or a table of ~150 bytes of host memory
+# per output position).
+TOO_LARGE = [
+    ("conv1d_weight", ((1, 2, 2**32 + 64), (1, 2, 1), (1, 1, 2**32 + 64)), {}, "im2col",
+     "weight gradient walks a sample's 4,294,967,360 output positions with a 32-bit cursor"),
+    ("conv1d", ((1, 256, 1), (2_200_000, 256, 1)), {}, "im2col", "GEMM has 2,200,000 rows per group"),
+    ("conv2d_input", ((1, 2_200_000, 3, 3), (8, 2_200_000, 3, 3), (1, 8, 1, 1)), {}, "direct",
+     "GEMM has 2,200,000 rows per group"),
+    ("conv2d", ((1, 1, 2**32 + 64, 1), (1, 1, 3, 1)), dict(padding=(1, 0)), "depthwise",
+     "index tests are 32-bit, and an extent of x or y plus its padding reaches 2\\*\\*31"),
+    ("conv2d_weight", ((1, 3, 8192, 8192), (4, 3, 3, 3), (1, 4, 8192, 8192)), dict(padding=1), "direct",
+     "weight gradient's table would hold a row per output position, 67,108,864"),
+    ("conv2d", ((1, 64, 8192, 8192), (64, 64, 3, 3)), dict(padding=1), "direct",
+     "table holds 32-bit offsets within a sample and a group, and this layer reaches 4,294,967,296"),
+]
+
+
+@pytest.mark.parametrize("op, shapes, kw, algo, why", TOO_LARGE, ids=[f"{c[0]}-{c[3]}" for c in TOO_LARGE])
+def test_layers_beyond_the_kernels_index_arithmetic_are_refused_before_any_launch(op, shapes, kw, algo, why):
+    with pytest.raises(ValueError, match=f"^{op}: algo='{algo}' cannot run this problem on cuda: its {why}"):
+        cnnfast.explain(op, *shapes, device="cuda", algo=algo, **kw)
+
+
+def test_auto_takes_im2col_where_directs_tables_cannot_index_the_layer():
+    """A weight gradient of 8192 x 8192 output positions per sample: direct's table would need ~10 GB of host
+    memory to build; im2col runs it within a workspace limit that holds one sample's columns (else a ValueError
+    that names both)."""
+    shapes, kw = ((1, 3, 8192, 8192), (4, 3, 3, 3), (1, 4, 8192, 8192)), dict(padding=1)
+    plan = cnnfast.explain("conv2d_weight", *shapes, device="cuda", workspace_limit=2**33, **kw)
+    assert plan.algorithm == "im2col" and plan.reason.startswith("direct cannot index this layer (its weight grad")
+    with pytest.raises(ValueError, match=r"algo='im2col' needs at least 7,247,757,312 bytes of workspace, more than "
+                                         r"workspace_limit=268,435,456 \(the default\), and algo='direct' cannot "
+                                         r"run this problem on cuda: its weight gradient's table"):
+        cnnfast.explain("conv2d_weight", *shapes, device="cuda", **kw)
+
+
 def test_numba_stream_and_check_mode_on_device_arrays():
     """An explicit Numba stream for every op, conv_bias included, under check mode (the reference's comparison
     after the op's stream is synchronised)."""

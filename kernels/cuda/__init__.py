@@ -8,7 +8,9 @@ dispatcher, or the raw-pointer path, cuLaunchKernel through cuda-bindings with n
 choose(g, primitive), the heuristic behind algo="auto" (to be tuned on a GPU, issue 5):
   depthwise layers -> depthwise (all three primitives); pointwise layers (1x1, unit stride, no padding) ->
   im2col, whose GEMM then reads the tensors in place; everything else -> direct (implicit GEMM, no workspace
-  except the deterministic split-K partials of backward_filter); im2col is offered explicitly (algo="im2col").
+  except the deterministic split-K partials of backward_filter), or im2col where direct's indexing cannot take the
+  layer (direct.supports: a weight gradient of more than 2**24 output positions per sample); im2col is offered
+  explicitly too (algo="im2col"). Each algorithm's supports() refuses what its index arithmetic cannot take.
 """
 from cnnfast.kernels import _compat  # noqa: F401  (must precede numba.cuda's first compile)
 from cnnfast.kernels.contract import Algorithm
@@ -41,12 +43,12 @@ def _kernels(name):
 
 ALGORITHMS = {
     "direct": Algorithm("direct", direct.forward, direct.backward_data, direct.backward_filter,
-                        workspace_bytes=direct.workspace_bytes, kernels=_kernels("direct"),
+                        supports=direct.supports, workspace_bytes=direct.workspace_bytes, kernels=_kernels("direct"),
                         tiles=direct.tile_names, tile=direct.tile_for,
                         doc="implicit GEMM: 8x64 (2x4 per thread) to 128x128 (8x8) block tiles, shared-memory "
                             "staging; strided backward_data by sub-pixel classes"),
     "im2col": Algorithm("im2col", im2col.forward, im2col.backward_data, im2col.backward_filter,
-                        workspace_bytes=im2col.workspace_bytes, kernels=_kernels("im2col"),
+                        supports=im2col.supports, workspace_bytes=im2col.workspace_bytes, kernels=_kernels("im2col"),
                         tiles=gemm.tile_names, tile=im2col.tile_for,
                         doc="explicit column matrix (batch-chunked under workspace_limit) + the tiled GEMM"),
     "depthwise": Algorithm("depthwise", depthwise.forward, depthwise.backward_data, depthwise.backward_filter,
@@ -66,4 +68,7 @@ def choose(g, primitive):
         return "depthwise", "depthwise layer (groups == in_channels): memory-bound, halo tiles in shared memory"
     if g.is_pointwise:
         return "im2col", "1x1 unit-stride layer: a plain GEMM on x and dy in place (no columns, no index table)"
+    why_not = direct.supports(g, primitive)
+    if why_not is not None:
+        return "im2col", f"direct cannot index this layer ({why_not})"
     return "direct", "implicit GEMM: no column matrix, register-tiled (untuned heuristic, see issue 5)"

@@ -28,7 +28,7 @@ the arrays are cast to uint64 (none is negative where it is used), as in depthwi
 """
 from functools import lru_cache
 
-from cnnfast.kernels.cuda import depthwise_filter, direct
+from cnnfast.kernels.cuda import depthwise_filter, direct, indexing
 from cnnfast.kernels.cuda.compile import ZERO, helper, numba_dtype, uint64
 from cnnfast.kernels.cuda.depthwise_filter import TARGET_BLOCKS, constant_sizes, size_name
 from cnnfast.kernels.cuda.indexing import carry, next_tap, split, tap_walk, transposed_gather, within, within32
@@ -356,8 +356,10 @@ def backward_data_kernel(dy, w, dx, geo):
 # ---------------------------------------------------------------- launchers
 
 def supports(g, primitive):
-    return None if g.is_depthwise else (f"depthwise needs groups == in_channels and out_channels a multiple "
-                                        f"of them, got groups={g.groups}, C={g.C}, K={g.K}")
+    if not g.is_depthwise:
+        return (f"depthwise needs groups == in_channels and out_channels a multiple of them, got groups={g.groups}, "
+                f"C={g.C}, K={g.K}")
+    return indexing.beyond32(g)  # (the halo tiles' row tests)
 
 
 def workspace_bytes(g, primitive, itemsize, workspace_limit):

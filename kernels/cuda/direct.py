@@ -393,6 +393,31 @@ def dims(g, primitive):
             "backward_filter": (Kg, g.N * span(g), Cg * TRS)}[primitive]
 
 
+# backward_filter's output table (reduction_table) holds at most this many rows, one per output position of a sample:
+# 20 bytes each on the device, ~150 bytes while NumPy builds it (a 4096 x 4096 output plane: 335 MB and ~2.5 GB).
+OUTPUT_TABLE_ROWS = 1 << 24
+# backward_filter's cursor (sample_seek) holds a position in a sample's span as a uint32 and steps it by up to BJ.
+SPAN_LIMIT = 2**32 - 1 - gemm.BJ
+
+
+def supports(g, primitive):
+    """None when direct's kernels can index the problem, else why not (a ValueError before any launch)."""
+    why = indexing.beyond32(g) or gemm.beyond_grid(dims(g, primitive)[0])
+    reach = {"forward": g.C // g.groups * g.D * g.H * g.W, "backward_data": g.K // g.groups * g.P * g.Q * g.U,
+             "backward_filter": g.D * g.H * g.W}[primitive]  # the table's largest offset (int32_table), about
+    if why is None and reach >= 2**31:
+        why = (f"its table holds 32-bit offsets within a sample and a group, and this layer reaches {reach:,} "
+               f"elements")
+    if why is None and primitive == "backward_filter":
+        O = g.P * g.Q * g.U
+        if span(g) > SPAN_LIMIT:
+            why = f"its weight gradient walks a sample's {O:,} output positions with a 32-bit cursor"
+        elif O > OUTPUT_TABLE_ROWS:
+            why = (f"its weight gradient's table would hold a row per output position, {O:,} (at most "
+                   f"{OUTPUT_TABLE_ROWS:,})")
+    return why
+
+
 def tile_names(itemsize):
     """direct's tiles: the GEMM's, and gemm.THIN for problems of few rows (output or input channels per group)."""
     return gemm.tile_names(itemsize, thin=True)

@@ -323,6 +323,18 @@ def grid(M, NCOL, groups, splits, tile=SMALL):
     return ((NCOL + t.BN - 1) // t.BN, (M + t.BM - 1) // t.BM, groups * splits)
 
 
+GRID_Y = 65535  # CUDA's limit on a grid's y: the row blocks of one launch (y is not cut into launches as z is)
+
+
+def beyond_grid(M):
+    """Why a GEMM of M rows per group has too many row blocks for a launch's grid with the smallest tile, or None.
+    (M: output channels per group, or input channels per group, or im2col's column-matrix rows per group.)"""
+    BM = min(t.BM for t in TILES.values())
+    if M > GRID_Y * BM:
+        return f"its GEMM has {M:,} rows per group, more than the {GRID_Y:,} row blocks of {BM} a launch takes"
+    return None
+
+
 def launches(blocks):
     """[(grid, z0)]: the launches that run `blocks` (grid()'s), each of at most GRID_Z along z, told its first z."""
     gx, gy, gz = blocks

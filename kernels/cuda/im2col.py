@@ -204,6 +204,14 @@ def _shape(g, primitive, nb):
             "backward_filter": (Kg, nb * direct.span(g), J)}[primitive]
 
 
+def supports(g, primitive):
+    """None when im2col's kernels can index the problem, else why not (its index arithmetic is 64-bit, but for the
+    GEMM's row blocks and the weight gradient's cursor)."""
+    if primitive == "backward_filter" and direct.span(g) > direct.SPAN_LIMIT:
+        return f"its weight gradient walks a sample's {g.P * g.Q * g.U:,} output positions with a 32-bit cursor"
+    return gemm.beyond_grid(_shape(g, primitive, 1)[0])
+
+
 def tile_for(g, primitive, itemsize=4, workspace_limit=None):
     """The tile of the GEMMs without an explicit tile= (gemm.choose_tile on a full chunk)."""
     M, _, NCOL = _shape(g, primitive, chunk(g, itemsize, workspace_limit))
@@ -251,4 +259,4 @@ def backward_filter(x, dy, dw, g, workspace_limit=None, stream=0, tile=None):
     _run("backward_filter", g, dy, x, dw, bias, 0, workspace_limit, stream, tile)
 
 
-__all__ = ["forward", "backward_data", "backward_filter", "workspace_bytes"]
+__all__ = ["forward", "backward_data", "backward_filter", "workspace_bytes", "supports"]

@@ -51,6 +51,16 @@ def within32(i, n):
     return uint32(i) < uint32(n)
 
 
+def beyond32(g):
+    """Why the 32-bit range tests (within32) cannot take geometry g, or None: every extent of x and y, plus its
+    padding, must stay under 2**31 (a larger one wraps, and a row inside reads as outside)."""
+    extents = ((g.D, g.pad_d), (g.H, g.pad_h), (g.W, g.pad_w), (g.P, 0), (g.Q, 0), (g.U, 0))
+    if max(L + pad for L, pad in extents) >= 2**31:
+        return (f"its index tests are 32-bit, and an extent of x or y plus its padding reaches 2**31 "
+                f"(x {g.D}x{g.H}x{g.W}, y {g.P}x{g.Q}x{g.U})")
+    return None
+
+
 @helper
 def carry(digit, next_digit, size):
     """(digit, next_digit) with a digit in [0, 2*size) brought under size by one carry: a mixed-radix index
