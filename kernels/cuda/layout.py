@@ -92,11 +92,11 @@ def bias_grad_kernel(dtype):
 
 
 def _inverse(table, length):
-    """CSR of the padded positions reading each source index: starts (length + 1,), items."""
+    """CSR of the padded positions reading each source index: starts (length + 1,), items (each source's positions
+    in increasing order, then one 0). O(L log L): a 1-D signal of a million samples takes milliseconds."""
     table = np.asarray(table, np.int64)
-    items = [np.flatnonzero(table == i) for i in range(length)]
-    starts = np.concatenate([[0], np.cumsum([len(it) for it in items])]).astype(np.int64)
-    flat = np.concatenate(items + [np.zeros(1, np.int64)]).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(np.bincount(table, minlength=length)[:length])]).astype(np.int64)
+    flat = np.concatenate([np.argsort(table, kind="stable"), np.zeros(1, np.int64)]).astype(np.int64)
     return starts, flat
 
 
