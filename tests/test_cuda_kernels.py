@@ -1351,6 +1351,17 @@ def test_pad_and_fold_twins_match_numpy(mode):
     assert np.isclose(np.vdot(expected, b), np.vdot(src, folded.copy_to_host()), rtol=1e-12)
 
 
+def test_fold_tables_list_each_sources_padded_positions_in_order():
+    """layout._inverse (CSR, built by a sort) against its definition, entry by entry; -1 (a zero) reads nothing."""
+    rng = np.random.default_rng(4)
+    for length in (1, 2, 7, 40):
+        table = rng.integers(-1, length, 3 * length + 2)
+        starts, items = layout._inverse(table, length)
+        for i in range(length):
+            assert list(items[starts[i]:starts[i + 1]]) == list(np.flatnonzero(table == i))
+        assert starts[-1] == (table >= 0).sum() and len(items) == starts[-1] + 1
+
+
 def test_index_tables_and_the_zero_bias_are_uploaded_once_per_gpu(problem):
     from cnnfast.kernels.cuda import compile as kernel_cache
     x, w, _ = problem

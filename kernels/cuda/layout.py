@@ -95,8 +95,9 @@ def _inverse(table, length):
     """CSR of the padded positions reading each source index: starts (length + 1,), items (each source's positions
     in increasing order, then one 0). O(L log L): a 1-D signal of a million samples takes milliseconds."""
     table = np.asarray(table, np.int64)
-    starts = np.concatenate([[0], np.cumsum(np.bincount(table, minlength=length)[:length])]).astype(np.int64)
-    flat = np.concatenate([np.argsort(table, kind="stable"), np.zeros(1, np.int64)]).astype(np.int64)
+    read = np.flatnonzero((table >= 0) & (table < length))  # (-1: a zero of 'zeros' padding reads nothing)
+    starts = np.concatenate([[0], np.cumsum(np.bincount(table[read], minlength=length))]).astype(np.int64)
+    flat = np.concatenate([read[np.argsort(table[read], kind="stable")], np.zeros(1, np.int64)]).astype(np.int64)
     return starts, flat
 
 
