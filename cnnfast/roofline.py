@@ -9,8 +9,10 @@ import platform
 import numba
 import numpy as np
 
+from cnnfast.kernels.cpu.threads import njit
 
-@numba.njit(parallel=True, cache=True)
+
+@njit(parallel=True)
 def _parallel_copy(src, dst):
     for i in numba.prange(src.size):
         dst[i] = src[i]

@@ -81,6 +81,18 @@ def test_cuda_commands_without_a_gpu_exit_2_with_a_message(command, monkeypatch,
     assert "--device cuda: no CUDA GPU found" in capsys.readouterr().err
 
 
+def test_a_reader_that_leaves_early_ends_the_command_quietly():
+    """`cnnfast info | head -1`: the pipe closes under the command; no traceback, the exit status of SIGPIPE."""
+    import subprocess
+    import sys
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before the first line
+    done = subprocess.run([sys.executable, "-m", "cnnfast.cli", "info"], stdout=write, stderr=subprocess.PIPE,
+                          text=True, timeout=300)
+    os.close(write)
+    assert done.returncode == 141 and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
 def test_console_script_is_installed():
     """The `cnnfast` entry point from setup.cfg, next to this interpreter, in a fresh process."""
     script = os.path.join(os.path.dirname(sys.executable), "cnnfast")

@@ -553,6 +553,27 @@ print(numba.threading_layer(), all(same))
 """
 
 
+NO_CACHE_PROBE = """
+import warnings
+import numba.core.caching
+numba.core.caching.CacheImpl._locator_classes = []  # as for a read-only install with no writable home
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import numpy as np, cnnfast
+    y = cnnfast.conv2d(np.ones((2, 3, 40, 40), np.float32), np.ones((4, 3, 3, 3), np.float32), algo="direct")
+print(float(y[0, 0, 0, 0]), sum("NUMBA_CACHE_DIR" in str(w.message) for w in caught))
+"""
+
+
+def test_cnnfast_imports_and_runs_where_numba_cannot_cache_its_kernels():
+    """A read-only site-packages and no writable home: Numba refuses cache=True as the module imports ("no locator
+    available"); the kernels then compile without the disk cache, with one warning."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", NO_CACHE_PROBE], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.split() == ["27.0", "1"], done.stdout + done.stderr[-2000:]
+
+
 def test_threads_calling_parallel_kernels_at_once_on_numbas_workqueue_layer():
     """The workqueue layer (no OpenMP or TBB: macOS without libomp) aborted the process when two threads entered
     parallel regions at once; cnnfast runs one region at a time there."""

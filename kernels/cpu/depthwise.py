@@ -28,10 +28,10 @@ from cnnfast.kernels.cpu.direct import (
     out_range,
     tap_output,
 )
-from cnnfast.kernels.cpu.threads import parallel, sized
+from cnnfast.kernels.cpu.threads import njit, parallel, sized
 
 
-@numba.njit(cache=True)
+@njit()
 def tap_ranges(S, pw, dw_, sw, W, U):
     """(lo, hi): per tap s, the outputs u in [lo[s], hi[s]) whose tap reads inside a W-long input row."""
     lo, hi = np.empty(S, np.int64), np.empty(S, np.int64)
@@ -116,7 +116,7 @@ def depthwise_backward_data_cpu(dy, w, dx, sd, sh, sw, dd, dh, dw_, pd, ph, pw):
                                         acc[u * sw + base] += wv * ds[u - u0]
 
 
-@numba.njit(cache=True)
+@njit()
 def pad_plane(plane, padded, pd, ph, pw, Hp, Wp):
     """padded (Dp*Hp*Wp, zeros outside) [(a*Hp + b)*Wp + e] = plane[a - pd, b - ph, e - pw] where that is inside."""
     D, H, W = plane.shape

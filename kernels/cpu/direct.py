@@ -16,7 +16,7 @@ No task writes what another task writes, so results are deterministic (no atomic
 """
 import numba
 import numpy as np
-from cnnfast.kernels.cpu.threads import parallel, sized
+from cnnfast.kernels.cpu.threads import njit, parallel, sized
 
 KB = 8  # output channels per forward task (register/cache block)
 CB = 8  # input channels per backward-data task
@@ -227,7 +227,7 @@ def backward_data(dy, w, dx, g, workspace_limit=None):
     sized(direct_backward_data_cpu, g.dense_macs)(dy, w, dx, *geometry_args(g))
 
 
-@numba.njit(cache=True, fastmath=CONTRACT_REASSOC)
+@njit(fastmath=CONTRACT_REASSOC)
 def nonfinite_channels(dy):
     """dy (N, K, L) -> (K,) bools: whether dy[:, k] holds a NaN or an inf. Summed as v - v (0, or NaN for a NaN or an
     inf; reassociation lets LLVM vectorise the sum, and without the no-NaN flag it cannot fold v - v to 0): one pass

@@ -26,6 +26,7 @@ import os
 import sys
 import threading
 import types
+import warnings
 from pathlib import Path
 
 import numba
@@ -54,6 +55,30 @@ def start():
 SERIAL_WORK = 1 << 15
 
 
+def njit(**options):
+    """numba.njit(cache=True, **options): the machine code on disk (Numba's folder: the package's __pycache__, else
+    ~/.cache/numba, or NUMBA_CACHE_DIR). Where Numba finds no folder it can write (a read-only install and no
+    writable home: it raises "no locator available" as the module imports), the same function without the disk cache
+    (compiled in each process), warned once."""
+    def build(pyfunc):
+        try:
+            return numba.njit(cache=True, **options)(pyfunc)
+        except RuntimeError as e:
+            if "no locator available" not in str(e):
+                raise
+            global _UNCACHED
+            if not _UNCACHED:
+                _UNCACHED = True
+                warnings.warn("cnnfast: Numba has no folder to cache the CPU kernels in (the package's folder and "
+                              "~/.cache are read-only); they compile in every process. Set NUMBA_CACHE_DIR to a "
+                              "writable folder to keep them.", RuntimeWarning, stacklevel=2)
+            return numba.njit(**options)(pyfunc)
+    return build
+
+
+_UNCACHED = False
+
+
 def parallel(**options):
     """Decorator: numba.njit(parallel=True, cache=True, **options), with `.serial`, the same function compiled
     without parallel=True (numba.prange runs as range) for calls too small to pay for a parallel region (sized).
@@ -63,12 +88,12 @@ def parallel(**options):
     files by module and qualified name and keys entries by signature and bytecode, not by options, so two builds
     of one function would load each other's machine code."""
     def build(pyfunc):
-        kernel = numba.njit(parallel=True, cache=True, **options)(pyfunc)
+        kernel = njit(parallel=True, **options)(pyfunc)
         twin = types.FunctionType(pyfunc.__code__, pyfunc.__globals__, pyfunc.__name__, pyfunc.__defaults__,
                                   pyfunc.__closure__)
         twin.__qualname__ = f"{pyfunc.__qualname__}_serial"
         twin.__doc__ = pyfunc.__doc__
-        kernel.serial = numba.njit(cache=True, nogil=True, **options)(twin)
+        kernel.serial = njit(nogil=True, **options)(twin)
         return kernel
     return build
 
