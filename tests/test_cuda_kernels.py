@@ -869,10 +869,10 @@ TOO_LARGE = [
      "GEMM has 2,200,000 rows per group"),
     ("conv2d", ((1, 1, 2**32 + 64, 1), (1, 1, 3, 1)), dict(padding=(1, 0)), "depthwise",
      "index tests are 32-bit, and an extent of x or y plus its padding reaches 2\\*\\*31"),
-    ("conv2d_weight", ((1, 3, 8192, 8192), (4, 3, 3, 3), (1, 4, 8192, 8192)), dict(padding=1), "direct",
-     "weight gradient's table would hold a row per output position, 67,108,864"),
+    ("conv2d_weight", ((1, 3, 32768, 32768), (4, 3, 3, 3), (1, 4, 32768, 32768)), dict(padding=1), "direct",
+     "weight gradient's table would hold a row per output position, 1,073,741,824"),
     ("conv2d", ((1, 64, 8192, 8192), (64, 64, 3, 3)), dict(padding=1), "direct",
-     "table holds 32-bit offsets within a sample and a group, and this layer reaches 4,294,967,296"),
+     "table holds 32-bit offsets within a sample and a group, and this layer reaches 4,227,874,818"),
 ]
 
 
@@ -883,15 +883,15 @@ def test_layers_beyond_the_kernels_index_arithmetic_are_refused_before_any_launc
 
 
 def test_auto_takes_im2col_where_directs_tables_cannot_index_the_layer():
-    """A weight gradient of 8192 x 8192 output positions per sample: direct's table would need ~10 GB of host
-    memory to build; im2col runs it within a workspace limit that holds one sample's columns (else a ValueError
-    that names both)."""
-    shapes, kw = ((1, 3, 8192, 8192), (4, 3, 3, 3), (1, 4, 8192, 8192)), dict(padding=1)
-    plan = cnnfast.explain("conv2d_weight", *shapes, device="cuda", workspace_limit=2**33, **kw)
+    """A weight gradient of 32768 x 32768 output positions per sample: direct's table would take 20 GiB of device
+    and ~28 GiB of host memory; im2col runs it within a workspace limit that holds one sample's columns (else a
+    ValueError that names both)."""
+    shapes, kw = ((1, 3, 32768, 32768), (4, 3, 3, 3), (1, 4, 32768, 32768)), dict(padding=1)
+    plan = cnnfast.explain("conv2d_weight", *shapes, device="cuda", workspace_limit=2**37, **kw)
     assert plan.algorithm == "im2col" and plan.reason.startswith("direct cannot index this layer (its weight grad")
-    with pytest.raises(ValueError, match=r"algo='im2col' needs at least 7,247,757,312 bytes of workspace, more than "
-                                         r"workspace_limit=268,435,456 \(the default\), and algo='direct' cannot "
-                                         r"run this problem on cuda: its weight gradient's table"):
+    with pytest.raises(ValueError, match=r"algo='im2col' needs at least 115,964,116,992 bytes of workspace, more "
+                                         r"than workspace_limit=268,435,456 \(the default\), and algo='direct' "
+                                         r"cannot run this problem on cuda: its weight gradient's table"):
         cnnfast.explain("conv2d_weight", *shapes, device="cuda", **kw)
 
 

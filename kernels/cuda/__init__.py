@@ -9,7 +9,7 @@ choose(g, primitive), the heuristic behind algo="auto" (to be tuned on a GPU, is
   depthwise layers -> depthwise (all three primitives); pointwise layers (1x1, unit stride, no padding) ->
   im2col, whose GEMM then reads the tensors in place; everything else -> direct (implicit GEMM, no workspace
   except the deterministic split-K partials of backward_filter), or im2col where direct's indexing cannot take the
-  layer (direct.supports: a weight gradient of more than 2**24 output positions per sample); im2col is offered
+  layer (direct.supports: a weight gradient of more than 2**28 output positions per sample); im2col is offered
   explicitly too (algo="im2col"). Each algorithm's supports() refuses what its index arithmetic cannot take.
 """
 from cnnfast.kernels import _compat  # noqa: F401  (must precede numba.cuda's first compile)

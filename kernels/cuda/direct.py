@@ -341,11 +341,17 @@ def reduction_table(g, primitive):
     delta = (od*H + oh)*W + ow (backward_data's: subpixel_table). A device constant: built and uploaded once per GPU
     and table key (a new batch size reuses it)."""
     if primitive == "backward_filter":
-        def make_outputs():
-            p, q, u = np.unravel_index(np.arange(g.P * g.Q * g.U, dtype=np.int64), (g.P, g.Q, g.U))
-            od, oh, ow = p * g.stride_d, q * g.stride_h, u * g.stride_w
+        def make_outputs():  # written in place as int32 (~30 bytes of host memory per row at the peak, not ~150)
+            table = np.zeros((g.P * g.Q * g.U + gemm.BJ, gemm.TAB), np.int32)  # (int32_table's BJ zero rows)
+            rows = table[:g.P * g.Q * g.U].reshape(g.P, g.Q, g.U, gemm.TAB)
+            od, oh, ow = (np.arange(n, dtype=np.int64) * s for n, s in ((g.P, g.stride_d), (g.Q, g.stride_h),
+                                                                          (g.U, g.stride_w)))
+            od, oh, ow = od[:, None, None], oh[None, :, None], ow[None, None, :]
             delta = (od * g.H + oh) * g.W + ow
-            return int32_table(np.stack([delta, od, oh, ow, np.zeros_like(p)], axis=1).ravel())
+            if delta.size and delta.max() > np.iinfo(np.int32).max:
+                int32_table(delta.ravel())  # (raises: supports() keeps layers this large away)
+            rows[..., 0], rows[..., 1], rows[..., 2], rows[..., 3] = delta, od, oh, ow
+            return table.ravel()
 
         key = (g.P, g.Q, g.U, g.stride_d, g.stride_h, g.stride_w, g.H, g.W)
         return device_constant(("output-table",) + key, make_outputs)
@@ -394,8 +400,8 @@ def dims(g, primitive):
 
 
 # backward_filter's output table (reduction_table) holds at most this many rows, one per output position of a sample:
-# 20 bytes each on the device, ~150 bytes while NumPy builds it (a 4096 x 4096 output plane: 335 MB and ~2.5 GB).
-OUTPUT_TABLE_ROWS = 1 << 24
+# 20 bytes each on the device, ~28 bytes while NumPy builds it (a 16384 x 16384 output plane: 5.4 GB and 7.5 GB).
+OUTPUT_TABLE_ROWS = 1 << 28
 # backward_filter's cursor (sample_seek) holds a position in a sample's span as a uint32 and steps it by up to BJ.
 SPAN_LIMIT = 2**32 - 1 - gemm.BJ
 
@@ -403,8 +409,13 @@ SPAN_LIMIT = 2**32 - 1 - gemm.BJ
 def supports(g, primitive):
     """None when direct's kernels can index the problem, else why not (a ValueError before any launch)."""
     why = indexing.beyond32(g) or gemm.beyond_grid(dims(g, primitive)[0])
-    reach = {"forward": g.C // g.groups * g.D * g.H * g.W, "backward_data": g.K // g.groups * g.P * g.Q * g.U,
-             "backward_filter": g.D * g.H * g.W}[primitive]  # the table's largest offset (int32_table), about
+    if primitive == "forward":  # the table's largest offset (reduction_table, subpixel_table)
+        reach = ((g.C // g.groups - 1) * g.D * g.H * g.W
+                 + ((g.T - 1) * g.dil_d * g.H + (g.R - 1) * g.dil_h) * g.W + (g.S - 1) * g.dil_w)
+    elif primitive == "backward_filter":
+        reach = ((g.P - 1) * g.stride_d * g.H + (g.Q - 1) * g.stride_h) * g.W + (g.U - 1) * g.stride_w
+    else:  # (a bound: kk * P*Q*U plus a class's offset within a dy plane)
+        reach = g.K // g.groups * g.P * g.Q * g.U
     if why is None and reach >= 2**31:
         why = (f"its table holds 32-bit offsets within a sample and a group, and this layer reaches {reach:,} "
                f"elements")
