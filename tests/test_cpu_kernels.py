@@ -1081,6 +1081,20 @@ def test_blas_share_runs_the_parts_in_order_on_the_caller_when_it_cannot_share(w
     assert fake.sets == []
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_share_inside_a_part_runs_inline_at_any_thread_count(threads, monkeypatch):
+    """A part that shares again (on the caller's thread, which holds the lock, or on a worker) runs the inner parts
+    itself: no deadlock on the lock."""
+    import threading
+    fake = _FakeOpenBLAS(threads)
+    monkeypatch.setattr(blas, "openblas", lambda: fake)
+    ran = []
+    outer = threading.Thread(target=blas.share, args=(lambda k: blas.share(lambda j: ran.append((k, j)), 2), 2))
+    outer.start()
+    outer.join(60)
+    assert not outer.is_alive() and sorted(ran) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
 def test_blas_share_raises_a_parts_error_once_every_part_is_done(monkeypatch):
     fake = _FakeOpenBLAS(2)
     monkeypatch.setattr(blas, "openblas", lambda: fake)

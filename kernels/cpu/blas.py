@@ -200,8 +200,12 @@ def share(task, parts):
     with _lock:
         count = lib.get_num_threads()
         if count == 1:
-            for k in range(parts):
-                task(k)
+            _inside.share = True  # (a share in a part runs inline: the lock is this thread's)
+            try:
+                for k in range(parts):
+                    task(k)
+            finally:
+                _inside.share = False
             return
         _shared_count = count
         _generation += 1
