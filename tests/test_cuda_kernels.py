@@ -75,6 +75,20 @@ def test_every_specialisation_compiles_to_ptx_9_for_sm90_without_spills(ptx_rows
     assert all(r["calls"] == 0 for r in rows)  # NVVM inlined every helper (compile.helper: forceinline)
 
 
+def test_the_ptx_tool_without_the_toolchain_says_what_to_install(monkeypatch, capsys):
+    """No NVVM/NVRTC (the cuda-toolchain extra not installed, no CUDA toolkit): one message and exit 2, not one error
+    per kernel from every compiling process."""
+    from cnnfast.kernels.cuda import compile as kernel_compile
+    from cnnfast.kernels.cuda import ptx
+
+    def no_nvrtc(*args, **kwargs):
+        raise OSError("libnvrtc.so.13: cannot open shared object file: No such file or directory")
+    monkeypatch.setattr(kernel_compile, "compile_ptx", no_nvrtc)
+    assert ptx.main(["--warm"]) == 2
+    err = capsys.readouterr().err
+    assert "libnvrtc.so.13" in err and "pip install -e '.[cuda-toolchain]'" in err
+
+
 def test_depthwise_3x3_halo_builds_fit_their_blocks_per_sm(ptx_rows):
     """The float32 SPECIALISED straight plane_kernel builds carry launch bounds (BLOCK threads, PLANE_BLOCKS blocks
     per SM; grouped builds GROUPED_BLOCKS), which ptxas meets without spills: 4-row builds at ~130 registers would

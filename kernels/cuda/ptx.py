@@ -195,6 +195,19 @@ def check_all(jobs=None):
         return list(pool.map(check, range(count)))
 
 
+def _toolchain_missing():
+    """Why NVVM cannot compile here (the first specialisation, compiled once in this process), or None: without the
+    toolchain every worker would report the same error, one kernel after another."""
+    from cnnfast.kernels.cuda.compile import compile_ptx, specialisations
+
+    _, pyfunc, argtypes, _ = specialisations()[0]
+    try:
+        compile_ptx(pyfunc, argtypes, CC)
+    except Exception as e:  # noqa: BLE001 (NVVM or NVRTC not found, most often)
+        return f"{type(e).__name__}: {str(e)[:300]}"
+    return None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m cnnfast.kernels.cuda.ptx", description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print the table as JSON")
@@ -202,6 +215,11 @@ def main(argv=None):
     parser.add_argument("--warm", action="store_true",
                         help="only fill the PTX disk cache of the raw launch path (CNNFAST_CUDA_LAUNCH=raw)")
     args = parser.parse_args(argv)
+    missing = _toolchain_missing()
+    if missing:
+        print(f"ptx: the first kernel does not compile here ({missing}); without a CUDA toolkit, install NVVM and "
+              f"NVRTC as wheels: pip install -e '.[cuda-toolchain]'", file=sys.stderr)
+        return 2
     if args.warm:
         from cnnfast.kernels.cuda.compile import cache_dir
 
