@@ -21,8 +21,8 @@ import argparse
 import glob
 import os
 import re
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
