@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import cnnfast
+from cnnfast import compare, reference
 from cnnfast.compare import TOLERANCE, relative_error
 
 
@@ -45,16 +46,23 @@ def test_environment_variable_and_override(broken_direct, monkeypatch):
     monkeypatch.setenv("CNNFAST_CHECK", "1")
     with pytest.raises(cnnfast.MismatchError):
         cnnfast.conv2d(x, w, b, padding=1, algo="direct")
-    with cnnfast.checking(False):
-        cnnfast.conv2d(x, w, b, padding=1, algo="direct")
+    expected = reference.conv(x, w, b, padding=1)
+    with cnnfast.checking(False):  # off for the block: the broken value comes back unchecked
+        y = cnnfast.conv2d(x, w, b, padding=1, algo="direct")
+    assert y[0, 1, 2, 3] == pytest.approx(expected[0, 1, 2, 3] + 1.0, rel=1e-5)
     monkeypatch.setenv("CNNFAST_CHECK", "0")
-    cnnfast.conv2d(x, w, b, padding=1, algo="direct")
+    y = cnnfast.conv2d(x, w, b, padding=1, algo="direct")
+    assert y[0, 1, 2, 3] == pytest.approx(expected[0, 1, 2, 3] + 1.0, rel=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_every_op_passes_in_check_mode(dtype):
-    """All 18 ops plus conv_bias, batched and unbatched, run clean with checking on (they compare themselves)."""
+def test_every_op_passes_in_check_mode(dtype, monkeypatch):
+    """All 18 ops plus conv_bias, batched and unbatched, run clean with checking on (they compare themselves): each
+    call compares its result with the reference once."""
     x, w, b = _layer(dtype)
+    compared = []
+    real = compare.verify
+    monkeypatch.setattr(compare, "verify", lambda op, *a, **k: (compared.append(op), real(op, *a, **k))[1])
     with cnnfast.checking():
         y = cnnfast.conv2d(x, w, b, stride=2, padding="same", padding_mode="reflect")
         cnnfast.grad.conv2d_input(x.shape, w, y, stride=2, padding="same", padding_mode="reflect")
@@ -65,6 +73,8 @@ def test_every_op_passes_in_check_mode(dtype):
         cnnfast.grad.conv_transpose2d_weight(y, w.shape, t, stride=2, output_padding=1)
         cnnfast.conv1d(x[0, :, 0], w[:, :, 0], b)  # unbatched (C, L)
         cnnfast.conv3d(x[:, :, None], w[:, :, None], b, padding=(0, 1, 1))
+    assert compared == ["conv2d", "conv2d_input", "conv2d_weight", "conv_bias", "conv_transpose2d",
+                        "conv_transpose2d_input", "conv_transpose2d_weight", "conv1d", "conv3d"]
 
 
 def test_check_returns_the_figures(broken_direct):

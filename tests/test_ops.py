@@ -6,6 +6,7 @@ input-sized kernels. CUDA runs on the GPU when there is one, else in Numba's CUD
 """
 import contextlib
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -40,6 +41,8 @@ def _grid():
         for build in threads.BUILDS if device == "cpu" else (None,):
             where = f"{device}-{build}" if build else device
             for name, algo in algorithms(device).items():
+                if name == "reference" and build == "parallel":  # (no build of its own: its row checks how the
+                    continue  # kernel interface hands the geometry to cnnfast.reference, on the serial build's run)
                 for kind in KINDS:
                     for case in CASES:
                         g = case_spec(case, kind).geometry
@@ -52,7 +55,7 @@ def _grid():
 
 @pytest.mark.parametrize("device, build, algo, kind, case, dtype", list(_grid()))
 def test_matches_reference(device, build, algo, kind, case, dtype):
-    p = problem(case, kind, dtype, seed=hash((kind, case.name)) % 2**32, to_device=device_mover(device))
+    p = problem(case, kind, dtype, seed=zlib.crc32(f"{kind}/{case.name}".encode()), to_device=device_mover(device))
     with threads.only(build) if build else contextlib.nullcontext():
         out = p.public(algo=algo)
     array_in = p.inputs[1] if kind.endswith("_input") else p.inputs[0]
