@@ -291,11 +291,11 @@ def _brief(a):
     return text if len(text) <= 100 else text[:97] + "..."
 
 
-def explain(op, *args, device="cpu", dtype=None, **kwargs):
+def explain(op, *args, device=None, dtype=None, **kwargs):
     """The Plan `op(*args, **kwargs)` would run: device, algorithm, kernels, workspace, determinism, why.
 
-    Array arguments may be arrays or plain shapes (then `device` and `dtype` say where and what they are; dtype
-    defaults to the arrays' among the arguments, else float32):
+    Array arguments may be arrays or plain shapes (then `device` and `dtype` say where and what they are; each
+    defaults to the arrays' among the arguments, else the CPU and float32):
         cnnfast.explain("conv2d", (1, 3, 32, 32), (6, 3, 5, 5), stride=1)
         cnnfast.explain("conv2d_weight", x, (64, 3, 7, 7), dy, stride=2, padding=3)
     The plan's .spec is the ConvSpec (output shape, FLOPs, parameters, ...). Nothing is computed.
@@ -306,14 +306,17 @@ def explain(op, *args, device="cpu", dtype=None, **kwargs):
         raise TypeError(f"explain: expected op to be an op's name such as 'conv2d', but got {type(op).__name__}")
     if op not in _OPS:
         raise ValueError(f"explain: unknown op {op!r}; expected one of {sorted(_OPS)}")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"explain: expected device 'cpu' or 'cuda', but got {device!r}")
     module, positions, names = _OPS[op]
     fn = getattr(importlib.import_module(module), op)
+    given = [(names[positions.index(i)], a) for i, a in enumerate(args) if i in positions] + [
+        (k, v) for k, v in kwargs.items() if k in names]
+    given = [(name, a) for name, a in given if a is not None and arrays.family_of(a) is not None]  # the arrays
+    if device is None:  # the arrays' (a shape stands in on the same device), else the CPU
+        device = "cuda" if any(arrays.family_of(a) not in ("numpy", None) for _, a in given) else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"explain: expected device 'cpu' or 'cuda', but got {device!r}")
     if dtype is None:
-        given = [a for i, a in enumerate(args) if i in positions] + [v for k, v in kwargs.items() if k in names]
-        dtype = next((arrays.dtype_of(a) for a in given if a is not None and arrays.family_of(a) is not None),
-                     "float32")
+        dtype = next((arrays.dtype_of(a, op, name) for name, a in given), "float32")
 
     try:
         np.dtype(dtype)
@@ -330,7 +333,8 @@ def explain(op, *args, device="cpu", dtype=None, **kwargs):
                 raise TypeError(f"{op}: expected {name} to be an array or a shape (a sequence of non-negative "
                                 f"ints), but got {_brief(a)}")
             return arrays.ShapeArray(a, dtype, device)
-        return arrays.ShapeArray(arrays.shape_of(a), arrays.dtype_of(a), "cpu" if fam == "numpy" else "cuda")
+        return arrays.ShapeArray(arrays.shape_of(a, op, name), arrays.dtype_of(a, op, name),
+                                 "cpu" if fam == "numpy" else "cuda")
 
     args = [stand_in(names[positions.index(i)], a) if i in positions else a for i, a in enumerate(args)]
     kwargs = {k: stand_in(k, v) if k in names else v for k, v in kwargs.items()}

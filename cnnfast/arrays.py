@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import importlib
 import math
+import operator
 import os
+import reprlib
 from functools import lru_cache
 
 import numpy as np
@@ -102,16 +104,30 @@ def _type_name(a):
     return f"{t.__module__}.{t.__qualname__}" if t.__module__ != "builtins" else t.__qualname__
 
 
-def dtype_of(a) -> np.dtype:
-    if family_of(a) == "cai":
-        return np.dtype(a.__cuda_array_interface__["typestr"])
-    return np.dtype(a.dtype)
+def interface(a, op="cnnfast", name="array"):
+    """(shape, dtype) of a __cuda_array_interface__ object; TypeError naming op and the argument for an interface
+    without a shape of ints or a typestr NumPy reads, or with a mask (CUDA array interface v1+: cnnfast, as Numba
+    and CuPy, takes no masked array)."""
+    info = a.__cuda_array_interface__
+    where = f"{op}: {name}'s __cuda_array_interface__"
+    if not isinstance(info, dict) or "shape" not in info or "typestr" not in info:
+        raise TypeError(f"{where} is not a dict with 'shape' and 'typestr' entries: {reprlib.repr(info)}")
+    if info.get("mask") is not None and info.get("version", 0) >= 1:
+        raise TypeError(f"{where} has a mask; masked arrays are not supported (pass the data without it)")
+    try:
+        shape, dtype = tuple(operator.index(v) for v in info["shape"]), np.dtype(info["typestr"])
+    except TypeError:
+        raise TypeError(f"{where} has shape {info['shape']!r} and typestr {info['typestr']!r}: expected a tuple "
+                        f"of ints and a NumPy type string such as '<f4'") from None
+    return shape, dtype
 
 
-def shape_of(a) -> tuple:
-    if family_of(a) == "cai":
-        return tuple(a.__cuda_array_interface__["shape"])
-    return tuple(a.shape)
+def dtype_of(a, op="cnnfast", name="array") -> np.dtype:
+    return interface(a, op, name)[1] if family_of(a) == "cai" else np.dtype(a.dtype)
+
+
+def shape_of(a, op="cnnfast", name="array") -> tuple:
+    return interface(a, op, name)[0] if family_of(a) == "cai" else tuple(a.shape)
 
 
 _DTYPE_NAMES = {dt: dt.name for dt in FLOAT_DTYPES}
@@ -135,11 +151,10 @@ def inspect(op, **arrays):
             raise TypeError(f"{op}: expected {name} to be {_EXPECTED}, but got {_type_name(a)}"
                             + (" that requires grad (detach() it, or use cnnfast.torch for autograd)" if grad else ""))
         if fam == "cai":
+            shapes[name], dt = interface(a, op, name)
             if simulator_enabled():  # (its Numba has no as_cuda_array: an interface's pointer is a real device's)
                 raise TypeError(f"{op}: Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) cannot take {name} as "
                                 f"{_type_name(a)}, a __cuda_array_interface__ object; pass a Numba device array")
-            interface = a.__cuda_array_interface__
-            dt, shapes[name] = np.dtype(interface["typestr"]), tuple(interface["shape"])
         else:
             dt, shapes[name] = a.dtype, tuple(a.shape)
         if dt not in _DTYPE_NAMES:

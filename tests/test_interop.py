@@ -51,6 +51,40 @@ def test_a_bare_interface_object_is_a_cuda_array():
     assert arrays.family_of(np.zeros(1)) == "numpy" and arrays.family_of([1.0]) is None
 
 
+def _interface(**entries):
+    class Interface:
+        __cuda_array_interface__ = {"data": (0, False), "shape": (2, 3, 6, 6), "typestr": "<f4", "version": 3,
+                                    **entries}
+    return Interface()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("entries, message", [
+    (dict(mask=_interface()), r"conv2d: input's __cuda_array_interface__ has a mask; masked arrays are not supported"),
+    (dict(typestr="xx"), r"conv2d: input's __cuda_array_interface__ has shape \(2, 3, 6, 6\) and typestr 'xx': "
+                         r"expected a tuple of ints and a NumPy type string such as '<f4'"),
+    (dict(shape="ab"), r"conv2d: input's __cuda_array_interface__ has shape 'ab' and typestr '<f4'"),
+], ids=["mask", "typestr", "shape"])
+def test_an_interface_the_kernels_cannot_take_is_refused_by_name(entries, message):
+    """Checked before any kernel, in the ops and in explain() (the mask was ignored, a bad entry raised NumPy's own
+    TypeError or a KeyError naming neither the op nor the argument)."""
+    w = np.ones((4, 3, 3, 3), np.float32)
+    for call in (lambda: cnnfast.conv2d(_interface(**entries), w), lambda: cnnfast.explain("conv2d",
+                                                                                          _interface(**entries), w)):
+        with pytest.raises(TypeError, match=message):
+            call()
+
+
+@pytest.mark.cuda
+def test_explain_takes_the_device_of_its_cuda_arrays():
+    """A shape beside a CUDA array stands in on the CUDA device (it defaulted to the CPU: a device mismatch)."""
+    cuda = pytest.importorskip("numba.cuda")
+    x = cuda.to_device(np.ones((1, 3, 8, 8), np.float32))
+    assert cnnfast.explain("conv2d", x, (4, 3, 3, 3)).device == "cuda"
+    assert cnnfast.explain("conv2d", np.ones((1, 3, 8, 8), np.float32), (4, 3, 3, 3)).device == "cpu"
+    assert cnnfast.explain("conv2d", (1, 3, 8, 8), (4, 3, 3, 3)).device == "cpu"
+
+
 @pytest.mark.cuda
 def test_numba_device_arrays_in_numba_out(problem):
     cuda = pytest.importorskip("numba.cuda")
