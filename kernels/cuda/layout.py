@@ -150,8 +150,9 @@ def copy_kernel(src, dst):
 
 def copy_cuda(src, dst, stream=0):
     """dst (C-contiguous, src's shape, 1-5 axes) = src on the device, src of any non-negative strides. With a
-    negative stride it goes through the host: Numba starts a view's device memory at its lowest address, which for
-    a negative stride is not its first element, so no kernel can be handed such a view."""
+    negative stride it goes through the host: Numba's view then holds device memory from its first element with an
+    extent clipped to zero (numba-cuda's dummyarray: first to last element, at least empty), so no kernel can be
+    handed it. (On a GPU numba-cuda refuses that copy too, NotImplementedError; the simulator's copy takes it.)"""
     if any(s < 0 for s in src.strides):
         dst.copy_to_device(np.ascontiguousarray(src.copy_to_host(stream=stream)), stream=stream)
         return
