@@ -341,7 +341,7 @@ def reduction_table(g, primitive):
     delta = (od*H + oh)*W + ow (backward_data's: subpixel_table). A device constant: built and uploaded once per GPU
     and table key (a new batch size reuses it)."""
     if primitive == "backward_filter":
-        def make_outputs():  # written in place as int32 (~30 bytes of host memory per row at the peak, not ~150)
+        def make_outputs():  # written in place as int32 (~28 bytes of host memory per row at the peak, not ~150)
             table = np.zeros((g.P * g.Q * g.U + gemm.BJ, gemm.TAB), np.int32)  # (int32_table's BJ zero rows)
             rows = table[:g.P * g.Q * g.U].reshape(g.P, g.Q, g.U, gemm.TAB)
             od, oh, ow = (np.arange(n, dtype=np.int64) * s for n, s in ((g.P, g.stride_d), (g.Q, g.stride_h),
@@ -406,6 +406,13 @@ OUTPUT_TABLE_ROWS = 1 << 28
 SPAN_LIMIT = 2**32 - 1 - gemm.BJ
 
 
+def beyond_cursor(g):
+    """Why the weight gradient's 32-bit cursor (direct's and im2col's loaders) cannot walk g's samples, or None."""
+    if span(g) > SPAN_LIMIT:
+        return f"its weight gradient walks a sample's {g.P * g.Q * g.U:,} output positions with a 32-bit cursor"
+    return None
+
+
 def supports(g, primitive):
     """None when direct's kernels can index the problem, else why not (a ValueError before any launch)."""
     why = indexing.beyond32(g) or gemm.beyond_grid(dims(g, primitive)[0])
@@ -421,9 +428,8 @@ def supports(g, primitive):
                f"elements")
     if why is None and primitive == "backward_filter":
         O = g.P * g.Q * g.U
-        if span(g) > SPAN_LIMIT:
-            why = f"its weight gradient walks a sample's {O:,} output positions with a 32-bit cursor"
-        elif O > OUTPUT_TABLE_ROWS:
+        why = beyond_cursor(g)
+        if why is None and O > OUTPUT_TABLE_ROWS:
             why = (f"its weight gradient's table would hold a row per output position, {O:,} (at most "
                    f"{OUTPUT_TABLE_ROWS:,})")
     return why

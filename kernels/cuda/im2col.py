@@ -207,9 +207,8 @@ def _shape(g, primitive, nb):
 def supports(g, primitive):
     """None when im2col's kernels can index the problem, else why not (its index arithmetic is 64-bit, but for the
     GEMM's row blocks and the weight gradient's cursor)."""
-    if primitive == "backward_filter" and direct.span(g) > direct.SPAN_LIMIT:
-        return f"its weight gradient walks a sample's {g.P * g.Q * g.U:,} output positions with a 32-bit cursor"
-    return gemm.beyond_grid(_shape(g, primitive, 1)[0])
+    return (direct.beyond_cursor(g) if primitive == "backward_filter" else None) or \
+        gemm.beyond_grid(_shape(g, primitive, 1)[0])
 
 
 def tile_for(g, primitive, itemsize=4, workspace_limit=None):
