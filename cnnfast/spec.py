@@ -14,6 +14,8 @@ import numbers
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
+
 from cnnfast.kernels.contract import PADDING_MODES, ConvGeometry, conv_output_size, make_geometry, pad_indices
 
 DTYPES = ("float32", "float64")
@@ -39,6 +41,17 @@ def _shape_str(shape):
 
 
 MAX_BYTES = 2**63 - 1  # the most bytes an array can span (NumPy, CuPy and the kernels index with int64)
+
+
+def _dtype_name(dtype):
+    """'float32' for np.float32, np.dtype('f4'), 'float32' and the like; anything NumPy cannot read (None
+    included) as given, for the caller to refuse."""
+    if dtype is None:
+        return None
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return dtype
 
 
 def check_bytes(op, name, shape, dtype):
@@ -150,6 +163,7 @@ class ConvSpec:
             raise ValueError(f"{op}: expected {nd + 2}-dimensional weight for {nd + 2}-dimensional input "
                              f"{_shape_str(input_shape)}, but got {len(weight_shape)}-dimensional weight of "
                              f"size {_shape_str(weight_shape)}")
+        dtype = _dtype_name(dtype)
         if dtype not in DTYPES:
             raise TypeError(f"{op}: expected dtype float32 or float64, but got {dtype}")
         if padding_mode not in PADDING_MODES:

@@ -154,3 +154,15 @@ def test_explain_shapes_take_the_dtype_of_the_arrays_given_with_them():
     assert cnnfast.explain("conv2d_weight", x.astype(np.float32), w.shape, (2, 6, 6, 6)).spec.dtype == "float32"
     assert cnnfast.explain("conv2d", x.shape, w.shape).spec.dtype == "float32"  # no array: the default
     assert cnnfast.explain("conv2d", x.shape, w.shape, dtype="float64").spec.dtype == "float64"
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.dtype("f8"), "float64", "f8"])
+def test_create_takes_any_numpy_spelling_of_the_dtype(dtype):
+    spec = ConvSpec.create("conv2d", (1, 3, 8, 8), (4, 3, 3, 3), dtype=dtype)
+    assert spec.dtype == "float64" and spec.itemsize == 8
+
+
+@pytest.mark.parametrize("dtype", [None, np.float16, "int32", "bogus"])
+def test_create_refuses_other_dtypes_by_name(dtype):
+    with pytest.raises(TypeError, match=r"conv2d: expected dtype float32 or float64, but got (None|float16|int32|bog)"):
+        ConvSpec.create("conv2d", (1, 3, 8, 8), (4, 3, 3, 3), dtype=dtype)
