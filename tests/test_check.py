@@ -93,6 +93,48 @@ def test_check_returns_the_figures(broken_direct):
         cnnfast.check("conv4d", x, w)
 
 
+def _cancelling(dtype="float32"):
+    """A flat image, filters and a dy of zero sum: every forward output, weight-gradient and bias-gradient element
+    is ~0 against the products summed into it, so rounding alone exceeds TOLERANCE relative to max|reference|."""
+    rng = np.random.default_rng(1)
+    x = np.full((2, 16, 12, 12), 0.7, dtype)
+    w = rng.standard_normal((8, 16, 3, 3)).astype(dtype)
+    dy = rng.standard_normal((2, 8, 10, 10)).astype(dtype)
+    return x, w - w.mean(axis=(1, 2, 3), keepdims=True), dy - dy.mean(axis=(0, 2, 3), keepdims=True)
+
+
+@pytest.mark.parametrize("algo", ["direct", "im2col", "winograd"])
+def test_a_cancelling_result_is_judged_by_its_terms(algo):
+    """Correct results that cancel to ~0 pass (they raised MismatchError before the terms' measure): their error
+    relative to max|reference| is past TOLERANCE, but each element is within TERMS_TOLERANCE of its terms."""
+    x, w, dy = _cancelling()
+    calls = [("conv2d", (x, w)), ("conv2d_weight", (x, w.shape, dy))] + [("conv_bias", (dy,))] * (algo == "direct")
+    for op, args in calls:
+        figures = cnnfast.check(op, *args, **({} if op == "conv_bias" else {"algo": algo}))
+        assert figures.error > TOLERANCE["float32"] and figures.ok, (op, figures.error)
+        with cnnfast.checking():
+            cnnfast.check(op, *args) if op == "conv_bias" else getattr(cnnfast.grad, op, cnnfast.conv2d)(*args)
+
+
+def test_a_wrong_element_of_a_cancelling_result_still_fails(broken_direct):
+    x, w, _ = _cancelling()
+    with cnnfast.checking(), pytest.raises(cnnfast.MismatchError) as info:
+        cnnfast.conv2d(x, w, padding=1, algo="direct")  # one element off by 1.0 (of terms ~50)
+    assert info.value.index == (0, 1, 2, 3)
+    assert not cnnfast.check("conv2d", x[0], w, padding=1, algo="direct").ok  # (unbatched: the same element)
+
+
+def test_within_terms_flags_each_element_past_both_measures():
+    e = np.array([1.0, 1e-9, -2.0])
+    magnitude = np.array([3.0, 10.0, 2.0])
+    assert compare.within_terms(e + [0, 5e-5, 0], e, magnitude, "float32")  # past 1e-4 * 2 only: within 1e-5 * 10
+    assert not compare.within_terms(e + [0, 5e-4, 0], e, magnitude, "float32")  # past both
+    assert compare.within_terms(e + [1e-4, 0, 0], e, magnitude, "float32")  # within 1e-4 * max|e| = 2e-4
+    assert not compare.within_terms(e + [0, 5e-4, 0], e, [3.0, np.nan, 2.0], "float32")  # no magnitude: past
+    assert compare.compare(e + [0, 5e-4, 0], e, "float32")["ok"] is False  # (no terms given: the first measure)
+    assert compare.compare(e + [0, 5e-5, 0], e, "float32", lambda: magnitude)["ok"] is True
+
+
 def test_nan_and_inf_propagate_without_false_alarms():
     """NaN/Inf in the data propagate as in PyTorch (no error) and check mode agrees with the reference on them."""
     x, w, b = _layer()
