@@ -108,8 +108,21 @@ def _run(layer, suffix, *args, like):
     """cnnfast's op (the layer's name + suffix) on torch tensors (and shapes), on like's stream, as a tensor."""
     name, options = _layer(layer)
     module, roles = _ROLES[suffix]
+    _same_low_dtype(name + suffix, args, roles)
     arrays = [_array(a, name + suffix, role) for a, role in zip(args, roles)]
     return _tensor(getattr(module, name + suffix)(*arrays, stream=_stream(like), **options), like)
+
+
+def _same_low_dtype(op, args, roles):
+    """A float16 or bfloat16 tensor beside one of another dtype (outside autocast: a bfloat16 batch into a float32
+    model) is refused naming both dtypes, as torch does, rather than as a dtype the kernels do not take (the public
+    functions run a float16 or bfloat16 call of one dtype as float32)."""
+    given = [(role, a.dtype) for a, role in zip(args, roles) if isinstance(a, torch.Tensor)]
+    if any(dtype in (torch.float16, torch.bfloat16) for _, dtype in given):
+        first, dtype = given[0]
+        for role, other in given[1:]:
+            if other != dtype:
+                raise TypeError(f"{op}: expected {role} to have the same dtype as {first} ({dtype}), but got {other}")
 
 
 @torch.library.custom_op("cnnfast::conv", mutates_args=())
@@ -160,7 +173,22 @@ def _bias_grad(dy: torch.Tensor, unbatched: bool) -> torch.Tensor:
 @_conv.register_fake
 def _(x, w, b, layer):
     """The output's shape by ConvSpec's formulas, which also take torch.compile's symbolic sizes (the real op
-    validates the layer when it runs)."""
+    validates the layer when it runs). Where those formulas fail on a bad layer (a stride of 0: ZeroDivisionError; a
+    kernel larger than the input: a negative size, "Trying to create tensor with negative dimension"), the layer is
+    checked as the real op checks it, so that torch.compile reports cnnfast's error naming the argument."""
+    try:
+        shape = _fake_shape(x, w, layer)
+        if not any(type(size) is int and size < 0 for size in shape):
+            return _in_format(x.new_empty(shape), x, w)
+    except ZeroDivisionError:
+        if not all(type(size) is int for size in (*x.shape, *w.shape)):
+            raise
+    _check(layer, "", x, tuple(x.shape), tuple(w.shape), None if b is None else tuple(b.shape))  # raises
+    raise ValueError(f"{layer}: an output of size {list(shape)} for input {list(x.shape)} and weight "
+                     f"{list(w.shape)}")  # (not reached: cnnfast's check refuses every such layer)
+
+
+def _fake_shape(x, w, layer):
     name, options = _layer(layer)
     nd, groups = w.dim() - 2, options["groups"]
     spatial, kernel = x.shape[x.dim() - nd:], w.shape[2:]
@@ -176,8 +204,7 @@ def _(x, w, b, layer):
         else:
             out = [conv_output_size(*a, lo, hi) for *a, (lo, hi) in zip(spatial, kernel, stride, dilation, pads)]
     channels = w.shape[1] * groups if name.startswith("conv_transpose") else w.shape[0]
-    shape = x.shape[:x.dim() - nd - 1] + (channels, *out)
-    return _in_format(x.new_empty(shape), x, w)
+    return x.shape[:x.dim() - nd - 1] + (channels, *out)
 
 
 @_conv_input.register_fake

@@ -155,11 +155,25 @@ conv_transpose1d, conv_transpose2d, conv_transpose3d = (_conv_transpose_fn(nd) f
 
 # ---------------------------------------------------------------- modules
 
+def _not_scriptable(module):
+    raise TypeError(f"torch.jit.script: cnnfast.torch.{type(module).__name__} runs cnnfast's Python kernels, which "
+                    f"TorchScript cannot compile; use torch.jit.trace, torch.compile or torch.export (or "
+                    f"torch.nn.{_torch_base(module).__name__} for a scripted model)")
+
+
+def _torch_base(module):
+    """torch.nn's conv class that module's twin class (parametrized or not) stands for."""
+    from torch.nn.utils import parametrize
+    base = parametrize.type_before_parametrizations(module)
+    return next(b for b in base.__mro__ if b in _TWINS)
+
+
 class _CnnfastConv:
     """Mixin for the torch.nn conv modules: same constructor, parameters, buffers and state_dict; forward runs
     cnnfast. `algo` (class default "auto") may be set per module."""
 
     algo = "auto"
+    __prepare_scriptable__ = _not_scriptable  # torch.jit.script asks every module for it first: a clear error
 
     def forward(self, input):
         nd = len(self.kernel_size)
@@ -169,6 +183,7 @@ class _CnnfastConv:
 
 class _CnnfastConvTranspose:
     algo = "auto"
+    __prepare_scriptable__ = _not_scriptable
 
     def forward(self, input, output_size=None):
         nd = len(self.kernel_size)

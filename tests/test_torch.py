@@ -368,9 +368,12 @@ def test_autocast_runs_the_kernels_in_float32():
     torch.testing.assert_close(y, F.conv2d(hidden.float(), model[2].weight, model[2].bias), rtol=1e-5, atol=1e-5)
     y.sum().backward()
     assert x.grad is not None and model[2].weight.grad.dtype == torch.float32
-    with pytest.raises(TypeError, match=r"conv2d: expected input to have dtype float32 or float64, but got "
-                                        r"torch\.bfloat16"):
+    with pytest.raises(TypeError, match=r"^conv2d: expected weight to have the same dtype as input "
+                                        r"\(torch\.bfloat16\), but got torch\.float32$"):
         cf.conv2d(torch.ones(1, 2, 3, 3, dtype=torch.bfloat16), torch.ones(1, 2, 2, 2))  # not under autocast
+    with pytest.raises(TypeError, match=r"^conv_transpose2d: expected bias to have the same dtype as input "
+                                        r"\(torch\.float16\), but got torch\.float32$"):
+        cf.conv_transpose2d(torch.ones(1, 2, 3, 3).half(), torch.ones(2, 1, 2, 2).half(), torch.ones(1))
 
 
 def test_errors_name_the_op():
@@ -389,6 +392,49 @@ def test_errors_name_the_op():
         cf.conv2d(x, w, stride=torch.tensor([2, 2]))  # (F.conv2d refuses it too)
     with pytest.raises(TypeError, match=r"^conv_transpose1d: expected weight to be a torch\.Tensor, but got list$"):
         cf.conv_transpose1d(torch.ones(1, 2, 3), [[[1.0]], [[1.0]]])
+
+
+def test_torch_compile_and_the_meta_device_report_a_bad_layer_by_name():
+    """A stride of 0 and a kernel larger than the input made the shape formulas of torch.compile's fake tensors fail
+    first (ZeroDivisionError; "Trying to create tensor with negative dimension -1"): cnnfast's errors instead, naming
+    the argument, as torch's own convs report theirs under torch.compile."""
+    bad = [(dict(stride=0), (1, 2, 8, 8), (1, 2, 2, 2), r"conv2d: non-positive stride is not supported, but got "
+                                                          r"stride=\(0, 0\)"),
+           ({}, (1, 2, 3, 3), (1, 2, 5, 5), r"conv2d: Calculated padded input size per channel: \(3 x 3\)\. "
+                                            r"Kernel size: \(5 x 5\)\. Kernel size can't be greater than actual "
+                                            r"input size")]
+    for kwargs, x_shape, w_shape, message in bad:
+        torch._dynamo.reset()
+        with pytest.raises(RuntimeError, match=message):  # torch.compile's TorchRuntimeError, as for F.conv2d
+            compiled = torch.compile(lambda x, w, kwargs=kwargs: cf.conv2d(x, w, **kwargs))
+            compiled(torch.ones(x_shape), torch.ones(w_shape))
+        with pytest.raises(ValueError, match=message):
+            cf.conv2d(torch.ones(x_shape, device="meta"), torch.ones(w_shape, device="meta"), **kwargs)
+    torch._dynamo.reset()
+
+
+def test_torch_jit_script_refuses_the_twins_by_name():
+    """torch.jit.script cannot compile the twins (README): it says so, naming the module and what does take it,
+    rather than TorchScript's "python value of type 'dict' cannot be used as a value" from inside forward."""
+    from torch.nn.utils.parametrizations import weight_norm
+    for model, name in ((cf.replace_convs(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())), "Conv2d"),
+                        (cf.ConvTranspose1d(2, 2, 3), "ConvTranspose1d"),
+                        (cf.replace_convs(weight_norm(torch.nn.Conv3d(1, 1, 1))), "ParametrizedConv3d")):
+        with pytest.raises(TypeError, match=rf"^torch\.jit\.script: cnnfast\.torch\.{name} runs cnnfast's Python "
+                                            r"kernels, .*use torch\.jit\.trace, torch\.compile or torch\.export"):
+            torch.jit.script(model)
+
+
+def test_check_mode_passes_a_conv_with_bias_before_batchnorm():
+    """A conv with a bias followed by BatchNorm (a common layer) has a bias gradient that is zero but for rounding:
+    check mode must not call that a mismatch (it raised MismatchError in the first backward pass of such a model)."""
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        model = cf.replace_convs(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                                     torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))).to(dtype)
+        with cnnfast.checking():
+            model(torch.randn(4, 3, 12, 12, dtype=dtype)).square().mean().backward()
+        assert model[0].bias.grad.abs().max() < 1e-4 * model[0].weight.grad.abs().max()
 
 
 # ---------------------------------------------------------------- modules
