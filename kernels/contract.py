@@ -78,6 +78,15 @@ class ConvGeometry(NamedTuple):
         return self.groups == self.C and self.C > 0 and self.K % self.C == 0
 
     @property
+    def covers_input(self) -> bool:
+        """The kernel covers the whole unpadded input at unit dilation (a DCGAN generator's first layer as a
+        transposed convolution of a 1x1 input, a discriminator's last): one output position per sample, whose
+        column matrix is the sample itself; over the batch the layer is one GEMM per group, a fully connected one."""
+        return ((self.T, self.R, self.S) == (self.D, self.H, self.W) and (self.P, self.Q, self.U) == (1, 1, 1)
+                and (self.dil_d, self.dil_h, self.dil_w) == (1, 1, 1)
+                and (self.pad_d, self.pad_h, self.pad_w) == (0, 0, 0))
+
+    @property
     def is_pointwise(self) -> bool:
         """1x1x1 kernel, unit stride, no padding, output positions == input positions (no extra rows from a
         transposed convolution's output_padding): per sample and group, the convolution is a plain GEMM."""

@@ -707,6 +707,50 @@ def test_transposed_output_padding_is_not_pointwise():
     assert_close(y, reference.conv_transpose(x, w, dilation=2, output_padding=1), "float64", "conv_transpose2d")
 
 
+COVERS_INPUT = [  # (op, input shape, weight shape, options): the kernel covers the whole unpadded input
+    ("conv_transpose2d", (6, 16, 1, 1), (16, 24, 4, 4), {}),  # a DCGAN generator's first layer
+    ("conv_transpose2d", (5, 6, 1, 1), (6, 4, 3, 3), dict(groups=2, stride=2)),  # (the stride does not matter)
+    ("conv2d", (7, 32, 4, 4), (1, 32, 4, 4), {}),  # a discriminator's last layer (thin: it was direct's)
+    ("conv2d", (4, 8, 3, 5), (8, 2, 3, 5), dict(groups=4)),
+    ("conv1d", (3, 4, 7), (5, 4, 7), dict(stride=3)),
+    ("conv3d", (2, 3, 2, 3, 4), (8, 3, 2, 3, 4), {}),
+    ("conv2d", (0, 3, 3, 3), (4, 3, 3, 3), {}),  # an empty batch
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("op, x_shape, w_shape, opts", COVERS_INPUT, ids=[f"{c[0]}-{c[1]}" for c in COVERS_INPUT])
+def test_a_kernel_covering_the_input_is_one_gemm_over_the_batch(op, x_shape, w_shape, opts, dtype):
+    """Auto takes im2col's GEMM over the batch (no columns, no workspace) for all three passes, whatever the
+    channels, and each pass matches the reference (with a bias)."""
+    rng = np.random.default_rng(6)
+    transposed = op.startswith("conv_transpose")
+    channels = w_shape[1] * opts.get("groups", 1) if transposed else w_shape[0]
+    x, w, b = (rng.standard_normal(s).astype(dtype) for s in (x_shape, w_shape, (channels,)))
+    kind = "conv_transpose" if transposed else "conv"
+    y = getattr(cnnfast, op)(x, w, b, **opts)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    calls = [(op, (x, w, b), getattr(reference, kind)(x, w, b, **opts)),
+             (op + "_input", (x_shape, w, dy), getattr(reference, kind + "_input")(x_shape, w, dy, **opts)),
+             (op + "_weight", (x, w_shape, dy), getattr(reference, kind + "_weight")(x, w_shape, dy, **opts))]
+    for name, args, expected in calls:
+        plan = cnnfast.explain(name, *args, **opts)
+        assert plan.spec.geometry.covers_input and plan.algorithm == "im2col" and plan.workspace_bytes == 0
+        assert "fully connected" in plan.reason and "no columns" in plan.kernels[0]
+        fn = getattr(cnnfast, name, None) or getattr(grad, name)
+        assert_close(fn(*args, **opts), expected, dtype, name)
+
+
+def test_a_kernel_short_of_the_input_or_padded_does_not_cover_it():
+    for x_shape, w_shape, opts in [((1, 2, 4, 4), (3, 2, 4, 4), dict(padding=1)),
+                                   ((1, 2, 5, 4), (3, 2, 4, 4), {}),
+                                   ((1, 2, 7, 4), (3, 2, 4, 4), dict(dilation=(2, 1)))]:
+        assert not cnnfast.ConvSpec.create("conv2d", x_shape, w_shape, **opts).geometry.covers_input
+    # a transposed convolution's output_padding adds a row no input reads: the general path
+    assert not cnnfast.ConvSpec.create("conv_transpose2d", (1, 2, 1, 1), (2, 3, 4, 4), stride=2, output_padding=1,
+                                       transposed=True).geometry.covers_input
+
+
 # ---------------------------------------------------------------- 8. Winograd F(4x4, 3x3)
 
 # (id, input shape, weight shape, options): partial tiles (sizes not multiples of 4), every padding the

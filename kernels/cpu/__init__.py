@@ -8,16 +8,19 @@ measurements on a 2-core AVX2 machine, bench/RESULTS.md), the same for all three
                                                            positions) -> im2col (1 -> 64: 1.5-6x faster)
                                                          - the weight gradient of a 1-D layer -> direct
                                                            (1.2-2x faster)
-  2. fewer than 8 output channels per group           -> direct (a GEMM that thin does not pay for its columns:
+  2. a kernel that covers the whole unpadded input     -> im2col (one GEMM over the batch, no columns: a DCGAN
+     (g.covers_input)                                    generator's first and discriminator's last layers, batch
+                                                         64, 5-70x faster than direct or im2col's columns)
+  3. fewer than 8 output channels per group           -> direct (a GEMM that thin does not pay for its columns:
      (not a grouped 1x1 layer of >= 4 input channels     2-8x faster than im2col at 1-4 channels; a grouped 1x1
      per group)                                          layer's GEMMs are 1.5-2.5x faster than direct)
-  3. 2-D 3x3, unit stride and dilation, at least 8    -> winograd (F(4x4, 3x3): 4x fewer multiply-adds; 1.3-1.5x
+  4. 2-D 3x3, unit stride and dilation, at least 8    -> winograd (F(4x4, 3x3): 4x fewer multiply-adds; 1.3-1.5x
      channels per group in and out, and at least          faster than im2col at 3x3 64@56 batch 1, 128@28 batch 2,
      WINOGRAD_TILES_PER_CHANNEL[primitive] x              all three primitives; at 512@7, 16 tiles for 512
      max(C/g, K/g) output tiles (4x4 each, all samples)   channels, its 4x larger transformed filters cost more
                                                           than it saves: 0.3-0.5x; with 3 input channels its
                                                           transforms dominate: 2-2.5x slower than im2col)
-  4. otherwise                                        -> im2col (BLAS GEMM; building the columns costs
+  5. otherwise                                        -> im2col (BLAS GEMM; building the columns costs
      C*T*R*S*P*Q*U copies against 2*K*C*T*R*S*P*Q*U flops; 1.2-15x faster than direct on every dense
      benchmark shape, backward passes included)
 """
@@ -63,6 +66,9 @@ def _kernels(name):
         kernel = _KERNELS[name][primitive]
         if name == "winograd":
             kernel += " (im2col's when the result holds a NaN or Inf)"
+        if name == "im2col" and (g.covers_input or g.is_pointwise):
+            kernel = ("BLAS GEMM over the batch (the kernel covers the input: a fully connected layer, no columns)"
+                      if g.covers_input else "BLAS GEMM per sample (a 1x1 layer: no columns)")
         if name == "im2col" and im2col._chunk(g, primitive, np.dtype(dtype).itemsize, None):
             kernel += (f", in chunks side by side on {blas.threads()} threads (as column blocks when the chunks' "
                        f"scratch exceeds workspace_limit)")
@@ -105,6 +111,9 @@ def choose(g, primitive):
         if primitive == "backward_filter" and g.D == g.H == 1:
             return "direct", "1-D depthwise weight gradient: direct's per-(k, c) dot products"
         return "depthwise", "depthwise layer (groups == in_channels): memory-bound, plane-per-task kernel"
+    if g.covers_input:
+        return "im2col", (f"the kernel covers the whole input: one GEMM of {g.N} x {cg * g.T * g.R * g.S} x {kg} "
+                          f"over the batch per group (a fully connected layer)")
     if kg < 8 and not (g.groups > 1 and cg >= 4 and g.T * g.R * g.S == 1):
         return "direct", f"{kg} output channels per group: too thin for a BLAS GEMM"
     if winograd.supports(g, primitive) is None and min(cg, kg) >= 8:

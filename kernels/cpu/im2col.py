@@ -9,7 +9,9 @@ a column block cols (CTRS = C/g*T*R*S, nb, B) holding B output positions [o0, o0
     backward_filter:  dW_g (K/g, CTRS) += dy block (K/g, nb*B) @ cols^T, blocks in a fixed order (deterministic)
 
 A pointwise problem (1x1 kernel, unit stride, no padding: g.is_pointwise) needs no columns, its column matrix
-is x itself: per sample and group y = W_g @ x, dx = W_g^T @ dy, dW_g += dy @ x^T (samples in order).
+is x itself: per sample and group y = W_g @ x, dx = W_g^T @ dy, dW_g += dy @ x^T (samples in order). Nor does a
+kernel that covers the whole unpadded input (g.covers_input: one output position per sample, whose column is the
+sample): per group, over the batch, Y (N, K/g) = X (N, CTRS) @ W_g^T, dX = dY @ W_g, dW_g = dY^T @ X.
 
 The GEMMs run through blas.matmul (NumPy's OpenBLAS, its parts on cnnfast's threads), one per block: a large
 product rather than one per sample. A layer with few column-matrix rows (CTRS <= FUSED_ROWS: a network's first
@@ -282,7 +284,7 @@ def _chunk(g, primitive, itemsize, workspace_limit):
     """B, the output positions per chunk when the problem runs in chunks side by side (FUSED_ROWS), else 0:
     ceil(O / B) chunks per sample and group, of equal size but the last, their count a multiple of the threads'."""
     rows, O, threads = (g.C // g.groups) * g.T * g.R * g.S, g.P * g.Q * g.U, blas.threads()
-    if (primitive == "backward_data" or g.is_pointwise or rows > FUSED_ROWS or threads == 1
+    if (primitive == "backward_data" or g.is_pointwise or g.covers_input or rows > FUSED_ROWS or threads == 1
             or g.N * g.K * rows * O < max(1, FUSED_WORK)):  # (nothing to compute: an empty batch)
         return 0
     samples = g.groups * g.N  # (group, sample) pairs, each cut into per_sample chunks
@@ -316,6 +318,8 @@ def workspace_bytes(g, primitive, itemsize, workspace_limit):
     B = _chunk(g, primitive, itemsize, workspace_limit)
     if B:
         return _chunk_scratch(g, primitive, itemsize, B, blas.threads())
+    if g.covers_input:
+        return 0
     if g.is_pointwise:
         if primitive != "backward_filter":
             return 0
@@ -368,10 +372,18 @@ def _pointwise(a, g):
     return a.reshape(g.N, g.groups, -1, g.P * g.Q * g.U)
 
 
+def _samples(a, g):
+    """a (N, C or K, ...) as (groups, N, the group's elements of a sample): per group, a sample per row."""
+    return a.reshape(g.N, g.groups, -1).transpose(1, 0, 2)
+
+
 def forward(x, w, bias, y, g, workspace_limit=None):
     Kg, Cg, O = g.K // g.groups, g.C // g.groups, g.P * g.Q * g.U
     w2 = w.reshape(g.groups, Kg, Cg * g.T * g.R * g.S)
-    if g.is_pointwise:
+    if g.covers_input:
+        for grp in range(g.groups):
+            blas.matmul(_samples(x, g)[grp], w2[grp].T, _samples(y, g)[grp])
+    elif g.is_pointwise:
         for grp in range(g.groups):
             blas.matmul(w2[grp], _pointwise(x, g)[:, grp], _pointwise(y, g)[:, grp])
     elif B := _chunk(g, "forward", x.itemsize, workspace_limit):
@@ -399,6 +411,10 @@ def _dy_block(dy2, grp, n0, nb, o0, B, stage):
 def backward_data(dy, w, dx, g, workspace_limit=None):
     Kg, Cg, O = g.K // g.groups, g.C // g.groups, g.P * g.Q * g.U
     w2t = w.reshape(g.groups, Kg, Cg * g.T * g.R * g.S).transpose(0, 2, 1)
+    if g.covers_input:
+        for grp in range(g.groups):
+            blas.matmul(_samples(dy, g)[grp], w2t[grp].T, _samples(dx, g)[grp])
+        return
     if g.is_pointwise:
         for grp in range(g.groups):
             blas.matmul(w2t[grp], _pointwise(dy, g)[:, grp], _pointwise(dx, g)[:, grp])
@@ -419,6 +435,10 @@ def backward_data(dy, w, dx, g, workspace_limit=None):
 def backward_filter(x, dy, dw, g, workspace_limit=None):
     Kg, Cg, O = g.K // g.groups, g.C // g.groups, g.P * g.Q * g.U
     dw2 = dw.reshape(g.groups, Kg, Cg * g.T * g.R * g.S)
+    if g.covers_input:
+        for grp in range(g.groups):
+            blas.matmul(_samples(dy, g)[grp].T, _samples(x, g)[grp], dw2[grp])
+        return
     dw2[...] = 0
     if g.is_pointwise:  # dW_g += dy_n @ x_n^T: a stack of samples' products at a time (blas splits it), in order
         products = np.empty((_pointwise_stack(g, dw.itemsize, workspace_limit), Kg, Cg), dw.dtype)
