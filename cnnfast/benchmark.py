@@ -382,8 +382,17 @@ def main(argv=None) -> int:
         parser.error("--device cuda: NUMBA_ENABLE_CUDASIM=1 runs the CUDA kernels in Numba's simulator, which has "
                      "no times to measure (unset it where there is a GPU)")
     from cnnfast.plan import algorithms, kernel_package
-    known = set(algorithms(device)) | set(getattr(kernel_package(device), "ALIASES", {})) | {"auto"}
-    unknown = [a for a in args.algo or () if a.partition(":")[0] not in known]
+    algos, aliases = algorithms(device), getattr(kernel_package(device), "ALIASES", {})
+    known = set(algos) | set(aliases) | {"auto"}
+    itemsize = np.dtype(args.dtype).itemsize
+
+    def is_known(algo):  # a name, or name:tile for one of its tiles (as make_plan takes them: 'im2col:' names none)
+        name, colon, tile = algo.partition(":")
+        if not colon:
+            return name in known
+        name = aliases.get(name, name)
+        return name in algos and tile in algos[name].tiles(itemsize)
+    unknown = [a for a in args.algo or () if not is_known(a)]
     if unknown:
         parser.error(f"unknown --algo {' '.join(unknown)} for device {device}; expected some of {sorted(known)} "
                      f"(a CUDA GEMM algorithm may name a tile: direct:64x128)")

@@ -129,10 +129,10 @@ def validate(args) -> int:
     if args.algo is not None:
         from cnnfast.plan import algorithms, kernel_package
         algos = algorithms(args.device)
-        name, _, tile = args.algo.partition(":")
+        name, colon, tile = args.algo.partition(":")
         name = getattr(kernel_package(args.device), "ALIASES", {}).get(name, name)
         tiles = (algos[name].tiles(4) or ()) if name in algos else ()
-        if name not in algos or tile and tile not in tiles:
+        if name not in algos or colon and tile not in tiles:  # ('direct:' names no tile, as in make_plan)
             print(f"error: unknown algo {args.algo!r} for device {args.device}; expected one of {sorted(algos)}"
                   + (f" (tiles of {name}: {', '.join(tiles)})" if tiles else ""), file=sys.stderr)
             return 2

@@ -113,7 +113,7 @@ def test_a_cancelling_result_is_judged_by_its_terms(algo):
         figures = cnnfast.check(op, *args, **({} if op == "conv_bias" else {"algo": algo}))
         assert figures.error > TOLERANCE["float32"] and figures.ok, (op, figures.error)
         with cnnfast.checking():
-            cnnfast.check(op, *args) if op == "conv_bias" else getattr(cnnfast.grad, op, cnnfast.conv2d)(*args)
+            getattr(cnnfast.grad, op, cnnfast.conv2d)(*args)  # (conv2d is cnnfast's, the gradients grad's)
 
 
 def test_a_wrong_element_of_a_cancelling_result_still_fails(broken_direct):
@@ -133,6 +133,22 @@ def test_within_terms_flags_each_element_past_both_measures():
     assert not compare.within_terms(e + [0, 5e-4, 0], e, [3.0, np.nan, 2.0], "float32")  # no magnitude: past
     assert compare.compare(e + [0, 5e-4, 0], e, "float32")["ok"] is False  # (no terms given: the first measure)
     assert compare.compare(e + [0, 5e-5, 0], e, "float32", lambda: magnitude)["ok"] is True
+
+
+def test_check_refuses_a_callable_that_runs_no_op_or_several():
+    """cnnfast.check takes one op: a function that runs none, or two, is named with the count, not half-checked."""
+    x, w, b = _layer("float64")
+
+    def numpy_only(x):
+        return x * 2
+
+    def two_ops(x, w):
+        return cnnfast.grad.conv_bias(cnnfast.conv2d(x, w, padding=1))
+    with pytest.raises(ValueError, match=r"^check: expected a cnnfast op, but 'numpy_only' ran 0 ops$"):
+        cnnfast.check(numpy_only, x)
+    with pytest.raises(ValueError, match=r"^check: expected a cnnfast op, but 'two_ops' ran 2 ops$"):
+        cnnfast.check(two_ops, x, w)
+    assert not compare.active()  # check mode ends with the call, raised or not
 
 
 def test_nan_and_inf_propagate_without_false_alarms():

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from cnnfast.benchmark import SHAPE_SETS
 from cnnfast.cli import main
 
 
@@ -102,7 +103,9 @@ def test_console_script_is_installed():
     assert "output           [2, 8, 100]" in done.stdout
 
 
-@pytest.mark.parametrize("bad", [["explain", "conv2d", "1x3xfoo", "6x3x5x5"], ["frobnicate"]])
+@pytest.mark.parametrize("bad", [["explain", "conv2d", "1x3xfoo", "6x3x5x5"], ["frobnicate"],
+                                 ["explain", "conv2d", "1x3x8x8", "4x3x3x3", "--stride", "2.5"],
+                                 ["explain", "conv2d", "1x3x8x8", "4x3x3x3", "--padding", "1:x"]])
 def test_bad_command_lines_exit_with_usage(bad):
     with pytest.raises(SystemExit) as info:
         main(bad)
@@ -198,6 +201,7 @@ def test_bench_keeps_going_past_a_provider_error_and_writes_the_rows_after_every
     (["validate", "--algo", "nosuch"], "unknown algo 'nosuch' for device cpu"),
     (["explain", "conv9d", "1x3x8", "4x3x3"], "unknown op 'conv9d'"),
     (["validate", "--algo", "direct:99x99"], "unknown algo 'direct:99x99' for device cpu"),
+    (["validate", "--algo", "im2col:"], "unknown algo 'im2col:' for device cpu"),  # names no tile, as in the API
     (["explain", "conv_transpose2d", "1x3x8x8", "3", "--bias"], "expected 4-dimensional weight"),
     (["explain", "conv_transpose2d", "1x4x8x8", "4x2x3x3", "--padding-mode", "reflect"],
      "conv_transpose2d: --padding-mode does not apply to it"),
@@ -261,3 +265,116 @@ def test_roofline_bounds_torch_tf32_rows_by_the_tf32_ceiling():
     assert roofline(dict(row, provider="torch-tf32"), no_tf32) == pytest.approx(2.0)
     memory_bound = dict(flops=1e9, bytes=1e9, gflops=1_500.0, provider="torch-tf32")  # 1 FLOP/B: 3,000 GFLOP/s roof
     assert roofline(memory_bound, ceilings) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("algo", ["direct:64x128", "im2col:", "winograd:32x64"])
+def test_bench_refuses_a_tile_the_device_does_not_have_before_running(algo, tmp_path, monkeypatch, capsys):
+    """The CPU algorithms have no tiles, and 'im2col:' names none: refused with the usage error, like an unknown
+    name, before the ceilings are measured (not an ERROR row per job after them)."""
+    from cnnfast import benchmark
+    monkeypatch.setattr(benchmark, "measure_ceilings", lambda device: pytest.fail("the run started"))
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--device", "cpu", "--algo", algo, "--json", str(tmp_path / "bench.json")])
+    assert info.value.code == 2 and f"unknown --algo {algo} for device cpu" in capsys.readouterr().err
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_explain_takes_padding_mode_and_output_padding(capsys):
+    assert main(["explain", "conv2d", "1x2x8x8", "3x2x3x3", "--padding", "2", "--padding-mode", "reflect"]) == 0
+    out = capsys.readouterr().out
+    assert "output           [1, 3, 10, 10]" in out and "padding ((2, 2), (2, 2)) (reflect)" in out
+    assert main(["explain", "conv_transpose2d", "1x4x5x5", "4x2x3x3", "--stride", "2", "--output-padding", "1"]) == 0
+    out = capsys.readouterr().out  # (5 - 1) * 2 + (3 - 1) + 1 + 1 = 12
+    assert "output           [1, 2, 12, 12]" in out and "output_padding (1, 1)" in out
+    assert main(["explain", "conv_transpose2d", "1x4x5x5", "4x2x3x3", "--output-padding", "1"]) == 2
+    assert "output padding must be smaller than either stride or dilation" in capsys.readouterr().err
+
+
+def _tiny_bench_shape():
+    from cnnfast import benchmark
+    return benchmark._s("tiny", (1, 4, 6, 6), (8, 4, 3, 3), padding=1)
+
+
+def test_bench_rows_of_a_wrong_result_and_of_a_refused_call_are_not_timed(monkeypatch):
+    """A provider whose result differs from the reference is FAIL (the error in its note) and one that raises a
+    ValueError other than 'cannot run this problem' is ERROR, neither timed; an algorithm that cannot run the problem
+    (depthwise here) has no row; the others are validated and timed as usual."""
+    from cnnfast import benchmark
+    real = benchmark.cnnfast_call
+
+    def call(shape, primitive, arrays, algo):
+        fn = real(shape, primitive, arrays, algo)
+        if algo == "direct":
+            return lambda: fn() + 1.0
+        if algo == "im2col":
+            def refuse():
+                raise ValueError("conv2d: a stand-in refusal")
+            return refuse
+        return fn
+    monkeypatch.setattr(benchmark, "cnnfast_call", call)
+    rows = benchmark.run([_tiny_bench_shape()], "cpu", ["forward"], ["direct", "im2col", "depthwise"], "float32", 1)
+    by = {r["provider"]: r for r in rows}
+    assert "cnnfast:depthwise" not in by
+    assert by["cnnfast:direct"]["status"] == "FAIL" and "seconds" not in by["cnnfast:direct"]
+    assert re.match(r"tiny forward: relative error \S+ > 0\.0001 \(float32\)", by["cnnfast:direct"]["note"])
+    assert by["cnnfast:im2col"]["status"] == "ERROR" and by["cnnfast:im2col"]["note"] == "conv2d: a stand-in refusal"
+    assert "seconds" not in by["cnnfast:im2col"]
+    auto = by["cnnfast:auto"]
+    assert auto["status"] == "ok" and auto["error"] < 1e-4 and auto["seconds"] > 0
+    lines = benchmark.table(rows).splitlines()
+    assert any(line.startswith("tiny") and "cnnfast:direct" in line and "FAIL: tiny forward: relative error" in line
+               for line in lines)
+
+
+def test_bench_a_timing_error_is_the_error_of_each_timed_row(monkeypatch):
+    from cnnfast import benchmark
+
+    def broken(calls, repeats, warmup=2):
+        raise RuntimeError("event record failed (a stand-in)")
+    monkeypatch.setattr(benchmark, "time_interleaved", broken)
+    rows = benchmark.run([_tiny_bench_shape()], "cpu", ["forward"], ["direct"], "float32", 1)
+    timed = [r for r in rows if r["provider"] != "reference"]  # (the reference is timed apart, by time_cpu)
+    assert {r["provider"] for r in timed} >= {"cnnfast:auto", "cnnfast:direct"}
+    for r in timed:
+        assert r["status"] == "ERROR" and r["note"] == "timing: RuntimeError: event record failed (a stand-in)"
+        assert "seconds" not in r
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name", [s.name for s in SHAPE_SETS["quick"]])
+def test_bench_torch_baseline_computes_the_same_problem(name):
+    """'vs torch' compares like with like: torch's call for each primitive (F.conv*/conv_transpose*, aten's
+    convolution_backward) gives the float64 reference's result for the quick set (transposed shape included)."""
+    pytest.importorskip("torch")
+    from cnnfast import benchmark, compare
+    shape = next(s for s in benchmark.SHAPE_SETS["quick"] if s.name == name)
+    spec = benchmark.spec_of(shape, "float64")
+    host = benchmark.inputs(shape, spec, "float64")
+    for primitive in benchmark.PRIMITIVES:
+        out = benchmark.torch_call(shape, primitive, dict(host, spec=spec), "cpu")()
+        if primitive != "forward":  # (grad_input, grad_weight, grad_bias)
+            out = out[0 if primitive == "backward_data" else 1]
+        compare.assert_close(out.numpy(), benchmark.reference_result(shape, primitive, host), "float64",
+                             f"torch {name} {primitive}")
+
+
+def test_bench_torch_baseline_is_skipped_for_asymmetric_padding():
+    pytest.importorskip("torch")
+    from cnnfast import benchmark
+    shape = benchmark._s("asym", (1, 2, 7, 7), (3, 2, 3, 3), padding=((1, 0), 1))
+    spec = benchmark.spec_of(shape, "float32")
+    assert benchmark.torch_call(shape, "forward", dict(benchmark.inputs(shape, spec, "float32"), spec=spec),
+                                "cpu") is None
+
+
+@pytest.mark.cuda
+def test_bench_tiles_times_each_tile_configuration_of_the_cuda_gemms():
+    """--tiles: each CUDA GEMM algorithm once per tile of the dtype (float64: 32x64, and direct's 8x64), each validated
+    against the reference before it is timed; depthwise cannot run the layer (no row)."""
+    from cnnfast import benchmark
+    shape = benchmark._s("tiny", (1, 2, 5, 5), (3, 2, 3, 3), padding=1)
+    rows = benchmark.run([shape], "cuda", ["forward"], ["direct", "im2col", "depthwise"], "float64", 1, tiles=True)
+    ours = [r for r in rows if r["provider"].startswith("cnnfast:")]
+    assert {r["provider"] for r in ours} == {"cnnfast:auto", "cnnfast:direct:32x64", "cnnfast:direct:8x64",
+                                             "cnnfast:im2col:32x64"}
+    assert all(r["status"] == "ok" and r["error"] < 1e-10 and "seconds" in r for r in ours)  # (simulated: no times)

@@ -76,6 +76,19 @@ def test_an_interface_the_kernels_cannot_take_is_refused_by_name(entries, messag
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("info", [{"data": (0, False), "typestr": "<f4", "version": 3}, [2, 3, 6, 6]],
+                         ids=["no-shape", "not-a-dict"])
+def test_an_interface_without_shape_and_typestr_is_refused_by_name(info):
+    class Interface:
+        __cuda_array_interface__ = info
+    w = np.ones((4, 3, 3, 3), np.float32)
+    for call in (lambda: cnnfast.conv2d(Interface(), w), lambda: cnnfast.explain("conv2d", Interface(), w)):
+        with pytest.raises(TypeError, match=r"^conv2d: input's __cuda_array_interface__ is not a dict with 'shape' and "
+                                            r"'typestr' entries: "):
+            call()
+
+
+@pytest.mark.cuda
 def test_explain_takes_the_device_of_its_cuda_arrays():
     """A shape beside a CUDA array stands in on the CUDA device (it defaulted to the CPU: a device mismatch)."""
     cuda = pytest.importorskip("numba.cuda")

@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 import types
@@ -607,3 +608,57 @@ def test_plan_cache_is_bounded(monkeypatch):
     for pad in range(10):
         cnnfast.explain("conv2d", x, w, padding=pad)
         assert len(api._PLANS) <= 4
+
+
+def test_a_device_without_kernels_runs_the_reference_and_autotune_keeps_no_winner(monkeypatch):
+    """The reference is the fallback while a device has no kernels registered: algo='auto' plans it and says why, the
+    result is the float64 reference's cast to the dtype, and autotuning, with no candidate to time, keeps no winner."""
+    from cnnfast.kernels import cpu
+
+    from cnnfast import reference, tune
+    monkeypatch.setattr(cpu, "ALGORITHMS", {})
+    monkeypatch.delenv(tune.CACHE_ENV, raising=False)
+    tune.clear()
+    x, w = _small_problem()
+    expected = reference.conv(x, w, padding=1)
+    for tuned in (False, True):
+        with cnnfast.autotune(tuned):
+            plan = cnnfast.explain("conv2d", x, w, padding=1)
+            y = cnnfast.conv2d(x, w, padding=1)
+        assert plan.algorithm == "reference" and plan.reason.startswith("no cpu kernels are registered yet")
+        np.testing.assert_array_equal(y, expected.astype(x.dtype))
+    assert tune._WINNERS == {}
+    with pytest.raises(ValueError, match=r"^conv2d: unknown algo 'im2col' for device cpu; expected 'auto' or one of "
+                                         r"\['reference'\]$"):
+        cnnfast.conv2d(x, w, padding=1, algo="im2col")
+
+
+def test_on_the_workqueue_layer_parallel_kernels_take_turns(monkeypatch):
+    """Numba's workqueue layer ends the process when two threads enter parallel regions at once: there every parallel
+    build runs behind one lock (a call too small for the pool runs its serial build, without it)."""
+    from cnnfast.kernels.cpu import threads
+
+    from cnnfast import reference
+
+    class CountingLock:
+        def __init__(self):
+            self.lock, self.entered = threading.Lock(), 0
+
+        def __enter__(self):
+            self.entered += 1
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc):
+            return self.lock.__exit__(*exc)
+    lock = CountingLock()
+    monkeypatch.setattr(threads, "_WORKQUEUE", True)
+    monkeypatch.setattr(threads, "_REGION_LOCK", lock)
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_normal((2, 8, 24, 24)).astype(np.float32), rng.standard_normal((8, 8, 3, 3)).astype(np.float32)
+    y = cnnfast.conv2d(x, w, padding=1, algo="direct")  # 2*8*8*9*24*24 multiply-adds: the parallel build
+    assert lock.entered >= 1
+    assert_close(y, reference.conv(x, w, padding=1), "float32", "direct on the workqueue layer")
+    entered = lock.entered
+    small = cnnfast.conv2d(x[:1, :1, :4, :4], w[:1, :1], padding=1, algo="direct")  # 144 multiply-adds: serial
+    assert lock.entered == entered
+    assert_close(small, reference.conv(x[:1, :1, :4, :4], w[:1, :1], padding=1), "float32", "serial build")

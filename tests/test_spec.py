@@ -166,3 +166,23 @@ def test_create_takes_any_numpy_spelling_of_the_dtype(dtype):
 def test_create_refuses_other_dtypes_by_name(dtype):
     with pytest.raises(TypeError, match=r"conv2d: expected dtype float32 or float64, but got (None|float16|int32|bog)"):
         ConvSpec.create("conv2d", (1, 3, 8, 8), (4, 3, 3, 3), dtype=dtype)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(input_shape=(2, 3, 4, 4, 4, 4), weight_shape=(4, 3, 3, 3, 3, 3)), ValueError,
+     r"^conv4d: expected a batched input with 1 to 3 spatial dimensions, but got input of size: \[2, 3, 4, 4, 4, 4\]$"),
+    (dict(input_shape=(2, 3), weight_shape=(4, 3)), ValueError,
+     r"^conv4d: expected a batched input with 1 to 3 spatial dimensions, but got input of size: \[2, 3\]$"),
+    (dict(input_shape=(1, 4, 5, 5), weight_shape=(4, 2, 3, 3), transposed=True, padding_mode="reflect"), ValueError,
+     r"^conv4d: only 'zeros' padding mode is supported for transposed convolution, but got padding_mode='reflect'$"),
+    (dict(input_shape=(1, 3, -8, 8), weight_shape=(4, 3, 3, 3)), ValueError,
+     r"^conv4d: negative sizes are not supported, got input \[1, 3, -8, 8\] and weight \[4, 3, 3, 3\]$"),
+    (dict(input_shape=(1, 3, 8, 8), weight_shape=(4, 3, -3, 3)), ValueError,
+     r"^conv4d: negative sizes are not supported, got input \[1, 3, 8, 8\] and weight \[4, 3, -3, 3\]$"),
+])
+def test_create_refuses_what_the_public_ops_never_pass_it(kwargs, error, message):
+    """ConvSpec is public (cnnfast.ConvSpec): its own checks of what the ops catch before it (rank, sizes, a
+    transposed padding_mode) name the problem too."""
+    kwargs = dict(kwargs)
+    with pytest.raises(error, match=message):
+        ConvSpec.create("conv4d", kwargs.pop("input_shape"), kwargs.pop("weight_shape"), **kwargs)

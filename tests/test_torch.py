@@ -141,6 +141,39 @@ def test_hessian_and_gradient_penalty_match_torch():
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10 * float(e.abs().max()), msg=what)
 
 
+def test_hessian_in_input_weight_and_bias_matches_torch():
+    """torch.func.hessian (jacfwd of jacrev) in all three arguments: the forward-mode derivatives of the input
+    gradient (in dy and in w) and of the bias gradient run too, as cnnfast ops."""
+    g = torch.Generator().manual_seed(1)
+    x, w, b = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((2, 3, 5, 5), (4, 3, 3, 3), (4,)))
+    results = []
+    for conv in (cf.conv2d, F.conv2d):
+        def loss(x, w, b, conv=conv):
+            return torch.sin(conv(x, w, b, stride=2, padding=1)).sum()
+        results.append(torch.utils._pytree.tree_leaves(torch.func.hessian(loss, argnums=(0, 1, 2))(x, w, b)))
+    assert len(results[0]) == 9 and results[1][0].abs().max() > 0.1  # every block; d2/dx2 is not zero (sin)
+    for i, (a, e) in enumerate(zip(*results)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10 * float(e.abs().max()), msg=f"hessian block {i}")
+
+
+@pytest.mark.parametrize("unbatched", [False, True])
+def test_vmap_over_the_bias_alone_and_input_gradients_over_weights(unbatched):
+    """vmap rules not reached by the recipes above: a batch of biases with one input and one weight, and input
+    gradients with a batch of weights (an ensemble's dx: the weights side by side as groups), against torch's."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn((3, 5, 5) if unbatched else (2, 3, 5, 5), generator=g, dtype=torch.float64)
+    w, Bs, Ws = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((4, 3, 3, 3), (6, 4), (6, 4, 3, 3, 3)))
+    results = []
+    for conv in (cf.conv2d, F.conv2d):
+        def loss(x, w, conv=conv):
+            return torch.sin(conv(x, w, stride=2, padding=1)).sum()
+        results.append([torch.func.vmap(lambda b, conv=conv: conv(x, w, b, padding=1))(Bs),
+                        torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(x, Ws)])
+    assert results[0][0].shape == (6, *x.shape[:-3], 4, 5, 5) and results[0][1].shape == (6, *x.shape)
+    for what, a, e in zip(("vmap over the bias", "dx over the weights"), *results):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10 * float(e.abs().max()), msg=what)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name, nd, transposed, in_shape, w_shape, options", CASES, ids=[c[0] for c in CASES])
 def test_torch_func_transforms_match_torch(name, nd, transposed, in_shape, w_shape, options, device):
@@ -435,6 +468,37 @@ def test_check_mode_passes_a_conv_with_bias_before_batchnorm():
         with cnnfast.checking():
             model(torch.randn(4, 3, 12, 12, dtype=dtype)).square().mean().backward()
         assert model[0].bias.grad.abs().max() < 1e-4 * model[0].weight.grad.abs().max()
+
+
+def test_conv_transpose_output_size_errors_are_cnnfasts():
+    """With output_size, the arguments are checked before output_padding is worked out: a wrong rank gets the op's
+    own error, an output_size that is not ints ConvSpec's (torch raises RuntimeError or TypeError of its own)."""
+    x, w = torch.ones(1, 4, 5, 5), torch.ones(4, 2, 3, 3)
+    with pytest.raises(ValueError, match=r"^conv_transpose2d: Expected 3D \(unbatched\) or 4D \(batched\) input to "
+                                         r"conv_transpose2d, but got input of size: \[4, 5\]$"):
+        cf.conv_transpose2d(torch.ones(4, 5), w, stride=2, output_size=(10, 10))
+    with pytest.raises(ValueError, match=r"^conv_transpose2d: expected 4-dimensional weight for 4-dimensional input "):
+        cf.conv_transpose2d(x, torch.ones(4, 2, 3), stride=2, output_size=(10, 10))
+    with pytest.raises(TypeError, match=r"^conv_transpose2d: expected output_size to be an int or a tuple of 2 ints, "
+                                        r"but got \(10\.5, 10\)$"):
+        cf.conv_transpose2d(x, w, stride=2, output_size=(10.5, 10))
+    with pytest.raises(TypeError, match=r"^conv_transpose2d: expected output_size to be a tuple of 2 ints \(or 4 with "
+                                        r"the batch and channel sizes\), but got 10$"):
+        cf.conv_transpose2d(x, w, stride=2, output_size=10)
+    torch.testing.assert_close(cf.conv_transpose2d(x, w, stride=2, output_size=(12, 12)),
+                               F.conv_transpose2d(x, w, stride=2, output_padding=1))  # (4 * 2 + 3 = 11, + 1)
+
+
+def test_the_package_gives_cnnfast_torch_as_an_attribute():
+    """cnnfast.torch is imported on first use of the attribute (torch stays optional for `import cnnfast`)."""
+    import subprocess
+    import sys
+    probe = ("import sys, cnnfast; assert 'cnnfast.torch' not in sys.modules; m = cnnfast.torch; "
+             "print(m.__name__, m.conv2d.__module__)\n"
+             "try:\n    cnnfast.nosuch\nexcept AttributeError as e:\n    print(e)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["cnnfast.torch cnnfast.torch", "module 'cnnfast' has no attribute 'nosuch'"]
 
 
 # ---------------------------------------------------------------- modules
