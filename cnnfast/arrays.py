@@ -216,12 +216,6 @@ class CPU:
     def zeros(self, shape, dtype):
         return np.zeros(shape, dtype)
 
-    def to_host(self, a):
-        return a
-
-    def set_from_host(self, dst, host):
-        dst[...] = host
-
     def add_bias(self, y, bias):
         """y (N, K, ...) += bias (K,) broadcast over the batch and space."""
         y += bias.reshape((1, -1) + (1,) * (y.ndim - 2))
@@ -315,20 +309,6 @@ class CUDA:
             with self._on_stream():
                 return self.cp.zeros(shape, dtype)
         return self.cuda.to_device(np.zeros(shape, dtype), stream=self.stream)
-
-    def to_host(self, a):
-        if self.cp is not None:
-            with self._on_stream():
-                return self.cp.asnumpy(a)
-        return a.copy_to_host(stream=self.stream)
-
-    def set_from_host(self, dst, host):
-        host = np.ascontiguousarray(host, dtype=dst.dtype)
-        if self.cp is not None:
-            with self._on_stream():
-                dst.set(host)
-        else:
-            dst.copy_to_device(host, stream=self.stream)
 
     def add_bias(self, y, bias):
         if self.cp is not None:

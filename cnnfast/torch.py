@@ -198,7 +198,7 @@ _conv_fn_of = {1: conv1d, 2: conv2d, 3: conv3d}
 _conv_transpose_fn_of = {1: conv_transpose1d, 2: conv_transpose2d, 3: conv_transpose3d}
 
 
-def _twin_class(base, mixin):
+def _new_twin_class(base, mixin):
     cls = type(base.__name__, (mixin, base), {
         "__module__": __name__,
         "__doc__": f"torch.nn.{base.__name__} running on cnnfast's kernels (same constructor and state_dict).",
@@ -206,9 +206,9 @@ def _twin_class(base, mixin):
     return cls
 
 
-Conv1d, Conv2d, Conv3d = (_twin_class(b, _CnnfastConv) for b in (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
+Conv1d, Conv2d, Conv3d = (_new_twin_class(b, _CnnfastConv) for b in (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
 ConvTranspose1d, ConvTranspose2d, ConvTranspose3d = (
-    _twin_class(b, _CnnfastConvTranspose)
+    _new_twin_class(b, _CnnfastConvTranspose)
     for b in (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d))
 _TWINS = {torch.nn.Conv1d: Conv1d, torch.nn.Conv2d: Conv2d, torch.nn.Conv3d: Conv3d,
           torch.nn.ConvTranspose1d: ConvTranspose1d, torch.nn.ConvTranspose2d: ConvTranspose2d,
