@@ -465,10 +465,16 @@ def main(argv=None) -> int:
         if raw_fallbacks():  # timed on Numba's dispatcher after all: said, here and in the JSON
             info["launch"] = f"raw (Numba's dispatcher for {', '.join(raw_fallbacks())}: their PTX did not load)"
             print(f"launches: {info['launch']}")
+    compared = False
     for key, name in (("vs_torch", "torch" + (" (cuDNN fp32)" if device == "cuda" else "")),
                       ("vs_tf32", "torch-tf32")):
         for primitive, (geo, worst) in geomean_vs_torch(rows, key=key).items():
             print(f"cnnfast:auto vs {name}, {primitive}: geometric mean {geo:.2f}x, worst {worst:.2f}x")
+            compared = True
+    if not compared:  # said at the end too, where the summary would be
+        print("cnnfast:auto vs torch: no baseline ("
+              + ("torch is not installed: pip install -e '.[torch]'" if "torch" not in info else
+                 "no torch row was timed") + ")")
     write_json(True)
     print(f"wrote {args.json} ({time.perf_counter() - t0:.0f} s)")
     if args.plot and ceilings:

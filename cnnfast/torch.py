@@ -23,7 +23,11 @@ from __future__ import annotations
 
 import operator
 
-import torch
+try:
+    import torch
+except ImportError as e:
+    raise ImportError(f"cnnfast.torch needs PyTorch, which is not installed here ({e}): pip install torch, or "
+                      f"cnnfast's 'torch' extra (pip install -e '.[torch]')") from e
 
 if not hasattr(torch.library, "custom_op"):
     raise ImportError(f"cnnfast.torch needs torch >= 2.4 (torch.library.custom_op); this is torch {torch.__version__}")

@@ -260,3 +260,16 @@ def test_a_cuda_tensor_that_requires_grad_gets_cnnfasts_type_error():
     with pytest.raises(TypeError, match=r"conv2d: expected weight to be .*, but got .*Parameter that requires grad "
                                         r"\(detach\(\) it, or use cnnfast.torch for autograd\)"):
         cnnfast.conv2d(np.ones((1, 2, 4, 4), np.float32), Parameter())
+
+
+def test_cnnfast_torch_without_torch_says_what_to_install():
+    """Where PyTorch is not installed, importing the adapter names what is missing and how to get it (was a bare
+    ModuleNotFoundError: No module named 'torch')."""
+    import subprocess
+    import sys
+    code = ("import sys\nsys.modules['torch'] = None  # as if not installed\n"
+            "try:\n    import cnnfast.torch\nexcept ImportError as e:\n    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("cnnfast.torch needs PyTorch, which is not installed here") and \
+        "pip install -e '.[torch]'" in done.stdout

@@ -79,8 +79,15 @@ class OpenBLAS:
 def _numpy_blas_name():
     try:
         return np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"].lower()
-    except Exception:  # a NumPy before 2.0, or a build that does not say
-        return ""
+    except Exception:  # a NumPy before 1.26 (show_config has no mode), or a build that does not say
+        pass
+    # NumPy 1.24/1.25 (distutils builds): numpy.__config__ keeps the link info, e.g. libraries ['openblas64_']
+    config = getattr(np, "__config__", None)
+    for key in ("blas_ilp64_opt_info", "blas_opt_info"):
+        info = getattr(config, key, None)
+        if isinstance(info, dict) and info.get("libraries"):
+            return " ".join(map(str, info["libraries"])).lower()
+    return ""
 
 
 def _openblas_paths():
