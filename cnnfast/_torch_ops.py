@@ -174,18 +174,20 @@ def _bias_grad(dy: torch.Tensor, unbatched: bool) -> torch.Tensor:
 def _(x, w, b, layer):
     """The output's shape by ConvSpec's formulas, which also take torch.compile's symbolic sizes (the real op
     validates the layer when it runs). Where those formulas fail on a bad layer (a stride of 0: ZeroDivisionError; a
-    kernel larger than the input: a negative size, "Trying to create tensor with negative dimension"), the layer is
-    checked as the real op checks it, so that torch.compile reports cnnfast's error naming the argument."""
+    kernel larger than the input: a spatial size of 0, or a negative one, "Trying to create tensor with negative
+    dimension"), the layer is checked as the real op checks it, so that torch.compile and the meta device report
+    cnnfast's error naming the argument."""
     try:
         shape = _fake_shape(x, w, layer)
-        if not any(type(size) is int and size < 0 for size in shape):
-            return _in_format(x.new_empty(shape), x, w)
     except ZeroDivisionError:
         if not all(type(size) is int for size in (*x.shape, *w.shape)):
             raise
-    _check(layer, "", x, tuple(x.shape), tuple(w.shape), None if b is None else tuple(b.shape))  # raises
-    raise ValueError(f"{layer}: an output of size {list(shape)} for input {list(x.shape)} and weight "
-                     f"{list(w.shape)}")  # (not reached: cnnfast's check refuses every such layer)
+        shape = None
+    if shape is None or any(type(size) is int and size <= 0 for size in shape[len(shape) - (w.dim() - 2):]):
+        _check(layer, "", x, tuple(x.shape), tuple(w.shape), None if b is None else tuple(b.shape))  # raises
+        raise ValueError(f"{layer}: an output of size {shape} for input {list(x.shape)} and weight "
+                         f"{list(w.shape)}")  # (not reached: cnnfast's check refuses every such layer)
+    return _in_format(x.new_empty(shape), x, w)
 
 
 def _fake_shape(x, w, layer):

@@ -131,7 +131,9 @@ def validate(args) -> int:
         algos = algorithms(args.device)
         name, colon, tile = args.algo.partition(":")
         name = getattr(kernel_package(args.device), "ALIASES", {}).get(name, name)
-        tiles = (algos[name].tiles(4) or ()) if name in algos else ()
+        sizes = [4 if dtype == "float32" else 8 for dtype in args.dtype]  # a tile every dtype asked for has
+        tiles = [t for t in (algos[name].tiles(4) or ()) if all(t in algos[name].tiles(s) for s in sizes)] \
+            if name in algos else []  # (float64's GEMM tiles are fewer)
         if name not in algos or colon and tile not in tiles:  # ('direct:' names no tile, as in make_plan)
             print(f"error: unknown algo {args.algo!r} for device {args.device}; expected one of {sorted(algos)}"
                   + (f" (tiles of {name}: {', '.join(tiles)})" if tiles else ""), file=sys.stderr)

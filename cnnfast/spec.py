@@ -50,7 +50,7 @@ def _dtype_name(dtype):
         return None
     try:
         return np.dtype(dtype).name
-    except TypeError:
+    except (TypeError, ValueError):  # (ValueError: a malformed spelling, np.dtype(('f4', -1)))
         return dtype
 
 

@@ -267,6 +267,17 @@ def test_roofline_bounds_torch_tf32_rows_by_the_tf32_ceiling():
     assert roofline(memory_bound, ceilings) == pytest.approx(0.5)
 
 
+def test_validate_refuses_a_tile_one_of_its_dtypes_does_not_have(monkeypatch, capsys):
+    """float64 has only the small GEMM tile: 'direct:64x128' with float64 among the dtypes is refused before running,
+    naming the tiles every dtype asked for has (the runs would fail in make_plan, one by one)."""
+    from cnnfast import arrays, validate
+    monkeypatch.setattr(arrays, "cuda_missing", lambda: None)
+    monkeypatch.setattr(validate, "validate", lambda *a, **k: pytest.fail("the run started"))
+    assert main(["validate", "--device", "cuda", "--algo", "direct:64x128", "--dtype", "float32", "float64"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown algo 'direct:64x128' for device cuda" in err and "64x128" not in err.partition("tiles of")[2]
+
+
 @pytest.mark.parametrize("algo", ["direct:64x128", "im2col:", "winograd:32x64"])
 def test_bench_refuses_a_tile_the_device_does_not_have_before_running(algo, tmp_path, monkeypatch, capsys):
     """The CPU algorithms have no tiles, and 'im2col:' names none: refused with the usage error, like an unknown

@@ -435,7 +435,11 @@ def test_torch_compile_and_the_meta_device_report_a_bad_layer_by_name():
                                                           r"stride=\(0, 0\)"),
            ({}, (1, 2, 3, 3), (1, 2, 5, 5), r"conv2d: Calculated padded input size per channel: \(3 x 3\)\. "
                                             r"Kernel size: \(5 x 5\)\. Kernel size can't be greater than actual "
-                                            r"input size")]
+                                            r"input size"),
+           ({}, (1, 2, 4, 4), (1, 2, 5, 5), r"conv2d: Calculated padded input size per channel: \(4 x 4\)\. "
+                                            r"Kernel size: \(5 x 5\)"),  # (an output of 0 x 0: no negative size)
+           (dict(dilation=2), (1, 2, 4, 4), (1, 2, 3, 3), r"conv2d: Calculated padded input size per channel: "
+                                                          r"\(4 x 4\)\. Kernel size: \(5 x 5\)")]
     for kwargs, x_shape, w_shape, message in bad:
         torch._dynamo.reset()
         with pytest.raises(RuntimeError, match=message):  # torch.compile's TorchRuntimeError, as for F.conv2d
@@ -443,6 +447,9 @@ def test_torch_compile_and_the_meta_device_report_a_bad_layer_by_name():
             compiled(torch.ones(x_shape), torch.ones(w_shape))
         with pytest.raises(ValueError, match=message):
             cf.conv2d(torch.ones(x_shape, device="meta"), torch.ones(w_shape, device="meta"), **kwargs)
+    with pytest.raises(ValueError, match=r"^conv_transpose2d: Given input size per channel: \(1 x 1\)\. Calculated "
+                                         r"output size per channel: \(0 x 0\)\. Output size is too small$"):
+        cf.conv_transpose2d(torch.ones(1, 2, 1, 1, device="meta"), torch.ones(2, 1, 2, 2, device="meta"), padding=1)
     torch._dynamo.reset()
 
 

@@ -10,7 +10,6 @@ fold_pad_kernel:  the adjoint: dst (N, C, D, H, W)[..., i, j, l] = sum of src[..
 bias_grad_kernel: dy (N, K, P, Q, U) -> db (K,), db[k] = sum over n and space, in a fixed order. One task per k.
 """
 import numba
-import numpy as np
 from cnnfast.kernels.cpu.threads import parallel, sized
 
 
@@ -44,7 +43,7 @@ def fold_pad_kernel(src, dst, idx_d, idx_h, idx_w):
 def bias_grad_kernel(dy, db):
     N, K, P, Q, U = dy.shape
     for k in numba.prange(K):
-        total = np.zeros(1, dtype=db.dtype)[0]
+        total = 0.0  # float64 for either dtype: a float32 sum of N*P*Q terms in order stops growing at 2^24 (ones)
         for n in range(N):
             for p in range(P):
                 for q in range(Q):
