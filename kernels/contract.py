@@ -79,11 +79,11 @@ class ConvGeometry(NamedTuple):
 
     @property
     def covers_input(self) -> bool:
-        """The kernel covers the whole unpadded input at unit dilation (a DCGAN generator's first layer as a
-        transposed convolution of a 1x1 input, a discriminator's last): one output position per sample, whose
-        column matrix is the sample itself; over the batch the layer is one GEMM per group, a fully connected one."""
+        """The kernel covers the whole unpadded input (a DCGAN generator's first layer as a transposed convolution of
+        a 1x1 input, a discriminator's last): one output position per sample, whose column matrix is the sample
+        itself; over the batch the layer is one GEMM per group, a fully connected one. (A kernel as long as an axis
+        of more than one element has unit dilation there: a dilated one would not fit.)"""
         return ((self.T, self.R, self.S) == (self.D, self.H, self.W) and (self.P, self.Q, self.U) == (1, 1, 1)
-                and (self.dil_d, self.dil_h, self.dil_w) == (1, 1, 1)
                 and (self.pad_d, self.pad_h, self.pad_w) == (0, 0, 0))
 
     @property

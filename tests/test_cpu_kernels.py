@@ -724,6 +724,7 @@ COVERS_INPUT = [  # (op, input shape, weight shape, options): the kernel covers 
     ("conv1d", (3, 4, 7), (5, 4, 7), dict(stride=3)),
     ("conv3d", (2, 3, 2, 3, 4), (8, 3, 2, 3, 4), {}),
     ("conv2d", (0, 3, 3, 3), (4, 3, 3, 3), {}),  # an empty batch
+    ("conv1d", (3, 4, 1), (5, 4, 1), dict(dilation=4)),  # (a one-tap kernel's dilation reads nothing more)
 ]
 
 
