@@ -665,6 +665,8 @@ POINTWISE = [  # (id, input shape, weight shape, options): 1x1 kernel, unit stri
     ("2d-batch-0", (0, 8, 5, 6), (6, 8, 1, 1), {}),
     ("1d-dilated", (3, 8, 7), (4, 8, 1), dict(dilation=3)),  # dilation does not matter for a 1x1 kernel
     ("3d", (1, 4, 3, 3, 3), (8, 4, 1, 1, 1), {}),
+    ("2d-small-map", (3, 64, 3, 3), (48, 64, 1, 1), {}),  # a product larger than its operands: one batch GEMM
+    ("2d-small-map-groups", (2, 64, 2, 3), (64, 16, 1, 1), dict(groups=4)),
 ]
 
 
@@ -686,10 +688,13 @@ def test_pointwise_im2col_is_a_plain_gemm_without_workspace(x_shape, w_shape, op
     }[primitive]
     args = tuple(a.astype(dtype) if isinstance(a, np.ndarray) else a for a in args)
     plan = cnnfast.explain(op, *args, **opts, algo="im2col")
-    products = max(1, min(x_shape[0], im2col.POINTWISE_STACK))  # backward_filter: one (K/g, C/g) per sample held
-    assert plan.workspace_bytes == (0 if primitive != "backward_filter" else
-                                    products * w_shape[0] // spec.groups * x_shape[1] // spec.groups *
-                                    np.dtype(dtype).itemsize)
+    kg, cg, positions = w_shape[0] // spec.groups, x_shape[1] // spec.groups, int(np.prod(x_shape[2:]))
+    products = max(1, min(x_shape[0], im2col.POINTWISE_STACK))  # backward_filter: one (K/g, C/g) per sample held,
+    if kg * cg > positions * (kg + cg):  # or, where a product outgrows its operands, the operands over the batch
+        held = (kg + cg) * x_shape[0] * positions
+    else:
+        held = products * kg * cg
+    assert plan.workspace_bytes == (0 if primitive != "backward_filter" else held * np.dtype(dtype).itemsize)
     fn = getattr(cnnfast, op, None) or getattr(grad, op)
     assert_close(fn(*args, **opts, algo="im2col"), expected, dtype, f"{op} pointwise")
 

@@ -270,6 +270,17 @@ def _pointwise_stack(g, itemsize, workspace_limit):
     return int(max(1, min(g.N, POINTWISE_STACK, limit // ((g.K // g.groups) * (g.C // g.groups) * itemsize))))
 
 
+def _pointwise_batch(g, itemsize, workspace_limit):
+    """Whether a 1x1 layer's weight gradient is one GEMM over the batch (its operands copied, (K/g + C/g) x N*O,
+    within workspace_limit): where a sample's product is larger than its operands, K/g * C/g > O * (K/g + C/g)
+    (the small maps of a network's last stage), as the stack of products (POINTWISE_STACK) costs its adds. 2026-12-06,
+    batch 8: 512->2048 @7 8.7 -> 3.3 ms, 320->1280 @7 3.5 -> 1.6 ms; 1.1-2.1x faster wherever the rule holds on six
+    more layers, 1.3-1.7x slower where it does not (128->512 @28, 64->256 @56)."""
+    Kg, Cg, O = g.K // g.groups, g.C // g.groups, g.P * g.Q * g.U
+    limit = DEFAULT_WORKSPACE_LIMIT if workspace_limit is None else workspace_limit
+    return Kg * Cg > O * (Kg + Cg) and (Kg + Cg) * g.N * O * itemsize <= limit
+
+
 def _chunk_scratch(g, primitive, itemsize, B, threads):
     """Bytes of scratch for chunks of B positions on `threads` threads: each thread's columns (CTRS, B), and for
     backward_filter its product and its sums of products per group (K/g x CTRS each)."""
@@ -321,6 +332,8 @@ def workspace_bytes(g, primitive, itemsize, workspace_limit):
     if g.is_pointwise:
         if primitive != "backward_filter":
             return 0
+        if _pointwise_batch(g, itemsize, workspace_limit):
+            return (g.K + g.C) // g.groups * g.N * g.P * g.Q * g.U * itemsize
         return _pointwise_stack(g, itemsize, workspace_limit) * (g.K // g.groups) * (g.C // g.groups) * itemsize
     return _scratch(g, primitive, itemsize, *_block(g, primitive, itemsize, workspace_limit))
 
@@ -436,6 +449,14 @@ def backward_filter(x, dy, dw, g, workspace_limit=None):
     if g.covers_input:
         for grp in range(g.groups):
             blas.matmul(_samples(dy, g)[grp].T, _samples(x, g)[grp], dw2[grp])
+        return
+    if g.is_pointwise and _pointwise_batch(g, dw.itemsize, workspace_limit):
+        # dW_g = dy_g (K/g, N*O) @ x_g^T (N*O, C/g): one GEMM over the batch, the operands copied batch-inner
+        dy_t, x_t = np.empty((Kg, g.N, O), dw.dtype), np.empty((Cg, g.N, O), dw.dtype)
+        for grp in range(g.groups):
+            dy_t[...] = _pointwise(dy, g)[:, grp].transpose(1, 0, 2)
+            x_t[...] = _pointwise(x, g)[:, grp].transpose(1, 0, 2)
+            blas.matmul(dy_t.reshape(Kg, g.N * O), x_t.reshape(Cg, g.N * O).T, dw2[grp])
         return
     dw2[...] = 0
     if g.is_pointwise:  # dW_g += dy_n @ x_n^T: a stack of samples' products at a time (blas splits it), in order
