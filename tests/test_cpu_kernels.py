@@ -342,16 +342,23 @@ CHOOSE_RULES = [
     *[(f"1-to-64-channels-1d-stride-5-{p}", p, (1, 1, 3000), (64, 1, 10), dict(stride=5), "im2col") for p in OPS],
     *[(f"1-to-16-channels-{p}", p, (1, 1, 32, 32), (16, 1, 3, 3), dict(padding=1), algo)
       for p, algo in (("forward", "im2col"), ("backward_data", "depthwise"), ("backward_filter", "depthwise"))],
+    *[(f"1-to-32-channels-3x3x3-{p}", p, (1, 1, 8, 8, 8), (32, 1, 3, 3, 3), dict(padding=1), "im2col")
+      for p in OPS],  # ... or from 32 channels with a kernel of >= 27 taps (a 3-D UNet's first layer)
+    *[(f"1-to-16-channels-3x3x3-{p}", p, (1, 1, 8, 8, 8), (16, 1, 3, 3, 3), dict(padding=1), "depthwise")
+      for p in ("backward_data", "backward_filter")],
     *[(f"depthwise-1d-{p}", p, (2, 16, 40), (16, 1, 3), dict(padding=1, groups=16), algo)
       for p, algo in (("forward", "depthwise"), ("backward_data", "depthwise"), ("backward_filter", "direct"))],
-    # 2. fewer than 8 output channels per group -> direct (even where rule 4 would pick im2col)
+    # 2. a kernel that covers the whole unpadded input -> im2col (one GEMM over the batch), however thin
+    *[(f"covers-input-1-out-channel-{p}", p, (2, 64, 4, 4), (1, 64, 4, 4), {}, "im2col") for p in OPS],
+    ("covers-input-se-1x1-forward", "forward", (2, 96, 1, 1), (4, 96, 1, 1), {}, "im2col"),
+    # 3. fewer than 8 output channels per group -> direct (even where rule 5 would pick im2col)
     *[(f"7-out-channels-{p}", p, (1, 16, 8, 8), (7, 16, 3, 3), {}, "direct") for p in OPS],
     ("6-out-channels-per-group-forward", "forward", (1, 16, 8, 8), (12, 8, 3, 3), dict(groups=2), "direct"),
     ("8-out-channels-forward", "forward", (1, 16, 12, 12), (8, 16, 5, 5), {}, "im2col"),
     #    ... but a grouped 1x1 layer of >= 4 input channels per group -> im2col
     *[(f"grouped-1x1-2-out-channels-{p}", p, (2, 16, 8, 8), (8, 4, 1, 1), dict(groups=4), "im2col") for p in OPS],
     ("1x1-4-out-channels-forward", "forward", (2, 16, 8, 8), (4, 16, 1, 1), {}, "direct"),
-    # 3. 2-D 3x3 unit stride and dilation with >= 0.2 x max(C/g, K/g) tiles (backward_data: 0.45 x,
+    # 4. 2-D 3x3 unit stride and dilation with >= 0.2 x max(C/g, K/g) tiles (backward_data: 0.45 x,
     #    backward_filter: 0.3 x) -> winograd
     *[(f"3x3-32x32-inputs-{p}", p, (1, 16, 32, 32), (16, 16, 3, 3), dict(padding=1), "winograd") for p in OPS],
     *[(f"3x3-resnet-256@14-batch-8-{p}", p, (8, 256, 14, 14), (256, 256, 3, 3), dict(padding=1), "winograd")
@@ -365,7 +372,7 @@ CHOOSE_RULES = [
     ("3x3-grouped-forward", "forward", (2, 32, 12, 12), (32, 16, 3, 3), dict(padding=1, groups=2), "winograd"),
     #    ... not with fewer than 8 channels per group in or out (VGG's first layer: 3 -> 64)
     *[(f"3x3-3-in-channels-{p}", p, (1, 3, 64, 64), (64, 3, 3, 3), dict(padding=1), "im2col") for p in OPS],
-    # 4. otherwise -> im2col, whatever the spatial size or the input channels (an RGB stem, a LeNet input)
+    # 5. otherwise -> im2col, whatever the spatial size or the input channels (an RGB stem, a LeNet input)
     ("3x3-resnet-256@14-batch-3-forward", "forward", (3, 256, 14, 14), (256, 256, 3, 3), dict(padding=1),
      "im2col"),  # 48 tiles < 0.2 x 256
     *[(f"3x3-resnet-256@14-batch-4-{p}", p, (4, 256, 14, 14), (256, 256, 3, 3), dict(padding=1), "im2col")

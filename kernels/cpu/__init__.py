@@ -5,7 +5,8 @@ measurements on a 2-core AVX2 machine, bench/RESULTS.md), the same for all three
   1. depthwise layers (groups == C)                   -> depthwise (memory-bound; a plane per task), but
                                                          - a single-channel input with >= SINGLE_CHANNEL_GEMM
                                                            output channels (backward: and a stride or >= 4096
-                                                           positions) -> im2col (1 -> 64: 1.5-6x faster)
+                                                           positions; or a kernel of >= 27 taps and >= 32
+                                                           output channels) -> im2col (1 -> 64: 1.5-6x faster)
                                                          - the weight gradient of a 1-D layer -> direct
                                                            (1.2-2x faster)
   2. a kernel that covers the whole unpadded input     -> im2col (one GEMM over the batch, no columns: a DCGAN
@@ -46,6 +47,11 @@ WINOGRAD_TILES_PER_CHANNEL = {"forward": 0.2, "backward_data": 0.45, "backward_f
 # session, bench/RESULTS.md: 1 -> 16..64 layers @28..256 and 1-D; below these the depthwise kernels win or tie).
 SINGLE_CHANNEL_GEMM = {"forward": 16, "backward_data": 64, "backward_filter": 64}
 SINGLE_CHANNEL_POSITIONS = 4096
+# ... and a kernel of at least SINGLE_CHANNEL_TAPS taps (a 3-D UNet's first layer, 3x3x3) from 32 output channels in
+# all three passes (2026-12-06, 1 -> 32 3x3x3, ms depthwise / im2col, input and weight gradients: @64^3 37.3 / 7.8 and
+# 27.0 / 7.7, @48^3 8.7 / 2.6 and 7.2 / 3.3, @32^3 batch 2 2.7 / 2.2 and 4.3 / 2.2, @24^3 batch 4 2.6 / 2.0 and
+# 4.0 / 1.6; at 16 channels the weight gradient is 1.14 / 1.24).
+SINGLE_CHANNEL_TAPS, SINGLE_CHANNEL_WIDE_GEMM = 27, 32
 
 _KERNELS = {
     "direct": {"forward": "direct_forward_cpu", "backward_data": "direct_backward_data_cpu",
@@ -104,9 +110,10 @@ def choose(g, primitive):
     gemm = "im2col", (f"GEMM of {kg} x {cg * g.T * g.R * g.S} x {g.P * g.Q * g.U} per sample and group: "
                       f"BLAS beats direct loops")
     if g.is_depthwise:
-        if g.C == 1 and g.K >= SINGLE_CHANNEL_GEMM[primitive] and (
+        wide = g.T * g.R * g.S >= SINGLE_CHANNEL_TAPS and g.K >= SINGLE_CHANNEL_WIDE_GEMM
+        if g.C == 1 and (wide or g.K >= SINGLE_CHANNEL_GEMM[primitive] and (
                 primitive == "forward" or max(g.stride_d, g.stride_h, g.stride_w) > 1
-                or g.D * g.H * g.W >= SINGLE_CHANNEL_POSITIONS):
+                or g.D * g.H * g.W >= SINGLE_CHANNEL_POSITIONS)):
             return "im2col", gemm[1] + f" (a single-channel input's layer of {g.K} output channels)"
         if primitive == "backward_filter" and g.D == g.H == 1:
             return "direct", "1-D depthwise weight gradient: direct's per-(k, c) dot products"
