@@ -297,6 +297,45 @@ def test_unit_stride_depthwise_runs_the_wide_plane_kernel_and_falls_back_under_a
     assert_close(rows, layer.expected(primitive), "float64", f"{OPS[primitive]} depthwise rows")
 
 
+@pytest.mark.parametrize("x_shape, w_shape, opts", [
+    ((2, 4, 16, 17), (4, 1, 5, 5), dict(stride=2, padding=2, groups=4)),              # EfficientNet's 5x5 s2
+    ((1, 3, 20, 22), (6, 1, 3, 3), dict(stride=(2, 3), padding=((0, 2), (1, 0)), dilation=(2, 1), groups=3)),
+    ((1, 2, 9, 16, 16), (2, 1, 3, 3, 3), dict(stride=2, padding=1, groups=2)),        # 3-D: eight phase volumes
+    ((2, 2, 240), (4, 1, 5), dict(stride=4, padding=3, groups=2)),                     # 1-D
+    ((1, 2, 15, 15), (2, 1, 4, 4), dict(stride=3, padding=7, groups=2)),              # padding past a tap's reach
+])
+def test_a_strided_depthwise_forward_runs_the_wide_kernel_on_phase_volumes(x_shape, w_shape, opts, monkeypatch):
+    """At a stride, the forward pads each plane into stride-phase volumes that every tap reads at unit stride (from
+    STRIDED_WIDE_POSITIONS outputs per plane; fewer: the row kernel), against the reference; non-finite weights
+    reach the padding's zeros as in the reference; a tiny workspace_limit takes the row kernel."""
+    from cnnfast.kernels.cpu import depthwise
+    calls = []
+    real = depthwise.depthwise_wide_cpu
+    monkeypatch.setattr(depthwise, "depthwise_wide_cpu", lambda *args: calls.append(args[-3:]) or real(*args))
+    rng = np.random.default_rng(8)
+    nd = len(x_shape) - 2
+    x, w, b = rng.standard_normal(x_shape), rng.standard_normal(w_shape), rng.standard_normal(w_shape[0])
+    op = getattr(cnnfast, f"conv{nd}d")
+    plan = cnnfast.explain(f"conv{nd}d", x, w, b, **opts)
+    assert plan.algorithm == "depthwise" and plan.kernels[0].startswith("depthwise_wide_cpu")
+    assert plan.spec.geometry.P * plan.spec.geometry.Q * plan.spec.geometry.U >= depthwise.STRIDED_WIDE_POSITIONS
+    assert_close(op(x, w, b, **opts), reference.conv(x, w, b, **opts), "float64", "strided wide")
+    g = plan.spec.geometry
+    assert calls == [(g.stride_d, g.stride_h, g.stride_w)]
+    w[0, 0, (0,) * nd] = np.nan  # the first tap reads the padding of the first outputs
+    assert_close(op(x, w, b, **opts), reference.conv(x, w, b, **opts), "float64", "strided wide, NaN weight")
+    rows = op(x, w, b, **opts, workspace_limit=0)
+    assert len(calls) == 2
+    assert_close(rows, reference.conv(x, w, b, **opts), "float64", "strided rows")
+
+
+def test_a_small_strided_depthwise_forward_keeps_the_row_kernel():
+    """Below STRIDED_WIDE_POSITIONS outputs per plane (3x3 stride 2 960 @7: 4x4 outputs) the row kernel was faster."""
+    plan = cnnfast.explain("conv2d", (8, 960, 7, 7), (960, 1, 3, 3), stride=2, padding=1, groups=960)
+    assert plan.algorithm == "depthwise" and plan.kernels[0].startswith("depthwise_forward_cpu")
+    assert plan.workspace_bytes == 0
+
+
 # ---------------------------------------------------------------- 2. bitwise determinism
 
 DENSE = dict(x_shape=(3, 16, 12, 12), w_shape=(16, 16, 3, 3), padding=1)

@@ -78,7 +78,8 @@ def _kernels(name):
         if name == "im2col" and im2col._chunk(g, primitive, np.dtype(dtype).itemsize, None):
             kernel += (f", in chunks side by side on {blas.threads()} threads (as column blocks when the chunks' "
                        f"scratch exceeds workspace_limit)")
-        if name == "depthwise" and g.stride_d == g.stride_h == g.stride_w == 1:
+        if name == "depthwise" and (g.stride_d == g.stride_h == g.stride_w == 1 or (
+                primitive == "forward" and g.P * g.Q * g.U >= depthwise.STRIDED_WIDE_POSITIONS)):
             wide = "depthwise_wide_filter_cpu" if primitive == "backward_filter" else "depthwise_wide_cpu"
             kernel = (f"{wide} ({kernel} when its scratch exceeds workspace_limit"
                       + {"forward": ")", "backward_data": " or the weight holds a NaN or an inf)",

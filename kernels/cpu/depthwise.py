@@ -10,7 +10,9 @@ Memory-bound (T*R*S multiply-adds per output), so each task streams whole planes
 With unit stride the wide kernels run instead (depthwise_wide_cpu for forward and backward_data,
 depthwise_wide_filter_cpu): short rows made the row kernels spend most of their time starting loops (T*R*S
 loops of U elements per output row), so each task pads its source plane once into scratch and makes each tap
-ONE pass over the whole plane (3x3 depthwise 144 @56, batch 4, 2 cores: forward 3.5 -> 1.8 ms). Their scratch
+ONE pass over the whole plane (3x3 depthwise 144 @56, batch 4, 2 cores: forward 3.5 -> 1.8 ms). So does a strided
+forward of at least STRIDED_WIDE_POSITIONS outputs per plane, its padded plane split into stride-phase volumes
+(every tap reads one of them at unit stride), where the row kernel gathered every sw-th input. Their scratch
 (about two planes per thread) counts against workspace_limit; when it does not fit, the row kernels run.
 Non-finite values as the reference has them: the wide input gradient also multiplies dy's zero border, so a NaN or
 inf weight takes the row kernel; the wide weight gradient also meets x past each row (dy 0 there), so a result that
@@ -117,41 +119,58 @@ def depthwise_backward_data_cpu(dy, w, dx, sd, sh, sw, dd, dh, dw_, pd, ph, pw):
 
 
 @njit()
-def pad_plane(plane, padded, pd, ph, pw, Hp, Wp):
-    """padded (Dp*Hp*Wp, zeros outside) [(a*Hp + b)*Wp + e] = plane[a - pd, b - ph, e - pw] where that is inside."""
+def pad_plane(plane, padded, pd, ph, pw, Hp, Wp, sd, sh, sw):
+    """The zero-padded plane split into sd*sh*sw phase volumes of (Dp, Hp, Wp) (zeros outside the plane): element
+    ((phase*Dp + a)*Hp + b)*Wp + e of padded, phase = (fd*sh + fh)*sw + fw, is plane[a*sd + fd - pd, b*sh + fh - ph,
+    e*sw + fw - pw] where that is inside (unit strides: one volume, padded[(a*Hp + b)*Wp + e] = plane[a - pd, ...])."""
     D, H, W = plane.shape
-    lo, hi = max(pw, 0), min(W + pw, Wp)  # padded columns [lo, hi) hold plane columns [lo - pw, hi - pw)
-    for a in range(len(padded) // (Hp * Wp)):
-        for b in range(Hp):
-            if a - pd < 0 or a - pd >= D or b - ph < 0 or b - ph >= H:
-                continue
-            line = plane[a - pd, b - ph]
-            at = (a * Hp + b) * Wp
-            for e in range(lo, hi):  # unsigned offsets: no negative-index wraparound, so LLVM vectorises
-                padded[np.uint64(at + e)] = line[np.uint64(e - pw)]
+    Dp = len(padded) // (sd * sh * sw * Hp * Wp)
+    for fd in range(sd):
+        for fh in range(sh):
+            for fw in range(sw):
+                volume = ((fd * sh + fh) * sw + fw) * Dp
+                lo = max(0, -((fw - pw) // sw))  # columns [lo, hi) of the phase hold plane columns e*sw + fw - pw
+                hi = min(Wp, -((fw - pw - W) // sw))
+                for a in range(Dp):
+                    i_d = a * sd + fd - pd
+                    for b in range(Hp):
+                        i_h = b * sh + fh - ph
+                        if i_d < 0 or i_d >= D or i_h < 0 or i_h >= H:
+                            continue
+                        line = plane[i_d, i_h]
+                        at = ((volume + a) * Hp + b) * Wp
+                        if sw == 1:  # unsigned offsets: no negative-index wraparound, so LLVM vectorises
+                            for e in range(lo, hi):
+                                padded[np.uint64(at + e)] = line[np.uint64(e - pw)]
+                        else:
+                            for e in range(lo, hi):
+                                padded[np.uint64(at + e)] = line[np.uint64(e * sw + fw - pw)]
 
 
 @parallel(fastmath=CONTRACT)
-def depthwise_wide_cpu(src, w, bias, has_bias, dst, flip, pd, ph, pw, dd, dh, dw_):
-    """Unit-stride depthwise correlation, one task per destination plane (n, j):
+def depthwise_wide_cpu(src, w, bias, has_bias, dst, flip, pd, ph, pw, dd, dh, dw_, sd, sh, sw):
+    """Depthwise correlation, one task per destination plane (n, j):
 
-        dst[n, j, p, q, u] = bias + sum over terms and taps of w[row, 0, t, r, s] * src[n, i, p + t'*dd - pd, ...]
+        dst[n, j, p, q, u] = bias + sum over terms and taps of w[row, 0, t, r, s] * src[n, i, p*sd + t'*dd - pd, ...]
 
     forward (flip False):      src x, dst y; one term: i = j // M, row = j, t' = t (pd, ph, pw: the padding).
-    backward_data (flip True): src dy, dst dx; M terms: i = row = j*M + m, t' = T-1-t (pd = (T-1)*dd - padding).
-    The source plane is copied once into a zero-bordered scratch volume (Dp, Hp, Wp) = (P + (T-1)*dd, ...);
-    then each tap is one pass wide[o] += w * padded[o + offset] over the flattened (P, Hp, Wp) grid (the
-    columns past U are computed and dropped), and the valid rows are copied out. Terms and taps in order."""
+    backward_data (flip True): src dy, dst dx, unit strides; M terms: i = row = j*M + m, t' = T-1-t
+                               (pd = (T-1)*dd - padding).
+    The source plane is copied once into zero-bordered scratch: at unit strides one volume (Dp, Hp, Wp) =
+    (P + (T-1)*dd, ...), at strides (sd, sh, sw) its sd*sh*sw phase volumes (pad_plane) of (P + (T-1)*dd // sd, ...),
+    where tap (t, r, s) reads phase ((t*dd) % sd, ...) at offset ((t*dd) // sd, ...); then each tap is one pass
+    wide[o] += w * padded[o + offset] over the flattened (P, Hp, Wp) grid (the columns past U are computed and
+    dropped), and the valid rows are copied out. Terms and taps in order."""
     N, Cs, D, H, W = src.shape
     _, Cd, P, Q, U = dst.shape
     K, _, T, R, S = w.shape
     M = K // min(Cs, Cd)
     terms = M if flip else 1
-    Dp, Hp, Wp = P + (T - 1) * dd, Q + (R - 1) * dh, U + (S - 1) * dw_
+    Dp, Hp, Wp = P + (T - 1) * dd // sd, Q + (R - 1) * dh // sh, U + (S - 1) * dw_ // sw
     L = ((P - 1) * Hp + (Q - 1)) * Wp + U
     for plane in numba.prange(N * Cd):
         n, j = plane // Cd, plane % Cd
-        padded = np.zeros(Dp * Hp * Wp, src.dtype)
+        padded = np.zeros(sd * sh * sw * Dp * Hp * Wp, src.dtype)
         wide = np.empty(L, src.dtype)
         b = bias[j] if has_bias else 0.0
         for o in range(L):
@@ -159,12 +178,13 @@ def depthwise_wide_cpu(src, w, bias, has_bias, dst, flip, pd, ph, pw, dd, dh, dw
         for m in range(terms):
             row = j * M + m if flip else j
             i = row if flip else j // M
-            pad_plane(src[n, i], padded, pd, ph, pw, Hp, Wp)
+            pad_plane(src[n, i], padded, pd, ph, pw, Hp, Wp, sd, sh, sw)
             for t in range(T):
                 for r in range(R):
                     for s in range(S):
                         wv = w[row, 0, T - 1 - t, R - 1 - r, S - 1 - s] if flip else w[row, 0, t, r, s]
-                        offset = np.uint64((t * dd * Hp + r * dh) * Wp + s * dw_)
+                        phase = ((t * dd % sd) * sh + r * dh % sh) * sw + s * dw_ % sw
+                        offset = np.uint64((((phase * Dp + t * dd // sd) * Hp + r * dh // sh) * Wp) + s * dw_ // sw)
                         for o in range(L):
                             wide[np.uint64(o)] += wv * padded[np.uint64(o) + offset]
         for p in range(P):
@@ -195,7 +215,7 @@ def depthwise_wide_filter_cpu(x, dy, dw, pd, ph, pw, dd, dh, dw_):
         wide = np.zeros(L, x.dtype)  # dy[n, k] on the wide grid: zero in the dropped columns
         total = np.zeros(T * R * S, x.dtype)
         for n in range(N):
-            pad_plane(x[n, k // M], padded, pd, ph, pw, Hp, Wp)
+            pad_plane(x[n, k // M], padded, pd, ph, pw, Hp, Wp, 1, 1, 1)
             for p in range(P):
                 for q in range(Q):
                     line = dy[n, k, p, q]
@@ -217,18 +237,29 @@ def depthwise_wide_filter_cpu(x, dy, dw, pd, ph, pw, dd, dh, dw_):
 
 
 def _wide_scratch(g, primitive, itemsize):
-    """Bytes of the wide kernels' scratch per thread: the padded source volume and the wide plane."""
+    """Bytes of the wide kernels' scratch per thread: the padded source volume (its phase volumes: the forward's
+    at a stride) and the wide plane."""
     P, Q, U = (g.D, g.H, g.W) if primitive == "backward_data" else (g.P, g.Q, g.U)
-    Dp, Hp, Wp = P + (g.T - 1) * g.dil_d, Q + (g.R - 1) * g.dil_h, U + (g.S - 1) * g.dil_w
+    sd, sh, sw = (g.stride_d, g.stride_h, g.stride_w) if primitive == "forward" else (1, 1, 1)
+    Dp, Hp, Wp = P + (g.T - 1) * g.dil_d // sd, Q + (g.R - 1) * g.dil_h // sh, U + (g.S - 1) * g.dil_w // sw
     wide = ((P - 1) * Hp + (Q - 1)) * Wp + U
-    return (Dp * Hp * Wp + wide + g.T * g.R * g.S) * itemsize
+    return (sd * sh * sw * Dp * Hp * Wp + wide + g.T * g.R * g.S) * itemsize
+
+
+# A strided forward runs the wide kernel on phase volumes from this many output positions per plane (2026-12-06,
+# stride 2, batch 8, ms row kernel / wide: 5x5 144 @56 (28x28 outputs) 8.4-9.1 / 1.8, 3x3 96 @112 8.5-8.8 / 3.2-3.4,
+# 5x5 240 @28 3.7 / 1.2, 5x5 672 @14 (7x7) 2.9 / 1.8, 3x3 576 @14 1.17 / 0.97, a 3-D 16^3 0.46 / 0.14, 1-D k5 over
+# 1,000 0.61 / 0.29; but 3x3 960 @7 (4x4 outputs) 0.74 / 0.97 and 256 @8 0.25 / 0.28).
+STRIDED_WIDE_POSITIONS = 49
 
 
 def _wide(g, primitive, itemsize, workspace_limit):
-    """True when depthwise_wide_cpu runs: unit stride, and its scratch for every thread fits the limit."""
+    """True when depthwise_wide_cpu runs: unit stride (the forward: or a plane of at least STRIDED_WIDE_POSITIONS
+    outputs), and its scratch for every thread fits the limit."""
     limit = DEFAULT_WORKSPACE_LIMIT if workspace_limit is None else workspace_limit
     unit = g.stride_d == g.stride_h == g.stride_w == 1
-    return unit and _wide_scratch(g, primitive, itemsize) * _threads() <= limit
+    strided = primitive == "forward" and g.P * g.Q * g.U >= STRIDED_WIDE_POSITIONS
+    return (unit or strided) and _wide_scratch(g, primitive, itemsize) * _threads() <= limit
 
 
 def _threads():
@@ -249,7 +280,7 @@ def forward(x, w, bias, y, g, workspace_limit=None):
     bias = bias if has_bias else np.zeros(1, x.dtype)
     if _wide(g, "forward", x.itemsize, workspace_limit):  # (the padded plane's zeros are multiplied)
         sized(depthwise_wide_cpu, g.dense_macs)(x, w, bias, has_bias, y, False, g.pad_d, g.pad_h, g.pad_w, g.dil_d,
-                                                g.dil_h, g.dil_w)
+                                                g.dil_h, g.dil_w, g.stride_d, g.stride_h, g.stride_w)
     else:
         sized(depthwise_forward_cpu, g.dense_macs)(x, w, bias, has_bias, y, *geometry_args(g)[:9])
         direct.nan_where_nonfinite_taps_read_padding(w, y, g)
@@ -263,7 +294,7 @@ def backward_data(dy, w, dx, g, workspace_limit=None):
         pads = ((n - 1) * d - pad for n, d, pad in zip((g.T, g.R, g.S), (g.dil_d, g.dil_h, g.dil_w),
                                                      (g.pad_d, g.pad_h, g.pad_w)))
         sized(depthwise_wide_cpu, g.dense_macs)(dy, w, np.zeros(1, dx.dtype), False, dx, True, *pads, g.dil_d,
-                                                g.dil_h, g.dil_w)
+                                                g.dil_h, g.dil_w, 1, 1, 1)
     else:
         sized(depthwise_backward_data_cpu, g.dense_macs)(dy, w, dx, *geometry_args(g)[:9])
 
