@@ -329,6 +329,47 @@ def test_a_strided_depthwise_forward_runs_the_wide_kernel_on_phase_volumes(x_sha
     assert_close(rows, reference.conv(x, w, b, **opts), "float64", "strided rows")
 
 
+@pytest.mark.parametrize("x_shape, w_shape, opts", [
+    ((2, 4, 16, 17), (4, 1, 5, 5), dict(stride=2, padding=2, groups=4)),
+    ((1, 3, 20, 22), (6, 1, 3, 3), dict(stride=(2, 3), padding=((0, 2), (1, 0)), dilation=(2, 1), groups=3)),
+    ((1, 2, 9, 10, 11), (2, 1, 3, 3, 3), dict(stride=2, padding=1, groups=2)),        # 3-D: eight classes
+    ((2, 2, 41), (4, 1, 5), dict(stride=4, padding=3, groups=2)),                      # 1-D, multiplier 2
+    ((1, 2, 7, 7), (2, 1, 2, 2), dict(stride=4, groups=2)),                             # classes no tap reaches
+    ((1, 2, 15, 15), (2, 1, 4, 4), dict(stride=3, padding=7, groups=2)),
+])
+def test_a_strided_depthwise_input_gradient_runs_by_subpixel_classes(x_shape, w_shape, opts, monkeypatch):
+    """At a stride, the input gradient is the unit-stride correlation of dy with the taps that reach each sub-pixel
+    class of dx positions, on a padded dy plane (a class no tap reaches: zeros); the transposed forward of a
+    depthwise layer too; a non-finite weight, or a tiny workspace_limit, takes the row kernel; all against the
+    reference."""
+    from cnnfast.kernels.cpu import depthwise
+    calls = []
+    real = depthwise.depthwise_wide_classes_cpu
+    monkeypatch.setattr(depthwise, "depthwise_wide_classes_cpu", lambda *args: calls.append(1) or real(*args))
+    rng = np.random.default_rng(9)
+    nd = len(x_shape) - 2
+    spec = cnnfast.ConvSpec.create(f"conv{nd}d", x_shape, w_shape, **opts)
+    w, dy = rng.standard_normal(w_shape), rng.standard_normal(spec.output_shape)
+    op = getattr(grad, f"conv{nd}d_input")
+    plan = cnnfast.explain(f"conv{nd}d_input", x_shape, w, dy, **opts)
+    assert plan.algorithm == "depthwise" and plan.kernels[0].startswith("depthwise_wide_classes_cpu")
+    assert plan.workspace_bytes > 0
+    dx = op(x_shape, w, dy, **opts)
+    assert calls == [1]
+    assert_close(dx, reference.conv_input(x_shape, w, dy, **opts), "float64", "strided classes")
+    transposed = getattr(cnnfast, f"conv_transpose{nd}d")(dy, w, stride=opts["stride"], padding=opts.get("padding", 0),
+                                                           groups=opts["groups"], dilation=opts.get("dilation", 1),
+                                                           output_size=x_shape[2:])
+    assert calls == [1, 1] and np.array_equal(transposed, dx)
+    assert_close(op(x_shape, w, dy, **opts, workspace_limit=0), reference.conv_input(x_shape, w, dy, **opts),
+                 "float64", "strided rows")
+    w[0, 0, (0,) * nd] = np.inf
+    with np.errstate(invalid="ignore"):  # (the reference's inf - inf)
+        expected = reference.conv_input(x_shape, w, dy, **opts)
+    assert_close(op(x_shape, w, dy, **opts), expected, "float64", "inf weight")
+    assert calls == [1, 1]
+
+
 def test_a_small_strided_depthwise_forward_keeps_the_row_kernel():
     """Below STRIDED_WIDE_POSITIONS outputs per plane (3x3 stride 2 960 @7: 4x4 outputs) the row kernel was faster."""
     plan = cnnfast.explain("conv2d", (8, 960, 7, 7), (960, 1, 3, 3), stride=2, padding=1, groups=960)
@@ -586,7 +627,7 @@ def _parallel_kernels():
 
 def test_every_parallel_cpu_kernel_has_a_serial_build_with_its_own_cache_files():
     kernels = _parallel_kernels()
-    assert len(kernels) == 15, sorted(kernels)
+    assert len(kernels) == 16, sorted(kernels)
     for name, k in kernels.items():
         serial = k.serial
         assert serial.py_func.__code__ is k.py_func.__code__ and "parallel" not in serial.targetoptions, name

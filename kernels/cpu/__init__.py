@@ -74,13 +74,15 @@ def _kernels(name):
             kernel += " (im2col's when the result holds a NaN or Inf)"
         if name == "im2col" and (g.covers_input or g.is_pointwise):
             kernel = ("BLAS GEMM over the batch (the kernel covers the input: a fully connected layer, no columns)"
-                      if g.covers_input else "BLAS GEMM per sample (a 1x1 layer: no columns)")
+                      if g.covers_input else "BLAS GEMM (a 1x1 layer: no columns)")
         if name == "im2col" and im2col._chunk(g, primitive, np.dtype(dtype).itemsize, None):
             kernel += (f", in chunks side by side on {blas.threads()} threads (as column blocks when the chunks' "
                        f"scratch exceeds workspace_limit)")
-        if name == "depthwise" and (g.stride_d == g.stride_h == g.stride_w == 1 or (
+        unit = g.stride_d == g.stride_h == g.stride_w == 1
+        if name == "depthwise" and (unit or primitive == "backward_data" or (
                 primitive == "forward" and g.P * g.Q * g.U >= depthwise.STRIDED_WIDE_POSITIONS)):
-            wide = "depthwise_wide_filter_cpu" if primitive == "backward_filter" else "depthwise_wide_cpu"
+            wide = {"forward": "depthwise_wide_cpu", "backward_filter": "depthwise_wide_filter_cpu",
+                    "backward_data": "depthwise_wide_cpu" if unit else "depthwise_wide_classes_cpu"}[primitive]
             kernel = (f"{wide} ({kernel} when its scratch exceeds workspace_limit"
                       + {"forward": ")", "backward_data": " or the weight holds a NaN or an inf)",
                          "backward_filter": "; direct's again when the result holds a NaN or an inf)"}[primitive])
