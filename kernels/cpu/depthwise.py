@@ -21,6 +21,8 @@ inf weight takes the row kernel; the wide weight gradient also meets x past each
 is not finite is computed again by direct's kernel; the row forward skips the padding, whose products with a
 non-finite weight are then set to NaN (direct.nan_where_nonfinite_taps_read_padding).
 """
+from functools import lru_cache
+
 import numba
 import numpy as np
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
@@ -283,10 +285,12 @@ def depthwise_wide_filter_cpu(x, dy, dw, pd, ph, pw, dd, dh, dw_):
             dw[k, 0, tap // (R * S), (tap // S) % R, tap % S] = total[tap]
 
 
+@lru_cache(maxsize=256)
 def _classes(g):
     """depthwise_wide_classes_cpu's tables: (classes, taps, lows) as int64 arrays (see its docstring), from the
-    sub-pixel classes of dx positions along each axis."""
-    axes = []  # per axis: (stride, [(a, J, [(tap, offset into dy)])], low border, padded extent)
+    sub-pixel classes of dx positions along each axis (cached per geometry: explain, the workspace and the launch
+    each ask)."""
+    axes = []  # per axis: ([(a, J, [(tap, offset into dy)])], low border, padded extent)
     for length, out, n_taps, stride, dil, pad in ((g.D, g.P, g.T, g.stride_d, g.dil_d, g.pad_d),
                                                   (g.H, g.Q, g.R, g.stride_h, g.dil_h, g.pad_h),
                                                   (g.W, g.U, g.S, g.stride_w, g.dil_w, g.pad_w)):
