@@ -274,8 +274,9 @@ def _pointwise_batch(g, itemsize, workspace_limit):
     """Whether a 1x1 layer's weight gradient is one GEMM over the batch (its operands copied, (K/g + C/g) x N*O,
     within workspace_limit): where a sample's product is larger than its operands, K/g * C/g > O * (K/g + C/g)
     (the small maps of a network's last stage), as the stack of products (POINTWISE_STACK) costs its adds. 2026-12-06,
-    batch 8: 512->2048 @7 8.7 -> 3.3 ms, 320->1280 @7 3.5 -> 1.6 ms; 1.1-2.1x faster wherever the rule holds on six
-    more layers, 1.3-1.7x slower where it does not (128->512 @28, 64->256 @56)."""
+    batch 8: 512->2048 @7 11.0-11.6 -> 5.5-5.9 ms, 320->1280 @7 3.0-3.3 -> 1.7 ms (1024->256 @14 unchanged); a survey's
+    prototype was 1.1-2.1x faster wherever the rule holds on six layers, 1.3-1.7x slower where it does not (128->512
+    @28, 64->256 @56)."""
     Kg, Cg, O = g.K // g.groups, g.C // g.groups, g.P * g.Q * g.U
     limit = DEFAULT_WORKSPACE_LIMIT if workspace_limit is None else workspace_limit
     return Kg * Cg > O * (Kg + Cg) and (Kg + Cg) * g.N * O * itemsize <= limit
