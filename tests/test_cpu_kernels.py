@@ -267,6 +267,21 @@ def test_im2col_blocks_hold_the_samples_that_fit_the_preferred_scratch(x_shape, 
 
 
 @pytest.mark.parametrize("primitive", list(OPS))
+def test_im2col_cuts_a_sample_past_the_sample_scratch_into_blocks_of_positions(primitive, monkeypatch):
+    """A sample whose block would exceed SAMPLE_SCRATCH runs in blocks of positions within it (blocks start
+    mid-row), and the result matches the reference (float64; the limits scaled down for a small layer)."""
+    monkeypatch.setattr(im2col, "SAMPLE_SCRATCH", 256 << 10)
+    monkeypatch.setattr(im2col, "SPLIT_POSITIONS", 64)
+    layer = Layer((2, 8, 30, 31), (16, 8, 3, 3), padding=1, stride=(1, 2))
+    g = layer.explain(primitive).spec.geometry
+    nb, B = im2col._block(g, primitive, 8, None)
+    O = g.P * g.Q * g.U
+    assert nb == 1 and im2col.SPLIT_POSITIONS <= B < O and O % B and B % g.U
+    assert im2col._scratch(g, primitive, 8, 1, B) <= im2col.SAMPLE_SCRATCH < im2col._scratch(g, primitive, 8, 1, O)
+    assert_close(layer.run(primitive, algo="im2col"), layer.expected(primitive), "float64", f"{primitive} blocks")
+
+
+@pytest.mark.parametrize("primitive", list(OPS))
 @pytest.mark.parametrize("opts", [
     dict(padding=1, groups=8),                                    # 3x3, same size
     dict(padding=((2, 0), (1, 3)), dilation=(2, 1), groups=8),   # asymmetric padding, dilation

@@ -39,6 +39,13 @@ DIRECT_STORE_POSITIONS = 1024
 # workspace_limit allows it): glibc serves larger buffers with a fresh mmap that is page-faulted on every call
 # (ResNet stem forward: 15.9 -> 13.3 ms on the 2-core box), and bigger blocks were no faster.
 PREFERRED_SCRATCH = 16 << 20
+# A sample whose block scratch exceeds this runs in blocks of positions of about this much (when that leaves at
+# least SPLIT_POSITIONS positions a block): a block of a whole large sample, fresh from mmap on every call, cost its
+# page faults and cache misses (2026-12-06, batch 1, ms whole / 32 MiB blocks: 3x3 64->64 @256 input gradient 49.1 /
+# 29.8; 5x5 32->64 @256 forward 57.1 / 43.8, input gradient 70.8 / 39.0, weight gradient 58.3 / 44.2; 3x3x3 32->64
+# @32^3 forward 30.5 / 27.6, input gradient 33.3 / 24.7; within 3% elsewhere, never slower beyond the noise).
+SAMPLE_SCRATCH = 32 << 20
+SPLIT_POSITIONS = 4096
 # col2im_cpu's shifted path (one task per (sample, channel) plane) needs at least this many planes to share out
 # over the cores; below it the row tasks (one per dx row) keep every core busy.
 SHIFTED_TASKS = 16
@@ -251,12 +258,15 @@ def _scratch(g, primitive, itemsize, nb, B):
 
 def _block(g, primitive, itemsize, workspace_limit):
     """(nb, B): as many whole samples as fit workspace_limit and PREFERRED_SCRATCH (at least one), else the most
-    positions B of one sample (at least 1)."""
+    positions B of one sample (at least 1) within workspace_limit and SAMPLE_SCRATCH."""
     limit = DEFAULT_WORKSPACE_LIMIT if workspace_limit is None else workspace_limit
     O = g.P * g.Q * g.U
     fixed = _scratch(g, primitive, itemsize, 1, 0)
     per_position = _scratch(g, primitive, itemsize, 1, 1) - fixed
     fit = (limit - fixed) // per_position  # positions that fit
+    preferred = (SAMPLE_SCRATCH - fixed) // per_position
+    if O > preferred >= SPLIT_POSITIONS:
+        fit = min(fit, preferred)
     if fit >= O:
         preferred = (PREFERRED_SCRATCH - fixed) // (per_position * O)
         return int(min(g.N, fit // O, max(1, preferred))), O
