@@ -78,9 +78,8 @@ def _kernels(name):
         if name == "im2col" and im2col._chunk(g, primitive, np.dtype(dtype).itemsize, None):
             kernel += (f", in chunks side by side on {blas.threads()} threads (as column blocks when the chunks' "
                        f"scratch exceeds workspace_limit)")
-        unit = g.stride_d == g.stride_h == g.stride_w == 1
-        if name == "depthwise" and (unit or primitive == "backward_data" or (
-                primitive == "forward" and g.P * g.Q * g.U >= depthwise.STRIDED_WIDE_POSITIONS)):
+        if name == "depthwise" and depthwise.takes_wide(g, primitive):
+            unit = g.stride_d == g.stride_h == g.stride_w == 1
             wide = {"forward": "depthwise_wide_cpu", "backward_filter": "depthwise_wide_filter_cpu",
                     "backward_data": "depthwise_wide_cpu" if unit else "depthwise_wide_classes_cpu"}[primitive]
             kernel = (f"{wide} ({kernel} when its scratch exceeds workspace_limit"

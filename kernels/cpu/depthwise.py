@@ -343,9 +343,13 @@ def _wide(g, primitive, itemsize, workspace_limit):
     STRIDED_WIDE_POSITIONS outputs and any input gradient (depthwise_wide_classes_cpu: 1.4-4x faster than the row
     kernel from 4x4 to 56x56 dy planes, 2026-12-06), and their scratch for every thread fits the limit."""
     limit = DEFAULT_WORKSPACE_LIMIT if workspace_limit is None else workspace_limit
+    return takes_wide(g, primitive) and _wide_scratch(g, primitive, itemsize) * _threads() <= limit
+
+
+def takes_wide(g, primitive):
+    """Whether the primitive runs a wide kernel on g when its scratch fits (_wide; explain() names it)."""
     unit = g.stride_d == g.stride_h == g.stride_w == 1
-    strided = primitive == "backward_data" or primitive == "forward" and g.P * g.Q * g.U >= STRIDED_WIDE_POSITIONS
-    return (unit or strided) and _wide_scratch(g, primitive, itemsize) * _threads() <= limit
+    return unit or primitive == "backward_data" or primitive == "forward" and g.P * g.Q * g.U >= STRIDED_WIDE_POSITIONS
 
 
 def _threads():
