@@ -123,8 +123,8 @@ def test_workspace_limit_below_the_minimum_is_refused_by_im2col_and_avoided_by_a
     assert auto == "winograd"
     too_small = _smallest_accepted_limit(layer, primitive, auto)[0] - 1
     plan = layer.explain(primitive, workspace_limit=too_small)
-    assert plan.algorithm == "direct"  # ...and falls back to direct (no workspace) under a too-small one
-    assert plan.workspace_bytes == 0 and "workspace_limit" in plan.reason and "direct" in plan.reason
+    assert plan.algorithm == "direct"  # ...and falls back to direct (its wide kernels' scratch where it fits)
+    assert plan.workspace_bytes <= too_small and "workspace_limit" in plan.reason and "direct" in plan.reason
     out = layer.run(primitive, workspace_limit=too_small)
     assert_close(out, layer.expected(primitive), "float64", f"{OPS[primitive]} auto, limit={too_small}")
 
@@ -385,6 +385,62 @@ def test_a_strided_depthwise_input_gradient_runs_by_subpixel_classes(x_shape, w_
     assert calls == [1, 1]
 
 
+@pytest.mark.parametrize("x_shape, w_shape, opts", [
+    ((2, 8, 9, 11), (8, 2, 3, 3), dict(padding=1, groups=4)),                       # ResNeXt-like: compact pitches
+    ((3, 12, 10, 9), (9, 4, 3, 2), dict(stride=(2, 1), padding=((1, 0), (2, 1)), dilation=(1, 2), groups=3)),
+    ((1, 6, 7, 7), (6, 3, 4, 4), dict(stride=3, padding=5, groups=2)),              # padding past a tap's reach
+    ((2, 8, 30), (12, 4, 5), dict(padding=2, dilation=3, groups=2)),                # 1-D
+    ((1, 4, 5, 6, 7), (8, 2, 3, 3, 3), dict(padding=1, groups=2)),                  # 3-D
+    ((2, 5, 8, 8), (3, 5, 3, 3), dict(padding=(0, 2))),                             # dense, 3 output channels
+    ((2, 4, 8, 8), (2, 4, 3, 3), dict(padding=1)),                                  # 2: the row kernels (forward)
+])
+@pytest.mark.parametrize("primitive", list(OPS))
+def test_direct_runs_the_wide_kernels_in_blocks_of_samples_and_falls_back_to_the_row_kernels(x_shape, w_shape, opts,
+                                                                                              primitive, monkeypatch):
+    """direct's wide kernels (kernels/cpu/wide.py) against the reference, also in blocks of one sample; at a stride
+    the input gradient, and with fewer than MIN_CHANNELS destination channels per group, the row kernels run; as they
+    do under a workspace_limit of 0, for a NaN or inf weight's input gradient, and for a weight gradient that the
+    wide kernel made non-finite (an inf in x, met by dy's zeros at the dropped grid positions)."""
+    from cnnfast.kernels.cpu import wide
+    calls = []
+    for name in ("wide_direct_cpu", "wide_direct_filter_cpu"):
+        real = getattr(wide, name)
+        monkeypatch.setattr(wide, name, lambda *args, real=real: calls.append(1) or real(*args))
+    nd = len(x_shape) - 2
+    rng = np.random.default_rng(11)
+    x, w, b = rng.standard_normal(x_shape), rng.standard_normal(w_shape), rng.standard_normal(w_shape[0])
+    dy = rng.standard_normal(cnnfast.ConvSpec.create(f"conv{nd}d", x_shape, w_shape, **opts).output_shape)
+    suffix = {"forward": "", "backward_data": "_input", "backward_filter": "_weight"}[primitive]
+    op = getattr(cnnfast, f"conv{nd}d") if primitive == "forward" else getattr(grad, f"conv{nd}d{suffix}")
+    ref = {"forward": reference.conv, "backward_data": reference.conv_input,
+           "backward_filter": reference.conv_weight}[primitive]
+
+    def args():
+        return {"forward": (x, w, b), "backward_data": (x_shape, w, dy), "backward_filter": (x, w_shape, dy)}[primitive]
+
+    plan = cnnfast.explain(f"conv{nd}d{suffix}", *args(), **opts, algo="direct")
+    runs_wide = wide.supports(plan.spec.geometry, primitive) is None
+    assert runs_wide == (plan.workspace_bytes > 0) == plan.kernels[0].startswith("spread_cpu + wide_direct")
+    groups = opts.get("groups", 1)
+    destination = (x_shape[1] if primitive == "backward_data" else w_shape[0]) // groups
+    assert runs_wide == (destination >= wide.MIN_CHANNELS and not (primitive == "backward_data" and "stride" in opts))
+    expected = ref(*args(), **opts)
+    assert_close(op(*args(), **opts, algo="direct"), expected, "float64", "wide")
+    assert len(calls) == runs_wide
+    monkeypatch.setattr(wide, "BLOCK_SCRATCH", 1)  # a block per sample (the weight gradient: their sums in order)
+    assert_close(op(*args(), **opts, algo="direct"), expected, "float64", "wide, blocks of one sample")
+    assert len(calls) == runs_wide * (1 + x_shape[0])
+    monkeypatch.undo()
+    assert_close(op(*args(), **opts, algo="direct", workspace_limit=0), expected, "float64", "rows")
+    if primitive == "backward_filter":
+        x[(0, 0) + (-1,) * nd] = np.inf  # read by few taps; the wide dot products meet it at dropped positions too
+    else:
+        w[(0, 0) + (0,) * nd] = np.inf  # a tap that reads the padding (forward) or past dy (input gradient)
+    with np.errstate(invalid="ignore"):  # (the reference's inf - inf, inf * 0)
+        expected = ref(*args(), **opts)
+    assert_close(op(*args(), **opts, algo="direct"), expected, "float64", "non-finite")
+
+
 def test_a_small_strided_depthwise_forward_keeps_the_row_kernel():
     """Below STRIDED_WIDE_POSITIONS outputs per plane (3x3 stride 2 960 @7: 4x4 outputs) the row kernel was faster."""
     plan = cnnfast.explain("conv2d", (8, 960, 7, 7), (960, 1, 3, 3), stride=2, padding=1, groups=960)
@@ -446,14 +502,21 @@ CHOOSE_RULES = [
     # 2. a kernel that covers the whole unpadded input -> im2col (one GEMM over the batch), however thin
     *[(f"covers-input-1-out-channel-{p}", p, (2, 64, 4, 4), (1, 64, 4, 4), {}, "im2col") for p in OPS],
     ("covers-input-se-1x1-forward", "forward", (2, 96, 1, 1), (4, 96, 1, 1), {}, "im2col"),
-    # 3. fewer than 8 output channels per group -> direct (even where rule 5 would pick im2col)
+    # 3. a grouped layer of <= 32 channels per group in and out, more than one tap -> direct (its wide kernels)
+    *[(f"resnext-3x3-g32-{p}", p, (8, 256, 28, 28), (256, 8, 3, 3), dict(padding=1, groups=32), "direct")
+      for p in OPS],
+    ("grouped-3x3-stride-2-32-per-group-backward_filter", "backward_filter", (2, 64, 14, 14), (64, 32, 3, 3),
+     dict(stride=2, padding=1, groups=2), "direct"),
+    ("grouped-3x3-33-per-group-forward", "forward", (2, 66, 14, 14), (66, 33, 3, 3), dict(padding=1, groups=2),
+     "winograd"),
+    # 4. fewer than 8 output channels per group -> direct (even where rule 6 would pick im2col)
     *[(f"7-out-channels-{p}", p, (1, 16, 8, 8), (7, 16, 3, 3), {}, "direct") for p in OPS],
     ("6-out-channels-per-group-forward", "forward", (1, 16, 8, 8), (12, 8, 3, 3), dict(groups=2), "direct"),
     ("8-out-channels-forward", "forward", (1, 16, 12, 12), (8, 16, 5, 5), {}, "im2col"),
     #    ... but a grouped 1x1 layer of >= 4 input channels per group -> im2col
     *[(f"grouped-1x1-2-out-channels-{p}", p, (2, 16, 8, 8), (8, 4, 1, 1), dict(groups=4), "im2col") for p in OPS],
     ("1x1-4-out-channels-forward", "forward", (2, 16, 8, 8), (4, 16, 1, 1), {}, "direct"),
-    # 4. 2-D 3x3 unit stride and dilation with >= 0.2 x max(C/g, K/g) tiles (backward_data: 0.45 x,
+    # 5. 2-D 3x3 unit stride and dilation with >= 0.2 x max(C/g, K/g) tiles (backward_data: 0.45 x,
     #    backward_filter: 0.3 x) -> winograd
     *[(f"3x3-32x32-inputs-{p}", p, (1, 16, 32, 32), (16, 16, 3, 3), dict(padding=1), "winograd") for p in OPS],
     *[(f"3x3-resnet-256@14-batch-8-{p}", p, (8, 256, 14, 14), (256, 256, 3, 3), dict(padding=1), "winograd")
@@ -464,10 +527,10 @@ CHOOSE_RULES = [
      "winograd"),  # 32 * 2 * 2 = 128 tiles = 0.25 x 512
     *[(f"3x3-128@28-batch-1-{p}", p, (1, 128, 28, 28), (128, 128, 3, 3), dict(padding=1), "winograd")
       for p in ("forward", "backward_filter")],  # 7 * 7 = 49 tiles >= 0.3 x 128
-    ("3x3-grouped-forward", "forward", (2, 32, 12, 12), (32, 16, 3, 3), dict(padding=1, groups=2), "winograd"),
+    ("3x3-grouped-forward", "forward", (2, 128, 12, 12), (128, 64, 3, 3), dict(padding=1, groups=2), "winograd"),
     #    ... not with fewer than 8 channels per group in or out (VGG's first layer: 3 -> 64)
     *[(f"3x3-3-in-channels-{p}", p, (1, 3, 64, 64), (64, 3, 3, 3), dict(padding=1), "im2col") for p in OPS],
-    # 5. otherwise -> im2col, whatever the spatial size or the input channels (an RGB stem, a LeNet input)
+    # 6. otherwise -> im2col, whatever the spatial size or the input channels (an RGB stem, a LeNet input)
     ("3x3-resnet-256@14-batch-3-forward", "forward", (3, 256, 14, 14), (256, 256, 3, 3), dict(padding=1),
      "im2col"),  # 48 tiles < 0.2 x 256
     *[(f"3x3-resnet-256@14-batch-4-{p}", p, (4, 256, 14, 14), (256, 256, 3, 3), dict(padding=1), "im2col")
@@ -726,11 +789,15 @@ def test_serial_and_parallel_builds_give_bit_identical_results(algo):
 
 
 @pytest.mark.parametrize("primitive", list(OPS))
-def test_small_calls_run_the_serial_build_and_large_ones_the_parallel_build(primitive, monkeypatch):
-    from cnnfast.kernels.cpu import direct
-    name = {"forward": "direct_forward_cpu", "backward_data": "direct_backward_data_cpu",
-            "backward_filter": "direct_backward_filter_cpu"}[primitive]
-    real, calls = getattr(direct, name), []
+@pytest.mark.parametrize("module, rows", [("direct", True), ("wide", False)])
+def test_small_calls_run_the_serial_build_and_large_ones_the_parallel_build(primitive, module, rows, monkeypatch):
+    """direct's row kernels (under a workspace_limit of 0) and its wide kernels alike."""
+    from cnnfast.kernels.cpu import direct, wide
+    names = {"direct": ("direct_forward_cpu", "direct_backward_data_cpu", "direct_backward_filter_cpu"),
+             "wide": ("wide_direct_cpu", "wide_direct_cpu", "wide_direct_filter_cpu")}[module]
+    name = dict(zip(OPS, names))[primitive]
+    owner = {"direct": direct, "wide": wide}[module]
+    real, calls = getattr(owner, name), []
 
     class Spy:  # the kernel, recording which build each call ran
         def __call__(self, *args):
@@ -739,12 +806,14 @@ def test_small_calls_run_the_serial_build_and_large_ones_the_parallel_build(prim
         def serial(self, *args):
             return calls.append("serial") or real.serial(*args)
 
-    monkeypatch.setattr(direct, name, Spy())
+    monkeypatch.setattr(owner, name, Spy())
     small = Layer((1, 2, 6, 6), (3, 2, 3, 3), padding=1)  # 972 multiply-adds
     large = Layer((1, 8, 16, 16), (8, 8, 3, 3), padding=1)  # 147,456 >= threads.SERIAL_WORK
+    limit = 0 if rows else None
     for layer, build in ((small, "serial"), (large, "parallel")):
         calls.clear()
-        assert_close(layer.run(primitive, algo="direct"), layer.expected(primitive), "float64", f"{name} {build}")
+        assert_close(layer.run(primitive, algo="direct", workspace_limit=limit), layer.expected(primitive), "float64",
+                     f"{name} {build}")
         assert calls == [build]
 
 

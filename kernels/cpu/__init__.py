@@ -12,25 +12,29 @@ measurements on a 2-core AVX2 machine, bench/RESULTS.md), the same for all three
   2. a kernel that covers the whole unpadded input     -> im2col (one GEMM over the batch, no columns: a DCGAN
      (g.covers_input)                                    generator's first and discriminator's last layers, batch
                                                          64, 5-70x faster than direct or im2col's columns)
-  3. fewer than 8 output channels per group           -> direct (a GEMM that thin does not pay for its columns:
+  3. a grouped layer (not depthwise) of at most      -> direct (its wide kernels, kernels/cpu/wide.py: three
+     GROUPED_DIRECT_CHANNELS channels per group in and   taps a pass over the batch's padded planes; 1.3-3.1x
+     out, with a kernel of more than one tap (the         faster than im2col's or Winograd's per-group GEMMs on
+     input gradient: at unit strides, wide.supports)     ResNeXt's 3x3 g32 layers)
+  4. fewer than 8 output channels per group           -> direct (a GEMM that thin does not pay for its columns:
      (not a grouped 1x1 layer of >= 4 input channels     2-8x faster than im2col at 1-4 channels; a grouped 1x1
      per group)                                          layer's GEMMs are 1.5-2.5x faster than direct)
-  4. 2-D 3x3, unit stride and dilation, at least 8    -> winograd (F(4x4, 3x3): 4x fewer multiply-adds; 1.3-1.5x
+  5. 2-D 3x3, unit stride and dilation, at least 8    -> winograd (F(4x4, 3x3): 4x fewer multiply-adds; 1.3-1.5x
      channels per group in and out, and at least          faster than im2col at 3x3 64@56 batch 1, 128@28 batch 2,
      WINOGRAD_TILES_PER_CHANNEL[primitive] x              all three primitives; at 512@7, 16 tiles for 512
      max(C/g, K/g) output tiles (4x4 each, all samples)   channels, its 4x larger transformed filters cost more
                                                           than it saves: 0.3-0.5x; with 3 input channels its
                                                           transforms dominate: 2-2.5x slower than im2col)
-  5. otherwise                                        -> im2col (BLAS GEMM; building the columns costs
+  6. otherwise                                        -> im2col (BLAS GEMM; building the columns costs
      C*T*R*S*P*Q*U copies against 2*K*C*T*R*S*P*Q*U flops; 1.2-15x faster than direct on every dense
      benchmark shape, backward passes included)
 """
 import numpy as np
 from cnnfast.kernels.contract import Algorithm
-from cnnfast.kernels.cpu import blas, depthwise, direct, im2col, layout, threads, winograd
+from cnnfast.kernels.cpu import blas, depthwise, direct, im2col, layout, threads, wide, winograd
 from cnnfast.kernels.cpu.layout import bias_grad_cpu, fold_pad_cpu, pad_cpu
 
-threads.drop_stale_caches([depthwise, direct, im2col, layout, winograd])  # before any kernel loads its cache
+threads.drop_stale_caches([depthwise, direct, im2col, layout, wide, winograd])  # before any kernel loads its cache
 
 __all__ = ["ALGORITHMS", "choose", "pad_cpu", "fold_pad_cpu", "bias_grad_cpu"]
 
@@ -52,10 +56,16 @@ SINGLE_CHANNEL_POSITIONS = 4096
 # 27.0 / 7.7, @48^3 8.7 / 2.6 and 7.2 / 3.3, @32^3 batch 2 2.7 / 2.2 and 4.3 / 2.2, @24^3 batch 4 2.6 / 2.0 and
 # 4.0 / 1.6; at 16 channels the weight gradient is 1.14 / 1.24).
 SINGLE_CHANNEL_TAPS, SINGLE_CHANNEL_WIDE_GEMM = 27, 32
+# A grouped layer (not depthwise, a kernel of more than one tap) of at most this many channels per group in and out
+# runs direct (its wide kernels, kernels/cpu/wide.py): 1.3-3.1x faster than im2col or Winograd on ResNeXt-50's
+# 3x3 g32 layers of 4 to 32 channels per group, all three passes, batch 1 and 8 (2026-12-06, bench/RESULTS.md).
+GROUPED_DIRECT_CHANNELS = 32
 
 _KERNELS = {
     "direct": {"forward": "direct_forward_cpu", "backward_data": "direct_backward_data_cpu",
                "backward_filter": "direct_backward_filter_cpu"},
+    "wide": {"forward": "spread_cpu + wide_direct_cpu", "backward_data": "spread_cpu + wide_direct_cpu",
+             "backward_filter": "spread_cpu + wide_direct_filter_cpu"},
     "im2col": {"forward": "im2col_cpu + BLAS GEMM", "backward_data": "BLAS GEMM + col2im_cpu",
                "backward_filter": "im2col_cpu + BLAS GEMM"},
     "depthwise": {"forward": "depthwise_forward_cpu", "backward_data": "depthwise_backward_data_cpu",
@@ -78,11 +88,15 @@ def _kernels(name):
         if name == "im2col" and im2col._chunk(g, primitive, np.dtype(dtype).itemsize, None):
             kernel += (f", in chunks side by side on {blas.threads()} threads (as column blocks when the chunks' "
                        f"scratch exceeds workspace_limit)")
+        if name == "direct" and wide.supports(g, primitive) is None:
+            kernel = (f"{_KERNELS['wide'][primitive]} ({kernel} when its scratch exceeds workspace_limit"
+                      + {"forward": ")", "backward_data": " or the weight holds a NaN or an inf)",
+                         "backward_filter": "; again when the result holds a NaN or an inf)"}[primitive])
         if name == "depthwise" and depthwise.takes_wide(g, primitive):
             unit = g.stride_d == g.stride_h == g.stride_w == 1
-            wide = {"forward": "depthwise_wide_cpu", "backward_filter": "depthwise_wide_filter_cpu",
+            plane = {"forward": "depthwise_wide_cpu", "backward_filter": "depthwise_wide_filter_cpu",
                     "backward_data": "depthwise_wide_cpu" if unit else "depthwise_wide_classes_cpu"}[primitive]
-            kernel = (f"{wide} ({kernel} when its scratch exceeds workspace_limit"
+            kernel = (f"{plane} ({kernel} when its scratch exceeds workspace_limit"
                       + {"forward": ")", "backward_data": " or the weight holds a NaN or an inf)",
                          "backward_filter": "; direct's again when the result holds a NaN or an inf)"}[primitive])
         return (f"{kernel} [{dtype}]",)
@@ -91,8 +105,9 @@ def _kernels(name):
 
 ALGORITHMS = {
     "direct": Algorithm("direct", direct.forward, direct.backward_data, direct.backward_filter,
-                        kernels=_kernels("direct"),
-                        doc="register/cache-blocked direct loops, vectorised over output rows"),
+                        workspace_bytes=direct.workspace_bytes, kernels=_kernels("direct"),
+                        doc="direct loops over the batch's padded planes laid end to end (over output rows when "
+                            "the scratch does not fit)"),
     "im2col": Algorithm("im2col", im2col.forward, im2col.backward_data, im2col.backward_filter,
                         workspace_bytes=im2col.workspace_bytes, kernels=_kernels("im2col"),
                         doc="column matrix + BLAS GEMM, col2im as a gather; scratch capped by workspace_limit"),
@@ -112,8 +127,8 @@ def choose(g, primitive):
     gemm = "im2col", (f"GEMM of {kg} x {cg * g.T * g.R * g.S} x {g.P * g.Q * g.U} per sample and group: "
                       f"BLAS beats direct loops")
     if g.is_depthwise:
-        wide = g.T * g.R * g.S >= SINGLE_CHANNEL_TAPS and g.K >= SINGLE_CHANNEL_WIDE_GEMM
-        if g.C == 1 and (wide or g.K >= SINGLE_CHANNEL_GEMM[primitive] and (
+        many = g.T * g.R * g.S >= SINGLE_CHANNEL_TAPS and g.K >= SINGLE_CHANNEL_WIDE_GEMM
+        if g.C == 1 and (many or g.K >= SINGLE_CHANNEL_GEMM[primitive] and (
                 primitive == "forward" or max(g.stride_d, g.stride_h, g.stride_w) > 1
                 or g.D * g.H * g.W >= SINGLE_CHANNEL_POSITIONS)):
             return "im2col", gemm[1] + f" (a single-channel input's layer of {g.K} output channels)"
@@ -123,6 +138,10 @@ def choose(g, primitive):
     if g.covers_input:
         return "im2col", (f"the kernel covers the whole input: one GEMM of {g.N} x {cg * g.T * g.R * g.S} x {kg} "
                           f"over the batch per group (a fully connected layer)")
+    if (g.groups > 1 and g.T * g.R * g.S > 1 and max(cg, kg) <= GROUPED_DIRECT_CHANNELS
+            and wide.supports(g, primitive) is None):
+        return "direct", (f"grouped layer of {cg} -> {kg} channels per group: its {g.groups} GEMMs too small for "
+                          f"BLAS")
     if kg < 8 and not (g.groups > 1 and cg >= 4 and g.T * g.R * g.S == 1):
         return "direct", f"{kg} output channels per group: too thin for a BLAS GEMM"
     if winograd.supports(g, primitive) is None and min(cg, kg) >= 8:

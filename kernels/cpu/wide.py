@@ -1,0 +1,388 @@
+"""Direct convolution over the batch's padded planes laid end to end, for grouped and thin layers on the CPU.
+
+x (N, C, D, H, W) * w (K, C/g, T, R, S) -> y (N, K, P, Q, U). Every source channel's planes, zero-padded, are
+spread once into scratch as one long grid (spread_cpu): sample after sample, each a (Dp, Hp, Wp) volume whose
+pitches leave room for the taps (at a stride, the plane split into stride-phase volumes as in depthwise.pad_plane).
+Output (n, p, q, u) is then grid position o = ((n*Dp + p)*Hp + q)*Wp + u, and its tap (c, t, r, s) reads the source
+grid at o + offset[c, t, r, s], one constant per term: a convolution is
+
+    dst[j, o] = sum over the terms e of its group of wt[e, j] * grid[o + offsets[e]]
+
+over all positions at once (the grid positions past the outputs, in the padding's rows and columns, are computed and
+dropped). wide_direct_cpu runs it for blocks of KB output channels and GRID_POSITIONS positions per task, three terms
+per pass (each pass reads three source runs and updates four accumulator rows in L1: FMA-bound rather than
+load/store-bound, 2-3x faster than a term per pass). The per-row direct kernels looped over rows of U outputs:
+on grouped layers of 4 to 32 channels per group they started T*R*S*C/g loops of a few vectors per row and ran at
+~1 multiply-add a cycle.
+
+    forward:          src x, dst y, terms (c, tap) of the group, wt[e, k] = w[k, c, tap]
+    backward_data:    unit strides only: src dy padded by (T-1)*dil - pad, dst dx, terms (k, tap) of the group,
+                      wt[e, c] = w[k, c, flipped tap] (a correlation of dy with the flipped filters)
+    backward_filter:  dw[k, c, tap] = sum over o of dy_grid[k, o] * x_grid[o + offset[c, tap]], dy spread onto the
+                      output grid with zeros at the dropped positions; the grid in parts of FILTER_POSITIONS, each
+                      part's sums added in part order (wide_direct_filter_cpu)
+
+Pitches at unit stride are compact: a line's trailing zeros and the next line's leading zeros (the next sample's, the
+next channel's, the zero tail's) make one border, so 3x3 'same' planes take (H + 1) x (W + 1) rather than
+(H + 2) x (W + 2). Non-finite values as the reference has them: the forward multiplies the padding's zeros as the
+reference does; the input gradient also multiplies dy's zero border, so a NaN or inf weight takes the row kernel;
+the weight gradient also meets x at dropped positions (dy 0 there), so a non-finite result is computed again by the
+row kernel (direct.py). Every task writes its own outputs in a fixed order: deterministic, no atomics.
+"""
+import numba
+import numpy as np
+from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
+from cnnfast.kernels.cpu.direct import CONTRACT, CONTRACT_REASSOC
+from cnnfast.kernels.cpu.threads import parallel, sized
+
+MIN_CHANNELS = 3  # destination channels per group from which the wide kernels run (supports)
+KB = 4  # destination channels per task: four accumulator rows (eight ran ~10% faster alone, but waste more on 4-channel groups)
+GRID_POSITIONS = 1024  # grid positions per forward task: KB accumulator rows and the source runs stay in L1
+FILTER_POSITIONS = 1 << 15  # grid positions per part of the weight gradient (a task per part, summed in order)
+# Samples per block: as many as keep a block's grids within this (the grids of a whole batch, tens of MB, came fresh
+# from mmap and were page-faulted on every call: 3x3 g32 128 @56 batch 8 weight gradient 12.7 ms whole, 4.7 in blocks)
+BLOCK_SCRATCH = 4 << 20
+
+
+@parallel()
+def spread_cpu(src, grid, pd, ph, pw, Dp, Hp, Wp, sd, sh, sw):
+    """src (N, C, D, H, W) -> grid (C, sd*sh*sw*N*Dp*Hp*Wp): per channel, per stride phase (fd, fh, fw), per sample,
+    the (Dp, Hp, Wp) volume whose element (a, b, e) is src[n, c, a*sd + fd - pd, b*sh + fh - ph, e*sw + fw - pw], or
+    0 outside src. One task per (channel, sample); every element written."""
+    N, C, D, H, W = src.shape
+    V = N * Dp * Hp * Wp
+    for task in numba.prange(C * N):
+        c, n = task // N, task % N
+        plane = src[n, c]
+        for fd in range(sd):
+            for fh in range(sh):
+                for fw in range(sw):
+                    volume = ((fd * sh + fh) * sw + fw) * V + n * Dp * Hp * Wp
+                    lo = min(Wp, max(0, -((fw - pw) // sw)))  # line elements [lo, hi) read inside the row
+                    hi = max(lo, min(Wp, -((fw - pw - W) // sw)))
+                    for a in range(Dp):
+                        i_d = a * sd + fd - pd
+                        for b in range(Hp):
+                            i_h = b * sh + fh - ph
+                            line = grid[c, volume + (a * Hp + b) * Wp:volume + (a * Hp + b + 1) * Wp]
+                            inside = 0 <= i_d < D and 0 <= i_h < H
+                            for e in range(lo if inside else Wp):
+                                line[e] = 0.0
+                            if not inside:
+                                continue
+                            for e in range(hi, Wp):
+                                line[e] = 0.0
+                            row = plane[i_d, i_h]
+                            if sw == 1:  # unsigned offsets: no negative-index wraparound, so LLVM vectorises
+                                for e in range(lo, hi):
+                                    line[np.uint64(e)] = row[np.uint64(e - pw)]
+                            else:
+                                for e in range(lo, hi):
+                                    line[np.uint64(e)] = row[np.uint64(e * sw + fw - pw)]
+
+
+@parallel(fastmath=CONTRACT)
+def wide_direct_cpu(grid, offsets, wt, bias, has_bias, dst, Dp, Hp, Wp, lines_per_task):
+    """dst[n, j, p, q, u] = bias[j] + sum over e of wt[g, b, e, jj] * grid[offsets[g, e] + o], o = ((n*Dp + p)*Hp
+    + q)*Wp + u, for output channel j = g*Gd + b*KB + jj of group g (Gd = dst channels per group).
+
+    grid: the source grids flattened, with a zero tail past the last one (every read inside); offsets (groups, E);
+    wt (groups, nb, E, KB), zeros for a last block's missing channels. One task per (group g, block b of KB output
+    channels, lines_per_task grid lines of Wp positions); the task keeps a (KB, positions) accumulator and adds the
+    terms into it three at a time (one pass per triple: the 12 weights in registers, three source runs read), then
+    copies the lines that hold outputs into dst. Terms in order."""
+    N, Cd, P, Q, U = dst.shape
+    groups, nb, E, _ = wt.shape
+    Gd = Cd // groups
+    lines = N * Dp * Hp
+    chunks = (lines + lines_per_task - 1) // lines_per_task
+    whole = E - E % 3
+    for task in numba.prange(groups * nb * chunks):
+        chunk = task % chunks
+        b = (task // chunks) % nb
+        g = task // (chunks * nb)
+        j0 = g * Gd + b * KB
+        nj = min(KB, Gd - b * KB)
+        l0 = chunk * lines_per_task
+        l1 = min(lines, l0 + lines_per_task)
+        o0, n_o = l0 * Wp, (l1 - l0) * Wp
+        acc = np.empty((KB, n_o), dst.dtype)
+        for jj in range(KB):
+            v = bias[j0 + jj] if has_bias and jj < nj else 0.0
+            for o in range(n_o):
+                acc[jj, o] = v
+        a0, a1, a2, a3 = acc[0], acc[1], acc[2], acc[3]
+        c = wt[g, b]
+        for e in range(0, whole, 3):
+            x0 = grid[o0 + offsets[g, e]:o0 + offsets[g, e] + n_o]
+            x1 = grid[o0 + offsets[g, e + 1]:o0 + offsets[g, e + 1] + n_o]
+            x2 = grid[o0 + offsets[g, e + 2]:o0 + offsets[g, e + 2] + n_o]
+            c00, c01, c02, c03 = c[e, 0], c[e, 1], c[e, 2], c[e, 3]
+            c10, c11, c12, c13 = c[e + 1, 0], c[e + 1, 1], c[e + 1, 2], c[e + 1, 3]
+            c20, c21, c22, c23 = c[e + 2, 0], c[e + 2, 1], c[e + 2, 2], c[e + 2, 3]
+            for o in range(n_o):
+                v0, v1, v2 = x0[o], x1[o], x2[o]
+                a0[o] += c00 * v0 + c10 * v1 + c20 * v2
+                a1[o] += c01 * v0 + c11 * v1 + c21 * v2
+                a2[o] += c02 * v0 + c12 * v1 + c22 * v2
+                a3[o] += c03 * v0 + c13 * v1 + c23 * v2
+        for e in range(whole, E):  # the last one or two terms
+            x0 = grid[o0 + offsets[g, e]:o0 + offsets[g, e] + n_o]
+            c00, c01, c02, c03 = c[e, 0], c[e, 1], c[e, 2], c[e, 3]
+            for o in range(n_o):
+                v0 = x0[o]
+                a0[o] += c00 * v0
+                a1[o] += c01 * v0
+                a2[o] += c02 * v0
+                a3[o] += c03 * v0
+        for line in range(l0, l1):
+            q = line % Hp
+            p = (line // Hp) % Dp
+            n = line // (Hp * Dp)
+            if p < P and q < Q:
+                at = (line - l0) * Wp
+                for jj in range(nj):
+                    out = dst[n, j0 + jj, p, q]
+                    for u in range(U):
+                        out[u] = acc[jj, at + u]
+
+
+@parallel(fastmath=CONTRACT_REASSOC)
+def wide_direct_filter_cpu(grid, offsets, dy_grid, parts):
+    """parts[part, g, b, e, kk] = sum over the part's grid positions o of dy_grid[k, o] * grid[offsets[g, e] + o],
+    k = g*Kg + b*KB + kk (a last block's missing channels repeat its last one; the caller drops them).
+
+    grid and offsets as in wide_direct_cpu (x's grids, terms (c, tap)); dy_grid (K, positions): dy on the output
+    grid, zero at the dropped positions. One task per (part of FILTER_POSITIONS positions, group, block of KB
+    filters); per GRID_POSITIONS run, three terms at a time: 12 dot products over the run (reassociated so LLVM
+    vectorises them; fixed code, so bit-identical run to run), added into the part's sums in run order."""
+    n_parts, groups, nb, E, _ = parts.shape
+    K, L = dy_grid.shape
+    Kg = K // groups
+    size = (L + n_parts - 1) // n_parts
+    whole = E - E % 3
+    for task in numba.prange(n_parts * groups * nb):
+        b = task % nb
+        g = (task // nb) % groups
+        part = task // (nb * groups)
+        k0 = g * Kg + b * KB
+        last = min(KB, Kg - b * KB) - 1
+        out = parts[part, g, b]
+        for e in range(E):
+            for kk in range(KB):
+                out[e, kk] = 0.0
+        zero = out[0, 0]  # sums in the result's dtype (a literal 0.0 would make a float32 sum float64)
+        for o0 in range(part * size, min(L, (part + 1) * size), GRID_POSITIONS):
+            n_o = min(GRID_POSITIONS, L - o0, (part + 1) * size - o0)
+            d0 = dy_grid[k0, o0:o0 + n_o]
+            d1 = dy_grid[k0 + min(1, last), o0:o0 + n_o]
+            d2 = dy_grid[k0 + min(2, last), o0:o0 + n_o]
+            d3 = dy_grid[k0 + min(3, last), o0:o0 + n_o]
+            for e in range(0, whole, 3):
+                x0 = grid[o0 + offsets[g, e]:o0 + offsets[g, e] + n_o]
+                x1 = grid[o0 + offsets[g, e + 1]:o0 + offsets[g, e + 1] + n_o]
+                x2 = grid[o0 + offsets[g, e + 2]:o0 + offsets[g, e + 2] + n_o]
+                s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = s20 = s21 = s22 = s23 = zero
+                for o in range(n_o):
+                    v0, v1, v2 = x0[o], x1[o], x2[o]
+                    e0, e1, e2, e3 = d0[o], d1[o], d2[o], d3[o]
+                    s00 += e0 * v0
+                    s01 += e1 * v0
+                    s02 += e2 * v0
+                    s03 += e3 * v0
+                    s10 += e0 * v1
+                    s11 += e1 * v1
+                    s12 += e2 * v1
+                    s13 += e3 * v1
+                    s20 += e0 * v2
+                    s21 += e1 * v2
+                    s22 += e2 * v2
+                    s23 += e3 * v2
+                out[e, 0] += s00
+                out[e, 1] += s01
+                out[e, 2] += s02
+                out[e, 3] += s03
+                out[e + 1, 0] += s10
+                out[e + 1, 1] += s11
+                out[e + 1, 2] += s12
+                out[e + 1, 3] += s13
+                out[e + 2, 0] += s20
+                out[e + 2, 1] += s21
+                out[e + 2, 2] += s22
+                out[e + 2, 3] += s23
+            for e in range(whole, E):
+                x0 = grid[o0 + offsets[g, e]:o0 + offsets[g, e] + n_o]
+                s00 = s01 = s02 = s03 = zero
+                for o in range(n_o):
+                    v0 = x0[o]
+                    s00 += d0[o] * v0
+                    s01 += d1[o] * v0
+                    s02 += d2[o] * v0
+                    s03 += d3[o] * v0
+                out[e, 0] += s00
+                out[e, 1] += s01
+                out[e, 2] += s02
+                out[e, 3] += s03
+
+
+# ---------------------------------------------------------------- launchers
+
+def _pitch(n_out, taps, stride, dil, pad, length):
+    """Grid extent along one axis: at a stride, each phase's n_out + (taps-1)*dil // stride; at unit stride compact,
+    the reads past a line's data wrapping into the next line's leading zeros (at least n_out, and room for the taps
+    past the pad: every read below the pitch plus the next line's pad)."""
+    if stride > 1:
+        return n_out + (taps - 1) * dil // stride
+    reach = n_out + (taps - 1) * dil  # one past the last read
+    return max(n_out, reach - max(pad, 0), min(pad + length, reach), 1)
+
+
+class _Layout:
+    """The grid of one primitive on geometry g: the source's extents, pads and strides, the pitches, the terms'
+    offsets per group, and the scratch it needs."""
+
+    def __init__(self, g, primitive, samples):
+        flip = primitive == "backward_data"
+        taps, dils = (g.T, g.R, g.S), (g.dil_d, g.dil_h, g.dil_w)
+        if flip:  # correlation of dy with the flipped filters, unit strides
+            self.src, self.out = (g.P, g.Q, g.U), (g.D, g.H, g.W)
+            self.strides = (1, 1, 1)
+            self.pads = tuple((n - 1) * d - p for n, d, p in zip(taps, dils, (g.pad_d, g.pad_h, g.pad_w)))
+            self.src_channels, self.terms_per_group = g.K, (g.K // g.groups) * g.T * g.R * g.S
+            self.blocks = -(-(g.C // g.groups) // KB)  # blocks of KB destination channels per group
+        else:
+            self.src, self.out = (g.D, g.H, g.W), (g.P, g.Q, g.U)
+            self.strides = (g.stride_d, g.stride_h, g.stride_w)
+            self.pads = (g.pad_d, g.pad_h, g.pad_w)
+            self.src_channels, self.terms_per_group = g.C, (g.C // g.groups) * g.T * g.R * g.S
+            self.blocks = -(-(g.K // g.groups) // KB)
+        self.pitches = tuple(_pitch(*a) for a in zip(self.out, taps, self.strides, dils, self.pads, self.src))
+        Dp, Hp, Wp = self.pitches
+        sd, sh, sw = self.strides
+        self.volume = samples * Dp * Hp * Wp  # one phase volume: the block's samples' grids
+        self.channel = sd * sh * sw * self.volume  # one source channel's phase volumes
+        t, r, s = np.meshgrid(*(np.arange(n) for n in taps), indexing="ij")  # (the input gradient's weights flip)
+        t, r, s = t * g.dil_d, r * g.dil_h, s * g.dil_w
+        phase = ((t % sd) * sh + r % sh) * sw + s % sw
+        self.tap_offsets = (phase * self.volume + ((t // sd) * Hp + r // sh) * Wp + s // sw).ravel()
+        # zeros past the last grid: the reads of the dropped positions past its end (tap offsets within a volume)
+        self.tail = int((((g.T - 1) * g.dil_d // sd) * Hp + (g.R - 1) * g.dil_h // sh) * Wp + (g.S - 1) * g.dil_w // sw)
+
+    def offsets(self, groups):
+        """(groups, E) int64: term (m, tap) of group gi reads source channel gi*Gs + m at that tap's offset."""
+        Gs = self.src_channels // groups
+        channels = np.arange(self.src_channels, dtype=np.int64).reshape(groups, Gs, 1) * self.channel
+        return (channels + self.tap_offsets[None, None, :]).reshape(groups, -1)
+
+    def grid_bytes(self, itemsize):
+        return (self.src_channels * self.channel + self.tail) * itemsize
+
+    def spread(self, src):
+        """src's grids (flattened, a zero tail past the last): the source of every term."""
+        flat = np.empty(self.src_channels * self.channel + self.tail, src.dtype)
+        flat[self.src_channels * self.channel:] = 0
+        sized(spread_cpu, flat.size)(src, flat[:self.src_channels * self.channel].reshape(self.src_channels, -1),
+                                     *self.pads, *self.pitches, *self.strides)
+        return flat
+
+
+def _lines_per_task(layout):
+    return max(1, GRID_POSITIONS // layout.pitches[2])
+
+
+def _samples(g, primitive, itemsize):
+    """Samples per block: as many as keep its scratch (source grids, and the weight gradient's dy on the output
+    grid) within BLOCK_SCRATCH, at least one."""
+    one = _Layout(g, primitive, 1)
+    per_sample = one.grid_bytes(itemsize) + (g.K * one.volume * itemsize if primitive == "backward_filter" else 0)
+    return max(1, min(g.N, BLOCK_SCRATCH // per_sample))
+
+
+def _blocks(g, primitive, itemsize):
+    """(first sample, samples, layout) of each block, in order."""
+    step = _samples(g, primitive, itemsize)
+    full = _Layout(g, primitive, step)
+    for n0 in range(0, g.N, step):
+        yield n0, min(step, g.N - n0), full if g.N - n0 >= step else _Layout(g, primitive, g.N - n0)
+
+
+def _weight_table(w, g, flip):
+    """(groups, nb, E, KB): per group and block of KB destination channels, each term's KB weights (zeros past the
+    last channel). Forward: terms (c, tap) of w[k, c, tap]; backward_data: terms (k, tap) of w[k, c, flipped tap]."""
+    K, Cg = w.shape[0], w.shape[1]
+    Kg, taps = K // g.groups, g.T * g.R * g.S
+    w = w.reshape(g.groups, Kg, Cg, taps)
+    if flip:  # destination channels c, terms (k, tap)
+        w = w[..., ::-1].transpose(0, 2, 1, 3)
+    dst, terms = w.shape[1], w.shape[2] * taps
+    nb = -(-dst // KB)
+    table = np.zeros((g.groups, nb * KB, terms), w.dtype)
+    table[:, :dst] = w.reshape(g.groups, dst, terms)
+    return np.ascontiguousarray(table.reshape(g.groups, nb, KB, terms).transpose(0, 1, 3, 2))
+
+
+def supports(g, primitive):
+    """None when the wide kernels compute the primitive: the input gradient at unit strides only, and at least
+    MIN_CHANNELS destination channels per group (a block of KB computes KB: with one or two, 2-3x too much work,
+    and the row kernels were 1.6-2.5x faster; depthwise layers, thin 16 -> 1 and 64 -> 2 layers, 2026-12-06)."""
+    if primitive == "backward_data" and not g.stride_d == g.stride_h == g.stride_w == 1:
+        return "the wide input gradient needs unit strides"
+    channels = (g.C if primitive == "backward_data" else g.K) // g.groups
+    if channels < MIN_CHANNELS:
+        return f"the wide kernels need at least {MIN_CHANNELS} destination channels per group, got {channels}"
+    return None
+
+
+def workspace_bytes(g, primitive, itemsize):
+    """Scratch of a wide launch: a block's source grids and the weight table, then the accumulators (forward, input
+    gradient) or dy on the block's output grid and the parts' sums (weight gradient)."""
+    layout = _Layout(g, primitive, _samples(g, primitive, itemsize))
+    table = g.groups * layout.blocks * KB * layout.terms_per_group
+    if primitive == "backward_filter":
+        extra = g.K * layout.volume + (_parts(layout) + 1) * table
+    else:
+        extra = KB * _lines_per_task(layout) * layout.pitches[2] * numba.get_num_threads()
+    return layout.grid_bytes(itemsize) + (table + extra) * itemsize
+
+
+def fits(g, primitive, itemsize, workspace_limit):
+    limit = DEFAULT_WORKSPACE_LIMIT if workspace_limit is None else workspace_limit
+    return supports(g, primitive) is None and workspace_bytes(g, primitive, itemsize) <= limit
+
+
+def _parts(layout):
+    return -(-layout.volume // FILTER_POSITIONS)
+
+
+def forward(x, w, bias, y, g):
+    table = _weight_table(w, g, False)
+    bias, has_bias = (bias, True) if bias is not None else (np.zeros(1, x.dtype), False)
+    for n0, n, layout in _blocks(g, "forward", x.itemsize):
+        sized(wide_direct_cpu, g.dense_macs // g.N * n)(layout.spread(x[n0:n0 + n]), layout.offsets(g.groups), table,
+                                                        bias, has_bias, y[n0:n0 + n], *layout.pitches,
+                                                        _lines_per_task(layout))
+
+
+def backward_data(dy, w, dx, g):
+    table = _weight_table(w, g, True)
+    for n0, n, layout in _blocks(g, "backward_data", dx.itemsize):
+        sized(wide_direct_cpu, g.dense_macs // g.N * n)(layout.spread(dy[n0:n0 + n]), layout.offsets(g.groups), table,
+                                                        np.zeros(1, dx.dtype), False, dx[n0:n0 + n], *layout.pitches,
+                                                        _lines_per_task(layout))
+
+
+def backward_filter(x, dy, dw, g):
+    """Per block of samples, its parts' sums; the blocks' sums added in order."""
+    Kg, Cg = g.K // g.groups, g.C // g.groups
+    nb = -(-Kg // KB)
+    total = None
+    for n0, n, layout in _blocks(g, "backward_filter", x.itemsize):
+        Dp, Hp, Wp = layout.pitches
+        dy_grid = np.empty((g.K, layout.volume), dy.dtype)  # dy at its outputs' grid positions, zeros elsewhere
+        sized(spread_cpu, dy_grid.size)(dy[n0:n0 + n], dy_grid, 0, 0, 0, Dp, Hp, Wp, 1, 1, 1)
+        parts = np.empty((_parts(layout), g.groups, nb, layout.terms_per_group, KB), dw.dtype)
+        sized(wide_direct_filter_cpu, g.dense_macs // g.N * n)(layout.spread(x[n0:n0 + n]), layout.offsets(g.groups),
+                                                               dy_grid, parts)
+        block = parts[0] if len(parts) == 1 else parts.sum(axis=0)  # parts in order (NumPy's fixed pairwise order)
+        total = block if total is None else total + block
+    dw[...] = total.transpose(0, 1, 3, 2).reshape(g.groups, nb * KB, Cg, g.T, g.R, g.S)[:, :Kg].reshape(dw.shape)
