@@ -14,8 +14,8 @@ measurements on a 2-core AVX2 machine, bench/RESULTS.md), the same for all three
                                                          64, 5-70x faster than direct or im2col's columns)
   3. a grouped layer (not depthwise) of at most      -> direct (its wide kernels, kernels/cpu/wide.py: three
      GROUPED_DIRECT_CHANNELS channels per group in and   taps a pass over the batch's padded planes; 1.3-3.1x
-     out, with a kernel of more than one tap (the         faster than im2col's or Winograd's per-group GEMMs on
-     input gradient: at unit strides, wide.supports)     ResNeXt's 3x3 g32 layers)
+     out, with a kernel of more than one tap             faster than im2col's or Winograd's per-group GEMMs on
+                                                         ResNeXt's 3x3 g32 layers)
   4. fewer than 8 output channels per group           -> direct (a GEMM that thin does not pay for its columns:
      (not a grouped 1x1 layer of >= 4 input channels     2-8x faster than im2col at 1-4 channels; a grouped 1x1
      per group)                                          layer's GEMMs are 1.5-2.5x faster than direct)
@@ -66,6 +66,7 @@ _KERNELS = {
                "backward_filter": "direct_backward_filter_cpu"},
     "wide": {"forward": "spread_cpu + wide_direct_cpu", "backward_data": "spread_cpu + wide_direct_cpu",
              "backward_filter": "spread_cpu + wide_direct_filter_cpu"},
+    "wide classes": {"backward_data": "spread_cpu + wide_direct_cpu per sub-pixel class"},
     "im2col": {"forward": "im2col_cpu + BLAS GEMM", "backward_data": "BLAS GEMM + col2im_cpu",
                "backward_filter": "im2col_cpu + BLAS GEMM"},
     "depthwise": {"forward": "depthwise_forward_cpu", "backward_data": "depthwise_backward_data_cpu",
@@ -89,7 +90,9 @@ def _kernels(name):
             kernel += (f", in chunks side by side on {blas.threads()} threads (as column blocks when the chunks' "
                        f"scratch exceeds workspace_limit)")
         if name == "direct" and wide.supports(g, primitive) is None:
-            kernel = (f"{_KERNELS['wide'][primitive]} ({kernel} when its scratch exceeds workspace_limit"
+            strided = primitive == "backward_data" and not g.stride_d == g.stride_h == g.stride_w == 1
+            family = _KERNELS["wide classes" if strided else "wide"][primitive]
+            kernel = (f"{family} ({kernel} when its scratch exceeds workspace_limit"
                       + {"forward": ")", "backward_data": " or the weight holds a NaN or an inf)",
                          "backward_filter": "; again when the result holds a NaN or an inf)"}[primitive])
         if name == "depthwise" and depthwise.takes_wide(g, primitive):
@@ -138,8 +141,7 @@ def choose(g, primitive):
     if g.covers_input:
         return "im2col", (f"the kernel covers the whole input: one GEMM of {g.N} x {cg * g.T * g.R * g.S} x {kg} "
                           f"over the batch per group (a fully connected layer)")
-    if (g.groups > 1 and g.T * g.R * g.S > 1 and max(cg, kg) <= GROUPED_DIRECT_CHANNELS
-            and wide.supports(g, primitive) is None):
+    if g.groups > 1 and g.T * g.R * g.S > 1 and max(cg, kg) <= GROUPED_DIRECT_CHANNELS:
         return "direct", (f"grouped layer of {cg} -> {kg} channels per group: its {g.groups} GEMMs too small for "
                           f"BLAS")
     if kg < 8 and not (g.groups > 1 and cg >= 4 and g.T * g.R * g.S == 1):

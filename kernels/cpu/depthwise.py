@@ -201,7 +201,7 @@ def depthwise_wide_cpu(src, w, bias, has_bias, dst, flip, pd, ph, pw, dd, dh, dw
 
 @parallel(fastmath=CONTRACT)
 def depthwise_wide_classes_cpu(dy, w, dx, classes, taps, lows, sd, sh, sw):
-    """Strided depthwise input gradient, one task per dx plane (n, c), by sub-pixel classes (_classes): the dx
+    """Strided depthwise input gradient, one task per dx plane (n, c), by sub-pixel classes (subpixel_classes): the dx
     positions a + stride*j of class a = (a_d, a_h, a_w) read only the taps whose (a + pad - tap*dil) is a multiple of
     the stride, each from dy at j + (a + pad - tap*dil) // stride. Each dy plane (n, c*M + m) is padded once into
     scratch (lows: its low zero borders and padded extents); per class each of its taps is one pass
@@ -286,7 +286,7 @@ def depthwise_wide_filter_cpu(x, dy, dw, pd, ph, pw, dd, dh, dw_):
 
 
 @lru_cache(maxsize=256)
-def _classes(g):
+def subpixel_classes(g):
     """depthwise_wide_classes_cpu's tables: (classes, taps, lows) as int64 arrays (see its docstring), from the
     sub-pixel classes of dx positions along each axis (cached per geometry: explain, the workspace and the launch
     each ask)."""
@@ -321,7 +321,7 @@ def _wide_scratch(g, primitive, itemsize):
     """Bytes of the wide kernels' scratch per thread: the padded source volume (its phase volumes: the forward's
     at a stride) and the wide plane (the input gradient's at a stride: its classes' grids)."""
     if primitive == "backward_data" and not g.stride_d == g.stride_h == g.stride_w == 1:
-        classes, _, lows = _classes(g)
+        classes, _, lows = subpixel_classes(g)
         grids = max(int((classes[:, 8] + classes[:, 3] * lows[4] * lows[5]).max()), 1)
         return (int(np.prod(lows[3:])) + grids) * itemsize
     P, Q, U = (g.D, g.H, g.W) if primitive == "backward_data" else (g.P, g.Q, g.U)
@@ -382,7 +382,7 @@ def backward_data(dy, w, dx, g, workspace_limit=None):
     if _wide(g, "backward_data", dx.itemsize, workspace_limit) and not direct.nonfinite_channels(
             w.reshape(1, g.K, -1)).any():
         if not g.stride_d == g.stride_h == g.stride_w == 1:
-            sized(depthwise_wide_classes_cpu, g.dense_macs)(dy, w, dx, *_classes(g), g.stride_d, g.stride_h,
+            sized(depthwise_wide_classes_cpu, g.dense_macs)(dy, w, dx, *subpixel_classes(g), g.stride_d, g.stride_h,
                                                             g.stride_w)
             return
         pads = ((n - 1) * d - pad for n, d, pad in zip((g.T, g.R, g.S), (g.dil_d, g.dil_h, g.dil_w),

@@ -1,4 +1,4 @@
-"""Direct convolution on the CPU, register/cache blocked (contract: kernels/contract.py).
+"""Direct convolution on the CPU, register/cache blocked, row by row (contract: kernels/contract.py).
 
 x (N, C, D, H, W) * w (K, C/g, T, R, S) -> y (N, K, P, Q, U); 1-D/2-D problems carry unit axes.
 
@@ -13,6 +13,10 @@ backward_filter: one task per (k, c): dw[k, c, :, :, :] sums dy-row . x-row over
                  padding's zeros skipped, then, in the channels whose dy holds a NaN or inf, 0 * dy added at them:
                  NaN, as in the reference).
 No task writes what another task writes, so results are deterministic (no atomics, fixed order).
+
+The launchers run these row kernels only where the wide kernels (wide.py: the batch's padded planes end to end, three
+taps a pass) do not: fewer than wide.MIN_CHANNELS destination channels per group, scratch over workspace_limit, or a
+non-finite value the wide kernels would not reproduce as the reference has it.
 """
 import numba
 import numpy as np

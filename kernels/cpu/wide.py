@@ -16,11 +16,16 @@ on grouped layers of 4 to 32 channels per group they started T*R*S*C/g loops of 
 ~1 multiply-add a cycle.
 
     forward:          src x, dst y, terms (c, tap) of the group, wt[e, k] = w[k, c, tap]
-    backward_data:    unit strides only: src dy padded by (T-1)*dil - pad, dst dx, terms (k, tap) of the group,
-                      wt[e, c] = w[k, c, flipped tap] (a correlation of dy with the flipped filters)
+    backward_data:    src dy padded by (T-1)*dil - pad, dst dx, terms (k, tap) of the group, wt[e, c] = w[k, c,
+                      flipped tap] (a correlation of dy with the flipped filters); at a stride per sub-pixel class of
+                      dx positions (depthwise.subpixel_classes), terms (k, tap reaching the class), wt[e, c] = w[k, c,
+                      tap], into the class's strided view of dx (no multiply-adds with the zeros a stride inserts)
     backward_filter:  dw[k, c, tap] = sum over o of dy_grid[k, o] * x_grid[o + offset[c, tap]], dy spread onto the
                       output grid with zeros at the dropped positions; the grid in parts of FILTER_POSITIONS, each
-                      part's sums added in part order (wide_direct_filter_cpu)
+                      part's sums added in part order (wide_direct_filter_cpu), then the blocks' sums in order
+
+The batch runs in blocks of samples whose grids fit BLOCK_SCRATCH (at least one sample a block): the scratch of a
+whole batch came fresh from mmap, page-faulted on every call.
 
 Pitches at unit stride are compact: a line's trailing zeros and the next line's leading zeros (the next sample's, the
 next channel's, the zero tail's) make one border, so 3x3 'same' planes take (H + 1) x (W + 1) rather than
@@ -29,14 +34,17 @@ reference does; the input gradient also multiplies dy's zero border, so a NaN or
 the weight gradient also meets x at dropped positions (dy 0 there), so a non-finite result is computed again by the
 row kernel (direct.py). Every task writes its own outputs in a fixed order: deterministic, no atomics.
 """
+from functools import lru_cache
+
 import numba
 import numpy as np
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
+from cnnfast.kernels.cpu import depthwise  # (a module: depthwise imports direct, which imports this one)
 from cnnfast.kernels.cpu.direct import CONTRACT, CONTRACT_REASSOC
 from cnnfast.kernels.cpu.threads import parallel, sized
 
 MIN_CHANNELS = 3  # destination channels per group from which the wide kernels run (supports)
-KB = 4  # destination channels per task: four accumulator rows (eight ran ~10% faster alone, but waste more on 4-channel groups)
+KB = 4  # destination channels per task: four accumulator rows (eight: ~10% faster alone, more waste on 4 a group)
 GRID_POSITIONS = 1024  # grid positions per forward task: KB accumulator rows and the source runs stay in L1
 FILTER_POSITIONS = 1 << 15  # grid positions per part of the weight gradient (a task per part, summed in order)
 # Samples per block: as many as keep a block's grids within this (the grids of a whole batch, tens of MB, came fresh
@@ -257,6 +265,11 @@ class _Layout:
             self.src_channels, self.terms_per_group = g.C, (g.C // g.groups) * g.T * g.R * g.S
             self.blocks = -(-(g.K // g.groups) // KB)
         self.pitches = tuple(_pitch(*a) for a in zip(self.out, taps, self.strides, dils, self.pads, self.src))
+        self.classes = None
+        if flip and not g.stride_d == g.stride_h == g.stride_w == 1:  # by sub-pixel classes: their pads and pitches
+            self.classes = depthwise.subpixel_classes(g)
+            lows = [int(v) for v in self.classes[2]]
+            self.pads, self.pitches = tuple(lows[:3]), tuple(lows[3:])
         Dp, Hp, Wp = self.pitches
         sd, sh, sw = self.strides
         self.volume = samples * Dp * Hp * Wp  # one phase volume: the block's samples' grids
@@ -265,14 +278,22 @@ class _Layout:
         t, r, s = t * g.dil_d, r * g.dil_h, s * g.dil_w
         phase = ((t % sd) * sh + r % sh) * sw + s % sw
         self.tap_offsets = (phase * self.volume + ((t // sd) * Hp + r // sh) * Wp + s // sw).ravel()
-        # zeros past the last grid: the reads of the dropped positions past its end (tap offsets within a volume)
-        self.tail = int((((g.T - 1) * g.dil_d // sd) * Hp + (g.R - 1) * g.dil_h // sh) * Wp + (g.S - 1) * g.dil_w // sw)
+        # zeros past the last grid: the reads past its end (a compact pitch's wrapped reads, which must meet zeros, and
+        # the dropped positions'); the last term reads up to its offset + volume - 1 into the last channel
+        reach = self.tap_offsets.max() if self.classes is None else self.classes[1][:, 3].max()
+        self.tail = max(0, int(reach) + self.volume - self.channel)
+        self._offsets = None  # offsets() of every tap, made once
 
-    def offsets(self, groups):
-        """(groups, E) int64: term (m, tap) of group gi reads source channel gi*Gs + m at that tap's offset."""
+    def offsets(self, groups, taps=None):
+        """(groups, E) int64: term (m, tap) of group gi reads source channel gi*Gs + m at that tap's offset (taps: the
+        offsets of the taps selected, all of them by default)."""
+        if taps is None:
+            if self._offsets is None:
+                self._offsets = self.offsets(groups, self.tap_offsets)
+            return self._offsets
         Gs = self.src_channels // groups
         channels = np.arange(self.src_channels, dtype=np.int64).reshape(groups, Gs, 1) * self.channel
-        return (channels + self.tap_offsets[None, None, :]).reshape(groups, -1)
+        return (channels + np.asarray(taps, np.int64)[None, None, :]).reshape(groups, -1)
 
     def grid_bytes(self, itemsize):
         return (self.src_channels * self.channel + self.tail) * itemsize
@@ -286,6 +307,12 @@ class _Layout:
         return flat
 
 
+@lru_cache(maxsize=256)
+def _layout(g, primitive, samples):
+    """_Layout, once per geometry, primitive and block size (explain, the workspace and each launch ask)."""
+    return _Layout(g, primitive, samples)
+
+
 def _lines_per_task(layout):
     return max(1, GRID_POSITIONS // layout.pitches[2])
 
@@ -293,7 +320,7 @@ def _lines_per_task(layout):
 def _samples(g, primitive, itemsize):
     """Samples per block: as many as keep its scratch (source grids, and the weight gradient's dy on the output
     grid) within BLOCK_SCRATCH, at least one."""
-    one = _Layout(g, primitive, 1)
+    one = _layout(g, primitive, 1)
     per_sample = one.grid_bytes(itemsize) + (g.K * one.volume * itemsize if primitive == "backward_filter" else 0)
     return max(1, min(g.N, BLOCK_SCRATCH // per_sample))
 
@@ -301,20 +328,19 @@ def _samples(g, primitive, itemsize):
 def _blocks(g, primitive, itemsize):
     """(first sample, samples, layout) of each block, in order."""
     step = _samples(g, primitive, itemsize)
-    full = _Layout(g, primitive, step)
     for n0 in range(0, g.N, step):
-        yield n0, min(step, g.N - n0), full if g.N - n0 >= step else _Layout(g, primitive, g.N - n0)
+        yield n0, min(step, g.N - n0), _layout(g, primitive, min(step, g.N - n0))
 
 
-def _weight_table(w, g, flip):
+def _weight_table(w, g, transposed, taps=slice(None)):
     """(groups, nb, E, KB): per group and block of KB destination channels, each term's KB weights (zeros past the
-    last channel). Forward: terms (c, tap) of w[k, c, tap]; backward_data: terms (k, tap) of w[k, c, flipped tap]."""
+    last channel), for the flat taps selected. Forward: terms (c, tap) of w[k, c, tap], destinations k; the input
+    gradient (transposed): terms (k, tap), destinations c (all taps flipped at unit stride, a sub-pixel class's)."""
     K, Cg = w.shape[0], w.shape[1]
-    Kg, taps = K // g.groups, g.T * g.R * g.S
-    w = w.reshape(g.groups, Kg, Cg, taps)
-    if flip:  # destination channels c, terms (k, tap)
-        w = w[..., ::-1].transpose(0, 2, 1, 3)
-    dst, terms = w.shape[1], w.shape[2] * taps
+    w = w.reshape(g.groups, K // g.groups, Cg, g.T * g.R * g.S)[..., taps]
+    if transposed:
+        w = w.transpose(0, 2, 1, 3)
+    dst, terms = w.shape[1], w.shape[2] * w.shape[3]
     nb = -(-dst // KB)
     table = np.zeros((g.groups, nb * KB, terms), w.dtype)
     table[:, :dst] = w.reshape(g.groups, dst, terms)
@@ -322,11 +348,9 @@ def _weight_table(w, g, flip):
 
 
 def supports(g, primitive):
-    """None when the wide kernels compute the primitive: the input gradient at unit strides only, and at least
-    MIN_CHANNELS destination channels per group (a block of KB computes KB: with one or two, 2-3x too much work,
-    and the row kernels were 1.6-2.5x faster; depthwise layers, thin 16 -> 1 and 64 -> 2 layers, 2026-12-06)."""
-    if primitive == "backward_data" and not g.stride_d == g.stride_h == g.stride_w == 1:
-        return "the wide input gradient needs unit strides"
+    """None when the wide kernels compute the primitive: from MIN_CHANNELS destination channels per group (a block
+    computes KB: with one or two, 2-4x the work, and the row kernels were 1.6-2.5x faster on depthwise layers and
+    thin 16 -> 1 and 64 -> 2 layers, 2026-12-06)."""
     channels = (g.C if primitive == "backward_data" else g.K) // g.groups
     if channels < MIN_CHANNELS:
         return f"the wide kernels need at least {MIN_CHANNELS} destination channels per group, got {channels}"
@@ -336,7 +360,7 @@ def supports(g, primitive):
 def workspace_bytes(g, primitive, itemsize):
     """Scratch of a wide launch: a block's source grids and the weight table, then the accumulators (forward, input
     gradient) or dy on the block's output grid and the parts' sums (weight gradient)."""
-    layout = _Layout(g, primitive, _samples(g, primitive, itemsize))
+    layout = _layout(g, primitive, _samples(g, primitive, itemsize))
     table = g.groups * layout.blocks * KB * layout.terms_per_group
     if primitive == "backward_filter":
         extra = g.K * layout.volume + (_parts(layout) + 1) * table
@@ -364,11 +388,25 @@ def forward(x, w, bias, y, g):
 
 
 def backward_data(dy, w, dx, g):
-    table = _weight_table(w, g, True)
+    """At unit strides the correlation of dy with the flipped filters; at a stride, per sub-pixel class of dx
+    positions (depthwise.subpixel_classes), the unit-stride correlation of dy with the taps that reach the class, into
+    the class's strided view of dx (a class no tap reaches: zeros)."""
+    strides = (g.stride_d, g.stride_h, g.stride_w)
+    if strides == (1, 1, 1):
+        parts = [((0, 0, 0), slice(None, None, -1), None)]  # (first dx position, taps, their offsets)
+    else:
+        classes, taps, _ = depthwise.subpixel_classes(g)
+        flat = (taps[:, 0] * g.R + taps[:, 1]) * g.S + taps[:, 2]
+        parts = [(tuple(row[:3]), flat[row[6]:row[6] + row[7]], taps[row[6]:row[6] + row[7], 3]) for row in classes]
+    tables = [_weight_table(w, g, True, taps) for _, taps, _ in parts]
     for n0, n, layout in _blocks(g, "backward_data", dx.itemsize):
-        sized(wide_direct_cpu, g.dense_macs // g.N * n)(layout.spread(dy[n0:n0 + n]), layout.offsets(g.groups), table,
-                                                        np.zeros(1, dx.dtype), False, dx[n0:n0 + n], *layout.pitches,
-                                                        _lines_per_task(layout))
+        grid = layout.spread(dy[n0:n0 + n])
+        for ((a_d, a_h, a_w), _, offsets), table in zip(parts, tables):
+            view = dx[n0:n0 + n, :, a_d::strides[0], a_h::strides[1], a_w::strides[2]]
+            if view.size:
+                sized(wide_direct_cpu, g.dense_macs // g.N * n)(grid, layout.offsets(g.groups, offsets), table,
+                                                                np.zeros(1, dx.dtype), False, view, *layout.pitches,
+                                                                _lines_per_task(layout))
 
 
 def backward_filter(x, dy, dw, g):
