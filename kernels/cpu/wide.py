@@ -6,7 +6,7 @@ pitches leave room for the taps (at a stride, the plane split into stride-phase 
 Output (n, p, q, u) is then grid position o = ((n*Dp + p)*Hp + q)*Wp + u, and its tap (c, t, r, s) reads the source
 grid at o + offset[c, t, r, s], one constant per term: a convolution is
 
-    dst[j, o] = sum over the terms e of its group of wt[e, j] * grid[o + offsets[e]]
+    dst[j, o] = sum over the terms e of its group of wt[j, e] * grid[o + offsets[e]]
 
 over all positions at once (the grid positions past the outputs, in the padding's rows and columns, are computed and
 dropped). wide_direct_cpu runs it for blocks of KB output channels and GRID_POSITIONS positions per task, three terms
@@ -15,10 +15,10 @@ load/store-bound, 2-3x faster than a term per pass). The per-row direct kernels 
 on grouped layers of 4 to 32 channels per group they started T*R*S*C/g loops of a few vectors per row and ran at
 ~1 multiply-add a cycle.
 
-    forward:          src x, dst y, terms (c, tap) of the group, wt[e, k] = w[k, c, tap]
-    backward_data:    src dy padded by (T-1)*dil - pad, dst dx, terms (k, tap) of the group, wt[e, c] = w[k, c,
+    forward:          src x, dst y, terms (c, tap) of the group, wt[k, e] = w[k, c, tap]
+    backward_data:    src dy padded by (T-1)*dil - pad, dst dx, terms (k, tap) of the group, wt[c, e] = w[k, c,
                       flipped tap] (a correlation of dy with the flipped filters); at a stride per sub-pixel class of
-                      dx positions (depthwise.subpixel_classes), terms (k, tap reaching the class), wt[e, c] = w[k, c,
+                      dx positions (depthwise.subpixel_classes), terms (k, tap reaching the class), wt[c, e] = w[k, c,
                       tap], into the class's strided view of dx (no multiply-adds with the zeros a stride inserts)
     backward_filter:  dw[k, c, tap] = sum over o of dy_grid[k, o] * x_grid[o + offset[c, tap]], dy spread onto the
                       output grid with zeros at the dropped positions; the grid in parts of FILTER_POSITIONS, each
@@ -34,6 +34,7 @@ reference does; the input gradient also multiplies dy's zero border, so a NaN or
 the weight gradient also meets x at dropped positions (dy 0 there), so a non-finite result is computed again by the
 row kernel (direct.py). Every task writes its own outputs in a fixed order: deterministic, no atomics.
 """
+import threading
 from functools import lru_cache
 
 import numba
@@ -47,9 +48,11 @@ MIN_CHANNELS = 3  # destination channels per group from which the wide kernels r
 KB = 4  # destination channels per task: four accumulator rows (eight: ~10% faster alone, more waste on 4 a group)
 GRID_POSITIONS = 1024  # grid positions per forward task: KB accumulator rows and the source runs stay in L1
 FILTER_POSITIONS = 1 << 15  # grid positions per part of the weight gradient (a task per part, summed in order)
-# Samples per block: as many as keep a block's grids within this (the grids of a whole batch, tens of MB, came fresh
-# from mmap and were page-faulted on every call: 3x3 g32 128 @56 batch 8 weight gradient 12.7 ms whole, 4.7 in blocks)
-BLOCK_SCRATCH = 4 << 20
+# Samples per block: as many as keep a block's grids within this (at least one). The grids of a whole batch, tens of
+# MB fresh from mmap, were page-faulted every call (3x3 g32 128 @56 batch 8 weight gradient 12.7 ms whole, 4.7 in
+# blocks of 4 MiB); with the grids kept between calls (_scratch), blocks of 16 MiB ran ~10% faster than of 4 MiB.
+BLOCK_SCRATCH = 16 << 20
+CACHED_SCRATCH = 32 << 20  # a thread keeps its grids between calls up to this size each (_scratch)
 
 
 @parallel()
@@ -91,16 +94,16 @@ def spread_cpu(src, grid, pd, ph, pw, Dp, Hp, Wp, sd, sh, sw):
 
 @parallel(fastmath=CONTRACT)
 def wide_direct_cpu(grid, offsets, wt, bias, has_bias, dst, Dp, Hp, Wp, lines_per_task):
-    """dst[n, j, p, q, u] = bias[j] + sum over e of wt[g, b, e, jj] * grid[offsets[g, e] + o], o = ((n*Dp + p)*Hp
+    """dst[n, j, p, q, u] = bias[j] + sum over e of wt[g, b, jj, e] * grid[offsets[g, e] + o], o = ((n*Dp + p)*Hp
     + q)*Wp + u, for output channel j = g*Gd + b*KB + jj of group g (Gd = dst channels per group).
 
     grid: the source grids flattened, with a zero tail past the last one (every read inside); offsets (groups, E);
-    wt (groups, nb, E, KB), zeros for a last block's missing channels. One task per (group g, block b of KB output
+    wt (groups, nb, KB, E), zeros for a last block's missing channels. One task per (group g, block b of KB output
     channels, lines_per_task grid lines of Wp positions); the task keeps a (KB, positions) accumulator and adds the
     terms into it three at a time (one pass per triple: the 12 weights in registers, three source runs read), then
     copies the lines that hold outputs into dst. Terms in order."""
     N, Cd, P, Q, U = dst.shape
-    groups, nb, E, _ = wt.shape
+    groups, nb, _, E = wt.shape
     Gd = Cd // groups
     lines = N * Dp * Hp
     chunks = (lines + lines_per_task - 1) // lines_per_task
@@ -125,9 +128,9 @@ def wide_direct_cpu(grid, offsets, wt, bias, has_bias, dst, Dp, Hp, Wp, lines_pe
             x0 = grid[o0 + offsets[g, e]:o0 + offsets[g, e] + n_o]
             x1 = grid[o0 + offsets[g, e + 1]:o0 + offsets[g, e + 1] + n_o]
             x2 = grid[o0 + offsets[g, e + 2]:o0 + offsets[g, e + 2] + n_o]
-            c00, c01, c02, c03 = c[e, 0], c[e, 1], c[e, 2], c[e, 3]
-            c10, c11, c12, c13 = c[e + 1, 0], c[e + 1, 1], c[e + 1, 2], c[e + 1, 3]
-            c20, c21, c22, c23 = c[e + 2, 0], c[e + 2, 1], c[e + 2, 2], c[e + 2, 3]
+            c00, c01, c02, c03 = c[0, e], c[1, e], c[2, e], c[3, e]
+            c10, c11, c12, c13 = c[0, e + 1], c[1, e + 1], c[2, e + 1], c[3, e + 1]
+            c20, c21, c22, c23 = c[0, e + 2], c[1, e + 2], c[2, e + 2], c[3, e + 2]
             for o in range(n_o):
                 v0, v1, v2 = x0[o], x1[o], x2[o]
                 a0[o] += c00 * v0 + c10 * v1 + c20 * v2
@@ -136,7 +139,7 @@ def wide_direct_cpu(grid, offsets, wt, bias, has_bias, dst, Dp, Hp, Wp, lines_pe
                 a3[o] += c03 * v0 + c13 * v1 + c23 * v2
         for e in range(whole, E):  # the last one or two terms
             x0 = grid[o0 + offsets[g, e]:o0 + offsets[g, e] + n_o]
-            c00, c01, c02, c03 = c[e, 0], c[e, 1], c[e, 2], c[e, 3]
+            c00, c01, c02, c03 = c[0, e], c[1, e], c[2, e], c[3, e]
             for o in range(n_o):
                 v0 = x0[o]
                 a0[o] += c00 * v0
@@ -157,14 +160,14 @@ def wide_direct_cpu(grid, offsets, wt, bias, has_bias, dst, Dp, Hp, Wp, lines_pe
 
 @parallel(fastmath=CONTRACT_REASSOC)
 def wide_direct_filter_cpu(grid, offsets, dy_grid, parts):
-    """parts[part, g, b, e, kk] = sum over the part's grid positions o of dy_grid[k, o] * grid[offsets[g, e] + o],
+    """parts[part, g, b, kk, e] = sum over the part's grid positions o of dy_grid[k, o] * grid[offsets[g, e] + o],
     k = g*Kg + b*KB + kk (a last block's missing channels repeat its last one; the caller drops them).
 
     grid and offsets as in wide_direct_cpu (x's grids, terms (c, tap)); dy_grid (K, positions): dy on the output
     grid, zero at the dropped positions. One task per (part of FILTER_POSITIONS positions, group, block of KB
     filters); per GRID_POSITIONS run, three terms at a time: 12 dot products over the run (reassociated so LLVM
     vectorises them; fixed code, so bit-identical run to run), added into the part's sums in run order."""
-    n_parts, groups, nb, E, _ = parts.shape
+    n_parts, groups, nb, _, E = parts.shape
     K, L = dy_grid.shape
     Kg = K // groups
     size = (L + n_parts - 1) // n_parts
@@ -176,9 +179,9 @@ def wide_direct_filter_cpu(grid, offsets, dy_grid, parts):
         k0 = g * Kg + b * KB
         last = min(KB, Kg - b * KB) - 1
         out = parts[part, g, b]
-        for e in range(E):
-            for kk in range(KB):
-                out[e, kk] = 0.0
+        for kk in range(KB):
+            for e in range(E):
+                out[kk, e] = 0.0
         zero = out[0, 0]  # sums in the result's dtype (a literal 0.0 would make a float32 sum float64)
         for o0 in range(part * size, min(L, (part + 1) * size), GRID_POSITIONS):
             n_o = min(GRID_POSITIONS, L - o0, (part + 1) * size - o0)
@@ -206,18 +209,18 @@ def wide_direct_filter_cpu(grid, offsets, dy_grid, parts):
                     s21 += e1 * v2
                     s22 += e2 * v2
                     s23 += e3 * v2
-                out[e, 0] += s00
-                out[e, 1] += s01
-                out[e, 2] += s02
-                out[e, 3] += s03
-                out[e + 1, 0] += s10
-                out[e + 1, 1] += s11
-                out[e + 1, 2] += s12
-                out[e + 1, 3] += s13
-                out[e + 2, 0] += s20
-                out[e + 2, 1] += s21
-                out[e + 2, 2] += s22
-                out[e + 2, 3] += s23
+                out[0, e] += s00
+                out[1, e] += s01
+                out[2, e] += s02
+                out[3, e] += s03
+                out[0, e + 1] += s10
+                out[1, e + 1] += s11
+                out[2, e + 1] += s12
+                out[3, e + 1] += s13
+                out[0, e + 2] += s20
+                out[1, e + 2] += s21
+                out[2, e + 2] += s22
+                out[3, e + 2] += s23
             for e in range(whole, E):
                 x0 = grid[o0 + offsets[g, e]:o0 + offsets[g, e] + n_o]
                 s00 = s01 = s02 = s03 = zero
@@ -227,10 +230,10 @@ def wide_direct_filter_cpu(grid, offsets, dy_grid, parts):
                     s01 += d1[o] * v0
                     s02 += d2[o] * v0
                     s03 += d3[o] * v0
-                out[e, 0] += s00
-                out[e, 1] += s01
-                out[e, 2] += s02
-                out[e, 3] += s03
+                out[0, e] += s00
+                out[1, e] += s01
+                out[2, e] += s02
+                out[3, e] += s03
 
 
 # ---------------------------------------------------------------- launchers
@@ -300,11 +303,29 @@ class _Layout:
 
     def spread(self, src):
         """src's grids (flattened, a zero tail past the last): the source of every term."""
-        flat = np.empty(self.src_channels * self.channel + self.tail, src.dtype)
+        flat = _scratch("grid", self.src_channels * self.channel + self.tail, src.dtype)
         flat[self.src_channels * self.channel:] = 0
         sized(spread_cpu, flat.size)(src, flat[:self.src_channels * self.channel].reshape(self.src_channels, -1),
                                      *self.pads, *self.pitches, *self.strides)
         return flat
+
+
+_CACHED = threading.local()
+
+
+def _scratch(name, size, dtype):
+    """A flat array of `size` elements for one launch: this thread's buffer `name`, kept between calls when it holds at
+    most CACHED_SCRATCH bytes. A fresh buffer every call was page-faulted anew whenever the memory had gone back to
+    the system in between (interleaved with torch's convolutions: ~1,600 faults a call at 3x3 g32 128 @56 batch 8,
+    at 2-15 us each on the 2-core VM)."""
+    dtype = np.dtype(dtype)
+    held = getattr(_CACHED, name, None)
+    if held is not None and held.dtype == dtype and held.size >= size:
+        return held[:size]
+    fresh = np.empty(size, dtype)
+    if size * dtype.itemsize <= CACHED_SCRATCH:
+        setattr(_CACHED, name, fresh)
+    return fresh
 
 
 @lru_cache(maxsize=256)
@@ -333,8 +354,8 @@ def _blocks(g, primitive, itemsize):
 
 
 def _weight_table(w, g, transposed, taps=slice(None)):
-    """(groups, nb, E, KB): per group and block of KB destination channels, each term's KB weights (zeros past the
-    last channel), for the flat taps selected. Forward: terms (c, tap) of w[k, c, tap], destinations k; the input
+    """(groups, nb, KB, E): per group and block of KB destination channels, their weights of each term (zeros past
+    the last channel), for the flat taps selected. Forward: terms (c, tap) of w[k, c, tap], destinations k; the input
     gradient (transposed): terms (k, tap), destinations c (all taps flipped at unit stride, a sub-pixel class's)."""
     K, Cg = w.shape[0], w.shape[1]
     w = w.reshape(g.groups, K // g.groups, Cg, g.T * g.R * g.S)[..., taps]
@@ -342,18 +363,24 @@ def _weight_table(w, g, transposed, taps=slice(None)):
         w = w.transpose(0, 2, 1, 3)
     dst, terms = w.shape[1], w.shape[2] * w.shape[3]
     nb = -(-dst // KB)
+    if dst == nb * KB:  # (forward with whole blocks: a view of w)
+        return np.ascontiguousarray(w).reshape(g.groups, nb, KB, terms)
     table = np.zeros((g.groups, nb * KB, terms), w.dtype)
     table[:, :dst] = w.reshape(g.groups, dst, terms)
-    return np.ascontiguousarray(table.reshape(g.groups, nb, KB, terms).transpose(0, 1, 3, 2))
+    return table.reshape(g.groups, nb, KB, terms)
 
 
 def supports(g, primitive):
     """None when the wide kernels compute the primitive: from MIN_CHANNELS destination channels per group (a block
     computes KB: with one or two, 2-4x the work, and the row kernels were 1.6-2.5x faster on depthwise layers and
-    thin 16 -> 1 and 64 -> 2 layers, 2026-12-06)."""
+    thin 16 -> 1 and 64 -> 2 layers, 2026-12-06) and from one whole pass of three terms (the input gradient of a
+    1x1 64 -> 2 layer @256, two terms: rows 1.27 ms, wide 1.73)."""
     channels = (g.C if primitive == "backward_data" else g.K) // g.groups
     if channels < MIN_CHANNELS:
         return f"the wide kernels need at least {MIN_CHANNELS} destination channels per group, got {channels}"
+    terms = (g.K if primitive == "backward_data" else g.C) // g.groups * g.T * g.R * g.S
+    if terms < 3:
+        return f"the wide kernels need at least 3 terms (source channels per group x taps), got {terms}"
     return None
 
 
@@ -416,11 +443,11 @@ def backward_filter(x, dy, dw, g):
     total = None
     for n0, n, layout in _blocks(g, "backward_filter", x.itemsize):
         Dp, Hp, Wp = layout.pitches
-        dy_grid = np.empty((g.K, layout.volume), dy.dtype)  # dy at its outputs' grid positions, zeros elsewhere
+        dy_grid = _scratch("dy grid", g.K * layout.volume, dy.dtype).reshape(g.K, -1)  # dy on the output grid
         sized(spread_cpu, dy_grid.size)(dy[n0:n0 + n], dy_grid, 0, 0, 0, Dp, Hp, Wp, 1, 1, 1)
-        parts = np.empty((_parts(layout), g.groups, nb, layout.terms_per_group, KB), dw.dtype)
+        parts = np.empty((_parts(layout), g.groups, nb, KB, layout.terms_per_group), dw.dtype)
         sized(wide_direct_filter_cpu, g.dense_macs // g.N * n)(layout.spread(x[n0:n0 + n]), layout.offsets(g.groups),
                                                                dy_grid, parts)
         block = parts[0] if len(parts) == 1 else parts.sum(axis=0)  # parts in order (NumPy's fixed pairwise order)
         total = block if total is None else total + block
-    dw[...] = total.transpose(0, 1, 3, 2).reshape(g.groups, nb * KB, Cg, g.T, g.R, g.S)[:, :Kg].reshape(dw.shape)
+    dw[...] = total.reshape(g.groups, nb * KB, Cg, g.T, g.R, g.S)[:, :Kg].reshape(dw.shape)
