@@ -442,6 +442,19 @@ def test_direct_runs_the_wide_kernels_in_blocks_of_samples_and_falls_back_to_the
     assert_close(op(*args(), **opts, algo="direct"), expected, "float64", "non-finite")
 
 
+@pytest.mark.parametrize("primitive", list(OPS))
+def test_the_wide_kernels_take_smaller_blocks_of_samples_under_a_workspace_limit(primitive):
+    """A workspace_limit below the wide kernels' scratch for their default blocks shrinks the blocks (to one sample
+    at least) before it falls back to the row kernels; the plan's workspace stays within the limit."""
+    layer = Layer((4, 12, 10, 10), (12, 4, 3, 3), padding=1, groups=3)
+    full = layer.explain(primitive, algo="direct")
+    smaller = layer.explain(primitive, algo="direct", workspace_limit=full.workspace_bytes - 1)
+    assert smaller.kernels == full.kernels and smaller.kernels[0].startswith("spread_cpu + wide_direct")
+    assert 0 < smaller.workspace_bytes < full.workspace_bytes
+    assert_close(layer.run(primitive, algo="direct", workspace_limit=full.workspace_bytes - 1),
+                 layer.expected(primitive), "float64", "smaller blocks")
+
+
 def test_a_small_strided_depthwise_forward_keeps_the_row_kernel():
     """Below STRIDED_WIDE_POSITIONS outputs per plane (3x3 stride 2 960 @7: 4x4 outputs) the row kernel was faster."""
     plan = cnnfast.explain("conv2d", (8, 960, 7, 7), (960, 1, 3, 3), stride=2, padding=1, groups=960)

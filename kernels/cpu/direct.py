@@ -197,7 +197,8 @@ def direct_backward_filter_cpu(x, dy, dw, special, sd, sh, sw, dd, dh, dw_, pd, 
 
 def workspace_bytes(g, primitive, itemsize, workspace_limit):
     """The wide kernels' scratch where they run (wide.fits), else 0: the row kernels need none."""
-    return wide.workspace_bytes(g, primitive, itemsize) if wide.fits(g, primitive, itemsize, workspace_limit) else 0
+    fit = wide.fits(g, primitive, itemsize, workspace_limit)
+    return wide.workspace_bytes(g, primitive, itemsize, workspace_limit) if fit else 0
 
 
 def geometry_args(g):
@@ -207,7 +208,7 @@ def geometry_args(g):
 
 def forward(x, w, bias, y, g, workspace_limit=None):
     if wide.fits(g, "forward", x.itemsize, workspace_limit):  # (the padding's zeros are multiplied)
-        wide.forward(x, w, bias, y, g)
+        wide.forward(x, w, bias, y, g, workspace_limit)
         return
     has_bias = bias is not None
     sized(direct_forward_cpu, g.dense_macs)(x, w, bias if has_bias else np.zeros(1, x.dtype), has_bias, y,
@@ -240,7 +241,7 @@ def backward_data(dy, w, dx, g, workspace_limit=None):
     # tap reads no dy, so such weights take the row kernel
     if (wide.fits(g, "backward_data", dx.itemsize, workspace_limit)
             and not nonfinite_channels(w.reshape(1, g.K, -1)).any()):
-        wide.backward_data(dy, w, dx, g)
+        wide.backward_data(dy, w, dx, g, workspace_limit)
         return
     sized(direct_backward_data_cpu, g.dense_macs)(dy, w, dx, *geometry_args(g))
 
@@ -266,10 +267,10 @@ def backward_filter(x, dy, dw, g, workspace_limit=None):
     # the wide kernel's dot products also meet x at the dropped grid positions (dy 0 there): an inf or NaN in x can
     # make NaN (inf * 0) in a tap that never reads it, so a non-finite result is computed again by the row kernel
     if wide.fits(g, "backward_filter", x.itemsize, workspace_limit):
-        wide.backward_filter(x, dy, dw, g)
+        wide.backward_filter(x, dy, dw, g, workspace_limit)
         if not nonfinite_channels(dw.reshape(1, g.K, -1)).any():
             return
-    special = nonfinite_channels(dy.reshape(g.N, g.K, -1))  # per output channel: a NaN or inf in its dy
+    special = nonfinite_channels(dy.reshape(g.N, g.K, g.P * g.Q * g.U))  # per output channel: a NaN or inf in its dy
     sized(direct_backward_filter_cpu, g.dense_macs)(x, dy, dw, special, *geometry_args(g))
 
 

@@ -338,36 +338,46 @@ def _lines_per_task(layout):
     return max(1, GRID_POSITIONS // layout.pitches[2])
 
 
-def _samples(g, primitive, itemsize):
-    """Samples per block: as many as keep its scratch (source grids, and the weight gradient's dy on the output
-    grid) within BLOCK_SCRATCH, at least one."""
+def _samples(g, primitive, itemsize, workspace_limit):
+    """Samples per block: as many as keep its grids (source, and the weight gradient's dy on the output grid) within
+    BLOCK_SCRATCH, and all its scratch within workspace_limit, but at least one."""
     one = _layout(g, primitive, 1)
     per_sample = one.grid_bytes(itemsize) + (g.K * one.volume * itemsize if primitive == "backward_filter" else 0)
-    return max(1, min(g.N, BLOCK_SCRATCH // per_sample))
+    n = max(1, min(g.N, BLOCK_SCRATCH // per_sample))
+    limit = DEFAULT_WORKSPACE_LIMIT if workspace_limit is None else workspace_limit
+    while n > 1 and _bytes(g, primitive, itemsize, n) > limit:
+        n //= 2
+    return n
 
 
-def _blocks(g, primitive, itemsize):
+def _blocks(g, primitive, itemsize, workspace_limit):
     """(first sample, samples, layout) of each block, in order."""
-    step = _samples(g, primitive, itemsize)
+    step = _samples(g, primitive, itemsize, workspace_limit)
     for n0 in range(0, g.N, step):
         yield n0, min(step, g.N - n0), _layout(g, primitive, min(step, g.N - n0))
 
 
 def _weight_table(w, g, transposed, taps=slice(None)):
     """(groups, nb, KB, E): per group and block of KB destination channels, their weights of each term (zeros past
-    the last channel), for the flat taps selected. Forward: terms (c, tap) of w[k, c, tap], destinations k; the input
-    gradient (transposed): terms (k, tap), destinations c (all taps flipped at unit stride, a sub-pixel class's)."""
+    the last channel), for the flat taps selected (a slice, or a sub-pixel class's array of them). Forward: terms (c,
+    tap) of w[k, c, tap], destinations k; the input gradient (transposed): terms (k, tap), destinations c. Written
+    straight into the table (no temporary as large as it: workspace_bytes counts one table)."""
     K, Cg = w.shape[0], w.shape[1]
-    w = w.reshape(g.groups, K // g.groups, Cg, g.T * g.R * g.S)[..., taps]
+    w = w.reshape(g.groups, K // g.groups, Cg, g.T * g.R * g.S)
     if transposed:
         w = w.transpose(0, 2, 1, 3)
-    dst, terms = w.shape[1], w.shape[2] * w.shape[3]
+    picked = range(w.shape[3])[taps] if isinstance(taps, slice) else taps
+    dst, src = w.shape[1], w.shape[2]
     nb = -(-dst // KB)
-    if dst == nb * KB:  # (forward with whole blocks: a view of w)
-        return np.ascontiguousarray(w).reshape(g.groups, nb, KB, terms)
-    table = np.zeros((g.groups, nb * KB, terms), w.dtype)
-    table[:, :dst] = w.reshape(g.groups, dst, terms)
-    return table.reshape(g.groups, nb, KB, terms)
+    if not transposed and dst == nb * KB and taps == slice(None) and w.flags.c_contiguous:  # (forward) a view of w
+        return w.reshape(g.groups, nb, KB, src * len(picked))
+    table = np.zeros((g.groups, nb * KB, src, len(picked)), w.dtype)
+    if isinstance(taps, slice):
+        table[:, :dst] = w[..., taps]
+    else:
+        for i, tap in enumerate(picked):
+            table[:, :dst, :, i] = w[..., tap]
+    return table.reshape(g.groups, nb, KB, src * len(picked))
 
 
 def supports(g, primitive):
@@ -384,37 +394,46 @@ def supports(g, primitive):
     return None
 
 
-def workspace_bytes(g, primitive, itemsize):
-    """Scratch of a wide launch: a block's source grids and the weight table, then the accumulators (forward, input
-    gradient) or dy on the block's output grid and the parts' sums (weight gradient)."""
-    layout = _layout(g, primitive, _samples(g, primitive, itemsize))
+def workspace_bytes(g, primitive, itemsize, workspace_limit=None):
+    """Scratch of a wide launch (its blocks of samples as workspace_limit leaves them)."""
+    return _bytes(g, primitive, itemsize, _samples(g, primitive, itemsize, workspace_limit))
+
+
+def _bytes(g, primitive, itemsize, samples):
+    """Scratch of a launch in blocks of `samples`: a block's source grids, the weight and offset tables, then the
+    accumulators (forward, input gradient) or dy on the block's output grid, the parts' sums, a block's sum and the
+    running total (weight gradient)."""
+    layout = _layout(g, primitive, samples)
     table = g.groups * layout.blocks * KB * layout.terms_per_group
     if primitive == "backward_filter":
-        extra = g.K * layout.volume + (_parts(layout) + 1) * table
+        extra = g.K * layout.volume + (_parts(layout) + 2) * table
     else:
         extra = KB * _lines_per_task(layout) * layout.pitches[2] * numba.get_num_threads()
-    return layout.grid_bytes(itemsize) + (table + extra) * itemsize
+    offsets = g.groups * layout.terms_per_group * 8  # int64
+    return layout.grid_bytes(itemsize) + (table + extra) * itemsize + offsets
 
 
 def fits(g, primitive, itemsize, workspace_limit):
+    """Whether the wide kernels run: they support the primitive (and the batch is not empty) and their scratch fits."""
     limit = DEFAULT_WORKSPACE_LIMIT if workspace_limit is None else workspace_limit
-    return supports(g, primitive) is None and workspace_bytes(g, primitive, itemsize) <= limit
+    return (g.N > 0 and supports(g, primitive) is None
+            and workspace_bytes(g, primitive, itemsize, workspace_limit) <= limit)
 
 
 def _parts(layout):
     return -(-layout.volume // FILTER_POSITIONS)
 
 
-def forward(x, w, bias, y, g):
+def forward(x, w, bias, y, g, workspace_limit=None):
     table = _weight_table(w, g, False)
     bias, has_bias = (bias, True) if bias is not None else (np.zeros(1, x.dtype), False)
-    for n0, n, layout in _blocks(g, "forward", x.itemsize):
+    for n0, n, layout in _blocks(g, "forward", x.itemsize, workspace_limit):
         sized(wide_direct_cpu, g.dense_macs // g.N * n)(layout.spread(x[n0:n0 + n]), layout.offsets(g.groups), table,
                                                         bias, has_bias, y[n0:n0 + n], *layout.pitches,
                                                         _lines_per_task(layout))
 
 
-def backward_data(dy, w, dx, g):
+def backward_data(dy, w, dx, g, workspace_limit=None):
     """At unit strides the correlation of dy with the flipped filters; at a stride, per sub-pixel class of dx
     positions (depthwise.subpixel_classes), the unit-stride correlation of dy with the taps that reach the class, into
     the class's strided view of dx (a class no tap reaches: zeros)."""
@@ -426,7 +445,7 @@ def backward_data(dy, w, dx, g):
         flat = (taps[:, 0] * g.R + taps[:, 1]) * g.S + taps[:, 2]
         parts = [(tuple(row[:3]), flat[row[6]:row[6] + row[7]], taps[row[6]:row[6] + row[7], 3]) for row in classes]
     tables = [_weight_table(w, g, True, taps) for _, taps, _ in parts]
-    for n0, n, layout in _blocks(g, "backward_data", dx.itemsize):
+    for n0, n, layout in _blocks(g, "backward_data", dx.itemsize, workspace_limit):
         grid = layout.spread(dy[n0:n0 + n])
         for ((a_d, a_h, a_w), _, offsets), table in zip(parts, tables):
             view = dx[n0:n0 + n, :, a_d::strides[0], a_h::strides[1], a_w::strides[2]]
@@ -436,18 +455,21 @@ def backward_data(dy, w, dx, g):
                                                                 _lines_per_task(layout))
 
 
-def backward_filter(x, dy, dw, g):
-    """Per block of samples, its parts' sums; the blocks' sums added in order."""
+def backward_filter(x, dy, dw, g, workspace_limit=None):
+    """Per block of samples, its parts' sums; the blocks' sums added in order (into two tables made once)."""
     Kg, Cg = g.K // g.groups, g.C // g.groups
     nb = -(-Kg // KB)
-    total = None
-    for n0, n, layout in _blocks(g, "backward_filter", x.itemsize):
+    total = block = None
+    for n0, n, layout in _blocks(g, "backward_filter", x.itemsize, workspace_limit):
         Dp, Hp, Wp = layout.pitches
         dy_grid = _scratch("dy grid", g.K * layout.volume, dy.dtype).reshape(g.K, -1)  # dy on the output grid
         sized(spread_cpu, dy_grid.size)(dy[n0:n0 + n], dy_grid, 0, 0, 0, Dp, Hp, Wp, 1, 1, 1)
         parts = np.empty((_parts(layout), g.groups, nb, KB, layout.terms_per_group), dw.dtype)
         sized(wide_direct_filter_cpu, g.dense_macs // g.N * n)(layout.spread(x[n0:n0 + n]), layout.offsets(g.groups),
                                                                dy_grid, parts)
-        block = parts[0] if len(parts) == 1 else parts.sum(axis=0)  # parts in order (NumPy's fixed pairwise order)
-        total = block if total is None else total + block
+        if total is None:
+            total, block = parts.sum(axis=0), np.empty(parts.shape[1:], dw.dtype)  # (NumPy's fixed pairwise order)
+        else:
+            np.add(total, parts.sum(axis=0, out=block), out=total)
+        del parts
     dw[...] = total.reshape(g.groups, nb * KB, Cg, g.T, g.R, g.S)[:, :Kg].reshape(dw.shape)
