@@ -9,8 +9,8 @@ grid at o + offset[c, t, r, s], one constant per term: a convolution is
     dst[j, o] = sum over the terms e of its group of wt[j, e] * grid[o + offsets[e]]
 
 over all positions at once (the grid positions past the outputs, in the padding's rows and columns, are computed and
-dropped). wide_direct_cpu runs it for blocks of KB output channels and GRID_POSITIONS positions per task, three terms
-per pass (each pass reads three source runs and updates four accumulator rows in L1: FMA-bound rather than
+dropped). wide_direct_cpu runs it for blocks of KB destination channels and GRID_POSITIONS positions per task, three
+terms per pass (each pass reads three source runs and updates four accumulator rows in L1: FMA-bound rather than
 load/store-bound, 2-3x faster than a term per pass). The per-row direct kernels looped over rows of U outputs:
 on grouped layers of 4 to 32 channels per group they started T*R*S*C/g loops of a few vectors per row and ran at
 ~1 multiply-add a cycle.
@@ -24,8 +24,8 @@ on grouped layers of 4 to 32 channels per group they started T*R*S*C/g loops of 
                       output grid with zeros at the dropped positions; the grid in parts of FILTER_POSITIONS, each
                       part's sums added in part order (wide_direct_filter_cpu), then the blocks' sums in order
 
-The batch runs in blocks of samples whose grids fit BLOCK_SCRATCH (at least one sample a block): the scratch of a
-whole batch came fresh from mmap, page-faulted on every call.
+The batch runs in blocks of samples whose grids fit BLOCK_SCRATCH and whose scratch fits workspace_limit (at least
+one sample a block); each thread keeps its grids between calls (_scratch).
 
 Pitches at unit stride are compact: a line's trailing zeros and the next line's leading zeros (the next sample's, the
 next channel's, the zero tail's) make one border, so 3x3 'same' planes take (H + 1) x (W + 1) rather than
