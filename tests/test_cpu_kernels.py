@@ -119,6 +119,7 @@ def test_workspace_limit_below_the_minimum_is_refused_by_im2col_and_avoided_by_a
     with pytest.raises(ValueError, match="workspace_limit"):
         layer.run(primitive, algo="im2col", workspace_limit=too_small)
 
+    layer = Layer((1, 40, 20, 20), (40, 40, 3, 3), padding=1)  # 40 channels: winograd's weight gradient too
     auto = layer.explain(primitive).algorithm  # auto picks winograd here without a limit...
     assert auto == "winograd"
     too_small = _smallest_accepted_limit(layer, primitive, auto)[0] - 1
@@ -523,6 +524,13 @@ CHOOSE_RULES = [
      dict(stride=2, padding=1, groups=2), "direct"),
     ("grouped-3x3-33-per-group-forward", "forward", (2, 66, 14, 14), (66, 33, 3, 3), dict(padding=1, groups=2),
      "winograd"),
+    #    ... and the weight gradient of such a layer without groups (not its forward or input gradient)
+    *[(f"dense-3x3-32-channels-{p}", p, (1, 32, 56, 56), (32, 32, 3, 3), dict(padding=1), algo)
+      for p, algo in (("forward", "winograd"), ("backward_data", "winograd"), ("backward_filter", "direct"))],
+    ("dense-3x3-33-channels-backward_filter", "backward_filter", (1, 33, 56, 56), (33, 33, 3, 3), dict(padding=1),
+     "winograd"),
+    ("mbv2-stem-backward_filter", "backward_filter", (2, 3, 32, 32), (32, 3, 3, 3), dict(stride=2, padding=1),
+     "direct"),
     # 4. fewer than 8 output channels per group -> direct (even where rule 6 would pick im2col)
     *[(f"7-out-channels-{p}", p, (1, 16, 8, 8), (7, 16, 3, 3), {}, "direct") for p in OPS],
     ("6-out-channels-per-group-forward", "forward", (1, 16, 8, 8), (12, 8, 3, 3), dict(groups=2), "direct"),
@@ -532,7 +540,8 @@ CHOOSE_RULES = [
     ("1x1-4-out-channels-forward", "forward", (2, 16, 8, 8), (4, 16, 1, 1), {}, "direct"),
     # 5. 2-D 3x3 unit stride and dilation with >= 0.2 x max(C/g, K/g) tiles (backward_data: 0.45 x,
     #    backward_filter: 0.3 x) -> winograd
-    *[(f"3x3-32x32-inputs-{p}", p, (1, 16, 32, 32), (16, 16, 3, 3), dict(padding=1), "winograd") for p in OPS],
+    *[(f"3x3-32x32-inputs-{p}", p, (1, 16, 32, 32), (16, 16, 3, 3), dict(padding=1), "winograd")
+      for p in ("forward", "backward_data")],  # (the weight gradient of 16 channels: direct, rule 3)
     *[(f"3x3-resnet-256@14-batch-8-{p}", p, (8, 256, 14, 14), (256, 256, 3, 3), dict(padding=1), "winograd")
       for p in OPS],  # 8 * 4 * 4 = 128 tiles = 0.5 x 256
     ("3x3-resnet-256@14-batch-4-forward", "forward", (4, 256, 14, 14), (256, 256, 3, 3), dict(padding=1),
@@ -562,10 +571,10 @@ CHOOSE_RULES = [
     ("bwd-data-3d-4x16x16-inputs", "backward_data", (1, 8, 4, 16, 16), (8, 8, 1, 3, 3), dict(padding=(0, 1, 1)),
      "im2col"),
     *[(f"rgb-stem-{p}", p, (2, 3, 16, 16), (64, 3, 7, 7), dict(stride=2, padding=3), "im2col") for p in OPS],
-    ("bwd-filter-2-in-channels", "backward_filter", (4, 2, 28, 28), (8, 2, 5, 5), {}, "im2col"),
+    ("bwd-data-2-in-channels", "backward_data", (4, 2, 28, 28), (8, 2, 5, 5), {}, "im2col"),
     # ... in 1-D and 3-D too
     ("plain-1d-forward", "forward", (2, 16, 20), (16, 16, 3), {}, "im2col"),
-    ("plain-3d-backward_filter", "backward_filter", (1, 8, 4, 6, 6), (8, 8, 3, 3, 3), {}, "im2col"),
+    ("plain-3d-backward_data", "backward_data", (1, 8, 4, 6, 6), (8, 8, 3, 3, 3), {}, "im2col"),
 ]
 
 

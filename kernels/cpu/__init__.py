@@ -13,9 +13,10 @@ measurements on a 2-core AVX2 machine, bench/RESULTS.md), the same for all three
      (g.covers_input)                                    generator's first and discriminator's last layers, batch
                                                          64, 5-70x faster than direct or im2col's columns)
   3. a grouped layer (not depthwise) of at most      -> direct (its wide kernels, kernels/cpu/wide.py: three
-     GROUPED_DIRECT_CHANNELS channels per group in and   taps a pass over the batch's padded planes; 1.3-3.1x
-     out, with a kernel of more than one tap             faster than im2col's or Winograd's per-group GEMMs on
-                                                         ResNeXt's 3x3 g32 layers)
+     GROUPED_DIRECT_CHANNELS channels per group in and   taps a pass over the batch's padded planes; 1.1-3.4x
+     out, with a kernel of more than one tap; and the    faster than im2col's or Winograd's per-group GEMMs on
+     weight gradient of such a layer without groups      ResNeXt's 3x3 g32 layers; dense weight gradients of
+                                                         <= 32 channels 0.94-2.9x, 1.3x typical)
   4. fewer than 8 output channels per group           -> direct (a GEMM that thin does not pay for its columns:
      (not a grouped 1x1 layer of >= 4 input channels     2-8x faster than im2col at 1-4 channels; a grouped 1x1
      per group)                                          layer's GEMMs are 1.5-2.5x faster than direct)
@@ -57,8 +58,10 @@ SINGLE_CHANNEL_POSITIONS = 4096
 # 4.0 / 1.6; at 16 channels the weight gradient is 1.14 / 1.24).
 SINGLE_CHANNEL_TAPS, SINGLE_CHANNEL_WIDE_GEMM = 27, 32
 # A grouped layer (not depthwise, a kernel of more than one tap) of at most this many channels per group in and out
-# runs direct (its wide kernels, kernels/cpu/wide.py): 1.3-3.1x faster than im2col or Winograd on ResNeXt-50's
-# 3x3 g32 layers of 4 to 32 channels per group, all three passes, batch 1 and 8 (2026-12-06, bench/RESULTS.md).
+# runs direct (its wide kernels, kernels/cpu/wide.py): 1.1-3.4x faster than im2col or Winograd on ResNeXt-50's
+# 3x3 g32 layers of 4 to 32 channels per group, all three passes, batch 1 and 8; at 64 a group 0.45-2x (2026-12-06,
+# bench/RESULTS.md). So does such a layer's weight gradient without groups: 0.94-2.9x on 16 layers of 2 to 32
+# channels (2-D, 1-D, 3-D, strided, 5x5), the forward and input gradient there 0.65-2.3x (left on im2col/Winograd).
 GROUPED_DIRECT_CHANNELS = 32
 
 _KERNELS = {
@@ -141,7 +144,11 @@ def choose(g, primitive):
     if g.covers_input:
         return "im2col", (f"the kernel covers the whole input: one GEMM of {g.N} x {cg * g.T * g.R * g.S} x {kg} "
                           f"over the batch per group (a fully connected layer)")
-    if g.groups > 1 and g.T * g.R * g.S > 1 and max(cg, kg) <= GROUPED_DIRECT_CHANNELS:
+    if g.T * g.R * g.S > 1 and max(cg, kg) <= GROUPED_DIRECT_CHANNELS and (g.groups > 1
+                                                                          or primitive == "backward_filter"):
+        if g.groups == 1:
+            return "direct", (f"weight gradient of {cg} -> {kg} channels: direct's wide dot products, 12 a pass, "
+                              f"beat a GEMM this thin")
         return "direct", (f"grouped layer of {cg} -> {kg} channels per group: its {g.groups} GEMMs too small for "
                           f"BLAS")
     if kg < 8 and not (g.groups > 1 and cg >= 4 and g.T * g.R * g.S == 1):
