@@ -531,6 +531,9 @@ CHOOSE_RULES = [
      "winograd"),
     ("mbv2-stem-backward_filter", "backward_filter", (2, 3, 32, 32), (32, 3, 3, 3), dict(stride=2, padding=1),
      "direct"),
+    #    ... but not where the wide kernels do not run: 2 input channels a group's input gradient (rule 6)
+    ("grouped-2-in-channels-backward_data", "backward_data", (2, 8, 12, 12), (64, 2, 3, 3), dict(padding=1, groups=4),
+     "im2col"),
     # 4. fewer than 8 output channels per group -> direct (even where rule 6 would pick im2col)
     *[(f"7-out-channels-{p}", p, (1, 16, 8, 8), (7, 16, 3, 3), {}, "direct") for p in OPS],
     ("6-out-channels-per-group-forward", "forward", (1, 16, 8, 8), (12, 8, 3, 3), dict(groups=2), "direct"),

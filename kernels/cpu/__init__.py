@@ -14,9 +14,9 @@ measurements on a 2-core AVX2 machine, bench/RESULTS.md), the same for all three
                                                          64, 5-70x faster than direct or im2col's columns)
   3. a grouped layer (not depthwise) of at most      -> direct (its wide kernels, kernels/cpu/wide.py: three
      GROUPED_DIRECT_CHANNELS channels per group in and   taps a pass over the batch's padded planes; 1.1-3.4x
-     out, with a kernel of more than one tap; and the    faster than im2col's or Winograd's per-group GEMMs on
-     weight gradient of such a layer without groups      ResNeXt's 3x3 g32 layers; dense weight gradients of
-                                                         <= 32 channels 0.94-2.9x, 1.3x typical)
+     out, with a kernel of more than one tap, that the   faster than im2col's or Winograd's per-group GEMMs on
+     wide kernels take (wide.supports); and the weight   ResNeXt's 3x3 g32 layers; dense weight gradients of
+     gradient of such a layer without groups             <= 32 channels 0.94-2.9x, 1.3x typical)
   4. fewer than 8 output channels per group           -> direct (a GEMM that thin does not pay for its columns:
      (not a grouped 1x1 layer of >= 4 input channels     2-8x faster than im2col at 1-4 channels; a grouped 1x1
      per group)                                          layer's GEMMs are 1.5-2.5x faster than direct)
@@ -144,8 +144,8 @@ def choose(g, primitive):
     if g.covers_input:
         return "im2col", (f"the kernel covers the whole input: one GEMM of {g.N} x {cg * g.T * g.R * g.S} x {kg} "
                           f"over the batch per group (a fully connected layer)")
-    if g.T * g.R * g.S > 1 and max(cg, kg) <= GROUPED_DIRECT_CHANNELS and (g.groups > 1
-                                                                          or primitive == "backward_filter"):
+    if (g.T * g.R * g.S > 1 and max(cg, kg) <= GROUPED_DIRECT_CHANNELS and wide.supports(g, primitive) is None
+            and (g.groups > 1 or primitive == "backward_filter")):
         if g.groups == 1:
             return "direct", (f"weight gradient of {cg} -> {kg} channels: direct's wide dot products, 12 a pass, "
                               f"beat a GEMM this thin")

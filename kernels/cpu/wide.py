@@ -255,7 +255,7 @@ class _Layout:
     def __init__(self, g, primitive, samples):
         flip = primitive == "backward_data"
         taps, dils = (g.T, g.R, g.S), (g.dil_d, g.dil_h, g.dil_w)
-        if flip:  # correlation of dy with the flipped filters, unit strides
+        if flip:  # correlation of dy with the flipped filters (at a stride: by sub-pixel classes, below)
             self.src, self.out = (g.P, g.Q, g.U), (g.D, g.H, g.W)
             self.strides = (1, 1, 1)
             self.pads = tuple((n - 1) * d - p for n, d, p in zip(taps, dils, (g.pad_d, g.pad_h, g.pad_w)))
