@@ -445,13 +445,14 @@ def backward_data(dy, w, dx, g, workspace_limit=None):
         flat = (taps[:, 0] * g.R + taps[:, 1]) * g.S + taps[:, 2]
         parts = [(tuple(row[:3]), flat[row[6]:row[6] + row[7]], taps[row[6]:row[6] + row[7], 3]) for row in classes]
     tables = [_weight_table(w, g, True, taps) for _, taps, _ in parts]
+    no_bias = np.zeros(1, dx.dtype)
     for n0, n, layout in _blocks(g, "backward_data", dx.itemsize, workspace_limit):
         grid = layout.spread(dy[n0:n0 + n])
         for ((a_d, a_h, a_w), _, offsets), table in zip(parts, tables):
             view = dx[n0:n0 + n, :, a_d::strides[0], a_h::strides[1], a_w::strides[2]]
             if view.size:
                 sized(wide_direct_cpu, g.dense_macs // g.N * n)(grid, layout.offsets(g.groups, offsets), table,
-                                                                np.zeros(1, dx.dtype), False, view, *layout.pitches,
+                                                                no_bias, False, view, *layout.pitches,
                                                                 _lines_per_task(layout))
 
 
