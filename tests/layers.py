@@ -1,5 +1,5 @@
-"""A 2-D test layer: random inputs of one dtype, runnable as each primitive through the public ops and checked
-against cnnfast.reference (float64)."""
+"""A test layer (1-D, 2-D or 3-D by its input's shape): random inputs of one dtype, runnable as each primitive
+through the public ops and checked against cnnfast.reference (float64)."""
 import numpy as np
 
 import cnnfast
@@ -27,11 +27,17 @@ class Layer:
             return self.x.shape, move(self.w), move(self.dy)
         return move(self.x), self.w.shape, move(self.dy)
 
+    def op_name(self, primitive):
+        """conv{n}d, conv{n}d_input or conv{n}d_weight for this layer's n spatial dimensions."""
+        return OP_NAMES[primitive].replace("2d", f"{self.x.ndim - 2}d")
+
     def run(self, primitive, args=None, **kw):
-        return OPS[primitive](*(args or self.args(primitive)), **self.opts, **kw)
+        name = self.op_name(primitive)
+        op = getattr(cnnfast, name) if primitive == "forward" else getattr(grad, name)
+        return op(*(args or self.args(primitive)), **self.opts, **kw)
 
     def explain(self, primitive, **kw):
-        return cnnfast.explain(OP_NAMES[primitive], *self.args(primitive), **self.opts, **kw)
+        return cnnfast.explain(self.op_name(primitive), *self.args(primitive), **self.opts, **kw)
 
     def expected(self, primitive):
         if primitive == "forward":

@@ -541,8 +541,8 @@ CHOOSE_RULES = [
     #    ... but a grouped 1x1 layer of >= 4 input channels per group -> im2col
     *[(f"grouped-1x1-2-out-channels-{p}", p, (2, 16, 8, 8), (8, 4, 1, 1), dict(groups=4), "im2col") for p in OPS],
     ("1x1-4-out-channels-forward", "forward", (2, 16, 8, 8), (4, 16, 1, 1), {}, "direct"),
-    # 5. 2-D 3x3 unit stride and dilation with >= 0.2 x max(C/g, K/g) tiles (backward_data: 0.45 x,
-    #    backward_filter: 0.3 x) -> winograd
+    # 5. 3x3 across height and width, unit stride and dilation with >= 0.2 x max(C/g, K/g) tiles (backward_data:
+    #    0.45 x, backward_filter: 0.3 x) -> winograd
     *[(f"3x3-32x32-inputs-{p}", p, (1, 16, 32, 32), (16, 16, 3, 3), dict(padding=1), "winograd")
       for p in ("forward", "backward_data")],  # (the weight gradient of 16 channels: direct, rule 3)
     *[(f"3x3-resnet-256@14-batch-8-{p}", p, (8, 256, 14, 14), (256, 256, 3, 3), dict(padding=1), "winograd")
@@ -554,6 +554,12 @@ CHOOSE_RULES = [
     *[(f"3x3-128@28-batch-1-{p}", p, (1, 128, 28, 28), (128, 128, 3, 3), dict(padding=1), "winograd")
       for p in ("forward", "backward_filter")],  # 7 * 7 = 49 tiles >= 0.3 x 128
     ("3x3-grouped-forward", "forward", (2, 128, 12, 12), (128, 64, 3, 3), dict(padding=1, groups=2), "winograd"),
+    #    ... in 3-D too, each depth slice's tiles counted, from 0.5 x the channels with more than one depth tap
+    *[(f"3x3x3-64@8x28x28-{p}", p, (1, 64, 8, 28, 28), (64, 64, 3, 3, 3), dict(padding=1), "winograd") for p in OPS],
+    *[(f"3x3x3-128@8x8x8-batch-2-{p}", p, (2, 128, 8, 8, 8), (128, 128, 3, 3, 3), dict(padding=1), "winograd")
+      for p in OPS],  # 2 * 8 * 2 * 2 = 64 tiles = 0.5 x 128
+    ("1x3x3-bwd-data-4x16x16-inputs", "backward_data", (1, 8, 4, 16, 16), (8, 8, 1, 3, 3), dict(padding=(0, 1, 1)),
+     "winograd"),
     #    ... not with fewer than 8 channels per group in or out (VGG's first layer: 3 -> 64)
     *[(f"3x3-3-in-channels-{p}", p, (1, 3, 64, 64), (64, 3, 3, 3), dict(padding=1), "im2col") for p in OPS],
     # 6. otherwise -> im2col, whatever the spatial size or the input channels (an RGB stem, a LeNet input)
@@ -571,13 +577,14 @@ CHOOSE_RULES = [
     ("3x3-dilation-2-backward_data", "backward_data", (1, 16, 32, 32), (16, 16, 3, 3),
      dict(dilation=2, padding=2), "im2col"),
     ("5x5-forward", "forward", (1, 16, 32, 32), (16, 16, 5, 5), dict(padding=2), "im2col"),
-    ("bwd-data-3d-4x16x16-inputs", "backward_data", (1, 8, 4, 16, 16), (8, 8, 1, 3, 3), dict(padding=(0, 1, 1)),
-     "im2col"),
     *[(f"rgb-stem-{p}", p, (2, 3, 16, 16), (64, 3, 7, 7), dict(stride=2, padding=3), "im2col") for p in OPS],
     ("bwd-data-2-in-channels", "backward_data", (4, 2, 28, 28), (8, 2, 5, 5), {}, "im2col"),
     # ... in 1-D and 3-D too
     ("plain-1d-forward", "forward", (2, 16, 20), (16, 16, 3), {}, "im2col"),
-    ("plain-3d-backward_data", "backward_data", (1, 8, 4, 6, 6), (8, 8, 3, 3, 3), {}, "im2col"),
+    ("plain-3d-backward_data", "backward_data", (1, 8, 6, 6, 6), (8, 8, 3, 3, 3), dict(dilation=(2, 1, 1)), "im2col"),
+    ("3d-depth-stride-2-forward", "forward", (1, 8, 6, 6, 6), (8, 8, 3, 3, 3), dict(stride=(2, 1, 1)), "im2col"),
+    *[(f"3x3x3-64@4x8x8-{p}", p, (1, 64, 4, 8, 8), (64, 64, 3, 3, 3), dict(padding=1), "im2col")
+      for p in OPS],  # 4 * 2 * 2 = 16 tiles < 0.5 x 64 (with more than one depth tap)
 ]
 
 
@@ -976,6 +983,16 @@ WINOGRAD_LAYERS = [
     ("groups-2", (2, 8, 8, 9), (12, 4, 3, 3), dict(padding=1, groups=2)),
     ("1x1-input", (3, 4, 1, 1), (6, 4, 3, 3), dict(padding=1)),
     ("256-channels", (1, 256, 6, 6), (256, 256, 3, 3), dict(padding=1)),
+    # 3-D: T x 3 x 3 filters, the depth taps in the GEMMs' inner axis; depth padding, even one that leaves an
+    # output slice no input slice (only the bias; and in the transposed form a crop), asymmetric, one and five
+    # depth taps, and 64 channels x 27 taps for the float32 error
+    ("3-D", (2, 3, 5, 7, 6), (4, 3, 3, 3, 3), dict(padding=1)),
+    ("3-D-asymmetric", (1, 4, 7, 5, 9), (6, 4, 2, 3, 3), dict(padding=((2, 0), (1, 1), (0, 1)))),
+    ("3-D-pad-4-of-2-slices", (2, 2, 2, 4, 4), (3, 2, 3, 3, 3), dict(padding=(4, 1, 1))),
+    ("3-D-pad-3-groups-2", (1, 4, 3, 6, 6), (6, 2, 3, 3, 3), dict(padding=3, groups=2)),
+    ("3-D-one-depth-tap", (2, 3, 2, 6, 5), (4, 3, 1, 3, 3), dict(padding=(0, 1, 1))),
+    ("3-D-5-depth-taps", (1, 3, 6, 5, 5), (4, 3, 5, 3, 3), dict(padding=(1, 1, 1))),
+    ("3-D-64-channels", (1, 64, 4, 6, 6), (64, 64, 3, 3, 3), dict(padding=1)),
 ]
 
 
@@ -987,6 +1004,31 @@ def test_winograd_matches_the_reference(x_shape, w_shape, opts, primitive, dtype
     assert layer.explain(primitive, algo="winograd").algorithm == "winograd"
     assert_close(layer.run(primitive, algo="winograd"), layer.expected(primitive), dtype,
                  f"{OPS[primitive]} winograd {x_shape} {opts}")
+
+
+@pytest.mark.parametrize("primitive", list(OPS))
+def test_winograd_3d_blocks_of_tile_rows_under_a_small_workspace_limit(primitive):
+    """Blocks of one tile row of every depth slice, tile rows crossing samples."""
+    layer = Layer((2, 3, 4, 9, 10), (5, 3, 3, 3, 3), seed=11, padding=(2, 1, 1))
+    smallest, full = _smallest_accepted_limit(layer, primitive, "winograd")
+    assert smallest < full
+    assert_close(layer.run(primitive, algo="winograd", workspace_limit=smallest), layer.expected(primitive),
+                 "float64", f"{OPS[primitive]} 3-D winograd, one tile row per block")
+
+
+@pytest.mark.parametrize("primitive", list(OPS))
+def test_winograd_3d_non_finite_values_land_where_the_reference_puts_them(primitive):
+    """A NaN and an inf in a 3-D layer's input (dy for backward_data): the result is recomputed (im2col), so each
+    non-finite output is where the float64 reference has it, and every other output matches."""
+    layer = Layer((1, 3, 4, 6, 7), (4, 3, 3, 3, 3), seed=12, padding=1)
+    source = layer.dy if primitive == "backward_data" else layer.x
+    source[0, 1, 2, 3, 4], source[0, 0, 0, 0, 0] = np.nan, np.inf
+    got, want = layer.run(primitive, algo="winograd"), layer.expected(primitive)
+    assert not np.isfinite(want).all()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    finite = np.isfinite(want)
+    assert_close(np.where(finite, got, 0), np.where(finite, want, 0), "float64", f"{OPS[primitive]} 3-D winograd")
 
 
 @pytest.mark.parametrize("padding, output_padding", [(0, 0), (1, 0), (3, 1)])
@@ -1024,12 +1066,14 @@ def test_winograd_blocks_of_tile_rows_under_a_small_workspace_limit(primitive, m
 
 
 @pytest.mark.parametrize("primitive, x_shape, w_shape, opts, why", [
-    ("backward_filter", (1, 4, 8, 8), (4, 4, 3, 3), dict(stride=2), "unit stride and dilation"),
+    ("backward_filter", (1, 4, 8, 8), (4, 4, 3, 3), dict(stride=2), r"unit stride .*, got stride \(1, 2, 2\)"),
     ("forward", (1, 4, 8, 8), (4, 4, 3, 3), dict(stride=2), "unit stride and dilation"),
-    ("backward_data", (1, 4, 8, 8), (4, 4, 3, 3), dict(dilation=2), "unit stride and dilation"),
-    ("forward", (1, 4, 8, 8), (4, 4, 5, 5), {}, "2-D 3x3 filter, got 1x5x5"),
-    ("forward", (1, 4, 8), (4, 4, 3), {}, "2-D 3x3 filter, got 1x1x3"),
-    ("forward", (1, 4, 5, 8, 8), (4, 4, 3, 3, 3), {}, "2-D 3x3 filter, got 3x3x3"),
+    ("backward_data", (1, 4, 8, 8), (4, 4, 3, 3), dict(dilation=2), r"dilation \(1, 2, 2\)"),
+    ("forward", (1, 4, 5, 8, 8), (4, 4, 3, 3, 3), dict(stride=(2, 1, 1)), r"got stride \(2, 1, 1\)"),
+    ("backward_filter", (1, 4, 5, 8, 8), (4, 4, 3, 3, 3), dict(dilation=(2, 1, 1)), r"dilation \(2, 1, 1\)"),
+    ("forward", (1, 4, 8, 8), (4, 4, 5, 5), {}, "3x3 filter across height and width, got 1x5x5"),
+    ("forward", (1, 4, 8), (4, 4, 3), {}, "3x3 filter across height and width, got 1x1x3"),
+    ("forward", (1, 4, 5, 8, 8), (4, 4, 3, 1, 3), {}, "3x3 filter across height and width, got 3x1x3"),
 ])
 def test_winograd_refuses_what_it_cannot_compute(primitive, x_shape, w_shape, opts, why):
     layer_op = f"conv{len(x_shape) - 2}d" + {"forward": "", "backward_data": "_input",

@@ -20,12 +20,13 @@ measurements on a 2-core AVX2 machine, bench/RESULTS.md), the same for all three
   4. fewer than 8 output channels per group           -> direct (a GEMM that thin does not pay for its columns:
      (not a grouped 1x1 layer of >= 4 input channels     2-8x faster than im2col at 1-4 channels; a grouped 1x1
      per group)                                          layer's GEMMs are 1.5-2.5x faster than direct)
-  5. 2-D 3x3, unit stride and dilation, at least 8    -> winograd (F(4x4, 3x3): 4x fewer multiply-adds; 1.3-1.5x
-     channels per group in and out, and at least          faster than im2col at 3x3 64@56 batch 1, 128@28 batch 2,
-     WINOGRAD_TILES_PER_CHANNEL[primitive] x              all three primitives; at 512@7, 16 tiles for 512
-     max(C/g, K/g) output tiles (4x4 each, all samples)   channels, its 4x larger transformed filters cost more
-                                                          than it saves: 0.3-0.5x; with 3 input channels its
-                                                          transforms dominate: 2-2.5x slower than im2col)
+  5. 3x3 across height and width (2-D, or 3-D of any  -> winograd (F(4x4, 3x3): 4x fewer multiply-adds; 1.3-1.5x
+     depth taps), unit stride and dilation, at least 8    faster than im2col at 3x3 64@56 batch 1, 128@28 batch 2,
+     channels per group in and out, and at least          all three primitives; 3-D 3x3x3 layers 1.3-3.6x (C3D,
+     WINOGRAD_TILES_PER_CHANNEL[primitive] x              3-D UNet); at 512@7, 16 tiles for 512 channels, its
+     max(C/g, K/g) output tiles (4x4 each, all samples    4x larger transformed filters cost more than it saves:
+     and output slices; with more than one depth tap      0.3-0.5x; with 3 input channels its transforms
+     at least WINOGRAD_DEPTH_TILES_PER_CHANNEL x)         dominate: 2-2.5x slower than im2col)
   6. otherwise                                        -> im2col (BLAS GEMM; building the columns costs
      C*T*R*S*P*Q*U copies against 2*K*C*T*R*S*P*Q*U flops; 1.2-15x faster than direct on every dense
      benchmark shape, backward passes included)
@@ -47,6 +48,12 @@ __all__ = ["ALGORITHMS", "choose", "pad_cpu", "fold_pad_cpu", "bias_grad_cpu"]
 # algorithms wrote their first block's product in place) 0.98-1.05x at 0.25, 1.09x and 1.16x at 0.38, 1.39x at
 # 0.5. (2026-12-05, before the split: forward from 0.3, backward_data from 0.45, backward_filter from 1.0.)
 WINOGRAD_TILES_PER_CHANNEL = {"forward": 0.2, "backward_data": 0.45, "backward_filter": 0.3}
+# ... and with more than one depth tap (3-D), at least this many tiles per channel in all three passes: its input
+# slices padded in depth feed zeros to the GEMMs (2 slices in P + 2 at 'same' padding) and its filters are T times
+# larger. Against im2col (2026-12-06, ms im2col / winograd, forward, input and weight gradient): 3x3x3 256 @4x14x14
+# batch 2 (0.5 tiles a channel) 36.9 / 36.8, 32.0 / 35.5, 38.8 / 29.6; 128 @8^3 batch 2 (0.5) 9.9 / 9.0, 8.8 / 9.0,
+# 10.4 / 6.0; 64 @4x8x8 (0.25) 0.95 / 1.46, 0.81 / 1.54; 512 @2x7x7 batch 4 (0.06) 38.6 / 89.1 forward.
+WINOGRAD_DEPTH_TILES_PER_CHANNEL = 0.5
 # A single-channel input's layer (depthwise by groups == C == 1) runs im2col from this many output channels, its
 # gradients only at a stride > 1 or from SINGLE_CHANNEL_POSITIONS input positions per sample (2026-12-06, seventeenth
 # session, bench/RESULTS.md: 1 -> 16..64 layers @28..256 and 1-D; below these the depthwise kernels win or tie).
@@ -123,7 +130,8 @@ ALGORITHMS = {
     "winograd": Algorithm("winograd", winograd.forward, winograd.backward_data, winograd.backward_filter,
                           supports=winograd.supports, workspace_bytes=winograd.workspace_bytes,
                           kernels=_kernels("winograd"),
-                          doc="F(4x4, 3x3) for 2-D 3x3 unit-stride layers: 4x fewer multiply-adds, batched BLAS"),
+                          doc="F(4x4, 3x3) for unit-stride layers 3x3 across height and width (2-D, or 3-D of any "
+                              "depth taps): 4x fewer multiply-adds, batched BLAS"),
 }
 
 
@@ -154,8 +162,8 @@ def choose(g, primitive):
     if kg < 8 and not (g.groups > 1 and cg >= 4 and g.T * g.R * g.S == 1):
         return "direct", f"{kg} output channels per group: too thin for a BLAS GEMM"
     if winograd.supports(g, primitive) is None and min(cg, kg) >= 8:
-        tiles = winograd.tile_count(g, primitive)
-        if tiles >= WINOGRAD_TILES_PER_CHANNEL[primitive] * max(cg, kg):
+        tiles, per_channel = winograd.tile_count(g, primitive), WINOGRAD_TILES_PER_CHANNEL[primitive]
+        if tiles >= (max(per_channel, WINOGRAD_DEPTH_TILES_PER_CHANNEL) if g.T > 1 else per_channel) * max(cg, kg):
             return "winograd", (f"3x3, unit stride: F(4x4, 3x3) Winograd, 4x fewer multiply-adds than a GEMM "
                                 f"({tiles} tiles for {max(cg, kg)} channels per group)")
     return gemm
