@@ -175,14 +175,20 @@ def make_plan(op, spec, primitive, device, algo="auto", workspace_limit=None) ->
         if algo != "auto":
             raise ValueError(f"{op}: algo={name!r} needs at least {workspace:,} bytes of workspace, more than "
                              f"{shown}; raise the limit or use algo='direct'")
-        why_not = algos["direct"].supports(g, primitive)
+        # Winograd's GEMMs are im2col's in the transformed domain, and im2col's blocks shrink to almost any limit;
+        # direct needs the least workspace of all
+        for fallback in ("im2col", "direct") if name == "winograd" else ("direct",):
+            why_not = algos[fallback].supports(g, primitive)
+            if why_not is None:
+                fallback_tile = tile_of(algos[fallback])
+                if fallback == "direct" or workspace_of(algos[fallback], fallback_tile) <= limit:
+                    break
         if why_not is not None:
             raise ValueError(f"{op}: algo={name!r} needs at least {workspace:,} bytes of workspace, more than "
                              f"{shown}, and algo='direct' cannot run this problem on {device}: {why_not}")
-        name, chosen = "direct", algos["direct"]
-        tile = tile_of(chosen)
+        name, chosen, tile = fallback, algos[fallback], fallback_tile
         workspace = workspace_of(chosen, tile)
-        reason += f"; its workspace exceeds {shown}, so direct"
+        reason += f"; its workspace exceeds {shown}, so {fallback}"
     kernels = tuple(chosen.kernels(g, primitive, spec.dtype)) if chosen.kernels else ()
     return Plan(op, device, name, primitive, kernels, workspace, workspace_limit, chosen.deterministic,
                 reason, spec, tile)

@@ -123,11 +123,16 @@ def test_workspace_limit_below_the_minimum_is_refused_by_im2col_and_avoided_by_a
     auto = layer.explain(primitive).algorithm  # auto picks winograd here without a limit...
     assert auto == "winograd"
     too_small = _smallest_accepted_limit(layer, primitive, auto)[0] - 1
-    plan = layer.explain(primitive, workspace_limit=too_small)
-    assert plan.algorithm == "direct"  # ...and falls back to direct (its wide kernels' scratch where it fits)
-    assert plan.workspace_bytes <= too_small and "workspace_limit" in plan.reason and "direct" in plan.reason
-    out = layer.run(primitive, workspace_limit=too_small)
-    assert_close(out, layer.expected(primitive), "float64", f"{OPS[primitive]} auto, limit={too_small}")
+    below_im2col = _smallest_accepted_limit(layer, primitive, "im2col")[0] - 1
+    assert below_im2col < too_small
+    # ...falls back to im2col (Winograd's GEMMs without the transforms, in blocks), then to direct (its wide kernels'
+    # scratch where it fits)
+    for limit, fallback in ((too_small, "im2col"), (below_im2col, "direct")):
+        plan = layer.explain(primitive, workspace_limit=limit)
+        assert plan.algorithm == fallback and plan.workspace_bytes <= limit
+        assert plan.reason.endswith(f"exceeds workspace_limit={limit:,}, so {fallback}"), plan.reason
+        out = layer.run(primitive, workspace_limit=limit)
+        assert_close(out, layer.expected(primitive), "float64", f"{OPS[primitive]} auto, limit={limit}")
 
 
 # im2col_cpu's and col2im_cpu's shifted planes (whole samples, U == W, unit strides along H and W) against their
@@ -554,10 +559,10 @@ CHOOSE_RULES = [
     *[(f"3x3-128@28-batch-1-{p}", p, (1, 128, 28, 28), (128, 128, 3, 3), dict(padding=1), "winograd")
       for p in ("forward", "backward_filter")],  # 7 * 7 = 49 tiles >= 0.3 x 128
     ("3x3-grouped-forward", "forward", (2, 128, 12, 12), (128, 64, 3, 3), dict(padding=1, groups=2), "winograd"),
-    #    ... in 3-D too, each depth slice's tiles counted, from 0.5 x the channels with more than one depth tap
+    #    ... in 3-D too, each depth slice's tiles counted, from 0.75 x the channels with more than one depth tap
     *[(f"3x3x3-64@8x28x28-{p}", p, (1, 64, 8, 28, 28), (64, 64, 3, 3, 3), dict(padding=1), "winograd") for p in OPS],
-    *[(f"3x3x3-128@8x8x8-batch-2-{p}", p, (2, 128, 8, 8, 8), (128, 128, 3, 3, 3), dict(padding=1), "winograd")
-      for p in OPS],  # 2 * 8 * 2 * 2 = 64 tiles = 0.5 x 128
+    *[(f"3x3x3-128@8x8x8-batch-3-{p}", p, (3, 128, 8, 8, 8), (128, 128, 3, 3, 3), dict(padding=1), "winograd")
+      for p in OPS],  # 3 * 8 * 2 * 2 = 96 tiles = 0.75 x 128
     ("1x3x3-bwd-data-4x16x16-inputs", "backward_data", (1, 8, 4, 16, 16), (8, 8, 1, 3, 3), dict(padding=(0, 1, 1)),
      "winograd"),
     #    ... not with fewer than 8 channels per group in or out (VGG's first layer: 3 -> 64)
@@ -583,8 +588,8 @@ CHOOSE_RULES = [
     ("plain-1d-forward", "forward", (2, 16, 20), (16, 16, 3), {}, "im2col"),
     ("plain-3d-backward_data", "backward_data", (1, 8, 6, 6, 6), (8, 8, 3, 3, 3), dict(dilation=(2, 1, 1)), "im2col"),
     ("3d-depth-stride-2-forward", "forward", (1, 8, 6, 6, 6), (8, 8, 3, 3, 3), dict(stride=(2, 1, 1)), "im2col"),
-    *[(f"3x3x3-64@4x8x8-{p}", p, (1, 64, 4, 8, 8), (64, 64, 3, 3, 3), dict(padding=1), "im2col")
-      for p in OPS],  # 4 * 2 * 2 = 16 tiles < 0.5 x 64 (with more than one depth tap)
+    *[(f"3x3x3-64@4x8x8-batch-2-{p}", p, (2, 64, 4, 8, 8), (64, 64, 3, 3, 3), dict(padding=1), "im2col")
+      for p in OPS],  # 2 * 4 * 2 * 2 = 32 tiles < 0.75 x 64 (with more than one depth tap)
 ]
 
 
@@ -1016,13 +1021,17 @@ def test_winograd_3d_blocks_of_tile_rows_under_a_small_workspace_limit(primitive
                  "float64", f"{OPS[primitive]} 3-D winograd, one tile row per block")
 
 
-@pytest.mark.parametrize("primitive", list(OPS))
-def test_winograd_3d_non_finite_values_land_where_the_reference_puts_them(primitive):
-    """A NaN and an inf in a 3-D layer's input (dy for backward_data): the result is recomputed (im2col), so each
-    non-finite output is where the float64 reference has it, and every other output matches."""
-    layer = Layer((1, 3, 4, 6, 7), (4, 3, 3, 3, 3), seed=12, padding=1)
-    source = layer.dy if primitive == "backward_data" else layer.x
-    source[0, 1, 2, 3, 4], source[0, 0, 0, 0, 0] = np.nan, np.inf
+@pytest.mark.parametrize("primitive, source, padding", [
+    *((p, "dy" if p == "backward_data" else "x", 1) for p in OPS),
+    ("backward_filter", "dy", 1),
+    # output slice 2 reads only depth padding: its dy slice meets x in no GEMM, only padding (NaN x 0 in PyTorch)
+    ("backward_filter", "dy", ((0, 3), (1, 1), (1, 1)))])
+def test_winograd_3d_non_finite_values_land_where_the_reference_puts_them(primitive, source, padding):
+    """A NaN and an inf in a 3-D layer's input, dy or x: the result is recomputed (im2col), so each non-finite
+    output is where the float64 reference has it, and every other output matches."""
+    layer = Layer((1, 3, 2, 6, 7), (4, 3, 3, 3, 3), seed=12, padding=padding)
+    data = getattr(layer, source)
+    data[0, 1, -1, 3, 4], data[0, 0, -1, 0, 0] = np.nan, np.inf
     got, want = layer.run(primitive, algo="winograd"), layer.expected(primitive)
     assert not np.isfinite(want).all()
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))

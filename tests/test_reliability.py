@@ -248,15 +248,17 @@ def test_cpu_im2col_scratch_stays_under_workspace_limit(primitive):
 
 @pytest.mark.parametrize("algo, primitive, x_shape, w_shape, limit", [
     *(("winograd", p, (2, 64, 12, 12), (64, 64, 3, 3), None) for p in OPS),
+    *(("winograd", p, (1, 64, 2, 4, 4), (64, 64, 3, 3, 3), None) for p in OPS),
     ("im2col", "forward", (4, 64, 56, 56), (64, 64, 3, 3), 16 << 10),  # 2,092 blocks of 12 positions
     ("im2col", "backward_filter", (4, 3, 32, 32), (16, 3, 3, 3), 2000)])
 def test_cpu_scratch_is_what_explain_reports(algo, primitive, x_shape, w_shape, limit):
     """What a call allocates beyond its result is explain()'s workspace, to within the slack: Winograd's weight
-    gradient used to add its 9 x K x C/g taps and a finiteness mask (~190 KB here), im2col under a tiny limit a
-    list of every block (~110 KB and ~290 KB here, growing with N x positions / block)."""
+    gradient used to add its 9 x K x C/g taps and a finiteness mask (~190 KB here), its 3-D input gradient a second
+    copy of the transformed filters (~390 KB), im2col under a tiny limit a list of every block (~110 KB and ~290 KB
+    here, growing with N x positions / block)."""
     layer = Layer(x_shape, w_shape, seed=5, dtype="float32", padding=1)
     args = layer.args(primitive)
-    plan = cnnfast.explain(OP_NAMES[primitive], *args, **layer.opts, algo=algo, workspace_limit=limit)
+    plan = layer.explain(primitive, algo=algo, workspace_limit=limit)
     run = lambda: layer.run(primitive, args, algo=algo, workspace_limit=limit)  # noqa: E731
     run()
     peak, out = _peak_extra_bytes(run)

@@ -50,10 +50,11 @@ __all__ = ["ALGORITHMS", "choose", "pad_cpu", "fold_pad_cpu", "bias_grad_cpu"]
 WINOGRAD_TILES_PER_CHANNEL = {"forward": 0.2, "backward_data": 0.45, "backward_filter": 0.3}
 # ... and with more than one depth tap (3-D), at least this many tiles per channel in all three passes: its input
 # slices padded in depth feed zeros to the GEMMs (2 slices in P + 2 at 'same' padding) and its filters are T times
-# larger. Against im2col (2026-12-06, ms im2col / winograd, forward, input and weight gradient): 3x3x3 256 @4x14x14
-# batch 2 (0.5 tiles a channel) 36.9 / 36.8, 32.0 / 35.5, 38.8 / 29.6; 128 @8^3 batch 2 (0.5) 9.9 / 9.0, 8.8 / 9.0,
-# 10.4 / 6.0; 64 @4x8x8 (0.25) 0.95 / 1.46, 0.81 / 1.54; 512 @2x7x7 batch 4 (0.06) 38.6 / 89.1 forward.
-WINOGRAD_DEPTH_TILES_PER_CHANNEL = 0.5
+# larger. im2col / winograd time (2026-12-06, 3x3x3 'same', forward, input and weight gradient; > 1: winograd
+# faster): 0.5 tiles a channel 0.94, 0.90, 1.00 (64 @4x8x8 batch 2), 0.90, 1.02, 1.7 (128 @8^3 batch 2), 1.00,
+# 0.90, 1.31 (256 @4x14x14 batch 2); 1.0 tiles 1.25, 1.18, 1.30 (64 @4x8x8 batch 4), 1.69, 1.58, 1.87 (128 @8^3
+# batch 4), 1.31, 1.11, 1.46 (256 @4x14x14 batch 4); 2.0 tiles 1.65, 1.52, 2.42 (128 @8^3 batch 8).
+WINOGRAD_DEPTH_TILES_PER_CHANNEL = 0.75
 # A single-channel input's layer (depthwise by groups == C == 1) runs im2col from this many output channels, its
 # gradients only at a stride > 1 or from SINGLE_CHANNEL_POSITIONS input positions per sample (2026-12-06, seventeenth
 # session, bench/RESULTS.md: 1 -> 16..64 layers @28..256 and 1-D; below these the depthwise kernels win or tie).

@@ -274,21 +274,22 @@ def tile_count(g, primitive):
 
 
 def _scratch(g, primitive, itemsize, rows):
-    """Bytes over `rows` tile rows of every slice: forward and backward_data, Wt (36, cout, T*cin/g) and the GEMMs'
-    output it is copied from, V (36, cin,
-    output depth + T - 1 padded input slices, columns) and M (36, cout, output depth, columns), the block's output
-    check (cout x output depth values a segment, and their NaN mask) and a zero bias; backward_filter, dU and the
-    block's products (T x 36 x K x C/g each; the products' room later holds the taps), V (36, C, input depth,
-    columns) and E (36, K, output depth, columns). And the block's segment table (at most 4 int64 a tile row)."""
+    """Bytes over `rows` tile rows of every slice: forward and backward_data, Wt (36, cout, T*cin/g) and the copy of
+    w's taps it is made from (weights()), V (36, cin, output depth + T - 1 padded input slices, columns) and M (36,
+    cout, output depth, columns), the block's output check (cout x output depth values a segment, and their NaN
+    mask) and a zero bias; backward_filter, dU and the block's products (T x 36 x K x C/g each; the products' room
+    later holds the taps), dw's transposed copy, V (36, C, input depth, columns) and E (36, K, output depth,
+    columns). And the block's segment table (at most 4 int64 a tile row)."""
     cin, cout = _sides(g, primitive)[:2]
     Din, P, _ = _depth(g, primitive)
     TW = _tiles(g, primitive)[1]
+    taps = g.T * cout * (cin // g.groups) * itemsize  # one filter bank's taps (x 36 transformed)
     if primitive == "backward_filter":
-        filters, columns, small = 2 * g.T * cout * (cin // g.groups), cin * Din + cout * P, 0
+        filters, columns, small = (2 * XI + 9) * taps, cin * Din + cout * P, 0
     else:
-        filters, columns = 2 * g.T * cout * (cin // g.groups), cin * (P + g.T - 1) + cout * P
+        filters, columns = (XI + (9 if _taps_copied(g, primitive) else 0)) * taps, cin * (P + g.T - 1) + cout * P
         small = rows * cout * P * (itemsize + 1) + cout * itemsize
-    return XI * (filters + columns * rows * TW) * itemsize + rows * 32 + small
+    return filters + XI * columns * rows * TW * itemsize + rows * 32 + small
 
 
 def _rows(g, primitive, itemsize, workspace_limit):
@@ -310,19 +311,24 @@ def _kron(dtype):
     return np.kron(G, G).astype(dtype)
 
 
+def _taps_copied(g, primitive):
+    """Whether weights() copies w's taps into its GEMM's order (a view for a forward with one depth tap)."""
+    return primitive == "backward_data" or g.T > 1
+
+
 def weights(w, g, primitive):
     """Wt (36, groups, cout/g, T*cin/g) of the forward-form convolution, columns (tap t, channel c): G f G^T of
-    every 3x3 filter f (each depth tap's), all in one stack of T GEMMs with the 36 x 9 matrix kron(G, G).
-    backward_data's filters are f[c, k] = w[k, c] rotated by 180 degrees (the T*9 taps in reverse order)."""
+    every 3x3 filter f (each depth tap's), one GEMM with the 36 x 9 matrix kron(G, G) over the taps ordered
+    (group, cout/g, t, cin/g), written in Wt's layout. backward_data's filters are f[c, k] = w[k, c] rotated by 180
+    degrees (the T*9 taps in reverse order)."""
     K, Cg = w.shape[:2]
-    taps = w.reshape(K, Cg, g.T, 9)
+    taps = w.reshape(g.groups, K // g.groups, Cg, g.T, 9)
     if primitive == "backward_data":  # (groups, C/g, K/g, T, 9)
         taps = taps.reshape(K, Cg, g.T * 9)[:, :, ::-1].reshape(g.groups, K // g.groups, Cg, g.T, 9)
         taps = taps.transpose(0, 2, 1, 3, 4)
-    cout_g, cin_g = (Cg, K // g.groups) if primitive == "backward_data" else (K // g.groups, Cg)
-    filters = taps.reshape(-1, g.T, 9).transpose(1, 2, 0)  # (T, 9, groups*cout/g*cin/g)
-    Wt = blas.matmul(_kron(w.dtype), filters, np.empty((g.T, XI, filters.shape[2]), w.dtype))
-    Wt = Wt.reshape(g.T, XI, g.groups, cout_g, cin_g).transpose(1, 2, 3, 0, 4)
+    _, cout_g, cin_g = taps.shape[:3]
+    filters = taps.transpose(0, 1, 3, 2, 4).reshape(-1, 9).T  # (9, groups*cout/g*T*cin/g)
+    Wt = blas.matmul(_kron(w.dtype), filters, np.empty((XI, filters.shape[1]), w.dtype))
     return Wt.reshape(XI, g.groups, cout_g, g.T * cin_g)
 
 
@@ -409,6 +415,16 @@ def backward_filter(x, dy, dw, g, workspace_limit=None):
     product of dy's slices with the input slices they read through it); im2col's when dw holds a NaN or Inf
     (G^T dU G mixes all 36 transformed positions into every tap, where PyTorch's NaN reaches only the taps that
     read it)."""
+    ranges = [(max(0, g.pad_d - t), min(g.P, g.D + g.pad_d - t)) for t in range(g.T)]  # slices tap t reads x for
+    unread = np.ones(g.P, bool)  # dy slices no tap multiplies with x (only with depth padding): no GEMM sees them
+    for p0, p1 in ranges:
+        unread[p0:p1] = False
+    if not np.isfinite(dy[:, :, unread]).all():  # (a NaN there makes dw NaN in PyTorch: NaN x padding)
+        im2col.backward_filter(x, dy, dw, g, workspace_limit)
+        return
+    if g.N == 0:
+        dw[...] = 0
+        return
     TH, TW = _tiles(g, "backward_filter")
     Kg, Cg = g.K // g.groups, g.C // g.groups
     rows = _rows(g, "backward_filter", x.itemsize, workspace_limit)
@@ -424,8 +440,7 @@ def backward_filter(x, dy, dw, g, workspace_limit=None):
         E = E_buf[:XI * g.K * g.P * nr * TW].reshape(XI, g.K, g.P, nr * TW)
         sized(input_transform_cpu, V.size)(x, V.reshape(XI, g.C, g.D, 1, -1), segments, TW, g.pad_h, g.pad_w, 0)
         sized(grad_transform_cpu, E.size)(dy, E.reshape(XI, g.K, g.P, 1, -1), segments, TW)
-        for t in range(g.T):  # dU[t] += dy slices [p0, p1) x the input slices tap t reads for them
-            p0, p1 = max(0, g.pad_d - t), min(g.P, g.D + g.pad_d - t)
+        for t, (p0, p1) in enumerate(ranges):  # dU[t] += dy slices [p0, p1) x the input slices tap t reads
             if p0 >= p1:  # tap t reads no input slice
                 dU[t] = 0
                 continue
