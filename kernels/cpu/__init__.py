@@ -22,7 +22,7 @@ measurements on a 2-core AVX2 machine, bench/RESULTS.md), the same for all three
      per group)                                          layer's GEMMs are 1.5-2.5x faster than direct)
   5. 3x3 across height and width (2-D, or 3-D of any  -> winograd (F(4x4, 3x3): 4x fewer multiply-adds; 1.3-1.5x
      depth taps), unit stride and dilation, at least 8    faster than im2col at 3x3 64@56 batch 1, 128@28 batch 2,
-     channels per group in and out, and at least          all three primitives; 3-D 3x3x3 layers 1.3-3.6x (C3D,
+     channels per group in and out, and at least          all three primitives; 3-D 3x3x3 layers 1.2-3.8x (C3D,
      WINOGRAD_TILES_PER_CHANNEL[primitive] x              3-D UNet); at 512@7, 16 tiles for 512 channels, its
      max(C/g, K/g) output tiles (4x4 each, all samples    4x larger transformed filters cost more than it saves:
      and output slices; with more than one depth tap      0.3-0.5x; with 3 input channels its transforms
