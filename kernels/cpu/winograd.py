@@ -116,11 +116,10 @@ def input_transform_cpu(x, V, segments, TW, ph, pw, pd):
     """V[xi, c // Cg, d + pd, c % Cg, col + (i - i0)*TW + j] = (B^T e B)[xi // 6, xi % 6], e the 6x6 window of
     x[n, c, d] at (4i - ph, 4j - pw), for each segment (n, i0, i1, col) of tile rows and each input slice d that
     lands on one of V's slices (V: (36, C/Cg, slices, Cg, columns); depth-major for Cg = C/groups, channel-major
-    for Cg = 1). One task per (c, d,
-    segment): per tile row, its 6 input rows are copied once into a zero-padded strip and transformed down the
-    columns (B^T strip, vectorised); each tile's 6 rows of that are transformed across into a task-local buffer
-    (one run per xi, cache-resident), copied out to V in 36 runs of unit stride (36 scattered write streams
-    straight to V ran 5-10x slower, every store missing its line)."""
+    for Cg = 1). One task per (c, d, segment): per tile row, its 6 input rows are copied once into a zero-padded
+    strip and transformed down the columns (B^T strip, vectorised); each tile's 6 rows of that are transformed
+    across into a task-local buffer (one run per xi, cache-resident), copied out to V in 36 runs of unit stride
+    (36 scattered write streams straight to V ran 5-10x slower, every store missing its line)."""
     N, C, D, H, W = x.shape
     slices, Cg = V.shape[2], V.shape[3]
     two, four, five = x.dtype.type(2), x.dtype.type(4), x.dtype.type(5)
@@ -386,8 +385,8 @@ def _convolve(x, Wt, bias, y, g, primitive, workspace_limit):
         V[:, :, :max(0, pd)] = 0  # the padding slices
         V[:, :, max(0, pd + Din):] = 0
         sized(input_transform_cpu, V.size)(x, V, segments, TW, ph, pw, pd)
-        step = V.strides[2:]  # output slice p's operand starts at slice p; its rows (t, c) step one channel each
-        operands = np.lib.stride_tricks.as_strided(V, (XI, groups, P, g.T * Cg, nr * TW), V.strides[:3] + step[1:])
+        # output slice p's operand starts at slice p, its rows (t, c) a channel's stride apart (a slice is Cg of them)
+        operands = np.lib.stride_tricks.as_strided(V, (XI, groups, P, g.T * Cg, nr * TW), V.strides)
         blas.matmul(Wt[:, :, None], operands, M.reshape(XI, groups, Kg, P, -1).transpose(0, 1, 3, 2, 4))
         check = np.empty(cout * P * len(segments), x.dtype)
         sized(output_transform_cpu, M.size)(M, bias, y, segments, TW, check)
