@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 # workers spinning ~0.1 s after every GEMM (thread timeout 2**28 cycles), taking the cores from the Numba kernel
 # that runs next; it reads the timeout once, as NumPy loads it. Where they spin, cnnfast's GEMMs never wake them
 # (kernels/cpu/blas.py). Numba's OpenMP pool is started now, with a short spin, and before torch can be imported:
-# a pool started later binds to torch's already loaded (spinning) libgomp, and a torch imported later shares this one.
+# a pool started later binds to torch's already loaded (spinning) libgomp (the first CPU kernel then warns), and a
+# torch imported later shares this one.
 _user_timeout = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
 _numpy_loaded = "numpy" in sys.modules  # then OpenBLAS has read its timeout already: the user's, or its default
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")

@@ -3,6 +3,7 @@ its docstring, the layout twins against NumPy, and every CPU algorithm agreeing 
 Correctness of every algorithm against the reference over the grid is tests/test_ops.py. Small shapes: the
 kernels compile once per process."""
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -795,6 +796,36 @@ def test_threads_calling_parallel_kernels_at_once_on_numbas_workqueue_layer():
     done = subprocess.run([sys.executable, "-c", WORKQUEUE_PROBE], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and done.stdout.split() == ["workqueue", "True"], done.stdout + done.stderr[-2000:]
+
+
+TORCH_FIRST_PROBE = """
+import sys, warnings
+if sys.argv[1] == "torch-first":
+    import torch
+import numpy as np, cnnfast, torch
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(2):
+        cnnfast.conv2d(np.ones((2, 16, 40, 40), np.float32), np.ones((16, 16, 3, 3), np.float32), padding=1)
+print(len([w for w in caught if "Import cnnfast before torch" in str(w.message)]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="GNU OpenMP's spin: Linux")
+@pytest.mark.parametrize("order, env, expected", [("torch-first", {}, 1), ("cnnfast-first", {}, 0),
+                                                   ("torch-first", {"GOMP_SPINCOUNT": "3000"}, 0)])
+def test_torch_imported_first_is_named_once_where_its_openmp_runtime_spins(order, env, expected):
+    """torch imported before cnnfast loads GNU OpenMP with its default spin, which Numba's pool then shares (the CPU
+    kernels 1.2-2x slower): the first parallel launch says so, once; not when cnnfast came first or the user set the
+    spin."""
+    pytest.importorskip("torch")
+    import subprocess
+    if __import__("numba").threading_layer() != "omp":
+        pytest.skip("Numba's OpenMP layer only")
+    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    done = subprocess.run([sys.executable, "-c", TORCH_FIRST_PROBE, order], env={**clean, **env},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.split() == [str(expected)], done.stdout + done.stderr[-2000:]
 
 
 def test_sized_picks_the_serial_build_below_serial_work_unless_told_otherwise():

@@ -35,14 +35,36 @@ from numba.np.ufunc import parallel as numba_parallel
 SPIN_COUNT = 3000  # GNU OpenMP's spins before a worker sleeps (measured: 1,000 to 100,000, bench/RESULTS.md)
 
 
+# Whether the pool joined a GNU OpenMP runtime that torch, imported before cnnfast, had loaded with its default spin:
+# its workers then busy-wait after every region on the cores the next GEMM needs, and cnnfast's CPU convolutions ran
+# 1.2-2x slower (the CPU benchmark, 2026-12-06: geometric means 0.72x / 0.87x / 0.70x of torch against 0.97x / 1.24x /
+# 1.02x; Numba's TBB or workqueue layer did no better). The first parallel launch warns once (sized).
+SPINNING_RUNTIME = False
+
+
 def start():
+    global SPINNING_RUNTIME
     if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return
+    torch_first = "torch" in sys.modules  # (torch loads libgomp, which reads GOMP_SPINCOUNT once, as it loads)
     os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
     try:
         numba_parallel._launch_threads()  # idempotent; picks the threading layer (NUMBA_THREADING_LAYER) as usual
     finally:
         del os.environ["GOMP_SPINCOUNT"]
+    SPINNING_RUNTIME = torch_first and sys.platform.startswith("linux") and numba.threading_layer() == "omp"
+
+
+def _warn_spinning_runtime():
+    global SPINNING_RUNTIME
+    SPINNING_RUNTIME = False
+    frame, level = sys._getframe(1), 2  # the warning names the caller's line outside cnnfast
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("cnnfast."):
+        frame, level = frame.f_back, level + 1
+    warnings.warn("cnnfast: torch was imported before cnnfast, so Numba's threads share torch's OpenMP runtime, whose "
+                  "workers busy-wait after every parallel region on the cores the next BLAS call needs: cnnfast's "
+                  "CPU convolutions run 1.2-2x slower. Import cnnfast before torch, or set GOMP_SPINCOUNT=3000 (or "
+                  "OMP_WAIT_POLICY) in the environment before Python starts.", RuntimeWarning, stacklevel=level)
 
 
 # ---------------------------------------------------------------- serial builds for small calls
@@ -143,6 +165,8 @@ def sized(kernel, work):
     """The build of a `parallel` kernel for a call of `work` inner-loop iterations: serial below SERIAL_WORK, or in
     a forked child; on Numba's workqueue layer, the parallel build behind a lock. (A stand-in without a serial
     build, such as a test's spy, is returned as it is.)"""
+    if SPINNING_RUNTIME:
+        _warn_spinning_runtime()
     if work < SERIAL_WORK or FORKED:
         return getattr(kernel, "serial", kernel)
     return _one_at_a_time(kernel) if _workqueue() else kernel
