@@ -560,10 +560,14 @@ CHOOSE_RULES = [
     *[(f"3x3-128@28-batch-1-{p}", p, (1, 128, 28, 28), (128, 128, 3, 3), dict(padding=1), "winograd")
       for p in ("forward", "backward_filter")],  # 7 * 7 = 49 tiles >= 0.3 x 128
     ("3x3-grouped-forward", "forward", (2, 128, 12, 12), (128, 64, 3, 3), dict(padding=1, groups=2), "winograd"),
-    #    ... in 3-D too, each depth slice's tiles counted, from 0.75 x the channels with more than one depth tap
+    #    ... in 3-D too, each depth slice's tiles counted, from 0.5 x the channels with more than one depth tap
+    #    (backward_data: 0.75 x)
     *[(f"3x3x3-64@8x28x28-{p}", p, (1, 64, 8, 28, 28), (64, 64, 3, 3, 3), dict(padding=1), "winograd") for p in OPS],
     *[(f"3x3x3-128@8x8x8-batch-3-{p}", p, (3, 128, 8, 8, 8), (128, 128, 3, 3, 3), dict(padding=1), "winograd")
       for p in OPS],  # 3 * 8 * 2 * 2 = 96 tiles = 0.75 x 128
+    *[(f"3x3x3-128@8x8x8-batch-2-{p}", p, (2, 128, 8, 8, 8), (128, 128, 3, 3, 3), dict(padding=1), algo)
+      for p, algo in (("forward", "winograd"), ("backward_data", "im2col"), ("backward_filter", "winograd"))],
+    # 2 * 8 * 2 * 2 = 64 tiles = 0.5 x 128
     ("1x3x3-bwd-data-4x16x16-inputs", "backward_data", (1, 8, 4, 16, 16), (8, 8, 1, 3, 3), dict(padding=(0, 1, 1)),
      "winograd"),
     #    ... not with fewer than 8 channels per group in or out (VGG's first layer: 3 -> 64)
@@ -589,8 +593,8 @@ CHOOSE_RULES = [
     ("plain-1d-forward", "forward", (2, 16, 20), (16, 16, 3), {}, "im2col"),
     ("plain-3d-backward_data", "backward_data", (1, 8, 6, 6, 6), (8, 8, 3, 3, 3), dict(dilation=(2, 1, 1)), "im2col"),
     ("3d-depth-stride-2-forward", "forward", (1, 8, 6, 6, 6), (8, 8, 3, 3, 3), dict(stride=(2, 1, 1)), "im2col"),
-    *[(f"3x3x3-64@4x8x8-batch-2-{p}", p, (2, 64, 4, 8, 8), (64, 64, 3, 3, 3), dict(padding=1), "im2col")
-      for p in OPS],  # 2 * 4 * 2 * 2 = 32 tiles < 0.75 x 64 (with more than one depth tap)
+    *[(f"3x3x3-64@4x8x8-{p}", p, (1, 64, 4, 8, 8), (64, 64, 3, 3, 3), dict(padding=1), "im2col")
+      for p in OPS],  # 4 * 2 * 2 = 16 tiles < 0.5 x 64 (with more than one depth tap)
 ]
 
 

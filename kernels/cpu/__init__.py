@@ -22,11 +22,11 @@ measurements on a 2-core AVX2 machine, bench/RESULTS.md), the same for all three
      per group)                                          layer's GEMMs are 1.5-2.5x faster than direct)
   5. 3x3 across height and width (2-D, or 3-D of any  -> winograd (F(4x4, 3x3): 4x fewer multiply-adds; 1.3-1.5x
      depth taps), unit stride and dilation, at least 8    faster than im2col at 3x3 64@56 batch 1, 128@28 batch 2,
-     channels per group in and out, and at least          all three primitives; 3-D 3x3x3 layers 1.2-3.8x (C3D,
+     channels per group in and out, and at least          all three primitives; 3-D 3x3x3 layers 1.4-3.1x (C3D,
      WINOGRAD_TILES_PER_CHANNEL[primitive] x              3-D UNet); at 512@7, 16 tiles for 512 channels, its
      max(C/g, K/g) output tiles (4x4 each, all samples    4x larger transformed filters cost more than it saves:
      and output slices; with more than one depth tap      0.3-0.5x; with 3 input channels its transforms
-     at least WINOGRAD_DEPTH_TILES_PER_CHANNEL x)         dominate: 2-2.5x slower than im2col)
+     WINOGRAD_DEPTH_TILES_PER_CHANNEL[primitive] x)       dominate: 2-2.5x slower than im2col)
   6. otherwise                                        -> im2col (BLAS GEMM; building the columns costs
      C*T*R*S*P*Q*U copies against 2*K*C*T*R*S*P*Q*U flops; 1.2-15x faster than direct on every dense
      benchmark shape, backward passes included)
@@ -48,13 +48,13 @@ __all__ = ["ALGORITHMS", "choose", "pad_cpu", "fold_pad_cpu", "bias_grad_cpu"]
 # algorithms wrote their first block's product in place) 0.98-1.05x at 0.25, 1.09x and 1.16x at 0.38, 1.39x at
 # 0.5. (2026-12-05, before the split: forward from 0.3, backward_data from 0.45, backward_filter from 1.0.)
 WINOGRAD_TILES_PER_CHANNEL = {"forward": 0.2, "backward_data": 0.45, "backward_filter": 0.3}
-# ... and with more than one depth tap (3-D), at least this many tiles per channel in all three passes: its input
-# slices padded in depth feed zeros to the GEMMs (2 slices in P + 2 at 'same' padding) and its filters are T times
-# larger. im2col / winograd time (2026-12-06, 3x3x3 'same', forward, input and weight gradient; > 1: winograd
-# faster): 0.5 tiles a channel 0.94, 0.90, 1.00 (64 @4x8x8 batch 2), 0.90, 1.02, 1.7 (128 @8^3 batch 2), 1.00,
-# 0.90, 1.31 (256 @4x14x14 batch 2); 1.0 tiles 1.25, 1.18, 1.30 (64 @4x8x8 batch 4), 1.69, 1.58, 1.87 (128 @8^3
-# batch 4), 1.31, 1.11, 1.46 (256 @4x14x14 batch 4); 2.0 tiles 1.65, 1.52, 2.42 (128 @8^3 batch 8).
-WINOGRAD_DEPTH_TILES_PER_CHANNEL = 0.75
+# ... and with more than one depth tap (3-D), at least this many: its input slices padded in depth feed zeros to the
+# GEMMs (2 slices in P + 2 at 'same' padding) and its filters are T times larger. im2col / winograd time (2026-12-06,
+# 3x3x3 'same', forward, input and weight gradient; > 1: winograd faster): 0.5 tiles a channel 0.94, 0.90, 1.00
+# (64 @4x8x8 batch 2), 1.25, 1.21, 1.29 (128 @8^3 batch 2), 1.25, 0.98, 1.33 (256 @4x14x14 batch 2); 1.0 tiles 1.25,
+# 1.18, 1.30 (64 @4x8x8 batch 4), 1.69, 1.58, 1.87 (128 @8^3 batch 4), 1.31, 1.11, 1.46 (256 @4x14x14 batch 4); 2.0
+# tiles 1.65, 1.52, 2.42 (128 @8^3 batch 8).
+WINOGRAD_DEPTH_TILES_PER_CHANNEL = {"forward": 0.5, "backward_data": 0.75, "backward_filter": 0.5}
 # A single-channel input's layer (depthwise by groups == C == 1) runs im2col from this many output channels, its
 # gradients only at a stride > 1 or from SINGLE_CHANNEL_POSITIONS input positions per sample (2026-12-06, seventeenth
 # session, bench/RESULTS.md: 1 -> 16..64 layers @28..256 and 1-D; below these the depthwise kernels win or tie).
@@ -163,8 +163,9 @@ def choose(g, primitive):
     if kg < 8 and not (g.groups > 1 and cg >= 4 and g.T * g.R * g.S == 1):
         return "direct", f"{kg} output channels per group: too thin for a BLAS GEMM"
     if winograd.supports(g, primitive) is None and min(cg, kg) >= 8:
-        tiles, per_channel = winograd.tile_count(g, primitive), WINOGRAD_TILES_PER_CHANNEL[primitive]
-        if tiles >= (max(per_channel, WINOGRAD_DEPTH_TILES_PER_CHANNEL) if g.T > 1 else per_channel) * max(cg, kg):
+        tiles = winograd.tile_count(g, primitive)
+        per_channel = (WINOGRAD_DEPTH_TILES_PER_CHANNEL if g.T > 1 else WINOGRAD_TILES_PER_CHANNEL)[primitive]
+        if tiles >= per_channel * max(cg, kg):
             return "winograd", (f"3x3, unit stride: F(4x4, 3x3) Winograd, 4x fewer multiply-adds than a GEMM "
                                 f"({tiles} tiles for {max(cg, kg)} channels per group)")
     return gemm
