@@ -537,6 +537,15 @@ CHOOSE_RULES = [
      "winograd"),
     ("mbv2-stem-backward_filter", "backward_filter", (2, 3, 32, 32), (32, 3, 3, 3), dict(stride=2, padding=1),
      "direct"),
+    #    ... but not a 3-D one of >= 24 channels and >= 4096 output positions that Winograd takes (rule 5)
+    ("3x3x3-32@16^3-backward_filter", "backward_filter", (1, 32, 16, 16, 16), (32, 32, 3, 3, 3), dict(padding=1),
+     "winograd"),
+    ("3x3x3-32@12^3-backward_filter", "backward_filter", (1, 32, 12, 12, 12), (32, 32, 3, 3, 3), dict(padding=1),
+     "direct"),  # 1,728 positions
+    ("3x3x3-16@16^3-backward_filter", "backward_filter", (4, 16, 16, 16, 16), (16, 16, 3, 3, 3), dict(padding=1),
+     "direct"),  # 16 channels
+    ("3x3x3-32@16^3-stride-2-backward_filter", "backward_filter", (4, 32, 32, 32, 32), (32, 32, 3, 3, 3),
+     dict(padding=1, stride=2), "direct"),  # Winograd does not take it
     #    ... but not where the wide kernels do not run: 2 input channels a group's input gradient (rule 6)
     ("grouped-2-in-channels-backward_data", "backward_data", (2, 8, 12, 12), (64, 2, 3, 3), dict(padding=1, groups=4),
      "im2col"),

@@ -16,7 +16,9 @@ measurements on a 2-core AVX2 machine, bench/RESULTS.md), the same for all three
      GROUPED_DIRECT_CHANNELS channels per group in and   taps a pass over the batch's padded planes; 1.1-3.4x
      out, with a kernel of more than one tap, that the   faster than im2col's or Winograd's per-group GEMMs on
      wide kernels take (wide.supports); and the weight   ResNeXt's 3x3 g32 layers; dense weight gradients of
-     gradient of such a layer without groups             <= 32 channels 0.94-2.9x, 1.3x typical)
+     gradient of such a layer without groups (but a 3-D  <= 32 channels 0.94-2.9x, 1.3x typical)
+     one of >= WINOGRAD_WEIGHT_GRADIENT_3D channels and
+     output positions that rule 5 takes)
   4. fewer than 8 output channels per group           -> direct (a GEMM that thin does not pay for its columns:
      (not a grouped 1x1 layer of >= 4 input channels     2-8x faster than im2col at 1-4 channels; a grouped 1x1
      per group)                                          layer's GEMMs are 1.5-2.5x faster than direct)
@@ -71,6 +73,12 @@ SINGLE_CHANNEL_TAPS, SINGLE_CHANNEL_WIDE_GEMM = 27, 32
 # bench/RESULTS.md). So does such a layer's weight gradient without groups: 0.94-2.9x on 16 layers of 2 to 32
 # channels (2-D, 1-D, 3-D, strided, 5x5), the forward and input gradient there 0.65-2.3x (left on im2col/Winograd).
 GROUPED_DIRECT_CHANNELS = 32
+# ... but a 3-D weight gradient of at least this many channels (in or out) and output positions (all samples) goes on
+# to rule 5, Winograd: direct / winograd time (2026-12-06, 3x3x3 'same') 24.8 / 17.4 ms (32 @32^3 batch 2), 12.3 / 8.4
+# (32 @32^3 batch 1), 6.8 / 4.6 (32 @16^3 batch 4), 3.5 / 2.8 (32 @16^3 batch 2), 2.0 / 1.7 (32 @16^3 batch 1), 4.0 /
+# 3.3 (24 @16^3 batch 4); below it 0.98 / 1.02 (32 @12^3 batch 1, 1,728 positions), 1.17 / 1.29 (32 @8^3 batch 4,
+# 2,048); at 16 channels direct 0.8-1.06x of Winograd's time (16 @16^3 batch 1 and 4, @32^3 batch 2).
+WINOGRAD_WEIGHT_GRADIENT_3D = (24, 4096)
 
 _KERNELS = {
     "direct": {"forward": "direct_forward_cpu", "backward_data": "direct_backward_data_cpu",
@@ -153,8 +161,11 @@ def choose(g, primitive):
     if g.covers_input:
         return "im2col", (f"the kernel covers the whole input: one GEMM of {g.N} x {cg * g.T * g.R * g.S} x {kg} "
                           f"over the batch per group (a fully connected layer)")
+    channels, positions = WINOGRAD_WEIGHT_GRADIENT_3D
+    to_winograd = (g.T > 1 and max(cg, kg) >= channels and g.N * g.P * g.Q * g.U >= positions
+                   and winograd.supports(g, primitive) is None)  # (rule 5 then decides by its tiles)
     if (g.T * g.R * g.S > 1 and max(cg, kg) <= GROUPED_DIRECT_CHANNELS and wide.supports(g, primitive) is None
-            and (g.groups > 1 or primitive == "backward_filter")):
+            and (g.groups > 1 or primitive == "backward_filter" and not to_winograd)):
         if g.groups == 1:
             return "direct", (f"weight gradient of {cg} -> {kg} channels: direct's wide dot products, 12 a pass, "
                               f"beat a GEMM this thin")
