@@ -546,6 +546,8 @@ CHOOSE_RULES = [
      "direct"),  # 16 channels
     ("3x3x3-32@16^3-stride-2-backward_filter", "backward_filter", (4, 32, 32, 32, 32), (32, 32, 3, 3, 3),
      dict(padding=1, stride=2), "direct"),  # Winograd does not take it
+    ("3x3x3-4-to-32@32^3-backward_filter", "backward_filter", (1, 4, 32, 32, 32), (32, 4, 3, 3, 3), dict(padding=1),
+     "direct"),  # nor 4 input channels (rule 5: at least 8)
     #    ... but not where the wide kernels do not run: 2 input channels a group's input gradient (rule 6)
     ("grouped-2-in-channels-backward_data", "backward_data", (2, 8, 12, 12), (64, 2, 3, 3), dict(padding=1, groups=4),
      "im2col"),

@@ -18,7 +18,7 @@ measurements on a 2-core AVX2 machine, bench/RESULTS.md), the same for all three
      wide kernels take (wide.supports); and the weight   ResNeXt's 3x3 g32 layers; dense weight gradients of
      gradient of such a layer without groups (but a 3-D  <= 32 channels 0.94-2.9x, 1.3x typical)
      one of >= WINOGRAD_WEIGHT_GRADIENT_3D channels and
-     output positions that rule 5 takes)
+     output positions that rule 5 takes goes to rule 5)
   4. fewer than 8 output channels per group           -> direct (a GEMM that thin does not pay for its columns:
      (not a grouped 1x1 layer of >= 4 input channels     2-8x faster than im2col at 1-4 channels; a grouped 1x1
      per group)                                          layer's GEMMs are 1.5-2.5x faster than direct)
@@ -162,8 +162,8 @@ def choose(g, primitive):
         return "im2col", (f"the kernel covers the whole input: one GEMM of {g.N} x {cg * g.T * g.R * g.S} x {kg} "
                           f"over the batch per group (a fully connected layer)")
     channels, positions = WINOGRAD_WEIGHT_GRADIENT_3D
-    to_winograd = (g.T > 1 and max(cg, kg) >= channels and g.N * g.P * g.Q * g.U >= positions
-                   and winograd.supports(g, primitive) is None)  # (rule 5 then decides by its tiles)
+    tiles = _winograd_tiles(g, primitive, cg, kg)
+    to_winograd = tiles and g.T > 1 and max(cg, kg) >= channels and g.N * g.P * g.Q * g.U >= positions
     if (g.T * g.R * g.S > 1 and max(cg, kg) <= GROUPED_DIRECT_CHANNELS and wide.supports(g, primitive) is None
             and (g.groups > 1 or primitive == "backward_filter" and not to_winograd)):
         if g.groups == 1:
@@ -173,10 +173,17 @@ def choose(g, primitive):
                           f"BLAS")
     if kg < 8 and not (g.groups > 1 and cg >= 4 and g.T * g.R * g.S == 1):
         return "direct", f"{kg} output channels per group: too thin for a BLAS GEMM"
-    if winograd.supports(g, primitive) is None and min(cg, kg) >= 8:
-        tiles = winograd.tile_count(g, primitive)
-        per_channel = (WINOGRAD_DEPTH_TILES_PER_CHANNEL if g.T > 1 else WINOGRAD_TILES_PER_CHANNEL)[primitive]
-        if tiles >= per_channel * max(cg, kg):
-            return "winograd", (f"3x3, unit stride: F(4x4, 3x3) Winograd, 4x fewer multiply-adds than a GEMM "
-                                f"({tiles} tiles for {max(cg, kg)} channels per group)")
+    if tiles:
+        return "winograd", (f"3x3, unit stride: F(4x4, 3x3) Winograd, 4x fewer multiply-adds than a GEMM "
+                            f"({tiles} tiles for {max(cg, kg)} channels per group)")
     return gemm
+
+
+def _winograd_tiles(g, primitive, cg, kg):
+    """Rule 5: the layer's output tiles where winograd takes it (at least 8 channels per group in and out, enough
+    tiles per channel), else 0."""
+    if winograd.supports(g, primitive) is not None or min(cg, kg) < 8:
+        return 0
+    tiles = winograd.tile_count(g, primitive)
+    per_channel = (WINOGRAD_DEPTH_TILES_PER_CHANNEL if g.T > 1 else WINOGRAD_TILES_PER_CHANNEL)[primitive]
+    return tiles if tiles >= per_channel * max(cg, kg) else 0
