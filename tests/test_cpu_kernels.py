@@ -548,6 +548,11 @@ CHOOSE_RULES = [
      dict(padding=1, stride=2), "direct"),  # Winograd does not take it
     ("3x3x3-4-to-32@32^3-backward_filter", "backward_filter", (1, 4, 32, 32, 32), (32, 4, 3, 3, 3), dict(padding=1),
      "direct"),  # nor 4 input channels (rule 5: at least 8)
+    #    ... and every pass of a small 3-D layer of <= 32 channels: max(C, K) x output positions <= 32768
+    *[(f"3x3x3-16@8^3-batch-4-{p}", p, (4, 16, 8, 8, 8), (16, 16, 3, 3, 3), dict(padding=1), "direct")
+      for p in OPS],  # 16 x 2048 = 32768
+    *[(f"3x3x3-32@8^3-batch-4-{p}", p, (4, 32, 8, 8, 8), (32, 32, 3, 3, 3), dict(padding=1), algo)
+      for p, algo in (("forward", "winograd"), ("backward_data", "winograd"), ("backward_filter", "direct"))],
     #    ... but not where the wide kernels do not run: 2 input channels a group's input gradient (rule 6)
     ("grouped-2-in-channels-backward_data", "backward_data", (2, 8, 12, 12), (64, 2, 3, 3), dict(padding=1, groups=4),
      "im2col"),
@@ -602,8 +607,9 @@ CHOOSE_RULES = [
     ("bwd-data-2-in-channels", "backward_data", (4, 2, 28, 28), (8, 2, 5, 5), {}, "im2col"),
     # ... in 1-D and 3-D too
     ("plain-1d-forward", "forward", (2, 16, 20), (16, 16, 3), {}, "im2col"),
-    ("plain-3d-backward_data", "backward_data", (1, 8, 6, 6, 6), (8, 8, 3, 3, 3), dict(dilation=(2, 1, 1)), "im2col"),
-    ("3d-depth-stride-2-forward", "forward", (1, 8, 6, 6, 6), (8, 8, 3, 3, 3), dict(stride=(2, 1, 1)), "im2col"),
+    ("plain-3d-backward_data", "backward_data", (1, 64, 6, 6, 6), (64, 64, 3, 3, 3), dict(dilation=(2, 1, 1)),
+     "im2col"),
+    ("3d-depth-stride-2-forward", "forward", (1, 64, 6, 6, 6), (64, 64, 3, 3, 3), dict(stride=(2, 1, 1)), "im2col"),
     *[(f"3x3x3-64@4x8x8-{p}", p, (1, 64, 4, 8, 8), (64, 64, 3, 3, 3), dict(padding=1), "im2col")
       for p in OPS],  # 4 * 2 * 2 = 16 tiles < 0.5 x 64 (with more than one depth tap)
 ]

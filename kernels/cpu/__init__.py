@@ -16,9 +16,11 @@ measurements on a 2-core AVX2 machine, bench/RESULTS.md), the same for all three
      GROUPED_DIRECT_CHANNELS channels per group in and   taps a pass over the batch's padded planes; 1.1-3.4x
      out, with a kernel of more than one tap, that the   faster than im2col's or Winograd's per-group GEMMs on
      wide kernels take (wide.supports); and the weight   ResNeXt's 3x3 g32 layers; dense weight gradients of
-     gradient of such a layer without groups (but a 3-D  <= 32 channels 0.94-2.9x, 1.3x typical)
-     one of >= WINOGRAD_WEIGHT_GRADIENT_3D channels and
-     output positions that rule 5 takes goes to rule 5)
+     gradient of such a layer without groups (but a 3-D  <= 32 channels 0.94-2.9x, 1.3x typical; small 3-D
+     one of >= WINOGRAD_WEIGHT_GRADIENT_3D channels and   layers 1.1-1.6x faster than Winograd)
+     output positions that rule 5 takes goes to rule 5),
+     and every pass of a small 3-D layer without groups
+     (channels x output positions <= SMALL_3D_DIRECT)
   4. fewer than 8 output channels per group           -> direct (a GEMM that thin does not pay for its columns:
      (not a grouped 1x1 layer of >= 4 input channels     2-8x faster than im2col at 1-4 channels; a grouped 1x1
      per group)                                          layer's GEMMs are 1.5-2.5x faster than direct)
@@ -79,6 +81,14 @@ GROUPED_DIRECT_CHANNELS = 32
 # 3.3 (24 @16^3 batch 4); below it 0.98 / 1.02 (32 @12^3 batch 1, 1,728 positions), 1.17 / 1.29 (32 @8^3 batch 4,
 # 2,048); at 16 channels direct 0.8-1.06x of Winograd's time (16 @16^3 batch 1 and 4, @32^3 batch 2).
 WINOGRAD_WEIGHT_GRADIENT_3D = (24, 4096)
+# A 3-D layer (more than one depth tap, no groups) of at most GROUPED_DIRECT_CHANNELS channels whose max(C, K) x output
+# positions (all samples) is at most this runs direct in all three passes: its forward and input gradient ran 1.1-1.6x
+# faster than Winograd, 1.7-3.1x faster than im2col (2026-12-06, 3x3x3 'same', ms direct / winograd / im2col: 16 @8^3
+# batch 1 0.21 / 0.33 / 0.51 and 0.24 / 0.32 / 0.47, batch 4 0.49 / 0.61 / 0.97 and 0.52 / 0.57 / 1.14, 16 @12^3 batch
+# 1 0.40 / 0.55 / 1.23 and 0.42 / 0.57 / 1.00, 32 @8^3 batch 1 0.59 / 0.86 / 0.99 and 0.51 / 0.67 / 1.02); above it
+# Winograd wins or ties (32 @8^3 batch 4: 1.58 / 1.28 forward; 16 @12^3 batch 4: 1.29 / 1.33; 32 @12^3 batch 1: 1.11
+# / 1.11).
+SMALL_3D_DIRECT = 1 << 15
 
 _KERNELS = {
     "direct": {"forward": "direct_forward_cpu", "backward_data": "direct_backward_data_cpu",
@@ -164,8 +174,12 @@ def choose(g, primitive):
     channels, positions = WINOGRAD_WEIGHT_GRADIENT_3D
     tiles = _winograd_tiles(g, primitive, cg, kg)
     to_winograd = tiles and g.T > 1 and max(cg, kg) >= channels and g.N * g.P * g.Q * g.U >= positions
+    small_3d = g.T > 1 and max(cg, kg) * g.N * g.P * g.Q * g.U <= SMALL_3D_DIRECT
     if (g.T * g.R * g.S > 1 and max(cg, kg) <= GROUPED_DIRECT_CHANNELS and wide.supports(g, primitive) is None
-            and (g.groups > 1 or primitive == "backward_filter" and not to_winograd)):
+            and (g.groups > 1 or primitive == "backward_filter" and not to_winograd or small_3d)):
+        if g.groups == 1 and small_3d:
+            return "direct", (f"a small 3-D layer, {cg} -> {kg} channels over {g.N * g.P * g.Q * g.U} output "
+                              f"positions: direct's wide kernels beat Winograd's transforms and im2col's columns")
         if g.groups == 1:
             return "direct", (f"weight gradient of {cg} -> {kg} channels: direct's wide dot products, 12 a pass, "
                               f"beat a GEMM this thin")
