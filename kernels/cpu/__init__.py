@@ -19,8 +19,9 @@ measurements on a 2-core AVX2 machine, bench/RESULTS.md), the same for all three
      gradient of such a layer without groups (but a 3-D  <= 32 channels 0.94-2.9x, 1.3x typical; small 3-D
      one of >= WINOGRAD_WEIGHT_GRADIENT_3D channels and   layers 1.1-1.6x faster than Winograd)
      output positions that rule 5 takes goes to rule 5),
-     and every pass of a small 3-D layer without groups
-     (channels x output positions <= SMALL_3D_DIRECT)
+     and every pass of a small T x 3 x 3 unit-stride
+     layer without groups (channels x output positions
+     <= SMALL_3D_DIRECT)
   4. fewer than 8 output channels per group           -> direct (a GEMM that thin does not pay for its columns:
      (not a grouped 1x1 layer of >= 4 input channels     2-8x faster than im2col at 1-4 channels; a grouped 1x1
      per group)                                          layer's GEMMs are 1.5-2.5x faster than direct)
@@ -81,7 +82,7 @@ GROUPED_DIRECT_CHANNELS = 32
 # 3.3 (24 @16^3 batch 4); below it 0.98 / 1.02 (32 @12^3 batch 1, 1,728 positions), 1.17 / 1.29 (32 @8^3 batch 4,
 # 2,048); at 16 channels direct 0.8-1.06x of Winograd's time (16 @16^3 batch 1 and 4, @32^3 batch 2).
 WINOGRAD_WEIGHT_GRADIENT_3D = (24, 4096)
-# A 3-D layer (more than one depth tap, no groups) of at most GROUPED_DIRECT_CHANNELS channels whose max(C, K) x output
+# A 3-D layer (T x 3 x 3, unit stride, no groups) of at most GROUPED_DIRECT_CHANNELS channels whose max(C, K) x output
 # positions (all samples) is at most this runs direct in all three passes: its forward and input gradient ran 1.1-1.6x
 # faster than Winograd, 1.7-3.1x faster than im2col (2026-12-06, 3x3x3 'same', ms direct / winograd / im2col: 16 @8^3
 # batch 1 0.21 / 0.33 / 0.51 and 0.24 / 0.32 / 0.47, batch 4 0.49 / 0.61 / 0.97 and 0.52 / 0.57 / 1.14, 16 @12^3 batch
@@ -174,7 +175,8 @@ def choose(g, primitive):
     channels, positions = WINOGRAD_WEIGHT_GRADIENT_3D
     tiles = _winograd_tiles(g, primitive, cg, kg)
     to_winograd = tiles and g.T > 1 and max(cg, kg) >= channels and g.N * g.P * g.Q * g.U >= positions
-    small_3d = g.T > 1 and max(cg, kg) * g.N * g.P * g.Q * g.U <= SMALL_3D_DIRECT
+    small_3d = (g.T > 1 and winograd.supports(g, primitive) is None  # (as measured: T x 3 x 3, unit stride)
+                and max(cg, kg) * g.N * g.P * g.Q * g.U <= SMALL_3D_DIRECT)
     if (g.T * g.R * g.S > 1 and max(cg, kg) <= GROUPED_DIRECT_CHANNELS and wide.supports(g, primitive) is None
             and (g.groups > 1 or primitive == "backward_filter" and not to_winograd or small_3d)):
         if g.groups == 1 and small_3d:
