@@ -63,7 +63,11 @@ def resnet_like(batch, batch_1d, extra=()):
 
 
 SHAPE_SETS = {
-    "cpu": resnet_like(4, 2) + [_s("c3d-3x3x3-64-64@8x28x28", (2, 64, 8, 28, 28), (64, 64, 3, 3, 3), padding=1)],
+    "cpu": resnet_like(4, 2) + [
+        _s("mobilenetv2-depthwise-3x3-960@7", (4, 960, 7, 7), (960, 1, 3, 3), padding=1, groups=960),
+        _s("efficientnet-depthwise-5x5-1152@7", (4, 1152, 7, 7), (1152, 1, 5, 5), padding=2, groups=1152),
+        _s("c3d-3x3x3-64-64@8x28x28", (2, 64, 8, 28, 28), (64, 64, 3, 3, 3), padding=1),
+    ],
     "gpu": resnet_like(32, 16, extra=[_s("1x1-1024-256@14", (32, 1024, 14, 14), (256, 1024, 1, 1))]) + [
         _s("mobilenetv2-depthwise-3x3-960@7", (32, 960, 7, 7), (960, 1, 3, 3), padding=1, groups=960),
         _s("c3d-3x3x3-64-64@16x56x56", (8, 64, 16, 56, 56), (64, 64, 3, 3, 3), padding=1),

@@ -298,7 +298,7 @@ def test_unit_stride_depthwise_runs_the_wide_plane_kernel_and_falls_back_under_a
                                                                                             monkeypatch):
     from cnnfast.kernels.cpu import depthwise
     channels = opts["groups"]
-    layer = Layer((2, channels, 9, 11), (8, 1, 3, 3), **opts)
+    layer = Layer((2, channels, 13, 12), (8, 1, 3, 3), **opts)  # planes of > LANES_POSITIONS: not the lanes kernels
     calls = []
 
     def spy(name):
@@ -319,6 +319,7 @@ def test_unit_stride_depthwise_runs_the_wide_plane_kernel_and_falls_back_under_a
     assert_close(rows, layer.expected(primitive), "float64", f"{OPS[primitive]} depthwise rows")
 
 
+@pytest.mark.parametrize("family", ["lanes", "wide"])
 @pytest.mark.parametrize("x_shape, w_shape, opts", [
     ((2, 4, 16, 17), (4, 1, 5, 5), dict(stride=2, padding=2, groups=4)),              # EfficientNet's 5x5 s2
     ((1, 3, 20, 22), (6, 1, 3, 3), dict(stride=(2, 3), padding=((0, 2), (1, 0)), dilation=(2, 1), groups=3)),
@@ -326,29 +327,89 @@ def test_unit_stride_depthwise_runs_the_wide_plane_kernel_and_falls_back_under_a
     ((2, 2, 240), (4, 1, 5), dict(stride=4, padding=3, groups=2)),                     # 1-D
     ((1, 2, 15, 15), (2, 1, 4, 4), dict(stride=3, padding=7, groups=2)),              # padding past a tap's reach
 ])
-def test_a_strided_depthwise_forward_runs_the_wide_kernel_on_phase_volumes(x_shape, w_shape, opts, monkeypatch):
-    """At a stride, the forward pads each plane into stride-phase volumes that every tap reads at unit stride (from
-    STRIDED_WIDE_POSITIONS outputs per plane; fewer: the row kernel), against the reference; non-finite weights
-    reach the padding's zeros as in the reference; a tiny workspace_limit takes the row kernel."""
+def test_a_strided_depthwise_forward_runs_the_plane_kernels_on_phase_volumes(x_shape, w_shape, opts, family,
+                                                                             monkeypatch):
+    """At a stride, the forward pads each plane (the lanes kernel: LANES of them interleaved) into stride-phase
+    volumes that every tap reads at unit stride, against the reference (each case on both kernels: LANES_POSITIONS
+    moved); non-finite weights reach the padding's zeros as in the reference; a tiny workspace_limit takes the row
+    kernel."""
     from cnnfast.kernels.cpu import depthwise
+    monkeypatch.setattr(cnnfast.api, "_PLANS", {})  # plans made here name a kernel for the patched threshold
+    monkeypatch.setattr(depthwise, "LANES_POSITIONS", 10 ** 9 if family == "lanes" else 0)
+    kernel = f"depthwise_{family}_cpu"
     calls = []
-    real = depthwise.depthwise_wide_cpu
-    monkeypatch.setattr(depthwise, "depthwise_wide_cpu", lambda *args: calls.append(args[-3:]) or real(*args))
+    real = getattr(depthwise, kernel)
+    monkeypatch.setattr(depthwise, kernel, lambda *args: calls.append(args[12:15]) or real(*args))
     rng = np.random.default_rng(8)
     nd = len(x_shape) - 2
     x, w, b = rng.standard_normal(x_shape), rng.standard_normal(w_shape), rng.standard_normal(w_shape[0])
     op = getattr(cnnfast, f"conv{nd}d")
     plan = cnnfast.explain(f"conv{nd}d", x, w, b, **opts)
-    assert plan.algorithm == "depthwise" and plan.kernels[0].startswith("depthwise_wide_cpu")
+    assert plan.algorithm == "depthwise" and plan.kernels[0].startswith(kernel)
     assert plan.spec.geometry.P * plan.spec.geometry.Q * plan.spec.geometry.U >= depthwise.STRIDED_WIDE_POSITIONS
-    assert_close(op(x, w, b, **opts), reference.conv(x, w, b, **opts), "float64", "strided wide")
+    assert_close(op(x, w, b, **opts), reference.conv(x, w, b, **opts), "float64", f"strided {family}")
     g = plan.spec.geometry
     assert calls == [(g.stride_d, g.stride_h, g.stride_w)]
     w[0, 0, (0,) * nd] = np.nan  # the first tap reads the padding of the first outputs
-    assert_close(op(x, w, b, **opts), reference.conv(x, w, b, **opts), "float64", "strided wide, NaN weight")
+    assert_close(op(x, w, b, **opts), reference.conv(x, w, b, **opts), "float64", f"strided {family}, NaN weight")
     rows = op(x, w, b, **opts, workspace_limit=0)
     assert len(calls) == 2
     assert_close(rows, reference.conv(x, w, b, **opts), "float64", "strided rows")
+
+
+@pytest.mark.parametrize("x_shape, w_shape, opts", [
+    ((3, 20, 7, 7), (20, 1, 3, 3), dict(padding=1, groups=20)),                      # MobileNet's 7x7, 2 blocks
+    ((2, 5, 8, 9), (15, 1, 5, 3), dict(padding=((3, 0), (1, 2)), dilation=(1, 2), groups=5)),  # multiplier 3
+    ((1, 3, 4, 5, 6), (3, 1, 3, 2, 3), dict(stride=(1, 2, 1), padding=1, groups=3)),  # 3-D
+    ((2, 17, 40), (17, 1, 7), dict(stride=2, padding=3, groups=17)),                  # 1-D, a block of one lane
+    ((1, 2, 6, 6), (2, 1, 4, 4), dict(stride=3, padding=7, groups=2)),                # padding past a tap's reach
+])
+@pytest.mark.parametrize("primitive", list(OPS))
+def test_small_depthwise_planes_run_the_lanes_kernels_then_the_wide_then_the_rows(x_shape, w_shape, opts, primitive,
+                                                                                   monkeypatch):
+    """Planes of at most LANES_POSITIONS positions run LANES channels at a time, interleaved (the forward and weight
+    gradient at any stride; the input gradient at unit stride), against the reference, also one sample a task; a
+    workspace_limit below their scratch takes the wide kernel where it runs, then the row kernels; a NaN weight
+    (input gradient) or an inf in x (weight gradient) gives the reference's non-finite values."""
+    from cnnfast.kernels.cpu import depthwise
+    calls = []
+    for name in ("depthwise_lanes_cpu", "depthwise_lanes_filter_cpu"):
+        real = getattr(depthwise, name)
+        monkeypatch.setattr(depthwise, name, lambda *args, name=name, real=real: calls.append(name) or real(*args))
+    nd = len(x_shape) - 2
+    rng = np.random.default_rng(12)
+    x, w, b = rng.standard_normal(x_shape), rng.standard_normal(w_shape), rng.standard_normal(w_shape[0])
+    dy = rng.standard_normal(cnnfast.ConvSpec.create(f"conv{nd}d", x_shape, w_shape, **opts).output_shape)
+    suffix = {"forward": "", "backward_data": "_input", "backward_filter": "_weight"}[primitive]
+    op = getattr(cnnfast, f"conv{nd}d") if primitive == "forward" else getattr(grad, f"conv{nd}d{suffix}")
+    ref = {"forward": reference.conv, "backward_data": reference.conv_input,
+           "backward_filter": reference.conv_weight}[primitive]
+
+    def args():
+        return {"forward": (x, w, b), "backward_data": (x_shape, w, dy), "backward_filter": (x, w_shape, dy)}[primitive]
+
+    plan = cnnfast.explain(f"conv{nd}d{suffix}", *args(), **opts, algo="depthwise")
+    g = plan.spec.geometry
+    lanes = primitive != "backward_data" or g.stride_d == g.stride_h == g.stride_w == 1
+    assert plan.algorithm == "depthwise" and plan.kernels[0].startswith("depthwise_lanes_") == lanes
+    expected = ref(*args(), **opts)
+    assert_close(op(*args(), **opts, algo="depthwise"), expected, "float64", "lanes")
+    assert len(calls) == lanes
+    if primitive == "forward":  # one sample a task (the forward splits the batch when blocks are few)
+        monkeypatch.setattr(depthwise, "_samples", lambda n, channels: 1)
+        assert_close(op(*args(), **opts, algo="depthwise"), expected, "float64", "lanes, a sample a task")
+    for limit in (plan.workspace_bytes - 1, 0):  # the wide kernel where it runs, then the row kernels
+        smaller = cnnfast.explain(f"conv{nd}d{suffix}", *args(), **opts, algo="depthwise", workspace_limit=limit)
+        assert smaller.workspace_bytes <= limit
+        assert_close(op(*args(), **opts, algo="depthwise", workspace_limit=limit), expected, "float64", "limit")
+    assert len(calls) == lanes * (1 + (primitive == "forward"))
+    if primitive == "backward_filter":
+        x[(0, 0) + (-1,) * nd] = np.inf  # read by few taps; the lane-wise dot products meet it at dropped positions
+    else:
+        w[(0, 0) + (0,) * nd] = np.nan
+    with np.errstate(invalid="ignore"):  # (the reference's inf - inf, inf * 0)
+        expected = ref(*args(), **opts)
+    assert_close(op(*args(), **opts, algo="depthwise"), expected, "float64", "non-finite")
 
 
 @pytest.mark.parametrize("x_shape, w_shape, opts", [
@@ -462,11 +523,25 @@ def test_the_wide_kernels_take_smaller_blocks_of_samples_under_a_workspace_limit
                  layer.expected(primitive), "float64", "smaller blocks")
 
 
-def test_a_small_strided_depthwise_forward_keeps_the_row_kernel():
-    """Below STRIDED_WIDE_POSITIONS outputs per plane (3x3 stride 2 960 @7: 4x4 outputs) the row kernel was faster."""
-    plan = cnnfast.explain("conv2d", (8, 960, 7, 7), (960, 1, 3, 3), stride=2, padding=1, groups=960)
-    assert plan.algorithm == "depthwise" and plan.kernels[0].startswith("depthwise_forward_cpu")
-    assert plan.workspace_bytes == 0
+@pytest.mark.parametrize("x_shape, w_shape, stride, forward, weight", [
+    ((8, 960, 7, 7), (960, 1, 3, 3), 2, "depthwise_lanes_cpu", "depthwise_lanes_filter_cpu"),   # 4x4 outputs
+    ((8, 960, 10, 10), (960, 1, 3, 3), 1, "depthwise_lanes_cpu", "depthwise_lanes_filter_cpu"),  # 100
+    ((8, 576, 14, 14), (576, 1, 3, 3), 1, "depthwise_wide_cpu", "depthwise_wide_filter_cpu"),    # 196
+    ((8, 240, 28, 28), (240, 1, 5, 5), 2, "depthwise_wide_cpu", "depthwise_lanes_filter_cpu"),   # 196 at stride 2
+    ((8, 144, 56, 56), (144, 1, 3, 3), 2, "depthwise_wide_cpu", "direct_backward_filter_cpu"),   # 784 at stride 2
+])
+def test_the_depthwise_plane_kernels_by_plane_size(x_shape, w_shape, stride, forward, weight):
+    """The lanes kernels on planes of at most LANES_POSITIONS outputs (3x3 stride 2 960 @7, 4x4 outputs, took the
+    row kernel, faster than the wide one there), the weight gradient at a stride up to
+    LANES_STRIDED_FILTER_POSITIONS (else direct's kernel); under a limit below their scratch, the next kernel."""
+    opts = dict(stride=stride, padding=w_shape[-1] // 2, groups=x_shape[1])
+    dy = cnnfast.ConvSpec.create("conv2d", x_shape, w_shape, **opts).output_shape
+    plan = cnnfast.explain("conv2d", x_shape, w_shape, **opts)
+    assert plan.algorithm == "depthwise" and plan.kernels[0].startswith(forward + " (")
+    assert cnnfast.explain("conv2d_weight", x_shape, w_shape, dy, **opts).kernels[0].startswith(weight + " ")
+    smaller = cnnfast.explain("conv2d", x_shape, w_shape, **opts, workspace_limit=plan.workspace_bytes - 1)
+    assert smaller.workspace_bytes < plan.workspace_bytes
+    assert (smaller.workspace_bytes > 0) == (forward == "depthwise_lanes_cpu" and stride == 1)  # lanes, wide, rows
 
 
 # ---------------------------------------------------------------- 2. bitwise determinism
@@ -765,7 +840,7 @@ def _parallel_kernels():
 
 def test_every_parallel_cpu_kernel_has_a_serial_build_with_its_own_cache_files():
     kernels = _parallel_kernels()
-    assert len(kernels) == 16, sorted(kernels)
+    assert len(kernels) == 18, sorted(kernels)
     for name, k in kernels.items():
         serial = k.serial
         assert serial.py_func.__code__ is k.py_func.__code__ and "parallel" not in serial.targetoptions, name

@@ -125,11 +125,14 @@ def _kernels(name):
             kernel = (f"{family} ({kernel} when its scratch exceeds workspace_limit"
                       + {"forward": ")", "backward_data": " or the weight holds a NaN or an inf)",
                          "backward_filter": "; again when the result holds a NaN or an inf)"}[primitive])
-        if name == "depthwise" and depthwise.takes_wide(g, primitive):
+        if name == "depthwise" and depthwise.takes(g, primitive):
             unit = g.stride_d == g.stride_h == g.stride_w == 1
             plane = {"forward": "depthwise_wide_cpu", "backward_filter": "depthwise_wide_filter_cpu",
                     "backward_data": "depthwise_wide_cpu" if unit else "depthwise_wide_classes_cpu"}[primitive]
-            kernel = (f"{plane} ({kernel} when its scratch exceeds workspace_limit"
+            lanes = "depthwise_lanes_filter_cpu" if primitive == "backward_filter" else "depthwise_lanes_cpu"
+            first, *then = [{"lanes": lanes, "wide": plane}[f] for f in depthwise.takes(g, primitive)] + [kernel]
+            kernel = (f"{first} ({then[0]} when its scratch exceeds workspace_limit"
+                      + "".join(f", {k} when that one's does too" for k in then[1:])
                       + {"forward": ")", "backward_data": " or the weight holds a NaN or an inf)",
                          "backward_filter": "; direct's again when the result holds a NaN or an inf)"}[primitive])
         return (f"{kernel} [{dtype}]",)
