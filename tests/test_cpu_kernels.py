@@ -544,6 +544,36 @@ def test_the_depthwise_plane_kernels_by_plane_size(x_shape, w_shape, stride, for
     assert (smaller.workspace_bytes > 0) == (forward == "depthwise_lanes_cpu" and stride == 1)  # lanes, wide, rows
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_depthwise_weight_gradient_on_directs_kernels_keeps_within_the_limit(stride, monkeypatch):
+    """A depthwise weight gradient with no plane kernel (stride 2, 30x30 outputs), or none that fits the limit, runs
+    direct's kernels: its wide one (channel multiplier >= 3) where that fits the same limit, counted in the plan's
+    workspace, else its row kernel, with none (direct ran under its own default limit until 2026-12-06)."""
+    from cnnfast.kernels.cpu import depthwise, direct, wide
+    calls = []
+    real = wide.backward_filter
+    monkeypatch.setattr(wide, "backward_filter", lambda *args: calls.append(1) or real(*args))
+    rng = np.random.default_rng(13)
+    opts = dict(stride=stride, padding=1, groups=8)
+    x, w_shape = rng.standard_normal((2, 8, 60, 60)), (32, 1, 3, 3)  # multiplier 4
+    dy = rng.standard_normal(cnnfast.ConvSpec.create("conv2d", x.shape, w_shape, **opts).output_shape)
+    expected = reference.conv_weight(x, w_shape, dy, **opts)
+    g = cnnfast.explain("conv2d_weight", x, w_shape, dy, **opts, algo="depthwise").spec.geometry
+    assert depthwise.takes(g, "backward_filter") == (() if stride > 1 else ("wide",))
+    directs = direct.workspace_bytes(g, "backward_filter", x.itemsize, None)
+    limits = [None, directs, 0] if stride > 1 else [0]  # (stride 1: the wide plane kernel's scratch is smaller)
+    for limit in limits:
+        plan = cnnfast.explain("conv2d_weight", x, w_shape, dy, **opts, algo="depthwise", workspace_limit=limit)
+        runs = limit != 0
+        assert plan.workspace_bytes == (directs if runs else 0) and 0 < directs
+        assert plan.kernels[0].startswith("direct's spread_cpu + wide_direct_filter_cpu" if stride > 1 else
+                                          "depthwise_wide_filter_cpu (direct's spread_cpu")
+        before = len(calls)
+        assert_close(grad.conv2d_weight(x, w_shape, dy, **opts, algo="depthwise", workspace_limit=limit), expected,
+                     "float64", f"limit {limit}")
+        assert len(calls) - before == runs
+
+
 # ---------------------------------------------------------------- 2. bitwise determinism
 
 DENSE = dict(x_shape=(3, 16, 12, 12), w_shape=(16, 16, 3, 3), padding=1)

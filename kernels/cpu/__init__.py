@@ -2,7 +2,7 @@
 
 choose(g, primitive), the cost model behind algo="auto" (from `cnnfast bench --shapes cpu` and thin-layer
 measurements on a 2-core AVX2 machine, bench/RESULTS.md), the same for all three primitives:
-  1. depthwise layers (groups == C)                   -> depthwise (memory-bound; a plane per task), but
+  1. depthwise layers (groups == C)                   -> depthwise (memory-bound; a plane, or 16, per task), but
                                                          - a single-channel input with >= SINGLE_CHANNEL_GEMM
                                                            output channels (backward: and a stride or >= 4096
                                                            positions; or a kernel of >= 27 taps and >= 32
@@ -125,16 +125,20 @@ def _kernels(name):
             kernel = (f"{family} ({kernel} when its scratch exceeds workspace_limit"
                       + {"forward": ")", "backward_data": " or the weight holds a NaN or an inf)",
                          "backward_filter": "; again when the result holds a NaN or an inf)"}[primitive])
-        if name == "depthwise" and depthwise.takes(g, primitive):
+        if name == "depthwise":  # the plane kernels that run where their scratch fits, in order (depthwise.takes)
             unit = g.stride_d == g.stride_h == g.stride_w == 1
             plane = {"forward": "depthwise_wide_cpu", "backward_filter": "depthwise_wide_filter_cpu",
-                    "backward_data": "depthwise_wide_cpu" if unit else "depthwise_wide_classes_cpu"}[primitive]
+                     "backward_data": "depthwise_wide_cpu" if unit else "depthwise_wide_classes_cpu"}[primitive]
             lanes = "depthwise_lanes_filter_cpu" if primitive == "backward_filter" else "depthwise_lanes_cpu"
-            first, *then = [{"lanes": lanes, "wide": plane}[f] for f in depthwise.takes(g, primitive)] + [kernel]
-            kernel = (f"{first} ({then[0]} when its scratch exceeds workspace_limit"
-                      + "".join(f", {k} when that one's does too" for k in then[1:])
-                      + {"forward": ")", "backward_data": " or the weight holds a NaN or an inf)",
-                         "backward_filter": "; direct's again when the result holds a NaN or an inf)"}[primitive])
+            chain = [{"lanes": lanes, "wide": plane}[f] for f in depthwise.takes(g, primitive)]
+            if primitive == "backward_filter" and wide.supports(g, primitive) is None:  # (a multiplier >= 3)
+                chain.append(f"direct's {_KERNELS['wide'][primitive]}")
+            if chain:
+                first, *then = chain + [kernel]
+                kernel = (f"{first} ({then[0]} when its scratch exceeds workspace_limit"
+                          + "".join(f", {k} when that one's does too" for k in then[1:])
+                          + {"forward": ")", "backward_data": " or the weight holds a NaN or an inf)",
+                             "backward_filter": "; direct's again when the result holds a NaN or an inf)"}[primitive])
         return (f"{kernel} [{dtype}]",)
     return names
 
@@ -149,7 +153,8 @@ ALGORITHMS = {
                         doc="column matrix + BLAS GEMM, col2im as a gather; scratch capped by workspace_limit"),
     "depthwise": Algorithm("depthwise", depthwise.forward, depthwise.backward_data, depthwise.backward_filter,
                            supports=depthwise.supports, workspace_bytes=depthwise.workspace_bytes,
-                           kernels=_kernels("depthwise"), doc="groups == channels: one plane per task"),
+                           kernels=_kernels("depthwise"),
+                           doc="groups == channels: one plane per task (small planes: 16 interleaved)"),
     "winograd": Algorithm("winograd", winograd.forward, winograd.backward_data, winograd.backward_filter,
                           supports=winograd.supports, workspace_bytes=winograd.workspace_bytes,
                           kernels=_kernels("winograd"),
@@ -171,7 +176,7 @@ def choose(g, primitive):
             return "im2col", gemm[1] + f" (a single-channel input's layer of {g.K} output channels)"
         if primitive == "backward_filter" and g.D == g.H == 1:
             return "direct", "1-D depthwise weight gradient: direct's per-(k, c) dot products"
-        return "depthwise", "depthwise layer (groups == in_channels): memory-bound, plane-per-task kernel"
+        return "depthwise", "depthwise layer (groups == in_channels): memory-bound, plane-per-task kernels"
     if g.covers_input:
         return "im2col", (f"the kernel covers the whole input: one GEMM of {g.N} x {cg * g.T * g.R * g.S} x {kg} "
                           f"over the batch per group (a fully connected layer)")

@@ -566,7 +566,9 @@ def _threads():
 
 def workspace_bytes(g, primitive, itemsize, workspace_limit):
     name = family(g, primitive, itemsize, workspace_limit)
-    return 0 if name == "rows" else _scratch(g, primitive, itemsize, name) * _threads()
+    if name == "rows":  # the weight gradient's: direct's kernels, its wide one where that fits (a multiplier >= 3)
+        return direct.workspace_bytes(g, primitive, itemsize, workspace_limit) if primitive == "backward_filter" else 0
+    return _scratch(g, primitive, itemsize, name) * _threads()
 
 
 def supports(g, primitive):
@@ -625,4 +627,4 @@ def backward_filter(x, dy, dw, g, workspace_limit=None):
         sized(depthwise_wide_filter_cpu, g.dense_macs)(x, dy, dw, g.pad_d, g.pad_h, g.pad_w, g.dil_d, g.dil_h,
                                                        g.dil_w)
     if name == "rows" or direct.nonfinite_channels(dw.reshape(1, g.K, -1)).any():
-        direct.backward_filter(x, dy, dw, g)  # (one task per (k, c) = per k here)
+        direct.backward_filter(x, dy, dw, g, workspace_limit)  # (its row kernel: one task per (k, c) = per k here)
