@@ -376,40 +376,28 @@ def test_small_depthwise_planes_run_the_lanes_kernels_then_the_wide_then_the_row
     for name in ("depthwise_lanes_cpu", "depthwise_lanes_filter_cpu"):
         real = getattr(depthwise, name)
         monkeypatch.setattr(depthwise, name, lambda *args, name=name, real=real: calls.append(name) or real(*args))
-    nd = len(x_shape) - 2
-    rng = np.random.default_rng(12)
-    x, w, b = rng.standard_normal(x_shape), rng.standard_normal(w_shape), rng.standard_normal(w_shape[0])
-    dy = rng.standard_normal(cnnfast.ConvSpec.create(f"conv{nd}d", x_shape, w_shape, **opts).output_shape)
-    suffix = {"forward": "", "backward_data": "_input", "backward_filter": "_weight"}[primitive]
-    op = getattr(cnnfast, f"conv{nd}d") if primitive == "forward" else getattr(grad, f"conv{nd}d{suffix}")
-    ref = {"forward": reference.conv, "backward_data": reference.conv_input,
-           "backward_filter": reference.conv_weight}[primitive]
-
-    def args():
-        return {"forward": (x, w, b), "backward_data": (x_shape, w, dy), "backward_filter": (x, w_shape, dy)}[primitive]
-
-    plan = cnnfast.explain(f"conv{nd}d{suffix}", *args(), **opts, algo="depthwise")
+    layer = Layer(x_shape, w_shape, seed=12, **opts)
+    plan = layer.explain(primitive, algo="depthwise")
     g = plan.spec.geometry
     lanes = primitive != "backward_data" or g.stride_d == g.stride_h == g.stride_w == 1
     assert plan.algorithm == "depthwise" and plan.kernels[0].startswith("depthwise_lanes_") == lanes
-    expected = ref(*args(), **opts)
-    assert_close(op(*args(), **opts, algo="depthwise"), expected, "float64", "lanes")
+    expected = layer.expected(primitive)
+    assert_close(layer.run(primitive, algo="depthwise"), expected, "float64", "lanes")
     assert len(calls) == lanes
     if primitive == "forward":  # one sample a task (the forward splits the batch when blocks are few)
         monkeypatch.setattr(depthwise, "_samples", lambda n, channels: 1)
-        assert_close(op(*args(), **opts, algo="depthwise"), expected, "float64", "lanes, a sample a task")
+        assert_close(layer.run(primitive, algo="depthwise"), expected, "float64", "lanes, a sample a task")
     for limit in (plan.workspace_bytes - 1, 0):  # the wide kernel where it runs, then the row kernels
-        smaller = cnnfast.explain(f"conv{nd}d{suffix}", *args(), **opts, algo="depthwise", workspace_limit=limit)
-        assert smaller.workspace_bytes <= limit
-        assert_close(op(*args(), **opts, algo="depthwise", workspace_limit=limit), expected, "float64", "limit")
+        assert layer.explain(primitive, algo="depthwise", workspace_limit=limit).workspace_bytes <= limit
+        assert_close(layer.run(primitive, algo="depthwise", workspace_limit=limit), expected, "float64", "limit")
     assert len(calls) == lanes * (1 + (primitive == "forward"))
     if primitive == "backward_filter":
-        x[(0, 0) + (-1,) * nd] = np.inf  # read by few taps; the lane-wise dot products meet it at dropped positions
-    else:
-        w[(0, 0) + (0,) * nd] = np.nan
+        layer.x[(0, 0) + (-1,) * (len(x_shape) - 2)] = np.inf  # few taps read it; the lane-wise products meet it
+    else:                                                      # at dropped positions too
+        layer.w[(0, 0) + (0,) * (len(x_shape) - 2)] = np.nan
     with np.errstate(invalid="ignore"):  # (the reference's inf - inf, inf * 0)
-        expected = ref(*args(), **opts)
-    assert_close(op(*args(), **opts, algo="depthwise"), expected, "float64", "non-finite")
+        expected = layer.expected(primitive)
+    assert_close(layer.run(primitive, algo="depthwise"), expected, "float64", "non-finite")
 
 
 @pytest.mark.parametrize("x_shape, w_shape, opts", [
