@@ -167,7 +167,7 @@ def pad_plane(plane, padded, pd, ph, pw, Hp, Wp, sd, sh, sw, lane=0, lanes=1):
 def tap_offsets(T, R, S, dd, dh, dw_, sd, sh, sw, Dp, Hp, Wp):
     """Per tap (t, r, s), in order: where it reads pad_plane's volumes, as an offset from the output's position on
     the wide grid: phase ((t*dd) % sd, ...) at ((t*dd) // sd, ...). (The kernels scale them by LANES as they read
-    them: offsets LLVM sees are multiples of LANES made the lanes kernel ~25% faster than the same offsets stored.)"""
+    them: offsets LLVM sees are multiples of LANES made the lanes kernel 15-25% faster than the same offsets stored.)"""
     offsets = np.empty(T * R * S, np.int64)
     for tap in range(T * R * S):
         t, r, s = tap // (R * S), (tap // S) % R, tap % S
