@@ -11,6 +11,7 @@ batch of problems as one cnnfast call). The formulas and cnnfast.torch call them
 from __future__ import annotations
 
 import ast
+import contextlib
 import numbers
 import operator
 from functools import lru_cache
@@ -21,7 +22,7 @@ import torch
 from torch._prims_common import suggest_memory_format
 from torch.autograd import forward_ad
 
-from cnnfast import api, grad, spec
+from cnnfast import api, compare, grad, spec, tune
 from cnnfast.kernels.contract import conv_output_size
 
 # ---------------------------------------------------------------- tensors <-> cnnfast arrays
@@ -323,20 +324,26 @@ def _dispatch(op, keep, backward, jvp):
     forward-mode AD an autograd.Function running it (with keep as its setup_context, the backward and jvp
     formulas)."""
     def save(ctx, inputs, output):  # keep returns the tensors the formulas need
+        ctx.modes = _modes()
         ctx.save_for_backward(*keep(ctx, inputs, output))
 
     def save_both(ctx, inputs, output):  # for the backward formula and the jvp
+        ctx.modes = _modes()
         tensors = keep(ctx, inputs, output)
         ctx.save_for_backward(*tensors)
         ctx.save_for_forward(*tensors)
 
+    def run_backward(ctx, *grads):
+        with _modes_of(ctx):
+            return backward(ctx, *grads)
+
     def forward(*args):
         return op(*(list(a) if isinstance(a, _Size) else a for a in args))
 
-    op.register_autograd(backward, setup_context=save)
+    op.register_autograd(run_backward, setup_context=save)
     function = type(op._name, (torch.autograd.Function,), {
         "forward": staticmethod(forward), "setup_context": staticmethod(save_both),
-        "backward": staticmethod(backward), "jvp": staticmethod(jvp), "generate_vmap_rule": True})
+        "backward": staticmethod(run_backward), "jvp": staticmethod(jvp), "generate_vmap_rule": True})
 
     apply = torch.compiler.disable(function.apply)  # torch.compile does not trace it: a graph break
 
@@ -345,6 +352,28 @@ def _dispatch(op, keep, backward, jvp):
             return apply(*(_Size(a) if isinstance(a, list) else a for a in args))
         return op(*args)
     return call
+
+
+# Check mode and autotuning are set per thread (contextvars), but torch's autograd runs the backward pass of CUDA
+# tensors on a thread of its own, where neither is set: a backward formula runs under the modes its forward op ran
+# under, unless the thread running it set its own (on the CPU, the thread that called backward()).
+_MODES = (compare._MODE, tune._MODE)
+
+
+def _modes():
+    """The check and autotune modes set now (None: not set; cnnfast.check's collecting list is not carried on)."""
+    return tuple(mode if isinstance(mode, bool) else None for mode in (var.get() for var in _MODES))
+
+
+@contextlib.contextmanager
+def _modes_of(ctx):
+    """Within the block, the modes ctx's forward op ran under, where this thread has not set its own."""
+    tokens = [(var, var.set(mode)) for var, mode in zip(_MODES, ctx.modes) if mode is not None and var.get() is None]
+    try:
+        yield
+    finally:
+        for var, token in reversed(tokens):
+            var.reset(token)
 
 
 class _Size(tuple):

@@ -196,8 +196,9 @@ def active() -> bool:
 
 @contextlib.contextmanager
 def checking(enabled=True):
-    """Within the block (this thread / task), every op checks its result against the float64 reference and
-    raises MismatchError on a mismatch; checking(False) switches it off, whatever CNNFAST_CHECK says."""
+    """Within the block (this thread / task, and cnnfast.torch's backward passes of the ops run in it), every op
+    checks its result against the float64 reference and raises MismatchError on a mismatch; checking(False)
+    switches it off, whatever CNNFAST_CHECK says."""
     token = _MODE.set(bool(enabled))
     try:
         yield

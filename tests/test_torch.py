@@ -3,8 +3,11 @@ state_dict, replace_convs on a ResNet-style model, and LeNet-5 trained twice (to
 
 CUDA tensors are tested when torch sees a GPU (the simulator cannot take torch CUDA tensors).
 """
+import contextlib
 import copy
+import dataclasses
 import math
+import threading
 import warnings
 
 import numpy as np
@@ -14,6 +17,7 @@ torch = pytest.importorskip("torch")
 import cnnfast  # noqa: E402
 import cnnfast.torch as cf  # noqa: E402
 from cnnfast import _torch_ops as ops  # noqa: E402
+from cnnfast import tune  # noqa: E402
 from cnnfast.plan import algorithms  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -475,6 +479,57 @@ def test_check_mode_passes_a_conv_with_bias_before_batchnorm():
         with cnnfast.checking():
             model(torch.randn(4, 3, 12, 12, dtype=dtype)).square().mean().backward()
         assert model[0].bias.grad.abs().max() < 1e-4 * model[0].weight.grad.abs().max()
+
+
+def _backward_on_a_thread_of_its_own(loss, *modes):
+    """loss.backward() as torch runs a CUDA graph's backward pass: on a thread where no contextvar is set (besides
+    `modes`, context managers entered there first); returns what it raised, or None."""
+    raised = []
+
+    def run():
+        try:
+            with contextlib.ExitStack() as stack:
+                for mode in modes:
+                    stack.enter_context(mode)
+                loss.backward()
+        except Exception as e:  # noqa: BLE001 (handed to the test)
+            raised.append(e)
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return raised[0] if raised else None
+
+
+def test_backward_passes_run_under_the_modes_their_forward_ran_under(monkeypatch):
+    """checking() and autotune() are per thread, and torch runs CUDA backward passes on threads of its own: the
+    backward formulas take the forward op's modes there, unless that thread set its own."""
+    algorithms = cnnfast.kernels.cpu.ALGORITHMS
+    good = algorithms["direct"]
+
+    def backward_data(dy, w, dx, g, **kw):  # one element of the input gradient off by one
+        good.backward_data(dy, w, dx, g, **kw)
+        dx.reshape(-1)[5] += 1.0
+    monkeypatch.setitem(algorithms, "direct", dataclasses.replace(good, backward_data=backward_data))
+    conv = cf.Conv2d(2, 3, 3, padding=1)
+    conv.algo = "direct"
+
+    def loss(*modes):
+        x = torch.randn(2, 2, 6, 6, requires_grad=True)
+        with contextlib.ExitStack() as stack:
+            for mode in modes:
+                stack.enter_context(mode)
+            return conv(x).square().sum()
+    assert _backward_on_a_thread_of_its_own(loss()) is None  # unchecked: the wrong gradient goes unnoticed
+    raised = _backward_on_a_thread_of_its_own(loss(cnnfast.checking()))
+    assert isinstance(raised, cnnfast.MismatchError) and "conv2d_input (algorithm 'direct' on cpu)" in str(raised)
+    assert _backward_on_a_thread_of_its_own(loss(cnnfast.checking()), cnnfast.checking(False)) is None
+
+    monkeypatch.setattr(tune, "_WINNERS", {})
+    _backward_on_a_thread_of_its_own(loss(cnnfast.autotune()))
+    assert not tune._WINNERS  # algo="direct" is not tuned
+    conv.algo = "auto"
+    _backward_on_a_thread_of_its_own(loss(cnnfast.autotune()))
+    assert sorted(key.split("|")[1] for key in tune._WINNERS) == ["backward_data", "backward_filter", "forward"]
 
 
 def test_conv_transpose_output_size_errors_are_cnnfasts():
