@@ -319,6 +319,32 @@ def test_unit_stride_depthwise_runs_the_wide_plane_kernel_and_falls_back_under_a
     assert_close(rows, layer.expected(primitive), "float64", f"{OPS[primitive]} depthwise rows")
 
 
+@pytest.mark.parametrize("primitive", ["forward", "backward_data"])
+@pytest.mark.parametrize("x_shape, w_shape, opts", [
+    ((3, 4, 9, 10), (8, 1, 3, 3), dict(padding=1, groups=4)),                           # multiplier 2
+    ((2, 3, 16, 17), (3, 1, 5, 5), dict(stride=2, padding=((2, 1), (0, 3)), groups=3)),  # phase volumes; classes
+    ((1, 5, 4, 6, 7), (5, 1, 2, 3, 3), dict(padding=(0, 1, 2), dilation=(1, 1, 2), groups=5)),
+])
+def test_depthwise_plane_kernels_reuse_their_scratch_over_a_run_of_planes(x_shape, w_shape, opts, primitive,
+                                                                          monkeypatch):
+    """depthwise_wide_cpu and depthwise_wide_classes_cpu allocate their scratch once per run of planes: each plane
+    rewrites the padded plane's inside (its zero border kept) and clears the wide grid, so an inf in one plane
+    reaches only that plane's results, as in the reference (runs of 3 planes, the last one short; 4 for a run of
+    all)."""
+    from cnnfast.kernels.cpu import depthwise
+    layer = Layer(x_shape, w_shape, seed=14, **opts)
+    assert layer.explain(primitive, algo="depthwise").kernels[0].startswith(("depthwise_wide_cpu",
+                                                                             "depthwise_wide_classes_cpu"))
+    source = layer.x if primitive == "forward" else layer.args(primitive)[2]
+    source[(x_shape[0] - 1, 1) + (2,) * (len(x_shape) - 2)] = np.inf
+    with np.errstate(invalid="ignore"):
+        expected = layer.expected(primitive)
+    assert np.isinf(expected).any() and np.isfinite(expected).mean() > 0.5
+    for planes in (3, 4 * x_shape[0] * w_shape[0]):
+        monkeypatch.setattr(depthwise, "_planes", lambda count, planes=planes: planes)
+        assert_close(layer.run(primitive, algo="depthwise"), expected, "float64", f"runs of {planes} planes")
+
+
 @pytest.mark.parametrize("family", ["lanes", "wide"])
 @pytest.mark.parametrize("x_shape, w_shape, opts", [
     ((2, 4, 16, 17), (4, 1, 5, 5), dict(stride=2, padding=2, groups=4)),              # EfficientNet's 5x5 s2
@@ -359,8 +385,8 @@ def test_a_strided_depthwise_forward_runs_the_plane_kernels_on_phase_volumes(x_s
 
 @pytest.mark.parametrize("x_shape, w_shape, opts", [
     ((3, 20, 7, 7), (20, 1, 3, 3), dict(padding=1, groups=20)),                      # MobileNet's 7x7, 2 blocks
-    ((2, 5, 8, 9), (15, 1, 5, 3), dict(padding=((3, 0), (1, 2)), dilation=(1, 2), groups=5)),  # multiplier 3
-    ((1, 3, 4, 5, 6), (3, 1, 3, 2, 3), dict(stride=(1, 2, 1), padding=1, groups=3)),  # 3-D
+    ((2, 5, 6, 7), (15, 1, 5, 3), dict(padding=((3, 0), (1, 2)), dilation=(1, 2), groups=5)),  # multiplier 3
+    ((1, 3, 3, 4, 4), (3, 1, 3, 2, 3), dict(stride=(1, 2, 1), padding=1, groups=3)),  # 3-D
     ((2, 17, 40), (17, 1, 7), dict(stride=2, padding=3, groups=17)),                  # 1-D, a block of one lane
     ((1, 2, 6, 6), (2, 1, 4, 4), dict(stride=3, padding=7, groups=2)),                # padding past a tap's reach
 ])
@@ -513,14 +539,15 @@ def test_the_wide_kernels_take_smaller_blocks_of_samples_under_a_workspace_limit
 
 @pytest.mark.parametrize("x_shape, w_shape, stride, forward, weight", [
     ((8, 960, 7, 7), (960, 1, 3, 3), 2, "depthwise_lanes_cpu", "depthwise_lanes_filter_cpu"),   # 4x4 outputs
-    ((8, 960, 10, 10), (960, 1, 3, 3), 1, "depthwise_lanes_cpu", "depthwise_lanes_filter_cpu"),  # 100
+    ((8, 960, 7, 7), (960, 1, 3, 3), 1, "depthwise_lanes_cpu", "depthwise_lanes_filter_cpu"),    # 49
+    ((8, 960, 10, 10), (960, 1, 3, 3), 1, "depthwise_wide_cpu", "depthwise_lanes_filter_cpu"),   # 100
     ((8, 576, 14, 14), (576, 1, 3, 3), 1, "depthwise_wide_cpu", "depthwise_wide_filter_cpu"),    # 196
     ((8, 240, 28, 28), (240, 1, 5, 5), 2, "depthwise_wide_cpu", "depthwise_lanes_filter_cpu"),   # 196 at stride 2
     ((8, 144, 56, 56), (144, 1, 3, 3), 2, "depthwise_wide_cpu", "direct_backward_filter_cpu"),   # 784 at stride 2
 ])
 def test_the_depthwise_plane_kernels_by_plane_size(x_shape, w_shape, stride, forward, weight):
     """The lanes kernels on planes of at most LANES_POSITIONS outputs (3x3 stride 2 960 @7, 4x4 outputs, took the
-    row kernel, faster than the wide one there), the weight gradient at a stride up to
+    row kernel, faster than the wide one there), the weight gradient up to LANES_FILTER_POSITIONS, at a stride
     LANES_STRIDED_FILTER_POSITIONS (else direct's kernel); under a limit below their scratch, the next kernel."""
     opts = dict(stride=stride, padding=w_shape[-1] // 2, groups=x_shape[1])
     dy = cnnfast.ConvSpec.create("conv2d", x_shape, w_shape, **opts).output_shape

@@ -15,13 +15,15 @@ forward of at least STRIDED_WIDE_POSITIONS outputs per plane, its padded plane s
 (every tap reads one of them at unit stride), where the row kernel gathered every sw-th input; and a strided input
 gradient, by sub-pixel classes of dx positions, each the unit-stride correlation of dy with the taps that reach it
 (depthwise_wide_classes_cpu), where the row kernel scattered into every sw-th dx element. Three taps a pass
-(one load and store of the output for three multiply-adds; 1.1-1.3x faster than a tap a pass, 2026-12-06).
+(one load and store of the output for three multiply-adds; 1.1-1.3x faster than a tap a pass, 2026-12-06). Their
+scratch is allocated once per run of planes, and a plane's tap weights are read in order (tap_weights) rather than
+each from its index by three integer divisions, which took a third of a 14x14 plane's time.
 On planes of at most LANES_POSITIONS positions a pass over one plane is mostly loop overhead (~60 multiply-adds
 on 7x7), so the lanes kernels (depthwise_lanes_cpu, depthwise_lanes_filter_cpu) run LANES channels at a time, their
 planes interleaved element by element in the same padded layout, the weights laid out per lane: each tap is one pass
-over LANES planes (3x3 depthwise 960 @7, batch 8, forward 0.87 -> 0.51 ms; the weight gradient at stride 2, which
-took direct's kernel, 2.5x faster). Their scratch (about two planes per thread, LANES planes deep for the lanes
-kernels) counts against workspace_limit; when it does not fit, the next family runs: lanes, wide, rows.
+over LANES planes (3x3 depthwise 960 @7, batch 4: 1.15x the wide kernel; 1.3x on 4x4 planes; the weight gradient
+at stride 2, which took direct's kernel, 2.5x faster). Their scratch (about two planes per thread, LANES planes deep
+for the lanes kernels) counts against workspace_limit; when it does not fit, the next family runs: lanes, wide, rows.
 Non-finite values as the reference has them: the wide input gradient also multiplies dy's zero border, so a NaN or
 inf weight takes the row kernel; the wide weight gradient also meets x past each row (dy 0 there), so a result that
 is not finite is computed again by direct's kernel; the row forward skips the padding, whose products with a
@@ -145,8 +147,10 @@ def pad_plane(plane, padded, pd, ph, pw, Hp, Wp, sd, sh, sw, lane=0, lanes=1):
         for fh in range(sh):
             for fw in range(sw):
                 volume = ((fd * sh + fh) * sw + fw) * Dp
-                lo = max(0, -((fw - pw) // sw))  # columns [lo, hi) of the phase hold plane columns e*sw + fw - pw
-                hi = min(Wp, -((fw - pw - W) // sw))
+                if sw == 1:  # columns [lo, hi) of the phase hold plane columns e*sw + fw - pw
+                    lo, hi = max(0, pw), min(Wp, pw + W)  # (no divisions: a third of a 7x7 plane's copy)
+                else:
+                    lo, hi = max(0, -((fw - pw) // sw)), min(Wp, -((fw - pw - W) // sw))
                 for a in range(Dp):
                     i_d = a * sd + fd - pd
                     for b in range(Hp):
@@ -177,24 +181,29 @@ def tap_offsets(T, R, S, dd, dh, dw_, sd, sh, sw, Dp, Hp, Wp):
 
 
 @njit()
-def tap_weight(w, row, tap, flip):
-    """w[row, 0, t, r, s] of tap (t, r, s) in order; flip: the tap mirrored in every axis (the input gradient)."""
+def tap_weights(w, row, flip, out):
+    """w[row, 0] into out[0 .. T*R*S) with its taps (t, r, s) in order; flip: each tap mirrored in every axis (the
+    input gradient). (Loops, not a tap's (t, r, s) from its index: three integer divisions a tap were a third of a
+    14x14 plane's time.)"""
     T, R, S = w.shape[2], w.shape[3], w.shape[4]
-    if flip:
-        tap = T * R * S - 1 - tap
-    return w[row, 0, tap // (R * S), (tap // S) % R, tap % S]
+    tap = 0
+    for t in range(T):
+        for r in range(R):
+            for s in range(S):
+                out[tap] = w[row, 0, T - 1 - t, R - 1 - r, S - 1 - s] if flip else w[row, 0, t, r, s]
+                tap += 1
 
 
 @parallel(fastmath=CONTRACT)
-def depthwise_wide_cpu(src, w, bias, has_bias, dst, flip, pd, ph, pw, dd, dh, dw_, sd, sh, sw):
-    """Depthwise correlation, one task per destination plane (n, j):
+def depthwise_wide_cpu(src, w, bias, has_bias, dst, flip, pd, ph, pw, dd, dh, dw_, sd, sh, sw, planes):
+    """Depthwise correlation, one task per run of `planes` destination planes (n, j) (their scratch allocated once):
 
         dst[n, j, p, q, u] = bias + sum over terms and taps of w[row, 0, t, r, s] * src[n, i, p*sd + t'*dd - pd, ...]
 
     forward (flip False):      src x, dst y; one term: i = j // M, row = j, t' = t (pd, ph, pw: the padding).
     backward_data (flip True): src dy, dst dx, unit strides; M terms: i = row = j*M + m, t' = T-1-t
                                (pd = (T-1)*dd - padding).
-    The source plane is copied once into zero-bordered scratch: at unit strides one volume (Dp, Hp, Wp) =
+    The source plane is copied into zero-bordered scratch: at unit strides one volume (Dp, Hp, Wp) =
     (P + (T-1)*dd, ...), at strides (sd, sh, sw) its sd*sh*sw phase volumes (pad_plane) of (P + (T-1)*dd // sd, ...),
     where tap (t, r, s) reads phase ((t*dd) % sd, ...) at offset ((t*dd) // sd, ...); then each tap is one pass
     wide[o] += w * padded[o + offset] over the flattened (P, Hp, Wp) grid (the columns past U are computed and
@@ -208,38 +217,39 @@ def depthwise_wide_cpu(src, w, bias, has_bias, dst, flip, pd, ph, pw, dd, dh, dw
     L = ((P - 1) * Hp + (Q - 1)) * Wp + U
     taps = T * R * S
     offsets = tap_offsets(T, R, S, dd, dh, dw_, sd, sh, sw, Dp, Hp, Wp)
-    for plane in numba.prange(N * Cd):
-        n, j = plane // Cd, plane % Cd
-        padded = np.zeros(sd * sh * sw * Dp * Hp * Wp, src.dtype)
+    for run in numba.prange(-(-N * Cd // planes)):
+        padded = np.zeros(sd * sh * sw * Dp * Hp * Wp, src.dtype)  # (pad_plane writes the same elements each plane)
         wide = np.empty(L, src.dtype)
-        b = bias[j] if has_bias else 0.0
-        for o in range(L):
-            wide[np.uint64(o)] = b
-        for m in range(terms):
-            row = j * M + m if flip else j
-            i = row if flip else j // M
-            pad_plane(src[n, i], padded, pd, ph, pw, Hp, Wp, sd, sh, sw)
-            for tap in range(0, taps - taps % 3, 3):  # three taps a pass: fewer loads, stores and loop starts
-                w0, w1, w2 = tap_weight(w, row, tap, flip), tap_weight(w, row, tap + 1, flip), tap_weight(
-                    w, row, tap + 2, flip)
-                a0, a1, a2 = np.uint64(offsets[tap]), np.uint64(offsets[tap + 1]), np.uint64(offsets[tap + 2])
-                for o in range(L):
-                    i_ = np.uint64(o)
-                    acc = wide[i_]
-                    acc += w0 * padded[i_ + a0]
-                    acc += w1 * padded[i_ + a1]
-                    acc += w2 * padded[i_ + a2]
-                    wide[i_] = acc
-            for tap in range(taps - taps % 3, taps):
-                wv, offset = tap_weight(w, row, tap, flip), np.uint64(offsets[tap])
-                for o in range(L):
-                    wide[np.uint64(o)] += wv * padded[np.uint64(o) + offset]
-        for p in range(P):
-            for q in range(Q):
-                out = dst[n, j, p, q]
-                at = (p * Hp + q) * Wp
-                for u in range(U):
-                    out[np.uint64(u)] = wide[np.uint64(at + u)]
+        weights = np.empty(taps, w.dtype)
+        for plane in range(run * planes, min(N * Cd, (run + 1) * planes)):
+            n, j = plane // Cd, plane % Cd
+            b = bias[j] if has_bias else 0.0
+            for o in range(L):
+                wide[np.uint64(o)] = b
+            for m in range(terms):
+                row = j * M + m if flip else j
+                pad_plane(src[n, row if flip else j // M], padded, pd, ph, pw, Hp, Wp, sd, sh, sw)
+                tap_weights(w, row, flip, weights)
+                for tap in range(0, taps - taps % 3, 3):  # three taps a pass: fewer loads, stores and loop starts
+                    w0, w1, w2 = weights[tap], weights[tap + 1], weights[tap + 2]
+                    a0, a1, a2 = np.uint64(offsets[tap]), np.uint64(offsets[tap + 1]), np.uint64(offsets[tap + 2])
+                    for o in range(L):
+                        i_ = np.uint64(o)
+                        acc = wide[i_]
+                        acc += w0 * padded[i_ + a0]
+                        acc += w1 * padded[i_ + a1]
+                        acc += w2 * padded[i_ + a2]
+                        wide[i_] = acc
+                for tap in range(taps - taps % 3, taps):
+                    wv, offset = weights[tap], np.uint64(offsets[tap])
+                    for o in range(L):
+                        wide[np.uint64(o)] += wv * padded[np.uint64(o) + offset]
+            for p in range(P):
+                for q in range(Q):
+                    out = dst[n, j, p, q]
+                    at = (p * Hp + q) * Wp
+                    for u in range(U):
+                        out[np.uint64(u)] = wide[np.uint64(at + u)]
 
 
 @parallel(fastmath=CONTRACT)
@@ -323,15 +333,16 @@ def depthwise_lanes_cpu(src, w, bias, has_bias, dst, flip, pd, ph, pw, dd, dh, d
 
 
 @parallel(fastmath=CONTRACT)
-def depthwise_wide_classes_cpu(dy, w, dx, classes, taps, lows, sd, sh, sw):
-    """Strided depthwise input gradient, one task per dx plane (n, c), by sub-pixel classes (subpixel_classes): the dx
-    positions a + stride*j of class a = (a_d, a_h, a_w) read only the taps whose (a + pad - tap*dil) is a multiple of
-    the stride, each from dy at j + (a + pad - tap*dil) // stride. Each dy plane (n, c*M + m) is padded once into
-    scratch (lows: its low zero borders and padded extents); per class each of its taps is one pass
-    grid[o] += w * padded[o + offset] over the class's grid (J_d, J_h, J_w) laid out on the padded rows (columns past
-    J_w computed and dropped, as in depthwise_wide_cpu), then the grids are scattered into dx (a class without taps
-    gives zeros). classes rows: (a_d, a_h, a_w, J_d, J_h, J_w, first tap row, tap rows, first grid element); taps
-    rows: (t, r, s, offset in the padded volume). Terms m in order, then each class's taps in order."""
+def depthwise_wide_classes_cpu(dy, w, dx, classes, taps, lows, sd, sh, sw, planes):
+    """Strided depthwise input gradient, one task per run of `planes` dx planes (n, c) (their scratch allocated once),
+    by sub-pixel classes (subpixel_classes): the dx positions a + stride*j of class a = (a_d, a_h, a_w) read only the
+    taps whose (a + pad - tap*dil) is a multiple of the stride, each from dy at j + (a + pad - tap*dil) // stride.
+    Each dy plane (n, c*M + m) is padded once into scratch (lows: its low zero borders and padded extents); per class
+    each of its taps is one pass grid[o] += w * padded[o + offset] over the class's grid (J_d, J_h, J_w) laid out on
+    the padded rows (columns past J_w computed and dropped, as in depthwise_wide_cpu), then the grids are scattered
+    into dx (a class without taps gives zeros). classes rows: (a_d, a_h, a_w, J_d, J_h, J_w, first tap row, tap rows,
+    first grid element); taps rows: (t, r, s, offset in the padded volume). Terms m in order, then each class's taps
+    in order."""
     N, K = dy.shape[0], dy.shape[1]
     C = dx.shape[1]
     M = K // C
@@ -339,32 +350,35 @@ def depthwise_wide_classes_cpu(dy, w, dx, classes, taps, lows, sd, sh, sw):
     size = 0
     for cls in range(len(classes)):
         size = max(size, classes[cls, 8] + classes[cls, 3] * Hp * Wp)
-    for plane in numba.prange(N * C):
-        n, c = plane // C, plane % C
-        padded = np.zeros(Dp * Hp * Wp, dx.dtype)
-        wide = np.zeros(size, dx.dtype)
-        for m in range(M):
-            k = c * M + m
-            pad_plane(dy[n, k], padded, lo_d, lo_h, lo_w, Hp, Wp, 1, 1, 1)
+    for run in numba.prange(-(-N * C // planes)):
+        padded = np.zeros(Dp * Hp * Wp, dx.dtype)  # (pad_plane writes the same elements each plane)
+        wide = np.empty(size, dx.dtype)
+        for plane in range(run * planes, min(N * C, (run + 1) * planes)):
+            n, c = plane // C, plane % C
+            for o in range(size):
+                wide[np.uint64(o)] = 0.0
+            for m in range(M):
+                k = c * M + m
+                pad_plane(dy[n, k], padded, lo_d, lo_h, lo_w, Hp, Wp, 1, 1, 1)
+                for cls in range(len(classes)):
+                    Jd, Jh, Jw, at = classes[cls, 3], classes[cls, 4], classes[cls, 5], classes[cls, 8]
+                    if Jd == 0 or Jh == 0 or Jw == 0:
+                        continue
+                    L = ((Jd - 1) * Hp + (Jh - 1)) * Wp + Jw
+                    for e in range(classes[cls, 6], classes[cls, 6] + classes[cls, 7]):
+                        wv = w[k, 0, taps[e, 0], taps[e, 1], taps[e, 2]]
+                        offset = np.uint64(taps[e, 3])
+                        for o in range(L):
+                            wide[np.uint64(at + o)] += wv * padded[np.uint64(o) + offset]
             for cls in range(len(classes)):
-                Jd, Jh, Jw, at = classes[cls, 3], classes[cls, 4], classes[cls, 5], classes[cls, 8]
-                if Jd == 0 or Jh == 0 or Jw == 0:
-                    continue
-                L = ((Jd - 1) * Hp + (Jh - 1)) * Wp + Jw
-                for e in range(classes[cls, 6], classes[cls, 6] + classes[cls, 7]):
-                    wv = w[k, 0, taps[e, 0], taps[e, 1], taps[e, 2]]
-                    offset = np.uint64(taps[e, 3])
-                    for o in range(L):
-                        wide[np.uint64(at + o)] += wv * padded[np.uint64(o) + offset]
-        for cls in range(len(classes)):
-            a_d, a_h, a_w, Jd, Jh, Jw, at = (classes[cls, 0], classes[cls, 1], classes[cls, 2], classes[cls, 3],
-                                             classes[cls, 4], classes[cls, 5], classes[cls, 8])
-            for jd in range(Jd):
-                for jh in range(Jh):
-                    line = dx[n, c, a_d + jd * sd, a_h + jh * sh]
-                    start = at + (jd * Hp + jh) * Wp
-                    for jw in range(Jw):
-                        line[np.uint64(a_w + jw * sw)] = wide[np.uint64(start + jw)]
+                a_d, a_h, a_w, Jd, Jh, Jw, at = (classes[cls, 0], classes[cls, 1], classes[cls, 2], classes[cls, 3],
+                                                 classes[cls, 4], classes[cls, 5], classes[cls, 8])
+                for jd in range(Jd):
+                    for jh in range(Jh):
+                        line = dx[n, c, a_d + jd * sd, a_h + jh * sh]
+                        start = at + (jd * Hp + jh) * Wp
+                        for jw in range(Jw):
+                            line[np.uint64(a_w + jw * sw)] = wide[np.uint64(start + jw)]
 
 
 @parallel(fastmath=CONTRACT_REASSOC)
@@ -521,15 +535,18 @@ def _scratch(g, primitive, itemsize, family):
 # the lanes kernels while their scratch fits.)
 STRIDED_WIDE_POSITIONS = 49
 
-# The lanes kernels run on grids (the forward's and the weight gradient's output plane, the unit-stride input
-# gradient's dx plane) of at most this many positions. ms depthwise_wide_cpu / depthwise_lanes_cpu, batch 8, ~47,000
-# positions x channels (2026-12-06), forward: 3x3 outputs 4x4 2.06 / 0.67, 7x7 0.78 / 0.35, 10x10 0.46 / 0.35, 12x12
-# 0.32 / 0.33, 16x16 0.23 / 0.31; 5x5 7x7 1.75 / 0.65, 10x10 0.98 / 0.58, 14x14 0.59 / 0.54, 20x20 0.39 / 0.56; stride
-# 2, 3x3: 7x7 outputs 1.29 / 0.78, 10x10 0.70 / 0.59, 12x12 0.62 / 0.64, 14x14 0.56 / 1.02; input gradient: 3x3 7x7
-# 0.77 / 0.41, 10x10 0.45 / 0.37, 12x12 0.30 / 0.32; 5x5 10x10 0.92 / 0.60, 14x14 0.61 / 0.57; weight gradient
-# (depthwise_wide_filter_cpu / lanes): 3x3 7x7 0.53 / 0.47, 10x10 0.37 / 0.40, 12x12 0.32 / 0.37; 5x5 7x7 1.21 / 0.95,
-# 10x10 0.88 / 0.77, 14x14 0.74 / 0.71.
-LANES_POSITIONS = 100
+# The lanes kernels run the forward and the unit-stride input gradient on grids (the output plane, the dx plane) of at
+# most this many positions. ms depthwise_wide_cpu / depthwise_lanes_cpu, batch 8, ~47,000 positions x channels
+# (2026-12-06, after the wide kernels' tap weights lost their divisions: 1.2-1.6x on 14x14 planes), forward and input
+# gradient: 3x3 4x4 1.07 / 1.00, 1.15 / 1.06; 6x6 0.58 / 0.62, 0.66 / 0.69; 7x7 0.46 / 0.52, 0.53 / 0.56 (another
+# run 0.48 / 0.45, 0.58 / 0.51); 8x8 0.36 / 0.43; 10x10 0.32 / 0.42; 5x5 7x7 0.76 / 0.81, 8x8 0.60 / 0.74; batch 4:
+# 3x3 960 @7 0.24 / 0.21, 0.26 / 0.22; 5x5 1152 @7 0.48 / 0.44, 0.52 / 0.49; 3x3 1280 @4 0.24 / 0.19; at stride 2
+# (the row kernel below STRIDED_WIDE_POSITIONS / lanes) 3x3 6x6 outputs 1.88 / 1.05, 7x7 1.08 / 0.92; 5x5 7x7 1.40 /
+# 1.24; wide / lanes 8x8 0.76 / 0.86.
+LANES_POSITIONS = 49
+# ... the unit-stride weight gradient on grids of at most this many (depthwise_wide_filter_cpu / lanes: 3x3 7x7 0.53
+# / 0.47, 10x10 0.37 / 0.40, 12x12 0.32 / 0.37; 5x5 7x7 1.21 / 0.95, 10x10 0.88 / 0.77, 14x14 0.74 / 0.71)
+LANES_FILTER_POSITIONS = 100
 # ... and the weight gradient at a stride, which has no wide kernel (direct's kernel, one task per filter, otherwise),
 # on output planes of at most this many: ms direct / lanes, stride 2, 3x3 7x7 outputs 2.53 / 0.85, 10x10 2.25 / 0.68,
 # 12x12 2.07 / 1.00, 14x14 2.10 / 1.34, 28x28 2.85 / 3.43; 5x5 7x7 6.54 / 1.19, 14x14 5.20 / 1.74, 28x28 11.9 / 7.0.
@@ -548,13 +565,15 @@ def family(g, primitive, itemsize, workspace_limit):
 
 def takes(g, primitive):
     """The plane kernel families that run the primitive on g, in order of preference, when their scratch fits:
-    "lanes" on grids of at most LANES_POSITIONS positions (the weight gradient at a stride: of at most
+    "lanes" on grids of at most LANES_POSITIONS positions (the weight gradient: LANES_FILTER_POSITIONS, at a stride
     LANES_STRIDED_FILTER_POSITIONS; not the input gradient at a stride); "wide" at unit stride, or at a stride the
     forward of a plane of at least STRIDED_WIDE_POSITIONS outputs and any input gradient (depthwise_wide_classes_cpu:
     1.4-4x faster than the row kernel from 4x4 to 56x56 dy planes, 2026-12-06)."""
     unit = g.stride_d == g.stride_h == g.stride_w == 1
     positions = g.D * g.H * g.W if primitive == "backward_data" else g.P * g.Q * g.U
-    most = LANES_STRIDED_FILTER_POSITIONS if primitive == "backward_filter" and not unit else LANES_POSITIONS
+    most = LANES_POSITIONS
+    if primitive == "backward_filter":
+        most = LANES_FILTER_POSITIONS if unit else LANES_STRIDED_FILTER_POSITIONS
     lanes = (unit or primitive != "backward_data") and positions <= most
     wide = unit or primitive == "backward_data" or primitive == "forward" and g.P * g.Q * g.U >= STRIDED_WIDE_POSITIONS
     return ("lanes",) * lanes + ("wide",) * wide
@@ -583,6 +602,11 @@ def _samples(n, channels):
     return -(-n // max(runs, 1))
 
 
+def _planes(planes):
+    """Planes per task of depthwise_wide_cpu: eight tasks a thread (each allocates its scratch once)."""
+    return max(-(-planes // (8 * _threads())), 1)
+
+
 def forward(x, w, bias, y, g, workspace_limit=None):
     has_bias = bias is not None
     bias = bias if has_bias else np.zeros(1, x.dtype)
@@ -591,7 +615,7 @@ def forward(x, w, bias, y, g, workspace_limit=None):
     if name == "lanes":  # (the padded plane's zeros are multiplied, as in the reference)
         sized(depthwise_lanes_cpu, g.dense_macs)(x, w, bias, has_bias, y, False, *plane, _samples(g.N, g.K))
     elif name == "wide":
-        sized(depthwise_wide_cpu, g.dense_macs)(x, w, bias, has_bias, y, False, *plane)
+        sized(depthwise_wide_cpu, g.dense_macs)(x, w, bias, has_bias, y, False, *plane, _planes(g.N * g.K))
     else:
         sized(depthwise_forward_cpu, g.dense_macs)(x, w, bias, has_bias, y, *geometry_args(g)[:9])
         direct.nan_where_nonfinite_taps_read_padding(w, y, g)
@@ -605,7 +629,7 @@ def backward_data(dy, w, dx, g, workspace_limit=None):
         sized(depthwise_backward_data_cpu, g.dense_macs)(dy, w, dx, *geometry_args(g)[:9])
     elif not g.stride_d == g.stride_h == g.stride_w == 1:
         sized(depthwise_wide_classes_cpu, g.dense_macs)(dy, w, dx, *subpixel_classes(g), g.stride_d, g.stride_h,
-                                                        g.stride_w)
+                                                        g.stride_w, _planes(g.N * g.C))
     else:
         pads = tuple((n - 1) * d - pad for n, d, pad in zip((g.T, g.R, g.S), (g.dil_d, g.dil_h, g.dil_w),
                                                             (g.pad_d, g.pad_h, g.pad_w)))
@@ -613,7 +637,7 @@ def backward_data(dy, w, dx, g, workspace_limit=None):
         if name == "lanes":
             sized(depthwise_lanes_cpu, g.dense_macs)(*plane, _samples(g.N, g.C))
         else:
-            sized(depthwise_wide_cpu, g.dense_macs)(*plane)
+            sized(depthwise_wide_cpu, g.dense_macs)(*plane, _planes(g.N * g.C))
 
 
 def backward_filter(x, dy, dw, g, workspace_limit=None):
