@@ -1360,6 +1360,27 @@ def test_blas_matmul_leaves_small_products_to_openblas_and_runs_mid_sized_ones_w
     assert fake.sets == calls
 
 
+@pytest.mark.parametrize("m, spin, calls", [
+    (100, False, [1, 2]), (100, True, [1, 2]),   # 3,000 multiply-adds: one part on one thread either way
+    (1000, False, []), (1000, True, [1, 2]),     # 30,000: OpenBLAS's threads when they sleep, else one part
+    (10000, False, []), (10000, True, [1, 2]),   # 300,000: cut (only when they spin: a 2-D product)
+])
+def test_blas_matmul_runs_a_2d_product_by_its_size_and_openblas_workers_spin(m, spin, calls, monkeypatch):
+    """Below THREADS_WORK one part on one thread; up to SPLIT_WORK OpenBLAS's threads when its workers sleep after a
+    GEMM, else one part (a cut's two thread wakes cost more there); from SPLIT_WORK cut when they spin."""
+    fake = _FakeOpenBLAS(2)
+    monkeypatch.setattr(blas, "openblas", lambda: fake)
+    monkeypatch.setattr(blas, "OPENBLAS_SINGLE", 1_000)
+    monkeypatch.setattr(blas, "THREADS_WORK", 10_000)
+    monkeypatch.setattr(blas, "SPLIT_WORK", 100_000)
+    monkeypatch.setattr(blas, "WORKERS_SPIN", spin)
+    shares = []
+    real = blas.share
+    monkeypatch.setattr(blas, "share", lambda task, parts: shares.append(parts) or real(task, parts))
+    assert (blas.matmul(np.ones((m, 5)), np.ones((5, 6)), np.empty((m, 6))) == 5).all()
+    assert fake.sets == calls and shares == ([2] if spin and m == 10000 else [1] if calls else [])
+
+
 def test_blas_matmul_raises_a_parts_error_after_restoring_the_thread_count(monkeypatch):
     fake = _FakeOpenBLAS(2)
     monkeypatch.setattr(blas, "openblas", lambda: fake)

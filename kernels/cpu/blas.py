@@ -4,12 +4,13 @@ matmul(a, b, out) is np.matmul(a, b, out=out), run one of two ways:
   - cut into one part per OpenBLAS thread, the parts side by side on this module's worker threads and the
     caller's, each on one OpenBLAS thread (OpenBLAS is set to one thread meanwhile, a process-wide setting, as
     threadpoolctl's threadpool_limits sets it; a GEMM of another thread's own in that time runs on one thread, and
-    rounds as OpenBLAS's one-thread GEMM does):
+    rounds as OpenBLAS's one-thread GEMM does), a product of at least SPLIT_WORK multiply-adds:
       - a stack of products (out (S, ..., M, N)) whose length S divides evenly, or with at least STACK_PER_THREAD
         products per thread: S / threads products per part (rounded);
       - when WORKERS_SPIN, any other product too: out's rows when M >= N, else its columns (multiples of
         COLUMN_ALIGN);
-      - a product of fewer than SPLIT_WORK multiply-adds: one part, on the caller's thread;
+    and as one part, on the caller's thread, a product that cannot be cut, a smaller stack, and any smaller product
+    when WORKERS_SPIN or of fewer than THREADS_WORK multiply-adds;
   - otherwise as np.matmul runs it, one GEMM on OpenBLAS's threads (or, up to OPENBLAS_SINGLE multiply-adds, on
     the caller's: OpenBLAS does not split those).
 Each output element is one BLAS dot product over the whole inner axis either way (bit-identical to np.matmul in
@@ -40,9 +41,17 @@ from functools import lru_cache
 
 import numpy as np
 
-# Multiply-adds below which a product runs as one part: waking a worker thread costs ~50 us on the 2-core VM,
-# as long as ~4M multiply-adds take on one core.
-SPLIT_WORK = 1 << 22
+# Multiply-adds below which a product runs as one part. A share of two parts costs ~100 us on the 2-core VM even with
+# nothing to do (the worker is woken, then the caller that waits for it: ~50 us each), as long as ~6M multiply-adds
+# take on one core. us on one thread / cut (2026-12-06, either import order): 2-D 512 x 96 x 196 146 / 202, 1024 x
+# 128 x 196 372 / 331; stacks of 36 64 x 64 x 49 139 / 206, 128 x 128 x 16 217 / 261, 64 x 64 x 196 504 / 471,
+# 256 x 256 x 16 1040 / 755. (It was 1 << 22, for an assumed ~50 us: MobileNetV2's 1x1 convolutions at batch 1 ran
+# 1.4-2.4x slower than on one thread.)
+SPLIT_WORK = 1 << 24
+# Multiply-adds from which a 2-D product runs on OpenBLAS's own threads when they sleep after a GEMM (not
+# WORKERS_SPIN): waking them costs less than the cut's two wakes. us on one thread / OpenBLAS's two: 128 x 64 x 196
+# 27 / 46, 256 x 64 x 196 53 / 50, 384 x 64 x 196 76 / 60, 64 x 147 x 784 111 / 86 (2026-12-06).
+THREADS_WORK = 1 << 22
 # Multiply-adds up to which OpenBLAS runs a GEMM on one thread itself (65536 x GEMM_MULTITHREAD_THRESHOLD, 4 by
 # default): matmul hands these straight to np.matmul (the split's lock and thread-count calls cost ~3.5 us).
 OPENBLAS_SINGLE = 1 << 18
@@ -251,7 +260,12 @@ def matmul(a, b, out):
     np.matmul takes (a broadcast operand is shared by the parts); out: (..., M, N), any strides."""
     work = out.size * a.shape[-1]
     count = 1 if work <= OPENBLAS_SINGLE else threads()
-    pieces = [] if count == 1 else [(a, b, out)] if work < SPLIT_WORK else parts(a, b, out, count, WORKERS_SPIN)
+    if count > 1 and work >= SPLIT_WORK:
+        pieces = parts(a, b, out, count, WORKERS_SPIN)
+    elif count > 1 and (WORKERS_SPIN or out.ndim > 2 or work < THREADS_WORK):
+        pieces = [(a, b, out)]
+    else:
+        pieces = []
     if pieces:
         share(lambda k: np.matmul(pieces[k][0], pieces[k][1], out=pieces[k][2]), len(pieces))
     elif count == 1 or getattr(_inside, "share", False):  # a small product, or OpenBLAS on one thread (or not found)
