@@ -954,7 +954,7 @@ print(len([w for w in caught if "Import cnnfast before torch" in str(w.message)]
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="GNU OpenMP's spin: Linux")
 @pytest.mark.parametrize("order, env, expected", [("torch-first", {}, 1), ("cnnfast-first", {}, 0),
-                                                   ("torch-first", {"GOMP_SPINCOUNT": "3000"}, 0)])
+                                                   ("torch-first", {"GOMP_SPINCOUNT": "10000"}, 0)])
 def test_torch_imported_first_is_named_once_where_its_openmp_runtime_spins(order, env, expected):
     """torch imported before cnnfast loads GNU OpenMP with its default spin, which Numba's pool then shares (the CPU
     kernels 1.2-2x slower): the first parallel launch says so, once; not when cnnfast came first or the user set the

@@ -5,13 +5,14 @@ Numba's OpenMP layer, GNU OpenMP's workers busy-wait after every region (GOMP_SP
 default), holding the cores the GEMM then needs: on the 2-core dev box one im2col conv2d took 26-31 ms with its
 two halves alternating against 15 ms for the same halves timed apart (bench/RESULTS.md). start() launches the pool
 with GOMP_SPINCOUNT=SPIN_COUNT in the environment while Numba's libgomp loads (it reads the variable once, at
-load), then restores the environment: workers spin ~10-30 us after a region, then sleep.
+load), then restores the environment: workers spin ~0.1-0.2 ms after a region, then sleep.
 
 That runtime is the process's: torch imported after cnnfast finds libgomp.so.1 loaded and uses it too (its own
 copy is never loaded). It was started passive (OMP_WAIT_POLICY=PASSIVE, no spinning) until 2026-12-05, and then
 every torch op that entered a parallel region woke sleeping workers: a tiny torch conv2d 4.3 -> 57 us, a 1M-element
-add 222 -> 297 us. With the short spin torch runs as fast as on its own runtime, and cnnfast's im2col as fast as
-passive (bench/RESULTS.md). A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins; other layers ignore it.
+add 222 -> 297 us. With the short spin torch runs as fast as on its own runtime (a whole model too, at SPIN_COUNT's
+10,000 spins), and cnnfast's im2col as fast as passive (bench/RESULTS.md). A user's own OMP_WAIT_POLICY or
+GOMP_SPINCOUNT wins; other layers ignore it.
 cnnfast/__init__.py calls start() on import: a pool started after torch was imported binds to torch's libgomp
 (its default spin), and an im2col convolution then runs ~1.7x slower.
 
@@ -32,7 +33,13 @@ from pathlib import Path
 import numba
 from numba.np.ufunc import parallel as numba_parallel
 
-SPIN_COUNT = 3000  # GNU OpenMP's spins before a worker sleeps (measured: 1,000 to 100,000, bench/RESULTS.md)
+# GNU OpenMP's spins before a worker sleeps (bench/RESULTS.md). A region entered this long after the last one cost,
+# us (2026-12-06, the 2-core VM): 3,000 spins: 20 us 1.6, 50 us 48; 10,000: 100 us 3.9, 200 us 48; 30,000: 200 us 4.7,
+# 500 us 43. It was 3,000 until 2026-12-06, when a whole torch model turned out to pay for it: MobileNetV2 on torch's
+# own convolutions at batch 1, 19-21 ms without cnnfast, took 27-28 ms with it imported (every torch op, ~50 us of
+# Python after the last, woke sleeping workers); 19-20 ms at 10,000, which ran the CPU benchmark's geometric means
+# 4% faster for cnnfast and 6% for torch.
+SPIN_COUNT = 10000
 
 
 # Whether the pool joined a GNU OpenMP runtime that torch, imported before cnnfast, had loaded with its default spin:
@@ -63,7 +70,7 @@ def _warn_spinning_runtime():
         frame, level = frame.f_back, level + 1
     warnings.warn("cnnfast: torch was imported before cnnfast, so Numba's threads share torch's OpenMP runtime, whose "
                   "workers busy-wait after every parallel region on the cores the next BLAS call needs: cnnfast's "
-                  "CPU convolutions run 1.2-2x slower. Import cnnfast before torch, or set GOMP_SPINCOUNT=3000 (or "
+                  "CPU convolutions run 1.2-2x slower. Import cnnfast before torch, or set GOMP_SPINCOUNT=10000 (or "
                   "OMP_WAIT_POLICY) in the environment before Python starts.", RuntimeWarning, stacklevel=level)
 
 
