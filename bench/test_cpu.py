@@ -1,9 +1,10 @@
-"""CPU benchmarks with pytest-benchmark over cnnfast.benchmark's shape sets.
+"""CPU benchmarks with pytest-benchmark over cnnfast.benchmark's shape sets, and a whole model (torch).
 
     pytest bench/test_cpu.py --benchmark-group-by=param:shape          (CNNFAST_BENCH_SHAPES=cpu for the full set)
 
 Each case validates cnnfast's result against the float64 reference before timing it.
 """
+import copy
 import os
 
 import numpy as np
@@ -49,3 +50,22 @@ def test_cpu_host_cost(benchmark, provider):
         fn = lambda: cnnfast.conv2d(x, w, padding=1)  # noqa: E731
         compare.assert_close(fn(), reference.conv(x.astype(np.float64), w.astype(np.float64), padding=1), "float32")
     benchmark(fn)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("provider", ["cnnfast", "torch"])
+def test_cpu_model(benchmark, provider, batch):
+    """MobileNetV2's inference (bench/models.py) with torch's convolutions or cnnfast's (cnnfast.torch.replace_convs),
+    its output first checked against the same model in float64 on torch's convolutions."""
+    torch = pytest.importorskip("torch")
+    import models
+
+    import cnnfast.torch as cf
+    model = models.mobilenetv2()
+    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    if provider == "cnnfast":
+        model = cf.replace_convs(model)
+    with torch.no_grad():
+        expected = copy.deepcopy(models.mobilenetv2()).double()(x.double())
+        compare.assert_close(model(x).numpy(), expected.numpy(), "float32")
+        benchmark(model, x)

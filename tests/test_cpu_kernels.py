@@ -1317,7 +1317,57 @@ def test_blas_matmul_is_np_matmul_bit_for_bit_and_restores_the_thread_count(name
     np.testing.assert_array_equal(out, np.matmul(a, b))
     assert np.isnan(big[..., 0]).all() and np.isnan(big[..., -2:]).all()
     stack = out.ndim > 2 and (out.shape[0] % threads == 0 or out.shape[0] >= 4 * threads)
-    assert fake.sets == ([1, threads] if stack or spin else [])  # else one GEMM on OpenBLAS's threads
+    cut = stack or spin or blas.cblas() is not None  # (on Numba's threads, or share()'s: more than Numba has)
+    assert fake.sets == ([1, threads] if cut else [])  # else one GEMM on OpenBLAS's threads
+
+
+@pytest.mark.skipif(blas.cblas() is None, reason="no ILP64 cblas in NumPy's OpenBLAS")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("a_shape, b_shape, a_order, b_order, out_view", [
+    ((70, 9), (9, 33), "C", "C", "C"),
+    ((70, 9), (9, 33), "F", "F", "C"),                  # both transposed for cblas
+    ((7, 9), (9, 100), "C", "F", "strided"),            # out's rows padded (ldc > N)
+    ((40, 9), (9, 20), "F", "C", "F"),                  # out column-major: out^T = b^T @ a^T
+    ((1, 9), (9, 40), "C", "C", "C"),                   # a single row, a single column
+    ((40, 9), (9, 1), "F", "C", "C"),
+    ((6, 5), (4, 5, 40), "C", "C", "C"),                # a stack, a broadcast
+    ((1, 6, 5), (1, 1, 5, 40), "C", "T", "strided"),    # a stack of one product (im2col's 1x1 layers at batch 1)
+    ((2, 3, 6, 5), (3, 5, 40), "T", "C", "strided"),    # a stack of two axes, its matrices transposed
+])
+def test_gemms_on_numba_threads_are_np_matmul_for_every_layout_and_cut(a_shape, b_shape, a_order, b_order, out_view,
+                                                                       dtype):
+    """blas.gemms_cpu (OpenBLAS's cblas ?gemm in a Numba parallel region) cut by the stack, the rows or the columns
+    gives np.matmul's result, the same bits as share()'s parts (each on one OpenBLAS thread), whatever the strides,
+    and writes nothing outside out."""
+    rng = np.random.default_rng(len(a_shape) * 10 + len(b_shape))
+    def matrices(shape, order):  # "T": each matrix the transpose of a C-ordered one
+        if order == "T":
+            return np.asarray(rng.standard_normal(shape[:-2] + shape[:-3:-1]), dtype).swapaxes(-1, -2)
+        return np.asarray(rng.standard_normal(shape), dtype, order=order)
+    a, b = matrices(a_shape, a_order), matrices(b_shape, b_order)
+    shape = np.broadcast_shapes(a_shape[:-2], b_shape[:-2]) + (a_shape[-2], b_shape[-1])
+    big = np.full(shape[:-1] + (shape[-1] + 3,), np.nan, dtype)
+    out = {"C": np.full(shape, np.nan, dtype), "F": np.asfortranarray(np.full(shape, np.nan, dtype)),
+           "strided": big[..., 1:-2]}[out_view]
+    pieces = blas.parts(a, b, expected := np.empty(shape, dtype), 2, True)
+    blas.share(lambda k: np.matmul(*pieces[k][:2], out=pieces[k][2]), len(pieces))
+    for axis in (blas.STACK, blas.ROWS, blas.COLUMNS) if len(shape) > 2 else (blas.ROWS, blas.COLUMNS):
+        out[...] = np.nan
+        assert blas._on_numba_threads(a, b, out, 2, axis)
+        np.testing.assert_allclose(out, np.matmul(a, b), rtol=1e-5 if dtype == "float32" else 1e-12)
+        if axis == blas._cut(out, 2, True) and 1 not in shape[-2:]:  # (OpenBLAS's small-matrix kernels may round
+            np.testing.assert_array_equal(out, expected)               # another cut otherwise; NumPy takes a row
+        assert np.isnan(big[..., 0]).all() and np.isnan(big[..., -2:]).all()  # or a column to gemv)
+
+
+def test_gemms_on_numba_threads_refuse_what_cblas_cannot_take():
+    """Strides with no unit axis, overlapping operands, mixed dtypes or nothing to multiply: np.matmul's way."""
+    a, b, out = np.ones((8, 6)), np.ones((6, 10)), np.empty((8, 10))
+    for args in ((a[:, ::2], b[::2], out), (a, b, np.empty((20, 10))[::2]), (a, b.astype(np.float32), out),
+                 (a, b, np.empty((8, 0))), (np.ones((8, 0)), np.ones((0, 10)), out)):
+        assert not blas._on_numba_threads(*args, 2, blas.ROWS)
+    same = np.ones((8, 8))
+    assert not blas._on_numba_threads(same, same, same, 2, blas.ROWS)
 
 
 @pytest.mark.parametrize("threads", [2, 3, 4, 5])
@@ -1360,25 +1410,34 @@ def test_blas_matmul_leaves_small_products_to_openblas_and_runs_mid_sized_ones_w
     assert fake.sets == calls
 
 
-@pytest.mark.parametrize("m, spin, calls", [
-    (100, False, [1, 2]), (100, True, [1, 2]),   # 3,000 multiply-adds: one part on one thread either way
-    (1000, False, []), (1000, True, [1, 2]),     # 30,000: OpenBLAS's threads when they sleep, else one part
-    (10000, False, []), (10000, True, [1, 2]),   # 300,000: cut (only when they spin: a 2-D product)
-])
-def test_blas_matmul_runs_a_2d_product_by_its_size_and_openblas_workers_spin(m, spin, calls, monkeypatch):
-    """Below THREADS_WORK one part on one thread; up to SPLIT_WORK OpenBLAS's threads when its workers sleep after a
-    GEMM, else one part (a cut's two thread wakes cost more there); from SPLIT_WORK cut when they spin."""
+@pytest.mark.parametrize("region", [True, False])
+@pytest.mark.parametrize("m, spin", [(100, False), (100, True), (1000, False), (1000, True), (10000, False),
+                                     (10000, True)])  # 3,000, 30,000 and 300,000 multiply-adds
+def test_blas_matmul_runs_a_2d_product_by_its_size_and_openblas_workers_spin(m, spin, region, monkeypatch):
+    """Below THREADS_WORK one part on one thread; from SPLIT_WORK cut, the parts on Numba's threads (cblas found),
+    else from SHARE_WORK on share()'s when OpenBLAS's workers spin; between them OpenBLAS's threads when its
+    workers sleep after a GEMM, else one part."""
+    if region and blas.cblas() is None:
+        pytest.skip("no ILP64 cblas in NumPy's OpenBLAS")
     fake = _FakeOpenBLAS(2)
     monkeypatch.setattr(blas, "openblas", lambda: fake)
+    if not region:
+        monkeypatch.setattr(blas, "cblas", lambda: None)
     monkeypatch.setattr(blas, "OPENBLAS_SINGLE", 1_000)
     monkeypatch.setattr(blas, "THREADS_WORK", 10_000)
-    monkeypatch.setattr(blas, "SPLIT_WORK", 100_000)
+    monkeypatch.setattr(blas, "SPLIT_WORK", 10_000 if region else 10 ** 9)
+    monkeypatch.setattr(blas, "SHARE_WORK", 100_000)
     monkeypatch.setattr(blas, "WORKERS_SPIN", spin)
-    shares = []
-    real = blas.share
-    monkeypatch.setattr(blas, "share", lambda task, parts: shares.append(parts) or real(task, parts))
+    shares, regions = [], []
+    real_share, real_region = blas.share, blas._on_numba_threads
+    monkeypatch.setattr(blas, "share", lambda task, parts: shares.append(parts) or real_share(task, parts))
+    monkeypatch.setattr(blas, "_on_numba_threads", lambda *args: regions.append(args[3]) or real_region(*args))
     assert (blas.matmul(np.ones((m, 5)), np.ones((5, 6)), np.empty((m, 6))) == 5).all()
-    assert fake.sets == calls and shares == ([2] if spin and m == 10000 else [1] if calls else [])
+    cut = m >= 1000 if region else m == 10000 and spin  # (SHARE_WORK monkeypatched away when region)
+    whole = not cut and (m == 100 or spin)
+    assert regions == ([2] if cut and region else [])
+    assert shares == ([2] if cut and not region else [1] if whole else [])
+    assert fake.sets == ([1, 2] if cut or whole else [])
 
 
 def test_blas_matmul_raises_a_parts_error_after_restoring_the_thread_count(monkeypatch):
@@ -1461,6 +1520,7 @@ def test_a_gemm_on_openblas_threads_waits_for_another_threads_share(monkeypatch)
     if blas.openblas().get_num_threads() < 2:
         pytest.skip("OpenBLAS runs on one thread")
     monkeypatch.setattr(blas, "WORKERS_SPIN", False)  # a 2-D product is then one GEMM on OpenBLAS's threads
+    monkeypatch.setattr(blas, "cblas", lambda: None)  # (not cut for Numba's threads)
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((288, 784)).astype(np.float32), rng.standard_normal((784, 64)).astype(np.float32)
     expected = np.matmul(a, b)

@@ -41,7 +41,8 @@ from cnnfast.kernels.contract import Algorithm
 from cnnfast.kernels.cpu import blas, depthwise, direct, im2col, layout, threads, wide, winograd
 from cnnfast.kernels.cpu.layout import bias_grad_cpu, fold_pad_cpu, pad_cpu
 
-threads.drop_stale_caches([depthwise, direct, im2col, layout, wide, winograd])  # before any kernel loads its cache
+# before any kernel loads its cache:
+threads.drop_stale_caches([blas, depthwise, direct, im2col, layout, wide, winograd])
 
 __all__ = ["ALGORITHMS", "choose", "pad_cpu", "fold_pad_cpu", "bias_grad_cpu"]
 

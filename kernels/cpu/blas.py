@@ -1,20 +1,21 @@
 """The CPU algorithms' GEMMs: NumPy's OpenBLAS, its work shared out over the cores by cnnfast where that pays.
 
 matmul(a, b, out) is np.matmul(a, b, out=out), run one of two ways:
-  - cut into one part per OpenBLAS thread, the parts side by side on this module's worker threads and the
-    caller's, each on one OpenBLAS thread (OpenBLAS is set to one thread meanwhile, a process-wide setting, as
-    threadpoolctl's threadpool_limits sets it; a GEMM of another thread's own in that time runs on one thread, and
-    rounds as OpenBLAS's one-thread GEMM does), a product of at least SPLIT_WORK multiply-adds:
+  - cut into one part per OpenBLAS thread, each part's GEMMs on one OpenBLAS thread (OpenBLAS is set to one thread
+    meanwhile, a process-wide setting, as threadpoolctl's threadpool_limits sets it; a GEMM of another thread's own
+    in that time runs on one thread, and rounds as OpenBLAS's one-thread GEMM does):
       - a stack of products (out (S, ..., M, N)) whose length S divides evenly, or with at least STACK_PER_THREAD
         products per thread: S / threads products per part (rounded);
-      - when WORKERS_SPIN, any other product too: out's rows when M >= N, else its columns (multiples of
-        COLUMN_ALIGN);
-    and as one part, on the caller's thread, a product that cannot be cut, a smaller stack, and any smaller product
-    when WORKERS_SPIN or of fewer than THREADS_WORK multiply-adds;
-  - otherwise as np.matmul runs it, one GEMM on OpenBLAS's threads (or, up to OPENBLAS_SINGLE multiply-adds, on
-    the caller's: OpenBLAS does not split those).
+      - any other product too (when WORKERS_SPIN, or cblas was found): out's rows when M >= N, else its columns
+        (multiples of COLUMN_ALIGN);
+    the parts as the tasks of one Numba parallel region calling OpenBLAS's cblas_sgemm / cblas_dgemm (gemms_cpu,
+    where cblas() finds them), from SPLIT_WORK multiply-adds; else on this module's worker threads and the
+    caller's (share), from SHARE_WORK;
+  - otherwise whole: as one part on the caller's thread, or (a 2-D product of at least THREADS_WORK multiply-adds,
+    when OpenBLAS's workers sleep after a GEMM, not WORKERS_SPIN) one GEMM on OpenBLAS's threads (or, up to
+    OPENBLAS_SINGLE multiply-adds, on the caller's: OpenBLAS does not split those).
 Each output element is one BLAS dot product over the whole inner axis either way (bit-identical to np.matmul in
-the tests).
+the tests; OpenBLAS's small-matrix kernels can round a part otherwise than the whole product).
 
 Why (2-core Sapphire Rapids VM, bench/RESULTS.md 2026-12-06):
   - A stack: Winograd's 36 GEMMs per call (64 x 64 x 784 at 3x3 64@56, batch 4) ran at 97-124 GFLOP/s on
@@ -30,8 +31,11 @@ It falls back to plain np.matmul when NumPy's BLAS is not an OpenBLAS found in t
 thread. One split, or one GEMM on OpenBLAS's threads, runs at a time: another thread's waits, so that each GEMM
 runs on the thread count it was planned for (OpenBLAS's one- and two-thread GEMMs round differently: results are
 then the same bits whatever else cnnfast runs meanwhile). Tuned on 2 cores only.
-share(task, parts) runs any parts so (im2col's chunks of columns and their GEMMs, kernels/cpu/im2col.py).
+share(task, parts) runs any parts on Python threads (im2col's chunks of columns and their GEMMs,
+kernels/cpu/im2col.py): a share costs ~100 us of thread wakes on the 2-core VM, a Numba region ~2 us while Numba's
+workers still spin after the last one (the same workers torch's CPU ops use, when cnnfast was imported first).
 """
+import contextlib
 import ctypes
 import glob
 import os
@@ -39,15 +43,26 @@ import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from functools import lru_cache
 
+import numba
 import numpy as np
+from cnnfast.kernels.cpu.threads import parallel, sized
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
-# Multiply-adds below which a product runs as one part. A share of two parts costs ~100 us on the 2-core VM even with
+# Multiply-adds below which a product runs as one part when its parts would run on share()'s threads (im2col's
+# chunks; matmul's products where cblas is not found). A share of two parts costs ~100 us on the 2-core VM even with
 # nothing to do (the worker is woken, then the caller that waits for it: ~50 us each), as long as ~6M multiply-adds
 # take on one core. us on one thread / cut (2026-12-06, either import order): 2-D 512 x 96 x 196 146 / 202, 1024 x
 # 128 x 196 372 / 331; stacks of 36 64 x 64 x 49 139 / 206, 128 x 128 x 16 217 / 261, 64 x 64 x 196 504 / 471,
 # 256 x 256 x 16 1040 / 755. (It was 1 << 22, for an assumed ~50 us: MobileNetV2's 1x1 convolutions at batch 1 ran
 # 1.4-2.4x slower than on one thread.)
-SPLIT_WORK = 1 << 24
+SHARE_WORK = 1 << 24
+# ... and from which it is cut when its parts run on Numba's threads instead (cblas found: matmul's products), where
+# a cut costs ~2 us while those threads spin and ~50 us once they sleep: us on one thread / cut (2026-12-06, cnnfast
+# imported first): 256 x 64 x 196 51 / 57, 384 x 64 x 196 82 / 72, 576 x 96 x 196 159 / 113, 1280 x 320 x 49 382 /
+# 237 (OpenBLAS's own two threads 47, 61, 104, 230, whose workers then sleep while Numba's do).
+SPLIT_WORK = 1 << 22
 # Multiply-adds from which a 2-D product runs on OpenBLAS's own threads when they sleep after a GEMM (not
 # WORKERS_SPIN): waking them costs less than the cut's two wakes. us on one thread / OpenBLAS's two: 128 x 64 x 196
 # 27 / 46, 256 x 64 x 196 53 / 50, 384 x 64 x 196 76 / 60, 64 x 147 x 784 111 / 86 (2026-12-06).
@@ -135,26 +150,44 @@ def openblas():
     return None
 
 
+STACK, ROWS, COLUMNS, WHOLE = range(4)  # how a product is cut (_cut)
+
+
+def _cut(out, threads, cut_2d):
+    """How parts() cuts out for that many threads: by the STACK, its ROWS or its COLUMNS (module docstring), WHOLE
+    when it cannot be cut that many ways, None when it is not to be cut (not a stack cut so, and not cut_2d)."""
+    stack = out.shape[0] if out.ndim >= 3 else 0
+    if stack and (stack % threads == 0 or stack >= STACK_PER_THREAD * threads):
+        return STACK
+    if not cut_2d:
+        return None
+    rows, columns = out.shape[-2:]
+    if rows >= columns and rows >= threads:
+        return ROWS
+    if rows < columns and columns >= threads * COLUMN_ALIGN:
+        return COLUMNS
+    return WHOLE
+
+
 def parts(a, b, out, threads, cut_2d):
     """[(a, b, out) views], one per thread, covering out once (module docstring); [] when out is not a stack to cut
     and not cut_2d; [(a, b, out)] when it cannot be cut that many ways."""
-    stack = out.shape[0] if out.ndim >= 3 else 0
-    if stack and (stack % threads == 0 or stack >= STACK_PER_THREAD * threads):
+    axis = _cut(out, threads, cut_2d)
+    if axis == STACK:
+        stack = out.shape[0]
         cuts = [stack * i // threads for i in range(threads + 1)]  # lengths differ by one at most
 
         def cut(m, lo, hi):  # a stacked operand is cut with out; a broadcast one (2-D, or a stack of 1) is shared
             return m[lo:hi] if m.ndim == out.ndim and m.shape[0] == stack else m
         return [(cut(a, lo, hi), cut(b, lo, hi), out[lo:hi]) for lo, hi in zip(cuts, cuts[1:])]
     rows, columns = out.shape[-2:]
-    if not cut_2d:
-        return []
-    if rows >= columns and rows >= threads:
+    if axis == ROWS:
         cuts = [rows * i // threads for i in range(threads + 1)]
         return [(a[..., lo:hi, :], b, out[..., lo:hi, :]) for lo, hi in zip(cuts, cuts[1:])]
-    if rows < columns and columns >= threads * COLUMN_ALIGN:
+    if axis == COLUMNS:
         cuts = [columns * i // threads // COLUMN_ALIGN * COLUMN_ALIGN for i in range(threads)] + [columns]
         return [(a, b[..., lo:hi], out[..., lo:hi]) for lo, hi in zip(cuts, cuts[1:])]
-    return [(a, b, out)]
+    return [] if axis is None else [(a, b, out)]
 
 
 def workers_spin(timeout):
@@ -200,6 +233,28 @@ def threads():
             return count
 
 
+@contextlib.contextmanager
+def _one_openblas_thread(lib):
+    """Holds the lock (one share at a time) with OpenBLAS set to one thread, and yields the count it had, set back
+    after (threads() reports that count meanwhile); yields 1, setting nothing, when it runs on one thread."""
+    global _shared_count, _generation
+    with _lock:
+        count = lib.get_num_threads()
+        if count == 1:
+            yield 1
+            return
+        _shared_count = count
+        _generation += 1
+        lib.set_num_threads(1)
+        try:
+            yield count
+        finally:
+            if lib.get_num_threads() == 1:  # (not a count the user set meanwhile)
+                lib.set_num_threads(count)
+            _generation += 1
+            _shared_count = None
+
+
 def share(task, parts):
     """task(k) for k in range(parts), each with OpenBLAS on one thread: part 0 on the caller's thread, the others
     side by side on this module's workers (OpenBLAS's thread count less one of them). One share at a time: another
@@ -212,9 +267,7 @@ def share(task, parts):
         for k in range(parts):
             task(k)
         return
-    global _shared_count, _generation
-    with _lock:
-        count = lib.get_num_threads()
+    with _one_openblas_thread(lib) as count:
         if count == 1:
             _inside.share = True  # (a share in a part runs inline: the lock is this thread's)
             try:
@@ -223,9 +276,6 @@ def share(task, parts):
             finally:
                 _inside.share = False
             return
-        _shared_count = count
-        _generation += 1
-        lib.set_num_threads(1)
         pending, inline = [], []
 
         def quiet(k):  # NumPy's errors ignored, as in the caller's op (cnnfast.api): its state is not the workers'
@@ -247,12 +297,147 @@ def share(task, parts):
         finally:
             _inside.share = False
             wait(pending)
-            if lib.get_num_threads() == 1:  # (not a count the user set meanwhile)
-                lib.set_num_threads(count)
-            _generation += 1
-            _shared_count = None
-        for done in pending:
-            done.result()
+    for done in pending:
+        done.result()
+
+
+# ---------------------------------------------------------------- the parts on Numba's threads
+#
+# A share's parts run on Python threads: waking the worker, then the caller that waits for it, costs ~100 us on the
+# 2-core VM, and meanwhile Numba's OpenMP workers (which torch's ops share) fall asleep. matmul's parts run instead
+# as one Numba parallel region calling OpenBLAS's cblas_sgemm / cblas_dgemm, one part per thread: ms on the VM
+# (2026-12-06), one thread / the share / the region: 384 x 64 x 196 88 / 90 / 52 us, 960 x 160 x 49 150 / 135 / 83,
+# 1280 x 320 x 49 405 / 309 / 201, 64 x 147 x 3136 585 / 372 / 276 (OpenBLAS's own two threads 66, 97, 245, 310).
+
+@lru_cache(maxsize=None)
+def cblas():
+    """(cblas_sgemm's address, cblas_dgemm's) in the OpenBLAS NumPy runs on, or None when not found. Only ILP64
+    builds (64-bit sizes: NumPy's scipy-openblas64 since NumPy 2, OpenBLAS's openblas64_), the kind tested; other
+    builds keep share()'s threads."""
+    if openblas() is None:
+        return None
+    for path in _openblas_paths():
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_", ""):
+            sgemm, dgemm = (getattr(lib, f"{prefix}cblas_{t}gemm64_", None) for t in "sd")
+            if sgemm is not None and dgemm is not None:
+                return ctypes.cast(sgemm, ctypes.c_void_p).value, ctypes.cast(dgemm, ctypes.c_void_p).value
+    return None
+
+
+@intrinsic
+def _call(typingctx, address, args):
+    """Calls the C function at address (an integer) with the values of the tuple args, as C arguments of their
+    types (int32, int64, float, double; addresses as int64); it returns nothing."""
+    def codegen(context, builder, signature, llargs):
+        values = [builder.extract_value(llargs[1], i) for i in range(len(signature.args[1]))]
+        function = ir.FunctionType(ir.VoidType(), [v.type for v in values])
+        builder.call(builder.inttoptr(llargs[0], function.as_pointer()), values)
+        return context.get_dummy_value()
+    return types.void(address, args), codegen
+
+
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112  # CBLAS's enumerations
+
+
+@parallel()
+def gemms_cpu(address, one, itemsize, table, parts, axis):
+    """The GEMMs of table, each out = a @ b by the cblas ?gemm at address (row-major, alpha = one, beta = 0, 64-bit
+    sizes), a row (trans a, trans b, M, N, K, a's address, lda, b's, ldb, out's, ldc), in `parts` tasks as parts()
+    cuts them: by the STACK (task p: rows R*p // parts to R*(p + 1) // parts, in order), or each GEMM's ROWS or
+    COLUMNS (task p: its share of each of them). itemsize: bytes per element."""
+    R = len(table)
+    for p in numba.prange(parts):
+        first, last = (R * p // parts, R * (p + 1) // parts) if axis == STACK else (0, R)
+        for row in range(first, last):
+            ta, tb, M, N, K, a, lda, b, ldb, c, ldc = table[row]
+            if axis == ROWS:
+                lo, hi = M * p // parts, M * (p + 1) // parts
+                a, c, M = a + lo * (lda if ta == NO_TRANS else 1) * itemsize, c + lo * ldc * itemsize, hi - lo
+            elif axis == COLUMNS:
+                lo = N * p // parts // COLUMN_ALIGN * COLUMN_ALIGN
+                hi = N if p == parts - 1 else N * (p + 1) // parts // COLUMN_ALIGN * COLUMN_ALIGN
+                b, c, N = b + lo * (1 if tb == NO_TRANS else ldb) * itemsize, c + lo * itemsize, hi - lo
+            if M > 0 and N > 0:
+                _call(address, (np.int32(ROW_MAJOR), np.int32(ta), np.int32(tb), M, N, K, one, a, lda, b, ldb,
+                                one - one, c, ldc))
+
+
+def _layout(m):
+    """(trans, leading dimension) of the matrices m[..., :, :] as cblas reads them in row-major order, or None when
+    neither axis has unit stride (or a stride is negative, or broadcast along an axis longer than one)."""
+    rows, cols = m.shape[-2:]
+    if any(stride % m.itemsize for stride in m.strides[-2:]):
+        return None
+    r, c = (stride // m.itemsize for stride in m.strides[-2:])
+    if (c == 1 or cols == 1) and (rows == 1 or r >= max(1, cols)):
+        return NO_TRANS, max(1, cols) if rows == 1 else r
+    if (r == 1 or rows == 1) and (cols == 1 or c >= max(1, rows)):
+        return TRANS, max(1, rows) if cols == 1 else c
+    return None
+
+
+def _gemm_rows(a, b, out):
+    """(gemms_cpu's table rows for np.matmul(a, b, out=out), one per product of the stack (a and b broadcast), and
+    whether they compute out's transpose, b^T @ a^T), or None when cblas cannot take a matrix's strides (or there is
+    nothing to multiply)."""
+    if (out.size == 0 or a.shape[-1] == 0 or a.shape[-1] != b.shape[-2] or out.shape[-2:] != (a.shape[-2], b.shape[-1])
+            or not a.dtype == b.dtype == out.dtype or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
+        return None  # (np.matmul's own checks and copies then)
+    if out.ndim > 2 and out.size == out.shape[-2] * out.shape[-1]:  # a stack of one product: its matrices
+        a, b, out = (m.reshape(m.shape[-2:]) for m in (a, b, out))
+    layout = _layout(out)
+    transposed = layout is None or layout[0] == TRANS  # out must be row-major: out^T = b^T @ a^T
+    if transposed:
+        a, b, out = b.swapaxes(-1, -2), a.swapaxes(-1, -2), out.swapaxes(-1, -2)
+        layout = _layout(out)
+    layouts = [_layout(a), _layout(b), layout]
+    if None in layouts or layout[0] == TRANS:
+        return None
+    (M, N), K = out.shape[-2:], a.shape[-1]
+    head = [layouts[0][0], layouts[1][0], M, N, K]
+    if a.ndim == b.ndim == out.ndim == 2:  # (the common case, without NumPy's per-call costs)
+        row = head + [_address(a), layouts[0][1], _address(b), layouts[1][1], _address(out), layouts[2][1]]
+        return [row], transposed
+    stack = out.shape[:-2]
+    try:
+        a, b = np.broadcast_to(a, stack + a.shape[-2:]), np.broadcast_to(b, stack + b.shape[-2:])
+    except ValueError:
+        return None
+    rows = np.empty((int(np.prod(stack)), 11), np.int64)
+    rows[:, :5] = head
+    for column, m, (_, lead) in zip((5, 7, 9), (a, b, out), layouts):
+        at = np.full(stack, _address(m), np.int64)
+        for axis, (size, stride) in enumerate(zip(stack, m.strides[:-2])):
+            at += (np.arange(size, dtype=np.int64) * stride).reshape((-1,) + (1,) * (len(stack) - axis - 1))
+        rows[:, column], rows[:, column + 1] = at.ravel(), lead
+    return rows, transposed
+
+
+def _address(m):
+    return m.__array_interface__["data"][0]
+
+
+def _on_numba_threads(a, b, out, parts, axis):
+    """np.matmul(a, b, out=out) in `parts` tasks of one Numba parallel region, cut by axis, with OpenBLAS on one
+    thread; False (nothing run) where cblas, the dtype or a matrix's strides do not allow it, or Numba has fewer
+    threads."""
+    functions = cblas()
+    if functions is None or out.dtype.char not in "fd" or numba.get_num_threads() < parts:
+        return False
+    table = _gemm_rows(a, b, out)
+    if table is None:
+        return False
+    rows, transposed = table
+    if transposed and axis != STACK:
+        axis = ROWS + COLUMNS - axis  # (out's rows are its transpose's columns)
+    with _one_openblas_thread(openblas()):  # (in a forked child, where GNU OpenMP cannot run, the serial build)
+        sized(gemms_cpu, out.size * a.shape[-1])(functions[out.dtype.char == "d"], out.dtype.type(1), out.itemsize,
+                                                  np.asarray(rows, np.int64), parts, axis)
+    return True
 
 
 def matmul(a, b, out):
@@ -260,16 +445,22 @@ def matmul(a, b, out):
     np.matmul takes (a broadcast operand is shared by the parts); out: (..., M, N), any strides."""
     work = out.size * a.shape[-1]
     count = 1 if work <= OPENBLAS_SINGLE else threads()
-    if count > 1 and work >= SPLIT_WORK:
-        pieces = parts(a, b, out, count, WORKERS_SPIN)
-    elif count > 1 and (WORKERS_SPIN or out.ndim > 2 or work < THREADS_WORK):
+    if count == 1 or getattr(_inside, "share", False):  # a small product, OpenBLAS on one thread (or not found), or
+        np.matmul(a, b, out=out)                           # in a share's part
+        return out
+    region = cblas() is not None
+    if work >= (SPLIT_WORK if region else SHARE_WORK):
+        cut_2d = WORKERS_SPIN or region
+        axis = _cut(out, count, cut_2d)
+        if region and axis in (STACK, ROWS, COLUMNS) and _on_numba_threads(a, b, out, count, axis):
+            return out
+        pieces = parts(a, b, out, count, cut_2d)
+    elif WORKERS_SPIN or out.ndim > 2 or work < THREADS_WORK:
         pieces = [(a, b, out)]
     else:
         pieces = []
     if pieces:
         share(lambda k: np.matmul(pieces[k][0], pieces[k][1], out=pieces[k][2]), len(pieces))
-    elif count == 1 or getattr(_inside, "share", False):  # a small product, or OpenBLAS on one thread (or not found)
-        np.matmul(a, b, out=out)
     else:  # one GEMM on OpenBLAS's threads: not while another thread's share has them set to one
         with _lock:
             np.matmul(a, b, out=out)
