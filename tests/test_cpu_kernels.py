@@ -1363,11 +1363,24 @@ def test_gemms_on_numba_threads_are_np_matmul_for_every_layout_and_cut(a_shape, 
 def test_gemms_on_numba_threads_refuse_what_cblas_cannot_take():
     """Strides with no unit axis, overlapping operands, mixed dtypes or nothing to multiply: np.matmul's way."""
     a, b, out = np.ones((8, 6)), np.ones((6, 10)), np.empty((8, 10))
+    fixed = np.empty((8, 10))
+    fixed.flags.writeable = False
     for args in ((a[:, ::2], b[::2], out), (a, b, np.empty((20, 10))[::2]), (a, b.astype(np.float32), out),
-                 (a, b, np.empty((8, 0))), (np.ones((8, 0)), np.ones((0, 10)), out)):
+                 (a, b, np.empty((8, 0))), (np.ones((8, 0)), np.ones((0, 10)), out), (a, b, fixed),
+                 (a.astype(">f8"), b.astype(">f8"), out.astype(">f8"))):
         assert not blas._on_numba_threads(*args, 2, blas.ROWS)
-    same = np.ones((8, 8))
-    assert not blas._on_numba_threads(same, same, same, 2, blas.ROWS)
+
+
+@pytest.mark.parametrize("overlap", ["a", "b"])
+def test_blas_matmul_into_an_operand_is_np_matmul(overlap, monkeypatch):
+    """out overlapping an input runs whole, as np.matmul (which copies): its cut parts would race."""
+    monkeypatch.setattr(blas, "SPLIT_WORK", 0)
+    monkeypatch.setattr(blas, "SHARE_WORK", 0)
+    monkeypatch.setattr(blas, "OPENBLAS_SINGLE", -1)
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((64, 64)), rng.standard_normal((64, 64))
+    expected = a @ b
+    np.testing.assert_allclose(blas.matmul(a, b, a if overlap == "a" else b), expected, rtol=1e-12)
 
 
 @pytest.mark.parametrize("threads", [2, 3, 4, 5])
@@ -1542,7 +1555,7 @@ def test_a_gemm_on_openblas_threads_waits_for_another_threads_share(monkeypatch)
 SHUTDOWN_PROBE = """
 import threading, time, numpy as np, cnnfast
 from cnnfast.kernels.cpu import blas
-blas.SPLIT_WORK, blas.OPENBLAS_SINGLE = 0, -1
+blas.SPLIT_WORK, blas.SHARE_WORK, blas.OPENBLAS_SINGLE, blas.cblas = 0, 0, -1, lambda: None  # share()'s threads
 x, w = np.random.rand(2, 8, 12, 12).astype(np.float32), np.random.rand(8, 8, 3, 3).astype(np.float32)
 def worker():
     time.sleep(0.3)  # past the main thread's end: the interpreter has shut its executors down
@@ -1563,12 +1576,15 @@ def test_a_thread_running_past_the_main_threads_end_completes_its_calls():
 
 FORK_PROBE = """
 import os
+import sys
 import time
 import numpy as np
 from cnnfast.kernels.cpu import blas
 from test_cpu_kernels import _FakeOpenBLAS
 blas.openblas = lambda: _FakeOpenBLAS(2)
-blas.SPLIT_WORK, blas.OPENBLAS_SINGLE = 0, -1
+blas.SPLIT_WORK, blas.SHARE_WORK, blas.OPENBLAS_SINGLE = 0, 0, -1
+if sys.argv[1] == "share":  # share()'s threads, not Numba's
+    blas.cblas = lambda: None
 a, b = np.ones((36, 4, 3)), np.ones((36, 3, 5))
 blas.matmul(a, b, np.empty((36, 4, 5)))  # the parent's worker thread exists now
 pid = os.fork()
@@ -1587,12 +1603,14 @@ else:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
-def test_blas_matmul_works_in_a_forked_child():
+@pytest.mark.parametrize("threads", ["share", "numba"])
+def test_blas_matmul_works_in_a_forked_child(threads):
     """A child forked after a split (a DataLoader worker, multiprocessing's fork) starts its own worker threads:
-    the parent's executor would queue the child's parts to threads that are not there, and wait forever."""
+    the parent's executor would queue the child's parts to threads that are not there, and wait forever; a Numba
+    region there (GNU OpenMP after fork) would end the child: it runs the serial build."""
     import subprocess
     import sys
-    done = subprocess.run([sys.executable, "-c", FORK_PROBE], capture_output=True, text=True, timeout=300,
+    done = subprocess.run([sys.executable, "-c", FORK_PROBE, threads], capture_output=True, text=True, timeout=300,
                           cwd=os.path.dirname(__file__))
     assert done.returncode == 0 and done.stdout.split() == ["0"], done.stdout + done.stderr
 
@@ -1602,8 +1620,9 @@ def test_numpys_openblas_is_found_and_split_on_its_threads(monkeypatch):
     lib = blas.openblas()
     assert lib is not None
     threads = lib.get_num_threads()
-    monkeypatch.setattr(blas, "SPLIT_WORK", 0)
+    monkeypatch.setattr(blas, "SHARE_WORK", 0)
     monkeypatch.setattr(blas, "OPENBLAS_SINGLE", -1)
+    monkeypatch.setattr(blas, "cblas", lambda: None)  # (share()'s threads: not cut for Numba's)
     a, b = np.ones((36, 4, 3), np.float32), np.ones((36, 3, 5), np.float32)
     out = blas.matmul(a, b, np.empty((36, 4, 5), np.float32))
     assert (out == 3).all() and lib.get_num_threads() == threads

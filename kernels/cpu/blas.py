@@ -50,8 +50,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-# Multiply-adds below which a product runs as one part when its parts would run on share()'s threads (im2col's
-# chunks; matmul's products where cblas is not found). A share of two parts costs ~100 us on the 2-core VM even with
+# Multiply-adds below which matmul runs a product as one part when its parts would run on share()'s threads (cblas
+# not found; im2col's chunks have im2col.FUSED_WORK). A share of two parts costs ~100 us on the 2-core VM even with
 # nothing to do (the worker is woken, then the caller that waits for it: ~50 us each), as long as ~6M multiply-adds
 # take on one core. us on one thread / cut (2026-12-06, either import order): 2-D 512 x 96 x 196 146 / 202, 1024 x
 # 128 x 196 372 / 331; stacks of 36 64 x 64 x 49 139 / 206, 128 x 128 x 16 217 / 261, 64 x 64 x 196 504 / 471,
@@ -385,7 +385,7 @@ def _gemm_rows(a, b, out):
     whether they compute out's transpose, b^T @ a^T), or None when cblas cannot take a matrix's strides (or there is
     nothing to multiply)."""
     if (out.size == 0 or a.shape[-1] == 0 or a.shape[-1] != b.shape[-2] or out.shape[-2:] != (a.shape[-2], b.shape[-1])
-            or not a.dtype == b.dtype == out.dtype or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
+            or not a.dtype == b.dtype == out.dtype or not out.dtype.isnative or not out.flags.writeable):
         return None  # (np.matmul's own checks and copies then)
     if out.ndim > 2 and out.size == out.shape[-2] * out.shape[-1]:  # a stack of one product: its matrices
         a, b, out = (m.reshape(m.shape[-2:]) for m in (a, b, out))
@@ -445,9 +445,9 @@ def matmul(a, b, out):
     np.matmul takes (a broadcast operand is shared by the parts); out: (..., M, N), any strides."""
     work = out.size * a.shape[-1]
     count = 1 if work <= OPENBLAS_SINGLE else threads()
-    if count == 1 or getattr(_inside, "share", False):  # a small product, OpenBLAS on one thread (or not found), or
-        np.matmul(a, b, out=out)                           # in a share's part
-        return out
+    if count == 1 or getattr(_inside, "share", False) or np.may_share_memory(out, a) or np.may_share_memory(out, b):
+        np.matmul(a, b, out=out)  # a small product, OpenBLAS on one thread (or not found), in a share's part, or an
+        return out                # out that overlaps an input (np.matmul copies; parts would race)
     region = cblas() is not None
     if work >= (SPLIT_WORK if region else SHARE_WORK):
         cut_2d = WORKERS_SPIN or region
