@@ -21,11 +21,14 @@ Why (2-core Sapphire Rapids VM, bench/RESULTS.md 2026-12-06):
   - A stack: Winograd's 36 GEMMs per call (64 x 64 x 784 at 3x3 64@56, batch 4) ran at 97-124 GFLOP/s on
     OpenBLAS's two threads, slower than on one (135), since each GEMM woke OpenBLAS's sleeping worker (~50 us on
     this VM); split by the stack they ran at 197-212 GFLOP/s, and the Winograd convolutions 1.3-1.5x faster.
-  - One large GEMM: OpenBLAS's own two threads were 5-12% faster than these cuts (the ResNet stem), as long as its
-    workers sleep after it. They spin instead, for 2**OPENBLAS_THREAD_TIMEOUT cycles (by default 2**28, ~0.1 s),
-    on the cores the next Numba kernel needs, when NumPy was imported before cnnfast could shorten the timeout
-    (cnnfast/__init__.py): then im2col ran 10-25% slower. WORKERS_SPIN (set at import) says so, and then every
-    product is cut, so that cnnfast never wakes them: the stem's forward 8.0-8.7 -> 6.5-6.7 ms.
+  - One large GEMM: OpenBLAS's own two threads were 5-12% faster than cuts on share()'s threads (the ResNet stem),
+    as long as its workers sleep after it. They spin instead, for 2**OPENBLAS_THREAD_TIMEOUT cycles (by default
+    2**28, ~0.1 s), on the cores the next Numba kernel needs, when NumPy was imported before cnnfast could shorten
+    the timeout (cnnfast/__init__.py): then im2col ran 10-25% slower. WORKERS_SPIN (set at import) says so, and then
+    every product is cut, so that cnnfast never wakes them: the stem's forward 8.0-8.7 -> 6.5-6.7 ms. Cut on Numba's
+    threads (gemms_cpu), a product timed back to back is 3-8% slower than on OpenBLAS's threads, but in a
+    convolution, where those have gone to sleep since the last one, 1.1-1.8x faster (MobileNetV2's 1x1 layers at
+    batch 1): every product that cblas can take is cut so, whichever the import order.
 
 It falls back to plain np.matmul when NumPy's BLAS is not an OpenBLAS found in this process or OpenBLAS runs on one
 thread. One split, or one GEMM on OpenBLAS's threads, runs at a time: another thread's waits, so that each GEMM
@@ -305,8 +308,8 @@ def share(task, parts):
 #
 # A share's parts run on Python threads: waking the worker, then the caller that waits for it, costs ~100 us on the
 # 2-core VM, and meanwhile Numba's OpenMP workers (which torch's ops share) fall asleep. matmul's parts run instead
-# as one Numba parallel region calling OpenBLAS's cblas_sgemm / cblas_dgemm, one part per thread: ms on the VM
-# (2026-12-06), one thread / the share / the region: 384 x 64 x 196 88 / 90 / 52 us, 960 x 160 x 49 150 / 135 / 83,
+# as one Numba parallel region calling OpenBLAS's cblas_sgemm / cblas_dgemm, one part per thread: us on the VM
+# (2026-12-06), one thread / the share / the region: 384 x 64 x 196 88 / 90 / 52, 960 x 160 x 49 150 / 135 / 83,
 # 1280 x 320 x 49 405 / 309 / 201, 64 x 147 x 3136 585 / 372 / 276 (OpenBLAS's own two threads 66, 97, 245, 310).
 
 @lru_cache(maxsize=None)
