@@ -59,8 +59,8 @@ TRANSPOSED_PRODUCT = 1 << 16
 # every thread building its chunks' columns and multiplying them on one OpenBLAS thread (blas.share): one chunk's
 # columns are built while another's GEMM runs, and OpenBLAS splits a product with a short inner axis poorly over
 # its threads. A chunk holds about CHUNK_BYTES of columns, fewer positions when that leaves a thread less than two
-# chunks, but at least CHUNK_POSITIONS; the problem has at least FUSED_WORK multiply-adds (below it one thread's
-# columns and GEMM; at 1 << 24 the ~11M of MobileNetV2's first layer at batch 1 ran 1.1-1.4x slower). Against columns on
+# chunks, but at least CHUNK_POSITIONS; the problem has at least FUSED_WORK multiply-adds (without chunks, 2026-12-06:
+# MobileNetV2's first layer at batch 1, ~11M, 1.0-1.1x slower; the stem and WaveNet 1.1-1.2x). Against columns on
 # Numba's threads then one GEMM on OpenBLAS's (2026-12-06, 2-core box, time before / after, forward and weight
 # gradient): batch 4, the stem 1.15x / 1.24x, WaveNet 1.17x / 1.35x, 3x3 16->32 @112 1.28x / 1.33x, 1x1 stride 2
 # 256->512 @56 1.25x / 1.18x, 400-432 rows 1.08-1.11x, 576 rows 1.01-1.06x, 768-864 rows 0.95-1.11x, 1152 and 2304
