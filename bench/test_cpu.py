@@ -4,7 +4,6 @@
 
 Each case validates cnnfast's result against the float64 reference before timing it.
 """
-import copy
 import os
 
 import numpy as np
@@ -66,6 +65,6 @@ def test_cpu_model(benchmark, provider, batch):
     if provider == "cnnfast":
         model = cf.replace_convs(model)
     with torch.no_grad():
-        expected = copy.deepcopy(models.mobilenetv2()).double()(x.double())
+        expected = models.mobilenetv2().double()(x.double())  # (a fresh model: the same weights)
         compare.assert_close(model(x).numpy(), expected.numpy(), "float32")
         benchmark(model, x)
