@@ -126,9 +126,11 @@ def _same_low_dtype(op, args, roles):
                 raise TypeError(f"{op}: expected {role} to have the same dtype as {first} ({dtype}), but got {other}")
 
 
-@torch.library.custom_op("cnnfast::conv", mutates_args=())
-def _conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], layer: str) -> torch.Tensor:
+def _conv_eager(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], layer: str) -> torch.Tensor:
     return _in_format(_run(layer, "", x, w, b, like=x), x, w)
+
+
+_conv = torch.library.custom_op("cnnfast::conv", _conv_eager, mutates_args=())
 
 
 def _in_format(t, x, w):
@@ -154,21 +156,23 @@ def _suggests(t, last):
     return suggest_memory_format(t) == last
 
 
-@torch.library.custom_op("cnnfast::conv_input", mutates_args=())
-def _conv_input(dy: torch.Tensor, w: torch.Tensor, x_shape: list[int], layer: str) -> torch.Tensor:
+def _conv_input_eager(dy: torch.Tensor, w: torch.Tensor, x_shape: list[int], layer: str) -> torch.Tensor:
     return _run(layer, "_input", tuple(x_shape), w, dy, like=dy)
 
 
-@torch.library.custom_op("cnnfast::conv_weight", mutates_args=())
-def _conv_weight(x: torch.Tensor, dy: torch.Tensor, w_shape: list[int], layer: str) -> torch.Tensor:
+def _conv_weight_eager(x: torch.Tensor, dy: torch.Tensor, w_shape: list[int], layer: str) -> torch.Tensor:
     return _run(layer, "_weight", x, tuple(w_shape), dy, like=dy)
 
 
-@torch.library.custom_op("cnnfast::bias_grad", mutates_args=())
-def _bias_grad(dy: torch.Tensor, unbatched: bool) -> torch.Tensor:
+def _bias_grad_eager(dy: torch.Tensor, unbatched: bool) -> torch.Tensor:
     """dy summed over all but its channel axis (an unbatched dy as a batch of one)."""
     return _tensor(grad.conv_bias(_array(dy[None] if unbatched else dy, "conv_bias", "grad_output"),
                                   stream=_stream(dy)), dy)
+
+
+_conv_input = torch.library.custom_op("cnnfast::conv_input", _conv_input_eager, mutates_args=())
+_conv_weight = torch.library.custom_op("cnnfast::conv_weight", _conv_weight_eager, mutates_args=())
+_bias_grad = torch.library.custom_op("cnnfast::bias_grad", _bias_grad_eager, mutates_args=())
 
 
 @_conv.register_fake
@@ -319,10 +323,10 @@ def _sum(terms):
 # into N, or into the channels as groups where the weights differ (into the output channels alone where they share
 # one input and groups == 1), as torch's own batching rule for convolution does.
 
-def _dispatch(op, keep, backward, jvp):
-    """op as the formulas and the public functions call it: the custom op, or under torch.func transforms and
-    forward-mode AD an autograd.Function running it (with keep as its setup_context, the backward and jvp
-    formulas)."""
+def _dispatch(op, eager, keep, backward, jvp):
+    """op as the formulas and the public functions call it: its Python function (eager) where nothing would see the
+    op itself (_eager), the custom op, or under torch.func transforms and forward-mode AD an autograd.Function
+    running it (with keep as its setup_context, the backward and jvp formulas)."""
     def save(ctx, inputs, output):  # keep returns the tensors the formulas need
         ctx.modes = _modes()
         ctx.save_for_backward(*keep(ctx, inputs, output))
@@ -348,10 +352,31 @@ def _dispatch(op, keep, backward, jvp):
     apply = torch.compiler.disable(function.apply)  # torch.compile does not trace it: a graph break
 
     def call(*args):
+        if _eager(args):
+            return eager(*args)
         if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
             return apply(*(_Size(a) if isinstance(a, list) else a for a in args))
         return op(*args)
     return call
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager(args):
+    """Whether a call of an op on args may run as the op's Python function, skipping torch's dispatcher (~20 us a
+    call alone, 60-130 us in a model at batch 1 on the 2-core VM: inference, and backward passes): where nothing
+    would see the op itself, that is no gradient to record, no torch.func transform or forward-mode AD, no
+    torch.compile, torch.jit.trace, dispatch or function mode (FakeTensorMode, FlopCounterMode, ...), no profiler,
+    and every tensor a plain strided CPU or CUDA one (not a subclass, meta or sparse)."""
+    grad = torch.is_grad_enabled()
+    for a in args:
+        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN or a.layout is not torch.strided
+                                            or not (a.is_cpu or a.is_cuda) or (grad and a.requires_grad)):
+            return False
+    return not (torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+                or torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
+                or torch._C._is_torch_function_mode_enabled() or torch._C._autograd._profiler_enabled())
 
 
 # Check mode and autotuning are set per thread (contextvars), but torch's autograd runs the backward pass of CUDA
@@ -381,10 +406,10 @@ class _Size(tuple):
     are leaves of their own, which vmap's rule for a jvp miscounts against the tangents)."""
 
 
-_conv_op = _dispatch(_conv, _keep_conv, _conv_backward, _conv_jvp)
-_conv_input_op = _dispatch(_conv_input, _keep_both, _conv_input_backward, _conv_input_jvp)
-_conv_weight_op = _dispatch(_conv_weight, _keep_both, _conv_weight_backward, _conv_weight_jvp)
-_bias_grad_op = _dispatch(_bias_grad, _keep_shape, _bias_grad_backward, _bias_grad_jvp)
+_conv_op = _dispatch(_conv, _conv_eager, _keep_conv, _conv_backward, _conv_jvp)
+_conv_input_op = _dispatch(_conv_input, _conv_input_eager, _keep_both, _conv_input_backward, _conv_input_jvp)
+_conv_weight_op = _dispatch(_conv_weight, _conv_weight_eager, _keep_both, _conv_weight_backward, _conv_weight_jvp)
+_bias_grad_op = _dispatch(_bias_grad, _bias_grad_eager, _keep_shape, _bias_grad_backward, _bias_grad_jvp)
 
 
 def _regrouped(layer, times):

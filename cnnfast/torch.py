@@ -11,7 +11,8 @@ grad.conv*_weight (backward-filter) and grad.conv_bias. CPU tensors reach the CP
 comes back with torch.from_numpy); CUDA tensors reach the CUDA kernels through __cuda_array_interface__ on torch's
 current stream and come back as torch tensors on the same device; a contiguous tensor is not copied (a strided one
 is made contiguous first). Each call is a torch.library custom op (torch.compile and torch.export see one op, no
-graph break; under torch.func's transforms and forward-mode AD an autograd.Function, a graph break there); the
+graph break; under torch.func's transforms and forward-mode AD an autograd.Function, a graph break there; where
+nothing would see the op, as in inference, the op's Python function, without torch's dispatcher); the
 gradients are custom ops differentiable in turn: gradients of gradients (a Hessian, a gradient penalty,
 torch.autograd.gradgradcheck) run cnnfast's kernels too, to any order, and so do torch.func's transforms (grad,
 vmap, jvp, jacrev, jacfwd, hessian: per-sample gradients, model ensembles) and forward-mode AD: vmap runs a batch

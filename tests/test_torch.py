@@ -307,6 +307,55 @@ def test_the_custom_ops_pass_torch_library_opcheck():
         torch.library.opcheck(op, args)
 
 
+
+class _Recording(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops torch dispatches (as FlopCounterMode and torch.compile's tracers see them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_calls_skip_torchs_dispatcher_only_where_nothing_would_see_the_op(monkeypatch):
+    """Inference and backward passes (without create_graph) run the ops' Python functions; with a gradient to
+    record, under a dispatch mode, the profiler or torch.jit.trace, and on the meta device, the custom ops run
+    (torch.compile and torch.func: tested above), which those see. Each way gives the same bits."""
+    seen = []
+    eager = ops._eager
+    monkeypatch.setattr(ops, "_eager", lambda args: seen.append(eager(args)) or seen[-1])
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(s, generator=g) for s in ((2, 3, 6, 5), (4, 3, 3, 3), (4,)))
+
+    def run(*tensors):
+        seen.clear()
+        return cf.conv2d(*(tensors or (x, w, b)), padding=1)
+    with torch.no_grad():
+        y = run()
+        assert seen == [True]
+        with _Recording() as recording:
+            assert torch.equal(run(), y) and seen == [False] and "cnnfast.conv.default" in recording.ops
+        with torch.profiler.profile() as profile:
+            assert torch.equal(run(), y) and seen == [False]
+        assert "cnnfast::conv" in {event.name for event in profile.events()}
+        traced = torch.jit.trace(lambda t: cf.conv2d(t, w, b, padding=1), x)
+        assert "cnnfast::conv" in str(traced.graph) and torch.equal(traced(x), y)
+        assert run(x.to("meta"), w.to("meta"), b.to("meta")).shape == y.shape and seen == [False]
+
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = run(*leaves)
+    assert seen == [False] and y.requires_grad
+    seen.clear()
+    first = torch.autograd.grad(y.square().sum(), leaves, create_graph=True)
+    assert seen == [False] * 3  # conv_input, conv_weight and bias_grad, recorded for the second derivative
+    again = torch.autograd.grad(run(*leaves).square().sum(), leaves)
+    assert seen == [False] + [True] * 3  # the forward op recorded; the backward's ops on their own
+    for a, e in zip(again, first):
+        assert torch.equal(a, e)
+
 def test_torch_compile_and_export_take_each_conv_as_one_op():
     """torch.compile(fullgraph=True): no graph break in a model of cnnfast convs (forward and backward);
     torch.export: one cnnfast.conv node per conv."""
