@@ -386,8 +386,9 @@ def test_cpu_im2col_blocks_of_huge_problems_fit_and_cover_every_position_once(x_
     if chunk:  # chunks side by side (few rows): one sample's positions each, tiling every sample once, in order
         assert plan.workspace_bytes == cpu_im2col._chunk_scratch(g, primitive, 4, chunk, blas.threads())
         ends = {}  # (group, sample) -> where its chunks so far end
-        for grp, n, o0, b in cpu_im2col._chunks(g, chunk):
-            assert all(type(v) is int for v in (grp, n, o0, b))
+        chunks = cpu_im2col._chunks(g, chunk)
+        assert chunks.dtype == np.int64 and chunks.shape[1] == 4  # (the kernels' table: no narrower int)
+        for grp, n, o0, b in chunks.tolist():
             assert ends.get((grp, n), 0) == o0 and 1 <= b <= chunk
             ends[grp, n] = o0 + b
         assert list(ends) == [(grp, n) for grp in range(g.groups) for n in range(g.N)]

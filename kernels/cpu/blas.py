@@ -34,9 +34,10 @@ It falls back to plain np.matmul when NumPy's BLAS is not an OpenBLAS found in t
 thread. One split, or one GEMM on OpenBLAS's threads, runs at a time: another thread's waits, so that each GEMM
 runs on the thread count it was planned for (OpenBLAS's one- and two-thread GEMMs round differently: results are
 then the same bits whatever else cnnfast runs meanwhile). Tuned on 2 cores only.
-share(task, parts) runs any parts on Python threads (im2col's chunks of columns and their GEMMs,
-kernels/cpu/im2col.py): a share costs ~100 us of thread wakes on the 2-core VM, a Numba region ~2 us while Numba's
-workers still spin after the last one (the same workers torch's CPU ops use, when cnnfast was imported first).
+share(task, parts) runs any parts on Python threads (matmul's parts where cblas is not found): a share costs ~100 us
+of thread wakes on the 2-core VM, a Numba region ~2 us while Numba's workers still spin after the last one (the same
+workers torch's CPU ops use, when cnnfast was imported first). gemm_region runs a kernel whose tasks call cblas
+themselves (gemm(): im2col's chunks, each thread building columns and multiplying them) as one such region.
 """
 import contextlib
 import ctypes
@@ -54,7 +55,7 @@ from numba import types
 from numba.extending import intrinsic
 
 # Multiply-adds below which matmul runs a product as one part when its parts would run on share()'s threads (cblas
-# not found; im2col's chunks have im2col.FUSED_WORK). A share of two parts costs ~100 us on the 2-core VM even with
+# not found). A share of two parts costs ~100 us on the 2-core VM even with
 # nothing to do (the worker is woken, then the caller that waits for it: ~50 us each), as long as ~6M multiply-adds
 # take on one core. us on one thread / cut (2026-12-06, either import order): 2-D 512 x 96 x 196 146 / 202, 1024 x
 # 128 x 196 372 / 331; stacks of 36 64 x 64 x 49 139 / 206, 128 x 128 x 16 217 / 261, 64 x 64 x 196 504 / 471,
@@ -369,6 +370,23 @@ def gemms_cpu(address, one, itemsize, table, parts, axis):
                                 one - one, c, ldc))
 
 
+@numba.njit(inline="always")
+def gemm(address, one, ta, tb, M, N, K, a, lda, b, ldb, c, ldc):
+    """From a kernel of gemm_region's: c (M, N, row stride ldc) = op(a) (M, K) @ op(b) (K, N), by the cblas ?gemm
+    at address (row-major, alpha = one, beta = 0); a, b and c: arrays whose first element starts each matrix."""
+    _call(address, (np.int32(ROW_MAJOR), np.int32(ta), np.int32(tb), np.int64(M), np.int64(N), np.int64(K), one,
+                    a.ctypes.data, np.int64(lda), b.ctypes.data, np.int64(ldb), one - one, c.ctypes.data,
+                    np.int64(ldc)))
+
+
+def gemm_region(kernel, work, dtype, *args):
+    """kernel(address, one, *args), a parallel kernel whose tasks call OpenBLAS's cblas ?gemm for dtype (at address,
+    one = dtype's 1) by gemms_cpu's call or gemm(), as one Numba region (sized by work) with OpenBLAS on one thread
+    meanwhile (one such region or share at a time). Only where cblas() found it."""
+    with _one_openblas_thread(openblas()):  # (in a forked child, where GNU OpenMP cannot run, the serial build)
+        sized(kernel, work)(cblas()[dtype.char == "d"], dtype.type(1), *args)
+
+
 def _layout(m):
     """(trans, leading dimension) of the matrices m[..., :, :] as cblas reads them in row-major order, or None when
     neither axis has unit stride (or a stride is negative, or broadcast along an axis longer than one)."""
@@ -428,8 +446,7 @@ def _on_numba_threads(a, b, out, parts, axis):
     """np.matmul(a, b, out=out) in `parts` tasks of one Numba parallel region, cut by axis, with OpenBLAS on one
     thread; False (nothing run) where cblas, the dtype or a matrix's strides do not allow it, or Numba has fewer
     threads."""
-    functions = cblas()
-    if functions is None or out.dtype.char not in "fd" or numba.get_num_threads() < parts:
+    if cblas() is None or out.dtype.char not in "fd" or numba.get_num_threads() < parts:
         return False
     table = _gemm_rows(a, b, out)
     if table is None:
@@ -437,9 +454,7 @@ def _on_numba_threads(a, b, out, parts, axis):
     rows, transposed = table
     if transposed and axis != STACK:
         axis = ROWS + COLUMNS - axis  # (out's rows are its transpose's columns)
-    with _one_openblas_thread(openblas()):  # (in a forked child, where GNU OpenMP cannot run, the serial build)
-        sized(gemms_cpu, out.size * a.shape[-1])(functions[out.dtype.char == "d"], out.dtype.type(1), out.itemsize,
-                                                  np.asarray(rows, np.int64), parts, axis)
+    gemm_region(gemms_cpu, out.size * a.shape[-1], out.dtype, out.itemsize, np.asarray(rows, np.int64), parts, axis)
     return True
 
 

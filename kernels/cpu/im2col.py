@@ -16,8 +16,9 @@ sample): per group, over the batch, Y (N, K/g) = X (N, CTRS) @ W_g^T, dX = dY @ 
 The GEMMs run through blas.matmul (NumPy's OpenBLAS, its parts on cnnfast's threads), one per block: a large
 product rather than one per sample. A layer with few column-matrix rows (CTRS <= FUSED_ROWS: a network's first
 layer, a 1-D layer) runs its forward and weight gradient in chunks instead: B positions of one sample each, every
-thread building its chunks' columns (im2col_cpu's serial build) and multiplying them on one OpenBLAS thread
-(blas.share); the weight gradient sums each thread's chunks, then the threads' sums in thread order.
+thread building its chunks' columns (im2col_cpu's serial build) and multiplying them by OpenBLAS's cblas on that
+thread, as one Numba parallel region (forward_chunks_cpu, filter_chunks_cpu); the weight gradient sums each thread's
+chunks, then the threads' sums in thread order.
 
 Blocks hold whole samples when one fits, else B < O positions of one sample; the scratch (cols, staging of the
 other GEMM operand or result; the chunks' columns) stays under workspace_limit (default 256 MiB). im2col_cpu: one
@@ -56,15 +57,20 @@ SHIFTED_TASKS = 16
 TRANSPOSED_PRODUCT = 1 << 16
 # A layer whose column matrix has at most FUSED_ROWS rows (C/g*T*R*S: the ResNet stem's 147, WaveNet's 192, a 3x3
 # layer's up to 64 channels) runs its forward and weight gradient in chunks of one sample's output positions,
-# every thread building its chunks' columns and multiplying them on one OpenBLAS thread (blas.share): one chunk's
-# columns are built while another's GEMM runs, and OpenBLAS splits a product with a short inner axis poorly over
-# its threads. A chunk holds about CHUNK_BYTES of columns, fewer positions when that leaves a thread less than two
-# chunks, but at least CHUNK_POSITIONS; the problem has at least FUSED_WORK multiply-adds (without chunks, 2026-12-06:
+# every thread building its chunks' columns and multiplying them on one OpenBLAS thread (one Numba region calling
+# cblas, blas.gemm_region; where cblas is not found, the column blocks): one chunk's columns are built while
+# another's GEMM runs, and OpenBLAS splits a product with a short inner axis poorly over its threads. A chunk holds
+# about CHUNK_BYTES of columns, fewer positions when that leaves a thread less than two chunks, but at least
+# CHUNK_POSITIONS; the problem has at least FUSED_WORK multiply-adds (without chunks, 2026-12-06:
 # MobileNetV2's first layer at batch 1, ~11M, 1.0-1.1x slower; the stem and WaveNet 1.1-1.2x). Against columns on
 # Numba's threads then one GEMM on OpenBLAS's (2026-12-06, 2-core box, time before / after, forward and weight
 # gradient): batch 4, the stem 1.15x / 1.24x, WaveNet 1.17x / 1.35x, 3x3 16->32 @112 1.28x / 1.33x, 1x1 stride 2
 # 256->512 @56 1.25x / 1.18x, 400-432 rows 1.08-1.11x, 576 rows 1.01-1.06x, 768-864 rows 0.95-1.11x, 1152 and 2304
 # rows 0.85-0.94x; batch 1, 1.06-1.19x with chunks of 784-3,136 positions, 0.87-0.95x with 196 (1x1 s2 256->512).
+# The chunks ran on Python threads (blas.share, ~100 us a call) until 2026-12-07; as one Numba region, ms forward /
+# weight gradient, before -> after: MobileNetV2's first layer (3x3 s2 3->32 @224) batch 1 0.51 / 0.59 -> 0.24 / 0.35,
+# batch 8 2.19 / 2.92 -> 2.00 / 2.68; the ResNet stem batch 1 1.65 / 1.74 -> 1.44 / 1.57, batch 4 5.86 / 6.06 ->
+# 5.38 / 5.63; 3x3 16->32 @112 batch 1 1.13 / 1.14 -> 0.92 / 0.92; WaveNet batch 4 7.83 / 8.51 -> 7.37 / 7.92.
 FUSED_ROWS = 576
 CHUNK_BYTES = 2 << 20
 CHUNK_POSITIONS = 256
@@ -306,7 +312,8 @@ def _chunk(g, primitive, itemsize, workspace_limit):
     ceil(O / B) chunks per sample and group, of equal size but the last, their count a multiple of the threads'."""
     rows, O, threads = (g.C // g.groups) * g.T * g.R * g.S, g.P * g.Q * g.U, blas.threads()
     if (primitive == "backward_data" or g.is_pointwise or g.covers_input or rows > FUSED_ROWS or threads == 1
-            or g.N * g.K * rows * O < max(1, FUSED_WORK)):  # (nothing to compute: an empty batch)
+            or g.N * g.K * rows * O < max(1, FUSED_WORK)  # (nothing to compute: an empty batch)
+            or blas.cblas() is None):
         return 0
     samples = g.groups * g.N  # (group, sample) pairs, each cut into per_sample chunks
     per_sample = max(-(-O // max(1, CHUNK_BYTES // (rows * itemsize))), -(-2 * threads // samples))
@@ -320,19 +327,15 @@ def _chunk(g, primitive, itemsize, workspace_limit):
 
 
 def _chunks(g, B):
-    """[(grp, n, o0, b)] in a fixed order: the chunks of b = B output positions [o0, o0 + b) of sample n and
-    group grp (fewer at a sample's end)."""
+    """(chunks, 4) int64 rows (grp, n, o0, b) in a fixed order: the chunks of b = B output positions [o0, o0 + b) of
+    sample n and group grp (fewer at a sample's end)."""
     O = g.P * g.Q * g.U
-    return [(grp, n, o0, min(B, O - o0)) for grp in range(g.groups) for n in range(g.N) for o0 in range(0, O, B)]
+    return np.array([(grp, n, o0, min(B, O - o0)) for grp in range(g.groups) for n in range(g.N)
+                     for o0 in range(0, O, B)], np.int64).reshape(-1, 4)
 
 
-def _chunk_columns(x, g, scratch, grp, n, o0, b):
-    """The (CTRS, b) columns of chunk (grp, n, o0, b), built in scratch (a thread's) by im2col_cpu's serial build."""
-    rows = (g.C // g.groups) * g.T * g.R * g.S
-    cols = scratch[:rows * b].reshape(rows, 1, b)
-    im2col_cpu.serial(x, n, grp * (g.C // g.groups), cols, np.array([g.T, g.R, g.S], np.int64), o0,
-                      *geometry_args(g)[:9], g.Q, g.U)
-    return cols.reshape(rows, b)
+def _taps(g):
+    return np.array([g.T, g.R, g.S], np.int64)
 
 
 def workspace_bytes(g, primitive, itemsize, workspace_limit):
@@ -380,7 +383,7 @@ def _column_blocks(x, g, primitive, workspace_limit):
     product (K/g, CTRS) (empty otherwise)."""
     Kg, Cg = g.K // g.groups, g.C // g.groups
     blocks, rows, buf = _blocks(g, primitive, x.itemsize, workspace_limit)
-    taps = np.array([g.T, g.R, g.S], np.int64)
+    taps = _taps(g)
     args = geometry_args(g)[:9]
     product_shape = (Kg, rows) if primitive == "backward_filter" else (0,)
     for grp in range(g.groups):
@@ -443,7 +446,7 @@ def backward_data(dy, w, dx, g, workspace_limit=None):
             blas.matmul(w2t[grp], _pointwise(dy, g)[:, grp], _pointwise(dx, g)[:, grp])
         return
     blocks, rows, buf = _blocks(g, "backward_data", dx.itemsize, workspace_limit)
-    taps = np.array([g.T, g.R, g.S], np.int64)
+    taps = _taps(g)
     dy2 = dy.reshape(g.N, g.groups, Kg, O)
     dx[...] = 0
     args = geometry_args(g)[:9]
@@ -499,15 +502,62 @@ def backward_filter(x, dy, dw, g, workspace_limit=None):
             dw2[grp] += product
 
 
+_im2col_serial = im2col_cpu.serial  # (a jitted kernel calls it by a global name)
+
+
+@numba.njit(inline="always")
+def _chunk_columns(x, scratch, chunk, rows, taps, sd, sh, sw, dd, dh, dw_, pd, ph, pw, Q, U):
+    """The (CTRS, b) columns of chunk (grp, n, o0, b), built in scratch (a task's) by im2col_cpu's serial build."""
+    grp, n, o0, b = chunk[0], chunk[1], chunk[2], chunk[3]
+    cols = scratch[:rows * b].reshape(rows, 1, b)
+    _im2col_serial(x, n, grp * (rows // (taps[0] * taps[1] * taps[2])), cols, taps, o0, sd, sh, sw, dd, dh, dw_, pd,
+                   ph, pw, Q, U)
+    return cols.reshape(rows, b)
+
+
+@parallel()
+def forward_chunks_cpu(gemm, one, x, w2, y2, scratch, chunks, taps, sd, sh, sw, dd, dh, dw_, pd, ph, pw, Q, U):
+    """y2[n, grp, :, o0:o0 + b] (K/g, b) = w2[grp] (K/g, CTRS) @ the columns (CTRS, b) of each chunk (grp, n, o0, b)
+    of the table chunks, straight into y2 (N, groups, K/g, O): task k of len(scratch) builds its chunks k, k + tasks,
+    ... in scratch[k] and multiplies them by the cblas ?gemm at address gemm (blas.gemm_region)."""
+    tasks, Kg, rows, O = len(scratch), w2.shape[1], w2.shape[2], y2.shape[3]
+    for k in numba.prange(tasks):
+        for j in range(k, len(chunks), tasks):
+            grp, n, o0, b = chunks[j, 0], chunks[j, 1], chunks[j, 2], chunks[j, 3]
+            cols = _chunk_columns(x, scratch[k], chunks[j], rows, taps, sd, sh, sw, dd, dh, dw_, pd, ph, pw, Q, U)
+            blas.gemm(gemm, one, blas.NO_TRANS, blas.NO_TRANS, Kg, b, rows, w2[grp], rows, cols, b,
+                      y2[n, grp, :, o0:], O)
+
+
+@parallel()
+def filter_chunks_cpu(gemm, one, x, dy2, sums, summed, products, scratch, chunks, transposed, taps, sd, sh, sw, dd, dh,
+                      dw_, pd, ph, pw, Q, U):
+    """sums[k, grp] = the sum over task k's chunks (grp, n, o0, b) of group grp, in order, of dy chunk (K/g, b) @
+    cols^T (K/g, CTRS), or when transposed of cols @ dy^T (CTRS, K/g); dy2 (N, groups, K/g, O). Task k of
+    len(scratch) takes chunks k, k + tasks, ... (columns in scratch[k]; a product after the task's first of its group
+    in products[k], then added) and sets summed[k, grp] (False before) where sums[k, grp] holds one."""
+    tasks, Kg, O, ldc = len(scratch), dy2.shape[2], dy2.shape[3], sums.shape[3]
+    rows = sums.shape[2] if transposed else ldc
+    for k in numba.prange(tasks):
+        for j in range(k, len(chunks), tasks):
+            grp, n, o0, b = chunks[j, 0], chunks[j, 1], chunks[j, 2], chunks[j, 3]
+            cols = _chunk_columns(x, scratch[k], chunks[j], rows, taps, sd, sh, sw, dd, dh, dw_, pd, ph, pw, Q, U)
+            into = products[k] if summed[k, grp] else sums[k, grp]
+            if transposed:  # (CTRS, K/g) = cols (CTRS, b) @ dy^T
+                blas.gemm(gemm, one, blas.NO_TRANS, blas.TRANS, rows, Kg, b, cols, b, dy2[n, grp, :, o0:], O, into, ldc)
+            else:  # (K/g, CTRS) = dy (K/g, b) @ cols^T
+                blas.gemm(gemm, one, blas.NO_TRANS, blas.TRANS, Kg, rows, b, dy2[n, grp, :, o0:], O, cols, b, into, ldc)
+            if summed[k, grp]:
+                sums[k, grp] += into
+            summed[k, grp] = True
+
+
 def _forward_chunks(x, w2, y2, g, B):
     """y chunk (K/g, b) = W_g @ its columns (CTRS, b), straight into y; thread k takes chunks k, k + threads, ..."""
     threads, chunks = blas.threads(), _chunks(g, B)
     scratch = np.empty((threads, w2.shape[2] * B), x.dtype)
-
-    def part(k):
-        for grp, n, o0, b in chunks[k::threads]:
-            np.matmul(w2[grp], _chunk_columns(x, g, scratch[k], grp, n, o0, b), out=y2[n, grp, :, o0:o0 + b])
-    blas.share(part, threads)
+    blas.gemm_region(forward_chunks_cpu, g.N * g.K * w2.shape[2] * g.P * g.Q * g.U, x.dtype, x, w2, y2, scratch,
+                     chunks, _taps(g), *geometry_args(g)[:9], g.Q, g.U)
 
 
 def _backward_filter_chunks(x, dy2, dw2, g, B, transposed):
@@ -518,20 +568,9 @@ def _backward_filter_chunks(x, dy2, dw2, g, B, transposed):
     scratch = np.empty((threads, rows * B), x.dtype)
     shape = (rows, Kg) if transposed else (Kg, rows)
     sums, products = np.empty((threads, g.groups) + shape, x.dtype), np.empty((threads,) + shape, x.dtype)
-    summed = np.zeros((threads, g.groups), bool)  # whether thread k's sums[k, grp] holds a product yet
-
-    def part(k):
-        for grp, n, o0, b in chunks[k::threads]:
-            cols, dy_chunk = _chunk_columns(x, g, scratch[k], grp, n, o0, b), dy2[n, grp, :, o0:o0 + b]
-            into = products[k] if summed[k, grp] else sums[k, grp]
-            if transposed:
-                np.matmul(cols, dy_chunk.T, out=into)
-            else:
-                np.matmul(dy_chunk, cols.T, out=into)
-            if summed[k, grp]:
-                sums[k, grp] += into
-            summed[k, grp] = True
-    blas.share(part, threads)
+    summed = np.zeros((threads, g.groups), np.bool_)
+    blas.gemm_region(filter_chunks_cpu, g.N * g.K * rows * g.P * g.Q * g.U, x.dtype, x, dy2, sums, summed, products,
+                     scratch, chunks, transposed, _taps(g), *geometry_args(g)[:9], g.Q, g.U)
     for grp in range(g.groups):
         for k in range(threads):
             if summed[k, grp]:

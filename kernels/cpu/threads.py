@@ -111,7 +111,7 @@ _UNCACHED = False
 def parallel(**options):
     """Decorator: numba.njit(parallel=True, cache=True, **options), with `.serial`, the same function compiled
     without parallel=True (numba.prange runs as range) for calls too small to pay for a parallel region (sized).
-    The serial build releases the GIL (nogil=True), so that threads can run it side by side (blas.share).
+    The serial build releases the GIL (nogil=True), so that threads can run it side by side (a server's, say).
 
     The serial build compiles a copy of the function under its own qualified name: Numba's disk cache names its
     files by module and qualified name and keys entries by signature and bytecode, not by options, so two builds
