@@ -368,7 +368,8 @@ def _eager(args):
     call alone, 60-130 us in a model at batch 1 on the 2-core VM: inference, and backward passes): where nothing
     would see the op itself, that is no gradient to record, no torch.func transform or forward-mode AD, no
     torch.compile, torch.jit.trace, dispatch or function mode (FakeTensorMode, FlopCounterMode, ...), no profiler,
-    and every tensor a plain strided CPU or CUDA one (not a subclass, meta or sparse)."""
+    and every tensor a plain strided CPU or CUDA one (not a subclass, meta or sparse). (An ExecutionTraceObserver
+    without the profiler, which nothing here can see, records such calls as the torch ops they make.)"""
     grad = torch.is_grad_enabled()
     for a in args:
         if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN or a.layout is not torch.strided
