@@ -35,14 +35,15 @@ def _array(t, op, name):
     functions check the tensor arguments first, _tensors; the ops' schemas check them again)."""
     if not isinstance(t, torch.Tensor):  # no bias; a shape
         return t
-    t = t.detach()
     if t.is_cuda:
-        return t.contiguous()
-    if t.device.type != "cpu":
+        return t.detach().contiguous()
+    if not t.is_cpu:
         raise TypeError(f"{op}: expected {name} on a CPU or CUDA device, but got a tensor on {t.device}")
     if t.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{op}: expected {name} to have dtype float32 or float64, but got {t.dtype}")
-    return t.resolve_conj().resolve_neg().numpy()
+    if t.requires_grad:
+        t = t.detach()
+    return (t.resolve_neg() if t.is_neg() else t).numpy()  # (a real tensor has no conjugate bit)
 
 
 def _tensor(a, like):
@@ -83,11 +84,15 @@ _ROLES = {"": (api, ("input", "weight", "bias")), "_input": (grad, ("input_size"
 def _plain(value):
     """An option as a Python literal for the layer string: NumPy ints and 0-d integer tensors (torch's int
     arguments take them) as ints, sequences as tuples."""
+    if isinstance(value, int):  # (ints and strings first: numbers.Integral's check costs ~0.3 us a value)
+        return value if isinstance(value, bool) else int(value)
+    if isinstance(value, str):
+        return value
     if isinstance(value, (tuple, list)):
         return tuple(_plain(v) for v in value)
     if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype in _INTEGER_DTYPES:
         return operator.index(value)
-    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+    return int(value) if isinstance(value, numbers.Integral) else value  # (NumPy ints)
 
 
 _INTEGER_DTYPES = {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
@@ -149,11 +154,20 @@ def _in_format(t, x, w):
 
 def _suggests(t, last):
     """suggest_memory_format(t) == last: told by the two contiguity flags (C++, ~0.1 us each) unless both or neither
-    hold (a one-channel or 1x1 tensor, or other strides: then by the strides' order, ~2 us in Python)."""
+    hold (a one-channel or 1x1 tensor, or other strides: then by the strides' order, ~2 us in Python, remembered
+    per shape and strides for a plain tensor, whose sizes are ints: a 1x1 layer's weight asks on every call)."""
     standard, channels_last = t.is_contiguous(), t.is_contiguous(memory_format=last)
     if standard != channels_last:
         return channels_last
+    if type(t) in _PLAIN and t.layout is torch.strided:
+        return _strides_suggest(tuple(t.shape), t.stride(), last)
     return suggest_memory_format(t) == last
+
+
+@lru_cache(maxsize=1024)
+def _strides_suggest(shape, strides, last):
+    """suggest_memory_format(t) == last for a strided tensor t of this shape and strides (asked of a meta tensor)."""
+    return suggest_memory_format(torch.empty_strided(shape, strides, device="meta")) == last
 
 
 def _conv_input_eager(dy: torch.Tensor, w: torch.Tensor, x_shape: list[int], layer: str) -> torch.Tensor:
