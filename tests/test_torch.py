@@ -908,6 +908,23 @@ def test_channels_last_outputs_and_gradients_as_in_torch(nd, dtype):
     torch.testing.assert_close(*per_sample, rtol=1e-4, atol=1e-4)
 
 
+def test_the_remembered_layout_answers_as_suggest_memory_format():
+    """_suggests remembers the answer for a plain tensor's shape and strides where both layouts' contiguity flags
+    hold (a 1x1 weight, one channel, a batch of one): the same answer as torch's suggest_memory_format, asked again."""
+    from torch._prims_common import suggest_memory_format
+    g = torch.Generator().manual_seed(0)
+    for nd, last in ((2, torch.channels_last), (3, torch.channels_last_3d)):
+        for _ in range(300):
+            shape = [int(torch.randint(1, 4, (), generator=g)) for _ in range(nd + 2)]
+            t = torch.randn(shape, generator=g)
+            if torch.rand((), generator=g) < 0.5:
+                t = t.to(memory_format=last)
+            if torch.rand((), generator=g) < 0.3:
+                t = t.transpose(0, 1)
+            for _ in range(2):  # (the second from what _suggests remembered)
+                assert ops._suggests(t, last) == (suggest_memory_format(t) == last), (t.shape, t.stride())
+
+
 def test_an_old_torch_gets_a_clear_import_error():
     import subprocess
     import sys
