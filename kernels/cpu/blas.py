@@ -54,13 +54,12 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-# Multiply-adds below which matmul runs a product as one part when its parts would run on share()'s threads (cblas
-# not found). A share of two parts costs ~100 us on the 2-core VM even with
-# nothing to do (the worker is woken, then the caller that waits for it: ~50 us each), as long as ~6M multiply-adds
-# take on one core. us on one thread / cut (2026-12-06, either import order): 2-D 512 x 96 x 196 146 / 202, 1024 x
-# 128 x 196 372 / 331; stacks of 36 64 x 64 x 49 139 / 206, 128 x 128 x 16 217 / 261, 64 x 64 x 196 504 / 471,
-# 256 x 256 x 16 1040 / 755. (It was 1 << 22, for an assumed ~50 us: MobileNetV2's 1x1 convolutions at batch 1 ran
-# 1.4-2.4x slower than on one thread.)
+# Multiply-adds below which matmul runs a product as one part when its parts would run on share()'s threads (cblas not
+# found). A share of two parts costs ~100 us on the 2-core VM even with nothing to do (the worker is woken, then the
+# caller that waits for it: ~50 us each), as long as ~6M multiply-adds take on one core. us on one thread / cut
+# (2026-12-06, either import order): 2-D 512 x 96 x 196 146 / 202, 1024 x 128 x 196 372 / 331; stacks of 36 64 x 64 x 49
+# 139 / 206, 128 x 128 x 16 217 / 261, 64 x 64 x 196 504 / 471, 256 x 256 x 16 1040 / 755. (It was 1 << 22, for an
+# assumed ~50 us: MobileNetV2's 1x1 convolutions at batch 1 ran 1.4-2.4x slower than on one thread.)
 SHARE_WORK = 1 << 24
 # ... and from which it is cut when its parts run on Numba's threads instead (cblas found: matmul's products), where
 # a cut costs ~2 us while those threads spin and ~50 us once they sleep: us on one thread / cut (2026-12-06, cnnfast

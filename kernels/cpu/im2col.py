@@ -335,6 +335,7 @@ def _chunks(g, B):
 
 
 def _taps(g):
+    """The kernel's taps (T, R, S) as the CPU kernels take them."""
     return np.array([g.T, g.R, g.S], np.int64)
 
 
