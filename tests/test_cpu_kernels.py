@@ -1321,7 +1321,7 @@ def test_blas_matmul_is_np_matmul_bit_for_bit_and_restores_the_thread_count(name
     assert fake.sets == ([1, threads] if cut else [])  # else one GEMM on OpenBLAS's threads
 
 
-@pytest.mark.skipif(blas.cblas() is None, reason="no ILP64 cblas in NumPy's OpenBLAS")
+@pytest.mark.skipif(blas.cblas() is None, reason="no cblas found in NumPy's OpenBLAS")
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("a_shape, b_shape, a_order, b_order, out_view", [
     ((70, 9), (9, 33), "C", "C", "C"),
@@ -1369,6 +1369,76 @@ def test_gemms_on_numba_threads_refuse_what_cblas_cannot_take():
                  (a, b, np.empty((8, 0))), (np.ones((8, 0)), np.ones((0, 10)), out), (a, b, fixed),
                  (a.astype(">f8"), b.astype(">f8"), out.astype(">f8"))):
         assert not blas._on_numba_threads(*args, 2, blas.ROWS)
+
+
+@pytest.fixture
+def lp64(monkeypatch):
+    """cnnfast's cblas paths on an OpenBLAS with 32-bit sizes (LP64, as conda's libopenblas is): scipy-openblas32's,
+    found by cblas() as NumPy's would be, its thread count the one blas sets to one meanwhile. NumPy's own GEMMs
+    (the comparisons) stay on NumPy's OpenBLAS."""
+    import ctypes
+    import glob
+    openblas32 = pytest.importorskip("scipy_openblas32")
+    path = sorted(glob.glob(os.path.join(openblas32.get_lib_dir(), "*openblas*.*")))[0]
+    monkeypatch.setattr(blas, "_openblas_paths", lambda: [path])
+    found = blas.cblas.__wrapped__()
+    assert found is not None and found[2] is False  # plain symbols, no USE64BITINT in its configuration
+    lib = ctypes.CDLL(path)
+    get, set_ = lib.scipy_openblas_get_num_threads, lib.scipy_openblas_set_num_threads
+    get.restype, get.argtypes, set_.restype, set_.argtypes = ctypes.c_int, [], None, [ctypes.c_int]
+    set_(2)
+    monkeypatch.setattr(blas, "openblas", lambda: blas.OpenBLAS(get, set_))
+    monkeypatch.setattr(blas, "cblas", lambda: found)
+    return found
+
+
+def test_cblas_tells_an_ilp64_build_from_its_symbols():
+    if blas.openblas() is None or blas.cblas() is None:
+        pytest.skip("NumPy's BLAS is not an OpenBLAS with cblas found here")
+    assert blas.cblas()[2] is True  # NumPy 2's scipy-openblas64: the 64_ symbols
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gemms_on_numba_threads_take_an_lp64_openblas(lp64, dtype):
+    """The same layouts and cuts through a 32-bit-size cblas: np.matmul's result (another library: to rounding),
+    nothing written outside out; sizes past 2**31 - 1 are refused before any call (np.matmul's way)."""
+    rng = np.random.default_rng(7)
+    for (a_shape, b_shape), out_view in ((((70, 9), (9, 33)), "C"), (((7, 9), (9, 100)), "strided"),
+                                         (((40, 9), (9, 20)), "F"), (((6, 5), (4, 5, 40)), "C")):
+        a, b = rng.standard_normal(a_shape).astype(dtype), rng.standard_normal(b_shape).astype(dtype)
+        shape = np.broadcast_shapes(a_shape[:-2], b_shape[:-2]) + (a_shape[-2], b_shape[-1])
+        big = np.full(shape[:-1] + (shape[-1] + 3,), np.nan, dtype)
+        out = {"C": np.full(shape, np.nan, dtype), "F": np.asfortranarray(np.full(shape, np.nan, dtype)),
+               "strided": big[..., 1:-2]}[out_view]
+        for axis in (blas.STACK, blas.ROWS, blas.COLUMNS) if len(shape) > 2 else (blas.ROWS, blas.COLUMNS):
+            out[...] = np.nan
+            assert blas._on_numba_threads(a, b, out, 2, axis)
+            np.testing.assert_allclose(out, np.matmul(a, b), rtol=1e-5 if dtype == "float32" else 1e-12)
+            assert np.isnan(big[..., 0]).all() and np.isnan(big[..., -2:]).all()
+    wide = np.lib.stride_tricks.as_strided(np.ones(1, dtype), (4, 3), (2 ** 31 * np.dtype(dtype).itemsize, 0))
+    assert not blas._on_numba_threads(wide, np.ones((3, 5), dtype), np.empty((4, 5), dtype), 2, blas.ROWS)
+
+
+@pytest.mark.parametrize("primitive", ["forward", "backward_filter"])
+@pytest.mark.parametrize("name", ["stem-like", "3d-groups"])
+def test_im2col_chunks_take_an_lp64_openblas(lp64, name, primitive, monkeypatch):
+    """im2col's chunks through a 32-bit-size cblas: the reference's result; a layer with more output positions than
+    such a cblas takes runs as column blocks."""
+    x, w, dy, opts = _fused_case(name, "float32")
+    monkeypatch.setattr(im2col, "FUSED_WORK", 0)
+    monkeypatch.setattr(im2col, "CHUNK_POSITIONS", 1)
+    monkeypatch.setattr(im2col, "CHUNK_BYTES", 7 * int(np.prod(w.shape[1:])) * x.itemsize)
+    g = cnnfast.ConvSpec.create(f"conv{x.ndim - 2}d", x.shape, w.shape, **opts).geometry
+    assert 0 < im2col._chunk(g, primitive, x.itemsize, None)
+    expected = (reference.conv(x.astype(np.float64), w.astype(np.float64), **opts) if primitive == "forward" else
+                reference.conv_weight(x.astype(np.float64), w.shape, dy.astype(np.float64), **opts))
+    for build in ("parallel", "serial"):
+        with threads.only(build):
+            assert_close(_fused_run(primitive, x, w, dy, opts), expected, "float32", f"{name} {primitive} LP64")
+    huge = cnnfast.ConvSpec.create("conv1d", (1, 3, 2 ** 31 + 10), (8, 3, 3)).geometry
+    assert im2col._chunk(huge, primitive, 4, None) == 0
+    monkeypatch.setattr(blas, "cblas", lambda: lp64[:2] + (True,))
+    assert im2col._chunk(huge, primitive, 4, None) > 0  # (with 64-bit sizes it would run in chunks)
 
 
 @pytest.mark.parametrize("overlap", ["a", "b"])
@@ -1431,7 +1501,7 @@ def test_blas_matmul_runs_a_2d_product_by_its_size_and_openblas_workers_spin(m, 
     else from SHARE_WORK on share()'s when OpenBLAS's workers spin; between them OpenBLAS's threads when its
     workers sleep after a GEMM, else one part."""
     if region and blas.cblas() is None:
-        pytest.skip("no ILP64 cblas in NumPy's OpenBLAS")
+        pytest.skip("no cblas found in NumPy's OpenBLAS")
     fake = _FakeOpenBLAS(2)
     monkeypatch.setattr(blas, "openblas", lambda: fake)
     if not region:

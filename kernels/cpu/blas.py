@@ -314,9 +314,9 @@ def share(task, parts):
 
 @lru_cache(maxsize=None)
 def cblas():
-    """(cblas_sgemm's address, cblas_dgemm's) in the OpenBLAS NumPy runs on, or None when not found. Only ILP64
-    builds (64-bit sizes: NumPy's scipy-openblas64 since NumPy 2, OpenBLAS's openblas64_), the kind tested; other
-    builds keep share()'s threads."""
+    """(cblas_sgemm's address, cblas_dgemm's, whether their sizes are 64-bit) in the OpenBLAS NumPy runs on, or None
+    when not found: an ILP64 build's suffixed symbols (NumPy 2's scipy-openblas64, openblas64_), else a build's plain
+    ones (conda's libopenblas, scipy-openblas32), whose size width its openblas_get_config tells (USE64BITINT)."""
     if openblas() is None:
         return None
     for path in _openblas_paths():
@@ -325,10 +325,20 @@ def cblas():
         except OSError:
             continue
         for prefix in ("scipy_", ""):
-            sgemm, dgemm = (getattr(lib, f"{prefix}cblas_{t}gemm64_", None) for t in "sd")
-            if sgemm is not None and dgemm is not None:
-                return ctypes.cast(sgemm, ctypes.c_void_p).value, ctypes.cast(dgemm, ctypes.c_void_p).value
+            for suffix in ("64_", ""):
+                sgemm, dgemm = (getattr(lib, f"{prefix}cblas_{t}gemm{suffix}", None) for t in "sd")
+                config = getattr(lib, f"{prefix}openblas_get_config{suffix}", None)
+                if sgemm is None or dgemm is None or config is None:
+                    continue
+                config.restype, config.argtypes = ctypes.c_char_p, []
+                return (ctypes.cast(sgemm, ctypes.c_void_p).value, ctypes.cast(dgemm, ctypes.c_void_p).value,
+                        b"USE64BITINT" in (config() or b""))
     return None
+
+
+# The largest size a 32-bit (LP64) cblas takes: a product with a larger size or leading dimension runs as np.matmul
+# does (matmul), and a layer with more output positions (or channels) than that takes im2col's column blocks.
+LP64_SIZE = (1 << 31) - 1
 
 
 @intrinsic
@@ -347,11 +357,11 @@ ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112  # CBLAS's enumerations
 
 
 @parallel()
-def gemms_cpu(address, one, itemsize, table, parts, axis):
-    """The GEMMs of table, each out = a @ b by the cblas ?gemm at address (row-major, alpha = one, beta = 0, 64-bit
-    sizes), a row (trans a, trans b, M, N, K, a's address, lda, b's, ldb, out's, ldc), in `parts` tasks as parts()
-    cuts them: by the STACK (task p: rows R*p // parts to R*(p + 1) // parts, in order), or each GEMM's ROWS or
-    COLUMNS (task p: its share of each of them). itemsize: bytes per element."""
+def gemms_cpu(address, ilp64, one, itemsize, table, parts, axis):
+    """The GEMMs of table, each out = a @ b by the cblas ?gemm at address (row-major, alpha = one, beta = 0; sizes
+    64-bit when ilp64, else 32-bit), a row (trans a, trans b, M, N, K, a's address, lda, b's, ldb, out's, ldc), in
+    `parts` tasks as parts() cuts them: by the STACK (task p: rows R*p // parts to R*(p + 1) // parts, in order), or
+    each GEMM's ROWS or COLUMNS (task p: its share of each of them). itemsize: bytes per element."""
     R = len(table)
     for p in numba.prange(parts):
         first, last = (R * p // parts, R * (p + 1) // parts) if axis == STACK else (0, R)
@@ -365,25 +375,36 @@ def gemms_cpu(address, one, itemsize, table, parts, axis):
                 hi = N if p == parts - 1 else N * (p + 1) // parts // COLUMN_ALIGN * COLUMN_ALIGN
                 b, c, N = b + lo * (1 if tb == NO_TRANS else ldb) * itemsize, c + lo * itemsize, hi - lo
             if M > 0 and N > 0:
-                _call(address, (np.int32(ROW_MAJOR), np.int32(ta), np.int32(tb), M, N, K, one, a, lda, b, ldb,
-                                one - one, c, ldc))
+                _gemm_at(address, ilp64, one, ta, tb, M, N, K, a, lda, b, ldb, c, ldc)
 
 
 @numba.njit(inline="always")
-def gemm(address, one, ta, tb, M, N, K, a, lda, b, ldb, c, ldc):
+def _gemm_at(address, ilp64, one, ta, tb, M, N, K, a, lda, b, ldb, c, ldc):
+    """c = op(a) @ op(b) by the cblas ?gemm at address (row-major, alpha = one, beta = 0), the matrices at addresses
+    a, b and c; sizes passed as 64-bit ints when ilp64, else 32-bit (which the caller checked they fit)."""
+    if ilp64:
+        _call(address, (np.int32(ROW_MAJOR), np.int32(ta), np.int32(tb), np.int64(M), np.int64(N), np.int64(K), one,
+                        np.int64(a), np.int64(lda), np.int64(b), np.int64(ldb), one - one, np.int64(c), np.int64(ldc)))
+    else:
+        _call(address, (np.int32(ROW_MAJOR), np.int32(ta), np.int32(tb), np.int32(M), np.int32(N), np.int32(K), one,
+                        np.int64(a), np.int32(lda), np.int64(b), np.int32(ldb), one - one, np.int64(c), np.int32(ldc)))
+
+
+@numba.njit(inline="always")
+def gemm(address, ilp64, one, ta, tb, M, N, K, a, lda, b, ldb, c, ldc):
     """From a kernel of gemm_region's: c (M, N, row stride ldc) = op(a) (M, K) @ op(b) (K, N), by the cblas ?gemm
-    at address (row-major, alpha = one, beta = 0); a, b and c: arrays whose first element starts each matrix."""
-    _call(address, (np.int32(ROW_MAJOR), np.int32(ta), np.int32(tb), np.int64(M), np.int64(N), np.int64(K), one,
-                    a.ctypes.data, np.int64(lda), b.ctypes.data, np.int64(ldb), one - one, c.ctypes.data,
-                    np.int64(ldc)))
+    at address (row-major, alpha = one, beta = 0, sizes 64-bit when ilp64); a, b and c: arrays whose first element
+    starts each matrix."""
+    _gemm_at(address, ilp64, one, ta, tb, M, N, K, a.ctypes.data, lda, b.ctypes.data, ldb, c.ctypes.data, ldc)
 
 
 def gemm_region(kernel, work, dtype, *args):
-    """kernel(address, one, *args), a parallel kernel whose tasks call OpenBLAS's cblas ?gemm for dtype (at address,
-    one = dtype's 1) by gemms_cpu's call or gemm(), as one Numba region (sized by work) with OpenBLAS on one thread
-    meanwhile (one such region or share at a time). Only where cblas() found it."""
+    """kernel(address, ilp64, one, *args), a parallel kernel whose tasks call OpenBLAS's cblas ?gemm for dtype (at
+    address, with 64-bit sizes when ilp64; one = dtype's 1) by gemm(), as one Numba region (sized by work) with
+    OpenBLAS on one thread meanwhile (one such region or share at a time). Only where cblas() found it."""
+    sgemm, dgemm, ilp64 = cblas()
     with _one_openblas_thread(openblas()):  # (in a forked child, where GNU OpenMP cannot run, the serial build)
-        sized(kernel, work)(cblas()[dtype.char == "d"], dtype.type(1), *args)
+        sized(kernel, work)(dgemm if dtype.char == "d" else sgemm, ilp64, dtype.type(1), *args)
 
 
 def _layout(m):
@@ -451,9 +472,12 @@ def _on_numba_threads(a, b, out, parts, axis):
     if table is None:
         return False
     rows, transposed = table
+    rows = np.asarray(rows, np.int64)
+    if not cblas()[2] and rows[:, [2, 3, 4, 6, 8, 10]].max() > LP64_SIZE:  # (sizes and leading dimensions)
+        return False
     if transposed and axis != STACK:
         axis = ROWS + COLUMNS - axis  # (out's rows are its transpose's columns)
-    gemm_region(gemms_cpu, out.size * a.shape[-1], out.dtype, out.itemsize, np.asarray(rows, np.int64), parts, axis)
+    gemm_region(gemms_cpu, out.size * a.shape[-1], out.dtype, out.itemsize, rows, parts, axis)
     return True
 
 

@@ -313,7 +313,7 @@ def _chunk(g, primitive, itemsize, workspace_limit):
     rows, O, threads = (g.C // g.groups) * g.T * g.R * g.S, g.P * g.Q * g.U, blas.threads()
     if (primitive == "backward_data" or g.is_pointwise or g.covers_input or rows > FUSED_ROWS or threads == 1
             or g.N * g.K * rows * O < max(1, FUSED_WORK)  # (nothing to compute: an empty batch)
-            or blas.cblas() is None):
+            or blas.cblas() is None or (not blas.cblas()[2] and max(O, g.K) > blas.LP64_SIZE)):
         return 0
     samples = g.groups * g.N  # (group, sample) pairs, each cut into per_sample chunks
     per_sample = max(-(-O // max(1, CHUNK_BYTES // (rows * itemsize))), -(-2 * threads // samples))
@@ -517,22 +517,23 @@ def _chunk_columns(x, scratch, chunk, rows, taps, sd, sh, sw, dd, dh, dw_, pd, p
 
 
 @parallel()
-def forward_chunks_cpu(gemm, one, x, w2, y2, scratch, chunks, taps, sd, sh, sw, dd, dh, dw_, pd, ph, pw, Q, U):
+def forward_chunks_cpu(address, ilp64, one, x, w2, y2, scratch, chunks, taps, sd, sh, sw, dd, dh, dw_, pd, ph, pw,
+                       Q, U):
     """y2[n, grp, :, o0:o0 + b] (K/g, b) = w2[grp] (K/g, CTRS) @ the columns (CTRS, b) of each chunk (grp, n, o0, b)
     of the table chunks, straight into y2 (N, groups, K/g, O): task k of len(scratch) builds its chunks k, k + tasks,
-    ... in scratch[k] and multiplies them by the cblas ?gemm at address gemm (blas.gemm_region)."""
+    ... in scratch[k] and multiplies them by the cblas ?gemm at address (64-bit sizes when ilp64; blas.gemm_region)."""
     tasks, Kg, rows, O = len(scratch), w2.shape[1], w2.shape[2], y2.shape[3]
     for k in numba.prange(tasks):
         for j in range(k, len(chunks), tasks):
             grp, n, o0, b = chunks[j, 0], chunks[j, 1], chunks[j, 2], chunks[j, 3]
             cols = _chunk_columns(x, scratch[k], chunks[j], rows, taps, sd, sh, sw, dd, dh, dw_, pd, ph, pw, Q, U)
-            blas.gemm(gemm, one, blas.NO_TRANS, blas.NO_TRANS, Kg, b, rows, w2[grp], rows, cols, b,
+            blas.gemm(address, ilp64, one, blas.NO_TRANS, blas.NO_TRANS, Kg, b, rows, w2[grp], rows, cols, b,
                       y2[n, grp, :, o0:], O)
 
 
 @parallel()
-def filter_chunks_cpu(gemm, one, x, dy2, sums, summed, products, scratch, chunks, transposed, taps, sd, sh, sw, dd, dh,
-                      dw_, pd, ph, pw, Q, U):
+def filter_chunks_cpu(address, ilp64, one, x, dy2, sums, summed, products, scratch, chunks, transposed, taps, sd, sh,
+                      sw, dd, dh, dw_, pd, ph, pw, Q, U):
     """sums[k, grp] = the sum over task k's chunks (grp, n, o0, b) of group grp, in order, of dy chunk (K/g, b) @
     cols^T (K/g, CTRS), or when transposed of cols @ dy^T (CTRS, K/g); dy2 (N, groups, K/g, O). Task k of
     len(scratch) takes chunks k, k + tasks, ... (columns in scratch[k]; a product after the task's first of its group
@@ -545,9 +546,11 @@ def filter_chunks_cpu(gemm, one, x, dy2, sums, summed, products, scratch, chunks
             cols = _chunk_columns(x, scratch[k], chunks[j], rows, taps, sd, sh, sw, dd, dh, dw_, pd, ph, pw, Q, U)
             into = products[k] if summed[k, grp] else sums[k, grp]
             if transposed:  # (CTRS, K/g) = cols (CTRS, b) @ dy^T
-                blas.gemm(gemm, one, blas.NO_TRANS, blas.TRANS, rows, Kg, b, cols, b, dy2[n, grp, :, o0:], O, into, ldc)
+                blas.gemm(address, ilp64, one, blas.NO_TRANS, blas.TRANS, rows, Kg, b, cols, b, dy2[n, grp, :, o0:], O,
+                          into, ldc)
             else:  # (K/g, CTRS) = dy (K/g, b) @ cols^T
-                blas.gemm(gemm, one, blas.NO_TRANS, blas.TRANS, Kg, rows, b, dy2[n, grp, :, o0:], O, cols, b, into, ldc)
+                blas.gemm(address, ilp64, one, blas.NO_TRANS, blas.TRANS, Kg, rows, b, dy2[n, grp, :, o0:], O, cols, b,
+                          into, ldc)
             if summed[k, grp]:
                 sums[k, grp] += into
             summed[k, grp] = True
