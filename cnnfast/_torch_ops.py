@@ -76,9 +76,10 @@ def _stream(t):
 
 _OPTIONS = {"conv": ("stride", "padding", "dilation", "groups", "padding_mode", "algo"),
             "conv_transpose": ("stride", "padding", "output_padding", "groups", "dilation", "algo")}
-# each op (name suffix) -> the module that has it and its positional arguments, named for the errors
-_ROLES = {"": (api, ("input", "weight", "bias")), "_input": (grad, ("input_size", "weight", "grad_output")),
-          "_weight": (grad, ("input", "weight_size", "grad_output"))}
+# each op (name suffix) -> its positional arguments, named for the errors, and as api.run takes them
+_ROLES = {"": (("input", "weight", "bias"), ("input", "weight", "bias")),
+          "_input": (("input_size", "weight", "grad_output"), ("size", "weight", "grad_output")),
+          "_weight": (("input", "weight_size", "grad_output"), ("input", "size", "grad_output"))}
 
 
 def _plain(value):
@@ -111,12 +112,16 @@ def _layer(layer):
 
 
 def _run(layer, suffix, *args, like):
-    """cnnfast's op (the layer's name + suffix) on torch tensors (and shapes), on like's stream, as a tensor."""
+    """cnnfast's op (the layer's name + suffix) on torch tensors (and shapes), on like's stream, as a tensor. api.run
+    keeps the checked call under the layer and each tensor's shape, dtype and device (its key)."""
     name, options = _layer(layer)
-    module, roles = _ROLES[suffix]
-    _same_low_dtype(name + suffix, args, roles)
-    arrays = [_array(a, name + suffix, role) for a, role in zip(args, roles)]
-    return _tensor(getattr(module, name + suffix)(*arrays, stream=_stream(like), **options), like)
+    roles, params = _ROLES[suffix]
+    op = name + suffix
+    _same_low_dtype(op, args, roles)
+    key = (layer, suffix, *((a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args))
+    arrays = {param: _array(a, op, role) for a, role, param in zip(args, roles, params)}
+    kind = ("conv_transpose" if name.startswith("conv_transpose") else "conv") + suffix
+    return _tensor(api.run(op, kind, int(name[-2]), stream=_stream(like), key=key, **arrays, **options), like)
 
 
 def _same_low_dtype(op, args, roles):

@@ -58,19 +58,59 @@ def _batched(op, nd, name, shape):
 
 
 def run(op, kind, nd, *, input=None, weight=None, grad_output=None, bias=None, size=None, algo="auto",
-        workspace_limit=None, stream=None, **options):
+        workspace_limit=None, stream=None, key=None, **options):
     """The one implementation behind every public op (see the module docstring).
 
     size: input_size (conv_input, conv_transpose_input) or weight_size (the weight gradients).
     options: stride, padding, dilation, groups and padding_mode / output_padding, output_size for ConvSpec.
+    key: a caller's own hashable image of every argument but the arrays' data and stream (cnnfast.torch's: its layer
+    string and each tensor's shape, dtype and device), under which the checked spec and plan are kept: a later call
+    with an equal key skips the checks and planning (_CALLS).
     """
     primitive, roles, result_role = _KINDS[kind]
-    if isinstance(workspace_limit, np.integer) and not isinstance(workspace_limit, np.bool_):
-        workspace_limit = int(workspace_limit)  # a NumPy int8 would overflow in the planners' arithmetic
     given = {"input": input, "weight": weight, "grad_output": grad_output}
     named = {name: given[name] for name in roles}
+    tuning = algo == "auto" and tune.active()
+    known = _CALLS.get(key) if key is not None and not tuning else None
+    if known is not None and known[-1] == _token(known[0]):
+        device, family, batched, spec, plan, _ = known
+    else:
+        device, family, batched, spec, plan = _checked(op, kind, nd, named, bias, size, algo, workspace_limit,
+                                                       options)
+        if key is not None and not tuning:
+            _remember(_CALLS, key, (device, family, batched, spec, plan, _token(device)))
+    if any(isinstance(a, arrays.ShapeArray) for a in named.values()):
+        return tune.plan(op, spec, primitive, device, workspace_limit, plan) if tuning else plan
+
+    dev = arrays.device_for(device, family, stream, op)
+    ins = {roles[n]: a for n, a in named.items()}
+    if tuning:
+        def timed_run(candidate):
+            _execute(dev, spec, candidate, primitive, ins, result_role, bias, kind, workspace_limit)
+            dev.synchronize()
+
+        plan = tune.plan(op, spec, primitive, device, workspace_limit, plan, timed_run)
+    out = _execute(dev, spec, plan, primitive, ins, result_role, bias, kind, workspace_limit)
+    if compare.active():  # check mode: the float64 reference of the same call, on the host
+        dev.synchronize()  # (the host copies may run on another stream than the op's)
+        host = {n: arrays.to_host(a) for n, a in named.items()}
+        host = {n: a if n == "weight" or batched else a[None] for n, a in host.items()}
+        host["bias"] = None if bias is None else arrays.to_host(bias)
+        seen = (lambda a: a[0]) if not batched and result_role != "W" else (lambda a: a)  # as the caller sees them:
+        result, expected = seen(arrays.to_host(out)), seen(compare.expected_result(kind, spec, **host))  # (indices)
+        compare.verify(op, plan.algorithm, device, result, expected, spec.dtype,
+                       terms=lambda: seen(compare.terms_result(kind, spec, **host)))
+    if not batched and result_role != "W":
+        out = dev.view(out, out.shape[1:])
+    return dev.result(out, like=named["grad_output" if "grad_output" in roles else "input"])
+
+
+def _checked(op, kind, nd, named, bias, size, algo, workspace_limit, options):
+    """(device, family, batched, spec, plan) of a call: its arrays, sizes and options checked, its plan made (or
+    taken from _PLANS)."""
+    primitive = _KINDS[kind][0]
     device, family, dtype, shapes = arrays.inspect(op, **named, bias=bias)
-    carrier = "grad_output" if "grad_output" in roles else "input"
+    carrier = "grad_output" if "grad_output" in named else "input"
     batched = _batched(op, nd, carrier, shapes[carrier])
     if "input" in shapes and carrier != "input" and len(shapes["input"]) != len(shapes[carrier]):
         raise ValueError(f"{op}: Expected input and grad_output to have the same number of dimensions, but got: "
@@ -95,38 +135,14 @@ def run(op, kind, nd, *, input=None, weight=None, grad_output=None, bias=None, s
     if spec is None:
         spec = ConvSpec.create(op, input_shape, weight_shape, bias_shape=bias_shape, unbatched=not batched,
                                transposed=kind.startswith("conv_transpose"), dtype=dtype, **options)
-    if grad_output is not None and add_n(shapes["grad_output"]) != spec.output_shape:
+    if "grad_output" in named and add_n(shapes["grad_output"]) != spec.output_shape:
         expected = spec.output_shape if batched else spec.output_shape[1:]
         raise ValueError(f"{op}: expected grad_output of size {_shape_str(expected)} (the output of this "
                          f"convolution), but got grad_output of size {_shape_str(shapes['grad_output'])}")
     if plan is None:
         plan = make_plan(op, spec, primitive, device, algo, workspace_limit)
-        _remember(key, spec, plan)
-    tuning = algo == "auto" and tune.active()
-    if any(isinstance(a, arrays.ShapeArray) for a in named.values()):
-        return tune.plan(op, spec, primitive, device, workspace_limit, plan) if tuning else plan
-
-    dev = arrays.device_for(device, family, stream, op)
-    ins = {roles[n]: a for n, a in named.items()}
-    if tuning:
-        def timed_run(candidate):
-            _execute(dev, spec, candidate, primitive, ins, result_role, bias, kind, workspace_limit)
-            dev.synchronize()
-
-        plan = tune.plan(op, spec, primitive, device, workspace_limit, plan, timed_run)
-    out = _execute(dev, spec, plan, primitive, ins, result_role, bias, kind, workspace_limit)
-    if compare.active():  # check mode: the float64 reference of the same call, on the host
-        dev.synchronize()  # (the host copies may run on another stream than the op's)
-        host = {n: arrays.to_host(a) for n, a in named.items()}
-        host = {n: a if n == "weight" else a.reshape(add_n(a.shape)) for n, a in host.items()}
-        host["bias"] = None if bias is None else arrays.to_host(bias)
-        seen = (lambda a: a[0]) if not batched and result_role != "W" else (lambda a: a)  # as the caller sees them:
-        result, expected = seen(arrays.to_host(out)), seen(compare.expected_result(kind, spec, **host))  # (indices)
-        compare.verify(op, plan.algorithm, device, result, expected, spec.dtype,
-                       terms=lambda: seen(compare.terms_result(kind, spec, **host)))
-    if not batched and result_role != "W":
-        out = dev.view(out, out.shape[1:])
-    return dev.result(out, like=given[carrier])
+        _remember(_PLANS, key, (spec, plan))
+    return device, family, batched, spec, plan
 
 
 # ---------------------------------------------------------------- the plan cache
@@ -155,19 +171,30 @@ def _plan_key(op, kind, device, dtype, batched, input_shape, weight_shape, bias_
     """The cache key of a call (None: do not cache it)."""
     try:
         key = (op, kind, device, dtype, batched, input_shape, weight_shape, bias_shape, _frozen(algo),
-               _frozen(workspace_limit), tuple(options), tuple(map(_frozen, options.values())),
-               registry_token(device), blas.threads() if device == "cpu" else None)  # (im2col's chunks)
+               _frozen(workspace_limit), tuple(options), tuple(map(_frozen, options.values())), _token(device))
         hash(key)
         return key
     except TypeError:
         return None
 
 
-def _remember(key, spec, plan):
+def _token(device):
+    """What a plan depends on beyond the call: the registered algorithms, and on the CPU OpenBLAS's thread count
+    (im2col's chunks)."""
+    return registry_token(device), blas.threads() if device == "cpu" else None
+
+
+# A caller's key (run's key argument) -> (device, family, batched, spec, plan, _token(device)) of a call that passed
+# the checks: cnnfast.torch's calls skip arrays.inspect, _plan_key and the rest of _checked (~6 us a call, ~20 us
+# in a model at batch 1, where every Python step after a kernel runs ~3x slower than in a loop). Bounded as _PLANS.
+_CALLS = {}
+
+
+def _remember(cache, key, value):
     if key is not None:
-        if len(_PLANS) >= PLAN_CACHE_SIZE:
-            _PLANS.clear()
-        _PLANS[key] = spec, plan
+        if len(cache) >= PLAN_CACHE_SIZE:
+            cache.clear()
+        cache[key] = value
 
 
 @lru_cache(maxsize=PLAN_CACHE_SIZE)

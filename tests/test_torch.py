@@ -429,15 +429,34 @@ def test_gradcheck_each_cpu_algorithm(algo):
                                     (x, w))
 
 
+def test_a_call_remembered_by_its_layer_follows_a_replaced_algorithm_and_check_mode(monkeypatch):
+    """cnnfast.torch's calls skip the checks under the key of a call checked before (api.run's key): a replaced
+    algorithm still runs at the next call, and check mode still checks it; another shape is checked afresh."""
+    from cnnfast.kernels.cpu import ALGORITHMS
+    x, w = torch.randn(1, 2, 6, 6), torch.randn(3, 2, 3, 3)
+    first = cf.conv2d(x, w, algo="direct")
+    calls, real = [], ALGORITHMS["direct"]
+    monkeypatch.setitem(ALGORITHMS, "direct", dataclasses.replace(
+        real, forward=lambda *a, **k: calls.append(1) or real.forward(*a, **k)))
+    assert torch.equal(cf.conv2d(x, w, algo="direct"), first) and calls == [1]
+    checked = []
+    with cnnfast.checking():
+        monkeypatch.setattr(cnnfast.compare, "verify", lambda op, *a, **k: checked.append(op))
+        cf.conv2d(x, w, algo="direct")
+    assert checked == ["conv2d"]
+    with pytest.raises(ValueError, match=r"^conv2d: Expected 3D \(unbatched\) or 4D \(batched\) input"):
+        cf.conv2d(x[0, 0], w, algo="direct")
+
+
 def test_only_needed_gradients_are_computed(monkeypatch):
     calls = []
-    for name in ("conv2d_input", "conv2d_weight", "conv_bias"):
-        fn = getattr(cnnfast.grad, name)
-        monkeypatch.setattr(cnnfast.grad, name, lambda *a, _n=name, _f=fn, **k: calls.append(_n) or _f(*a, **k))
+    run, conv_bias = cnnfast.api.run, cnnfast.grad.conv_bias
+    monkeypatch.setattr(cnnfast.api, "run", lambda op, *a, **k: calls.append(op) or run(op, *a, **k))
+    monkeypatch.setattr(cnnfast.grad, "conv_bias", lambda *a, **k: calls.append("conv_bias") or conv_bias(*a, **k))
     x = torch.randn(1, 2, 5, 5)  # an image: no gradient wanted
     w = torch.randn(3, 2, 3, 3, requires_grad=True)
     cf.conv2d(x, w, torch.zeros(3), padding=1).sum().backward()
-    assert calls == ["conv2d_weight"] and w.grad is not None
+    assert calls == ["conv2d", "conv2d_weight"] and w.grad is not None
 
 
 def test_autocast_runs_the_kernels_in_float32():
@@ -651,6 +670,29 @@ def test_conv_transpose_module_output_size():
     x = torch.randn(1, 3, 4, 4)
     for size in ([7, 7], [8, 8], [1, 2, 8, 7]):
         torch.testing.assert_close(ours(x, output_size=size), theirs(x, output_size=size), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", ["Conv2d", "ConvTranspose2d"])
+def test_a_module_runs_its_options_as_they_are_at_each_call(cls):
+    """A module remembers its layer string while its options are the same objects: options set after a call (its
+    stride, padding, algo) run at the next call, and values torch would refuse are refused as on the first call."""
+    torch.manual_seed(0)
+    theirs = getattr(torch.nn, cls)(4, 4, 3)
+    ours = cf.replace_convs(copy.deepcopy(theirs))
+    x = torch.randn(1, 4, 9, 9)
+    for changes in ({}, {"stride": (2, 2)}, {"padding": (1, 0)}, {"dilation": (2, 1)}, {"groups": 2}, {}):
+        for module in (theirs, ours):
+            for name, value in changes.items():
+                setattr(module, name, value)
+            if "groups" in changes:  # (out, in / groups, ...) or, transposed, (in, out / groups, ...)
+                module.weight.data = module.weight.data[:, :2]
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
+    ours.algo = "no-such-algorithm"
+    with pytest.raises(ValueError, match=r"unknown algo 'no-such-algorithm'"):
+        ours(x)
+    ours.algo, ours.stride = "auto", (1.0, 1)
+    with pytest.raises(TypeError, match=r"expected stride to be an int or a tuple of 2 ints, but got \(1\.0, 1\)"):
+        ours(x)
 
 
 class _BasicBlock(torch.nn.Module):
