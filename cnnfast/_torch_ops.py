@@ -118,7 +118,8 @@ def _run(layer, suffix, *args, like):
     roles, params = _ROLES[suffix]
     op = name + suffix
     _same_low_dtype(op, args, roles)
-    key = (layer, suffix, *((a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args))
+    key = (layer, suffix, *((a.shape, a.dtype, a.is_cuda, a.get_device()) if isinstance(a, torch.Tensor) else a
+                            for a in args))  # (a tensor's device, without making a torch.device)
     arrays = {param: _array(a, op, role) for a, role, param in zip(args, roles, params)}
     kind = ("conv_transpose" if name.startswith("conv_transpose") else "conv") + suffix
     return _tensor(api.run(op, kind, int(name[-2]), stream=_stream(like), key=key, **arrays, **options), like)
@@ -395,7 +396,7 @@ def _eager(args):
                                             or not (a.is_cpu or a.is_cuda) or (grad and a.requires_grad)):
             return False
     return not (torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
-                or torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
+                or torch.compiler.is_compiling() or torch._C._is_tracing() or torch._C._len_torch_dispatch_stack()
                 or torch._C._is_torch_function_mode_enabled() or torch._C._autograd._profiler_enabled())
 
 

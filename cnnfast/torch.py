@@ -52,12 +52,17 @@ def _tensors(op, **given):
 
 
 _LOW = (torch.float16, torch.bfloat16)
+# Whether autocast is on for any device (torch >= 2.4's C function; else None): the calls below cost ~25 us of a
+# conv's time inside a model at batch 1, where each torch function's first call after a large tensor op runs cold.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def _autocast(*tensors):
     """Under torch.autocast the kernels take float32, as torch.amp.custom_fwd(cast_inputs=torch.float32) gives an op
     without a low-precision path: float16 and bfloat16 tensors are cast up (differentiably); others pass as they are.
     (Not on devices autocast does not know, such as meta.)"""
+    if not torch.compiler.is_compiling() and not _any_autocast():  # (one C call, where torch.compile does not trace)
+        return tensors
     device = next((t.device.type for t in tensors if isinstance(t, torch.Tensor)), None)
     if (device is None or not getattr(torch.amp, "is_autocast_available", lambda d: True)(device)
             or not torch.is_autocast_enabled(device)):

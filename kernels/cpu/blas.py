@@ -8,8 +8,8 @@ matmul(a, b, out) is np.matmul(a, b, out=out), run one of two ways:
         products per thread: S / threads products per part (rounded);
       - any other product too (when WORKERS_SPIN, or cblas was found): out's rows when M >= N, else its columns
         (multiples of COLUMN_ALIGN);
-    the parts as the tasks of one Numba parallel region calling OpenBLAS's cblas_sgemm / cblas_dgemm (gemms_cpu,
-    where cblas() finds them), from SPLIT_WORK multiply-adds; else on this module's worker threads and the
+    the parts as the tasks of one Numba parallel region calling OpenBLAS's cblas_sgemm / cblas_dgemm (gemms_cpu;
+    gemm_cpu for three C-contiguous matrices; where cblas() finds them), from SPLIT_WORK multiply-adds; else on this module's worker threads and the
     caller's (share), from SHARE_WORK;
   - otherwise whole: as one part on the caller's thread, or (a 2-D product of at least THREADS_WORK multiply-adds,
     when OpenBLAS's workers sleep after a GEMM, not WORKERS_SPIN) one GEMM on OpenBLAS's threads (or, up to
@@ -361,21 +361,38 @@ def gemms_cpu(address, ilp64, one, itemsize, table, parts, axis):
     """The GEMMs of table, each out = a @ b by the cblas ?gemm at address (row-major, alpha = one, beta = 0; sizes
     64-bit when ilp64, else 32-bit), a row (trans a, trans b, M, N, K, a's address, lda, b's, ldb, out's, ldc), in
     `parts` tasks as parts() cuts them: by the STACK (task p: rows R*p // parts to R*(p + 1) // parts, in order), or
-    each GEMM's ROWS or COLUMNS (task p: its share of each of them). itemsize: bytes per element."""
+    each GEMM's ROWS or COLUMNS (task p: its share of each of them, _gemm_part). itemsize: bytes per element."""
     R = len(table)
     for p in numba.prange(parts):
         first, last = (R * p // parts, R * (p + 1) // parts) if axis == STACK else (0, R)
         for row in range(first, last):
             ta, tb, M, N, K, a, lda, b, ldb, c, ldc = table[row]
-            if axis == ROWS:
-                lo, hi = M * p // parts, M * (p + 1) // parts
-                a, c, M = a + lo * (lda if ta == NO_TRANS else 1) * itemsize, c + lo * ldc * itemsize, hi - lo
-            elif axis == COLUMNS:
-                lo = N * p // parts // COLUMN_ALIGN * COLUMN_ALIGN
-                hi = N if p == parts - 1 else N * (p + 1) // parts // COLUMN_ALIGN * COLUMN_ALIGN
-                b, c, N = b + lo * (1 if tb == NO_TRANS else ldb) * itemsize, c + lo * itemsize, hi - lo
-            if M > 0 and N > 0:
-                _gemm_at(address, ilp64, one, ta, tb, M, N, K, a, lda, b, ldb, c, ldc)
+            _gemm_part(address, ilp64, one, itemsize, p, parts, axis, ta, tb, M, N, K, a, lda, b, ldb, c, ldc)
+
+
+@parallel()
+def gemm_cpu(address, ilp64, one, a, b, out, parts, axis):
+    """out (M, N) = a (M, K) @ b (K, N), three C-contiguous matrices, as gemms_cpu runs its one-row table (without
+    the table: its three addresses cost ~2.5 us a call in Python)."""
+    (M, K), N = a.shape, b.shape[1]
+    for p in numba.prange(parts):
+        _gemm_part(address, ilp64, one, a.itemsize, p, parts, axis, NO_TRANS, NO_TRANS, M, N, K, a.ctypes.data, K,
+                   b.ctypes.data, N, out.ctypes.data, N)
+
+
+@numba.njit(inline="always")
+def _gemm_part(address, ilp64, one, itemsize, p, parts, axis, ta, tb, M, N, K, a, lda, b, ldb, c, ldc):
+    """Task p's share of c = op(a) @ op(b) (gemms_cpu's row): rows M*p // parts to M*(p + 1) // parts of c (ROWS),
+    its columns from multiples of COLUMN_ALIGN (COLUMNS), else all of it."""
+    if axis == ROWS:
+        lo, hi = M * p // parts, M * (p + 1) // parts
+        a, c, M = a + lo * (lda if ta == NO_TRANS else 1) * itemsize, c + lo * ldc * itemsize, hi - lo
+    elif axis == COLUMNS:
+        lo = N * p // parts // COLUMN_ALIGN * COLUMN_ALIGN
+        hi = N if p == parts - 1 else N * (p + 1) // parts // COLUMN_ALIGN * COLUMN_ALIGN
+        b, c, N = b + lo * (1 if tb == NO_TRANS else ldb) * itemsize, c + lo * itemsize, hi - lo
+    if M > 0 and N > 0:
+        _gemm_at(address, ilp64, one, ta, tb, M, N, K, a, lda, b, ldb, c, ldc)
 
 
 @numba.njit(inline="always")
@@ -421,18 +438,21 @@ def _layout(m):
     return None
 
 
-def _gemm_rows(a, b, out):
-    """(gemms_cpu's table rows for np.matmul(a, b, out=out), one per product of the stack (a and b broadcast), and
-    whether they compute out's transpose, b^T @ a^T), or None when cblas cannot take a matrix's strides (or there is
-    nothing to multiply)."""
+def _matrices(a, b, out):
+    """(a, b, out) as cblas takes them (a stack of one product as its matrices), or None where np.matmul must
+    (nothing to multiply, shapes or dtypes that do not match, out not writeable or not in native byte order)."""
     if (out.size == 0 or a.shape[-1] == 0 or a.shape[-1] != b.shape[-2] or out.shape[-2:] != (a.shape[-2], b.shape[-1])
             or not a.dtype == b.dtype == out.dtype or not out.dtype.isnative or not out.flags.writeable):
         return None  # (np.matmul's own checks and copies then)
     if out.ndim > 2 and out.size == out.shape[-2] * out.shape[-1]:  # a stack of one product: its matrices
-        a, b, out = (m.reshape(m.shape[-2:]) for m in (a, b, out))
-    if a.ndim == b.ndim == out.ndim == 2 and a.flags.c_contiguous and b.flags.c_contiguous and out.flags.c_contiguous:
-        (M, K), N = a.shape, b.shape[1]  # (the common case, without the layouts' ~3 us)
-        return [[NO_TRANS, NO_TRANS, M, N, K, _address(a), K, _address(b), N, _address(out), N]], False
+        return a.reshape(a.shape[-2:]), b.reshape(b.shape[-2:]), out.reshape(out.shape[-2:])
+    return a, b, out
+
+
+def _gemm_rows(a, b, out):
+    """(gemms_cpu's table rows for np.matmul(a, b, out=out) (_matrices'), one per product of the stack (a and b
+    broadcast), and whether they compute out's transpose, b^T @ a^T), or None when cblas cannot take a matrix's
+    strides."""
     layout = _layout(out)
     transposed = layout is None or layout[0] == TRANS  # out must be row-major: out^T = b^T @ a^T
     if transposed:
@@ -443,7 +463,7 @@ def _gemm_rows(a, b, out):
         return None
     (M, N), K = out.shape[-2:], a.shape[-1]
     head = [layouts[0][0], layouts[1][0], M, N, K]
-    if a.ndim == b.ndim == out.ndim == 2:  # (the common case, without NumPy's per-call costs)
+    if a.ndim == b.ndim == out.ndim == 2:  # (without NumPy's per-call costs)
         row = head + [_address(a), layouts[0][1], _address(b), layouts[1][1], _address(out), layouts[2][1]]
         return [row], transposed
     stack = out.shape[:-2]
@@ -471,6 +491,15 @@ def _on_numba_threads(a, b, out, parts, axis):
     threads."""
     if cblas() is None or out.dtype.char not in "fd" or numba.get_num_threads() < parts:
         return False
+    matrices = _matrices(a, b, out)
+    if matrices is None:
+        return False
+    a, b, out = matrices
+    if (out.ndim == a.ndim == b.ndim == 2 and axis in (ROWS, COLUMNS) and out.flags.c_contiguous
+            and a.flags.c_contiguous and b.flags.c_contiguous
+            and (cblas()[2] or max(out.shape + a.shape) <= LP64_SIZE)):  # (the common case)
+        gemm_region(gemm_cpu, out.size * a.shape[-1], out.dtype, a, b, out, parts, axis)
+        return True
     table = _gemm_rows(a, b, out)
     if table is None:
         return False
