@@ -347,5 +347,8 @@ class CUDA:
 
 def device_for(name, family, stream=None, op="cnnfast"):
     if name == "cpu":
-        return CPU(stream)
+        return _CPU
     return CUDA(stream, family, op)
+
+
+_CPU = CPU()  # (it has no state: the CPU kernels take no stream)

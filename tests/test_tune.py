@@ -280,3 +280,14 @@ def test_the_environment_switches_read_false_no_and_off_as_off(monkeypatch, valu
     monkeypatch.setenv("CNNFAST_AUTOTUNE", value)
     monkeypatch.setenv("CNNFAST_CHECK", value)
     assert tune.active() is on and compare.active() is on
+
+
+def test_the_environment_switches_are_read_at_every_call(monkeypatch):
+    """Unset is off; a value set (or removed) in os.environ between two calls counts at the second (env_flag reads
+    os.environ's own dict)."""
+    monkeypatch.delenv("CNNFAST_CHECK", raising=False)
+    assert compare.active() is False
+    monkeypatch.setenv("CNNFAST_CHECK", "1")
+    assert compare.active() is True
+    monkeypatch.delenv("CNNFAST_CHECK")
+    assert compare.active() is False
