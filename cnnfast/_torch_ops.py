@@ -120,6 +120,8 @@ def _run(layer, suffix, *args, like):
     _same_low_dtype(op, args, roles)
     key = (layer, suffix, *((a.shape, a.dtype, a.is_cuda, a.get_device()) if isinstance(a, torch.Tensor) else a
                             for a in args))  # (a tensor's device, without making a torch.device)
+    if any(type(a) is tuple and not all(type(v) is int for v in a) for a in args):
+        key = None  # (a size of other than ints: 1, True and 1.0 are one key, which only its own checks tell apart)
     arrays = {param: _array(a, op, role) for a, role, param in zip(args, roles, params)}
     kind = ("conv_transpose" if name.startswith("conv_transpose") else "conv") + suffix
     return _tensor(api.run(op, kind, int(name[-2]), stream=_stream(like), key=key, **arrays, **options), like)

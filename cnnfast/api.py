@@ -68,6 +68,8 @@ def run(op, kind, nd, *, input=None, weight=None, grad_output=None, bias=None, s
     with an equal key skips the checks and planning (_CALLS).
     """
     primitive, roles, result_role = _KINDS[kind]
+    if isinstance(workspace_limit, np.integer) and not isinstance(workspace_limit, np.bool_):
+        workspace_limit = int(workspace_limit)  # a NumPy int8 would overflow in the planners' arithmetic
     given = {"input": input, "weight": weight, "grad_output": grad_output}
     named = {name: given[name] for name in roles}
     tuning = algo == "auto" and tune.active()

@@ -213,15 +213,23 @@ class _CnnfastConvTranspose:
 
 def _module_layer(module, op, options):
     """f"{op}:{_plain(options)!r}", the layer string of a module's call (its options: the same values as conv{nd}d's
-    arguments), remembered in the module while its options are the same objects (~3.5 us a call of Python; ~10 us
-    inside a model at batch 1, where Python between kernels runs slower). Not while torch.compile traces (no side
-    effects there)."""
+    arguments), remembered in the module while its options are the same objects, where they are immutable (ints,
+    strings, tuples of them: a list or a tensor could change in place): ~3.5 us a call of Python, ~10 us inside a
+    model at batch 1, where Python between kernels runs slower. Not while torch.compile traces (no side effects
+    there)."""
     if torch.compiler.is_compiling():
         return f"{op}:{_plain(options)!r}"
     known = module.__dict__.get("_cnnfast_layer")
-    if known is None or len(known[0]) != len(options) or not all(map(operator.is_, known[0], options)):
-        known = module.__dict__["_cnnfast_layer"] = options, f"{op}:{_plain(options)!r}"
-    return known[1]
+    if known is not None and len(known[0]) == len(options) and all(map(operator.is_, known[0], options)):
+        return known[1]
+    layer = f"{op}:{_plain(options)!r}"
+    if _immutable(options):
+        module.__dict__["_cnnfast_layer"] = options, layer
+    return layer
+
+
+def _immutable(value):
+    return type(value) in (int, bool, float, str, type(None)) or type(value) is tuple and all(map(_immutable, value))
 
 
 _conv_transpose_fn_of = {1: conv_transpose1d, 2: conv_transpose2d, 3: conv_transpose3d}

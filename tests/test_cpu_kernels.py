@@ -3,6 +3,7 @@ its docstring, the layout twins against NumPy, and every CPU algorithm agreeing 
 Correctness of every algorithm against the reference over the grid is tests/test_ops.py. Small shapes: the
 kernels compile once per process."""
 import os
+import re
 import sys
 
 import numpy as np
@@ -102,11 +103,22 @@ def test_im2col_under_a_small_workspace_limit_builds_column_blocks_and_matches(l
 
 @pytest.mark.parametrize("limit", [np.int8(100), np.uint8(0), np.int16(1000), np.uint64(0), np.int64(10_000)])
 def test_numpy_int_workspace_limits_plan_and_run_like_python_ints(limit):
+    """Auto and the algorithms with a workspace (whose planners' arithmetic would overflow a NumPy int8): the same
+    plan, or the same refusal, as for the Python int."""
     layer = Layer((2, 4, 9, 9), (6, 4, 3, 3), padding=1)
     for primitive in OPS:
         plan = layer.explain(primitive, workspace_limit=limit)
         assert plan.workspace_bytes <= int(limit) and plan == layer.explain(primitive, workspace_limit=int(limit))
+        assert type(plan.workspace_limit) is int
         assert_close(layer.run(primitive, workspace_limit=limit), layer.expected(primitive), "float64", primitive)
+        for algo in ("im2col", "winograd"):
+            try:
+                expected = layer.explain(primitive, algo=algo, workspace_limit=int(limit))
+            except ValueError as e:
+                with pytest.raises(ValueError, match=re.escape(str(e))):
+                    layer.run(primitive, algo=algo, workspace_limit=limit)
+            else:
+                assert layer.explain(primitive, algo=algo, workspace_limit=limit) == expected
 
 
 @pytest.mark.parametrize("primitive", list(OPS))

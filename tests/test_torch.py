@@ -446,6 +446,10 @@ def test_a_call_remembered_by_its_layer_follows_a_replaced_algorithm_and_check_m
     assert checked == ["conv2d"]
     with pytest.raises(ValueError, match=r"^conv2d: Expected 3D \(unbatched\) or 4D \(batched\) input"):
         cf.conv2d(x[0, 0], w, algo="direct")
+    dy, layer = torch.randn(1, 3, 4, 4), "conv2d:(1, 0, 1, 1, 'zeros', 'auto')"
+    ops._conv_input_eager(dy, w, [1, 2, 6, 6], layer)
+    with pytest.raises(TypeError, match=r"^conv2d_input: expected input_size to be a sequence of non-negative ints"):
+        ops._conv_input_eager(dy, w, [True, 2, 6, 6], layer)  # (equal to the size above, as a key)
 
 
 def test_only_needed_gradients_are_computed(monkeypatch):
@@ -693,6 +697,12 @@ def test_a_module_runs_its_options_as_they_are_at_each_call(cls):
     ours.algo, ours.stride = "auto", (1.0, 1)
     with pytest.raises(TypeError, match=r"expected stride to be an int or a tuple of 2 ints, but got \(1\.0, 1\)"):
         ours(x)
+    if cls == "Conv2d":  # (torch's ConvTranspose2d asserts a tuple)
+        theirs.stride = ours.stride = (1, 1)
+        theirs.padding, ours.padding = [0, 0], [0, 0]  # a list: changed in place, the same object
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
+        theirs.padding[0] = ours.padding[0] = 1
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
 
 
 class _BasicBlock(torch.nn.Module):
