@@ -187,9 +187,10 @@ def _token(device):
 
 
 # A caller's key (run's key argument) -> (device, family, batched, spec, plan, _token(device)) of a call that passed
-# the checks: cnnfast.torch's calls skip arrays.inspect, _plan_key and the rest of _checked (~6 us a call, ~20 us
-# in a model at batch 1, where every Python step after a kernel runs ~3x slower than in a loop). Bounded as _PLANS;
-# a test that clears _PLANS to plan cnnfast.torch's calls afresh (after patching a planner's constant) clears it too.
+# the checks: cnnfast.torch's calls skip arrays.inspect, _plan_key and the rest of _checked (~2.5 us a call in a
+# loop, 3-4x that in a model at batch 1, where every Python step after torch's ops on large tensors runs cold).
+# Bounded as _PLANS; a test that clears _PLANS to plan cnnfast.torch's calls afresh (after patching a planner's
+# constant) clears it too.
 _CALLS = {}
 
 

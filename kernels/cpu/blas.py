@@ -9,8 +9,8 @@ matmul(a, b, out) is np.matmul(a, b, out=out), run one of two ways:
       - any other product too (when WORKERS_SPIN, or cblas was found): out's rows when M >= N, else its columns
         (multiples of COLUMN_ALIGN);
     the parts as the tasks of one Numba parallel region calling OpenBLAS's cblas_sgemm / cblas_dgemm (gemms_cpu;
-    gemm_cpu for three C-contiguous matrices; where cblas() finds them), from SPLIT_WORK multiply-adds; else on this module's worker threads and the
-    caller's (share), from SHARE_WORK;
+    gemm_cpu for three C-contiguous matrices; where cblas() finds them), from SPLIT_WORK multiply-adds; else on
+    this module's worker threads and the caller's (share), from SHARE_WORK;
   - otherwise whole: as one part on the caller's thread, or (a 2-D product of at least THREADS_WORK multiply-adds,
     when OpenBLAS's workers sleep after a GEMM, not WORKERS_SPIN) one GEMM on OpenBLAS's threads (or, up to
     OPENBLAS_SINGLE multiply-adds, on the caller's: OpenBLAS does not split those).
