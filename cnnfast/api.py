@@ -325,8 +325,9 @@ def _brief(a):
 def explain(op, *args, device=None, dtype=None, **kwargs):
     """The Plan `op(*args, **kwargs)` would run: device, algorithm, kernels, workspace, determinism, why.
 
-    Array arguments may be arrays or plain shapes (then `device` and `dtype` say where and what they are; each
-    defaults to the arrays' among the arguments, else the CPU and float32):
+    Array arguments may be arrays or plain shapes: `device` and `dtype` say where and what they all are (the plan
+    for a NumPy array's shape on the GPU: device="cuda"); each defaults to the arrays' among the arguments, else the
+    CPU and float32:
         cnnfast.explain("conv2d", (1, 3, 32, 32), (6, 3, 5, 5), stride=1)
         cnnfast.explain("conv2d_weight", x, (64, 3, 7, 7), dy, stride=2, padding=3)
     The plan's .spec is the ConvSpec (output shape, FLOPs, parameters, ...). Nothing is computed.
@@ -342,6 +343,7 @@ def explain(op, *args, device=None, dtype=None, **kwargs):
     given = [(names[positions.index(i)], a) for i, a in enumerate(args) if i in positions] + [
         (k, v) for k, v in kwargs.items() if k in names]
     given = [(name, a) for name, a in given if a is not None and arrays.family_of(a) is not None]  # the arrays
+    told = device, dtype  # (given: every argument's, the arrays' too; else each array's own)
     if device is None:  # the arrays' (a shape stands in on the same device), else the CPU
         device = "cuda" if any(arrays.family_of(a) not in ("numpy", None) for _, a in given) else "cpu"
     if device not in ("cpu", "cuda"):
@@ -364,8 +366,8 @@ def explain(op, *args, device=None, dtype=None, **kwargs):
                 raise TypeError(f"{op}: expected {name} to be an array or a shape (a sequence of non-negative "
                                 f"ints), but got {_brief(a)}")
             return arrays.ShapeArray(a, dtype, device)
-        return arrays.ShapeArray(arrays.shape_of(a, op, name), arrays.dtype_of(a, op, name),
-                                 "cpu" if fam == "numpy" else "cuda")
+        return arrays.ShapeArray(arrays.shape_of(a, op, name), told[1] or arrays.dtype_of(a, op, name),
+                                 told[0] or ("cpu" if fam == "numpy" else "cuda"))
 
     args = [stand_in(names[positions.index(i)], a) if i in positions else a for i, a in enumerate(args)]
     kwargs = {k: stand_in(k, v) if k in names else v for k, v in kwargs.items()}

@@ -372,7 +372,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=_positive, default=None, help="timed calls per provider (default: 9 on "
                         "cpu, 30 on cuda)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    parser.add_argument("--json", default="bench-results.json", help="where to write the rows")
+    parser.add_argument("--json", default="bench-results.json", help="where to write the rows (default: "
+                        "bench-results.json in the current folder)")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw the roofline (needs matplotlib)")
     args = parser.parse_args(argv)
     for path in (args.json, args.plot):  # before the run, not after it: an unwritable path would lose the rows

@@ -165,7 +165,8 @@ def _main(argv):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
         return bench(argv[1:])
-    parser = argparse.ArgumentParser(prog="cnnfast", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="cnnfast", description="cnnfast's command line: info, explain, validate, "
+                                     "bench (each with --help).")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, CUDA target, GPU and algorithms")
     ex = sub.add_parser("explain", help="shape figures and the plan for one op")
@@ -174,7 +175,9 @@ def _main(argv):
                     help="the op's array arguments as shapes in PyTorch's order, e.g. 1x3x32x32 6x3x5x5")
     ex.add_argument("--bias", action="store_true", help="the op has a bias (conv / conv_transpose)")
     for name in ("stride", "padding", "dilation", "output-padding"):
-        ex.add_argument(f"--{name}", type=_ints)
+        ex.add_argument(f"--{name}", type=_ints, metavar="N[,N...]",
+                        help=f"{name.replace('-', '_')} as an int (every axis) or one per axis, e.g. 2 or 2,1"
+                        + ("; also same, valid, or low:high pairs such as 1:2,0:1" if name == "padding" else ""))
     ex.add_argument("--groups", type=int)
     ex.add_argument("--padding-mode", choices=("zeros", "reflect", "replicate", "circular"))
     ex.add_argument("--device", default="cpu", choices=("cpu", "cuda"))

@@ -176,6 +176,11 @@ class CheckResult(NamedTuple):
     ok: bool            # error <= tolerance, or where the result cancels, each element within its terms' rounding
     result: object      # the op's result, in the caller's array family
 
+    def __repr__(self):  # the result by its type, shape and dtype, not its values
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields[:-1])
+        r = self.result
+        return f"CheckResult({fields}, result=<{type(r).__name__} {tuple(r.shape)} {r.dtype}>)"
+
 
 # None: follow CNNFAST_CHECK; True/False: checking() said so; a list: cnnfast.check collects figures into it
 _MODE = contextvars.ContextVar("cnnfast_check_mode", default=None)

@@ -115,7 +115,8 @@ class Plan:
         return self.algorithm if self.tile is None else f"{self.algorithm}:{self.tile}"
 
     def __str__(self):
-        limit = "default" if self.workspace_limit is None else f"{self.workspace_limit:,} bytes"
+        limit = (f"{DEFAULT_WORKSPACE_LIMIT:,} bytes, the default" if self.workspace_limit is None
+                 else f"{self.workspace_limit:,} bytes")
         tile = "" if self.tile is None else f", tile {self.tile}"
         return "\n".join([
             f"plan for {self.op} on {self.device}",

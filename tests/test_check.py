@@ -89,6 +89,8 @@ def test_check_returns_the_figures(broken_direct):
     assert not unbatched.ok and unbatched.index == (1, 2, 3) and unbatched.result.shape == (4, 6, 6)
     bias = cnnfast.check("conv_bias", good.result)
     assert bias.ok and bias.op == "conv_bias" and bias.result.shape == (4,)
+    assert repr(good).startswith("CheckResult(op='conv2d', algorithm='im2col', device='cpu', dtype='float64', ")
+    assert repr(good).endswith(", ok=True, result=<ndarray (2, 4, 6, 6) float64>)")  # not the result's values
     with pytest.raises(ValueError, match="check: unknown op 'conv4d'"):
         cnnfast.check("conv4d", x, w)
 

@@ -156,6 +156,20 @@ def test_explain_shapes_take_the_dtype_of_the_arrays_given_with_them():
     assert cnnfast.explain("conv2d", x.shape, w.shape, dtype="float64").spec.dtype == "float64"
 
 
+def test_explain_device_and_dtype_say_what_arrays_stand_for_too():
+    """device= and dtype=, when given, say where and what every argument is, arrays too (the GPU's plan for a NumPy
+    array's shape); else each array is its own device and dtype (a mismatch among them is the op's error)."""
+    import cnnfast
+    x, w = np.ones((2, 4, 8, 8), np.float32), np.ones((6, 4, 3, 3), np.float32)
+    plan = cnnfast.explain("conv2d", x, w, padding=1, device="cuda", dtype="float64")
+    assert plan.device == "cuda" and plan.spec.dtype == "float64"
+    assert plan.kernels == cnnfast.explain("conv2d", x.shape, w.shape, padding=1, device="cuda", dtype="f8").kernels
+    assert cnnfast.explain("conv2d", x, w.shape, dtype="float64").spec.dtype == "float64"  # (was weight's error)
+    assert cnnfast.explain("conv2d", x, w).device == "cpu"
+    with pytest.raises(TypeError, match="conv2d: expected weight to have the same dtype as input"):
+        cnnfast.explain("conv2d", x, w.astype(np.float64))
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.dtype("f8"), "float64", "f8"])
 def test_create_takes_any_numpy_spelling_of_the_dtype(dtype):
     spec = ConvSpec.create("conv2d", (1, 3, 8, 8), (4, 3, 3, 3), dtype=dtype)

@@ -11,7 +11,7 @@ measurements on a 2-core AVX2 machine, bench/RESULTS.md), the same for all three
                                                            (1.2-2x faster)
   2. a kernel that covers the whole unpadded input     -> im2col (one GEMM over the batch, no columns: a DCGAN
      (g.covers_input)                                    generator's first and discriminator's last layers, batch
-                                                         64, 5-70x faster than direct or im2col's columns)
+                                                         64, 3-22x faster than direct or im2col's columns)
   3. a grouped layer (not depthwise) of at most      -> direct (its wide kernels, kernels/cpu/wide.py: three
      GROUPED_DIRECT_CHANNELS channels per group in and   taps a pass over the batch's padded planes; 1.1-3.4x
      out, with a kernel of more than one tap, that the   faster than im2col's or Winograd's per-group GEMMs on

@@ -71,4 +71,4 @@ def choose(g, primitive):
     why_not = direct.supports(g, primitive)
     if why_not is not None:
         return "im2col", f"direct cannot index this layer ({why_not})"
-    return "direct", "implicit GEMM: no column matrix, register-tiled (untuned heuristic, see issue 5)"
+    return "direct", "implicit GEMM: no column matrix, register-tiled (a heuristic not yet tuned on a GPU)"
