@@ -148,16 +148,25 @@ _conv = torch.library.custom_op("cnnfast::conv", _conv_eager, mutates_args=())
 
 def _in_format(t, x, w):
     """t (contiguous) in the memory format torch's convolutions give their result and both gradients for input x and
-    weight w: channels-last (channels_last_3d) for a batched 2-D (3-D) one where either has channels-last strides
-    (torch's suggest_memory_format: a (N, 1, H, W) input counts), except a float64 3-D one on the CPU (torch's
-    slow_conv3d); else contiguous. A channels-last t is a copy with that format's strides (the kernels compute
-    contiguous), also where both layouts fit (an (N, K, 1, 1) result). Under torch.func's transforms t stays as it
-    is (contiguous: a vmapped tensor has no layout of its own to convert)."""
-    last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    if last is None or x.dim() != w.dim() or torch._C._are_functorch_transforms_active():
+    weight w: channels-last (channels_last_3d) for a 2-D (3-D) one where either has channels-last strides (torch's
+    suggest_memory_format: a (N, 1, H, W) input counts; an unbatched 2-D input as its batch of one, whose result and
+    input gradient are then squeezed), except a float64 3-D one on the CPU (torch's slow_conv3d); else
+    contiguous. A channels-last t is a copy with that format's strides (the kernels compute contiguous), also where
+    both layouts fit (an (N, K, 1, 1) result). Under torch.func's transforms t stays as it is (contiguous: a vmapped
+    tensor has no layout of its own to convert)."""
+    last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(w.dim())
+    if last is None or torch._C._are_functorch_transforms_active():
         return t
+    if x.dim() < w.dim():  # unbatched: as its batch of one, unsqueezed (the batch's stride C times C's: torch's view)
+        if last == torch.channels_last_3d:
+            return t  # (torch's slow_conv3d takes a batch of one)
+        x_last = suggest_memory_format(x.unsqueeze(0)) == last
+    else:
+        x_last = _suggests(x, last)
     slow_conv3d = last == torch.channels_last_3d and x.dtype == torch.float64 and not x.is_cuda
-    return t if slow_conv3d or not (_suggests(x, last) or _suggests(w, last)) else t.to(memory_format=last)
+    if slow_conv3d or not (x_last or _suggests(w, last)):
+        return t
+    return t.to(memory_format=last) if t.dim() == w.dim() else t.unsqueeze(0).to(memory_format=last).squeeze(0)
 
 
 def _suggests(t, last):
@@ -197,24 +206,19 @@ _conv_weight = torch.library.custom_op("cnnfast::conv_weight", _conv_weight_eage
 _bias_grad = torch.library.custom_op("cnnfast::bias_grad", _bias_grad_eager, mutates_args=())
 
 
+def _concrete(*tensors):
+    """Whether the tensors' sizes are all ints (not torch.compile's symbolic sizes)."""
+    return all(type(size) is int for t in tensors for size in t.shape)
+
+
 @_conv.register_fake
 def _(x, w, b, layer):
-    """The output's shape by ConvSpec's formulas, which also take torch.compile's symbolic sizes (the real op
-    validates the layer when it runs). Where those formulas fail on a bad layer (a stride of 0: ZeroDivisionError; a
-    kernel larger than the input: a spatial size of 0, or a negative one, "Trying to create tensor with negative
-    dimension"), the layer is checked as the real op checks it, so that torch.compile and the meta device report
-    cnnfast's error naming the argument."""
-    try:
-        shape = _fake_shape(x, w, layer)
-    except ZeroDivisionError:
-        if not all(type(size) is int for size in (*x.shape, *w.shape)):
-            raise
-        shape = None
-    if shape is None or any(type(size) is int and size <= 0 for size in shape[len(shape) - (w.dim() - 2):]):
-        _check(layer, "", x, tuple(x.shape), tuple(w.shape), None if b is None else tuple(b.shape))  # raises
-        raise ValueError(f"{layer}: an output of size {shape} for input {list(x.shape)} and weight "
-                         f"{list(w.shape)}")  # (not reached: cnnfast's check refuses every such layer)
-    return _in_format(x.new_empty(shape), x, w)
+    """The output's shape by ConvSpec's formulas, which also take torch.compile's symbolic sizes. Where the sizes
+    are ints (the meta device, torch.export and torch.compile with static shapes), the call is first checked as the
+    real op checks it, so that they raise cnnfast's error naming the argument where the real op would."""
+    if _concrete(x, w):
+        _check(layer, "", x, tuple(x.shape), tuple(w.shape), None if b is None else tuple(b.shape))
+    return _in_format(x.new_empty(_fake_shape(x, w, layer)), x, w)
 
 
 def _fake_shape(x, w, layer):
@@ -238,11 +242,15 @@ def _fake_shape(x, w, layer):
 
 @_conv_input.register_fake
 def _(dy, w, x_shape, layer):
+    if _concrete(dy, w) and all(type(size) is int for size in x_shape):  # (checked as the real op checks it)
+        _check(layer, "_input", dy, tuple(x_shape), tuple(w.shape), tuple(dy.shape))
     return dy.new_empty(x_shape)
 
 
 @_conv_weight.register_fake
 def _(x, dy, w_shape, layer):
+    if _concrete(x, dy) and all(type(size) is int for size in w_shape):
+        _check(layer, "_weight", dy, tuple(x.shape), tuple(w_shape), tuple(dy.shape))
     return dy.new_empty(w_shape)
 
 

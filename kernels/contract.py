@@ -81,10 +81,13 @@ class ConvGeometry(NamedTuple):
     def covers_input(self) -> bool:
         """The kernel covers the whole unpadded input (a DCGAN generator's first layer as a transposed convolution of
         a 1x1 input, a discriminator's last): one output position per sample, whose column matrix is the sample
-        itself; over the batch the layer is one GEMM per group, a fully connected one. (A kernel as long as an axis
-        of more than one element has unit dilation there: a dilated one would not fit.)"""
+        itself; over the batch the layer is one GEMM per group, a fully connected one. A kernel as long as an axis
+        of more than one element must have unit dilation there: a dilated one reaches past the input, into high
+        padding (a (low, high) pair, 'same' at a stride), and reads only some of the input's elements."""
         return ((self.T, self.R, self.S) == (self.D, self.H, self.W) and (self.P, self.Q, self.U) == (1, 1, 1)
-                and (self.pad_d, self.pad_h, self.pad_w) == (0, 0, 0))
+                and (self.pad_d, self.pad_h, self.pad_w) == (0, 0, 0)
+                and all(taps == 1 or dilation == 1 for taps, dilation in
+                        ((self.T, self.dil_d), (self.R, self.dil_h), (self.S, self.dil_w))))
 
     @property
     def is_pointwise(self) -> bool:

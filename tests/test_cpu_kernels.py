@@ -1159,6 +1159,35 @@ def test_a_kernel_short_of_the_input_or_padded_does_not_cover_it():
                                        transposed=True).geometry.covers_input
 
 
+DILATED_PAST_THE_INPUT = [  # a kernel as long as the input, dilated into high padding: one output, some taps outside
+    ("conv2d", (2, 3, 3, 3), (4, 3, 3, 3), dict(dilation=2, padding=((0, 2), (0, 2)))),
+    ("conv2d", (2, 3, 2, 2), (4, 3, 2, 2), dict(stride=2, dilation=2, padding=((0, 1), (0, 1)))),  # 'same's pads
+    ("conv1d", (2, 3, 3), (4, 3, 3), dict(dilation=(1,), padding=((0, 0),))),  # (covers: the control)
+    ("conv_transpose1d", (2, 3, 3), (3, 4, 3), dict(dilation=2, padding=((0, 2),))),
+]
+
+
+@pytest.mark.parametrize("algo", ["auto", "im2col", "direct"])
+@pytest.mark.parametrize("op, x_shape, w_shape, opts", DILATED_PAST_THE_INPUT,
+                         ids=[f"{c[0]}-{c[1]}" for c in DILATED_PAST_THE_INPUT])
+def test_a_dilated_kernel_as_long_as_the_input_does_not_cover_it(op, x_shape, w_shape, opts, algo):
+    """Its taps past the first read every dil-th element, then the high padding: not a fully connected layer (im2col
+    had run it as one, reading the neighbouring elements). All three passes against the reference."""
+    rng = np.random.default_rng(9)
+    transposed = op.startswith("conv_transpose")
+    kind = "conv_transpose" if transposed else "conv"
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    covers = cnnfast.explain(op, x, w, **opts).spec.geometry.covers_input
+    assert covers == (opts.get("dilation") == (1,))
+    y = getattr(reference, kind)(x, w, **opts)
+    dy = rng.standard_normal(y.shape)
+    assert_close(getattr(cnnfast, op)(x, w, algo=algo, **opts), y, "float64", op)
+    assert_close(getattr(grad, op + "_input")(x_shape, w, dy, algo=algo, **opts),
+                 getattr(reference, kind + "_input")(x_shape, w, dy, **opts), "float64", op + "_input")
+    assert_close(getattr(grad, op + "_weight")(x, w_shape, dy, algo=algo, **opts),
+                 getattr(reference, kind + "_weight")(x, w_shape, dy, **opts), "float64", op + "_weight")
+
+
 # ---------------------------------------------------------------- 8. Winograd F(4x4, 3x3)
 
 # (id, input shape, weight shape, options): partial tiles (sizes not multiples of 4), every padding the

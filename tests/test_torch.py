@@ -7,6 +7,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import re
 import threading
 import warnings
 
@@ -529,6 +530,41 @@ def test_torch_compile_and_the_meta_device_report_a_bad_layer_by_name():
     torch._dynamo.reset()
 
 
+def test_the_meta_device_and_torch_export_refuse_what_the_op_refuses():
+    """The ops' fake implementations check a call of int sizes as the real op does (they had only computed the
+    output's shape: a channel mismatch, a weight of the wrong rank or a bad grad_output passed on the meta device
+    and in torch.export), raising the same error."""
+    bad = [(cf.conv2d, (2, 5, 8, 8), (6, 4, 3, 3), {}),  # 5 input channels for a weight of 4
+           (cf.conv2d, (2, 4, 8, 8), (6, 4, 3), {}),
+           (cf.conv2d, (2, 4, 8, 8), (6, 4, 3, 3), dict(groups=4)),
+           (cf.conv_transpose2d, (2, 4, 8, 8), (4, 3, 3, 3), dict(padding="same")),
+           (cf.Conv2d(4, 6, 3, padding=8, padding_mode="reflect").forward, (2, 4, 8, 8), None, {})]
+    for fn, x_shape, w_shape, kwargs in bad:
+        args = [torch.ones(x_shape)] + ([] if w_shape is None else [torch.ones(w_shape)])
+        with pytest.raises((ValueError, TypeError)) as real:
+            fn(*args, **kwargs)
+        with pytest.raises(real.type, match=f"^{re.escape(str(real.value))}$"):
+            fn(*(a.to("meta") for a in args), **kwargs)
+    layer = f"conv2d:{(1, 0, 1, 1, 'zeros', 'auto')!r}"
+    meta = {name: torch.ones(shape, device="meta") for name, shape in
+            dict(x=(2, 4, 8, 8), w=(6, 4, 3, 3), dy=(2, 6, 5, 5)).items()}  # dy: the output is 6 x 6
+    with pytest.raises(ValueError, match=r"^conv2d_input: expected grad_output of size \[2, 6, 6, 6\]"):
+        torch.ops.cnnfast.conv_input(meta["dy"], meta["w"], [2, 4, 8, 8], layer)
+    with pytest.raises(ValueError, match=r"^conv2d_weight: expected grad_output of size \[2, 6, 6, 6\]"):
+        torch.ops.cnnfast.conv_weight(meta["x"], meta["dy"], [6, 4, 3, 3], layer)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = cf.Conv2d(4, 6, 3)
+
+        def forward(self, x):
+            return self.conv(x)
+    with pytest.raises(ValueError, match=r"expected input\[2, 5, 8, 8\] to have 4 channels, but got 5 channels"):
+        torch.export.export(Net(), (torch.ones(2, 5, 8, 8),))
+    assert torch.export.export(Net(), (torch.ones(2, 4, 8, 8),)).module()(torch.ones(2, 4, 8, 8)).shape == (2, 6, 6, 6)
+
+
 def test_torch_jit_script_refuses_the_twins_by_name():
     """torch.jit.script cannot compile the twins (README): it says so, naming the module and what does take it,
     rather than TorchScript's "python value of type 'dict' cannot be used as a value" from inside forward."""
@@ -928,7 +964,7 @@ def test_a_side_stream_orders_cnnfast_work_with_torch_work():
 def test_channels_last_outputs_and_gradients_as_in_torch(nd, dtype):
     """A batched 2-D (3-D) convolution's output and both gradients are channels-last (channels_last_3d) when its
     input or weight has such strides (torch's rule on the CPU: a one-channel input counts, a float64 3-D one does not),
-    and an unbatched one whose input happens to be channels-last is not. (Where both layouts fit, a (K, 1, 3, 3)
+    and an unbatched one as its batch of one. (Where both layouts fit, a (K, 1, 3, 3)
     weight gradient, torch's strides differ between its own kernels: the layouts are compared.)"""
     torch.manual_seed(0)
     drop = (...,) + (0,) * (3 - nd)
@@ -941,6 +977,11 @@ def test_channels_last_outputs_and_gradients_as_in_torch(nd, dtype):
              (x[..., :2, :2].to(**last), w[..., :2, :2])]
     if nd == 3:
         cases.append((x[0].to(memory_format=torch.channels_last), w))
+    # unbatched: as torch, its batch of one (unsqueezed): a channels-last weight's layout for the result and both
+    # gradients in 2-D, squeezed; an input whose unsqueezed view suggests channels-last (only a 1x1 one: its batch
+    # stride is C times C's); in 3-D a batch of one is torch's slow_conv3d's: contiguous
+    cases += [(x[0], w.to(**last)), (x[0].unsqueeze(0).to(**last)[0], w),
+              (x[0, :, :1, :1].unsqueeze(0).to(**last)[0], w)]
     for xi, wi in cases:
         for f, g, options in ((ours, conv, dict(padding=1)), (ours_transpose, conv_transpose, {})):
             wt = wi if f is ours else wi.transpose(0, 1)
@@ -950,8 +991,8 @@ def test_channels_last_outputs_and_gradients_as_in_torch(nd, dtype):
                 y = fn(xg, wg, **options)
                 results.append((y, *torch.autograd.grad(y, (xg, wg), torch.ones_like(y))))
             for a, e in zip(*results):
-                layouts = [[t.is_contiguous(memory_format=m) for m in (torch.contiguous_format, last["memory_format"])]
-                           for t in (a, e)]
+                layouts = [[(t if t.dim() == nd + 2 else t[None]).is_contiguous(memory_format=m)
+                            for m in (torch.contiguous_format, last["memory_format"])] for t in (a, e)]
                 assert layouts[0] == layouts[1], (xi.shape, xi.stride(), f.__name__, a.stride(), e.stride())
                 torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
     # per-sample weight gradients of a channels-last weight (torch.func: vmapped tensors are left as they are)
