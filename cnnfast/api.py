@@ -19,6 +19,7 @@ import math
 import reprlib
 from functools import lru_cache
 
+import numba
 import numpy as np
 
 from cnnfast import arrays, compare, tune
@@ -182,8 +183,11 @@ def _plan_key(op, kind, device, dtype, batched, input_shape, weight_shape, bias_
 
 def _token(device):
     """What a plan depends on beyond the call: the registered algorithms, and on the CPU OpenBLAS's thread count
-    (im2col's chunks)."""
-    return registry_token(device), blas.threads() if device == "cpu" else None
+    (im2col's chunks) and Numba's, the calling thread's (the per-thread scratch of direct's wide kernels and of
+    depthwise's, and so the workspace a plan reports and fits under workspace_limit)."""
+    if device == "cpu":
+        return registry_token(device), blas.threads(), numba.get_num_threads()
+    return registry_token(device), None, None
 
 
 # A caller's key (run's key argument) -> (device, family, batched, spec, plan, _token(device)) of a call that passed

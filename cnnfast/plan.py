@@ -87,10 +87,11 @@ def algorithms(device: str) -> dict:
 
 
 def registry_token(device: str) -> tuple:
-    """Identifies what make_plan reads from the registry (the algorithms and choose); changes when one is replaced."""
+    """Identifies what make_plan reads from the registry (the algorithms and choose); changes when one is replaced.
+    It holds the objects themselves (hashed by identity): a replaced one's id could otherwise be reused by the next
+    replacement while plans made under it are still cached."""
     package = kernel_package(device)
-    algos = getattr(package, "ALGORITHMS", {})
-    return id(getattr(package, "choose", None)), tuple(algos), tuple(map(id, algos.values()))
+    return getattr(package, "choose", None), tuple(getattr(package, "ALGORITHMS", {}).items())
 
 
 @dataclass(frozen=True)

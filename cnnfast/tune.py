@@ -37,17 +37,22 @@ _WARNED = set()  # cache files that could not be read or written (warned once)
 
 
 class autotune:
-    """autotune(True) switches autotuning on for this thread or task, autotune(False) off; as a context manager
-    (`with cnnfast.autotune():`) the previous setting comes back at the end of the block."""
+    """autotune(True) switches autotuning on for this thread or task, autotune(False) off, at the call (as
+    torch.set_grad_enabled); as a context manager (`with cnnfast.autotune():`) the previous setting comes back at the
+    end of the block, and an object entered again switches it again."""
 
     def __init__(self, enabled=True):
-        self._token = _MODE.set(bool(enabled))
+        self._enabled = bool(enabled)
+        self._token = _MODE.set(self._enabled)
 
     def __enter__(self):
+        if self._token is None:  # (its first block has ended)
+            self._token = _MODE.set(self._enabled)
         return self
 
     def __exit__(self, *exc):
-        _MODE.reset(self._token)
+        token, self._token = self._token, None
+        _MODE.reset(token)
 
 
 def env_flag(name) -> bool:

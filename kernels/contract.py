@@ -98,9 +98,10 @@ class ConvGeometry(NamedTuple):
                 and (self.P, self.Q, self.U) == (self.D, self.H, self.W))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Algorithm:
-    """One algorithm of one kernel family: its three launchers and what it can do.
+    """One algorithm of one kernel family: its three launchers and what it can do. Compared and hashed by identity
+    (plan.registry_token: a replaced entry is another algorithm).
 
     forward(x, w, bias, y, g, **opts); backward_data(dy, w, dx, g, **opts); backward_filter(x, dy, dw, g, **opts)
     opts: ``workspace_limit`` (bytes) for every family, ``stream`` for CUDA, ``tile`` for algorithms with tiles.

@@ -1610,6 +1610,31 @@ def test_a_thread_count_set_during_a_share_is_kept(monkeypatch):
     assert fake.threads == 3 and fake.sets == [1, 3, 1, 3]
 
 
+@pytest.mark.parametrize("when", ["before setting one thread", "after setting one thread", "in a part"])
+def test_an_exception_anywhere_in_a_share_leaves_the_thread_count_and_its_state_as_found(when, monkeypatch):
+    """An exception (a KeyboardInterrupt) between the share's bookkeeping and its try left threads() reading a share
+    that had ended (its generation odd: every later CPU op spun forever) or OpenBLAS on one thread for good."""
+    fake = _FakeOpenBLAS(2)
+    monkeypatch.setattr(blas, "openblas", lambda: fake)
+    real_set = fake.set_num_threads
+
+    def interrupted(n):
+        if when == "after setting one thread":
+            real_set(n)
+        raise KeyboardInterrupt
+    if when != "in a part":
+        monkeypatch.setattr(fake, "set_num_threads", lambda n: interrupted(n) if n == 1 else real_set(n))
+
+    def task(k):
+        if when == "in a part":
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        blas.share(task, 2)
+    assert fake.threads == 2 and blas._generation % 2 == 0 and blas._shared_count is None
+    assert blas.threads() == 2 and blas._lock.acquire(timeout=1)
+    blas._lock.release()
+
+
 def test_cpu_results_are_the_same_bits_while_another_thread_runs_cnnfast():
     """OpenBLAS's one- and two-thread GEMMs round differently: a GEMM planned for OpenBLAS's threads must not run
     while another thread's share has OpenBLAS on one (about 1 call in 10 differed here before)."""

@@ -604,6 +604,45 @@ def test_replacing_an_algorithm_invalidates_its_cached_plans(monkeypatch):
     assert cnnfast.explain("conv2d", x, w, padding=1, algo="im2col").workspace_bytes == 12345
 
 
+def test_each_replacement_of_choose_or_an_algorithm_is_planned_afresh():
+    """The registry's token held the replaced objects' ids only: once one was freed, the next replacement could get
+    its address and the plans made under the freed one were taken for its (a replaced choose's third and fourth
+    answers were the first and second's). Each replacement here frees the last (not monkeypatch, which keeps them)."""
+    from cnnfast.kernels import cpu
+    x, w = _small_problem()
+    choose, im2col = cpu.choose, cpu.ALGORITHMS["im2col"]
+
+    def choosing(name):
+        return lambda g, primitive: (name, f"chosen: {name}")
+    try:
+        for name in ["direct", "im2col", "winograd", "direct", "winograd", "im2col"] * 2:
+            cpu.choose = choosing(name)
+            assert cnnfast.explain("conv2d", x, w, padding=1).algorithm == name
+        for size in range(1, 9):
+            cpu.ALGORITHMS["im2col"] = dataclasses.replace(im2col, workspace_bytes=lambda *a, s=size: s)
+            assert cnnfast.explain("conv2d", x, w, padding=1, algo="im2col").workspace_bytes == size
+    finally:
+        cpu.choose, cpu.ALGORITHMS["im2col"] = choose, im2col
+
+
+def test_a_cached_plan_follows_numbas_thread_count():
+    """The per-thread scratch of the depthwise and wide kernels scales with Numba's thread count (the calling
+    thread's): a plan made at one count is not reused at another (explain reported the old workspace, and an explicit
+    algorithm planned under a tight workspace_limit at one thread was accepted at two)."""
+    import numba
+    rng = np.random.default_rng(3)
+    x, w = (rng.standard_normal(shape).astype(np.float32) for shape in ((2, 16, 12, 12), (16, 1, 3, 3)))
+    threads = numba.get_num_threads()
+    at = {}
+    try:
+        for n in sorted({1, threads}) + [1]:
+            numba.set_num_threads(n)
+            at[n] = cnnfast.explain("conv2d", x, w, padding=1, groups=16).workspace_bytes
+            assert at[n] == at[1] * n
+    finally:
+        numba.set_num_threads(threads)
+
+
 def test_plan_cache_is_bounded(monkeypatch):
     from cnnfast import api
     monkeypatch.setattr(api, "PLAN_CACHE_SIZE", 4)

@@ -91,6 +91,26 @@ def test_off_by_default_and_only_for_algo_auto(monkeypatch, arrays):
         "conv2d_weight", x, W, np.ones((2, 6, 9, 9), np.float32), padding=1).algorithm == "im2col")
 
 
+def test_an_autotune_object_switches_again_each_time_it_is_entered():
+    """As torch.set_grad_enabled, autotune(...) switches at the call and its block sets the previous mode back; an
+    object entered a second time had left autotuning as it was and then raised on exit (its token used once)."""
+    assert not tune.active()
+    on = cnnfast.autotune()
+    assert tune.active()
+    with on:
+        assert tune.active()
+    assert not tune.active()
+    with on:  # again
+        assert tune.active()
+        with cnnfast.autotune(False) as off:
+            assert not tune.active()
+        assert tune.active()
+    assert not tune.active()
+    with off:
+        assert not tune.active()
+    assert not tune.active()
+
+
 def test_candidates_respect_the_workspace_limit(monkeypatch, arrays):
     x, w = arrays
     counts = {}

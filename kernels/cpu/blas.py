@@ -246,16 +246,16 @@ def _one_openblas_thread(lib):
         if count == 1:
             yield 1
             return
-        _shared_count = count
-        _generation += 1
-        lib.set_num_threads(1)
-        try:
+        try:  # (entered first: an exception anywhere, a KeyboardInterrupt, leaves the state as it found it)
+            _shared_count = count
+            _generation += 1
+            lib.set_num_threads(1)
             yield count
         finally:
-            if lib.get_num_threads() == 1:  # (not a count the user set meanwhile)
+            if lib.get_num_threads() == 1:  # (not a count the user set meanwhile: one is taken for the share's)
                 lib.set_num_threads(count)
-            _generation += 1
             _shared_count = None
+            _generation += _generation % 2  # even again (odd only while a share runs)
 
 
 def share(task, parts):
