@@ -149,6 +149,9 @@ def make_plan(op, spec, primitive, device, algo="auto", workspace_limit=None) ->
     elif (not isinstance(name, str) or name not in algos
           or (colon and tile not in algos[name].tiles(spec.itemsize))):  # ('im2col:' names no tile)
         tiles = sorted(f"{n}:{t}" for n, a in algos.items() for t in a.tiles(spec.itemsize))
+        if name in algos and tile and any(tile in algos[name].tiles(size) for size in (4, 8)):  # another dtype's
+            raise ValueError(f"{op}: algo {algo!r} has no {spec.dtype} build on {device} (a tile of the other "
+                             f"dtype's); {spec.dtype}'s tiles: {', '.join(tiles)}")
         raise ValueError(f"{op}: unknown algo {algo!r} for device {device}; expected 'auto' or one of "
                          f"{sorted(algos)}" + (f" (or with a tile: {', '.join(tiles)})" if tiles else ""))
     else:
