@@ -35,8 +35,8 @@ def _array(t, op, name):
     functions check the tensor arguments first, _tensors; the ops' schemas check them again)."""
     if not isinstance(t, torch.Tensor):  # no bias; a shape
         return t
-    if t.is_cuda:
-        return t.detach().contiguous()
+    if t.is_cuda:  # (a negative bit is torch's own: __cuda_array_interface__ hands over the data as stored)
+        return (t.resolve_neg() if t.is_neg() else t).detach().contiguous()
     if not t.is_cpu:
         raise TypeError(f"{op}: expected {name} on a CPU or CUDA device, but got a tensor on {t.device}")
     if t.dtype not in (torch.float32, torch.float64):

@@ -664,6 +664,57 @@ def test_strided_device_arrays_are_copied_on_the_device(monkeypatch):
         assert launched == ([] if name == "negative" else [layout.copy_kernel]), name
 
 
+NEGATIVE_PROBE = """
+import contextlib, ctypes
+import numpy as np
+from numba.cuda.cudadrv import devices, driver
+from numba.cuda.cudadrv.devicearray import DeviceNDArray
+from cnnfast.kernels.cuda import layout
+
+devices._runtime.ensure_context = lambda: contextlib.nullcontext()  # (no driver: the copies below stand in for it)
+pointer = lambda a: a.ctypes.data if isinstance(a, np.ndarray) else a.device_ctypes_pointer.value
+driver.device_to_host = driver.host_to_device = lambda dst, src, size, stream=0: ctypes.memmove(pointer(dst),
+                                                                                                 pointer(src), size)
+
+class Memory:  # stand-in device memory (host bytes), its view() as numba-cuda's MemoryPointer's: start + offset
+    def __init__(self, buffer, start=0):
+        self.buffer, self.start = buffer, start
+        self.device_ctypes_pointer = ctypes.c_void_p(ctypes.addressof(buffer) + start)
+    def view(self, start, stop=None):
+        return Memory(self.buffer, self.start + start)
+
+def device(a):
+    buffer = ctypes.create_string_buffer(a.tobytes(), a.nbytes)
+    return DeviceNDArray(a.shape, a.strides, a.dtype, gpu_data=Memory(buffer))
+
+rng = np.random.default_rng(5)
+x, y = rng.standard_normal((3, 4, 10, 6)).astype(np.float32), rng.standard_normal((2, 3, 4, 5, 6))
+d, e = device(x), device(y)
+cases = [(d[:, :, ::-1, :], x[:, :, ::-1, :]), (d[::-1, 1:3, ::-2, 2:], x[::-1, 1:3, ::-2, 2:]),
+         (device(x.ravel())[::-3], x.ravel()[::-3]), (e[:, ::-1, 1:, :, ::-1], y[:, ::-1, 1:, :, ::-1]),
+         (d[2:0:-1, ::2, 9:2:-3, ::-1], x[2:0:-1, ::2, 9:2:-3, ::-1])]
+for src, expected in cases:
+    assert any(s < 0 for s in src.strides) and src.shape == expected.shape
+    out = device(np.zeros(expected.shape, expected.dtype))
+    layout.copy_cuda(src, out)
+    got = np.frombuffer(out.gpu_data.buffer, expected.dtype, expected.size).reshape(expected.shape)
+    assert np.array_equal(got, expected), (src.strides, got, expected)
+try:
+    d[:, :, ::-1, :].copy_to_host()  # what copy_cuda had called: numba-cuda refuses it
+except NotImplementedError:
+    print("negative strides ok")
+"""
+
+
+def test_a_negatively_strided_numba_device_array_is_copied_through_the_host_without_numbas_refusal():
+    """numba-cuda's copy_to_host refuses a view with a negative stride (NotImplementedError; the simulator's takes
+    it, so the fuzz never saw it): copy_cuda copies the bytes from the view's lowest element to its highest and views
+    them with its strides. Real DeviceNDArray views over stand-in device memory, the driver's copies stood in for."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
+    done = subprocess.run([sys.executable, "-c", NEGATIVE_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "negative strides ok", done.stderr
+
+
 HOST_PATH_PROBE = """
 import ctypes, math
 import numpy as np

@@ -933,6 +933,11 @@ def test_strided_cuda_tensors_reach_cnnfast_contiguous():
     assert a.is_cuda and a.is_contiguous() and torch.equal(a, torch.arange(5.0).expand(2, 3, 4, 5))
     dense = torch.ones(2, 3).as_subclass(OnGPU)
     assert ops._array(dense, "conv2d", "input").data_ptr() == dense.data_ptr()  # no copy of a contiguous tensor
+    # a negative view's data is stored un-negated, as __cuda_array_interface__ hands it over: resolved first
+    negative = torch._neg_view(torch.arange(6.0).reshape(2, 3)).as_subclass(OnGPU)
+    assert negative.is_neg() and negative.is_contiguous() and negative.contiguous().is_neg()
+    a = ops._array(negative, "conv2d", "input")
+    assert not a.is_neg() and torch.equal(a, -torch.arange(6.0).reshape(2, 3))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs torch with a GPU")

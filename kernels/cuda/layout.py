@@ -8,7 +8,8 @@ fold_pad_cuda:  the adjoint, as a gather: dst[..., i, j, l] = sum of src[..., a,
 bias_grad_cuda: dy (N, K, P, Q, U) -> db (K,): a block per (k, split of n and space) adds its share in a fixed
                 tree, and the splits are added in order (deterministic, no atomics).
 copy_cuda:      src of any non-negative strides (a slice, a permutation, an expanded tensor) -> dst C-contiguous:
-                thread (grid-stride) per dst element, reading src through its strides (no CPU twin: NumPy copies).
+                thread (grid-stride) per dst element, reading src through its strides (no CPU twin: NumPy copies);
+                a negative stride through the host.
 Index tables are host int64 arrays from contract.pad_indices; they are uploaded once per GPU and cached.
 """
 from functools import lru_cache
@@ -150,13 +151,27 @@ def copy_kernel(src, dst):
 
 def copy_cuda(src, dst, stream=0):
     """dst (C-contiguous, src's shape, 1-5 axes) = src on the device, src of any non-negative strides. With a
-    negative stride it goes through the host: Numba's view then holds device memory from its first element with an
-    extent clipped to zero (numba-cuda's dummyarray: first to last element, at least empty), so no kernel can be
-    handed it. (On a GPU numba-cuda refuses that copy too, NotImplementedError; the simulator's copy takes it.)"""
+    negative stride it goes through the host (_host): Numba's view then holds device memory from its first element
+    with an extent clipped to zero (numba-cuda's dummyarray: first to last element, at least empty)."""
     if any(s < 0 for s in src.strides):
-        dst.copy_to_device(np.ascontiguousarray(src.copy_to_host(stream=stream)), stream=stream)
+        if src.size:
+            dst.copy_to_device(np.ascontiguousarray(_host(src, stream)), stream=stream)
         return
     launch_numba(copy_kernel, _blocks(dst.size), BLOCK, stream, _five_axes(src), flat(dst))
+
+
+def _host(src, stream):
+    """src (a negative stride, not empty) on the host. numba-cuda's copy_to_host refuses such a view
+    (NotImplementedError; the simulator's takes it): the bytes from its lowest element to its highest are copied, as
+    a byte array over its memory from the lowest (its memory pointer starts at its first element), and viewed with
+    its strides from the first element's offset among them. (A device-to-host copy into pageable memory, as here,
+    has finished when it returns, on a stream too.)"""
+    if type(src) is not DeviceNDArray:
+        return src.copy_to_host(stream=stream)
+    low = sum((n - 1) * s for n, s in zip(src.shape, src.strides) if s < 0)  # the lowest element, from the first
+    high = sum((n - 1) * s for n, s in zip(src.shape, src.strides) if s > 0) + src.dtype.itemsize
+    span = DeviceNDArray((high - low,), (1,), np.uint8, gpu_data=src.gpu_data.view(low, high))
+    return np.ndarray(src.shape, src.dtype, span.copy_to_host(stream=stream), -low, src.strides)
 
 
 def _five_axes(a):
