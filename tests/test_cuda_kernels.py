@@ -626,6 +626,23 @@ print("views ok")
 """
 
 
+def test_a_device_constant_is_uploaded_once_and_waited_for(monkeypatch):
+    """An index table is read by kernels on any stream (torch's side streams do not wait for the default stream's
+    copy, which may return before the data lands): its one upload is followed by a device-wide wait, its later uses
+    by nothing."""
+    from cnnfast.kernels.cuda import compile as kernel_compile
+    from numba import cuda
+    events = []
+    real = cuda.to_device
+    monkeypatch.setattr(cuda, "to_device", lambda a, *args, **kw: events.append("upload") or real(a, *args, **kw))
+    monkeypatch.setattr(cuda, "synchronize", lambda: events.append("wait"))
+    key = ("test table", object())
+    for _ in range(3):
+        table = kernel_compile.device_constant(key, lambda: np.arange(5, dtype=np.int64))
+        assert np.array_equal(table.copy_to_host(), np.arange(5))
+    assert events == ["upload", "wait"]
+
+
 def test_numba_device_arrays_are_viewed_as_their_reshape_would_be_without_reshaping():
     """launch.view builds a Numba DeviceNDArray's C-contiguous view directly (its reshape re-derives the layout: 3-4
     us of host time per call, several per op): the same shape, strides, dtype and memory as reshape's. Real
@@ -746,6 +763,7 @@ class Configured:
 gpu = type("Device", (), {"id": 0})()
 cuda.device_array, cuda.get_current_device = device_array, lambda: gpu
 cuda.to_device = lambda a, stream=0, **_: device_array(np.shape(a), np.asarray(a).dtype, stream)
+cuda.synchronize = lambda: None
 kernel_compile.jit = Configured
 
 def put(shape):

@@ -52,6 +52,7 @@ if device in ("cuda", "numba"):
         gpu = type("Device", (), {"id": 0})()
         cuda.get_current_device = lambda: gpu  # (device_constant keys on the GPU's id)
         cuda.to_device = lambda a, stream=0, **_: _device_array(np.shape(a), np.asarray(a).dtype, stream)
+        cuda.synchronize = lambda: None  # (device_constant waits for its one upload)
     put = cuda.to_device
 else:
     def put(a):

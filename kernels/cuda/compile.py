@@ -74,11 +74,15 @@ def options(pyfunc):
 def device_constant(key, make):
     """A read-only device copy of the host array make(), uploaded once per (current GPU, key) and kept: index
     tables and the zero-bias placeholder, so a launch does not pay a host-to-device copy each call. The one
-    upload is synchronous, so every stream may read the array at once."""
+    upload is waited for on the whole device, so that every stream may read the array at once: a synchronous copy
+    from pageable memory may return once the data is staged, before it lands, and a non-blocking stream (torch's side
+    streams) is not ordered after the default stream's copy."""
     key = (getattr(cuda.get_current_device(), "id", 0),) + key  # the simulator's device has no id
     arr = _CONSTANTS.get(key)
     if arr is None:
-        arr = _CONSTANTS[key] = cuda.to_device(make())
+        arr = cuda.to_device(make())
+        cuda.synchronize()
+        _CONSTANTS[key] = arr
     return arr
 
 
