@@ -125,7 +125,8 @@ def reference_result(shape, primitive, arrays):
 
 def torch_call(shape, primitive, arrays, device):
     """torch.nn.functional for forward, aten.convolution_backward for the gradients (None without torch, or on cuda
-    without a torch that sees the GPU: in Numba's simulator)."""
+    without a torch that sees the GPU: in Numba's simulator); its .backend names torch's kernel family ('Cudnn',
+    'CudaDepthwise2d', 'Mkldnn', ...; None where torch does not say)."""
     try:
         import torch
     except ImportError:
@@ -140,16 +141,28 @@ def torch_call(shape, primitive, arrays, device):
         return None
     padding = [lo for lo, _ in spec.padding]
     nd = spec.nd
+    output_padding = list(spec.output_padding) if transposed else [0] * nd
     if primitive == "forward":
         fn = getattr(torch.nn.functional, f"conv_transpose{nd}d" if transposed else f"conv{nd}d")
         kw = dict(stride=spec.stride, padding=padding, dilation=spec.dilation, groups=spec.groups)
         if transposed:
             kw["output_padding"] = spec.output_padding
-        return lambda: fn(x, w, **kw)
-    mask = [primitive == "backward_data", primitive == "backward_filter", False]
-    return lambda: torch.ops.aten.convolution_backward(
-        dy, x, w, None, list(spec.stride), padding, list(spec.dilation), transposed,
-        list(spec.output_padding) if transposed else [0] * nd, spec.groups, mask)
+
+        def call():
+            return fn(x, w, **kw)
+    else:
+        mask = [primitive == "backward_data", primitive == "backward_filter", False]
+
+        def call():
+            return torch.ops.aten.convolution_backward(dy, x, w, None, list(spec.stride), padding, list(spec.dilation),
+                                                       transposed, output_padding, spec.groups, mask)
+    try:  # which of torch's kernels runs it (float32 NCHW depthwise layers on CUDA: ATen's own, not cuDNN)
+        call.backend = str(torch._C._select_conv_backend(x, w, None, list(spec.stride), padding, list(spec.dilation),
+                                                         transposed, output_padding, spec.groups, None))
+        call.backend = call.backend.rpartition(".")[2]
+    except Exception:  # noqa: BLE001 (a private function: absent or changed in another torch)
+        call.backend = None
+    return call
 
 
 def _torch_sees_gpu():
@@ -192,7 +205,8 @@ def time_torch_cuda(fn):
 
 
 def torch_tf32(fn):
-    """fn with PyTorch's default TF32 (cuDNN conv and matmul) switched on for the call, strict fp32 after it."""
+    """fn with PyTorch's default TF32 for cuDNN's convolutions switched on for the call (strict fp32 after it;
+    matmul's TF32 flag, which no convolution reads, stays off)."""
     import torch
 
     def call():
@@ -206,15 +220,18 @@ def torch_tf32(fn):
 
 
 def time_interleaved(calls, repeats, warmup=2):
-    """Median seconds of each (fn, timer) in calls, timed round-robin (one call of each per round) so that
-    drift in the machine's speed (shared or throttled cores, other processes) falls on every provider alike."""
+    """Median seconds of each (fn, timer) in calls, timed round-robin (one call of each per round, the order turned
+    by one each round) so that drift in the machine's speed (shared or throttled cores, other processes) and what
+    the last call left in the caches fall on every provider alike."""
     for fn, _ in calls:
         for _ in range(warmup):
             fn()
     times = [[] for _ in calls]
-    for _ in range(repeats):
-        for got, (fn, timer) in zip(times, calls):
-            got.append(timer(fn))
+    for round_ in range(repeats):  # each round starts one provider later: none always follows the same one
+        for k in range(len(calls)):
+            j = (round_ + k) % len(calls)
+            fn, timer = calls[j]
+            times[j].append(timer(fn))
     return [statistics.median(t) for t in times]
 
 
@@ -266,7 +283,9 @@ def run(shapes, device, primitives, algos, dtype, repeats, progress=None, ceilin
                 fn = cnnfast_call(shape, primitive, dev, algo)
                 row["error"] = compare.assert_close(to_host(fn()), expected, dtype, f"{shape.name} {primitive}")
             except ValueError as e:
-                if "cannot run this problem" not in str(e):
+                if "bytes of workspace, more than" in str(e):  # it takes the problem, not within the workspace limit
+                    job.append(dict(row, status="n/a", note=str(e)))
+                elif "cannot run this problem" not in str(e):
                     job.append(dict(row, status="ERROR", note=str(e)))
                 continue
             except compare.MismatchError as e:
@@ -281,13 +300,14 @@ def run(shapes, device, primitives, algos, dtype, repeats, progress=None, ceilin
             baselines = [("torch", tfn, time_torch_cuda if device == "cuda" else time_cpu)]
             if device == "cuda":
                 baselines.append(("torch-tf32", torch_tf32(tfn), time_torch_cuda))
+            backend = {"backend": tfn.backend} if tfn.backend else {}
             for provider, fn, torch_timer in baselines:
                 try:
                     fn()  # (an extra warm-up call) an error here is this row's
                 except Exception as e:  # noqa: BLE001
                     job.append(dict(base, provider=provider, status="ERROR", note=f"{type(e).__name__}: {e}"))
                     continue
-                timed.append((dict(base, provider=provider, status="ok"), fn, torch_timer))
+                timed.append((dict(base, provider=provider, status="ok", **backend), fn, torch_timer))
         if progress:
             progress(i, len(jobs), shape.name, primitive, "timing")
         try:
@@ -315,7 +335,7 @@ def _derive(job, ceilings):
         for provider, key in (("torch", "vs_torch"), ("torch-tf32", "vs_tf32")):
             if provider in timed:
                 row[key] = timed[provider]["seconds"] / row["seconds"]
-        fraction = roofline(row, ceilings)
+        fraction = roofline(row, ceilings) if row["provider"] != "reference" else None  # (one call, on the host)
         if fraction is not None:
             row["roofline"] = fraction
 
@@ -326,7 +346,7 @@ def table(rows):
 
 
 def table_header(tf32):
-    return (f"{'shape':36s} {'primitive':15s} {'provider':18s} {'median ms':>10s} {'GFLOP/s':>9s} "
+    return (f"{'shape':36s} {'primitive':15s} {'provider':18s} {'median ms':>10s} {'TFLOP/s':>9s} "
             f"{'GB/s':>7s} {'% roof':>6s} {'vs torch':>8s}" + (f" {'vs tf32':>8s}" if tf32 else "") + "  status")
 
 
@@ -334,9 +354,9 @@ def table_line(r, tf32):
     if "seconds" in r:
         ratios = [f"{r[k]:.2f}x" if k in r else "-" for k in ("vs_torch", "vs_tf32")[:1 + tf32]]
         roof = f"{100 * r['roofline']:.0f}" if "roofline" in r else "-"
-        return (f"{r['shape']:36s} {r['primitive']:15s} {r['provider']:18s} {r['seconds'] * 1e3:10.2f} "
-                f"{r['gflops']:9.1f} {r['gbytes']:7.2f} {roof:>6s} " + " ".join(f"{v:>8s}" for v in ratios)
-                + f"  {r['status']}")
+        return (f"{r['shape']:36s} {r['primitive']:15s} {r['provider']:18s} {r['seconds'] * 1e3:10.4g} "
+                f"{r['gflops'] / 1e3:9.3g} {r['gbytes']:7.4g} {roof:>6s} " + " ".join(f"{v:>8s}" for v in ratios)
+                + f"  {r['status']}" + (f" ({r['backend']})" if r.get("backend") else ""))
     return (f"{r['shape']:36s} {r['primitive']:15s} {r['provider']:18s} {'-':>10s} {'-':>9s} "
             f"{'-':>7s} {'-':>6s} {'-':>8s}" + (f" {'-':>8s}" if tf32 else "")
             + f"  {r['status']}: {r.get('note', '')[:120]}")
@@ -406,6 +426,7 @@ def main(argv=None) -> int:
             import torch
             torch.backends.cudnn.allow_tf32 = False  # cuDNN strict fp32 baseline
             torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.benchmark = True  # its fastest algorithm per layer (the warm-up calls search)
         except ImportError:
             pass
     else:
@@ -440,7 +461,11 @@ def main(argv=None) -> int:
                                             if device == "cuda" else f", {info['cpus']} CPUs")
     print(f"cnnfast bench on {device} ({where}), {args.dtype}, median of {args.repeats}; validated against the "
           f"float64 reference before timing; baseline torch {info.get('torch', '(not installed)')}"
-          + (" (cuDNN strict fp32; torch-tf32 = PyTorch's default)" if device == "cuda" else ""))
+          + (" (cuDNN strict fp32, cudnn.benchmark on; torch-tf32 = PyTorch's default TF32; the status column names "
+             "torch's kernel where it says)" if device == "cuda" else "")
+          + "; FLOP/s count 2 per multiply-add with an input element (padding taps excluded)"
+          + (", one call per CUDA event pair (host time included where the GPU waits for it)" if device == "cuda"
+             else ""))
     if ceilings:
         tf32 = f", TF32 GEMM {ceilings['tf32_gflops']:.0f} GFLOP/s" if ceilings.get("tf32_gflops") else ""
         print(f"ceilings measured now: SGEMM {ceilings['sgemm_gflops']:.0f} GFLOP/s{tf32}, copy "
@@ -488,4 +513,4 @@ def main(argv=None) -> int:
             print(f"wrote {args.plot}")
         except ImportError:
             print("--plot needs matplotlib (pip install -e '.[plot]')", file=sys.stderr)
-    return 1 if any(r["status"] != "ok" for r in rows) else 0
+    return 1 if any(r["status"] not in ("ok", "n/a") for r in rows) else 0

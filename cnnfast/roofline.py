@@ -85,6 +85,7 @@ def machine(device):
                         launch="raw" if launch.raw_enabled() else "numba")
         if "torch" in info and torch.cuda.is_available():
             info["cudnn"] = torch.backends.cudnn.version()
+            info["cudnn_benchmark"] = torch.backends.cudnn.benchmark
     return info
 
 

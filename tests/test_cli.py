@@ -309,7 +309,8 @@ def _tiny_bench_shape():
 def test_bench_rows_of_a_wrong_result_and_of_a_refused_call_are_not_timed(monkeypatch):
     """A provider whose result differs from the reference is FAIL (the error in its note) and one that raises a
     ValueError other than 'cannot run this problem' is ERROR, neither timed; an algorithm that cannot run the problem
-    (depthwise here) has no row; the others are validated and timed as usual."""
+    (depthwise here) has no row, one that needs more workspace than the limit an n/a row (not a failure: the
+    anchor set's run had ended with exit status 1 for C3D's im2col); the others are validated and timed as usual."""
     from cnnfast import benchmark
     real = benchmark.cnnfast_call
 
@@ -321,11 +322,16 @@ def test_bench_rows_of_a_wrong_result_and_of_a_refused_call_are_not_timed(monkey
             def refuse():
                 raise ValueError("conv2d: a stand-in refusal")
             return refuse
+        if algo == "winograd":  # (C3D's im2col at batch 8 on the GPU: 346,816,512 bytes)
+            raise ValueError("conv2d: algo='winograd' needs at least 999 bytes of workspace, more than "
+                             "workspace_limit=99 (the default); raise the limit or use algo='direct'")
         return fn
     monkeypatch.setattr(benchmark, "cnnfast_call", call)
-    rows = benchmark.run([_tiny_bench_shape()], "cpu", ["forward"], ["direct", "im2col", "depthwise"], "float32", 1)
+    rows = benchmark.run([_tiny_bench_shape()], "cpu", ["forward"], ["direct", "im2col", "depthwise", "winograd"],
+                         "float32", 1)
     by = {r["provider"]: r for r in rows}
     assert "cnnfast:depthwise" not in by
+    assert by["cnnfast:winograd"]["status"] == "n/a" and "needs at least 999 bytes" in by["cnnfast:winograd"]["note"]
     assert by["cnnfast:direct"]["status"] == "FAIL" and "seconds" not in by["cnnfast:direct"]
     assert re.match(r"tiny forward: relative error \S+ > 0\.0001 \(float32\)", by["cnnfast:direct"]["note"])
     assert by["cnnfast:im2col"]["status"] == "ERROR" and by["cnnfast:im2col"]["note"] == "conv2d: a stand-in refusal"
@@ -335,6 +341,27 @@ def test_bench_rows_of_a_wrong_result_and_of_a_refused_call_are_not_timed(monkey
     lines = benchmark.table(rows).splitlines()
     assert any(line.startswith("tiny") and "cnnfast:direct" in line and "FAIL: tiny forward: relative error" in line
                for line in lines)
+
+
+def test_bench_times_the_providers_in_an_order_turned_each_round():
+    """Round-robin with the order turned by one each round: no provider always follows the same one (what the
+    last call left in the caches), and each gets its own median."""
+    from cnnfast import benchmark
+    order = []
+    calls = [(lambda k=k: order.append(k), lambda fn, k=k: fn() or float(k)) for k in range(3)]
+    assert benchmark.time_interleaved(calls, repeats=3, warmup=0) == [0.0, 1.0, 2.0]
+    assert order == [0, 1, 2, 1, 2, 0, 2, 0, 1]
+
+
+def test_bench_torch_rows_name_torchs_kernel(tmp_path):
+    """Each torch row says which of torch's kernel families ran it where torch says (on CUDA, float32 NCHW depthwise
+    layers run ATen's own kernel, not cuDNN: the rows are not cuDNN's there); the table shows it."""
+    pytest.importorskip("torch")
+    from cnnfast import benchmark
+    rows = benchmark.run([_tiny_bench_shape()], "cpu", ["forward"], ["direct"], "float32", 1)
+    torch_row = next(r for r in rows if r["provider"] == "torch")
+    assert isinstance(torch_row.get("backend"), str) and torch_row["backend"]
+    assert f"ok ({torch_row['backend']})" in benchmark.table_line(torch_row, False)
 
 
 def test_bench_a_timing_error_is_the_error_of_each_timed_row(monkeypatch):
