@@ -165,6 +165,13 @@ def torch_call(shape, primitive, arrays, device):
     return call
 
 
+def _torch_result(out):
+    """A torch call's result on the host: the tensor, or the one gradient convolution_backward computed."""
+    if isinstance(out, (tuple, list)):
+        out = next(t for t in out if t is not None)
+    return out.detach().cpu().numpy()
+
+
 def _torch_sees_gpu():
     try:
         import torch
@@ -302,12 +309,12 @@ def run(shapes, device, primitives, algos, dtype, repeats, progress=None, ceilin
                 baselines.append(("torch-tf32", torch_tf32(tfn), time_torch_cuda))
             backend = {"backend": tfn.backend} if tfn.backend else {}
             for provider, fn, torch_timer in baselines:
-                try:
-                    fn()  # (an extra warm-up call) an error here is this row's
+                try:  # (an extra warm-up call) an error here is this row's; its result's error recorded, not judged
+                    error = compare.relative_error(_torch_result(fn()), expected, dtype)[0]
                 except Exception as e:  # noqa: BLE001
                     job.append(dict(base, provider=provider, status="ERROR", note=f"{type(e).__name__}: {e}"))
                     continue
-                timed.append((dict(base, provider=provider, status="ok", **backend), fn, torch_timer))
+                timed.append((dict(base, provider=provider, status="ok", error=error, **backend), fn, torch_timer))
         if progress:
             progress(i, len(jobs), shape.name, primitive, "timing")
         try:

@@ -355,12 +355,14 @@ def test_bench_times_the_providers_in_an_order_turned_each_round():
 
 def test_bench_torch_rows_name_torchs_kernel(tmp_path):
     """Each torch row says which of torch's kernel families ran it where torch says (on CUDA, float32 NCHW depthwise
-    layers run ATen's own kernel, not cuDNN: the rows are not cuDNN's there); the table shows it."""
+    layers run ATen's own kernel, not cuDNN: the rows are not cuDNN's there); the table shows it. Its result's error
+    against the reference is recorded too (a TF32 row's is ~1e-3: strict fp32 shows in it)."""
     pytest.importorskip("torch")
     from cnnfast import benchmark
     rows = benchmark.run([_tiny_bench_shape()], "cpu", ["forward"], ["direct"], "float32", 1)
     torch_row = next(r for r in rows if r["provider"] == "torch")
     assert isinstance(torch_row.get("backend"), str) and torch_row["backend"]
+    assert 0 <= torch_row["error"] < 1e-5  # its result against the reference, recorded (strict fp32 shows there)
     assert f"ok ({torch_row['backend']})" in benchmark.table_line(torch_row, False)
 
 
