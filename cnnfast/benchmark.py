@@ -157,9 +157,9 @@ def torch_call(shape, primitive, arrays, device):
             return torch.ops.aten.convolution_backward(dy, x, w, None, list(spec.stride), padding, list(spec.dilation),
                                                        transposed, output_padding, spec.groups, mask)
     try:  # which of torch's kernels runs it (float32 NCHW depthwise layers on CUDA: ATen's own, not cuDNN)
-        call.backend = str(torch._C._select_conv_backend(x, w, None, list(spec.stride), padding, list(spec.dilation),
-                                                         transposed, output_padding, spec.groups, None))
-        call.backend = call.backend.rpartition(".")[2]
+        chosen = torch._C._select_conv_backend(x, w, None, list(spec.stride), padding, list(spec.dilation),
+                                               transposed, output_padding, spec.groups, None)
+        call.backend = str(chosen).rpartition(".")[2]  # ('_ConvBackend.Cudnn' -> 'Cudnn')
     except Exception:  # noqa: BLE001 (a private function: absent or changed in another torch)
         call.backend = None
     return call
