@@ -15,6 +15,7 @@ different sides; each op names the primitive it needs and the roles of its array
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import reprlib
 from functools import lru_cache
@@ -85,27 +86,29 @@ def run(op, kind, nd, *, input=None, weight=None, grad_output=None, bias=None, s
     if any(isinstance(a, arrays.ShapeArray) for a in named.values()):
         return tune.plan(op, spec, primitive, device, workspace_limit, plan) if tuning else plan
 
-    dev = arrays.device_for(device, family, stream, op)
-    ins = {roles[n]: a for n, a in named.items()}
-    if tuning:
-        def timed_run(candidate):
-            _execute(dev, spec, candidate, primitive, ins, result_role, bias, kind, workspace_limit)
-            dev.synchronize()
+    gpu = arrays.gpu_to_enter(op, **named, bias=bias) if device == "cuda" else None
+    with gpu or _HERE:  # (on the arrays' GPU where several are present)
+        dev = arrays.device_for(device, family, stream, op)
+        ins = {roles[n]: a for n, a in named.items()}
+        if tuning:
+            def timed_run(candidate):
+                _execute(dev, spec, candidate, primitive, ins, result_role, bias, kind, workspace_limit)
+                dev.synchronize()
 
-        plan = tune.plan(op, spec, primitive, device, workspace_limit, plan, timed_run)
-    out = _execute(dev, spec, plan, primitive, ins, result_role, bias, kind, workspace_limit)
-    if compare.active():  # check mode: the float64 reference of the same call, on the host
-        dev.synchronize()  # (the host copies may run on another stream than the op's)
-        host = {n: arrays.to_host(a) for n, a in named.items()}
-        host = {n: a if n == "weight" or batched else a[None] for n, a in host.items()}
-        host["bias"] = None if bias is None else arrays.to_host(bias)
-        seen = (lambda a: a[0]) if not batched and result_role != "W" else (lambda a: a)  # as the caller sees them:
-        result, expected = seen(arrays.to_host(out)), seen(compare.expected_result(kind, spec, **host))  # (indices)
-        compare.verify(op, plan.algorithm, device, result, expected, spec.dtype,
-                       terms=lambda: seen(compare.terms_result(kind, spec, **host)))
-    if not batched and result_role != "W":
-        out = dev.view(out, out.shape[1:])
-    return dev.result(out, like=named["grad_output" if "grad_output" in roles else "input"])
+            plan = tune.plan(op, spec, primitive, device, workspace_limit, plan, timed_run)
+        out = _execute(dev, spec, plan, primitive, ins, result_role, bias, kind, workspace_limit)
+        if compare.active():  # check mode: the float64 reference of the same call, on the host
+            dev.synchronize()  # (the host copies may run on another stream than the op's)
+            host = {n: arrays.to_host(a) for n, a in named.items()}
+            host = {n: a if n == "weight" or batched else a[None] for n, a in host.items()}
+            host["bias"] = None if bias is None else arrays.to_host(bias)
+            seen = (lambda a: a[0]) if not batched and result_role != "W" else (lambda a: a)  # as the caller sees them:
+            result, expected = seen(arrays.to_host(out)), seen(compare.expected_result(kind, spec, **host))  # (indices)
+            compare.verify(op, plan.algorithm, device, result, expected, spec.dtype,
+                           terms=lambda: seen(compare.terms_result(kind, spec, **host)))
+        if not batched and result_role != "W":
+            out = dev.view(out, out.shape[1:])
+        return dev.result(out, like=named["grad_output" if "grad_output" in roles else "input"])
 
 
 def _checked(op, kind, nd, named, bias, size, algo, workspace_limit, options):
@@ -196,6 +199,7 @@ def _token(device):
 # Bounded as _PLANS; a test that clears _PLANS to plan cnnfast.torch's calls afresh (after patching a planner's
 # constant) clears it too.
 _CALLS = {}
+_HERE = contextlib.nullcontext()  # run's context where the call needs no GPU of its own (reusable)
 
 
 def _remember(cache, key, value):

@@ -174,6 +174,54 @@ def inspect(op, **arrays):
     return "cpu" if family == "numpy" else "cuda", family, _DTYPE_NAMES[dtype], shapes
 
 
+def gpu_to_enter(op, **arrays):
+    """The GPU a CUDA call must run on, as a context to enter (numba.cuda.gpus[i]) when it is not the current one,
+    else None. PyTorch's rule: an op runs on its tensors' GPU whichever GPU is current (CuPy and Numba would launch on
+    the current GPU with the other GPU's pointers: a launch error, or an illegal address that ends the CUDA context).
+    Asks nothing with one GPU. ValueError: arrays on two GPUs."""
+    gpus = _gpus()
+    if len(gpus) < 2:
+        return None
+    seen = {}  # GPU -> the first argument on it
+    for name, a in arrays.items():
+        gpu = None if a is None or isinstance(a, ShapeArray) else gpu_of(a)
+        if gpu is not None:
+            seen.setdefault(gpu, name)
+    if len(seen) > 1:
+        (g, name), (h, other) = list(seen.items())[:2]
+        raise ValueError(f"{op}: expected all arrays to be on the same device, but got {name} on cuda:{g} and "
+                         f"{other} on cuda:{h}")
+    gpu = next(iter(seen), None)
+    return None if gpu is None or gpu == _current_gpu() else gpus[gpu]
+
+
+def _gpus():
+    return _package("numba.cuda").gpus
+
+
+def _current_gpu():
+    return getattr(_package("numba.cuda").get_current_device(), "id", 0)  # (the simulator's device has no id)
+
+
+def gpu_of(a):
+    """The ordinal of the GPU holding a CUDA array: a torch tensor's or CuPy array's device, else the GPU of its data's
+    address (None for an empty array of another family: no data, no GPU)."""
+    module = type(a).__module__
+    if module.startswith("torch"):
+        return a.get_device()
+    if module.startswith("cupy"):
+        return a.device.id
+    ptr = a.device_ctypes_pointer.value if module.startswith("numba.cuda") else a.__cuda_array_interface__["data"][0]
+    return _pointer_gpu(ptr) if ptr else None
+
+
+def _pointer_gpu(ptr):
+    """The driver's CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL of a device address (any context's: unified addressing)."""
+    from numba.cuda.cudadrv.driver import binding, driver
+    return int(driver.cuPointerGetAttribute(binding.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                                            binding.CUdeviceptr(ptr)))
+
+
 def to_host(a):
     """A NumPy array with a's values (a copy from the device for CuPy and Numba arrays)."""
     module = type(a).__module__

@@ -764,6 +764,7 @@ gpu = type("Device", (), {"id": 0})()
 cuda.device_array, cuda.get_current_device = device_array, lambda: gpu
 cuda.to_device = lambda a, stream=0, **_: device_array(np.shape(a), np.asarray(a).dtype, stream)
 cuda.synchronize = lambda: None
+cuda.gpus = [gpu]  # (one GPU: no array is asked where it is)
 kernel_compile.jit = Configured
 
 def put(shape):

@@ -273,3 +273,99 @@ def test_cnnfast_torch_without_torch_says_what_to_install():
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("cnnfast.torch needs PyTorch, which is not installed here") and \
         "pip install -e '.[torch]'" in done.stdout
+
+
+# ---------------------------------------------------------------- several GPUs: the arrays' GPU, as in PyTorch
+
+class _StandInGPUs:
+    """numba.cuda.gpus for two GPUs: entering gpus[i] makes i the current GPU until the exit (Numba pushes and pops
+    its primary context), recorded in current."""
+
+    def __init__(self):
+        self.current = [0]
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        gpus = self
+
+        class Enter:
+            def __enter__(self):
+                gpus.current.append(i)
+
+            def __exit__(self, *exc):
+                gpus.current.pop()
+
+        return Enter()
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """Two stand-in GPUs, GPU 0 current, each array on the GPU its `on` entry names (by id); the GPU current at
+    each launch in `launches`. The kernels themselves run where Numba runs them (the simulator, or the one GPU)."""
+    from cnnfast.kernels.cuda import launch
+
+    gpus, on, launches = _StandInGPUs(), {}, []
+    monkeypatch.setattr(arrays, "_gpus", lambda: gpus)
+    monkeypatch.setattr(arrays, "_current_gpu", lambda: gpus.current[-1])
+    monkeypatch.setattr(arrays, "gpu_of", lambda a: on[id(a)])
+    real = launch.launch_numba
+    monkeypatch.setattr(launch, "launch_numba", lambda *args: (launches.append(gpus.current[-1]), real(*args)))
+    monkeypatch.setenv("CNNFAST_CUDA_LAUNCH", "numba")
+    return gpus, on, launches
+
+
+@pytest.mark.cuda
+def test_a_call_runs_on_the_gpu_its_arrays_are_on(problem, two_gpus):
+    """GPU 0 current, the arrays on GPU 1: the kernels launch on GPU 1 (as torch runs an op on its tensors' device,
+    whichever device is current), and GPU 0 is current again after the call."""
+    cuda = pytest.importorskip("numba.cuda")
+    gpus, on, launches = two_gpus
+    x, w, dy = (cuda.to_device(a) for a in problem)
+    on.update({id(x): 1, id(w): 1, id(dy): 1})
+    _check(_all_ops(x, w, dy), type(x))
+    assert launches and set(launches) == {1} and gpus.current == [0]
+    launches.clear()
+    on.update({id(x): 0, id(w): 0, id(dy): 0})
+    _check(_all_ops(x, w, dy), type(x))
+    assert launches and set(launches) == {0} and gpus.current == [0]
+
+
+@pytest.mark.cuda
+def test_arrays_on_two_gpus_are_refused_by_name(problem, two_gpus):
+    cuda = pytest.importorskip("numba.cuda")
+    gpus, on, launches = two_gpus
+    x, w, dy = (cuda.to_device(a) for a in problem)
+    b = cuda.to_device(np.zeros(4, np.float32))
+    on.update({id(x): 0, id(w): 0, id(dy): 1, id(b): 1})
+    with pytest.raises(ValueError, match=r"^conv2d: expected all arrays to be on the same device, but got input on "
+                                         r"cuda:0 and bias on cuda:1$"):
+        cnnfast.conv2d(x, w, b)
+    with pytest.raises(ValueError, match=r"^conv2d_input: .* but got weight on cuda:0 and grad_output on cuda:1$"):
+        grad.conv2d_input(problem[0].shape, w, dy, padding=1)
+    assert launches == [] and gpus.current == [0]
+
+
+def test_the_gpu_of_each_family(monkeypatch):
+    """A torch tensor's and a CuPy array's own device; a Numba array's and an interface object's from the driver's
+    attribute of their data's address (none for an empty one). Stand-ins: no GPU needed."""
+    asked = []
+    monkeypatch.setattr(arrays, "_pointer_gpu", lambda ptr: asked.append(ptr) or 3)
+    torch_like = type("Tensor", (), {"__module__": "torch", "get_device": lambda self: 2})()
+    cupy_like = type("ndarray", (), {"__module__": "cupy._core.core",
+                                     "device": type("Device", (), {"id": 1})()})()
+    numba_like = type("DeviceNDArray", (), {"__module__": "numba.cuda.cudadrv.devicearray",
+                                            "device_ctypes_pointer": type("P", (), {"value": 4096})()})()
+    assert [arrays.gpu_of(a) for a in (torch_like, cupy_like, numba_like)] == [2, 1, 3]
+    assert [arrays.gpu_of(_interface(data=(ptr, False))) for ptr in (8192, 0)] == [3, None]
+    assert asked == [4096, 8192]
+
+
+@pytest.mark.cuda
+def test_one_gpu_asks_no_array_where_it_is(problem, monkeypatch):
+    cuda = pytest.importorskip("numba.cuda")
+    monkeypatch.setattr(arrays, "_gpus", lambda: [None])
+    monkeypatch.setattr(arrays, "gpu_of", lambda a: pytest.fail("asked with one GPU"))
+    x, w, dy = (cuda.to_device(a) for a in problem)
+    _check(_all_ops(x, w, dy), type(x))

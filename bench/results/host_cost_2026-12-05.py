@@ -53,6 +53,7 @@ if device in ("cuda", "numba"):
         cuda.get_current_device = lambda: gpu  # (device_constant keys on the GPU's id)
         cuda.to_device = lambda a, stream=0, **_: _device_array(np.shape(a), np.asarray(a).dtype, stream)
         cuda.synchronize = lambda: None  # (device_constant waits for its one upload)
+        cuda.gpus = [gpu]  # (api.run asks where arrays are only with several GPUs)
     put = cuda.to_device
 else:
     def put(a):
