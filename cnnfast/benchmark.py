@@ -1,13 +1,13 @@
 """Validated benchmark: `cnnfast bench` (and the shape sets bench/ uses with pytest-benchmark).
 
-For each shape x primitive x provider (cnnfast algo=auto, each applicable cnnfast algorithm, PyTorch when
-installed, the NumPy reference where affordable): every cnnfast result is first checked against the float64
-reference (cnnfast.compare tolerances) and only then timed; warm-up calls (compilation) are excluded; the
-figure is the median of --repeats timed calls (CPU: time.perf_counter; CUDA: events on the stream, one call
-per event pair), the providers of one row timed round-robin so that drift in the machine's speed falls on
-all of them alike. FLOPs = 2 x real multiply-adds (ConvSpec.flops), bytes = each tensor read or written once
-(ConvSpec.min_bytes). "vs torch" = torch's median / this median (> 1: faster than torch); on CUDA "torch" is
-cuDNN in strict fp32 (allow_tf32 = False) and "torch-tf32" PyTorch's default TF32 ("vs tf32").
+For each shape x primitive x provider (cnnfast algo=auto, each applicable cnnfast algorithm, PyTorch when installed,
+the NumPy reference where affordable): every cnnfast result is first checked against the float64 reference
+(cnnfast.compare tolerances) and only then timed; warm-up calls (compilation) are excluded; the figure is the median
+of --repeats timed calls (CPU: time.perf_counter; CUDA: events on the stream, one call per event pair, the L2 cache
+flushed before each unless --warm-l2), the providers of one row timed round-robin so that drift in the machine's
+speed falls on all of them alike. FLOPs = 2 x real multiply-adds (ConvSpec.flops), bytes = each tensor read or
+written once (ConvSpec.min_bytes). "vs torch" = torch's median / this median (> 1: faster than torch); on CUDA
+"torch" is cuDNN in strict fp32 (allow_tf32 = False) and "torch-tf32" PyTorch's default TF32 ("vs tf32").
 
 The ceilings are measured in the same run (cnnfast.roofline: SGEMM and a device copy), and each row reports its
 roofline fraction: achieved GFLOP/s over min(SGEMM peak, bytes-per-flop bound at the copy bandwidth).
@@ -16,6 +16,7 @@ roofline fraction: achieved GFLOP/s over min(SGEMM peak, bytes-per-flop bound at
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -188,10 +189,12 @@ def time_cpu(fn):
     return time.perf_counter() - t0
 
 
-def time_cuda(fn):
-    """CUDA events around one call on the default stream."""
+def time_cuda(fn, flush=None):
+    """CUDA events around one call on the default stream, after flush() (l2_flush) where given."""
     from numba import cuda
 
+    if flush:
+        flush()
     start, end = cuda.event(), cuda.event()
     start.record()
     fn()
@@ -200,15 +203,36 @@ def time_cuda(fn):
     return start.elapsed_time(end) / 1e3  # ms
 
 
-def time_torch_cuda(fn):
+def time_torch_cuda(fn, flush=None):
     import torch
 
+    if flush:
+        flush()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     fn()
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / 1e3
+
+
+def l2_flush():
+    """A function that leaves none of the last call's data in the GPU's L2 cache: it writes a buffer of twice the
+    L2's size and waits for the GPU, so a timed call reads its operands from memory, as a layer does after a larger
+    one (nvbench's default: a layer of a few MB, the 7x7 ones, would otherwise be timed from the H100's 50 MB L2 that
+    its last run filled, its GB/s not the memory's), and still starts on an idle GPU (host time included as before)."""
+    from numba import cuda
+    from numba.cuda.cudadrv.driver import device_memset
+
+    size = 2 * cuda.get_current_device().L2_CACHE_SIZE
+    buffer = cuda.device_array(size, np.uint8)
+
+    def flush():
+        device_memset(buffer, 0, size)
+        cuda.synchronize()
+
+    flush.bytes = size
+    return flush
 
 
 def torch_tf32(fn):
@@ -256,11 +280,12 @@ def to_device(a, device):
     return device_mover("cuda")(a)
 
 
-def run(shapes, device, primitives, algos, dtype, repeats, progress=None, ceilings=None, tiles=False, on_job=None):
+def run(shapes, device, primitives, algos, dtype, repeats, progress=None, ceilings=None, tiles=False, on_job=None,
+        flush=None):
     """Rows of every (shape, primitive, provider); tiles: each algorithm once per tile configuration
     ('cnnfast:direct:64x128', ...) instead of with the tile its launcher would choose. on_job(rows) gets each
     (shape, primitive)'s rows as soon as they are measured. An error in one provider (a CUDA error, out of memory)
-    is its row's status, not the run's end."""
+    is its row's status, not the run's end. flush: called before each timed CUDA call (l2_flush)."""
     from cnnfast.plan import algorithms
     from cnnfast.tune import candidates
     from cnnfast.validate import to_host
@@ -281,7 +306,8 @@ def run(shapes, device, primitives, algos, dtype, repeats, progress=None, ceilin
                 [a for a in names if a not in plan_algos]  # an unknown name: its row says so
         names = ["auto"] + names
         job, timed = [], []  # this job's rows; (row, fn, timer): validated calls, timed together below
-        timer = time_cuda if device == "cuda" else time_cpu
+        timer, torch_timer = (time_cpu, time_cpu) if device != "cuda" else \
+            (functools.partial(time_cuda, flush=flush), functools.partial(time_torch_cuda, flush=flush))
         for algo in names:
             if progress:
                 progress(i, len(jobs), shape.name, primitive, algo)
@@ -304,17 +330,17 @@ def run(shapes, device, primitives, algos, dtype, repeats, progress=None, ceilin
             timed.append((dict(row, status="ok"), fn, timer))
         tfn = torch_call(shape, primitive, dict(host, spec=spec), device)
         if tfn is not None:
-            baselines = [("torch", tfn, time_torch_cuda if device == "cuda" else time_cpu)]
+            baselines = [("torch", tfn, torch_timer)]
             if device == "cuda":
-                baselines.append(("torch-tf32", torch_tf32(tfn), time_torch_cuda))
+                baselines.append(("torch-tf32", torch_tf32(tfn), torch_timer))
             backend = {"backend": tfn.backend} if tfn.backend else {}
-            for provider, fn, torch_timer in baselines:
+            for provider, fn, baseline_timer in baselines:
                 try:  # (an extra warm-up call) an error here is this row's; its result's error recorded, not judged
                     error = compare.relative_error(_torch_result(fn()), expected, dtype)[0]
                 except Exception as e:  # noqa: BLE001
                     job.append(dict(base, provider=provider, status="ERROR", note=f"{type(e).__name__}: {e}"))
                     continue
-                timed.append((dict(base, provider=provider, status="ok", error=error, **backend), fn, torch_timer))
+                timed.append((dict(base, provider=provider, status="ok", error=error, **backend), fn, baseline_timer))
         if progress:
             progress(i, len(jobs), shape.name, primitive, "timing")
         try:
@@ -398,6 +424,8 @@ def main(argv=None) -> int:
                         "algorithms (direct:32x64, direct:64x128, ...)")
     parser.add_argument("--repeats", type=_positive, default=None, help="timed calls per provider (default: 9 on "
                         "cpu, 30 on cuda)")
+    parser.add_argument("--warm-l2", action="store_true", help="CUDA: leave in the L2 cache what the last calls left "
+                        "(default: flushed before each timed call, so operands come from memory)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--json", default="bench-results.json", help="where to write the rows (default: "
                         "bench-results.json in the current folder)")
@@ -463,6 +491,9 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     info = machine(device)
+    flush = l2_flush() if device == "cuda" and not args.warm_l2 else None
+    if device == "cuda":
+        info["l2"] = f"flushed before each timed call ({flush.bytes >> 20} MiB written)" if flush else "warm"
     ceilings = measure_ceilings(device)
     where = info.get("gpu", info["cpu"]) + (f", driver {info['cuda_driver']}, {info['launch']} launches"
                                             if device == "cuda" else f", {info['cpus']} CPUs")
@@ -471,8 +502,8 @@ def main(argv=None) -> int:
           + (" (cuDNN strict fp32, cudnn.benchmark on; torch-tf32 = PyTorch's default TF32; the status column names "
              "torch's kernel where it says)" if device == "cuda" else "")
           + "; FLOP/s count 2 per multiply-add with an input element (padding taps excluded)"
-          + (", one call per CUDA event pair (host time included where the GPU waits for it)" if device == "cuda"
-             else ""))
+          + (f", one call per CUDA event pair (host time included where the GPU waits for it), L2 {info['l2']}"
+             if device == "cuda" else ""))
     if ceilings:
         tf32 = f", TF32 GEMM {ceilings['tf32_gflops']:.0f} GFLOP/s" if ceilings.get("tf32_gflops") else ""
         print(f"ceilings measured now: SGEMM {ceilings['sgemm_gflops']:.0f} GFLOP/s{tf32}, copy "
@@ -496,7 +527,7 @@ def main(argv=None) -> int:
         write_json(False)
 
     run(shapes, device, args.primitive, args.algo, args.dtype, args.repeats, progress, ceilings, args.tiles,
-        on_job=on_job)
+        on_job=on_job, flush=flush)
     if device == "cuda" and info["launch"] == "raw":
         from cnnfast.kernels.cuda.launch import raw_fallbacks
         if raw_fallbacks():  # timed on Numba's dispatcher after all: said, here and in the JSON
