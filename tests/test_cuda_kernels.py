@@ -1465,6 +1465,31 @@ def test_index_tables_and_the_zero_bias_are_uploaded_once_per_gpu(problem):
     compare.assert_close(first.copy_to_host(), expected, "float32", "circular conv2d, cached device constants")
 
 
+def test_device_constants_are_bounded_least_recently_used_first(problem, monkeypatch):
+    """Tables depend on the input's size: a program of many sizes must not keep one per size for good. Past
+    CONSTANT_BYTES the least recently used goes first (one array larger than the bound is kept alone), and a layer
+    whose tables keep being dropped uploads them again and computes the same."""
+    from cnnfast.kernels.cuda import compile as kernel_cache
+    monkeypatch.setattr(kernel_cache, "_CONSTANTS", type(kernel_cache._CONSTANTS)())
+    monkeypatch.setattr(kernel_cache, "_constant_bytes", 0)
+    monkeypatch.setattr(kernel_cache, "CONSTANT_BYTES", 100)
+    ints = lambda n: (lambda: np.arange(n, dtype=np.int32))  # noqa: E731 (n * 4 bytes)
+    first = kernel_cache.device_constant(("t", 1), ints(10))
+    kernel_cache.device_constant(("t", 2), ints(10))
+    assert kernel_cache.device_constant(("t", 1), lambda: pytest.fail("uploaded again")) is first  # now the newest
+    kernel_cache.device_constant(("t", 3), ints(10))  # 120 bytes: ("t", 2) goes
+    assert [key[1:] for key in kernel_cache._CONSTANTS] == [("t", 1), ("t", 3)] and kernel_cache._constant_bytes == 80
+    np.testing.assert_array_equal(first.copy_to_host(), np.arange(10))
+    kernel_cache.device_constant(("t", 4), ints(50))
+    assert [key[1:] for key in kernel_cache._CONSTANTS] == [("t", 4)] and kernel_cache._constant_bytes == 200
+    x, w, _ = problem
+    dx, dw = cuda.to_device(x), cuda.to_device(w)
+    expected = reference.conv(x.astype(np.float64), w.astype(np.float64), padding=1, padding_mode="circular")
+    for _ in range(2):
+        out = cnnfast.conv2d(dx, dw, padding=1, padding_mode="circular", algo="direct")
+        compare.assert_close(out.copy_to_host(), expected, "float32", "circular conv2d, tables dropped and uploaded")
+
+
 def test_bias_grad_twin():
     dy = np.random.default_rng(4).standard_normal((3, 5, 2, 3, 4))
     db = cuda.device_array(5)

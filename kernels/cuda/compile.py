@@ -10,6 +10,8 @@ import hashlib
 import os
 import re
 import tempfile
+import threading
+from collections import OrderedDict
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -19,7 +21,10 @@ import numpy as np
 from numba import config, cuda, types
 
 _DISPATCHERS = {}
-_CONSTANTS = {}
+_CONSTANTS = OrderedDict()  # device_constant's arrays by (GPU, key), the least recently used first
+_CONSTANTS_LOCK = threading.Lock()
+CONSTANT_BYTES = 256 << 20  # device_constant keeps at most this many bytes over all GPUs (or its one array larger)
+_constant_bytes = 0
 DTYPES = (types.float32, types.float64)
 # The kernels' typed zero: a float32 constant, which Numba unifies with float32 and float64 values (so a float32
 # kernel stays in float32). Not `x[0] * 0`: that is NaN when x[0] is NaN or inf.
@@ -76,13 +81,28 @@ def device_constant(key, make):
     tables and the zero-bias placeholder, so a launch does not pay a host-to-device copy each call. The one
     upload is waited for on the whole device, so that every stream may read the array at once: a synchronous copy
     from pageable memory may return once the data is staged, before it lands, and a non-blocking stream (torch's side
-    streams) is not ordered after the default stream's copy."""
+    streams) is not ordered after the default stream's copy. Kept while they fit in CONSTANT_BYTES, the least recently
+    used dropped first: a table depends on the input's size, and a program of many sizes (audio of any length,
+    detection at many image sizes) would otherwise keep one per size for good. (A dropped array is freed as Numba
+    frees any: cuMemFree waits for the kernels that may still read it.)"""
+    global _constant_bytes
     key = (getattr(cuda.get_current_device(), "id", 0),) + key  # the simulator's device has no id
     arr = _CONSTANTS.get(key)
-    if arr is None:
-        arr = cuda.to_device(make())
-        cuda.synchronize()
-        _CONSTANTS[key] = arr
+    if arr is not None:
+        try:
+            _CONSTANTS.move_to_end(key)  # the most recently used, last
+        except KeyError:  # (dropped by another thread just now: still this key's array)
+            pass
+        return arr
+    with _CONSTANTS_LOCK:
+        arr = _CONSTANTS.get(key)  # (another thread's upload)
+        if arr is None:
+            arr = cuda.to_device(make())
+            cuda.synchronize()
+            _constant_bytes += arr.nbytes
+            while _constant_bytes > CONSTANT_BYTES and _CONSTANTS:
+                _constant_bytes -= _CONSTANTS.popitem(last=False)[1].nbytes
+            _CONSTANTS[key] = arr
     return arr
 
 
