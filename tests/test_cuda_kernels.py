@@ -1465,6 +1465,15 @@ def test_index_tables_and_the_zero_bias_are_uploaded_once_per_gpu(problem):
     compare.assert_close(first.copy_to_host(), expected, "float32", "circular conv2d, cached device constants")
 
 
+def test_a_pad_tables_key_is_made_once_per_table():
+    """device_constant's key of a pad table is its bytes, made once per table array (a tuple of its entries each
+    call took 1.2 ms at 16,000): the same object again, equal for an equal table (a copy, a list)."""
+    table = np.arange(-1, 16000, dtype=np.int64)
+    key = layout._content(table)
+    assert layout._content(table) is key and layout._content(table.copy()) == key
+    assert layout._content(list(table)) == key and layout._content(table[:-1]) != key
+
+
 def test_device_constants_are_bounded_least_recently_used_first(problem, monkeypatch):
     """Tables depend on the input's size: a program of many sizes must not keep one per size for good. Past
     CONSTANT_BYTES the least recently used goes first (one array larger than the bound is kept alone), and a layer

@@ -12,6 +12,7 @@ copy_cuda:      src of any non-negative strides (a slice, a permutation, an expa
                 a negative stride through the host.
 Index tables are host int64 arrays from contract.pad_indices; they are uploaded once per GPU and cached.
 """
+import weakref
 from functools import lru_cache
 
 import numpy as np
@@ -106,9 +107,30 @@ def _blocks(n):
     return max(1, min(MAX_BLOCKS, -(-n // BLOCK)))
 
 
+def _content(table):
+    """A host table's device_constant key: its bytes, made once per table object (the public ops pass a spec's same
+    arrays each call) and hashed once (a bytes object keeps its hash). A tuple of the entries, made and hashed each
+    call, cost 10 us at 230 entries and 1.2 ms at 16,000 (a 1-D signal with reflect padding)."""
+    found = _CONTENTS.get(id(table))
+    if found is not None and found[0]() is table:
+        return found[1]
+    key = np.asarray(table, np.int64).tobytes()
+    try:
+        ref = weakref.ref(table)
+    except TypeError:  # (a list: made each call)
+        return key
+    if len(_CONTENTS) >= 1024:
+        _CONTENTS.clear()
+    _CONTENTS[id(table)] = ref, key
+    return key
+
+
+_CONTENTS = {}  # id(table) -> (weak reference to it, its bytes)
+
+
 def pad_cuda(src, dst, idx_d, idx_h, idx_w, stream=0):
     N, C, D, H, W = src.shape
-    tables = [device_constant(("pad", tuple(t)), lambda t=t: np.asarray(t, np.int64))
+    tables = [device_constant(("pad", _content(t)), lambda t=t: np.asarray(t, np.int64))
               for t in (idx_d, idx_h, idx_w)]
     launch(pad_kernel, _blocks(dst.size), BLOCK, stream, flat(src), flat(dst), *tables, N * C, D, H, W, *dst.shape[2:])
 
@@ -117,7 +139,7 @@ def fold_pad_cuda(src, dst, idx_d, idx_h, idx_w, stream=0):
     N, C, D, H, W = dst.shape
     args = []
     for table, length in zip((idx_d, idx_h, idx_w), (D, H, W)):
-        key = (tuple(table), length)
+        key = (_content(table), length)
         args += [device_constant(("fold-starts",) + key, lambda t=table, n=length: _inverse(t, n)[0]),
                  device_constant(("fold-items",) + key, lambda t=table, n=length: _inverse(t, n)[1])]
     launch(fold_pad_kernel, _blocks(dst.size), BLOCK, stream, flat(src), flat(dst), *args,
