@@ -21,14 +21,15 @@
 #                                               builds at 2 blocks per SM (PLANE_BLOCKS = 2: 128 registers, not
 #                                               80); the weight gradient's runs of 8 and 32 output rows
 #                                               (depthwise_filter.FILTER_ROWS) against 16
-# GPU_DEADLINE (seconds, default 560): when tests, sanitize and planes stop, counted from this script's start; set it
-# below what the call has left (the device tool's budget_left_s, less the machine's start) so the results come back.
+# GPU_DEADLINE (seconds, default 560): when tests, sanitize and planes stop, and past which bench and tiles start no
+# layer (their summary and plot then cover what was measured), counted from this script's start; set it below what
+# the call has left (the device tool's budget_left_s, less the machine's start) so the results come back.
 # Exit status: the step's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
 tests|sanitize|host|bench|tiles|planes) ;;
-*) sed -n '2,26p' "$0"; exit 2 ;;  # usage, before installing anything
+*) sed -n '2,27p' "$0"; exit 2 ;;  # usage, before installing anything
 esac
 out="${OUT:-gpu-out}"
 mkdir -p "$out"
@@ -53,6 +54,9 @@ warm_ptx() {
     echo "PTX cache warmed in $(( SECONDS - start )) s" | tee -a "$out/warm.txt"
     ptx_dir=$(sed -n 's/.* compiled into //p' "$out/warm.txt")  # (the PTX version NVVM wrote: the driver must load it)
     grep -h -m1 '^\.version' "$ptx_dir"/*.ptx 2>/dev/null | head -n 1 | sed 's/^/PTX /' | tee -a "$out/warm.txt"
+}
+left() {  # seconds to GPU_DEADLINE, at least 1 (bench's --deadline: it starts no layer that would end past it)
+    echo $(( deadline - SECONDS > 0 ? deadline - SECONDS : 1 ))
 }
 raw_by_default() {  # bench and tiles time the raw path unless CNNFAST_CUDA_LAUNCH says otherwise
     export CNNFAST_CUDA_LAUNCH="${CNNFAST_CUDA_LAUNCH:-raw}"
@@ -109,7 +113,8 @@ bench)
     raw_by_default
     tag="$CNNFAST_CUDA_LAUNCH"
     "$PY" -m cnnfast.cli bench --device cuda "${filters[@]}" --json "$out/bench-cuda-$tag.json" \
-        --plot "$out/roofline-cuda-$tag.png" 2> "$out/bench-cuda-$tag-stderr.txt" | tee "$out/bench-cuda-$tag.txt"
+        --deadline "$(left)" --plot "$out/roofline-cuda-$tag.png" 2> "$out/bench-cuda-$tag-stderr.txt" \
+        | tee "$out/bench-cuda-$tag.txt"
     rc=${PIPESTATUS[0]}
     tail -n 5 "$out/bench-cuda-$tag-stderr.txt"
     exit "$rc"
@@ -119,7 +124,7 @@ tiles)
     for name in "$@"; do filters+=(--shape "$name"); done
     raw_by_default
     "$PY" -m cnnfast.cli bench --device cuda "${filters[@]}" --algo direct --tiles --json "$out/bench-cuda-tiles.json" \
-        2> "$out/bench-cuda-tiles-stderr.txt" | tee "$out/bench-cuda-tiles.txt"
+        --deadline "$(left)" 2> "$out/bench-cuda-tiles-stderr.txt" | tee "$out/bench-cuda-tiles.txt"
     rc=${PIPESTATUS[0]}
     tail -n 5 "$out/bench-cuda-tiles-stderr.txt"
     exit "$rc"

@@ -281,11 +281,12 @@ def to_device(a, device):
 
 
 def run(shapes, device, primitives, algos, dtype, repeats, progress=None, ceilings=None, tiles=False, on_job=None,
-        flush=None):
+        flush=None, deadline=None):
     """Rows of every (shape, primitive, provider); tiles: each algorithm once per tile configuration
     ('cnnfast:direct:64x128', ...) instead of with the tile its launcher would choose. on_job(rows) gets each
     (shape, primitive)'s rows as soon as they are measured. An error in one provider (a CUDA error, out of memory)
-    is its row's status, not the run's end. flush: called before each timed CUDA call (l2_flush)."""
+    is its row's status, not the run's end. flush: called before each timed CUDA call (l2_flush). deadline (a
+    time.perf_counter() value): no job is started that the longest one so far would carry past it."""
     from cnnfast.plan import algorithms
     from cnnfast.tune import candidates
     from cnnfast.validate import to_host
@@ -293,7 +294,11 @@ def run(shapes, device, primitives, algos, dtype, repeats, progress=None, ceilin
     rows = []
     plan_algos = algorithms(device)
     jobs = [(s, p) for s in shapes for p in primitives]
+    longest = 0.0
     for i, (shape, primitive) in enumerate(jobs):
+        started = time.perf_counter()
+        if deadline is not None and started + longest > deadline:
+            break
         spec = spec_of(shape, dtype)
         host = inputs(shape, spec, dtype)
         dev = {k: to_device(v, device) for k, v in host.items()}
@@ -354,6 +359,7 @@ def run(shapes, device, primitives, algos, dtype, repeats, progress=None, ceilin
             job.append(dict(base, provider="reference", status="ok", seconds=time_cpu(ref)))
         _derive(job, ceilings)
         rows += job
+        longest = max(longest, time.perf_counter() - started)
         if on_job:
             on_job(job)
     return rows
@@ -430,6 +436,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default="bench-results.json", help="where to write the rows (default: "
                         "bench-results.json in the current folder)")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw the roofline (needs matplotlib)")
+    parser.add_argument("--deadline", type=_positive, metavar="SECONDS", help="start no layer that would end past "
+                        "this many seconds from the start (judged by the longest so far); the summary, JSON and "
+                        "plot cover what was measured")
     args = parser.parse_args(argv)
     for path in (args.json, args.plot):  # before the run, not after it: an unwritable path would lose the rows
         if path and (os.path.isdir(path) or not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)):
@@ -510,13 +519,13 @@ def main(argv=None) -> int:
               f"{ceilings['copy_gbytes']:.1f} GB/s ({ceilings['how']})")
     with_tf32 = device == "cuda" and _torch_sees_gpu()  # (the torch-tf32 column)
     print(table_header(with_tf32), flush=True)
-    rows = []
+    rows, unmeasured = [], []
 
     def write_json(complete):  # after every job too: a run cut short keeps the rows measured so far
         tmp = f"{args.json}.tmp"
         with open(tmp, "w") as f:
             json.dump({"device": device, "dtype": args.dtype, "repeats": args.repeats, "machine": info,
-                       "ceilings": ceilings, "complete": complete, "rows": rows,
+                       "ceilings": ceilings, "complete": complete, "rows": rows, "unmeasured": unmeasured,
                        "seconds": time.perf_counter() - t0}, f, indent=1)
         os.replace(tmp, args.json)
 
@@ -527,7 +536,12 @@ def main(argv=None) -> int:
         write_json(False)
 
     run(shapes, device, args.primitive, args.algo, args.dtype, args.repeats, progress, ceilings, args.tiles,
-        on_job=on_job, flush=flush)
+        on_job=on_job, flush=flush, deadline=args.deadline and t0 + args.deadline)
+    measured = {(r["shape"], r["primitive"]) for r in rows}
+    unmeasured = [f"{s.name} {p}" for s in shapes for p in args.primitive if (s.name, p) not in measured]
+    if unmeasured:
+        print(f"--deadline {args.deadline}: {len(unmeasured)} of {len(shapes) * len(args.primitive)} layer "
+              f"primitives not measured: {', '.join(unmeasured)}")
     if device == "cuda" and info["launch"] == "raw":
         from cnnfast.kernels.cuda.launch import raw_fallbacks
         if raw_fallbacks():  # timed on Numba's dispatcher after all: said, here and in the JSON
@@ -543,7 +557,7 @@ def main(argv=None) -> int:
         print("cnnfast:auto vs torch: no baseline ("
               + ("torch is not installed: pip install -e '.[torch]'" if "torch" not in info else
                  "no torch row was timed") + ")")
-    write_json(True)
+    write_json(not unmeasured)
     print(f"wrote {args.json} ({time.perf_counter() - t0:.0f} s)")
     if args.plot and ceilings:
         try:

@@ -194,6 +194,30 @@ def test_bench_keeps_going_past_a_provider_error_and_writes_the_rows_after_every
     assert text.index("1x1-64-32@16") < text.index("cnnfast:auto vs torch")  # rows before the summary
 
 
+def test_bench_deadline_starts_no_layer_the_longest_so_far_would_carry_past_it(tmp_path, capsys, monkeypatch):
+    """--deadline: a GPU call has a hard limit, and a run killed there loses its summary and plot. Here each clock
+    reading is 0.4 s later (no ceilings measured: they read it too): the first layer takes seconds, so the second
+    (which would end past 1 s) is not started, and the summary and the JSON say what was not measured."""
+    import itertools
+    import json
+    import types
+
+    from cnnfast import benchmark
+
+    clock = itertools.count(step=0.4)
+    monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    monkeypatch.setattr(benchmark, "measure_ceilings", lambda device: None)  # (its readings of the clock)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--device", "cpu", "--shape", "1x1-64-32", "--primitive", "forward", "backward_filter",
+                 "--algo", "direct", "--repeats", "2", "--deadline", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "--deadline 1: 1 of 2 layer primitives not measured: 1x1-64-32@16 backward_filter" in text
+    assert "cnnfast:auto vs torch, forward" in text and "backward_filter:" not in text
+    written = json.loads(out.read_text())
+    assert written["complete"] is False and written["unmeasured"] == ["1x1-64-32@16 backward_filter"]
+    assert {r["primitive"] for r in written["rows"]} == {"forward"}
+
+
 @pytest.mark.parametrize("args, message", [
     (["explain", "conv2d", "1x3x32x32", "--bias"], "conv2d: expected 2 shapes"),
     (["explain", "conv2d", "1x3x8x8", "6x3x3x3", "6", "--bias"], "conv2d: expected 2 shapes"),
