@@ -189,31 +189,34 @@ def time_cpu(fn):
     return time.perf_counter() - t0
 
 
-def time_cuda(fn, flush=None):
-    """CUDA events around one call on the default stream, after flush() (l2_flush) where given."""
+def time_cuda(fn, flush=None, calls=1):
+    """Seconds per call: CUDA events on the default stream around `calls` calls, after flush() (l2_flush) where
+    given."""
     from numba import cuda
 
     if flush:
         flush()
     start, end = cuda.event(), cuda.event()
     start.record()
-    fn()
+    for _ in range(calls):
+        fn()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / 1e3  # ms
+    return start.elapsed_time(end) / 1e3 / calls  # (elapsed_time: ms)
 
 
-def time_torch_cuda(fn, flush=None):
+def time_torch_cuda(fn, flush=None, calls=1):
     import torch
 
     if flush:
         flush()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    fn()
+    for _ in range(calls):
+        fn()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / 1e3
+    return start.elapsed_time(end) / 1e3 / calls
 
 
 def l2_flush():
@@ -350,10 +353,11 @@ def run(shapes, device, primitives, algos, dtype, repeats, progress=None, ceilin
             progress(i, len(jobs), shape.name, primitive, "timing")
         try:
             seconds = time_interleaved([(fn, t) for _, fn, t in timed], repeats)
+            bursts = [_burst(fn, t, device) for _, fn, t in timed]
         except Exception as e:  # noqa: BLE001
             job += [dict(row, status="ERROR", note=f"timing: {type(e).__name__}: {e}") for row, _, _ in timed]
         else:
-            job += [dict(row, seconds=sec) for (row, _, _), sec in zip(timed, seconds)]
+            job += [dict(row, seconds=sec, **burst) for (row, _, _), sec, burst in zip(timed, seconds, bursts)]
         if spec.flops <= REFERENCE_FLOP_LIMIT:
             ref = lambda s=shape, p=primitive, h=host: reference_result(s, p, h)  # noqa: E731
             job.append(dict(base, provider="reference", status="ok", seconds=time_cpu(ref)))
@@ -365,6 +369,18 @@ def run(shapes, device, primitives, algos, dtype, repeats, progress=None, ceilin
     return rows
 
 
+BURST_CALLS, BURSTS = 20, 3
+
+
+def _burst(fn, timer, device):
+    """CUDA: {'burst_seconds': the median over BURSTS event pairs of the time per call of BURST_CALLS calls back to
+    back} (after one flush: the host queues calls ahead of the GPU where it can, so this is the GPU's time where the
+    host keeps up, its own where not; the L2 warm after the first call); {} on the CPU."""
+    if device != "cuda":
+        return {}
+    return {"burst_seconds": statistics.median(timer(fn, calls=BURST_CALLS) for _ in range(BURSTS))}
+
+
 def _derive(job, ceilings):
     """GFLOP/s, GB/s, the ratios to torch's rows and the roofline fraction of one (shape, primitive)'s rows."""
     timed = {r["provider"]: r for r in job if "seconds" in r}
@@ -374,30 +390,35 @@ def _derive(job, ceilings):
         for provider, key in (("torch", "vs_torch"), ("torch-tf32", "vs_tf32")):
             if provider in timed:
                 row[key] = timed[provider]["seconds"] / row["seconds"]
+        if "burst_seconds" in row and "burst_seconds" in timed.get("torch", {}):
+            row["burst_vs_torch"] = timed["torch"]["burst_seconds"] / row["burst_seconds"]
         fraction = roofline(row, ceilings) if row["provider"] != "reference" else None  # (one call, on the host)
         if fraction is not None:
             row["roofline"] = fraction
 
 
 def table(rows):
-    tf32 = any("vs_tf32" in r for r in rows)
-    return "\n".join([table_header(tf32)] + [table_line(r, tf32) for r in rows])
+    tf32, burst = any("vs_tf32" in r for r in rows), any("burst_seconds" in r for r in rows)
+    return "\n".join([table_header(tf32, burst)] + [table_line(r, tf32, burst) for r in rows])
 
 
-def table_header(tf32):
-    return (f"{'shape':36s} {'primitive':15s} {'provider':18s} {'median ms':>10s} {'TFLOP/s':>9s} "
-            f"{'GB/s':>7s} {'% roof':>6s} {'vs torch':>8s}" + (f" {'vs tf32':>8s}" if tf32 else "") + "  status")
+def table_header(tf32, burst=False):
+    """The columns; burst (CUDA): 'b2b ms', the time per call of calls back to back (_burst)."""
+    return (f"{'shape':36s} {'primitive':15s} {'provider':18s} {'median ms':>10s} " + (f"{'b2b ms':>9s} " if burst
+            else "") + f"{'TFLOP/s':>9s} {'GB/s':>7s} {'% roof':>6s} {'vs torch':>8s}"
+            + (f" {'vs tf32':>8s}" if tf32 else "") + "  status")
 
 
-def table_line(r, tf32):
+def table_line(r, tf32, burst=False):
     if "seconds" in r:
         ratios = [f"{r[k]:.2f}x" if k in r else "-" for k in ("vs_torch", "vs_tf32")[:1 + tf32]]
         roof = f"{100 * r['roofline']:.0f}" if "roofline" in r else "-"
-        return (f"{r['shape']:36s} {r['primitive']:15s} {r['provider']:18s} {r['seconds'] * 1e3:10.4g} "
+        b2b = (f"{r['burst_seconds'] * 1e3:9.4g} " if "burst_seconds" in r else f"{'-':>9s} ") if burst else ""
+        return (f"{r['shape']:36s} {r['primitive']:15s} {r['provider']:18s} {r['seconds'] * 1e3:10.4g} {b2b}"
                 f"{r['gflops'] / 1e3:9.3g} {r['gbytes']:7.4g} {roof:>6s} " + " ".join(f"{v:>8s}" for v in ratios)
                 + f"  {r['status']}" + (f" ({r['backend']})" if r.get("backend") else ""))
-    return (f"{r['shape']:36s} {r['primitive']:15s} {r['provider']:18s} {'-':>10s} {'-':>9s} "
-            f"{'-':>7s} {'-':>6s} {'-':>8s}" + (f" {'-':>8s}" if tf32 else "")
+    return (f"{r['shape']:36s} {r['primitive']:15s} {r['provider']:18s} {'-':>10s} " + (f"{'-':>9s} " if burst
+            else "") + f"{'-':>9s} {'-':>7s} {'-':>6s} {'-':>8s}" + (f" {'-':>8s}" if tf32 else "")
             + f"  {r['status']}: {r.get('note', '')[:120]}")
 
 
@@ -511,14 +532,14 @@ def main(argv=None) -> int:
           + (" (cuDNN strict fp32, cudnn.benchmark on; torch-tf32 = PyTorch's default TF32; the status column names "
              "torch's kernel where it says)" if device == "cuda" else "")
           + "; FLOP/s count 2 per multiply-add with an input element (padding taps excluded)"
-          + (f", one call per CUDA event pair (host time included where the GPU waits for it), L2 {info['l2']}"
-             if device == "cuda" else ""))
+          + (f", one call per CUDA event pair (host time included where the GPU waits for it), L2 {info['l2']}; "
+             f"b2b: {BURST_CALLS} calls back to back per event pair, median of {BURSTS}" if device == "cuda" else ""))
     if ceilings:
         tf32 = f", TF32 GEMM {ceilings['tf32_gflops']:.0f} GFLOP/s" if ceilings.get("tf32_gflops") else ""
         print(f"ceilings measured now: SGEMM {ceilings['sgemm_gflops']:.0f} GFLOP/s{tf32}, copy "
               f"{ceilings['copy_gbytes']:.1f} GB/s ({ceilings['how']})")
     with_tf32 = device == "cuda" and _torch_sees_gpu()  # (the torch-tf32 column)
-    print(table_header(with_tf32), flush=True)
+    print(table_header(with_tf32, device == "cuda"), flush=True)
     rows, unmeasured = [], []
 
     def write_json(complete):  # after every job too: a run cut short keeps the rows measured so far
@@ -532,7 +553,7 @@ def main(argv=None) -> int:
     def on_job(job):
         rows.extend(job)
         sys.stderr.write("\r" + " " * 80 + "\r" if tty else "")
-        print("\n".join(table_line(r, with_tf32) for r in job), flush=True)
+        print("\n".join(table_line(r, with_tf32, device == "cuda") for r in job), flush=True)
         write_json(False)
 
     run(shapes, device, args.primitive, args.algo, args.dtype, args.repeats, progress, ceilings, args.tiles,
@@ -549,7 +570,7 @@ def main(argv=None) -> int:
             print(f"launches: {info['launch']}")
     compared = False
     for key, name in (("vs_torch", "torch" + (" (cuDNN fp32)" if device == "cuda" else "")),
-                      ("vs_tf32", "torch-tf32")):
+                      ("vs_tf32", "torch-tf32"), ("burst_vs_torch", "torch (cuDNN fp32), calls back to back")):
         for primitive, (geo, worst) in geomean_vs_torch(rows, key=key).items():
             print(f"cnnfast:auto vs {name}, {primitive}: geometric mean {geo:.2f}x, worst {worst:.2f}x")
             compared = True

@@ -255,8 +255,9 @@ def test_explain_reads_one_low_high_pair_as_every_axis(padding, expected, capsys
 @pytest.mark.cuda
 def test_bench_harness_cuda_path_validates_and_times_every_algorithm():
     """The harness's CUDA path on a tiny problem: device arrays, each algorithm validated against the reference,
-    then timed with CUDA events, each timed call after the flush of the L2 cache (in the simulator those times mean
-    nothing and torch has no GPU baseline; on a GPU the same code gives the figures)."""
+    then timed with CUDA events, each timed call (and each run of calls back to back) after the flush of the L2
+    cache (in the simulator those times mean nothing and torch has no GPU baseline; on a GPU the same code gives the
+    figures)."""
     from cnnfast import benchmark
 
     shape = benchmark._s("tiny", (1, 2, 5, 5), (3, 2, 3, 3), padding=1)
@@ -267,9 +268,9 @@ def test_bench_harness_cuda_path_validates_and_times_every_algorithm():
     for primitive in benchmark.PRIMITIVES:
         assert {r["provider"] for r in ours if r["primitive"] == primitive} == {
             "cnnfast:auto", "cnnfast:direct", "cnnfast:im2col"}  # depthwise does not take it
-    assert all(r["status"] == "ok" and r["error"] < 1e-4 and "seconds" in r for r in ours)
-    assert "cnnfast:im2col" in benchmark.table(rows)
-    assert len(flushes) == 2 * len(ours)  # (not before the warm-up calls)
+    assert all(r["status"] == "ok" and r["error"] < 1e-4 and "seconds" in r and "burst_seconds" in r for r in ours)
+    assert "cnnfast:im2col" in benchmark.table(rows) and "b2b ms" in benchmark.table(rows)
+    assert len(flushes) == (2 + benchmark.BURSTS) * len(ours)  # (not before the warm-up calls)
 
 
 def test_bench_refuses_to_time_the_cuda_simulator(monkeypatch, capsys):
