@@ -9,6 +9,14 @@ import sys
 
 __version__ = "0.1.0"
 
+# A source checkout keeps the kernels at its top level (kernels/, installed as cnnfast.kernels): where this package
+# is the checkout's own folder (first on sys.path, as `python -m pytest` or a script run in the checkout puts it),
+# they are found beside it, whatever is installed.
+_checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if not os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")) and \
+        os.path.isfile(os.path.join(_checkout, "kernels", "__init__.py")):
+    __path__.append(_checkout)
+
 # Thread pools that do not fight (README, "CPU threads"; values the user set win). NumPy's OpenBLAS keeps its
 # workers spinning ~0.1 s after every GEMM (thread timeout 2**28 cycles), taking the cores from the Numba kernel
 # that runs next; it reads the timeout once, as NumPy loads it. Where they spin, cnnfast's GEMMs never wake them

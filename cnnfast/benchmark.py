@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import os
 import statistics
@@ -161,6 +162,8 @@ def torch_call(shape, primitive, arrays, device):
         chosen = torch._C._select_conv_backend(x, w, None, list(spec.stride), padding, list(spec.dilation),
                                                transposed, output_padding, spec.groups, None)
         call.backend = str(chosen).rpartition(".")[2]  # ('_ConvBackend.Cudnn' -> 'Cudnn')
+        if not call.backend.isidentifier():  # (a kernel its Python binding does not name: '???')
+            call.backend = None
     except Exception:  # noqa: BLE001 (a private function: absent or changed in another torch)
         call.backend = None
     return call
@@ -464,6 +467,8 @@ def main(argv=None) -> int:
     for path in (args.json, args.plot):  # before the run, not after it: an unwritable path would lose the rows
         if path and (os.path.isdir(path) or not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)):
             parser.error(f"cannot write {path}: it is a folder, or its folder does not exist or is not writable")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # (said at the end, it came after the run)
+        parser.error("--plot needs matplotlib, which is not installed (pip install matplotlib, the 'plot' extra)")
     device = detect_device() if args.device == "auto" else args.device
     missing = cuda_missing() if device == "cuda" else None
     if missing:
@@ -581,9 +586,8 @@ def main(argv=None) -> int:
     write_json(not unmeasured)
     print(f"wrote {args.json} ({time.perf_counter() - t0:.0f} s)")
     if args.plot and ceilings:
-        try:
-            plot_roofline(rows, ceilings, args.plot, f"cnnfast {device}: {where} ({info['date']})")
-            print(f"wrote {args.plot}")
-        except ImportError:
-            print("--plot needs matplotlib (pip install -e '.[plot]')", file=sys.stderr)
+        plot_roofline(rows, ceilings, args.plot, f"cnnfast {device}: {where} ({info['date']})")
+        print(f"wrote {args.plot}")
+    elif args.plot:
+        print(f"--plot: not drawn, no ceilings were measured (they need torch on {device})", file=sys.stderr)
     return 1 if any(r["status"] not in ("ok", "n/a") for r in rows) else 0
