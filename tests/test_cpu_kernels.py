@@ -1188,6 +1188,27 @@ def test_a_dilated_kernel_as_long_as_the_input_does_not_cover_it(op, x_shape, w_
                  getattr(reference, kind + "_weight")(x, w_shape, dy, **opts), "float64", op + "_weight")
 
 
+HUGE_STRIDES = [  # a transposed conv (an input gradient) whose stride is far past its output: few positions
+    ("conv_transpose1d", (1, 4, 1), (4, 1, 3), dict(stride=10 ** 7, groups=4)),  # depthwise
+    ("conv_transpose1d", (1, 8, 1), (8, 8, 3), dict(stride=10 ** 6)),  # dense: direct's wide kernels
+    ("conv_transpose2d", (1, 4, 1, 1), (4, 1, 3, 3), dict(stride=10 ** 4, groups=4)),
+]
+
+
+@pytest.mark.parametrize("algo", ["auto", "direct"])
+@pytest.mark.parametrize("op, x_shape, w_shape, opts", HUGE_STRIDES, ids=[f"{c[0]}-{c[1]}" for c in HUGE_STRIDES])
+def test_a_huge_stride_costs_no_more_than_the_positions(op, x_shape, w_shape, opts, algo):
+    """The sub-pixel classes of the input gradient's wide kernels were one per residue of the stride, not of the
+    positions: at stride 10**7 one call planned for 35 s in 4 GB (at 2**31 - 1, never finished); now classes past
+    the extent are left out and more than depthwise.MAX_CLASSES go to the row kernels."""
+    rng = np.random.default_rng(11)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    assert_close(getattr(cnnfast, op)(x, w, algo=algo, **opts), reference.conv_transpose(x, w, **opts), "float64", op)
+    huge = cnnfast.explain(op, x_shape, w_shape, stride=2 ** 31 - 1, groups=opts.get("groups", 1))
+    assert huge.algorithm in ("depthwise", "direct", "im2col")  # (planned at once)
+    assert cnnfast.explain("conv_transpose1d", (1, 2, 3), (2, 3, 3), stride=2 ** 31 - 1).algorithm == "direct"
+
+
 # ---------------------------------------------------------------- 8. Winograd F(4x4, 3x3)
 
 # (id, input shape, weight shape, options): partial tiles (sizes not multiples of 4), every padding the

@@ -29,6 +29,7 @@ inf weight takes the row kernel; the wide weight gradient also meets x past each
 is not finite is computed again by direct's kernel; the row forward skips the padding, whose products with a
 non-finite weight are then set to NaN (direct.nan_where_nonfinite_taps_read_padding).
 """
+import math
 from functools import lru_cache
 
 import numba
@@ -485,7 +486,7 @@ def subpixel_classes(g):
                                                   (g.H, g.Q, g.R, g.stride_h, g.dil_h, g.pad_h),
                                                   (g.W, g.U, g.S, g.stride_w, g.dil_w, g.pad_w)):
         per_class = []
-        for a in range(stride):
+        for a in range(min(stride, max(length, 1))):  # (a class a >= length has no position: a huge stride, few)
             J = max(0, -(-(length - a) // stride))
             reads = [(t, (a + pad - t * dil) // stride) for t in range(n_taps) if (a + pad - t * dil) % stride == 0]
             per_class.append((a, J, reads))
@@ -535,6 +536,16 @@ def _scratch(g, primitive, itemsize, family):
 # the lanes kernels while their scratch fits.)
 STRIDED_WIDE_POSITIONS = 49
 
+# The input gradient's sub-pixel classes (subpixel_classes: one per residue of the dx positions along each axis,
+# the product of min(stride, extent) over the axes) that its wide kernels take: beyond, the row kernels (a stride of
+# millions made that many classes, minutes and gigabytes of tables before the call).
+MAX_CLASSES = 4096
+
+
+def class_count(g):
+    return math.prod(min(s, max(n, 1)) for s, n in ((g.stride_d, g.D), (g.stride_h, g.H), (g.stride_w, g.W)))
+
+
 # The lanes kernels run the forward and the unit-stride input gradient on grids (the output plane, the dx plane) of at
 # most this many positions. ms depthwise_wide_cpu / depthwise_lanes_cpu, batch 8, ~47,000 positions x channels
 # (2026-12-06, after the wide kernels' tap weights lost their divisions: 1.2-1.6x on 14x14 planes), forward and input
@@ -567,15 +578,16 @@ def takes(g, primitive):
     """The plane kernel families that run the primitive on g, in order of preference, when their scratch fits:
     "lanes" on grids of at most LANES_POSITIONS positions (the weight gradient: LANES_FILTER_POSITIONS, at a stride
     LANES_STRIDED_FILTER_POSITIONS; not the input gradient at a stride); "wide" at unit stride, or at a stride the
-    forward of a plane of at least STRIDED_WIDE_POSITIONS outputs and any input gradient (depthwise_wide_classes_cpu:
-    1.4-4x faster than the row kernel from 4x4 to 56x56 dy planes, 2026-12-06)."""
+    forward of a plane of at least STRIDED_WIDE_POSITIONS outputs and the input gradient of at most MAX_CLASSES
+    classes (depthwise_wide_classes_cpu: 1.4-4x faster than the row kernel from 4x4 to 56x56 dy planes, 2026-12-06)."""
     unit = g.stride_d == g.stride_h == g.stride_w == 1
     positions = g.D * g.H * g.W if primitive == "backward_data" else g.P * g.Q * g.U
     most = LANES_POSITIONS
     if primitive == "backward_filter":
         most = LANES_FILTER_POSITIONS if unit else LANES_STRIDED_FILTER_POSITIONS
     lanes = (unit or primitive != "backward_data") and positions <= most
-    wide = unit or primitive == "backward_data" or primitive == "forward" and g.P * g.Q * g.U >= STRIDED_WIDE_POSITIONS
+    wide = (unit or primitive == "backward_data" and class_count(g) <= MAX_CLASSES
+            or primitive == "forward" and g.P * g.Q * g.U >= STRIDED_WIDE_POSITIONS)
     return ("lanes",) * lanes + ("wide",) * wide
 
 
