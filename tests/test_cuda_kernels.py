@@ -981,6 +981,24 @@ def test_auto_takes_im2col_where_directs_tables_cannot_index_the_layer():
         cnnfast.explain("conv2d_weight", *shapes, device="cuda", **kw)
 
 
+def test_auto_takes_a_depthwise_layer_its_kernels_cannot_index_as_a_dense_one():
+    """A depthwise layer past depthwise's 32-bit row tests (padding and stride near 2**31): auto chose depthwise, whose
+    refusal then named an algorithm the caller never asked for; im2col computes it, checked against the explicit
+    convolution matrix (tests/oracles.py: the reference would materialise the padding)."""
+    from oracles import conv_matrix, pattern_matrices
+
+    big = 2 ** 31 - 1
+    stride, pads = (big, 2 ** 30), ((big, 0), (1, big))
+    rng = np.random.default_rng(12)
+    x, w = rng.standard_normal((1, 2, 4, 5)).astype(np.float32), rng.standard_normal((2, 1, 2, 2)).astype(np.float32)
+    plan = cnnfast.explain("conv2d", x.shape, w.shape, device="cuda", stride=stride, padding=pads, groups=2)
+    assert plan.algorithm == "im2col" and plan.reason.startswith("depthwise cannot index this layer (")
+    E, out = pattern_matrices(x.shape, w.shape, stride, pads, (1, 1), 2, "zeros")
+    expected = (conv_matrix(w.astype(np.float64), E) @ x.astype(np.float64).ravel()).reshape(1, 2, *out)
+    y = cnnfast.conv2d(cuda.to_device(x), cuda.to_device(w), stride=stride, padding=pads, groups=2)
+    compare.assert_close(y.copy_to_host(), expected, "float32", "depthwise layer past 32 bits, on auto")
+
+
 def test_numba_stream_and_check_mode_on_device_arrays():
     """An explicit Numba stream for every op, conv_bias included, under check mode (the reference's comparison
     after the op's stream is synchronised)."""

@@ -6,7 +6,8 @@ workspace_limit= and stream=; they never synchronise, and start every kernel thr
 dispatcher, or the raw-pointer path, cuLaunchKernel through cuda-bindings with no CuPy needed: launch.py).
 
 choose(g, primitive), the heuristic behind algo="auto" (to be tuned on a GPU, issue 5):
-  depthwise layers -> depthwise (all three primitives); pointwise layers (1x1, unit stride, no padding) ->
+  depthwise layers -> depthwise (all three primitives; as a dense layer where its 32-bit row tests cannot take it,
+  depthwise.supports); pointwise layers (1x1, unit stride, no padding) ->
   im2col, whose GEMM then reads the tensors in place; everything else -> direct (implicit GEMM, no workspace
   except the deterministic split-K partials of backward_filter), or im2col where direct's indexing cannot take the
   layer (direct.supports: a weight gradient of more than 2**28 output positions per sample); im2col is offered
@@ -64,11 +65,15 @@ ALIASES = {"implicit_gemm": "direct"}
 
 def choose(g, primitive):
     """(algorithm name, reason) for algo="auto"; see the module docstring."""
+    refused = ""
     if g.is_depthwise:
-        return "depthwise", "depthwise layer (groups == in_channels): memory-bound, halo tiles in shared memory"
+        why_not = depthwise.supports(g, primitive)
+        if why_not is None:
+            return "depthwise", "depthwise layer (groups == in_channels): memory-bound, halo tiles in shared memory"
+        refused = f"depthwise cannot index this layer ({why_not}); "
     if g.is_pointwise:
-        return "im2col", "1x1 unit-stride layer: a plain GEMM on x and dy in place (no columns, no index table)"
+        return "im2col", refused + "1x1 unit-stride layer: a plain GEMM on x and dy in place (no columns or table)"
     why_not = direct.supports(g, primitive)
     if why_not is not None:
-        return "im2col", f"direct cannot index this layer ({why_not})"
-    return "direct", "implicit GEMM: no column matrix, register-tiled (a heuristic not yet tuned on a GPU)"
+        return "im2col", refused + f"direct cannot index this layer ({why_not})"
+    return "direct", refused + "implicit GEMM: no column matrix, register-tiled (a heuristic not yet tuned on a GPU)"
