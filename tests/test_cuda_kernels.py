@@ -1381,6 +1381,23 @@ DEPTHWISE_ROWS = {
 }
 
 
+@pytest.mark.parametrize("op, xs, ws, kw", [
+    ("conv2d", (1, 1, 50000, 50000), (1, 1, 2, 2), dict(dilation=63)),
+    ("conv2d", (1, 1, 46341, 46341), (1, 1, 2, 2), dict(dilation=63, padding=32)),
+    ("conv2d_input", (1, 1, 50000, 50000), (1, 1, 2, 2), dict(dilation=63)),
+])
+def test_depthwise_halo_tiles_never_ask_for_a_grid_wider_than_cuda_allows(op, xs, ws, kw):
+    """A plane of billions of positions whose halo takes only 1x1 tiles asked for more than 2**31 - 1 blocks along x
+    (a launch error on a GPU, not a ValueError): such a plane runs the thread-per-output kernel (grid-stride)."""
+    g = cnnfast.explain("conv2d", xs, ws, device="cuda", **kw).spec.geometry
+    primitive = "forward" if op == "conv2d" else "backward_data"
+    assert depthwise.tile_geometry(g, primitive) is None
+    shapes = (xs, ws) if op == "conv2d" else (xs, ws, (1, 1, g.Q, g.U))
+    assert cnnfast.explain(op, *shapes, device="cuda", **kw).kernels == (f"depthwise {primitive}_kernel [float32]",)
+    small = cnnfast.explain("conv2d", (1, 1, 4000, 4000), ws, device="cuda", **kw).spec.geometry
+    assert depthwise.plane_grid(small, depthwise.tile_geometry(small, primitive))[0][0] <= depthwise.GRID_X
+
+
 @pytest.mark.parametrize("name", sorted(DEPTHWISE_ROWS))
 def test_depthwise_halo_threads_own_several_output_rows(name):
     """A thread of plane_kernel's ROWS builds sums ROWS output rows at once, each tap's weight read once for them.

@@ -44,6 +44,7 @@ ROWS = 4  # plane_kernel on planes taller than a block of threads: output rows p
 PLANE_BLOCKS = 3  # plane_kernel's float32 SPECIALISED straight builds: blocks of BLOCK threads per SM (bounds)
 PLANES = 8  # plane_kernel: (n, c) planes per block, when that leaves TARGET_BLOCKS blocks
 GRID_YZ = 65535  # CUDA's limit on a grid's y and z
+GRID_X = 2 ** 31 - 1  # ... and on its x
 NTILE = 36  # len(tile_geometry(...))
 GROUP = 32  # plane_kernel: planes side by side in a block at most (1: no grouped builds)
 GROUPED_BLOCKS = 2  # plane_kernel's float32 SPECIALISED grouped builds: blocks of BLOCK threads per SM (bounds)
@@ -269,6 +270,8 @@ def _tile_geometry(g, primitive, halo, tile_w, block, rows, target_blocks, group
     TQ, TU, V, rows, pitch, G = shape
     G = max(1, min(G, group, g.N * g.C, g.N * g.C * dst[0] // target_blocks))  # not at the cost of TARGET_BLOCKS
     if dst[0] > GRID_YZ:  # output depths are the grid's y
+        return None
+    if -(-dst[1] // TQ) * -(-dst[2] // TU) > GRID_X:  # tiles are its x (a plane of billions of positions in 1x1 tiles)
         return None
     return (g.N, g.C, g.K // g.C, int(fwd), *src, *dst, g.T, g.R, g.S, *axes,
             TQ, TU, -(-dst[1] // TQ), -(-dst[2] // TU), rows, pitch, V, G)
