@@ -31,6 +31,7 @@ import warnings
 REPEATS = 3
 CACHE_ENV = "CNNFAST_AUTOTUNE_CACHE"
 _MODE = contextvars.ContextVar("cnnfast_autotune", default=None)  # None: follow CNNFAST_AUTOTUNE
+_BLOCKS = contextvars.ContextVar("cnnfast_autotune_blocks", default=())  # the open blocks' tokens of _MODE
 _WINNERS = {}  # key -> {"winner": name, "ms": {name: median ms}}
 _LOADED = set()  # cache files read into _WINNERS
 _WARNED = set()  # cache files that could not be read or written (warned once)
@@ -39,20 +40,28 @@ _WARNED = set()  # cache files that could not be read or written (warned once)
 class autotune:
     """autotune(True) switches autotuning on for this thread or task, autotune(False) off, at the call (as
     torch.set_grad_enabled); as a context manager (`with cnnfast.autotune():`) the previous setting comes back at the
-    end of the block, and an object entered again switches it again."""
+    end of the block. One object may be entered again, nested, and in other threads or tasks (one kept at module
+    level): each block switches its own thread or task, and sets back what was there before it."""
 
     def __init__(self, enabled=True):
         self._enabled = bool(enabled)
-        self._token = _MODE.set(self._enabled)
+        self._made = _MODE.set(self._enabled)  # (the first block in this thread or task ends by undoing it)
 
     def __enter__(self):
-        if self._token is None:  # (its first block has ended)
-            self._token = _MODE.set(self._enabled)
+        made = self._made
+        if made is not None:
+            try:
+                _MODE.reset(made)  # (back to before the call: the block's exit restores that)
+                self._made = None
+            except ValueError:  # made in another thread or task: its own first block may still undo it
+                pass
+        _BLOCKS.set(_BLOCKS.get() + (_MODE.set(self._enabled),))
         return self
 
     def __exit__(self, *exc):
-        token, self._token = self._token, None
-        _MODE.reset(token)
+        blocks = _BLOCKS.get()  # (blocks end in the order opposite to their start, in each thread or task)
+        _BLOCKS.set(blocks[:-1])
+        _MODE.reset(blocks[-1])
 
 
 def env_flag(name) -> bool:

@@ -111,6 +111,38 @@ def test_an_autotune_object_switches_again_each_time_it_is_entered():
     assert not tune.active()
 
 
+def test_one_autotune_object_entered_nested_and_in_other_threads():
+    """An object kept at module level (as people keep torch.no_grad()) and entered in worker threads: autotuning was
+    silently off in the worker's first block, whose exit then raised (a token of another thread); nested in one
+    thread, the inner exit turned it off inside the outer block, whose exit raised."""
+    import threading
+
+    assert not tune.active()
+    shared = cnnfast.autotune()  # (on in this thread from here, as the call form does)
+    seen = []
+
+    def worker():
+        for _ in range(2):
+            with shared:
+                seen.append(tune.active())
+            seen.append(tune.active())
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == [True, False, True, False]
+    with shared:
+        with shared:
+            assert tune.active()
+        assert tune.active()
+    assert not tune.active()  # (the block undid the call's switch too)
+    with cnnfast.autotune(False):
+        with shared:
+            assert tune.active()
+        assert not tune.active()
+    assert not tune.active()
+
+
 def test_candidates_respect_the_workspace_limit(monkeypatch, arrays):
     x, w = arrays
     counts = {}
