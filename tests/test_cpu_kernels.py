@@ -1656,6 +1656,27 @@ def test_an_exception_anywhere_in_a_share_leaves_the_thread_count_and_its_state_
     blas._lock.release()
 
 
+def test_a_share_cut_short_in_its_end_is_set_back_by_the_next_share(monkeypatch):
+    """A KeyboardInterrupt is raised when a ctypes call returns: one at the end's read of OpenBLAS's count skipped
+    the rest of the end, leaving OpenBLAS on one thread (the user's own GEMMs too) for good; the next share sets it
+    back first."""
+    fake = _FakeOpenBLAS(2)
+    monkeypatch.setattr(blas, "openblas", lambda: fake)
+    real_get, reads = fake.get_num_threads, []
+
+    def get():
+        reads.append(1)
+        if len(reads) == 2:  # (the share's start reads it, then its end)
+            raise KeyboardInterrupt
+        return real_get()
+    monkeypatch.setattr(fake, "get_num_threads", get)
+    with pytest.raises(KeyboardInterrupt):
+        blas.share(lambda k: None, 2)
+    assert fake.threads == 1 and blas._generation % 2 == 1  # (as a Ctrl-C there left it)
+    blas.share(lambda k: None, 2)
+    assert fake.threads == 2 and blas._generation % 2 == 0 and blas._shared_count is None and blas.threads() == 2
+
+
 def test_cpu_results_are_the_same_bits_while_another_thread_runs_cnnfast():
     """OpenBLAS's one- and two-thread GEMMs round differently: a GEMM planned for OpenBLAS's threads must not run
     while another thread's share has OpenBLAS on one (about 1 call in 10 differed here before)."""

@@ -242,6 +242,8 @@ def _one_openblas_thread(lib):
     after (threads() reports that count meanwhile); yields 1, setting nothing, when it runs on one thread."""
     global _shared_count, _generation
     with _lock:
+        if _generation % 2:  # (no share runs while the lock is held: an earlier one's finally was cut short)
+            _set_back(lib)
         count = lib.get_num_threads()
         if count == 1:
             yield 1
@@ -252,10 +254,18 @@ def _one_openblas_thread(lib):
             lib.set_num_threads(1)
             yield count
         finally:
-            if lib.get_num_threads() == 1:  # (not a count the user set meanwhile: one is taken for the share's)
-                lib.set_num_threads(count)
-            _shared_count = None
-            _generation += _generation % 2  # even again (odd only while a share runs)
+            _set_back(lib)
+
+
+def _set_back(lib):
+    """A share's end: OpenBLAS's count set back (where it is still the share's one thread: not a count the user set
+    meanwhile), the generation even. Also at the next share's start where a KeyboardInterrupt cut this short (it is
+    raised when a ctypes call here returns), which had left OpenBLAS on one thread for good."""
+    global _shared_count, _generation
+    if _shared_count is not None and lib.get_num_threads() == 1:
+        lib.set_num_threads(_shared_count)
+    _shared_count = None
+    _generation += _generation % 2  # even again (odd only while a share runs)
 
 
 def share(task, parts):
