@@ -173,11 +173,18 @@ def _finite(v):
 
 
 def _load():
+    """The cache file's winners into _WINNERS, once per path: marked read once merged (under a lock), so that
+    another thread cannot take the path as read while its winners are not there yet (and time them again)."""
     path = _cache_path()
     if path and path not in _LOADED:
-        _LOADED.add(path)
-        for k, v in (_entries(path) or {}).items():
-            _WINNERS.setdefault(k, v)
+        with _LOAD_LOCK:
+            if path not in _LOADED:
+                for k, v in (_entries(path) or {}).items():
+                    _WINNERS.setdefault(k, v)
+                _LOADED.add(path)
+
+
+_LOAD_LOCK = threading.Lock()
 
 
 def _save():

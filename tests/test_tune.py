@@ -143,6 +143,35 @@ def test_one_autotune_object_entered_nested_and_in_other_threads():
     assert not tune.active()
 
 
+def test_no_thread_takes_the_cache_file_as_read_before_its_winners_are_in(monkeypatch, tmp_path):
+    """The path was marked read before its winners were merged: a second thread meanwhile found none and timed the
+    problem again (under contention, so it could store a worse winner)."""
+    import threading
+
+    monkeypatch.setenv(tune.CACHE_ENV, str(tmp_path / "winners.json"))
+    monkeypatch.setattr(tune, "_LOADED", set())
+    monkeypatch.setattr(tune, "_WINNERS", {})
+    stored = {"a problem": {"winner": "im2col", "ms": {"im2col": 1.0}}}
+    reading, go = threading.Event(), threading.Event()
+
+    def entries(path, warn=True):
+        reading.set()
+        go.wait(10)
+        return dict(stored)
+    monkeypatch.setattr(tune, "_entries", entries)
+    first = threading.Thread(target=tune._load)
+    first.start()
+    assert reading.wait(10)
+    seen = []
+    second = threading.Thread(target=lambda: (tune._load(), seen.append(dict(tune._WINNERS))))
+    second.start()
+    second.join(0.2)  # (it waits for the first's merge)
+    go.set()
+    first.join(10)
+    second.join(10)
+    assert seen == [stored]
+
+
 def test_candidates_respect_the_workspace_limit(monkeypatch, arrays):
     x, w = arrays
     counts = {}
