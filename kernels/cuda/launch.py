@@ -85,13 +85,19 @@ def launch_numba(pyfunc, grid, block, stream, *args):
 
 
 def _simulated(kernel, args):
-    """Run a configured kernel in the simulator with the switch interval at SIMULATED_SWITCH_INTERVAL."""
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(SIMULATED_SWITCH_INTERVAL)
-    try:
-        kernel(*args)
-    finally:
-        sys.setswitchinterval(before)
+    """Run a configured kernel in the simulator with the switch interval at SIMULATED_SWITCH_INTERVAL, one launch at a
+    time in the process: the simulator keeps one kernel context, and launches from two host threads failed
+    (AttributeError: 'Thread' object has no attribute 'blockIdx')."""
+    with _SIMULATING:
+        before = sys.getswitchinterval()
+        sys.setswitchinterval(SIMULATED_SWITCH_INTERVAL)
+        try:
+            kernel(*args)
+        finally:
+            sys.setswitchinterval(before)
+
+
+_SIMULATING = threading.Lock()
 
 
 def _atomic_shared_arrays():
