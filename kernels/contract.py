@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
+import numpy as np
+
 PRIMITIVES = ("forward", "backward_data", "backward_filter")
 DEFAULT_WORKSPACE_LIMIT = 256 << 20  # scratch bytes an algorithm may use when the caller gives no workspace_limit
 
@@ -156,25 +158,20 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 def pad_indices(length: int, pad_lo: int, pad_hi: int, mode: str):
-    """Source index in [0, L) for each of the L + lo + hi positions of a padded axis (-1: a zero).
+    """Source index in [0, L) for each of the L + lo + hi positions of a padded axis (-1: a zero), as int64.
 
     reflect (edge not repeated, needs pad < L): ... x2 x1 | x0 x1 .. x_{L-1} | x_{L-2} ...
     replicate: x0 .. x0 | x | x_{L-1} ..;  circular: x_{L-lo} .. | x | .. x_{hi-1};  zeros: -1.
     """
-    out = []
-    for j in range(-pad_lo, length + pad_hi):
-        if 0 <= j < length:
-            out.append(j)
-        elif mode == "zeros":
-            out.append(-1)
-        elif mode == "replicate":
-            out.append(min(max(j, 0), length - 1))
-        elif mode == "circular":
-            out.append(j % length)
-        elif mode == "reflect":
-            period = 2 * (length - 1)
-            m = abs(j) % period if period else 0
-            out.append(m if m < length else period - m)
-        else:
-            raise ValueError(f"pad_indices: unknown padding mode {mode!r}")
-    return out
+    j = np.arange(-pad_lo, length + pad_hi, dtype=np.int64)  # (NumPy: a pad of 2**31 took minutes as a list)
+    if mode == "zeros":
+        return np.where((j >= 0) & (j < length), j, -1)
+    if mode == "replicate":
+        return np.clip(j, 0, max(length - 1, 0))
+    if mode == "circular":
+        return j % length
+    if mode == "reflect":
+        period = 2 * (length - 1)
+        m = np.abs(j) % period if period else np.zeros_like(j)
+        return np.where(m < length, m, period - m)
+    raise ValueError(f"pad_indices: unknown padding mode {mode!r}")
