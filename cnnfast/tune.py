@@ -31,7 +31,8 @@ import warnings
 REPEATS = 3
 CACHE_ENV = "CNNFAST_AUTOTUNE_CACHE"
 _MODE = contextvars.ContextVar("cnnfast_autotune", default=None)  # None: follow CNNFAST_AUTOTUNE
-_BLOCKS = contextvars.ContextVar("cnnfast_autotune_blocks", default=())  # the open blocks' tokens of _MODE
+_BLOCKS = contextvars.ContextVar("cnnfast_autotune_blocks", default=())  # open blocks: (object, mode before it)
+_VERSION = contextvars.ContextVar("cnnfast_autotune_version", default=0)  # changes of the mode (autotune's)
 _WINNERS = {}  # key -> {"winner": name, "ms": {name: median ms}}
 _LOADED = set()  # cache files read into _WINNERS
 _WARNED = set()  # cache files that could not be read or written (warned once)
@@ -41,27 +42,48 @@ class autotune:
     """autotune(True) switches autotuning on for this thread or task, autotune(False) off, at the call (as
     torch.set_grad_enabled); as a context manager (`with cnnfast.autotune():`) the previous setting comes back at the
     end of the block. One object may be entered again, nested, and in other threads or tasks (one kept at module
-    level): each block switches its own thread or task, and sets back what was there before it."""
+    level): each block switches its own thread or task, and sets back what was there before it (the call's own switch
+    too, where the block follows it with nothing set in between)."""
 
     def __init__(self, enabled=True):
         self._enabled = bool(enabled)
-        self._made = _MODE.set(self._enabled)  # (the first block in this thread or task ends by undoing it)
+        self._made = _MODE.set(self._enabled)
+        self._version = _changed()
 
     def __enter__(self):
-        made = self._made
-        if made is not None:
+        if self._made is not None and _VERSION.get() == self._version:  # nothing set since the call, here or ...
             try:
-                _MODE.reset(made)  # (back to before the call: the block's exit restores that)
+                _MODE.reset(self._made)  # ... in another thread or task (ValueError): the block starts from before it
                 self._made = None
-            except ValueError:  # made in another thread or task: its own first block may still undo it
+            except (ValueError, RuntimeError):
                 pass
-        _BLOCKS.set(_BLOCKS.get() + (_MODE.set(self._enabled),))
+        _BLOCKS.set(_BLOCKS.get() + ((self, _MODE.get()),))
+        _MODE.set(self._enabled)
+        _changed()
         return self
 
     def __exit__(self, *exc):
-        blocks = _BLOCKS.get()  # (blocks end in the order opposite to their start, in each thread or task)
-        _BLOCKS.set(blocks[:-1])
-        _MODE.reset(blocks[-1])
+        """Back to what was there before this object's newest block; or, where a block begun after it is still open
+        (an abandoned generator's, ended out of order), that block's end sets it back."""
+        blocks = _BLOCKS.get()
+        i = max((i for i, (owner, _) in enumerate(blocks) if owner is self), default=None)
+        if i is None:
+            return
+        previous = blocks[i][1]
+        if i + 1 < len(blocks):
+            blocks = blocks[:i] + ((blocks[i + 1][0], previous),) + blocks[i + 2:]
+        else:
+            blocks = blocks[:i]
+            _MODE.set(previous)
+        _BLOCKS.set(blocks)
+        _changed()
+
+
+def _changed():
+    """Count a change of the mode in this thread or task (autotune's blocks tell whether one came after a call)."""
+    version = _VERSION.get() + 1
+    _VERSION.set(version)
+    return version
 
 
 def env_flag(name) -> bool:

@@ -143,6 +143,33 @@ def test_one_autotune_object_entered_nested_and_in_other_threads():
     assert not tune.active()
 
 
+def test_autotune_blocks_set_back_what_was_there_before_them():
+    """(In a context of its own: the objects made here switch it at the call.) An object made earlier and first
+    entered inside another block had set back the mode from before it was made; a block that ends while one begun
+    after it is still open (a generator's, abandoned) had taken that block's setting."""
+    import contextvars
+
+    def body():
+        made_earlier = cnnfast.autotune()
+        with cnnfast.autotune(False):
+            with made_earlier:
+                assert tune.active()
+            assert not tune.active()  # (was on)
+
+        def paused():
+            with cnnfast.autotune(True):
+                yield
+        with cnnfast.autotune(False):
+            inside = paused()
+            next(inside)  # its block open, ours ends first
+            assert tune.active()
+        assert tune.active()  # (still its block's)
+        inside.close()
+        assert tune._MODE.get() is True  # what was there before our block: made_earlier's switch
+    contextvars.copy_context().run(body)
+    assert tune._MODE.get() is None
+
+
 def test_no_thread_takes_the_cache_file_as_read_before_its_winners_are_in(monkeypatch, tmp_path):
     """The path was marked read before its winners were merged: a second thread meanwhile found none and timed the
     problem again (under contention, so it could store a worse winner)."""
