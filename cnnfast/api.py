@@ -15,7 +15,6 @@ different sides; each op names the primitive it needs and the roles of its array
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import reprlib
 from functools import lru_cache
@@ -86,8 +85,7 @@ def run(op, kind, nd, *, input=None, weight=None, grad_output=None, bias=None, s
     if any(isinstance(a, arrays.ShapeArray) for a in named.values()):
         return tune.plan(op, spec, primitive, device, workspace_limit, plan) if tuning else plan
 
-    gpu = arrays.gpu_to_enter(op, **named, bias=bias) if device == "cuda" else None
-    with gpu or _HERE:  # (on the arrays' GPU where several are present)
+    with arrays.on_their_gpu(device, op, **named, bias=bias):
         dev = arrays.device_for(device, family, stream, op)
         ins = {roles[n]: a for n, a in named.items()}
         if tuning:
@@ -199,7 +197,6 @@ def _token(device):
 # Bounded as _PLANS; a test that clears _PLANS to plan cnnfast.torch's calls afresh (after patching a planner's
 # constant) clears it too.
 _CALLS = {}
-_HERE = contextlib.nullcontext()  # run's context where the call needs no GPU of its own (reusable)
 
 
 def _remember(cache, key, value):

@@ -12,6 +12,7 @@ Numba's CUDA target is imported only when a CUDA array is actually seen.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import operator
@@ -172,6 +173,15 @@ def inspect(op, **arrays):
         elif dt != dtype:
             raise TypeError(f"{op}: expected {name} to have the same dtype as {first} ({dtype}), but got {dt}")
     return "cpu" if family == "numpy" else "cuda", family, _DTYPE_NAMES[dtype], shapes
+
+
+def on_their_gpu(device, op, **arrays):
+    """A context for a call's work: the arrays' GPU entered where it is not the current one (gpu_to_enter), else
+    nothing to do (a reusable nullcontext)."""
+    return (gpu_to_enter(op, **arrays) if device == "cuda" else None) or _HERE
+
+
+_HERE = contextlib.nullcontext()
 
 
 def gpu_to_enter(op, **arrays):

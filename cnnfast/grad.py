@@ -80,19 +80,20 @@ def conv_bias(grad_output, *, stream=None):
     if len(shape) not in (3, 4, 5):
         raise ValueError(f"{op}: expected a batched grad_output (N, K, *L) with 1 to 3 spatial dimensions, "
                          f"but got grad_output of size {list(shape)}")
-    dev = arrays.device_for(device, family, stream, op)
-    if 0 in shape:
-        db = dev.zeros(shape[1:2], dtype)
-    else:
-        dy = dev.working(grad_output)
-        spatial = 1
-        for s in shape[2:]:
-            spatial *= s
-        db = dev.empty(shape[1:2], dtype)
-        dev.bias_grad(dev.view(dy, shape[:2] + (1, 1, spatial)), db)
-    if compare.active():
-        dev.synchronize()  # (the host copies may run on another stream than the op's)
-        host = arrays.to_host(grad_output)
-        compare.verify(op, "bias_grad", device, arrays.to_host(db), reference.conv_bias(host), dtype,
-                       terms=lambda: reference.conv_bias(np.abs(host)))
-    return dev.result(db, like=grad_output)
+    with arrays.on_their_gpu(device, op, grad_output=grad_output):
+        dev = arrays.device_for(device, family, stream, op)
+        if 0 in shape:
+            db = dev.zeros(shape[1:2], dtype)
+        else:
+            dy = dev.working(grad_output)
+            spatial = 1
+            for s in shape[2:]:
+                spatial *= s
+            db = dev.empty(shape[1:2], dtype)
+            dev.bias_grad(dev.view(dy, shape[:2] + (1, 1, spatial)), db)
+        if compare.active():
+            dev.synchronize()  # (the host copies may run on another stream than the op's)
+            host = arrays.to_host(grad_output)
+            compare.verify(op, "bias_grad", device, arrays.to_host(db), reference.conv_bias(host), dtype,
+                           terms=lambda: reference.conv_bias(np.abs(host)))
+        return dev.result(db, like=grad_output)

@@ -327,6 +327,10 @@ def test_a_call_runs_on_the_gpu_its_arrays_are_on(problem, two_gpus):
     _check(_all_ops(x, w, dy), type(x))
     assert launches and set(launches) == {1} and gpus.current == [0]
     launches.clear()
+    db = grad.conv_bias(dy)
+    compare.assert_close(db.copy_to_host(), problem[2].astype(np.float64).sum((0, 2, 3)), "float32", "conv_bias")
+    assert launches and set(launches) == {1} and gpus.current == [0]
+    launches.clear()
     on.update({id(x): 0, id(w): 0, id(dy): 0})
     _check(_all_ops(x, w, dy), type(x))
     assert launches and set(launches) == {0} and gpus.current == [0]
