@@ -208,8 +208,11 @@ def _remember(cache, key, value):
 
 @lru_cache(maxsize=PLAN_CACHE_SIZE)
 def _pad_arrays(spec):
-    """spec.pad_tables() as int64 arrays (pre-padded specs)."""
-    return [np.asarray(t, dtype=np.int64) for t in spec.pad_tables()]
+    """spec.pad_tables() as read-only int64 arrays (pre-padded specs)."""
+    tables = [np.array(t, dtype=np.int64) for t in spec.pad_tables()]
+    for t in tables:
+        t.flags.writeable = False  # (kept per spec: the CUDA launchers key its device copy by its bytes, once)
+    return tables
 
 
 def _execute(*args):
