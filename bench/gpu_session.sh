@@ -55,8 +55,9 @@ warm_ptx() {
     ptx_dir=$(sed -n 's/.* compiled into //p' "$out/warm.txt")  # (the PTX version NVVM wrote: the driver must load it)
     grep -h -m1 '^\.version' "$ptx_dir"/*.ptx 2>/dev/null | head -n 1 | sed 's/^/PTX /' | tee -a "$out/warm.txt"
 }
-left() {  # seconds to GPU_DEADLINE, at least 1 (bench's --deadline: it starts no layer that would end past it)
-    echo $(( deadline - SECONDS > 0 ? deadline - SECONDS : 1 ))
+left() {  # seconds to GPU_DEADLINE less $1, at least 1 (bench's --deadline, counted from its own start: the margin
+    # covers Python's start and imports before it, and the summary and plot after its last layer)
+    echo $(( deadline - SECONDS - $1 > 0 ? deadline - SECONDS - $1 : 1 ))
 }
 raw_by_default() {  # bench and tiles time the raw path unless CNNFAST_CUDA_LAUNCH says otherwise
     export CNNFAST_CUDA_LAUNCH="${CNNFAST_CUDA_LAUNCH:-raw}"
@@ -113,7 +114,7 @@ bench)
     raw_by_default
     tag="$CNNFAST_CUDA_LAUNCH"
     "$PY" -m cnnfast.cli bench --device cuda "${filters[@]}" --json "$out/bench-cuda-$tag.json" \
-        --deadline "$(left)" --plot "$out/roofline-cuda-$tag.png" 2> "$out/bench-cuda-$tag-stderr.txt" \
+        --deadline "$(left 30)" --plot "$out/roofline-cuda-$tag.png" 2> "$out/bench-cuda-$tag-stderr.txt" \
         | tee "$out/bench-cuda-$tag.txt"
     rc=${PIPESTATUS[0]}
     tail -n 5 "$out/bench-cuda-$tag-stderr.txt"
@@ -124,7 +125,7 @@ tiles)
     for name in "$@"; do filters+=(--shape "$name"); done
     raw_by_default
     "$PY" -m cnnfast.cli bench --device cuda "${filters[@]}" --algo direct --tiles --json "$out/bench-cuda-tiles.json" \
-        --deadline "$(left)" 2> "$out/bench-cuda-tiles-stderr.txt" | tee "$out/bench-cuda-tiles.txt"
+        --deadline "$(left 30)" 2> "$out/bench-cuda-tiles-stderr.txt" | tee "$out/bench-cuda-tiles.txt"
     rc=${PIPESTATUS[0]}
     tail -n 5 "$out/bench-cuda-tiles-stderr.txt"
     exit "$rc"

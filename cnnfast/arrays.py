@@ -210,7 +210,13 @@ def _gpus():
 
 
 def _current_gpu():
-    return getattr(_package("numba.cuda").get_current_device(), "id", 0)  # (the simulator's device has no id)
+    """The ordinal of the GPU whose context is current on this thread, None where none is (asking makes none: Numba's
+    get_current_device() would make GPU 0's, a context on a GPU the process may never use)."""
+    if simulator_enabled():
+        return 0
+    from numba.cuda.cudadrv.driver import driver
+    with driver.get_active_context() as active:
+        return active.devnum
 
 
 def gpu_of(a):

@@ -356,11 +356,16 @@ def run(shapes, device, primitives, algos, dtype, repeats, progress=None, ceilin
             progress(i, len(jobs), shape.name, primitive, "timing")
         try:
             seconds = time_interleaved([(fn, t) for _, fn, t in timed], repeats)
-            bursts = [_burst(fn, t, device) for _, fn, t in timed]
         except Exception as e:  # noqa: BLE001
             job += [dict(row, status="ERROR", note=f"timing: {type(e).__name__}: {e}") for row, _, _ in timed]
         else:
-            job += [dict(row, seconds=sec, **burst) for (row, _, _), sec, burst in zip(timed, seconds, bursts)]
+            for (row, fn, t), sec in zip(timed, seconds):
+                row = dict(row, seconds=sec)
+                try:  # (an error here leaves the row its median)
+                    row.update(_burst(fn, t, device))
+                except Exception as e:  # noqa: BLE001
+                    row["note"] = f"b2b: {type(e).__name__}: {e}"
+                job.append(row)
         if spec.flops <= REFERENCE_FLOP_LIMIT:
             ref = lambda s=shape, p=primitive, h=host: reference_result(s, p, h)  # noqa: E731
             job.append(dict(base, provider="reference", status="ok", seconds=time_cpu(ref)))
@@ -589,5 +594,5 @@ def main(argv=None) -> int:
         plot_roofline(rows, ceilings, args.plot, f"cnnfast {device}: {where} ({info['date']})")
         print(f"wrote {args.plot}")
     elif args.plot:
-        print(f"--plot: not drawn, no ceilings were measured (they need torch on {device})", file=sys.stderr)
+        print("--plot: not drawn, no ceilings were measured (on cuda they need torch)", file=sys.stderr)
     return 1 if any(r["status"] not in ("ok", "n/a") for r in rows) else 0

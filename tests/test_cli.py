@@ -228,7 +228,7 @@ def test_bench_deadline_starts_no_layer_the_longest_so_far_would_carry_past_it(t
                  "--algo", "direct", "--repeats", "2", "--deadline", "1", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "--deadline 1: 1 of 2 layer primitives not measured: 1x1-64-32@16 backward_filter" in text
-    assert "cnnfast:auto vs torch, forward" in text and "backward_filter:" not in text
+    assert "backward_filter:" not in text and "cnnfast:auto vs torch" in text  # (the summary, torch or not)
     written = json.loads(out.read_text())
     assert written["complete"] is False and written["unmeasured"] == ["1x1-64-32@16 backward_filter"]
     assert {r["primitive"] for r in written["rows"]} == {"forward"}
