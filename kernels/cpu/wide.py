@@ -391,9 +391,10 @@ def supports(g, primitive):
     terms = (g.K if primitive == "backward_data" else g.C) // g.groups * g.T * g.R * g.S
     if terms < 3:
         return f"the wide kernels need at least 3 terms (source channels per group x taps), got {terms}"
-    if primitive == "backward_data" and depthwise.class_count(g) > depthwise.MAX_CLASSES:
-        return (f"the wide kernels take an input gradient of at most {depthwise.MAX_CLASSES} sub-pixel classes, got "
-                f"{depthwise.class_count(g)}")
+    classes = depthwise.class_count(g) if primitive == "backward_data" else 1
+    if classes > depthwise.MAX_CLASSES:
+        return f"the wide kernels take an input gradient of at most {depthwise.MAX_CLASSES} sub-pixel classes, " \
+               f"got {classes}"
     return None
 
 
