@@ -8,7 +8,6 @@ import glob
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 
 if "NUMBA_ENABLE_CUDASIM" not in os.environ:
@@ -34,18 +33,19 @@ def pytest_report_header(config):
 # collection in a background process, one compiling process per core at the lowest priority, and the tests that read
 # it run last: it compiles on the CPU time the rest of the suite leaves (the simulated kernels keep one core busy,
 # the CPU kernels' threads every core now and then). With one process it outlasted the rest of the suite by ~5 min.
-PTX_TABLE = [sys.executable, "-m", "cnnfast.kernels.cuda.ptx", "--json", "--jobs", str(os.cpu_count() or 1)]
+PTX_ARGS = ["--json", "--jobs", str(os.cpu_count() or 1)]
 _ptx_job = None  # (Popen, stdout file, stderr file) while it runs
 
 
 def _start_ptx_table():
     global _ptx_job
+    from cnnfast.kernels.cuda import ptx
+
     out, err = (tempfile.TemporaryFile("w+") for _ in range(2))  # files, not pipes: the JSON outgrows a pipe
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")  # compile_ptx needs the NVVM wheels, not a GPU
-    nice = (lambda: os.nice(19)) if hasattr(os, "nice") else None
-    # its own session (process group), so that an early exit stops its compiling processes too
-    _ptx_job = subprocess.Popen(PTX_TABLE, env=env, stdout=out, stderr=err, text=True, preexec_fn=nice,
-                                start_new_session=True), out, err
+    # its own process group, so that an early exit stops its compiling processes too; they also stop when this
+    # process is killed (start_background)
+    _ptx_job = ptx.start_background(PTX_ARGS, env=env, stdout=out, stderr=err, text=True), out, err
 
 
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection: no table for a run without the tests that read it
@@ -72,7 +72,7 @@ def ptx_table():
     job.wait(timeout=1800)
     _ptx_job = None
     out.seek(0), err.seek(0)
-    return subprocess.CompletedProcess(PTX_TABLE, job.returncode, out.read(), err.read())
+    return subprocess.CompletedProcess(job.args, job.returncode, out.read(), err.read())
 
 
 @pytest.fixture

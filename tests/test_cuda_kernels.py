@@ -1,11 +1,13 @@
 """CUDA-specific checks: PTX/spills for every specialisation, workspace chunking, split reductions,
 determinism, layout twins, cached device constants. Correctness of every algorithm over the grid is tests/test_ops.py.
 Runs on a GPU, or in Numba's CUDA simulator (tests/conftest.py) with small shapes."""
+import glob
 import json
 import math
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -89,6 +91,47 @@ def test_the_ptx_tool_without_the_toolchain_says_what_to_install(monkeypatch, ca
     assert ptx.main(["--warm"]) == 2
     err = capsys.readouterr().err
     assert "libnvrtc.so.13" in err and "pip install -e '.[cuda-toolchain]'" in err
+
+
+def _group(pgid):
+    """The live processes (not zombies) of process group pgid, from Linux's /proc."""
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                state, _, group = f.read().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue  # (ended meanwhile)
+        if int(group) == pgid and state != "Z":
+            found.append(stat)
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="processes end with their parent on Linux only")
+def test_a_killed_test_run_leaves_no_ptx_compilers_behind():
+    """The background PTX table (tests/conftest.py) and its compiling processes end with the run that started it,
+    even killed by a timeout's SIGKILL; they used to compile on for minutes, on every core."""
+    started = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, time\nfrom cnnfast.kernels.cuda import ptx\n"
+         "job = ptx.start_background(['--jobs', '2'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+         "print(job.pid, flush=True)\ntime.sleep(600)"],
+        env=dict(os.environ, NUMBA_ENABLE_CUDASIM="0"), stdout=subprocess.PIPE, text=True)
+    group = int(started.stdout.readline())
+    deadline = time.monotonic() + 180
+    while 0 < len(_group(group)) < 3 and time.monotonic() < deadline:  # ptx.py, then its two compiling processes
+        time.sleep(0.2)
+    compiling = len(_group(group))
+    started.kill()
+    started.wait()
+    deadline = time.monotonic() + 30
+    while _group(group) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = len(_group(group))
+    if left:
+        os.killpg(group, 9)
+    if compiling < 3:
+        pytest.skip("ptx.py ended before it started compiling processes (no NVVM/NVRTC wheels?)")
+    assert left == 0, f"{left} of ptx.py's {compiling} processes outlived the killed run"
 
 
 def test_depthwise_3x3_halo_builds_fit_their_blocks_per_sm(ptx_rows):

@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -173,13 +174,56 @@ def warm(index):
     ptx(*specialisations()[index][1:3], CC)
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _prctl():
+    """libc's prctl on Linux (None elsewhere), looked up before a fork: the forked child only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    return ctypes.CDLL(None).prctl
+
+
+def _die_with(parent, prctl=None):
+    """Be killed when process `parent` ends, even killed itself (Linux; elsewhere nothing): compiling processes must
+    not outlive the run that wanted their table, they would compile on for minutes."""
+    prctl = prctl or _prctl()
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # it ended before the line above took effect
+            os._exit(1)
+
+
+def _pool(jobs):
+    """Compiling processes, each ending with this one."""
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with,
+                               initargs=(os.getpid(),))
+
+
+def start_background(argv, **popen):
+    """Start `python -m cnnfast.kernels.cuda.ptx *argv` at the lowest priority, in a process group of its own (stop it
+    with os.killpg(job.pid, SIGKILL), its compiling processes too), ending with the caller even when the caller is
+    killed (a timeout, SIGKILL), as its compiling processes end with it."""
+    caller, prctl = os.getpid(), _prctl()
+
+    def prepare():  # in the forked child, before it runs Python: system calls only
+        if hasattr(os, "nice"):
+            os.nice(19)
+        _die_with(caller, prctl)
+
+    return subprocess.Popen([sys.executable, "-m", "cnnfast.kernels.cuda.ptx", *argv], preexec_fn=prepare,
+                            start_new_session=True, **popen)
+
+
 def warm_all(jobs=None):
     """warm every raw-pointer specialisation (sm_90)."""
     from cnnfast.kernels.cuda.compile import specialisations
 
     indices = [i for i, s in enumerate(specialisations()) if s[3] == "pointer"]
     jobs = max(1, jobs or os.cpu_count() or 1)
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with _pool(jobs) as pool:
         list(pool.map(warm, indices))
     return len(indices)
 
@@ -191,7 +235,7 @@ def check_all(jobs=None):
     jobs = max(1, min(jobs or os.cpu_count() or 1, count))
     if jobs == 1:
         return [check(i) for i in range(count)]
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with _pool(jobs) as pool:
         return list(pool.map(check, range(count)))
 
 
