@@ -549,6 +549,30 @@ def test_the_wide_kernels_take_smaller_blocks_of_samples_under_a_workspace_limit
                  layer.expected(primitive), "float64", "smaller blocks")
 
 
+def test_the_wide_weight_gradient_adds_parts_that_end_inside_a_run():
+    """A block's grid past FILTER_POSITIONS runs in parts, each summed by its own task; here a part is not a whole
+    number of GRID_POSITIONS runs, so a part's last run stops at the part's end: no position summed twice or skipped
+    (every other test's grid fits one part)."""
+    from cnnfast.kernels.cpu import wide
+    layer = Layer((2, 3, 128, 130), (3, 3, 3, 3), padding=1)
+    layout = wide._layout(layer.explain("backward_filter", algo="direct").spec.geometry, "backward_filter", 2)
+    parts = wide._parts(layout)
+    assert parts > 1 and -(-layout.volume // parts) % wide.GRID_POSITIONS
+    assert_close(layer.run("backward_filter", algo="direct"), layer.expected("backward_filter"), "float64", "parts")
+
+
+@pytest.mark.parametrize("primitive", list(OPS))
+@pytest.mark.parametrize("kernel", [(2,), (2, 2), (5, 1)])
+def test_depthwise_plane_kernels_add_the_last_one_or_two_taps(kernel, primitive):
+    """The depthwise plane kernels add three taps a pass, then the one or two left: kernels of 2, 4 and 5 taps (the
+    grid's depthwise layers have 3 or 9), on small planes (the lanes kernels) and larger ones (the wide kernels),
+    with a channel multiplier of 2."""
+    for spatial in ((7,) * len(kernel), (12,) * len(kernel)):
+        layer = Layer((2, 3) + spatial, (6, 1) + kernel, padding=1, groups=3)
+        assert_close(layer.run(primitive, algo="depthwise"), layer.expected(primitive), "float64",
+                     f"{kernel} {spatial}")
+
+
 @pytest.mark.parametrize("x_shape, w_shape, stride, forward, weight", [
     ((8, 960, 7, 7), (960, 1, 3, 3), 2, "depthwise_lanes_cpu", "depthwise_lanes_filter_cpu"),   # 4x4 outputs
     ((8, 960, 7, 7), (960, 1, 3, 3), 1, "depthwise_lanes_cpu", "depthwise_lanes_filter_cpu"),    # 49
