@@ -1595,13 +1595,14 @@ def test_bias_grad_twin():
     np.testing.assert_allclose(out.copy_to_host(), reference.conv_bias(dy.reshape(3, 5, 24)), rtol=1e-12)
 
 
-@pytest.mark.parametrize("shape", [(2, 2, 500), (5, 3, 100), (2, 1, 1)])
+# (1, 2, 725): 3 splits of 242 that do not divide the 725 elements: catches a last split summed past N*L
+@pytest.mark.parametrize("shape", [(2, 2, 500), (5, 3, 100), (2, 1, 1), (1, 2, 725)])
 def test_bias_grad_splits_are_deterministic(shape, monkeypatch):
     """Forced splits that start and end inside rows (500 and 100 elements), rows shorter than the block (a thread
     steps over several samples at once) and a single element: the reference sum, the same bits twice."""
     monkeypatch.setattr(layout, "MIN_SPLIT", 240)
     N, K, L = shape
-    assert layout.bias_grad_splits(N, K, L) == max(1, N * L // 240)  # 4, 2 and 1
+    assert layout.bias_grad_splits(N, K, L) == max(1, N * L // 240)  # 4, 2, 1 and 3
     dy = np.random.default_rng(L).standard_normal(shape).astype(np.float32)
     runs = [grad.conv_bias(cuda.to_device(dy)).copy_to_host() for _ in range(2)]
     compare.assert_close(runs[0], reference.conv_bias(dy), "float32", f"bias gradient {shape}")
@@ -1669,3 +1670,35 @@ def test_raw_fallbacks_name_the_kernels_left_on_numbas_dispatcher(monkeypatch):
         pass
     monkeypatch.setattr(launching, "_FUNCTIONS", {(fell_back, ("<f4",), 0): None, (loaded, ("<f4",), 0): object()})
     assert [name.rsplit(".", 1)[-1] for name in launching.raw_fallbacks()] == ["fell_back"]
+
+
+# ---------------------------------------------------------------- multi-block coverage (mutation-testing review)
+
+@pytest.mark.parametrize("algo, xs, ws", [("direct:8x64", (2, 12, 4, 5), (12, 12, 3, 3)),
+                                          ("direct:32x64", (1, 36, 3, 4), (36, 36, 1, 2)),
+                                          ("im2col:32x64", (1, 3, 4, 5), (40, 3, 3, 3))])
+def test_gemm_with_several_row_blocks(algo, xs, ws):
+    """More rows than one tile (K/g, and direct's C/g, > BM, the last row block partial) and, for direct's weight
+    gradient, more columns than one (C/g*TRS > BN): catches a block's row offset m0 dropped or mis-scaled in the
+    GEMM's staging (every other direct test, and im2col's forward and weight gradient, have at most 6 rows per
+    group: one row block)."""
+    g = cnnfast.explain("conv2d", xs, ws, device="cuda", padding=1).spec.geometry
+    t = gemm.TILES[algo.split(":")[1]]
+    assert g.K > t.BM and g.K % t.BM and (algo.startswith("im2col") or g.C > t.BM and g.C % t.BM)
+    _three_primitives(xs, ws, dict(padding=1), "float32", algo, seed=5)
+
+
+def test_depthwise_filter_threads_take_several_items(monkeypatch):
+    """More reduction items than filter_kernel's FILTER_BLOCK threads in one split: each thread steps its item
+    (n, p, b, u) by the block's digits with carries, and threads past half the block hold sums for the tree; catches
+    a wrong carry radix or a tree that drops threads (every other test has under 128 items per split)."""
+    monkeypatch.setattr(depthwise_filter, "FILTER_ROWS", 3)
+    xs, ws, kw = (2, 2, 8, 45), (4, 1, 3, 3), dict(padding=1, groups=2)
+    g = cnnfast.explain("conv2d", xs, ws, device="cuda", **kw).spec.geometry
+    assert depthwise_filter.filter_splits(g, 4, None) == 1
+    assert depthwise_filter.filter_items(g) > 2 * depthwise_filter.FILTER_BLOCK
+    rng = np.random.default_rng(22)
+    x = rng.standard_normal(xs).astype(np.float32)
+    dy = rng.standard_normal((g.N, g.K, g.Q, g.U)).astype(np.float32)
+    dw = grad.conv2d_weight(cuda.to_device(x), ws, cuda.to_device(dy), algo="depthwise", **kw).copy_to_host()
+    compare.assert_close(dw, reference.conv_weight(x, ws, dy, **kw), "float32", "depthwise filter, many items")

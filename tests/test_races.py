@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from cnnfast.kernels.cuda import depthwise, depthwise_filter, direct, layout
 from races import watching
+from test_cuda_kernels import _three_primitives
 
-import cnnfast
-from cnnfast import compare, grad, reference
+from cnnfast import compare, grad
 from cnnfast.arrays import simulator_enabled
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not simulator_enabled(), reason="simulator only: on a GPU, "
@@ -109,21 +109,6 @@ def test_the_detector_finds_the_one_bug_of_each_toy_kernel(kernel, finding):
         assert any(kind.startswith(finding) for kind in found), seen.problems
 
 
-def _three_primitives(x_shape, w_shape, algo, dtype="float32", **kw):
-    """Forward with bias, backward data and backward filter on Numba device arrays, each checked with the reference."""
-    rng = np.random.default_rng(0)
-    x, w, b = (rng.standard_normal(s).astype(dtype) for s in (x_shape, w_shape, w_shape[:1]))
-    nd = len(x_shape) - 2
-    to = cuda.to_device
-    y = getattr(cnnfast, f"conv{nd}d")(to(x), to(w), to(b), algo=algo, **kw).copy_to_host()
-    compare.assert_close(y, reference.conv(x, w, b, **kw), dtype, f"{algo} forward")
-    dy = rng.standard_normal(y.shape).astype(dtype)
-    dx = getattr(grad, f"conv{nd}d_input")(x_shape, to(w), to(dy), algo=algo, **kw).copy_to_host()
-    compare.assert_close(dx, reference.conv_input(x_shape, w, dy, **kw), dtype, f"{algo} backward_data")
-    dw = getattr(grad, f"conv{nd}d_weight")(to(x), w_shape, to(dy), algo=algo, **kw).copy_to_host()
-    compare.assert_close(dw, reference.conv_weight(x, w_shape, dy, **kw), dtype, f"{algo} backward_filter")
-
-
 # (what it covers, x, w, algo, options, module constants lowered so that small shapes reach the case)
 CASES = [
     # the double-buffered tiled GEMM on partial tiles, the sub-pixel classes of backward data, groups
@@ -150,7 +135,7 @@ def test_shared_memory_kernels_have_no_races_or_divergent_barriers(x_shape, w_sh
     for (module, name), value in lowered.items():
         monkeypatch.setattr(module, name, value)
     with watching() as seen:
-        _three_primitives(x_shape, w_shape, algo, **options)
+        _three_primitives(x_shape, w_shape, options, "float32", algo)
     assert seen.counts["barriers"] and seen.counts["shared writes"] and seen.counts["global writes"], seen.counts
     assert not seen.problems, seen.problems
 
