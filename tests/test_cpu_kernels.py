@@ -549,6 +549,19 @@ def test_the_wide_kernels_take_smaller_blocks_of_samples_under_a_workspace_limit
                  layer.expected(primitive), "float64", "smaller blocks")
 
 
+@pytest.mark.parametrize("primitive", list(OPS))
+def test_the_wide_kernels_last_block_of_samples_may_be_smaller(primitive):
+    """Five samples in blocks of two: the last block holds one, and its grid is laid out for one (every other test's
+    blocks divide the batch)."""
+    from cnnfast.kernels.cpu import wide
+    layer = Layer((5, 12, 10, 10), (12, 4, 3, 3), padding=1, groups=3)
+    g = layer.explain(primitive, algo="direct").spec.geometry
+    limit = wide._bytes(g, primitive, 8, 2)
+    assert [n for _, n, _ in wide._blocks(g, primitive, 8, limit)] == [2, 2, 1]
+    assert_close(layer.run(primitive, algo="direct", workspace_limit=limit), layer.expected(primitive), "float64",
+                 "blocks of 2, 2 and 1")
+
+
 def test_the_wide_weight_gradient_adds_parts_that_end_inside_a_run():
     """A block's grid past FILTER_POSITIONS runs in parts, each summed by its own task; here a part is not a whole
     number of GRID_POSITIONS runs, so a part's last run stops at the part's end: no position summed twice or skipped
