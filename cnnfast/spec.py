@@ -396,10 +396,11 @@ class ConvSpec:
         return 4 if self.dtype == "float32" else 8
 
     def min_bytes(self, primitive="forward") -> int:
-        """Bytes if every tensor the primitive touches were read or written exactly once."""
+        """Bytes if every tensor the primitive (the op's own: a transposed convolution's forward adds its bias too)
+        touches were read or written exactly once."""
         n = math.prod
         x, w, y = n(self.conv_x_shape), n(self.weight_shape), n(self.conv_y_shape)
-        b = self.weight_shape[0] if (self.bias and primitive == "forward") else 0
+        b = self.output_shape[1] if (self.bias and primitive == "forward") else 0  # (a transposed weight: (C, K/g))
         return (x + w + y + b) * self.itemsize
 
     @property

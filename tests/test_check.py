@@ -247,3 +247,41 @@ def test_the_tolerance_is_printed_as_set(broken_direct, monkeypatch):
     x, w, b = _layer()
     with pytest.raises(cnnfast.MismatchError, match=r"> 0\.00025 \(float32\)"), cnnfast.checking():
         cnnfast.conv2d(x, w, b, algo="direct")
+
+
+@pytest.fixture
+def broken_weight_grad(monkeypatch):
+    """The CPU direct weight gradient with one element of filter 1 (not filter 0) off by one."""
+    good = cpu_kernels.ALGORITHMS["direct"]
+
+    def backward_filter(x, dy, dw, g, **kw):
+        good.backward_filter(x, dy, dw, g, **kw)
+        dw[1, 0, 0, 0, 0] += 1.0
+
+    monkeypatch.setitem(cpu_kernels.ALGORITHMS, "direct", dataclasses.replace(good, backward_filter=backward_filter))
+
+
+def test_check_mode_compares_all_of_an_unbatched_weight_gradient(broken_weight_grad):
+    """Catches check mode dropping the first axis of an unbatched call's result for the weight gradient too (whose
+    first axis is the filters, not a batch): it would then compare filter 0 only and pass a wrong filter 1."""
+    rng = np.random.default_rng(0)
+    x, dy = rng.standard_normal((3, 6, 6)).astype(np.float32), rng.standard_normal((4, 4, 4)).astype(np.float32)
+    figures = cnnfast.check("conv2d_weight", x, (4, 3, 3, 3), dy, algo="direct")
+    assert not figures.ok and figures.index == (1, 0, 0, 0) and figures.result.shape == (4, 3, 3, 3)
+
+
+def test_float64_results_are_held_to_the_float64_tolerance():
+    """Catches the tolerance looked up for the wrong dtype: a float64 result off by 1e-6 (relative) is wrong in
+    float64 (a correct one is within ~1e-15), though within float32's rounding."""
+    expected = np.array([1.0, -2.0, 0.5])
+    result = expected * (1 + 1e-6)
+    compare.assert_close(result.astype(np.float32), expected, "float32")
+    assert not compare.compare(result, expected, "float64")["ok"]
+    with pytest.raises(compare.MismatchError):
+        compare.assert_close(result, expected, "float64")
+
+
+def test_relative_error_is_relative_to_the_reference():
+    """Catches the error's scale taken from the result instead of the reference: |3 - 1| / max|[1, 0.5]| = 2."""
+    err, index = compare.relative_error(np.array([3.0, 0.5]), np.array([1.0, 0.5]))
+    assert err == 2.0 and index == (0,)

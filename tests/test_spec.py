@@ -7,6 +7,7 @@ from cnnfast.kernels.contract import conv_output_size
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import cnnfast
 from cnnfast import reference
 from cnnfast.spec import ConvSpec, same_padding, transposed_output_size
 
@@ -117,6 +118,10 @@ def test_min_bytes_and_params():
     assert spec.min_bytes("forward") == 8 * (x + w + y + 32)
     assert spec.min_bytes("backward_data") == 8 * (x + w + y)
     assert spec.params == w + 32
+    # transposed: weight (C, K/groups, 3, 3); the bias has K = 3 elements, not C = 8
+    spec = ConvSpec.create("conv_transpose2d", (1, 8, 5, 5), (8, 3, 3, 3), bias_shape=(3,), transposed=True)
+    x, w, y = 8 * 25, 8 * 3 * 9, 3 * 7 * 7
+    assert spec.min_bytes("forward") == 4 * (x + w + y + 3) and spec.params == w + 3
 
 
 def test_transposed_spec_matches_pytorch_shapes():
@@ -201,3 +206,28 @@ def test_create_refuses_what_the_public_ops_never_pass_it(kwargs, error, message
     kwargs = dict(kwargs)
     with pytest.raises(error, match=message):
         ConvSpec.create("conv4d", kwargs.pop("input_shape"), kwargs.pop("weight_shape"), **kwargs)
+
+
+def test_output_size_ranges_up_to_max_stride_dilation_minus_one():
+    """Catches output_size's upper bound taken from the stride alone: with stride 1 and dilation 3 the valid
+    output_padding is 0..2 (torch: 'smaller than either stride or dilation'), so output_size may exceed the smallest
+    output by 2. Smallest: (4 - 1)*1 + 3*(3 - 1) + 1 = 10."""
+    create = dict(transposed=True, stride=1, dilation=3)
+    spec = ConvSpec.create("conv_transpose1d", (1, 2, 4), (2, 1, 3), output_size=(12,), **create)
+    assert spec.output_padding == (2,) and spec.output_shape == (1, 1, 12)
+    with pytest.raises(ValueError, match=r"valid sizes range from \[10\] to \[12\]"):
+        ConvSpec.create("conv_transpose1d", (1, 2, 4), (2, 1, 3), output_size=(13,), **create)
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((1, 2, 4)), rng.standard_normal((2, 1, 3))
+    y = cnnfast.conv_transpose1d(x, w, dilation=3, output_size=(12,))
+    np.testing.assert_allclose(y, reference.conv_transpose(x, w, dilation=3, output_padding=2), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("unbatched", [False, True])
+def test_a_full_output_size_is_read_from_its_last_entries(unbatched):
+    """Catches output_size (N, C, H, W) / (C, H, W) read from its first nd entries instead of its last (torch's
+    ConvTranspose takes output_size[-nd:]). Stride 2, 3x3, 5x5 input: sizes 11 to 12 per axis."""
+    size = ((3,) if unbatched else (2, 3)) + (12, 11)
+    spec = ConvSpec.create("conv_transpose2d", (2, 4, 5, 5), (4, 3, 3, 3), stride=2, transposed=True,
+                           output_size=size, unbatched=unbatched)
+    assert spec.output_padding == (1, 0) and spec.output_shape == (2, 3, 12, 11)

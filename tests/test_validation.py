@@ -1,10 +1,13 @@
 """Bad input is rejected before any kernel runs, with the op, the argument, expected and given values;
 edge cases that are valid (empty batch, zero channels, unbatched, non-contiguous) give correct results."""
+import inspect
+
 import numpy as np
 import pytest
 
 import cnnfast
 from cnnfast import grad, reference
+from cnnfast.spec import ConvSpec
 
 
 def a(*shape, dtype="float32"):
@@ -140,3 +143,64 @@ def test_explain_lenet_plan():
     assert plan.spec.params == 456 and plan.spec.dense_params == 14_450_688
     assert plan.device == "cpu" and plan.algorithm in cnnfast.plan.algorithms("cpu")
     assert plan.deterministic and plan.reason
+
+
+@pytest.mark.parametrize("padding", [((0, -1),), ((-1, 0),), ((2, 1), (1, -1))], ids=["high", "low", "2d-high"])
+def test_a_negative_side_of_a_padding_pair_is_refused(padding):
+    """Catches a negativity check that looks at one side of a (low, high) pair only (a negative high pad silently
+    crops the output instead of raising)."""
+    nd = len(padding)
+    x, w = a(1, 1, *(6,) * nd), a(1, 1, *(3,) * nd)
+    with pytest.raises(ValueError, match="negative padding is not supported"):
+        getattr(cnnfast, f"conv{nd}d")(x, w, padding=padding)
+
+
+def test_reflect_refuses_a_high_pad_as_long_as_the_axis():
+    """Catches reflect's 'pad < L' check applied to the low side only: torch's F.pad(mode='reflect') refuses a pad
+    of L on either side; a high pad of 3 on 3 elements would otherwise reflect twice without an error."""
+    with pytest.raises(ValueError, match="Padding size should be less than the corresponding input dimension"):
+        cnnfast.conv1d(a(1, 1, 3), a(1, 1, 1), padding=((0, 3),), padding_mode="reflect")
+    with pytest.raises(ValueError, match="Padding size should be less than the corresponding input dimension"):
+        cnnfast.conv1d(a(1, 1, 3), a(1, 1, 1), padding=((3, 0),), padding_mode="reflect")
+
+
+def test_circular_takes_a_pad_as_long_as_the_axis():
+    """Catches circular's 'wraps more than once' check refusing pad == L (torch accepts it: the axis wraps exactly
+    once): x = [1, 2, 3] padded by 3 each side and read by a 1-tap filter is x three times over."""
+    spec = ConvSpec.create("conv1d", (1, 1, 3), (1, 1, 1), padding=3, padding_mode="circular")
+    assert list(spec.pad_tables()[-1]) == [0, 1, 2, 0, 1, 2, 0, 1, 2]
+    y = cnnfast.conv1d(np.array([[[1.0, 2.0, 3.0]]]), np.ones((1, 1, 1)), padding=3, padding_mode="circular")
+    np.testing.assert_array_equal(y, [[[1, 2, 3, 1, 2, 3, 1, 2, 3]]])
+    with pytest.raises(ValueError, match="wrapping around more than once"):
+        cnnfast.conv1d(np.ones((1, 1, 3)), np.ones((1, 1, 1)), padding=((0, 4),), padding_mode="circular")
+
+
+# the public ops' positional order: PyTorch's (torch.nn.functional; torch.nn.grad for the gradients)
+_CONV = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
+_CONV_T = ["input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"]
+_GRAD = ["stride", "padding", "dilation", "groups"]          # torch.nn.grad.conv{n}d_input / _weight
+_GRAD_T = ["stride", "padding", "output_padding", "groups", "dilation"]  # F.conv_transpose{n}d's order
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_positional_parameters_follow_pytorch(nd):
+    """Catches two positional parameters swapped in a public op (groups/dilation of conv_transpose{n}d or of the
+    gradients): a caller porting F.conv_transpose2d(x, w, b, s, p, op, groups, dilation) positionally would get
+    the dilation as groups. Orders as documented for torch.nn.functional and torch.nn.grad."""
+    def positional(fn):
+        return [p.name for p in inspect.signature(fn).parameters.values()
+                if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    assert positional(getattr(cnnfast, f"conv{nd}d")) == _CONV
+    assert positional(getattr(cnnfast, f"conv_transpose{nd}d")) == _CONV_T
+    assert positional(getattr(grad, f"conv{nd}d_input")) == ["input_size", "weight", "grad_output"] + _GRAD
+    assert positional(getattr(grad, f"conv{nd}d_weight")) == ["input", "weight_size", "grad_output"] + _GRAD
+    assert positional(getattr(grad, f"conv_transpose{nd}d_input")) == ["input_size", "weight", "grad_output"] + _GRAD_T
+    assert positional(getattr(grad, f"conv_transpose{nd}d_weight")) == ["input", "weight_size", "grad_output"] + _GRAD_T
+
+
+def test_a_positional_transposed_call_reads_groups_before_dilation():
+    """Catches the same swap by behaviour: conv_transpose1d(x, w, None, 2, 1, 1, 2, 3) is groups=2, dilation=3."""
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal((1, 4, 5)), rng.standard_normal((4, 1, 3))
+    want = reference.conv_transpose(x, w, stride=2, padding=1, output_padding=1, groups=2, dilation=3)
+    np.testing.assert_allclose(cnnfast.conv_transpose1d(x, w, None, 2, 1, 1, 2, 3), want, rtol=1e-12, atol=1e-12)
