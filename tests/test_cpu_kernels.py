@@ -157,6 +157,7 @@ SHIFTED_LAYERS = {
     "1-D dilation 8": ((2, 3, 1, 1, 40), (1, 1, 3), (1, 1, 1), (1, 1, 8), (0, 0, 8)),
     "output rows of padding only": ((1, 2, 1, 3, 5), (1, 3, 3), (1, 1, 1), (1, 1, 1), (0, 4, 1)),
     "a tap reading padding only": ((1, 2, 1, 4, 4), (1, 3, 3), (1, 1, 1), (1, 5, 5), (0, 5, 5)),
+    "3x3 dilations 1 and 2": ((2, 2, 1, 8, 9), (1, 3, 3), (1, 1, 1), (1, 1, 2), (0, 1, 2)),  # rows' reach != columns'
 }
 
 
@@ -283,6 +284,19 @@ def test_im2col_blocks_hold_the_samples_that_fit_the_preferred_scratch(x_shape, 
     assert scratch <= im2col.DEFAULT_WORKSPACE_LIMIT
     assert nb == 1 or scratch <= im2col.PREFERRED_SCRATCH
     assert im2col._block(g, primitive, 4, 2 * scratch) == (nb, B)  # a larger limit does not grow the block
+
+
+@pytest.mark.parametrize("primitive", list(OPS))
+def test_im2col_last_block_of_samples_may_be_smaller(primitive):
+    """Five samples under a limit that fits two: blocks of 2, 2 and 1, the last one's columns only its own (every
+    other test's blocks divide the batch)."""
+    layer = Layer((5, 3, 6, 7), (4, 3, 3, 3), padding=1)
+    g = layer.explain(primitive, algo="im2col").spec.geometry
+    limit = im2col._scratch(g, primitive, 8, 2, g.P * g.Q * g.U)
+    blocks, _, _ = im2col._blocks(g, primitive, 8, limit)
+    assert [nb for _, nb, _, _ in blocks()] == [2, 2, 1]
+    assert_close(layer.run(primitive, algo="im2col", workspace_limit=limit), layer.expected(primitive), "float64",
+                 "blocks of 2, 2 and 1")
 
 
 @pytest.mark.parametrize("primitive", list(OPS))
