@@ -140,7 +140,7 @@ def watching():
         patched[owner, name] = original = owner.__dict__[name]
         setattr(owner, name, make(original))
 
-    def shared_array(original):  # cnnfast's atomic lookup by the kernel's line (kernels/cuda/launch.py), wrapped
+    def shared_array(original):  # as kernels/cuda/launch.py's: one array per kernel line, made atomically; tracked
         def array(self, shape, dtype, alignment=None):
             if shape == 0 or alignment is not None:
                 return original(self, shape, dtype, alignment)

@@ -187,8 +187,8 @@ def _prctl():
 
 
 def _die_with(parent, prctl=None):
-    """Be killed when process `parent` ends, even killed itself (Linux; elsewhere nothing): compiling processes must
-    not outlive the run that wanted their table, they would compile on for minutes."""
+    """Have this process killed when its parent (pid `parent`) ends, however it ends (Linux; elsewhere nothing):
+    compiling processes must not outlive the run that wanted their table, they would compile on for minutes."""
     prctl = prctl or _prctl()
     if prctl is not None:
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
