@@ -10,6 +10,8 @@
   before it): undefined on a GPU, often a hang;
 - global conflict: within one launch, two threads write one element of a kernel argument, or one reads what another
   writes (the order of threads in a launch is undefined; only a later launch sees a write).
+Threads only append their accesses to a log (list.append is atomic under the GIL); the log is read in order when a
+block (shared memory) or a launch (kernel arguments) ends: a lock around each access made it 7x slower.
 seen.counts counts what it saw (launches, blocks, barriers, accesses): a test checks them too, so that a simulator
 change that bypasses a patch fails instead of passing silently. tests/test_races.py runs it on toy kernels with one
 bug each and on cnnfast's kernels that use shared memory.
@@ -21,14 +23,12 @@ import threading
 
 import numpy as np
 
-_LOCK = threading.Lock()
-
 
 class Seen:
     def __init__(self):
         self.problems = {}  # (kind, where) -> an example
         self.counts = collections.Counter()
-        self.global_rec = {}  # this launch's global elements: address -> Record
+        self.global_log = []  # this launch's accesses to kernel arguments: (address, thread, write, line)
 
     def report(self, kind, where, **example):
         self.problems.setdefault((kind, where), example)
@@ -71,30 +71,17 @@ def _flat(index, shape):
 
 
 class Shared:
-    """A block's cuda.shared.array, each access recorded per element (Records reset for each block)."""
+    """A block's cuda.shared.array whose accesses are logged on the block: (array, barrier epoch, element, thread,
+    write, line)."""
 
-    def __init__(self, array, seen, line):
-        self._array, self._seen, self._line = array, seen, line
-        self._block, self._records, self._written = None, {}, set()
+    def __init__(self, array, line):
+        self._array, self._line = array, line
         self.shape, self.dtype = array.shape, array.dtype
 
     def _access(self, index, write):
         thread = threading.current_thread()
-        flat = _flat(index, self._array.shape)
-        epoch = len(thread.barriers)
-        line = _line(3)
-        with _LOCK:
-            self._seen.counts["shared writes" if write else "shared reads"] += 1
-            if self._block is not thread._manager:  # blocks run one after another
-                self._block, self._records, self._written = thread._manager, {}, set()
-            record = self._records.get(flat)
-            if record is None or record.epoch != epoch:
-                record = self._records[flat] = Record(epoch)
-            if not write and flat not in self._written:
-                self._seen.report("uninitialised shared read", (self._line, line), thread=thread.thread_id)
-            record.touch(self._seen, thread.thread_id, write, line, f"shared race on {self._line}")
-            if write:
-                self._written.add(flat)
+        thread._manager.shared_log.append((self._line, len(thread.barriers), _flat(index, self._array.shape),
+                                           thread.thread_id, write, _line(3)))
 
     def __getitem__(self, index):
         self._access(index, False)
@@ -108,6 +95,29 @@ class Shared:
         return len(self._array)
 
 
+def _shared_problems(seen, log):
+    """One block's shared accesses, in the order they ran."""
+    records, written = {}, set()
+    for array, epoch, flat, thread, write, line in log:
+        seen.counts["shared writes" if write else "shared reads"] += 1
+        record = records.get((array, flat))
+        if record is None or record.epoch != epoch:  # (an older epoch is over: every thread has passed its barrier)
+            record = records[array, flat] = Record(epoch)
+        if not write and (array, flat) not in written:
+            seen.report("uninitialised shared read", (array, line), thread=thread)
+        record.touch(seen, thread, write, line, f"shared race on {array}")
+        if write:
+            written.add((array, flat))
+
+
+def _global_problems(seen, log):
+    """One launch's accesses to its arguments, in the order they ran."""
+    records = {}
+    for address, thread, write, line in log:
+        seen.counts["global writes" if write else "global reads"] += 1
+        records.setdefault(address, Record(0)).touch(seen, thread, write, line, "global conflict")
+
+
 def _global_access(seen, item, index, write):
     """A kernel argument's element, by address (views of one buffer share them)."""
     array = getattr(item, "_ary", None)
@@ -118,11 +128,7 @@ def _global_access(seen, item, index, write):
         return  # (the access itself raises IndexError)
     address = array.__array_interface__["data"][0] + sum(int(i) * s for i, s in zip(index, array.strides))
     thread = threading.current_thread()
-    line = _line(3)
-    with _LOCK:
-        seen.counts["global writes" if write else "global reads"] += 1
-        record = seen.global_rec.setdefault(address, Record(0))
-        record.touch(seen, (tuple(thread.blockIdx), tuple(thread.threadIdx)), write, line, "global conflict")
+    seen.global_log.append((address, (tuple(thread.blockIdx), tuple(thread.threadIdx)), write, _line(3)))
 
 
 @contextlib.contextmanager
@@ -149,7 +155,7 @@ def watching():
             found = self._allocations.get(key)
             if found is None:
                 dtype = numpy_support.as_dtype(dtype) if isinstance(dtype, types.Type) else dtype
-                found = self._allocations.setdefault(key, Shared(np.empty(shape, dtype), seen, _line(2)))
+                found = self._allocations.setdefault(key, Shared(np.empty(shape, dtype), _line(2)))
             return found
         return array
 
@@ -169,9 +175,10 @@ def watching():
 
     def block_run(original):
         def run(self, grid_point, *args):
-            self.threads = []
+            self.threads, self.shared_log = [], []
             original(self, grid_point, *args)
             seen.counts["blocks"] += 1
+            _shared_problems(seen, self.shared_log)
             sequences = collections.Counter(tuple(t.barriers) for t in self.threads)
             if len(sequences) > 1:
                 (most, _), (other, _) = sequences.most_common(2)
@@ -184,9 +191,12 @@ def watching():
         def call(self, *args):
             if self._device or kernel._kernel_context:  # a device function inside a kernel
                 return original(self, *args)
-            seen.global_rec = {}
+            seen.global_log = []
             seen.counts["launches"] += 1
-            return original(self, *args)
+            try:
+                return original(self, *args)
+            finally:
+                _global_problems(seen, seen.global_log)
         return call
 
     def element(original, write):
