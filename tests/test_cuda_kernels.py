@@ -5,6 +5,7 @@ import glob
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -128,7 +129,7 @@ def test_a_killed_test_run_leaves_no_ptx_compilers_behind():
         time.sleep(0.2)
     left = len(_group(group))
     if left:
-        os.killpg(group, 9)
+        os.killpg(group, signal.SIGKILL)
     if compiling < 3:
         pytest.skip("ptx.py ended before it started compiling processes (no NVVM/NVRTC wheels?)")
     assert left == 0, f"{left} of ptx.py's {compiling} processes outlived the killed run"
@@ -1672,7 +1673,7 @@ def test_raw_fallbacks_name_the_kernels_left_on_numbas_dispatcher(monkeypatch):
     assert [name.rsplit(".", 1)[-1] for name in launching.raw_fallbacks()] == ["fell_back"]
 
 
-# ---------------------------------------------------------------- multi-block coverage (mutation-testing review)
+# ---------------------------------------------------------------- several blocks and items: paths the grid misses
 
 @pytest.mark.parametrize("algo, xs, ws", [("direct:8x64", (2, 12, 4, 5), (12, 12, 3, 3)),
                                           ("direct:32x64", (1, 36, 3, 4), (36, 36, 1, 2)),
