@@ -55,15 +55,6 @@ def _tensor(a, like):
     return torch.as_tensor(a, device=like.device)
 
 
-def _stream(t):
-    """torch's current stream for a CUDA tensor, as the Numba stream cnnfast launches on; None on the CPU."""
-    if not (isinstance(t, torch.Tensor) and t.is_cuda):
-        return None
-    from numba import cuda
-    handle = torch.cuda.current_stream(t.device).cuda_stream
-    return cuda.external_stream(handle) if handle else 0
-
-
 # ---------------------------------------------------------------- the ops (torch.library custom ops)
 #
 # Four custom ops, so that torch.compile and torch.export see each call as one opaque op (a fake implementation
@@ -112,8 +103,9 @@ def _layer(layer):
 
 
 def _run(layer, suffix, *args, like):
-    """cnnfast's op (the layer's name + suffix) on torch tensors (and shapes), on like's stream, as a tensor. api.run
-    keeps the checked call under the layer and each tensor's shape, dtype and device (its key)."""
+    """cnnfast's op (the layer's name + suffix) on torch tensors (and shapes), as a tensor like `like` (on a GPU:
+    torch's memory, on torch's current stream there). api.run keeps the checked call under the layer and each
+    tensor's shape, dtype and device (its key)."""
     name, options = _layer(layer)
     roles, params = _ROLES[suffix]
     op = name + suffix
@@ -124,7 +116,7 @@ def _run(layer, suffix, *args, like):
         key = None  # (a size of other than ints: 1, True and 1.0 are one key, which only its own checks tell apart)
     arrays = {param: _array(a, op, role) for a, role, param in zip(args, roles, params)}
     kind = ("conv_transpose" if name.startswith("conv_transpose") else "conv") + suffix
-    return _tensor(api.run(op, kind, int(name[-2]), stream=_stream(like), key=key, **arrays, **options), like)
+    return _tensor(api.run(op, kind, int(name[-2]), key=key, **arrays, **options), like)
 
 
 def _same_low_dtype(op, args, roles):
@@ -197,8 +189,7 @@ def _conv_weight_eager(x: torch.Tensor, dy: torch.Tensor, w_shape: list[int], la
 
 def _bias_grad_eager(dy: torch.Tensor, unbatched: bool) -> torch.Tensor:
     """dy summed over all but its channel axis (an unbatched dy as a batch of one)."""
-    return _tensor(grad.conv_bias(_array(dy[None] if unbatched else dy, "conv_bias", "grad_output"),
-                                  stream=_stream(dy)), dy)
+    return _tensor(grad.conv_bias(_array(dy[None] if unbatched else dy, "conv_bias", "grad_output")), dy)
 
 
 _conv_input = torch.library.custom_op("cnnfast::conv_input", _conv_input_eager, mutates_args=())

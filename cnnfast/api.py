@@ -85,8 +85,9 @@ def run(op, kind, nd, *, input=None, weight=None, grad_output=None, bias=None, s
     if any(isinstance(a, arrays.ShapeArray) for a in named.values()):
         return tune.plan(op, spec, primitive, device, workspace_limit, plan) if tuning else plan
 
+    like = named["grad_output" if "grad_output" in roles else "input"]  # (what the result is like)
     with arrays.on_their_gpu(device, op, **named, bias=bias):
-        dev = arrays.device_for(device, family, stream, op)
+        dev = arrays.device_for(device, family, stream, op, like)
         ins = {roles[n]: a for n, a in named.items()}
         if tuning:
             def timed_run(candidate):
@@ -106,7 +107,7 @@ def run(op, kind, nd, *, input=None, weight=None, grad_output=None, bias=None, s
                            terms=lambda: seen(compare.terms_result(kind, spec, **host)))
         if not batched and result_role != "W":
             out = dev.view(out, out.shape[1:])
-        return dev.result(out, like=named["grad_output" if "grad_output" in roles else "input"])
+        return dev.result(out, like)
 
 
 def _checked(op, kind, nd, named, bias, size, algo, workspace_limit, options):

@@ -5,6 +5,7 @@
     numba   Numba device arrays (also the simulator's)      -> CUDA kernels, Numba device array result
     cai     any other object with __cuda_array_interface__  -> CUDA kernels, result as CuPy (if importable) or
             (torch.Tensor on a GPU, ...)                       Numba array; a torch tensor gets a torch tensor back
+                                                               (torch's memory, torch's current stream)
 
 A Device hides where arrays live from the public ops: allocation, contiguous working copies, the host
 round trip of the reference, and the layout kernels (explicit pad, its adjoint fold, bias sums).
@@ -18,6 +19,7 @@ import math
 import operator
 import os
 import reprlib
+import sys
 from functools import lru_cache
 
 import numpy as np
@@ -307,13 +309,18 @@ class CPU:
 
 
 class CUDA:
-    """CUDA arrays: CuPy working arrays when CuPy is usable, else Numba device arrays (also in the simulator)."""
+    """CUDA arrays: CuPy working arrays when CuPy is usable, else Numba device arrays (also in the simulator); for a
+    call whose result is like a torch tensor, Numba device arrays whose new memory is torch's (launch.torch_array),
+    by default on torch's current stream, as torch's own ops (one caching allocator for the tensors, not CuPy's pool
+    or cuMemAlloc beside it)."""
 
     name = "cuda"
 
-    def __init__(self, stream=None, family="numba", op="cnnfast"):
+    def __init__(self, stream=None, family="numba", op="cnnfast", like=None):
         self.cuda = _package("numba.cuda")
-        self.cp = _cupy() if family in ("cupy", "cai") else None
+        torch = sys.modules.get("torch")
+        self.torch = like.device if torch is not None and isinstance(like, torch.Tensor) else None  # a torch.device
+        self.cp = _cupy() if family in ("cupy", "cai") and self.torch is None else None
         self.stream = self._numba_stream(stream, op)
         self._cupy_stream = None  # _on_stream's, looked up on first use
 
@@ -327,23 +334,31 @@ class CUDA:
         return self._cupy_stream
 
     def _numba_stream(self, stream, op):
-        """A Numba stream for the launchers: the given one, CuPy's current stream for CuPy arrays, or 0."""
+        """A Numba stream for the launchers: the given one (Numba's, CuPy's, torch's or 0), else torch's current
+        stream on its device for torch tensors, CuPy's current stream for CuPy arrays, or 0."""
         if stream is None:
-            if self.cp is None:
+            if self.torch is not None:
+                stream = sys.modules["torch"].cuda.current_stream(self.torch)
+            elif self.cp is None:
                 return 0
-            stream = self.cp.cuda.get_current_stream()
+            else:
+                stream = self.cp.cuda.get_current_stream()
         if (type(stream) is int and stream == 0) or type(stream).__module__.startswith("numba.cuda"):
             return stream
         ptr = getattr(stream, "ptr", None)  # a CuPy stream
+        if ptr is None and type(stream).__module__.startswith("torch"):
+            ptr = getattr(stream, "cuda_stream", None)  # a torch.cuda.Stream
         if ptr is None:
             given = repr(stream) if isinstance(stream, int) else _type_name(stream)
-            raise TypeError(f"{op}: expected stream to be a Numba stream, a CuPy stream or 0, but got {given}")
+            raise TypeError(f"{op}: expected stream to be a Numba, CuPy or torch stream, or 0, but got {given}")
         return self.cuda.external_stream(ptr) if ptr else 0
 
     def kernels(self):
         return _package("cnnfast.kernels.cuda")
 
     def working(self, a):
+        if self.torch is not None and isinstance(a, sys.modules["torch"].Tensor) and a.is_contiguous():
+            return _package("cnnfast.kernels.cuda.launch").torch_view(a)
         if self.cp is not None:
             with self._on_stream():
                 return self.cp.ascontiguousarray(self.cp.asarray(a))
@@ -363,12 +378,16 @@ class CUDA:
         return self.kernels().view(a, shape)
 
     def empty(self, shape, dtype):
+        if self.torch is not None:
+            return _package("cnnfast.kernels.cuda.launch").torch_array(shape, dtype, self.torch, self.stream)
         if self.cp is not None:
             with self._on_stream():
                 return self.cp.empty(shape, dtype)
         return self.cuda.device_array(shape, dtype, stream=self.stream)
 
     def zeros(self, shape, dtype):
+        if self.torch is not None:
+            return _package("cnnfast.kernels.cuda.launch").torch_array(shape, dtype, self.torch, self.stream, True)
         if self.cp is not None:
             with self._on_stream():
                 return self.cp.zeros(shape, dtype)
@@ -402,17 +421,19 @@ class CUDA:
             self.stream.synchronize()
 
     def result(self, out, like):
-        """The result in the caller's family: a torch tensor for a torch tensor, else the working array."""
-        if type(like).__module__.startswith("torch"):
-            import torch
-            return torch.as_tensor(out, device=like.device)
+        """The result in the caller's family: for a torch tensor the tensor whose memory `out` is (empty or zeros
+        gave every result), else the working array."""
+        if self.torch is not None:
+            return _package("cnnfast.kernels.cuda.launch").torch_owner(out).view(out.shape)
         return out
 
 
-def device_for(name, family, stream=None, op="cnnfast"):
+def device_for(name, family, stream=None, op="cnnfast", like=None):
+    """The device a call runs on; `like`, the array its result is like (a torch tensor's call takes torch's memory
+    and stream)."""
     if name == "cpu":
         return _CPU
-    return CUDA(stream, family, op)
+    return CUDA(stream, family, op, like)
 
 
 _CPU = CPU()  # (it has no state: the CPU kernels take no stream)

@@ -81,7 +81,7 @@ def conv_bias(grad_output, *, stream=None):
         raise ValueError(f"{op}: expected a batched grad_output (N, K, *L) with 1 to 3 spatial dimensions, "
                          f"but got grad_output of size {list(shape)}")
     with arrays.on_their_gpu(device, op, grad_output=grad_output):
-        dev = arrays.device_for(device, family, stream, op)
+        dev = arrays.device_for(device, family, stream, op, grad_output)
         if 0 in shape:
             db = dev.zeros(shape[1:2], dtype)
         else:

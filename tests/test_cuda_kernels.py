@@ -776,7 +776,7 @@ def test_a_negatively_strided_numba_device_array_is_copied_through_the_host_with
     assert done.returncode == 0 and done.stdout.strip() == "negative strides ok", done.stderr
 
 
-HOST_PATH_PROBE = """
+STAND_IN_GPU = """
 import ctypes, math
 import numpy as np
 from numba import cuda
@@ -802,7 +802,7 @@ class Configured:
     def __init__(self, pyfunc):
         self.name = getattr(pyfunc, "cache_key", None) or pyfunc.__name__
     def __getitem__(self, config):
-        return lambda *args: launches.append((self.name, args))
+        return lambda *args: launches.append((self.name, args, config[2]))
 
 gpu = type("Device", (), {"id": 0})()
 cuda.device_array, cuda.get_current_device = device_array, lambda: gpu
@@ -810,10 +810,9 @@ cuda.to_device = lambda a, stream=0, **_: device_array(np.shape(a), np.asarray(a
 cuda.synchronize = lambda: None
 cuda.gpus = [gpu]  # (one GPU: no array is asked where it is)
 kernel_compile.jit = Configured
+"""
 
-def put(shape):
-    return cuda.to_device(np.zeros(shape, np.float32))
-
+CALLS = """
 x, w, b, dy = put((2, 4, 9, 8)), put((8, 1, 3, 3)), put((8,)), put((2, 8, 9, 8))
 x2, w2, dy2 = put((2, 3, 9, 8)), put((5, 3, 3, 3)), put((2, 5, 9, 8))
 calls = {
@@ -821,6 +820,7 @@ calls = {
     "depthwise conv2d_input": (lambda: grad.conv2d_input((2, 4, 9, 8), w, dy, padding=1, groups=4), (2, 4, 9, 8)),
     "depthwise conv2d_weight": (lambda: grad.conv2d_weight(x, (8, 1, 3, 3), dy, padding=1, groups=4), (8, 1, 3, 3)),
     "dense conv2d": (lambda: cnnfast.conv2d(x2, w2, padding=1), (2, 5, 9, 8)),
+    "dense conv2d im2col": (lambda: cnnfast.conv2d(x2, w2, padding=1, algo="im2col"), (2, 5, 9, 8)),
     "dense conv2d reflect": (lambda: cnnfast.conv2d(x2, w2, padding=1, padding_mode="reflect"), (2, 5, 9, 8)),
     "dense conv2d_input reflect": (lambda: grad.conv2d_input((2, 3, 9, 8), w2, dy2, padding=1,
                                                              padding_mode="reflect"), (2, 3, 9, 8)),
@@ -830,16 +830,22 @@ calls = {
     "pointwise conv3d": (lambda: cnnfast.conv3d(put((1, 4, 3, 4, 5)), put((6, 4, 1, 1, 1))), (1, 6, 3, 4, 5)),
     "conv_bias": (lambda: grad.conv_bias(dy2), (5,)),
 }
+"""  # (each probe defines put(shape), an input array of zeros, first)
+
+HOST_PATH_PROBE = STAND_IN_GPU + """
+def put(shape):
+    return cuda.to_device(np.zeros(shape, np.float32))
+""" + CALLS + """
 for name, (call, shape) in calls.items():
     launches.clear()
     out = call()
     assert type(out) is DeviceNDArray and out.shape == shape and out.is_c_contiguous(), (name, out.shape)
     assert launches, name
-    for kernel, args in launches:
+    for kernel, args, _ in launches:
         arrays = [a for a in args if hasattr(a, "gpu_data")]
         assert arrays and all(type(a) is DeviceNDArray and a.ndim == 1 and a.is_c_contiguous() for a in arrays), (
             name, kernel, [getattr(a, "shape", a) for a in args])
-    read = {id(a.gpu_data) for _, args in launches for a in args if hasattr(a, "gpu_data")}
+    read = {id(a.gpu_data) for _, args, _ in launches for a in args if hasattr(a, "gpu_data")}
     inputs = {"depthwise conv2d + bias": (x, w, b), "dense conv2d": (x2, w2), "dense conv2d_weight": (x2, dy2)}
     assert all(id(a.gpu_data) in read for a in inputs.get(name, ())), name  # views of the inputs, not copies
 print("host path ok")
@@ -854,6 +860,109 @@ def test_the_cuda_host_path_hands_numba_kernels_flat_device_arrays():
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0", "CNNFAST_CUDA_LAUNCH": "numba"}  # (on a GPU: not raw)
     done = subprocess.run([sys.executable, "-c", HOST_PATH_PROBE], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "host path ok", done.stderr[-3000:]
+
+
+TORCH_PROBE = STAND_IN_GPU + """
+import contextlib
+import torch
+from numba.cuda.cudadrv.driver import MemoryPointer, binding
+from cnnfast import arrays
+from cnnfast.kernels.cuda import launch
+
+class OnGPU(torch.Tensor):  # a torch tensor that says it is on GPU 0 (torch here is a CPU build)
+    is_cuda = property(lambda self: True)
+    device = property(lambda self: torch.device("cuda", 0))
+    @property
+    def __cuda_array_interface__(self):
+        item = self.element_size()
+        return {"shape": tuple(self.shape), "strides": tuple(s * item for s in self.stride()), "version": 2,
+                "typestr": {torch.float32: "<f4", torch.float64: "<f8"}[self.dtype], "data": (self.data_ptr(), False)}
+
+current, made = [0, 77], []  # torch's current stream handle (the last), and torch's allocations: (tensor, stream)
+
+class Stream:  # torch.cuda.Stream's stand-in
+    __module__ = "torch.cuda.streams"
+    def __init__(self, ptr, device=None):
+        self.cuda_stream = ptr
+
+@contextlib.contextmanager
+def made_current(stream):
+    current.append(stream.cuda_stream)
+    yield
+    current.pop()
+
+def allocator(real):
+    def allocate(*shape, dtype=None, device=None, **options):
+        if getattr(device, "type", device) != "cuda":
+            return real(*shape, dtype=dtype, device=device, **options)
+        t = real(*shape, dtype=dtype).as_subclass(OnGPU)
+        made.append((t, current[-1]))
+        return t
+    return allocate
+
+torch.empty, torch.zeros = allocator(torch.empty), allocator(torch.zeros)
+torch.cuda.current_stream = lambda device=None: Stream(current[-1])
+torch.cuda.default_stream = lambda device=None: Stream(0)
+torch.cuda.ExternalStream, torch.cuda.stream = Stream, made_current
+cuda.external_stream = lambda ptr: type("Stream", (), {"__module__": "numba.cuda.stand_in", "handle": ptr})()
+cuda.as_cuda_array = lambda t: DeviceNDArray(  # (Numba's own gives its memory the tensor as owner, as here)
+    t.shape, t.__cuda_array_interface__["strides"], np.dtype(t.__cuda_array_interface__["typestr"]),
+    gpu_data=MemoryPointer(None, binding.CUdeviceptr(t.data_ptr()), t.numel() * t.element_size(), owner=t))
+launch._context = lambda: None  # (the context a MemoryPointer records)
+arrays._cupy = lambda: (_ for _ in ()).throw(AssertionError("CuPy asked for"))  # (a call on torch tensors: none)
+
+def put(shape):
+    return torch.zeros(shape).as_subclass(OnGPU)
+""" + CALLS + """
+def check(name, out, shape, stream):
+    assert type(out) is OnGPU and tuple(out.shape) == shape and out.is_contiguous(), (name, type(out), out.shape)
+    assert any(t.data_ptr() == out.data_ptr() and t.numel() == out.numel() for t, _ in made), name  # torch's memory
+    assert made and all(on == stream for _, on in made), (name, [(t.shape, on) for t, on in made])  # on the op's stream
+    assert launches and all(getattr(on, "handle", on) == stream for _, _, on in launches), name  # and each launch
+    for kernel, args, _ in launches:  # every array a kernel gets: an input's or torch allocation's, or a table
+        memory = [a for a in args if hasattr(a, "gpu_data")]
+        assert memory and all(isinstance(launch.torch_owner(a), OnGPU) or type(a.gpu_data) is Memory
+                              for a in memory), (name, kernel)
+
+for call, _ in calls.values():  # each call once: its index tables are uploaded (from Numba's allocator), and kept
+    call()
+cuda.device_array = cuda.to_device = None  # from now on a call allocates nothing from Numba
+for name, (call, shape) in calls.items():  # on torch's current stream (77)
+    launches.clear(), made.clear()
+    check(name, call(), shape, 77)
+    read = {a.device_ctypes_pointer.value for _, args, _ in launches for a in args if hasattr(a, "gpu_data")}
+    inputs = {"depthwise conv2d + bias": (x, w, b), "dense conv2d": (x2, w2), "dense conv2d_weight": (x2, dy2)}
+    assert all(t.data_ptr() in read for t in inputs.get(name, ())), name  # the inputs' memory, not copies
+launches.clear(), made.clear()  # a strided tensor: copied into torch's memory on the device first
+strided = put((2, 3, 8, 9)).transpose(2, 3)
+check("strided", cnnfast.conv2d(strided, w2, padding=1), (2, 5, 9, 8), 77)
+assert launches[0][0] == "copy_kernel" and launches[0][1][1].device_ctypes_pointer.value == made[0][0].data_ptr()
+for given, stream in ((Stream(55), 55), (0, 0), (cuda.external_stream(66), 66)):  # on a stream given
+    launches.clear(), made.clear()
+    check(f"stream {stream}", cnnfast.conv2d(x2, w2, padding=1, algo="im2col", stream=given), (2, 5, 9, 8), stream)
+    assert current == [0, 77]
+from cnnfast import _torch_ops  # cnnfast.torch's ops run their kernels so (a custom op would unwrap OnGPU)
+layer = "conv2d:(1, 1, 1, 1, 'zeros', 'auto')"
+for suffix, args, shape in (("", (x2, w2, put((5,))), (2, 5, 9, 8)), ("_input", ((2, 3, 9, 8), w2, dy2), (2, 3, 9, 8)),
+                            ("_weight", (x2, (5, 3, 3, 3), dy2), (5, 3, 3, 3))):
+    launches.clear(), made.clear()
+    check("cnnfast.torch " + suffix, _torch_ops._run(layer, suffix, *args, like=args[0 if suffix == "" else 2]),
+          shape, 77)
+launches.clear(), made.clear()
+check("cnnfast.torch bias_grad", _torch_ops._bias_grad_eager(dy2, False), (5,), 77)
+print("torch memory ok")
+"""
+
+
+def test_a_call_on_torch_tensors_takes_torchs_memory_on_torchs_stream():
+    """A call on torch CUDA tensors (here tensors that say so, over host memory: torch is a CPU build here) takes its
+    result and workspace from torch's allocator, each allocation on the op's stream: torch's current stream by
+    default, else the one given (torch's, Numba's or 0; made current for torch meanwhile, then restored); its
+    kernels get the inputs' and those allocations' memory (none from Numba's allocator or CuPy's pool); the result
+    is the allocated tensor, of the op's shape. Every op of the host path's probe, and cnnfast.torch's ops."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0", "CNNFAST_CUDA_LAUNCH": "numba"}
+    done = subprocess.run([sys.executable, "-c", TORCH_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "torch memory ok", done.stderr[-3000:]
 
 
 def test_numba_launches_are_configured_once_per_grid_and_stream_without_the_low_occupancy_warning(monkeypatch):

@@ -964,6 +964,28 @@ def test_a_side_stream_orders_cnnfast_work_with_torch_work():
     torch.cuda.synchronize()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs torch with a GPU")
+def test_cuda_results_are_torchs_memory_and_workspace_goes_back_to_its_pool():
+    """On a GPU a call on torch tensors (cnnfast.torch's, and cnnfast's own function) takes its memory from torch's
+    caching allocator, whether or not CuPy is installed: torch.cuda.memory_allocated() counts the result while it
+    lives, and nothing more once it is freed (the workspace, im2col's columns here, went back to torch's pool);
+    values as torch's."""
+    torch.manual_seed(0)
+    x, w = torch.randn(4, 16, 32, 32, device="cuda"), torch.randn(32, 16, 3, 3, device="cuda")
+    expected = F.conv2d(x, w, padding=1)
+    for call in (lambda: cf.conv2d(x, w, padding=1), lambda: cnnfast.conv2d(x, w, padding=1, algo="im2col"),
+                 lambda: cnnfast.conv2d(x, w, padding=1, algo="im2col", stream=torch.cuda.Stream())):
+        call()  # (a problem's first call uploads its tables: Numba's memory, kept)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        y = call()
+        assert torch.cuda.memory_allocated() - before >= y.numel() * y.element_size()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+        del y
+        assert torch.cuda.memory_allocated() == before
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("nd", [2, 3])
 def test_channels_last_outputs_and_gradients_as_in_torch(nd, dtype):

@@ -42,8 +42,9 @@ from numba.cuda.cudadrv import devices
 
 try:
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
+    from numba.cuda.cudadrv.driver import MemoryPointer, binding
 except ImportError:  # Numba's CUDA simulator (its arrays are NumPy-backed: they reshape)
-    DeviceNDArray = None
+    DeviceNDArray = MemoryPointer = binding = None
 
 ENV = "CNNFAST_CUDA_LAUNCH"
 _FUNCTIONS = {}  # (pyfunc, argument kinds, GPU) -> loaded Numba Function | None (use Numba's dispatcher)
@@ -152,12 +153,17 @@ def view(a, shape):
     if a.shape == shape:
         return a
     if type(a) is DeviceNDArray:
-        strides, step = [], a.dtype.itemsize
-        for n in reversed(shape):
-            strides.append(step)
-            step *= n
-        return DeviceNDArray(shape, tuple(reversed(strides)), a.dtype, gpu_data=a.gpu_data)
+        return DeviceNDArray(shape, _strides(shape, a.dtype.itemsize), a.dtype, gpu_data=a.gpu_data)
     return a.reshape(shape)
+
+
+def _strides(shape, itemsize):
+    """A C-contiguous array's strides (bytes)."""
+    strides, step = [], itemsize
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
 
 
 def flat(a):
@@ -166,14 +172,66 @@ def flat(a):
 
 
 def scratch(size, dtype, like, stream):
-    """An uninitialised 1-D device array of `size` elements for a launcher's workspace: from CuPy's memory pool
-    when `like` is a CuPy array (tied to the launch stream, so the pool cannot hand it out again before the
-    kernels that use it ran), else a Numba device array."""
+    """An uninitialised 1-D device array of `size` elements for a launcher's workspace, tied to the launch stream
+    (its pool cannot hand it out again before the kernels that use it ran): from CuPy's memory pool when `like` is a
+    CuPy array, from torch's caching allocator when like's memory is a torch tensor's (torch_array), else a Numba
+    device array."""
     if type(like).__module__.startswith("cupy"):
         import cupy
         with cupy_stream(stream_pointer(stream)):
             return cupy.empty(size, dtype)
+    owner = torch_owner(like)
+    if owner is not None:
+        return torch_array((size,), dtype, owner.device, stream)
     return cuda.device_array(size, dtype, stream=stream)
+
+
+def torch_array(shape, dtype, device, stream, zero=False):
+    """A C-contiguous Numba device array of `shape`, uninitialised (zero: zeros), over a new torch tensor's memory on
+    torch.device `device`: from torch's caching allocator, in `stream`'s order (0 or a Numba stream: torch hands the
+    block out again once the tensor is freed, ordered after the work queued on that stream so far, as for its own
+    ops). A call on torch tensors takes its memory so, as torch's own ops do: torch counts it and reuses it once
+    freed, where Numba's allocator calls cuMemAlloc each time and its deferred cuMemFree waits for the GPU."""
+    torch = sys.modules["torch"]
+    with torch_stream(device, stream_pointer(stream)):
+        t = (torch.zeros if zero else torch.empty)(shape, dtype=_dtypes()[0][np.dtype(dtype)], device=device)
+    return torch_view(t)
+
+
+def torch_view(t):
+    """A C-contiguous torch CUDA tensor of dtype float32 or float64 as a Numba device array over its memory, which
+    keeps t alive: Numba's as_cuda_array without the __cuda_array_interface__ dict and the driver's query of the
+    pointer (the same under unified addressing)."""
+    dtype = _dtypes()[1][t.dtype]
+    shape = tuple(t.shape)
+    memory = MemoryPointer(_context(), binding.CUdeviceptr(t.data_ptr()), t.nbytes, owner=t)
+    return DeviceNDArray(shape, _strides(shape, dtype.itemsize), dtype, gpu_data=memory)
+
+
+@lru_cache(maxsize=1)
+def _dtypes():
+    """The kernels' dtypes, NumPy's -> torch's and torch's -> NumPy's (dtype.name costs ~2 us a call)."""
+    torch = sys.modules["torch"]
+    pairs = [(np.dtype(name), getattr(torch, name)) for name in ("float32", "float64")]
+    return dict(pairs), {t: n for n, t in pairs}
+
+
+def torch_owner(a):
+    """The torch tensor whose memory Numba device array `a` views (torch_array's; also Numba's as_cuda_array of a
+    tensor), else None."""
+    owner = getattr(getattr(a, "gpu_data", None), "_owner", None)  # (MemoryPointer.owner is itself when it has none)
+    torch = sys.modules.get("torch")
+    return owner if torch is not None and isinstance(owner, torch.Tensor) else None
+
+
+def torch_stream(device, ptr):
+    """A context in which torch's work on `device` (a torch.device) runs on the CUstream handle ptr (0: the legacy
+    default stream): none needed when it is torch's current stream there, else that stream made current."""
+    torch = sys.modules["torch"]
+    if ptr == torch.cuda.current_stream(device).cuda_stream:
+        return contextlib.nullcontext()
+    return torch.cuda.stream(torch.cuda.ExternalStream(ptr, device=device) if ptr else
+                             torch.cuda.default_stream(device))
 
 
 def cupy_stream(ptr):
