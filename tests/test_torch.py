@@ -986,6 +986,39 @@ def test_cuda_results_are_torchs_memory_and_workspace_goes_back_to_its_pool():
         assert torch.cuda.memory_allocated() == before
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs torch with a GPU")
+def test_cnnfast_torch_layers_replay_from_a_cuda_graph():
+    """After warm-up calls (kernels compiled, the problem's index tables uploaded), cnnfast.torch layers are captured
+    in a CUDA graph (torch.cuda.graph: their memory from the graph's pool, torch's allocator being theirs) and each
+    replay on new data in the static input gives torch's results: a dense layer with a bias, then a depthwise one
+    with reflect padding (its pad kernel)."""
+    torch.manual_seed(0)
+    x, w, b = (torch.randn(4, 8, 16, 16, device="cuda"), torch.randn(16, 8, 3, 3, device="cuda"),
+               torch.randn(16, device="cuda"))
+    d = torch.randn(16, 1, 3, 3, device="cuda")
+
+    def layers(x):
+        return cf.conv2d(cf.conv2d(x, w, b, padding=1), d, padding=1, groups=16, padding_mode="reflect")
+
+    def expected(x):
+        return F.conv2d(F.pad(F.conv2d(x, w, b, padding=1), (1, 1, 1, 1), mode="reflect"), d, groups=16)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # (warm-up on a side stream, as torch.cuda.graph's documentation does it)
+        for _ in range(2):
+            layers(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layers(x)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        want = expected(x)
+        torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("nd", [2, 3])
 def test_channels_last_outputs_and_gradients_as_in_torch(nd, dtype):
