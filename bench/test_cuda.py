@@ -63,11 +63,11 @@ def test_cuda(benchmark, shape, primitive, provider):
 
 
 @pytest.mark.parametrize("path", ["numba", "raw"])
-@pytest.mark.parametrize("family", ["numba", "cupy", "cai", "torch"])
+@pytest.mark.parametrize("family", ["numba", "cupy", "cai", "cnnfast.torch", "torch"])
 def test_cuda_host_cost(benchmark, monkeypatch, family, path):
     """Host time of one conv2d on a problem too small to matter (1x1x8x8 by one 3x3 filter), not synchronised:
     argument checks, the cached plan, the launches. torch's own conv2d is the family "torch", path "numba" row;
-    "cai" is cnnfast.conv2d on torch tensors (read through __cuda_array_interface__).
+    "cai" is cnnfast.conv2d on torch tensors (torch's memory and stream), "cnnfast.torch" the drop-in's conv2d.
     extra_info["event_us"]: the same call timed with CUDA events (host gaps included), for overhead = wall - kernel."""
     import cnnfast
     from cnnfast import reference
@@ -77,12 +77,18 @@ def test_cuda_host_cost(benchmark, monkeypatch, family, path):
         pytest.skip("the raw launch path needs a GPU")
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal((1, 1, 8, 8)).astype(np.float32), rng.standard_normal((1, 1, 3, 3)).astype(np.float32)
-    if family == "torch":
+    if family in ("torch", "cnnfast.torch"):
         torch = pytest.importorskip("torch")
-        if path == "raw":
+        if path == "raw" and family == "torch":
             pytest.skip("torch has one launch path")
         xd, wd = torch.from_numpy(x).cuda(), torch.from_numpy(w).cuda()
-        fn = lambda: torch.nn.functional.conv2d(xd, wd, padding=1)  # noqa: E731
+        if family == "torch":
+            fn = lambda: torch.nn.functional.conv2d(xd, wd, padding=1)  # noqa: E731
+        else:
+            import cnnfast.torch
+            fn = lambda: cnnfast.torch.conv2d(xd, wd, padding=1)  # noqa: E731
+            compare.assert_close(fn().cpu().numpy(), reference.conv(x.astype(np.float64), w.astype(np.float64),
+                                                                      padding=1), "float32")
         timer = harness.time_torch_cuda
     else:
         if family == "cupy":
