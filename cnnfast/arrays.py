@@ -310,7 +310,7 @@ class CPU:
 
 class CUDA:
     """CUDA arrays: CuPy working arrays when CuPy is usable, else Numba device arrays (also in the simulator); for a
-    call whose result is like a torch tensor, Numba device arrays whose new memory is torch's (launch.torch_array),
+    call whose result is like a torch tensor, Numba device arrays whose new memory is torch's (launch.TorchMemory),
     by default on torch's current stream, as torch's own ops (one caching allocator for the tensors, not CuPy's pool
     or cuMemAlloc beside it)."""
 
@@ -319,9 +319,10 @@ class CUDA:
     def __init__(self, stream=None, family="numba", op="cnnfast", like=None):
         self.cuda = _package("numba.cuda")
         torch = sys.modules.get("torch")
-        self.torch = like.device if torch is not None and isinstance(like, torch.Tensor) else None  # a torch.device
-        self.cp = _cupy() if family in ("cupy", "cai") and self.torch is None else None
-        self.stream = self._numba_stream(stream, op)
+        on = like.device if torch is not None and isinstance(like, torch.Tensor) else None  # a torch tensor's GPU
+        self.cp = _cupy() if family in ("cupy", "cai") and on is None else None
+        self.stream = self._numba_stream(stream, op, on)
+        self.torch = None if on is None else _package("cnnfast.kernels.cuda.launch").TorchMemory(on, self.stream)
         self._cupy_stream = None  # _on_stream's, looked up on first use
 
     def _on_stream(self):
@@ -333,12 +334,13 @@ class CUDA:
             self._cupy_stream = launch.cupy_stream(launch.stream_pointer(self.stream))
         return self._cupy_stream
 
-    def _numba_stream(self, stream, op):
+    def _numba_stream(self, stream, op, on):
         """A Numba stream for the launchers: the given one (Numba's, CuPy's, torch's or 0), else torch's current
-        stream on its device for torch tensors, CuPy's current stream for CuPy arrays, or 0."""
+        stream on its device for torch tensors (on: their torch.device; a torch stream given must be on it), CuPy's
+        current stream for CuPy arrays, or 0."""
         if stream is None:
-            if self.torch is not None:
-                stream = sys.modules["torch"].cuda.current_stream(self.torch)
+            if on is not None:
+                stream = sys.modules["torch"].cuda.current_stream(on)
             elif self.cp is None:
                 return 0
             else:
@@ -348,6 +350,9 @@ class CUDA:
         ptr = getattr(stream, "ptr", None)  # a CuPy stream
         if ptr is None and type(stream).__module__.startswith("torch"):
             ptr = getattr(stream, "cuda_stream", None)  # a torch.cuda.Stream
+            if on is not None and ptr is not None and stream.device != on:
+                raise ValueError(f"{op}: expected stream to be on the arrays' device {on}, but got a stream on "
+                                 f"{stream.device}")
         if ptr is None:
             given = repr(stream) if isinstance(stream, int) else _type_name(stream)
             raise TypeError(f"{op}: expected stream to be a Numba, CuPy or torch stream, or 0, but got {given}")
@@ -358,7 +363,7 @@ class CUDA:
 
     def working(self, a):
         if self.torch is not None and isinstance(a, sys.modules["torch"].Tensor) and a.is_contiguous():
-            return _package("cnnfast.kernels.cuda.launch").torch_view(a)
+            return self.torch.view(a)
         if self.cp is not None:
             with self._on_stream():
                 return self.cp.ascontiguousarray(self.cp.asarray(a))
@@ -379,7 +384,7 @@ class CUDA:
 
     def empty(self, shape, dtype):
         if self.torch is not None:
-            return _package("cnnfast.kernels.cuda.launch").torch_array(shape, dtype, self.torch, self.stream)
+            return self.torch.array(shape, dtype)
         if self.cp is not None:
             with self._on_stream():
                 return self.cp.empty(shape, dtype)
@@ -387,7 +392,7 @@ class CUDA:
 
     def zeros(self, shape, dtype):
         if self.torch is not None:
-            return _package("cnnfast.kernels.cuda.launch").torch_array(shape, dtype, self.torch, self.stream, True)
+            return self.torch.array(shape, dtype, zero=True)
         if self.cp is not None:
             with self._on_stream():
                 return self.cp.zeros(shape, dtype)
@@ -422,8 +427,11 @@ class CUDA:
 
     def result(self, out, like):
         """The result in the caller's family: for a torch tensor the tensor whose memory `out` is (empty or zeros
-        gave every result), else the working array."""
+        gave every result; one of size 0 has Numba's null memory instead, whatever it was given), else the working
+        array."""
         if self.torch is not None:
+            if out.size == 0:
+                return self.torch.tensor(out.shape, out.dtype)
             return _package("cnnfast.kernels.cuda.launch").torch_owner(out).view(out.shape)
         return out
 

@@ -883,7 +883,7 @@ current, made = [0, 77], []  # torch's current stream handle (the last), and tor
 class Stream:  # torch.cuda.Stream's stand-in
     __module__ = "torch.cuda.streams"
     def __init__(self, ptr, device=None):
-        self.cuda_stream = ptr
+        self.cuda_stream, self.device = ptr, torch.device(device or "cuda:0")
 
 @contextlib.contextmanager
 def made_current(stream):
@@ -905,10 +905,12 @@ torch.cuda.current_stream = lambda device=None: Stream(current[-1])
 torch.cuda.default_stream = lambda device=None: Stream(0)
 torch.cuda.ExternalStream, torch.cuda.stream = Stream, made_current
 cuda.external_stream = lambda ptr: type("Stream", (), {"__module__": "numba.cuda.stand_in", "handle": ptr})()
-cuda.as_cuda_array = lambda t: DeviceNDArray(  # (Numba's own gives its memory the tensor as owner, as here)
+interfaced = []  # the tensors read through Numba's as_cuda_array (contiguous ones are viewed without it)
+cuda.as_cuda_array = lambda t: interfaced.append(t) or DeviceNDArray(  # (Numba's: the tensor owns the memory)
     t.shape, t.__cuda_array_interface__["strides"], np.dtype(t.__cuda_array_interface__["typestr"]),
     gpu_data=MemoryPointer(None, binding.CUdeviceptr(t.data_ptr()), t.numel() * t.element_size(), owner=t))
-launch._context = lambda: None  # (the context a MemoryPointer records)
+from numba.cuda.cudadrv import devices
+launch._context = devices.get_context = lambda *_: None  # (the context a MemoryPointer records)
 arrays._cupy = lambda: (_ for _ in ()).throw(AssertionError("CuPy asked for"))  # (a call on torch tensors: none)
 
 def put(shape):
@@ -933,14 +935,28 @@ for name, (call, shape) in calls.items():  # on torch's current stream (77)
     read = {a.device_ctypes_pointer.value for _, args, _ in launches for a in args if hasattr(a, "gpu_data")}
     inputs = {"depthwise conv2d + bias": (x, w, b), "dense conv2d": (x2, w2), "dense conv2d_weight": (x2, dy2)}
     assert all(t.data_ptr() in read for t in inputs.get(name, ())), name  # the inputs' memory, not copies
+assert not interfaced
 launches.clear(), made.clear()  # a strided tensor: copied into torch's memory on the device first
 strided = put((2, 3, 8, 9)).transpose(2, 3)
 check("strided", cnnfast.conv2d(strided, w2, padding=1), (2, 5, 9, 8), 77)
 assert launches[0][0] == "copy_kernel" and launches[0][1][1].device_ctypes_pointer.value == made[0][0].data_ptr()
+assert interfaced == [strided]
 for given, stream in ((Stream(55), 55), (0, 0), (cuda.external_stream(66), 66)):  # on a stream given
     launches.clear(), made.clear()
     check(f"stream {stream}", cnnfast.conv2d(x2, w2, padding=1, algo="im2col", stream=given), (2, 5, 9, 8), stream)
     assert current == [0, 77]
+try:
+    cnnfast.conv2d(x2, w2, stream=Stream(55, "cuda:1"))
+except ValueError as e:
+    assert str(e) == "conv2d: expected stream to be on the arrays' device cuda:0, but got a stream on cuda:1", e
+else:
+    raise AssertionError("a torch stream on another GPU was taken")
+for name, call, shape in (("no samples", lambda: cnnfast.conv2d(put((0, 3, 9, 8)), w2, padding=1), (0, 5, 9, 8)),
+                          ("no input channels", lambda: cnnfast.conv2d(put((2, 0, 9, 8)), put((5, 0, 3, 3))),
+                           (2, 5, 7, 6)),
+                          ("no bias channels", lambda: grad.conv_bias(put((2, 0, 9, 8))), (0,))):
+    out = call()  # (a result of size 0: Numba gives an empty array memory of its own)
+    assert type(out) is OnGPU and tuple(out.shape) == shape and (out == 0).all(), (name, type(out), out.shape)
 from cnnfast import _torch_ops  # cnnfast.torch's ops run their kernels so (a custom op would unwrap OnGPU)
 layer = "conv2d:(1, 1, 1, 1, 'zeros', 'auto')"
 for suffix, args, shape in (("", (x2, w2, put((5,))), (2, 5, 9, 8)), ("_input", ((2, 3, 9, 8), w2, dy2), (2, 3, 9, 8)),
@@ -950,6 +966,7 @@ for suffix, args, shape in (("", (x2, w2, put((5,))), (2, 5, 9, 8)), ("_input", 
           shape, 77)
 launches.clear(), made.clear()
 check("cnnfast.torch bias_grad", _torch_ops._bias_grad_eager(dy2, False), (5,), 77)
+assert tuple(_torch_ops._run(layer, "", put((0, 3, 9, 8)), w2, None, like=x2).shape) == (0, 5, 9, 8)
 print("torch memory ok")
 """
 
@@ -958,8 +975,10 @@ def test_a_call_on_torch_tensors_takes_torchs_memory_on_torchs_stream():
     """A call on torch CUDA tensors (here tensors that say so, over host memory: torch is a CPU build here) takes its
     result and workspace from torch's allocator, each allocation on the op's stream: torch's current stream by
     default, else the one given (torch's, Numba's or 0; made current for torch meanwhile, then restored); its
-    kernels get the inputs' and those allocations' memory (none from Numba's allocator or CuPy's pool); the result
-    is the allocated tensor, of the op's shape. Every op of the host path's probe, and cnnfast.torch's ops."""
+    kernels get the inputs' and those allocations' memory (none from Numba's allocator or CuPy's pool; a contiguous
+    input read without __cuda_array_interface__); the result is the allocated tensor, of the op's shape (also one
+    of size 0). Every op of the host path's probe, and cnnfast.torch's ops. A torch stream on another GPU than the
+    tensors' is refused."""
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0", "CNNFAST_CUDA_LAUNCH": "numba"}
     done = subprocess.run([sys.executable, "-c", TORCH_PROBE], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "torch memory ok", done.stderr[-3000:]

@@ -984,6 +984,8 @@ def test_cuda_results_are_torchs_memory_and_workspace_goes_back_to_its_pool():
         torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
         del y
         assert torch.cuda.memory_allocated() == before
+    empty = cf.conv2d(x[:0], w, padding=1)  # (a result of size 0 has no memory: a new empty tensor)
+    assert empty.is_cuda and empty.shape == (0, 32, 32, 32) and empty.dtype == torch.float32
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs torch with a GPU")

@@ -174,7 +174,7 @@ def flat(a):
 def scratch(size, dtype, like, stream):
     """An uninitialised 1-D device array of `size` elements for a launcher's workspace, tied to the launch stream
     (its pool cannot hand it out again before the kernels that use it ran): from CuPy's memory pool when `like` is a
-    CuPy array, from torch's caching allocator when like's memory is a torch tensor's (torch_array), else a Numba
+    CuPy array, from torch's caching allocator when like's memory is a torch tensor's (TorchMemory), else a Numba
     device array."""
     if type(like).__module__.startswith("cupy"):
         import cupy
@@ -182,30 +182,44 @@ def scratch(size, dtype, like, stream):
             return cupy.empty(size, dtype)
     owner = torch_owner(like)
     if owner is not None:
-        return torch_array((size,), dtype, owner.device, stream)
+        return TorchMemory(owner.device, stream).array((size,), dtype)
     return cuda.device_array(size, dtype, stream=stream)
 
 
-def torch_array(shape, dtype, device, stream, zero=False):
-    """A C-contiguous Numba device array of `shape`, uninitialised (zero: zeros), over a new torch tensor's memory on
-    torch.device `device`: from torch's caching allocator, in `stream`'s order (0 or a Numba stream: torch hands the
-    block out again once the tensor is freed, ordered after the work queued on that stream so far, as for its own
-    ops). A call on torch tensors takes its memory so, as torch's own ops do: torch counts it and reuses it once
-    freed, where Numba's allocator calls cuMemAlloc each time and its deferred cuMemFree waits for the GPU."""
-    torch = sys.modules["torch"]
-    with torch_stream(device, stream_pointer(stream)):
-        t = (torch.zeros if zero else torch.empty)(shape, dtype=_dtypes()[0][np.dtype(dtype)], device=device)
-    return torch_view(t)
+class TorchMemory:
+    """New device memory for a call on torch tensors, from torch's caching allocator on torch.device `device`, in
+    the order of `stream` (0 or a Numba stream: torch hands a block out again once its tensor is freed, ordered after
+    the work queued on that stream so far, as for its own ops; the stream is made torch's current one meanwhile
+    where it is not). So a call on torch tensors takes its memory as torch's own ops do: torch counts it and reuses
+    it once freed, where Numba's allocator calls cuMemAlloc each time and its deferred cuMemFree waits for the GPU.
+    Made once per call: it looks up Numba's CUDA context and torch's current stream once."""
 
+    def __init__(self, device, stream):
+        torch = sys.modules["torch"]
+        self.device, self.context, ptr = device, _context(), stream_pointer(stream)
+        self._stream = (contextlib.nullcontext() if ptr == torch.cuda.current_stream(device).cuda_stream else
+                        torch.cuda.stream(torch.cuda.ExternalStream(ptr, device=device) if ptr else
+                                          torch.cuda.default_stream(device)))
 
-def torch_view(t):
-    """A C-contiguous torch CUDA tensor of dtype float32 or float64 as a Numba device array over its memory, which
-    keeps t alive: Numba's as_cuda_array without the __cuda_array_interface__ dict and the driver's query of the
-    pointer (the same under unified addressing)."""
-    dtype = _dtypes()[1][t.dtype]
-    shape = tuple(t.shape)
-    memory = MemoryPointer(_context(), binding.CUdeviceptr(t.data_ptr()), t.nbytes, owner=t)
-    return DeviceNDArray(shape, _strides(shape, dtype.itemsize), dtype, gpu_data=memory)
+    def tensor(self, shape, dtype, zero=False):
+        """A new torch tensor of `shape` and NumPy `dtype` (float32 or float64), uninitialised (zero: zeros)."""
+        torch = sys.modules["torch"]
+        with self._stream:
+            return (torch.zeros if zero else torch.empty)(shape, dtype=_dtypes()[0][np.dtype(dtype)],
+                                                          device=self.device)
+
+    def array(self, shape, dtype, zero=False):
+        """A C-contiguous Numba device array over a new tensor's memory (tensor)."""
+        return self.view(self.tensor(shape, dtype, zero))
+
+    def view(self, t):
+        """A C-contiguous torch tensor of dtype float32 or float64 on this GPU as a Numba device array over its
+        memory, which keeps t alive: Numba's as_cuda_array without the __cuda_array_interface__ dict, the driver's
+        query of the pointer (the same under unified addressing) or a context lookup per array."""
+        dtype = _dtypes()[1][t.dtype]
+        shape = tuple(t.shape)
+        memory = MemoryPointer(self.context, binding.CUdeviceptr(t.data_ptr()), t.nbytes, owner=t)
+        return DeviceNDArray(shape, _strides(shape, dtype.itemsize), dtype, gpu_data=memory)
 
 
 @lru_cache(maxsize=1)
@@ -217,21 +231,11 @@ def _dtypes():
 
 
 def torch_owner(a):
-    """The torch tensor whose memory Numba device array `a` views (torch_array's; also Numba's as_cuda_array of a
-    tensor), else None."""
+    """The torch tensor whose memory Numba device array `a` views (TorchMemory's; also Numba's as_cuda_array of a
+    tensor), else None (a size-0 array's memory is always Numba's own)."""
     owner = getattr(getattr(a, "gpu_data", None), "_owner", None)  # (MemoryPointer.owner is itself when it has none)
     torch = sys.modules.get("torch")
     return owner if torch is not None and isinstance(owner, torch.Tensor) else None
-
-
-def torch_stream(device, ptr):
-    """A context in which torch's work on `device` (a torch.device) runs on the CUstream handle ptr (0: the legacy
-    default stream): none needed when it is torch's current stream there, else that stream made current."""
-    torch = sys.modules["torch"]
-    if ptr == torch.cuda.current_stream(device).cuda_stream:
-        return contextlib.nullcontext()
-    return torch.cuda.stream(torch.cuda.ExternalStream(ptr, device=device) if ptr else
-                             torch.cuda.default_stream(device))
 
 
 def cupy_stream(ptr):
