@@ -262,6 +262,31 @@ def test_a_cuda_tensor_that_requires_grad_gets_cnnfasts_type_error():
         cnnfast.conv2d(np.ones((1, 2, 4, 4), np.float32), Parameter())
 
 
+def test_torch_tensors_are_told_apart_and_read_without_building_their_array_interface():
+    """A torch tensor's family, shape and dtype come from the tensor (torch builds __cuda_array_interface__ in Python,
+    ~4 us, read twice per array before): a CUDA one is 'cai' as its interface would say, one on the CPU or one that
+    requires grad is none (torch refuses their interface); a dtype other than float32 or float64 is
+    read from the interface, for the error naming it. Tensors that say they are on a GPU (torch here is a CPU
+    build), whose interface fails if read."""
+    torch = pytest.importorskip("torch")
+
+    class OnGPU(torch.Tensor):
+        is_cuda = property(lambda self: True)
+
+        @property
+        def __cuda_array_interface__(self):
+            if self.dtype in (torch.float32, torch.float64):
+                raise AssertionError("read")
+            return {"shape": tuple(self.shape), "typestr": "<f2", "data": (0, False), "version": 2}
+
+    x = torch.zeros(2, 3, 4).as_subclass(OnGPU)
+    assert arrays.family_of(x) == "cai" and arrays.interface(x) == ((2, 3, 4), np.dtype(np.float32))
+    assert arrays.interface(x.double()) == ((2, 3, 4), np.dtype(np.float64))
+    assert arrays.interface(x.half()) == ((2, 3, 4), np.dtype(np.float16))
+    assert arrays.family_of(torch.zeros(2)) is None
+    assert arrays.family_of(torch.zeros(2).as_subclass(OnGPU).requires_grad_()) is None
+
+
 def test_cnnfast_torch_without_torch_says_what_to_install():
     """Where PyTorch is not installed, importing the adapter names what is missing and how to get it (was a bare
     ModuleNotFoundError: No module named 'torch')."""

@@ -1,0 +1,113 @@
+"""Host time per call, in microseconds, of cnnfast's CUDA path on torch tensors (RESULTS.md, 2026-12-07): tiny
+problems, best of 5 x 2,000, no GPU needed.
+
+    python bench/results/torch_memory_2026-12-07.py torch    cnnfast.conv2d, ... on torch CUDA tensors, and
+                                                             api.run as cnnfast.torch's ops call it
+    python bench/results/torch_memory_2026-12-07.py numba    the same on Numba device arrays
+
+As host_cost_2026-12-05.py's numba mode: Numba's real DeviceNDArray objects over fake device memory, the kernel call
+stubbed. torch: tensors that say they are on GPU 0 (torch here is a CPU build), torch.empty and torch.zeros on the
+"cuda" device answered by CPU tensors (~0.8 us, where a GPU's caching allocator takes a few us more), torch's
+current stream a stand-in. Neither figure has a GPU's allocation in it: cuMemAlloc per output and workspace for Numba
+arrays (Numba's default memory manager has no pool), torch's cached blocks for torch tensors.
+"""
+import ctypes
+import math
+import sys
+import timeit
+
+import numpy as np
+import torch
+from cnnfast.kernels.cuda import compile as kernel_compile
+from cnnfast.kernels.cuda import launch
+from numba import cuda
+from numba.cuda.cudadrv import devices
+from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+import cnnfast
+from cnnfast import grad
+
+
+class _Configured:  # compile.jit(pyfunc)[grid, block, stream]: the kernel call, stubbed
+    def __getitem__(self, config):
+        return lambda *args: None
+
+
+class _Memory:  # stands in for a MemoryPointer: an address, no GPU
+    def __init__(self, nbytes):
+        self._buffer = ctypes.create_string_buffer(max(nbytes, 1))
+        self.device_ctypes_pointer = self.handle = ctypes.c_void_p(ctypes.addressof(self._buffer))
+
+
+def _device_array(shape, dtype=np.float64, stream=0, **_):
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    itemsize = np.dtype(dtype).itemsize
+    strides = tuple(math.prod(shape[i + 1:]) * itemsize for i in range(len(shape)))
+    return DeviceNDArray(shape, strides, dtype, stream, gpu_data=_Memory(math.prod(shape) * itemsize))
+
+
+class OnGPU(torch.Tensor):  # a torch tensor that says it is on GPU 0 (its methods as fast as a tensor's: no
+    __torch_function__ = torch._C._disabled_torch_function_impl  # subclass dispatch in Python, ~10 us a method)
+    is_cuda = property(lambda self: True)
+    device = property(lambda self: torch.device("cuda", 0))
+
+    @property
+    def __cuda_array_interface__(self):
+        item = self.element_size()
+        return {"shape": tuple(self.shape), "strides": tuple(s * item for s in self.stride()), "version": 2,
+                "typestr": {torch.float32: "<f4", torch.float64: "<f8"}[self.dtype], "data": (self.data_ptr(), False)}
+
+
+def _on_gpu(real):
+    def allocate(*shape, dtype=None, device=None, **options):
+        if getattr(device, "type", device) != "cuda":
+            return real(*shape, dtype=dtype, device=device, **options)
+        return real(*shape, dtype=dtype).as_subclass(OnGPU)
+    return allocate
+
+
+class _Stream:
+    __module__ = "torch.cuda.streams"
+    cuda_stream, device = 0, torch.device("cuda", 0)
+
+
+kernel_compile.jit = lambda pyfunc: _Configured()
+gpu = type("Device", (), {"id": 0})()
+cuda.device_array, cuda.get_current_device, cuda.gpus = _device_array, lambda: gpu, [gpu]
+cuda.to_device = lambda a, stream=0, **_: _device_array(np.shape(a), np.asarray(a).dtype, stream)
+cuda.synchronize = lambda: None
+launch._context = devices.get_context = lambda *_: None
+torch.empty, torch.zeros = _on_gpu(torch.empty), _on_gpu(torch.zeros)
+torch.cuda.current_stream = lambda device=None: _Stream()
+
+family = sys.argv[1]
+
+
+def put(a):
+    return torch.from_numpy(a).as_subclass(OnGPU) if family == "torch" else cuda.to_device(a)
+
+
+rng = np.random.default_rng(0)
+x, w, b, dy = (put(rng.standard_normal(s).astype(np.float32)) for s in ((1, 1, 8, 8), (1, 1, 3, 3), (1,), (1, 1, 8, 8)))
+x2, w2, dy2 = (put(rng.standard_normal(s).astype(np.float32)) for s in ((1, 2, 8, 8), (4, 2, 3, 3), (1, 4, 8, 8)))
+cases = {
+    "dense conv2d": lambda: cnnfast.conv2d(x2, w2, padding=1),
+    "dense conv2d im2col": lambda: cnnfast.conv2d(x2, w2, padding=1, algo="im2col"),
+    "dense conv2d_input": lambda: grad.conv2d_input((1, 2, 8, 8), w2, dy2, padding=1),
+    "dense conv2d_weight": lambda: grad.conv2d_weight(x2, (4, 2, 3, 3), dy2, padding=1),
+    "conv2d": lambda: cnnfast.conv2d(x, w, padding=1),
+    "conv2d+bias": lambda: cnnfast.conv2d(x, w, b, padding=1),
+    "conv_transpose2d": lambda: cnnfast.conv_transpose2d(x, w, padding=1),
+}
+if family == "torch":  # as cnnfast.torch's ops call it: api.run keeps the checked call under the caller's key (its
+    # layer string and tensors), so no checks; not timed: _torch_ops._array's detach().contiguous()
+    from cnnfast import api
+
+    options = dict(stride=1, padding=1, dilation=1, groups=1, padding_mode="zeros")
+    cases["keyed dense conv2d"] = lambda: api.run("conv2d", "conv", 2, input=x2, weight=w2, key="dense", **options)
+    cases["keyed conv2d"] = lambda: api.run("conv2d", "conv", 2, input=x, weight=w, key="depthwise", **options)
+for name, fn in cases.items():
+    for _ in range(20):
+        fn()
+    best = min(timeit.repeat(fn, number=2000, repeat=5)) / 2000 * 1e6
+    print(f"{family:5s} {name:26s} {best:6.1f} us", flush=True)
