@@ -8,9 +8,13 @@ problems, best of 5 x 2,000, no GPU needed.
 As host_cost_2026-12-05.py's numba mode: Numba's real DeviceNDArray objects over fake device memory, the kernel call
 stubbed. torch: tensors that say they are on GPU 0 (torch here is a CPU build), torch.empty and torch.zeros on the
 "cuda" device answered by CPU tensors (~0.8 us, where a GPU's caching allocator takes a few us more), torch's
-current stream a stand-in. Neither figure has a GPU's allocation in it: cuMemAlloc per output and workspace for Numba
-arrays (Numba's default memory manager has no pool), torch's cached blocks for torch tensors.
+current stream a stand-in; cnnfast before this date (which read torch tensors with Numba's as_cuda_array and
+returned torch.as_tensor of a Numba array) runs with Numba's as_cuda_array given no driver (no context, the pointer
+as given) and torch.as_tensor read the Numba array's interface and allocate. Neither figure has a GPU's allocation
+in it: cuMemAlloc per output and workspace for Numba arrays (Numba's default memory manager has no pool), torch's
+cached blocks for torch tensors.
 """
+import contextlib
 import ctypes
 import math
 import sys
@@ -21,7 +25,8 @@ import torch
 from cnnfast.kernels.cuda import compile as kernel_compile
 from cnnfast.kernels.cuda import launch
 from numba import cuda
-from numba.cuda.cudadrv import devices
+from numba.cuda import api as numba_cuda_api
+from numba.cuda.cudadrv import devices, driver
 from numba.cuda.cudadrv.devicearray import DeviceNDArray
 
 import cnnfast
@@ -71,6 +76,13 @@ class _Stream:
     cuda_stream, device = 0, torch.device("cuda", 0)
 
 
+def _as_tensor(a, dtype=None, device=None):  # torch.as_tensor of a CUDA array (what cnnfast before 2026-12-07 returned)
+    if getattr(device, "type", device) != "cuda":
+        return _real_as_tensor(a, dtype=dtype, device=device)
+    info = a.__cuda_array_interface__  # (torch reads it, then wraps the memory)
+    return torch.empty(info["shape"], dtype=torch.float32, device="cuda")
+
+
 kernel_compile.jit = lambda pyfunc: _Configured()
 gpu = type("Device", (), {"id": 0})()
 cuda.device_array, cuda.get_current_device, cuda.gpus = _device_array, lambda: gpu, [gpu]
@@ -79,6 +91,10 @@ cuda.synchronize = lambda: None
 launch._context = devices.get_context = lambda *_: None
 torch.empty, torch.zeros = _on_gpu(torch.empty), _on_gpu(torch.zeros)
 torch.cuda.current_stream = lambda device=None: _Stream()
+_real_as_tensor, torch.as_tensor = torch.as_tensor, _as_tensor
+devices._runtime.ensure_context = contextlib.nullcontext  # Numba's as_cuda_array without a driver: no context,
+numba_cuda_api.current_context = lambda: None
+driver.get_devptr_for_active_ctx = driver.binding.CUdeviceptr  # and the pointer as given (its query's answer)
 
 family = sys.argv[1]
 
