@@ -191,7 +191,7 @@ class TorchMemory:
     the order of `stream` (0 or a Numba stream: torch hands a block out again once its tensor is freed, ordered after
     the work queued on that stream so far, as for its own ops; the stream is made torch's current one meanwhile
     where it is not). So a call on torch tensors takes its memory as torch's own ops do: torch counts it and reuses
-    it once freed, where Numba's allocator calls cuMemAlloc each time and its deferred cuMemFree waits for the GPU.
+    it once freed, where Numba's allocator calls cuMemAlloc each time and its deferred cuMemFree can wait for the GPU.
     Made once per call: it looks up Numba's CUDA context and torch's current stream once."""
 
     def __init__(self, device, stream):
