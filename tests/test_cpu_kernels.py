@@ -6,6 +6,7 @@ import os
 import re
 import sys
 
+import numba
 import numpy as np
 import pytest
 from cnnfast.kernels.cpu import ALGORITHMS, bias_grad_cpu, blas, choose, fold_pad_cpu, im2col, pad_cpu, threads
@@ -16,6 +17,10 @@ import cnnfast
 from cnnfast import grad, reference
 from cnnfast.compare import assert_close, relative_error
 from cnnfast.validate import CASES, case_spec, problem
+
+# the tests that cut a GEMM in two parts on Numba's threads (blas._on_numba_threads runs none with fewer threads)
+two_numba_threads = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 Numba threads "
+                                       "(a one-core machine, or NUMBA_NUM_THREADS=1: no GEMM is cut then)")
 
 CPU_ALGOS = tuple(ALGORITHMS)  # direct, im2col, depthwise, winograd: the kernels, not the float64 reference
 
@@ -1435,6 +1440,7 @@ def test_blas_matmul_is_np_matmul_bit_for_bit_and_restores_the_thread_count(name
 
 
 @pytest.mark.skipif(blas.cblas() is None, reason="no cblas found in NumPy's OpenBLAS")
+@two_numba_threads
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("a_shape, b_shape, a_order, b_order, out_view", [
     ((70, 9), (9, 33), "C", "C", "C"),
@@ -1511,6 +1517,7 @@ def test_cblas_tells_an_ilp64_build_from_its_symbols():
     assert blas.cblas()[2] is True  # NumPy 2's scipy-openblas64: the 64_ symbols
 
 
+@two_numba_threads
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_gemms_on_numba_threads_take_an_lp64_openblas(lp64, dtype):
     """The same layouts and cuts through a 32-bit-size cblas: np.matmul's result (another library: to rounding),
@@ -1615,6 +1622,8 @@ def test_blas_matmul_runs_a_2d_product_by_its_size_and_openblas_workers_spin(m, 
     workers sleep after a GEMM, else one part."""
     if region and blas.cblas() is None:
         pytest.skip("no cblas found in NumPy's OpenBLAS")
+    if region and numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 Numba threads (a one-core machine, or NUMBA_NUM_THREADS=1: no GEMM is cut then)")
     fake = _FakeOpenBLAS(2)
     monkeypatch.setattr(blas, "openblas", lambda: fake)
     if not region:
