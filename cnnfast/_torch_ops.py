@@ -2,11 +2,12 @@
 cnnfast.torch checks it and imports this module).
 
 Four ops: cnnfast::conv (any forward op), conv_input (backward-data), conv_weight (backward-filter) and bias_grad,
-each running cnnfast's kernels on torch tensors (CPU tensors as NumPy views, CUDA tensors through
-__cuda_array_interface__ on torch's current stream), each with a fake (its output's shape, for torch.compile and
-torch.export), backward and jvp formulas (which are cnnfast ops again: gradients to any order) and a vmap rule (a
-batch of problems as one cnnfast call). The formulas and cnnfast.torch call them through _conv_op, _conv_input_op,
-... (_dispatch): the custom op, or under torch.func's transforms and forward-mode AD an autograd.Function of its own.
+each running cnnfast's kernels on torch tensors (CPU tensors as NumPy views, CUDA tensors as Numba views of their
+memory on torch's current stream, the results in torch's memory), each with a fake (its output's shape, for
+torch.compile and torch.export), backward and jvp formulas (which are cnnfast ops again: gradients to any order) and
+a vmap rule (a batch of problems as one cnnfast call). The formulas and cnnfast.torch call them through _conv_op,
+_conv_input_op, ... (_dispatch): the custom op, or under torch.func's transforms and forward-mode AD an
+autograd.Function of its own.
 """
 from __future__ import annotations
 
@@ -28,14 +29,14 @@ from cnnfast.kernels.contract import conv_output_size
 # ---------------------------------------------------------------- tensors <-> cnnfast arrays
 
 def _array(t, op, name):
-    """A torch tensor as an array cnnfast takes: a NumPy view (CPU) or the tensor itself (CUDA, via its
-    __cuda_array_interface__; made contiguous by torch first, by its own copy on the device: autograd's gradients
-    are often strided, such as the expanded ones of y.sum().backward(), and without CuPy cnnfast's own copy is a
-    Numba launch, through the host for a negative stride); None (no bias) and shapes pass as they are (the public
+    """A torch tensor as an array cnnfast takes: a NumPy view (CPU) or the tensor itself (CUDA, whose memory cnnfast
+    views; made contiguous by torch first, by its own copy on the device: autograd's gradients
+    are often strided, such as the expanded ones of y.sum().backward(), and cnnfast's own copy is a Numba launch,
+    through the host for a negative stride); None (no bias) and shapes pass as they are (the public
     functions check the tensor arguments first, _tensors; the ops' schemas check them again)."""
     if not isinstance(t, torch.Tensor):  # no bias; a shape
         return t
-    if t.is_cuda:  # (a negative bit is torch's own: __cuda_array_interface__ hands over the data as stored)
+    if t.is_cuda:  # (a negative bit is torch's own: the memory holds the data as stored)
         return (t.resolve_neg() if t.is_neg() else t).detach().contiguous()
     if not t.is_cpu:
         raise TypeError(f"{op}: expected {name} on a CPU or CUDA device, but got a tensor on {t.device}")

@@ -8,15 +8,15 @@ only when you have it).
 
 Forward and both backward passes run cnnfast's own kernels: the forward op, grad.conv*_input (backward-data),
 grad.conv*_weight (backward-filter) and grad.conv_bias. CPU tensors reach the CPU kernels as NumPy views (a result
-comes back with torch.from_numpy); CUDA tensors reach the CUDA kernels through __cuda_array_interface__ on torch's
-current stream and come back as torch tensors on the same device; a contiguous tensor is not copied (a strided one
-is made contiguous first). Each call is a torch.library custom op (torch.compile and torch.export see one op, no
-graph break; under torch.func's transforms and forward-mode AD an autograd.Function, a graph break there; where
-nothing would see the op, as in inference, the op's Python function, without torch's dispatcher); the
-gradients are custom ops differentiable in turn: gradients of gradients (a Hessian, a gradient penalty,
-torch.autograd.gradgradcheck) run cnnfast's kernels too, to any order, and so do torch.func's transforms (grad,
-vmap, jvp, jacrev, jacfwd, hessian: per-sample gradients, model ensembles) and forward-mode AD: vmap runs a batch
-of problems as one (the batch axis folded into N, or into the channels as groups where the weights differ).
+comes back with torch.from_numpy); CUDA tensors reach the CUDA kernels as views of their memory on torch's current
+stream and come back as torch tensors on the same device, in torch's memory (its caching allocator); a contiguous
+tensor is not copied (a strided one is made contiguous first). Each call is a torch.library custom op (torch.compile
+and torch.export see one op, no graph break; under torch.func's transforms and forward-mode AD an autograd.Function,
+a graph break there; where nothing would see the op, as in inference, the op's Python function, without torch's
+dispatcher); the gradients are custom ops differentiable in turn: gradients of gradients (a Hessian, a gradient
+penalty, torch.autograd.gradgradcheck) run cnnfast's kernels too, to any order, and so do torch.func's transforms
+(grad, vmap, jvp, jacrev, jacfwd, hessian: per-sample gradients, model ensembles) and forward-mode AD: vmap runs a
+batch of problems as one (the batch axis folded into N, or into the channels as groups where the weights differ).
 This module holds the public functions and modules; the ops, their derivatives and vmap rules are in
 cnnfast/_torch_ops.py.
 """
