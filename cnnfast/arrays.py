@@ -376,8 +376,11 @@ class CUDA:
         return _package("cnnfast.kernels.cuda")
 
     def working(self, a):
-        if self.torch is not None and isinstance(a, sys.modules["torch"].Tensor) and a.is_contiguous():
-            return self.torch.view(a)
+        if self.torch is not None and isinstance(a, sys.modules["torch"].Tensor):
+            if a.is_neg():  # (a negative view, such as torch._neg_view's: its memory holds the values un-negated)
+                a = self.torch.resolved(a)
+            if a.is_contiguous():
+                return self.torch.view(a)
         if self.cp is not None:
             with self._on_stream():
                 return self.cp.ascontiguousarray(self.cp.asarray(a))

@@ -941,6 +941,13 @@ strided = put((2, 3, 8, 9)).transpose(2, 3)
 check("strided", cnnfast.conv2d(strided, w2, padding=1), (2, 5, 9, 8), 77)
 assert launches[0][0] == "copy_kernel" and launches[0][1][1].device_ctypes_pointer.value == made[0][0].data_ptr()
 assert interfaced == [strided]
+launches.clear(), made.clear()  # a negative view (its memory holds the values un-negated): resolved first
+ramp = torch.arange(2 * 3 * 9 * 8, dtype=torch.float32).reshape(2, 3, 9, 8).as_subclass(OnGPU)
+negative = torch._neg_view(ramp)
+check("negative", cnnfast.conv2d(negative, w2, padding=1), (2, 5, 9, 8), 77)
+read = [launch.torch_owner(a) for a in launches[-1][1] if hasattr(a, "gpu_data")]
+assert negative.is_neg() and any(t.data_ptr() != ramp.data_ptr() and not t.is_neg() and torch.equal(t, -ramp)
+                                 for t in read), read  # (memory of its own holding the values)
 for given, stream in ((Stream(55), 55), (0, 0), (cuda.external_stream(66), 66)):  # on a stream given
     launches.clear(), made.clear()
     check(f"stream {stream}", cnnfast.conv2d(x2, w2, padding=1, algo="im2col", stream=given), (2, 5, 9, 8), stream)
@@ -977,8 +984,8 @@ def test_a_call_on_torch_tensors_takes_torchs_memory_on_torchs_stream():
     default, else the one given (torch's, Numba's or 0; made current for torch meanwhile, then restored); its
     kernels get the inputs' and those allocations' memory (none from Numba's allocator or CuPy's pool; a contiguous
     input read without __cuda_array_interface__); the result is the allocated tensor, of the op's shape (also one
-    of size 0). Every op of the host path's probe, and cnnfast.torch's ops. A torch stream on another GPU than the
-    tensors' is refused."""
+    of size 0; a negative view read resolved). Every op of the host path's probe, and cnnfast.torch's ops. A torch
+    stream on another GPU than the tensors' is refused."""
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0", "CNNFAST_CUDA_LAUNCH": "numba"}
     done = subprocess.run([sys.executable, "-c", TORCH_PROBE], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "torch memory ok", done.stderr[-3000:]

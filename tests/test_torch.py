@@ -969,7 +969,7 @@ def test_cuda_results_are_torchs_memory_and_workspace_goes_back_to_its_pool():
     """On a GPU a call on torch tensors (cnnfast.torch's, and cnnfast's own function) takes its memory from torch's
     caching allocator, whether or not CuPy is installed: torch.cuda.memory_allocated() counts the result while it
     lives, and nothing more once it is freed (the workspace, im2col's columns here, went back to torch's pool);
-    values as torch's."""
+    values as torch's, also for a negative view."""
     torch.manual_seed(0)
     x, w = torch.randn(4, 16, 32, 32, device="cuda"), torch.randn(32, 16, 3, 3, device="cuda")
     expected = F.conv2d(x, w, padding=1)
@@ -986,6 +986,8 @@ def test_cuda_results_are_torchs_memory_and_workspace_goes_back_to_its_pool():
         assert torch.cuda.memory_allocated() == before
     empty = cf.conv2d(x[:0], w, padding=1)  # (a result of size 0 has no memory: a new empty tensor)
     assert empty.is_cuda and empty.shape == (0, 32, 32, 32) and empty.dtype == torch.float32
+    negative = cnnfast.conv2d(torch._neg_view(x), w, padding=1)  # (its memory holds x: read resolved)
+    torch.testing.assert_close(negative, -expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs torch with a GPU")

@@ -208,6 +208,11 @@ class TorchMemory:
             return (torch.zeros if zero else torch.empty)(shape, dtype=_dtypes()[0][np.dtype(dtype)],
                                                           device=self.device)
 
+    def resolved(self, t):
+        """t's values in memory of their own, for a tensor whose negative bit is set."""
+        with self._stream:
+            return t.resolve_neg()
+
     def array(self, shape, dtype, zero=False):
         """A C-contiguous Numba device array over a new tensor's memory (tensor)."""
         return self.view(self.tensor(shape, dtype, zero))
