@@ -3,6 +3,8 @@
     python bench/results/host_cost_2026-12-05.py cpu                         the CPU path, kernels included
     NUMBA_ENABLE_CUDASIM=1 python bench/results/host_cost_2026-12-05.py cuda cnnfast's CUDA path up to the kernel
     python bench/results/host_cost_2026-12-05.py numba                       the same with Numba's own arrays
+    python bench/results/host_cost_2026-12-05.py torch                       the same on torch CUDA tensors, and
+                                                                             api.run as cnnfast.torch's ops call it
 
 cuda: the simulator's device arrays, with compile.jit replaced by a stand-in whose [grid, block, stream](*args)
 does nothing, so what is timed is everything cnnfast does before Numba's dispatcher would start the kernel (the
@@ -12,6 +14,12 @@ numba (no simulator, no GPU needed): as cuda, but the arrays are Numba's real De
 memory (cuda.device_array and cuda.to_device replaced), so their Python costs (a reshape builds a new DeviceNDArray:
 ~3 us, against ~0.5 us for the simulator's NumPy-backed arrays) are in the figure, as on a GPU. No memory is
 allocated, so a GPU's allocation (cuMemAlloc per output without a pool) is not.
+
+torch (added 2026-12-07, RESULTS.md of that date): as numba, on tensors that say they are on GPU 0 (torch here is a
+CPU build), torch.empty and torch.zeros on the "cuda" device answered by CPU tensors (~0.8 us, where a GPU's caching
+allocator takes a few us more), torch's current stream a stand-in. cnnfast before that date (which read torch tensors
+with Numba's as_cuda_array and returned torch.as_tensor of a Numba array) runs with Numba's as_cuda_array given no
+driver (no context, the pointer as given) and torch.as_tensor reading the Numba array's interface and allocating.
 """
 import sys
 import timeit
@@ -22,7 +30,7 @@ import cnnfast
 from cnnfast import grad
 
 device = sys.argv[1]
-if device in ("cuda", "numba"):
+if device in ("cuda", "numba", "torch"):
     from cnnfast.kernels.cuda import compile as kernel_compile
     from numba import cuda
 
@@ -31,7 +39,7 @@ if device in ("cuda", "numba"):
             return lambda *args: None
 
     kernel_compile.jit = lambda pyfunc: _Configured()
-    if device == "numba":
+    if device in ("numba", "torch"):
         import ctypes
         import math
 
@@ -55,6 +63,52 @@ if device in ("cuda", "numba"):
         cuda.synchronize = lambda: None  # (device_constant waits for its one upload)
         cuda.gpus = [gpu]  # (api.run asks where arrays are only with several GPUs)
     put = cuda.to_device
+    if device == "torch":
+        import contextlib
+
+        import torch
+        from cnnfast.kernels.cuda import launch
+        from numba.cuda import api as numba_cuda_api
+        from numba.cuda.cudadrv import devices, driver
+
+        class OnGPU(torch.Tensor):  # a tensor that says it is on GPU 0 (its methods as fast as a tensor's: no
+            __torch_function__ = torch._C._disabled_torch_function_impl  # subclass dispatch in Python, ~10 us)
+            is_cuda = property(lambda self: True)
+            device = property(lambda self: torch.device("cuda", 0))
+
+            @property
+            def __cuda_array_interface__(self):
+                return {"shape": tuple(self.shape), "typestr": np.dtype(str(self.dtype)[6:]).str, "version": 2,
+                        "strides": tuple(s * self.element_size() for s in self.stride()),
+                        "data": (self.data_ptr(), False)}
+
+        def _on_gpu(real):
+            def allocate(*shape, dtype=None, device=None, **options):
+                if getattr(device, "type", device) != "cuda":
+                    return real(*shape, dtype=dtype, device=device, **options)
+                return real(*shape, dtype=dtype).as_subclass(OnGPU)
+            return allocate
+
+        class _Stream:
+            __module__ = "torch.cuda.streams"
+            cuda_stream, device = 0, torch.device("cuda", 0)
+
+        def _as_tensor(a, dtype=None, device=None):  # of a CUDA array (what cnnfast before 2026-12-07 returned)
+            if getattr(device, "type", device) != "cuda":
+                return _real_as_tensor(a, dtype=dtype, device=device)
+            info = a.__cuda_array_interface__  # (torch reads it, then wraps the memory)
+            return torch.empty(info["shape"], dtype=torch.float32, device="cuda")
+
+        launch._context = devices.get_context = lambda *_: None
+        torch.empty, torch.zeros = _on_gpu(torch.empty), _on_gpu(torch.zeros)
+        torch.cuda.current_stream = lambda device=None: _Stream()
+        _real_as_tensor, torch.as_tensor = torch.as_tensor, _as_tensor
+        devices._runtime.ensure_context = contextlib.nullcontext  # Numba's as_cuda_array without a driver: no
+        numba_cuda_api.current_context = lambda: None  # context, and the pointer as given (its query's answer)
+        driver.get_devptr_for_active_ctx = driver.binding.CUdeviceptr
+
+        def put(a):
+            return torch.from_numpy(a).as_subclass(OnGPU)
 else:
     def put(a):
         return a
@@ -71,7 +125,15 @@ cases = {
     "conv2d_input": lambda: grad.conv2d_input((1, 1, 8, 8), w, dy, padding=1),
     "conv2d_weight": lambda: grad.conv2d_weight(x, (1, 1, 3, 3), dy, padding=1),
     "conv_transpose2d": lambda: cnnfast.conv_transpose2d(x, w, padding=1),
+    "dense conv2d im2col": lambda: cnnfast.conv2d(x2, w2, padding=1, algo="im2col"),
 }
+if device == "torch":  # as cnnfast.torch's ops call it: api.run keeps the checked call under the caller's key (its
+    # layer string and tensors), so no checks; not timed: _torch_ops._array's detach().contiguous()
+    from cnnfast import api
+
+    options = dict(stride=1, padding=1, dilation=1, groups=1, padding_mode="zeros")
+    cases["keyed dense conv2d"] = lambda: api.run("conv2d", "conv", 2, input=x2, weight=w2, key="dense", **options)
+    cases["keyed conv2d"] = lambda: api.run("conv2d", "conv", 2, input=x, weight=w, key="depthwise", **options)
 for name, fn in cases.items():
     for _ in range(20):
         fn()
