@@ -78,9 +78,11 @@ if device in ("cuda", "numba", "torch"):
 
             @property
             def __cuda_array_interface__(self):
-                return {"shape": tuple(self.shape), "typestr": np.dtype(str(self.dtype)[6:]).str, "version": 2,
+                return {"shape": tuple(self.shape), "typestr": _TYPESTR[self.dtype], "version": 2,
                         "strides": tuple(s * self.element_size() for s in self.stride()),
                         "data": (self.data_ptr(), False)}
+
+        _TYPESTR = {torch.float32: "<f4", torch.float64: "<f8"}  # (as torch's own property looks it up)
 
         def _on_gpu(real):
             def allocate(*shape, dtype=None, device=None, **options):
