@@ -21,7 +21,8 @@ each from its index by three integer divisions, which took a third of a 14x14 pl
 On planes of at most LANES_POSITIONS positions a pass over one plane is mostly loop overhead (~60 multiply-adds
 on 7x7), so the lanes kernels (depthwise_lanes_cpu, depthwise_lanes_filter_cpu) run LANES channels at a time, their
 planes interleaved element by element in the same padded layout, the weights laid out per lane: each tap is one pass
-over LANES planes (3x3 depthwise 960 @7, batch 4: 1.15x the wide kernel; 1.3x on 4x4 planes; the weight gradient
+over LANES planes. Interleaving costs as much as the taps on 7x7 planes, so each element's lanes are copied in
+one inner loop, in and out (3x3 depthwise 960 @7, batch 8: 1.25x the wide kernel, 2026-12-07; the weight gradient
 at stride 2, which took direct's kernel, 2.5x faster). Their scratch (about two planes per thread, LANES planes deep
 for the lanes kernels) counts against workspace_limit; when it does not fit, the next family runs: lanes, wide, rows.
 Non-finite values as the reference has them: the wide input gradient also multiplies dy's zero border, so a NaN or
@@ -136,13 +137,17 @@ def depthwise_backward_data_cpu(dy, w, dx, sd, sh, sw, dd, dh, dw_, pd, ph, pw):
                                         acc[u * sw + base] += wv * ds[u - u0]
 
 
-@njit()
-def pad_plane(plane, padded, pd, ph, pw, Hp, Wp, sd, sh, sw, lane=0, lanes=1):
-    """The zero-padded plane split into sd*sh*sw phase volumes of (Dp, Hp, Wp) (zeros outside the plane): element
-    ((phase*Dp + a)*Hp + b)*Wp + e of padded, phase = (fd*sh + fh)*sw + fw, is plane[a*sd + fd - pd, b*sh + fh - ph,
-    e*sw + fw - pw] where that is inside (unit strides: one volume, padded[(a*Hp + b)*Wp + e] = plane[a - pd, ...]).
-    With lanes > 1 the volumes hold that many planes interleaved: element o of this one is padded[o*lanes + lane]."""
-    D, H, W = plane.shape
+@numba.njit(inline="always")
+def pad_plane(planes, rows, padded, pd, ph, pw, Hp, Wp, sd, sh, sw, lanes=1):
+    """Planes planes[rows[l]] ((D, H, W) each) zero-padded and split into sd*sh*sw phase volumes of (Dp, Hp, Wp)
+    (zeros outside the plane): element ((phase*Dp + a)*Hp + b)*Wp + e of plane l's volumes, phase = (fd*sh + fh)*sw
+    + fw, is planes[rows[l], a*sd + fd - pd, b*sh + fh - ph, e*sw + fw - pw] where that is inside (unit strides: one
+    volume, element (a*Hp + b)*Wp + e is planes[rows[l], a - pd, ...]). With lanes > 1 the volumes hold up to that
+    many planes interleaved, element o of plane l at padded[o*lanes + l], each element's lanes copied in one inner
+    loop (one plane at a time, the lanes kernels' copies of 7x7 planes took 2.4x as long: mostly starting short
+    rows). Inlined in Numba's IR: LLVM left this body a call, and the strided input gradient of 7x7 dy planes ran
+    10% slower."""
+    _, D, H, W = planes.shape
     Dp = len(padded) // (sd * sh * sw * Hp * Wp * lanes)
     for fd in range(sd):
         for fh in range(sh):
@@ -158,14 +163,19 @@ def pad_plane(plane, padded, pd, ph, pw, Hp, Wp, sd, sh, sw, lane=0, lanes=1):
                         i_h = b * sh + fh - ph
                         if i_d < 0 or i_d >= D or i_h < 0 or i_h >= H:
                             continue
-                        line = plane[i_d, i_h]
                         at = ((volume + a) * Hp + b) * Wp
-                        if sw == 1:  # unsigned offsets: no negative-index wraparound, so LLVM vectorises
+                        line = planes[rows[0], i_d, i_h]
+                        if lanes == 1 and sw == 1:  # unsigned offsets: no negative-index wraparound, so LLVM
+                            for e in range(lo, hi):  # vectorises
+                                padded[np.uint64(at + e)] = line[np.uint64(e - pw)]
+                        elif lanes == 1:
                             for e in range(lo, hi):
-                                padded[np.uint64((at + e) * lanes + lane)] = line[np.uint64(e - pw)]
+                                padded[np.uint64(at + e)] = line[np.uint64(e * sw + fw - pw)]
                         else:
                             for e in range(lo, hi):
-                                padded[np.uint64((at + e) * lanes + lane)] = line[np.uint64(e * sw + fw - pw)]
+                                base, column = np.uint64((at + e) * lanes), e * sw + fw - pw
+                                for lane in range(len(rows)):
+                                    padded[base + np.uint64(lane)] = planes[rows[lane], i_d, i_h, column]
 
 
 @njit()
@@ -222,6 +232,7 @@ def depthwise_wide_cpu(src, w, bias, has_bias, dst, flip, pd, ph, pw, dd, dh, dw
         padded = np.zeros(sd * sh * sw * Dp * Hp * Wp, src.dtype)  # (pad_plane writes the same elements each plane)
         wide = np.empty(L, src.dtype)
         weights = np.empty(taps, w.dtype)
+        source = np.empty(1, np.int64)  # (pad_plane's rows)
         for plane in range(run * planes, min(N * Cd, (run + 1) * planes)):
             n, j = plane // Cd, plane % Cd
             b = bias[j] if has_bias else 0.0
@@ -229,7 +240,8 @@ def depthwise_wide_cpu(src, w, bias, has_bias, dst, flip, pd, ph, pw, dd, dh, dw
                 wide[np.uint64(o)] = b
             for m in range(terms):
                 row = j * M + m if flip else j
-                pad_plane(src[n, row if flip else j // M], padded, pd, ph, pw, Hp, Wp, sd, sh, sw)
+                source[0] = row if flip else j // M
+                pad_plane(src[n], source, padded, pd, ph, pw, Hp, Wp, sd, sh, sw)
                 tap_weights(w, row, flip, weights)
                 for tap in range(0, taps - taps % 3, 3):  # three taps a pass: fewer loads, stores and loop starts
                     w0, w1, w2 = weights[tap], weights[tap + 1], weights[tap + 2]
@@ -281,6 +293,7 @@ def depthwise_lanes_cpu(src, w, bias, has_bias, dst, flip, pd, ph, pw, dd, dh, d
         wide = np.empty(L * LANES, src.dtype)
         weights = np.zeros((terms, taps, LANE_CHUNK * LANES), src.dtype)  # [m, tap, q*LANES + l]: lane l's weight
         first = np.zeros(LANE_CHUNK * LANES, src.dtype)  # the bias, laid out the same way
+        sources = np.empty(lanes, np.int64)  # (pad_plane's rows)
         for m in range(terms):
             for t in range(T):
                 for r in range(R):
@@ -303,8 +316,8 @@ def depthwise_lanes_cpu(src, w, bias, has_bias, dst, flip, pd, ph, pw, dd, dh, d
                     wide[np.uint64(o0 + e)] = first[np.uint64(e)]
             for m in range(terms):
                 for l in range(lanes):
-                    i = (j0 + l) * M + m if flip else (j0 + l) // M
-                    pad_plane(src[n, i], padded, pd, ph, pw, Hp, Wp, sd, sh, sw, l, LANES)
+                    sources[l] = (j0 + l) * M + m if flip else (j0 + l) // M
+                pad_plane(src[n], sources, padded, pd, ph, pw, Hp, Wp, sd, sh, sw, LANES)
                 for tap0 in range(0, taps, 3):
                     if taps - tap0 >= 3:
                         w0, w1, w2 = weights[m, tap0], weights[m, tap0 + 1], weights[m, tap0 + 2]
@@ -324,13 +337,13 @@ def depthwise_lanes_cpu(src, w, bias, has_bias, dst, flip, pd, ph, pw, dd, dh, d
                             for o0 in range(0, size, LANE_CHUNK * LANES):
                                 for e in range(min(LANE_CHUNK * LANES, size - o0)):
                                     wide[np.uint64(o0 + e)] += wv[np.uint64(e)] * padded[np.uint64(o0 + e) + offset]
-            for l in range(lanes):
-                for p in range(P):
-                    for q in range(Q):
-                        out = dst[n, j0 + l, p, q]
-                        at = (p * Hp + q) * Wp
-                        for u in range(U):
-                            out[np.uint64(u)] = wide[np.uint64((at + u) * LANES + l)]
+            for p in range(P):  # (each element's lanes in one inner loop, as pad_plane's)
+                for q in range(Q):
+                    at = (p * Hp + q) * Wp
+                    for u in range(U):
+                        base = np.uint64((at + u) * LANES)
+                        for l in range(lanes):
+                            dst[n, j0 + l, p, q, u] = wide[base + np.uint64(l)]
 
 
 @parallel(fastmath=CONTRACT)
@@ -354,13 +367,15 @@ def depthwise_wide_classes_cpu(dy, w, dx, classes, taps, lows, sd, sh, sw, plane
     for run in numba.prange(-(-N * C // planes)):
         padded = np.zeros(Dp * Hp * Wp, dx.dtype)  # (pad_plane writes the same elements each plane)
         wide = np.empty(size, dx.dtype)
+        source = np.empty(1, np.int64)  # (pad_plane's rows)
         for plane in range(run * planes, min(N * C, (run + 1) * planes)):
             n, c = plane // C, plane % C
             for o in range(size):
                 wide[np.uint64(o)] = 0.0
             for m in range(M):
                 k = c * M + m
-                pad_plane(dy[n, k], padded, lo_d, lo_h, lo_w, Hp, Wp, 1, 1, 1)
+                source[0] = k
+                pad_plane(dy[n], source, padded, lo_d, lo_h, lo_w, Hp, Wp, 1, 1, 1)
                 for cls in range(len(classes)):
                     Jd, Jh, Jw, at = classes[cls, 3], classes[cls, 4], classes[cls, 5], classes[cls, 8]
                     if Jd == 0 or Jh == 0 or Jw == 0:
@@ -403,8 +418,10 @@ def depthwise_wide_filter_cpu(x, dy, dw, pd, ph, pw, dd, dh, dw_):
         padded = np.zeros(Dp * Hp * Wp, x.dtype)
         wide = np.zeros(L, x.dtype)  # dy[n, k] on the wide grid: zero in the dropped columns
         total = np.zeros(taps, x.dtype)
+        source = np.empty(1, np.int64)  # (pad_plane's rows)
+        source[0] = k // M
         for n in range(N):
-            pad_plane(x[n, k // M], padded, pd, ph, pw, Hp, Wp, 1, 1, 1)
+            pad_plane(x[n], source, padded, pd, ph, pw, Hp, Wp, 1, 1, 1)
             for p in range(P):
                 for q in range(Q):
                     line = dy[n, k, p, q]
@@ -453,15 +470,18 @@ def depthwise_lanes_filter_cpu(x, dy, dw, pd, ph, pw, dd, dh, dw_, sd, sh, sw):
         padded = np.zeros(sd * sh * sw * Dp * Hp * Wp * LANES, x.dtype)
         wide = np.zeros(size, x.dtype)
         sums = np.zeros((taps, LANE_CHUNK * LANES), x.dtype)
+        sources = np.empty(lanes, np.int64)  # (pad_plane's rows)
+        for l in range(lanes):
+            sources[l] = (k0 + l) // M
         for n in range(N):
-            for l in range(lanes):
-                pad_plane(x[n, (k0 + l) // M], padded, pd, ph, pw, Hp, Wp, sd, sh, sw, l, LANES)
-                for p in range(P):
-                    for q in range(Q):
-                        line = dy[n, k0 + l, p, q]
-                        at = (p * Hp + q) * Wp
-                        for u in range(U):
-                            wide[np.uint64((at + u) * LANES + l)] = line[np.uint64(u)]
+            pad_plane(x[n], sources, padded, pd, ph, pw, Hp, Wp, sd, sh, sw, LANES)
+            for p in range(P):  # (each element's lanes in one inner loop, as pad_plane's)
+                for q in range(Q):
+                    at = (p * Hp + q) * Wp
+                    for u in range(U):
+                        base = np.uint64((at + u) * LANES)
+                        for l in range(lanes):
+                            wide[base + np.uint64(l)] = dy[n, k0 + l, p, q, u]
             for tap in range(taps):
                 acc, offset = sums[tap], np.uint64(offsets[tap] * LANES)
                 for o0 in range(0, size, LANE_CHUNK * LANES):
@@ -553,10 +573,12 @@ def class_count(g):
 # run 0.48 / 0.45, 0.58 / 0.51); 8x8 0.36 / 0.43; 10x10 0.32 / 0.42; 5x5 7x7 0.76 / 0.81, 8x8 0.60 / 0.74; batch 4:
 # 3x3 960 @7 0.24 / 0.21, 0.26 / 0.22; 5x5 1152 @7 0.48 / 0.44, 0.52 / 0.49; 3x3 1280 @4 0.24 / 0.19; at stride 2
 # (the row kernel below STRIDED_WIDE_POSITIONS / lanes) 3x3 6x6 outputs 1.88 / 1.05, 7x7 1.08 / 0.92; 5x5 7x7 1.40 /
-# 1.24; wide / lanes 8x8 0.76 / 0.86.
+# 1.24; wide / lanes 8x8 0.76 / 0.86. With each element's lanes copied in one loop (2026-12-07, the same sizes): 3x3 7x7
+# 0.43 / 0.34, 0.46 / 0.35; 8x8 0.33 / 0.34, 0.35 / 0.36; 10x10 0.29 / 0.34; 5x5 7x7 0.70 / 0.63; 8x8 0.58 / 0.63.
 LANES_POSITIONS = 49
 # ... the unit-stride weight gradient on grids of at most this many (depthwise_wide_filter_cpu / lanes: 3x3 7x7 0.53
-# / 0.47, 10x10 0.37 / 0.40, 12x12 0.32 / 0.37; 5x5 7x7 1.21 / 0.95, 10x10 0.88 / 0.77, 14x14 0.74 / 0.71)
+# / 0.47, 10x10 0.37 / 0.40, 12x12 0.32 / 0.37; 5x5 7x7 1.21 / 0.95, 10x10 0.88 / 0.77, 14x14 0.74 / 0.71; 2026-12-07:
+# 3x3 7x7 0.55 / 0.42, 10x10 0.40 / 0.40, 12x12 0.34 / 0.45; 5x5 7x7 1.18 / 0.84, 10x10 0.87 / 0.76)
 LANES_FILTER_POSITIONS = 100
 # ... and the weight gradient at a stride, which has no wide kernel (direct's kernel, one task per filter, otherwise),
 # on output planes of at most this many: ms direct / lanes, stride 2, 3x3 7x7 outputs 2.53 / 0.85, 10x10 2.25 / 0.68,
