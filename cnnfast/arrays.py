@@ -379,8 +379,8 @@ class CUDA:
         if self.torch is not None and isinstance(a, sys.modules["torch"].Tensor):
             if a.is_neg():  # (a negative view, such as torch._neg_view's: its memory holds the values un-negated)
                 a = self.torch.resolved(a)
-            if a.is_contiguous():
-                return self.torch.view(a)
+            if a.is_contiguous():  # (flat, as the kernels take it: a view of another shape costs a DeviceNDArray)
+                return self.torch.view(a, (a.numel(),))
         if self.cp is not None:
             with self._on_stream():
                 return self.cp.ascontiguousarray(self.cp.asarray(a))

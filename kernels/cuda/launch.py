@@ -217,12 +217,13 @@ class TorchMemory:
         """A C-contiguous Numba device array over a new tensor's memory (tensor)."""
         return self.view(self.tensor(shape, dtype, zero))
 
-    def view(self, t):
-        """A C-contiguous torch tensor of dtype float32 or float64 on this GPU as a Numba device array over its
-        memory, which keeps t alive: Numba's as_cuda_array without the __cuda_array_interface__ dict, the driver's
-        query of the pointer (the same under unified addressing) or a context lookup per array."""
+    def view(self, t, shape=None):
+        """A C-contiguous torch tensor of dtype float32 or float64 on this GPU as a Numba device array of `shape`
+        (t's by default, else another of the same size) over its memory, which keeps t alive: Numba's as_cuda_array
+        without the __cuda_array_interface__ dict, the driver's query of the pointer (the same under unified
+        addressing) or a context lookup per array."""
         dtype = _dtypes()[1][t.dtype]
-        shape = tuple(t.shape)
+        shape = tuple(t.shape) if shape is None else shape
         memory = MemoryPointer(self.context, binding.CUdeviceptr(t.data_ptr()), t.nbytes, owner=t)
         return DeviceNDArray(shape, _strides(shape, dtype.itemsize), dtype, gpu_data=memory)
 
