@@ -925,6 +925,8 @@ def check(name, out, shape, stream):
         memory = [a for a in args if hasattr(a, "gpu_data")]
         assert memory and all(isinstance(launch.torch_owner(a), OnGPU) or type(a.gpu_data) is Memory
                               for a in memory), (name, kernel)
+        assert kernel == "copy_kernel" or all(a.ndim == 1 and a.is_c_contiguous() for a in memory), (  # (copy_kernel:
+            name, kernel, [a.shape for a in memory])  # any strides)
 
 for call, _ in calls.values():  # each call once: its index tables are uploaded (from Numba's allocator), and kept
     call()
@@ -932,9 +934,9 @@ cuda.device_array = cuda.to_device = None  # from now on a call allocates nothin
 for name, (call, shape) in calls.items():  # on torch's current stream (77)
     launches.clear(), made.clear()
     check(name, call(), shape, 77)
-    read = {a.device_ctypes_pointer.value for _, args, _ in launches for a in args if hasattr(a, "gpu_data")}
+    read = {(a.device_ctypes_pointer.value, a.size) for _, args, _ in launches for a in args if hasattr(a, "gpu_data")}
     inputs = {"depthwise conv2d + bias": (x, w, b), "dense conv2d": (x2, w2), "dense conv2d_weight": (x2, dy2)}
-    assert all(t.data_ptr() in read for t in inputs.get(name, ())), name  # the inputs' memory, not copies
+    assert all((t.data_ptr(), t.numel()) in read for t in inputs.get(name, ())), name  # the inputs' memory, whole
 assert not interfaced
 launches.clear(), made.clear()  # a strided tensor: copied into torch's memory on the device first
 strided = put((2, 3, 8, 9)).transpose(2, 3)

@@ -149,6 +149,7 @@ def pad_plane(planes, rows, padded, pd, ph, pw, Hp, Wp, sd, sh, sw, lanes=1):
     10% slower."""
     _, D, H, W = planes.shape
     Dp = len(padded) // (sd * sh * sw * Hp * Wp * lanes)
+    plane = planes[rows[0]]  # the one plane when lanes == 1 (indexed from planes and rows each row: 15% slower)
     for fd in range(sd):
         for fh in range(sh):
             for fw in range(sw):
@@ -164,7 +165,7 @@ def pad_plane(planes, rows, padded, pd, ph, pw, Hp, Wp, sd, sh, sw, lanes=1):
                         if i_d < 0 or i_d >= D or i_h < 0 or i_h >= H:
                             continue
                         at = ((volume + a) * Hp + b) * Wp
-                        line = planes[rows[0], i_d, i_h]
+                        line = plane[i_d, i_h]
                         if lanes == 1 and sw == 1:  # unsigned offsets: no negative-index wraparound, so LLVM
                             for e in range(lo, hi):  # vectorises
                                 padded[np.uint64(at + e)] = line[np.uint64(e - pw)]
