@@ -36,4 +36,4 @@ for N, C, H, k, s, M in LAYERS:
         if wanted and not any(part in name for part in wanted):
             continue
         call()
-        print(f"{name:52s} {min(timeit.repeat(call, number=20, repeat=7)) / 20 * 1e3:8.3f}", flush=True)
+        print(f"{name:54s} {min(timeit.repeat(call, number=20, repeat=7)) / 20 * 1e3:8.3f}", flush=True)

@@ -206,6 +206,16 @@ def tap_weights(w, row, flip, out):
                 tap += 1
 
 
+@numba.njit(inline="always")
+def three_taps(wide, padded, i, e, w0, w1, w2, a0, a1, a2):
+    """The lanes forward's step: wide[i] += w0[e]*padded[i + a0], then w1's and w2's taps, in that order."""
+    acc = wide[i]
+    acc += w0[e] * padded[i + a0]
+    acc += w1[e] * padded[i + a1]
+    acc += w2[e] * padded[i + a2]
+    wide[i] = acc
+
+
 @parallel(fastmath=CONTRACT)
 def depthwise_wide_cpu(src, w, bias, has_bias, dst, flip, pd, ph, pw, dd, dh, dw_, sd, sh, sw, planes):
     """Depthwise correlation, one task per run of `planes` destination planes (n, j) (their scratch allocated once):
@@ -311,6 +321,10 @@ def depthwise_lanes_cpu(src, w, bias, has_bias, dst, flip, pd, ph, pw, dd, dh, d
             for e in range(LANES, LANE_CHUNK * LANES):
                 first[e] = first[e - LANES]
         size = L * LANES
+        chunk = LANE_CHUNK * LANES
+        # The taps' passes take two whole chunks a step, then the rest: a loop of a constant count that loads each
+        # weight once for two positions (5x5 taps on 7x7 planes 1.2x faster, 3x3 1.03x, 2026-12-07; bitwise the same)
+        pairs = size // (2 * chunk) * (2 * chunk)
         for n in range(run * samples, min(N, (run + 1) * samples)):
             for o0 in range(0, size, LANE_CHUNK * LANES):
                 for e in range(min(LANE_CHUNK * LANES, size - o0)):
@@ -324,14 +338,14 @@ def depthwise_lanes_cpu(src, w, bias, has_bias, dst, flip, pd, ph, pw, dd, dh, d
                         w0, w1, w2 = weights[m, tap0], weights[m, tap0 + 1], weights[m, tap0 + 2]
                         a0, a1, a2 = (np.uint64(offsets[tap0] * LANES), np.uint64(offsets[tap0 + 1] * LANES),
                                       np.uint64(offsets[tap0 + 2] * LANES))
-                        for o0 in range(0, size, LANE_CHUNK * LANES):
-                            for e in range(min(LANE_CHUNK * LANES, size - o0)):
-                                i_, e_ = np.uint64(o0 + e), np.uint64(e)
-                                acc = wide[i_]
-                                acc += w0[e_] * padded[i_ + a0]
-                                acc += w1[e_] * padded[i_ + a1]
-                                acc += w2[e_] * padded[i_ + a2]
-                                wide[i_] = acc
+                        for o0 in range(0, pairs, 2 * chunk):
+                            for e in range(chunk):
+                                e_ = np.uint64(e)
+                                three_taps(wide, padded, np.uint64(o0 + e), e_, w0, w1, w2, a0, a1, a2)
+                                three_taps(wide, padded, np.uint64(o0 + chunk + e), e_, w0, w1, w2, a0, a1, a2)
+                        for o0 in range(pairs, size, chunk):
+                            for e in range(min(chunk, size - o0)):
+                                three_taps(wide, padded, np.uint64(o0 + e), np.uint64(e), w0, w1, w2, a0, a1, a2)
                     else:
                         for tap in range(tap0, taps):
                             wv, offset = weights[m, tap], np.uint64(offsets[tap] * LANES)
@@ -465,6 +479,8 @@ def depthwise_lanes_filter_cpu(x, dy, dw, pd, ph, pw, dd, dh, dw_, sd, sh, sw):
     L = ((P - 1) * Hp + (Q - 1)) * Wp + U
     offsets = tap_offsets(T, R, S, dd, dh, dw_, sd, sh, sw, Dp, Hp, Wp)
     size = L * LANES
+    chunk = LANE_CHUNK * LANES
+    pairs = size // (2 * chunk) * (2 * chunk)
     for block in numba.prange(-(-K // LANES)):
         k0 = block * LANES
         lanes = min(LANES, K - k0)
@@ -485,8 +501,13 @@ def depthwise_lanes_filter_cpu(x, dy, dw, pd, ph, pw, dd, dh, dw_, sd, sh, sw):
                             wide[base + np.uint64(l)] = dy[n, k0 + l, p, q, u]
             for tap in range(taps):
                 acc, offset = sums[tap], np.uint64(offsets[tap] * LANES)
-                for o0 in range(0, size, LANE_CHUNK * LANES):
-                    for e in range(min(LANE_CHUNK * LANES, size - o0)):
+                for o0 in range(0, pairs, 2 * chunk):  # two whole chunks a step, as the forward's, in order (1.1-1.2x)
+                    for e in range(chunk):
+                        i_, j_, e_ = np.uint64(o0 + e), np.uint64(o0 + chunk + e), np.uint64(e)
+                        total = acc[e_] + wide[i_] * padded[i_ + offset]
+                        acc[e_] = total + wide[j_] * padded[j_ + offset]
+                for o0 in range(pairs, size, chunk):
+                    for e in range(min(chunk, size - o0)):
                         i_ = np.uint64(o0 + e)
                         acc[np.uint64(e)] += wide[i_] * padded[i_ + offset]
         for l in range(lanes):
