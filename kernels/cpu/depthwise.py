@@ -21,8 +21,8 @@ each from its index by three integer divisions, which took a third of a 14x14 pl
 On planes of at most LANES_POSITIONS positions a pass over one plane is mostly loop overhead (~60 multiply-adds
 on 7x7), so the lanes kernels (depthwise_lanes_cpu, depthwise_lanes_filter_cpu) run LANES channels at a time, their
 planes interleaved element by element in the same padded layout, the weights laid out per lane: each tap is one pass
-over LANES planes. Interleaving costs as much as the taps on 7x7 planes, so each element's lanes are copied in
-one inner loop, in and out (3x3 depthwise 960 @7, batch 8: 1.25x the wide kernel, 2026-12-07; the weight gradient
+over LANES planes. Interleaving took more time than the taps on 7x7 planes until each element's lanes were copied
+in one inner loop, in and out (3x3 depthwise 960 @7, batch 8: 1.25x the wide kernel, 2026-12-07; the weight gradient
 at stride 2, which took direct's kernel, 2.5x faster). Their scratch (about two planes per thread, LANES planes deep
 for the lanes kernels) counts against workspace_limit; when it does not fit, the next family runs: lanes, wide, rows.
 Non-finite values as the reference has them: the wide input gradient also multiplies dy's zero border, so a NaN or
@@ -177,6 +177,24 @@ def pad_plane(planes, rows, padded, pd, ph, pw, Hp, Wp, sd, sh, sw, lanes=1):
                                 base, column = np.uint64((at + e) * lanes), e * sw + fw - pw
                                 for lane in range(len(rows)):
                                     padded[base + np.uint64(lane)] = planes[rows[lane], i_d, i_h, column]
+
+
+@numba.njit(inline="always")
+def move_lanes(wide, planes, j0, lanes, Hp, Wp, into_planes):
+    """Between the lanes kernels' grid and planes planes[j0 + l] (l < lanes; (P, Q, U) each): element (p, q, u) of
+    plane l is wide[((p*Hp + q)*Wp + u)*LANES + l]; into_planes copies the grid's into the planes, else the planes'
+    into the grid. Each element's lanes in one inner loop, as pad_plane's."""
+    _, P, Q, U = planes.shape
+    for p in range(P):
+        for q in range(Q):
+            at = (p * Hp + q) * Wp
+            for u in range(U):
+                base = np.uint64((at + u) * LANES)
+                for l in range(lanes):
+                    if into_planes:
+                        planes[j0 + l, p, q, u] = wide[base + np.uint64(l)]
+                    else:
+                        wide[base + np.uint64(l)] = planes[j0 + l, p, q, u]
 
 
 @njit()
@@ -352,13 +370,7 @@ def depthwise_lanes_cpu(src, w, bias, has_bias, dst, flip, pd, ph, pw, dd, dh, d
                             for o0 in range(0, size, LANE_CHUNK * LANES):
                                 for e in range(min(LANE_CHUNK * LANES, size - o0)):
                                     wide[np.uint64(o0 + e)] += wv[np.uint64(e)] * padded[np.uint64(o0 + e) + offset]
-            for p in range(P):  # (each element's lanes in one inner loop, as pad_plane's)
-                for q in range(Q):
-                    at = (p * Hp + q) * Wp
-                    for u in range(U):
-                        base = np.uint64((at + u) * LANES)
-                        for l in range(lanes):
-                            dst[n, j0 + l, p, q, u] = wide[base + np.uint64(l)]
+            move_lanes(wide, dst[n], j0, lanes, Hp, Wp, True)
 
 
 @parallel(fastmath=CONTRACT)
@@ -492,13 +504,7 @@ def depthwise_lanes_filter_cpu(x, dy, dw, pd, ph, pw, dd, dh, dw_, sd, sh, sw):
             sources[l] = (k0 + l) // M
         for n in range(N):
             pad_plane(x[n], sources, padded, pd, ph, pw, Hp, Wp, sd, sh, sw, LANES)
-            for p in range(P):  # (each element's lanes in one inner loop, as pad_plane's)
-                for q in range(Q):
-                    at = (p * Hp + q) * Wp
-                    for u in range(U):
-                        base = np.uint64((at + u) * LANES)
-                        for l in range(lanes):
-                            wide[base + np.uint64(l)] = dy[n, k0 + l, p, q, u]
+            move_lanes(wide, dy[n], k0, lanes, Hp, Wp, False)
             for tap in range(taps):
                 acc, offset = sums[tap], np.uint64(offsets[tap] * LANES)
                 for o0 in range(0, pairs, 2 * chunk):  # two whole chunks a step, as the forward's, in order (1.1-1.2x)
