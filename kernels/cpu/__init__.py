@@ -38,11 +38,11 @@ measurements on a 2-core AVX2 machine, bench/RESULTS.md), the same for all three
 """
 import numpy as np
 from cnnfast.kernels.contract import Algorithm
-from cnnfast.kernels.cpu import blas, depthwise, direct, im2col, layout, threads, wide, winograd
+from cnnfast.kernels.cpu import blas, depthwise, depthwise_planes, direct, im2col, layout, threads, wide, winograd
 from cnnfast.kernels.cpu.layout import bias_grad_cpu, fold_pad_cpu, pad_cpu
 
 # before any kernel loads its cache:
-threads.drop_stale_caches([blas, depthwise, direct, im2col, layout, wide, winograd])
+threads.drop_stale_caches([blas, depthwise, depthwise_planes, direct, im2col, layout, wide, winograd])
 
 __all__ = ["ALGORITHMS", "choose", "pad_cpu", "fold_pad_cpu", "bias_grad_cpu"]
 

@@ -2,9 +2,9 @@
 
 x (N, C, D, H, W) * w (K, C/g, T, R, S) -> y (N, K, P, Q, U). Every source channel's planes, zero-padded, are
 spread once into scratch as one long grid (spread_cpu): sample after sample, each a (Dp, Hp, Wp) volume whose
-pitches leave room for the taps (at a stride, the plane split into stride-phase volumes as in depthwise.pad_plane).
-Output (n, p, q, u) is then grid position o = ((n*Dp + p)*Hp + q)*Wp + u, and its tap (c, t, r, s) reads the source
-grid at o + offset[c, t, r, s], one constant per term: a convolution is
+pitches leave room for the taps (at a stride, the plane split into stride-phase volumes as in
+depthwise_planes.pad_plane). Output (n, p, q, u) is then grid position o = ((n*Dp + p)*Hp + q)*Wp + u, and its tap
+(c, t, r, s) reads the source grid at o + offset[c, t, r, s], one constant per term: a convolution is
 
     dst[j, o] = sum over the terms e of its group of wt[j, e] * grid[o + offsets[e]]
 

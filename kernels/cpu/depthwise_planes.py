@@ -1,0 +1,423 @@
+"""Depthwise plane kernels on the CPU: each tap ONE pass over a whole plane, or over LANES planes at once.
+
+x (N, C, D, H, W) * w (K, 1, T, R, S) -> y (N, K, P, Q, U), K = M*C; depthwise.py picks among them (and the row
+kernels) and sizes their scratch. Short rows made the row kernels spend most of their time starting loops (T*R*S
+loops of U elements per output row), so each task here pads its source plane once into scratch (pad_plane) and makes
+each tap one pass over the plane's wide grid: output (p, q, u) at (p*Hp + q)*Wp + u, the columns past U computed and
+dropped (3x3 depthwise 144 @56, batch 4, 2 cores: forward 3.5 -> 1.8 ms).
+
+    depthwise_wide_cpu          forward, and the unit-stride input gradient (the correlation of dy with the
+                                mirrored taps); at a stride on the padded plane's stride-phase volumes, every tap
+                                reading one of them at unit stride (the row kernel gathered every sw-th input).
+    depthwise_wide_classes_cpu  the strided input gradient, by sub-pixel classes of dx positions, each the unit-stride
+                                correlation of dy with the taps that reach it (the row kernel scattered into every
+                                sw-th dx element).
+    depthwise_wide_filter_cpu   the unit-stride weight gradient: a dot product over the plane per tap.
+    depthwise_lanes_cpu         on small planes a pass over one plane is mostly loop overhead (~60 multiply-adds on
+    depthwise_lanes_filter_cpu  7x7), so these run LANES channels at a time, their planes interleaved element by
+                                element in the same padded layout, the weights laid out per lane: each tap is one
+                                pass over LANES planes (any stride for the weight gradient).
+
+Three taps a pass (one load and store of the output for three multiply-adds; 1.1-1.3x faster than a tap a pass,
+2026-12-06). Scratch is allocated once per task, and a plane's tap weights are read in order (tap_weights) rather than
+each from its index by three integer divisions, which took a third of a 14x14 plane's time. Interleaving took more
+time than the taps on 7x7 planes until each element's lanes were copied in one inner loop, in and out (3x3 depthwise
+960 @7, batch 8: 1.25x the wide kernel, 2026-12-07; the weight gradient at stride 2, which took direct's kernel, 2.5x
+faster).
+"""
+import numba
+import numpy as np
+from cnnfast.kernels.cpu.direct import CONTRACT, CONTRACT_REASSOC
+from cnnfast.kernels.cpu.threads import njit, parallel
+
+# The lanes kernels (depthwise_lanes_cpu, depthwise_lanes_filter_cpu) interleave this many planes (a 16-float AVX-512
+# vector; LLVM's loop vectorizer takes any multiple) and lay the weights out per lane for LANE_CHUNK positions.
+LANES = 16
+LANE_CHUNK = 16
+
+@numba.njit(inline="always")
+def pad_plane(planes, rows, padded, pd, ph, pw, Hp, Wp, sd, sh, sw, lanes=1):
+    """Planes planes[rows[l]] ((D, H, W) each) zero-padded and split into sd*sh*sw phase volumes of (Dp, Hp, Wp)
+    (zeros outside the plane): element ((phase*Dp + a)*Hp + b)*Wp + e of plane l's volumes, phase = (fd*sh + fh)*sw
+    + fw, is planes[rows[l], a*sd + fd - pd, b*sh + fh - ph, e*sw + fw - pw] where that is inside (unit strides: one
+    volume, element (a*Hp + b)*Wp + e is planes[rows[l], a - pd, ...]). With lanes > 1 the volumes hold up to that
+    many planes interleaved, element o of plane l at padded[o*lanes + l], each element's lanes copied in one inner
+    loop (one plane at a time, the lanes kernels' copies of 7x7 planes took 2.4x as long: mostly starting short
+    rows). Inlined in Numba's IR: LLVM left this body a call, and the strided input gradient of 7x7 dy planes ran
+    10% slower."""
+    _, D, H, W = planes.shape
+    Dp = len(padded) // (sd * sh * sw * Hp * Wp * lanes)
+    plane = planes[rows[0]]  # the one plane when lanes == 1 (indexed from planes and rows each row: 15% slower)
+    for fd in range(sd):
+        for fh in range(sh):
+            for fw in range(sw):
+                volume = ((fd * sh + fh) * sw + fw) * Dp
+                if sw == 1:  # columns [lo, hi) of the phase hold plane columns e*sw + fw - pw
+                    lo, hi = max(0, pw), min(Wp, pw + W)  # (no divisions: a third of a 7x7 plane's copy)
+                else:
+                    lo, hi = max(0, -((fw - pw) // sw)), min(Wp, -((fw - pw - W) // sw))
+                for a in range(Dp):
+                    i_d = a * sd + fd - pd
+                    for b in range(Hp):
+                        i_h = b * sh + fh - ph
+                        if i_d < 0 or i_d >= D or i_h < 0 or i_h >= H:
+                            continue
+                        at = ((volume + a) * Hp + b) * Wp
+                        line = plane[i_d, i_h]
+                        if lanes == 1 and sw == 1:  # unsigned offsets: no negative-index wraparound, so LLVM
+                            for e in range(lo, hi):  # vectorises
+                                padded[np.uint64(at + e)] = line[np.uint64(e - pw)]
+                        elif lanes == 1:
+                            for e in range(lo, hi):
+                                padded[np.uint64(at + e)] = line[np.uint64(e * sw + fw - pw)]
+                        else:
+                            for e in range(lo, hi):
+                                base, column = np.uint64((at + e) * lanes), e * sw + fw - pw
+                                for lane in range(len(rows)):
+                                    padded[base + np.uint64(lane)] = planes[rows[lane], i_d, i_h, column]
+
+
+@numba.njit(inline="always")
+def move_lanes(wide, planes, j0, lanes, Hp, Wp, into_planes):
+    """Between the lanes kernels' grid and planes planes[j0 + l] (l < lanes; (P, Q, U) each): element (p, q, u) of
+    plane l is wide[((p*Hp + q)*Wp + u)*LANES + l]; into_planes copies the grid's into the planes, else the planes'
+    into the grid. Each element's lanes in one inner loop, as pad_plane's."""
+    _, P, Q, U = planes.shape
+    for p in range(P):
+        for q in range(Q):
+            at = (p * Hp + q) * Wp
+            for u in range(U):
+                base = np.uint64((at + u) * LANES)
+                for l in range(lanes):
+                    if into_planes:
+                        planes[j0 + l, p, q, u] = wide[base + np.uint64(l)]
+                    else:
+                        wide[base + np.uint64(l)] = planes[j0 + l, p, q, u]
+
+
+@njit()
+def tap_offsets(T, R, S, dd, dh, dw_, sd, sh, sw, Dp, Hp, Wp):
+    """Per tap (t, r, s), in order: where it reads pad_plane's volumes, as an offset from the output's position on
+    the wide grid: phase ((t*dd) % sd, ...) at ((t*dd) // sd, ...). (The kernels scale them by LANES as they read
+    them: offsets LLVM sees are multiples of LANES made the lanes kernel 15-25% faster than the same offsets stored.)"""
+    offsets = np.empty(T * R * S, np.int64)
+    for tap in range(T * R * S):
+        t, r, s = tap // (R * S), (tap // S) % R, tap % S
+        phase = ((t * dd % sd) * sh + r * dh % sh) * sw + s * dw_ % sw
+        offsets[tap] = ((phase * Dp + t * dd // sd) * Hp + r * dh // sh) * Wp + s * dw_ // sw
+    return offsets
+
+
+@njit()
+def tap_weights(w, row, flip, out):
+    """w[row, 0] into out[0 .. T*R*S) with its taps (t, r, s) in order; flip: each tap mirrored in every axis (the
+    input gradient). (Loops, not a tap's (t, r, s) from its index: three integer divisions a tap were a third of a
+    14x14 plane's time.)"""
+    T, R, S = w.shape[2], w.shape[3], w.shape[4]
+    tap = 0
+    for t in range(T):
+        for r in range(R):
+            for s in range(S):
+                out[tap] = w[row, 0, T - 1 - t, R - 1 - r, S - 1 - s] if flip else w[row, 0, t, r, s]
+                tap += 1
+
+
+@numba.njit(inline="always")
+def three_taps(wide, padded, i, e, w0, w1, w2, a0, a1, a2):
+    """The lanes forward's step: wide[i] += w0[e]*padded[i + a0], then w1's and w2's taps, in that order."""
+    acc = wide[i]
+    acc += w0[e] * padded[i + a0]
+    acc += w1[e] * padded[i + a1]
+    acc += w2[e] * padded[i + a2]
+    wide[i] = acc
+
+
+@parallel(fastmath=CONTRACT)
+def depthwise_wide_cpu(src, w, bias, has_bias, dst, flip, pd, ph, pw, dd, dh, dw_, sd, sh, sw, planes):
+    """Depthwise correlation, one task per run of `planes` destination planes (n, j) (their scratch allocated once):
+
+        dst[n, j, p, q, u] = bias + sum over terms and taps of w[row, 0, t, r, s] * src[n, i, p*sd + t'*dd - pd, ...]
+
+    forward (flip False):      src x, dst y; one term: i = j // M, row = j, t' = t (pd, ph, pw: the padding).
+    backward_data (flip True): src dy, dst dx, unit strides; M terms: i = row = j*M + m, t' = T-1-t
+                               (pd = (T-1)*dd - padding).
+    The source plane is copied into zero-bordered scratch: at unit strides one volume (Dp, Hp, Wp) =
+    (P + (T-1)*dd, ...), at strides (sd, sh, sw) its sd*sh*sw phase volumes (pad_plane) of (P + (T-1)*dd // sd, ...),
+    where tap (t, r, s) reads phase ((t*dd) % sd, ...) at offset ((t*dd) // sd, ...); then each tap is one pass
+    wide[o] += w * padded[o + offset] over the flattened (P, Hp, Wp) grid (the columns past U are computed and
+    dropped), and the valid rows are copied out. Terms and taps in order."""
+    N, Cs, D, H, W = src.shape
+    _, Cd, P, Q, U = dst.shape
+    K, _, T, R, S = w.shape
+    M = K // min(Cs, Cd)
+    terms = M if flip else 1
+    Dp, Hp, Wp = P + (T - 1) * dd // sd, Q + (R - 1) * dh // sh, U + (S - 1) * dw_ // sw
+    L = ((P - 1) * Hp + (Q - 1)) * Wp + U
+    taps = T * R * S
+    offsets = tap_offsets(T, R, S, dd, dh, dw_, sd, sh, sw, Dp, Hp, Wp)
+    for run in numba.prange(-(-N * Cd // planes)):
+        padded = np.zeros(sd * sh * sw * Dp * Hp * Wp, src.dtype)  # (pad_plane writes the same elements each plane)
+        wide = np.empty(L, src.dtype)
+        weights = np.empty(taps, w.dtype)
+        source = np.empty(1, np.int64)  # (pad_plane's rows)
+        for plane in range(run * planes, min(N * Cd, (run + 1) * planes)):
+            n, j = plane // Cd, plane % Cd
+            b = bias[j] if has_bias else 0.0
+            for o in range(L):
+                wide[np.uint64(o)] = b
+            for m in range(terms):
+                row = j * M + m if flip else j
+                source[0] = row if flip else j // M
+                pad_plane(src[n], source, padded, pd, ph, pw, Hp, Wp, sd, sh, sw)
+                tap_weights(w, row, flip, weights)
+                for tap in range(0, taps - taps % 3, 3):  # three taps a pass: fewer loads, stores and loop starts
+                    w0, w1, w2 = weights[tap], weights[tap + 1], weights[tap + 2]
+                    a0, a1, a2 = np.uint64(offsets[tap]), np.uint64(offsets[tap + 1]), np.uint64(offsets[tap + 2])
+                    for o in range(L):
+                        i_ = np.uint64(o)
+                        acc = wide[i_]
+                        acc += w0 * padded[i_ + a0]
+                        acc += w1 * padded[i_ + a1]
+                        acc += w2 * padded[i_ + a2]
+                        wide[i_] = acc
+                for tap in range(taps - taps % 3, taps):
+                    wv, offset = weights[tap], np.uint64(offsets[tap])
+                    for o in range(L):
+                        wide[np.uint64(o)] += wv * padded[np.uint64(o) + offset]
+            for p in range(P):
+                for q in range(Q):
+                    out = dst[n, j, p, q]
+                    at = (p * Hp + q) * Wp
+                    for u in range(U):
+                        out[np.uint64(u)] = wide[np.uint64(at + u)]
+
+
+@parallel(fastmath=CONTRACT)
+def depthwise_lanes_cpu(src, w, bias, has_bias, dst, flip, pd, ph, pw, dd, dh, dw_, sd, sh, sw, samples):
+    """depthwise_wide_cpu's correlation on small planes, LANES destination planes at a time: one task per block of
+    LANES channels j0.. and run of `samples` samples. Per sample the block's source planes go interleaved into one
+    zero-bordered scratch (pad_plane's volumes, element (o, l) at o*LANES + l), so each tap is ONE pass
+
+        wide[o*LANES + l] += w[row(j0 + l), tap] * padded[(o + offset)*LANES + l]
+
+    over the block's flattened grid, the weights laid out per lane for LANE_CHUNK positions at a time (a
+    depthwise_wide_cpu pass over one 7x7 plane is ~60 multiply-adds: mostly loop overhead). Three taps a pass;
+    terms and taps in order, as there. Lanes past the last channel hold zeros and are not written out."""
+    N, Cs, D, H, W = src.shape
+    _, Cd, P, Q, U = dst.shape
+    K, _, T, R, S = w.shape
+    M = K // min(Cs, Cd)
+    terms = M if flip else 1
+    taps = T * R * S
+    Dp, Hp, Wp = P + (T - 1) * dd // sd, Q + (R - 1) * dh // sh, U + (S - 1) * dw_ // sw
+    L = ((P - 1) * Hp + (Q - 1)) * Wp + U
+    offsets = tap_offsets(T, R, S, dd, dh, dw_, sd, sh, sw, Dp, Hp, Wp)
+    runs = -(-N // samples)
+    for task in numba.prange(-(-Cd // LANES) * runs):
+        j0, run = task // runs * LANES, task % runs
+        lanes = min(LANES, Cd - j0)
+        padded = np.zeros(sd * sh * sw * Dp * Hp * Wp * LANES, src.dtype)
+        wide = np.empty(L * LANES, src.dtype)
+        weights = np.zeros((terms, taps, LANE_CHUNK * LANES), src.dtype)  # [m, tap, q*LANES + l]: lane l's weight
+        first = np.zeros(LANE_CHUNK * LANES, src.dtype)  # the bias, laid out the same way
+        sources = np.empty(lanes, np.int64)  # (pad_plane's rows)
+        for m in range(terms):
+            for t in range(T):
+                for r in range(R):
+                    for s in range(S):
+                        tap = (t * R + r) * S + s
+                        for l in range(lanes):
+                            k = (j0 + l) * M + m if flip else j0 + l
+                            weights[m, tap, l] = w[k, 0, T - 1 - t, R - 1 - r, S - 1 - s] if flip else w[k, 0, t, r, s]
+                        for e in range(LANES, LANE_CHUNK * LANES):  # (copies at a distance of LANES: vectorised)
+                            weights[m, tap, e] = weights[m, tap, e - LANES]
+        if has_bias:
+            for l in range(lanes):
+                first[l] = bias[j0 + l]
+            for e in range(LANES, LANE_CHUNK * LANES):
+                first[e] = first[e - LANES]
+        size = L * LANES
+        chunk = LANE_CHUNK * LANES
+        # The taps' passes take two whole chunks a step, then the rest: a loop of a constant count that loads each
+        # weight once for two positions (5x5 taps on 7x7 planes 1.2x faster, 3x3 1.03x, 2026-12-07; bitwise the same)
+        pairs = size // (2 * chunk) * (2 * chunk)
+        for n in range(run * samples, min(N, (run + 1) * samples)):
+            for o0 in range(0, size, LANE_CHUNK * LANES):
+                for e in range(min(LANE_CHUNK * LANES, size - o0)):
+                    wide[np.uint64(o0 + e)] = first[np.uint64(e)]
+            for m in range(terms):
+                for l in range(lanes):
+                    sources[l] = (j0 + l) * M + m if flip else (j0 + l) // M
+                pad_plane(src[n], sources, padded, pd, ph, pw, Hp, Wp, sd, sh, sw, LANES)
+                for tap0 in range(0, taps, 3):
+                    if taps - tap0 >= 3:
+                        w0, w1, w2 = weights[m, tap0], weights[m, tap0 + 1], weights[m, tap0 + 2]
+                        a0, a1, a2 = (np.uint64(offsets[tap0] * LANES), np.uint64(offsets[tap0 + 1] * LANES),
+                                      np.uint64(offsets[tap0 + 2] * LANES))
+                        for o0 in range(0, pairs, 2 * chunk):
+                            for e in range(chunk):
+                                e_ = np.uint64(e)
+                                three_taps(wide, padded, np.uint64(o0 + e), e_, w0, w1, w2, a0, a1, a2)
+                                three_taps(wide, padded, np.uint64(o0 + chunk + e), e_, w0, w1, w2, a0, a1, a2)
+                        for o0 in range(pairs, size, chunk):
+                            for e in range(min(chunk, size - o0)):
+                                three_taps(wide, padded, np.uint64(o0 + e), np.uint64(e), w0, w1, w2, a0, a1, a2)
+                    else:
+                        for tap in range(tap0, taps):
+                            wv, offset = weights[m, tap], np.uint64(offsets[tap] * LANES)
+                            for o0 in range(0, size, LANE_CHUNK * LANES):
+                                for e in range(min(LANE_CHUNK * LANES, size - o0)):
+                                    wide[np.uint64(o0 + e)] += wv[np.uint64(e)] * padded[np.uint64(o0 + e) + offset]
+            move_lanes(wide, dst[n], j0, lanes, Hp, Wp, True)
+
+
+@parallel(fastmath=CONTRACT)
+def depthwise_wide_classes_cpu(dy, w, dx, classes, taps, lows, sd, sh, sw, planes):
+    """Strided depthwise input gradient, one task per run of `planes` dx planes (n, c) (their scratch allocated once),
+    by sub-pixel classes (depthwise.subpixel_classes): the dx positions a + stride*j of class a = (a_d, a_h, a_w)
+    read only the taps whose (a + pad - tap*dil) is a multiple of the stride, each from dy at j + (a + pad - tap*dil)
+    // stride.
+    Each dy plane (n, c*M + m) is padded once into scratch (lows: its low zero borders and padded extents); per class
+    each of its taps is one pass grid[o] += w * padded[o + offset] over the class's grid (J_d, J_h, J_w) laid out on
+    the padded rows (columns past J_w computed and dropped, as in depthwise_wide_cpu), then the grids are scattered
+    into dx (a class without taps gives zeros). classes rows: (a_d, a_h, a_w, J_d, J_h, J_w, first tap row, tap rows,
+    first grid element); taps rows: (t, r, s, offset in the padded volume). Terms m in order, then each class's taps
+    in order."""
+    N, K = dy.shape[0], dy.shape[1]
+    C = dx.shape[1]
+    M = K // C
+    lo_d, lo_h, lo_w, Dp, Hp, Wp = lows[0], lows[1], lows[2], lows[3], lows[4], lows[5]
+    size = 0
+    for cls in range(len(classes)):
+        size = max(size, classes[cls, 8] + classes[cls, 3] * Hp * Wp)
+    for run in numba.prange(-(-N * C // planes)):
+        padded = np.zeros(Dp * Hp * Wp, dx.dtype)  # (pad_plane writes the same elements each plane)
+        wide = np.empty(size, dx.dtype)
+        source = np.empty(1, np.int64)  # (pad_plane's rows)
+        for plane in range(run * planes, min(N * C, (run + 1) * planes)):
+            n, c = plane // C, plane % C
+            for o in range(size):
+                wide[np.uint64(o)] = 0.0
+            for m in range(M):
+                k = c * M + m
+                source[0] = k
+                pad_plane(dy[n], source, padded, lo_d, lo_h, lo_w, Hp, Wp, 1, 1, 1)
+                for cls in range(len(classes)):
+                    Jd, Jh, Jw, at = classes[cls, 3], classes[cls, 4], classes[cls, 5], classes[cls, 8]
+                    if Jd == 0 or Jh == 0 or Jw == 0:
+                        continue
+                    L = ((Jd - 1) * Hp + (Jh - 1)) * Wp + Jw
+                    for e in range(classes[cls, 6], classes[cls, 6] + classes[cls, 7]):
+                        wv = w[k, 0, taps[e, 0], taps[e, 1], taps[e, 2]]
+                        offset = np.uint64(taps[e, 3])
+                        for o in range(L):
+                            wide[np.uint64(at + o)] += wv * padded[np.uint64(o) + offset]
+            for cls in range(len(classes)):
+                a_d, a_h, a_w, Jd, Jh, Jw, at = (classes[cls, 0], classes[cls, 1], classes[cls, 2], classes[cls, 3],
+                                                 classes[cls, 4], classes[cls, 5], classes[cls, 8])
+                for jd in range(Jd):
+                    for jh in range(Jh):
+                        line = dx[n, c, a_d + jd * sd, a_h + jh * sh]
+                        start = at + (jd * Hp + jh) * Wp
+                        for jw in range(Jw):
+                            line[np.uint64(a_w + jw * sw)] = wide[np.uint64(start + jw)]
+
+
+@parallel(fastmath=CONTRACT_REASSOC)
+def depthwise_wide_filter_cpu(x, dy, dw, pd, ph, pw, dd, dh, dw_):
+    """Unit-stride depthwise weight gradient, one task per filter k (input channel c = k // M):
+
+        dw[k, 0, t, r, s] = sum over n, then over outputs o of dy[n, k, o] * x[n, c, o + tap offset - padding]
+
+    Per sample, x's plane is padded once and dy's plane spread over the same wide grid (zeros in the dropped
+    columns), so each tap is one dot product over the whole plane (reassociated so LLVM vectorises it, like
+    direct's filter kernel: fixed code, so bit-identical run to run); samples in order."""
+    N, C, D, H, W = x.shape
+    K, _, T, R, S = dw.shape
+    _, _, P, Q, U = dy.shape
+    M = K // C
+    taps = T * R * S
+    Dp, Hp, Wp = P + (T - 1) * dd, Q + (R - 1) * dh, U + (S - 1) * dw_
+    L = ((P - 1) * Hp + (Q - 1)) * Wp + U
+    offsets = tap_offsets(T, R, S, dd, dh, dw_, 1, 1, 1, Dp, Hp, Wp)
+    for k in numba.prange(K):
+        padded = np.zeros(Dp * Hp * Wp, x.dtype)
+        wide = np.zeros(L, x.dtype)  # dy[n, k] on the wide grid: zero in the dropped columns
+        total = np.zeros(taps, x.dtype)
+        source = np.empty(1, np.int64)  # (pad_plane's rows)
+        source[0] = k // M
+        for n in range(N):
+            pad_plane(x[n], source, padded, pd, ph, pw, Hp, Wp, 1, 1, 1)
+            for p in range(P):
+                for q in range(Q):
+                    line = dy[n, k, p, q]
+                    at = (p * Hp + q) * Wp
+                    for u in range(U):
+                        wide[np.uint64(at + u)] = line[np.uint64(u)]
+            for tap in range(0, taps - taps % 3, 3):  # three taps a pass: each dy element loaded once for three
+                a0, a1, a2 = np.uint64(offsets[tap]), np.uint64(offsets[tap + 1]), np.uint64(offsets[tap + 2])
+                dot0 = dot1 = dot2 = 0.0
+                for o in range(L):
+                    v = wide[np.uint64(o)]
+                    dot0 += v * padded[np.uint64(o) + a0]
+                    dot1 += v * padded[np.uint64(o) + a1]
+                    dot2 += v * padded[np.uint64(o) + a2]
+                total[tap] += dot0
+                total[tap + 1] += dot1
+                total[tap + 2] += dot2
+            for tap in range(taps - taps % 3, taps):
+                offset, dot = np.uint64(offsets[tap]), 0.0
+                for o in range(L):
+                    dot += wide[np.uint64(o)] * padded[np.uint64(o) + offset]
+                total[tap] += dot
+        for tap in range(taps):
+            dw[k, 0, tap // (R * S), (tap // S) % R, tap % S] = total[tap]
+
+
+@parallel(fastmath=CONTRACT)
+def depthwise_lanes_filter_cpu(x, dy, dw, pd, ph, pw, dd, dh, dw_, sd, sh, sw):
+    """depthwise_wide_filter_cpu on small planes, at any stride: one task per block of LANES filters k0.. . Per
+    sample the block's x planes go interleaved into padded scratch (pad_plane's volumes, as depthwise_lanes_cpu's)
+    and its dy planes onto the same wide grid (zeros in the dropped columns), so each tap's LANES dot products are
+    one pass of lane-wise products summed into sums[tap, q*LANES + l], whose LANE_CHUNK partial sums per lane are
+    added at the end. Samples in order (fixed code: bit-identical run to run)."""
+    N, C, D, H, W = x.shape
+    K, _, T, R, S = dw.shape
+    _, _, P, Q, U = dy.shape
+    M = K // C
+    taps = T * R * S
+    Dp, Hp, Wp = P + (T - 1) * dd // sd, Q + (R - 1) * dh // sh, U + (S - 1) * dw_ // sw
+    L = ((P - 1) * Hp + (Q - 1)) * Wp + U
+    offsets = tap_offsets(T, R, S, dd, dh, dw_, sd, sh, sw, Dp, Hp, Wp)
+    size = L * LANES
+    chunk = LANE_CHUNK * LANES
+    pairs = size // (2 * chunk) * (2 * chunk)
+    for block in numba.prange(-(-K // LANES)):
+        k0 = block * LANES
+        lanes = min(LANES, K - k0)
+        padded = np.zeros(sd * sh * sw * Dp * Hp * Wp * LANES, x.dtype)
+        wide = np.zeros(size, x.dtype)
+        sums = np.zeros((taps, LANE_CHUNK * LANES), x.dtype)
+        sources = np.empty(lanes, np.int64)  # (pad_plane's rows)
+        for l in range(lanes):
+            sources[l] = (k0 + l) // M
+        for n in range(N):
+            pad_plane(x[n], sources, padded, pd, ph, pw, Hp, Wp, sd, sh, sw, LANES)
+            move_lanes(wide, dy[n], k0, lanes, Hp, Wp, False)
+            for tap in range(taps):
+                acc, offset = sums[tap], np.uint64(offsets[tap] * LANES)
+                for o0 in range(0, pairs, 2 * chunk):  # two whole chunks a step, as the forward's, in order (1.1-1.2x)
+                    for e in range(chunk):
+                        i_, j_, e_ = np.uint64(o0 + e), np.uint64(o0 + chunk + e), np.uint64(e)
+                        total = acc[e_] + wide[i_] * padded[i_ + offset]
+                        acc[e_] = total + wide[j_] * padded[j_ + offset]
+                for o0 in range(pairs, size, chunk):
+                    for e in range(min(chunk, size - o0)):
+                        i_ = np.uint64(o0 + e)
+                        acc[np.uint64(e)] += wide[i_] * padded[i_ + offset]
+        for l in range(lanes):
+            for tap in range(taps):
+                total = 0.0
+                for q in range(LANE_CHUNK):
+                    total += sums[tap, q * LANES + l]
+                dw[k0 + l, 0, tap // (R * S), (tap // S) % R, tap % S] = total
