@@ -420,12 +420,15 @@ def test_a_strided_depthwise_forward_runs_the_plane_kernels_on_phase_volumes(x_s
     ((1, 3, 3, 4, 4), (3, 1, 3, 2, 3), dict(stride=(1, 2, 1), padding=1, groups=3)),  # 3-D
     ((2, 17, 40), (17, 1, 7), dict(stride=2, padding=3, groups=17)),                  # 1-D, a block of one lane
     ((1, 2, 6, 6), (2, 1, 4, 4), dict(stride=3, padding=7, groups=2)),                # padding past a tap's reach
+    ((1, 16, 5, 5), (32, 1, 3, 3), dict(padding=1, groups=16)),  # multiplier 2: input gradient lanes at a step of 2
+    ((1, 2, 5, 5), (32, 1, 3, 3), dict(stride=2, padding=1, groups=2)),  # multiplier 16: one source a block (step 0)
 ])
 @pytest.mark.parametrize("primitive", list(OPS))
 def test_small_depthwise_planes_run_the_lanes_kernels_then_the_wide_then_the_rows(x_shape, w_shape, opts, primitive,
                                                                                    monkeypatch):
     """Planes of at most LANES_POSITIONS positions run LANES channels at a time, interleaved (the forward and weight
-    gradient at any stride; the input gradient at unit stride), against the reference, also one sample a task; a
+    gradient at any stride; the input gradient at unit stride), against the reference, also one sample a task (the
+    source planes of a whole block at a constant step, 0 to 2, or not: a forward's at a multiplier of 2); a
     workspace_limit below their scratch takes the wide kernel where it runs, then the row kernels; a NaN weight
     (input gradient) or an inf in x (weight gradient) gives the reference's non-finite values."""
     from cnnfast.kernels.cpu import depthwise

@@ -43,11 +43,17 @@ def pad_plane(planes, rows, padded, pd, ph, pw, Hp, Wp, sd, sh, sw, lanes=1):
     volume, element (a*Hp + b)*Wp + e is planes[rows[l], a - pd, ...]). With lanes > 1 the volumes hold up to that
     many planes interleaved, element o of plane l at padded[o*lanes + l], each element's lanes copied in one inner
     loop (one plane at a time, the lanes kernels' copies of 7x7 planes took 2.4x as long: mostly starting short
-    rows). Inlined in Numba's IR: LLVM left this body a call, and the strided input gradient of 7x7 dy planes ran
-    10% slower."""
+    rows). LANES planes rows[0] + l*step (all but the forward's at a channel multiplier > 1, and a last partial block)
+    are copied by a loop of a constant count over planes at a constant distance, which LLVM vectorises: 2.7x faster
+    than through rows (2026-12-07). Inlined in Numba's IR: LLVM left this body a call, and the strided input gradient
+    of 7x7 dy planes ran 10% slower."""
     _, D, H, W = planes.shape
     Dp = len(padded) // (sd * sh * sw * Hp * Wp * lanes)
     plane = planes[rows[0]]  # the one plane when lanes == 1 (indexed from planes and rows each row: 15% slower)
+    first, step = rows[0], rows[1] - rows[0] if len(rows) > 1 else 0
+    affine = len(rows) == LANES
+    for l in range(len(rows)):
+        affine &= rows[l] == first + l * step
     for fd in range(sd):
         for fh in range(sh):
             for fw in range(sw):
@@ -70,6 +76,11 @@ def pad_plane(planes, rows, padded, pd, ph, pw, Hp, Wp, sd, sh, sw, lanes=1):
                         elif lanes == 1:
                             for e in range(lo, hi):
                                 padded[np.uint64(at + e)] = line[np.uint64(e * sw + fw - pw)]
+                        elif affine:
+                            for e in range(lo, hi):
+                                base, column = np.uint64((at + e) * LANES), e * sw + fw - pw
+                                for lane in range(LANES):
+                                    padded[base + np.uint64(lane)] = planes[first + lane * step, i_d, i_h, column]
                         else:
                             for e in range(lo, hi):
                                 base, column = np.uint64((at + e) * lanes), e * sw + fw - pw
@@ -81,7 +92,16 @@ def pad_plane(planes, rows, padded, pd, ph, pw, Hp, Wp, sd, sh, sw, lanes=1):
 def move_lanes(wide, planes, j0, lanes, Hp, Wp, into_planes):
     """Between the lanes kernels' grid and planes planes[j0 + l] (l < lanes; (P, Q, U) each): element (p, q, u) of
     plane l is wide[((p*Hp + q)*Wp + u)*LANES + l]; into_planes copies the grid's into the planes, else the planes'
-    into the grid. Each element's lanes in one inner loop, as pad_plane's."""
+    into the grid. Each element's lanes in one inner loop, as pad_plane's; a whole block's by a loop of a constant
+    count (LANES), which LLVM vectorises: 1.5-1.6x faster than through the block's count (2026-12-07)."""
+    if lanes == LANES:
+        move_count(wide, planes, j0, LANES, Hp, Wp, into_planes)
+    else:
+        move_count(wide, planes, j0, lanes, Hp, Wp, into_planes)
+
+
+@numba.njit(inline="always")
+def move_count(wide, planes, j0, lanes, Hp, Wp, into_planes):
     _, P, Q, U = planes.shape
     for p in range(P):
         for q in range(Q):
