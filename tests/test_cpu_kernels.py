@@ -319,6 +319,15 @@ def test_im2col_cuts_a_sample_past_the_sample_scratch_into_blocks_of_positions(p
     assert_close(layer.run(primitive, algo="im2col"), layer.expected(primitive), "float64", f"{primitive} blocks")
 
 
+@pytest.fixture
+def plans_for_one_thread(monkeypatch):
+    """Depthwise plans as on one thread, where any block of LANES channels is a task for every thread: the lanes
+    kernels then take layers of a few channels and one sample (they still run on all of Numba's threads)."""
+    from cnnfast.kernels.cpu import depthwise
+    monkeypatch.setattr(cnnfast.api, "_PLANS", {})
+    monkeypatch.setattr(depthwise, "_threads", lambda: 1)
+
+
 @pytest.mark.parametrize("primitive", list(OPS))
 @pytest.mark.parametrize("opts", [
     dict(padding=1, groups=8),                                    # 3x3, same size
@@ -329,7 +338,7 @@ def test_unit_stride_depthwise_runs_the_wide_plane_kernel_and_falls_back_under_a
                                                                                             monkeypatch):
     from cnnfast.kernels.cpu import depthwise
     channels = opts["groups"]
-    layer = Layer((2, channels, 13, 12), (8, 1, 3, 3), **opts)  # planes of > LANES_POSITIONS: not the lanes kernels
+    layer = Layer((2, channels, 17, 16), (8, 1, 3, 3), **opts)  # planes of > LANES_FILTER_POSITIONS: not the lanes
     calls = []
 
     def spy(name):
@@ -361,8 +370,10 @@ def test_depthwise_plane_kernels_reuse_their_scratch_over_a_run_of_planes(x_shap
     """depthwise_wide_cpu and depthwise_wide_classes_cpu allocate their scratch once per run of planes: each plane
     rewrites the padded plane's inside (its zero border kept) and clears the wide grid, so an inf in one plane
     reaches only that plane's results, as in the reference (runs of 3 planes, the last one short; 4 for a run of
-    all)."""
+    all; planes that small take the lanes kernels unless told not to)."""
     from cnnfast.kernels.cpu import depthwise
+    monkeypatch.setattr(cnnfast.api, "_PLANS", {})
+    monkeypatch.setattr(depthwise, "LANES_POSITIONS", 0)
     layer = Layer(x_shape, w_shape, seed=14, **opts)
     assert layer.explain(primitive, algo="depthwise").kernels[0].startswith(("depthwise_wide_cpu",
                                                                              "depthwise_wide_classes_cpu"))
@@ -385,7 +396,7 @@ def test_depthwise_plane_kernels_reuse_their_scratch_over_a_run_of_planes(x_shap
     ((1, 2, 15, 15), (2, 1, 4, 4), dict(stride=3, padding=7, groups=2)),              # padding past a tap's reach
 ])
 def test_a_strided_depthwise_forward_runs_the_plane_kernels_on_phase_volumes(x_shape, w_shape, opts, family,
-                                                                             monkeypatch):
+                                                                             monkeypatch, plans_for_one_thread):
     """At a stride, the forward pads each plane (the lanes kernel: LANES of them interleaved) into stride-phase
     volumes that every tap reads at unit stride, against the reference (each case on both kernels: LANES_POSITIONS
     moved); non-finite weights reach the padding's zeros as in the reference; a tiny workspace_limit takes the row
@@ -425,7 +436,7 @@ def test_a_strided_depthwise_forward_runs_the_plane_kernels_on_phase_volumes(x_s
 ])
 @pytest.mark.parametrize("primitive", list(OPS))
 def test_small_depthwise_planes_run_the_lanes_kernels_then_the_wide_then_the_rows(x_shape, w_shape, opts, primitive,
-                                                                                   monkeypatch):
+                                                                                   monkeypatch, plans_for_one_thread):
     """Planes of at most LANES_POSITIONS positions run LANES channels at a time, interleaved (the forward and weight
     gradient at any stride; the input gradient at unit stride), against the reference, also one sample a task (the
     source planes of a whole block at a constant step, 0 to 2, or not: a forward's at a multiplier of 2); a
@@ -611,10 +622,12 @@ def test_depthwise_plane_kernels_add_the_last_one_or_two_taps(kernel, primitive)
 @pytest.mark.parametrize("x_shape, w_shape, stride, forward, weight", [
     ((8, 960, 7, 7), (960, 1, 3, 3), 2, "depthwise_lanes_cpu", "depthwise_lanes_filter_cpu"),   # 4x4 outputs
     ((8, 960, 7, 7), (960, 1, 3, 3), 1, "depthwise_lanes_cpu", "depthwise_lanes_filter_cpu"),    # 49
-    ((8, 960, 10, 10), (960, 1, 3, 3), 1, "depthwise_wide_cpu", "depthwise_lanes_filter_cpu"),   # 100
-    ((8, 576, 14, 14), (576, 1, 3, 3), 1, "depthwise_wide_cpu", "depthwise_wide_filter_cpu"),    # 196
+    ((8, 960, 10, 10), (960, 1, 3, 3), 1, "depthwise_lanes_cpu", "depthwise_lanes_filter_cpu"),  # 100
+    ((8, 576, 14, 14), (576, 1, 3, 3), 1, "depthwise_wide_cpu", "depthwise_lanes_filter_cpu"),   # 196
+    ((8, 240, 17, 17), (240, 1, 3, 3), 1, "depthwise_wide_cpu", "depthwise_wide_filter_cpu"),    # 289
     ((8, 240, 28, 28), (240, 1, 5, 5), 2, "depthwise_wide_cpu", "depthwise_lanes_filter_cpu"),   # 196 at stride 2
-    ((8, 144, 56, 56), (144, 1, 3, 3), 2, "depthwise_wide_cpu", "direct_backward_filter_cpu"),   # 784 at stride 2
+    ((8, 144, 112, 112), (144, 1, 3, 3), 2, "depthwise_wide_cpu", "depthwise_lanes_filter_cpu"),  # 3,136 at stride 2
+    ((8, 96, 114, 114), (96, 1, 3, 3), 2, "depthwise_wide_cpu", "direct_backward_filter_cpu"),   # 3,249 at stride 2
 ])
 def test_the_depthwise_plane_kernels_by_plane_size(x_shape, w_shape, stride, forward, weight):
     """The lanes kernels on planes of at most LANES_POSITIONS outputs (3x3 stride 2 960 @7, 4x4 outputs, took the
@@ -630,9 +643,29 @@ def test_the_depthwise_plane_kernels_by_plane_size(x_shape, w_shape, stride, for
     assert (smaller.workspace_bytes > 0) == (forward == "depthwise_lanes_cpu" and stride == 1)  # lanes, wide, rows
 
 
+@pytest.mark.parametrize("primitive, x_shape, stride, tasks", [
+    ("forward", (1, 16, 7, 7), 1, 1),             # one block of 16 channels, one sample
+    ("forward", (3, 20, 7, 7), 1, 6),             # two blocks (the second of 4 channels), three samples
+    ("backward_data", (2, 16, 7, 7), 1, 2),
+    ("backward_filter", (4, 16, 56, 56), 2, 1),   # one block of 16 filters, whatever the batch
+    ("backward_filter", (1, 40, 7, 7), 1, 3),
+])
+def test_the_lanes_kernels_run_where_their_blocks_make_a_task_for_every_thread(primitive, x_shape, stride, tasks,
+                                                                               monkeypatch):
+    """The lanes kernels take a layer's small planes only where their tasks (blocks of LANES channels; in the forward
+    and input gradient, of one sample) are at least the threads: one block on two threads ran a 56x56 strided weight
+    gradient at 0.67x of direct's kernel's speed."""
+    from cnnfast.kernels.cpu import depthwise
+    opts = dict(stride=stride, padding=1, groups=x_shape[1])
+    g = cnnfast.ConvSpec.create("conv2d", x_shape, (x_shape[1], 1, 3, 3), **opts).geometry
+    for count in (1, tasks, tasks + 1, 64):
+        monkeypatch.setattr(depthwise, "_threads", lambda count=count: count)
+        assert ("lanes" in depthwise.takes(g, primitive)) == (count <= tasks), count
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_a_depthwise_weight_gradient_on_directs_kernels_keeps_within_the_limit(stride, monkeypatch):
-    """A depthwise weight gradient with no plane kernel (stride 2, 30x30 outputs), or none that fits the limit, runs
+    """A depthwise weight gradient with no plane kernel (stride 2, 60x60 outputs), or none that fits the limit, runs
     direct's kernels: its wide one (channel multiplier >= 3) where that fits the same limit, counted in the plan's
     workspace, else its row kernel, with none (direct ran under its own default limit until 2026-12-06)."""
     from cnnfast.kernels.cpu import depthwise, direct, wide
@@ -641,7 +674,7 @@ def test_a_depthwise_weight_gradient_on_directs_kernels_keeps_within_the_limit(s
     monkeypatch.setattr(wide, "backward_filter", lambda *args: calls.append(1) or real(*args))
     rng = np.random.default_rng(13)
     opts = dict(stride=stride, padding=1, groups=8)
-    x, w_shape = rng.standard_normal((2, 8, 60, 60)), (32, 1, 3, 3)  # multiplier 4
+    x, w_shape = rng.standard_normal((1, 8, 120, 120)), (32, 1, 3, 3)  # multiplier 4
     dy = rng.standard_normal(cnnfast.ConvSpec.create("conv2d", x.shape, w_shape, **opts).output_shape)
     expected = reference.conv_weight(x, w_shape, dy, **opts)
     g = cnnfast.explain("conv2d_weight", x, w_shape, dy, **opts, algo="depthwise").spec.geometry

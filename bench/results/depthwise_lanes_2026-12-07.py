@@ -4,9 +4,10 @@ session).
     PYTHONPATH=<checkout> NUMBA_CACHE_DIR=<its own> python bench/results/depthwise_lanes_2026-12-07.py [NAME...]
 
 Run it from outside the checkouts, once per checkout (the one before the change, then this one, alternating: the
-VM's speed drifts), each with its own NUMBA_CACHE_DIR. NAME keeps the rows whose name contains it. Planes of at most
-49 positions take the lanes kernels (depthwise.LANES_POSITIONS; the weight gradient's: 100), larger ones the wide
-kernels, the strided input gradient the sub-pixel classes kernel.
+VM's speed drifts), each with its own NUMBA_CACHE_DIR. NAME keeps the rows whose name contains it. Small planes take
+the lanes kernels (up to depthwise.LANES_POSITIONS positions; the weight gradient's: LANES_FILTER_POSITIONS, at a
+stride LANES_STRIDED_FILTER_POSITIONS), larger ones the wide kernels, the strided input gradient the sub-pixel classes
+kernel (thirty-first session: also used for the interleave's loops of a constant count and the new thresholds).
 """
 import sys
 import timeit

@@ -5,8 +5,8 @@ Memory-bound (T*R*S multiply-adds per output), so each task streams whole planes
 first of takes(g, primitive) whose scratch for every thread fits workspace_limit running (family):
 
     lanes: LANES channels of small planes per pass (depthwise_planes.py): grids of at most LANES_POSITIONS positions
-           (the weight gradient: LANES_FILTER_POSITIONS, at a stride LANES_STRIDED_FILTER_POSITIONS); not the input
-           gradient at a stride.
+           (the weight gradient: LANES_FILTER_POSITIONS, at a stride LANES_STRIDED_FILTER_POSITIONS), a block of
+           channels for every thread; not the input gradient at a stride.
     wide:  one plane per pass (depthwise_planes.py): at unit stride; at a stride the forward of planes of at least
            STRIDED_WIDE_POSITIONS outputs (on stride-phase volumes) and the input gradient of at most MAX_CLASSES
            sub-pixel classes (subpixel_classes).
@@ -196,24 +196,21 @@ def class_count(g):
     return math.prod(min(s, max(n, 1)) for s, n in ((g.stride_d, g.D), (g.stride_h, g.H), (g.stride_w, g.W)))
 
 
-# The lanes kernels run the forward and the unit-stride input gradient on grids (the output plane, the dx plane) of at
-# most this many positions. ms depthwise_wide_cpu / depthwise_lanes_cpu, batch 8, ~47,000 positions x channels
-# (2026-12-06, after the wide kernels' tap weights lost their divisions: 1.2-1.6x on 14x14 planes), forward and input
-# gradient: 3x3 4x4 1.07 / 1.00, 1.15 / 1.06; 6x6 0.58 / 0.62, 0.66 / 0.69; 7x7 0.46 / 0.52, 0.53 / 0.56 (another
-# run 0.48 / 0.45, 0.58 / 0.51); 8x8 0.36 / 0.43; 10x10 0.32 / 0.42; 5x5 7x7 0.76 / 0.81, 8x8 0.60 / 0.74; batch 4:
-# 3x3 960 @7 0.24 / 0.21, 0.26 / 0.22; 5x5 1152 @7 0.48 / 0.44, 0.52 / 0.49; 3x3 1280 @4 0.24 / 0.19; at stride 2
-# (the row kernel below STRIDED_WIDE_POSITIONS / lanes) 3x3 6x6 outputs 1.88 / 1.05, 7x7 1.08 / 0.92; 5x5 7x7 1.40 /
-# 1.24; wide / lanes 8x8 0.76 / 0.86. With each element's lanes copied in one loop (2026-12-07, the same sizes): 3x3 7x7
-# 0.43 / 0.34, 0.46 / 0.35; 8x8 0.33 / 0.34, 0.35 / 0.36; 10x10 0.29 / 0.34; 5x5 7x7 0.70 / 0.63; 8x8 0.58 / 0.63.
-LANES_POSITIONS = 49
-# ... the unit-stride weight gradient on grids of at most this many (depthwise_wide_filter_cpu / lanes: 3x3 7x7 0.53
-# / 0.47, 10x10 0.37 / 0.40, 12x12 0.32 / 0.37; 5x5 7x7 1.21 / 0.95, 10x10 0.88 / 0.77, 14x14 0.74 / 0.71; 2026-12-07:
-# 3x3 7x7 0.55 / 0.42, 10x10 0.40 / 0.40, 12x12 0.34 / 0.45; 5x5 7x7 1.18 / 0.84, 10x10 0.87 / 0.76)
-LANES_FILTER_POSITIONS = 100
+# The lanes kernels run the forward (at any stride) and the unit-stride input gradient on grids (the output plane, the
+# dx plane) of at most this many positions: ms lanes / wide kernel, batch 8, ~47,000 positions x channels a sample,
+# 2 threads (2026-12-07, after the interleave's loops of a constant count; earlier figures in bench/RESULTS.md):
+# forward, input gradient 3x3 7x7 0.26 / 0.41, 0.29 / 0.44; 10x10 0.24 / 0.28, 0.26 / 0.30; 12x12 0.22 / 0.23; 14x14
+# 0.25 / 0.22; 5x5 7x7 0.44 / 0.69; 10x10 0.39 / 0.47; 12x12 0.37 / 0.39; 14x14 0.39 / 0.39; the forward at stride 2,
+# 3x3 outputs 9x9 0.48 / 0.54, 12x12 0.49 / 0.51, 14x14 0.51 / 0.48; 5x5 9x9 0.66 / 0.74, 14x14 0.68 / 0.65.
+LANES_POSITIONS = 100
+# ... the unit-stride weight gradient on grids of at most this many (lanes / wide: 3x3 7x7 0.31 / 0.47, 14x14 0.25 /
+# 0.31, 16x16 0.25 / 0.27, 20x20 0.27 / 0.25; 5x5 7x7 0.61 / 1.11, 16x16 0.44 / 0.63, 20x20 0.60 / 0.58)
+LANES_FILTER_POSITIONS = 256
 # ... and the weight gradient at a stride, which has no wide kernel (direct's kernel, one task per filter, otherwise),
-# on output planes of at most this many: ms direct / lanes, stride 2, 3x3 7x7 outputs 2.53 / 0.85, 10x10 2.25 / 0.68,
-# 12x12 2.07 / 1.00, 14x14 2.10 / 1.34, 28x28 2.85 / 3.43; 5x5 7x7 6.54 / 1.19, 14x14 5.20 / 1.74, 28x28 11.9 / 7.0.
-LANES_STRIDED_FILTER_POSITIONS = 196
+# on output planes of at most this many: ms lanes / direct, stride 2, 3x3 outputs 14x14 0.53 / 1.98; 28x28 0.50 /
+# 1.27; 56x56 (4 x 96 channels) 1.48 / 3.02, (2 x 48) 0.63 / 0.80; 64x64 (4 x 64) 1.62 / 2.34; 80x80 (1 x 32) 0.48 /
+# 0.46; 112x112 (2 x 32) 2.42 / 1.79; 5x5 28x28 0.72 / 3.04, 56x56 (1 x 96) 0.63 / 1.89.
+LANES_STRIDED_FILTER_POSITIONS = 3136
 
 
 def family(g, primitive, itemsize, workspace_limit):
@@ -229,15 +226,19 @@ def family(g, primitive, itemsize, workspace_limit):
 def takes(g, primitive):
     """The plane kernel families that run the primitive on g, in order of preference, when their scratch fits:
     "lanes" on grids of at most LANES_POSITIONS positions (the weight gradient: LANES_FILTER_POSITIONS, at a stride
-    LANES_STRIDED_FILTER_POSITIONS; not the input gradient at a stride); "wide" at unit stride, or at a stride the
-    forward of a plane of at least STRIDED_WIDE_POSITIONS outputs and the input gradient of at most MAX_CLASSES
-    classes (depthwise_wide_classes_cpu: 1.4-4x faster than the row kernel from 4x4 to 56x56 dy planes, 2026-12-06)."""
+    LANES_STRIDED_FILTER_POSITIONS; not the input gradient at a stride) with a task for every thread (a block of LANES
+    channels; in the forward and input gradient, of one sample: on two threads one block of 16 filters ran a 56x56
+    strided weight gradient at 0.67x direct's kernel's speed); "wide" at unit stride, or at a stride the forward of a
+    plane of at least STRIDED_WIDE_POSITIONS outputs and the input gradient of at most MAX_CLASSES classes
+    (depthwise_wide_classes_cpu: 1.4-4x faster than the row kernel from 4x4 to 56x56 dy planes, 2026-12-06)."""
     unit = g.stride_d == g.stride_h == g.stride_w == 1
     positions = g.D * g.H * g.W if primitive == "backward_data" else g.P * g.Q * g.U
     most = LANES_POSITIONS
     if primitive == "backward_filter":
         most = LANES_FILTER_POSITIONS if unit else LANES_STRIDED_FILTER_POSITIONS
-    lanes = (unit or primitive != "backward_data") and positions <= most
+    blocks = -(-(g.C if primitive == "backward_data" else g.K) // LANES)
+    tasks = blocks if primitive == "backward_filter" else blocks * g.N
+    lanes = (unit or primitive != "backward_data") and positions <= most and tasks >= _threads()
     wide = (unit or primitive == "backward_data" and class_count(g) <= MAX_CLASSES
             or primitive == "forward" and g.P * g.Q * g.U >= STRIDED_WIDE_POSITIONS)
     return ("lanes",) * lanes + ("wide",) * wide
