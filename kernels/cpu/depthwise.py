@@ -31,6 +31,7 @@ from cnnfast.kernels.cpu import direct
 from cnnfast.kernels.cpu.depthwise_planes import (
     LANE_CHUNK,
     LANES,
+    SUM_CHUNK,
     depthwise_lanes_cpu,
     depthwise_lanes_filter_cpu,
     depthwise_wide_classes_cpu,
@@ -161,7 +162,8 @@ def subpixel_classes(g):
 def _scratch(g, primitive, itemsize, family):
     """Bytes of a plane kernel family's scratch per thread: the padded source volume (its phase volumes at a stride:
     the forward's and the lanes weight gradient's) and the wide grid (the input gradient's at a stride: its classes'
-    grids); the lanes kernels' are LANES planes deep, beside their weights (or sums) laid out per lane."""
+    grids); the lanes kernels' are LANES planes deep, beside their weights (or sums) laid out per lane; the wide
+    weight gradient's grid is whole chunks long, its padded volume as many elements longer, beside its partial sums."""
     if primitive == "backward_data" and not g.stride_d == g.stride_h == g.stride_w == 1:
         classes, _, lows = subpixel_classes(g)
         grids = max(int((classes[:, 8] + classes[:, 3] * lows[4] * lows[5]).max()), 1)
@@ -172,6 +174,9 @@ def _scratch(g, primitive, itemsize, family):
     Dp, Hp, Wp = P + (g.T - 1) * g.dil_d // sd, Q + (g.R - 1) * g.dil_h // sh, U + (g.S - 1) * g.dil_w // sw
     wide = ((P - 1) * Hp + (Q - 1)) * Wp + U
     taps = g.T * g.R * g.S
+    if family == "wide" and primitive == "backward_filter":
+        chunks = -(-wide // SUM_CHUNK) * SUM_CHUNK
+        return (Dp * Hp * Wp + 2 * chunks - wide + -(-taps // 3) * 3 * SUM_CHUNK) * itemsize
     if family == "wide":
         return (sd * sh * sw * Dp * Hp * Wp + wide + taps) * itemsize
     weights = (taps if primitive == "backward_filter" else (g.K // g.C if primitive == "backward_data" else 1) * taps
@@ -203,8 +208,9 @@ def class_count(g):
 # 0.25 / 0.22; 5x5 7x7 0.44 / 0.69; 10x10 0.39 / 0.47; 12x12 0.37 / 0.39; 14x14 0.39 / 0.39; the forward at stride 2,
 # 3x3 outputs 9x9 0.48 / 0.54, 12x12 0.49 / 0.51, 14x14 0.51 / 0.48; 5x5 9x9 0.66 / 0.74, 14x14 0.68 / 0.65.
 LANES_POSITIONS = 100
-# ... the unit-stride weight gradient on grids of at most this many (lanes / wide: 3x3 7x7 0.31 / 0.47, 14x14 0.25 /
-# 0.31, 16x16 0.25 / 0.27, 20x20 0.27 / 0.25; 5x5 7x7 0.61 / 1.11, 16x16 0.44 / 0.63, 20x20 0.60 / 0.58)
+# ... the unit-stride weight gradient on grids of at most this many (lanes / wide, after the wide kernel's partial sums:
+# 3x3 7x7 0.31 / 0.55, 10x10 0.27 / 0.39, 14x14 0.25 / 0.30, 16x16 0.26 / 0.25; 5x5 7x7 0.65 / 1.49, 14x14 0.45 /
+# 0.68, 16x16 0.44 / 0.57, 20x20 0.58 / 0.44)
 LANES_FILTER_POSITIONS = 256
 # ... and the weight gradient at a stride, which has no wide kernel (direct's kernel, one task per filter, otherwise),
 # on output planes of at most this many: ms lanes / direct, stride 2, 3x3 outputs 14x14 0.53 / 1.98; 28x28 0.50 /
