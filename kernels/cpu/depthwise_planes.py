@@ -12,7 +12,8 @@ dropped (3x3 depthwise 144 @56, batch 4, 2 cores: forward 3.5 -> 1.8 ms).
     depthwise_wide_classes_cpu  the strided input gradient, by sub-pixel classes of dx positions, each the unit-stride
                                 correlation of dy with the taps that reach it (the row kernel scattered into every
                                 sw-th dx element).
-    depthwise_wide_filter_cpu   the unit-stride weight gradient: a dot product over the plane per tap.
+    depthwise_wide_filter_cpu   the unit-stride weight gradient: a dot product over the plane per tap, into
+                                SUM_CHUNK partial sums.
     depthwise_lanes_cpu         on small planes a pass over one plane is mostly loop overhead (~60 multiply-adds on
     depthwise_lanes_filter_cpu  7x7), so these run LANES channels at a time, their planes interleaved element by
                                 element in the same padded layout, the weights laid out per lane: each tap is one
@@ -21,9 +22,9 @@ dropped (3x3 depthwise 144 @56, batch 4, 2 cores: forward 3.5 -> 1.8 ms).
 Three taps a pass (one load and store of the output for three multiply-adds; 1.1-1.3x faster than a tap a pass,
 2026-12-06). Scratch is allocated once per task, and a plane's tap weights are read in order (tap_weights) rather than
 each from its index by three integer divisions, which took a third of a 14x14 plane's time. Interleaving took more
-time than the taps on 7x7 planes until each element's lanes were copied in one inner loop, in and out (3x3 depthwise
-960 @7, batch 8: 1.25x the wide kernel, 2026-12-07; the weight gradient at stride 2, which took direct's kernel, 2.5x
-faster).
+time than the taps on 7x7 planes until each element's lanes were copied in one inner loop, in and out, of a constant
+count for a whole block, which LLVM vectorises (3x3 depthwise 960 @7, batch 8: 1.55x the wide kernel; the weight
+gradient at stride 2, which took direct's kernel, 2-6x faster; 2026-12-07).
 """
 import numba
 import numpy as np
@@ -37,6 +38,7 @@ LANE_CHUNK = 16
 # depthwise_wide_filter_cpu sums each tap's products into this many partial sums (64: 2.2x one sum; 32: 1.9x; 128 and
 # 256: 1.5-1.8x; three taps over a 56x56 plane, one thread, 2026-12-07).
 SUM_CHUNK = 64
+
 
 @numba.njit(inline="always")
 def pad_plane(planes, rows, padded, pd, ph, pw, Hp, Wp, sd, sh, sw, lanes=1):
