@@ -68,3 +68,36 @@ def test_cpu_model(benchmark, provider, batch):
         expected = models.mobilenetv2().double()(x.double())  # (a fresh model: the same weights)
         compare.assert_close(model(x).numpy(), expected.numpy(), "float32")
         benchmark(model, x)
+
+
+@pytest.mark.parametrize("provider", ["cnnfast", "torch"])
+def test_cpu_model_training_step(benchmark, provider):
+    """A training step of MobileNetV2 (bench/models.py, batch 8: forward, loss, backward through every convolution's
+    input and weight gradients, batch-norm on the batch's statistics) with torch's convolutions or cnnfast's. cnnfast's
+    convolutions' weight gradients are first checked in float64 against the same step on torch's (a whole network's
+    float32 gradients are ~1e-3 from its float64 ones on either's convolutions: no check at float32's tolerance; some
+    batch-norm gradients are zero up to rounding); the float32 step is timed."""
+    torch = pytest.importorskip("torch")
+    import models
+
+    import cnnfast.torch as cf
+    x = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+
+    def network(dtype, ours):
+        model = models.mobilenetv2().to(dtype).train()
+        return cf.replace_convs(model) if ours else model
+
+    def step(model, x):
+        model.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+
+    if provider == "cnnfast":
+        ours, theirs = network(torch.float64, True), network(torch.float64, False)
+        step(ours, x.double())
+        step(theirs, x.double())
+        convolutions = [(name, p, q) for (name, p), q in zip(ours.named_parameters(), theirs.parameters())
+                        if p.dim() == 4]
+        assert len(convolutions) == 52
+        for name, p, q in convolutions:
+            compare.assert_close(p.grad.numpy(), q.grad.numpy(), "float64", name)
+    benchmark(step, network(torch.float32, provider == "cnnfast"), x)
