@@ -338,7 +338,7 @@ def test_unit_stride_depthwise_runs_the_wide_plane_kernel_and_falls_back_under_a
                                                                                             monkeypatch):
     from cnnfast.kernels.cpu import depthwise
     channels = opts["groups"]
-    layer = Layer((2, channels, 17, 16), (8, 1, 3, 3), **opts)  # planes of > LANES_FILTER_POSITIONS: not the lanes
+    layer = Layer((2, channels, 19, 18), (8, 1, 3, 3), **opts)  # planes of > LANES_FILTER_POSITIONS: not the lanes
     calls = []
 
     def spy(name):
@@ -609,11 +609,11 @@ def test_the_wide_weight_gradient_adds_parts_that_end_inside_a_run():
 
 @pytest.mark.parametrize("primitive", list(OPS))
 @pytest.mark.parametrize("kernel", [(2,), (2, 2), (5, 1)])
-def test_depthwise_plane_kernels_add_the_last_one_or_two_taps(kernel, primitive):
-    """The depthwise plane kernels add three taps a pass, then the one or two left: kernels of 2, 4 and 5 taps (the
-    grid's depthwise layers have 3 or 9), on small planes (the lanes kernels) and larger ones (the wide kernels),
-    with a channel multiplier of 2."""
-    for spatial in ((7,) * len(kernel), (12,) * len(kernel)):
+def test_depthwise_plane_kernels_add_the_last_one_or_two_taps(kernel, primitive, plans_for_one_thread):
+    """The depthwise plane kernels add three taps a pass, then the one or two left (the wide weight gradient: dummy
+    taps up to a multiple of three): kernels of 2, 4 and 5 taps (the grid's depthwise layers have 3 or 9), on small
+    planes (the lanes kernels) and larger ones (the wide kernels), with a channel multiplier of 2."""
+    for spatial in ((7,) * len(kernel), (300,) if len(kernel) == 1 else (17, 17)):
         layer = Layer((2, 3) + spatial, (6, 1) + kernel, padding=1, groups=3)
         assert_close(layer.run(primitive, algo="depthwise"), layer.expected(primitive), "float64",
                      f"{kernel} {spatial}")
@@ -629,7 +629,7 @@ def test_depthwise_plane_kernels_add_the_last_one_or_two_taps(kernel, primitive)
     ((8, 144, 112, 112), (144, 1, 3, 3), 2, "depthwise_wide_cpu", "depthwise_lanes_filter_cpu"),  # 3,136 at stride 2
     ((8, 96, 114, 114), (96, 1, 3, 3), 2, "depthwise_wide_cpu", "direct_backward_filter_cpu"),   # 3,249 at stride 2
 ])
-def test_the_depthwise_plane_kernels_by_plane_size(x_shape, w_shape, stride, forward, weight):
+def test_the_depthwise_plane_kernels_by_plane_size(x_shape, w_shape, stride, forward, weight, plans_for_one_thread):
     """The lanes kernels on planes of at most LANES_POSITIONS outputs (3x3 stride 2 960 @7, 4x4 outputs, took the
     row kernel, faster than the wide one there), the weight gradient up to LANES_FILTER_POSITIONS, at a stride
     LANES_STRIDED_FILTER_POSITIONS (else direct's kernel); under a limit below their scratch, the next kernel."""
@@ -643,24 +643,26 @@ def test_the_depthwise_plane_kernels_by_plane_size(x_shape, w_shape, stride, for
     assert (smaller.workspace_bytes > 0) == (forward == "depthwise_lanes_cpu" and stride == 1)  # lanes, wide, rows
 
 
-@pytest.mark.parametrize("primitive, x_shape, stride, tasks", [
-    ("forward", (1, 16, 7, 7), 1, 1),             # one block of 16 channels, one sample
-    ("forward", (3, 20, 7, 7), 1, 6),             # two blocks (the second of 4 channels), three samples
-    ("backward_data", (2, 16, 7, 7), 1, 2),
-    ("backward_filter", (4, 16, 56, 56), 2, 1),   # one block of 16 filters, whatever the batch
-    ("backward_filter", (1, 40, 7, 7), 1, 3),
+@pytest.mark.parametrize("primitive, x_shape, multiplier, stride, tasks", [
+    ("forward", (1, 16, 7, 7), 1, 1, 1),             # one block of 16 channels, one sample
+    ("forward", (3, 20, 7, 7), 1, 1, 6),             # two blocks (the second of 4 channels), three samples
+    ("forward", (2, 16, 7, 7), 2, 1, 4),             # blocks of the 32 output channels
+    ("backward_data", (2, 16, 7, 7), 2, 1, 2),       # ... of the 16 input channels
+    ("backward_filter", (4, 16, 56, 56), 1, 2, 1),   # one block of 16 filters, whatever the batch
+    ("backward_filter", (1, 20, 7, 7), 2, 1, 3),
 ])
-def test_the_lanes_kernels_run_where_their_blocks_make_a_task_for_every_thread(primitive, x_shape, stride, tasks,
-                                                                               monkeypatch):
+def test_the_lanes_kernels_run_where_their_blocks_make_a_task_for_every_thread(primitive, x_shape, multiplier, stride,
+                                                                               tasks, monkeypatch):
     """The lanes kernels take a layer's small planes only where their tasks (blocks of LANES channels; in the forward
-    and input gradient, of one sample) are at least the threads: one block on two threads ran a 56x56 strided weight
-    gradient at 0.67x of direct's kernel's speed."""
+    and input gradient, of one sample) are at least the threads that run them: one block on two threads ran a 56x56
+    strided weight gradient at 0.67x of direct's kernel's speed; a call small enough for the serial build has one."""
     from cnnfast.kernels.cpu import depthwise
     opts = dict(stride=stride, padding=1, groups=x_shape[1])
-    g = cnnfast.ConvSpec.create("conv2d", x_shape, (x_shape[1], 1, 3, 3), **opts).geometry
-    for count in (1, tasks, tasks + 1, 64):
+    g = cnnfast.ConvSpec.create("conv2d", x_shape, (x_shape[1] * multiplier, 1, 3, 3), **opts).geometry
+    for small, count in [(False, 1), (False, tasks), (False, tasks + 1), (False, 64), (True, 64)]:
+        monkeypatch.setattr(depthwise, "DEFAULT_SERIAL_WORK", g.dense_macs + small)
         monkeypatch.setattr(depthwise, "_threads", lambda count=count: count)
-        assert ("lanes" in depthwise.takes(g, primitive)) == (count <= tasks), count
+        assert ("lanes" in depthwise.takes(g, primitive)) == (small or count <= tasks), count
 
 
 @pytest.mark.parametrize("stride", [1, 2])

@@ -39,7 +39,7 @@ from cnnfast.kernels.cpu.depthwise_planes import (
     depthwise_wide_filter_cpu,
 )
 from cnnfast.kernels.cpu.direct import CONTRACT, geometry_args, out_range, tap_output
-from cnnfast.kernels.cpu.threads import njit, parallel, sized
+from cnnfast.kernels.cpu.threads import DEFAULT_SERIAL_WORK, njit, parallel, sized
 
 
 @njit()
@@ -163,7 +163,8 @@ def _scratch(g, primitive, itemsize, family):
     """Bytes of a plane kernel family's scratch per thread: the padded source volume (its phase volumes at a stride:
     the forward's and the lanes weight gradient's) and the wide grid (the input gradient's at a stride: its classes'
     grids); the lanes kernels' are LANES planes deep, beside their weights (or sums) laid out per lane; the wide
-    weight gradient's grid is whole chunks long, its padded volume as many elements longer, beside its partial sums."""
+    weight gradient's grid is whole chunks long, its padded volume as many elements longer, beside its partial sums
+    (a sample's, and in float64 the batch's)."""
     if primitive == "backward_data" and not g.stride_d == g.stride_h == g.stride_w == 1:
         classes, _, lows = subpixel_classes(g)
         grids = max(int((classes[:, 8] + classes[:, 3] * lows[4] * lows[5]).max()), 1)
@@ -176,7 +177,7 @@ def _scratch(g, primitive, itemsize, family):
     taps = g.T * g.R * g.S
     if family == "wide" and primitive == "backward_filter":
         chunks = -(-wide // SUM_CHUNK) * SUM_CHUNK
-        return (Dp * Hp * Wp + 2 * chunks - wide + -(-taps // 3) * 3 * SUM_CHUNK) * itemsize
+        return (Dp * Hp * Wp + 2 * chunks - wide + -(-taps // 3) * 3 * SUM_CHUNK) * itemsize + taps * SUM_CHUNK * 8
     if family == "wide":
         return (sd * sh * sw * Dp * Hp * Wp + wide + taps) * itemsize
     weights = (taps if primitive == "backward_filter" else (g.K // g.C if primitive == "backward_data" else 1) * taps
@@ -232,11 +233,12 @@ def family(g, primitive, itemsize, workspace_limit):
 def takes(g, primitive):
     """The plane kernel families that run the primitive on g, in order of preference, when their scratch fits:
     "lanes" on grids of at most LANES_POSITIONS positions (the weight gradient: LANES_FILTER_POSITIONS, at a stride
-    LANES_STRIDED_FILTER_POSITIONS; not the input gradient at a stride) with a task for every thread (a block of LANES
-    channels; in the forward and input gradient, of one sample: on two threads one block of 16 filters ran a 56x56
-    strided weight gradient at 0.67x direct's kernel's speed); "wide" at unit stride, or at a stride the forward of a
-    plane of at least STRIDED_WIDE_POSITIONS outputs and the input gradient of at most MAX_CLASSES classes
-    (depthwise_wide_classes_cpu: 1.4-4x faster than the row kernel from 4x4 to 56x56 dy planes, 2026-12-06)."""
+    LANES_STRIDED_FILTER_POSITIONS; not the input gradient at a stride) with a task for every thread that runs it (a
+    block of LANES channels; in the forward and input gradient, of one sample: on two threads one block of 16 filters
+    ran a 56x56 strided weight gradient at 0.67x direct's kernel's speed; a call small enough for the serial build has
+    one); "wide" at unit stride, or at a stride the forward of a plane of at least STRIDED_WIDE_POSITIONS outputs
+    and the input gradient of at most MAX_CLASSES classes (depthwise_wide_classes_cpu: 1.4-4x faster than the row
+    kernel from 4x4 to 56x56 dy planes, 2026-12-06)."""
     unit = g.stride_d == g.stride_h == g.stride_w == 1
     positions = g.D * g.H * g.W if primitive == "backward_data" else g.P * g.Q * g.U
     most = LANES_POSITIONS
@@ -244,7 +246,8 @@ def takes(g, primitive):
         most = LANES_FILTER_POSITIONS if unit else LANES_STRIDED_FILTER_POSITIONS
     blocks = -(-(g.C if primitive == "backward_data" else g.K) // LANES)
     tasks = blocks if primitive == "backward_filter" else blocks * g.N
-    lanes = (unit or primitive != "backward_data") and positions <= most and tasks >= _threads()
+    threads = 1 if g.dense_macs < DEFAULT_SERIAL_WORK else _threads()
+    lanes = (unit or primitive != "backward_data") and positions <= most and tasks >= threads
     wide = (unit or primitive == "backward_data" and class_count(g) <= MAX_CLASSES
             or primitive == "forward" and g.P * g.Q * g.U >= STRIDED_WIDE_POSITIONS)
     return ("lanes",) * lanes + ("wide",) * wide

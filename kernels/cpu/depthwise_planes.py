@@ -359,8 +359,10 @@ def depthwise_wide_filter_cpu(x, dy, dw, pd, ph, pw, dd, dh, dw_):
     plane, three taps a pass (each dy element loaded once for three; the taps padded to a multiple of three with
     dummies reading offset 0). Each dot product goes into SUM_CHUNK partial sums, one per position of a chunk (a loop
     of that constant count, which LLVM vectorises with as many independent additions: one sum per tap waited on each
-    addition, 2.2x slower, 2026-12-07), over all samples in order, as the lanes kernel's, then added up in float64
-    (fixed code: bit-identical run to run)."""
+    addition, 2.2x slower, 2026-12-07), a sample's in the input's dtype, added after each sample into as many float64
+    sums (float32 sums carried over the batch overflowed where the result did not; products near float32's largest
+    can still overflow a sample's, as in any float32 sum; float64 sums throughout ran 2x slower), and those added up
+    at the end; samples in order (fixed code: bit-identical run to run)."""
     N, C, D, H, W = x.shape
     K, _, T, R, S = dw.shape
     _, _, P, Q, U = dy.shape
@@ -374,7 +376,8 @@ def depthwise_wide_filter_cpu(x, dy, dw, pd, ph, pw, dd, dh, dw_):
     for k in numba.prange(K):
         padded = np.zeros(Dp * Hp * Wp + chunks - L, x.dtype)
         wide = np.zeros(chunks, x.dtype)  # dy[n, k] on the wide grid: zero in the dropped columns and past the end
-        sums = np.zeros((len(offsets), SUM_CHUNK), x.dtype)
+        sums = np.zeros((len(offsets), SUM_CHUNK), x.dtype)  # a sample's
+        totals = np.zeros((taps, SUM_CHUNK))  # the samples', in float64
         source = np.empty(1, np.int64)  # (pad_plane's rows)
         source[0] = k // M
         for n in range(N):
@@ -395,10 +398,14 @@ def depthwise_wide_filter_cpu(x, dy, dw, pd, ph, pw, dd, dh, dw_):
                         s0[e_] += v * padded[i + a0]
                         s1[e_] += v * padded[i + a1]
                         s2[e_] += v * padded[i + a2]
+            for tap in range(taps):
+                for e in range(SUM_CHUNK):
+                    totals[tap, e] += sums[tap, e]
+                    sums[tap, e] = 0.0
         for tap in range(taps):
             total = 0.0
             for e in range(SUM_CHUNK):
-                total += sums[tap, e]
+                total += totals[tap, e]
             dw[k, 0, tap // (R * S), (tap // S) % R, tap % S] = total
 
 

@@ -82,6 +82,9 @@ def _warn_spinning_runtime():
 # work the serial builds take 5-10 us there: at most a few us slower than a region the workers are spinning for,
 # ~45 us faster than one they sleep through (bench/RESULTS.md, 2026-12-05).
 SERIAL_WORK = 1 << 15
+# ... as set: a plan that counts the threads a call runs on reads this one (only() and a forked child change what
+# runs, not which kernels: a problem's bits do not depend on the build).
+DEFAULT_SERIAL_WORK = SERIAL_WORK
 
 
 def njit(**options):
