@@ -374,6 +374,7 @@ def test_depthwise_plane_kernels_reuse_their_scratch_over_a_run_of_planes(x_shap
     from cnnfast.kernels.cpu import depthwise
     monkeypatch.setattr(cnnfast.api, "_PLANS", {})
     monkeypatch.setattr(depthwise, "LANES_POSITIONS", 0)
+    monkeypatch.setattr(depthwise, "LANES_STRIDED_DATA_POSITIONS", 0)
     layer = Layer(x_shape, w_shape, seed=14, **opts)
     assert layer.explain(primitive, algo="depthwise").kernels[0].startswith(("depthwise_wide_cpu",
                                                                              "depthwise_wide_classes_cpu"))
@@ -437,31 +438,30 @@ def test_a_strided_depthwise_forward_runs_the_plane_kernels_on_phase_volumes(x_s
 @pytest.mark.parametrize("primitive", list(OPS))
 def test_small_depthwise_planes_run_the_lanes_kernels_then_the_wide_then_the_rows(x_shape, w_shape, opts, primitive,
                                                                                    monkeypatch, plans_for_one_thread):
-    """Planes of at most LANES_POSITIONS positions run LANES channels at a time, interleaved (the forward and weight
-    gradient at any stride; the input gradient at unit stride), against the reference, also one sample a task (the
-    source planes of a whole block at a constant step, 0 to 2, or not: a forward's at a multiplier of 2); a
+    """Planes of at most LANES_POSITIONS positions run LANES channels at a time, interleaved (at any stride; the input
+    gradient's at a stride by sub-pixel classes), against the reference, also one sample a task (the source planes of
+    a whole block at a constant step, 0 to 2, or not: a forward's at a multiplier of 2); a
     workspace_limit below their scratch takes the wide kernel where it runs, then the row kernels; a NaN weight
     (input gradient) or an inf in x (weight gradient) gives the reference's non-finite values."""
     from cnnfast.kernels.cpu import depthwise
     calls = []
-    for name in ("depthwise_lanes_cpu", "depthwise_lanes_filter_cpu"):
+    for name in ("depthwise_lanes_cpu", "depthwise_lanes_classes_cpu", "depthwise_lanes_filter_cpu"):
         real = getattr(depthwise, name)
         monkeypatch.setattr(depthwise, name, lambda *args, name=name, real=real: calls.append(name) or real(*args))
     layer = Layer(x_shape, w_shape, seed=12, **opts)
     plan = layer.explain(primitive, algo="depthwise")
-    g = plan.spec.geometry
-    lanes = primitive != "backward_data" or g.stride_d == g.stride_h == g.stride_w == 1
-    assert plan.algorithm == "depthwise" and plan.kernels[0].startswith("depthwise_lanes_") == lanes
+    assert plan.algorithm == "depthwise" and plan.kernels[0].startswith("depthwise_lanes_")
     expected = layer.expected(primitive)
     assert_close(layer.run(primitive, algo="depthwise"), expected, "float64", "lanes")
-    assert len(calls) == lanes
-    if primitive == "forward":  # one sample a task (the forward splits the batch when blocks are few)
+    assert len(calls) == 1
+    batched = primitive != "backward_filter"  # one sample a task (these split the batch when blocks are few)
+    if batched:
         monkeypatch.setattr(depthwise, "_samples", lambda n, channels: 1)
         assert_close(layer.run(primitive, algo="depthwise"), expected, "float64", "lanes, a sample a task")
     for limit in (plan.workspace_bytes - 1, 0):  # the wide kernel where it runs, then the row kernels
         assert layer.explain(primitive, algo="depthwise", workspace_limit=limit).workspace_bytes <= limit
         assert_close(layer.run(primitive, algo="depthwise", workspace_limit=limit), expected, "float64", "limit")
-    assert len(calls) == lanes * (1 + (primitive == "forward"))
+    assert len(calls) == 1 + batched
     if primitive == "backward_filter":
         layer.x[(0, 0) + (-1,) * (len(x_shape) - 2)] = np.inf  # few taps read it; the lane-wise products meet it
     else:                                                      # at dropped positions too
@@ -471,6 +471,7 @@ def test_small_depthwise_planes_run_the_lanes_kernels_then_the_wide_then_the_row
     assert_close(layer.run(primitive, algo="depthwise"), expected, "float64", "non-finite")
 
 
+@pytest.mark.parametrize("family", ["lanes", "wide"])
 @pytest.mark.parametrize("x_shape, w_shape, opts", [
     ((2, 4, 16, 17), (4, 1, 5, 5), dict(stride=2, padding=2, groups=4)),
     ((1, 3, 20, 22), (6, 1, 3, 3), dict(stride=(2, 3), padding=((0, 2), (1, 0)), dilation=(2, 1), groups=3)),
@@ -478,38 +479,53 @@ def test_small_depthwise_planes_run_the_lanes_kernels_then_the_wide_then_the_row
     ((2, 2, 41), (4, 1, 5), dict(stride=4, padding=3, groups=2)),                      # 1-D, multiplier 2
     ((1, 2, 7, 7), (2, 1, 2, 2), dict(stride=4, groups=2)),                             # classes no tap reaches
     ((1, 2, 15, 15), (2, 1, 4, 4), dict(stride=3, padding=7, groups=2)),
+    ((3, 20, 9, 9), (40, 1, 3, 3), dict(stride=2, padding=1, groups=20)),  # two blocks (the second of 4 channels)
 ])
-def test_a_strided_depthwise_input_gradient_runs_by_subpixel_classes(x_shape, w_shape, opts, monkeypatch):
+def test_a_strided_depthwise_input_gradient_runs_by_subpixel_classes(x_shape, w_shape, opts, family, monkeypatch,
+                                                                     plans_for_one_thread):
     """At a stride, the input gradient is the unit-stride correlation of dy with the taps that reach each sub-pixel
-    class of dx positions, on a padded dy plane (a class no tap reaches: zeros); the transposed forward of a
-    depthwise layer too; a non-finite weight, or a tiny workspace_limit, takes the row kernel; all against the
-    reference."""
+    class of dx positions, on a padded dy plane (the lanes kernel: LANES of them interleaved; a class no tap reaches:
+    zeros); the transposed forward of a depthwise layer too; an inf in one sample's dy reaches only that sample's dx,
+    also with a sample a task; a non-finite weight, or a tiny workspace_limit, takes the row kernel; all against the
+    reference (each case on both kernels: LANES_STRIDED_DATA_POSITIONS moved)."""
     from cnnfast.kernels.cpu import depthwise
+    monkeypatch.setattr(depthwise, "LANES_STRIDED_DATA_POSITIONS", 10 ** 9 if family == "lanes" else 0)
+    kernel = f"depthwise_{family}_classes_cpu"
     calls = []
-    real = depthwise.depthwise_wide_classes_cpu
-    monkeypatch.setattr(depthwise, "depthwise_wide_classes_cpu", lambda *args: calls.append(1) or real(*args))
+    real = getattr(depthwise, kernel)
+    monkeypatch.setattr(depthwise, kernel, lambda *args: calls.append(1) or real(*args))
     rng = np.random.default_rng(9)
     nd = len(x_shape) - 2
     spec = cnnfast.ConvSpec.create(f"conv{nd}d", x_shape, w_shape, **opts)
     w, dy = rng.standard_normal(w_shape), rng.standard_normal(spec.output_shape)
     op = getattr(grad, f"conv{nd}d_input")
     plan = cnnfast.explain(f"conv{nd}d_input", x_shape, w, dy, **opts)
-    assert plan.algorithm == "depthwise" and plan.kernels[0].startswith("depthwise_wide_classes_cpu")
+    assert plan.algorithm == "depthwise" and plan.kernels[0].startswith(kernel)
     assert plan.workspace_bytes > 0
     dx = op(x_shape, w, dy, **opts)
     assert calls == [1]
-    assert_close(dx, reference.conv_input(x_shape, w, dy, **opts), "float64", "strided classes")
+    assert_close(dx, reference.conv_input(x_shape, w, dy, **opts), "float64", f"strided {family} classes")
     transposed = getattr(cnnfast, f"conv_transpose{nd}d")(dy, w, stride=opts["stride"], padding=opts.get("padding", 0),
                                                            groups=opts["groups"], dilation=opts.get("dilation", 1),
                                                            output_size=x_shape[2:])
     assert calls == [1, 1] and np.array_equal(transposed, dx)
+    middle = (-1, -1) + tuple(n // 2 for n in dy.shape[2:])
+    dy[middle] = np.inf  # in the last sample: its padded planes are rewritten, its grids cleared
+    with np.errstate(invalid="ignore"):
+        expected = reference.conv_input(x_shape, w, dy, **opts)
+    assert np.isinf(expected[-1]).any() and np.isfinite(expected[:-1]).all()
+    for samples in (1, x_shape[0]):
+        monkeypatch.setattr(depthwise, "_samples", lambda n, channels, samples=samples: samples)
+        assert_close(op(x_shape, w, dy, **opts), expected, "float64", f"inf in dy, {samples} samples a task")
+    assert len(calls) == 4
+    dy[middle] = 0.0
     assert_close(op(x_shape, w, dy, **opts, workspace_limit=0), reference.conv_input(x_shape, w, dy, **opts),
                  "float64", "strided rows")
     w[0, 0, (0,) * nd] = np.inf
     with np.errstate(invalid="ignore"):  # (the reference's inf - inf)
         expected = reference.conv_input(x_shape, w, dy, **opts)
     assert_close(op(x_shape, w, dy, **opts), expected, "float64", "inf weight")
-    assert calls == [1, 1]
+    assert len(calls) == 4
 
 
 @pytest.mark.parametrize("x_shape, w_shape, opts", [
@@ -619,28 +635,34 @@ def test_depthwise_plane_kernels_add_the_last_one_or_two_taps(kernel, primitive,
                      f"{kernel} {spatial}")
 
 
-@pytest.mark.parametrize("x_shape, w_shape, stride, forward, weight", [
-    ((8, 960, 7, 7), (960, 1, 3, 3), 2, "depthwise_lanes_cpu", "depthwise_lanes_filter_cpu"),   # 4x4 outputs
-    ((8, 960, 7, 7), (960, 1, 3, 3), 1, "depthwise_lanes_cpu", "depthwise_lanes_filter_cpu"),    # 49
-    ((8, 960, 10, 10), (960, 1, 3, 3), 1, "depthwise_lanes_cpu", "depthwise_lanes_filter_cpu"),  # 100
-    ((8, 576, 14, 14), (576, 1, 3, 3), 1, "depthwise_wide_cpu", "depthwise_lanes_filter_cpu"),   # 196
-    ((8, 240, 17, 17), (240, 1, 3, 3), 1, "depthwise_wide_cpu", "depthwise_wide_filter_cpu"),    # 289
-    ((8, 240, 28, 28), (240, 1, 5, 5), 2, "depthwise_wide_cpu", "depthwise_lanes_filter_cpu"),   # 196 at stride 2
-    ((8, 144, 112, 112), (144, 1, 3, 3), 2, "depthwise_wide_cpu", "depthwise_lanes_filter_cpu"),  # 3,136 at stride 2
-    ((8, 96, 114, 114), (96, 1, 3, 3), 2, "depthwise_wide_cpu", "direct_backward_filter_cpu"),   # 3,249 at stride 2
+@pytest.mark.parametrize("x_shape, w_shape, stride, forward, data, weight", [
+    ((8, 960, 7, 7), (960, 1, 3, 3), 2, "lanes", "lanes_classes", "lanes_filter"),  # 4x4 outputs, 7x7 dx
+    ((8, 960, 7, 7), (960, 1, 3, 3), 1, "lanes", "lanes", "lanes_filter"),          # 49
+    ((8, 960, 10, 10), (960, 1, 3, 3), 1, "lanes", "lanes", "lanes_filter"),        # 100
+    ((8, 576, 14, 14), (576, 1, 3, 3), 1, "wide", "wide", "lanes_filter"),          # 196
+    ((8, 240, 17, 17), (240, 1, 3, 3), 1, "wide", "wide", "wide_filter"),           # 289
+    ((8, 80, 24, 24), (80, 1, 3, 3), 2, "wide", "lanes_classes", "lanes_filter"),   # 144 at stride 2, 576 dx
+    ((8, 240, 28, 28), (240, 1, 5, 5), 2, "wide", "wide_classes", "lanes_filter"),  # 196 at stride 2, 784 dx
+    ((8, 144, 112, 112), (144, 1, 3, 3), 2, "wide", "wide_classes", "lanes_filter"),  # 3,136 at stride 2
+    ((8, 96, 114, 114), (96, 1, 3, 3), 2, "wide", "wide_classes", None),           # 3,249 at stride 2
 ])
-def test_the_depthwise_plane_kernels_by_plane_size(x_shape, w_shape, stride, forward, weight, plans_for_one_thread):
+def test_the_depthwise_plane_kernels_by_plane_size(x_shape, w_shape, stride, forward, data, weight,
+                                                   plans_for_one_thread):
     """The lanes kernels on planes of at most LANES_POSITIONS outputs (3x3 stride 2 960 @7, 4x4 outputs, took the
     row kernel, faster than the wide one there), the weight gradient up to LANES_FILTER_POSITIONS, at a stride
-    LANES_STRIDED_FILTER_POSITIONS (else direct's kernel); under a limit below their scratch, the next kernel."""
+    LANES_STRIDED_FILTER_POSITIONS (else direct's kernel), the input gradient at a stride on dx planes up to
+    LANES_STRIDED_DATA_POSITIONS; under a limit below their scratch, the next kernel."""
     opts = dict(stride=stride, padding=w_shape[-1] // 2, groups=x_shape[1])
     dy = cnnfast.ConvSpec.create("conv2d", x_shape, w_shape, **opts).output_shape
     plan = cnnfast.explain("conv2d", x_shape, w_shape, **opts)
-    assert plan.algorithm == "depthwise" and plan.kernels[0].startswith(forward + " (")
-    assert cnnfast.explain("conv2d_weight", x_shape, w_shape, dy, **opts).kernels[0].startswith(weight + " ")
+    assert plan.algorithm == "depthwise" and plan.kernels[0].startswith(f"depthwise_{forward}_cpu (")
+    assert cnnfast.explain("conv2d_input", x_shape, w_shape, dy, **opts).kernels[0].startswith(
+        f"depthwise_{data}_cpu (")
+    assert cnnfast.explain("conv2d_weight", x_shape, w_shape, dy, **opts).kernels[0].startswith(
+        f"depthwise_{weight}_cpu " if weight else "direct_backward_filter_cpu ")
     smaller = cnnfast.explain("conv2d", x_shape, w_shape, **opts, workspace_limit=plan.workspace_bytes - 1)
     assert smaller.workspace_bytes < plan.workspace_bytes
-    assert (smaller.workspace_bytes > 0) == (forward == "depthwise_lanes_cpu" and stride == 1)  # lanes, wide, rows
+    assert (smaller.workspace_bytes > 0) == (forward == "lanes" and stride == 1)  # lanes, wide, rows
 
 
 @pytest.mark.parametrize("primitive, x_shape, multiplier, stride, tasks", [
@@ -648,6 +670,7 @@ def test_the_depthwise_plane_kernels_by_plane_size(x_shape, w_shape, stride, for
     ("forward", (3, 20, 7, 7), 1, 1, 6),             # two blocks (the second of 4 channels), three samples
     ("forward", (2, 16, 7, 7), 2, 1, 4),             # blocks of the 32 output channels
     ("backward_data", (2, 16, 7, 7), 2, 1, 2),       # ... of the 16 input channels
+    ("backward_data", (3, 20, 14, 14), 1, 2, 6),     # ... at a stride
     ("backward_filter", (4, 16, 56, 56), 1, 2, 1),   # one block of 16 filters, whatever the batch
     ("backward_filter", (1, 20, 7, 7), 2, 1, 3),
 ])
@@ -991,7 +1014,7 @@ def _parallel_kernels():
 
 def test_every_parallel_cpu_kernel_has_a_serial_build_with_its_own_cache_files():
     kernels = _parallel_kernels()
-    assert len(kernels) == 20, sorted(kernels)
+    assert len(kernels) == 21, sorted(kernels)
     for name, k in kernels.items():
         serial = k.serial
         assert serial.py_func.__code__ is k.py_func.__code__ and "parallel" not in serial.targetoptions, name

@@ -130,7 +130,8 @@ def _kernels(name):
             unit = g.stride_d == g.stride_h == g.stride_w == 1
             plane = {"forward": "depthwise_wide_cpu", "backward_filter": "depthwise_wide_filter_cpu",
                      "backward_data": "depthwise_wide_cpu" if unit else "depthwise_wide_classes_cpu"}[primitive]
-            lanes = "depthwise_lanes_filter_cpu" if primitive == "backward_filter" else "depthwise_lanes_cpu"
+            lanes = {"forward": "depthwise_lanes_cpu", "backward_filter": "depthwise_lanes_filter_cpu",
+                     "backward_data": "depthwise_lanes_cpu" if unit else "depthwise_lanes_classes_cpu"}[primitive]
             chain = [{"lanes": lanes, "wide": plane}[f] for f in depthwise.takes(g, primitive)]
             if primitive == "backward_filter" and wide.supports(g, primitive) is None:  # (a multiplier >= 3)
                 chain.append(f"direct's {_KERNELS['wide'][primitive]}")

@@ -5,8 +5,9 @@ Memory-bound (T*R*S multiply-adds per output), so each task streams whole planes
 first of takes(g, primitive) whose scratch for every thread fits workspace_limit running (family):
 
     lanes: LANES channels of small planes per pass (depthwise_planes.py): grids of at most LANES_POSITIONS positions
-           (the weight gradient: LANES_FILTER_POSITIONS, at a stride LANES_STRIDED_FILTER_POSITIONS), a block of
-           channels for every thread; not the input gradient at a stride.
+           (the weight gradient: LANES_FILTER_POSITIONS, at a stride LANES_STRIDED_FILTER_POSITIONS; the input
+           gradient at a stride: dx planes of LANES_STRIDED_DATA_POSITIONS, by sub-pixel classes), a block of
+           channels for every thread.
     wide:  one plane per pass (depthwise_planes.py): at unit stride; at a stride the forward of planes of at least
            STRIDED_WIDE_POSITIONS outputs (on stride-phase volumes) and the input gradient of at most MAX_CLASSES
            sub-pixel classes (subpixel_classes).
@@ -32,6 +33,7 @@ from cnnfast.kernels.cpu.depthwise_planes import (
     LANE_CHUNK,
     LANES,
     SUM_CHUNK,
+    depthwise_lanes_classes_cpu,
     depthwise_lanes_cpu,
     depthwise_lanes_filter_cpu,
     depthwise_wide_classes_cpu,
@@ -162,13 +164,16 @@ def subpixel_classes(g):
 def _scratch(g, primitive, itemsize, family):
     """Bytes of a plane kernel family's scratch per thread: the padded source volume (its phase volumes at a stride:
     the forward's and the lanes weight gradient's) and the wide grid (the input gradient's at a stride: its classes'
-    grids); the lanes kernels' are LANES planes deep, beside their weights (or sums) laid out per lane; the wide
+    grids); the lanes kernels' are LANES planes deep, beside their weights (or sums) laid out per lane (and the lanes
+    classes kernel's tap offsets); the wide
     weight gradient's grid is whole chunks long, its padded volume as many elements longer, beside its partial sums
     (a sample's, and in float64 the batch's)."""
     if primitive == "backward_data" and not g.stride_d == g.stride_h == g.stride_w == 1:
-        classes, _, lows = subpixel_classes(g)
+        classes, taps, lows = subpixel_classes(g)
         grids = max(int((classes[:, 8] + classes[:, 3] * lows[4] * lows[5]).max()), 1)
-        return (int(np.prod(lows[3:])) + grids) * itemsize
+        if family == "wide":
+            return (int(np.prod(lows[3:])) + grids) * itemsize
+        return ((int(np.prod(lows[3:])) + grids + g.K // g.C * len(taps) * LANE_CHUNK) * LANES + len(taps)) * itemsize
     P, Q, U = (g.D, g.H, g.W) if primitive == "backward_data" else (g.P, g.Q, g.U)
     strided = primitive == "forward" or primitive == "backward_filter" and family == "lanes"
     sd, sh, sw = (g.stride_d, g.stride_h, g.stride_w) if strided else (1, 1, 1)
@@ -218,6 +223,12 @@ LANES_FILTER_POSITIONS = 256
 # 1.27; 56x56 (4 x 96 channels) 1.48 / 3.02, (2 x 48) 0.63 / 0.80; 64x64 (4 x 64) 1.62 / 2.34; 80x80 (1 x 32) 0.48 /
 # 0.46; 112x112 (2 x 32) 2.42 / 1.79; 5x5 28x28 0.72 / 3.04, 56x56 (1 x 96) 0.63 / 1.89.
 LANES_STRIDED_FILTER_POSITIONS = 3136
+# ... and the input gradient at a stride on dx planes of at most this many (its sub-pixel classes' grids LANES channels
+# at a time): ms lanes / wide classes kernel, stride 2, batch 8, ~47,000 dx positions x channels a sample, into a
+# preallocated dx (2026-12-07): 3x3 7x7 0.19 / 0.47, 10x10 0.16 / 0.32, 14x14 0.17 / 0.27, 20x20 0.15-0.16 / 0.16-0.17,
+# 24x24 0.16 / 0.15, 28x28 0.17-0.19 / 0.15-0.17, 40x40 0.20 / 0.14; 5x5 7x7 0.32 / 0.85, 14x14 0.24 / 0.41, 20x20
+# 0.19-0.20 / 0.24-0.26, 24x24 0.20 / 0.23, 28x28 0.21 / 0.21-0.24, 40x40 0.23 / 0.19.
+LANES_STRIDED_DATA_POSITIONS = 576
 
 
 def family(g, primitive, itemsize, workspace_limit):
@@ -233,7 +244,8 @@ def family(g, primitive, itemsize, workspace_limit):
 def takes(g, primitive):
     """The plane kernel families that run the primitive on g, in order of preference, when their scratch fits:
     "lanes" on grids of at most LANES_POSITIONS positions (the weight gradient: LANES_FILTER_POSITIONS, at a stride
-    LANES_STRIDED_FILTER_POSITIONS; not the input gradient at a stride) with a task for every thread that runs it (a
+    LANES_STRIDED_FILTER_POSITIONS; the input gradient at a stride: LANES_STRIDED_DATA_POSITIONS dx positions, of at
+    most MAX_CLASSES classes) with a task for every thread that runs it (a
     block of LANES channels; in the forward and input gradient, of one sample: on two threads one block of 16 filters
     ran a 56x56 strided weight gradient at 0.67x direct's kernel's speed; a call small enough for the serial build has
     one); "wide" at unit stride, or at a stride the forward of a plane of at least STRIDED_WIDE_POSITIONS outputs
@@ -241,15 +253,15 @@ def takes(g, primitive):
     kernel from 4x4 to 56x56 dy planes, 2026-12-06)."""
     unit = g.stride_d == g.stride_h == g.stride_w == 1
     positions = g.D * g.H * g.W if primitive == "backward_data" else g.P * g.Q * g.U
-    most = LANES_POSITIONS
+    most = LANES_POSITIONS if unit or primitive == "forward" else LANES_STRIDED_DATA_POSITIONS
     if primitive == "backward_filter":
         most = LANES_FILTER_POSITIONS if unit else LANES_STRIDED_FILTER_POSITIONS
     blocks = -(-(g.C if primitive == "backward_data" else g.K) // LANES)
     tasks = blocks if primitive == "backward_filter" else blocks * g.N
     threads = 1 if g.dense_macs < DEFAULT_SERIAL_WORK else _threads()
-    lanes = (unit or primitive != "backward_data") and positions <= most and tasks >= threads
-    wide = (unit or primitive == "backward_data" and class_count(g) <= MAX_CLASSES
-            or primitive == "forward" and g.P * g.Q * g.U >= STRIDED_WIDE_POSITIONS)
+    classes = primitive == "backward_data" and class_count(g) <= MAX_CLASSES
+    lanes = (unit or classes or primitive != "backward_data") and positions <= most and tasks >= threads
+    wide = unit or classes or primitive == "forward" and g.P * g.Q * g.U >= STRIDED_WIDE_POSITIONS
     return ("lanes",) * lanes + ("wide",) * wide
 
 
@@ -302,8 +314,13 @@ def backward_data(dy, w, dx, g, workspace_limit=None):
     if name == "rows" or direct.nonfinite_channels(w.reshape(1, g.K, -1)).any():
         sized(depthwise_backward_data_cpu, g.dense_macs)(dy, w, dx, *geometry_args(g)[:9])
     elif not g.stride_d == g.stride_h == g.stride_w == 1:
-        sized(depthwise_wide_classes_cpu, g.dense_macs)(dy, w, dx, *subpixel_classes(g), g.stride_d, g.stride_h,
-                                                        g.stride_w, _planes(g.N * g.C))
+        strides = (g.stride_d, g.stride_h, g.stride_w)
+        if name == "lanes":
+            sized(depthwise_lanes_classes_cpu, g.dense_macs)(dy, w, dx, *subpixel_classes(g), *strides,
+                                                             _samples(g.N, g.C))
+        else:
+            sized(depthwise_wide_classes_cpu, g.dense_macs)(dy, w, dx, *subpixel_classes(g), *strides,
+                                                            _planes(g.N * g.C))
     else:
         pads = tuple((n - 1) * d - pad for n, d, pad in zip((g.T, g.R, g.S), (g.dil_d, g.dil_h, g.dil_w),
                                                             (g.pad_d, g.pad_h, g.pad_w)))

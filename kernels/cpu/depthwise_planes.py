@@ -15,9 +15,9 @@ dropped (3x3 depthwise 144 @56, batch 4, 2 cores: forward 3.5 -> 1.8 ms).
     depthwise_wide_filter_cpu   the unit-stride weight gradient: a dot product over the plane per tap, into
                                 SUM_CHUNK partial sums.
     depthwise_lanes_cpu         on small planes a pass over one plane is mostly loop overhead (~60 multiply-adds on
-    depthwise_lanes_filter_cpu  7x7), so these run LANES channels at a time, their planes interleaved element by
-                                element in the same padded layout, the weights laid out per lane: each tap is one
-                                pass over LANES planes (any stride for the weight gradient).
+    depthwise_lanes_classes_cpu 7x7), so these run LANES channels at a time, their planes interleaved element by
+    depthwise_lanes_filter_cpu  element in the same padded layout, the weights laid out per lane: each tap is one
+                                pass over LANES planes (lane_taps; the weight gradient's at any stride).
 
 Three taps a pass (one load and store of the output for three multiply-adds; 1.1-1.3x faster than a tap a pass,
 2026-12-06). Scratch is allocated once per task, and a plane's tap weights are read in order (tap_weights) rather than
@@ -94,25 +94,25 @@ def pad_plane(planes, rows, padded, pd, ph, pw, Hp, Wp, sd, sh, sw, lanes=1):
 
 
 @numba.njit(inline="always")
-def move_lanes(wide, planes, j0, lanes, Hp, Wp, into_planes):
-    """Between the lanes kernels' grid and planes planes[j0 + l] (l < lanes; (P, Q, U) each): element (p, q, u) of
-    plane l is wide[((p*Hp + q)*Wp + u)*LANES + l]; into_planes copies the grid's into the planes, else the planes'
-    into the grid. Each element's lanes in one inner loop, as pad_plane's; a whole block's by a loop of a constant
-    count (LANES), which LLVM vectorises: 1.5-1.6x faster than through the block's count (2026-12-07)."""
+def move_lanes(wide, at, planes, j0, lanes, Hp, Wp, into_planes):
+    """Between the lanes kernels' grid and planes planes[j0 + l] (l < lanes; (P, Q, U) each, any layout): element
+    (p, q, u) of plane l is wide[(at + (p*Hp + q)*Wp + u)*LANES + l]; into_planes copies the grid's into the planes,
+    else the planes' into the grid. Each element's lanes in one inner loop, as pad_plane's; a whole block's by a loop
+    of a constant count (LANES), which LLVM vectorises: 1.5-1.6x faster than through the block's count (2026-12-07)."""
     if lanes == LANES:
-        move_count(wide, planes, j0, LANES, Hp, Wp, into_planes)
+        move_count(wide, at, planes, j0, LANES, Hp, Wp, into_planes)
     else:
-        move_count(wide, planes, j0, lanes, Hp, Wp, into_planes)
+        move_count(wide, at, planes, j0, lanes, Hp, Wp, into_planes)
 
 
 @numba.njit(inline="always")
-def move_count(wide, planes, j0, lanes, Hp, Wp, into_planes):
+def move_count(wide, at, planes, j0, lanes, Hp, Wp, into_planes):
     _, P, Q, U = planes.shape
     for p in range(P):
         for q in range(Q):
-            at = (p * Hp + q) * Wp
+            start = at + (p * Hp + q) * Wp
             for u in range(U):
-                base = np.uint64((at + u) * LANES)
+                base = np.uint64((start + u) * LANES)
                 for l in range(lanes):
                     if into_planes:
                         planes[j0 + l, p, q, u] = wide[base + np.uint64(l)]
@@ -148,13 +148,45 @@ def tap_weights(w, row, flip, out):
 
 
 @numba.njit(inline="always")
-def three_taps(wide, padded, i, e, w0, w1, w2, a0, a1, a2):
-    """The lanes forward's step: wide[i] += w0[e]*padded[i + a0], then w1's and w2's taps, in that order."""
-    acc = wide[i]
+def three_taps(wide, at, padded, i, e, w0, w1, w2, a0, a1, a2):
+    """The lanes correlation's step: wide[at + i] += w0[e]*padded[i + a0], then w1's and w2's taps, in that order."""
+    acc = wide[at + i]
     acc += w0[e] * padded[i + a0]
     acc += w1[e] * padded[i + a1]
     acc += w2[e] * padded[i + a2]
-    wide[i] = acc
+    wide[at + i] = acc
+
+
+@numba.njit(inline="always")
+def lane_taps(wide, at, size, padded, weights, offsets, first, count):
+    """Taps first .. first + count - 1 of a lanes correlation, in order, three a pass: for each i < size (lanes of
+    whole positions), wide[at + i] += weights[tap, i % (LANE_CHUNK*LANES)] * padded[i + offsets[tap]*LANES]. Each
+    pass takes two whole chunks a step, then the rest: a loop of a constant count that loads each weight once for
+    two positions (5x5 taps on 7x7 planes 1.2x faster, 3x3 1.03x, 2026-12-07; bitwise the same)."""
+    chunk = LANE_CHUNK * LANES
+    pairs = size // (2 * chunk) * (2 * chunk)
+    at_ = np.uint64(at)
+    last = first + count
+    for tap0 in range(first, last, 3):
+        if last - tap0 >= 3:
+            w0, w1, w2 = weights[tap0], weights[tap0 + 1], weights[tap0 + 2]
+            a0, a1, a2 = (np.uint64(offsets[tap0] * LANES), np.uint64(offsets[tap0 + 1] * LANES),
+                          np.uint64(offsets[tap0 + 2] * LANES))
+            for o0 in range(0, pairs, 2 * chunk):
+                for e in range(chunk):
+                    e_ = np.uint64(e)
+                    three_taps(wide, at_, padded, np.uint64(o0 + e), e_, w0, w1, w2, a0, a1, a2)
+                    three_taps(wide, at_, padded, np.uint64(o0 + chunk + e), e_, w0, w1, w2, a0, a1, a2)
+            for o0 in range(pairs, size, chunk):
+                for e in range(min(chunk, size - o0)):
+                    three_taps(wide, at_, padded, np.uint64(o0 + e), np.uint64(e), w0, w1, w2, a0, a1, a2)
+        else:
+            for tap in range(tap0, last):
+                wv, offset = weights[tap], np.uint64(offsets[tap] * LANES)
+                for o0 in range(0, size, chunk):
+                    for e in range(min(chunk, size - o0)):
+                        i = np.uint64(o0 + e)
+                        wide[at_ + i] += wv[np.uint64(e)] * padded[i + offset]
 
 
 @parallel(fastmath=CONTRACT)
@@ -262,10 +294,6 @@ def depthwise_lanes_cpu(src, w, bias, has_bias, dst, flip, pd, ph, pw, dd, dh, d
             for e in range(LANES, LANE_CHUNK * LANES):
                 first[e] = first[e - LANES]
         size = L * LANES
-        chunk = LANE_CHUNK * LANES
-        # The taps' passes take two whole chunks a step, then the rest: a loop of a constant count that loads each
-        # weight once for two positions (5x5 taps on 7x7 planes 1.2x faster, 3x3 1.03x, 2026-12-07; bitwise the same)
-        pairs = size // (2 * chunk) * (2 * chunk)
         for n in range(run * samples, min(N, (run + 1) * samples)):
             for o0 in range(0, size, LANE_CHUNK * LANES):
                 for e in range(min(LANE_CHUNK * LANES, size - o0)):
@@ -274,26 +302,8 @@ def depthwise_lanes_cpu(src, w, bias, has_bias, dst, flip, pd, ph, pw, dd, dh, d
                 for l in range(lanes):
                     sources[l] = (j0 + l) * M + m if flip else (j0 + l) // M
                 pad_plane(src[n], sources, padded, pd, ph, pw, Hp, Wp, sd, sh, sw, LANES)
-                for tap0 in range(0, taps, 3):
-                    if taps - tap0 >= 3:
-                        w0, w1, w2 = weights[m, tap0], weights[m, tap0 + 1], weights[m, tap0 + 2]
-                        a0, a1, a2 = (np.uint64(offsets[tap0] * LANES), np.uint64(offsets[tap0 + 1] * LANES),
-                                      np.uint64(offsets[tap0 + 2] * LANES))
-                        for o0 in range(0, pairs, 2 * chunk):
-                            for e in range(chunk):
-                                e_ = np.uint64(e)
-                                three_taps(wide, padded, np.uint64(o0 + e), e_, w0, w1, w2, a0, a1, a2)
-                                three_taps(wide, padded, np.uint64(o0 + chunk + e), e_, w0, w1, w2, a0, a1, a2)
-                        for o0 in range(pairs, size, chunk):
-                            for e in range(min(chunk, size - o0)):
-                                three_taps(wide, padded, np.uint64(o0 + e), np.uint64(e), w0, w1, w2, a0, a1, a2)
-                    else:
-                        for tap in range(tap0, taps):
-                            wv, offset = weights[m, tap], np.uint64(offsets[tap] * LANES)
-                            for o0 in range(0, size, LANE_CHUNK * LANES):
-                                for e in range(min(LANE_CHUNK * LANES, size - o0)):
-                                    wide[np.uint64(o0 + e)] += wv[np.uint64(e)] * padded[np.uint64(o0 + e) + offset]
-            move_lanes(wide, dst[n], j0, lanes, Hp, Wp, True)
+                lane_taps(wide, 0, size, padded, weights[m], offsets, 0, taps)
+            move_lanes(wide, 0, dst[n], j0, lanes, Hp, Wp, True)
 
 
 @parallel(fastmath=CONTRACT)
@@ -305,16 +315,18 @@ def depthwise_wide_classes_cpu(dy, w, dx, classes, taps, lows, sd, sh, sw, plane
     Each dy plane (n, c*M + m) is padded once into scratch (lows: its low zero borders and padded extents); per class
     each of its taps is one pass grid[o] += w * padded[o + offset] over the class's grid (J_d, J_h, J_w) laid out on
     the padded rows (columns past J_w computed and dropped, as in depthwise_wide_cpu), then the grids are scattered
-    into dx (a class without taps gives zeros). classes rows: (a_d, a_h, a_w, J_d, J_h, J_w, first tap row, tap rows,
-    first grid element); taps rows: (t, r, s, offset in the padded volume). Terms m in order, then each class's taps
-    in order."""
+    into dx (a class without taps gives zeros); at sw == 2 each dx row from its two classes' grid rows in one pass of
+    interleaved stores, which LLVM vectorises (3x3 192 @28 1.2x faster, 144 @56 1.1x, 2026-12-07).
+    classes rows: (a_d, a_h, a_w, J_d, J_h, J_w, first tap row, tap rows, first grid element); taps rows: (t, r, s,
+    offset in the padded volume). Terms m in order, then each class's taps in order."""
     N, K = dy.shape[0], dy.shape[1]
-    C = dx.shape[1]
+    C, W = dx.shape[1], dx.shape[4]
     M = K // C
     lo_d, lo_h, lo_w, Dp, Hp, Wp = lows[0], lows[1], lows[2], lows[3], lows[4], lows[5]
     size = 0
     for cls in range(len(classes)):
         size = max(size, classes[cls, 8] + classes[cls, 3] * Hp * Wp)
+    pairs = sw == 2 and W >= 2  # classes a_w = 0, 1 next to each other in the table
     for run in numba.prange(-(-N * C // planes)):
         padded = np.zeros(Dp * Hp * Wp, dx.dtype)  # (pad_plane writes the same elements each plane)
         wide = np.empty(size, dx.dtype)
@@ -337,15 +349,74 @@ def depthwise_wide_classes_cpu(dy, w, dx, classes, taps, lows, sd, sh, sw, plane
                         offset = np.uint64(taps[e, 3])
                         for o in range(L):
                             wide[np.uint64(at + o)] += wv * padded[np.uint64(o) + offset]
-            for cls in range(len(classes)):
+            for cls in range(0, len(classes), 2 if pairs else 1):
                 a_d, a_h, a_w, Jd, Jh, Jw, at = (classes[cls, 0], classes[cls, 1], classes[cls, 2], classes[cls, 3],
                                                  classes[cls, 4], classes[cls, 5], classes[cls, 8])
                 for jd in range(Jd):
                     for jh in range(Jh):
                         line = dx[n, c, a_d + jd * sd, a_h + jh * sh]
                         start = at + (jd * Hp + jh) * Wp
-                        for jw in range(Jw):
-                            line[np.uint64(a_w + jw * sw)] = wide[np.uint64(start + jw)]
+                        if pairs:  # this class's columns (a_w = 0) and the next one's (1) interleaved: one pass
+                            other = classes[cls + 1, 8] + (jd * Hp + jh) * Wp
+                            for jw in range(W // 2):
+                                line[np.uint64(2 * jw)] = wide[np.uint64(start + jw)]
+                                line[np.uint64(2 * jw + 1)] = wide[np.uint64(other + jw)]
+                            if W % 2:
+                                line[np.uint64(W - 1)] = wide[np.uint64(start + W // 2)]
+                        else:
+                            for jw in range(Jw):
+                                line[np.uint64(a_w + jw * sw)] = wide[np.uint64(start + jw)]
+
+
+@parallel(fastmath=CONTRACT)
+def depthwise_lanes_classes_cpu(dy, w, dx, classes, taps, lows, sd, sh, sw, samples):
+    """depthwise_wide_classes_cpu on small planes, LANES dx planes at a time: one task per block of LANES channels
+    c0.. and run of `samples` samples. Per sample and term m the block's dy planes (n, (c0 + l)*M + m) go interleaved
+    into one zero-bordered scratch (pad_plane's layout, lows' borders), so each class's tap is ONE pass
+
+        grid[(at + o)*LANES + l] += w[(c0 + l)*M + m, tap] * padded[(o + offset)*LANES + l]
+
+    over the class's grid, the weights laid out per lane for LANE_CHUNK positions (lane_taps, as depthwise_lanes_cpu);
+    then each class's grids are copied into every stride-th dx element of the block's planes. Terms, then each
+    class's taps in order, as there. Lanes past the last channel hold zeros and are not written out."""
+    N, K = dy.shape[0], dy.shape[1]
+    C = dx.shape[1]
+    M = K // C
+    lo_d, lo_h, lo_w, Dp, Hp, Wp = lows[0], lows[1], lows[2], lows[3], lows[4], lows[5]
+    size = 0
+    for cls in range(len(classes)):
+        size = max(size, classes[cls, 8] + classes[cls, 3] * Hp * Wp)
+    offsets = taps[:, 3].copy()
+    runs = -(-N // samples)
+    for task in numba.prange(-(-C // LANES) * runs):
+        c0, run = task // runs * LANES, task % runs
+        lanes = min(LANES, C - c0)
+        padded = np.zeros(Dp * Hp * Wp * LANES, dx.dtype)
+        wide = np.empty(size * LANES, dx.dtype)
+        weights = np.zeros((M, len(taps), LANE_CHUNK * LANES), dx.dtype)  # [m, tap row, q*LANES + l]: lane l's
+        sources = np.empty(lanes, np.int64)  # (pad_plane's rows)
+        for m in range(M):
+            for e in range(len(taps)):
+                for l in range(lanes):
+                    weights[m, e, l] = w[(c0 + l) * M + m, 0, taps[e, 0], taps[e, 1], taps[e, 2]]
+                for i in range(LANES, LANE_CHUNK * LANES):  # (copies at a distance of LANES: vectorised)
+                    weights[m, e, i] = weights[m, e, i - LANES]
+        for n in range(run * samples, min(N, (run + 1) * samples)):
+            for i in range(size * LANES):
+                wide[np.uint64(i)] = 0.0
+            for m in range(M):
+                for l in range(lanes):
+                    sources[l] = (c0 + l) * M + m
+                pad_plane(dy[n], sources, padded, lo_d, lo_h, lo_w, Hp, Wp, 1, 1, 1, LANES)
+                for cls in range(len(classes)):
+                    Jd, Jh, Jw, at = classes[cls, 3], classes[cls, 4], classes[cls, 5], classes[cls, 8]
+                    if Jd > 0 and Jh > 0 and Jw > 0:
+                        L = ((Jd - 1) * Hp + (Jh - 1)) * Wp + Jw
+                        lane_taps(wide, at * LANES, L * LANES, padded, weights[m], offsets, classes[cls, 6],
+                                  classes[cls, 7])
+            for cls in range(len(classes)):
+                a_d, a_h, a_w, at = classes[cls, 0], classes[cls, 1], classes[cls, 2], classes[cls, 8]
+                move_lanes(wide, at, dx[n, :, a_d::sd, a_h::sh, a_w::sw], c0, lanes, Hp, Wp, True)
 
 
 @parallel(fastmath=CONTRACT_REASSOC)
@@ -438,7 +509,7 @@ def depthwise_lanes_filter_cpu(x, dy, dw, pd, ph, pw, dd, dh, dw_, sd, sh, sw):
             sources[l] = (k0 + l) // M
         for n in range(N):
             pad_plane(x[n], sources, padded, pd, ph, pw, Hp, Wp, sd, sh, sw, LANES)
-            move_lanes(wide, dy[n], k0, lanes, Hp, Wp, False)
+            move_lanes(wide, 0, dy[n], k0, lanes, Hp, Wp, False)
             for tap in range(taps):
                 acc, offset = sums[tap], np.uint64(offsets[tap] * LANES)
                 for o0 in range(0, pairs, 2 * chunk):  # two whole chunks a step, as the forward's, in order (1.1-1.2x)
