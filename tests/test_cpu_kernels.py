@@ -2,6 +2,7 @@
 its docstring, the layout twins against NumPy, and every CPU algorithm agreeing with the others on the grid.
 Correctness of every algorithm against the reference over the grid is tests/test_ops.py. Small shapes: the
 kernels compile once per process."""
+import math
 import os
 import re
 import sys
@@ -474,20 +475,21 @@ def test_small_depthwise_planes_run_the_lanes_kernels_then_the_wide_then_the_row
 @pytest.mark.parametrize("family", ["lanes", "wide"])
 @pytest.mark.parametrize("x_shape, w_shape, opts", [
     ((2, 4, 16, 17), (4, 1, 5, 5), dict(stride=2, padding=2, groups=4)),
-    ((1, 3, 20, 22), (6, 1, 3, 3), dict(stride=(2, 3), padding=((0, 2), (1, 0)), dilation=(2, 1), groups=3)),
+    ((2, 3, 20, 22), (6, 1, 3, 3), dict(stride=(2, 3), padding=((0, 2), (1, 0)), dilation=(2, 1), groups=3)),
     ((1, 2, 9, 10, 11), (2, 1, 3, 3, 3), dict(stride=2, padding=1, groups=2)),        # 3-D: eight classes
     ((2, 2, 41), (4, 1, 5), dict(stride=4, padding=3, groups=2)),                      # 1-D, multiplier 2
-    ((1, 2, 7, 7), (2, 1, 2, 2), dict(stride=4, groups=2)),                             # classes no tap reaches
-    ((1, 2, 15, 15), (2, 1, 4, 4), dict(stride=3, padding=7, groups=2)),
+    ((2, 2, 7, 7), (2, 1, 2, 2), dict(stride=4, groups=2)),                             # classes no tap reaches
+    ((2, 2, 15, 15), (2, 1, 4, 4), dict(stride=3, padding=7, groups=2)),
     ((3, 20, 9, 9), (40, 1, 3, 3), dict(stride=2, padding=1, groups=20)),  # two blocks (the second of 4 channels)
 ])
 def test_a_strided_depthwise_input_gradient_runs_by_subpixel_classes(x_shape, w_shape, opts, family, monkeypatch,
                                                                      plans_for_one_thread):
     """At a stride, the input gradient is the unit-stride correlation of dy with the taps that reach each sub-pixel
     class of dx positions, on a padded dy plane (the lanes kernel: LANES of them interleaved; a class no tap reaches:
-    zeros); the transposed forward of a depthwise layer too; an inf in one sample's dy reaches only that sample's dx,
-    also with a sample a task; a non-finite weight, or a tiny workspace_limit, takes the row kernel; all against the
-    reference (each case on both kernels: LANES_STRIDED_DATA_POSITIONS moved)."""
+    zeros); the transposed forward of a depthwise layer too; an inf in the first sample's first channel of dy reaches
+    only that plane of dx, also with a sample a task (the planes after it reuse its scratch); a non-finite weight, or
+    a tiny workspace_limit, takes the row kernel; all against the reference (each case on both kernels:
+    LANES_STRIDED_DATA_POSITIONS moved)."""
     from cnnfast.kernels.cpu import depthwise
     monkeypatch.setattr(depthwise, "LANES_STRIDED_DATA_POSITIONS", 10 ** 9 if family == "lanes" else 0)
     kernel = f"depthwise_{family}_classes_cpu"
@@ -509,11 +511,13 @@ def test_a_strided_depthwise_input_gradient_runs_by_subpixel_classes(x_shape, w_
                                                            groups=opts["groups"], dilation=opts.get("dilation", 1),
                                                            output_size=x_shape[2:])
     assert calls == [1, 1] and np.array_equal(transposed, dx)
-    middle = (-1, -1) + tuple(n // 2 for n in dy.shape[2:])
-    dy[middle] = np.inf  # in the last sample: its padded planes are rewritten, its grids cleared
+    middle = (0, 0) + tuple(n // 2 for n in dy.shape[2:])
+    dy[middle] = np.inf  # the padded planes after it rewritten, the grids cleared
     with np.errstate(invalid="ignore"):
         expected = reference.conv_input(x_shape, w, dy, **opts)
-    assert np.isinf(expected[-1]).any() and np.isfinite(expected[:-1]).all()
+    reached = np.zeros(expected.shape, bool)
+    reached[0, 0] = True
+    assert np.isinf(expected[0, 0]).any() and np.isfinite(expected[~reached]).all()
     for samples in (1, x_shape[0]):
         monkeypatch.setattr(depthwise, "_samples", lambda n, channels, samples=samples: samples)
         assert_close(op(x_shape, w, dy, **opts), expected, "float64", f"inf in dy, {samples} samples a task")
@@ -641,7 +645,8 @@ def test_depthwise_plane_kernels_add_the_last_one_or_two_taps(kernel, primitive,
     ((8, 960, 10, 10), (960, 1, 3, 3), 1, "lanes", "lanes", "lanes_filter"),        # 100
     ((8, 576, 14, 14), (576, 1, 3, 3), 1, "wide", "wide", "lanes_filter"),          # 196
     ((8, 240, 17, 17), (240, 1, 3, 3), 1, "wide", "wide", "wide_filter"),           # 289
-    ((8, 80, 24, 24), (80, 1, 3, 3), 2, "wide", "lanes_classes", "lanes_filter"),   # 144 at stride 2, 576 dx
+    ((8, 112, 20, 20), (112, 1, 3, 3), 2, "lanes", "lanes_classes", "lanes_filter"),  # 100 at stride 2, 400 dx
+    ((8, 80, 24, 24), (80, 1, 3, 3), 2, "wide", "wide_classes", "lanes_filter"),    # 144 at stride 2, 576 dx
     ((8, 240, 28, 28), (240, 1, 5, 5), 2, "wide", "wide_classes", "lanes_filter"),  # 196 at stride 2, 784 dx
     ((8, 144, 112, 112), (144, 1, 3, 3), 2, "wide", "wide_classes", "lanes_filter"),  # 3,136 at stride 2
     ((8, 96, 114, 114), (96, 1, 3, 3), 2, "wide", "wide_classes", None),           # 3,249 at stride 2
@@ -652,6 +657,7 @@ def test_the_depthwise_plane_kernels_by_plane_size(x_shape, w_shape, stride, for
     row kernel, faster than the wide one there), the weight gradient up to LANES_FILTER_POSITIONS, at a stride
     LANES_STRIDED_FILTER_POSITIONS (else direct's kernel), the input gradient at a stride on dx planes up to
     LANES_STRIDED_DATA_POSITIONS; under a limit below their scratch, the next kernel."""
+    from cnnfast.kernels.cpu import depthwise
     opts = dict(stride=stride, padding=w_shape[-1] // 2, groups=x_shape[1])
     dy = cnnfast.ConvSpec.create("conv2d", x_shape, w_shape, **opts).output_shape
     plan = cnnfast.explain("conv2d", x_shape, w_shape, **opts)
@@ -662,7 +668,8 @@ def test_the_depthwise_plane_kernels_by_plane_size(x_shape, w_shape, stride, for
         f"depthwise_{weight}_cpu " if weight else "direct_backward_filter_cpu ")
     smaller = cnnfast.explain("conv2d", x_shape, w_shape, **opts, workspace_limit=plan.workspace_bytes - 1)
     assert smaller.workspace_bytes < plan.workspace_bytes
-    assert (smaller.workspace_bytes > 0) == (forward == "lanes" and stride == 1)  # lanes, wide, rows
+    wide = stride == 1 or math.prod(dy[2:]) >= depthwise.STRIDED_WIDE_POSITIONS
+    assert (smaller.workspace_bytes > 0) == (forward == "lanes" and wide)  # lanes, wide, rows
 
 
 @pytest.mark.parametrize("primitive, x_shape, multiplier, stride, tasks", [
@@ -974,6 +981,7 @@ def test_cpu_algorithms_agree_on_the_grid(case, kind):
 # ---------------------------------------------------------------- 6. thread-pool settings (README, "CPU threads")
 
 THREAD_PROBE = """
+import math
 import os
 import cnnfast, numpy
 from cnnfast.kernels import cpu
@@ -1874,6 +1882,7 @@ def test_a_thread_running_past_the_main_threads_end_completes_its_calls():
 
 
 FORK_PROBE = """
+import math
 import os
 import sys
 import time

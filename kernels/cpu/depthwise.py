@@ -164,16 +164,16 @@ def subpixel_classes(g):
 def _scratch(g, primitive, itemsize, family):
     """Bytes of a plane kernel family's scratch per thread: the padded source volume (its phase volumes at a stride:
     the forward's and the lanes weight gradient's) and the wide grid (the input gradient's at a stride: its classes'
-    grids); the lanes kernels' are LANES planes deep, beside their weights (or sums) laid out per lane (and the lanes
-    classes kernel's tap offsets); the wide
+    grids); the lanes kernels' are LANES planes deep, beside their weights (or sums) laid out per lane; the wide
     weight gradient's grid is whole chunks long, its padded volume as many elements longer, beside its partial sums
-    (a sample's, and in float64 the batch's)."""
+    (a sample's, and in float64 the batch's); and each kernel's int64 tap offsets and source rows."""
     if primitive == "backward_data" and not g.stride_d == g.stride_h == g.stride_w == 1:
         classes, taps, lows = subpixel_classes(g)
         grids = max(int((classes[:, 8] + classes[:, 3] * lows[4] * lows[5]).max()), 1)
         if family == "wide":
-            return (int(np.prod(lows[3:])) + grids) * itemsize
-        return ((int(np.prod(lows[3:])) + grids + g.K // g.C * len(taps) * LANE_CHUNK) * LANES + len(taps)) * itemsize
+            return (int(np.prod(lows[3:])) + grids) * itemsize + 8
+        weights = g.K // g.C * len(taps) * LANE_CHUNK
+        return (int(np.prod(lows[3:])) + grids + weights) * LANES * itemsize + (len(taps) + LANES) * 8
     P, Q, U = (g.D, g.H, g.W) if primitive == "backward_data" else (g.P, g.Q, g.U)
     strided = primitive == "forward" or primitive == "backward_filter" and family == "lanes"
     sd, sh, sw = (g.stride_d, g.stride_h, g.stride_w) if strided else (1, 1, 1)
@@ -182,12 +182,13 @@ def _scratch(g, primitive, itemsize, family):
     taps = g.T * g.R * g.S
     if family == "wide" and primitive == "backward_filter":
         chunks = -(-wide // SUM_CHUNK) * SUM_CHUNK
-        return (Dp * Hp * Wp + 2 * chunks - wide + -(-taps // 3) * 3 * SUM_CHUNK) * itemsize + taps * SUM_CHUNK * 8
+        threes = -(-taps // 3) * 3
+        return (Dp * Hp * Wp + 2 * chunks - wide + threes * SUM_CHUNK) * itemsize + (taps * SUM_CHUNK + threes + 1) * 8
     if family == "wide":
-        return (sd * sh * sw * Dp * Hp * Wp + wide + taps) * itemsize
+        return (sd * sh * sw * Dp * Hp * Wp + wide + taps) * itemsize + (taps + 1) * 8
     weights = (taps if primitive == "backward_filter" else (g.K // g.C if primitive == "backward_data" else 1) * taps
                + 1) * LANE_CHUNK
-    return ((sd * sh * sw * Dp * Hp * Wp + wide + weights) * LANES + taps) * itemsize
+    return (sd * sh * sw * Dp * Hp * Wp + wide + weights) * LANES * itemsize + (taps + LANES) * 8
 
 
 # A strided forward runs the wide kernel on phase volumes from this many output positions per plane (2026-12-06,
@@ -225,10 +226,11 @@ LANES_FILTER_POSITIONS = 256
 LANES_STRIDED_FILTER_POSITIONS = 3136
 # ... and the input gradient at a stride on dx planes of at most this many (its sub-pixel classes' grids LANES channels
 # at a time): ms lanes / wide classes kernel, stride 2, batch 8, ~47,000 dx positions x channels a sample, into a
-# preallocated dx (2026-12-07): 3x3 7x7 0.19 / 0.47, 10x10 0.16 / 0.32, 14x14 0.17 / 0.27, 20x20 0.15-0.16 / 0.16-0.17,
-# 24x24 0.16 / 0.15, 28x28 0.17-0.19 / 0.15-0.17, 40x40 0.20 / 0.14; 5x5 7x7 0.32 / 0.85, 14x14 0.24 / 0.41, 20x20
-# 0.19-0.20 / 0.24-0.26, 24x24 0.20 / 0.23, 28x28 0.21 / 0.21-0.24, 40x40 0.23 / 0.19.
-LANES_STRIDED_DATA_POSITIONS = 576
+# preallocated dx (2026-12-07, after the wide kernel's paired scatter; `sweep` of
+# bench/results/strided_input_gradient_2026-12-07.py): 3x3 7x7 0.23 / 0.47, 10x10 0.19 / 0.32, 14x14 0.18 / 0.26,
+# 20x20 0.17 / 0.18, 24x24 0.17 / 0.15, 28x28 0.19 / 0.16, 40x40 0.21 / 0.12; 5x5 7x7 0.33 / 0.75, 14x14 0.21 / 0.32,
+# 20x20 0.18 / 0.22, 24x24 0.19 / 0.23, 28x28 0.24 / 0.22, 40x40 0.25 / 0.19.
+LANES_STRIDED_DATA_POSITIONS = 400
 
 
 def family(g, primitive, itemsize, workspace_limit):
@@ -282,8 +284,8 @@ def supports(g, primitive):
 
 
 def _samples(n, channels):
-    """Samples per task of depthwise_lanes_cpu: all of them, unless its blocks of LANES channels are fewer than four
-    tasks a thread."""
+    """Samples per task of depthwise_lanes_cpu and depthwise_lanes_classes_cpu: all of them, unless their blocks of
+    LANES channels are fewer than four tasks a thread."""
     runs = min(n, -(-4 * _threads() // -(-channels // LANES)))
     return -(-n // max(runs, 1))
 

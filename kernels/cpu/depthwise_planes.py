@@ -31,7 +31,7 @@ import numpy as np
 from cnnfast.kernels.cpu.direct import CONTRACT, CONTRACT_REASSOC
 from cnnfast.kernels.cpu.threads import njit, parallel
 
-# The lanes kernels (depthwise_lanes_cpu, depthwise_lanes_filter_cpu) interleave this many planes (a 16-float AVX-512
+# The lanes kernels (depthwise_lanes_cpu, _classes_cpu, _filter_cpu) interleave this many planes (a 16-float AVX-512
 # vector; LLVM's loop vectorizer takes any multiple) and lay the weights out per lane for LANE_CHUNK positions.
 LANES = 16
 LANE_CHUNK = 16
