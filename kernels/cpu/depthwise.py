@@ -171,7 +171,7 @@ def _scratch(g, primitive, itemsize, family):
         classes, taps, lows = subpixel_classes(g)
         grids = max(int((classes[:, 8] + classes[:, 3] * lows[4] * lows[5]).max()), 1)
         if family == "wide":
-            return (int(np.prod(lows[3:])) + grids + len(taps)) * itemsize + (len(taps) + 1) * 8
+            return (int(np.prod(lows[3:])) + grids) * itemsize + 8
         weights = g.K // g.C * len(taps) * LANE_CHUNK
         return (int(np.prod(lows[3:])) + grids + weights) * LANES * itemsize + (len(taps) + LANES) * 8
     P, Q, U = (g.D, g.H, g.W) if primitive == "backward_data" else (g.P, g.Q, g.U)
