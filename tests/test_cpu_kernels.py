@@ -981,7 +981,6 @@ def test_cpu_algorithms_agree_on_the_grid(case, kind):
 # ---------------------------------------------------------------- 6. thread-pool settings (README, "CPU threads")
 
 THREAD_PROBE = """
-import math
 import os
 import cnnfast, numpy
 from cnnfast.kernels import cpu
@@ -1882,7 +1881,6 @@ def test_a_thread_running_past_the_main_threads_end_completes_its_calls():
 
 
 FORK_PROBE = """
-import math
 import os
 import sys
 import time
