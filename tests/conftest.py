@@ -57,6 +57,58 @@ def pytest_collection_modifyitems(session, config, items):
             _start_ptx_table()
 
 
+# Numba's parfor pass hoists a statement whose operands do not change across a prange loop out of it, a load of an
+# array element too, even from a branch or inner loop that would not have run it (Numba 0.68): the load then runs
+# once before the loop, out of bounds where the branch was the guard (the thirty-third session's plane_taps read
+# offsets[taps] for 3x3 filters; under NUMBA_BOUNDSCHECK an IndexError escaped as "returned a result with an
+# exception set"). Where it happens depends on the build, so every parallel CPU kernel compiled in the session is
+# checked at its end: a hoisted load at a variable index fails the run. Builds loaded from the disk cache carry no
+# diagnostics.
+_hoisting = None  # (parallel builds checked, [(kernel, line, statement)]) once the session has ended
+
+
+def _hoisted_loads():
+    import sys
+
+    import numba
+    from numba.core import ir, types
+    checked, found = 0, []
+    for module in [m for name, m in list(sys.modules.items()) if name.startswith("cnnfast.kernels.cpu.")]:
+        for name, f in sorted(vars(module).items()):
+            if not isinstance(f, numba.core.dispatcher.Dispatcher) or not f.targetoptions.get("parallel"):
+                continue
+            for cres in list(f.overloads.values()):
+                diagnostics = (cres.metadata or {}).get("parfor_diagnostics")
+                if diagnostics is None:
+                    continue
+                checked += 1
+                typemap = cres.type_annotation.typemap
+                for loop in diagnostics.hoist_info.values():
+                    for assign in loop["hoisted"]:
+                        e = assign.value
+                        if (isinstance(e, ir.Expr) and e.op == "getitem"  # (static_getitem: taps[0] of (T, R, S))
+                                and isinstance(typemap.get(e.value.name), types.Array)):
+                            found.append((name, assign.loc.line, str(assign)))
+    return checked, found
+
+
+@pytest.hookimpl(tryfirst=True)  # before the terminal summary reports it
+def pytest_sessionfinish(session, exitstatus):
+    global _hoisting
+    _hoisting = _hoisted_loads()
+    if _hoisting[1] and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _hoisting and (_hoisting[0] or _hoisting[1]):
+        checked, found = _hoisting
+        terminalreporter.write_line(f"parfor hoisting: {checked} parallel CPU kernel builds checked, "
+                                    f"{len(found)} array loads hoisted out of a prange loop")
+        for kernel, line, statement in found:
+            terminalreporter.write_line(f"  FAILED {kernel} (line {line}): {statement}", red=True)
+
+
 def pytest_unconfigure(config):
     if _ptx_job is not None and _ptx_job[0].poll() is None:
         os.killpg(_ptx_job[0].pid, signal.SIGKILL)  # ptx.py and its compiling processes
