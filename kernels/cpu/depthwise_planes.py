@@ -151,11 +151,14 @@ def tap_weights(w, row, flip, out):
 def plane_taps(wide, at, size, padded, weights, offsets, first, count):
     """Taps first .. first + count - 1 of a one-plane correlation, in order: for each o < size, wide[at + o] +=
     weights[tap] * padded[o + offsets[tap]]; three taps a pass (fewer loads, stores and loop starts: 1.1-1.3x faster
-    than a tap a pass, 2026-12-06), the one or two left a pass each. Every load is indexed by a loop's variable:
-    Numba hoists a load that does not depend on the prange index out of the prange loop, even from a branch that
-    would not have run it (tests/conftest.py)."""
+    than a tap a pass, 2026-12-06), the last pass two taps, or four rather than three and one (the strided input
+    gradient's classes of 3x3 filters have 4, 2, 2 and 1: 96 @112 stride 2 1.11x, 2026-12-07; 5x5 and 7x7 filters
+    within noise; in lane_taps no gain). Every load is indexed by a loop's variable: Numba hoists a load that does
+    not depend on the prange index out of the prange loop, even from a branch that would not have run it
+    (tests/conftest.py)."""
     at_, last = np.uint64(at), first + count
-    for tap in range(first, last - count % 3, 3):
+    tail = count % 3 + (3 if count % 3 == 1 and count > 1 else 0)  # the last pass's taps: 0, 2, 4, or 1 (of 1)
+    for tap in range(first, last - tail, 3):
         w0, w1, w2 = weights[tap], weights[tap + 1], weights[tap + 2]
         a0, a1, a2 = np.uint64(offsets[tap]), np.uint64(offsets[tap + 1]), np.uint64(offsets[tap + 2])
         for o in range(size):
@@ -165,7 +168,20 @@ def plane_taps(wide, at, size, padded, weights, offsets, first, count):
             acc += w1 * padded[i_ + a1]
             acc += w2 * padded[i_ + a2]
             wide[at_ + i_] = acc
-    for tap in range(last - count % 3, last):
+    for tap in range(last - tail, last - 1, 4):  # one pass of the last two or four taps (tail 2: w2, w3 unused)
+        w0, w1, w2, w3 = weights[tap], weights[tap + 1], weights[tap + tail - 2], weights[tap + tail - 1]
+        a0, a1 = np.uint64(offsets[tap]), np.uint64(offsets[tap + 1])
+        a2, a3 = np.uint64(offsets[tap + tail - 2]), np.uint64(offsets[tap + tail - 1])
+        for o in range(size):
+            i_ = np.uint64(o)
+            acc = wide[at_ + i_]
+            acc += w0 * padded[i_ + a0]
+            acc += w1 * padded[i_ + a1]
+            if tail == 4:
+                acc += w2 * padded[i_ + a2]
+                acc += w3 * padded[i_ + a3]
+            wide[at_ + i_] = acc
+    for tap in range(last - tail % 2, last):  # a lone tap (count 1)
         wv, offset = weights[tap], np.uint64(offsets[tap])
         for o in range(size):
             wide[at_ + np.uint64(o)] += wv * padded[np.uint64(o) + offset]
