@@ -34,6 +34,7 @@ _threads.start()
 
 from cnnfast import grad  # noqa: E402
 from cnnfast.api import conv1d, conv2d, conv3d, conv_transpose1d, conv_transpose2d, conv_transpose3d, explain  # noqa: E402
+from cnnfast.arrays import empty_cache  # noqa: E402
 from cnnfast.compare import CheckResult, MismatchError, check, checking  # noqa: E402
 from cnnfast.spec import ConvSpec  # noqa: E402
 from cnnfast.tune import autotune  # noqa: E402
@@ -48,4 +49,5 @@ def __getattr__(name):
 
 
 __all__ = ["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "grad",
-           "explain", "autotune", "ConvSpec", "MismatchError", "checking", "check", "CheckResult", "__version__"]
+           "explain", "autotune", "empty_cache", "ConvSpec", "MismatchError", "checking", "check", "CheckResult",
+           "__version__"]

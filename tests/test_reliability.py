@@ -21,6 +21,7 @@ from cnnfast.kernels.cpu.direct import geometry_args
 from layers import OP_NAMES, OPS, Layer
 
 import cnnfast
+from cnnfast import arrays
 from cnnfast.arrays import simulator_enabled, to_host
 from cnnfast.compare import assert_close
 from cnnfast.plan import algorithms
@@ -267,6 +268,49 @@ def test_an_algo_with_an_empty_tile_is_unknown():
 def _rss_bytes():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _data(a):
+    return a.__array_interface__["data"][0]
+
+
+def test_large_cpu_results_reuse_their_memory_once_every_view_is_freed(monkeypatch):
+    """CPU results of POOLED_FROM bytes or more come from cnnfast.arrays' pool of blocks (here from 64 KiB rather
+    than 32 MiB): a block is lent again only after every array over it is gone, and each result holds its own
+    values (a 1x1 depthwise layer: x * w per channel, one rounding, so exactly NumPy's product)."""
+    monkeypatch.setattr(arrays, "POOLED_FROM", 64 << 10)
+    monkeypatch.setattr(arrays, "_idle", arrays.OrderedDict())
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((8, 1, 1, 1)).astype(np.float32)
+    xs = [rng.standard_normal((2, 8, 48, 48)).astype(np.float32) for _ in range(4)]  # results of 147 KiB
+
+    def run(x):
+        y = cnnfast.conv2d(x, w, groups=8)
+        assert np.array_equal(y, x * w.reshape(1, 8, 1, 1)) and y.flags.writeable and y.flags.c_contiguous
+        return y
+
+    y0 = run(xs[0])
+    y1 = run(xs[1])
+    a, b = _data(y0), _data(y1)
+    assert a != b
+    row = y0[1, 3]  # a view keeps y0's block lent
+    del y0
+    y2 = run(xs[2])
+    assert _data(y2) not in (a, b)
+    assert np.array_equal(row, xs[0][1, 3] * w[3, 0, 0, 0]) and np.array_equal(y1, xs[1] * w.reshape(1, 8, 1, 1))
+    del row, y1
+    assert len(arrays._idle) == 2
+    y3 = run(xs[3])  # y1's block again, the last given back (the likeliest in cache): nothing new faulted in
+    assert _data(y3) == b
+    dx = cnnfast.grad.conv2d_input(xs[0].shape, w, xs[1], groups=8)  # the gradient ops take the pool's blocks too
+    assert _data(dx) == a and np.array_equal(dx, xs[1] * w.reshape(1, 8, 1, 1))
+    del y2, y3, dx
+    assert len(arrays._idle) == 3
+    monkeypatch.setattr(arrays, "POOL_IDLE_BYTES", 2 * xs[0].nbytes)
+    run(xs[0])  # its block taken and given back: the idle blocks over the limit are freed, the oldest first
+    assert len(arrays._idle) == 2
+    cnnfast.empty_cache()
+    assert len(arrays._idle) == 0
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc/self/statm")
