@@ -21,7 +21,7 @@ import os
 import reprlib
 import sys
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from functools import lru_cache
 
 import numpy as np
@@ -282,8 +282,8 @@ def to_host(a):
 POOLED_FROM = 32 << 20
 POOL_IDLE_BYTES = 1 << 30
 _idle = OrderedDict()  # id(block) -> block (a uint8 NumPy array), the least recently returned first
-_idle_lock = threading.RLock()  # (re-entrant, and _idle read through copies: a lease can be collected, and its
-#                                  block returned, while its thread holds the lock)
+_returned = deque()  # blocks given back, not yet in _idle (see _Lease.__del__)
+_idle_lock = threading.Lock()
 
 
 class _Lease:
@@ -298,18 +298,29 @@ class _Lease:
                                     "version": 3}
 
     def __del__(self):
+        # The garbage collector can run this inside any allocation, in a thread that is reading _idle under the
+        # lock too (an OrderedDict changed while it was read: a RuntimeError in the caller): this only appends to
+        # _returned, and settles the pool when the lock is free.
         try:
-            _give_back(self.block)
+            _returned.append(self.block)
+            if _idle_lock.acquire(blocking=False):
+                try:
+                    _settle()
+                finally:
+                    _idle_lock.release()
         except Exception:  # (interpreter shutdown: the module's globals may be gone)
             pass
 
 
-def _give_back(block):
-    with _idle_lock:
+def _settle():
+    """Move the returned blocks into _idle and free the least recently returned beyond POOL_IDLE_BYTES (under
+    _idle_lock)."""
+    while _returned:
+        block = _returned.popleft()
         _idle[id(block)] = block
-        idle = sum(b.nbytes for b in list(_idle.values()))
-        while idle > POOL_IDLE_BYTES:
-            idle -= _idle.popitem(last=False)[1].nbytes
+    idle = sum(b.nbytes for b in _idle.values())
+    while idle > POOL_IDLE_BYTES:
+        idle -= _idle.popitem(last=False)[1].nbytes
 
 
 def pooled_empty(shape, dtype):
@@ -319,7 +330,8 @@ def pooled_empty(shape, dtype):
     if nbytes < POOLED_FROM:
         return np.empty(shape, dtype)
     with _idle_lock:
-        key = next((k for k, b in reversed(list(_idle.items())) if b.nbytes == nbytes), None)
+        _settle()
+        key = next((k for k, b in reversed(_idle.items()) if b.nbytes == nbytes), None)
         block = _idle.pop(key, None)
     if block is None:
         block = np.empty(nbytes, np.uint8)
@@ -328,7 +340,7 @@ def pooled_empty(shape, dtype):
 
 def _after_fork():  # (a child forked while another thread held the lock would wait on it forever)
     global _idle_lock
-    _idle_lock = threading.RLock()
+    _idle_lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -339,6 +351,7 @@ def empty_cache():
     """Free the idle blocks of cnnfast's pool of large CPU buffers (POOLED_FROM bytes or more): their memory goes
     back to the system, and the next large result is faulted in anew. Arrays in use are not touched."""
     with _idle_lock:
+        _settle()
         _idle.clear()
 
 

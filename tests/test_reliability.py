@@ -280,6 +280,7 @@ def test_large_cpu_results_reuse_their_memory_once_every_view_is_freed(monkeypat
     values (a 1x1 depthwise layer: x * w per channel, one rounding, so exactly NumPy's product)."""
     monkeypatch.setattr(arrays, "POOLED_FROM", 64 << 10)
     monkeypatch.setattr(arrays, "_idle", arrays.OrderedDict())
+    monkeypatch.setattr(arrays, "_returned", arrays.deque())
     rng = np.random.default_rng(7)
     w = rng.standard_normal((8, 1, 1, 1)).astype(np.float32)
     xs = [rng.standard_normal((2, 8, 48, 48)).astype(np.float32) for _ in range(4)]  # results of 147 KiB
