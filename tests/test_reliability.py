@@ -3,9 +3,12 @@ no growth over many calls), index arithmetic of huge problems (shape-only: nothi
 bench/sanitize.py's prerequisite check, and the plan cache (a hit keeps every check). CUDA parts run on a GPU
 or in Numba's CUDA simulator (conftest.py)."""
 import concurrent.futures
+import copy
 import dataclasses
+import gc
 import math
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -21,7 +24,7 @@ from cnnfast.kernels.cpu.direct import geometry_args
 from layers import OP_NAMES, OPS, Layer
 
 import cnnfast
-from cnnfast import arrays
+from cnnfast import arrays, reference
 from cnnfast.arrays import simulator_enabled, to_host
 from cnnfast.compare import assert_close
 from cnnfast.plan import algorithms
@@ -278,6 +281,7 @@ def test_large_cpu_results_reuse_their_memory_once_every_view_is_freed(monkeypat
     """CPU results of POOLED_FROM bytes or more come from cnnfast.arrays' pool of blocks (here from 64 KiB rather
     than 32 MiB): a block is lent again only after every array over it is gone, and each result holds its own
     values (a 1x1 depthwise layer: x * w per channel, one rounding, so exactly NumPy's product)."""
+    gc.collect()  # (a lease left by an earlier test, collected in the middle of this one, would join its pool)
     monkeypatch.setattr(arrays, "POOLED_FROM", 64 << 10)
     monkeypatch.setattr(arrays, "_idle", arrays.OrderedDict())
     monkeypatch.setattr(arrays, "_returned", arrays.deque())
@@ -312,6 +316,75 @@ def test_large_cpu_results_reuse_their_memory_once_every_view_is_freed(monkeypat
     assert len(arrays._idle) == 2
     cnnfast.empty_cache()
     assert len(arrays._idle) == 0
+    y = run(xs[0])
+    lease = y.base
+    while not isinstance(lease, arrays._Lease):
+        lease = lease.base
+    for copier in (copy.copy, copy.deepcopy, pickle.dumps):  # (a copy would lend the block twice)
+        with pytest.raises(TypeError, match="cannot be copied"):
+            copier(lease)
+    del lease
+    # a finalizer run inside the pool's lock (the garbage collector, in the thread that holds it) never waits:
+    # a request allocates afresh, a freed block and empty_cache() wait for the lock's release
+    z = run(xs[2])
+    idle = _data(z)
+    del z
+    arrays._idle_lock.acquire()
+    try:
+        fresh = run(xs[1])
+        assert _data(fresh) != idle
+        del y
+        cnnfast.empty_cache()
+        assert len(arrays._returned) == 1 and len(arrays._idle) == 1 and arrays._clear
+    finally:
+        arrays._idle_lock.release()
+    arrays._drain()  # (what the lock's holder does after its release)
+    assert len(arrays._returned) == 0 and len(arrays._idle) == 0 and not arrays._clear
+    assert np.array_equal(fresh, xs[1] * w.reshape(1, 8, 1, 1))
+
+
+STALE_LAYERS = [  # (x shape, w shape, options, primitives): outputs that no tap reaches, padded copies
+    ((2, 4, 11, 11), (6, 4, 2, 2), dict(stride=3), ("backward_data",)),
+    ((2, 6, 5, 5), (6, 3, 2, 2), dict(stride=3, output_padding=2, transposed=True), ("forward",)),
+    ((1, 4, 9, 9), (4, 2, 3, 3), dict(padding=2, groups=2, padding_mode="reflect"), tuple(OPS)),
+    ((1, 6, 10, 10), (6, 1, 3, 3), dict(padding=1, stride=2, groups=6), tuple(OPS)),
+    ((2, 3, 17), (4, 3, 3), dict(padding=4, dilation=4, padding_mode="circular"), tuple(OPS)),
+    ((1, 2, 5, 6, 7), (3, 2, 3, 3, 3), dict(padding=1, stride=(2, 1, 3)), tuple(OPS)),
+    ((2, 8, 12, 12), (8, 8, 3, 3), dict(padding=1), tuple(OPS)),
+]
+
+
+@pytest.mark.parametrize("x_shape, w_shape, opts, primitives", STALE_LAYERS)
+def test_cpu_results_are_written_whole_over_stale_memory(monkeypatch, x_shape, w_shape, opts, primitives):
+    """A result from the pool holds what the last one left, where np.empty's fresh pages were zeros: every CPU
+    result and temporary here starts as NaN, and every algorithm that takes the layer still matches the reference."""
+    real = arrays.pooled_empty
+
+    def stale(shape, dtype):
+        out = real(shape, dtype)
+        out.fill(np.nan)
+        return out
+
+    monkeypatch.setattr(arrays, "pooled_empty", stale)
+    opts = dict(opts)
+    transposed = opts.pop("transposed", False)
+    rng = np.random.default_rng(5)
+    for primitive in primitives:
+        for algo in ("auto", "direct", "im2col", "depthwise", "winograd"):
+            try:
+                if transposed:  # (x, w: conv_transpose's input and (C_in, C_out/groups, ...) weight)
+                    x, w, b = (rng.standard_normal(s) for s in (x_shape, w_shape, w_shape[1]))
+                    got = getattr(cnnfast, f"conv_transpose{len(x_shape) - 2}d")(x, w, b, algo=algo, **opts)
+                    want = reference.conv_transpose(x, w, b, **opts)
+                else:
+                    layer = Layer(x_shape, w_shape, seed=5, dtype="float64", **opts)
+                    got, want = layer.run(primitive, algo=algo), layer.expected(primitive)
+            except ValueError as e:  # (an algorithm that does not take this layer)
+                assert algo in str(e), e
+                continue
+            if got is not None:
+                assert not np.isnan(got).any(), f"{primitive} {algo}: NaN left in the result"
+                assert_close(got, want, "float64", f"{primitive} {algo}")
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc/self/statm")

@@ -22,14 +22,21 @@ def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def measure(fn, calls=15):
+def timed(fn, calls=15):
+    """fn's median time over `calls` calls after two, ms, and the minor page faults per call (each result freed
+    before the next call; bench/results/result_pool_2026-12-07.py takes it too)."""
     fn(), fn()
     times, before = [], faults()
     for _ in range(calls):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3), (faults() - before) / calls * resource.getpagesize() / 1e6
+    return float(np.median(times) * 1e3), (faults() - before) / calls
+
+
+def measure(fn, calls=15):
+    ms, per_call = timed(fn, calls)
+    return ms, per_call * resource.getpagesize() / 1e6
 
 
 def layer(n, c, hw, algo):
@@ -42,7 +49,8 @@ def layer(n, c, hw, algo):
             measure(lambda: grad.conv2d_weight(x, w.shape, dy, padding=1, algo=algo))]
 
 
-for n, c, hw in ((4, 64, 56), (4, 128, 28), (8, 256, 14)):
-    for algo in ("winograd", "im2col"):
-        cells = " | ".join(f"{ms:6.2f} ms, {mb:4.1f} MB faulted" for ms, mb in layer(n, c, hw, algo))
-        print(f"3x3 {c}@{hw} batch {n} {algo:8s} forward / backward_data / backward_filter: {cells}", flush=True)
+if __name__ == "__main__":
+    for n, c, hw in ((4, 64, 56), (4, 128, 28), (8, 256, 14)):
+        for algo in ("winograd", "im2col"):
+            cells = " | ".join(f"{ms:6.2f} ms, {mb:4.1f} MB faulted" for ms, mb in layer(n, c, hw, algo))
+            print(f"3x3 {c}@{hw} batch {n} {algo:8s} forward / backward_data / backward_filter: {cells}", flush=True)

@@ -7,9 +7,9 @@ the median time (ms, 15 calls after two; float32; torch's functional op beside, 
 Before the pool, glibc served each such result from fresh mmap pages (its largest mmap threshold is 32 MiB) and
 unmapped it at free, so every call faulted in and zeroed its result again; torch's CPU tensors still are.
 """
-import resource
-import time
+import importlib.util
 from functools import partial
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -17,22 +17,11 @@ import numpy as np
 import cnnfast
 from cnnfast import grad
 
+_spec = importlib.util.spec_from_file_location("page_faults", Path(__file__).with_name("page_faults_2026-12-05.py"))
+page_faults = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(page_faults)
+measure = page_faults.timed  # (ms, minor page faults per call)
 rng = np.random.default_rng(0)
-
-
-def faults():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def measure(fn, calls=15):
-    fn(), fn()
-    times, before = [], faults()
-    for _ in range(calls):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-        del result
-    return np.median(times) * 1e3, (faults() - before) / calls
 
 
 def f32(*shape):
