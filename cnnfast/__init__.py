@@ -34,8 +34,8 @@ _threads.start()
 
 from cnnfast import grad  # noqa: E402
 from cnnfast.api import conv1d, conv2d, conv3d, conv_transpose1d, conv_transpose2d, conv_transpose3d, explain  # noqa: E402
-from cnnfast.arrays import empty_cache  # noqa: E402
 from cnnfast.compare import CheckResult, MismatchError, check, checking  # noqa: E402
+from cnnfast.kernels.cpu.memory import empty_cache  # noqa: E402
 from cnnfast.spec import ConvSpec  # noqa: E402
 from cnnfast.tune import autotune  # noqa: E402
 

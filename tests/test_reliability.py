@@ -14,17 +14,16 @@ import sys
 import threading
 import time
 import tracemalloc
-import types
 
 import numpy as np
 import pytest
-from cnnfast.kernels.cpu import blas
+from cnnfast.kernels.cpu import blas, memory
 from cnnfast.kernels.cpu import im2col as cpu_im2col
 from cnnfast.kernels.cpu.direct import geometry_args
 from layers import OP_NAMES, OPS, Layer
 
 import cnnfast
-from cnnfast import arrays, reference
+from cnnfast import reference
 from cnnfast.arrays import simulator_enabled, to_host
 from cnnfast.compare import assert_close
 from cnnfast.plan import algorithms
@@ -282,9 +281,9 @@ def test_large_cpu_results_reuse_their_memory_once_every_view_is_freed(monkeypat
     than 32 MiB): a block is lent again only after every array over it is gone, and each result holds its own
     values (a 1x1 depthwise layer: x * w per channel, one rounding, so exactly NumPy's product)."""
     gc.collect()  # (a lease left by an earlier test, collected in the middle of this one, would join its pool)
-    monkeypatch.setattr(arrays, "POOLED_FROM", 64 << 10)
-    monkeypatch.setattr(arrays, "_idle", arrays.OrderedDict())
-    monkeypatch.setattr(arrays, "_returned", arrays.deque())
+    monkeypatch.setattr(memory, "POOLED_FROM", 64 << 10)
+    monkeypatch.setattr(memory, "_idle", memory.OrderedDict())
+    monkeypatch.setattr(memory, "_returned", memory.deque())
     rng = np.random.default_rng(7)
     w = rng.standard_normal((8, 1, 1, 1)).astype(np.float32)
     xs = [rng.standard_normal((2, 8, 48, 48)).astype(np.float32) for _ in range(4)]  # results of 147 KiB
@@ -304,21 +303,21 @@ def test_large_cpu_results_reuse_their_memory_once_every_view_is_freed(monkeypat
     assert _data(y2) not in (a, b)
     assert np.array_equal(row, xs[0][1, 3] * w[3, 0, 0, 0]) and np.array_equal(y1, xs[1] * w.reshape(1, 8, 1, 1))
     del row, y1
-    assert len(arrays._idle) == 2
+    assert len(memory._idle) == 2
     y3 = run(xs[3])  # y1's block again, the last given back (the likeliest in cache): nothing new faulted in
     assert _data(y3) == b
     dx = cnnfast.grad.conv2d_input(xs[0].shape, w, xs[1], groups=8)  # the gradient ops take the pool's blocks too
     assert _data(dx) == a and np.array_equal(dx, xs[1] * w.reshape(1, 8, 1, 1))
     del y2, y3, dx
-    assert len(arrays._idle) == 3
-    monkeypatch.setattr(arrays, "POOL_IDLE_BYTES", 2 * xs[0].nbytes)
+    assert len(memory._idle) == 3
+    monkeypatch.setattr(memory, "POOL_IDLE_BYTES", 2 * xs[0].nbytes)
     run(xs[0])  # its block taken and given back: the idle blocks over the limit are freed, the oldest first
-    assert len(arrays._idle) == 2
+    assert len(memory._idle) == 2
     cnnfast.empty_cache()
-    assert len(arrays._idle) == 0
+    assert len(memory._idle) == 0
     y = run(xs[0])
     lease = y.base
-    while not isinstance(lease, arrays._Lease):
+    while not isinstance(lease, memory._Lease):
         lease = lease.base
     for copier in (copy.copy, copy.deepcopy, pickle.dumps):  # (a copy would lend the block twice)
         with pytest.raises(TypeError, match="cannot be copied"):
@@ -329,17 +328,17 @@ def test_large_cpu_results_reuse_their_memory_once_every_view_is_freed(monkeypat
     z = run(xs[2])
     idle = _data(z)
     del z
-    arrays._idle_lock.acquire()
+    memory._idle_lock.acquire()
     try:
         fresh = run(xs[1])
         assert _data(fresh) != idle
         del y
         cnnfast.empty_cache()
-        assert len(arrays._returned) == 1 and len(arrays._idle) == 1 and arrays._clear
+        assert len(memory._returned) == 1 and len(memory._idle) == 1 and memory._clear
     finally:
-        arrays._idle_lock.release()
-    arrays._drain()  # (what the lock's holder does after its release)
-    assert len(arrays._returned) == 0 and len(arrays._idle) == 0 and not arrays._clear
+        memory._idle_lock.release()
+    memory._drain()  # (what the lock's holder does after its release)
+    assert len(memory._returned) == 0 and len(memory._idle) == 0 and not memory._clear
     assert np.array_equal(fresh, xs[1] * w.reshape(1, 8, 1, 1))
 
 
@@ -356,16 +355,17 @@ STALE_LAYERS = [  # (x shape, w shape, options, primitives): outputs that no tap
 
 @pytest.mark.parametrize("x_shape, w_shape, opts, primitives", STALE_LAYERS)
 def test_cpu_results_are_written_whole_over_stale_memory(monkeypatch, x_shape, w_shape, opts, primitives):
-    """A result from the pool holds what the last one left, where np.empty's fresh pages were zeros: every CPU
-    result and temporary here starts as NaN, and every algorithm that takes the layer still matches the reference."""
-    real = arrays.pooled_empty
+    """A buffer from the pool holds what the last one left, where np.empty's fresh pages were zeros: every CPU
+    result, temporary and im2col or Winograd scratch here starts as NaN, and every algorithm that takes the layer
+    still matches the reference."""
+    real = memory.pooled_empty
 
     def stale(shape, dtype):
         out = real(shape, dtype)
-        out.fill(np.nan)
+        out.view(np.uint8).fill(0xFF)  # (NaN in every float32 or float64 view: the kernels' scratch too)
         return out
 
-    monkeypatch.setattr(arrays, "pooled_empty", stale)
+    monkeypatch.setattr(memory, "pooled_empty", stale)
     opts = dict(opts)
     transposed = opts.pop("transposed", False)
     rng = np.random.default_rng(5)
@@ -503,10 +503,9 @@ def test_cpu_im2col_blocks_of_huge_problems_fit_and_cover_every_position_once(x_
         assert list(ends) == [(grp, n) for grp in range(g.groups) for n in range(g.N)]
         assert set(ends.values()) == {O}
         return
-    # _blocks would np.empty its scratch buffer: record the size instead of allocating it
+    # _blocks would allocate its scratch buffer: record the size instead
     wanted = []
-    fake_np = types.SimpleNamespace(uint8=np.uint8, empty=lambda n, dtype: wanted.append(n) or None)
-    monkeypatch.setattr(cpu_im2col, "np", fake_np)
+    monkeypatch.setattr(memory, "pooled_empty", lambda n, dtype: wanted.append(n) or None)
     blocks, rows, _ = cpu_im2col._blocks(g, primitive, 4, None)
     blocks = list(blocks())
     nb, B = cpu_im2col._block(g, primitive, 4, None)

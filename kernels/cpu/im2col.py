@@ -29,7 +29,7 @@ output plane of a column row as one contiguous run (x's plane shifted by a const
 import numba
 import numpy as np
 from cnnfast.kernels.contract import DEFAULT_WORKSPACE_LIMIT
-from cnnfast.kernels.cpu import blas
+from cnnfast.kernels.cpu import blas, memory
 from cnnfast.kernels.cpu.direct import geometry_args, out_range, tap_output
 from cnnfast.kernels.cpu.threads import parallel, sized
 
@@ -365,7 +365,8 @@ def _blocks(g, primitive, itemsize, workspace_limit):
         for n0 in range(0, g.N, nb):
             for o0 in range(0, O, B):
                 yield n0, min(nb, g.N - n0), o0, min(B, O - o0)
-    return blocks, (g.C // g.groups) * g.T * g.R * g.S, np.empty(_scratch(g, primitive, itemsize, nb, B), np.uint8)
+    scratch = memory.pooled_empty(_scratch(g, primitive, itemsize, nb, B), np.uint8)  # (32 MiB or more: pooled)
+    return blocks, (g.C // g.groups) * g.T * g.R * g.S, scratch
 
 
 def _views(buf, dtype, *shapes):
