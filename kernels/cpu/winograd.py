@@ -350,7 +350,7 @@ def _scratch_views(dtype, *sizes):
     buffers were handed back to the system at every call and page-faulted again at the next (glibc trims its heap
     when the freed space at its top exceeds twice its latest mmap threshold): 4.6 MB of faults per call at 3x3
     64@56, batch 4 (bench/RESULTS.md, 2026-12-05); one buffer of their total is reused, from memory's pool when it
-    is 32 MiB or more (3x3 256@14 batch 16's weight gradient, 37 MB: 14.3-14.8 -> 10.0-10.8 ms)."""
+    is 32 MiB or more (3x3 256@14 batch 16's weight gradient, 36 MiB: 15.3-19.3 -> 11.1-11.4 ms)."""
     return im2col._views(memory.pooled_empty(sum(sizes) * np.dtype(dtype).itemsize, np.uint8), dtype,
                          *((n,) for n in sizes))
 
