@@ -59,7 +59,7 @@ def pytest_collection_modifyitems(session, config, items):
 
 # Numba's parfor pass hoists a statement whose operands do not change across a prange loop out of it, a load of an
 # array element too, even from a branch or inner loop that would not have run it (Numba 0.68): the load then runs
-# once before the loop, out of bounds where the branch was the guard (the thirty-third session's plane_taps read
+# once before the loop, out of bounds where the branch was the guard (the thirty-second session's plane_taps read
 # offsets[taps] for 3x3 filters; under NUMBA_BOUNDSCHECK an IndexError escaped as "returned a result with an
 # exception set"). Where it happens depends on the build, so every parallel CPU kernel compiled in the session is
 # checked at its end: a hoisted load at a variable index fails the run. Builds loaded from the disk cache carry no

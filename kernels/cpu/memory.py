@@ -80,10 +80,12 @@ def _drain():
 def pooled_empty(shape, dtype):
     """np.empty(shape, dtype), its memory from the pool when it is POOLED_FROM bytes or more."""
     dtype = np.dtype(dtype)
-    shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(v) for v in shape)
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < POOLED_FROM:
+    if isinstance(shape, (int, np.integer)):
+        shape = (shape,)
+    if math.prod(shape) * dtype.itemsize < POOLED_FROM:  # (the common case: ~0.3 us over np.empty's)
         return np.empty(shape, dtype)
+    shape = tuple(int(v) for v in shape)  # (NumPy ints would wrap in the size arithmetic)
+    nbytes = math.prod(shape) * dtype.itemsize
     block = None
     if _idle_lock.acquire(blocking=False):  # (taken: another thread, or this one's finalizer inside: allocate)
         try:
