@@ -277,7 +277,7 @@ def _data(a):
 
 
 def test_large_cpu_results_reuse_their_memory_once_every_view_is_freed(monkeypatch):
-    """CPU results of POOLED_FROM bytes or more come from cnnfast.arrays' pool of blocks (here from 64 KiB rather
+    """CPU results of POOLED_FROM bytes or more come from memory.py's pool of blocks (here from 64 KiB rather
     than 32 MiB): a block is lent again only after every array over it is gone, and each result holds its own
     values (a 1x1 depthwise layer: x * w per channel, one rounding, so exactly NumPy's product)."""
     gc.collect()  # (a lease left by an earlier test, collected in the middle of this one, would join its pool)
@@ -382,9 +382,8 @@ def test_cpu_results_are_written_whole_over_stale_memory(monkeypatch, x_shape, w
             except ValueError as e:  # (an algorithm that does not take this layer)
                 assert algo in str(e), e
                 continue
-            if got is not None:
-                assert not np.isnan(got).any(), f"{primitive} {algo}: NaN left in the result"
-                assert_close(got, want, "float64", f"{primitive} {algo}")
+            assert not np.isnan(got).any(), f"{primitive} {algo}: NaN left in the result"
+            assert_close(got, want, "float64", f"{primitive} {algo}")
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc/self/statm")
