@@ -283,13 +283,14 @@ def test_explain_reads_one_low_high_pair_as_every_axis(padding, expected, capsys
 
 
 @pytest.mark.cuda
-def test_bench_harness_cuda_path_validates_and_times_every_algorithm():
+def test_bench_harness_cuda_path_validates_and_times_every_algorithm(monkeypatch):
     """The harness's CUDA path on a tiny problem: device arrays, each algorithm validated against the reference,
     then timed with CUDA events, each timed call (and each run of calls back to back) after the flush of the L2
     cache (in the simulator those times mean nothing and torch has no GPU baseline; on a GPU the same code gives the
-    figures)."""
+    figures). Runs of 2 calls back to back, not 20: in the simulator each call takes ~70 ms (98 s -> ~15 s)."""
     from cnnfast import benchmark
 
+    monkeypatch.setattr(benchmark, "BURST_CALLS", 2)
     shape = benchmark._s("tiny", (1, 2, 5, 5), (3, 2, 3, 3), padding=1)
     flushes = []
     rows = benchmark.run([shape], "cuda", list(benchmark.PRIMITIVES), None, "float32", 2,
@@ -466,10 +467,11 @@ def test_bench_torch_baseline_is_skipped_for_asymmetric_padding():
 
 
 @pytest.mark.cuda
-def test_bench_tiles_times_each_tile_configuration_of_the_cuda_gemms():
+def test_bench_tiles_times_each_tile_configuration_of_the_cuda_gemms(monkeypatch):
     """--tiles: each CUDA GEMM algorithm once per tile of the dtype (float64: 32x64, and direct's 8x64), each validated
     against the reference before it is timed; depthwise cannot run the layer (no row)."""
     from cnnfast import benchmark
+    monkeypatch.setattr(benchmark, "BURST_CALLS", 2)  # (simulated calls back to back: as in the test above)
     shape = benchmark._s("tiny", (1, 2, 5, 5), (3, 2, 3, 3), padding=1)
     rows = benchmark.run([shape], "cuda", ["forward"], ["direct", "im2col", "depthwise"], "float64", 1, tiles=True)
     ours = [r for r in rows if r["provider"].startswith("cnnfast:")]
