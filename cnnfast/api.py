@@ -66,7 +66,8 @@ def run(op, kind, nd, *, input=None, weight=None, grad_output=None, bias=None, s
     options: stride, padding, dilation, groups and padding_mode / output_padding, output_size for ConvSpec.
     key: a caller's own hashable image of every argument but the arrays' data and stream (cnnfast.torch's: its layer
     string and each tensor's shape, dtype and device), under which the checked spec and plan are kept: a later call
-    with an equal key skips the checks and planning (_CALLS).
+    with an equal key skips the checks and planning (_CALLS). Without one, calls on NumPy, CuPy and Numba arrays are
+    kept under their own (_call_key).
     """
     primitive, roles, result_role = _KINDS[kind]
     if isinstance(workspace_limit, np.integer) and not isinstance(workspace_limit, np.bool_):
@@ -74,16 +75,18 @@ def run(op, kind, nd, *, input=None, weight=None, grad_output=None, bias=None, s
     given = {"input": input, "weight": weight, "grad_output": grad_output}
     named = {name: given[name] for name in roles}
     tuning = algo == "auto" and tune.active()
+    if key is None and not tuning:
+        key = _call_key(op, named, bias, size, algo, workspace_limit, options)
     known = _CALLS.get(key) if key is not None and not tuning else None
     if known is not None and known[-1] == _token(known[0]):
         device, family, batched, spec, plan, _ = known
     else:
         device, family, batched, spec, plan = _checked(op, kind, nd, named, bias, size, algo, workspace_limit,
                                                        options)
+        if any(isinstance(a, arrays.ShapeArray) for a in named.values()):  # (explain's: no key)
+            return tune.plan(op, spec, primitive, device, workspace_limit, plan) if tuning else plan
         if key is not None and not tuning:
             _remember(_CALLS, key, (device, family, batched, spec, plan, _token(device)))
-    if any(isinstance(a, arrays.ShapeArray) for a in named.values()):
-        return tune.plan(op, spec, primitive, device, workspace_limit, plan) if tuning else plan
 
     like = named["grad_output" if "grad_output" in roles else "input"]  # (what the result is like)
     with arrays.on_their_gpu(device, op, **named, bias=bias):
@@ -192,12 +195,28 @@ def _token(device):
     return registry_token(device), None, None
 
 
-# A caller's key (run's key argument) -> (device, family, batched, spec, plan, _token(device)) of a call that passed
-# the checks: cnnfast.torch's calls skip arrays.inspect, _plan_key and the rest of _checked (~2.5 us a call in a
-# loop, 3-4x that in a model at batch 1, where every Python step after torch's ops on large tensors runs cold).
-# Bounded as _PLANS; a test that clears _PLANS to plan cnnfast.torch's calls afresh (after patching a planner's
-# constant) clears it too.
+# A call's key (run's key argument, or _call_key's) -> (device, family, batched, spec, plan, _token(device)) of a
+# call that passed the checks: a repeated call skips arrays.inspect, _plan_key and the rest of _checked (cnnfast.torch's
+# ~2.5 us a call in a loop, 3-4x that in a model at batch 1, where every Python step after torch's ops on large tensors
+# runs cold; a tiny cnnfast.conv2d on NumPy 32 -> 28 us, 2026-12-07). Bounded as _PLANS; a test that clears _PLANS to
+# plan calls afresh (after patching a planner's constant) clears it too.
 _CALLS = {}
+
+
+def _call_key(op, named, bias, size, algo, workspace_limit, options):
+    """run's key for a call whose arrays' types alone decide their family (NumPy's, CuPy's and Numba's arrays, once
+    arrays.family_of has met their type): their types, shapes and dtypes and the other arguments, type-exact
+    (_frozen); None for any other call (a bare __cuda_array_interface__, a torch tensor: checked every time)."""
+    families = arrays._FAMILIES
+    try:
+        images = [None if a is None else (type(a), a.shape, a.dtype) if type(a) in families else 0
+                  for a in (*named.values(), bias)]
+        if 0 in images:
+            return None
+        return (op, *images, _frozen(size), _frozen(algo), _frozen(workspace_limit), tuple(options),
+                *map(_frozen, options.values()))
+    except TypeError:
+        return None
 
 
 def _remember(cache, key, value):

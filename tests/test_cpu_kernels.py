@@ -326,6 +326,7 @@ def plans_for_one_thread(monkeypatch):
     kernels then take layers of a few channels and one sample (they still run on all of Numba's threads)."""
     from cnnfast.kernels.cpu import depthwise
     monkeypatch.setattr(cnnfast.api, "_PLANS", {})
+    monkeypatch.setattr(cnnfast.api, "_CALLS", {})
     monkeypatch.setattr(depthwise, "_threads", lambda: 1)
 
 
@@ -374,6 +375,7 @@ def test_depthwise_plane_kernels_reuse_their_scratch_over_a_run_of_planes(x_shap
     all; planes that small take the lanes kernels unless told not to)."""
     from cnnfast.kernels.cpu import depthwise
     monkeypatch.setattr(cnnfast.api, "_PLANS", {})
+    monkeypatch.setattr(cnnfast.api, "_CALLS", {})
     monkeypatch.setattr(depthwise, "LANES_POSITIONS", 0)
     monkeypatch.setattr(depthwise, "LANES_STRIDED_DATA_POSITIONS", 0)
     layer = Layer(x_shape, w_shape, seed=14, **opts)
@@ -405,6 +407,7 @@ def test_a_strided_depthwise_forward_runs_the_plane_kernels_on_phase_volumes(x_s
     kernel."""
     from cnnfast.kernels.cpu import depthwise
     monkeypatch.setattr(cnnfast.api, "_PLANS", {})  # plans made here name a kernel for the patched threshold
+    monkeypatch.setattr(cnnfast.api, "_CALLS", {})
     monkeypatch.setattr(depthwise, "LANES_POSITIONS", 10 ** 9 if family == "lanes" else 0)
     kernel = f"depthwise_{family}_cpu"
     calls = []

@@ -1361,6 +1361,7 @@ def test_depthwise_strided_backward_data_matches_reference_and_writes_every_posi
     if fits == "fallback":
         monkeypatch.setattr(depthwise, "HALO", 0)
         monkeypatch.setattr(api, "_PLANS", {})  # plans made with the halo tile are not reused
+        monkeypatch.setattr(api, "_CALLS", {})
     plan = cnnfast.explain(f"{op}_input", xs, ws, y_shape, device="cuda", algo="depthwise", **kw)
     assert ("plane_kernel" if fits == "halo tile" else "backward_data_kernel") in plan.kernels[0]
     g = plan.spec.geometry
@@ -1455,6 +1456,7 @@ def test_depthwise_3x3_kernels_with_their_filter_size_compiled_in_or_not(taps, m
     (forward, backward_data) and filter_kernel, whose tap loops unroll; with the specialisation off, the generic
     builds. All match the reference."""
     monkeypatch.setattr(api, "_PLANS", {})  # plans made here name the build: not kept for other tests
+    monkeypatch.setattr(api, "_CALLS", {})
     if taps == "read from the geometry":
         monkeypatch.setattr(depthwise_filter, "SPECIALISED", ())
     keys = []

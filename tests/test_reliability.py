@@ -680,7 +680,7 @@ def _small_problem():
 def test_plan_cache_reuses_a_plan_and_still_checks_every_call():
     from cnnfast import api
     x, w = _small_problem()
-    api._PLANS.clear()
+    api._PLANS.clear(), api._CALLS.clear()
     first = cnnfast.conv2d(x, w, padding=1)
     assert len(api._PLANS) == 1
     again = cnnfast.conv2d(x, w, padding=1)
@@ -699,6 +699,48 @@ def test_plan_cache_reuses_a_plan_and_still_checks_every_call():
     # so are the arrays themselves: a cached shape with another dtype is a different key, a mixed one an error
     with pytest.raises(TypeError, match="same dtype"):
         cnnfast.conv2d(x, w.astype(np.float64), padding=1)
+
+
+def test_a_repeated_call_skips_the_checks_and_any_other_call_is_checked_afresh(monkeypatch):
+    """A call on NumPy arrays of the types, shapes and dtypes of an earlier valid call, with the same other arguments
+    (type-exact), skips the checks and planning (api._call_key): its result is the first call's. A call differing
+    in any of those is checked (and planned) afresh, and a bad call raises every time."""
+    import numba
+
+    from cnnfast import api, arrays
+    x, w = _small_problem()
+    arrays.family_of(np.ma.masked_array(x))  # (a type met for the first time is checked twice: then it has a key)
+    checked = []
+    real = api._checked
+    monkeypatch.setattr(api, "_checked", lambda op, *args: checked.append(op) or real(op, *args))
+    monkeypatch.setattr(api, "_CALLS", {})
+    first = cnnfast.conv2d(x, w, padding=1)
+    again = cnnfast.conv2d(x.copy(), w.copy(), padding=1)  # other arrays, the same types, shapes and dtypes
+    assert checked == ["conv2d"] and np.array_equal(first, again)
+    others = [lambda: cnnfast.conv2d(x, w, padding=(1, 1)), lambda: cnnfast.conv2d(x, w, padding=[1, 1]),
+              lambda: cnnfast.conv2d(x, w, padding=np.int64(1)), lambda: cnnfast.conv2d(x, w, padding=1, stride=(1, 1)),
+              lambda: cnnfast.conv2d(x, w, padding=1, algo="im2col"), lambda: cnnfast.conv2d(x[:1], w, padding=1),
+              lambda: cnnfast.conv2d(x[0], w, padding=1), lambda: cnnfast.conv2d(x, w, w[:, 0, 0, 0], padding=1),
+              lambda: cnnfast.conv2d(x.astype(np.float64), w.astype(np.float64), padding=1),
+              lambda: cnnfast.conv2d(np.ma.masked_array(x), w, padding=1),
+              lambda: cnnfast.conv2d(x, w, padding=1, workspace_limit=1 << 20),
+              lambda: cnnfast.conv_transpose2d(first, w, padding=1)]
+    for i, call in enumerate(others, 2):
+        for _ in range(2):
+            call()
+        assert len(checked) == i, i
+    dy = np.zeros(first.shape, np.float32)
+    for _ in range(2):  # the input gradient of the first call's layer, then one given a grad_output of another size
+        cnnfast.grad.conv2d_input(x.shape, w, dy, padding=1)
+        with pytest.raises(ValueError, match="expected grad_output of size"):
+            cnnfast.grad.conv2d_input(x.shape, w, dy[:, :, 1:], padding=1)
+    assert checked[len(others) + 1:] == ["conv2d_input", "conv2d_input", "conv2d_input"]
+    numba_threads = numba.get_num_threads()
+    try:  # a change of Numba's threads plans the call afresh (the per-thread scratch of some kernels)
+        numba.set_num_threads(1)
+        assert np.array_equal(cnnfast.conv2d(x, w, padding=1), first) and checked[-1] == "conv2d"
+    finally:
+        numba.set_num_threads(numba_threads)
 
 
 def test_replacing_an_algorithm_invalidates_its_cached_plans(monkeypatch):
