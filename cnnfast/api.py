@@ -208,14 +208,16 @@ def _call_key(op, named, bias, size, algo, workspace_limit, options):
     arrays.family_of has met their type): their types, shapes and dtypes and the other arguments, type-exact
     (_frozen); None for any other call (a bare __cuda_array_interface__, a torch tensor: checked every time)."""
     families = arrays._FAMILIES
-    try:
-        images = [None if a is None else (type(a), a.shape, a.dtype) if type(a) in families else 0
+    try:  # (anything odd, an unhashable shape, a self-containing option: no key, and the checks say what is wrong)
+        images = [None if a is None else (type(a), tuple(a.shape), a.dtype) if type(a) in families else 0
                   for a in (*named.values(), bias)]
         if 0 in images:
             return None
-        return (op, *images, _frozen(size), _frozen(algo), _frozen(workspace_limit), tuple(options),
-                *map(_frozen, options.values()))
-    except TypeError:
+        key = (op, *images, _frozen(size), _frozen(algo), _frozen(workspace_limit), tuple(options),
+               *map(_frozen, options.values()))
+        hash(key)
+        return key
+    except Exception:  # noqa: BLE001
         return None
 
 

@@ -735,10 +735,21 @@ def test_a_repeated_call_skips_the_checks_and_any_other_call_is_checked_afresh(m
         with pytest.raises(ValueError, match="expected grad_output of size"):
             cnnfast.grad.conv2d_input(x.shape, w, dy[:, :, 1:], padding=1)
     assert checked[len(others) + 1:] == ["conv2d_input", "conv2d_input", "conv2d_input"]
+    class ListShape(np.ndarray):  # an array type whose shape is a list: no key, checked every call (as before)
+        shape = property(lambda self: list(np.ndarray.shape.__get__(self)))
+
+    for _ in range(3):
+        assert np.array_equal(cnnfast.conv2d(x.view(ListShape), w, padding=1), first)
+    looped = []
+    looped.append(looped)
+    for _ in range(2):  # an option that holds itself: the dtype's error first, every time
+        with pytest.raises(TypeError, match="expected input to have dtype float32 or float64"):
+            cnnfast.conv2d(x.astype(np.int32), w, padding=looped)
     numba_threads = numba.get_num_threads()
     try:  # a change of Numba's threads plans the call afresh (the per-thread scratch of some kernels)
         numba.set_num_threads(1)
-        assert np.array_equal(cnnfast.conv2d(x, w, padding=1), first) and checked[-1] == "conv2d"
+        before = len(checked)
+        assert np.array_equal(cnnfast.conv2d(x, w, padding=1), first) and checked[before:] == ["conv2d"]
     finally:
         numba.set_num_threads(numba_threads)
 
