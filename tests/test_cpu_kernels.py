@@ -1518,6 +1518,7 @@ def test_blas_matmul_is_np_matmul_bit_for_bit_and_restores_the_thread_count(name
     ((70, 9), (9, 33), "F", "F", "C"),                  # both transposed for cblas
     ((7, 9), (9, 100), "C", "F", "strided"),            # out's rows padded (ldc > N)
     ((40, 9), (9, 20), "F", "C", "F"),                  # out column-major: out^T = b^T @ a^T
+    ((100, 9), (9, 200), "C", "C", "C"),                # fewer rows than columns, cut by rows (a small inner size)
     ((1, 9), (9, 40), "C", "C", "C"),                   # a single row, a single column
     ((40, 9), (9, 1), "F", "C", "C"),
     ((6, 5), (4, 5, 40), "C", "C", "C"),                # a stack, a broadcast
@@ -1545,9 +1546,19 @@ def test_gemms_on_numba_threads_are_np_matmul_for_every_layout_and_cut(a_shape, 
         out[...] = np.nan
         assert blas._on_numba_threads(a, b, out, 2, axis)
         np.testing.assert_allclose(out, np.matmul(a, b), rtol=1e-5 if dtype == "float32" else 1e-12)
-        if axis == blas._cut(out, 2, True) and 1 not in shape[-2:]:  # (OpenBLAS's small-matrix kernels may round
-            np.testing.assert_array_equal(out, expected)               # another cut otherwise; NumPy takes a row
-        assert np.isnan(big[..., 0]).all() and np.isnan(big[..., -2:]).all()  # or a column to gemv)
+        if axis == blas._cut(out, 2, True, a.shape[-1]) and 1 not in shape[-2:]:  # (OpenBLAS's small-matrix
+            np.testing.assert_array_equal(out, expected)  # kernels may round another cut otherwise; NumPy takes a
+        assert np.isnan(big[..., 0]).all() and np.isnan(big[..., -2:]).all()  # row or a column to gemv)
+
+
+def test_products_of_a_small_inner_size_and_few_columns_are_cut_by_rows():
+    """blas.ROWS_INNER's rule, on 2 threads: rows where OpenBLAS took up to 2.4x longer over column halves
+    (MobileNetV2's 32 -> 192 @28 at batch 1: 192 x 32 x 784), columns where they won (a large inner size, many
+    columns, few rows)."""
+    def cut(m, k, n):
+        return blas._cut(np.empty((1, m, n), np.float32), 2, True, k)
+    assert cut(192, 32, 784) == cut(144, 24, 784) == cut(96, 96, 1568) == blas.ROWS
+    assert cut(192, 576, 784) == cut(192, 32, 3136) == cut(64, 32, 784) == cut(16, 32, 12544) == blas.COLUMNS
 
 
 def test_gemms_on_numba_threads_refuse_what_cblas_cannot_take():

@@ -6,8 +6,8 @@ matmul(a, b, out) is np.matmul(a, b, out=out), run one of two ways:
     in that time runs on one thread, and rounds as OpenBLAS's one-thread GEMM does):
       - a stack of products (out (S, ..., M, N)) whose length S divides evenly, or with at least STACK_PER_THREAD
         products per thread: S / threads products per part (rounded);
-      - any other product too (when WORKERS_SPIN, or cblas was found): out's rows when M >= N, else its columns
-        (multiples of COLUMN_ALIGN);
+      - any other product too (when WORKERS_SPIN, or cblas was found): out's rows when M >= N (or the inner size
+        and N are small: ROWS_INNER), else its columns (multiples of COLUMN_ALIGN);
     the parts as the tasks of one Numba parallel region calling OpenBLAS's cblas_sgemm / cblas_dgemm (gemms_cpu;
     gemm_cpu for three C-contiguous matrices; where cblas() finds them), from SPLIT_WORK multiply-adds; else on
     this module's worker threads and the caller's (share), from SHARE_WORK;
@@ -79,6 +79,13 @@ OPENBLAS_SINGLE = 1 << 18
 STACK_PER_THREAD = 4
 # A column cut lands on a multiple of this many columns (64 bytes of float32).
 COLUMN_ALIGN = 16
+# A product with fewer rows than columns is cut by its rows all the same where its inner size is at most ROWS_INNER,
+# it has at most ROWS_COLUMNS columns and at least ROWS_PER_PART rows a part: OpenBLAS took up to 2.4x longer over
+# column halves there (us, one thread a part, rows / columns, 2026-12-07: 192 x 32 x 784, MobileNetV2's 32 -> 192
+# @28 at batch 1, 45-47 / 105-108; 144 x 24 x 784 33 / 77; 512 x 64 x 1000 242-249 / 321-325; 96 x 8 x 1568 13 / 19;
+# 31 such products 0.43-1.01). Outside the rule columns won: 64 x 96 x 1568 103 / 82, 72 x 24 x 1568 57 / 43, 112 x 32
+# x 3136 126 / 104, 16 x 32 x 12544 135 / 82 (bench/RESULTS.md). Measured on 2 threads only.
+ROWS_INNER, ROWS_COLUMNS, ROWS_PER_PART = 96, 1568, 48
 # The symbol prefixes and suffixes OpenBLAS builds export: NumPy >= 2's scipy-openblas64, older NumPy wheels'
 # openblas64_, a system libopenblas.
 _NAMES = (("scipy_openblas_", "64_"), ("scipy_openblas_", ""), ("openblas_", "64_"), ("openblas_", ""))
@@ -156,16 +163,18 @@ def openblas():
 STACK, ROWS, COLUMNS, WHOLE = range(4)  # how a product is cut (_cut)
 
 
-def _cut(out, threads, cut_2d):
-    """How parts() cuts out for that many threads: by the STACK, its ROWS or its COLUMNS (module docstring), WHOLE
-    when it cannot be cut that many ways, None when it is not to be cut (not a stack cut so, and not cut_2d)."""
+def _cut(out, threads, cut_2d, inner):
+    """How parts() cuts out (inner: the products' inner size) for that many threads: by the STACK, its ROWS or its
+    COLUMNS (module docstring), WHOLE when it cannot be cut that many ways, None when it is not to be cut (not a stack
+    cut so, and not cut_2d)."""
     stack = out.shape[0] if out.ndim >= 3 else 0
     if stack and (stack % threads == 0 or stack >= STACK_PER_THREAD * threads):
         return STACK
     if not cut_2d:
         return None
     rows, columns = out.shape[-2:]
-    if rows >= columns and rows >= threads:
+    if rows >= columns and rows >= threads or (
+            inner <= ROWS_INNER and columns <= ROWS_COLUMNS and rows >= ROWS_PER_PART * threads):
         return ROWS
     if rows < columns and columns >= threads * COLUMN_ALIGN:
         return COLUMNS
@@ -175,7 +184,7 @@ def _cut(out, threads, cut_2d):
 def parts(a, b, out, threads, cut_2d):
     """[(a, b, out) views], one per thread, covering out once (module docstring); [] when out is not a stack to cut
     and not cut_2d; [(a, b, out)] when it cannot be cut that many ways."""
-    axis = _cut(out, threads, cut_2d)
+    axis = _cut(out, threads, cut_2d, a.shape[-1])
     if axis == STACK:
         stack = out.shape[0]
         cuts = [stack * i // threads for i in range(threads + 1)]  # lengths differ by one at most
@@ -534,7 +543,7 @@ def matmul(a, b, out):
     region = cblas() is not None
     if work >= (SPLIT_WORK if region else SHARE_WORK):
         cut_2d = WORKERS_SPIN or region
-        axis = _cut(out, count, cut_2d)
+        axis = _cut(out, count, cut_2d, a.shape[-1])
         if region and axis in (STACK, ROWS, COLUMNS) and _on_numba_threads(a, b, out, count, axis):
             return out
         pieces = parts(a, b, out, count, cut_2d)
