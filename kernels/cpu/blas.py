@@ -83,8 +83,9 @@ COLUMN_ALIGN = 16
 # it has at most ROWS_COLUMNS columns and at least ROWS_PER_PART rows a part: OpenBLAS took up to 2.4x longer over
 # column halves there (us, one thread a part, rows / columns, 2026-12-07: 192 x 32 x 784, MobileNetV2's 32 -> 192
 # @28 at batch 1, 45-47 / 105-108; 144 x 24 x 784 33 / 77; 512 x 64 x 1000 242-249 / 321-325; 96 x 8 x 1568 13 / 19;
-# 31 such products 0.43-1.01). Outside the rule columns won: 64 x 96 x 1568 103 / 82, 72 x 24 x 1568 57 / 43, 112 x 32
-# x 3136 126 / 104, 16 x 32 x 12544 135 / 82 (bench/RESULTS.md). Measured on 2 threads only.
+# every product the rule takes 0.43-1.01 of the columns' time). Outside it columns won: 64 x 96 x 1568 103 / 82, 72 x
+# 24 x 1568 57 / 43, 112 x 32 x 3136 126 / 104, 16 x 32 x 12544 135 / 82 (bench/RESULTS.md: 47 products). Measured on
+# 2 threads only.
 ROWS_INNER, ROWS_COLUMNS, ROWS_PER_PART = 96, 1568, 48
 # The symbol prefixes and suffixes OpenBLAS builds export: NumPy >= 2's scipy-openblas64, older NumPy wheels'
 # openblas64_, a system libopenblas.
