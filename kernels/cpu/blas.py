@@ -174,7 +174,7 @@ def _cut(out, threads, cut_2d, inner):
     if not cut_2d:
         return None
     rows, columns = out.shape[-2:]
-    if rows >= columns and rows >= threads or (
+    if (rows >= columns and rows >= threads) or (
             inner <= ROWS_INNER and columns <= ROWS_COLUMNS and rows >= ROWS_PER_PART * threads):
         return ROWS
     if rows < columns and columns >= threads * COLUMN_ALIGN:
