@@ -8,7 +8,7 @@
 #                                               (the test files run side by side, stopped within the call)
 #   bash bench/gpu_session.sh sanitize [TOOL]   compute-sanitizer: memcheck (or racecheck, synccheck: one per call)
 #                                               over every kernel specialisation (bench/sanitize.py)
-#   bash bench/gpu_session.sh host              host cost of one tiny conv2d: Numba vs raw launches, CuPy/Numba/torch
+#   bash bench/gpu_session.sh host              host cost of one tiny conv2d: Numba vs raw launches (replayed or in full), CuPy/Numba/torch
 #   bash bench/gpu_session.sh bench [NAME...]   cnnfast bench --device cuda on the anchor set (or the shapes whose
 #                                               names contain NAME), table + JSON + roofline PNG, on the raw
 #                                               launch path (CNNFAST_CUDA_LAUNCH=numba for Numba's dispatcher)

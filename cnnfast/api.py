@@ -15,14 +15,17 @@ different sides; each op names the primitive it needs and the roles of its array
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import reprlib
+import sys
 from functools import lru_cache
 
 import numba
 import numpy as np
 
 from cnnfast import arrays, compare, tune
+from cnnfast.arrays import _package
 from cnnfast.kernels.cpu import blas
 from cnnfast.plan import algorithms, make_plan, registry_token
 from cnnfast.spec import ConvSpec, _shape_str, check_bytes
@@ -78,19 +81,30 @@ def run(op, kind, nd, *, input=None, weight=None, grad_output=None, bias=None, s
     if key is None and not tuning:
         key = _call_key(op, named, bias, size, algo, workspace_limit, options)
     known = _CALLS.get(key) if key is not None and not tuning else None
-    if known is not None and known[-1] == _token(known[0]):
-        device, family, batched, spec, plan, _ = known
+    if known is not None and known[5] == _token(known[0]):
+        device, family, batched, spec, plan, _, programs = known
     else:
         device, family, batched, spec, plan = _checked(op, kind, nd, named, bias, size, algo, workspace_limit,
                                                        options)
         if any(isinstance(a, arrays.ShapeArray) for a in named.values()):  # (explain's: no key)
             return tune.plan(op, spec, primitive, device, workspace_limit, plan) if tuning else plan
+        programs = {} if device == "cuda" and key is not None and not tuning else None
         if key is not None and not tuning:
-            _remember(_CALLS, key, (device, family, batched, spec, plan, _token(device)))
+            _remember(_CALLS, key, (device, family, batched, spec, plan, _token(device), programs))
 
     like = named["grad_output" if "grad_output" in roles else "input"]  # (what the result is like)
     with arrays.on_their_gpu(device, op, **named, bias=bias):
         dev = arrays.device_for(device, family, stream, op, like)
+        recorder = None
+        place = _program_place(programs, plan)
+        if place is not None:  # a CUDA call kept under a key: replayed from its launch program, or recorded
+            kept = programs.get(place)
+            if kept:
+                out = kept.run(dev, (*named.values(), bias))
+                if out is not None:
+                    return out
+            if kept is not False:
+                recorder = _package("cnnfast.kernels.cuda.program").Recorder(dev, (*named.values(), bias))
         ins = {roles[n]: a for n, a in named.items()}
         if tuning:
             def timed_run(candidate):
@@ -98,7 +112,9 @@ def run(op, kind, nd, *, input=None, weight=None, grad_output=None, bias=None, s
                 dev.synchronize()
 
             plan = tune.plan(op, spec, primitive, device, workspace_limit, plan, timed_run)
-        out = _execute(dev, spec, plan, primitive, ins, result_role, bias, kind, workspace_limit)
+        with recorder or _UNRECORDED:
+            out = _execute(recorder.dev if recorder else dev, spec, plan, primitive, ins, result_role, bias, kind,
+                           workspace_limit)
         if compare.active():  # check mode: the float64 reference of the same call, on the host
             dev.synchronize()  # (the host copies may run on another stream than the op's)
             host = {n: arrays.to_host(a) for n, a in named.items()}
@@ -110,7 +126,27 @@ def run(op, kind, nd, *, input=None, weight=None, grad_output=None, bias=None, s
                            terms=lambda: seen(compare.terms_result(kind, spec, **host)))
         if not batched and result_role != "W":
             out = dev.view(out, out.shape[1:])
-        return dev.result(out, like)
+        out = dev.result(out, like)
+        if recorder is not None:
+            made = recorder.program(out)
+            if made or kept is None:  # (a program kept unless a new one replaces it: not run on strided inputs)
+                programs[place] = made
+        return out
+
+
+_UNRECORDED = contextlib.nullcontext()
+
+
+def _program_place(programs, plan):
+    """Where the launch program of a CUDA call kept under a key (programs: its _CALLS entry's, else None) is kept:
+    (the current GPU, the raw launch path or not); None where calls are not replayed (kernels/cuda/program.py: off,
+    not a kept CUDA call, check mode, the reference algorithm)."""
+    if programs is None or plan.algorithm == "reference":
+        return None
+    program = _package("cnnfast.kernels.cuda.program")
+    if not program.enabled() or compare.active():
+        return None
+    return arrays._current_gpu() if len(arrays._gpus()) > 1 else 0, program.launch.raw_enabled()
 
 
 def _checked(op, kind, nd, named, bias, size, algo, workspace_limit, options):
@@ -204,15 +240,25 @@ _CALLS = {}
 
 
 def _call_key(op, named, bias, size, algo, workspace_limit, options):
-    """run's key for a call whose arrays' types alone decide their family (NumPy's, CuPy's and Numba's arrays, once
-    arrays.family_of has met their type): their types, shapes and dtypes and the other arguments, type-exact
-    (_frozen); None for any other call (a bare __cuda_array_interface__, a torch tensor: checked every time)."""
+    """run's key for a call on arrays whose type alone decides their family (NumPy's, CuPy's and Numba's arrays, once
+    arrays.family_of has met their type) or on torch tensors (with what decides a tensor's: its device, whether it
+    requires grad, its layout): their types, shapes and dtypes and the other arguments, type-exact (_frozen); None
+    for any other call (a bare __cuda_array_interface__ object: checked every time)."""
     families = arrays._FAMILIES
+    torch = sys.modules.get("torch")
+    tensor = torch.Tensor if torch is not None else ()
     try:  # (anything odd, an unhashable shape, a self-containing option: no key, and the checks say what is wrong)
-        images = [None if a is None else (type(a), tuple(a.shape), a.dtype) if type(a) in families else 0
-                  for a in (*named.values(), bias)]
-        if 0 in images:
-            return None
+        images = []
+        for a in (*named.values(), bias):
+            t = type(a)
+            if a is None:
+                images.append(None)
+            elif t in families:
+                images.append((t, tuple(a.shape), a.dtype))
+            elif isinstance(a, tensor):
+                images.append((t, tuple(a.shape), a.dtype, a.is_cuda, a.get_device(), a.requires_grad, a.layout))
+            else:
+                return None
         key = (op, *images, _frozen(size), _frozen(algo), _frozen(workspace_limit), tuple(options),
                *map(_frozen, options.values()))
         hash(key)

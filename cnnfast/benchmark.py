@@ -325,7 +325,9 @@ def run(shapes, device, primitives, algos, dtype, repeats, progress=None, ceilin
             row = dict(base, provider=f"cnnfast:{algo}")
             try:
                 fn = cnnfast_call(shape, primitive, dev, algo)
-                row["error"] = compare.assert_close(to_host(fn()), expected, dtype, f"{shape.name} {primitive}")
+                # on CUDA twice: the second call is the one timed, replayed on the raw path from the first's launches
+                row["error"] = max(compare.assert_close(to_host(fn()), expected, dtype, f"{shape.name} {primitive}")
+                                   for _ in range(2 if device == "cuda" else 1))
             except ValueError as e:
                 if "bytes of workspace, more than" in str(e):  # it takes the problem, not within the workspace limit
                     job.append(dict(row, status="n/a", note=str(e)))

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -478,7 +479,7 @@ def test_raw_launch_hands_the_driver_one_pointer_per_8_byte_parameter(monkeypatc
     def run(case_list):
         for args, grid, block, on in case_list:
             current.args = args
-            launching._launch_raw(function, grid, block, on, args)
+            launching.launch_values(function, grid, block, on, launching._values(args))
 
     run(cases)
     threads = [threading.Thread(target=run, args=(cases,)) for _ in range(2)]
@@ -508,6 +509,160 @@ def test_raw_launch_hands_the_driver_one_pointer_per_8_byte_parameter(monkeypatc
             assert "cuda" in str(e), e
         else:
             assert isinstance(returned[0], binding.CUresult)
+
+
+class _SimulatedDriver:
+    """numba-cuda's driver object for the raw path in the simulator: cuLaunchKernel reads each 8-byte parameter back
+    as the driver does, finds each address among the simulator's arrays (registered as cuda.to_device and
+    cuda.device_array make them), and runs the kernel there on flat views from those addresses, so what the raw path
+    hands the driver is computed, not just counted."""
+
+    def __init__(self, monkeypatch):
+        from cnnfast.kernels.cuda import compile as kernel_cache
+        from cnnfast.kernels.cuda import launch as launching
+        from cnnfast.kernels.cuda import program
+
+        self.arrays, self.launching = [a for _, a in kernel_cache.constants()], launching  # (those uploaded so far)
+        self.running = True  # False: launches read back, not run
+        for name in ("to_device", "device_array"):
+            monkeypatch.setattr(cuda, name, self._registering(getattr(cuda, name)))
+        monkeypatch.setattr(launching, "_address", program.address)  # (the simulator's arrays: their NumPy memory)
+        monkeypatch.setattr(launching, "_function", lambda pyfunc, kinds: SimpleNamespace(handle=(pyfunc, kinds)))
+        monkeypatch.setattr(launching, "_driver", lambda: self)
+
+    def _registering(self, make):
+        def registered(*args, **kwargs):
+            a = make(*args, **kwargs)
+            self.arrays.append(a)
+            return a
+        return registered
+
+    def _array(self, address, dtype):
+        for a in self.arrays:
+            first = a._ary.__array_interface__["data"][0]
+            if a.dtype.str == dtype and first <= address < first + max(a.nbytes, 1):
+                return self.launching.flat(a)[(address - first) // a.dtype.itemsize:]
+        raise AssertionError(f"the raw path passed {address:#x}, no array's")
+
+    def cuLaunchKernel(self, f, gx, gy, gz, bx, by, bz, shared, stream, params, extra):  # noqa: N802 (the driver's)
+        import ctypes
+
+        pyfunc, kinds = f
+        n = sum(k if isinstance(k, int) else 1 for k in kinds)
+        values = iter([ctypes.c_int64.from_address(p).value for p in (ctypes.c_void_p * n).from_address(params)])
+        args = [next(values) if k == "i" else tuple(next(values) for _ in range(k)) if isinstance(k, int) else
+                self._array(next(values), k) for k in kinds]
+        assert (shared, stream, extra) == (0, 0, 0)
+        if self.running:
+            self.launching.dispatch(pyfunc, (gx, gy, gz), (bx, by, bz), 0, args)
+
+
+@pytest.mark.skipif(not SIM, reason="simulator stand-ins for the raw path's driver (on a GPU: the test below)")
+def test_every_kernel_replayed_from_a_launch_program_computes_what_the_full_call_did(problem, monkeypatch):
+    """program.py on the raw path: every call of the workload that reaches every kernel (tile, table, scratch,
+    padding, bias and split) runs in full on Numba's dispatcher, then in full on the raw path, recorded (its
+    launches read back, not run), then again: replayed from its program, through a stand-in driver that runs each
+    launch in the simulator from the addresses it is handed. The replay must give the dispatcher's bits. (Replays
+    on Numba's dispatcher: the test after this one.)"""
+    from cnnfast.kernels.cuda import launch as launching
+    from cnnfast.kernels.cuda import program
+
+    monkeypatch.setattr(program, "DISPATCHER", True)
+    raw = [False]
+    driver = _SimulatedDriver(monkeypatch)
+    monkeypatch.setattr(launching, "raw_enabled", lambda: raw[0])
+    # the smallest square tile and the thin one (another tile's launches differ only in the kernel and the grid)
+    monkeypatch.setattr(gemm, "tile_names", lambda itemsize, thin=False: (gemm.SMALL,) + ((gemm.THIN,) if thin else ()))
+    monkeypatch.setattr(api, "_CALLS", {})
+    replays = []
+    program_run = program.Program.run
+
+    def counted(self, dev, arrays):
+        out = program_run(self, dev, arrays)
+        replays.append((out is not None, self.raw))
+        return out
+
+    monkeypatch.setattr(program.Program, "run", counted)
+    run = api.run
+
+    def twice(op, *args, **kwargs):
+        if isinstance(kwargs.get("size"), tuple):  # (the simulator's shapes are a tuple subclass: no call key)
+            kwargs["size"] = tuple(kwargs["size"])
+        api._CALLS.clear()
+        raw[0] = False
+        expected = run(op, *args, **kwargs).copy_to_host()  # the full call, on Numba's dispatcher
+        api._CALLS.clear()
+        raw[0], driver.running = True, False
+        run(op, *args, **kwargs)  # the full call on the raw path, recorded (its launches not run: the replay's are)
+        driver.running = True
+        seen = len(replays)
+        replayed = run(op, *args, **kwargs)
+        assert replays[seen:] == [(True, raw[0])], f"{op} {kwargs.get('algo')}: not replayed"
+        np.testing.assert_array_equal(replayed.copy_to_host(), expected, err_msg=f"{op} {kwargs.get('algo')}")
+        return replayed
+
+    monkeypatch.setattr(api, "run", twice)
+    monkeypatch.setattr(grad, "run", twice)
+    cnnfast.arrays.family_of(cuda.to_device(problem[0]))  # (a type met once: its calls are kept from the first)
+    _reach_every_kernel(*problem, monkeypatch)
+    assert len(replays) > 30  # (41 calls: each one replayed)
+
+
+def test_a_launch_program_is_replayed_only_where_it_computes_the_call(monkeypatch):
+    """program.py's refusals, each checked against the reference: inputs that share memory are not recorded (an
+    address would name either); an input not C-contiguous is neither recorded nor replayed (it is copied first);
+    a program whose device constant was dropped runs the call in full, which keeps the new program; and with replay
+    off nothing is recorded."""
+    from cnnfast.kernels.cuda import compile as kernel_cache
+    from cnnfast.kernels.cuda import program
+
+    monkeypatch.setattr(program, "DISPATCHER", True)
+    monkeypatch.setattr(api, "_CALLS", {})
+    outcomes = []
+    program_run = program.Program.run
+    monkeypatch.setattr(program.Program, "run", lambda self, *a: _counted(outcomes, program_run, self, *a))
+    rng = np.random.default_rng(3)
+    host = [rng.standard_normal((1, 2, 5, 5)).astype(np.float32) for _ in range(3)]
+    a, b, c = (cuda.to_device(h) for h in host)
+    cnnfast.arrays.family_of(a)
+
+    def check(x, w, hx, hw):
+        got = cnnfast.conv2d(x, w, padding=2).copy_to_host()
+        expected = reference.conv(hx.astype(np.float64), hw.astype(np.float64), padding=2)
+        compare.assert_close(got, expected, "float32")
+
+    def programs():
+        return [p for entry in api._CALLS.values() for p in entry[6].values()]
+
+    check(a, a.reshape((1, 2, 5, 5)), host[0], host[0])  # (one array as input and weight)
+    assert programs() == [None]  # not recorded; a later call may be
+    check(a, b, host[0], host[1])  # recorded
+    check(c, a, host[2], host[0])  # replayed on other arrays
+    assert outcomes == [True]
+    check(b, b, host[1], host[1])  # replayed where they share memory: as the full call computes it
+    strided = cuda.to_device(np.repeat(host[2], 2, axis=3))[:, :, :, ::2]
+    check(strided, b, host[2], host[1])  # not C-contiguous: the full call (the program kept)
+    assert outcomes == [True, True, False]
+    kernel_cache._CONSTANTS.clear()  # (dropped: the full call uploads them again, and its program is kept)
+    check(c, b, host[2], host[1])
+    check(a, c, host[0], host[2])
+    assert outcomes == [True, True, False, False, True]
+
+    monkeypatch.setattr(program, "DISPATCHER", False)  # (as on a GPU on Numba's dispatcher)
+    api._CALLS.clear()
+    for _ in range(2):
+        check(a, b, host[0], host[1])
+    assert programs() == [] and len(outcomes) == 5
+    monkeypatch.setattr(program.launch, "raw_enabled", lambda: True)  # the raw path: on, unless turned off
+    assert program.enabled()
+    monkeypatch.setenv(program.ENV, "0")
+    assert not program.enabled()
+
+
+def _counted(outcomes, run, self, *args):
+    out = run(self, *args)
+    outcomes.append(out is not None)
+    return out
 
 
 def test_raw_specialisations_load_once_per_kernel_and_gpu_into_numba_context(monkeypatch):
@@ -608,8 +763,9 @@ def test_raw_specialisations_compile_once_then_load_from_the_disk_cache(tmp_path
 @pytest.mark.parametrize("family", ["numba", "cupy"])
 def test_raw_launch_path_matches_numba_dispatcher_bitwise(problem, family, monkeypatch):
     """On a GPU: every algorithm and primitive, launched both ways, same bits; on Numba device arrays, and on CuPy
-    arrays where CuPy is installed."""
+    arrays where CuPy is installed. The raw path's second call is replayed from its launch program: same bits."""
     from cnnfast.kernels.cuda import launch as launching
+    from cnnfast.kernels.cuda import program
     if family == "cupy":
         cp = pytest.importorskip("cupy")
         put, host, sync = cp.asarray, cp.asnumpy, cp.cuda.get_current_stream().synchronize
@@ -628,14 +784,21 @@ def test_raw_launch_path_matches_numba_dispatcher_bitwise(problem, family, monke
     calls["depthwise backward_filter"] = lambda: grad.conv2d_weight(x, depthwise_w.shape, depthwise_dy, padding=1,
                                                                     groups=C, algo="depthwise")
     calls["reflect backward_data"] = lambda: grad.conv2d_input(x.shape, w, dy, padding=1, padding_mode="reflect")
+    replays = []
+    program_run = program.Program.run
+    monkeypatch.setattr(program.Program, "run", lambda self, *a: replays.append(program_run(self, *a)) or replays[-1])
     for name, call in calls.items():
         monkeypatch.setenv(launching.ENV, "numba")
         expected = call()
         monkeypatch.setenv(launching.ENV, "raw")
         assert launching.raw_enabled()
-        got = call()
+        got = call()  # (recorded: program.py)
+        seen = len(replays)
+        replayed = call()
         sync()
-        np.testing.assert_array_equal(host(got), host(expected), err_msg=name)
+        assert len(replays) == seen + 1 and replays[-1] is not None, f"{name}: not replayed"
+        for result in (got, replayed):
+            np.testing.assert_array_equal(host(result), host(expected), err_msg=name)
     assert launching._FUNCTIONS and all(f is not None for f in launching._FUNCTIONS.values())
 
 

@@ -335,8 +335,8 @@ def two_gpus(monkeypatch):
     monkeypatch.setattr(arrays, "_gpus", lambda: gpus)
     monkeypatch.setattr(arrays, "_current_gpu", lambda: gpus.current[-1])
     monkeypatch.setattr(arrays, "gpu_of", lambda a: on[id(a)])
-    real = launch.launch_numba
-    monkeypatch.setattr(launch, "launch_numba", lambda *args: (launches.append(gpus.current[-1]), real(*args)))
+    real = launch.dispatch  # (Numba's dispatcher: every launch in the simulator)
+    monkeypatch.setattr(launch, "dispatch", lambda *args: (launches.append(gpus.current[-1]), real(*args)))
     monkeypatch.setenv("CNNFAST_CUDA_LAUNCH", "numba")
     return gpus, on, launches
 

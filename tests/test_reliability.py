@@ -754,6 +754,31 @@ def test_a_repeated_call_skips_the_checks_and_any_other_call_is_checked_afresh(m
         numba.set_num_threads(numba_threads)
 
 
+def test_torch_tensors_are_keyed_by_what_decides_their_checks(monkeypatch):
+    """api._call_key of a call on torch tensors: equal for tensors of the same type, shape, dtype, device, grad
+    requirement and layout (a CUDA tensor's checks then skipped, as for CuPy's arrays), different where any differs;
+    a call the checks refuse (CPU tensors) is refused every time."""
+    torch = pytest.importorskip("torch")
+    from cnnfast import api
+
+    def key(x, w):
+        return api._call_key("conv2d", {"input": x, "weight": w}, None, None, "auto", None, {"padding": 1})
+
+    class Sub(torch.Tensor):
+        pass
+
+    x, w = torch.zeros(1, 2, 5, 5), torch.zeros(3, 2, 3, 3)
+    first = key(x, w)
+    assert first is not None and key(x.clone(), w.clone()) == first
+    others = [x.double(), x.clone().requires_grad_(True), x.to_sparse(), x[:, :1], x[0], x.as_subclass(Sub)]
+    assert len({key(other, w) for other in others} | {first}) == len(others) + 1
+    monkeypatch.setattr(api, "_CALLS", {})
+    for _ in range(2):
+        with pytest.raises(TypeError, match="conv2d: expected input to be a NumPy array or a CUDA array"):
+            cnnfast.conv2d(x, w, padding=1)
+    assert api._CALLS == {}
+
+
 def test_replacing_an_algorithm_invalidates_its_cached_plans(monkeypatch):
     from cnnfast.kernels.cpu import ALGORITHMS
     x, w = _small_problem()

@@ -5,6 +5,8 @@
     python bench/results/host_cost_2026-12-05.py numba                       the same with Numba's own arrays
     python bench/results/host_cost_2026-12-05.py torch                       the same on torch CUDA tensors, and
                                                                              api.run as cnnfast.torch's ops call it
+    python bench/results/host_cost_2026-12-05.py numba|torch raw             the raw launch path (program.py's
+                                                                             replay on; CNNFAST_CUDA_REPLAY=0: off)
 
 cuda: the simulator's device arrays, with compile.jit replaced by a stand-in whose [grid, block, stream](*args)
 does nothing, so what is timed is everything cnnfast does before Numba's dispatcher would start the kernel (the
@@ -14,6 +16,10 @@ numba (no simulator, no GPU needed): as cuda, but the arrays are Numba's real De
 memory (cuda.device_array and cuda.to_device replaced), so their Python costs (a reshape builds a new DeviceNDArray:
 ~3 us, against ~0.5 us for the simulator's NumPy-backed arrays) are in the figure, as on a GPU. No memory is
 allocated, so a GPU's allocation (cuMemAlloc per output without a pool) is not.
+
+raw (added 2026-12-07, the thirty-fifth session): the raw launch path, each kernel's Function a stand-in and
+cuLaunchKernel one that returns at once (the driver's own ~2-5 us per launch on a GPU is not in it), so a repeated call
+is replayed from its launch program (kernels/cuda/program.py) unless CNNFAST_CUDA_REPLAY=0.
 
 torch (added 2026-12-07, RESULTS.md of that date): as numba, on tensors that say they are on GPU 0 (torch here is a
 CPU build), torch.empty and torch.zeros on the "cuda" device answered by CPU tensors (~0.8 us, where a GPU's caching
@@ -39,6 +45,14 @@ if device in ("cuda", "numba", "torch"):
             return lambda *args: None
 
     kernel_compile.jit = lambda pyfunc: _Configured()
+    if sys.argv[2:] == ["raw"]:  # the raw path: each kernel a stand-in Function, cuLaunchKernel doing nothing
+        import types
+
+        from cnnfast.kernels.cuda import launch as raw_launch
+
+        raw_launch.raw_enabled = lambda: True
+        raw_launch._function = lambda pyfunc, kinds: types.SimpleNamespace(handle=0)
+        raw_launch._driver = lambda: types.SimpleNamespace(cuLaunchKernel=lambda *args: None)
     if device in ("numba", "torch"):
         import ctypes
         import math
@@ -140,4 +154,4 @@ for name, fn in cases.items():
     for _ in range(20):
         fn()
     best = min(timeit.repeat(fn, number=2000, repeat=5)) / 2000 * 1e6
-    print(f"{device:5s} {name:20s} {best:6.1f} us", flush=True)
+    print(f"{' '.join(sys.argv[1:]):9s} {name:20s} {best:6.1f} us", flush=True)

@@ -106,6 +106,23 @@ def device_constant(key, make):
     return arr
 
 
+def constant(key):
+    """device_constant's array under its full key (the GPU's id first), now the most recently used; None once
+    dropped."""
+    arr = _CONSTANTS.get(key)
+    if arr is not None:
+        try:
+            _CONSTANTS.move_to_end(key)
+        except KeyError:  # (dropped by another thread just now)
+            pass
+    return arr
+
+
+def constants():
+    """(full key, array) of every device constant kept."""
+    return list(_CONSTANTS.items())
+
+
 _NUMBA_TYPES = {np.dtype("float32"): types.float32, np.dtype("float64"): types.float64,  # the tensors' dtypes,
                 np.dtype("int64"): types.int64, np.dtype("int32"): types.int32}  # and the index tables'
 

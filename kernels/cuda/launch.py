@@ -16,6 +16,10 @@ ints, and scratch(size, dtype, like, stream) for its workspace. The same kernel 
            of those as one 8-byte parameter, so one int64 buffer holds every argument; tests check the count
            against each PTX entry.
 
+Kernels typed on arrays of any strides (layout.copy_kernel) go through launch_numba, on Numba's dispatcher whatever
+the path. While a call is recorded as a launch program (program.py: a repeated call replayed as its allocations and
+launches alone), launch and scratch tell its recorder (RECORDING) what they start and allocate.
+
 CNNFAST_CUDA_LAUNCH=raw selects the raw path on a GPU (never in Numba's CUDA simulator); anything else keeps
 Numba's dispatcher. The raw path stays opt-in until it has been validated and timed on a GPU (run the CUDA tests
 with CNNFAST_CUDA_LAUNCH=raw; bench/test_cuda.py times both paths). A kernel whose raw specialisation cannot be
@@ -50,6 +54,14 @@ ENV = "CNNFAST_CUDA_LAUNCH"
 _FUNCTIONS = {}  # (pyfunc, argument kinds, GPU) -> loaded Numba Function | None (use Numba's dispatcher)
 _PARAMETERS = threading.local()  # number of parameters -> this thread's kernelParams buffers (_parameters)
 _INTEGERS = (int, np.integer)
+
+
+class _Recording(threading.local):
+    recorder = None  # the program.Recorder of the call running on this thread, if any (an attribute never set on a
+    # thread.local costs ~0.35 us to miss, read at every launch)
+
+
+RECORDING = _Recording()
 _CONFIGURED = {}  # (pyfunc, grid, block, stream handle) -> Numba's configured launch (on a GPU)
 CONFIGURED_SIZE = 4096
 SIMULATED_SWITCH_INTERVAL = 1e-4  # s: sys.setswitchinterval during a simulated launch (flat from 1e-5 to 5e-4)
@@ -65,20 +77,34 @@ def _raw_possible():
     return not compile.simulating() and cuda.is_available()
 
 
+def recorder():
+    """The program.Recorder of this thread's call, or None."""
+    return RECORDING.recorder
+
+
 def launch(pyfunc, grid, block, stream, *args):
     """Launch kernel pyfunc over grid x block threads on stream (0 or a Numba stream) with args."""
-    if raw_enabled():
-        kinds = tuple(map(_kind, args))
-        function = _function(pyfunc, kinds)
-        if function is not None:
-            _launch_raw(function, grid, block, stream, args)
-            return
-    launch_numba(pyfunc, grid, block, stream, *args)
+    function = _function(pyfunc, tuple(map(_kind, args))) if raw_enabled() else None
+    recording = recorder()
+    if recording is not None:
+        recording.launch(pyfunc, function, grid, block, args)
+    if function is not None:
+        launch_values(function, grid, block, stream, _values(args))
+    else:
+        dispatch(pyfunc, grid, block, stream, args)
 
 
 def launch_numba(pyfunc, grid, block, stream, *args):
-    """Launch kernel pyfunc through Numba's dispatcher (the simulator's when simulating), whatever the launch path:
-    also for kernels typed on arrays of any strides (layout.copy_kernel), which raw pointers cannot carry."""
+    """Launch kernel pyfunc through Numba's dispatcher whatever the launch path: for kernels typed on arrays of any
+    strides (layout.copy_kernel), which raw pointers cannot carry (nor a launch program: program.py)."""
+    recording = recorder()
+    if recording is not None:
+        recording.refuse(f"{compile.kernel_key(pyfunc)} takes strided arrays")
+    dispatch(pyfunc, grid, block, stream, args)
+
+
+def dispatch(pyfunc, grid, block, stream, args):
+    """Launch kernel pyfunc through Numba's dispatcher (the simulator's when simulating)."""
     if compile.simulating():
         _simulated(compile.jit(pyfunc)[grid, block, stream], args)
         return
@@ -176,14 +202,19 @@ def scratch(size, dtype, like, stream):
     (its pool cannot hand it out again before the kernels that use it ran): from CuPy's memory pool when `like` is a
     CuPy array, from torch's caching allocator when like's memory is a torch tensor's (TorchMemory), else a Numba
     device array."""
+    owner = torch_owner(like)
     if type(like).__module__.startswith("cupy"):
         import cupy
         with cupy_stream(stream_pointer(stream)):
-            return cupy.empty(size, dtype)
-    owner = torch_owner(like)
-    if owner is not None:
-        return TorchMemory(owner.device, stream).array((size,), dtype)
-    return cuda.device_array(size, dtype, stream=stream)
+            out = cupy.empty(size, dtype)
+    elif owner is not None:
+        out = TorchMemory(owner.device, stream).array((size,), dtype)
+    else:
+        out = cuda.device_array(size, dtype, stream=stream)
+    recording = recorder()
+    if recording is not None:
+        recording.allocated(out, (size,), dtype, False)
+    return out
 
 
 class TorchMemory:
@@ -192,21 +223,26 @@ class TorchMemory:
     the work queued on that stream so far, as for its own ops; the stream is made torch's current one meanwhile
     where it is not). So a call on torch tensors takes its memory as torch's own ops do: torch counts it and reuses
     it once freed, where Numba's allocator calls cuMemAlloc each time and its deferred cuMemFree can wait for the GPU.
-    Made once per call: it looks up Numba's CUDA context and torch's current stream once."""
+    Made once per call: it looks up torch's current stream once, and Numba's CUDA context once if it views a tensor
+    as a Numba array (a call replayed from its launch program views none: program.py)."""
 
     def __init__(self, device, stream):
         torch = sys.modules["torch"]
-        self.device, self.context, ptr = device, _context(), stream_pointer(stream)
+        self.device, self._context, ptr = device, None, stream_pointer(stream)
         self._stream = (contextlib.nullcontext() if ptr == torch.cuda.current_stream(device).cuda_stream else
                         torch.cuda.stream(torch.cuda.ExternalStream(ptr, device=device) if ptr else
                                           torch.cuda.default_stream(device)))
 
     def tensor(self, shape, dtype, zero=False):
         """A new torch tensor of `shape` and NumPy `dtype` (float32 or float64), uninitialised (zero: zeros)."""
-        torch = sys.modules["torch"]
+        return self.tensors([(shape, dtype, zero)])[0]
+
+    def tensors(self, allocations):
+        """tensor(shape, dtype, zero) of each (shape, dtype, zero) of allocations, in order."""
+        torch, dtypes = sys.modules["torch"], _dtypes()[0]
         with self._stream:
-            return (torch.zeros if zero else torch.empty)(shape, dtype=_dtypes()[0][np.dtype(dtype)],
-                                                          device=self.device)
+            return [(torch.zeros if zero else torch.empty)(shape, dtype=dtypes[np.dtype(dtype)], device=self.device)
+                    for shape, dtype, zero in allocations]
 
     def resolved(self, t):
         """t's values in memory of their own, for a tensor whose negative bit is set."""
@@ -224,7 +260,9 @@ class TorchMemory:
         addressing) or a context lookup per array."""
         dtype = _dtypes()[1][t.dtype]
         shape = tuple(t.shape) if shape is None else shape
-        memory = MemoryPointer(self.context, binding.CUdeviceptr(t.data_ptr()), t.nbytes, owner=t)
+        if self._context is None:
+            self._context = _context()
+        memory = MemoryPointer(self._context, binding.CUdeviceptr(t.data_ptr()), t.nbytes, owner=t)
         return DeviceNDArray(shape, _strides(shape, dtype.itemsize), dtype, gpu_data=memory)
 
 
@@ -363,10 +401,25 @@ def _parameters(n):
     return found[0], found[2]
 
 
-def _launch_raw(function, grid, block, stream, args):
-    values = _values(args)
-    buffer, params = _parameters(len(values))
-    buffer[:] = values
+def launch_values(function, grid, block, stream, values):
+    """cuLaunchKernel of a raw specialisation over grid x block threads on stream (0 or a Numba stream) with its
+    parameters' values (pack's)."""
+    launch_parameters(function.handle, dimensions(grid, block), stream, values)
+
+
+def dimensions(grid, block):
+    """cuLaunchKernel's six dimensions of a grid and a block (each an int or a tuple of up to three)."""
     gx, gy, gz = (tuple(grid) + (1, 1))[:3] if isinstance(grid, tuple) else (grid, 1, 1)
     bx, by, bz = (tuple(block) + (1, 1))[:3] if isinstance(block, tuple) else (block, 1, 1)
-    _driver().cuLaunchKernel(function.handle, gx, gy, gz, bx, by, bz, 0, stream.handle if stream else 0, params, 0)
+    return gx, gy, gz, bx, by, bz
+
+
+def launch_parameters(handle, dims, stream, values, slots=(), addresses=()):
+    """cuLaunchKernel of kernel `handle` over `dims` (dimensions') on stream with the 8-byte parameters `values` (a
+    sequence, or an int64 template), each (position, buffer, offset) of `slots` then set to addresses[buffer] +
+    offset (a launch program's arrays: program.py)."""
+    buffer, params = _parameters(len(values))
+    buffer[:] = values
+    for position, index, offset in slots:
+        buffer[position] = addresses[index] + offset
+    _driver().cuLaunchKernel(handle, *dims, 0, stream.handle if stream else 0, params, 0)
