@@ -27,7 +27,7 @@ import numpy as np
 from cnnfast import arrays, compare, tune
 from cnnfast.arrays import _package
 from cnnfast.kernels.cpu import blas
-from cnnfast.plan import algorithms, make_plan, registry_token
+from cnnfast.plan import algorithms, kernel_package, make_plan, registry_token
 from cnnfast.spec import ConvSpec, _shape_str, check_bytes
 
 # kind -> (primitive, {argument: role}, result role)
@@ -88,7 +88,7 @@ def run(op, kind, nd, *, input=None, weight=None, grad_output=None, bias=None, s
                                                        options)
         if any(isinstance(a, arrays.ShapeArray) for a in named.values()):  # (explain's: no key)
             return tune.plan(op, spec, primitive, device, workspace_limit, plan) if tuning else plan
-        programs = {} if device == "cuda" and key is not None and not tuning else None
+        programs = {} if device == "cuda" and key is not None and not tuning and _recordable(plan) else None
         if key is not None and not tuning:
             _remember(_CALLS, key, (device, family, batched, spec, plan, _token(device), programs))
 
@@ -96,7 +96,7 @@ def run(op, kind, nd, *, input=None, weight=None, grad_output=None, bias=None, s
     with arrays.on_their_gpu(device, op, **named, bias=bias):
         dev = arrays.device_for(device, family, stream, op, like)
         recorder = None
-        place = _program_place(programs, plan)
+        place = _program_place(programs)
         if place is not None:  # a CUDA call kept under a key: replayed from its launch program, or recorded
             kept = programs.get(place)
             if kept:
@@ -137,11 +137,19 @@ def run(op, kind, nd, *, input=None, weight=None, grad_output=None, bias=None, s
 _UNRECORDED = contextlib.nullcontext()
 
 
-def _program_place(programs, plan):
-    """Where the launch program of a CUDA call kept under a key (programs: its _CALLS entry's, else None) is kept:
-    (the current GPU, the raw launch path or not); None where calls are not replayed (kernels/cuda/program.py: off,
-    not a kept CUDA call, check mode, the reference algorithm)."""
-    if programs is None or plan.algorithm == "reference":
+def _recordable(plan):
+    """Whether a CUDA call planned so may be recorded as a launch program: on one of the package's own algorithms
+    (kernels/cuda RECORDABLE; not the reference, not one a user registered, whose launches the recorder may not
+    see)."""
+    chosen = algorithms("cuda").get(plan.algorithm)
+    return any(chosen is own for own in kernel_package("cuda").RECORDABLE)
+
+
+def _program_place(programs):
+    """Where the launch program of a CUDA call kept under a key (programs: its _CALLS entry's, else None: not a kept
+    call on a recordable algorithm) is kept: (the current GPU, the raw launch path or not); None where calls are not
+    replayed (kernels/cuda/program.py: off; check mode)."""
+    if programs is None:
         return None
     program = _package("cnnfast.kernels.cuda.program")
     if not program.enabled() or compare.active():

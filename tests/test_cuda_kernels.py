@@ -610,9 +610,10 @@ def test_every_kernel_replayed_from_a_launch_program_computes_what_the_full_call
 
 def test_a_launch_program_is_replayed_only_where_it_computes_the_call(monkeypatch):
     """program.py's refusals, each checked against the reference: inputs that share memory are not recorded (an
-    address would name either); an input not C-contiguous is neither recorded nor replayed (it is copied first);
-    a program whose device constant was dropped runs the call in full, which keeps the new program; and with replay
-    off nothing is recorded."""
+    address would name either); an input not C-contiguous is neither recorded nor replayed (it is copied first),
+    and the key's next call is; a program whose device constant was dropped runs the call in full, which keeps the
+    new program; an algorithm a user registers is never recorded (its launches may not go through launch.launch);
+    and with replay off nothing is recorded."""
     from cnnfast.kernels.cuda import compile as kernel_cache
     from cnnfast.kernels.cuda import program
 
@@ -647,12 +648,36 @@ def test_a_launch_program_is_replayed_only_where_it_computes_the_call(monkeypatc
     check(c, b, host[2], host[1])
     check(a, c, host[0], host[2])
     assert outcomes == [True, True, False, False, True]
+    api._CALLS.clear()  # a key's first call on a strided input (copied: not recorded), then its calls are
+    check(strided, b, host[2], host[1])
+    for _ in range(2):
+        check(a, c, host[0], host[2])
+    assert outcomes == [True, True, False, False, True, True]
+
+    @cuda.jit
+    def doubled(x, y):  # a user's algorithm (its own kernel, not started through launch.launch): never recorded
+        i = cuda.grid(1)
+        if i < y.size:
+            y[i] = 2 * x[i]
+
+    def forward(x, w, bias, y, g, stream=0, **_):
+        doubled[(y.size + 63) // 64, 64, stream](x, y)
+
+    import dataclasses
+
+    from cnnfast.kernels import cuda as cuda_kernels
+    monkeypatch.setitem(cuda_kernels.ALGORITHMS, "doubled", dataclasses.replace(
+        cuda_kernels.ALGORITHMS["direct"], name="doubled", forward=forward))
+    one = cuda.to_device(np.ones((2, 2, 1, 1), np.float32))
+    for h, x in zip(host, (a, b, c)):
+        np.testing.assert_array_equal(cnnfast.conv2d(x, one, algo="doubled").copy_to_host(), 2 * h)
+    assert len(outcomes) == 6
 
     monkeypatch.setattr(program, "DISPATCHER", False)  # (as on a GPU on Numba's dispatcher)
     api._CALLS.clear()
     for _ in range(2):
         check(a, b, host[0], host[1])
-    assert programs() == [] and len(outcomes) == 5
+    assert programs() == [] and len(outcomes) == 6
     monkeypatch.setattr(program.launch, "raw_enabled", lambda: True)  # the raw path: on, unless turned off
     assert program.enabled()
     monkeypatch.setenv(program.ENV, "0")

@@ -20,7 +20,7 @@ from cnnfast.kernels.cuda.bias import add_bias_cuda
 from cnnfast.kernels.cuda.launch import view
 from cnnfast.kernels.cuda.layout import bias_grad_cuda, copy_cuda, fold_pad_cuda, pad_cuda
 
-__all__ = ["ALGORITHMS", "ALIASES", "choose", "pad_cuda", "fold_pad_cuda", "bias_grad_cuda", "copy_cuda",
+__all__ = ["ALGORITHMS", "ALIASES", "RECORDABLE", "choose", "pad_cuda", "fold_pad_cuda", "bias_grad_cuda", "copy_cuda",
            "add_bias_cuda", "view"]
 
 _KERNELS = {
@@ -57,6 +57,11 @@ ALGORITHMS = {
                            kernels=depthwise.kernels,
                            doc="groups == channels: shared-memory halo tiles; weight gradient in registers, split"),
 }
+
+# The algorithms above, whose launchers start every kernel through launch.launch and take their workspace from
+# launch.scratch: a call planned on one of them may be recorded and replayed as a launch program (program.py). One
+# added to ALGORITHMS, or put in one's place, runs in full on every call.
+RECORDABLE = tuple(ALGORITHMS.values())
 
 
 # other names users know an algorithm by (issue 5, cuDNN's IMPLICIT_GEMM): algo= takes them as the algorithm's own

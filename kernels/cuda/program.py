@@ -163,10 +163,10 @@ class Recorder:
         launch.RECORDING.recorder = None
 
     def refuse(self, why, again=False):
-        """No program of this call: why; again: a later call may make one (this call's inputs stopped it)."""
+        """No program of this call: why; again: a later call may make one (this call's inputs stopped it). The first
+        refusal decides: those after it may follow from it (an input's copy is neither allocated nor launched here)."""
         if self.refused is None:
             self.refused, self.again = why, again
-        self.again = self.again and again
 
     def _span(self, a, buffer):
         start = address(a)
@@ -190,27 +190,31 @@ class Recorder:
     def launch(self, pyfunc, function, grid, block, args):
         if self.raw and function is None:
             self.refuse(f"{compile.kernel_key(pyfunc)} has no raw launch")
-        parameters = []
+        parameters, constants = [], None
         for a in args:
             if isinstance(a, launch._INTEGERS):
                 parameters.append(int(a))
             elif isinstance(a, tuple):
                 parameters.append(tuple(int(v) for v in a))
             else:
-                parameters.append(self._parameter(a))
+                if constants is None:  # (the device constants kept now, as spans: once per launch)
+                    constants = [(address(c), address(c) + c.nbytes, c.dtype, key) for key, c in compile.constants()]
+                parameters.append(self._parameter(a, constants))
         self.launches.append((function if self.raw else pyfunc, grid, block, tuple(parameters)))
 
-    def _parameter(self, a):
+    def _parameter(self, a, constants):
+        """The _Slot of array argument a: in a device constant (those kept now are alive, so a's if its address is
+        theirs), else in the latest buffer seen whose memory holds it (an earlier one may have been freed and its
+        memory handed out again)."""
         start, itemsize = address(a), a.dtype.itemsize
-        for first, end, dtype, buffer in reversed(self.spans):  # (the latest: a freed scratch's memory reused)
-            if first <= start and start + a.nbytes <= end and a.dtype == dtype and (start - first) % itemsize == 0:
-                return _Slot(buffer, start - first, a.size, itemsize)
-        for key, constant in compile.constants():
-            first = address(constant)
-            if first <= start and start + a.nbytes <= first + constant.nbytes and a.dtype == constant.dtype:
-                if key not in self.constants:
-                    self.constants.append(key)
-                return _Slot(-1 - self.constants.index(key), start - first, a.size, itemsize)
+        for spans, is_constant in ((constants, True), (reversed(self.spans), False)):
+            for first, end, dtype, buffer in spans:
+                if first <= start and start + a.nbytes <= end and a.dtype == dtype and (start - first) % itemsize == 0:
+                    if is_constant:  # (buffer: the constant's key; its slot numbered from -1 down until program())
+                        if buffer not in self.constants:
+                            self.constants.append(buffer)
+                        buffer = -1 - self.constants.index(buffer)
+                    return _Slot(buffer, start - first, a.size, itemsize)
         self.refuse("a kernel was given an array the recorder did not see allocated")
         return None
 
@@ -245,6 +249,8 @@ class _RecordingDevice:
         return getattr(self._dev, name)
 
     def working(self, a):
+        if not _contiguous(a):  # (before the copy, whose own work the recorder would refuse for good)
+            self._recorder.refuse("an input is not C-contiguous memory of its own values", again=True)
         out = self._dev.working(a)
         self._recorder.working(a, out)
         return out
