@@ -17,13 +17,13 @@ import contextlib
 import importlib
 import math
 import operator
-import os
 import reprlib
 import sys
 from functools import lru_cache
 
 import numpy as np
 
+from cnnfast.kernels import environ
 from cnnfast.kernels.cpu import memory
 
 FLOAT_DTYPES = (np.dtype("float32"), np.dtype("float64"))
@@ -32,7 +32,7 @@ _EXPECTED = ("a NumPy array or a CUDA array (CuPy, Numba device array, or any ob
 
 
 def simulator_enabled() -> bool:
-    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+    return environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
 
 
 def cuda_missing():

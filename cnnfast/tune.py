@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -27,6 +26,8 @@ import statistics
 import threading
 import time
 import warnings
+
+from cnnfast.kernels import environ
 
 REPEATS = 3
 CACHE_ENV = "CNNFAST_AUTOTUNE_CACHE"
@@ -87,21 +88,10 @@ def _changed():
 
 
 def env_flag(name) -> bool:
-    """An on/off environment variable: off when unset, empty, 0, false, no or off (any case), else on. Read from
-    os.environ's own dict where CPython keeps one (two C calls: every op reads two flags, and os.environ.get's four
-    Python frames cost ~5 us a call inside a model, where Python between kernels runs cold)."""
-    try:
-        raw = os.environ._data.get(_env_key(name))
-        value = None if raw is None else os.environ.decodevalue(raw)
-    except AttributeError:  # (another Python's os.environ)
-        value = os.environ.get(name)
+    """An on/off environment variable: off when unset, empty, 0, false, no or off (any case), else on (read as
+    kernels/environ.py reads them: every op reads two flags)."""
+    value = environ.get(name)
     return bool(value) and value != "0" and value.strip().lower() not in ("", "0", "false", "no", "off")
-
-
-@functools.lru_cache(maxsize=None)
-def _env_key(name):
-    """The key os.environ's dict keeps the variable under (bytes on POSIX, upper case on Windows)."""
-    return os.environ.encodekey(name)
 
 
 def active() -> bool:

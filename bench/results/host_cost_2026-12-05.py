@@ -27,6 +27,7 @@ allocator takes a few us more), torch's current stream a stand-in. cnnfast befor
 with Numba's as_cuda_array and returned torch.as_tensor of a Numba array) runs with Numba's as_cuda_array given no
 driver (no context, the pointer as given) and torch.as_tensor reading the Numba array's interface and allocating.
 """
+import os
 import sys
 import timeit
 
@@ -50,7 +51,8 @@ if device in ("cuda", "numba", "torch"):
 
         from cnnfast.kernels.cuda import launch as raw_launch
 
-        raw_launch.raw_enabled = lambda: True
+        raw_launch._raw_possible = lambda: True  # (raw_enabled still reads CNNFAST_CUDA_LAUNCH, as on a GPU)
+        os.environ[raw_launch.ENV] = "raw"
         raw_launch._function = lambda pyfunc, kinds: types.SimpleNamespace(handle=0)
         raw_launch._driver = lambda: types.SimpleNamespace(cuLaunchKernel=lambda *args: None)
     if device in ("numba", "torch"):

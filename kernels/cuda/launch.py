@@ -32,13 +32,13 @@ switch interval of SIMULATED_SWITCH_INTERVAL (then restored): 3-5x faster (a 3-D
 Finer switching exposes a race in the simulator's cuda.shared.array, fixed here (_atomic_shared_arrays).
 """
 import contextlib
-import os
 import sys
 import threading
 import warnings
 from functools import lru_cache
 
 import numpy as np
+from cnnfast.kernels import environ
 from cnnfast.kernels.cuda import compile
 from numba import cuda, types
 from numba.cuda.core.errors import NumbaPerformanceWarning  # (numba-cuda's own class, not numba.core's)
@@ -69,7 +69,7 @@ SIMULATED_SWITCH_INTERVAL = 1e-4  # s: sys.setswitchinterval during a simulated 
 
 def raw_enabled():
     """True when launches take the raw-pointer path (CNNFAST_CUDA_LAUNCH=raw on a real GPU)."""
-    return _raw_possible() and os.environ.get(ENV, "numba") == "raw"
+    return _raw_possible() and environ.get(ENV, "numba") == "raw"
 
 
 @lru_cache(maxsize=1)

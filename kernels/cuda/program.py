@@ -20,10 +20,10 @@ Calls are replayed on the raw path, where the launch itself is cheap enough for 
 CNNFAST_CUDA_REPLAY=0; on Numba's dispatcher (and in its CUDA simulator) only where DISPATCHER is set (the tests').
 """
 import math
-import os
 import weakref
 
 import numpy as np
+from cnnfast.kernels import environ
 from cnnfast.kernels.cuda import compile, launch
 
 ENV = "CNNFAST_CUDA_REPLAY"
@@ -32,7 +32,7 @@ DISPATCHER = False  # replay on Numba's dispatcher too (the simulator's): the te
 
 def enabled():
     """Whether calls kept under a key are recorded and replayed (see the module docstring)."""
-    return DISPATCHER or (launch.raw_enabled() and os.environ.get(ENV) != "0")
+    return DISPATCHER or (launch.raw_enabled() and environ.get(ENV) != "0")
 
 
 def address(a):
