@@ -151,10 +151,10 @@ def _program_place(programs):
     replayed (kernels/cuda/program.py: off; check mode)."""
     if programs is None:
         return None
-    program = _package("cnnfast.kernels.cuda.program")
-    if not program.enabled() or compare.active():
+    raw = _package("cnnfast.kernels.cuda.program").path()
+    if raw is None or compare.active():
         return None
-    return arrays._current_gpu() if len(arrays._gpus()) > 1 else 0, program.launch.raw_enabled()
+    return arrays._current_gpu() if len(arrays._gpus()) > 1 else 0, raw
 
 
 def _checked(op, kind, nd, named, bias, size, algo, workspace_limit, options):

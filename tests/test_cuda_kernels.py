@@ -679,9 +679,9 @@ def test_a_launch_program_is_replayed_only_where_it_computes_the_call(monkeypatc
         check(a, b, host[0], host[1])
     assert programs() == [] and len(outcomes) == 6
     monkeypatch.setattr(program.launch, "raw_enabled", lambda: True)  # the raw path: on, unless turned off
-    assert program.enabled()
+    assert program.path() is True
     monkeypatch.setenv(program.ENV, "0")
-    assert not program.enabled()
+    assert program.path() is None
 
 
 def _counted(outcomes, run, self, *args):

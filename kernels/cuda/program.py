@@ -30,9 +30,11 @@ ENV = "CNNFAST_CUDA_REPLAY"
 DISPATCHER = False  # replay on Numba's dispatcher too (the simulator's): the tests set it
 
 
-def enabled():
-    """Whether calls kept under a key are recorded and replayed (see the module docstring)."""
-    return DISPATCHER or (launch.raw_enabled() and environ.get(ENV) != "0")
+def path():
+    """Whether calls kept under a key are recorded and replayed now (see the module docstring): None where not, else
+    whether on the raw launch path."""
+    raw = launch.raw_enabled()
+    return raw if DISPATCHER or (raw and environ.get(ENV) != "0") else None
 
 
 def address(a):
